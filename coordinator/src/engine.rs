@@ -1,0 +1,1326 @@
+//! The protocol engine: two-phase commit with presumed abort, as a pure state machine.
+//!
+//! [`Engine::handle`] takes one [`Event`] (an RPC arrived, a participant answered, a timer
+//! fired, the log made a decision durable, recovery found records) and returns the
+//! [`Command`]s the runtime must carry out (write to the log, send to a participant, reply
+//! to a caller, arm a timer, notify waiters). It never awaits, never reads a clock (time
+//! comes in with the event) and never draws random numbers, so it can be unit-tested
+//! command by command, simulated, and model-checked.
+//!
+//! # Ordering is data
+//! A commit may only be sent once the COMMIT decision is durable. The engine emits
+//! [`Command::Send`] with [`Message::Commit`] only after [`Event::LogDurable`], and stamps it
+//! with the LSN it depends on ([`Command::Send::requires_durable`]); the runtime checks that
+//! LSN against the log's durable LSN and stops the process if it is not, rather than guess.
+//!
+//! # Life of a transaction
+//! `Active` (branches enlist) → `Preparing` (prepares fan out in parallel) → all yes →
+//! `Deciding` (COMMIT forced to the log) → `Committing` (phase two, tier by tier in
+//! `commit_order`, each branch retried with capped backoff until it acknowledges) →
+//! forgotten (the log answers from then on). Any no vote, prepare timeout, transaction
+//! timeout or Abort request → `Aborting` (aborts to every branch that may hold prepared
+//! state, retried until acknowledged) → forgotten (presumed abort answers from then on).
+//! A single branch commits in one phase; read-only branches leave after voting.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::log::{CommitRecord, LazyRecord, Lsn, Recovered};
+use crate::types::{BranchSpec, TxId};
+
+/// Identifies one pending request of the runtime, so a [`Command::Reply`] finds its caller.
+pub type ReqId = u64;
+
+/// Knobs of the protocol. Times are in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// How long votes may take before the transaction aborts.
+    pub prepare_timeout_ms: u64,
+    /// How long a transaction may stay active (no Commit) before it is aborted.
+    pub tx_timeout_ms: u64,
+    /// Upper bound for a per-transaction timeout asked for in Begin.
+    pub max_tx_timeout_ms: u64,
+    /// Most branches one transaction may have.
+    pub max_branches: usize,
+    /// First phase-two retry delay; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Cap of the phase-two retry delay.
+    pub retry_max_ms: u64,
+    /// Commit a single-branch transaction in one phase (no prepare, no log write).
+    pub one_phase: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            prepare_timeout_ms: 10_000,
+            tx_timeout_ms: 60_000,
+            max_tx_timeout_ms: 24 * 3600 * 1000,
+            max_branches: 64,
+            retry_initial_ms: 50,
+            retry_max_ms: 5_000,
+            one_phase: true,
+        }
+    }
+}
+
+/// A participant's answer to a prepare.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Vote {
+    /// Prepared.
+    Yes,
+    /// Cannot prepare, with the participant's reason.
+    No(String),
+    /// Nothing to commit; leaves the transaction.
+    ReadOnly,
+}
+
+/// A message the coordinator sends to a participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Message {
+    /// Phase one.
+    Prepare,
+    /// Phase two (or the only phase, with `one_phase`).
+    Commit {
+        /// Commit without a prepare: the participant decides.
+        one_phase: bool,
+    },
+    /// Phase two: abort.
+    Abort,
+}
+
+/// How a participant answered a phase-two commit.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CommitAck {
+    /// The branch is committed.
+    Committed,
+    /// A one-phase commit the participant refused (the branch is rolled back).
+    Refused(String),
+}
+
+/// The result of one RPC to a participant: `Err` carries a transport error or timeout.
+pub type RpcResult<T> = Result<T, String>;
+
+/// Something that happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Begin RPC.
+    Begin {
+        /// The caller.
+        req: ReqId,
+        /// Requested transaction timeout (0 = default).
+        timeout_ms: u64,
+        /// Branches to enlist right away.
+        branches: Vec<BranchSpec>,
+    },
+    /// Enlist RPC.
+    Enlist {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
+        /// The branch.
+        branch: BranchSpec,
+    },
+    /// Commit RPC.
+    Commit {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
+    },
+    /// Abort RPC.
+    Abort {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
+        /// Why.
+        reason: String,
+    },
+    /// A participant answered a Prepare (or the RPC failed).
+    Voted {
+        /// The transaction.
+        tx: TxId,
+        /// Index of the branch in the transaction.
+        branch: usize,
+        /// The answer.
+        vote: RpcResult<Vote>,
+    },
+    /// A participant answered a Commit (or the RPC failed).
+    CommitAcked {
+        /// The transaction.
+        tx: TxId,
+        /// Index of the branch.
+        branch: usize,
+        /// The answer.
+        ack: RpcResult<CommitAck>,
+    },
+    /// A participant answered an Abort (or the RPC failed).
+    AbortAcked {
+        /// The transaction.
+        tx: TxId,
+        /// Index of the branch.
+        branch: usize,
+        /// The answer.
+        ack: RpcResult<()>,
+    },
+    /// A timer armed by [`Command::ArmTimer`] fired.
+    Timer {
+        /// The transaction.
+        tx: TxId,
+        /// Which timer.
+        timer: Timer,
+    },
+    /// The COMMIT decision of `tx` is durable at `lsn`.
+    LogDurable {
+        /// The transaction.
+        tx: TxId,
+        /// Its LSN.
+        lsn: Lsn,
+    },
+    /// The log could not make the decision durable. The log is now failed.
+    LogFailed {
+        /// The transaction.
+        tx: TxId,
+        /// What went wrong.
+        error: String,
+    },
+    /// Start-up: what the log says must be finished.
+    Recovered(Recovered),
+}
+
+/// Timers the engine arms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// The transaction stayed active too long.
+    TxTimeout,
+    /// Votes took too long.
+    PrepareTimeout,
+    /// Time to resend phase two to a branch.
+    Retry {
+        /// Index of the branch.
+        branch: usize,
+    },
+}
+
+/// Successful replies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplyOk {
+    /// Begin: the new id.
+    Begun(TxId),
+    /// Enlist done.
+    Enlisted,
+    /// Commit: the decision is COMMIT (durable where a log write was needed).
+    Committed,
+    /// Abort: the transaction is aborted.
+    Aborted,
+    /// Commit/Abort of a transaction the engine no longer holds (finished, or from an
+    /// earlier epoch): the runtime answers from the decision log (presumed abort).
+    NotLive,
+}
+
+/// Expected failures a caller handles. The service maps each to one gRPC code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such transaction was ever issued here.
+    #[error("{0}")]
+    NotFound(String),
+    /// The transaction is not in a state that allows this.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A branch with this id already exists with other fields.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The transaction aborted; the message says why.
+    #[error("{0}")]
+    Aborted(String),
+    /// The coordinator cannot take this work now (its log failed).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What the runtime must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Write lazily (no sync).
+    LogLazy(LazyRecord),
+    /// Force a COMMIT decision; answer with [`Event::LogDurable`] or [`Event::LogFailed`].
+    ForceCommit(CommitRecord),
+    /// Send one message to one branch; answer with the matching `*Acked`/`Voted` event.
+    Send {
+        /// The transaction.
+        tx: TxId,
+        /// Index of the branch.
+        branch: usize,
+        /// Where to send it.
+        endpoint: String,
+        /// The branch id, for the wire message.
+        branch_id: String,
+        /// What to send.
+        message: Message,
+        /// Must not be sent before the log's durable LSN reaches this.
+        requires_durable: Option<Lsn>,
+    },
+    /// Answer a caller.
+    Reply {
+        /// The caller.
+        req: ReqId,
+        /// The answer.
+        reply: Result<ReplyOk, TxError>,
+    },
+    /// Fire [`Event::Timer`] after `after_ms` (retry timers may be jittered by the runtime,
+    /// within `[after_ms / 2, after_ms]`).
+    ArmTimer {
+        /// The transaction.
+        tx: TxId,
+        /// Which timer.
+        timer: Timer,
+        /// Delay.
+        after_ms: u64,
+    },
+    /// Phase two of `tx` finished (every branch acknowledged): wake waiters. The engine
+    /// has forgotten the transaction; the log (or presumed abort) answers from now on.
+    Finished {
+        /// The transaction.
+        tx: TxId,
+        /// Its outcome.
+        outcome: Outcome,
+    },
+    /// The decision log failed: stop taking new work.
+    Halt {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A transaction's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Committed.
+    Committed,
+    /// Aborted.
+    Aborted,
+}
+
+/// Where a transaction is (mirrors `twopc.v1.TxState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TxState {
+    /// Branches may enlist.
+    Active,
+    /// Prepares out (or a one-phase commit in flight).
+    Preparing,
+    /// COMMIT being forced.
+    Deciding,
+    /// COMMIT durable; phase two running.
+    Committing,
+    /// ABORT decided; aborts being delivered.
+    Aborting,
+    /// The log failed while forcing this decision: the outcome is whatever a restart finds
+    /// on disk. Nothing more is sent.
+    InDoubt,
+}
+
+impl TxState {
+    /// Upper-case name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            TxState::Active => "ACTIVE",
+            TxState::Preparing => "PREPARING",
+            TxState::Deciding => "DECIDING",
+            TxState::Committing => "COMMITTING",
+            TxState::Aborting => "ABORTING",
+            TxState::InDoubt => "IN_DOUBT",
+        }
+    }
+}
+
+/// Where a branch is (mirrors `twopc.v1.BranchState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BranchState {
+    /// Enlisted, nothing sent.
+    Enlisted,
+    /// Prepare sent, no vote.
+    Preparing,
+    /// Voted yes.
+    Prepared,
+    /// Voted read-only.
+    ReadOnly,
+    /// Voted no (or the prepare failed).
+    VotedNo,
+    /// Acknowledged commit.
+    Committed,
+    /// Acknowledged abort (or needs none).
+    Aborted,
+}
+
+/// One branch inside the engine.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BranchEntry {
+    /// As enlisted.
+    pub spec: BranchSpec,
+    /// Protocol state.
+    pub state: BranchState,
+    /// Messages sent to it so far (prepare, commits, aborts).
+    pub attempts: u32,
+    /// Last transport error or no-vote reason.
+    pub last_error: Option<String>,
+    /// Consecutive failed deliveries of the current message: drives the backoff.
+    failures: u32,
+    /// A message is on its way and its answer has not arrived: do not send another.
+    in_flight: bool,
+    /// Abort delivery must be retried until acknowledged (the branch may hold prepared
+    /// state). Branches that never saw a prepare get one courtesy abort.
+    abort_must_ack: bool,
+}
+
+/// One transaction inside the engine.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TxEntry {
+    /// Protocol state.
+    pub state: TxState,
+    /// Branches in enlistment order.
+    pub branches: Vec<BranchEntry>,
+    /// When it began (runtime clock, ms).
+    pub began_at_ms: u64,
+    /// Why it aborted.
+    pub abort_reason: Option<String>,
+    /// LSN of its COMMIT record, once durable.
+    pub decision_lsn: Option<Lsn>,
+    /// Callers waiting for the decision (Commit RPCs).
+    waiters: Vec<ReqId>,
+    /// Callers waiting for an abort to be decided (Abort RPCs during a one-phase commit).
+    abort_waiters: Vec<ReqId>,
+    /// A `Preparing` record was written lazily and must be cleaned up on abort.
+    logged_preparing: bool,
+    /// Committing in one phase (single branch).
+    one_phase: bool,
+}
+
+impl TxEntry {
+    /// Branches that still owe an answer (vote or phase-two acknowledgement).
+    pub fn pending_branches(&self) -> Vec<&BranchEntry> {
+        self.branches
+            .iter()
+            .filter(|b| match self.state {
+                TxState::Active => false,
+                TxState::Preparing => b.state == BranchState::Preparing,
+                TxState::Deciding | TxState::Committing | TxState::InDoubt => {
+                    b.state == BranchState::Prepared
+                }
+                TxState::Aborting => {
+                    b.abort_must_ack
+                        && matches!(b.state, BranchState::Preparing | BranchState::Prepared)
+                }
+            })
+            .collect()
+    }
+
+    /// The decided outcome, if any.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self.state {
+            TxState::Committing => Some(Outcome::Committed),
+            TxState::Aborting => Some(Outcome::Aborted),
+            _ => None,
+        }
+    }
+}
+
+/// What the engine knows about an id it is not holding in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Held in memory.
+    Live,
+    /// Issued in this epoch and already finished (the log, or presumed abort, answers).
+    FinishedThisEpoch,
+    /// Issued by an earlier start of this coordinator: the log, or presumed abort, answers.
+    EarlierEpoch,
+    /// Never issued here (another node, a future epoch, or a sequence not reached yet).
+    Unknown,
+}
+
+/// The state machine. See the module docs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Engine {
+    cfg: EngineConfig,
+    /// Identifies the data directory; part of every id.
+    node: u32,
+    /// This start's epoch; part of every id.
+    epoch: u64,
+    /// Next sequence number to issue.
+    next_seq: u64,
+    /// Transactions not yet finished. BTreeMap: ordered, so iteration (listing, model
+    /// checking) is deterministic.
+    txs: BTreeMap<TxId, TxEntry>,
+    /// Set once the decision log failed: no new work is taken.
+    halted: Option<String>,
+    /// Clock of the last event (ms), for ages.
+    now_ms: u64,
+}
+
+impl Engine {
+    /// A fresh engine for `epoch` of `node`.
+    pub fn new(cfg: EngineConfig, node: u32, epoch: u64) -> Self {
+        Engine {
+            cfg,
+            node,
+            epoch,
+            next_seq: 1,
+            txs: BTreeMap::new(),
+            halted: None,
+            now_ms: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// This start's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Why the engine stopped taking work, if it did.
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.as_deref()
+    }
+
+    /// A transaction held in memory.
+    pub fn tx(&self, tx: &TxId) -> Option<&TxEntry> {
+        self.txs.get(tx)
+    }
+
+    /// Every transaction held in memory, in id order.
+    pub fn txs(&self) -> impl Iterator<Item = (&TxId, &TxEntry)> {
+        self.txs.iter()
+    }
+
+    /// Where an id comes from (see [`Provenance`]).
+    pub fn provenance(&self, tx: &TxId) -> Provenance {
+        if self.txs.contains_key(tx) {
+            Provenance::Live
+        } else if tx.node != self.node || tx.epoch > self.epoch || tx.seq == 0 {
+            Provenance::Unknown
+        } else if tx.epoch < self.epoch {
+            Provenance::EarlierEpoch
+        } else if tx.seq < self.next_seq {
+            Provenance::FinishedThisEpoch
+        } else {
+            Provenance::Unknown
+        }
+    }
+
+    /// Handles one event at time `now_ms` and returns what to do, in order.
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Command> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let mut out = Vec::new();
+        match event {
+            Event::Begin {
+                req,
+                timeout_ms,
+                branches,
+            } => self.on_begin(req, timeout_ms, branches, &mut out),
+            Event::Enlist { req, tx, branch } => {
+                let reply = self.on_enlist(tx, branch);
+                out.push(Command::Reply { req, reply });
+            }
+            Event::Commit { req, tx } => self.on_commit(req, tx, &mut out),
+            Event::Abort { req, tx, reason } => self.on_abort(req, tx, reason, &mut out),
+            Event::Voted { tx, branch, vote } => self.on_vote(tx, branch, vote, &mut out),
+            Event::CommitAcked { tx, branch, ack } => self.on_commit_ack(tx, branch, ack, &mut out),
+            Event::AbortAcked { tx, branch, ack } => self.on_abort_ack(tx, branch, ack, &mut out),
+            Event::Timer { tx, timer } => self.on_timer(tx, timer, &mut out),
+            Event::LogDurable { tx, lsn } => self.on_durable(tx, lsn, &mut out),
+            Event::LogFailed { tx, error } => self.on_log_failed(tx, error, &mut out),
+            Event::Recovered(rec) => self.on_recovered(rec, &mut out),
+        }
+        out
+    }
+
+    fn on_begin(
+        &mut self,
+        req: ReqId,
+        timeout_ms: u64,
+        branches: Vec<BranchSpec>,
+        out: &mut Vec<Command>,
+    ) {
+        if let Some(why) = &self.halted {
+            let reply = Err(TxError::Unavailable(format!(
+                "coordinator is not taking new transactions: {why}"
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        if timeout_ms > self.cfg.max_tx_timeout_ms {
+            let reply = Err(TxError::InvalidArgument(format!(
+                "timeout_ms is {timeout_ms}; at most {} is allowed",
+                self.cfg.max_tx_timeout_ms
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        if let Err(e) = self.check_new_branches(&[], &branches) {
+            out.push(Command::Reply { req, reply: Err(e) });
+            return;
+        }
+        let tx = TxId {
+            node: self.node,
+            epoch: self.epoch,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        let entry = TxEntry {
+            state: TxState::Active,
+            branches: Vec::new(),
+            began_at_ms: self.now_ms,
+            abort_reason: None,
+            decision_lsn: None,
+            waiters: Vec::new(),
+            abort_waiters: Vec::new(),
+            logged_preparing: false,
+            one_phase: false,
+        };
+        let mut entry = entry;
+        for spec in branches {
+            if !entry.branches.iter().any(|b| b.spec == spec) {
+                entry.branches.push(new_branch(spec));
+            }
+        }
+        self.txs.insert(tx, entry);
+        let after_ms = if timeout_ms == 0 {
+            self.cfg.tx_timeout_ms
+        } else {
+            timeout_ms
+        };
+        out.push(Command::ArmTimer {
+            tx,
+            timer: Timer::TxTimeout,
+            after_ms,
+        });
+        out.push(Command::Reply {
+            req,
+            reply: Ok(ReplyOk::Begun(tx)),
+        });
+    }
+
+    /// Validates branches about to join a transaction that already has `existing`.
+    fn check_new_branches(
+        &self,
+        existing: &[BranchEntry],
+        new: &[BranchSpec],
+    ) -> Result<(), TxError> {
+        let mut seen: HashMap<&str, &BranchSpec> = existing
+            .iter()
+            .map(|b| (b.spec.branch_id.as_str(), &b.spec))
+            .collect();
+        let mut count = existing.len();
+        for spec in new {
+            crate::types::validate_branch_id(&spec.branch_id).map_err(TxError::InvalidArgument)?;
+            crate::types::validate_endpoint(&spec.endpoint).map_err(TxError::InvalidArgument)?;
+            match seen.get(spec.branch_id.as_str()) {
+                Some(prev) if *prev == spec => continue,
+                Some(_) => {
+                    return Err(TxError::AlreadyExists(format!(
+                        "branch {:?} is already enlisted with a different endpoint, commit_order or kind",
+                        spec.branch_id
+                    )))
+                }
+                None => {}
+            }
+            count += 1;
+            if count > self.cfg.max_branches {
+                return Err(TxError::InvalidArgument(format!(
+                    "a transaction may have at most {} branches (--max-branches)",
+                    self.cfg.max_branches
+                )));
+            }
+            seen.insert(&spec.branch_id, spec);
+        }
+        Ok(())
+    }
+
+    fn on_enlist(&mut self, tx: TxId, spec: BranchSpec) -> Result<ReplyOk, TxError> {
+        let Some(entry) = self.txs.get(&tx) else {
+            return Err(self.gone(&tx, "enlist in"));
+        };
+        if entry.state != TxState::Active {
+            // A repeated enlist of a branch already in the transaction is still a success.
+            if entry.branches.iter().any(|b| b.spec == spec) {
+                return Ok(ReplyOk::Enlisted);
+            }
+            return Err(TxError::FailedPrecondition(format!(
+                "transaction {tx} is {}; branches can only be enlisted while it is ACTIVE",
+                entry.state.name()
+            )));
+        }
+        self.check_new_branches(&entry.branches, std::slice::from_ref(&spec))?;
+        let entry = self.txs.get_mut(&tx).expect("checked above");
+        if !entry.branches.iter().any(|b| b.spec == spec) {
+            entry.branches.push(new_branch(spec));
+        }
+        Ok(ReplyOk::Enlisted)
+    }
+
+    /// The error for an operation on a transaction not held in memory. The runtime answers
+    /// Commit/Abort/Get for such ids from the log before it gets here; this covers the rest.
+    fn gone(&self, tx: &TxId, what: &str) -> TxError {
+        match self.provenance(tx) {
+            Provenance::Unknown | Provenance::Live => TxError::NotFound(format!(
+                "transaction {tx} was never issued by this coordinator"
+            )),
+            Provenance::FinishedThisEpoch | Provenance::EarlierEpoch => {
+                TxError::FailedPrecondition(format!(
+                    "cannot {what} transaction {tx}: it has already finished"
+                ))
+            }
+        }
+    }
+
+    /// Reply for Commit/Abort of an id not held in memory.
+    fn not_live(&self, tx: &TxId, what: &str) -> Result<ReplyOk, TxError> {
+        match self.provenance(tx) {
+            Provenance::FinishedThisEpoch | Provenance::EarlierEpoch => Ok(ReplyOk::NotLive),
+            Provenance::Unknown | Provenance::Live => Err(self.gone(tx, what)),
+        }
+    }
+
+    fn on_commit(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "commit"),
+            });
+            return;
+        };
+        match entry.state {
+            TxState::Active => {}
+            TxState::Preparing | TxState::Deciding => {
+                entry.waiters.push(req);
+                return;
+            }
+            TxState::Committing => {
+                out.push(Command::Reply {
+                    req,
+                    reply: Ok(ReplyOk::Committed),
+                });
+                return;
+            }
+            TxState::Aborting => {
+                let reply = Err(TxError::Aborted(abort_message(&tx, entry)));
+                out.push(Command::Reply { req, reply });
+                return;
+            }
+            TxState::InDoubt => {
+                out.push(Command::Reply {
+                    req,
+                    reply: Err(in_doubt_error(&tx)),
+                });
+                return;
+            }
+        }
+        entry.waiters.push(req);
+        match entry.branches.len() {
+            0 => {
+                // Nothing to commit anywhere.
+                let waiters = std::mem::take(&mut entry.waiters);
+                reply_all(out, waiters, Ok(ReplyOk::Committed));
+                self.txs.remove(&tx);
+                out.push(Command::Finished {
+                    tx,
+                    outcome: Outcome::Committed,
+                });
+            }
+            1 if self.cfg.one_phase => {
+                entry.state = TxState::Preparing;
+                entry.one_phase = true;
+                let b = &mut entry.branches[0];
+                b.state = BranchState::Preparing;
+                b.abort_must_ack = true;
+                send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+            }
+            _ => {
+                entry.state = TxState::Preparing;
+                entry.logged_preparing = true;
+                let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
+                out.push(Command::LogLazy(LazyRecord::Preparing {
+                    tx,
+                    branches: specs,
+                }));
+                for (i, b) in entry.branches.iter_mut().enumerate() {
+                    b.state = BranchState::Preparing;
+                    b.abort_must_ack = true;
+                    send(out, tx, i, b, Message::Prepare, None);
+                }
+                out.push(Command::ArmTimer {
+                    tx,
+                    timer: Timer::PrepareTimeout,
+                    after_ms: self.cfg.prepare_timeout_ms,
+                });
+            }
+        }
+    }
+
+    fn on_abort(&mut self, req: ReqId, tx: TxId, reason: String, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "abort"),
+            });
+            return;
+        };
+        match entry.state {
+            TxState::Preparing if entry.one_phase => {
+                // A one-phase commit is in the participant's hands; its answer decides.
+                entry.abort_waiters.push(req);
+            }
+            TxState::Active | TxState::Preparing => {
+                let why = if reason.is_empty() {
+                    "aborted by the client".to_string()
+                } else {
+                    format!("aborted by the client: {reason}")
+                };
+                self.decide_abort(tx, why, out);
+                out.push(Command::Reply {
+                    req,
+                    reply: Ok(ReplyOk::Aborted),
+                });
+            }
+            TxState::Aborting => out.push(Command::Reply {
+                req,
+                reply: Ok(ReplyOk::Aborted),
+            }),
+            TxState::Deciding | TxState::Committing => out.push(Command::Reply {
+                req,
+                reply: Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} cannot be aborted: its outcome is COMMITTED"
+                ))),
+            }),
+            TxState::InDoubt => out.push(Command::Reply {
+                req,
+                reply: Err(in_doubt_error(&tx)),
+            }),
+        }
+    }
+
+    fn on_vote(&mut self, tx: TxId, i: usize, vote: RpcResult<Vote>, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if b.state != BranchState::Preparing || entry.state == TxState::Active {
+            return; // late or duplicate
+        }
+        b.in_flight = false;
+        if entry.state != TxState::Preparing {
+            // Already decided (abort): this branch's answer only tells whether an abort
+            // must still reach it.
+            if entry.state == TxState::Aborting {
+                match vote {
+                    Ok(Vote::Yes) | Err(_) => send_abort_if_idle(out, tx, i, b),
+                    Ok(Vote::No(r)) => {
+                        b.state = BranchState::VotedNo;
+                        b.last_error = Some(r);
+                        self.finish_abort_if_done(tx, out);
+                    }
+                    Ok(Vote::ReadOnly) => {
+                        b.state = BranchState::ReadOnly;
+                        self.finish_abort_if_done(tx, out);
+                    }
+                }
+            }
+            return;
+        }
+        match vote {
+            Ok(Vote::Yes) => b.state = BranchState::Prepared,
+            Ok(Vote::ReadOnly) => b.state = BranchState::ReadOnly,
+            Ok(Vote::No(reason)) => {
+                b.state = BranchState::VotedNo;
+                b.last_error = Some(reason.clone());
+                let why = format!("branch {} voted no: {reason}", b.spec.branch_id);
+                self.decide_abort(tx, why, out);
+                return;
+            }
+            Err(e) => {
+                // Unknown whether it prepared: it stays Preparing so the abort is retried.
+                b.last_error = Some(e.clone());
+                let why = format!("prepare of branch {} failed: {e}", b.spec.branch_id);
+                self.decide_abort(tx, why, out);
+                return;
+            }
+        }
+        if entry
+            .branches
+            .iter()
+            .any(|b| b.state == BranchState::Preparing)
+        {
+            return;
+        }
+        // Every vote is in and none is no.
+        let yes: Vec<BranchSpec> = entry
+            .branches
+            .iter()
+            .filter(|b| b.state == BranchState::Prepared)
+            .map(|b| b.spec.clone())
+            .collect();
+        if yes.is_empty() {
+            // All read-only: nothing to commit, nothing to log.
+            let waiters = std::mem::take(&mut entry.waiters);
+            let logged = entry.logged_preparing;
+            reply_all(out, waiters, Ok(ReplyOk::Committed));
+            self.txs.remove(&tx);
+            if logged {
+                out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
+            }
+            out.push(Command::Finished {
+                tx,
+                outcome: Outcome::Committed,
+            });
+            return;
+        }
+        entry.state = TxState::Deciding;
+        out.push(Command::ForceCommit(CommitRecord {
+            tx,
+            branches: yes,
+            decided_at_ms: 0,
+        }));
+    }
+
+    fn on_durable(&mut self, tx: TxId, lsn: Lsn, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Deciding {
+            return;
+        }
+        entry.state = TxState::Committing;
+        entry.decision_lsn = Some(lsn);
+        let waiters = std::mem::take(&mut entry.waiters);
+        reply_all(out, waiters, Ok(ReplyOk::Committed));
+        self.drive_commit(tx, out);
+    }
+
+    fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+        let reason = format!("decision log failed: {error}");
+        if self.halted.is_none() {
+            self.halted = Some(reason.clone());
+            out.push(Command::Halt { reason });
+        }
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Deciding {
+            return;
+        }
+        // The record may or may not be on disk: only a restart can tell. Never guess.
+        entry.state = TxState::InDoubt;
+        let waiters = std::mem::take(&mut entry.waiters);
+        reply_all(out, waiters, Err(in_doubt_error(&tx)));
+    }
+
+    /// Sends phase-two commits to the lowest tier that still has unacknowledged branches;
+    /// finishes the transaction when none are left.
+    fn drive_commit(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let lsn = entry.decision_lsn;
+        let tier = entry
+            .branches
+            .iter()
+            .filter(|b| b.state == BranchState::Prepared)
+            .map(|b| b.spec.commit_order)
+            .min();
+        let Some(tier) = tier else {
+            self.txs.remove(&tx);
+            out.push(Command::LogLazy(LazyRecord::Done { tx }));
+            out.push(Command::Finished {
+                tx,
+                outcome: Outcome::Committed,
+            });
+            return;
+        };
+        for (i, b) in entry.branches.iter_mut().enumerate() {
+            if b.state == BranchState::Prepared && b.spec.commit_order == tier && !b.in_flight {
+                send(out, tx, i, b, Message::Commit { one_phase: false }, lsn);
+            }
+        }
+    }
+
+    fn on_commit_ack(
+        &mut self,
+        tx: TxId,
+        i: usize,
+        ack: RpcResult<CommitAck>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let one_phase = entry.one_phase;
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if !b.in_flight {
+            return; // duplicate
+        }
+        b.in_flight = false;
+        if one_phase {
+            if entry.state != TxState::Preparing {
+                return;
+            }
+            match ack {
+                Ok(CommitAck::Committed) => {
+                    b.state = BranchState::Committed;
+                    let specs = vec![b.spec.clone()];
+                    let waiters = std::mem::take(&mut entry.waiters);
+                    let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+                    reply_all(out, waiters, Ok(ReplyOk::Committed));
+                    reply_all(
+                        out,
+                        abort_waiters,
+                        Err(TxError::FailedPrecondition(format!(
+                            "transaction {tx} cannot be aborted: its outcome is COMMITTED"
+                        ))),
+                    );
+                    self.txs.remove(&tx);
+                    out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                        tx,
+                        branches: specs,
+                    }));
+                    out.push(Command::Finished {
+                        tx,
+                        outcome: Outcome::Committed,
+                    });
+                }
+                Ok(CommitAck::Refused(reason)) => {
+                    b.state = BranchState::Aborted;
+                    b.last_error = Some(reason.clone());
+                    let why = format!("branch {} refused to commit: {reason}", b.spec.branch_id);
+                    self.decide_abort(tx, why, out);
+                }
+                Err(e) => {
+                    // Whether it committed is unknown; ask again (the participant answers
+                    // a repeated one-phase commit from its own state).
+                    b.last_error = Some(e);
+                    b.failures = b.failures.saturating_add(1);
+                    let after_ms = backoff(&self.cfg, b.failures);
+                    out.push(Command::ArmTimer {
+                        tx,
+                        timer: Timer::Retry { branch: i },
+                        after_ms,
+                    });
+                }
+            }
+            return;
+        }
+        if entry.state != TxState::Committing || b.state != BranchState::Prepared {
+            return;
+        }
+        match ack {
+            Ok(_) => {
+                b.state = BranchState::Committed;
+                b.last_error = None;
+                b.failures = 0;
+                // Next tier once this one is fully acknowledged.
+                let tier = b.spec.commit_order;
+                let tier_open = entry
+                    .branches
+                    .iter()
+                    .any(|o| o.state == BranchState::Prepared && o.spec.commit_order == tier);
+                if !tier_open {
+                    self.drive_commit(tx, out);
+                }
+            }
+            Err(e) => {
+                b.last_error = Some(e);
+                b.failures = b.failures.saturating_add(1);
+                let after_ms = backoff(&self.cfg, b.failures);
+                out.push(Command::ArmTimer {
+                    tx,
+                    timer: Timer::Retry { branch: i },
+                    after_ms,
+                });
+            }
+        }
+    }
+
+    fn on_abort_ack(&mut self, tx: TxId, i: usize, ack: RpcResult<()>, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if !b.in_flight || entry.state != TxState::Aborting {
+            return;
+        }
+        b.in_flight = false;
+        match ack {
+            Ok(()) => {
+                b.state = BranchState::Aborted;
+                b.last_error = None;
+            }
+            Err(e) if b.abort_must_ack => {
+                b.last_error = Some(e);
+                b.failures = b.failures.saturating_add(1);
+                let after_ms = backoff(&self.cfg, b.failures);
+                out.push(Command::ArmTimer {
+                    tx,
+                    timer: Timer::Retry { branch: i },
+                    after_ms,
+                });
+                return;
+            }
+            Err(e) => {
+                // A courtesy abort to a branch that never saw a prepare: once is enough.
+                b.state = BranchState::Aborted;
+                b.last_error = Some(e);
+            }
+        }
+        self.finish_abort_if_done(tx, out);
+    }
+
+    fn on_timer(&mut self, tx: TxId, timer: Timer, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        match timer {
+            Timer::TxTimeout => {
+                if entry.state == TxState::Active {
+                    self.decide_abort(tx, "transaction timed out while active".into(), out);
+                }
+            }
+            Timer::PrepareTimeout => {
+                if entry.state == TxState::Preparing && !entry.one_phase {
+                    let slow: Vec<&str> = entry
+                        .branches
+                        .iter()
+                        .filter(|b| b.state == BranchState::Preparing)
+                        .map(|b| b.spec.branch_id.as_str())
+                        .collect();
+                    let why = format!(
+                        "prepare timed out after {} ms waiting for branch(es) {}",
+                        self.cfg.prepare_timeout_ms,
+                        slow.join(", ")
+                    );
+                    self.decide_abort(tx, why, out);
+                }
+            }
+            Timer::Retry { branch } => {
+                let lsn = entry.decision_lsn;
+                let state = entry.state;
+                let one_phase = entry.one_phase;
+                let Some(b) = entry.branches.get_mut(branch) else {
+                    return;
+                };
+                if b.in_flight {
+                    return;
+                }
+                match state {
+                    TxState::Committing if b.state == BranchState::Prepared => send(
+                        out,
+                        tx,
+                        branch,
+                        b,
+                        Message::Commit { one_phase: false },
+                        lsn,
+                    ),
+                    TxState::Preparing if one_phase && b.state == BranchState::Preparing => send(
+                        out,
+                        tx,
+                        branch,
+                        b,
+                        Message::Commit { one_phase: true },
+                        None,
+                    ),
+                    TxState::Aborting
+                        if matches!(b.state, BranchState::Preparing | BranchState::Prepared) =>
+                    {
+                        send(out, tx, branch, b, Message::Abort, None)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Decides ABORT (no log write: presumed abort) and sends aborts.
+    fn decide_abort(&mut self, tx: TxId, why: String, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        debug_assert!(matches!(entry.state, TxState::Active | TxState::Preparing));
+        entry.state = TxState::Aborting;
+        entry.abort_reason = Some(why);
+        let msg = abort_message(&tx, entry);
+        let waiters = std::mem::take(&mut entry.waiters);
+        reply_all(out, waiters, Err(TxError::Aborted(msg)));
+        let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+        reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+        for (i, b) in entry.branches.iter_mut().enumerate() {
+            match b.state {
+                BranchState::Enlisted | BranchState::VotedNo => {
+                    // Never prepared: one courtesy abort so the participant can drop its
+                    // open work now rather than at its own timeout.
+                    b.abort_must_ack = false;
+                    b.state = BranchState::Preparing;
+                    send_abort_if_idle(out, tx, i, b);
+                }
+                BranchState::Preparing | BranchState::Prepared => send_abort_if_idle(out, tx, i, b),
+                BranchState::ReadOnly | BranchState::Committed | BranchState::Aborted => {}
+            }
+        }
+        self.finish_abort_if_done(tx, out);
+    }
+
+    fn finish_abort_if_done(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Aborting {
+            return;
+        }
+        let open = entry.branches.iter().any(|b| {
+            b.in_flight
+                || (b.abort_must_ack
+                    && matches!(b.state, BranchState::Preparing | BranchState::Prepared))
+        });
+        if open {
+            return;
+        }
+        let logged = entry.logged_preparing;
+        self.txs.remove(&tx);
+        if logged {
+            out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
+        }
+        out.push(Command::Finished {
+            tx,
+            outcome: Outcome::Aborted,
+        });
+    }
+
+    fn on_recovered(&mut self, rec: Recovered, out: &mut Vec<Command>) {
+        for c in rec.commits {
+            let tx = c.tx;
+            if self.txs.contains_key(&tx) {
+                continue;
+            }
+            let mut entry = recovered_entry(self.now_ms, c.branches, TxState::Committing);
+            for b in &mut entry.branches {
+                b.state = BranchState::Prepared;
+            }
+            // Recovered decisions are durable by definition (read back from the log).
+            entry.decision_lsn = None;
+            self.txs.insert(tx, entry);
+            self.drive_commit(tx, out);
+        }
+        for (tx, branches) in rec.undecided {
+            if self.txs.contains_key(&tx) {
+                continue;
+            }
+            let mut entry = recovered_entry(self.now_ms, branches, TxState::Aborting);
+            entry.logged_preparing = true;
+            entry.abort_reason = Some("coordinator restarted before deciding".into());
+            for (i, b) in entry.branches.iter_mut().enumerate() {
+                b.state = BranchState::Preparing;
+                b.abort_must_ack = true;
+                send_abort_if_idle(out, tx, i, b);
+            }
+            self.txs.insert(tx, entry);
+            self.finish_abort_if_done(tx, out);
+        }
+    }
+}
+
+fn new_branch(spec: BranchSpec) -> BranchEntry {
+    BranchEntry {
+        spec,
+        state: BranchState::Enlisted,
+        attempts: 0,
+        last_error: None,
+        failures: 0,
+        in_flight: false,
+        abort_must_ack: false,
+    }
+}
+
+fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> TxEntry {
+    TxEntry {
+        state,
+        branches: branches.into_iter().map(new_branch).collect(),
+        began_at_ms: now_ms,
+        abort_reason: None,
+        decision_lsn: None,
+        waiters: Vec::new(),
+        abort_waiters: Vec::new(),
+        logged_preparing: false,
+        one_phase: false,
+    }
+}
+
+fn send(
+    out: &mut Vec<Command>,
+    tx: TxId,
+    i: usize,
+    b: &mut BranchEntry,
+    message: Message,
+    requires_durable: Option<Lsn>,
+) {
+    b.in_flight = true;
+    b.attempts = b.attempts.saturating_add(1);
+    out.push(Command::Send {
+        tx,
+        branch: i,
+        endpoint: b.spec.endpoint.clone(),
+        branch_id: b.spec.branch_id.clone(),
+        message,
+        requires_durable,
+    });
+}
+
+fn send_abort_if_idle(out: &mut Vec<Command>, tx: TxId, i: usize, b: &mut BranchEntry) {
+    if !b.in_flight {
+        send(out, tx, i, b, Message::Abort, None);
+    }
+}
+
+fn reply_all(out: &mut Vec<Command>, reqs: Vec<ReqId>, reply: Result<ReplyOk, TxError>) {
+    for req in reqs {
+        out.push(Command::Reply {
+            req,
+            reply: reply.clone(),
+        });
+    }
+}
+
+fn abort_message(tx: &TxId, entry: &TxEntry) -> String {
+    match &entry.abort_reason {
+        Some(r) => format!("transaction {tx} aborted: {r}"),
+        None => format!("transaction {tx} aborted"),
+    }
+}
+
+fn in_doubt_error(tx: &TxId) -> TxError {
+    TxError::Unavailable(format!(
+        "the decision log failed while recording the outcome of transaction {tx}; \
+         the outcome will be settled when the coordinator restarts"
+    ))
+}
+
+/// Capped exponential backoff for attempt `attempts` (1-based).
+pub fn backoff(cfg: &EngineConfig, attempts: u32) -> u64 {
+    let shift = attempts.saturating_sub(1).min(30);
+    cfg.retry_initial_ms
+        .saturating_mul(1u64 << shift)
+        .min(cfg.retry_max_ms)
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

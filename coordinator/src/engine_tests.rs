@@ -1,0 +1,1516 @@
+//! Unit tests of the engine: the exact commands for every path, including duplicate and
+//! late messages.
+
+use super::*;
+use crate::types::BranchKind;
+
+const NODE: u32 = 0xabc;
+const EPOCH: u64 = 3;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        prepare_timeout_ms: 1_000,
+        tx_timeout_ms: 5_000,
+        max_tx_timeout_ms: 10_000,
+        max_branches: 4,
+        retry_initial_ms: 10,
+        retry_max_ms: 80,
+        one_phase: true,
+    }
+}
+
+fn spec(id: &str, order: u32) -> BranchSpec {
+    BranchSpec {
+        branch_id: id.into(),
+        endpoint: format!("http://127.0.0.1:{}", 7000 + order),
+        commit_order: order,
+        kind: if order == 0 {
+            BranchKind::Database
+        } else {
+            BranchKind::Broker
+        },
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(cfg(), NODE, EPOCH)
+}
+
+fn tx(seq: u64) -> TxId {
+    TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq,
+    }
+}
+
+fn send(
+    t: TxId,
+    i: usize,
+    b: &BranchSpec,
+    message: Message,
+    requires_durable: Option<Lsn>,
+) -> Command {
+    Command::Send {
+        tx: t,
+        branch: i,
+        endpoint: b.endpoint.clone(),
+        branch_id: b.branch_id.clone(),
+        message,
+        requires_durable,
+    }
+}
+
+fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
+    Command::Reply { req, reply: r }
+}
+
+/// Begins a transaction with `branches` enlisted through Begin.
+fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
+    let cmds = e.handle(
+        0,
+        Event::Begin {
+            req: 1,
+            timeout_ms: 0,
+            branches: branches.to_vec(),
+        },
+    );
+    let t = match cmds.last() {
+        Some(Command::Reply {
+            reply: Ok(ReplyOk::Begun(t)),
+            ..
+        }) => *t,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        cmds[0],
+        Command::ArmTimer {
+            tx: t,
+            timer: Timer::TxTimeout,
+            after_ms: 5_000
+        }
+    );
+    t
+}
+
+/// Commits a two-branch transaction up to the force of its decision.
+fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
+    let t = begin(e, &[a.clone(), b.clone()]);
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    assert!(e
+        .handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        )
+        .is_empty());
+    let cmds = e.handle(
+        3,
+        Event::Voted {
+            tx: t,
+            branch: 1,
+            vote: Ok(Vote::Yes),
+        },
+    );
+    assert!(
+        matches!(cmds.as_slice(), [Command::ForceCommit(_)]),
+        "{cmds:?}"
+    );
+    t
+}
+
+#[test]
+fn begin_issues_sequential_ids_of_this_epoch() {
+    let mut e = engine();
+    assert_eq!(begin(&mut e, &[]), tx(1));
+    assert_eq!(begin(&mut e, &[]), tx(2));
+    assert_eq!(e.provenance(&tx(2)), Provenance::Live);
+    assert_eq!(e.provenance(&tx(3)), Provenance::Unknown);
+    assert_eq!(
+        e.provenance(&TxId {
+            node: NODE,
+            epoch: 2,
+            seq: 9
+        }),
+        Provenance::EarlierEpoch
+    );
+    assert_eq!(
+        e.provenance(&TxId {
+            node: 1,
+            epoch: EPOCH,
+            seq: 1
+        }),
+        Provenance::Unknown
+    );
+    assert_eq!(
+        e.provenance(&TxId {
+            node: NODE,
+            epoch: 4,
+            seq: 1
+        }),
+        Provenance::Unknown
+    );
+}
+
+#[test]
+fn two_phase_commit_exact_commands() {
+    let mut e = engine();
+    let (a, b) = (spec("db", 0), spec("mq", 0));
+    let t = begin(&mut e, &[]);
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Enlist {
+                req: 2,
+                tx: t,
+                branch: a.clone()
+            }
+        ),
+        vec![reply(2, Ok(ReplyOk::Enlisted))]
+    );
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Enlist {
+                req: 3,
+                tx: t,
+                branch: b.clone()
+            }
+        ),
+        vec![reply(3, Ok(ReplyOk::Enlisted))]
+    );
+    assert_eq!(
+        e.handle(2, Event::Commit { req: 4, tx: t }),
+        vec![
+            Command::LogLazy(LazyRecord::Preparing {
+                tx: t,
+                branches: vec![a.clone(), b.clone()]
+            }),
+            send(t, 0, &a, Message::Prepare, None),
+            send(t, 1, &b, Message::Prepare, None),
+            Command::ArmTimer {
+                tx: t,
+                timer: Timer::PrepareTimeout,
+                after_ms: 1_000
+            },
+        ]
+    );
+    assert_eq!(
+        e.handle(
+            3,
+            Event::Voted {
+                tx: t,
+                branch: 1,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            4,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![Command::ForceCommit(CommitRecord {
+            tx: t,
+            branches: vec![a.clone(), b.clone()],
+            decided_at_ms: 0
+        })]
+    );
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Deciding));
+    // No commit goes out before the decision is durable; then both, stamped with the LSN.
+    assert_eq!(
+        e.handle(5, Event::LogDurable { tx: t, lsn: 7 }),
+        vec![
+            reply(4, Ok(ReplyOk::Committed)),
+            send(t, 0, &a, Message::Commit { one_phase: false }, Some(7)),
+            send(t, 1, &b, Message::Commit { one_phase: false }, Some(7)),
+        ]
+    );
+    assert_eq!(
+        e.handle(
+            6,
+            Event::CommitAcked {
+                tx: t,
+                branch: 1,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            7,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Done { tx: t }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+    assert!(e.tx(&t).is_none());
+    assert_eq!(e.provenance(&t), Provenance::FinishedThisEpoch);
+    // A late duplicate ack, and a repeated Commit, after the engine forgot the transaction.
+    assert_eq!(
+        e.handle(
+            8,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(8, Event::Commit { req: 9, tx: t }),
+        vec![reply(9, Ok(ReplyOk::NotLive))]
+    );
+}
+
+#[test]
+fn phase_two_goes_tier_by_tier() {
+    let mut e = engine();
+    let (db, mq) = (spec("db", 0), spec("mq", 10));
+    let t = prepared_pair(&mut e, &db, &mq);
+    // Only the database tier is sent first.
+    assert_eq!(
+        e.handle(5, Event::LogDurable { tx: t, lsn: 1 }),
+        vec![
+            reply(10, Ok(ReplyOk::Committed)),
+            send(t, 0, &db, Message::Commit { one_phase: false }, Some(1))
+        ]
+    );
+    // A failed database commit is retried, and the broker still waits.
+    assert_eq!(
+        e.handle(
+            6,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Err("down".into())
+            }
+        ),
+        vec![Command::ArmTimer {
+            tx: t,
+            timer: Timer::Retry { branch: 0 },
+            after_ms: 10
+        }]
+    );
+    assert_eq!(
+        e.handle(
+            16,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![send(
+            t,
+            0,
+            &db,
+            Message::Commit { one_phase: false },
+            Some(1)
+        )]
+    );
+    assert_eq!(
+        e.handle(
+            17,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![send(
+            t,
+            1,
+            &mq,
+            Message::Commit { one_phase: false },
+            Some(1)
+        )]
+    );
+    assert_eq!(
+        e.handle(
+            18,
+            Event::CommitAcked {
+                tx: t,
+                branch: 1,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Done { tx: t }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            }
+        ]
+    );
+}
+
+#[test]
+fn retries_back_off_exponentially_up_to_the_cap_and_never_stop() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let t = prepared_pair(&mut e, &a, &b);
+    e.handle(5, Event::LogDurable { tx: t, lsn: 1 });
+    e.handle(
+        5,
+        Event::CommitAcked {
+            tx: t,
+            branch: 1,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    let mut delays = Vec::new();
+    for i in 0..40u64 {
+        let cmds = e.handle(
+            10 + i,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Err("unreachable".into()),
+            },
+        );
+        match cmds.as_slice() {
+            [Command::ArmTimer {
+                timer: Timer::Retry { branch: 0 },
+                after_ms,
+                ..
+            }] => delays.push(*after_ms),
+            other => panic!("{other:?}"),
+        }
+        let resend = e.handle(
+            10 + i,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 },
+            },
+        );
+        assert_eq!(
+            resend,
+            vec![send(
+                t,
+                0,
+                &a,
+                Message::Commit { one_phase: false },
+                Some(1)
+            )]
+        );
+    }
+    assert_eq!(&delays[..5], &[10, 20, 40, 80, 80]);
+    assert!(delays.iter().all(|d| *d <= 80));
+    let entry = e.tx(&t).expect("still driving");
+    assert_eq!(entry.branches[0].attempts, 42, "1 prepare + 41 commits");
+    assert_eq!(entry.branches[0].last_error.as_deref(), Some("unreachable"));
+}
+
+#[test]
+fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
+    let mut e = engine();
+    let (a, b, c) = (spec("a", 0), spec("b", 0), spec("c", 10));
+    let t = begin(&mut e, &[a.clone(), b.clone(), c.clone()]);
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        3,
+        Event::Voted {
+            tx: t,
+            branch: 1,
+            vote: Ok(Vote::No("duplicate key".into())),
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            reply(
+                10,
+                Err(TxError::Aborted(format!(
+                    "transaction {t} aborted: branch b voted no: duplicate key"
+                )))
+            ),
+            send(t, 0, &a, Message::Abort, None),
+            // b voted no: one courtesy abort. c's prepare is still out: its abort waits for
+            // the vote so the two messages cannot cross.
+            send(t, 1, &b, Message::Abort, None),
+        ]
+    );
+    // The late yes from c gets its abort now.
+    assert_eq!(
+        e.handle(
+            4,
+            Event::Voted {
+                tx: t,
+                branch: 2,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![send(t, 2, &c, Message::Abort, None)]
+    );
+    // A failed abort to a prepared branch is retried; a failed courtesy abort is not.
+    assert_eq!(
+        e.handle(
+            5,
+            Event::AbortAcked {
+                tx: t,
+                branch: 0,
+                ack: Err("down".into())
+            }
+        ),
+        vec![Command::ArmTimer {
+            tx: t,
+            timer: Timer::Retry { branch: 0 },
+            after_ms: 10
+        }]
+    );
+    assert_eq!(
+        e.handle(
+            5,
+            Event::AbortAcked {
+                tx: t,
+                branch: 1,
+                ack: Err("down".into())
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            6,
+            Event::AbortAcked {
+                tx: t,
+                branch: 2,
+                ack: Ok(())
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            15,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![send(t, 0, &a, Message::Abort, None)]
+    );
+    assert_eq!(
+        e.handle(
+            26,
+            Event::AbortAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(())
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Aborted { tx: t }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Aborted
+            }
+        ]
+    );
+    // Commit after the abort: the engine no longer holds it; presumed abort answers.
+    assert_eq!(
+        e.handle(27, Event::Commit { req: 11, tx: t }),
+        vec![reply(11, Ok(ReplyOk::NotLive))]
+    );
+}
+
+#[test]
+fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let t = begin(&mut e, &[a.clone(), b.clone()]);
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        2,
+        Event::Voted {
+            tx: t,
+            branch: 0,
+            vote: Ok(Vote::Yes),
+        },
+    );
+    let cmds = e.handle(
+        1001,
+        Event::Timer {
+            tx: t,
+            timer: Timer::PrepareTimeout,
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            reply(
+                10,
+                Err(TxError::Aborted(format!(
+                "transaction {t} aborted: prepare timed out after 1000 ms waiting for branch(es) b"
+            )))
+            ),
+            send(t, 0, &a, Message::Abort, None),
+        ]
+    );
+    // The transport gives up on b's prepare: whether it prepared is unknown, so it gets an
+    // abort that is retried until acknowledged.
+    assert_eq!(
+        e.handle(
+            1002,
+            Event::Voted {
+                tx: t,
+                branch: 1,
+                vote: Err("deadline".into())
+            }
+        ),
+        vec![send(t, 1, &b, Message::Abort, None)]
+    );
+    e.handle(
+        1003,
+        Event::AbortAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(()),
+        },
+    );
+    assert_eq!(
+        e.handle(
+            1004,
+            Event::AbortAcked {
+                tx: t,
+                branch: 1,
+                ack: Ok(())
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Aborted { tx: t }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Aborted
+            }
+        ]
+    );
+    // The prepare timer of a decided transaction does nothing.
+    assert_eq!(
+        e.handle(
+            2000,
+            Event::Timer {
+                tx: t,
+                timer: Timer::PrepareTimeout
+            }
+        ),
+        vec![]
+    );
+}
+
+#[test]
+fn single_branch_commits_in_one_phase_without_a_log_write() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    assert_eq!(
+        e.handle(1, Event::Commit { req: 10, tx: t }),
+        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            reply(10, Ok(ReplyOk::Committed)),
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: t,
+                branches: vec![a.clone()]
+            }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+    // Refused one-phase commit: aborted, nothing left to send.
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(3, Event::Commit { req: 11, tx: t2 });
+    assert_eq!(
+        e.handle(
+            4,
+            Event::CommitAcked {
+                tx: t2,
+                branch: 0,
+                ack: Ok(CommitAck::Refused("check violation".into()))
+            }
+        ),
+        vec![
+            reply(
+                11,
+                Err(TxError::Aborted(format!(
+                    "transaction {t2} aborted: branch a refused to commit: check violation"
+                )))
+            ),
+            Command::Finished {
+                tx: t2,
+                outcome: Outcome::Aborted
+            },
+        ]
+    );
+    // Lost answer: the one-phase commit is asked again until the participant answers.
+    let t3 = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(5, Event::Commit { req: 12, tx: t3 });
+    assert_eq!(
+        e.handle(
+            6,
+            Event::CommitAcked {
+                tx: t3,
+                branch: 0,
+                ack: Err("timeout".into())
+            }
+        ),
+        vec![Command::ArmTimer {
+            tx: t3,
+            timer: Timer::Retry { branch: 0 },
+            after_ms: 10
+        }]
+    );
+    assert_eq!(
+        e.handle(
+            16,
+            Event::Timer {
+                tx: t3,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![send(t3, 0, &a, Message::Commit { one_phase: true }, None)]
+    );
+    // An Abort during a one-phase commit waits for the participant's answer.
+    assert_eq!(
+        e.handle(
+            17,
+            Event::Abort {
+                req: 13,
+                tx: t3,
+                reason: String::new()
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        18,
+        Event::CommitAcked {
+            tx: t3,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(cmds[0], reply(12, Ok(ReplyOk::Committed)));
+    assert_eq!(
+        cmds[1],
+        reply(
+            13,
+            Err(TxError::FailedPrecondition(format!(
+                "transaction {t3} cannot be aborted: its outcome is COMMITTED"
+            )))
+        )
+    );
+}
+
+#[test]
+fn one_phase_can_be_switched_off() {
+    let mut e = Engine::new(
+        EngineConfig {
+            one_phase: false,
+            ..cfg()
+        },
+        NODE,
+        EPOCH,
+    );
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    let cmds = e.handle(1, Event::Commit { req: 10, tx: t });
+    assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));
+}
+
+#[test]
+fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let t = begin(&mut e, &[a.clone(), b.clone()]);
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        2,
+        Event::Voted {
+            tx: t,
+            branch: 0,
+            vote: Ok(Vote::ReadOnly),
+        },
+    );
+    assert_eq!(
+        e.handle(
+            3,
+            Event::Voted {
+                tx: t,
+                branch: 1,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![Command::ForceCommit(CommitRecord {
+            tx: t,
+            branches: vec![b.clone()],
+            decided_at_ms: 0
+        })]
+    );
+    assert_eq!(
+        e.handle(4, Event::LogDurable { tx: t, lsn: 2 }),
+        vec![
+            reply(10, Ok(ReplyOk::Committed)),
+            send(t, 1, &b, Message::Commit { one_phase: false }, Some(2))
+        ]
+    );
+
+    let t2 = begin(&mut e, &[a.clone(), b.clone()]);
+    e.handle(5, Event::Commit { req: 11, tx: t2 });
+    e.handle(
+        6,
+        Event::Voted {
+            tx: t2,
+            branch: 0,
+            vote: Ok(Vote::ReadOnly),
+        },
+    );
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Voted {
+                tx: t2,
+                branch: 1,
+                vote: Ok(Vote::ReadOnly)
+            }
+        ),
+        vec![
+            reply(11, Ok(ReplyOk::Committed)),
+            Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
+            Command::Finished {
+                tx: t2,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+}
+
+#[test]
+fn duplicate_and_late_messages_change_nothing() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let t = begin(&mut e, &[a.clone(), b.clone()]);
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    // A second Commit while preparing joins the first: no new prepares.
+    assert_eq!(e.handle(1, Event::Commit { req: 11, tx: t }), vec![]);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    // The same vote twice, and a vote for a branch index that does not exist.
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 9,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    let before = e.clone();
+    // Phase-two answers before there is a decision are ignored.
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::AbortAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(())
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(e.handle(2, Event::LogDurable { tx: t, lsn: 4 }), vec![]);
+    assert_eq!(e.tx(&t), before.tx(&t));
+    e.handle(
+        3,
+        Event::Voted {
+            tx: t,
+            branch: 1,
+            vote: Ok(Vote::Yes),
+        },
+    );
+    let cmds = e.handle(4, Event::LogDurable { tx: t, lsn: 4 });
+    assert_eq!(
+        &cmds[..2],
+        &[
+            reply(10, Ok(ReplyOk::Committed)),
+            reply(11, Ok(ReplyOk::Committed))
+        ]
+    );
+    // A second durable notice, and a vote arriving after the decision.
+    assert_eq!(e.handle(5, Event::LogDurable { tx: t, lsn: 4 }), vec![]);
+    assert_eq!(
+        e.handle(
+            5,
+            Event::Voted {
+                tx: t,
+                branch: 1,
+                vote: Ok(Vote::No("late".into()))
+            }
+        ),
+        vec![]
+    );
+    // Commit again after the decision answers at once.
+    assert_eq!(
+        e.handle(6, Event::Commit { req: 12, tx: t }),
+        vec![reply(12, Ok(ReplyOk::Committed))]
+    );
+    // Timers for other phases do nothing.
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Timer {
+                tx: t,
+                timer: Timer::TxTimeout
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Timer {
+                tx: t,
+                timer: Timer::PrepareTimeout
+            }
+        ),
+        vec![]
+    );
+    // A retry timer while the commit is still in flight sends nothing twice.
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![]
+    );
+    // Events for unknown transactions are ignored.
+    let stranger = TxId {
+        node: 1,
+        epoch: 1,
+        seq: 1,
+    };
+    assert_eq!(
+        e.handle(
+            8,
+            Event::Voted {
+                tx: stranger,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            8,
+            Event::Timer {
+                tx: stranger,
+                timer: Timer::TxTimeout
+            }
+        ),
+        vec![]
+    );
+}
+
+#[test]
+fn abort_requests() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    // Active: courtesy aborts, then forgotten.
+    let t = begin(&mut e, &[a.clone(), b.clone()]);
+    let cmds = e.handle(
+        1,
+        Event::Abort {
+            req: 20,
+            tx: t,
+            reason: "user cancelled".into(),
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            send(t, 0, &a, Message::Abort, None),
+            send(t, 1, &b, Message::Abort, None),
+            reply(20, Ok(ReplyOk::Aborted))
+        ]
+    );
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Abort {
+                req: 21,
+                tx: t,
+                reason: String::new()
+            }
+        ),
+        vec![reply(21, Ok(ReplyOk::Aborted))]
+    );
+    assert_eq!(
+        e.handle(1, Event::Commit { req: 22, tx: t }),
+        vec![reply(
+            22,
+            Err(TxError::Aborted(format!(
+                "transaction {t} aborted: aborted by the client: user cancelled"
+            )))
+        )]
+    );
+    e.handle(
+        2,
+        Event::AbortAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(()),
+        },
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::AbortAcked {
+                tx: t,
+                branch: 1,
+                ack: Err("gone".into())
+            }
+        ),
+        vec![Command::Finished {
+            tx: t,
+            outcome: Outcome::Aborted
+        }]
+    );
+
+    // Decided commit: Abort is refused, both while deciding and while committing.
+    let t2 = prepared_pair(&mut e, &a, &b);
+    let refused = Err(TxError::FailedPrecondition(format!(
+        "transaction {t2} cannot be aborted: its outcome is COMMITTED"
+    )));
+    assert_eq!(
+        e.handle(
+            4,
+            Event::Abort {
+                req: 23,
+                tx: t2,
+                reason: String::new()
+            }
+        ),
+        vec![reply(23, refused.clone())]
+    );
+    e.handle(5, Event::LogDurable { tx: t2, lsn: 1 });
+    assert_eq!(
+        e.handle(
+            6,
+            Event::Abort {
+                req: 24,
+                tx: t2,
+                reason: String::new()
+            }
+        ),
+        vec![reply(24, refused)]
+    );
+
+    // Unknown and earlier-epoch ids.
+    let unknown = TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq: 99,
+    };
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Abort {
+                req: 25,
+                tx: unknown,
+                reason: String::new()
+            }
+        ),
+        vec![reply(
+            25,
+            Err(TxError::NotFound(format!(
+                "transaction {unknown} was never issued by this coordinator"
+            )))
+        )]
+    );
+    let old = TxId {
+        node: NODE,
+        epoch: 1,
+        seq: 5,
+    };
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Abort {
+                req: 26,
+                tx: old,
+                reason: String::new()
+            }
+        ),
+        vec![reply(26, Ok(ReplyOk::NotLive))]
+    );
+}
+
+#[test]
+fn transaction_timeout_aborts_only_active_transactions() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    assert_eq!(
+        e.handle(
+            5_000,
+            Event::Timer {
+                tx: t,
+                timer: Timer::TxTimeout
+            }
+        ),
+        vec![send(t, 0, &a, Message::Abort, None)]
+    );
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
+    assert_eq!(
+        e.handle(5_001, Event::Commit { req: 3, tx: t }),
+        vec![reply(
+            3,
+            Err(TxError::Aborted(format!(
+                "transaction {t} aborted: transaction timed out while active"
+            )))
+        )]
+    );
+    // A per-transaction timeout and its upper bound.
+    let cmds = e.handle(
+        1,
+        Event::Begin {
+            req: 4,
+            timeout_ms: 250,
+            branches: vec![],
+        },
+    );
+    assert_eq!(
+        cmds[0],
+        Command::ArmTimer {
+            tx: tx(2),
+            timer: Timer::TxTimeout,
+            after_ms: 250
+        }
+    );
+    let cmds = e.handle(
+        1,
+        Event::Begin {
+            req: 5,
+            timeout_ms: 10_001,
+            branches: vec![],
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![reply(
+            5,
+            Err(TxError::InvalidArgument(
+                "timeout_ms is 10001; at most 10000 is allowed".into()
+            ))
+        )]
+    );
+}
+
+#[test]
+fn enlist_validates_and_is_idempotent() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, &[]);
+    let enlist = |e: &mut Engine, b: BranchSpec| {
+        e.handle(
+            1,
+            Event::Enlist {
+                req: 7,
+                tx: t,
+                branch: b,
+            },
+        )
+    };
+    assert_eq!(
+        enlist(&mut e, a.clone()),
+        vec![reply(7, Ok(ReplyOk::Enlisted))]
+    );
+    assert_eq!(
+        enlist(&mut e, a.clone()),
+        vec![reply(7, Ok(ReplyOk::Enlisted))]
+    );
+    let other = BranchSpec {
+        commit_order: 3,
+        ..a.clone()
+    };
+    assert!(matches!(
+        enlist(&mut e, other)[0],
+        Command::Reply {
+            reply: Err(TxError::AlreadyExists(_)),
+            ..
+        }
+    ));
+    let bad_id = BranchSpec {
+        branch_id: "no spaces".into(),
+        ..a.clone()
+    };
+    assert!(matches!(
+        enlist(&mut e, bad_id)[0],
+        Command::Reply {
+            reply: Err(TxError::InvalidArgument(_)),
+            ..
+        }
+    ));
+    let bad_ep = BranchSpec {
+        branch_id: "x".into(),
+        endpoint: "localhost".into(),
+        ..a.clone()
+    };
+    assert!(matches!(
+        enlist(&mut e, bad_ep)[0],
+        Command::Reply {
+            reply: Err(TxError::InvalidArgument(_)),
+            ..
+        }
+    ));
+    for i in 0..3 {
+        assert_eq!(
+            enlist(&mut e, spec(&format!("b{i}"), 0)),
+            vec![reply(7, Ok(ReplyOk::Enlisted))]
+        );
+    }
+    assert_eq!(
+        enlist(&mut e, spec("b9", 0)),
+        vec![reply(
+            7,
+            Err(TxError::InvalidArgument(
+                "a transaction may have at most 4 branches (--max-branches)".into()
+            ))
+        )]
+    );
+    assert_eq!(e.tx(&t).map(|x| x.branches.len()), Some(4));
+    // Too many or duplicate-conflicting branches in Begin are refused as a whole.
+    let five: Vec<_> = (0..5).map(|i| spec(&format!("c{i}"), 0)).collect();
+    assert!(matches!(
+        e.handle(
+            1,
+            Event::Begin {
+                req: 8,
+                timeout_ms: 0,
+                branches: five
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::InvalidArgument(_)),
+            ..
+        }]
+    ));
+    let clash = vec![
+        a.clone(),
+        BranchSpec {
+            commit_order: 9,
+            ..a.clone()
+        },
+    ];
+    assert!(matches!(
+        e.handle(
+            1,
+            Event::Begin {
+                req: 8,
+                timeout_ms: 0,
+                branches: clash
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::AlreadyExists(_)),
+            ..
+        }]
+    ));
+    // Not active any more.
+    e.handle(2, Event::Commit { req: 9, tx: t });
+    let late = enlist(&mut e, spec("late", 0));
+    assert_eq!(
+        late,
+        vec![reply(
+            7,
+            Err(TxError::FailedPrecondition(format!(
+                "transaction {t} is PREPARING; branches can only be enlisted while it is ACTIVE"
+            )))
+        )]
+    );
+    let unknown = TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq: 77,
+    };
+    assert!(matches!(
+        e.handle(
+            3,
+            Event::Enlist {
+                req: 7,
+                tx: unknown,
+                branch: a
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::NotFound(_)),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_failed_decision_write_halts_and_leaves_the_outcome_to_restart() {
+    let mut e = engine();
+    let (a, b) = (spec("a", 0), spec("b", 0));
+    let t = prepared_pair(&mut e, &a, &b);
+    let cmds = e.handle(
+        4,
+        Event::LogFailed {
+            tx: t,
+            error: "EIO".into(),
+        },
+    );
+    assert_eq!(
+        cmds[0],
+        Command::Halt {
+            reason: "decision log failed: EIO".into()
+        }
+    );
+    assert!(matches!(
+        &cmds[1],
+        Command::Reply {
+            req: 10,
+            reply: Err(TxError::Unavailable(_))
+        }
+    ));
+    assert_eq!(cmds.len(), 2, "nothing is sent to any branch: {cmds:?}");
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::InDoubt));
+    // A late durable notice cannot resurrect it, and no new work is taken.
+    assert_eq!(e.handle(5, Event::LogDurable { tx: t, lsn: 1 }), vec![]);
+    assert!(matches!(
+        e.handle(
+            6,
+            Event::Begin {
+                req: 11,
+                timeout_ms: 0,
+                branches: vec![]
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::Unavailable(_)),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn recovery_redrives_commits_and_aborts_undecided_transactions() {
+    let mut e = engine();
+    let (db, mq) = (spec("db", 0), spec("mq", 10));
+    let old_commit = TxId {
+        node: NODE,
+        epoch: 2,
+        seq: 4,
+    };
+    let old_undecided = TxId {
+        node: NODE,
+        epoch: 2,
+        seq: 5,
+    };
+    let cmds = e.handle(
+        0,
+        Event::Recovered(Recovered {
+            commits: vec![CommitRecord {
+                tx: old_commit,
+                branches: vec![db.clone(), mq.clone()],
+                decided_at_ms: 1,
+            }],
+            undecided: vec![(old_undecided, vec![db.clone()])],
+        }),
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            send(
+                old_commit,
+                0,
+                &db,
+                Message::Commit { one_phase: false },
+                None
+            ),
+            send(old_undecided, 0, &db, Message::Abort, None),
+        ]
+    );
+    assert_eq!(
+        e.tx(&old_commit).map(|x| x.state),
+        Some(TxState::Committing)
+    );
+    // A participant asking meanwhile hears COMMITTED; Abort is refused.
+    assert!(matches!(
+        e.handle(
+            1,
+            Event::Abort {
+                req: 1,
+                tx: old_commit,
+                reason: String::new()
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::FailedPrecondition(_)),
+            ..
+        }]
+    ));
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: old_commit,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![send(
+            old_commit,
+            1,
+            &mq,
+            Message::Commit { one_phase: false },
+            None
+        )]
+    );
+    assert_eq!(
+        e.handle(
+            3,
+            Event::CommitAcked {
+                tx: old_commit,
+                branch: 1,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Done { tx: old_commit }),
+            Command::Finished {
+                tx: old_commit,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+    assert_eq!(
+        e.handle(
+            4,
+            Event::AbortAcked {
+                tx: old_undecided,
+                branch: 0,
+                ack: Ok(())
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Aborted { tx: old_undecided }),
+            Command::Finished {
+                tx: old_undecided,
+                outcome: Outcome::Aborted
+            },
+        ]
+    );
+    // New ids start over in the new epoch.
+    assert_eq!(begin(&mut e, &[]), tx(1));
+}
+
+#[test]
+fn empty_transaction_commits_trivially() {
+    let mut e = engine();
+    let t = begin(&mut e, &[]);
+    assert_eq!(
+        e.handle(1, Event::Commit { req: 2, tx: t }),
+        vec![
+            reply(2, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            }
+        ]
+    );
+}
+
+#[test]
+fn backoff_is_capped() {
+    let c = cfg();
+    assert_eq!(
+        (1..=6).map(|a| backoff(&c, a)).collect::<Vec<_>>(),
+        vec![10, 20, 40, 80, 80, 80]
+    );
+    assert_eq!(backoff(&c, u32::MAX), 80);
+}

@@ -1,0 +1,27 @@
+//! # twopc coordinator
+//!
+//! A two-phase-commit coordinator with presumed abort, for the dual-write problem.
+//!
+//! ## Layout
+//! - [`types`]: transaction ids, branch specs and their validation (no I/O).
+//! - [`engine`]: the protocol as a pure state machine: events in, commands out. No tokio,
+//!   tonic or sled, so it is unit-tested command by command and model-checked.
+//! - [`log`]: the decision log trait and its contract, the sled implementation (group
+//!   commit, explicit `fdatasync`, directory lock, epochs), an in-memory one, and the
+//!   conformance suite both pass.
+//! - [`transport`]: how the coordinator reaches participants (trait + tonic client).
+//! - [`runtime`]: executes the engine's commands with real I/O (log, transport, timers).
+//! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
+//! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
+//!   reflection.
+//!
+//! The split keeps every decision in [`engine`] and every side effect in [`runtime`]: the
+//! same engine runs under the real server, in unit tests and inside the model checker.
+
+pub mod engine;
+pub mod log;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod transport;
+pub mod types;

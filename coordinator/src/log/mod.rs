@@ -1,0 +1,187 @@
+//! The decision log: where the coordinator makes its COMMIT decisions durable.
+//!
+//! # Contract (every implementation; checked by [`conformance`])
+//!
+//! * **Presumed abort.** Only COMMIT decisions are forced. A transaction without a COMMIT
+//!   record is aborted, so abort needs no forced write.
+//! * **Durable means synced.** [`DecisionLog::force_commit`] resolves `Ok` only after the
+//!   bytes of the record *and everything needed to read it back* have reached stable
+//!   storage (`fdatasync`/`fsync` returned, for a file-backed log). No caller may send a
+//!   commit to any branch before that; the runtime checks it against
+//!   [`DecisionLog::durable_lsn`].
+//! * **Group commit.** Concurrent `force_commit` calls share one sync: an implementation
+//!   drains every decision queued while the previous sync ran, writes them, syncs once, and
+//!   resolves them all. [`LogStats`] counts syncs and batches so this can be verified.
+//! * **Write-once decisions.** A second `force_commit` for a transaction that already has a
+//!   COMMIT record with the *same* branches is an idempotent success (same LSN or a newer
+//!   one); any other second decision is [`LogError::Conflict`].
+//! * **Fencing.** Every write carries the epoch the caller believes it owns; a write with
+//!   another epoch is refused with [`LogError::Fenced`]. (For the sled log the epoch is the
+//!   one it assigned at open; a replicated log will check a lease/fencing token here.)
+//! * **Fail-stop.** After any failed write or sync, the log is *poisoned*: that call and
+//!   every later write return [`LogError::Failed`]. A failed sync is never retried as if it
+//!   had worked, and a decision whose sync failed is never reported durable.
+//! * **Lazy records** ([`DecisionLog::record_lazy`]) are written without a sync: they help
+//!   recovery (which transactions were preparing, which decisions are done) but losing
+//!   them is safe. They must never overwrite or delete a COMMIT record's decision; `Done`
+//!   only marks it finished.
+//! * **Reads come from the log**, not from a cache of what the caller wrote:
+//!   [`DecisionLog::decision`] answers what a restart would see for synced records.
+//! * **Recovery** ([`DecisionLog::recover`]) returns every COMMIT not marked done and every
+//!   `Preparing` record without a decision, oldest first.
+//! * **Exclusive.** Opening a file-backed log takes an exclusive lock on its directory; a
+//!   second opener fails at once with [`LogError::Locked`] naming the directory. Every
+//!   open increments the epoch durably before returning.
+
+pub mod conformance;
+pub mod memory;
+pub mod sled_log;
+
+use std::future::Future;
+
+use crate::types::{BranchSpec, TxId};
+
+pub use memory::MemoryLog;
+pub use sled_log::{SledLog, SledLogOptions};
+
+/// Log sequence number: increases by one for every forced decision, starting at 1.
+pub type Lsn = u64;
+
+/// A COMMIT decision and what phase two needs after a crash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitRecord {
+    /// The transaction decided.
+    pub tx: TxId,
+    /// Every branch that voted yes (read-only branches excluded), in enlistment order.
+    pub branches: Vec<BranchSpec>,
+    /// Wall-clock time of the decision, ms since the Unix epoch (for operators).
+    pub decided_at_ms: u64,
+}
+
+/// Writes that need no sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LazyRecord {
+    /// Prepares are about to go out to these branches. Lets a restarted coordinator abort
+    /// them instead of waiting for each participant to ask.
+    Preparing {
+        /// The transaction.
+        tx: TxId,
+        /// All its branches.
+        branches: Vec<BranchSpec>,
+    },
+    /// The transaction aborted; its `Preparing` record can go.
+    Aborted {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// Phase two of a committed transaction finished: every branch acknowledged.
+    Done {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// A single-branch transaction committed in one phase: its only branch decided and
+    /// committed on its own. Stored like a COMMIT record already marked done (so
+    /// [`DecisionLog::decision`] answers COMMITTED for it), but without a sync: if it is
+    /// lost, the branch's own state is what counts. Must not overwrite an existing record.
+    OnePhaseCommitted {
+        /// The transaction.
+        tx: TxId,
+        /// Its one branch.
+        branches: Vec<BranchSpec>,
+    },
+}
+
+/// What the log knows about one transaction's decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDecision {
+    /// The COMMIT record.
+    pub record: CommitRecord,
+    /// Whether phase two has finished.
+    pub done: bool,
+}
+
+/// Everything a restarted coordinator must finish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// COMMIT decisions not marked done: re-drive phase two.
+    pub commits: Vec<CommitRecord>,
+    /// Transactions that were preparing and never decided: abort their branches.
+    pub undecided: Vec<(TxId, Vec<BranchSpec>)>,
+}
+
+/// Counters for tests, metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Completed syncs (fdatasync/fsync calls that returned success).
+    pub syncs: u64,
+    /// COMMIT decisions made durable.
+    pub decisions: u64,
+    /// Group-commit batches written (one sync each).
+    pub batches: u64,
+    /// Largest number of decisions in one batch.
+    pub max_batch: u64,
+}
+
+/// Failures of the decision log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The directory is held by another process.
+    #[error("data directory {dir} is locked by another coordinator process: {detail}")]
+    Locked {
+        /// The directory.
+        dir: String,
+        /// What the OS said.
+        detail: String,
+    },
+    /// A different decision already exists for this transaction.
+    #[error("transaction {tx} already has a different decision recorded")]
+    Conflict {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// The caller's epoch is not the log's.
+    #[error("write fenced: caller epoch {caller} but the log belongs to epoch {current}")]
+    Fenced {
+        /// The epoch the caller claimed.
+        caller: u64,
+        /// The log's epoch.
+        current: u64,
+    },
+    /// A write or sync failed; the log accepts nothing more (fail-stop).
+    #[error("decision log failed and stopped accepting writes: {0}")]
+    Failed(String),
+}
+
+/// A durable, write-once store of COMMIT decisions. See the module docs for the contract.
+pub trait DecisionLog: Send + Sync + 'static {
+    /// The epoch assigned to this open of the log (strictly greater than any before it).
+    fn epoch(&self) -> u64;
+
+    /// The node id of this log's data (random, fixed at creation).
+    fn node_id(&self) -> u32;
+
+    /// Writes a COMMIT decision and resolves once it is durable, with its LSN.
+    fn force_commit(
+        &self,
+        epoch: u64,
+        record: CommitRecord,
+    ) -> impl Future<Output = Result<Lsn, LogError>> + Send;
+
+    /// Writes a record without waiting for a sync.
+    fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError>;
+
+    /// The COMMIT decision for `tx`, if one was made durable.
+    fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError>;
+
+    /// What a restarted coordinator must finish (see [`Recovered`]).
+    fn recover(&self) -> Result<Recovered, LogError>;
+
+    /// The highest LSN known durable. Every LSN returned by `force_commit` is `<=` this.
+    fn durable_lsn(&self) -> Lsn;
+
+    /// Counters.
+    fn stats(&self) -> LogStats;
+
+    /// Whether the log is poisoned (a write or sync failed).
+    fn is_failed(&self) -> bool;
+}

@@ -1,0 +1,1488 @@
+//! [`SledLog`]: the file-backed [`DecisionLog`] on sled 0.34, with group commit.
+//!
+//! # Layout of a data directory
+//!
+//! ```text
+//! <dir>/LOCK     exclusive lock (File::try_lock) held while the log is open; holds the pid
+//! <dir>/sled/    the sled database: `conf`, `db` (the log-structured data file),
+//!                `blobs/` (values too large to inline; unused for normal records),
+//!                `snap.<lsn>` (sled's own snapshots)
+//! ```
+//!
+//! sled trees: the default tree holds one `meta` record (node id, epoch); `commits` maps a
+//! [`TxId`] key (node, epoch, seq as big-endian bytes, so iteration is in transaction
+//! order) to a COMMIT record, plus one counter record under [`LAST_LSN_KEY`] written in
+//! the same atomic batch as the commits it numbers; `preparing` maps a [`TxId`] key to
+//! the branches of a transaction being prepared. Every value is a `prost` message defined
+//! below, with a `format` field for versioning.
+//!
+//! # Durability
+//!
+//! sled 0.34's `flush()` ends with `sync_file_range`, which neither forces the drive's
+//! cache nor persists file metadata (sled issues #1351, #1452). So after every `flush()`
+//! this module calls `fdatasync` ([`File::sync_data`]) on its own handle to sled's data
+//! file `<dir>/sled/db`, syncs any file in `<dir>/sled/blobs/` that is new or has grown
+//! since it was last synced, and fsyncs `<dir>/sled` (and `blobs/`) whenever their
+//! listing changed (sled renames snapshot files). At open, `conf` and the directories
+//! (including `<dir>` and, if `<dir>` was created, its parent) are fsynced once. A
+//! decision is reported durable only after all of that returned success.
+//!
+//! # Group commit
+//!
+//! One writer thread owns all COMMIT writes. [`DecisionLog::force_commit`] sends the
+//! record over a channel and awaits a `tokio::sync::oneshot` reply; the writer takes one
+//! request, drains everything else queued, writes the new records in one sled batch,
+//! flushes, syncs once, advances [`DecisionLog::durable_lsn`] and answers every waiter.
+//!
+//! # Fault injection
+//!
+//! With the crate feature `failpoints`, the fail points `coordinator::log::before_sync`
+//! (between the batch write and its sync) and `coordinator::log::after_sync` (after the
+//! sync, before waiters are answered) accept `return(abort)` to abort the process and
+//! `return(error)` (or a bare `return`) to make the sync fail. Without the feature,
+//! [`SledLogOptions::fail_syncs`] makes every sync fail while the flag is set.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use prost::Message;
+use tokio::sync::oneshot;
+
+use super::{
+    CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered, StoredDecision,
+};
+use crate::types::{BranchKind, BranchSpec, TxId};
+
+/// Version written into every value's `format` field; values with a newer format are
+/// refused rather than misread.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Key of the record in the `commits` tree that holds the highest LSN ever assigned. It
+/// is written in the same atomic sled batch as the commits it numbers, and its length
+/// (not 20 bytes) tells it apart from transaction keys.
+pub const LAST_LSN_KEY: &[u8] = b"~last_lsn";
+
+const META_KEY: &[u8] = b"meta";
+const COMMITS_TREE: &str = "commits";
+const PREPARING_TREE: &str = "preparing";
+const LOCK_FILE: &str = "LOCK";
+const SLED_DIR: &str = "sled";
+const TX_KEY_LEN: usize = 20;
+
+/// Settings of a [`SledLog`].
+#[derive(Clone, Debug)]
+pub struct SledLogOptions {
+    /// How often sled flushes in the background, in milliseconds; this is what makes
+    /// lazy records (which are never synced explicitly) reach the disk between forced
+    /// batches. `0` disables the background flush. Default 200.
+    pub flush_every_ms: u64,
+    /// sled page cache size in bytes. Default 64 MiB.
+    pub cache_capacity_bytes: u64,
+    /// Fault injection for tests: while the flag is `true`, every sync the log attempts
+    /// (at open and for every batch) fails with an I/O error, which poisons the log.
+    /// Leave `None` in production.
+    pub fail_syncs: Option<Arc<AtomicBool>>,
+}
+
+impl Default for SledLogOptions {
+    fn default() -> Self {
+        SledLogOptions {
+            flush_every_ms: 200,
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            fail_syncs: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------------
+
+/// A branch as stored.
+#[derive(Clone, PartialEq, Message)]
+struct BranchPb {
+    #[prost(string, tag = "1")]
+    branch_id: String,
+    #[prost(string, tag = "2")]
+    endpoint: String,
+    #[prost(uint32, tag = "3")]
+    commit_order: u32,
+    /// [`BranchKind::code`].
+    #[prost(int32, tag = "4")]
+    kind: i32,
+}
+
+/// Value of a `commits` entry.
+#[derive(Clone, PartialEq, Message)]
+struct CommitPb {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint32, tag = "2")]
+    tx_node: u32,
+    #[prost(uint64, tag = "3")]
+    tx_epoch: u64,
+    #[prost(uint64, tag = "4")]
+    tx_seq: u64,
+    #[prost(message, repeated, tag = "5")]
+    branches: Vec<BranchPb>,
+    #[prost(uint64, tag = "6")]
+    decided_at_ms: u64,
+    #[prost(uint64, tag = "7")]
+    lsn: u64,
+    #[prost(bool, tag = "8")]
+    done: bool,
+    /// Written by [`LazyRecord::OnePhaseCommitted`]: not forced, `lsn` is 0.
+    #[prost(bool, tag = "9")]
+    one_phase: bool,
+}
+
+/// Value of a `preparing` entry.
+#[derive(Clone, PartialEq, Message)]
+struct PreparingPb {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint32, tag = "2")]
+    tx_node: u32,
+    #[prost(uint64, tag = "3")]
+    tx_epoch: u64,
+    #[prost(uint64, tag = "4")]
+    tx_seq: u64,
+    #[prost(message, repeated, tag = "5")]
+    branches: Vec<BranchPb>,
+}
+
+/// Value of the `meta` record in the default tree.
+#[derive(Clone, PartialEq, Message)]
+struct MetaPb {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint32, tag = "2")]
+    node_id: u32,
+    #[prost(uint64, tag = "3")]
+    epoch: u64,
+}
+
+/// Value of the [`LAST_LSN_KEY`] record.
+#[derive(Clone, PartialEq, Message)]
+struct LastLsnPb {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint64, tag = "2")]
+    last_lsn: u64,
+}
+
+fn tx_key(tx: &TxId) -> [u8; TX_KEY_LEN] {
+    let mut key = [0u8; TX_KEY_LEN];
+    key[..4].copy_from_slice(&tx.node.to_be_bytes());
+    key[4..12].copy_from_slice(&tx.epoch.to_be_bytes());
+    key[12..].copy_from_slice(&tx.seq.to_be_bytes());
+    key
+}
+
+fn branches_to_pb(branches: &[BranchSpec]) -> Vec<BranchPb> {
+    branches
+        .iter()
+        .map(|b| BranchPb {
+            branch_id: b.branch_id.clone(),
+            endpoint: b.endpoint.clone(),
+            commit_order: b.commit_order,
+            kind: b.kind.code(),
+        })
+        .collect()
+}
+
+fn branches_from_pb(branches: Vec<BranchPb>) -> Vec<BranchSpec> {
+    branches
+        .into_iter()
+        .map(|b| BranchSpec {
+            branch_id: b.branch_id,
+            endpoint: b.endpoint,
+            commit_order: b.commit_order,
+            kind: BranchKind::from_code(b.kind),
+        })
+        .collect()
+}
+
+fn check_format(what: &str, format: u32) -> Result<(), String> {
+    if format == 0 || format > FORMAT_VERSION {
+        return Err(format!(
+            "{what} has format version {format}; this build reads versions 1..={FORMAT_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+fn encode_commit(record: &CommitRecord, lsn: Lsn, done: bool, one_phase: bool) -> Vec<u8> {
+    CommitPb {
+        format: FORMAT_VERSION,
+        tx_node: record.tx.node,
+        tx_epoch: record.tx.epoch,
+        tx_seq: record.tx.seq,
+        branches: branches_to_pb(&record.branches),
+        decided_at_ms: record.decided_at_ms,
+        lsn,
+        done,
+        one_phase,
+    }
+    .encode_to_vec()
+}
+
+/// A decoded `commits` value.
+struct StoredCommit {
+    record: CommitRecord,
+    /// 0 for a one-phase record.
+    lsn: Lsn,
+    done: bool,
+    one_phase: bool,
+}
+
+fn decode_commit(bytes: &[u8]) -> Result<StoredCommit, String> {
+    let pb = CommitPb::decode(bytes).map_err(|e| format!("corrupt commit record: {e}"))?;
+    check_format("commit record", pb.format)?;
+    Ok(StoredCommit {
+        record: CommitRecord {
+            tx: TxId {
+                node: pb.tx_node,
+                epoch: pb.tx_epoch,
+                seq: pb.tx_seq,
+            },
+            branches: branches_from_pb(pb.branches),
+            decided_at_ms: pb.decided_at_ms,
+        },
+        lsn: pb.lsn,
+        done: pb.done,
+        one_phase: pb.one_phase,
+    })
+}
+
+fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>), String> {
+    let pb = PreparingPb::decode(bytes).map_err(|e| format!("corrupt preparing record: {e}"))?;
+    check_format("preparing record", pb.format)?;
+    Ok((
+        TxId {
+            node: pb.tx_node,
+            epoch: pb.tx_epoch,
+            seq: pb.tx_seq,
+        },
+        branches_from_pb(pb.branches),
+    ))
+}
+
+fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {
+    let pb = LastLsnPb::decode(bytes).map_err(|e| format!("corrupt LSN counter: {e}"))?;
+    check_format("LSN counter", pb.format)?;
+    Ok(pb.last_lsn)
+}
+
+fn encode_last_lsn(last_lsn: Lsn) -> Vec<u8> {
+    LastLsnPb {
+        format: FORMAT_VERSION,
+        last_lsn,
+    }
+    .encode_to_vec()
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared state, syncing
+// ---------------------------------------------------------------------------------------
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared by the [`SledLog`] handle and its writer thread.
+struct Shared {
+    durable_lsn: AtomicU64,
+    stats: Mutex<LogStats>,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Blob files synced; only read by tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    blob_syncs: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// The poison message, if the log is poisoned.
+    fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            lock(&self.failure)
+                .clone()
+                .unwrap_or_else(|| "unknown failure".to_string()),
+        )
+    }
+
+    /// Poisons the log (keeping the first message) and returns the error to report.
+    fn poison(&self, msg: String) -> LogError {
+        let mut slot = lock(&self.failure);
+        if slot.is_none() {
+            tracing::error!(error = %msg, "decision log failed; refusing all further writes");
+            *slot = Some(msg);
+        }
+        self.failed.store(true, Ordering::Release);
+        LogError::Failed(slot.clone().unwrap_or_default())
+    }
+}
+
+/// Syncs everything sled needs to read a flushed record back after a crash.
+struct Syncer {
+    sled_dir: PathBuf,
+    db_file: File,
+    /// Names in `<dir>/sled` when it was last fsynced.
+    dir_listing: Vec<OsString>,
+    /// Names in `<dir>/sled/blobs` when it was last fsynced.
+    blob_listing: Vec<OsString>,
+    /// Blob files and the length they had when last synced.
+    synced_blobs: HashMap<OsString, u64>,
+    fail_syncs: Option<Arc<AtomicBool>>,
+    /// Blob files synced so far (for tests).
+    blob_syncs: Arc<AtomicU64>,
+}
+
+fn sorted_listing(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                names.push(entry?.file_name());
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// fsync on a directory, so entries created or renamed in it survive a crash.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("fsync of directory {}: {e}", dir.display()),
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+fn ctx<'a>(what: &str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    let what = what.to_string();
+    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+impl Syncer {
+    fn new(sled_dir: PathBuf, fail_syncs: Option<Arc<AtomicBool>>) -> io::Result<Syncer> {
+        let db_path = sled_dir.join("db");
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db_path)
+            .map_err(ctx("cannot open sled data file", &db_path))?;
+        Ok(Syncer {
+            sled_dir,
+            db_file,
+            dir_listing: Vec::new(),
+            blob_listing: Vec::new(),
+            synced_blobs: HashMap::new(),
+            fail_syncs,
+            blob_syncs: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn injected_failure(&self) -> io::Result<()> {
+        match &self.fail_syncs {
+            Some(flag) if flag.load(Ordering::SeqCst) => Err(io::Error::other(
+                "injected sync failure (SledLogOptions::fail_syncs is set)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Everything written and flushed so far becomes durable when this returns `Ok`.
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_inner(false)
+    }
+
+    /// [`Syncer::sync`]; `all_dirs` fsyncs both directories even if their listing is
+    /// unchanged.
+    fn sync_inner(&mut self, all_dirs: bool) -> io::Result<()> {
+        self.injected_failure()?;
+        // Blobs first: the data file may point at them.
+        let blobs_dir = self.sled_dir.join("blobs");
+        let blob_listing = sorted_listing(&blobs_dir)?;
+        for name in &blob_listing {
+            let path = blobs_dir.join(name);
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                // Removed by sled's blob GC since the listing: nothing to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ctx("cannot open sled blob", &path)(e)),
+            };
+            let len = file
+                .metadata()
+                .map_err(ctx("cannot stat sled blob", &path))?
+                .len();
+            if self.synced_blobs.get(name) != Some(&len) {
+                file.sync_data()
+                    .map_err(ctx("fdatasync of sled blob", &path))?;
+                self.synced_blobs.insert(name.clone(), len);
+                self.blob_syncs.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.synced_blobs
+            .retain(|name, _| blob_listing.binary_search(name).is_ok());
+
+        let db_path = self.sled_dir.join("db");
+        self.db_file
+            .sync_data()
+            .map_err(ctx("fdatasync of sled data file", &db_path))?;
+
+        if all_dirs || blob_listing != self.blob_listing {
+            sync_dir(&blobs_dir)?;
+            self.blob_listing = blob_listing;
+        }
+        let dir_listing = sorted_listing(&self.sled_dir)?;
+        if all_dirs || dir_listing != self.dir_listing {
+            sync_dir(&self.sled_dir)?;
+            self.dir_listing = dir_listing;
+        }
+        Ok(())
+    }
+
+    /// The sync done at open: also `conf`, which sled writes without syncing.
+    fn sync_all_at_open(&mut self) -> io::Result<()> {
+        self.injected_failure()?;
+        let conf = self.sled_dir.join("conf");
+        match File::open(&conf) {
+            Ok(f) => f.sync_all().map_err(ctx("fsync of sled config", &conf))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx("cannot open sled config", &conf)(e)),
+        }
+        self.sync_inner(true)
+    }
+}
+
+/// What a fail point's `return` action asks for: `abort` aborts the process, anything
+/// else makes the sync fail.
+#[cfg(feature = "failpoints")]
+fn failpoint_action(name: &str, arg: Option<String>) -> io::Result<()> {
+    if arg.as_deref() == Some("abort") {
+        tracing::error!(failpoint = name, "aborting the process at fail point");
+        std::process::abort();
+    }
+    Err(io::Error::other(format!(
+        "injected sync failure at fail point {name}"
+    )))
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer thread
+// ---------------------------------------------------------------------------------------
+
+type Reply = oneshot::Sender<Result<Lsn, LogError>>;
+
+struct Request {
+    record: CommitRecord,
+    reply: Reply,
+}
+
+struct Writer {
+    db: sled::Db,
+    commits: sled::Tree,
+    syncer: Syncer,
+    shared: Arc<Shared>,
+    last_lsn: Lsn,
+}
+
+/// A decision of the current batch waiting for the sync.
+struct Waiting {
+    reply: Reply,
+    lsn: Lsn,
+}
+
+impl Writer {
+    /// Serves requests until every sender is gone; returns the syncer for the final sync.
+    fn run(mut self, rx: mpsc::Receiver<Request>) -> Syncer {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            self.process(batch);
+        }
+        self.syncer
+    }
+
+    fn process(&mut self, batch: Vec<Request>) {
+        if let Some(msg) = self.shared.failure() {
+            for req in batch {
+                let _ = req.reply.send(Err(LogError::Failed(msg.clone())));
+            }
+            return;
+        }
+        let mut waiting: Vec<Waiting> = Vec::new();
+        let result = self.write_batch(batch, &mut waiting);
+        match result {
+            Ok(Some(last)) => {
+                self.last_lsn = last;
+                self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
+                {
+                    let mut stats = lock(&self.shared.stats);
+                    let n = waiting.len() as u64;
+                    stats.syncs += 1;
+                    stats.batches += 1;
+                    stats.decisions += n;
+                    stats.max_batch = stats.max_batch.max(n);
+                }
+                for w in waiting {
+                    let _ = w.reply.send(Ok(w.lsn));
+                }
+            }
+            Ok(None) => {
+                debug_assert!(waiting.is_empty());
+            }
+            Err((msg, rest)) => {
+                let err = self.shared.poison(msg);
+                for reply in waiting.into_iter().map(|w| w.reply).chain(rest) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes the new decisions of `batch`, flushes and syncs. Answers conflicts and
+    /// repeats of decisions made durable earlier at once; the others are left in
+    /// `waiting`. Returns the batch's highest LSN (`None` if nothing new was written), or
+    /// the failure with the replies not yet in `waiting`.
+    fn write_batch(
+        &mut self,
+        batch: Vec<Request>,
+        waiting: &mut Vec<Waiting>,
+    ) -> Result<Option<Lsn>, (String, Vec<Reply>)> {
+        let mut in_batch: HashMap<TxId, (Lsn, Vec<BranchSpec>)> = HashMap::new();
+        let mut sled_batch = sled::Batch::default();
+        let mut next = self.last_lsn;
+        let mut requests = batch.into_iter();
+        while let Some(req) = requests.next() {
+            let tx = req.record.tx;
+            if let Some((lsn, branches)) = in_batch.get(&tx) {
+                if *branches == req.record.branches {
+                    waiting.push(Waiting {
+                        reply: req.reply,
+                        lsn: *lsn,
+                    });
+                } else {
+                    let _ = req.reply.send(Err(LogError::Conflict { tx }));
+                }
+                continue;
+            }
+            let key = tx_key(&tx);
+            let existing = match self.commits.get(key) {
+                Ok(v) => v,
+                Err(e) => {
+                    let rest = std::iter::once(req.reply).chain(requests.map(|r| r.reply));
+                    return Err((
+                        format!("sled read of commit {tx} failed: {e}"),
+                        rest.collect(),
+                    ));
+                }
+            };
+            match existing.as_deref().map(decode_commit) {
+                Some(Ok(stored)) if stored.record.branches != req.record.branches => {
+                    let _ = req.reply.send(Err(LogError::Conflict { tx }));
+                }
+                Some(Ok(stored)) if stored.one_phase => {
+                    // A lazy one-phase record: the same decision, now forced.
+                    next += 1;
+                    sled_batch.insert(
+                        &key[..],
+                        encode_commit(&stored.record, next, stored.done, false),
+                    );
+                    in_batch.insert(tx, (next, req.record.branches));
+                    waiting.push(Waiting {
+                        reply: req.reply,
+                        lsn: next,
+                    });
+                }
+                Some(Ok(stored)) => {
+                    // Made durable by an earlier batch or before this open (open syncs).
+                    self.shared
+                        .durable_lsn
+                        .fetch_max(stored.lsn, Ordering::AcqRel);
+                    let _ = req.reply.send(Ok(stored.lsn));
+                }
+                Some(Err(msg)) => {
+                    let rest = std::iter::once(req.reply).chain(requests.map(|r| r.reply));
+                    return Err((format!("commit {tx}: {msg}"), rest.collect()));
+                }
+                None => {
+                    next += 1;
+                    sled_batch.insert(&key[..], encode_commit(&req.record, next, false, false));
+                    in_batch.insert(tx, (next, req.record.branches));
+                    waiting.push(Waiting {
+                        reply: req.reply,
+                        lsn: next,
+                    });
+                }
+            }
+        }
+        if in_batch.is_empty() {
+            return Ok(None);
+        }
+        sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
+        self.commits.apply_batch(sled_batch).map_err(|e| {
+            (
+                format!("sled write of {} decisions failed: {e}", in_batch.len()),
+                vec![],
+            )
+        })?;
+        self.db
+            .flush()
+            .map_err(|e| (format!("sled flush failed: {e}"), vec![]))?;
+        self.sync_batch()
+            .map_err(|e| (format!("sync failed: {e}"), vec![]))?;
+        Ok(Some(next))
+    }
+
+    /// The sync of one batch, between the fail points.
+    fn sync_batch(&mut self) -> io::Result<()> {
+        fail::fail_point!("coordinator::log::before_sync", |arg| failpoint_action(
+            "coordinator::log::before_sync",
+            arg
+        ));
+        self.syncer.sync()?;
+        fail::fail_point!("coordinator::log::after_sync", |arg| failpoint_action(
+            "coordinator::log::after_sync",
+            arg
+        ));
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SledLog
+// ---------------------------------------------------------------------------------------
+
+/// The file-backed decision log. See the module docs.
+///
+/// Dropping it stops the writer thread, flushes and syncs what was written (lazy records
+/// included, unless the log is poisoned) and releases the directory lock.
+pub struct SledLog {
+    dir: PathBuf,
+    node_id: u32,
+    epoch: u64,
+    shared: Arc<Shared>,
+    sender: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<Syncer>>,
+    // Field order matters: sled must be closed before the lock is released.
+    db: sled::Db,
+    commits: sled::Tree,
+    preparing: sled::Tree,
+    _lock: File,
+}
+
+impl std::fmt::Debug for SledLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledLog")
+            .field("dir", &self.dir)
+            .field("node_id", &format_args!("{:08x}", self.node_id))
+            .field("epoch", &self.epoch)
+            .field(
+                "durable_lsn",
+                &self.shared.durable_lsn.load(Ordering::Acquire),
+            )
+            .field("failed", &self.shared.failed.load(Ordering::Acquire))
+            .finish()
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn open_failed(dir: &Path, what: impl std::fmt::Display) -> LogError {
+    LogError::Failed(format!(
+        "cannot open decision log in {}: {what}",
+        dir.display()
+    ))
+}
+
+/// Takes the exclusive lock on `<dir>/LOCK` and writes our pid into it.
+fn take_lock(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| open_failed(dir, format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (holder pid {holder})")
+            };
+            return Err(LogError::Locked {
+                dir: dir.display().to_string(),
+                detail: format!(
+                    "{} is exclusively locked{who}; is another coordinator (or another \
+                     open of this log in this process) using this data directory?",
+                    path.display()
+                ),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(open_failed(
+                dir,
+                format!("cannot lock {}: {e}", path.display()),
+            ));
+        }
+    }
+    // Best effort: the pid only helps the message a second opener prints.
+    let _ = file
+        .set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| writeln!(file, "{}", std::process::id()));
+    Ok(file)
+}
+
+/// Opens sled, retrying briefly while its own file lock is still held by the background
+/// threads of a just-dropped `SledLog` of this process (our `LOCK` excludes everyone else).
+fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+impl SledLog {
+    /// Opens (creating if needed) the log in `dir`: locks `<dir>/LOCK`, opens sled in
+    /// `<dir>/sled`, creates the node id on first open, increments the epoch and makes all
+    /// of it durable before returning.
+    ///
+    /// Fails with [`LogError::Locked`] at once if the directory is locked (by another
+    /// process or another open `SledLog` of this process), and with [`LogError::Failed`]
+    /// for any I/O, sled or sync error.
+    pub fn open(dir: &Path, opts: SledLogOptions) -> Result<SledLog, LogError> {
+        let existed = dir.exists();
+        fs::create_dir_all(dir).map_err(|e| open_failed(dir, format!("cannot create it: {e}")))?;
+        let lock_file = take_lock(dir)?;
+
+        let sled_dir = dir.join(SLED_DIR);
+        let config = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .flush_every_ms(if opts.flush_every_ms == 0 {
+                None
+            } else {
+                Some(opts.flush_every_ms)
+            });
+        let db = open_sled(&config).map_err(|e| open_failed(dir, format!("sled: {e}")))?;
+        let sled_err = |e: sled::Error| open_failed(dir, format!("sled: {e}"));
+        let commits = db.open_tree(COMMITS_TREE).map_err(sled_err)?;
+        let preparing = db.open_tree(PREPARING_TREE).map_err(sled_err)?;
+
+        let meta = match db.get(META_KEY).map_err(sled_err)? {
+            Some(bytes) => {
+                let meta = MetaPb::decode(&*bytes)
+                    .map_err(|e| open_failed(dir, format!("corrupt meta record: {e}")))?;
+                check_format("meta record", meta.format).map_err(|m| open_failed(dir, m))?;
+                meta
+            }
+            None => MetaPb {
+                format: FORMAT_VERSION,
+                node_id: rand::random::<u32>(),
+                epoch: 0,
+            },
+        };
+        let epoch = meta
+            .epoch
+            .checked_add(1)
+            .ok_or_else(|| open_failed(dir, "epoch overflow"))?;
+        let meta = MetaPb {
+            format: FORMAT_VERSION,
+            node_id: meta.node_id,
+            epoch,
+        };
+        db.insert(META_KEY, meta.encode_to_vec())
+            .map_err(sled_err)?;
+        let last_lsn = match commits.get(LAST_LSN_KEY).map_err(sled_err)? {
+            Some(bytes) => decode_last_lsn(&bytes).map_err(|m| open_failed(dir, m))?,
+            None => 0,
+        };
+        db.flush().map_err(sled_err)?;
+
+        // Everything readable now (records of earlier runs, written but perhaps never
+        // synced before a crash, and the new epoch) becomes durable here.
+        let mut syncer =
+            Syncer::new(sled_dir, opts.fail_syncs.clone()).map_err(|e| open_failed(dir, e))?;
+        syncer
+            .sync_all_at_open()
+            .map_err(|e| open_failed(dir, format!("sync failed: {e}")))?;
+        lock_file
+            .sync_all()
+            .and_then(|_| sync_dir(dir))
+            .and_then(|_| match dir.parent() {
+                Some(parent) if !existed && !parent.as_os_str().is_empty() => sync_dir(parent),
+                _ => Ok(()),
+            })
+            .map_err(|e| open_failed(dir, format!("sync failed: {e}")))?;
+
+        let shared = Arc::new(Shared {
+            durable_lsn: AtomicU64::new(last_lsn),
+            stats: Mutex::new(LogStats::default()),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            blob_syncs: syncer.blob_syncs.clone(),
+        });
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            commits: commits.clone(),
+            syncer,
+            shared: shared.clone(),
+            last_lsn,
+        };
+        let handle = std::thread::Builder::new()
+            .name("twopc-decision-log".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| open_failed(dir, format!("cannot start the writer thread: {e}")))?;
+
+        tracing::info!(
+            dir = %dir.display(),
+            node = format_args!("{:08x}", meta.node_id),
+            epoch,
+            durable_lsn = last_lsn,
+            "decision log opened"
+        );
+        Ok(SledLog {
+            dir: dir.to_path_buf(),
+            node_id: meta.node_id,
+            epoch,
+            shared,
+            sender: Some(sender),
+            writer: Some(handle),
+            db,
+            commits,
+            preparing,
+            _lock: lock_file,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_write(&self, epoch: u64) -> Result<(), LogError> {
+        if let Some(msg) = self.shared.failure() {
+            return Err(LogError::Failed(msg));
+        }
+        if epoch != self.epoch {
+            return Err(LogError::Fenced {
+                caller: epoch,
+                current: self.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_read(&self) -> Result<(), LogError> {
+        match self.shared.failure() {
+            Some(msg) => Err(LogError::Failed(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Decodes a `commits` value, or poisons the log if it is corrupt.
+    fn decode_or_poison(&self, bytes: &[u8]) -> Result<StoredCommit, LogError> {
+        decode_commit(bytes).map_err(|m| self.shared.poison(m))
+    }
+
+    fn sled_error(&self, what: &str, e: sled::Error) -> LogError {
+        self.shared.poison(format!("{what}: {e}"))
+    }
+
+    /// Blob files synced by the writer so far (tests).
+    #[cfg(test)]
+    fn blob_syncs(&self) -> u64 {
+        self.shared.blob_syncs.load(Ordering::Acquire)
+    }
+}
+
+impl DecisionLog for SledLog {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
+    async fn force_commit(&self, epoch: u64, record: CommitRecord) -> Result<Lsn, LogError> {
+        self.check_write(epoch)?;
+        let (reply, answer) = oneshot::channel();
+        let sender = self
+            .sender
+            .as_ref()
+            .ok_or_else(|| LogError::Failed("decision log is closing".into()))?;
+        if sender.send(Request { record, reply }).is_err() {
+            return Err(self
+                .shared
+                .poison("the decision log writer thread has stopped".into()));
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self
+                .shared
+                .poison("the decision log writer thread stopped without answering".into())),
+        }
+    }
+
+    fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError> {
+        self.check_write(epoch)?;
+        match record {
+            LazyRecord::Preparing { tx, branches } => {
+                let value = PreparingPb {
+                    format: FORMAT_VERSION,
+                    tx_node: tx.node,
+                    tx_epoch: tx.epoch,
+                    tx_seq: tx.seq,
+                    branches: branches_to_pb(&branches),
+                }
+                .encode_to_vec();
+                self.preparing
+                    .insert(tx_key(&tx), value)
+                    .map_err(|e| self.sled_error("sled write of a preparing record", e))?;
+            }
+            LazyRecord::Aborted { tx } => {
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
+            }
+            LazyRecord::Done { tx } => {
+                let mut corrupt: Option<String> = None;
+                self.commits
+                    .fetch_and_update(tx_key(&tx), |old| {
+                        let old = old?;
+                        match decode_commit(old) {
+                            Ok(stored) if stored.done => Some(old.to_vec()),
+                            Ok(stored) => Some(encode_commit(
+                                &stored.record,
+                                stored.lsn,
+                                true,
+                                stored.one_phase,
+                            )),
+                            Err(m) => {
+                                corrupt = Some(m);
+                                Some(old.to_vec())
+                            }
+                        }
+                    })
+                    .map_err(|e| self.sled_error("sled update of a commit record", e))?;
+                if let Some(m) = corrupt {
+                    return Err(self.shared.poison(format!("commit {tx}: {m}")));
+                }
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
+            }
+            LazyRecord::OnePhaseCommitted { tx, branches } => {
+                let record = CommitRecord {
+                    tx,
+                    branches,
+                    decided_at_ms: now_ms(),
+                };
+                let value = encode_commit(&record, 0, true, true);
+                // Insert only if absent: never overwrite an existing decision.
+                let _ = self
+                    .commits
+                    .compare_and_swap(tx_key(&tx), None as Option<&[u8]>, Some(value))
+                    .map_err(|e| self.sled_error("sled write of a one-phase record", e))?;
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError> {
+        self.check_read()?;
+        let Some(bytes) = self
+            .commits
+            .get(tx_key(tx))
+            .map_err(|e| self.sled_error("sled read of a commit record", e))?
+        else {
+            return Ok(None);
+        };
+        let stored = self.decode_or_poison(&bytes)?;
+        // A record the writer has written but not yet synced is not a decision yet.
+        // (One-phase records have LSN 0: they need no sync, the branch committed itself.)
+        if stored.lsn > self.durable_lsn() {
+            return Ok(None);
+        }
+        Ok(Some(StoredDecision {
+            record: stored.record,
+            done: stored.done,
+        }))
+    }
+
+    fn recover(&self) -> Result<Recovered, LogError> {
+        self.check_read()?;
+        let durable = self.durable_lsn();
+        let mut open_commits: Vec<(Lsn, CommitRecord)> = Vec::new();
+        for item in self.commits.iter() {
+            let (key, value) = item.map_err(|e| self.sled_error("sled scan of commits", e))?;
+            if key.len() != TX_KEY_LEN {
+                continue;
+            }
+            let stored = self.decode_or_poison(&value)?;
+            if !stored.done && stored.lsn <= durable {
+                open_commits.push((stored.lsn, stored.record));
+            }
+        }
+        open_commits.sort_by_key(|(lsn, _)| *lsn);
+
+        let mut undecided = Vec::new();
+        for item in self.preparing.iter() {
+            let (key, value) = item.map_err(|e| self.sled_error("sled scan of preparing", e))?;
+            let decided = match self
+                .commits
+                .get(&key)
+                .map_err(|e| self.sled_error("sled read of a commit record", e))?
+            {
+                Some(bytes) => self.decode_or_poison(&bytes)?.lsn <= durable,
+                None => false,
+            };
+            if !decided {
+                let (tx, branches) = decode_preparing(&value).map_err(|m| self.shared.poison(m))?;
+                undecided.push((tx, branches));
+            }
+        }
+        Ok(Recovered {
+            commits: open_commits.into_iter().map(|(_, r)| r).collect(),
+            undecided,
+        })
+    }
+
+    fn durable_lsn(&self) -> Lsn {
+        self.shared.durable_lsn.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> LogStats {
+        *lock(&self.shared.stats)
+    }
+
+    fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SledLog {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop once it has answered everything.
+        drop(self.sender.take());
+        let syncer = match self.writer.take().map(JoinHandle::join) {
+            Some(Ok(syncer)) => Some(syncer),
+            Some(Err(_)) => {
+                self.shared
+                    .poison("the decision log writer thread panicked".into());
+                None
+            }
+            None => None,
+        };
+        // Make lazy records durable too on a clean shutdown (best effort).
+        if let (Some(mut syncer), false) = (syncer, self.is_failed()) {
+            let result = self
+                .db
+                .flush()
+                .map_err(|e| e.to_string())
+                .and_then(|_| syncer.sync().map_err(|e| e.to_string()));
+            if let Err(e) = result {
+                tracing::warn!(
+                    error = %e,
+                    dir = %self.dir.display(),
+                    "final flush of the decision log failed"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::conformance::{self, branches, commit, tx_of, Subject, SuiteOptions};
+
+    fn names(dir: &Path) -> Vec<String> {
+        sorted_listing(dir)
+            .expect("list")
+            .into_iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn open(dir: &Path) -> SledLog {
+        SledLog::open(dir, SledLogOptions::default()).expect("open")
+    }
+
+    #[tokio::test]
+    async fn sled_log_passes_the_conformance_suite() {
+        conformance::run_all(
+            || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let flag = Arc::new(AtomicBool::new(false));
+                let opts = SledLogOptions {
+                    fail_syncs: Some(flag.clone()),
+                    ..Default::default()
+                };
+                let log = SledLog::open(&dir.path().join("data"), opts).expect("open");
+                Subject::new(log, move |_: &SledLog| flag.store(true, Ordering::SeqCst))
+                    .keep_alive(dir)
+            },
+            SuiteOptions::default(),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_decisions_and_done_flags_and_bumps_the_epoch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let (node, e1) = (log.node_id(), log.epoch());
+        assert_eq!(e1, 1);
+        let finished = commit(tx_of(&log, 1), branches(2, "a"), 11);
+        let open_one = commit(tx_of(&log, 2), branches(3, "b"), 12);
+        log.force_commit(e1, finished.clone()).await.expect("force");
+        let lsn = log.force_commit(e1, open_one.clone()).await.expect("force");
+        log.record_lazy(e1, LazyRecord::Done { tx: finished.tx })
+            .expect("done");
+        let undecided = tx_of(&log, 3);
+        log.record_lazy(
+            e1,
+            LazyRecord::Preparing {
+                tx: undecided,
+                branches: branches(1, "c"),
+            },
+        )
+        .expect("preparing");
+        let one_phase = tx_of(&log, 4);
+        log.record_lazy(
+            e1,
+            LazyRecord::OnePhaseCommitted {
+                tx: one_phase,
+                branches: branches(1, "d"),
+            },
+        )
+        .expect("one phase");
+        drop(log);
+
+        let log = open(&dir);
+        assert_eq!(log.node_id(), node, "node id is fixed at creation");
+        assert_eq!(log.epoch(), e1 + 1, "every open increments the epoch");
+        assert_eq!(log.durable_lsn(), lsn, "durable LSN survives");
+        assert_eq!(
+            log.decision(&finished.tx).expect("read"),
+            Some(StoredDecision {
+                record: finished.clone(),
+                done: true
+            })
+        );
+        assert_eq!(
+            log.decision(&open_one.tx).expect("read"),
+            Some(StoredDecision {
+                record: open_one.clone(),
+                done: false
+            })
+        );
+        assert_eq!(
+            log.decision(&one_phase).expect("read").map(|d| d.done),
+            Some(true)
+        );
+        assert_eq!(
+            log.recover().expect("recover"),
+            Recovered {
+                commits: vec![open_one.clone()],
+                undecided: vec![(undecided, branches(1, "c"))]
+            }
+        );
+        // Write-once across restarts; LSNs keep growing.
+        assert!(matches!(
+            log.force_commit(log.epoch(), commit(open_one.tx, vec![], 0))
+                .await,
+            Err(LogError::Conflict { .. })
+        ));
+        assert_eq!(
+            log.force_commit(log.epoch(), open_one.clone())
+                .await
+                .expect("idempotent"),
+            lsn
+        );
+        let next = log
+            .force_commit(log.epoch(), commit(tx_of(&log, 1), branches(1, "n"), 0))
+            .await
+            .expect("force");
+        assert_eq!(next, lsn + 1);
+        // The old epoch is fenced.
+        assert!(matches!(
+            log.force_commit(e1, commit(tx_of(&log, 2), vec![], 0))
+                .await,
+            Err(LogError::Fenced {
+                caller: 1,
+                current: 2
+            })
+        ));
+        drop(log);
+
+        let log = open(&dir);
+        assert_eq!((log.node_id(), log.epoch()), (node, 3));
+        assert_eq!(log.durable_lsn(), lsn + 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_a_locked_directory_fails_at_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let started = std::time::Instant::now();
+        let err = SledLog::open(&dir, SledLogOptions::default()).expect_err("must be locked");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "fails at once"
+        );
+        match &err {
+            LogError::Locked { dir: d, detail } => {
+                assert_eq!(d, &dir.display().to_string());
+                assert!(detail.contains("LOCK"), "{detail}");
+                assert!(
+                    detail.contains(&std::process::id().to_string()),
+                    "names the holder: {detail}"
+                );
+            }
+            other => panic!("want Locked, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&dir.display().to_string()) && msg.contains("locked"),
+            "{msg}"
+        );
+        let epoch = log.epoch();
+        drop(log);
+        let log = open(&dir);
+        assert_eq!(
+            log.epoch(),
+            epoch + 1,
+            "the failed open did not take an epoch"
+        );
+    }
+
+    /// What sled 0.34 creates, so we know which files the sync must cover: `conf`, `db`
+    /// and `blobs/` (empty for normal records), plus `snap.*` once sled snapshots.
+    #[tokio::test]
+    async fn sled_files_are_the_ones_we_sync() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        assert_eq!(names(&dir), vec!["LOCK", "sled"]);
+        for seq in 1..=50 {
+            log.force_commit(log.epoch(), commit(tx_of(&log, seq), branches(4, "f"), seq))
+                .await
+                .expect("force");
+        }
+        let sled_files = names(&dir.join(SLED_DIR));
+        let unexpected: Vec<&String> = sled_files
+            .iter()
+            .filter(|n| !matches!(n.as_str(), "conf" | "db" | "blobs") && !n.starts_with("snap."))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "sled created files we do not sync: {sled_files:?}"
+        );
+        for must in ["conf", "db", "blobs"] {
+            assert!(
+                sled_files.iter().any(|n| n == must),
+                "{must} missing: {sled_files:?}"
+            );
+        }
+        assert!(
+            names(&dir.join(SLED_DIR).join("blobs")).is_empty(),
+            "normal records use no blobs"
+        );
+        assert_eq!(log.blob_syncs(), 0);
+        drop(log);
+        // After a clean close sled may have written a snapshot; still nothing else.
+        let sled_files = names(&dir.join(SLED_DIR));
+        assert!(
+            sled_files
+                .iter()
+                .all(|n| matches!(n.as_str(), "conf" | "db" | "blobs") || n.starts_with("snap.")),
+            "{sled_files:?}"
+        );
+    }
+
+    /// A record too large to inline goes to a sled blob file, which the writer syncs too.
+    #[tokio::test]
+    async fn large_records_in_blobs_are_synced_and_read_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let mut big = branches(600, "big");
+        for b in &mut big {
+            b.endpoint = format!("http://{}.example:7001", "h".repeat(200));
+        }
+        let rec = commit(tx_of(&log, 1), big, 1);
+        log.force_commit(log.epoch(), rec.clone())
+            .await
+            .expect("force");
+        assert!(
+            !names(&dir.join(SLED_DIR).join("blobs")).is_empty(),
+            "expected a blob"
+        );
+        assert!(log.blob_syncs() >= 1, "the blob must be synced");
+        drop(log);
+        let log = open(&dir);
+        assert_eq!(
+            log.decision(&rec.tx).expect("read").map(|d| d.record),
+            Some(rec)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_sync_at_open_fails_the_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let flag = Arc::new(AtomicBool::new(true));
+        let opts = SledLogOptions {
+            fail_syncs: Some(flag.clone()),
+            ..Default::default()
+        };
+        let err = SledLog::open(&dir, opts).expect_err("open must fail");
+        assert!(
+            matches!(&err, LogError::Failed(m) if m.contains("sync")),
+            "{err:?}"
+        );
+        // The lock was released and nothing was reported durable.
+        flag.store(false, Ordering::SeqCst);
+        let log = open(&dir);
+        assert_eq!(log.durable_lsn(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_sync_is_not_durable_after_reopen_either() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let flag = Arc::new(AtomicBool::new(false));
+        let opts = SledLogOptions {
+            fail_syncs: Some(flag.clone()),
+            ..Default::default()
+        };
+        let log = SledLog::open(&dir, opts).expect("open");
+        let ok = commit(tx_of(&log, 1), branches(1, "a"), 1);
+        let lsn = log
+            .force_commit(log.epoch(), ok.clone())
+            .await
+            .expect("force");
+        flag.store(true, Ordering::SeqCst);
+        let err = log
+            .force_commit(log.epoch(), commit(tx_of(&log, 2), branches(1, "b"), 2))
+            .await
+            .expect_err("sync fails");
+        assert!(
+            matches!(&err, LogError::Failed(m) if m.contains("injected")),
+            "{err:?}"
+        );
+        assert!(log.is_failed());
+        assert_eq!(log.durable_lsn(), lsn);
+        assert!(matches!(log.recover(), Err(LogError::Failed(_))));
+        drop(log);
+        // A restart: the earlier decision is there.
+        flag.store(false, Ordering::SeqCst);
+        let log = open(&dir);
+        assert!(!log.is_failed());
+        assert_eq!(
+            log.decision(&ok.tx).expect("read").map(|d| d.record),
+            Some(ok)
+        );
+    }
+
+    #[test]
+    fn keys_sort_in_transaction_order() {
+        let a = TxId {
+            node: 1,
+            epoch: 2,
+            seq: 300,
+        };
+        let b = TxId {
+            node: 1,
+            epoch: 3,
+            seq: 1,
+        };
+        let c = TxId {
+            node: 2,
+            epoch: 0,
+            seq: 0,
+        };
+        assert!(tx_key(&a) < tx_key(&b) && tx_key(&b) < tx_key(&c));
+        assert_ne!(tx_key(&a).len(), LAST_LSN_KEY.len());
+    }
+
+    #[test]
+    fn values_round_trip_and_newer_formats_are_refused() {
+        let rec = commit(
+            TxId {
+                node: 7,
+                epoch: 8,
+                seq: 9,
+            },
+            branches(3, "rt"),
+            123,
+        );
+        let stored = decode_commit(&encode_commit(&rec, 5, true, false)).expect("decode");
+        assert_eq!(
+            (stored.record, stored.lsn, stored.done, stored.one_phase),
+            (rec, 5, true, false)
+        );
+        let newer = CommitPb {
+            format: FORMAT_VERSION + 1,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(decode_commit(&newer).is_err());
+        assert!(decode_commit(b"\xff\xff\xff").is_err());
+    }
+}

@@ -1,0 +1,525 @@
+//! The runtime: carries out the engine's commands with real I/O.
+//!
+//! One [`Runtime`] owns the [`Engine`] (behind a mutex that is never held across an
+//! `await`), the [`DecisionLog`] and the [`Transport`]. Every input becomes an
+//! [`Event`]; its dispatcher feeds it to the engine and executes the commands it
+//! returns:
+//!
+//! * lazy log records are written *while the engine lock is held*, so no reader can see
+//!   the engine forget a transaction before the log holds what answers for it;
+//! * forced decisions go to the log's group-commit writer, and their durability comes back
+//!   as [`Event::LogDurable`];
+//! * sends are checked against their [`Command::Send::requires_durable`] condition (a
+//!   commit before its decision is durable stops the process) and run as tasks;
+//! * timers live in one task with a delay queue (cheap for millions of pending timeouts);
+//!   retry timers get jitter here, keeping the engine deterministic;
+//! * replies complete the oneshot of the waiting RPC.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_stream::StreamExt;
+use tokio_util::time::DelayQueue;
+use tracing::{debug, error, info, warn};
+
+use crate::engine::{
+    Command, Engine, EngineConfig, Event, Message, Outcome, Provenance, ReplyOk, Timer, TxEntry,
+    TxError,
+};
+use crate::log::{DecisionLog, LogError};
+use crate::transport::Transport;
+use crate::types::{BranchSpec, TxId};
+
+/// Called once when the coordinator halts, with the reason.
+type HaltHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Settings of the runtime beyond the engine's.
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// Protocol knobs.
+    pub engine: EngineConfig,
+    /// Default wait for phase two in Commit.
+    pub commit_wait: Duration,
+}
+
+/// What a Commit RPC learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitResult {
+    /// Branches whose commit is not acknowledged yet.
+    pub pending: Vec<String>,
+}
+
+/// A snapshot of one transaction for GetTransaction / ListTransactions.
+#[derive(Clone, Debug)]
+pub struct TxView {
+    /// The transaction.
+    pub tx: TxId,
+    /// In memory: the engine's entry. `None` when answered from the log.
+    pub live: Option<TxEntry>,
+    /// Final outcome, when decided.
+    pub outcome: Option<Outcome>,
+    /// Age in ms (live transactions only).
+    pub age_ms: u64,
+}
+
+/// The outcome of a transaction the engine no longer holds.
+struct Resolved {
+    outcome: Outcome,
+}
+
+/// The coordinator runtime. Cheap to clone (an `Arc`).
+pub struct Runtime<L: DecisionLog, T: Transport> {
+    inner: Arc<Inner<L, T>>,
+}
+
+impl<L: DecisionLog, T: Transport> Clone for Runtime<L, T> {
+    fn clone(&self) -> Self {
+        Runtime {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<L, T> {
+    /// The protocol state machine.
+    engine: Mutex<Engine>,
+    /// Where decisions become durable.
+    log: Arc<L>,
+    /// How messages reach participants.
+    transport: T,
+    /// Replies the engine will send, by request id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<ReplyOk, TxError>>>>,
+    /// Source of request ids.
+    next_req: AtomicU64,
+    /// Commit RPCs waiting for phase two to finish, by transaction.
+    finished: Mutex<HashMap<TxId, Arc<Notify>>>,
+    /// Timer requests for the timer task.
+    timers: mpsc::UnboundedSender<(TxId, Timer, Duration)>,
+    /// The runtime's clock origin (engine time is ms since this).
+    started: Instant,
+    /// Set when the engine halted (the log failed).
+    halted: AtomicBool,
+    /// Called with `false` when the coordinator stops serving (health reporting).
+    on_halt: Mutex<Option<HaltHook>>,
+    /// Options.
+    opts: RuntimeOptions,
+}
+
+impl<L: DecisionLog, T: Transport> Runtime<L, T> {
+    /// A runtime over `log` and `transport`. Must be called inside a tokio runtime (it
+    /// spawns the timer task). Call [`Runtime::recover`] before serving.
+    pub fn new(opts: RuntimeOptions, log: Arc<L>, transport: T) -> Self {
+        let engine = Engine::new(opts.engine.clone(), log.node_id(), log.epoch());
+        let (timers, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            engine: Mutex::new(engine),
+            log,
+            transport,
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            finished: Mutex::new(HashMap::new()),
+            timers,
+            started: Instant::now(),
+            halted: AtomicBool::new(false),
+            on_halt: Mutex::new(None),
+            opts,
+        });
+        tokio::spawn(timer_task(Arc::downgrade(&inner), rx));
+        Runtime { inner }
+    }
+
+    /// Registers what to do when the coordinator halts (e.g. report NOT_SERVING).
+    pub fn on_halt(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        *lock(&self.inner.on_halt) = Some(Box::new(f));
+    }
+
+    /// The decision log.
+    pub fn log(&self) -> &Arc<L> {
+        &self.inner.log
+    }
+
+    /// Whether the coordinator stopped taking work.
+    pub fn is_halted(&self) -> bool {
+        self.inner.halted.load(Ordering::SeqCst)
+    }
+
+    /// Reads the log and schedules every unfinished transaction. Returns how many
+    /// (commits to re-drive, undecided to abort).
+    pub fn recover(&self) -> Result<(usize, usize), LogError> {
+        let rec = self.inner.log.recover()?;
+        let counts = (rec.commits.len(), rec.undecided.len());
+        info!(
+            commits = counts.0,
+            undecided = counts.1,
+            "recovery: re-driving unfinished transactions"
+        );
+        self.inner.dispatch(Event::Recovered(rec));
+        Ok(counts)
+    }
+
+    /// Begin RPC.
+    pub async fn begin(&self, timeout_ms: u64, branches: Vec<BranchSpec>) -> Result<TxId, TxError> {
+        match self
+            .request(|req| Event::Begin {
+                req,
+                timeout_ms,
+                branches,
+            })
+            .await?
+        {
+            ReplyOk::Begun(tx) => Ok(tx),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Enlist RPC.
+    pub async fn enlist(&self, tx: TxId, branch: BranchSpec) -> Result<(), TxError> {
+        self.request(|req| Event::Enlist { req, tx, branch })
+            .await
+            .map(|_| ())
+    }
+
+    /// Commit RPC: runs the protocol, then waits up to `wait` (None: the default; zero:
+    /// not at all) for phase two.
+    pub async fn commit(&self, tx: TxId, wait: Option<Duration>) -> Result<CommitResult, TxError> {
+        match self.request(|req| Event::Commit { req, tx }).await? {
+            ReplyOk::Committed => {}
+            ReplyOk::NotLive => {
+                return match self.resolve(&tx)?.outcome {
+                    Outcome::Committed => Ok(CommitResult { pending: Vec::new() }),
+                    Outcome::Aborted => Err(TxError::Aborted(format!(
+                        "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
+                    ))),
+                };
+            }
+            other => return Err(unexpected(other)),
+        }
+        let wait = wait.unwrap_or(self.inner.opts.commit_wait);
+        if !wait.is_zero() {
+            self.wait_finished(tx, wait).await;
+        }
+        let pending = match lock(&self.inner.engine).tx(&tx) {
+            Some(e) => e
+                .pending_branches()
+                .iter()
+                .map(|b| b.spec.branch_id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(CommitResult { pending })
+    }
+
+    /// Abort RPC.
+    pub async fn abort(&self, tx: TxId, reason: String) -> Result<(), TxError> {
+        match self.request(|req| Event::Abort { req, tx, reason }).await? {
+            ReplyOk::Aborted => Ok(()),
+            ReplyOk::NotLive => match self.resolve(&tx)?.outcome {
+                Outcome::Aborted => Ok(()),
+                Outcome::Committed => Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} cannot be aborted: its outcome is COMMITTED"
+                ))),
+            },
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// GetTransaction RPC.
+    pub fn get(&self, tx: TxId) -> Result<TxView, TxError> {
+        {
+            let engine = lock(&self.inner.engine);
+            if let Some(e) = engine.tx(&tx) {
+                return Ok(self.view(tx, e));
+            }
+        }
+        let resolved = self.resolve(&tx)?;
+        Ok(TxView {
+            tx,
+            live: None,
+            outcome: Some(resolved.outcome),
+            age_ms: 0,
+        })
+    }
+
+    /// ListTransactions RPC: live transactions, oldest first.
+    pub fn list(&self, filter: impl Fn(&TxView) -> bool, limit: usize) -> Vec<TxView> {
+        let engine = lock(&self.inner.engine);
+        let mut views: Vec<TxView> = engine
+            .txs()
+            .map(|(tx, e)| self.view(*tx, e))
+            .filter(|v| filter(v))
+            .collect();
+        views.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.tx.cmp(&b.tx)));
+        views.truncate(limit);
+        views
+    }
+
+    fn view(&self, tx: TxId, e: &TxEntry) -> TxView {
+        let now = self.inner.now_ms();
+        TxView {
+            tx,
+            live: Some(e.clone()),
+            outcome: e.outcome(),
+            age_ms: now.saturating_sub(e.began_at_ms),
+        }
+    }
+
+    /// The outcome of a transaction the engine no longer holds: the log's COMMIT record,
+    /// else presumed abort. Unknown ids are NOT_FOUND.
+    fn resolve(&self, tx: &TxId) -> Result<Resolved, TxError> {
+        let provenance = lock(&self.inner.engine).provenance(tx);
+        match provenance {
+            Provenance::Unknown => {
+                return Err(TxError::NotFound(format!(
+                    "transaction {tx} was never issued by this coordinator"
+                )))
+            }
+            Provenance::Live | Provenance::FinishedThisEpoch | Provenance::EarlierEpoch => {}
+        }
+        match self.inner.log.decision(tx) {
+            Ok(Some(_)) => Ok(Resolved {
+                outcome: Outcome::Committed,
+            }),
+            Ok(None) => Ok(Resolved {
+                outcome: Outcome::Aborted,
+            }),
+            Err(e) => Err(TxError::Unavailable(format!(
+                "cannot read the decision log: {e}"
+            ))),
+        }
+    }
+
+    async fn request(&self, make: impl FnOnce(u64) -> Event) -> Result<ReplyOk, TxError> {
+        let req = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(req, tx);
+        self.inner.dispatch(make(req));
+        match rx.await {
+            Ok(reply) => reply,
+            Err(_) => Err(TxError::Unavailable("coordinator is shutting down".into())),
+        }
+    }
+
+    async fn wait_finished(&self, tx: TxId, wait: Duration) {
+        let notify = lock(&self.inner.finished).entry(tx).or_default().clone();
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let done = |rt: &Self| {
+            lock(&rt.inner.engine)
+                .tx(&tx)
+                .is_none_or(|e| e.state != crate::engine::TxState::Committing)
+        };
+        if !done(self) {
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+        if done(self) {
+            lock(&self.inner.finished).remove(&tx);
+        }
+    }
+}
+
+impl<L: DecisionLog, T: Transport> Inner<L, T> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Feeds one event to the engine and carries out its commands.
+    fn dispatch(self: &Arc<Self>, event: Event) {
+        let mut deferred = Vec::new();
+        {
+            let mut engine = lock(&self.engine);
+            let cmds = engine.handle(self.now_ms(), event);
+            let epoch = engine.epoch();
+            for cmd in cmds {
+                match cmd {
+                    Command::LogLazy(record) => {
+                        if let Err(e) = self.log.record_lazy(epoch, record.clone()) {
+                            error!(error = %e, "lazy log write failed");
+                            let tx = lazy_tx(&record);
+                            deferred.push(Deferred::Event(Event::LogFailed {
+                                tx,
+                                error: e.to_string(),
+                            }));
+                        }
+                    }
+                    other => deferred.push(Deferred::Cmd(other)),
+                }
+            }
+        }
+        for item in deferred.into_iter() {
+            match item {
+                Deferred::Cmd(cmd) => self.execute(cmd),
+                Deferred::Event(ev) => self.dispatch(ev),
+            }
+        }
+    }
+
+    fn execute(self: &Arc<Self>, cmd: Command) {
+        match cmd {
+            Command::LogLazy(_) => unreachable!("lazy writes happen under the engine lock"),
+            Command::ForceCommit(mut record) => {
+                record.decided_at_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let me = self.clone();
+                let epoch = self.log.epoch();
+                tokio::spawn(async move {
+                    let tx = record.tx;
+                    fail::fail_point!("coordinator::before_log_decision", crash_point);
+                    let ev = match me.log.force_commit(epoch, record).await {
+                        Ok(lsn) => {
+                            fail::fail_point!("coordinator::after_decision_durable", |arg| {
+                                crash_point(arg)
+                            });
+                            Event::LogDurable { tx, lsn }
+                        }
+                        Err(e) => {
+                            error!(%tx, error = %e, "could not make the COMMIT decision durable");
+                            Event::LogFailed {
+                                tx,
+                                error: e.to_string(),
+                            }
+                        }
+                    };
+                    me.dispatch(ev);
+                });
+            }
+            Command::Send {
+                tx,
+                branch,
+                endpoint,
+                branch_id,
+                message,
+                requires_durable,
+            } => {
+                if let Some(lsn) = requires_durable {
+                    let durable = self.log.durable_lsn();
+                    if durable < lsn {
+                        // Ordering is data: this would send a commit the log cannot back.
+                        error!(%tx, lsn, durable, "BUG: commit about to be sent before its decision is durable");
+                        std::process::abort();
+                    }
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    debug!(%tx, branch_id, ?message, "send");
+                    let ev = match message {
+                        Message::Prepare => {
+                            let vote = me.transport.prepare(&endpoint, tx, &branch_id).await;
+                            Event::Voted { tx, branch, vote }
+                        }
+                        Message::Commit { one_phase } => {
+                            let ack = me
+                                .transport
+                                .commit(&endpoint, tx, &branch_id, one_phase)
+                                .await;
+                            if let Err(e) = &ack {
+                                warn!(%tx, branch_id, error = %e, "commit not acknowledged; will retry");
+                            }
+                            Event::CommitAcked { tx, branch, ack }
+                        }
+                        Message::Abort => {
+                            let ack = me.transport.abort(&endpoint, tx, &branch_id).await;
+                            Event::AbortAcked { tx, branch, ack }
+                        }
+                    };
+                    me.dispatch(ev);
+                });
+            }
+            Command::Reply { req, reply } => {
+                if let Some(sender) = lock(&self.pending).remove(&req) {
+                    let _ = sender.send(reply);
+                }
+            }
+            Command::ArmTimer {
+                tx,
+                timer,
+                after_ms,
+            } => {
+                let after_ms = match timer {
+                    Timer::Retry { .. } if after_ms > 1 => {
+                        rand::rng().random_range(after_ms / 2..=after_ms)
+                    }
+                    _ => after_ms,
+                };
+                let _ = self
+                    .timers
+                    .send((tx, timer, Duration::from_millis(after_ms)));
+            }
+            Command::Finished { tx, outcome } => {
+                debug!(%tx, ?outcome, "finished");
+                if let Some(n) = lock(&self.finished).remove(&tx) {
+                    n.notify_waiters();
+                }
+            }
+            Command::Halt { reason } => {
+                error!(
+                    reason,
+                    "coordinator halted: no new transactions are accepted"
+                );
+                self.halted.store(true, Ordering::SeqCst);
+                if let Some(f) = lock(&self.on_halt).as_ref() {
+                    f(&reason);
+                }
+            }
+        }
+    }
+}
+
+/// Items to carry out after the engine lock is released.
+enum Deferred {
+    Cmd(Command),
+    Event(Event),
+}
+
+fn lazy_tx(record: &crate::log::LazyRecord) -> TxId {
+    use crate::log::LazyRecord::*;
+    match record {
+        Preparing { tx, .. } | Aborted { tx } | Done { tx } | OnePhaseCommitted { tx, .. } => *tx,
+    }
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+/// What a crash-point failpoint does: `abort` kills the process on the spot (like
+/// SIGKILL, no cleanup); anything else is ignored.
+fn crash_point(arg: Option<String>) {
+    if arg.as_deref() == Some("abort") {
+        eprintln!("failpoint hit: aborting the process");
+        std::process::abort();
+    }
+}
+
+async fn timer_task<L: DecisionLog, T: Transport>(
+    inner: std::sync::Weak<Inner<L, T>>,
+    mut rx: mpsc::UnboundedReceiver<(TxId, Timer, Duration)>,
+) {
+    let mut queue: DelayQueue<(TxId, Timer)> = DelayQueue::new();
+    loop {
+        tokio::select! {
+            req = rx.recv() => match req {
+                Some((tx, timer, after)) => { queue.insert((tx, timer), after); }
+                None => return,
+            },
+            Some(expired) = queue.next(), if !queue.is_empty() => {
+                let (tx, timer) = expired.into_inner();
+                let Some(inner) = inner.upgrade() else { return };
+                inner.dispatch(Event::Timer { tx, timer });
+            }
+        }
+    }
+}
+
+fn unexpected(reply: ReplyOk) -> TxError {
+    TxError::Unavailable(format!("internal error: unexpected engine reply {reply:?}"))
+}
+
+/// Locks a mutex, recovering from poisoning: every critical section here leaves the data
+/// consistent before any point that could panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

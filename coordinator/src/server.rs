@@ -1,0 +1,252 @@
+//! Configuration and start-up of the coordinator server.
+//!
+//! [`ServeConfig`] is the one configuration struct (clap flags with environment variables;
+//! defaults shared with `Default`; [`ServeConfig::validate`] names the bad field and the
+//! allowed range). [`run`] takes its listener and shutdown signal from outside, so tests
+//! bind `127.0.0.1:0` and stop the server by completing a future.
+//!
+//! Start-up order: lock and open the decision log (bumping the epoch), report
+//! NOT_SERVING, schedule recovery of every unfinished transaction, report SERVING, serve.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tracing::info;
+use twopc_proto::v1::coordinator_server::CoordinatorServer;
+
+use crate::engine::EngineConfig;
+use crate::log::{DecisionLog, LogError, SledLog, SledLogOptions};
+use crate::runtime::{Runtime, RuntimeOptions};
+use crate::service::CoordinatorService;
+use crate::transport::{GrpcTransport, GrpcTransportOptions};
+
+/// The gRPC service name health reports on (besides the overall "" entry).
+pub const SERVICE_NAME: &str = "twopc.v1.Coordinator";
+
+/// Everything `twopc serve` can be told.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// Directory of the decision log (created if missing; locked while running).
+    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "twopc-data")]
+    pub data_dir: PathBuf,
+    /// How long votes may take before the transaction aborts (ms).
+    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub prepare_timeout_ms: u64,
+    /// How long a transaction may stay active without Commit before it is aborted (ms).
+    #[arg(long, env = "TWOPC_TX_TIMEOUT_MS", default_value_t = 60_000)]
+    pub tx_timeout_ms: u64,
+    /// How long Commit waits for phase two before answering, by default (ms).
+    #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = 5_000)]
+    pub commit_wait_ms: u64,
+    /// Bound on one RPC to a participant (ms).
+    #[arg(long, env = "TWOPC_RPC_TIMEOUT_MS", default_value_t = 5_000)]
+    pub rpc_timeout_ms: u64,
+    /// Bound on connecting to a participant (ms).
+    #[arg(long, env = "TWOPC_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+    /// First phase-two retry delay (ms); doubles per attempt, with jitter.
+    #[arg(long, env = "TWOPC_RETRY_INITIAL_MS", default_value_t = 50)]
+    pub retry_initial_ms: u64,
+    /// Cap of the phase-two retry delay (ms). Retries never stop.
+    #[arg(long, env = "TWOPC_RETRY_MAX_MS", default_value_t = 5_000)]
+    pub retry_max_ms: u64,
+    /// Most branches one transaction may have.
+    #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = 64)]
+    pub max_branches: usize,
+    /// Commit single-branch transactions in one phase (no prepare, no log write).
+    #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub one_phase: bool,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            data_dir: PathBuf::from("twopc-data"),
+            prepare_timeout_ms: e.prepare_timeout_ms,
+            tx_timeout_ms: e.tx_timeout_ms,
+            commit_wait_ms: 5_000,
+            rpc_timeout_ms: 5_000,
+            connect_timeout_ms: 2_000,
+            retry_initial_ms: e.retry_initial_ms,
+            retry_max_ms: e.retry_max_ms,
+            max_branches: e.max_branches,
+            one_phase: e.one_phase,
+        }
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field} = {value}: {allowed}")]
+pub struct ConfigError {
+    /// The flag's name (as on the command line, without dashes).
+    pub field: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What is allowed.
+    pub allowed: String,
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError {
+            field,
+            value: value.to_string(),
+            allowed: format!("must be between {min} and {max}"),
+        });
+    }
+    Ok(())
+}
+
+impl ServeConfig {
+    /// Checks every field; the error names the first bad one and its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        range("prepare-timeout-ms", self.prepare_timeout_ms, 10, 3_600_000)?;
+        range("tx-timeout-ms", self.tx_timeout_ms, 10, DAY_MS)?;
+        range("commit-wait-ms", self.commit_wait_ms, 0, 600_000)?;
+        range("rpc-timeout-ms", self.rpc_timeout_ms, 10, 600_000)?;
+        range("connect-timeout-ms", self.connect_timeout_ms, 10, 600_000)?;
+        range("retry-initial-ms", self.retry_initial_ms, 1, 60_000)?;
+        range(
+            "retry-max-ms",
+            self.retry_max_ms,
+            self.retry_initial_ms,
+            3_600_000,
+        )?;
+        range("max-branches", self.max_branches as u64, 1, 1024)?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError {
+                field: "data-dir",
+                value: String::new(),
+                allowed: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The engine's part.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            prepare_timeout_ms: self.prepare_timeout_ms,
+            tx_timeout_ms: self.tx_timeout_ms,
+            max_tx_timeout_ms: 24 * 3600 * 1000,
+            max_branches: self.max_branches,
+            retry_initial_ms: self.retry_initial_ms,
+            retry_max_ms: self.retry_max_ms,
+            one_phase: self.one_phase,
+        }
+    }
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The decision log could not be opened or read.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be set up.
+    #[error("gRPC reflection set-up failed: {0}")]
+    Reflection(String),
+}
+
+/// Runs the coordinator on `listener` until `shutdown` completes.
+pub async fn run(
+    cfg: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    cfg.validate()?;
+    let log = Arc::new(SledLog::open(&cfg.data_dir, SledLogOptions::default())?);
+    info!(
+        data_dir = %cfg.data_dir.display(),
+        epoch = log.epoch(),
+        node = format_args!("{:08x}", log.node_id()),
+        "decision log open"
+    );
+    run_with_log(cfg, log, listener, shutdown).await
+}
+
+/// [`run`] over an already opened log (tests inject a log with fault switches).
+pub async fn run_with_log<L: DecisionLog>(
+    cfg: ServeConfig,
+    log: Arc<L>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    cfg.validate()?;
+    let transport = GrpcTransport::new(GrpcTransportOptions {
+        connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+        rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
+    });
+    let opts = RuntimeOptions {
+        engine: cfg.engine(),
+        commit_wait: Duration::from_millis(cfg.commit_wait_ms),
+    };
+    let rt = Runtime::new(opts, log, transport);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    {
+        let reporter = reporter.clone();
+        rt.on_halt(move |_| {
+            let reporter = reporter.clone();
+            tokio::spawn(async move {
+                reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                reporter
+                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+            });
+        });
+    }
+    let (commits, undecided) = rt.recover()?;
+    info!(commits, undecided, "recovery scheduled");
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(twopc_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let addr = listener.local_addr().ok();
+    info!(?addr, "serving");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(CoordinatorService::new(rt)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    info!("server stopped");
+    Ok(())
+}

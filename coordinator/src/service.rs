@@ -1,0 +1,301 @@
+//! The `twopc.v1.Coordinator` gRPC service.
+//!
+//! Handlers validate everything they receive before the engine sees it, convert between
+//! wire and engine types, and open a tracing span carrying the `tx_id`. [`status_of`] is
+//! the only place an error becomes a `tonic::Status`.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use tracing::{info_span, Instrument};
+use twopc_proto::v1 as pb;
+
+use crate::engine::{BranchState, Outcome, TxError, TxState};
+use crate::log::DecisionLog;
+use crate::runtime::{Runtime, TxView};
+use crate::transport::Transport;
+use crate::types::{BranchKind, BranchSpec, TxId};
+
+/// Longest accepted abort reason.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Longest phase-two wait a caller may ask for.
+pub const MAX_COMMIT_WAIT_MS: u64 = 10 * 60 * 1000;
+/// Most transactions one ListTransactions returns.
+pub const MAX_LIST_LIMIT: u32 = 10_000;
+
+/// The gRPC face of a [`Runtime`].
+pub struct CoordinatorService<L: DecisionLog, T: Transport> {
+    rt: Runtime<L, T>,
+}
+
+impl<L: DecisionLog, T: Transport> CoordinatorService<L, T> {
+    /// Serves `rt`.
+    pub fn new(rt: Runtime<L, T>) -> Self {
+        CoordinatorService { rt }
+    }
+}
+
+/// Maps an engine error to its gRPC status. The one place this happens.
+pub fn status_of(e: TxError) -> Status {
+    match e {
+        TxError::InvalidArgument(m) => Status::invalid_argument(m),
+        TxError::NotFound(m) => Status::not_found(m),
+        TxError::FailedPrecondition(m) => Status::failed_precondition(m),
+        TxError::AlreadyExists(m) => Status::already_exists(m),
+        TxError::Aborted(m) => Status::aborted(m),
+        TxError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+fn parse_tx(s: &str) -> Result<TxId, Status> {
+    s.parse::<TxId>()
+        .map_err(|e| Status::invalid_argument(format!("tx_id: {e}")))
+}
+
+fn branch_from_pb(b: pb::Branch) -> Result<BranchSpec, Status> {
+    // Field-level checks happen in the engine too; these give the field's wire name.
+    crate::types::validate_branch_id(&b.branch_id).map_err(Status::invalid_argument)?;
+    crate::types::validate_endpoint(&b.participant_endpoint).map_err(Status::invalid_argument)?;
+    if pb::BranchKind::try_from(b.kind).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "branch {:?}: kind {} is not a BranchKind",
+            b.branch_id, b.kind
+        )));
+    }
+    Ok(BranchSpec {
+        branch_id: b.branch_id,
+        endpoint: b.participant_endpoint,
+        commit_order: b.commit_order,
+        kind: BranchKind::from_code(b.kind),
+    })
+}
+
+/// Wire form of a branch.
+pub fn branch_to_pb(b: &BranchSpec) -> pb::Branch {
+    pb::Branch {
+        branch_id: b.branch_id.clone(),
+        participant_endpoint: b.endpoint.clone(),
+        commit_order: b.commit_order,
+        kind: b.kind.code(),
+    }
+}
+
+fn outcome_pb(o: Option<Outcome>) -> pb::Outcome {
+    match o {
+        Some(Outcome::Committed) => pb::Outcome::Committed,
+        Some(Outcome::Aborted) => pb::Outcome::Aborted,
+        None => pb::Outcome::Unspecified,
+    }
+}
+
+fn state_pb(s: TxState) -> pb::TxState {
+    match s {
+        TxState::Active => pb::TxState::Active,
+        TxState::Preparing => pb::TxState::Preparing,
+        TxState::Deciding | TxState::InDoubt => pb::TxState::Deciding,
+        TxState::Committing => pb::TxState::Committing,
+        TxState::Aborting => pb::TxState::Aborting,
+    }
+}
+
+fn branch_state_pb(s: BranchState) -> pb::BranchState {
+    match s {
+        BranchState::Enlisted => pb::BranchState::Enlisted,
+        BranchState::Preparing => pb::BranchState::Preparing,
+        BranchState::Prepared => pb::BranchState::Prepared,
+        BranchState::ReadOnly => pb::BranchState::ReadOnly,
+        BranchState::VotedNo => pb::BranchState::VotedNo,
+        BranchState::Committed => pb::BranchState::Committed,
+        BranchState::Aborted => pb::BranchState::Aborted,
+    }
+}
+
+/// The wire state of a view: live transactions by their engine state, forgotten ones by
+/// their outcome.
+fn view_state(v: &TxView) -> pb::TxState {
+    match (&v.live, v.outcome) {
+        (Some(e), _) => state_pb(e.state),
+        (None, Some(Outcome::Committed)) => pb::TxState::Committed,
+        (None, _) => pb::TxState::Aborted,
+    }
+}
+
+fn view_to_pb(v: TxView) -> pb::GetTransactionResponse {
+    let state = view_state(&v);
+    let (branches, reason) = match &v.live {
+        Some(e) => (
+            e.branches
+                .iter()
+                .map(|b| pb::BranchStatus {
+                    branch: Some(branch_to_pb(&b.spec)),
+                    state: branch_state_pb(b.state) as i32,
+                    attempts: b.attempts,
+                    last_error: b.last_error.clone().unwrap_or_default(),
+                })
+                .collect(),
+            e.abort_reason.clone().unwrap_or_default(),
+        ),
+        None => (Vec::new(), String::new()),
+    };
+    pb::GetTransactionResponse {
+        tx_id: v.tx.to_string(),
+        state: state as i32,
+        outcome: outcome_pb(v.outcome) as i32,
+        branches,
+        age_ms: v.age_ms,
+        reason,
+    }
+}
+
+#[tonic::async_trait]
+impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
+    for CoordinatorService<L, T>
+{
+    async fn begin(
+        &self,
+        request: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let req = request.into_inner();
+        let branches = req
+            .branches
+            .into_iter()
+            .map(branch_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        let tx = self
+            .rt
+            .begin(req.timeout_ms, branches)
+            .await
+            .map_err(status_of)?;
+        tracing::debug!(tx_id = %tx, "begun");
+        Ok(Response::new(pb::BeginResponse {
+            tx_id: tx.to_string(),
+        }))
+    }
+
+    async fn enlist(
+        &self,
+        request: Request<pb::EnlistRequest>,
+    ) -> Result<Response<pb::EnlistResponse>, Status> {
+        let req = request.into_inner();
+        let tx = parse_tx(&req.tx_id)?;
+        let branch = req
+            .branch
+            .ok_or_else(|| Status::invalid_argument("branch is missing"))?;
+        let branch = branch_from_pb(branch)?;
+        let span = info_span!("enlist", tx_id = %tx, branch_id = %branch.branch_id);
+        self.rt
+            .enlist(tx, branch)
+            .instrument(span)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::EnlistResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let req = request.into_inner();
+        let tx = parse_tx(&req.tx_id)?;
+        if req.phase_two_wait_ms > MAX_COMMIT_WAIT_MS {
+            return Err(Status::invalid_argument(format!(
+                "phase_two_wait_ms is {}; at most {MAX_COMMIT_WAIT_MS} is allowed",
+                req.phase_two_wait_ms
+            )));
+        }
+        let wait = if req.no_wait {
+            Some(Duration::ZERO)
+        } else if req.phase_two_wait_ms > 0 {
+            Some(Duration::from_millis(req.phase_two_wait_ms))
+        } else {
+            None
+        };
+        let span = info_span!("commit", tx_id = %tx);
+        let res = self
+            .rt
+            .commit(tx, wait)
+            .instrument(span)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::CommitResponse {
+            outcome: pb::Outcome::Committed as i32,
+            pending_branches: res.pending,
+        }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let req = request.into_inner();
+        let tx = parse_tx(&req.tx_id)?;
+        if req.reason.len() > MAX_REASON_LEN {
+            return Err(Status::invalid_argument(format!(
+                "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
+                req.reason.len()
+            )));
+        }
+        let span = info_span!("abort", tx_id = %tx);
+        self.rt
+            .abort(tx, req.reason)
+            .instrument(span)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::AbortResponse {
+            outcome: pb::Outcome::Aborted as i32,
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::GetTransactionResponse>, Status> {
+        let tx = parse_tx(&request.into_inner().tx_id)?;
+        let view = self.rt.get(tx).map_err(status_of)?;
+        Ok(Response::new(view_to_pb(view)))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let req = request.into_inner();
+        let want = pb::TxState::try_from(req.state).map_err(|_| {
+            Status::invalid_argument(format!("state {} is not a TxState", req.state))
+        })?;
+        if req.limit > MAX_LIST_LIMIT {
+            return Err(Status::invalid_argument(format!(
+                "limit is {}; at most {MAX_LIST_LIMIT} is allowed",
+                req.limit
+            )));
+        }
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit as usize
+        };
+        let min_age = req.min_age_ms;
+        let views = self.rt.list(
+            |v| (want == pb::TxState::Unspecified || view_state(v) == want) && v.age_ms >= min_age,
+            limit,
+        );
+        let transactions = views
+            .into_iter()
+            .map(|v| {
+                let (count, pending) = match &v.live {
+                    Some(e) => (e.branches.len() as u32, e.pending_branches().len() as u32),
+                    None => (0, 0),
+                };
+                pb::TransactionSummary {
+                    tx_id: v.tx.to_string(),
+                    state: view_state(&v) as i32,
+                    outcome: outcome_pb(v.outcome) as i32,
+                    age_ms: v.age_ms,
+                    branch_count: count,
+                    pending_branch_count: pending,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListTransactionsResponse { transactions }))
+    }
+}

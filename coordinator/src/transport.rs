@@ -1,0 +1,173 @@
+//! How the coordinator talks to participants: the [`Transport`] trait and its gRPC
+//! implementation.
+//!
+//! The runtime only needs three calls (prepare, commit, abort), each answering with the
+//! engine's own types, so tests and simulations can substitute an in-process transport.
+//! [`GrpcTransport`] keeps one lazily connected tonic channel per endpoint (HTTP/2
+//! multiplexes every transaction's messages over it) and bounds every call by a timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::participant_client::ParticipantClient;
+
+use crate::engine::{CommitAck, RpcResult, Vote};
+use crate::types::TxId;
+
+/// Sends protocol messages to participants. Every call is one attempt: retries are the
+/// engine's business. `Err` carries a human-readable transport error or timeout.
+pub trait Transport: Send + Sync + 'static {
+    /// Phase one.
+    fn prepare(
+        &self,
+        endpoint: &str,
+        tx: TxId,
+        branch_id: &str,
+    ) -> impl Future<Output = RpcResult<Vote>> + Send;
+    /// Phase two: commit (or the single phase, with `one_phase`).
+    fn commit(
+        &self,
+        endpoint: &str,
+        tx: TxId,
+        branch_id: &str,
+        one_phase: bool,
+    ) -> impl Future<Output = RpcResult<CommitAck>> + Send;
+    /// Phase two: abort.
+    fn abort(
+        &self,
+        endpoint: &str,
+        tx: TxId,
+        branch_id: &str,
+    ) -> impl Future<Output = RpcResult<()>> + Send;
+}
+
+/// Timeouts of [`GrpcTransport`].
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcTransportOptions {
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Bound on one call, connection included.
+    pub rpc_timeout: Duration,
+}
+
+/// [`Transport`] over tonic, one cached channel per endpoint.
+#[derive(Clone)]
+pub struct GrpcTransport {
+    opts: GrpcTransportOptions,
+    /// Channels by endpoint. A tonic `Channel` is cheap to clone and reconnects by itself,
+    /// so one per participant is enough for any number of concurrent transactions.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl GrpcTransport {
+    /// A transport with the given timeouts.
+    pub fn new(opts: GrpcTransportOptions) -> Self {
+        GrpcTransport {
+            opts,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn client(&self, endpoint: &str) -> RpcResult<ParticipantClient<Channel>> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| "transport lock poisoned".to_string())?;
+        if let Some(ch) = channels.get(endpoint) {
+            return Ok(ParticipantClient::new(ch.clone()));
+        }
+        let ch = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad participant endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(self.opts.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        channels.insert(endpoint.to_string(), ch.clone());
+        Ok(ParticipantClient::new(ch))
+    }
+
+    async fn call<T, F, Fut>(&self, endpoint: &str, f: F) -> RpcResult<T>
+    where
+        F: FnOnce(ParticipantClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client(endpoint)?;
+        match tokio::time::timeout(self.opts.rpc_timeout, f(client)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(format!(
+                "{endpoint}: {}: {}",
+                status.code(),
+                status.message()
+            )),
+            Err(_) => Err(format!(
+                "{endpoint}: no answer within {} ms",
+                self.opts.rpc_timeout.as_millis()
+            )),
+        }
+    }
+}
+
+impl Transport for GrpcTransport {
+    async fn prepare(&self, endpoint: &str, tx: TxId, branch_id: &str) -> RpcResult<Vote> {
+        let req = pb::PrepareRequest {
+            tx_id: tx.to_string(),
+            branch_id: branch_id.to_string(),
+        };
+        let resp = self
+            .call(endpoint, |mut c| async move { c.prepare(req).await })
+            .await?;
+        match pb::Vote::try_from(resp.vote) {
+            Ok(pb::Vote::Yes) => Ok(Vote::Yes),
+            Ok(pb::Vote::ReadOnly) => Ok(Vote::ReadOnly),
+            Ok(pb::Vote::No) => Ok(Vote::No(resp.reason)),
+            // A participant that does not say yes has not promised anything: treat as no.
+            _ => Ok(Vote::No(format!(
+                "participant sent an invalid vote ({})",
+                resp.vote
+            ))),
+        }
+    }
+
+    async fn commit(
+        &self,
+        endpoint: &str,
+        tx: TxId,
+        branch_id: &str,
+        one_phase: bool,
+    ) -> RpcResult<CommitAck> {
+        let req = pb::CommitBranchRequest {
+            tx_id: tx.to_string(),
+            branch_id: branch_id.to_string(),
+            one_phase,
+        };
+        let resp = self
+            .call(endpoint, |mut c| async move { c.commit(req).await })
+            .await?;
+        if resp.committed {
+            Ok(CommitAck::Committed)
+        } else if one_phase {
+            Ok(CommitAck::Refused(resp.reason))
+        } else {
+            // After a yes vote a participant may not refuse; treat it as "not yet" and retry.
+            Err(format!(
+                "{endpoint}: participant did not commit a prepared branch: {}",
+                resp.reason
+            ))
+        }
+    }
+
+    async fn abort(&self, endpoint: &str, tx: TxId, branch_id: &str) -> RpcResult<()> {
+        let req = pb::AbortBranchRequest {
+            tx_id: tx.to_string(),
+            branch_id: branch_id.to_string(),
+        };
+        self.call(endpoint, |mut c| async move { c.abort(req).await })
+            .await
+            .map(|_| ())
+    }
+}

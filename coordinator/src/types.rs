@@ -1,0 +1,260 @@
+//! Identifiers and plain data shared by the engine, the decision log and the service.
+//!
+//! Nothing here does I/O. [`TxId`] is the one place that knows the transaction-id format,
+//! so the engine (which issues ids), the log (which keys records by them) and the gRPC
+//! layer (which parses them from untrusted input) cannot disagree about it.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest accepted transaction id, in bytes. Keeps PostgreSQL gids (< 200 bytes) safe.
+pub const MAX_TX_ID_LEN: usize = 64;
+/// Longest accepted branch id, in bytes.
+pub const MAX_BRANCH_ID_LEN: usize = 64;
+/// Longest accepted participant endpoint, in bytes.
+pub const MAX_ENDPOINT_LEN: usize = 256;
+
+/// A transaction id: `<node>-<epoch>-<seq>`, e.g. `5f3a09c1-7-42`.
+///
+/// * `node` is chosen at random when a data directory is created, so two coordinators
+///   never hand out the same id to branches that share a database.
+/// * `epoch` grows by one on every start of the coordinator on that data directory; a
+///   late message carrying an id of an older epoch can never be mistaken for a newer
+///   transaction, and an old-epoch id without a decision record is presumed aborted.
+/// * `seq` counts transactions within the epoch, from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TxId {
+    /// Identifies the coordinator's data directory.
+    pub node: u32,
+    /// The coordinator start that issued the id.
+    pub epoch: u64,
+    /// Position within the epoch, from 1.
+    pub seq: u64,
+}
+
+impl fmt::Display for TxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}-{}-{}", self.node, self.epoch, self.seq)
+    }
+}
+
+/// Why a string is not a transaction id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxIdError {
+    /// Empty input.
+    #[error("transaction id is empty")]
+    Empty,
+    /// Longer than [`MAX_TX_ID_LEN`].
+    #[error("transaction id is {0} bytes long; at most {MAX_TX_ID_LEN} are allowed")]
+    TooLong(usize),
+    /// Not `<8 hex digits>-<epoch>-<seq>`.
+    #[error("transaction id {0:?} is malformed: expected <8 hex digits>-<epoch>-<sequence>, as returned by Begin")]
+    Malformed(String),
+}
+
+impl FromStr for TxId {
+    type Err = TxIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(TxIdError::Empty);
+        }
+        if s.len() > MAX_TX_ID_LEN {
+            return Err(TxIdError::TooLong(s.len()));
+        }
+        let malformed = || TxIdError::Malformed(s.to_string());
+        let mut parts = s.split('-');
+        let (Some(node), Some(epoch), Some(seq), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed());
+        };
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        if node.len() != 8 || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(malformed());
+        }
+        if !digits(epoch) || !digits(seq) {
+            return Err(malformed());
+        }
+        let tx = TxId {
+            node: u32::from_str_radix(node, 16).map_err(|_| malformed())?,
+            epoch: epoch.parse().map_err(|_| malformed())?,
+            seq: seq.parse().map_err(|_| malformed())?,
+        };
+        // Only the canonical spelling is accepted, so one transaction has one id string.
+        if tx.to_string() != s {
+            return Err(malformed());
+        }
+        Ok(tx)
+    }
+}
+
+/// What kind of resource a branch wraps (mirrors `twopc.v1.BranchKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum BranchKind {
+    /// A database transaction.
+    Database,
+    /// A batch of broker messages.
+    Broker,
+    /// Anything else.
+    #[default]
+    Other,
+}
+
+impl BranchKind {
+    /// Stable numeric code, used by the decision log's encoding and the wire enum.
+    pub fn code(self) -> i32 {
+        match self {
+            BranchKind::Database => 1,
+            BranchKind::Broker => 2,
+            BranchKind::Other => 3,
+        }
+    }
+
+    /// The commit tier the SDK gives this kind by default: databases (0) before other
+    /// resources (5) before brokers (10), so a consumer that sees an event finds its row.
+    pub fn default_commit_order(self) -> u32 {
+        match self {
+            BranchKind::Database => 0,
+            BranchKind::Other => 5,
+            BranchKind::Broker => 10,
+        }
+    }
+
+    /// Inverse of [`BranchKind::code`]; unknown codes (including 0) map to `Other`.
+    pub fn from_code(code: i32) -> Self {
+        match code {
+            1 => BranchKind::Database,
+            2 => BranchKind::Broker,
+            _ => BranchKind::Other,
+        }
+    }
+}
+
+/// A branch as enlisted: everything the coordinator needs to drive it after a crash.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BranchSpec {
+    /// Unique within the transaction.
+    pub branch_id: String,
+    /// gRPC endpoint of the participant holding the branch.
+    pub endpoint: String,
+    /// Phase-two tier: lower tiers are committed before higher ones.
+    pub commit_order: u32,
+    /// For operators.
+    pub kind: BranchKind,
+}
+
+/// Why a branch id is not acceptable.
+pub fn validate_branch_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("branch_id is empty".into());
+    }
+    if id.len() > MAX_BRANCH_ID_LEN {
+        return Err(format!(
+            "branch_id is {} bytes long; at most {MAX_BRANCH_ID_LEN} are allowed",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!(
+            "branch_id {id:?} contains {c:?}; only A-Z a-z 0-9 . _ : - are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Why a participant endpoint is not acceptable: it must be `http(s)://host:port[/]`.
+pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.is_empty() {
+        return Err("participant_endpoint is empty".into());
+    }
+    if endpoint.len() > MAX_ENDPOINT_LEN {
+        return Err(format!(
+            "participant_endpoint is {} bytes long; at most {MAX_ENDPOINT_LEN} are allowed",
+            endpoint.len()
+        ));
+    }
+    let bad = |why: &str| {
+        Err(format!(
+            "participant_endpoint {endpoint:?} is malformed: {why}"
+        ))
+    };
+    let uri: http::Uri = match endpoint.parse() {
+        Ok(u) => u,
+        Err(e) => return bad(&e.to_string()),
+    };
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return bad("the scheme must be http or https"),
+    }
+    match uri.host() {
+        Some(h) if !h.is_empty() => {}
+        _ => return bad("a host is required"),
+    }
+    if uri.port_u16().is_none() {
+        return bad("a port is required");
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return bad("no path or query is allowed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tx_id_round_trips() {
+        let tx = TxId {
+            node: 0x5f3a09c1,
+            epoch: 7,
+            seq: 42,
+        };
+        assert_eq!(tx.to_string(), "5f3a09c1-7-42");
+        assert_eq!("5f3a09c1-7-42".parse::<TxId>(), Ok(tx));
+    }
+
+    #[test]
+    fn tx_id_rejects_non_canonical_and_garbage() {
+        for bad in [
+            "",
+            "x",
+            "5f3a09c1-7",
+            "5f3a09c1-7-42-1",
+            "5f3a09c-7-42",
+            "5f3a09c1-07-42",
+            "5f3a09c1--42",
+            "5f3a09c1-7-+4",
+            "5F3A09C1-7-42",
+            "5f3a09c1-99999999999999999999-1",
+        ] {
+            assert!(bad.parse::<TxId>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!("a".repeat(65).parse::<TxId>(), Err(TxIdError::TooLong(65)));
+    }
+
+    #[test]
+    fn branch_ids_and_endpoints_are_checked() {
+        assert!(validate_branch_id("db-1:orders_v2.x").is_ok());
+        assert!(validate_branch_id("").is_err());
+        assert!(validate_branch_id("a b").is_err());
+        assert!(validate_branch_id(&"a".repeat(65)).is_err());
+        assert!(validate_endpoint("http://127.0.0.1:7001").is_ok());
+        assert!(validate_endpoint("https://svc.local:443/").is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:7001",
+            "ftp://h:1",
+            "http://h",
+            "http://:80",
+            "http://h:1/x",
+            "not a uri",
+        ] {
+            assert!(validate_endpoint(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Participant SDK (work in progress).

@@ -1,0 +1,19 @@
+//! Generates the twopc.v1 messages and services with prost/tonic, plus the file
+//! descriptor set gRPC reflection serves. Uses the vendored `protoc` unless `PROTOC`
+//! is set, so a fresh machine needs no system package to build.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("twopc_v1_descriptor.bin"))
+        .compile_protos(&["twopc/v1/twopc.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=twopc/v1/twopc.proto");
+    Ok(())
+}

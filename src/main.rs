@@ -1,0 +1,111 @@
+//! `twopc`: the command-line entry point.
+//!
+//! - `twopc serve`: runs the coordinator (gRPC on `--listen`, decision log in `--data-dir`).
+//!
+//! Every flag also reads an environment variable (shown by `--help`). Logs go to stderr;
+//! `RUST_LOG` (or `--log`) sets the filter.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::server::{self, ServeConfig};
+
+/// twopc: a two-phase-commit transaction coordinator for the dual-write problem.
+#[derive(Parser, Debug)]
+#[command(name = "twopc", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info" or "twopc_coordinator=debug".
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator: a gRPC server with a durable decision log.
+    Serve(ServeConfig),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(cfg) => serve(cfg).await,
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    // The log first: a second coordinator on the same directory fails here, before it
+    // binds a port or says it is listening.
+    let log = Arc::new(SledLog::open(&cfg.data_dir, SledLogOptions::default())?);
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        epoch = log.epoch(),
+        node = format_args!("{:08x}", log.node_id()),
+        "decision log open"
+    );
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    println!("twopc listening on {addr}");
+    server::run_with_log(cfg, log, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
