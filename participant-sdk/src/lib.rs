@@ -1,1 +1,25 @@
-//! Participant SDK (work in progress).
+//! # twopc participant SDK
+//!
+//! What a service embeds to make "save the row + publish the event" atomic.
+//!
+//! ## Layout
+//! - [`client`]: [`TwoPc`] (connect, register resources, begin/join) and [`Transaction`]
+//!   (enlist, commit, abort).
+//! - [`resource`]: the [`Resource`] trait every adapter implements, and its contract.
+//! - `server` (internal): the embedded participant gRPC server routing Prepare / Commit /
+//!   Abort to resources by branch id.
+//! - `recovery` (internal): asks the coordinator about every in-doubt branch, at start and
+//!   periodically, and finishes it.
+//! - [`propagation`]: carries the transaction id across services in gRPC metadata.
+//! - [`error`]: the SDK's error type.
+
+pub mod client;
+pub mod error;
+pub mod propagation;
+mod recovery;
+pub mod resource;
+mod server;
+
+pub use client::{Committed, Transaction, TwoPc, TwoPcBuilder};
+pub use error::{Error, Result};
+pub use resource::{OnePhase, Resource, Retry, Vote};

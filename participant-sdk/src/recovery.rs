@@ -1,0 +1,86 @@
+//! Participant recovery: every in-doubt branch (a prepared gid, a staged batch) asks the
+//! coordinator for its outcome and finishes accordingly. Runs at start and periodically.
+//! A branch that voted yes is never decided here alone: while the coordinator has not
+//! decided (or cannot be reached), it stays in doubt and is asked again next pass.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
+
+use crate::client::Registry;
+
+/// Runs a pass now and then every `every` until `stop` turns true.
+pub(crate) async fn run_loop(
+    coordinator: CoordinatorClient<Channel>,
+    registry: Registry,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        pass(&coordinator, &registry).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One recovery pass over every registered resource. Returns how many branches finished.
+pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Registry) -> usize {
+    let resources: Vec<_> = match registry.read() {
+        Ok(r) => r.values().cloned().collect(),
+        Err(_) => return 0,
+    };
+    let mut finished = 0;
+    for resource in resources {
+        let in_doubt = match resource.in_doubt().await {
+            Ok(list) => list,
+            Err(e) => {
+                warn!(resource = resource.name(), error = %e, "recovery: cannot list in-doubt branches");
+                continue;
+            }
+        };
+        for (tx_id, branch_id) in in_doubt {
+            let req = pb::GetTransactionRequest {
+                tx_id: tx_id.clone(),
+            };
+            let outcome = match coordinator.clone().get_transaction(req).await {
+                Ok(resp) => pb::Outcome::try_from(resp.into_inner().outcome)
+                    .unwrap_or(pb::Outcome::Unspecified),
+                Err(s) => {
+                    // NOT_FOUND: the coordinator never issued it (wrong coordinator, or its
+                    // data was lost). Never guess: leave it for an operator.
+                    warn!(tx_id, branch_id, code = ?s.code(), message = s.message(), "recovery: cannot learn the outcome");
+                    continue;
+                }
+            };
+            let res = match outcome {
+                pb::Outcome::Committed => resource.commit(&tx_id, &branch_id).await,
+                pb::Outcome::Aborted => resource.abort(&tx_id, &branch_id).await,
+                pb::Outcome::Unspecified => {
+                    debug!(tx_id, branch_id, "recovery: not decided yet");
+                    continue;
+                }
+            };
+            match res {
+                Ok(()) => {
+                    info!(
+                        tx_id,
+                        branch_id,
+                        ?outcome,
+                        "recovery: finished in-doubt branch"
+                    );
+                    finished += 1;
+                }
+                Err(e) => {
+                    warn!(tx_id, branch_id, error = %e, "recovery: could not finish branch; will retry")
+                }
+            }
+        }
+    }
+    finished
+}

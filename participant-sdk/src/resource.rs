@@ -1,0 +1,84 @@
+//! The [`Resource`] trait: what the SDK's participant server drives for each branch.
+//!
+//! A resource is one thing that can take part in transactions: a PostgreSQL database, a
+//! RabbitMQ connection, a NATS JetStream context. It keeps its own per-branch state (an
+//! open database transaction, buffered messages) keyed by `(tx_id, branch_id)`, and
+//! answers the coordinator's prepare / commit / abort for those branches.
+//!
+//! # Contract
+//! * Every method is idempotent by `(tx_id, branch_id)`: a repeated or late call returns
+//!   the same answer and changes nothing more.
+//! * `prepare` returns `Yes` only once the branch is durable enough to commit later,
+//!   whatever happens to this process meanwhile (PostgreSQL: `PREPARE TRANSACTION`
+//!   returned; broker: messages staged and synced). Anything it cannot make durable is a
+//!   `No` with the resource's own message.
+//! * After `Yes`, the resource never decides alone: it commits or aborts only when told,
+//!   by the coordinator or by recovery asking the coordinator.
+//! * `commit` of a branch it no longer holds after a yes vote means "already committed"
+//!   (PostgreSQL answers 42704 to a second `COMMIT PREPARED`): success. `Err` means "not
+//!   done, try again later" (the coordinator retries).
+//! * `abort` of an unknown branch is a success (presumed abort, or already aborted).
+//! * `in_doubt` lists branches that voted yes and are not finished, from durable state
+//!   (prepared gids, staged messages), so recovery works after a restart.
+
+use std::fmt;
+
+/// Vote of a branch at prepare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared (durable); will commit or abort as told.
+    Yes,
+    /// Cannot prepare; the reason is shown to the caller of Commit.
+    No(String),
+    /// Nothing to commit; takes no part in phase two.
+    ReadOnly,
+}
+
+/// Answer to a one-phase commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnePhase {
+    /// Committed.
+    Committed,
+    /// Refused (rolled back), with the reason.
+    Refused(String),
+}
+
+/// A failure that means "not now": the caller retries later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retry(pub String);
+
+impl fmt::Display for Retry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Retry {}
+
+/// What kind of branch a resource opens (decides its commit tier).
+pub use twopc_proto::v1::BranchKind;
+
+/// A branch's resource manager. See the module docs for the contract.
+#[tonic::async_trait]
+pub trait Resource: Send + Sync + 'static {
+    /// The name branches of this resource carry (`<service>:<name>`); unique per service.
+    fn name(&self) -> &str;
+
+    /// Databases commit before brokers.
+    fn kind(&self) -> BranchKind;
+
+    /// Phase one.
+    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote;
+
+    /// Phase two after a yes vote. `Ok` once committed (or already committed).
+    async fn commit(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry>;
+
+    /// The single phase of a one-branch transaction: commit without prepare.
+    async fn commit_one_phase(&self, tx_id: &str, branch_id: &str) -> Result<OnePhase, Retry>;
+
+    /// Abort. `Ok` once nothing of the branch remains (or nothing was there).
+    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry>;
+
+    /// Branches that voted yes and are not finished, as `(tx_id, branch_id)`.
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry>;
+}

@@ -1,0 +1,145 @@
+//! The embedded participant gRPC server: routes the coordinator's Prepare / Commit / Abort
+//! to the registered [`Resource`](crate::resource::Resource) named in the branch id
+//! (`<service>:<resource>`).
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{info_span, warn, Instrument};
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+
+use crate::client::Registry;
+use crate::resource::{OnePhase, Resource, Vote};
+
+/// Serves the participant API on `listener` until `stop` turns true.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    mut stop: watch::Receiver<bool>,
+) {
+    let svc = ParticipantService { registry };
+    let res = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ParticipantServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        warn!(error = %e, "participant server stopped with an error");
+    }
+}
+
+struct ParticipantService {
+    registry: Registry,
+}
+
+impl ParticipantService {
+    /// The resource a branch id names, or a status saying why there is none.
+    fn route(&self, tx_id: &str, branch_id: &str) -> Result<Arc<dyn Resource>, Status> {
+        if tx_id.is_empty() || tx_id.len() > 64 {
+            return Err(Status::invalid_argument("tx_id must be 1-64 characters"));
+        }
+        let name = branch_id.split_once(':').map(|(_, r)| r).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "branch_id {branch_id:?} is not <service>:<resource>"
+            ))
+        })?;
+        let reg = self
+            .registry
+            .read()
+            .map_err(|_| Status::internal("registry lock poisoned"))?;
+        reg.get(name).cloned().ok_or_else(|| {
+            Status::not_found(format!("no resource named {name:?} is registered here"))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for ParticipantService {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("prepare", tx_id = %req.tx_id, branch_id = %req.branch_id);
+        let (vote, reason) = match self.route(&req.tx_id, &req.branch_id) {
+            Ok(r) => match r.prepare(&req.tx_id, &req.branch_id).instrument(span).await {
+                Vote::Yes => (pb::Vote::Yes, String::new()),
+                Vote::ReadOnly => (pb::Vote::ReadOnly, String::new()),
+                Vote::No(reason) => (pb::Vote::No, reason),
+            },
+            // Nothing here can have prepared this branch: a safe "no".
+            Err(s) => (pb::Vote::No, s.message().to_string()),
+        };
+        Ok(Response::new(pb::PrepareResponse {
+            vote: vote as i32,
+            reason,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("commit", tx_id = %req.tx_id, branch_id = %req.branch_id, one_phase = req.one_phase);
+        let resource = self.route(&req.tx_id, &req.branch_id)?;
+        if req.one_phase {
+            return match resource
+                .commit_one_phase(&req.tx_id, &req.branch_id)
+                .instrument(span)
+                .await
+            {
+                Ok(OnePhase::Committed) => Ok(Response::new(pb::CommitBranchResponse {
+                    committed: true,
+                    reason: String::new(),
+                })),
+                Ok(OnePhase::Refused(reason)) => Ok(Response::new(pb::CommitBranchResponse {
+                    committed: false,
+                    reason,
+                })),
+                Err(e) => Err(Status::unavailable(e.0)),
+            };
+        }
+        match resource
+            .commit(&req.tx_id, &req.branch_id)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => Ok(Response::new(pb::CommitBranchResponse {
+                committed: true,
+                reason: String::new(),
+            })),
+            Err(e) => Err(Status::unavailable(e.0)),
+        }
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("abort", tx_id = %req.tx_id, branch_id = %req.branch_id);
+        let resource = match self.route(&req.tx_id, &req.branch_id) {
+            Ok(r) => r,
+            // Nothing registered can hold it: nothing to abort.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(pb::AbortBranchResponse {}))
+            }
+            Err(s) => return Err(s),
+        };
+        match resource
+            .abort(&req.tx_id, &req.branch_id)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => Ok(Response::new(pb::AbortBranchResponse {})),
+            Err(e) => Err(Status::unavailable(e.0)),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Test support (work in progress).
