@@ -31,7 +31,7 @@ use crate::types::{BranchSpec, TxId};
 pub type ReqId = u64;
 
 /// Knobs of the protocol. Times are in milliseconds.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EngineConfig {
     /// How long votes may take before the transaction aborts.
     pub prepare_timeout_ms: u64,
@@ -442,7 +442,7 @@ pub enum Provenance {
 }
 
 /// The state machine. See the module docs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Engine {
     cfg: EngineConfig,
     /// Identifies the data directory; part of every id.
@@ -511,6 +511,23 @@ impl Engine {
             Provenance::FinishedThisEpoch
         } else {
             Provenance::Unknown
+        }
+    }
+
+    /// The outcome a participant (or a repeated Commit) must be told for `tx`, given
+    /// whether the decision log holds a COMMIT record for it. `Ok(None)`: not decided yet,
+    /// ask again later. `Err`: never issued here. This is presumed abort in one place:
+    /// no live state and no COMMIT record means ABORTED.
+    pub fn outcome_of(&self, tx: &TxId, log_has_commit: bool) -> Result<Option<Outcome>, TxError> {
+        if let Some(e) = self.txs.get(tx) {
+            return Ok(e.outcome());
+        }
+        match self.provenance(tx) {
+            Provenance::Unknown => Err(TxError::NotFound(format!(
+                "transaction {tx} was never issued by this coordinator"
+            ))),
+            _ if log_has_commit => Ok(Some(Outcome::Committed)),
+            _ => Ok(Some(Outcome::Aborted)),
         }
     }
 

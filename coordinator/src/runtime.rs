@@ -270,26 +270,24 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     /// The outcome of a transaction the engine no longer holds: the log's COMMIT record,
     /// else presumed abort. Unknown ids are NOT_FOUND.
     fn resolve(&self, tx: &TxId) -> Result<Resolved, TxError> {
-        let provenance = lock(&self.inner.engine).provenance(tx);
-        match provenance {
-            Provenance::Unknown => {
-                return Err(TxError::NotFound(format!(
-                    "transaction {tx} was never issued by this coordinator"
-                )))
-            }
-            Provenance::Live | Provenance::FinishedThisEpoch | Provenance::EarlierEpoch => {}
-        }
-        match self.inner.log.decision(tx) {
-            Ok(Some(_)) => Ok(Resolved {
-                outcome: Outcome::Committed,
-            }),
-            Ok(None) => Ok(Resolved {
-                outcome: Outcome::Aborted,
-            }),
-            Err(e) => Err(TxError::Unavailable(format!(
-                "cannot read the decision log: {e}"
-            ))),
-        }
+        // Read the log first: if the engine forgets the transaction meanwhile, the record
+        // it answered from (a COMMIT written before the forget) is already visible.
+        let log_has_commit = match lock(&self.inner.engine).provenance(tx) {
+            Provenance::Unknown => false,
+            _ => self
+                .inner
+                .log
+                .decision(tx)
+                .map_err(|e| TxError::Unavailable(format!("cannot read the decision log: {e}")))?
+                .is_some(),
+        };
+        let outcome = lock(&self.inner.engine).outcome_of(tx, log_has_commit)?;
+        // A live transaction has no final outcome until it is decided: only callers that
+        // found it not live come here, so an undecided answer means it became live again
+        // (impossible) or is still deciding; report it as not decided.
+        outcome
+            .map(|outcome| Resolved { outcome })
+            .ok_or_else(|| TxError::Unavailable(format!("transaction {tx} is not decided yet")))
     }
 
     async fn request(&self, make: impl FnOnce(u64) -> Event) -> Result<ReplyOk, TxError> {
