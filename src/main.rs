@@ -1,9 +1,12 @@
 //! `twopc`: the command-line entry point.
 //!
 //! - `twopc serve`: runs the coordinator (gRPC on `--listen`, decision log in `--data-dir`).
+//! - `twopc bench coordinator`: measures the coordinator alone against the disk's ceiling.
 //!
 //! Every flag also reads an environment variable (shown by `--help`). Logs go to stderr;
 //! `RUST_LOG` (or `--log`) sets the filter.
+
+mod bench;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -30,6 +33,15 @@ struct Cli {
 enum Command {
     /// Run the coordinator: a gRPC server with a durable decision log.
     Serve(ServeConfig),
+    /// Benchmarks (see docs/performance.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// The coordinator alone: real gRPC, real sled log and syncs, null participants.
+    Coordinator(bench::CoordinatorBench),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +75,7 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(cfg) => serve(cfg).await,
+        Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
     }
 }
 

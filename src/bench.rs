@@ -1,0 +1,434 @@
+//! `twopc bench coordinator`: the coordinator alone, measured end to end.
+//!
+//! Real gRPC (client → coordinator → participants), the real sled decision log with real
+//! syncs, and two in-process null participants per transaction that vote yes at once, so
+//! every transaction goes through prepare, a forced decision and phase two. The one-phase
+//! path (one branch, no log write) is measured separately. In the same run, a tight loop
+//! of write + `fdatasync` with the same group-commit batching measures the disk's ceiling,
+//! so the coordinator's rate can be read as a fraction of the physical limit.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::server::{self, ServeConfig};
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+
+/// Flags of `twopc bench coordinator`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CoordinatorBench {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Seconds per measured mode.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Where the decision log and the disk-ceiling file go (default: a temp dir on the
+    /// current directory's file system, so the disk measured is the one you run on).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Print one JSON object per mode instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One mode's numbers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModeResult {
+    /// What was measured.
+    pub mode: String,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Completed transactions in the measured interval.
+    pub transactions: u64,
+    /// Completed transactions (or syncs-backed appends, for the disk ceiling) per second.
+    pub tx_per_s: f64,
+    /// Latency percentiles of one transaction as the client sees it, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+    /// fdatasync calls per forced decision (group commit makes this < 1).
+    pub syncs_per_decision: Option<f64>,
+    /// Mean decisions per group-commit batch.
+    pub batch_mean: Option<f64>,
+    /// Largest batch.
+    pub batch_max: Option<u64>,
+    /// This mode's rate divided by the disk ceiling measured in the same run.
+    pub ratio_to_disk_ceiling: Option<f64>,
+}
+
+/// A participant that answers everything at once.
+struct NullParticipant;
+
+#[tonic::async_trait]
+impl Participant for NullParticipant {
+    async fn prepare(
+        &self,
+        _: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        Ok(Response::new(pb::PrepareResponse {
+            vote: pb::Vote::Yes as i32,
+            reason: String::new(),
+        }))
+    }
+    async fn commit(
+        &self,
+        _: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        Ok(Response::new(pb::CommitBranchResponse {
+            committed: true,
+            reason: String::new(),
+        }))
+    }
+    async fn abort(
+        &self,
+        _: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        Ok(Response::new(pb::AbortBranchResponse {}))
+    }
+}
+
+async fn start_null_participant(stop: oneshot::Receiver<()>) -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("bind a null participant")?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(ParticipantServer::new(NullParticipant))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop.await;
+            })
+            .await;
+    });
+    Ok(endpoint)
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.clients >= 1 && args.clients <= 4096,
+        "--clients must be between 1 and 4096"
+    );
+    anyhow::ensure!(
+        args.seconds >= 1 && args.seconds <= 3600,
+        "--seconds must be between 1 and 3600"
+    );
+    let base = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir_in("."),
+    }
+    .context("cannot create the benchmark directory (--dir)")?;
+    let duration = Duration::from_secs(args.seconds);
+
+    let mut results = Vec::new();
+    let ceiling = disk_ceiling(base.path(), args.clients, duration, !args.json)?;
+    results.push(ceiling.clone());
+
+    let log = Arc::new(SledLog::open(
+        &base.path().join("coordinator"),
+        SledLogOptions::default(),
+    )?);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (p1_stop, p1_rx) = oneshot::channel::<()>();
+    let (p2_stop, p2_rx) = oneshot::channel::<()>();
+    let endpoints = [
+        start_null_participant(p1_rx).await?,
+        start_null_participant(p2_rx).await?,
+    ];
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let cfg = ServeConfig {
+        data_dir: base.path().join("coordinator"),
+        ..ServeConfig::default()
+    };
+    let server_log = log.clone();
+    let server = tokio::spawn(async move {
+        server::run_with_log(cfg, server_log, listener, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .context("connect to the in-process coordinator")?;
+    let client = CoordinatorClient::new(channel);
+
+    for (mode, branches) in [("coordinator-2pc", 2usize), ("coordinator-1pc", 1usize)] {
+        let before = log.stats();
+        let mut r = drive(
+            &client,
+            &endpoints[..branches],
+            args.clients,
+            duration,
+            mode,
+            !args.json,
+        )
+        .await?;
+        let after = log.stats();
+        let decisions = after.decisions - before.decisions;
+        let syncs = after.syncs - before.syncs;
+        if branches > 1 {
+            r.syncs_per_decision = Some(if decisions == 0 {
+                0.0
+            } else {
+                syncs as f64 / decisions as f64
+            });
+            let batches = after.batches - before.batches;
+            r.batch_mean = Some(if batches == 0 {
+                0.0
+            } else {
+                decisions as f64 / batches as f64
+            });
+            r.batch_max = Some(after.max_batch);
+        } else {
+            // One-phase commits force nothing: this should print 0.
+            r.syncs_per_decision = Some(syncs as f64 / r.transactions.max(1) as f64);
+        }
+        r.ratio_to_disk_ceiling = Some(r.tx_per_s / ceiling.tx_per_s.max(1e-9));
+        results.push(r);
+    }
+    let _ = stop_tx.send(());
+    let _ = p1_stop.send(());
+    let _ = p2_stop.send(());
+    server.await??;
+
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+fn progress(enabled: bool, label: &str, duration: Duration) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(duration.as_secs());
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len}s")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(label.to_string());
+    pb
+}
+
+/// C clients run Begin (with the branches) + Commit in a loop for `duration`.
+async fn drive(
+    client: &CoordinatorClient<tonic::transport::Channel>,
+    endpoints: &[String],
+    clients: usize,
+    duration: Duration,
+    mode: &str,
+    show: bool,
+) -> anyhow::Result<ModeResult> {
+    let branches: Vec<pb::Branch> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| pb::Branch {
+            branch_id: format!("null-{i}"),
+            participant_endpoint: e.clone(),
+            commit_order: 0,
+            kind: pb::BranchKind::Other as i32,
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..clients {
+        let mut client = client.clone();
+        let branches = branches.clone();
+        let stop = stop.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let begin = client
+                    .begin(pb::BeginRequest {
+                        timeout_ms: 0,
+                        branches: branches.clone(),
+                    })
+                    .await?;
+                let tx_id = begin.into_inner().tx_id;
+                client
+                    .commit(pb::CommitRequest {
+                        tx_id,
+                        phase_two_wait_ms: 0,
+                        no_wait: false,
+                    })
+                    .await?;
+                lat.push(t0.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, tonic::Status>(lat)
+        }));
+    }
+    let pb = progress(show, mode, duration);
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pb.set_position(started.elapsed().as_secs().min(duration.as_secs()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(
+            t.await?
+                .map_err(|s| anyhow::anyhow!("{mode}: a transaction failed: {s}"))?,
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    Ok(summarize(mode, clients, &mut lat, elapsed))
+}
+
+fn summarize(mode: &str, clients: usize, lat_us: &mut [u64], elapsed_s: f64) -> ModeResult {
+    lat_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat_us.len() as f64 - 1.0) * p).round() as usize;
+        lat_us[i] as f64 / 1000.0
+    };
+    ModeResult {
+        mode: mode.to_string(),
+        clients,
+        transactions: lat_us.len() as u64,
+        tx_per_s: lat_us.len() as f64 / elapsed_s,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: lat_us.last().map(|v| *v as f64 / 1000.0).unwrap_or(0.0),
+        syncs_per_decision: None,
+        batch_mean: None,
+        batch_max: None,
+        ratio_to_disk_ceiling: None,
+    }
+}
+
+/// The disk's ceiling: `clients` submitters each append a 128-byte record and wait for its
+/// sync; one writer thread drains everything queued, writes it, `fdatasync`s once and
+/// wakes them (the same group commit as the sled log, without sled).
+fn disk_ceiling(
+    dir: &std::path::Path,
+    clients: usize,
+    duration: Duration,
+    show: bool,
+) -> anyhow::Result<ModeResult> {
+    let path = dir.join("disk-ceiling.bin");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .context("open the disk-ceiling file")?;
+    let (tx, rx) = mpsc::channel::<mpsc::Sender<()>>();
+    let syncs = Arc::new(AtomicU64::new(0));
+    let writer_syncs = syncs.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let record = [7u8; 128];
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            for _ in &batch {
+                file.write_all(&record)?;
+            }
+            file.sync_data()?;
+            writer_syncs.fetch_add(1, Ordering::Relaxed);
+            for w in batch {
+                let _ = w.send(());
+            }
+        }
+        Ok(())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let tx = tx.clone();
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let (done_tx, done_rx) = mpsc::channel();
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                if tx.send(done_tx.clone()).is_err() || done_rx.recv().is_err() {
+                    break;
+                }
+                lat.push(t0.elapsed().as_micros() as u64);
+            }
+            lat
+        }));
+    }
+    drop(tx);
+    let pb = progress(show, "disk-ceiling", duration);
+    while started.elapsed() < duration {
+        std::thread::sleep(Duration::from_millis(200));
+        pb.set_position(started.elapsed().as_secs().min(duration.as_secs()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in threads {
+        lat.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a disk-ceiling thread panicked"))?,
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the disk-ceiling writer panicked"))??;
+    pb.finish_and_clear();
+    let mut r = summarize("disk-ceiling", clients, &mut lat, elapsed);
+    let n = lat.len() as f64;
+    let s = syncs.load(Ordering::Relaxed) as f64;
+    r.syncs_per_decision = Some(if n == 0.0 { 0.0 } else { s / n });
+    r.batch_mean = Some(if s == 0.0 { 0.0 } else { n / s });
+    Ok(r)
+}
+
+fn print_table(results: &[ModeResult]) {
+    println!(
+        "{:<18} {:>7} {:>10} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9}",
+        "mode", "clients", "tx/s", "p50 ms", "p99 ms", "max ms", "syncs/dec", "batch", "x ceiling"
+    );
+    for r in results {
+        let opt = |v: Option<f64>, prec: usize| {
+            v.map(|v| format!("{v:.prec$}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{:<18} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>12} {:>10} {:>9}",
+            r.mode,
+            r.clients,
+            r.tx_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            opt(r.syncs_per_decision, 3),
+            opt(r.batch_mean, 1),
+            opt(r.ratio_to_disk_ceiling, 2),
+        );
+    }
+}
