@@ -25,4 +25,13 @@ if [ "${TWOPC_SKIP_LINT:-0}" != 1 ]; then
 fi
 
 log "cargo test (workspace, failpoints compiled in)"
-cargo test --workspace --all-targets --features failpoints -- --test-threads=4
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+cargo test --workspace --all-targets --features failpoints -- --test-threads=4 2>&1 | tee "$out"
+
+# One closing line for the whole run: cargo prints a summary per test binary.
+read -r passed failed < <(awk '/^test result:/ {
+  for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) }
+} END { print p + 0, f + 0 }' "$out")
+echo
+echo "summary: ${passed} passed, ${failed} failed"
