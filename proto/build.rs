@@ -1,6 +1,8 @@
 //! Generates the twopc.v1 messages and services with prost/tonic, plus the file
-//! descriptor set gRPC reflection serves. Uses the vendored `protoc` unless `PROTOC`
-//! is set, so a fresh machine needs no system package to build.
+//! descriptor set gRPC reflection serves; and, separately (its own descriptor set, so
+//! the twopc.v1 one stays exactly the protocol), the `twopc.example.v1` example
+//! application service. Uses the vendored `protoc` unless `PROTOC` is set, so a fresh
+//! machine needs no system package to build.
 
 use std::path::PathBuf;
 
@@ -15,5 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("twopc_v1_descriptor.bin"))
         .compile_protos(&["twopc/v1/twopc.proto"], &["."])?;
     println!("cargo:rerun-if-changed=twopc/v1/twopc.proto");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("twopc_example_v1_descriptor.bin"))
+        .compile_protos(&["twopc/example/v1/inventory.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=twopc/example/v1/inventory.proto");
     Ok(())
 }

@@ -36,5 +36,19 @@ impl Error {
     }
 }
 
+/// So a service can answer its own callers with `?`: coordinator statuses pass through,
+/// an abort is ABORTED, a resource failure UNAVAILABLE, misuse FAILED_PRECONDITION.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Coordinator(s) => s,
+            Error::Aborted(m) => tonic::Status::aborted(m),
+            Error::Transport(m) => tonic::Status::unavailable(m),
+            e @ Error::Resource { .. } => tonic::Status::unavailable(e.to_string()),
+            Error::Usage(m) => tonic::Status::failed_precondition(m),
+        }
+    }
+}
+
 /// Result with the SDK's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,13 +13,24 @@
 //! - [`propagation`]: carries the transaction id across services in gRPC metadata.
 //! - [`error`]: the SDK's error type.
 
+pub mod broker;
 pub mod client;
+pub mod dedup;
 pub mod error;
+pub mod nats;
+pub mod postgres;
 pub mod propagation;
+pub mod rabbitmq;
 mod recovery;
 pub mod resource;
 mod server;
+pub mod staging;
 
+pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
 pub use client::{Committed, Transaction, TwoPc, TwoPcBuilder};
 pub use error::{Error, Result};
+pub use nats::NatsResource;
+pub use postgres::{PgBranch, PgResource, PreparedBranch};
+pub use rabbitmq::RabbitResource;
 pub use resource::{OnePhase, Resource, Retry, Vote};
+pub use staging::{StagedMessage, StagingError, StagingOptions, StagingStore};

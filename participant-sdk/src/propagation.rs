@@ -24,15 +24,16 @@ pub fn inject<T>(request: &mut Request<T>, tx_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The transaction id a request carries, if any.
+/// The transaction id a request carries, if any (an empty header counts as none).
 pub fn extract<T>(request: &Request<T>) -> Option<String> {
     if let Some(PropagatedTx(id)) = request.extensions().get::<PropagatedTx>() {
-        return Some(id.clone());
+        return Some(id.clone()).filter(|id| !id.is_empty());
     }
     request
         .metadata()
         .get(TX_ID_HEADER)
         .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
         .map(str::to_string)
 }
 
@@ -116,6 +117,9 @@ mod tests {
         assert_eq!(extract(&req).as_deref(), Some("0000abcd-1-7"));
         assert!(inject(&mut req, "bad\nid").is_err());
         assert_eq!(extract(&Request::new(())), None);
+        let mut empty = Request::new(());
+        empty.metadata_mut().insert(TX_ID_HEADER, MetadataValue::from_static(""));
+        assert_eq!(extract(&empty), None);
     }
 
     #[test]

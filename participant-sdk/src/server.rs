@@ -1,6 +1,21 @@
 //! The embedded participant gRPC server: routes the coordinator's Prepare / Commit / Abort
 //! to the registered [`Resource`](crate::resource::Resource) named in the branch id
 //! (`<service>:<resource>`).
+//!
+//! # Fail points
+//!
+//! With the crate feature `failpoints` (and `fail::FailScenario::setup()` called by the
+//! binary, which reads `FAILPOINTS` from the environment), three crash points exist. The
+//! action `return(abort)` aborts the process on the spot (SIGABRT: no destructor, no
+//! flush, no reply, like a SIGKILL); any other `return` argument is ignored. Without the
+//! feature they compile to nothing.
+//!
+//! * `participant::after_prepare_before_reply`: a branch voted yes (it is durably
+//!   prepared), before the vote is sent to the coordinator.
+//! * `participant::before_commit`: a Commit (two-phase or one-phase) for a registered
+//!   resource arrived, before the resource commits.
+//! * `participant::after_commit_before_ack`: the resource committed, before the
+//!   acknowledgement is sent.
 
 use std::sync::Arc;
 
@@ -33,6 +48,22 @@ pub(crate) async fn serve(
         warn!(error = %e, "participant server stopped with an error");
     }
 }
+
+/// A crash point (see the module docs).
+#[cfg(feature = "failpoints")]
+fn crash_point(name: &str) {
+    fail::fail_point!(name, |arg: Option<String>| {
+        if arg.as_deref() == Some("abort") {
+            eprintln!("failpoint {name} hit: aborting the process");
+            std::process::abort();
+        }
+    });
+}
+
+/// A crash point (see the module docs); nothing without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn crash_point(_name: &str) {}
 
 struct ParticipantService {
     registry: Registry,
@@ -76,6 +107,9 @@ impl Participant for ParticipantService {
             // Nothing here can have prepared this branch: a safe "no".
             Err(s) => (pb::Vote::No, s.message().to_string()),
         };
+        if vote == pb::Vote::Yes {
+            crash_point("participant::after_prepare_before_reply");
+        }
         Ok(Response::new(pb::PrepareResponse {
             vote: vote as i32,
             reason,
@@ -89,16 +123,20 @@ impl Participant for ParticipantService {
         let req = request.into_inner();
         let span = info_span!("commit", tx_id = %req.tx_id, branch_id = %req.branch_id, one_phase = req.one_phase);
         let resource = self.route(&req.tx_id, &req.branch_id)?;
+        crash_point("participant::before_commit");
         if req.one_phase {
             return match resource
                 .commit_one_phase(&req.tx_id, &req.branch_id)
                 .instrument(span)
                 .await
             {
-                Ok(OnePhase::Committed) => Ok(Response::new(pb::CommitBranchResponse {
-                    committed: true,
-                    reason: String::new(),
-                })),
+                Ok(OnePhase::Committed) => {
+                    crash_point("participant::after_commit_before_ack");
+                    Ok(Response::new(pb::CommitBranchResponse {
+                        committed: true,
+                        reason: String::new(),
+                    }))
+                }
                 Ok(OnePhase::Refused(reason)) => Ok(Response::new(pb::CommitBranchResponse {
                     committed: false,
                     reason,
@@ -111,10 +149,13 @@ impl Participant for ParticipantService {
             .instrument(span)
             .await
         {
-            Ok(()) => Ok(Response::new(pb::CommitBranchResponse {
-                committed: true,
-                reason: String::new(),
-            })),
+            Ok(()) => {
+                crash_point("participant::after_commit_before_ack");
+                Ok(Response::new(pb::CommitBranchResponse {
+                    committed: true,
+                    reason: String::new(),
+                }))
+            }
             Err(e) => Err(Status::unavailable(e.0)),
         }
     }

@@ -1,0 +1,1186 @@
+//! PostgreSQL branches: [`PgResource`] and [`PgBranch`].
+//!
+//! A [`PgResource`] wraps a `deadpool_postgres` pool on one database. Each transaction
+//! that uses it gets one branch: a pooled connection with an open `BEGIN` block, on which
+//! the application runs its statements ([`PgBranch::execute`], [`PgBranch::query`]).
+//! The coordinator then drives the branch through the [`Resource`] methods:
+//!
+//! | step          | SQL                                                          |
+//! |---------------|--------------------------------------------------------------|
+//! | prepare       | `SELECT txid_current_if_assigned(); PREPARE TRANSACTION '<gid>'` on the branch's connection (one round trip), then the connection goes back to the pool |
+//! | commit        | `COMMIT PREPARED '<gid>'` on any pooled connection; SQLSTATE 42704 (no such gid) means already committed |
+//! | abort         | `ROLLBACK` on the branch's connection if still open, else `ROLLBACK PREPARED '<gid>'` (42704: nothing left to abort) |
+//! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection |
+//! | in doubt      | `SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%' AND database = current_database()` |
+//!
+//! The gid is `twopc:<tx_id>:<branch_id>` (under 200 bytes; never reused, because
+//! transaction ids are not), so a prepared transaction can be found and finished from the
+//! database alone after any restart.
+//!
+//! ## Votes
+//! * **No** with the database's message and SQLSTATE when the branch cannot be prepared:
+//!   a statement failed and left the transaction aborted (rolling back to a savepoint
+//!   recovers it, as in plain PostgreSQL), or `PREPARE TRANSACTION` itself failed
+//!   (a deferred constraint, a serialization failure, temporary tables / `WITH HOLD`
+//!   cursors / `LISTEN`, `max_prepared_transactions` exhausted), or the branch is unknown.
+//! * **Read-only** when the branch wrote nothing (no transaction id was assigned): it is
+//!   finished at prepare and takes no part in phase two.
+//! * The `SELECT txid_current_if_assigned()` in front of `PREPARE TRANSACTION` is what
+//!   makes a yes vote trustworthy: in an aborted block PostgreSQL would answer
+//!   `PREPARE TRANSACTION` with a silent rollback, not an error.
+//!
+//! ## Failure handling
+//! * Phase-one and phase-two work runs in its own task, so a coordinator RPC that times
+//!   out cannot cut a `PREPARE` or `COMMIT PREPARED` in half.
+//! * A connection that saw an error (or whose state is uncertain) is closed, never
+//!   returned to the pool; closing it rolls back whatever was open on it.
+//! * Losing the connection during `PREPARE TRANSACTION` votes no; a later abort then
+//!   issues `ROLLBACK PREPARED` in case the prepare did happen (and recovery finds such a
+//!   gid anyway). Losing it during a one-phase `COMMIT` is resolved with
+//!   `txid_status(xid)`; while PostgreSQL cannot tell yet, the commit answers "retry".
+//! * Connection failures at commit / abort / in-doubt listing are `Err(Retry)`: the
+//!   coordinator (or recovery) tries again.
+//!
+//! ## Limits
+//! * A one-phase commit whose reply is lost *and* whose participant process restarts
+//!   before the coordinator retries is answered "refused" (the branch is unknown after
+//!   the restart). This is the usual heuristic hazard of one-phase commit; disable the
+//!   coordinator's one-phase optimisation if it matters.
+//! * `in_doubt` lists every `twopc:` gid in the database whose branch id names this
+//!   resource (`<any service>:<name>`); a gid of another service that uses the same
+//!   resource name on the same database is resolved from the coordinator's decision too.
+//! * The application must not end the transaction block itself (`COMMIT`, `ROLLBACK`,
+//!   `END`, `PREPARE TRANSACTION`, ...): [`PgBranch`] refuses such statements.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::Mutex;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
+use tracing::{debug, warn};
+
+use crate::client::Transaction;
+use crate::error::{Error, Result};
+use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
+
+/// Every gid this adapter prepares starts with this.
+pub const GID_PREFIX: &str = "twopc:";
+
+/// PostgreSQL's limit on a gid is 200 bytes including the terminating NUL.
+const MAX_GID_BYTES: usize = 199;
+
+/// How many finished branches are remembered (so a repeated or late prepare / commit /
+/// one-phase commit gets the same answer).
+const REMEMBER_FINISHED: usize = 10_000;
+
+/// Bound on waiting for a pooled connection.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// Bound on one phase-one / phase-two statement.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A PostgreSQL database taking part in transactions (branch kind: database).
+///
+/// Create it with [`PgResource::new`] (or [`PgResource::from_url`]), register it with
+/// [`TwoPc::register`](crate::TwoPc::register), and open branches with
+/// [`PgResource::begin`] or [`Transaction::postgres`].
+pub struct PgResource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    pool: Pool,
+    branches: StdMutex<Branches>,
+}
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct Branches {
+    /// Open, prepared and recently finished branches.
+    map: HashMap<Key, Arc<Slot>>,
+    /// Finished branches, oldest first (bounded; the oldest are forgotten).
+    finished: VecDeque<Key>,
+}
+
+/// One branch's state, shared by the resource and the application's [`PgBranch`]
+/// handles.
+struct Slot {
+    tx_id: String,
+    branch_id: String,
+    gid: String,
+    state: Arc<Mutex<State>>,
+}
+
+enum State {
+    /// Being opened (or the opening was interrupted).
+    Opening,
+    /// Could not be opened.
+    Broken(String),
+    /// `BEGIN` ran on `conn`; statements may run.
+    Open {
+        conn: Box<Object>,
+        last_error: Option<String>,
+    },
+    /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
+    Prepared,
+    /// Voted no. `maybe_prepared`: the connection was lost during `PREPARE TRANSACTION`,
+    /// so the gid may exist after all.
+    VotedNo {
+        reason: String,
+        maybe_prepared: bool,
+    },
+    /// Wrote nothing; finished at prepare.
+    ReadOnly,
+    /// `COMMIT PREPARED` done.
+    Committed,
+    /// Committed in one phase.
+    OnePhaseCommitted,
+    /// One-phase commit refused (rolled back).
+    OnePhaseRefused(String),
+    /// The connection was lost during a one-phase `COMMIT`; `xid` tells the outcome
+    /// once PostgreSQL knows it.
+    OnePhaseUnknown { xid: i64 },
+    /// Rolled back.
+    Aborted,
+}
+
+impl State {
+    fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            State::Broken(_)
+                | State::VotedNo { .. }
+                | State::ReadOnly
+                | State::Committed
+                | State::OnePhaseCommitted
+                | State::OnePhaseRefused(_)
+                | State::Aborted
+        )
+    }
+
+    /// Why statements can no longer run (for usage errors).
+    fn describe(&self) -> String {
+        match self {
+            State::Opening => "not open (opening it was interrupted)".into(),
+            State::Broken(m) => format!("not open ({m})"),
+            State::Open { .. } => "open".into(),
+            State::Prepared => "already prepared (the transaction is committing)".into(),
+            State::VotedNo { reason, .. } => format!("rolled back at prepare ({reason})"),
+            State::ReadOnly => "finished (read-only)".into(),
+            State::Committed | State::OnePhaseCommitted => "already committed".into(),
+            State::OnePhaseRefused(m) => format!("rolled back at commit ({m})"),
+            State::OnePhaseUnknown { .. } => "committing".into(),
+            State::Aborted => "aborted".into(),
+        }
+    }
+}
+
+/// A prepared branch of this resource still in the database (for operators: it holds
+/// its locks and holds back VACUUM until it is resolved).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedBranch {
+    /// The PostgreSQL gid (`twopc:<tx_id>:<branch_id>`).
+    pub gid: String,
+    /// The transaction id.
+    pub tx_id: String,
+    /// The branch id (`<service>:<resource>`).
+    pub branch_id: String,
+    /// How long ago it was prepared.
+    pub age: Duration,
+}
+
+fn lock_branches(m: &StdMutex<Branches>) -> MutexGuard<'_, Branches> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PgResource {
+    /// A resource named `name` (1-64 characters of `A-Za-z0-9._-`; branch ids become
+    /// `<service>:<name>`) over `pool`. Connects once to check that the server has
+    /// `max_prepared_transactions > 0` and fails with a message saying how to enable it
+    /// otherwise.
+    pub async fn new(name: &str, pool: Pool) -> Result<Arc<PgResource>> {
+        validate_name(name)?;
+        let conn = get_conn(&pool)
+            .await
+            .map_err(|e| Error::resource(name, format!("cannot connect to PostgreSQL: {e}")))?;
+        let msgs = conn
+            .simple_query("SHOW max_prepared_transactions")
+            .await
+            .map_err(|e| {
+                Error::resource(
+                    name,
+                    format!("SHOW max_prepared_transactions failed: {}", describe(&e)),
+                )
+            })?;
+        let value = first_cell(&msgs).flatten().unwrap_or_default();
+        let n: i64 = value.trim().parse().map_err(|_| {
+            Error::resource(
+                name,
+                format!("SHOW max_prepared_transactions returned {value:?}, not a number"),
+            )
+        })?;
+        if n <= 0 {
+            return Err(Error::resource(
+                name,
+                format!(
+                    "max_prepared_transactions is {n} on this PostgreSQL server, so it cannot run PREPARE TRANSACTION \
+                     and cannot take part in two-phase commit. Enable it: `ALTER SYSTEM SET max_prepared_transactions \
+                     = 64;` (at least the number of transactions that may be prepared at once; max_connections is a \
+                     safe choice) and restart PostgreSQL (the setting only changes at server start, e.g. \
+                     `pg_ctlcluster 15 main restart`)"
+                ),
+            ));
+        }
+        drop(conn);
+        Ok(Arc::new(PgResource {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                pool,
+                branches: StdMutex::new(Branches::default()),
+            }),
+        }))
+    }
+
+    /// [`PgResource::new`] over a new pool of at most `max_connections` connections to
+    /// `url` (libpq key-value or URL form, no TLS), e.g.
+    /// `host=127.0.0.1 port=5432 user=postgres dbname=orders`.
+    pub async fn from_url(
+        name: &str,
+        url: &str,
+        max_connections: usize,
+    ) -> Result<Arc<PgResource>> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Usage(format!("PostgreSQL URL {url:?} is malformed: {e}")))?;
+        let manager = deadpool_postgres::Manager::new(config, NoTls);
+        let pool = Pool::builder(manager)
+            .max_size(max_connections.max(1))
+            .build()
+            .map_err(|e| Error::resource(name, format!("cannot build a connection pool: {e}")))?;
+        Self::new(name, pool).await
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Opens (enlists) this resource's branch of `tx`: enlists it with the coordinator,
+    /// takes a pooled connection and runs `BEGIN`. There is at most one branch per
+    /// transaction and resource: a second call returns a handle on the same branch.
+    pub async fn begin(&self, tx: &Transaction) -> Result<PgBranch> {
+        let branch_id = tx.branch_id(self);
+        let gid = gid_for(tx.id(), &branch_id).map_err(Error::Usage)?;
+        tx.enlist(self).await?;
+        let key: Key = (tx.id().to_string(), branch_id.clone());
+        let (slot, mut guard) = {
+            let mut b = lock_branches(&self.inner.branches);
+            if let Some(slot) = b.map.get(&key) {
+                return Ok(PgBranch {
+                    resource: self.inner.name.clone(),
+                    slot: slot.clone(),
+                });
+            }
+            let state = Arc::new(Mutex::new(State::Opening));
+            let guard = state
+                .clone()
+                .try_lock_owned()
+                .map_err(|_| Error::Usage("a fresh branch lock was taken".into()))?;
+            let slot = Arc::new(Slot {
+                tx_id: key.0.clone(),
+                branch_id,
+                gid,
+                state,
+            });
+            b.map.insert(key.clone(), slot.clone());
+            (slot, guard)
+        };
+        let opened = async {
+            let conn = get_conn(&self.inner.pool).await?;
+            conn.batch_execute("BEGIN")
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok::<_, String>(conn)
+        }
+        .await;
+        match opened {
+            Ok(conn) => {
+                *guard = State::Open {
+                    conn: Box::new(conn),
+                    last_error: None,
+                };
+                Ok(PgBranch {
+                    resource: self.inner.name.clone(),
+                    slot,
+                })
+            }
+            Err(e) => {
+                *guard = State::Broken(e.clone());
+                drop(guard);
+                lock_branches(&self.inner.branches).map.remove(&key);
+                Err(Error::resource(
+                    &self.inner.name,
+                    format!("cannot open a branch: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// This resource's prepared branches still in the database, oldest first.
+    pub async fn prepared(&self) -> Result<Vec<PreparedBranch>> {
+        let conn = get_conn(&self.inner.pool)
+            .await
+            .map_err(|e| Error::resource(&self.inner.name, e))?;
+        let rows = conn
+            .query(
+                "SELECT gid, EXTRACT(EPOCH FROM (now() - prepared))::float8 FROM pg_prepared_xacts \
+                 WHERE gid LIKE 'twopc:%' AND database = current_database() ORDER BY prepared",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::resource(&self.inner.name, describe(&e)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let gid: String = row
+                .try_get(0)
+                .map_err(|e| Error::resource(&self.inner.name, e))?;
+            let secs: f64 = row
+                .try_get(1)
+                .map_err(|e| Error::resource(&self.inner.name, e))?;
+            if let Some((tx_id, branch_id)) = parse_gid(&gid) {
+                if names_resource(&branch_id, &self.inner.name) {
+                    out.push(PreparedBranch {
+                        gid,
+                        tx_id,
+                        branch_id,
+                        age: Duration::from_secs_f64(secs.max(0.0)),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many of this resource's branches are prepared in the database right now.
+    pub async fn prepared_count(&self) -> Result<i64> {
+        Ok(self.prepared().await?.len() as i64)
+    }
+
+    /// Age of this resource's oldest prepared branch, if any (alert when it grows: a
+    /// prepared transaction holds locks and holds back VACUUM).
+    pub async fn oldest_prepared_age(&self) -> Result<Option<Duration>> {
+        Ok(self.prepared().await?.first().map(|p| p.age))
+    }
+}
+
+impl Transaction {
+    /// Opens `pg`'s branch of this transaction (sugar for [`PgResource::begin`]).
+    pub async fn postgres(&self, pg: &PgResource) -> Result<PgBranch> {
+        pg.begin(self).await
+    }
+}
+
+/// The application's handle on one open PostgreSQL branch: its statements run on the
+/// branch's own connection, inside its `BEGIN` block. Cheap to clone; every handle of a
+/// transaction and resource is the same branch.
+///
+/// Once the branch is prepared or finished, statements fail with [`Error::Usage`]. A
+/// failing statement returns [`Error::Resource`] with the database's message and
+/// SQLSTATE; the transaction is then aborted in PostgreSQL (unless the application rolls
+/// back to a savepoint), so the branch would vote no.
+#[derive(Clone)]
+pub struct PgBranch {
+    resource: String,
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for PgBranch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBranch")
+            .field("gid", &self.slot.gid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgBranch {
+    /// The transaction id.
+    pub fn tx_id(&self) -> &str {
+        &self.slot.tx_id
+    }
+
+    /// The branch id (`<service>:<resource>`).
+    pub fn branch_id(&self) -> &str {
+        &self.slot.branch_id
+    }
+
+    /// The gid it is prepared under.
+    pub fn gid(&self) -> &str {
+        &self.slot.gid
+    }
+
+    /// Runs one statement; returns the number of rows it affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        check_statement(sql)?;
+        let mut state = self.slot.state.lock().await;
+        let res = match &*state {
+            State::Open { conn, .. } => conn.execute(sql, params).await,
+            other => return Err(self.not_open(other)),
+        };
+        self.record(&mut state, res)
+    }
+
+    /// Runs one query; returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        check_statement(sql)?;
+        let mut state = self.slot.state.lock().await;
+        let res = match &*state {
+            State::Open { conn, .. } => conn.query(sql, params).await,
+            other => return Err(self.not_open(other)),
+        };
+        self.record(&mut state, res)
+    }
+
+    /// Runs a query that returns exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        check_statement(sql)?;
+        let mut state = self.slot.state.lock().await;
+        let res = match &*state {
+            State::Open { conn, .. } => conn.query_one(sql, params).await,
+            other => return Err(self.not_open(other)),
+        };
+        self.record(&mut state, res)
+    }
+
+    fn not_open(&self, state: &State) -> Error {
+        Error::Usage(format!(
+            "branch {} of transaction {} is {}: no more statements can run in it",
+            self.slot.branch_id,
+            self.slot.tx_id,
+            state.describe()
+        ))
+    }
+
+    /// Remembers a failed statement's message (the prepare vote reports it).
+    fn record<T>(&self, state: &mut State, res: Result<T, tokio_postgres::Error>) -> Result<T> {
+        res.map_err(|e| {
+            let msg = describe(&e);
+            if let State::Open { last_error, .. } = state {
+                *last_error = Some(msg.clone());
+            }
+            Error::resource(&self.resource, msg)
+        })
+    }
+}
+
+/// Refuses statements that would end the branch's transaction block behind the SDK's
+/// back (checked on the first keyword; `ROLLBACK TO [SAVEPOINT]` is allowed).
+fn check_statement(sql: &str) -> Result<()> {
+    let mut words = sql
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or("").to_ascii_uppercase();
+    let second = words.next().unwrap_or("").to_ascii_uppercase();
+    let ends_block = match first.as_str() {
+        "COMMIT" | "END" | "ABORT" | "BEGIN" | "START" => true,
+        "ROLLBACK" => second != "TO",
+        "PREPARE" => second == "TRANSACTION",
+        _ => false,
+    };
+    if ends_block {
+        return Err(Error::Usage(format!(
+            "{first} cannot run in a twopc branch: the transaction block is begun, prepared, committed and rolled \
+             back by the SDK (commit or abort the twopc Transaction instead)"
+        )));
+    }
+    Ok(())
+}
+
+/// Letters, digits and `._-`.
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "resource name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+/// `twopc:<tx_id>:<branch_id>`, checked to be a safe SQL literal and short enough.
+fn gid_for(tx_id: &str, branch_id: &str) -> Result<String, String> {
+    let safe = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+    };
+    if !safe(tx_id) || tx_id.contains(':') {
+        return Err(format!(
+            "transaction id {tx_id:?} cannot be part of a PostgreSQL gid"
+        ));
+    }
+    if !safe(branch_id) {
+        return Err(format!(
+            "branch id {branch_id:?} cannot be part of a PostgreSQL gid"
+        ));
+    }
+    let gid = format!("{GID_PREFIX}{tx_id}:{branch_id}");
+    if gid.len() > MAX_GID_BYTES {
+        return Err(format!(
+            "gid {gid:?} is longer than PostgreSQL's {MAX_GID_BYTES} bytes"
+        ));
+    }
+    Ok(gid)
+}
+
+/// `(tx_id, branch_id)` of one of our gids.
+fn parse_gid(gid: &str) -> Option<(String, String)> {
+    let rest = gid.strip_prefix(GID_PREFIX)?;
+    let (tx_id, branch_id) = rest.split_once(':')?;
+    if tx_id.is_empty() || !branch_id.contains(':') {
+        return None;
+    }
+    Some((tx_id.to_string(), branch_id.to_string()))
+}
+
+/// The branch id `<service>:<resource>` names resource `name`.
+fn names_resource(branch_id: &str, name: &str) -> bool {
+    branch_id
+        .split_once(':')
+        .map(|(_, r)| r == name)
+        .unwrap_or(false)
+}
+
+/// The database's message with severity and SQLSTATE (and detail), or the client's
+/// message for connection errors.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
+            if let Some(detail) = db.detail() {
+                s.push_str("; DETAIL: ");
+                s.push_str(detail);
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// The first column of the first row of a simple query: `None` without a row,
+/// `Some(None)` for SQL NULL.
+fn first_cell(msgs: &[SimpleQueryMessage]) -> Option<Option<String>> {
+    msgs.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
+        _ => None,
+    })
+}
+
+/// A pooled connection, waiting at most [`POOL_WAIT`].
+async fn get_conn(pool: &Pool) -> Result<Object, String> {
+    match tokio::time::timeout(POOL_WAIT, pool.get()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("cannot get a PostgreSQL connection: {e}")),
+        Err(_) => Err(format!(
+            "no PostgreSQL connection free within {POOL_WAIT:?} (pool exhausted?)"
+        )),
+    }
+}
+
+/// Closes a connection instead of returning it to the pool (closing rolls back whatever
+/// was open on it; a connection still busy after a timeout is closed too).
+fn discard(conn: Object) {
+    drop(Object::take(conn));
+}
+
+/// Runs `fut` to completion in its own task, so the caller's cancellation (an RPC
+/// timeout) cannot interrupt it halfway.
+async fn detached<T: Send + 'static>(
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::spawn(fut)
+        .await
+        .map_err(|e| format!("internal error in the PostgreSQL adapter: {e}"))
+}
+
+/// Outcome of `txid_status`.
+enum XidOutcome {
+    Committed,
+    Aborted,
+    Unknown(String),
+}
+
+impl Inner {
+    fn slot(&self, key: &Key) -> Option<Arc<Slot>> {
+        lock_branches(&self.branches).map.get(key).cloned()
+    }
+
+    /// Moves a branch to `new`, remembering it among the finished ones when it ends.
+    fn set(&self, slot: &Slot, state: &mut State, new: State) {
+        let newly_finished = !state.is_terminal() && new.is_terminal();
+        *state = new;
+        if newly_finished {
+            let mut b = lock_branches(&self.branches);
+            b.finished
+                .push_back((slot.tx_id.clone(), slot.branch_id.clone()));
+            while b.finished.len() > REMEMBER_FINISHED {
+                if let Some(old) = b.finished.pop_front() {
+                    b.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Records that an unknown branch was aborted, so a late `begin` cannot reopen it.
+    fn tombstone(&self, tx_id: &str, branch_id: &str, gid: String) {
+        let key: Key = (tx_id.to_string(), branch_id.to_string());
+        let mut b = lock_branches(&self.branches);
+        if b.map.contains_key(&key) {
+            return;
+        }
+        let slot = Arc::new(Slot {
+            tx_id: key.0.clone(),
+            branch_id: key.1.clone(),
+            gid,
+            state: Arc::new(Mutex::new(State::Aborted)),
+        });
+        b.map.insert(key.clone(), slot);
+        b.finished.push_back(key);
+        while b.finished.len() > REMEMBER_FINISHED {
+            if let Some(old) = b.finished.pop_front() {
+                b.map.remove(&old);
+            }
+        }
+    }
+
+    /// Runs one phase-two statement on a pooled connection. `Ok(true)`: done;
+    /// `Ok(false)`: SQLSTATE 42704, no such prepared transaction.
+    async fn on_pooled(&self, sql: &str) -> Result<bool, Retry> {
+        let conn = get_conn(&self.pool).await.map_err(Retry)?;
+        match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute(sql)).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(false),
+            Ok(Err(e)) => {
+                if e.as_db_error().is_none() {
+                    discard(conn);
+                }
+                Err(Retry(format!("{sql}: {}", describe(&e))))
+            }
+            Err(_) => {
+                discard(conn);
+                Err(Retry(format!("{sql}: no answer within {OP_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    async fn gid_exists(&self, gid: &str) -> Result<bool, String> {
+        let conn = get_conn(&self.pool).await?;
+        let rows = conn
+            .query(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()",
+                &[&gid],
+            )
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok(!rows.is_empty())
+    }
+
+    /// `txid_status(xid)` on a pooled connection.
+    async fn xid_outcome(&self, xid: i64) -> XidOutcome {
+        let conn = match get_conn(&self.pool).await {
+            Ok(c) => c,
+            Err(e) => return XidOutcome::Unknown(e),
+        };
+        match conn
+            .simple_query(&format!("SELECT txid_status({xid})"))
+            .await
+        {
+            Ok(msgs) => match first_cell(&msgs).flatten().as_deref() {
+                Some("committed") => XidOutcome::Committed,
+                Some("aborted") => XidOutcome::Aborted,
+                Some(other) => XidOutcome::Unknown(format!("transaction {xid} is {other}")),
+                None => {
+                    XidOutcome::Unknown(format!("PostgreSQL no longer knows transaction {xid}"))
+                }
+            },
+            Err(e) => XidOutcome::Unknown(describe(&e)),
+        }
+    }
+
+    async fn prepare(self: Arc<Self>, tx_id: String, branch_id: String) -> Vote {
+        let gid = match gid_for(&tx_id, &branch_id) {
+            Ok(g) => g,
+            Err(m) => return Vote::No(m),
+        };
+        let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
+            // Not open here: either it was prepared before a restart (then the gid is
+            // there: same answer as then), or its work is gone.
+            return match self.gid_exists(&gid).await {
+                Ok(true) => Vote::Yes,
+                Ok(false) => Vote::No(format!(
+                    "unknown branch {branch_id} of transaction {tx_id}: never opened here, or this process restarted \
+                     before it was prepared (its work was rolled back)"
+                )),
+                Err(e) => Vote::No(format!("unknown branch {branch_id} of transaction {tx_id}; checking pg_prepared_xacts failed: {e}")),
+            };
+        };
+        let mut state = slot.state.clone().lock_owned().await;
+        match std::mem::replace(&mut *state, State::Opening) {
+            State::Open { conn, last_error } => {
+                let conn = *conn;
+                let sql = format!("SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'");
+                let (new, vote) = match tokio::time::timeout(OP_TIMEOUT, conn.simple_query(&sql))
+                    .await
+                {
+                    Ok(Ok(msgs)) => {
+                        if matches!(first_cell(&msgs), Some(None)) {
+                            // No transaction id: nothing was written. Finish it now.
+                            match conn
+                                .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                                .await
+                            {
+                                Ok(()) => (State::ReadOnly, Vote::ReadOnly),
+                                Err(e) => {
+                                    debug!(gid, error = %describe(&e), "read-only branch stays prepared");
+                                    discard(conn);
+                                    (State::Prepared, Vote::Yes)
+                                }
+                            }
+                        } else {
+                            (State::Prepared, Vote::Yes)
+                        }
+                    }
+                    Ok(Err(e)) if e.as_db_error().is_some() => {
+                        discard(conn);
+                        let reason = match (
+                            e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+                            last_error,
+                        ) {
+                            (true, Some(first)) => {
+                                format!("a statement of the branch failed: {first}")
+                            }
+                            _ => format!("PREPARE TRANSACTION failed: {}", describe(&e)),
+                        };
+                        (
+                            State::VotedNo {
+                                reason: reason.clone(),
+                                maybe_prepared: false,
+                            },
+                            Vote::No(reason),
+                        )
+                    }
+                    outcome => {
+                        discard(conn);
+                        let why = match outcome {
+                            Ok(Err(e)) => describe(&e),
+                            _ => format!("no answer within {OP_TIMEOUT:?}"),
+                        };
+                        let reason = format!(
+                            "lost the PostgreSQL connection during PREPARE TRANSACTION: {why}"
+                        );
+                        (
+                            State::VotedNo {
+                                reason: reason.clone(),
+                                maybe_prepared: true,
+                            },
+                            Vote::No(reason),
+                        )
+                    }
+                };
+                let mut st = State::Opening;
+                self.set(&slot, &mut st, new);
+                *state = st;
+                vote
+            }
+            other => {
+                let vote = match &other {
+                    State::Prepared | State::Committed => Vote::Yes,
+                    State::ReadOnly => Vote::ReadOnly,
+                    State::VotedNo { reason, .. } => Vote::No(reason.clone()),
+                    s => Vote::No(format!(
+                        "branch {branch_id} of transaction {tx_id} is {}",
+                        s.describe()
+                    )),
+                };
+                *state = other;
+                vote
+            }
+        }
+    }
+
+    async fn commit(self: Arc<Self>, tx_id: String, branch_id: String) -> Result<(), Retry> {
+        let gid = gid_for(&tx_id, &branch_id).map_err(Retry)?;
+        let sql = format!("COMMIT PREPARED '{gid}'");
+        let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
+            // After a yes vote, "no such gid" means it was committed already.
+            self.on_pooled(&sql).await?;
+            return Ok(());
+        };
+        let mut state = slot.state.clone().lock_owned().await;
+        match &*state {
+            State::Prepared => {
+                if !self.on_pooled(&sql).await? {
+                    debug!(gid, "COMMIT PREPARED: no such gid, already committed");
+                }
+                self.set(&slot, &mut state, State::Committed);
+                Ok(())
+            }
+            State::Committed | State::OnePhaseCommitted | State::ReadOnly => Ok(()),
+            State::OnePhaseUnknown { xid } => match self.xid_outcome(*xid).await {
+                XidOutcome::Committed => {
+                    self.set(&slot, &mut state, State::OnePhaseCommitted);
+                    Ok(())
+                }
+                XidOutcome::Aborted => Err(Retry(format!("branch {branch_id} of {tx_id} was rolled back: cannot commit"))),
+                XidOutcome::Unknown(m) => Err(Retry(m)),
+            },
+            other => Err(Retry(format!(
+                "branch {branch_id} of transaction {tx_id} is {} and was never prepared: cannot commit it",
+                other.describe()
+            ))),
+        }
+    }
+
+    async fn commit_one_phase(
+        self: Arc<Self>,
+        tx_id: String,
+        branch_id: String,
+    ) -> Result<OnePhase, Retry> {
+        let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
+            return Ok(OnePhase::Refused(format!(
+                "unknown branch {branch_id} of transaction {tx_id}: never opened here, or this process restarted and \
+                 its open work was rolled back"
+            )));
+        };
+        let mut state = slot.state.clone().lock_owned().await;
+        match std::mem::replace(&mut *state, State::Opening) {
+            State::Open { conn, last_error } => {
+                let (new, answer) = self.one_phase_open(*conn, last_error).await;
+                let mut st = State::Opening;
+                self.set(&slot, &mut st, new);
+                *state = st;
+                answer
+            }
+            State::OnePhaseUnknown { xid } => {
+                let (new, answer) = self.resolve_one_phase(xid).await;
+                *state = State::OnePhaseUnknown { xid };
+                self.set(&slot, &mut state, new);
+                answer
+            }
+            State::Prepared => {
+                *state = State::Prepared;
+                let gid = slot.gid.clone();
+                self.on_pooled(&format!("COMMIT PREPARED '{gid}'")).await?;
+                self.set(&slot, &mut state, State::Committed);
+                Ok(OnePhase::Committed)
+            }
+            other => {
+                let answer = match &other {
+                    State::OnePhaseCommitted | State::Committed | State::ReadOnly => {
+                        OnePhase::Committed
+                    }
+                    State::OnePhaseRefused(m) => OnePhase::Refused(m.clone()),
+                    State::VotedNo { reason, .. } => OnePhase::Refused(reason.clone()),
+                    s => OnePhase::Refused(format!(
+                        "branch {branch_id} of transaction {tx_id} is {}",
+                        s.describe()
+                    )),
+                };
+                *state = other;
+                Ok(answer)
+            }
+        }
+    }
+
+    /// One-phase commit of an open branch: learn its xid, then `COMMIT`.
+    async fn one_phase_open(
+        &self,
+        conn: Object,
+        last_error: Option<String>,
+    ) -> (State, Result<OnePhase, Retry>) {
+        let xid = match tokio::time::timeout(
+            OP_TIMEOUT,
+            conn.simple_query("SELECT txid_current_if_assigned()"),
+        )
+        .await
+        {
+            Ok(Ok(msgs)) => first_cell(&msgs)
+                .flatten()
+                .and_then(|s| s.parse::<i64>().ok()),
+            Ok(Err(e)) => {
+                discard(conn);
+                let reason = match (
+                    e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+                    last_error,
+                ) {
+                    (true, Some(first)) => format!("a statement of the branch failed: {first}"),
+                    _ => describe(&e),
+                };
+                return (
+                    State::OnePhaseRefused(reason.clone()),
+                    Ok(OnePhase::Refused(reason)),
+                );
+            }
+            Err(_) => {
+                discard(conn);
+                let reason =
+                    format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
+                return (
+                    State::OnePhaseRefused(reason.clone()),
+                    Ok(OnePhase::Refused(reason)),
+                );
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
+            Ok(Err(e)) if e.as_db_error().is_some() => {
+                discard(conn);
+                let reason = format!("COMMIT failed: {}", describe(&e));
+                (
+                    State::OnePhaseRefused(reason.clone()),
+                    Ok(OnePhase::Refused(reason)),
+                )
+            }
+            _ => {
+                discard(conn);
+                match xid {
+                    // Nothing written: committed or not, there is nothing to lose.
+                    None => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
+                    Some(xid) => self.resolve_one_phase(xid).await,
+                }
+            }
+        }
+    }
+
+    /// The outcome of a one-phase `COMMIT` whose answer was lost.
+    async fn resolve_one_phase(&self, xid: i64) -> (State, Result<OnePhase, Retry>) {
+        match self.xid_outcome(xid).await {
+            XidOutcome::Committed => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
+            XidOutcome::Aborted => {
+                let reason = "the connection was lost during COMMIT and PostgreSQL rolled the transaction back".to_string();
+                (
+                    State::OnePhaseRefused(reason.clone()),
+                    Ok(OnePhase::Refused(reason)),
+                )
+            }
+            XidOutcome::Unknown(m) => (
+                State::OnePhaseUnknown { xid },
+                Err(Retry(format!(
+                    "outcome of the one-phase COMMIT not known yet: {m}"
+                ))),
+            ),
+        }
+    }
+
+    async fn abort(self: Arc<Self>, tx_id: String, branch_id: String) -> Result<(), Retry> {
+        let gid = match gid_for(&tx_id, &branch_id) {
+            Ok(g) => g,
+            // Nothing can have been prepared under an invalid gid.
+            Err(_) => return Ok(()),
+        };
+        let sql = format!("ROLLBACK PREPARED '{gid}'");
+        let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
+            self.on_pooled(&sql).await?;
+            self.tombstone(&tx_id, &branch_id, gid);
+            return Ok(());
+        };
+        let mut state = slot.state.clone().lock_owned().await;
+        match std::mem::replace(&mut *state, State::Opening) {
+            State::Open { conn, .. } => {
+                let conn = *conn;
+                match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute("ROLLBACK")).await {
+                    Ok(Ok(())) => drop(conn),
+                    // Closing the connection rolls back just as well.
+                    _ => discard(conn),
+                }
+                let mut st = State::Opening;
+                self.set(&slot, &mut st, State::Aborted);
+                *state = st;
+                Ok(())
+            }
+            State::Prepared => {
+                *state = State::Prepared;
+                self.on_pooled(&sql).await?;
+                self.set(&slot, &mut state, State::Aborted);
+                Ok(())
+            }
+            State::VotedNo {
+                reason,
+                maybe_prepared: true,
+            } => {
+                *state = State::VotedNo {
+                    reason: reason.clone(),
+                    maybe_prepared: true,
+                };
+                self.on_pooled(&sql).await?;
+                *state = State::VotedNo {
+                    reason,
+                    maybe_prepared: false,
+                };
+                Ok(())
+            }
+            State::OnePhaseUnknown { xid } => {
+                *state = State::OnePhaseUnknown { xid };
+                let (new, answer) = self.resolve_one_phase(xid).await;
+                self.set(&slot, &mut state, new);
+                match answer {
+                    Ok(OnePhase::Committed) => {
+                        warn!(
+                            tx_id,
+                            branch_id, "abort of a branch already committed in one phase"
+                        );
+                        Ok(())
+                    }
+                    Ok(OnePhase::Refused(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            other @ (State::Committed | State::OnePhaseCommitted) => {
+                warn!(
+                    tx_id,
+                    branch_id, "abort of a branch that is already committed: nothing to undo"
+                );
+                *state = other;
+                Ok(())
+            }
+            State::Opening | State::Broken(_) => {
+                let mut st = State::Opening;
+                self.set(&slot, &mut st, State::Aborted);
+                *state = st;
+                Ok(())
+            }
+            other => {
+                // Voted no, read-only, refused, aborted: nothing is left.
+                *state = other;
+                Ok(())
+            }
+        }
+    }
+
+    async fn in_doubt(self: Arc<Self>) -> Result<Vec<(String, String)>, Retry> {
+        let conn = get_conn(&self.pool).await.map_err(Retry)?;
+        let msgs = conn
+            .simple_query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%' AND database = current_database() \
+                 ORDER BY prepared",
+            )
+            .await
+            .map_err(|e| Retry(format!("listing prepared transactions: {}", describe(&e))))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(parse_gid),
+                _ => None,
+            })
+            .filter(|(_, branch_id)| names_resource(branch_id, &self.name))
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl Resource for PgResource {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn kind(&self) -> BranchKind {
+        BranchKind::Database
+    }
+
+    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
+        let inner = self.inner.clone();
+        detached(inner.prepare(tx_id.to_string(), branch_id.to_string()))
+            .await
+            .unwrap_or_else(Vote::No)
+    }
+
+    async fn commit(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
+        let inner = self.inner.clone();
+        detached(inner.commit(tx_id.to_string(), branch_id.to_string()))
+            .await
+            .map_err(Retry)?
+    }
+
+    async fn commit_one_phase(&self, tx_id: &str, branch_id: &str) -> Result<OnePhase, Retry> {
+        let inner = self.inner.clone();
+        detached(inner.commit_one_phase(tx_id.to_string(), branch_id.to_string()))
+            .await
+            .map_err(Retry)?
+    }
+
+    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
+        let inner = self.inner.clone();
+        detached(inner.abort(tx_id.to_string(), branch_id.to_string()))
+            .await
+            .map_err(Retry)?
+    }
+
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
+        let inner = self.inner.clone();
+        detached(inner.in_doubt()).await.map_err(Retry)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_round_trip_and_stay_short() {
+        let gid = gid_for("0000abcd-3-17", "orders:db").expect("valid");
+        assert_eq!(gid, "twopc:0000abcd-3-17:orders:db");
+        assert_eq!(
+            parse_gid(&gid),
+            Some(("0000abcd-3-17".into(), "orders:db".into()))
+        );
+        assert!(names_resource("orders:db", "db"));
+        assert!(!names_resource("orders:db2", "db"));
+        assert!(gid_for("a'b", "s:db").is_err());
+        assert!(gid_for("a:b", "s:db").is_err());
+        assert!(gid_for(&"x".repeat(64), &"y".repeat(140)).is_err());
+        assert_eq!(parse_gid("other:1:s:db"), None);
+        assert_eq!(parse_gid("twopc:1:db"), None);
+    }
+
+    #[test]
+    fn block_ending_statements_are_refused() {
+        for sql in [
+            "COMMIT",
+            " commit;",
+            "end",
+            "ROLLBACK",
+            "rollback prepared 'x'",
+            "PREPARE TRANSACTION 'x'",
+            "BEGIN",
+            "start transaction",
+        ] {
+            assert!(check_statement(sql).is_err(), "{sql}");
+        }
+        for sql in [
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback to a",
+            "SAVEPOINT a",
+            "PREPARE q AS SELECT 1",
+            "INSERT INTO t VALUES (1)",
+            "select 1",
+        ] {
+            assert!(check_statement(sql).is_ok(), "{sql}");
+        }
+    }
+}

@@ -1,0 +1,1359 @@
+//! Broker branches against REAL brokers and a REAL (in-process) coordinator.
+//!
+//! * RabbitMQ: the system server at 127.0.0.1:5672 (guest/guest), one unique queue per
+//!   test. Its outages are simulated with a TCP proxy in this file ([`Proxy`]) whose
+//!   `cut` shuts every connection down synchronously and closes its port, and whose
+//!   `restore` opens the same port again; a closed port stands for "never reachable".
+//! * NATS JetStream: the system server at 127.0.0.1:4222 with one unique stream (and
+//!   subject space) per test, or a private `nats-server` ([`NatsServer`]) where the test
+//!   kills it and starts it again on the same port and store directory.
+//! * The coordinator runs in-process (`twopc_coordinator::server::run`) on 127.0.0.1:0
+//!   with quick phase-two retries.
+//!
+//! Deliveries are checked by draining the queue / reading the stream directly. Waits are
+//! bounded polls ([`eventually`]); every test runs under an overall timeout.
+
+use std::future::Future;
+use std::net::{Shutdown, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use twopc_coordinator::server::{run, ServeConfig};
+use twopc_participant::resource::BranchKind;
+use twopc_participant::{
+    Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource, Retry,
+    StagingError, StagingOptions, StagingStore, TwoPc, Vote,
+};
+use twopc_proto::v1 as pb;
+use twopc_testkit::{free_port, unique_name};
+
+const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const RABBIT_ADDR: &str = "127.0.0.1:5672";
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Overall bound of one test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Bound of one wait for a condition.
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// Runs a test body under [`TEST_TIMEOUT`].
+async fn bounded<F: Future<Output = ()>>(body: F) {
+    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
+        panic!("test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true; panics after [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {WAIT:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An in-process coordinator with its own data directory.
+struct Coordinator {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    async fn start() -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind coordinator");
+        let addr = listener.local_addr().expect("local addr");
+        let cfg = ServeConfig {
+            data_dir: dir.path().join("coordinator"),
+            retry_initial_ms: 20,
+            retry_max_ms: 300,
+            connect_timeout_ms: 500,
+            ..Default::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = run(cfg, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            {
+                panic!("coordinator failed: {e}");
+            }
+        });
+        Coordinator {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+async fn sdk(coord: &Coordinator, commit_wait: Duration) -> TwoPc {
+    TwoPc::builder(coord.url.clone())
+        .service("svc")
+        .recovery_interval(Duration::from_secs(3600))
+        .commit_wait(commit_wait)
+        .start()
+        .await
+        .expect("start the SDK")
+}
+
+async fn outcome(sdk: &TwoPc, tx_id: &str) -> pb::GetTransactionResponse {
+    sdk.coordinator()
+        .get_transaction(pb::GetTransactionRequest {
+            tx_id: tx_id.to_string(),
+        })
+        .await
+        .expect("GetTransaction")
+        .into_inner()
+}
+
+fn staging(dir: &Path) -> Arc<StagingStore> {
+    Arc::new(StagingStore::open(dir).expect("open the staging store"))
+}
+
+/// Opens the store in `dir`, waiting while an earlier open of it is still being dropped.
+async fn reopen_staging(dir: &Path) -> Arc<StagingStore> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match StagingStore::open(dir) {
+            Ok(s) => return Arc::new(s),
+            Err(StagingError::Locked { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen the staging store: {e}"),
+        }
+    }
+}
+
+/// A trivial resource: votes as told, commits and aborts always succeed. An optional
+/// hook runs at its (first) commit: as a database-tier branch it commits before any
+/// broker branch, so the hook can take a broker down "after prepare, before publish".
+struct TestResource {
+    name: String,
+    vote: Vote,
+    on_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    commits: AtomicUsize,
+    aborts: AtomicUsize,
+}
+
+impl TestResource {
+    fn new(name: &str, vote: Vote) -> Arc<TestResource> {
+        Arc::new(TestResource {
+            name: name.into(),
+            vote,
+            on_commit: Mutex::new(None),
+            commits: AtomicUsize::new(0),
+            aborts: AtomicUsize::new(0),
+        })
+    }
+
+    fn with_hook(name: &str, hook: impl FnOnce() + Send + 'static) -> Arc<TestResource> {
+        let r = TestResource::new(name, Vote::Yes);
+        *r.on_commit.lock().expect("hook lock") = Some(Box::new(hook));
+        r
+    }
+}
+
+#[tonic::async_trait]
+impl Resource for TestResource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> BranchKind {
+        BranchKind::Database
+    }
+    async fn prepare(&self, _tx: &str, _branch: &str) -> Vote {
+        self.vote.clone()
+    }
+    async fn commit(&self, _tx: &str, _branch: &str) -> Result<(), Retry> {
+        let hook = self.on_commit.lock().expect("hook lock").take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn commit_one_phase(&self, _tx: &str, _branch: &str) -> Result<OnePhase, Retry> {
+        Ok(OnePhase::Committed)
+    }
+    async fn abort(&self, _tx: &str, _branch: &str) -> Result<(), Retry> {
+        self.aborts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
+        Ok(Vec::new())
+    }
+}
+
+// --- RabbitMQ consumer side ------------------------------------------------------------
+
+/// One message as found in a queue.
+#[derive(Debug, Clone, PartialEq)]
+struct Got {
+    message_id: String,
+    payload: Vec<u8>,
+    persistent: bool,
+    content_type: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+struct RabbitProbe {
+    _conn: Connection,
+    ch: Channel,
+}
+
+impl RabbitProbe {
+    async fn new() -> RabbitProbe {
+        let conn = Connection::connect(RABBIT_URL, ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("channel");
+        RabbitProbe { _conn: conn, ch }
+    }
+
+    /// Declares `queue` durable (as the resource does), so it can be counted even if
+    /// nothing was ever published to it.
+    async fn declare(&self, queue: &str) {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+    }
+
+    /// Takes every message currently in `queue`.
+    async fn drain(&self, queue: &str) -> Vec<Got> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let p = &m.delivery.properties;
+            let headers = p
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                AMQPValue::LongString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Got {
+                message_id: p
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                payload: m.delivery.data.clone(),
+                persistent: *p.delivery_mode() == Some(2),
+                content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                headers,
+            });
+        }
+        out
+    }
+
+    async fn delete(&self, queue: &str) {
+        let _ = self
+            .ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+// --- NATS consumer side -----------------------------------------------------------------
+
+/// Every message in `stream`, as `(subject, Nats-Msg-Id, payload)`.
+async fn stream_messages(url: &str, stream: &str) -> Vec<(String, String, Vec<u8>)> {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream(stream).await.expect("get stream");
+    let state = s.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages > 0 {
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = s.get_raw_message(seq).await.expect("get message");
+            let id = m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default();
+            out.push((m.subject.to_string(), id, m.payload.to_vec()));
+        }
+    }
+    out
+}
+
+async fn delete_stream(url: &str, stream: &str) {
+    if let Ok(client) = async_nats::connect(url).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(stream)
+            .await;
+    }
+}
+
+// --- A private, killable nats-server ----------------------------------------------------
+
+struct NatsServer {
+    port: u16,
+    store: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl NatsServer {
+    fn start() -> Arc<NatsServer> {
+        let server = Arc::new(NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+            child: Mutex::new(None),
+        });
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (is it on PATH?)");
+        *self.child.lock().expect("child lock") = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    fn kill(&self) {
+        if let Some(mut child) = self.child.lock().expect("child lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// --- A TCP proxy that can be cut --------------------------------------------------------
+
+/// Forwards 127.0.0.1:`port` to `upstream`. `cut` shuts down every forwarded connection
+/// (synchronously: nothing passes once it returns) and closes the port; `restore` opens
+/// the same port again.
+struct Proxy {
+    port: u16,
+    upstream: SocketAddr,
+    /// Both sockets of every forwarded connection, for `cut`.
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Arc<Proxy> {
+        let proxy = Arc::new(Proxy {
+            port: free_port(),
+            upstream: upstream.parse().expect("upstream address"),
+            sockets: Arc::new(Mutex::new(Vec::new())),
+            accept: Mutex::new(None),
+            cut: Arc::new(AtomicBool::new(false)),
+        });
+        proxy.restore().await;
+        proxy
+    }
+
+    fn rabbit_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    async fn restore(&self) {
+        // The listener of a cut proxy is dropped asynchronously: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind the proxy port {} again: {e}", self.port),
+            }
+        };
+        self.cut.store(false, Ordering::SeqCst);
+        let upstream = self.upstream;
+        let sockets = self.sockets.clone();
+        let cut = self.cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (Ok(a), Ok(b)) = (inbound.into_std(), outbound.into_std()) else {
+                    continue;
+                };
+                {
+                    let mut s = sockets.lock().expect("sockets lock");
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+                        continue;
+                    };
+                    s.push(a2);
+                    s.push(b2);
+                }
+                let (Ok(mut a), Ok(mut b)) = (TcpStream::from_std(a), TcpStream::from_std(b))
+                else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                });
+            }
+        });
+        *self.accept.lock().expect("accept lock") = Some(task);
+    }
+
+    fn cut(&self) {
+        {
+            let mut s = self.sockets.lock().expect("sockets lock");
+            self.cut.store(true, Ordering::SeqCst);
+            for socket in s.drain(..) {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
+        if let Some(task) = self.accept.lock().expect("accept lock").take() {
+            task.abort();
+        }
+    }
+}
+
+/// A URL of a port nothing listens on.
+fn closed_rabbit_url() -> String {
+    format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())
+}
+
+fn ids(tx_id: &str, branch: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tx_id}:{branch}:{i}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let db = sdk
+            .register(TestResource::new("db", Vote::Yes))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        tx.enlist(&*db).await.expect("enlist db");
+        let mut sent = Vec::new();
+        for i in 0..3 {
+            let payload = format!("{{\"order\":{i}}}").into_bytes();
+            let id = tx
+                .publish(&*rabbit, &queue, payload.clone())
+                .await
+                .expect("publish");
+            sent.push((id, payload));
+        }
+        let opts = PublishOptions {
+            headers: vec![("kind".into(), "OrderCreated".into())],
+            content_type: Some("application/json".into()),
+        };
+        let id = tx
+            .publish_with(&*rabbit, &queue, b"{\"order\":3}".to_vec(), opts)
+            .await
+            .expect("publish_with");
+        sent.push((id, b"{\"order\":3}".to_vec()));
+        assert_eq!(
+            sent.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            ids(&tx_id, "svc:rabbit", 4)
+        );
+
+        let committed = tx.commit().await.expect("commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+        assert_eq!(db.commits.load(Ordering::SeqCst), 1);
+
+        let got = probe.drain(&queue).await;
+        assert_eq!(got.len(), 4, "{got:?}");
+        for (g, (id, payload)) in got.iter().zip(&sent) {
+            assert_eq!(&g.message_id, id);
+            assert_eq!(&g.payload, payload);
+            assert!(g.persistent, "delivery mode 2 expected");
+        }
+        assert_eq!(got[3].content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            got[3].headers,
+            vec![("kind".to_string(), "OrderCreated".to_string())]
+        );
+        assert!(
+            store.is_empty(),
+            "staged copies must be removed: {:?}",
+            store.list()
+        );
+        assert_eq!(rabbit.core().open_branches(), 0);
+        assert_eq!(
+            outcome(&sdk, &tx_id).await.outcome,
+            pb::Outcome::Committed as i32
+        );
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_and_nats_branches_commit_together() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let stream = unique_name("events");
+        let subject = format!("{stream}.order.created");
+        let probe = RabbitProbe::new().await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let nats = sdk.register(Arc::new(nats)).expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let r0 = tx
+            .publish(&*rabbit, &queue, b"to rabbit".to_vec())
+            .await
+            .expect("publish");
+        let n0 = tx
+            .publish(&*nats, &subject, b"to nats 0".to_vec())
+            .await
+            .expect("publish");
+        let n1 = tx
+            .publish(&*nats, &subject, b"to nats 1".to_vec())
+            .await
+            .expect("publish");
+        assert_eq!(vec![n0.clone(), n1.clone()], ids(&tx_id, "svc:nats", 2));
+        // A subject outside the stream is refused at once.
+        let err = tx
+            .publish(&*nats, "elsewhere.x", b"x".to_vec())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not captured"), "{err}");
+
+        let committed = tx.commit().await.expect("commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+
+        let got = probe.drain(&queue).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].message_id, r0);
+        assert_eq!(got[0].payload, b"to rabbit");
+        let msgs = stream_messages(NATS_URL, &stream).await;
+        assert_eq!(
+            msgs,
+            vec![
+                (subject.clone(), n0, b"to nats 0".to_vec()),
+                (subject.clone(), n1, b"to nats 1".to_vec())
+            ]
+        );
+        assert!(store.is_empty());
+
+        probe.delete(&queue).await;
+        delete_stream(NATS_URL, &stream).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transaction_delivers_and_stages_nothing() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let stream = unique_name("events");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let nats = sdk.register(Arc::new(nats)).expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.publish(&*rabbit, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        tx.publish(&*nats, &format!("{stream}.x"), b"never".to_vec())
+            .await
+            .expect("publish");
+        assert_eq!(rabbit.core().open_branches(), 1);
+        tx.abort("changed my mind").await.expect("abort");
+
+        // The coordinator's courtesy aborts drop the buffers.
+        eventually("both buffers dropped", || async {
+            rabbit.core().open_branches() == 0 && nats.core().open_branches() == 0
+        })
+        .await;
+        assert!(store.is_empty());
+        assert!(probe.drain(&queue).await.is_empty());
+        assert!(stream_messages(NATS_URL, &stream).await.is_empty());
+
+        probe.delete(&queue).await;
+        delete_stream(NATS_URL, &stream).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_vote_aborts_and_drops_the_staged_batch() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let db = sdk
+            .register(TestResource::new(
+                "db",
+                Vote::No("constraint violated".into()),
+            ))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.enlist(&*db).await.expect("enlist");
+        tx.publish(&*rabbit, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(msg)) => assert!(msg.contains("constraint violated"), "{msg}"),
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+        // The rabbit branch may have staged (voted yes) before the no arrived: the abort
+        // that follows removes it.
+        eventually("staged batch removed and buffer dropped", || async {
+            store.is_empty() && rabbit.core().open_branches() == 0
+        })
+        .await;
+        assert!(probe.drain(&queue).await.is_empty());
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+
+        let url = closed_rabbit_url();
+        assert!(RabbitResource::connect("eager", url.clone(), store.clone())
+            .await
+            .is_err());
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect_lazy("rabbit", url, store.clone()).expect("lazy"),
+            ))
+            .expect("register");
+        let db = sdk
+            .register(TestResource::new("db", Vote::Yes))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.enlist(&*db).await.expect("enlist");
+        tx.publish(&*rabbit, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(msg)) => {
+                assert!(
+                    msg.contains("svc:rabbit"),
+                    "the message names the branch: {msg}"
+                );
+                assert!(msg.contains("broker unreachable"), "{msg}");
+                assert!(!msg.contains("guest:guest"), "credentials leak: {msg}");
+            }
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+        assert!(store.is_empty());
+        eventually("db branch aborted", || async {
+            db.aborts.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        eventually("buffer dropped", || async {
+            rabbit.core().open_branches() == 0
+        })
+        .await;
+
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
+    bounded(async {
+        let server = NatsServer::start();
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+
+        let nats = NatsResource::connect(
+            "nats",
+            server.url(),
+            "EVENTS",
+            vec!["events.>".into()],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let db = sdk
+            .register(TestResource::new("db", Vote::Yes))
+            .expect("register");
+
+        server.kill();
+        eventually("the client notices", || async {
+            nats.client().connection_state() != async_nats::connection::State::Connected
+        })
+        .await;
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.enlist(&*db).await.expect("enlist");
+        tx.publish(&*nats, "events.order", b"never".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(msg)) => {
+                assert!(
+                    msg.contains("svc:nats"),
+                    "the message names the branch: {msg}"
+                );
+                assert!(msg.contains("broker unreachable"), "{msg}");
+            }
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+        assert!(store.is_empty());
+        eventually("buffer dropped", || async {
+            nats.core().open_branches() == 0
+        })
+        .await;
+
+        // Back up: the next transaction goes through, and nothing of the first shows up.
+        server.restart();
+        eventually("the client reconnects", || async {
+            nats.client().connection_state() == async_nats::connection::State::Connected
+        })
+        .await;
+        let tx = sdk.begin().await.expect("begin");
+        tx.enlist(&*db).await.expect("enlist");
+        let id = tx
+            .publish(&*nats, "events.order", b"later".to_vec())
+            .await
+            .expect("publish");
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            stream_messages(&server.url(), "EVENTS").await,
+            vec![("events.order".into(), id, b"later".to_vec())]
+        );
+
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
+    bounded(async {
+        let server = NatsServer::start();
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_millis(1500)).await;
+
+        let nats = NatsResource::connect(
+            "nats",
+            server.url(),
+            "EVENTS",
+            vec!["events.>".into()],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let nats = sdk.register(Arc::new(nats)).expect("register");
+        // The database tier commits first: its hook kills NATS after every prepare.
+        let killer = server.clone();
+        let db = sdk
+            .register(TestResource::with_hook("db", move || killer.kill()))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        tx.enlist(&*db).await.expect("enlist");
+        let a = tx
+            .publish(&*nats, "events.order", b"a".to_vec())
+            .await
+            .expect("publish");
+        let b = tx
+            .publish(&*nats, "events.mail", b"b".to_vec())
+            .await
+            .expect("publish");
+        let committed = tx.commit().await.expect("the decision is commit");
+        assert_eq!(committed.pending_branches, vec!["svc:nats".to_string()]);
+        assert_eq!(
+            store.list().expect("list"),
+            vec![(tx_id.clone(), "svc:nats".to_string())]
+        );
+
+        server.restart();
+        eventually("the staged batch is published and removed", || async {
+            store.is_empty()
+        })
+        .await;
+        eventually("the coordinator sees the branch done", || async {
+            outcome(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
+        })
+        .await;
+        assert_eq!(
+            stream_messages(&server.url(), "EVENTS").await,
+            vec![
+                ("events.order".into(), a, b"a".to_vec()),
+                ("events.mail".into(), b, b"b".to_vec())
+            ]
+        );
+        assert_eq!(nats.core().open_branches(), 0);
+
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
+    bounded(async {
+        let proxy = Proxy::start(RABBIT_ADDR).await;
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_millis(1500)).await;
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let cutter = proxy.clone();
+        let db = sdk
+            .register(TestResource::with_hook("db", move || cutter.cut()))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        tx.enlist(&*db).await.expect("enlist");
+        let a = tx
+            .publish(&*rabbit, &queue, b"a".to_vec())
+            .await
+            .expect("publish");
+        let b = tx
+            .publish(&*rabbit, &queue, b"b".to_vec())
+            .await
+            .expect("publish");
+        let committed = tx.commit().await.expect("the decision is commit");
+        assert_eq!(committed.pending_branches, vec!["svc:rabbit".to_string()]);
+        assert_eq!(store.len(), 1);
+        assert!(
+            probe.drain(&queue).await.is_empty(),
+            "nothing may pass while the broker is cut off"
+        );
+
+        proxy.restore().await;
+        eventually("the staged batch is published and removed", || async {
+            store.is_empty()
+        })
+        .await;
+        eventually("the coordinator sees the branch done", || async {
+            outcome(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
+        })
+        .await;
+        let got = probe.drain(&queue).await;
+        let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
+        assert_eq!(
+            got,
+            vec![(a, b"a".to_vec()), (b, b"b".to_vec())],
+            "exactly once each"
+        );
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_them() {
+    bounded(async {
+        let server = NatsServer::start();
+        let proxy = Proxy::start(RABBIT_ADDR).await;
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+
+        // First life: both brokers go down after prepare; the decision is COMMIT.
+        let (tx_id, rabbit_id, nats_id) = {
+            let store = staging(dir.path());
+            let sdk = sdk(&coord, Duration::from_millis(1000)).await;
+            let rabbit = RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+                .await
+                .expect("connect");
+            let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
+            let nats = NatsResource::connect(
+                "nats",
+                server.url(),
+                "EVENTS",
+                vec!["events.>".into()],
+                store.clone(),
+            )
+            .await
+            .expect("connect to NATS");
+            let nats = sdk.register(Arc::new(nats)).expect("register");
+            let (s, p) = (server.clone(), proxy.clone());
+            let db = sdk
+                .register(TestResource::with_hook("db", move || {
+                    s.kill();
+                    p.cut();
+                }))
+                .expect("register");
+
+            let tx = sdk.begin().await.expect("begin");
+            let tx_id = tx.id().to_string();
+            tx.enlist(&*db).await.expect("enlist");
+            let rabbit_id = tx
+                .publish(&*rabbit, &queue, b"row 1 created".to_vec())
+                .await
+                .expect("publish");
+            let nats_id = tx
+                .publish(&*nats, "events.row", b"row 1 created".to_vec())
+                .await
+                .expect("publish");
+            let committed = tx.commit().await.expect("the decision is commit");
+            assert_eq!(committed.pending_branches.len(), 2, "{committed:?}");
+            let mut staged = store.list().expect("list");
+            staged.sort();
+            assert_eq!(
+                staged,
+                vec![
+                    (tx_id.clone(), "svc:nats".into()),
+                    (tx_id.clone(), "svc:rabbit".into())
+                ]
+            );
+            sdk.shutdown().await;
+            (tx_id, rabbit_id, nats_id)
+        };
+
+        // The brokers come back, the participant starts again on the same data directory
+        // (on another port: the coordinator cannot reach it, only recovery can finish).
+        server.restart();
+        proxy.restore().await;
+        let store = reopen_staging(dir.path()).await;
+        assert_eq!(store.len(), 2, "staged batches survive the restart");
+        let sdk = sdk(&coord, Duration::from_millis(1000)).await;
+        let rabbit = RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+            .await
+            .expect("connect");
+        let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
+        let nats = NatsResource::connect(
+            "nats",
+            server.url(),
+            "EVENTS",
+            vec!["events.>".into()],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let mut in_doubt = rabbit.in_doubt().await.expect("in doubt");
+        in_doubt.extend(nats.in_doubt().await.expect("in doubt"));
+        assert_eq!(
+            in_doubt,
+            vec![
+                (tx_id.clone(), "svc:rabbit".into()),
+                (tx_id.clone(), "svc:nats".into())
+            ]
+        );
+
+        assert_eq!(
+            outcome(&sdk, &tx_id).await.outcome,
+            pb::Outcome::Committed as i32
+        );
+        assert_eq!(sdk.recover_now().await, 2);
+        assert!(store.is_empty());
+        assert_eq!(sdk.recover_now().await, 0, "nothing left in doubt");
+
+        let got: Vec<_> = probe
+            .drain(&queue)
+            .await
+            .into_iter()
+            .map(|g| (g.message_id, g.payload))
+            .collect();
+        assert_eq!(got, vec![(rabbit_id, b"row 1 created".to_vec())]);
+        assert_eq!(
+            stream_messages(&server.url(), "EVENTS").await,
+            vec![("events.row".into(), nats_id, b"row 1 created".to_vec())]
+        );
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let down = sdk
+            .register(Arc::new(
+                RabbitResource::connect_lazy("down", closed_rabbit_url(), store.clone())
+                    .expect("lazy"),
+            ))
+            .expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let syncs = store.syncs();
+        let id = tx
+            .publish(&*rabbit, &queue, b"one phase".to_vec())
+            .await
+            .expect("publish");
+        tx.commit().await.expect("commit");
+        assert_eq!(store.syncs(), syncs, "a one-phase commit stages nothing");
+        let got: Vec<_> = probe
+            .drain(&queue)
+            .await
+            .into_iter()
+            .map(|g| (g.message_id, g.payload))
+            .collect();
+        assert_eq!(got, vec![(id, b"one phase".to_vec())]);
+        assert_eq!(rabbit.core().open_branches(), 0);
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.publish(&*down, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(msg)) => assert!(msg.contains("broker unreachable"), "{msg}"),
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+        assert!(probe.drain(&queue).await.is_empty());
+        assert!(store.is_empty());
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let stream = unique_name("events");
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let core = nats.core();
+        let subject = format!("{stream}.x");
+        core.buffer(
+            "tx-1",
+            "svc:nats",
+            &subject,
+            b"m".to_vec(),
+            PublishOptions::default(),
+        )
+        .expect("buffer");
+        assert_eq!(nats.prepare("tx-1", "svc:nats").await, Vote::Yes);
+        assert_eq!(
+            nats.prepare("tx-1", "svc:nats").await,
+            Vote::Yes,
+            "a repeated prepare gives the same vote"
+        );
+        let err = core
+            .buffer(
+                "tx-1",
+                "svc:nats",
+                &subject,
+                b"late".to_vec(),
+                PublishOptions::default(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("already being committed"), "{err}");
+        // Unknown here (e.g. lost in a restart before prepare): a safe no.
+        assert!(matches!(
+            nats.prepare("tx-2", "svc:nats").await,
+            Vote::No(_)
+        ));
+        // An abort drops a buffer.
+        core.buffer(
+            "tx-3",
+            "svc:nats",
+            &subject,
+            b"m".to_vec(),
+            PublishOptions::default(),
+        )
+        .expect("buffer");
+        nats.abort("tx-3", "svc:nats").await.expect("abort");
+        assert_eq!(core.buffered("tx-3", "svc:nats"), 0);
+        nats.commit("tx-1", "svc:nats").await.expect("commit");
+        nats.commit("tx-1", "svc:nats")
+            .await
+            .expect("a repeated commit is a success");
+        assert!(store.is_empty());
+        let msgs = stream_messages(NATS_URL, &stream).await;
+        assert_eq!(
+            msgs,
+            vec![(
+                subject.clone(),
+                "tx-1:svc:nats:0".to_string(),
+                b"m".to_vec()
+            )]
+        );
+        delete_stream(NATS_URL, &stream).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_staging_sync_votes_no() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = Arc::new(
+            StagingStore::open_with(
+                dir.path(),
+                StagingOptions {
+                    fail_syncs: Some(fail.clone()),
+                },
+            )
+            .expect("open the staging store"),
+        );
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("orders");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
+                    .await
+                    .expect("connect"),
+            ))
+            .expect("register");
+        let db = sdk
+            .register(TestResource::new("db", Vote::Yes))
+            .expect("register");
+
+        fail.store(true, Ordering::SeqCst);
+        let tx = sdk.begin().await.expect("begin");
+        tx.enlist(&*db).await.expect("enlist");
+        tx.publish(&*rabbit, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(msg)) => {
+                assert!(
+                    msg.contains("svc:rabbit") && msg.contains("cannot stage"),
+                    "{msg}"
+                )
+            }
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+        assert!(store.is_failed(), "a failed sync poisons the store");
+        eventually("buffer dropped", || async {
+            rabbit.core().open_branches() == 0
+        })
+        .await;
+        assert!(probe.drain(&queue).await.is_empty());
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,847 @@
+//! The PostgreSQL adapter against a real private PostgreSQL cluster (testkit
+//! [`PgCluster`], one per test binary, a fresh database per test) and a real in-process
+//! coordinator (one per test, on `127.0.0.1:0` with a temp data directory).
+//!
+//! Every test is bounded ([`within`]); waiting for asynchronous effects polls with a
+//! deadline ([`eventually`]) instead of sleeping.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use twopc_coordinator::server::{run, ServeConfig};
+use twopc_participant::{dedup, Error, OnePhase, PgResource, Resource, Retry, TwoPc, Vote};
+use twopc_proto::v1 as pb;
+use twopc_testkit::{unique_name, PgCluster};
+
+/// Bound on every test.
+const TEST_DEADLINE: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+
+/// The binary's shared private cluster (started on first use; cleaned up by its
+/// watchdog when the test process exits).
+fn cluster() -> &'static PgCluster {
+    match CLUSTER.get_or_init(|| PgCluster::start_blocking().map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
+    }
+}
+
+/// A fresh database on `pg` with `setup` run in it; returns its URL.
+async fn database_on(pg: &PgCluster, prefix: &str, setup: &str) -> String {
+    let name = unique_name(prefix);
+    pg.create_database(&name).await.expect("create database");
+    if !setup.is_empty() {
+        let c = pg.connect(&name).await.expect("connect");
+        c.batch_execute(setup).await.expect("set-up SQL");
+    }
+    pg.url(&name)
+}
+
+async fn database(prefix: &str, setup: &str) -> String {
+    database_on(cluster(), prefix, setup).await
+}
+
+const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)";
+
+/// Connects to `url` (test-side checks, outside any branch).
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("count query")
+        .get(0)
+}
+
+async fn prepared_gids(url: &str) -> i64 {
+    count(
+        url,
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+    )
+    .await
+}
+
+/// An in-process coordinator; stopped on drop.
+struct Coordinator {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn coordinator() -> Coordinator {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let cfg = ServeConfig {
+        listen: addr,
+        data_dir: dir.path().join("coordinator"),
+        retry_initial_ms: 20,
+        retry_max_ms: 200,
+        rpc_timeout_ms: 5_000,
+        connect_timeout_ms: 500,
+        commit_wait_ms: 10_000,
+        ..ServeConfig::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = run(cfg, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            panic!("coordinator failed: {e}");
+        }
+    });
+    Coordinator {
+        url: format!("http://{addr}"),
+        stop: Some(stop),
+        _dir: dir,
+    }
+}
+
+/// A participant SDK handle of service "orders" (recovery only when asked).
+async fn sdk(coord: &Coordinator) -> TwoPc {
+    sdk_with(coord, None).await
+}
+
+async fn sdk_with(coord: &Coordinator, commit_wait: Option<Duration>) -> TwoPc {
+    let mut b = TwoPc::builder(coord.url.clone())
+        .service("orders")
+        .recovery_interval(Duration::from_secs(3600));
+    if let Some(w) = commit_wait {
+        b = b.commit_wait(w);
+    }
+    b.start().await.expect("start SDK")
+}
+
+async fn resource(name: &str, url: &str) -> Arc<PgResource> {
+    PgResource::from_url(name, url, 4)
+        .await
+        .expect("PgResource")
+}
+
+/// Runs a test body with a deadline.
+async fn within<F: Future<Output = ()>>(body: F) {
+    if tokio::time::timeout(TEST_DEADLINE, body).await.is_err() {
+        panic!("test did not finish within {TEST_DEADLINE:?}");
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `deadline`.
+async fn eventually<F, Fut>(deadline: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while !cond().await {
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stand-in for a participant that prepares and then "crashes": it votes through the
+/// real resource, but never finishes phase two and remembers nothing in doubt.
+struct CrashesAfterPrepare(Arc<PgResource>);
+
+#[tonic::async_trait]
+impl Resource for CrashesAfterPrepare {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn kind(&self) -> pb::BranchKind {
+        self.0.kind()
+    }
+    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
+        self.0.prepare(tx_id, branch_id).await
+    }
+    async fn commit(&self, _: &str, _: &str) -> Result<(), Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn commit_one_phase(&self, _: &str, _: &str) -> Result<OnePhase, Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn abort(&self, _: &str, _: &str) -> Result<(), Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
+        Ok(Vec::new())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_two_branch_transaction_commits_both_and_leaves_no_prepared_gid() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
+        let a = sdk
+            .register(resource("db-a", &url_a).await)
+            .expect("register a");
+        let b = sdk
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        assert_eq!(
+            branch_a
+                .execute("INSERT INTO orders VALUES (1, 'book')", &[])
+                .await
+                .expect("insert a"),
+            1
+        );
+        let branch_b = b.begin(&tx).await.expect("branch b");
+        branch_b
+            .execute("INSERT INTO orders VALUES ($1, $2)", &[&1i32, &"book"])
+            .await
+            .expect("insert b");
+        // A second begin is the same branch (it sees the uncommitted row).
+        let again = a.begin(&tx).await.expect("same branch");
+        assert_eq!(again.gid(), branch_a.gid());
+        assert_eq!(again.branch_id(), "orders:db-a");
+        assert!(
+            branch_a.gid().starts_with("twopc:") && branch_a.gid().ends_with(":orders:db-a"),
+            "{}",
+            branch_a.gid()
+        );
+        let n: i64 = again
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 1);
+        // Ending the block behind the SDK's back is refused.
+        let err = branch_a
+            .execute("COMMIT", &[])
+            .await
+            .expect_err("COMMIT is refused");
+        assert!(matches!(err, Error::Usage(_)), "{err}");
+
+        let committed = tx.commit().await.expect("commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+        for url in [&url_a, &url_b] {
+            assert_eq!(
+                count(url, "SELECT count(*) FROM orders WHERE item = 'book'").await,
+                1
+            );
+            assert_eq!(prepared_gids(url).await, 0);
+        }
+        assert_eq!(a.prepared_count().await.expect("prepared count"), 0);
+        assert_eq!(a.oldest_prepared_age().await.expect("oldest age"), None);
+        let err = branch_a
+            .execute("INSERT INTO orders VALUES (2, 'pen')", &[])
+            .await
+            .expect_err("branch is finished");
+        assert!(
+            matches!(err, Error::Usage(ref m) if m.contains("committed")),
+            "{err}"
+        );
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_insert_reaches_the_app_and_its_abort_commits_nothing() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
+        let (url_a, url_b) = (database("pga", &setup_a).await, database("pgb", ORDERS).await);
+        let a = sdk.register(resource("db-a", &url_a).await).expect("register a");
+        let b = sdk.register(resource("db-b", &url_b).await).expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let branch_b = tx.postgres(&b).await.expect("branch b");
+        branch_b.execute("INSERT INTO orders VALUES (1, 'new')", &[]).await.expect("insert b");
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        let err = branch_a.execute("INSERT INTO orders VALUES (1, 'new')", &[]).await.expect_err("duplicate key");
+        let msg = err.to_string();
+        assert!(msg.contains("db-a") && msg.contains("duplicate key") && msg.contains("23505"), "{msg}");
+        tx.abort("insert failed").await.expect("abort");
+
+        // The coordinator's abort reaches both open branches: their statements are refused.
+        for branch in [&branch_a, &branch_b] {
+            eventually(Duration::from_secs(10), "the branch is rolled back", || async {
+                matches!(branch.execute("SELECT 1", &[]).await, Err(Error::Usage(ref m)) if m.contains("aborted"))
+            })
+            .await;
+        }
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(prepared_gids(&url_a).await + prepared_gids(&url_b).await, 0);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn committing_after_a_failed_statement_aborts_with_its_message() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
+        let (url_a, url_b) = (
+            database("pga", &setup_a).await,
+            database("pgb", ORDERS).await,
+        );
+        let a = sdk
+            .register(resource("db-a", &url_a).await)
+            .expect("register a");
+        let b = sdk
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        tx.postgres(&b)
+            .await
+            .expect("branch b")
+            .execute("INSERT INTO orders VALUES (1, 'new')", &[])
+            .await
+            .expect("b");
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        assert!(branch_a
+            .execute("INSERT INTO orders VALUES (1, 'new')", &[])
+            .await
+            .is_err());
+        // The application ignores the error and commits anyway: the branch votes no.
+        let err = tx.commit().await.expect_err("aborted");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Aborted(_)), "{msg}");
+        assert!(
+            msg.contains("duplicate key") && msg.contains("23505"),
+            "{msg}"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "b's prepared branch is rolled back",
+            || async { prepared_gids(&url_b).await == 0 },
+        )
+        .await;
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let setup_a = "CREATE TABLE codes (code text, CONSTRAINT codes_unique UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)";
+        let (url_a, url_b) = (database("pga", setup_a).await, database("pgb", ORDERS).await);
+        let a = sdk.register(resource("db-a", &url_a).await).expect("register a");
+        let b = sdk.register(resource("db-b", &url_b).await).expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        // Both inserts succeed: the check is deferred to the end of the transaction.
+        branch_a.execute("INSERT INTO codes VALUES ('x')", &[]).await.expect("first");
+        branch_a.execute("INSERT INTO codes VALUES ('x')", &[]).await.expect("second (deferred check)");
+        tx.postgres(&b).await.expect("branch b").execute("INSERT INTO orders VALUES (1, 'x')", &[]).await.expect("b");
+
+        let err = tx.commit().await.expect_err("PREPARE refused");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Aborted(_)), "{msg}");
+        assert!(msg.contains("orders:db-a") && msg.contains("codes_unique") && msg.contains("23505"), "{msg}");
+        eventually(Duration::from_secs(10), "b's prepared branch is rolled back", || async {
+            prepared_gids(&url_b).await == 0
+        })
+        .await;
+        assert_eq!(count(&url_a, "SELECT count(*) FROM codes").await, 0);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(prepared_gids(&url_a).await, 0);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
+        let a = sdk
+            .register(resource("db-a", &url_a).await)
+            .expect("register a");
+        let b = sdk
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        branch_a
+            .execute("CREATE TEMP TABLE scratch (v int) ON COMMIT DROP", &[])
+            .await
+            .expect("temp table");
+        branch_a
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert a");
+        tx.postgres(&b)
+            .await
+            .expect("branch b")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("b");
+
+        let err = tx.commit().await.expect_err("PREPARE refused");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Aborted(_)), "{msg}");
+        assert!(
+            msg.contains("temporary objects") && msg.contains("0A000"),
+            "{msg}"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "b's prepared branch is rolled back",
+            || async { prepared_gids(&url_b).await == 0 },
+        )
+        .await;
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_single_branch_commits_in_one_phase() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let url = database("pg1", ORDERS).await;
+        let a = sdk.register(resource("db", &url).await).expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch = tx.postgres(&a).await.expect("branch");
+        // A temp table cannot be prepared: committing it proves no PREPARE ran.
+        branch
+            .execute("CREATE TEMP TABLE scratch (v int) ON COMMIT DROP", &[])
+            .await
+            .expect("temp table");
+        branch
+            .execute("INSERT INTO orders VALUES (1, 'solo')", &[])
+            .await
+            .expect("insert");
+        let branch_id = branch.branch_id().to_string();
+        tx.commit().await.expect("one-phase commit");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url).await, 0);
+        // A repeated one-phase commit gets the same answer; phase-one calls too.
+        assert_eq!(
+            a.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        assert_eq!(
+            a.prepare(&tx_id, &branch_id).await,
+            Vote::No(format!(
+                "branch {branch_id} of transaction {tx_id} is already committed"
+            ))
+        );
+
+        // A one-phase commit the database refuses (deferred constraint) aborts.
+        let c = connect(&url).await;
+        c.batch_execute("CREATE TABLE codes (code text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+            .await
+            .expect("ddl");
+        let tx = sdk.begin().await.expect("begin");
+        let branch = tx.postgres(&a).await.expect("branch");
+        branch
+            .execute("INSERT INTO codes VALUES ('x'), ('x')", &[])
+            .await
+            .expect("deferred");
+        let err = tx.commit().await.expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::Aborted(_)) && msg.contains("23505"),
+            "{msg}"
+        );
+        assert_eq!(count(&url, "SELECT count(*) FROM codes").await, 0);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_read_only_branch_takes_no_part_in_phase_two() {
+    within(async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
+        let a = sdk
+            .register(resource("db-a", &url_a).await)
+            .expect("register a");
+        let b = sdk
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch_a = tx.postgres(&a).await.expect("a");
+        let n: i64 = branch_a
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .expect("q")
+            .get(0);
+        assert_eq!(n, 0);
+        tx.postgres(&b)
+            .await
+            .expect("b")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        // The branch voted read-only (a repeated prepare gets the remembered vote) and
+        // was finished at prepare: its handle refuses statements, nothing stays prepared.
+        assert_eq!(a.prepare(&tx_id, "orders:db-a").await, Vote::ReadOnly);
+        let err = branch_a
+            .execute("SELECT 1", &[])
+            .await
+            .expect_err("finished");
+        assert!(
+            matches!(err, Error::Usage(ref m) if m.contains("read-only")),
+            "{err}"
+        );
+        assert_eq!(prepared_gids(&url_a).await + prepared_gids(&url_b).await, 0);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 1);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_prepared_transactions_zero_is_refused_with_the_setting_named() {
+    within(async {
+        let url = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5";
+        match twopc_testkit::prepared_transactions_enabled(url).await {
+            Err(e) => {
+                println!("note: skipping: the system PostgreSQL at 127.0.0.1:5432 is not reachable ({e})");
+                return;
+            }
+            Ok(true) => {
+                println!("note: skipping: the system PostgreSQL at 127.0.0.1:5432 has max_prepared_transactions > 0");
+                return;
+            }
+            Ok(false) => {}
+        }
+        let err = match PgResource::from_url("sysdb", url, 1).await {
+            Ok(_) => panic!("a server without prepared transactions must be refused"),
+            Err(e) => e,
+        };
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Resource { .. }), "{msg}");
+        assert!(msg.contains("max_prepared_transactions is 0"), "{msg}");
+        assert!(msg.contains("ALTER SYSTEM SET max_prepared_transactions = 64") && msg.contains("restart"), "{msg}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_repeated_commit_prepared_is_treated_as_done() {
+    within(async {
+        let url = database("pgr", ORDERS).await;
+        // A branch prepared by "an earlier process": only the gid is left.
+        let tx_id = "0000beef-1-1";
+        let branch_id = "orders:db";
+        let gid = format!("twopc:{tx_id}:{branch_id}");
+        connect(&url)
+            .await
+            .batch_execute(&format!("BEGIN; INSERT INTO orders VALUES (1, 'x'); PREPARE TRANSACTION '{gid}'"))
+            .await
+            .expect("prepare by hand");
+
+        let pg = resource("db", &url).await;
+        assert_eq!(pg.in_doubt().await.expect("in doubt"), vec![(tx_id.to_string(), branch_id.to_string())]);
+        // Other resources' gids are not listed.
+        assert!(resource("other", &url).await.in_doubt().await.expect("in doubt").is_empty());
+        let listed = pg.prepared().await.expect("prepared");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].gid, gid);
+        // A prepare retried after a restart gives the same yes.
+        assert_eq!(pg.prepare(tx_id, branch_id).await, Vote::Yes);
+
+        pg.commit(tx_id, branch_id).await.expect("COMMIT PREPARED");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        // 42704: no such prepared transaction -> already committed.
+        pg.commit(tx_id, branch_id).await.expect("repeated COMMIT PREPARED is done");
+        resource("db", &url).await.commit(tx_id, branch_id).await.expect("and from a fresh resource");
+        // Aborting an unknown branch is a success too, and so is a prepare of it a no.
+        pg.abort("0000beef-1-2", branch_id).await.expect("abort unknown");
+        assert!(matches!(pg.prepare("0000beef-1-3", branch_id).await, Vote::No(m) if m.contains("unknown branch")));
+        assert_eq!(prepared_gids(&url).await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recovery_commits_a_prepared_branch_its_participant_forgot() {
+    within(async {
+        let coord = coordinator().await;
+        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
+        let sdk1 = sdk_with(&coord, Some(Duration::from_millis(300))).await;
+        let a = resource("db-a", &url_a).await;
+        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
+            .expect("register crashing a");
+        let b = sdk1
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk1.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        tx.postgres(&a)
+            .await
+            .expect("a")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("a");
+        tx.postgres(&b)
+            .await
+            .expect("b")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("b");
+        let committed = tx.commit().await.expect("decided to commit");
+        assert_eq!(committed.pending_branches, vec!["orders:db-a".to_string()]);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(
+            count(&url_a, "SELECT count(*) FROM orders").await,
+            0,
+            "a is prepared, not committed"
+        );
+        assert_eq!(a.prepared_count().await.expect("count"), 1);
+
+        // The participant process "dies": its SDK and resource are gone.
+        sdk1.shutdown().await;
+        drop((sdk1, a));
+
+        // A new process on the same database finds the gid and asks the coordinator.
+        let sdk2 = sdk(&coord).await;
+        let a2 = sdk2
+            .register(resource("db-a", &url_a).await)
+            .expect("register a again");
+        assert_eq!(
+            a2.in_doubt().await.expect("in doubt"),
+            vec![(tx_id, "orders:db-a".to_string())]
+        );
+        assert_eq!(sdk2.recover_now().await, 1);
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url_a).await, 0);
+        assert_eq!(sdk2.recover_now().await, 0);
+        sdk2.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_a_prepared_branch_of_an_aborted_transaction() {
+    within(async {
+        let coord = coordinator().await;
+        let setup_b = "CREATE TABLE codes (code text UNIQUE DEFERRABLE INITIALLY DEFERRED)";
+        let (url_a, url_b) = (
+            database("pga", ORDERS).await,
+            database("pgb", setup_b).await,
+        );
+        let sdk1 = sdk(&coord).await;
+        let a = resource("db-a", &url_a).await;
+        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
+            .expect("register crashing a");
+        let b = sdk1
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk1.begin().await.expect("begin");
+        tx.postgres(&a)
+            .await
+            .expect("a")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("a");
+        tx.postgres(&b)
+            .await
+            .expect("b")
+            .execute("INSERT INTO codes VALUES ('x'), ('x')", &[])
+            .await
+            .expect("b");
+        // b votes no at prepare; a prepares (votes run in parallel) and then never
+        // hears the abort.
+        assert!(matches!(tx.commit().await, Err(Error::Aborted(_))));
+        eventually(
+            Duration::from_secs(10),
+            "a's branch is prepared",
+            || async { prepared_gids(&url_a).await == 1 },
+        )
+        .await;
+        sdk1.shutdown().await;
+        drop((sdk1, a));
+
+        let sdk2 = sdk(&coord).await;
+        sdk2.register(resource("db-a", &url_a).await)
+            .expect("register a again");
+        sdk2.recover_now().await;
+        assert_eq!(prepared_gids(&url_a).await, 0);
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 0);
+        sdk2.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_waits_out_a_postgres_crash_and_finishes_after_restart() {
+    within(async {
+        // Its own cluster: this test kills it.
+        let pg = PgCluster::start().await.expect("private cluster");
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let url = database_on(&pg, "pgk", ORDERS).await;
+        let a = sdk.register(resource("db", &url).await).expect("register");
+
+        let tx = sdk.begin().await.expect("begin");
+        let branch = tx.postgres(&a).await.expect("branch");
+        branch
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert");
+        let (tx_id, branch_id) = (branch.tx_id().to_string(), branch.branch_id().to_string());
+        // Phase one, driven directly (the coordinator would do the same).
+        assert_eq!(a.prepare(&tx_id, &branch_id).await, Vote::Yes);
+        assert_eq!(
+            a.prepare(&tx_id, &branch_id).await,
+            Vote::Yes,
+            "a repeated prepare gives the same vote"
+        );
+
+        pg.kill9().expect("kill -9 PostgreSQL");
+        let err = a
+            .commit(&tx_id, &branch_id)
+            .await
+            .expect_err("PostgreSQL is down");
+        assert!(!err.0.is_empty());
+        assert!(
+            a.in_doubt().await.is_err(),
+            "listing in-doubt branches needs the database"
+        );
+
+        pg.start_again().expect("restart PostgreSQL");
+        // Crash recovery kept the prepared transaction.
+        assert_eq!(
+            a.in_doubt().await.expect("in doubt"),
+            vec![(tx_id.clone(), branch_id.clone())]
+        );
+        a.commit(&tx_id, &branch_id)
+            .await
+            .expect("COMMIT PREPARED after the restart");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url).await, 0);
+        sdk.shutdown().await;
+        drop(pg);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dedup_reports_the_first_time_only() {
+    within(async {
+        let url = database("pgd", "").await;
+        let mut client = connect(&url).await;
+        dedup::ensure_table(&client).await.expect("create table");
+        dedup::ensure_table(&client).await.expect("idempotent");
+
+        let tx = client.transaction().await.expect("begin");
+        assert!(dedup::first_time(&tx, "billing", "0000beef-1-7-0")
+            .await
+            .expect("insert"));
+        tx.commit().await.expect("commit");
+        let tx = client.transaction().await.expect("begin");
+        assert!(!dedup::first_time(&tx, "billing", "0000beef-1-7-0")
+            .await
+            .expect("seen"));
+        assert!(dedup::first_time(&tx, "shipping", "0000beef-1-7-0")
+            .await
+            .expect("other consumer"));
+        tx.commit().await.expect("commit");
+        // A rolled-back transaction forgets the record with its effects.
+        let tx = client.transaction().await.expect("begin");
+        assert!(dedup::first_time(&tx, "billing", "0000beef-1-8-0")
+            .await
+            .expect("insert"));
+        tx.rollback().await.expect("rollback");
+        let tx = client.transaction().await.expect("begin");
+        assert!(dedup::first_time(&tx, "billing", "0000beef-1-8-0")
+            .await
+            .expect("again the first time"));
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            dedup::forget_older_than(&client, Duration::from_secs(3600))
+                .await
+                .expect("forget"),
+            0
+        );
+        assert_eq!(
+            dedup::forget_older_than(&client, Duration::ZERO)
+                .await
+                .expect("forget"),
+            3
+        );
+
+        // Inside a twopc branch.
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let pg = sdk.register(resource("db", &url).await).expect("register");
+        for expected in [true, false] {
+            let tx = sdk.begin().await.expect("begin");
+            let branch = tx.postgres(&pg).await.expect("branch");
+            assert_eq!(
+                dedup::first_time_in_branch(&branch, "billing", "m-9")
+                    .await
+                    .expect("dedup"),
+                expected
+            );
+            tx.commit().await.expect("commit");
+        }
+        sdk.shutdown().await;
+    })
+    .await;
+}
