@@ -391,7 +391,8 @@ pub struct TxEntry {
     pub decision_lsn: Option<Lsn>,
     /// Callers waiting for the decision (Commit RPCs).
     waiters: Vec<ReqId>,
-    /// Callers waiting for an abort to be decided (Abort RPCs during a one-phase commit).
+    /// Abort RPCs waiting for the outcome: during a one-phase commit (the participant
+    /// decides) or while the COMMIT is being forced (the log decides).
     abort_waiters: Vec<ReqId>,
     /// A `Preparing` record was written lazily and must be cleaned up on abort.
     logged_preparing: bool,
@@ -810,11 +811,14 @@ impl Engine {
                 req,
                 reply: Ok(ReplyOk::Aborted),
             }),
-            TxState::Deciding | TxState::Committing => out.push(Command::Reply {
+            TxState::Deciding => {
+                // The COMMIT is being written but is not durable yet: a crash now would
+                // make it an abort. Answer once the log has spoken.
+                entry.abort_waiters.push(req);
+            }
+            TxState::Committing => out.push(Command::Reply {
                 req,
-                reply: Err(TxError::FailedPrecondition(format!(
-                    "transaction {tx} cannot be aborted: its outcome is COMMITTED"
-                ))),
+                reply: Err(committed_error(&tx)),
             }),
             TxState::InDoubt => out.push(Command::Reply {
                 req,
@@ -919,6 +923,8 @@ impl Engine {
         entry.decision_lsn = Some(lsn);
         let waiters = std::mem::take(&mut entry.waiters);
         reply_all(out, waiters, Ok(ReplyOk::Committed));
+        let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+        reply_all(out, abort_waiters, Err(committed_error(&tx)));
         self.drive_commit(tx, out);
     }
 
@@ -936,7 +942,8 @@ impl Engine {
         }
         // The record may or may not be on disk: only a restart can tell. Never guess.
         entry.state = TxState::InDoubt;
-        let waiters = std::mem::take(&mut entry.waiters);
+        let mut waiters = std::mem::take(&mut entry.waiters);
+        waiters.append(&mut entry.abort_waiters);
         reply_all(out, waiters, Err(in_doubt_error(&tx)));
     }
 
@@ -998,13 +1005,7 @@ impl Engine {
                     let waiters = std::mem::take(&mut entry.waiters);
                     let abort_waiters = std::mem::take(&mut entry.abort_waiters);
                     reply_all(out, waiters, Ok(ReplyOk::Committed));
-                    reply_all(
-                        out,
-                        abort_waiters,
-                        Err(TxError::FailedPrecondition(format!(
-                            "transaction {tx} cannot be aborted: its outcome is COMMITTED"
-                        ))),
-                    );
+                    reply_all(out, abort_waiters, Err(committed_error(&tx)));
                     self.txs.remove(&tx);
                     out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
                         tx,
@@ -1321,6 +1322,12 @@ fn abort_message(tx: &TxId, entry: &TxEntry) -> String {
         Some(r) => format!("transaction {tx} aborted: {r}"),
         None => format!("transaction {tx} aborted"),
     }
+}
+
+fn committed_error(tx: &TxId) -> TxError {
+    TxError::FailedPrecondition(format!(
+        "transaction {tx} cannot be aborted: its outcome is COMMITTED"
+    ))
 }
 
 fn in_doubt_error(tx: &TxId) -> TxError {

@@ -1054,7 +1054,9 @@ fn abort_requests() {
         }]
     );
 
-    // Decided commit: Abort is refused, both while deciding and while committing.
+    // Decided commit: an Abort while the COMMIT is being forced waits for the log (a crash
+    // before the sync would make it an abort); once durable it is refused, as it is
+    // while committing.
     let t2 = prepared_pair(&mut e, &a, &b);
     let refused = Err(TxError::FailedPrecondition(format!(
         "transaction {t2} cannot be aborted: its outcome is COMMITTED"
@@ -1068,9 +1070,16 @@ fn abort_requests() {
                 reason: String::new()
             }
         ),
-        vec![reply(23, refused.clone())]
+        vec![]
     );
-    e.handle(5, Event::LogDurable { tx: t2, lsn: 1 });
+    let cmds = e.handle(5, Event::LogDurable { tx: t2, lsn: 1 });
+    assert_eq!(
+        &cmds[..2],
+        &[
+            reply(10, Ok(ReplyOk::Committed)),
+            reply(23, refused.clone())
+        ]
+    );
     assert_eq!(
         e.handle(
             6,
@@ -1081,6 +1090,36 @@ fn abort_requests() {
             }
         ),
         vec![reply(24, refused)]
+    );
+    // If the force fails instead, the waiting Abort hears that the outcome is in doubt.
+    let t3 = prepared_pair(&mut e, &a, &b);
+    assert_eq!(
+        e.handle(
+            7,
+            Event::Abort {
+                req: 25,
+                tx: t3,
+                reason: String::new()
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        8,
+        Event::LogFailed {
+            tx: t3,
+            error: "EIO".into(),
+        },
+    );
+    assert!(
+        matches!(
+            &cmds[2],
+            Command::Reply {
+                req: 25,
+                reply: Err(TxError::Unavailable(_))
+            }
+        ),
+        "{cmds:?}"
     );
 
     // Unknown and earlier-epoch ids.
