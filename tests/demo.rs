@@ -20,7 +20,11 @@ fn run_demo(broker: &str) -> String {
         "demo --broker {broker} failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    assert!(started.elapsed() < Duration::from_secs(120), "demo took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "demo took {:?}",
+        started.elapsed()
+    );
     stdout
 }
 
@@ -36,13 +40,34 @@ fn check(stdout: &str) {
     // 12 orders: orders 3, 6 and 8 are designed to fail (duplicate id, refused at
     // PREPARE, aborted by the service after writing).
     assert!(row(stdout, "orders placed").contains("12"), "{stdout}");
-    assert!(row(stdout, "orders committed").contains("9 (rows in orders: 9)"), "{stdout}");
-    assert!(row(stdout, "events delivered").contains("9 applied"), "{stdout}");
-    assert!(row(stdout, "duplicates removed").contains(" 1 "), "{stdout}");
-    assert!(row(stdout, "aborted orders").contains("3 (3 with neither row nor event)"), "{stdout}");
-    assert!(row(stdout, "prepared transactions left").contains(" 0 "), "{stdout}");
-    assert!(row(stdout, "staged messages left").contains(" 0 "), "{stdout}");
-    assert!(stdout.contains("voted no: PREPARE TRANSACTION failed"), "the deferred FK case: {stdout}");
+    assert!(
+        row(stdout, "orders committed").contains("9 (rows in orders: 9)"),
+        "{stdout}"
+    );
+    assert!(
+        row(stdout, "events delivered").contains("9 applied"),
+        "{stdout}"
+    );
+    assert!(
+        row(stdout, "duplicates removed").contains(" 1 "),
+        "{stdout}"
+    );
+    assert!(
+        row(stdout, "aborted orders").contains("3 (3 with neither row nor event)"),
+        "{stdout}"
+    );
+    assert!(
+        row(stdout, "prepared transactions left").contains(" 0 "),
+        "{stdout}"
+    );
+    assert!(
+        row(stdout, "staged messages left").contains(" 0 "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("voted no: PREPARE TRANSACTION failed"),
+        "the deferred FK case: {stdout}"
+    );
 }
 
 #[test]

@@ -118,7 +118,9 @@ mod tests {
         assert!(inject(&mut req, "bad\nid").is_err());
         assert_eq!(extract(&Request::new(())), None);
         let mut empty = Request::new(());
-        empty.metadata_mut().insert(TX_ID_HEADER, MetadataValue::from_static(""));
+        empty
+            .metadata_mut()
+            .insert(TX_ID_HEADER, MetadataValue::from_static(""));
         assert_eq!(extract(&empty), None);
     }
 
