@@ -23,6 +23,16 @@ use crate::resource::{BranchKind, Resource};
 /// Resources by name, shared with the participant server and recovery.
 pub(crate) type Registry = Arc<RwLock<HashMap<String, Arc<dyn Resource>>>>;
 
+/// The commit tier of a branch kind: databases (0) before other resources (5) before
+/// brokers (10), so a consumer that receives an event finds its row.
+pub(crate) fn commit_order(kind: BranchKind) -> u32 {
+    match kind {
+        BranchKind::Database => 0,
+        BranchKind::Broker => 10,
+        _ => 5,
+    }
+}
+
 /// Settings of a [`TwoPc`] handle.
 #[derive(Clone, Debug)]
 pub struct TwoPcBuilder {
@@ -331,11 +341,7 @@ impl Transaction {
             )));
         }
         let kind = resource.kind();
-        let commit_order = match kind {
-            BranchKind::Database => 0,
-            BranchKind::Broker => 10,
-            _ => 5,
-        };
+        let commit_order = commit_order(kind);
         let branch = pb::Branch {
             branch_id: branch_id.clone(),
             participant_endpoint: self.sdk.inner.endpoint.clone(),

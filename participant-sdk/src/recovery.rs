@@ -29,12 +29,21 @@ pub(crate) async fn run_loop(
     }
 }
 
+/// Serializes recovery passes of one process (the periodic loop and `recover_now`), so
+/// two passes never race to finish the same branch.
+static PASS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One recovery pass over every registered resource. Returns how many branches finished.
+///
+/// Resources are visited in commit-tier order (databases, then others, then brokers), the
+/// order phase two uses, so recovery too makes a row visible before its event is out.
 pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Registry) -> usize {
-    let resources: Vec<_> = match registry.read() {
+    let _serial = PASS_LOCK.lock().await;
+    let mut resources: Vec<_> = match registry.read() {
         Ok(r) => r.values().cloned().collect(),
         Err(_) => return 0,
     };
+    resources.sort_by_key(|r| (crate::client::commit_order(r.kind()), r.name().to_string()));
     let mut finished = 0;
     for resource in resources {
         let in_doubt = match resource.in_doubt().await {

@@ -478,8 +478,10 @@ impl Syncer {
 }
 
 /// What a fail point's `return` action asks for: `abort` aborts the process, anything
-/// else makes the sync fail.
-#[cfg(feature = "failpoints")]
+/// else makes the sync fail. Compiled whatever the features: `fail_point!` expands
+/// whenever `fail/failpoints` is on, which another package (the participant SDK's own
+/// `failpoints` feature) can turn on without this crate's.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 fn failpoint_action(name: &str, arg: Option<String>) -> io::Result<()> {
     if arg.as_deref() == Some("abort") {
         tracing::error!(failpoint = name, "aborting the process at fail point");

@@ -1,0 +1,605 @@
+//! The order-service PROCESS killed in the middle of a transaction finishes it after it
+//! restarts: real `twopc serve` and `twopc order-service` processes, a private PostgreSQL
+//! cluster (prepared transactions on) and the machine's RabbitMQ (127.0.0.1:5672).
+//!
+//! The order service is killed by the participant SDK's fail points (`return(abort)`:
+//! SIGABRT on the spot, nothing cleaned up), so this file needs the `failpoints` feature
+//! (`cargo test --features failpoints --test order_service_crash`); without it, it is
+//! empty.
+//!
+//! Every scenario has its own coordinator, database, queue, participant port and data
+//! directory, bounded waits, and prints the stderr of every process it started when it
+//! fails.
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use support::{eventually, with_deadline, Coordinator};
+use twopc_participant::staging::StagingStore;
+use twopc_proto::v1 as pb;
+use twopc_testkit::{free_port, unique_name, PgCluster};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The order service's tables, exactly as `twopc order-service` expects them.
+const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
+/// Branch ids of the order service (`--service orders`).
+const DB_BRANCH: &str = "orders:orders-db";
+const EVENTS_BRANCH: &str = "orders:events";
+
+/// Overall budget of one scenario.
+const TEST_DEADLINE: Duration = Duration::from_secs(120);
+/// Budget of one wait for a process or for something asynchronous to happen.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One PostgreSQL cluster for the whole binary (each scenario has its own database).
+static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+
+async fn cluster() -> &'static PgCluster {
+    tokio::task::spawn_blocking(|| {
+        CLUSTER.get_or_init(|| {
+            PgCluster::start_blocking().unwrap_or_else(|e| panic!("private PostgreSQL: {e}"))
+        })
+    })
+    .await
+    .expect("starting the PostgreSQL cluster panicked")
+}
+
+// ---------------------------------------------------------------------------------------
+// The order-service process
+// ---------------------------------------------------------------------------------------
+
+/// Runs of `twopc order-service` of one scenario, all on one port and data directory;
+/// their stderr is kept in files and printed if the scenario fails.
+struct OrderService {
+    root: tempfile::TempDir,
+    port: u16,
+    coordinator: String,
+    postgres_url: String,
+    queue: String,
+    logs: Vec<PathBuf>,
+}
+
+/// One finished run.
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<String>,
+    stderr: String,
+}
+
+impl OrderService {
+    fn new(coordinator: String, postgres_url: String, queue: String) -> OrderService {
+        OrderService {
+            root: tempfile::Builder::new()
+                .prefix("twopc-order-service-")
+                .tempdir()
+                .expect("create temp dir"),
+            port: free_port(),
+            coordinator,
+            postgres_url,
+            queue,
+            logs: Vec::new(),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// Runs `twopc order-service ARGS` with `failpoints` in FAILPOINTS (none if empty)
+    /// and waits (bounded) until it exits on its own. Checks that it announced itself
+    /// on the fixed port.
+    async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
+        let log_path = self
+            .root
+            .path()
+            .join(format!("order-service-{}.stderr.log", self.logs.len() + 1));
+        let log = File::create(&log_path).expect("create log file");
+        self.logs.push(log_path.clone());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("TWOPC_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env_remove("FAILPOINTS");
+        if !failpoints.is_empty() {
+            cmd.env("FAILPOINTS", failpoints);
+        }
+        let listen = format!("127.0.0.1:{}", self.port);
+        let data_dir = self.data_dir();
+        cmd.env("RUST_LOG", "info,twopc_participant=debug")
+            .env("NO_COLOR", "1")
+            .arg("order-service")
+            .args(["--coordinator", &self.coordinator])
+            .args(["--listen", &listen])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--postgres-url", &self.postgres_url])
+            .args(["--amqp-url", AMQP_URL])
+            .args(["--queue", &self.queue])
+            .args(["--service", "orders"])
+            .args(["--timeout-ms", "20000"])
+            .args(["--recovery-interval-ms", "500"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        // SAFETY: setrlimit(2) is async-signal-safe; no core dump of the aborted child
+        // lands in the working directory.
+        unsafe {
+            cmd.pre_exec(|| {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        let mut child: Child = cmd.spawn().expect("spawn twopc order-service");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if started.elapsed() > WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let lines: Vec<String> = rx.try_iter().collect();
+                panic!(
+                    "twopc order-service {args:?} did not exit within {WAIT:?}; stdout {lines:?}; stderr:\n{}",
+                    read(&log_path)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let _ = reader.join();
+        let stdout: Vec<String> = rx.try_iter().collect();
+        let run = Run {
+            status,
+            stdout,
+            stderr: read(&log_path),
+        };
+        assert_eq!(
+            run.stdout.first().map(String::as_str),
+            Some(format!("order-service ready on {listen}").as_str()),
+            "first stdout line of twopc order-service {args:?} (status {:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        run
+    }
+}
+
+impl Drop for OrderService {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("TWOPC_TEST_SHOW_LOGS").is_some() {
+            for (i, p) in self.logs.iter().enumerate() {
+                eprintln!(
+                    "----- order-service run #{} ({}) -----\n{}",
+                    i + 1,
+                    p.display(),
+                    read(p)
+                );
+            }
+        }
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>"))
+}
+
+#[track_caller]
+fn assert_aborted_by_failpoint(run: &Run, failpoint: &str) {
+    assert_eq!(
+        run.status.signal(),
+        Some(libc::SIGABRT),
+        "the order service should die of SIGABRT at {failpoint}, got {:?}; stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("failpoint {failpoint} hit: aborting the process")),
+        "stderr does not show {failpoint}:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stdout.iter().any(|l| l.starts_with("placed ")),
+        "no outcome can be printed by a killed process: {:?}",
+        run.stdout
+    );
+}
+
+/// Checks a successful `--recover` run: it exited 0 and found exactly both branches of
+/// `tx_id` in doubt.
+#[track_caller]
+fn assert_recovered_both(run: &Run, tx_id: &str) {
+    assert!(
+        run.status.success(),
+        "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    // After the ready line (checked by `run`): the branches found at start, sorted.
+    let expected = [
+        format!("in doubt {tx_id} {EVENTS_BRANCH}"),
+        format!("in doubt {tx_id} {DB_BRANCH}"),
+        "recovered 2".to_string(),
+    ];
+    assert_eq!(run.stdout[1..], expected[..], "stderr:\n{}", run.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Outside views: PostgreSQL, RabbitMQ, the staging store, the coordinator
+// ---------------------------------------------------------------------------------------
+
+/// A scenario's world: coordinator, database, queue.
+struct World {
+    coord: Coordinator,
+    db: tokio_postgres::Client,
+    amqp: Connection,
+    channel: lapin::Channel,
+    queue: String,
+    service: OrderService,
+}
+
+impl World {
+    async fn start() -> World {
+        let cluster = cluster().await;
+        let db_name = unique_name("order_crash");
+        cluster
+            .create_database(&db_name)
+            .await
+            .unwrap_or_else(|e| panic!("create database {db_name}: {e}"));
+        let db = cluster
+            .connect(&db_name)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {db_name}: {e}"));
+        db.batch_execute(ORDER_SCHEMA).await.expect("order schema");
+        db.batch_execute("INSERT INTO customers (id) VALUES ('alice')")
+            .await
+            .expect("customer");
+        let coord = Coordinator::start(&[
+            ("--prepare-timeout-ms", "5000"),
+            ("--commit-wait-ms", "1000"),
+            ("--one-phase", "false"),
+        ])
+        .await;
+        let amqp = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        )
+        .await
+        .expect("RabbitMQ connect timed out")
+        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
+        let channel = amqp.create_channel().await.expect("AMQP channel");
+        let queue = unique_name("twopc_crash_orders");
+        let service = OrderService::new(coord.url(), cluster.url(&db_name), queue.clone());
+        World {
+            coord,
+            db,
+            amqp,
+            channel,
+            queue,
+            service,
+        }
+    }
+
+    /// Gids prepared in this scenario's database.
+    async fn prepared_gids(&self) -> Vec<String> {
+        self.db
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+                &[],
+            )
+            .await
+            .expect("pg_prepared_xacts")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// The transaction id of the order's one prepared database branch.
+    async fn prepared_tx(&self) -> String {
+        let gids = self.prepared_gids().await;
+        assert_eq!(gids.len(), 1, "one prepared gid expected: {gids:?}");
+        let tx_id = gids[0]
+            .strip_prefix("twopc:")
+            .and_then(|rest| rest.strip_suffix(&format!(":{DB_BRANCH}")))
+            .unwrap_or_else(|| panic!("unexpected gid {:?}", gids[0]));
+        tx_id.to_string()
+    }
+
+    async fn order_row(&self, id: &str) -> Option<(String, String, i32)> {
+        self.db
+            .query_opt(
+                "SELECT customer, item, quantity FROM orders WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("select order")
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+    }
+
+    /// Declares the queue (durable, as the SDK does) and returns how many messages it
+    /// holds.
+    async fn queue_len(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.declare")
+            .message_count()
+    }
+
+    /// Takes every message in the queue, as `(message id, payload)`.
+    async fn drain(&self) -> Vec<(String, Vec<u8>)> {
+        self.queue_len().await;
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let id = m
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            out.push((id, m.delivery.data.clone()));
+        }
+        out
+    }
+
+    /// Staged batches left in the order service's data directory (run it only while no
+    /// order-service process is running).
+    async fn staged(&self) -> usize {
+        let dir = self.service.data_dir();
+        tokio::task::spawn_blocking(move || {
+            let store = StagingStore::open(&dir)
+                .unwrap_or_else(|e| panic!("open the staging store in {}: {e}", dir.display()));
+            store.len()
+        })
+        .await
+        .expect("staging task")
+    }
+
+    async fn tx(&self, tx_id: &str) -> pb::GetTransactionResponse {
+        self.coord
+            .client()
+            .await
+            .get_transaction(pb::GetTransactionRequest {
+                tx_id: tx_id.to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("GetTransaction {tx_id}: {s:?}"))
+            .into_inner()
+    }
+
+    /// Waits until the coordinator reports `state` for `tx_id`.
+    async fn wait_for_state(&self, tx_id: &str, state: pb::TxState) -> pb::GetTransactionResponse {
+        let client = self.coord.client().await;
+        let what = format!("transaction {tx_id} is {state:?}");
+        eventually(WAIT, &what, || {
+            let mut client = client.clone();
+            let tx_id = tx_id.to_string();
+            async move {
+                client
+                    .get_transaction(pb::GetTransactionRequest { tx_id })
+                    .await
+                    .map(|r| pb::TxState::try_from(r.into_inner().state) == Ok(state))
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+        self.tx(tx_id).await
+    }
+
+    async fn cleanup(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+}
+
+fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
+    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------
+
+/// Killed after preparing, before its vote reached the coordinator: the coordinator
+/// aborts (a vote is missing); the restarted service rolls the prepared gid back and
+/// drops the staged event.
+///
+/// The prepares of the two branches run in parallel; `1*off->return(abort)` lets the
+/// first yes vote out and kills the process at the second, so that BOTH branches are
+/// durably prepared (a PostgreSQL gid and a staged batch) when it dies and exactly one
+/// vote never reaches the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_prepare_before_its_vote_the_restarted_service_rolls_back() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::after_prepare_before_reply";
+
+        let run = w
+            .service
+            .run(
+                &["--place", "o1"],
+                &format!("{failpoint}=1*off->return(abort)"),
+            )
+            .await;
+        assert_aborted_by_failpoint(&run, failpoint);
+        let tx_id = w.prepared_tx().await;
+
+        // The vote never arrived: the coordinator aborts and keeps sending aborts to the
+        // dead participant.
+        let r = w.wait_for_state(&tx_id, pb::TxState::Aborting).await;
+        assert_eq!(outcome(&r), pb::Outcome::Aborted, "{r:?}");
+        assert_eq!(
+            w.prepared_gids().await.len(),
+            1,
+            "nothing rolled the gid back yet"
+        );
+        assert_eq!(
+            w.order_row("o1").await,
+            None,
+            "a prepared row is not visible"
+        );
+
+        // Restarted on the same port and data directory, without the fail point.
+        let run = w.service.run(&["--recover"], "").await;
+        assert_recovered_both(&run, &tx_id);
+
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "gid rolled back"
+        );
+        assert_eq!(w.order_row("o1").await, None, "no row");
+        assert_eq!(w.drain().await, vec![], "no event");
+        assert_eq!(w.staged().await, 0, "nothing staged");
+        let r = w.wait_for_state(&tx_id, pb::TxState::Aborted).await;
+        assert_eq!(outcome(&r), pb::Outcome::Aborted, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Killed on the commit after the decision (both branches voted yes, COMMIT is durable,
+/// nothing is committed yet): the coordinator keeps retrying; the restarted service
+/// commits the row and publishes exactly one OrderCreated with the branch's message id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_before_commit_the_restarted_service_commits_row_and_event() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::before_commit";
+
+        let run = w
+            .service
+            .run(&["--place", "o1"], &format!("{failpoint}=return(abort)"))
+            .await;
+        assert_aborted_by_failpoint(&run, failpoint);
+        let tx_id = w.prepared_tx().await;
+        let r = w.tx(&tx_id).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "decided before the kill: {r:?}");
+        assert_eq!(
+            pb::TxState::try_from(r.state),
+            Ok(pb::TxState::Committing),
+            "phase two cannot have finished: {r:?}"
+        );
+        assert_eq!(w.order_row("o1").await, None, "not committed before the kill");
+        assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+
+        let run = w.service.run(&["--recover"], "").await;
+        assert_recovered_both(&run, &tx_id);
+
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row is committed"
+        );
+        assert_eq!(w.prepared_gids().await, Vec::<String>::new(), "no prepared gid left");
+        let events = w.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        let (message_id, payload) = &events[0];
+        assert_eq!(message_id, &format!("{tx_id}:{EVENTS_BRANCH}:0"));
+        let event: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
+        assert_eq!(
+            event,
+            serde_json::json!({
+                "type": "OrderCreated", "id": "o1", "customer": "alice", "item": "sku-1", "quantity": 1
+            })
+        );
+        assert_eq!(w.staged().await, 0, "nothing staged");
+        let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Killed after PostgreSQL committed, before the acknowledgement: after the restart the
+/// retried commit finds the gid gone ("already committed") and the event goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_commit_before_ack_the_restarted_service_publishes_once() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::after_commit_before_ack";
+
+        let run = w
+            .service
+            .run(&["--place", "o1"], &format!("{failpoint}=return(abort)"))
+            .await;
+        assert_aborted_by_failpoint(&run, failpoint);
+        // The database tier committed before the kill; the broker tier never started.
+        assert_eq!(w.prepared_gids().await, Vec::<String>::new());
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1))
+        );
+        assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+
+        let run = w.service.run(&["--recover"], "").await;
+        assert!(run.status.success(), "stderr:\n{}", run.stderr);
+        let in_doubt: Vec<&String> = run
+            .stdout
+            .iter()
+            .filter(|l| l.starts_with("in doubt "))
+            .collect();
+        assert_eq!(in_doubt.len(), 1, "only the staged event: {:?}", run.stdout);
+        let tx_id = in_doubt[0]
+            .strip_prefix("in doubt ")
+            .and_then(|rest| rest.strip_suffix(&format!(" {EVENTS_BRANCH}")))
+            .unwrap_or_else(|| panic!("unexpected line {:?}", in_doubt[0]))
+            .to_string();
+        assert_eq!(run.stdout.last().map(String::as_str), Some("recovered 1"));
+
+        let events = w.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        assert_eq!(events[0].0, format!("{tx_id}:{EVENTS_BRANCH}:0"));
+        assert_eq!(w.staged().await, 0, "nothing staged");
+        let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
