@@ -17,7 +17,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server::{self, ServeConfig};
@@ -110,9 +110,12 @@ async fn start_null_participant(stop: oneshot::Receiver<()>) -> anyhow::Result<S
         let _ = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(ParticipantServer::new(NullParticipant))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop.await;
+                },
+            )
             .await;
     });
     Ok(endpoint)

@@ -456,7 +456,7 @@ fn print_report(r: &Report) {
 
 /// The PostgreSQL URL to use, and the private cluster backing it (kept alive by the
 /// caller) when the given one cannot prepare transactions.
-async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Option<PgCluster>)> {
+pub(crate) async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Option<PgCluster>)> {
     match twopc_testkit::prepared_transactions_enabled(url).await {
         Ok(true) => return Ok((url.to_string(), None)),
         Ok(false) => println!(
@@ -473,7 +473,7 @@ async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Option<PgCluste
     Ok((url, Some(cluster)))
 }
 
-async fn create_database(url: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn create_database(url: &str, name: &str) -> anyhow::Result<()> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
@@ -485,7 +485,7 @@ async fn create_database(url: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn with_dbname(url: &str, db: &str) -> String {
+pub(crate) fn with_dbname(url: &str, db: &str) -> String {
     let kept: Vec<&str> = url
         .split_whitespace()
         .filter(|kv| !kv.starts_with("dbname="))
@@ -493,7 +493,7 @@ fn with_dbname(url: &str, db: &str) -> String {
     format!("{} dbname={db}", kept.join(" "))
 }
 
-fn pool(url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
+pub(crate) fn pool(url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
     let cfg: tokio_postgres::Config = url
         .parse()
         .context("--postgres-url is not a valid PostgreSQL connection string")?;
@@ -502,7 +502,7 @@ fn pool(url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
 }
 
 /// Hides a password in a URL for printing.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.find('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -515,7 +515,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn rabbit_hint(url: &str) -> String {
+pub(crate) fn rabbit_hint(url: &str) -> String {
     format!(
         "RabbitMQ is not reachable at {}: start it (rabbitmq-server -detached) or install it \
          (apt-get install rabbitmq-server), or pass --amqp-url, or use --broker nats",
@@ -523,7 +523,7 @@ fn rabbit_hint(url: &str) -> String {
     )
 }
 
-fn nats_hint(url: &str) -> String {
+pub(crate) fn nats_hint(url: &str) -> String {
     format!(
         "NATS JetStream is not reachable at {url}: start it (nats-server -js) or install it \
          (apt-get install nats-server), or pass --nats-url, or use --broker rabbitmq"
@@ -531,7 +531,7 @@ fn nats_hint(url: &str) -> String {
 }
 
 /// Seconds since the epoch, as a short unique-enough tag for names.
-fn chrono_like_stamp() -> u64 {
+pub(crate) fn chrono_like_stamp() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

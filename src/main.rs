@@ -15,6 +15,7 @@
 //! `RUST_LOG` (or `--log`) sets the filter.
 
 mod bench;
+mod bench_dual;
 mod demo;
 mod order_service;
 
@@ -57,6 +58,8 @@ enum Command {
 enum BenchCommand {
     /// The coordinator alone: real gRPC, real sled log and syncs, null participants.
     Coordinator(bench::CoordinatorBench),
+    /// The order-service workload: naive dual write vs transactional outbox vs twopc.
+    DualWrite(bench_dual::DualWriteBench),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +103,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Serve(cfg) => serve(cfg).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
+        Command::Bench(BenchCommand::DualWrite(args)) => bench_dual::run(args).await,
         Command::OrderService(args) => order_service::run_process(args).await,
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::info;
 use twopc_proto::v1::coordinator_server::CoordinatorServer;
@@ -245,7 +245,10 @@ pub async fn run_with_log<L: DecisionLog>(
         .add_service(health)
         .add_service(reflection)
         .add_service(CoordinatorServer::new(CoordinatorService::new(rt)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     info!("server stopped");
     Ok(())

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
 use twopc_proto::v1 as pb;
@@ -40,9 +40,12 @@ pub(crate) async fn serve(
     let res = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(ParticipantServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
         .await;
     if let Err(e) = res {
         warn!(error = %e, "participant server stopped with an error");

@@ -1,0 +1,694 @@
+//! `twopc bench dual-write`: the order-service workload three ways, side by side.
+//!
+//! - **naive**: `INSERT` (autocommit), then publish with a broker confirmation. Fast and
+//!   wrong: a crash between the two leaves a row without its event.
+//! - **outbox**: the row and an outbox row in one local transaction; a relay polls the
+//!   outbox every `--relay-interval-ms`, publishes (with confirmations) and deletes.
+//! - **twopc**: the SDK: a PostgreSQL branch and a broker branch committed by the
+//!   coordinator (in-process, real sled log with real syncs).
+//!
+//! The modes run interleaved (`--rounds` slices each, in rotation) against the same
+//! PostgreSQL and broker, so they share the machine's conditions. Per mode it reports
+//! transactions/s, the client-visible latency, and the event-delivery latency: from the
+//! moment the order's database commit is issued (naive: after the INSERT; outbox: after
+//! COMMIT; twopc: when Commit is called) to the consumer's receipt.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::server::{self, ServeConfig};
+use twopc_participant::broker::Broker;
+use twopc_participant::nats::NatsResource;
+use twopc_participant::postgres::PgResource;
+use twopc_participant::rabbitmq::RabbitResource;
+use twopc_participant::staging::StagingStore;
+use twopc_participant::TwoPc;
+
+use crate::demo::{self, BrokerKind};
+use crate::order_service::{Order, OrderService, Placed, ORDER_SCHEMA};
+
+/// Flags of `twopc bench dual-write`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DualWriteBench {
+    /// Concurrent clients per mode.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Measured seconds per mode (split over the rounds).
+    #[arg(long, default_value_t = 9)]
+    pub seconds: u64,
+    /// Slices per mode; modes rotate between slices.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Which broker carries the events.
+    #[arg(long, value_enum, default_value_t = BrokerKind::Rabbitmq)]
+    pub broker: BrokerKind,
+    /// How often the outbox relay polls (ms).
+    #[arg(long, default_value_t = 100)]
+    pub relay_interval_ms: u64,
+    /// PostgreSQL (needs max_prepared_transactions > 0; otherwise a private cluster is used).
+    #[arg(
+        long,
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        env = "TWOPC_DEMO_POSTGRES_URL"
+    )]
+    pub postgres_url: String,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "TWOPC_DEMO_AMQP_URL"
+    )]
+    pub amqp_url: String,
+    /// NATS URL.
+    #[arg(
+        long,
+        default_value = "nats://127.0.0.1:4222",
+        env = "TWOPC_DEMO_NATS_URL"
+    )]
+    pub nats_url: String,
+    /// Print one JSON object per mode instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One mode's numbers (the JSON line).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DualResult {
+    /// naive | outbox | twopc.
+    pub mode: String,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Orders completed per second.
+    pub tx_per_s: f64,
+    /// Client-visible latency p50 (ms).
+    pub p50_ms: f64,
+    /// Client-visible latency p99 (ms).
+    pub p99_ms: f64,
+    /// Commit-to-receipt latency p50 (ms).
+    pub delivery_p50_ms: f64,
+    /// Commit-to-receipt latency p99 (ms).
+    pub delivery_p99_ms: f64,
+    /// Forced log syncs per decision (twopc only).
+    pub syncs_per_decision: Option<f64>,
+    /// Orders whose event never arrived within the drain deadline.
+    pub undelivered: u64,
+    /// twopc throughput / this mode's (set on the naive and outbox lines).
+    pub twopc_throughput_ratio: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Mode {
+    Naive,
+    Outbox,
+    Twopc,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Naive => "naive",
+            Mode::Outbox => "outbox",
+            Mode::Twopc => "twopc",
+        }
+    }
+}
+
+/// Per-mode measurements, shared by the clients and the consumer.
+#[derive(Default)]
+struct Samples {
+    /// Client latency per completed order (µs).
+    client_us: Mutex<Vec<u64>>,
+    /// When each order's commit was issued, until its event arrives.
+    committed_at: Mutex<HashMap<String, Instant>>,
+    /// Commit-to-receipt latency per event (µs).
+    delivery_us: Mutex<Vec<u64>>,
+    /// Orders expected to produce an event.
+    expected: AtomicU64,
+    /// Events received (first time).
+    received: AtomicU64,
+    /// Measured time (µs) summed over slices.
+    busy_us: AtomicU64,
+}
+
+/// Plain publishing for the naive and outbox modes (the twopc mode goes through the SDK).
+#[derive(Clone)]
+enum Publisher {
+    Rabbit(lapin::Channel),
+    Nats(async_nats::jetstream::Context),
+}
+
+impl Publisher {
+    async fn publish(
+        &self,
+        destination: &str,
+        message_id: &str,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Publisher::Rabbit(ch) => {
+                let props = lapin::BasicProperties::default()
+                    .with_message_id(message_id.into())
+                    .with_delivery_mode(2);
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        destination.into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        &payload,
+                        props,
+                    )
+                    .await?
+                    .await?;
+                anyhow::ensure!(!confirm.is_nack(), "broker nacked {message_id}");
+            }
+            Publisher::Nats(js) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", message_id);
+                js.publish_with_headers(destination.to_string(), headers, payload.into())
+                    .await?
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=1024).contains(&args.clients),
+        "--clients must be between 1 and 1024"
+    );
+    anyhow::ensure!(
+        (1..=3600).contains(&args.seconds),
+        "--seconds must be between 1 and 3600"
+    );
+    anyhow::ensure!(
+        (1..=100).contains(&args.rounds),
+        "--rounds must be between 1 and 100"
+    );
+    anyhow::ensure!(
+        (1..=60_000).contains(&args.relay_interval_ms),
+        "--relay-interval-ms must be between 1 and 60000"
+    );
+    let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
+    let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
+
+    let (pg_url, _cluster) = demo::postgres_for_demo(&args.postgres_url).await?;
+    let db_name = format!("twopc_bench_{tag}");
+    demo::create_database(&pg_url, &db_name).await?;
+    let db_url = demo::with_dbname(&pg_url, &db_name);
+    let pool = demo::pool(&db_url)?;
+    {
+        let c = pool.get().await?;
+        c.batch_execute(ORDER_SCHEMA).await?;
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id bigserial PRIMARY KEY, message_id text NOT NULL, payload bytea NOT NULL);
+             INSERT INTO customers (id) VALUES ('alice') ON CONFLICT DO NOTHING;",
+        )
+        .await?;
+    }
+
+    // Coordinator in-process, real sled log.
+    let log = Arc::new(SledLog::open(
+        &tmp.path().join("coordinator"),
+        SledLogOptions::default(),
+    )?);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let coordinator_url = format!("http://{}", listener.local_addr()?);
+    let (stop_coordinator, stopped) = oneshot::channel::<()>();
+    let cfg = ServeConfig {
+        data_dir: tmp.path().join("coordinator"),
+        ..ServeConfig::default()
+    };
+    let server_log = log.clone();
+    let coordinator = tokio::spawn(async move {
+        server::run_with_log(cfg, server_log, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let sdk = TwoPc::builder(&coordinator_url)
+        .service("bench")
+        .data_dir(tmp.path().join("svc"))
+        .start()
+        .await?;
+    let db = sdk.register(PgResource::new("db", pool.clone()).await?)?;
+    let staging = Arc::new(StagingStore::open(tmp.path().join("svc"))?);
+
+    let dest = |mode: Mode| match args.broker {
+        BrokerKind::Rabbitmq => format!("twopc-bench-{tag}-{}", mode.name()),
+        BrokerKind::Nats => format!("twopc-bench.{tag}.{}", mode.name()),
+    };
+    let stream = format!("TWOPC_BENCH_{tag}");
+    let samples: HashMap<Mode, Arc<Samples>> = [Mode::Naive, Mode::Outbox, Mode::Twopc]
+        .into_iter()
+        .map(|m| (m, Arc::new(Samples::default())))
+        .collect();
+
+    let results = match args.broker {
+        BrokerKind::Rabbitmq => {
+            let broker = sdk.register(Arc::new(
+                RabbitResource::connect("events", &args.amqp_url, staging.clone())
+                    .await
+                    .with_context(|| demo::rabbit_hint(&args.amqp_url))?,
+            ))?;
+            let conn =
+                lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+                    .await?;
+            for mode in samples.keys() {
+                let ch = conn.create_channel().await?;
+                ch.queue_declare(
+                    dest(*mode).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+                spawn_rabbit_consumer(ch, dest(*mode), samples[mode].clone()).await?;
+            }
+            let make = || async {
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, anyhow::Error>(Publisher::Rabbit(ch))
+            };
+            let publishers =
+                futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
+            let service = OrderService {
+                sdk: sdk.clone(),
+                db: db.clone(),
+                broker,
+                destination: dest(Mode::Twopc),
+            };
+            measure(&args, &pool, &service, publishers, &dest, &samples, &log).await?
+        }
+        BrokerKind::Nats => {
+            let subjects = [Mode::Naive, Mode::Outbox, Mode::Twopc]
+                .iter()
+                .map(|m| dest(*m))
+                .collect();
+            let broker = sdk.register(Arc::new(
+                NatsResource::connect("events", &args.nats_url, &stream, subjects, staging.clone())
+                    .await
+                    .with_context(|| demo::nats_hint(&args.nats_url))?,
+            ))?;
+            let client = async_nats::connect(&args.nats_url).await?;
+            let js = async_nats::jetstream::new(client);
+            for mode in samples.keys() {
+                spawn_nats_consumer(
+                    &js,
+                    &stream,
+                    mode.name(),
+                    dest(*mode),
+                    samples[mode].clone(),
+                )
+                .await?;
+            }
+            let publishers = (0..args.clients + 1)
+                .map(|_| Publisher::Nats(js.clone()))
+                .collect();
+            let service = OrderService {
+                sdk: sdk.clone(),
+                db: db.clone(),
+                broker,
+                destination: dest(Mode::Twopc),
+            };
+            measure(&args, &pool, &service, publishers, &dest, &samples, &log).await?
+        }
+    };
+
+    sdk.shutdown().await;
+    let _ = stop_coordinator.send(());
+    coordinator.await??;
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure<B: Broker>(
+    args: &DualWriteBench,
+    pool: &deadpool_postgres::Pool,
+    service: &OrderService<B>,
+    mut publishers: Vec<Publisher>,
+    dest: &dyn Fn(Mode) -> String,
+    samples: &HashMap<Mode, Arc<Samples>>,
+    log: &SledLog,
+) -> anyhow::Result<Vec<DualResult>> {
+    // The outbox relay runs for the whole benchmark, like a real one would.
+    let relay_stop = Arc::new(AtomicBool::new(false));
+    let relay = tokio::spawn(outbox_relay(
+        pool.clone(),
+        publishers.pop().context("a publisher for the relay")?,
+        dest(Mode::Outbox),
+        Duration::from_millis(args.relay_interval_ms),
+        relay_stop.clone(),
+    ));
+    let slice = Duration::from_secs_f64(args.seconds as f64 / args.rounds as f64);
+    let total = 3 * args.rounds as u64;
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} slices")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let seq = Arc::new(AtomicU64::new(0));
+    let syncs_before = log.stats();
+    for _round in 0..args.rounds {
+        for mode in [Mode::Naive, Mode::Outbox, Mode::Twopc] {
+            bar.set_message(mode.name());
+            let s = samples[&mode].clone();
+            let started = Instant::now();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut tasks = Vec::new();
+            for publisher in publishers.iter().take(args.clients) {
+                let (s, stop, seq, pool) = (s.clone(), stop.clone(), seq.clone(), pool.clone());
+                let publisher = publisher.clone();
+                let destination = dest(mode);
+                tasks.push(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = seq.fetch_add(1, Ordering::Relaxed);
+                        let order = Order {
+                            id: format!("{}-{n}", mode.name()),
+                            customer: "alice".into(),
+                            item: format!("sku-{}", n % 7),
+                            quantity: (n % 5) as i32 + 1,
+                        };
+                        let t0 = Instant::now();
+                        one_order(mode, &order, &pool, &publisher, &destination, service, &s)
+                            .await?;
+                        s.client_us
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("lock"))?
+                            .push(t0.elapsed().as_micros() as u64);
+                    }
+                    Ok::<_, anyhow::Error>(())
+                });
+            }
+            let timer = async {
+                tokio::time::sleep(slice).await;
+                stop.store(true, Ordering::Relaxed);
+            };
+            let (_, results) = tokio::join!(timer, futures::future::join_all(tasks));
+            for r in results {
+                r.with_context(|| format!("{} client failed", mode.name()))?;
+            }
+            s.busy_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let syncs_after = log.stats();
+    // Drain: every expected event, bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && samples
+            .values()
+            .any(|s| s.received.load(Ordering::Relaxed) < s.expected.load(Ordering::Relaxed))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay_stop.store(true, Ordering::Relaxed);
+    relay.await??;
+
+    let mut out = Vec::new();
+    for mode in [Mode::Naive, Mode::Outbox, Mode::Twopc] {
+        let s = &samples[&mode];
+        let mut client = s
+            .client_us
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .clone();
+        let mut delivery = s
+            .delivery_us
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .clone();
+        let secs = s.busy_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let mut r = DualResult {
+            mode: mode.name().into(),
+            clients: args.clients,
+            tx_per_s: client.len() as f64 / secs.max(1e-9),
+            p50_ms: pct(&mut client, 0.50),
+            p99_ms: pct(&mut client, 0.99),
+            delivery_p50_ms: pct(&mut delivery, 0.50),
+            delivery_p99_ms: pct(&mut delivery, 0.99),
+            undelivered: s
+                .expected
+                .load(Ordering::Relaxed)
+                .saturating_sub(s.received.load(Ordering::Relaxed)),
+            ..Default::default()
+        };
+        if mode == Mode::Twopc {
+            let decisions = syncs_after.decisions - syncs_before.decisions;
+            let syncs = syncs_after.syncs - syncs_before.syncs;
+            r.syncs_per_decision = Some(syncs as f64 / decisions.max(1) as f64);
+        }
+        out.push(r);
+    }
+    let twopc = out[2].tx_per_s;
+    for r in out.iter_mut().take(2) {
+        r.twopc_throughput_ratio = Some(twopc / r.tx_per_s.max(1e-9));
+    }
+    Ok(out)
+}
+
+async fn one_order<B: Broker>(
+    mode: Mode,
+    order: &Order,
+    pool: &deadpool_postgres::Pool,
+    publisher: &Publisher,
+    destination: &str,
+    service: &OrderService<B>,
+    s: &Samples,
+) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(order)?;
+    let mark = |s: &Samples| -> anyhow::Result<()> {
+        s.expected.fetch_add(1, Ordering::Relaxed);
+        s.committed_at
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .insert(order.id.clone(), Instant::now());
+        Ok(())
+    };
+    match mode {
+        Mode::Naive => {
+            let c = pool.get().await?;
+            c.execute(
+                "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
+                &[&order.id, &order.customer, &order.item, &order.quantity],
+            )
+            .await?;
+            mark(s)?;
+            publisher.publish(destination, &order.id, payload).await?;
+        }
+        Mode::Outbox => {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
+                &[&order.id, &order.customer, &order.item, &order.quantity],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO outbox (message_id, payload) VALUES ($1, $2)",
+                &[&order.id, &payload],
+            )
+            .await?;
+            tx.commit().await?;
+            mark(s)?;
+        }
+        Mode::Twopc => {
+            // Marked before commit: the event may arrive before Commit returns.
+            mark(s)?;
+            match service.place(order, false).await? {
+                Placed::Committed => {}
+                Placed::Aborted(why) => {
+                    s.expected.fetch_sub(1, Ordering::Relaxed);
+                    anyhow::bail!("order {} aborted: {why}", order.id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls the outbox, publishes with confirmations, deletes what was published.
+async fn outbox_relay(
+    pool: deadpool_postgres::Pool,
+    publisher: Publisher,
+    destination: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut c = pool.get().await?;
+        loop {
+            let tx = c.transaction().await?;
+            let rows = tx
+                .query(
+                    "SELECT id, message_id, payload FROM outbox ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED",
+                    &[],
+                )
+                .await?;
+            let mut ids = Vec::with_capacity(rows.len());
+            let publishes = rows.iter().map(|r| {
+                ids.push(r.get::<_, i64>(0));
+                publisher.publish(&destination, r.get::<_, &str>(1), r.get::<_, Vec<u8>>(2))
+            });
+            futures::future::try_join_all(publishes).await?;
+            tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
+                .await?;
+            tx.commit().await?;
+            if rows.len() < 1000 {
+                break;
+            }
+        }
+        drop(c);
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn record_receipt(s: &Samples, order_id: &str) {
+    let at = s
+        .committed_at
+        .lock()
+        .ok()
+        .and_then(|mut m| m.remove(order_id));
+    if let Some(at) = at {
+        s.received.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut d) = s.delivery_us.lock() {
+            d.push(at.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+async fn spawn_rabbit_consumer(
+    ch: lapin::Channel,
+    queue: String,
+    s: Arc<Samples>,
+) -> anyhow::Result<()> {
+    ch.basic_qos(1000, lapin::options::BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        let _ch = ch;
+        while let Some(Ok(d)) = deliveries.next().await {
+            if let Ok(o) = serde_json::from_slice::<Order>(&d.data) {
+                record_receipt(&s, &o.id);
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn spawn_nats_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    name: &str,
+    subject: String,
+    s: Arc<Samples>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let stream = js.get_stream(stream).await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("bench-{name}")),
+            filter_subject: subject,
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            if let Ok(o) = serde_json::from_slice::<Order>(&m.payload) {
+                record_receipt(&s, &o.id);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i] as f64 / 1000.0
+}
+
+fn print_table(results: &[DualResult]) {
+    println!(
+        "{:<7} {:>7} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>11}",
+        "mode",
+        "clients",
+        "tx/s",
+        "p50 ms",
+        "p99 ms",
+        "deliv p50",
+        "deliv p99",
+        "syncs/dec",
+        "undelivered"
+    );
+    for r in results {
+        println!(
+            "{:<7} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>12.2} {:>12.2} {:>10} {:>11}",
+            r.mode,
+            r.clients,
+            r.tx_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.delivery_p50_ms,
+            r.delivery_p99_ms,
+            r.syncs_per_decision
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.undelivered
+        );
+    }
+    if let [naive, outbox, twopc] = results {
+        println!(
+            "twopc/naive throughput {:.2}x, twopc/outbox throughput {:.2}x, twopc/naive p99 {:.2}x, \
+             twopc delivery p99 {:.1} ms vs outbox delivery p50 {:.1} ms",
+            twopc.tx_per_s / naive.tx_per_s.max(1e-9),
+            twopc.tx_per_s / outbox.tx_per_s.max(1e-9),
+            twopc.p99_ms / naive.p99_ms.max(1e-9),
+            twopc.delivery_p99_ms,
+            outbox.delivery_p50_ms
+        );
+    }
+}
