@@ -194,11 +194,24 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
         Some(h) if !h.is_empty() => {}
         _ => return bad("a host is required"),
     }
-    if uri.port_u16().is_none() {
-        return bad("a port is required");
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if authority.contains('@') {
+        return bad("credentials are not allowed in an endpoint");
     }
-    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
-        return bad("no path or query is allowed");
+    match authority.rsplit_once(':') {
+        Some((_, port)) if !port.is_empty() => {
+            let canonical = port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
+            if !canonical || !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+                return bad("the port must be a number from 1 to 65535");
+            }
+        }
+        _ => return bad("a port is required"),
+    }
+    if uri.path() != "/" && !uri.path().is_empty()
+        || uri.query().is_some()
+        || endpoint.contains('#')
+    {
+        return bad("no path, query or fragment is allowed");
     }
     Ok(())
 }
