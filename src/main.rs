@@ -16,6 +16,7 @@
 
 mod bench;
 mod bench_dual;
+mod campaign;
 mod demo;
 mod order_service;
 
@@ -46,6 +47,8 @@ enum Command {
     Serve(ServeConfig),
     /// The seed scenario: coordinator + order service + inventory consumer, N orders.
     Demo(demo::DemoArgs),
+    /// Seeded randomized fault campaign with an invariant checker.
+    Campaign(campaign::CampaignArgs),
     /// Benchmarks (see docs/performance.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -69,7 +72,11 @@ fn main() -> ExitCode {
     let _failpoints = fail::FailScenario::setup();
     // The demo and benchmarks print their own reports; library logs are noise unless asked for.
     let filter = match (&cli.command, std::env::var_os("RUST_LOG")) {
-        (Command::Demo(_) | Command::Bench(_), None) if cli.log == "info" => "warn".to_string(),
+        (Command::Demo(_) | Command::Bench(_) | Command::Campaign(_), None)
+            if cli.log == "info" =>
+        {
+            "warn".to_string()
+        }
         _ => cli.log.clone(),
     };
     tracing_subscriber::fmt()
@@ -102,6 +109,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(cfg) => serve(cfg).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Campaign(args) => campaign::run(args).await,
         Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
         Command::Bench(BenchCommand::DualWrite(args)) => bench_dual::run(args).await,
         Command::OrderService(args) => order_service::run_process(args).await,

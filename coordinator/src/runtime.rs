@@ -14,6 +14,25 @@
 //! * timers live in one task with a delay queue (cheap for millions of pending timeouts);
 //!   retry timers get jitter here, keeping the engine deterministic;
 //! * replies complete the oneshot of the waiting RPC.
+//!
+//! # Fail points
+//!
+//! With the crate feature `failpoints` (and `FAILPOINTS` read by the binary),
+//! `<name>=return(abort)` aborts the process on the spot (SIGABRT, no cleanup) at these
+//! crash points; without the feature they compile to nothing. For the first two and the
+//! last, any other action is ignored:
+//!
+//! * `coordinator::before_prepare`: Commit was accepted and the PREPARING record (lazily)
+//!   written, before the first prepare of the transaction is sent;
+//! * `coordinator::after_first_prepare`: the first branch's prepare RPC returned (that
+//!   participant has prepared), before its vote reaches the engine (so no decision can
+//!   have been made); the other prepares may be in flight;
+//! * `coordinator::before_log_decision`: every vote is yes, before the COMMIT record is
+//!   written;
+//! * `coordinator::after_decision_durable`: the COMMIT record is durable, before any
+//!   commit is sent;
+//! * `coordinator::between_tiers`: phase two, a lower `commit_order` tier is acknowledged,
+//!   before the next tier's commit is sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -366,6 +385,21 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                     .unwrap_or(0);
                 let me = self.clone();
                 let epoch = self.log.epoch();
+                if unsafe_commit_before_durable() {
+                    // Deliberately broken (test-only, failpoints builds): commits go out at
+                    // once and the decision reaches the log later, so a crash in between
+                    // loses a decision some branches already acted on. The fault campaign
+                    // must catch this.
+                    self.dispatch(Event::LogDurable {
+                        tx: record.tx,
+                        lsn: 0,
+                    });
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = me.log.force_commit(epoch, record).await;
+                    });
+                    return;
+                }
                 tokio::spawn(async move {
                     let tx = record.tx;
                     fail::fail_point!("coordinator::before_log_decision", crash_point);
@@ -403,12 +437,23 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                         std::process::abort();
                     }
                 }
+                // Prepares of a transaction are sent once, in branch order: branch 0's is
+                // the first one.
+                if message == Message::Prepare && branch == 0 {
+                    named_crash_point("coordinator::before_prepare");
+                }
+                if let Message::Commit { one_phase: false } = message {
+                    self.between_tiers_crash_point(tx, branch);
+                }
                 let me = self.clone();
                 tokio::spawn(async move {
                     debug!(%tx, branch_id, ?message, "send");
                     let ev = match message {
                         Message::Prepare => {
                             let vote = me.transport.prepare(&endpoint, tx, &branch_id).await;
+                            if branch == 0 {
+                                named_crash_point("coordinator::after_first_prepare");
+                            }
                             Event::Voted { tx, branch, vote }
                         }
                         Message::Commit { one_phase } => {
@@ -469,6 +514,35 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
     }
 }
 
+impl<L: DecisionLog, T: Transport> Inner<L, T> {
+    /// The `coordinator::between_tiers` crash point: phase two is about to send the commit
+    /// of `branch`, and a branch of the same transaction in a lower `commit_order` tier is
+    /// already acknowledged (so a tier finished and this is the next one). Only such
+    /// sends evaluate the fail point (so counts like `1*off->return(abort)` count tier
+    /// crossings). Compiled out without the feature.
+    #[cfg(feature = "failpoints")]
+    fn between_tiers_crash_point(&self, tx: TxId, branch: usize) {
+        let crosses = {
+            let engine = lock(&self.engine);
+            engine.tx(&tx).is_some_and(|e| {
+                e.branches.get(branch).is_some_and(|b| {
+                    e.branches.iter().any(|o| {
+                        o.state == crate::engine::BranchState::Committed
+                            && o.spec.commit_order < b.spec.commit_order
+                    })
+                })
+            })
+        };
+        if crosses {
+            named_crash_point("coordinator::between_tiers");
+        }
+    }
+
+    #[cfg(not(feature = "failpoints"))]
+    #[inline(always)]
+    fn between_tiers_crash_point(&self, _tx: TxId, _branch: usize) {}
+}
+
 /// Items to carry out after the engine lock is released.
 enum Deferred {
     Cmd(Command),
@@ -482,12 +556,57 @@ fn lazy_tx(record: &crate::log::LazyRecord) -> TxId {
     }
 }
 
+/// The deliberately broken variant the fault campaign uses to prove its checker: with the
+/// `failpoints` feature and `TWOPC_UNSAFE_COMMIT_BEFORE_DURABLE=1`, commits are sent before
+/// the decision is durable. Never available in normal builds.
+fn unsafe_commit_before_durable() -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            let on = std::env::var_os("TWOPC_UNSAFE_COMMIT_BEFORE_DURABLE").is_some_and(|v| v == "1");
+            if on {
+                error!("TWOPC_UNSAFE_COMMIT_BEFORE_DURABLE=1: commits are sent before decisions are durable (test-only broken variant)");
+            }
+            on
+        })
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        false
+    }
+}
+
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 /// What a crash-point failpoint does: `abort` kills the process on the spot (like
 /// SIGKILL, no cleanup); anything else is ignored.
 fn crash_point(arg: Option<String>) {
     if arg.as_deref() == Some("abort") {
         eprintln!("failpoint hit: aborting the process");
+        std::process::abort();
+    }
+}
+
+/// A crash point of the runtime named in its message: with the `failpoints` feature,
+/// `<name>=return(abort)` aborts the process on the spot; any other action is ignored
+/// (nothing is skipped). Without the feature it compiles to nothing.
+#[cfg(feature = "failpoints")]
+fn named_crash_point(name: &str) {
+    if let Some(arg) = fail::eval(name, |arg| arg) {
+        crash_point_at(name, arg);
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn named_crash_point(_name: &str) {}
+
+/// What a named crash point does when it fires: `abort` kills the process (like SIGKILL,
+/// no cleanup), saying which point it was; anything else is ignored.
+#[cfg(feature = "failpoints")]
+fn crash_point_at(name: &str, arg: Option<String>) {
+    if arg.as_deref() == Some("abort") {
+        eprintln!("failpoint {name} hit: aborting the process");
         std::process::abort();
     }
 }

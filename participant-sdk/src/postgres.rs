@@ -116,6 +116,9 @@ struct Slot {
     branch_id: String,
     gid: String,
     state: Arc<Mutex<State>>,
+    /// When the branch was opened: recovery looks at open branches only once they are
+    /// this old, to leave the application time to use them.
+    opened_at: std::time::Instant,
 }
 
 enum State {
@@ -125,7 +128,7 @@ enum State {
     Broken(String),
     /// `BEGIN` ran on `conn`; statements may run.
     Open {
-        conn: Box<Object>,
+        conn: OpenConn,
         last_error: Option<String>,
     },
     /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
@@ -149,6 +152,42 @@ enum State {
     OnePhaseUnknown { xid: i64 },
     /// Rolled back.
     Aborted,
+}
+
+/// The connection of an open branch: a transaction is in progress on it. If the branch is
+/// dropped while open (its resource dropped, its state replaced without going through
+/// prepare/commit/abort), the connection is closed — PostgreSQL rolls the transaction
+/// back — and never returned to the pool, where the next user would otherwise run inside
+/// this abandoned transaction and commit its writes.
+struct OpenConn(Option<Box<Object>>);
+
+impl OpenConn {
+    /// Takes the connection out; the caller now owns finishing its transaction.
+    fn into_inner(mut self) -> Object {
+        match self.0.take() {
+            Some(c) => *c,
+            // Only `Drop` empties it, and nothing runs after `Drop`.
+            None => unreachable!("an OpenConn is emptied only by into_inner or drop"),
+        }
+    }
+}
+
+impl std::ops::Deref for OpenConn {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        match &self.0 {
+            Some(c) => c,
+            None => unreachable!("an OpenConn is emptied only by into_inner or drop"),
+        }
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            discard(*conn);
+        }
+    }
 }
 
 impl State {
@@ -298,6 +337,7 @@ impl PgResource {
                 branch_id,
                 gid,
                 state,
+                opened_at: std::time::Instant::now(),
             });
             b.map.insert(key.clone(), slot.clone());
             (slot, guard)
@@ -313,7 +353,7 @@ impl PgResource {
         match opened {
             Ok(conn) => {
                 *guard = State::Open {
-                    conn: Box::new(conn),
+                    conn: OpenConn(Some(Box::new(conn))),
                     last_error: None,
                 };
                 Ok(PgBranch {
@@ -659,6 +699,7 @@ impl Inner {
             branch_id: key.1.clone(),
             gid,
             state: Arc::new(Mutex::new(State::Aborted)),
+            opened_at: std::time::Instant::now(),
         });
         b.map.insert(key.clone(), slot);
         b.finished.push_back(key);
@@ -743,7 +784,7 @@ impl Inner {
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
             State::Open { conn, last_error } => {
-                let conn = *conn;
+                let conn = conn.into_inner();
                 let sql = format!("SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'");
                 let (new, vote) = match tokio::time::timeout(OP_TIMEOUT, conn.simple_query(&sql))
                     .await
@@ -871,7 +912,7 @@ impl Inner {
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
             State::Open { conn, last_error } => {
-                let (new, answer) = self.one_phase_open(*conn, last_error).await;
+                let (new, answer) = self.one_phase_open(conn.into_inner(), last_error).await;
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, new);
                 *state = st;
@@ -1003,7 +1044,7 @@ impl Inner {
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
             State::Open { conn, .. } => {
-                let conn = *conn;
+                let conn = conn.into_inner();
                 match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute("ROLLBACK")).await {
                     Ok(Ok(())) => drop(conn),
                     // Closing the connection rolls back just as well.
@@ -1134,6 +1175,25 @@ impl Resource for PgResource {
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
         let inner = self.inner.clone();
         detached(inner.in_doubt()).await.map_err(Retry)?
+    }
+
+    async fn open_branches(&self, older_than: Duration) -> Vec<(String, String)> {
+        self.open_branch_list(older_than)
+    }
+}
+
+impl PgResource {
+    /// Branches opened here that have not prepared yet (a transaction is in progress on
+    /// their connection), opened at least `older_than` ago.
+    pub fn open_branch_list(&self, older_than: Duration) -> Vec<(String, String)> {
+        let b = lock_branches(&self.inner.branches);
+        b.map
+            .values()
+            .filter(|slot| slot.opened_at.elapsed() >= older_than)
+            // A branch in use right now is not abandoned; look again next time.
+            .filter(|slot| matches!(slot.state.try_lock().as_deref(), Ok(State::Open { .. })))
+            .map(|slot| (slot.tx_id.clone(), slot.branch_id.clone()))
+            .collect()
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Re
     };
     resources.sort_by_key(|r| (crate::client::commit_order(r.kind()), r.name().to_string()));
     let mut finished = 0;
-    for resource in resources {
+    for resource in &resources {
         let in_doubt = match resource.in_doubt().await {
             Ok(list) => list,
             Err(e) => {
@@ -91,5 +91,44 @@ pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Re
             }
         }
     }
+    finished += abandoned(coordinator, &resources).await;
     finished
 }
+
+/// Open (never voted) branches whose transaction is over or unknown are rolled back.
+async fn abandoned(
+    coordinator: &CoordinatorClient<Channel>,
+    resources: &[std::sync::Arc<dyn crate::Resource>],
+) -> usize {
+    let mut finished = 0;
+    for resource in resources {
+        for (tx_id, branch_id) in resource.open_branches(ABANDONED_AFTER).await {
+            let req = pb::GetTransactionRequest {
+                tx_id: tx_id.clone(),
+            };
+            let over = match coordinator.clone().get_transaction(req).await {
+                Ok(resp) => resp.into_inner().outcome == pb::Outcome::Aborted as i32,
+                Err(s) => s.code() == tonic::Code::NotFound,
+            };
+            if !over {
+                continue;
+            }
+            match resource.abort(&tx_id, &branch_id).await {
+                Ok(()) => {
+                    info!(
+                        tx_id,
+                        branch_id, "recovery: rolled back an abandoned open branch"
+                    );
+                    finished += 1;
+                }
+                Err(e) => {
+                    warn!(tx_id, branch_id, error = %e, "recovery: could not roll back an abandoned branch")
+                }
+            }
+        }
+    }
+    finished
+}
+
+/// How old an open branch must be before recovery asks whether its transaction is over.
+const ABANDONED_AFTER: Duration = Duration::from_secs(1);

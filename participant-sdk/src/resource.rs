@@ -81,4 +81,15 @@ pub trait Resource: Send + Sync + 'static {
 
     /// Branches that voted yes and are not finished, as `(tx_id, branch_id)`.
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry>;
+
+    /// Branches opened here that have not voted yet and were opened at least
+    /// `older_than` ago (a database transaction still in progress, buffered messages).
+    /// Recovery aborts those whose transaction the coordinator reports aborted or never
+    /// issued — safe, since they never voted yes — so an application that lost track of a
+    /// transaction (an error between enlisting and committing, a coordinator restart)
+    /// does not leave locks and connections held forever. Default: none.
+    async fn open_branches(&self, older_than: std::time::Duration) -> Vec<(String, String)> {
+        let _ = older_than;
+        Vec::new()
+    }
 }

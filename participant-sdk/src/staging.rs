@@ -56,6 +56,10 @@
 //!
 //! # Fault injection
 //!
+//! With the crate feature `failpoints`, the crash point `participant::staging::before_sync`
+//! (`return(abort)`) aborts the process after a stage's batch was written and flushed to
+//! sled's files, before the fdatasync that makes it durable.
+//!
 //! [`StagingOptions::fail_syncs`] makes every sync fail while the flag is set (which
 //! poisons the store, as a real failure would). [`StagingStore::syncs`] counts the data
 //! file syncs done, for tests of the group commit.
@@ -244,6 +248,23 @@ fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// A crash point: with the crate feature `failpoints`, `<name>=return(abort)` aborts the
+/// process on the spot (any other action is ignored). Without the feature, nothing.
+#[cfg(feature = "failpoints")]
+fn crash_point(name: &str) {
+    if let Some(Some(arg)) = fail::eval(name, |arg| arg) {
+        if arg == "abort" {
+            eprintln!("failpoint {name} hit: aborting the process");
+            std::process::abort();
+        }
+    }
+}
+
+/// A crash point; nothing without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn crash_point(_name: &str) {}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves nothing half-written that a later
@@ -690,7 +711,10 @@ impl Inner {
             .db
             .flush()
             .map_err(|e| format!("sled flush: {e}"))
-            .and_then(|_| st.syncer.sync(false).map_err(|e| e.to_string()));
+            .and_then(|_| {
+                crash_point("participant::staging::before_sync");
+                st.syncer.sync(false).map_err(|e| e.to_string())
+            });
         match result {
             Ok(()) => {
                 st.synced_seq = target;

@@ -17,7 +17,9 @@
 //! Everything here reports failures as [`TestkitError`], whose messages name what is
 //! missing and how to get it ("initdb not found at ...; install postgresql").
 
+pub mod nats;
 mod pg;
+pub mod proxy;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -28,7 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use nats::{NatsServer, NatsServerOptions};
 pub use pg::{PgCluster, PgClusterOptions};
+pub use proxy::{Direction, Fault, FaultProxy, FaultProxyOptions, ProxyStats};
 
 /// What can go wrong starting or driving a test service.
 #[derive(Debug, thiserror::Error)]

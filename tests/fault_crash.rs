@@ -1,0 +1,1528 @@
+//! The crash-point fault matrix (GUIDE section 6): real `twopc serve` processes killed by
+//! fail points (`FAILPOINTS="<point>=return(abort)"`: SIGABRT on the spot, nothing
+//! cleaned up), paused with SIGSTOP, or starved of durable storage; real `twopc
+//! order-service` processes killed while staging; private PostgreSQL clusters killed
+//! with SIGKILL or short of prepared-transaction slots. After every fault the process is
+//! restarted WITHOUT the fail point on the same data directory, participants recover,
+//! and the outcome is checked from the outside: the coordinator's answer, every
+//! participant's resource state, the database, the queue and the staging store.
+//!
+//! Needs the `failpoints` feature (`cargo test --features failpoints --test
+//! fault_crash`); without it this file is empty. The order-service scenarios need
+//! RabbitMQ on 127.0.0.1:5672; the PostgreSQL ones start their own clusters.
+//!
+//! Every scenario has its own coordinator, data directories, ports, database and queue,
+//! an overall deadline, bounded waits, and prints the stderr of every process it
+//! started when it fails (`TWOPC_TEST_SHOW_LOGS=1` prints them always).
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use support::{
+    begin, commit, expect_status, get_tx, wait_until, with_deadline, MsgKind, PrepareScript,
+    ResState, TestParticipant,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use twopc_participant::postgres::PgResource;
+use twopc_participant::staging::StagingStore;
+use twopc_participant::TwoPc;
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
+
+/// Overall budget of one scenario.
+const TEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Budget of one wait for a process or for something asynchronous to happen.
+const WAIT: Duration = Duration::from_secs(15);
+/// How long a coordinator may take to print its listening line.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Flags every coordinator here gets unless the scenario gives the same flag: quick
+/// phase-two retries and short transport timeouts, so recovery runs in well under a
+/// second; two-phase even for one branch.
+const DEFAULT_FLAGS: &[(&str, &str)] = &[
+    ("--retry-initial-ms", "20"),
+    ("--retry-max-ms", "200"),
+    ("--rpc-timeout-ms", "2000"),
+    ("--connect-timeout-ms", "500"),
+    ("--one-phase", "false"),
+];
+
+// ---------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------
+
+/// No core file from a child the test aborts on purpose.
+fn no_core_dumps(cmd: &mut Command) {
+    // SAFETY: setrlimit(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+}
+
+/// A command for the `twopc` binary with a clean environment: no `TWOPC_*` variable of
+/// the test run, and `FAILPOINTS` exactly as given (none if empty).
+fn twopc_command(failpoints: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TWOPC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("FAILPOINTS");
+    if !failpoints.is_empty() {
+        cmd.env("FAILPOINTS", failpoints);
+    }
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    no_core_dumps(&mut cmd);
+    cmd
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>"))
+}
+
+fn show_logs() -> bool {
+    std::thread::panicking() || std::env::var_os("TWOPC_TEST_SHOW_LOGS").is_some()
+}
+
+/// A `twopc serve` process whose every start may arm its own fail points; restarts keep
+/// the data directory and flags.
+struct Serve {
+    name: String,
+    root: tempfile::TempDir,
+    data_dir: PathBuf,
+    flags: Vec<(String, String)>,
+    child: Option<Child>,
+    addr: SocketAddr,
+    /// stderr of every start, in order.
+    logs: Vec<PathBuf>,
+}
+
+impl Serve {
+    /// Starts a coordinator on a fresh data directory with `FAILPOINTS=failpoints`.
+    async fn start(name: &str, failpoints: &str, flags: &[(&str, &str)]) -> Serve {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("twopc-fault-{name}-"))
+            .tempdir()
+            .expect("create temp dir");
+        let mut all: Vec<(String, String)> = DEFAULT_FLAGS
+            .iter()
+            .filter(|(k, _)| !flags.iter().any(|(f, _)| f == k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut s = Serve {
+            name: name.to_string(),
+            data_dir: root.path().join("data"),
+            root,
+            flags: all,
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs: Vec::new(),
+        };
+        s.spawn(failpoints).await;
+        s
+    }
+
+    async fn spawn(&mut self, failpoints: &str) {
+        assert!(self.child.is_none(), "coordinator {} still runs", self.name);
+        let log_path = self
+            .root
+            .path()
+            .join(format!("coordinator-{}.stderr.log", self.logs.len() + 1));
+        let log = File::create(&log_path).expect("create coordinator log file");
+        self.logs.push(log_path);
+        let mut cmd = twopc_command(failpoints);
+        cmd.env("RUST_LOG", "info,twopc_coordinator=debug")
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        for (k, v) in &self.flags {
+            cmd.arg(k).arg(v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn twopc serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (line_tx, line_rx) = tokio::sync::oneshot::channel::<io::Result<String>>();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let res = reader.read_line(&mut line).map(|_| line);
+            let _ = line_tx.send(res);
+            // Keep draining so a later write to stdout never fails with EPIPE.
+            let _ = io::copy(&mut reader, &mut io::sink());
+        });
+        self.child = Some(child);
+        let line = match tokio::time::timeout(STARTUP_DEADLINE, line_rx).await {
+            Ok(Ok(Ok(line))) if !line.is_empty() => line,
+            other => {
+                self.kill9();
+                panic!(
+                    "coordinator {} did not print its listening line within {STARTUP_DEADLINE:?} (got {other:?}); \
+                     stderr:\n{}",
+                    self.name,
+                    self.stderr_log()
+                );
+            }
+        };
+        self.addr = line
+            .trim_end()
+            .strip_prefix("twopc listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
+    }
+
+    /// Starts again on the same data directory and flags with `FAILPOINTS=failpoints`
+    /// (SIGKILLing the current process first if it still runs). The address changes.
+    async fn restart(&mut self, failpoints: &str) {
+        self.kill9();
+        self.spawn(failpoints).await;
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        let child = self.child.as_ref().expect("coordinator is not running");
+        libc::pid_t::try_from(child.id()).expect("pid fits pid_t")
+    }
+
+    /// A connected client (RPCs bounded by 15 s).
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel().await)
+    }
+
+    /// A connected channel (RPCs bounded by 15 s).
+    async fn channel(&self) -> Channel {
+        let ep = Endpoint::from_shared(self.url())
+            .expect("coordinator url")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(15));
+        match tokio::time::timeout(Duration::from_secs(5), ep.connect()).await {
+            Ok(Ok(ch)) => ch,
+            other => panic!(
+                "cannot connect to the coordinator at {}: {other:?}",
+                self.url()
+            ),
+        }
+    }
+
+    /// A client that gives up on every RPC after `patience` (connects lazily, so it can be
+    /// made while the coordinator does not answer).
+    fn impatient_client(&self, patience: Duration) -> CoordinatorClient<Channel> {
+        let ep = Endpoint::from_shared(self.url())
+            .expect("coordinator url")
+            .connect_timeout(patience)
+            .timeout(patience);
+        CoordinatorClient::new(ep.connect_lazy())
+    }
+
+    async fn health(&self, service: &str) -> i32 {
+        HealthClient::new(self.channel().await)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("health check of {service:?}: {s:?}"))
+            .into_inner()
+            .status
+    }
+
+    /// Waits (bounded) until the process exits on its own and checks that it died of
+    /// SIGABRT with `needle` (the fail point's message) in its stderr.
+    async fn wait_for_crash(&mut self, needle: &str) {
+        let mut child = self.child.take().expect("coordinator is not running");
+        let end = Instant::now() + WAIT;
+        let status: ExitStatus = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "coordinator {} did not die at {needle:?} within {WAIT:?} (was target/debug/twopc \
+                     relinked without --features failpoints by a concurrent cargo run?); stderr:\n{}",
+                    self.name,
+                    self.stderr_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let stderr = self.stderr_log();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "coordinator {} should die of SIGABRT at {needle:?}, got {status:?}; stderr:\n{stderr}",
+            self.name
+        );
+        let last = self.logs.last().map(|p| read(p)).unwrap_or_default();
+        assert!(
+            last.contains(needle),
+            "the last coordinator run does not show {needle:?}; stderr:\n{stderr}"
+        );
+    }
+
+    /// Sends `signal` to the running process.
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({signal}): {}", io::Error::last_os_error());
+    }
+
+    /// SIGKILL, then reap.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn stderr_log(&self) -> String {
+        let mut all = String::new();
+        for (i, p) in self.logs.iter().enumerate() {
+            all.push_str(&format!(
+                "----- coordinator {} start #{} ({}) -----\n{}",
+                self.name,
+                i + 1,
+                p.display(),
+                read(p)
+            ));
+        }
+        all
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill9();
+        if show_logs() {
+            eprintln!(
+                "coordinator {} data dir {}\n{}",
+                self.name,
+                self.data_dir.display(),
+                self.stderr_log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Outside views
+// ---------------------------------------------------------------------------------------
+
+fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
+    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
+}
+
+fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
+    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
+}
+
+/// Waits until the coordinator has finished `tx_id` (COMMITTED or ABORTED) and returns
+/// its outcome.
+async fn finished_outcome(coord: &Serve, tx_id: &str) -> pb::Outcome {
+    let mut c = coord.client().await;
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = get_tx(&mut c, tx_id)
+            .await
+            .unwrap_or_else(|s| panic!("GetTransaction {tx_id}: {s:?}"));
+        match tx_state(&r) {
+            pb::TxState::Committed | pb::TxState::Aborted => return outcome(&r),
+            _ if Instant::now() >= end => {
+                panic!("transaction {tx_id} not finished after {WAIT:?}: {r:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// One branch: its participant and branch id.
+type Br<'a> = (&'a TestParticipant, &'a str);
+
+/// The participants' recovery (each asks the coordinator about every branch it holds
+/// prepared), repeated until no branch of `tx_id` in `branches` is prepared any more.
+async fn recover_until_settled(coord: &Serve, tx_id: &str, branches: &[Br<'_>]) {
+    let mut c = coord.client().await;
+    let end = Instant::now() + WAIT;
+    loop {
+        let prepared: Vec<&str> = branches
+            .iter()
+            .filter(|(p, b)| p.state(tx_id, b) == Some(ResState::Prepared))
+            .map(|(_, b)| *b)
+            .collect();
+        if prepared.is_empty() {
+            return;
+        }
+        if Instant::now() >= end {
+            panic!("branches {prepared:?} of {tx_id} are still prepared after {WAIT:?}");
+        }
+        for (p, _) in branches {
+            p.recover(&mut c).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// No participant saw a protocol violation.
+#[track_caller]
+fn assert_no_violations(branches: &[Br<'_>]) {
+    for (p, _) in branches {
+        assert!(
+            p.violations().is_empty(),
+            "protocol violations: {:?}",
+            p.violations()
+        );
+    }
+}
+
+/// Every branch is aborted or never heard of the transaction; none saw a commit.
+#[track_caller]
+fn assert_aborted_everywhere(tx_id: &str, branches: &[Br<'_>]) {
+    for (p, b) in branches {
+        let st = p.state(tx_id, b);
+        assert!(
+            matches!(st, None | Some(ResState::Aborted)),
+            "branch {b} of {tx_id} is {st:?}, expected aborted (or untouched)"
+        );
+        assert_eq!(
+            p.count(tx_id, b, MsgKind::Commit),
+            0,
+            "branch {b} of {tx_id} received a commit"
+        );
+    }
+    assert_no_violations(branches);
+}
+
+#[track_caller]
+fn assert_committed_everywhere(tx_id: &str, branches: &[Br<'_>]) {
+    for (p, b) in branches {
+        assert_eq!(
+            p.state(tx_id, b),
+            Some(ResState::Committed),
+            "branch {b} of {tx_id}"
+        );
+        assert_eq!(
+            p.count(tx_id, b, MsgKind::Abort),
+            0,
+            "branch {b} of {tx_id} received an abort"
+        );
+    }
+    assert_no_violations(branches);
+}
+
+/// Starts the Commit of `tx_id` in the background (its answer is looked at later, if at
+/// all: the coordinator may die while it runs).
+fn commit_in_background(
+    c: &CoordinatorClient<Channel>,
+    tx_id: &str,
+) -> tokio::task::JoinHandle<Result<pb::CommitResponse, tonic::Status>> {
+    let mut c = c.clone();
+    let tx_id = tx_id.to_string();
+    tokio::spawn(async move { commit(&mut c, &tx_id, 5_000).await })
+}
+
+// ---------------------------------------------------------------------------------------
+// Coordinator crash points, in-test participants
+// ---------------------------------------------------------------------------------------
+
+/// Killed after Commit was accepted, before any prepare left: nothing is prepared
+/// anywhere, and the transaction is aborted (presumed abort) after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_before_prepare_aborts_every_branch() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::before_prepare";
+        let mut coord =
+            Serve::start("before-prepare", &format!("{point}=return(abort)"), &[]).await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
+        coord
+            .wait_for_crash(&format!("failpoint {point} hit"))
+            .await;
+        assert!(
+            p1.received().is_empty() && p2.received().is_empty(),
+            "a message left before the crash: {:?} {:?}",
+            p1.received(),
+            p2.received()
+        );
+
+        coord.restart("").await;
+        let branches = [(&p1, "a"), (&p2, "b")];
+        recover_until_settled(&coord, &tx, &branches).await;
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
+        let mut c = coord.client().await;
+        expect_status(
+            commit(&mut c, &tx, 1_000).await,
+            Code::Aborted,
+            &[tx.as_str()],
+        );
+        assert!(
+            !p1.saw(&tx, MsgKind::Prepare) && !p2.saw(&tx, MsgKind::Prepare),
+            "a prepare was sent"
+        );
+        assert_aborted_everywhere(&tx, &branches);
+    })
+    .await;
+}
+
+/// Killed once the first branch prepared, while the other's vote is outstanding: the
+/// restarted coordinator (or presumed abort, if its PREPARING record was not flushed yet)
+/// aborts the prepared branch, and the late one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_the_first_prepare_aborts_every_branch() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::after_first_prepare";
+        let mut coord = Serve::start(
+            "after-first-prepare",
+            &format!("{point}=return(abort)"),
+            &[],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        p2.script("b", PrepareScript::Hang);
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let pending = commit_in_background(&c, &tx);
+        coord
+            .wait_for_crash(&format!("failpoint {point} hit"))
+            .await;
+        assert!(pending.await.expect("commit task").is_err());
+        assert_eq!(p1.state(&tx, "a"), Some(ResState::Prepared), "a prepared");
+        // The slow branch finishes its prepare after all (it received it or not).
+        p2.release("b");
+
+        coord.restart("").await;
+        let branches = [(&p1, "a"), (&p2, "b")];
+        recover_until_settled(&coord, &tx, &branches).await;
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
+        assert_eq!(p1.state(&tx, "a"), Some(ResState::Aborted));
+        let mut c = coord.client().await;
+        expect_status(
+            commit(&mut c, &tx, 1_000).await,
+            Code::Aborted,
+            &[tx.as_str()],
+        );
+        assert_aborted_everywhere(&tx, &branches);
+    })
+    .await;
+}
+
+/// Killed with every vote yes, before the COMMIT record was written: aborted everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_all_yes_votes_before_the_decision_aborts_every_branch() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::before_log_decision";
+        let mut coord = Serve::start(
+            "before-log-decision",
+            &format!("{point}=return(abort)"),
+            &[],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
+        coord.wait_for_crash("failpoint hit: aborting").await;
+        let branches = [(&p1, "a"), (&p2, "b")];
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
+        }
+
+        coord.restart("").await;
+        recover_until_settled(&coord, &tx, &branches).await;
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(ResState::Aborted), "branch {b}");
+        }
+        assert_aborted_everywhere(&tx, &branches);
+    })
+    .await;
+}
+
+/// Killed between the write of the COMMIT record and its sync: the decision was never
+/// reported (Commit got no answer, no branch got a commit). The restarted coordinator
+/// settles it one way for every branch.
+///
+/// Which way: the process died after sled wrote the batch into its data file, before the
+/// fdatasync. A process crash does not lose what was written (the kernel's page cache
+/// still has it; only a machine crash could lose it), and the restart syncs the log at
+/// open, so the COMMIT record is found and recovery commits everywhere. "Not durable"
+/// means "could be lost", not "lost": aborting everywhere is not a possible outcome of
+/// this fault (the decision not being written at all is
+/// `coordinator_killed_after_all_yes_votes_before_the_decision_aborts_every_branch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_between_decision_write_and_sync_settles_one_way_everywhere() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::log::before_sync";
+        let mut coord =
+            Serve::start("log-before-sync", &format!("{point}=return(abort)"), &[]).await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
+        coord
+            .wait_for_crash("aborting the process at fail point")
+            .await;
+        let branches = [(&p1, "a"), (&p2, "b")];
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
+            assert_eq!(
+                p.count(&tx, b, MsgKind::Commit),
+                0,
+                "branch {b} got a commit"
+            );
+        }
+
+        // No participant recovery: the coordinator's own recovery settles it.
+        coord.restart("").await;
+        let decided = finished_outcome(&coord, &tx).await;
+        for (p, b) in &branches {
+            assert_eq!(
+                p.state(&tx, b),
+                Some(ResState::Committed),
+                "branch {b}: the written (unsynced) COMMIT record survives a process crash, so the \
+                 restart commits (coordinator says {decided:?})"
+            );
+        }
+        assert_eq!(decided, pb::Outcome::Committed);
+        let mut c = coord.client().await;
+        let again = commit(&mut c, &tx, 1_000)
+            .await
+            .expect("Commit after restart");
+        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+        assert_committed_everywhere(&tx, &branches);
+    })
+    .await;
+}
+
+/// Killed after the COMMIT record is durable, before any commit left: the restarted
+/// coordinator re-drives phase two and every branch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::after_decision_durable";
+        let mut coord = Serve::start("after-durable", &format!("{point}=return(abort)"), &[]).await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
+        coord.wait_for_crash("failpoint hit: aborting").await;
+        let branches = [(&p1, "a"), (&p2, "b")];
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
+            assert_eq!(
+                p.count(&tx, b, MsgKind::Commit),
+                0,
+                "branch {b} got a commit"
+            );
+        }
+
+        // No participant recovery here: the coordinator's own recovery must do it.
+        coord.restart("").await;
+        wait_until(
+            WAIT,
+            "the restarted coordinator commits both branches",
+            || {
+                branches
+                    .iter()
+                    .all(|(p, b)| p.state(&tx, b) == Some(ResState::Committed))
+            },
+        )
+        .await;
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Committed);
+        let mut c = coord.client().await;
+        let again = commit(&mut c, &tx, 1_000)
+            .await
+            .expect("Commit after restart");
+        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+        assert_committed_everywhere(&tx, &branches);
+    })
+    .await;
+}
+
+/// Killed in phase two after the database tier (commit_order 0) acknowledged, before the
+/// broker tier (commit_order 10) got its commit: the restart finishes phase two, again
+/// tier by tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_between_commit_tiers_finishes_in_tier_order() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::between_tiers";
+        let mut coord = Serve::start("between-tiers", &format!("{point}=return(abort)"), &[]).await;
+        let db = TestParticipant::start("db").await;
+        let mq = TestParticipant::start("mq").await;
+        let mut c = coord.client().await;
+        let tx = begin(
+            &mut c,
+            vec![
+                db.branch_ordered("rows", 0),
+                mq.branch_ordered("events", 10),
+            ],
+        )
+        .await;
+        let pending = commit_in_background(&c, &tx);
+        coord
+            .wait_for_crash(&format!("failpoint {point} hit"))
+            .await;
+        let _ = pending.await;
+        assert_eq!(
+            db.state(&tx, "rows"),
+            Some(ResState::Committed),
+            "tier 0 committed"
+        );
+        assert_eq!(
+            mq.state(&tx, "events"),
+            Some(ResState::Prepared),
+            "tier 10 waits"
+        );
+        assert_eq!(
+            mq.count(&tx, "events", MsgKind::Commit),
+            0,
+            "tier 10 got a commit"
+        );
+
+        coord.restart("").await;
+        wait_until(
+            WAIT,
+            "the restarted coordinator commits the broker tier",
+            || mq.state(&tx, "events") == Some(ResState::Committed),
+        )
+        .await;
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Committed);
+        let branches = [(&db, "rows"), (&mq, "events")];
+        assert_committed_everywhere(&tx, &branches);
+        // Before and after the crash, every commit of the lower tier came before any
+        // commit of the higher one.
+        let last_db = db
+            .messages(&tx, "rows")
+            .iter()
+            .filter(|m| m.kind == MsgKind::Commit)
+            .map(|m| m.at)
+            .max()
+            .expect("tier 0 commits");
+        let first_mq = mq
+            .messages(&tx, "events")
+            .iter()
+            .filter(|m| m.kind == MsgKind::Commit)
+            .map(|m| m.at)
+            .min()
+            .expect("tier 10 commits");
+        assert!(
+            last_db < first_mq,
+            "tier 10 was committed before tier 0 finished"
+        );
+        assert!(
+            db.count(&tx, "rows", MsgKind::Commit) >= 2,
+            "the restart re-drives tier 0 before tier 10: {:?}",
+            db.kinds(&tx, "rows")
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Decision log failure and a paused coordinator
+// ---------------------------------------------------------------------------------------
+
+/// The sync of the COMMIT record fails: Commit answers UNAVAILABLE, health goes
+/// NOT_SERVING, Begin is refused and nothing is committed; the restart (without the
+/// fault) settles the in-doubt transaction the same way on every branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::log::before_sync";
+        let mut coord = Serve::start("sync-fails", &format!("{point}=return(error)"), &[]).await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        let mut c = coord.client().await;
+        assert_eq!(coord.health("").await, ServingStatus::Serving as i32);
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        expect_status(
+            commit(&mut c, &tx, 5_000).await,
+            Code::Unavailable,
+            &[tx.as_str(), "decision log failed"],
+        );
+        for service in ["", "twopc.v1.Coordinator"] {
+            assert_eq!(
+                coord.health(service).await,
+                ServingStatus::NotServing as i32,
+                "health of {service:?} after the log failed"
+            );
+        }
+        expect_status(
+            c.begin(pb::BeginRequest {
+                timeout_ms: 0,
+                branches: vec![p1.branch("c")],
+            })
+            .await,
+            Code::Unavailable,
+            &["not taking new transactions"],
+        );
+        let view = get_tx(&mut c, &tx).await.expect("GetTransaction");
+        assert_eq!(outcome(&view), pb::Outcome::Unspecified, "{view:?}");
+        // Commit again: still in doubt, still nothing sent.
+        expect_status(
+            commit(&mut c, &tx, 500).await,
+            Code::Unavailable,
+            &[tx.as_str()],
+        );
+        let branches = [(&p1, "a"), (&p2, "b")];
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
+            assert_eq!(
+                p.count(&tx, b, MsgKind::Commit),
+                0,
+                "branch {b} got a commit"
+            );
+            assert_eq!(
+                p.count(&tx, b, MsgKind::Abort),
+                0,
+                "branch {b} got an abort"
+            );
+        }
+        assert!(coord
+            .child
+            .as_mut()
+            .is_some_and(|ch| matches!(ch.try_wait(), Ok(None))));
+
+        coord.restart("").await;
+        let end = Instant::now() + WAIT;
+        while coord.health("").await != ServingStatus::Serving as i32 {
+            assert!(Instant::now() < end, "SERVING again after the restart");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        recover_until_settled(&coord, &tx, &branches).await;
+        let decided = finished_outcome(&coord, &tx).await;
+        let expected = match decided {
+            pb::Outcome::Committed => ResState::Committed,
+            pb::Outcome::Aborted => ResState::Aborted,
+            other => panic!("undecided after recovery: {other:?}"),
+        };
+        for (p, b) in &branches {
+            assert_eq!(p.state(&tx, b), Some(expected), "branch {b} vs {decided:?}");
+        }
+        let mut c = coord.client().await;
+        let again = commit(&mut c, &tx, 1_000).await;
+        match decided {
+            pb::Outcome::Committed => assert!(again.is_ok(), "{again:?}"),
+            _ => {
+                expect_status(again, Code::Aborted, &[tx.as_str()]);
+            }
+        }
+        assert_no_violations(&branches);
+        // New work is accepted again.
+        let tx2 = begin(&mut c, vec![p1.branch("x"), p2.branch("y")]).await;
+        commit(&mut c, &tx2, 5_000)
+            .await
+            .expect("Commit after the restart");
+    })
+    .await;
+}
+
+/// SIGSTOP for longer than the participants' patience and every coordinator timeout
+/// (prepare, transaction and RPC timeouts of 500 ms, a 2 s pause), while one branch is
+/// prepared and the other's vote is on its way; then SIGCONT. The transaction settles
+/// the same way everywhere, the Commit answer agrees, and nothing stays prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_paused_past_every_timeout_settles_consistently() {
+    with_deadline(TEST_DEADLINE, async {
+        let coord = Serve::start(
+            "sigstop",
+            "",
+            &[
+                ("--prepare-timeout-ms", "500"),
+                ("--tx-timeout-ms", "500"),
+                ("--rpc-timeout-ms", "500"),
+            ],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        p2.script("b", PrepareScript::Hang);
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let pending = commit_in_background(&c, &tx);
+        wait_until(WAIT, "a is prepared and b received its prepare", || {
+            p1.state(&tx, "a") == Some(ResState::Prepared)
+                && p2.count(&tx, "b", MsgKind::Prepare) == 1
+        })
+        .await;
+
+        coord.signal(libc::SIGSTOP);
+        let paused = Instant::now();
+        // b prepares and votes yes while the coordinator cannot listen.
+        p2.release("b");
+        wait_until(WAIT, "b is prepared", || {
+            p2.state(&tx, "b") == Some(ResState::Prepared)
+        })
+        .await;
+        // The participants lose patience: they ask, get no answer, and stay in doubt.
+        let mut impatient = coord.impatient_client(Duration::from_millis(300));
+        for p in [&p1, &p2] {
+            let report = p.recover(&mut impatient).await;
+            assert!(
+                report.committed.is_empty()
+                    && report.aborted.is_empty()
+                    && report.in_doubt.len() == 1,
+                "a stopped coordinator cannot answer: {report:?}"
+            );
+        }
+        // The fault itself lasts 2 s (longer than every timeout above).
+        let rest = Duration::from_secs(2).saturating_sub(paused.elapsed());
+        tokio::time::sleep(rest).await;
+        coord.signal(libc::SIGCONT);
+
+        let branches = [(&p1, "a"), (&p2, "b")];
+        recover_until_settled(&coord, &tx, &branches).await;
+        let decided = finished_outcome(&coord, &tx).await;
+        let expected = match decided {
+            pb::Outcome::Committed => ResState::Committed,
+            pb::Outcome::Aborted => ResState::Aborted,
+            other => panic!("undecided: {other:?}"),
+        };
+        wait_until(WAIT, "every branch follows the decision", || {
+            branches
+                .iter()
+                .all(|(p, b)| p.state(&tx, b) == Some(expected))
+        })
+        .await;
+        let answer = tokio::time::timeout(WAIT, pending)
+            .await
+            .expect("the Commit call answers after SIGCONT")
+            .expect("commit task");
+        match &answer {
+            Ok(_) => assert_eq!(decided, pb::Outcome::Committed, "OK but {decided:?}"),
+            Err(s) if s.code() == Code::Aborted => {
+                assert_eq!(decided, pb::Outcome::Aborted, "ABORTED but {decided:?}")
+            }
+            Err(s) => panic!("Commit answered {s:?}; the outcome is {decided:?}"),
+        }
+        match decided {
+            pb::Outcome::Committed => assert_committed_everywhere(&tx, &branches),
+            _ => assert_aborted_everywhere(&tx, &branches),
+        }
+        eprintln!("paused coordinator: transaction {tx} settled {decided:?}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL faults, in-process SDK
+// ---------------------------------------------------------------------------------------
+
+async fn private_cluster(settings: &[(&str, &str)]) -> PgCluster {
+    PgCluster::start_with(PgClusterOptions {
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        start_timeout: Duration::from_secs(20),
+        ..PgClusterOptions::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("private PostgreSQL: {e}"))
+}
+
+/// Prints the server log of a cluster when the scenario fails.
+struct PgLogOnFailure<'a>(&'a PgCluster);
+
+impl Drop for PgLogOnFailure<'_> {
+    fn drop(&mut self) {
+        if show_logs() {
+            eprintln!("----- postgres log -----\n{}", self.0.log_tail(8_000));
+        }
+    }
+}
+
+async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+        &[],
+    )
+    .await
+    .expect("pg_prepared_xacts")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// PostgreSQL is SIGKILLed after both database branches ran PREPARE TRANSACTION (their
+/// transactions are waiting for a gate branch's vote). After the restart the gids are
+/// still there; then one transaction commits and the other aborts, and each gid is
+/// finished the coordinator's way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() {
+    with_deadline(TEST_DEADLINE, async {
+        let cluster = private_cluster(&[]).await;
+        let _log = PgLogOnFailure(&cluster);
+        let db_name = unique_name("fault_pgkill");
+        cluster
+            .create_database(&db_name)
+            .await
+            .expect("create database");
+        let setup = cluster.connect(&db_name).await.expect("connect");
+        setup
+            .batch_execute("CREATE TABLE t (id text PRIMARY KEY)")
+            .await
+            .expect("schema");
+        drop(setup);
+
+        let coord = Serve::start("pg-kill", "", &[("--prepare-timeout-ms", "20000")]).await;
+        let gate = TestParticipant::start("gate").await;
+        gate.script("g1", PrepareScript::Hang);
+        gate.script("g2", PrepareScript::Hang);
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+            cluster.url(&db_name).parse().expect("pg config"),
+            tokio_postgres::NoTls,
+        ))
+        .max_size(4)
+        .build()
+        .expect("pool");
+        let sdk = TwoPc::builder(coord.url())
+            .service("pgk")
+            .recovery_interval(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("SDK start");
+        let db = sdk
+            .register(PgResource::new("db", pool).await.expect("PgResource"))
+            .expect("register");
+        let mut c = coord.client().await;
+
+        // Two transactions: a row each, plus a gate branch that holds its vote.
+        let mut txs = Vec::new();
+        for (row, g) in [("r1", "g1"), ("r2", "g2")] {
+            let tx = sdk.begin().await.expect("begin");
+            let branch = tx.postgres(&db).await.expect("database branch");
+            branch
+                .execute("INSERT INTO t (id) VALUES ($1)", &[&row])
+                .await
+                .expect("insert");
+            c.enlist(pb::EnlistRequest {
+                tx_id: tx.id().to_string(),
+                branch: Some(gate.branch_ordered(g, 5)),
+            })
+            .await
+            .expect("enlist the gate");
+            let tx_id = tx.id().to_string();
+            let gid = branch.gid().to_string();
+            drop(branch);
+            let commit = tokio::spawn(tx.commit());
+            txs.push((tx_id, gid, g, row, commit));
+        }
+        let watcher = cluster.connect(&db_name).await.expect("connect");
+        let want: Vec<String> = {
+            let mut v: Vec<String> = txs.iter().map(|t| t.1.clone()).collect();
+            v.sort();
+            v
+        };
+        let end = Instant::now() + WAIT;
+        while gids(&watcher).await != want {
+            assert!(
+                Instant::now() < end,
+                "both branches prepared: {:?}",
+                gids(&watcher).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(watcher);
+
+        // Power cut of the database, then crash recovery.
+        let cl = &cluster;
+        tokio::task::block_in_place(|| cl.kill9()).expect("kill9");
+        assert!(!cluster.is_running());
+        tokio::task::block_in_place(|| cl.start_again()).expect("start_again");
+        let check = cluster
+            .connect(&db_name)
+            .await
+            .expect("connect after restart");
+        assert_eq!(gids(&check).await, want, "prepared gids survive the kill");
+        let rows: i64 = check
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(rows, 0, "prepared rows are not visible");
+
+        // tx 1: the gate votes yes -> COMMIT. tx 2: the application aborts it.
+        let (tx1, _, g1, _, commit1) = txs.remove(0);
+        let (tx2, _, g2, _, commit2) = txs.remove(0);
+        gate.release(g1);
+        c.abort(pb::AbortRequest {
+            tx_id: tx2.clone(),
+            reason: "the application gave up".into(),
+        })
+        .await
+        .expect("Abort");
+        gate.release(g2);
+        let r1 = tokio::time::timeout(WAIT, commit1)
+            .await
+            .expect("commit 1 answers")
+            .expect("task");
+        assert!(r1.is_ok(), "tx 1 commits: {r1:?}");
+        let r2 = tokio::time::timeout(WAIT, commit2)
+            .await
+            .expect("commit 2 answers")
+            .expect("task");
+        assert!(
+            matches!(r2, Err(twopc_participant::Error::Aborted(_))),
+            "tx 2 aborted: {r2:?}"
+        );
+        assert_eq!(finished_outcome(&coord, &tx1).await, pb::Outcome::Committed);
+        assert_eq!(finished_outcome(&coord, &tx2).await, pb::Outcome::Aborted);
+        let end = Instant::now() + WAIT;
+        while !gids(&check).await.is_empty() {
+            assert!(Instant::now() < end, "gids left: {:?}", gids(&check).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rows: Vec<String> = check
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, vec!["r1".to_string()], "committed row only");
+        assert_eq!(gate.state(&tx1, g1), Some(ResState::Committed));
+        assert_ne!(gate.state(&tx2, g2), Some(ResState::Committed));
+        assert!(gate.violations().is_empty(), "{:?}", gate.violations());
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The order-service process
+// ---------------------------------------------------------------------------------------
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The order service's tables, exactly as `twopc order-service` expects them.
+const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
+const DB_BRANCH: &str = "orders:orders-db";
+const EVENTS_BRANCH: &str = "orders:events";
+
+/// One finished run of `twopc order-service`.
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<String>,
+    stderr: String,
+}
+
+/// A scenario's world: a private PostgreSQL cluster with the order schema, a coordinator,
+/// a queue, and the order service's fixed port and data directory.
+struct OrderWorld {
+    coord: Serve,
+    cluster: PgCluster,
+    db: tokio_postgres::Client,
+    db_url: String,
+    amqp: Connection,
+    channel: lapin::Channel,
+    queue: String,
+    root: tempfile::TempDir,
+    port: u16,
+    logs: Vec<PathBuf>,
+}
+
+impl OrderWorld {
+    async fn start(name: &str, pg_settings: &[(&str, &str)]) -> OrderWorld {
+        let cluster = private_cluster(pg_settings).await;
+        let db_name = unique_name("fault_orders");
+        cluster
+            .create_database(&db_name)
+            .await
+            .expect("create database");
+        let db = cluster.connect(&db_name).await.expect("connect");
+        db.batch_execute(ORDER_SCHEMA).await.expect("order schema");
+        db.batch_execute("INSERT INTO customers (id) VALUES ('alice')")
+            .await
+            .expect("customer");
+        let coord = Serve::start(
+            name,
+            "",
+            &[
+                ("--prepare-timeout-ms", "5000"),
+                ("--commit-wait-ms", "1000"),
+            ],
+        )
+        .await;
+        let amqp = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        )
+        .await
+        .expect("RabbitMQ connect timed out")
+        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
+        let channel = amqp.create_channel().await.expect("AMQP channel");
+        OrderWorld {
+            coord,
+            db_url: cluster.url(&db_name),
+            cluster,
+            db,
+            amqp,
+            channel,
+            queue: unique_name("twopc_fault_orders"),
+            root: tempfile::Builder::new()
+                .prefix("twopc-fault-orders-")
+                .tempdir()
+                .expect("temp dir"),
+            port: free_port(),
+            logs: Vec::new(),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// Runs `twopc order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
+    /// own (bounded), and checks that it announced itself on its fixed port.
+    async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
+        let log_path = self
+            .root
+            .path()
+            .join(format!("order-service-{}.stderr.log", self.logs.len() + 1));
+        let log = File::create(&log_path).expect("create log file");
+        self.logs.push(log_path.clone());
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut cmd = twopc_command(failpoints);
+        cmd.env("RUST_LOG", "info,twopc_participant=debug")
+            .arg("order-service")
+            .args(["--coordinator", &self.coord.url()])
+            .args(["--listen", &listen])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--postgres-url", &self.db_url])
+            .args(["--amqp-url", AMQP_URL])
+            .args(["--queue", &self.queue])
+            .args(["--service", "orders"])
+            .args(["--timeout-ms", "10000"])
+            .args(["--recovery-interval-ms", "200"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn twopc order-service");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<String>>()
+        });
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if started.elapsed() > WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "twopc order-service {args:?} did not exit within {WAIT:?}; stderr:\n{}",
+                    read(&log_path)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let run = Run {
+            status,
+            stdout: reader.join().unwrap_or_default(),
+            stderr: read(&log_path),
+        };
+        assert_eq!(
+            run.stdout.first().map(String::as_str),
+            Some(format!("order-service ready on {listen}").as_str()),
+            "first stdout line of twopc order-service {args:?} ({:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        run
+    }
+
+    async fn prepared_gids(&self) -> Vec<String> {
+        gids(&self.db).await
+    }
+
+    async fn order_row(&self, id: &str) -> Option<(String, String, i32)> {
+        self.db
+            .query_opt(
+                "SELECT customer, item, quantity FROM orders WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("select order")
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+    }
+
+    /// Takes every message in the queue (declared durable, as the SDK does).
+    async fn drain(&self) -> Vec<(String, Vec<u8>)> {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.declare");
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let id = m
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            out.push((id, m.delivery.data.clone()));
+        }
+        out
+    }
+
+    /// Staged batches in the order service's data directory (only while no order-service
+    /// process runs: the store is exclusively locked).
+    async fn staged(&self) -> Vec<(String, String)> {
+        let dir = self.data_dir();
+        tokio::task::spawn_blocking(move || {
+            StagingStore::open(&dir)
+                .and_then(|s| s.list())
+                .unwrap_or_else(|e| panic!("the staging store in {}: {e}", dir.display()))
+        })
+        .await
+        .expect("staging task")
+    }
+
+    async fn cleanup(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+}
+
+impl Drop for OrderWorld {
+    fn drop(&mut self) {
+        if show_logs() {
+            for (i, p) in self.logs.iter().enumerate() {
+                eprintln!(
+                    "----- order-service run #{} ({}) -----\n{}",
+                    i + 1,
+                    p.display(),
+                    read(p)
+                );
+            }
+            eprintln!("----- postgres log -----\n{}", self.cluster.log_tail(8_000));
+        }
+    }
+}
+
+/// The order service dies while staging its OrderCreated (the batch is written to the
+/// staging store's files, not yet fdatasynced), with the database branch preparing in
+/// parallel. The coordinator aborts (a vote is missing); after a restart with
+/// `--recover` nothing of the order is left: no row, no event, nothing staged or
+/// prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_service_killed_while_staging_aborts_the_order_and_leaves_nothing() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = OrderWorld::start("staging-crash", &[]).await;
+        let point = "participant::staging::before_sync";
+        let run = w
+            .run(&["--place", "o1"], &format!("{point}=return(abort)"))
+            .await;
+        assert_eq!(
+            run.status.signal(),
+            Some(libc::SIGABRT),
+            "the order service should die at {point}: {:?}; stdout {:?} (if it exited normally: was \
+             target/debug/twopc relinked without --features failpoints by a concurrent cargo run?); \
+             stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            run.stderr
+                .contains(&format!("failpoint {point} hit: aborting the process")),
+            "stderr does not show {point}:\n{}",
+            run.stderr
+        );
+        assert!(
+            !run.stdout.iter().any(|l| l.starts_with("placed ")),
+            "{:?}",
+            run.stdout
+        );
+
+        // The batch was written before the crash (the fail point is after sled's write).
+        let staged = w.staged().await;
+        assert_eq!(staged.len(), 1, "one staged batch: {staged:?}");
+        let (tx_id, branch) = staged[0].clone();
+        assert_eq!(branch, EVENTS_BRANCH);
+        let mut c = w.coord.client().await;
+        let end = Instant::now() + WAIT;
+        loop {
+            let r = get_tx(&mut c, &tx_id).await.expect("GetTransaction");
+            if outcome(&r) == pb::Outcome::Aborted {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the coordinator aborts the order: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let run = w.run(&["--recover"], "").await;
+        assert!(
+            run.status.success(),
+            "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            run.stdout
+                .contains(&format!("in doubt {tx_id} {EVENTS_BRANCH}")),
+            "{:?}",
+            run.stdout
+        );
+        assert_eq!(
+            finished_outcome(&w.coord, &tx_id).await,
+            pb::Outcome::Aborted
+        );
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "no prepared gid"
+        );
+        assert_eq!(w.order_row("o1").await, None, "no row");
+        assert_eq!(w.drain().await, vec![], "no event");
+        assert_eq!(w.staged().await, vec![], "nothing staged");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Every prepared-transaction slot of PostgreSQL is taken by other transactions: the
+/// database branch votes no with PostgreSQL's message, the order aborts, and nothing of
+/// it is committed or left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = OrderWorld::start("max-prepared", &[("max_prepared_transactions", "2")]).await;
+        w.db.batch_execute("CREATE TABLE filler (n int)")
+            .await
+            .expect("filler table");
+        for n in 1..=2 {
+            w.db.batch_execute(&format!(
+                "BEGIN; INSERT INTO filler VALUES ({n}); PREPARE TRANSACTION 'filler_{n}'"
+            ))
+            .await
+            .expect("fill a prepared-transaction slot");
+        }
+        let fillers = vec!["filler_1".to_string(), "filler_2".to_string()];
+        assert_eq!(w.prepared_gids().await, fillers);
+
+        let run = w.run(&["--place", "o1"], "").await;
+        assert!(
+            run.status.success(),
+            "--place failed ({:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        let placed = run
+            .stdout
+            .iter()
+            .find(|l| l.starts_with("placed o1 "))
+            .unwrap_or_else(|| panic!("no outcome line: {:?}", run.stdout))
+            .clone();
+        assert!(placed.starts_with("placed o1 aborted: "), "{placed}");
+        for needle in [
+            DB_BRANCH,
+            "voted no",
+            "maximum number of prepared transactions reached",
+        ] {
+            assert!(
+                placed.contains(needle),
+                "{placed:?} does not mention {needle:?}"
+            );
+        }
+        let tx_id = placed
+            .split("transaction ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no transaction id in {placed:?}"))
+            .to_string();
+
+        // Whatever the first run had no time to finish (the broker branch's abort), a
+        // restart does.
+        let run = w.run(&["--recover"], "").await;
+        assert!(
+            run.status.success(),
+            "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert_eq!(
+            finished_outcome(&w.coord, &tx_id).await,
+            pb::Outcome::Aborted
+        );
+        assert_eq!(
+            w.prepared_gids().await,
+            fillers,
+            "only the fillers are prepared"
+        );
+        assert_eq!(w.order_row("o1").await, None, "no row");
+        assert_eq!(w.drain().await, vec![], "no event");
+        assert_eq!(w.staged().await, vec![], "nothing staged");
+        w.cleanup().await;
+    })
+    .await;
+}
