@@ -1130,6 +1130,139 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
     .await;
 }
 
+/// PostgreSQL is SIGKILLed while a branch's PREPARE TRANSACTION is running (a deferred
+/// constraint trigger makes PREPARE slow). The branch loses its connection mid-PREPARE: it
+/// votes no, the transaction aborts, and whatever PostgreSQL kept after its crash recovery
+/// (no gid, or a gid whose PREPARE did reach the WAL) is rolled back by participant
+/// recovery: no row, no gid, the other branch aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
+    with_deadline(TEST_DEADLINE, async {
+        let cluster = private_cluster(&[]).await;
+        let _log = PgLogOnFailure(&cluster);
+        let db_name = unique_name("fault_pgprep");
+        cluster
+            .create_database(&db_name)
+            .await
+            .expect("create database");
+        let setup = cluster.connect(&db_name).await.expect("connect");
+        setup
+            .batch_execute(
+                "CREATE TABLE t (id text PRIMARY KEY);
+                 CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+                 CREATE CONSTRAINT TRIGGER slow_at_prepare AFTER INSERT ON t
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();",
+            )
+            .await
+            .expect("schema");
+        drop(setup);
+
+        let coord = Serve::start("pg-kill-prepare", "", &[("--prepare-timeout-ms", "20000")]).await;
+        let other = TestParticipant::start("other").await;
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+            cluster.url(&db_name).parse().expect("pg config"),
+            tokio_postgres::NoTls,
+        ))
+        .max_size(4)
+        .build()
+        .expect("pool");
+        let sdk = TwoPc::builder(coord.url())
+            .service("pgp")
+            .recovery_interval(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("SDK start");
+        let db = sdk
+            .register(PgResource::new("db", pool).await.expect("PgResource"))
+            .expect("register");
+        let mut c = coord.client().await;
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch = tx.postgres(&db).await.expect("database branch");
+        branch
+            .execute("INSERT INTO t (id) VALUES ('r1')", &[])
+            .await
+            .expect("insert");
+        let gid = branch.gid().to_string();
+        drop(branch);
+        c.enlist(pb::EnlistRequest {
+            tx_id: tx_id.clone(),
+            branch: Some(other.branch("o")),
+        })
+        .await
+        .expect("enlist the other branch");
+        let commit = tokio::spawn(tx.commit());
+
+        // Wait until PREPARE TRANSACTION is running (stuck in the deferred trigger).
+        let watcher = cluster.connect(&db_name).await.expect("connect");
+        let end = Instant::now() + WAIT;
+        loop {
+            let running: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE state = 'active' AND query LIKE '%PREPARE TRANSACTION%' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if running > 0 {
+                break;
+            }
+            assert!(Instant::now() < end, "PREPARE TRANSACTION never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(watcher);
+
+        // Kill the database mid-PREPARE, then let it recover.
+        let cl = &cluster;
+        tokio::task::block_in_place(|| cl.kill9()).expect("kill9");
+        tokio::task::block_in_place(|| cl.start_again()).expect("start_again");
+
+        let r = tokio::time::timeout(WAIT, commit)
+            .await
+            .expect("commit answers")
+            .expect("task");
+        match &r {
+            Err(twopc_participant::Error::Aborted(msg)) => {
+                assert!(msg.contains("pgp:db"), "the database branch is named: {msg}")
+            }
+            other => panic!("a PREPARE cut off by a crash must abort, got {other:?}"),
+        }
+        assert_eq!(finished_outcome(&coord, &tx_id).await, pb::Outcome::Aborted);
+
+        // Nothing left: no gid (recovery rolls back one that survived), no row.
+        let check = cluster.connect(&db_name).await.expect("connect after restart");
+        let end = Instant::now() + WAIT;
+        loop {
+            sdk.recover_now().await;
+            let left = gids(&check).await;
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < end, "gid {gid} left after recovery: {left:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rows: i64 = check
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(rows, 0, "no row of an aborted transaction");
+        let end = Instant::now() + WAIT;
+        while other.state(&tx_id, "o") == Some(ResState::Prepared) {
+            assert!(Instant::now() < end, "the other branch never got its abort");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_ne!(other.state(&tx_id, "o"), Some(ResState::Committed));
+        assert!(other.violations().is_empty(), "{:?}", other.violations());
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // The order-service process
 // ---------------------------------------------------------------------------------------
