@@ -1,11 +1,14 @@
 //! `twopc`: the command-line entry point.
 //!
-//! - `twopc serve`: runs the coordinator (gRPC on `--listen`, decision log in `--data-dir`).
+//! - `twopc serve`: runs the coordinator (gRPC on `--listen`, decision log in `--data-dir`,
+//!   Prometheus metrics on `--metrics-listen` if given).
 //! - `twopc demo`: the order service scenario end to end (row + event, both or neither).
 //! - `twopc bench coordinator`: measures the coordinator alone against the disk's ceiling.
 //! - `twopc order-service`: the order service as a process of its own (participant server
 //!   on a fixed `--listen`, `--place` one order, `--recover` what an earlier run left in
 //!   doubt).
+//! - `twopc tx list|show|resolve`: the operator's view of unfinished transactions and
+//!   heuristic resolution of stuck ones, over the coordinator's Admin service.
 //!
 //! Built with the `failpoints` feature, the fail points of the coordinator and of the
 //! participant SDK are configured from the `FAILPOINTS` environment variable at start
@@ -14,6 +17,7 @@
 //! Every flag also reads an environment variable (shown by `--help`). Logs go to stderr;
 //! `RUST_LOG` (or `--log`) sets the filter.
 
+mod admin_cli;
 mod bench;
 mod bench_dual;
 mod campaign;
@@ -55,6 +59,8 @@ enum Command {
     /// The order service as a process: places an order (row + OrderCreated, both or
     /// neither) and recovers what an earlier run left in doubt.
     OrderService(order_service::OrderServiceArgs),
+    /// Operators: list unfinished transactions, show one, resolve a stuck one by hand.
+    Tx(admin_cli::TxArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
     let _failpoints = fail::FailScenario::setup();
     // The demo and benchmarks print their own reports; library logs are noise unless asked for.
     let filter = match (&cli.command, std::env::var_os("RUST_LOG")) {
-        (Command::Demo(_) | Command::Bench(_) | Command::Campaign(_), None)
+        (Command::Demo(_) | Command::Bench(_) | Command::Campaign(_) | Command::Tx(_), None)
             if cli.log == "info" =>
         {
             "warn".to_string()
@@ -113,6 +119,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
         Command::Bench(BenchCommand::DualWrite(args)) => bench_dual::run(args).await,
         Command::OrderService(args) => order_service::run_process(args).await,
+        Command::Tx(args) => admin_cli::run(args).await,
     }
 }
 
@@ -130,12 +137,20 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let metrics = server::bind_metrics(&cfg).await?;
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
     println!("twopc listening on {addr}");
-    server::run_with_log(cfg, log, listener, shutdown_signal()).await?;
+    // With --metrics-listen, a second line after it (same purpose).
+    if let Some(m) = &metrics {
+        let addr = m
+            .local_addr()
+            .context("cannot read the bound metrics address")?;
+        println!("twopc metrics on {addr}");
+    }
+    server::run_with_listeners(cfg, log, listener, metrics, shutdown_signal()).await?;
     Ok(())
 }
 

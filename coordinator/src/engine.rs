@@ -21,11 +21,32 @@
 //! timeout or Abort request → `Aborting` (aborts to every branch that may hold prepared
 //! state, retried until acknowledged) → forgotten (presumed abort answers from then on).
 //! A single branch commits in one phase; read-only branches leave after voting.
+//!
+//! # Operator resolutions (heuristic decisions)
+//! [`Event::Resolve`] is the Admin `Resolve` RPC: an operator declares the branches a stuck
+//! transaction still owes an answer committed or aborted. The engine judges it against
+//! what it knows (the live state, or for a transaction it no longer holds the outcome the
+//! runtime read from the log) and always answers with [`Command::ForceAudit`]: the
+//! record, accepted or refused, is forced before anything else happens, and the caller's
+//! reply waits for [`Event::AuditDurable`]. Only then are the pending branches marked
+//! heuristically committed/aborted (no more retries) and the transaction finished. The
+//! one exception is ABORT of an undecided transaction: the abort is decided at once (as
+//! Abort would), so no COMMIT can be decided while the record is being written.
+//!
+//! A resolution never changes an outcome: a durable COMMIT stays COMMITTED, a transaction
+//! without one stays ABORTED, and [`Engine::outcome_of`] keeps answering participants that.
+//! A resolution that contradicts the known outcome (ABORT of a COMMITTING/COMMITTED
+//! transaction, COMMIT of an ABORTING/ABORTED one) is refused with
+//! [`TxError::FailedPrecondition`] unless forced, and recorded as contradicting when
+//! forced. COMMIT of an undecided transaction is refused even when forced: only the votes
+//! can make a transaction commit. A single-branch transaction in a one-phase commit is
+//! decided by its participant, so either resolution is taken as the operator's report of
+//! what that participant did. The full table is in `proto/twopc/v1/admin.proto`.
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::log::{CommitRecord, LazyRecord, Lsn, Recovered};
-use crate::types::{BranchSpec, TxId};
+use crate::log::{AuditRecord, CommitRecord, LazyRecord, Lsn, Recovered};
+use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
 /// Identifies one pending request of the runtime, so a [`Command::Reply`] finds its caller.
 pub type ReqId = u64;
@@ -99,6 +120,33 @@ pub enum CommitAck {
 
 /// The result of one RPC to a participant: `Err` carries a transport error or timeout.
 pub type RpcResult<T> = Result<T, String>;
+
+/// An operator's resolution request (Admin `Resolve`), validated by the engine too.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ResolveRequest {
+    /// COMMIT or ABORT.
+    pub decision: HeuristicDecision,
+    /// Who: kept in the audit record.
+    pub operator: String,
+    /// Why: kept in the audit record.
+    pub reason: String,
+    /// Carry it out even though it contradicts the known outcome.
+    pub force: bool,
+}
+
+/// What a resolution did, for the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolveReport {
+    /// The record as forced (with its time).
+    pub record: AuditRecord,
+    /// The transaction's state afterwards; `None` once finished (the usual case).
+    pub state: Option<TxState>,
+    /// Its outcome, when the engine knows it (`None` for a transaction that finished on
+    /// its own meanwhile: the runtime reads it from the log).
+    pub outcome: Option<Outcome>,
+    /// Branches marked heuristically committed/aborted when the resolution took effect.
+    pub heuristic_branches: Vec<String>,
+}
 
 /// Something that happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +235,34 @@ pub enum Event {
     },
     /// Start-up: what the log says must be finished.
     Recovered(Recovered),
+    /// Admin `Resolve` RPC: an operator's heuristic decision (see the module docs).
+    Resolve {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
+        /// What the operator asks for.
+        request: ResolveRequest,
+        /// For a transaction the engine no longer holds: its outcome as the runtime read
+        /// it from the log (after a first attempt was answered [`ReplyOk::NotLive`]).
+        logged: Option<Outcome>,
+    },
+    /// The audit record of [`Command::ForceAudit`] for `req` is durable.
+    AuditDurable {
+        /// The Resolve it belongs to.
+        req: ReqId,
+        /// Its LSN.
+        lsn: Lsn,
+        /// The wall-clock time the runtime stamped on it (ms since the Unix epoch).
+        at_ms: u64,
+    },
+    /// The audit record for `req` could not be made durable. The log is now failed.
+    AuditFailed {
+        /// The Resolve it belongs to.
+        req: ReqId,
+        /// What went wrong.
+        error: String,
+    },
 }
 
 /// Timers the engine arms.
@@ -216,11 +292,14 @@ pub enum ReplyOk {
     Aborted,
     /// Commit/Abort of a transaction the engine no longer holds (finished, or from an
     /// earlier epoch): the runtime answers from the decision log (presumed abort).
+    /// For Resolve: ask again with [`Event::Resolve::logged`] filled in from the log.
     NotLive,
+    /// Resolve: accepted, recorded and carried out.
+    Resolved(ResolveReport),
 }
 
 /// Expected failures a caller handles. The service maps each to one gRPC code.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum TxError {
     /// The request is malformed.
     #[error("{0}")]
@@ -249,6 +328,14 @@ pub enum Command {
     LogLazy(LazyRecord),
     /// Force a COMMIT decision; answer with [`Event::LogDurable`] or [`Event::LogFailed`].
     ForceCommit(CommitRecord),
+    /// Force an audit record (stamping its wall-clock time); answer with
+    /// [`Event::AuditDurable`] or [`Event::AuditFailed`].
+    ForceAudit {
+        /// The Resolve it belongs to.
+        req: ReqId,
+        /// The record (`at_ms` is filled in by the runtime).
+        record: AuditRecord,
+    },
     /// Send one message to one branch; answer with the matching `*Acked`/`Voted` event.
     Send {
         /// The transaction.
@@ -367,6 +454,9 @@ pub struct BranchEntry {
     pub attempts: u32,
     /// Last transport error or no-vote reason.
     pub last_error: Option<String>,
+    /// When the last message was sent to it (engine clock, ms): operators see how long
+    /// ago the coordinator last tried.
+    pub last_attempt_ms: Option<u64>,
     /// Consecutive failed deliveries of the current message: drives the backoff.
     failures: u32,
     /// A message is on its way and its answer has not arrived: do not send another.
@@ -459,6 +549,20 @@ pub struct Engine {
     halted: Option<String>,
     /// Clock of the last event (ms), for ages.
     now_ms: u64,
+    /// Resolutions whose audit record is being forced, by request: what to do (or refuse)
+    /// once it is durable.
+    resolutions: BTreeMap<ReqId, PendingResolution>,
+}
+
+/// A judged resolution waiting for its audit record to be durable.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PendingResolution {
+    /// The record being forced.
+    record: AuditRecord,
+    /// `Some`: refused, with this answer. `None`: accepted, to be carried out.
+    refusal: Option<TxError>,
+    /// The outcome already known at judgement (a finished transaction).
+    outcome: Option<Outcome>,
 }
 
 impl Engine {
@@ -472,6 +576,7 @@ impl Engine {
             txs: BTreeMap::new(),
             halted: None,
             now_ms: 0,
+            resolutions: BTreeMap::new(),
         }
     }
 
@@ -555,6 +660,28 @@ impl Engine {
             Event::LogDurable { tx, lsn } => self.on_durable(tx, lsn, &mut out),
             Event::LogFailed { tx, error } => self.on_log_failed(tx, error, &mut out),
             Event::Recovered(rec) => self.on_recovered(rec, &mut out),
+            Event::Resolve {
+                req,
+                tx,
+                request,
+                logged,
+            } => self.on_resolve(req, tx, request, logged, &mut out),
+            Event::AuditDurable { req, lsn, at_ms } => {
+                self.on_audit_durable(req, lsn, at_ms, &mut out)
+            }
+            Event::AuditFailed { req, error } => self.on_audit_failed(req, error, &mut out),
+        }
+        // Remember when each branch was last tried (for operators).
+        for cmd in &out {
+            if let Command::Send { tx, branch, .. } = cmd {
+                if let Some(b) = self
+                    .txs
+                    .get_mut(tx)
+                    .and_then(|e| e.branches.get_mut(*branch))
+                {
+                    b.last_attempt_ms = Some(self.now_ms);
+                }
+            }
         }
         out
     }
@@ -1256,12 +1383,436 @@ impl Engine {
     }
 }
 
+/// Operator resolutions (see the module docs).
+impl Engine {
+    fn on_resolve(
+        &mut self,
+        req: ReqId,
+        tx: TxId,
+        request: ResolveRequest,
+        logged: Option<Outcome>,
+        out: &mut Vec<Command>,
+    ) {
+        let valid = crate::types::validate_resolve_reason(&request.reason)
+            .and_then(|()| crate::types::validate_operator(&request.operator));
+        if let Err(msg) = valid {
+            let reply = Err(TxError::InvalidArgument(msg));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        if let Some(why) = &self.halted {
+            // Nothing can be recorded; a restart settles every outcome from the log.
+            let reply = Err(TxError::Unavailable(format!(
+                "cannot record a resolution of transaction {tx}: the coordinator halted ({why}); \
+                 restart it, and the decision log settles the outcome"
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        let judged = match self.txs.get(&tx) {
+            Some(_) => self.judge_live(tx, &request, out),
+            None => match (self.provenance(&tx), logged) {
+                (Provenance::Unknown | Provenance::Live, _) => {
+                    let reply = Err(self.gone(&tx, "resolve"));
+                    out.push(Command::Reply { req, reply });
+                    return;
+                }
+                (_, None) => {
+                    out.push(Command::Reply {
+                        req,
+                        reply: Ok(ReplyOk::NotLive),
+                    });
+                    return;
+                }
+                (_, Some(outcome)) => judge_finished(tx, &request, outcome),
+            },
+        };
+        let Judged {
+            prior_state,
+            refusal,
+            contradicts,
+            branches,
+            detail,
+            outcome,
+        } = judged;
+        let record = AuditRecord {
+            tx,
+            decision: request.decision,
+            operator: request.operator,
+            reason: request.reason,
+            force: request.force,
+            at_ms: 0,
+            prior_state,
+            accepted: refusal.is_none(),
+            contradicts,
+            branches,
+            detail,
+        };
+        self.resolutions.insert(
+            req,
+            PendingResolution {
+                record: record.clone(),
+                refusal,
+                outcome,
+            },
+        );
+        out.push(Command::ForceAudit { req, record });
+    }
+
+    /// Judges a resolution of a transaction held in memory. An accepted ABORT of an
+    /// undecided transaction decides the abort here and now.
+    fn judge_live(&mut self, tx: TxId, request: &ResolveRequest, out: &mut Vec<Command>) -> Judged {
+        let entry = self.txs.get(&tx).expect("caller checked it is live");
+        let state = entry.state;
+        let prior_state = state.name().to_string();
+        let decision = request.decision;
+        let refuse = |msg: String| Judged {
+            prior_state: prior_state.clone(),
+            detail: msg.clone(),
+            refusal: Some(TxError::FailedPrecondition(msg)),
+            contradicts: false,
+            branches: Vec::new(),
+            outcome: None,
+        };
+        let pending: Vec<String> = entry
+            .pending_branches()
+            .iter()
+            .map(|b| b.spec.branch_id.clone())
+            .collect();
+        let accept = |contradicts: bool, branches: Vec<String>, detail: String| Judged {
+            prior_state: prior_state.clone(),
+            refusal: None,
+            contradicts,
+            branches,
+            detail,
+            outcome: None,
+        };
+        match (state, decision) {
+            (TxState::Preparing, _) if entry.one_phase => {
+                let branches = entry
+                    .branches
+                    .iter()
+                    .map(|b| b.spec.branch_id.clone())
+                    .collect();
+                accept(
+                    false,
+                    branches,
+                    format!(
+                        "one-phase commit: its single participant decides, so the operator's \
+                         word is taken: the branch is heuristically {} and the transaction \
+                         finishes {}",
+                        past(decision),
+                        outcome_name(decision)
+                    ),
+                )
+            }
+            (TxState::Active | TxState::Preparing, HeuristicDecision::Commit) => refuse(format!(
+                "transaction {tx} is {}: it is undecided, and only the votes of its branches \
+                 can make it COMMIT (even with force); resolve it to ABORT instead",
+                state.name()
+            )),
+            (TxState::Active | TxState::Preparing, HeuristicDecision::Abort) => {
+                let why = format!(
+                    "resolved to ABORT by operator {}: {}",
+                    request.operator, request.reason
+                );
+                self.decide_abort(tx, why, out);
+                let branches = self
+                    .txs
+                    .get(&tx)
+                    .map(|e| {
+                        e.pending_branches()
+                            .iter()
+                            .map(|b| b.spec.branch_id.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Judged {
+                    outcome: Some(Outcome::Aborted),
+                    ..accept(
+                        false,
+                        branches,
+                        "aborted (an abort went to every branch); branches that had not \
+                         acknowledged when this record became durable are heuristically \
+                         aborted; participants that ask are told ABORTED"
+                            .into(),
+                    )
+                }
+            }
+            (TxState::Deciding, _) => refuse(format!(
+                "transaction {tx} is DECIDING: its COMMIT decision is being made durable right \
+                 now; retry in a moment"
+            )),
+            (TxState::InDoubt, _) => refuse(format!(
+                "transaction {tx} is in doubt: the decision log failed while recording its \
+                 outcome; restart the coordinator"
+            )),
+            (TxState::Committing, HeuristicDecision::Commit) => accept(
+                false,
+                pending,
+                "the branches still owing a commit acknowledgement are heuristically committed \
+                 (no more retries; a later commit tier never sent its commit gets one, best \
+                 effort); the transaction finishes COMMITTED"
+                    .into(),
+            ),
+            (TxState::Aborting, HeuristicDecision::Abort) => accept(
+                false,
+                pending,
+                "the branches still owing an abort acknowledgement are heuristically aborted \
+                 (no more retries); the transaction finishes ABORTED"
+                    .into(),
+            ),
+            (TxState::Committing, HeuristicDecision::Abort) if !request.force => refuse(format!(
+                "transaction {tx} is COMMITTING: its COMMIT decision is durable (outcome \
+                 COMMITTED), so resolving it to ABORT contradicts it; set force (--force) to \
+                 record the contradiction and stop committing its branches anyway"
+            )),
+            (TxState::Aborting, HeuristicDecision::Commit) if !request.force => refuse(format!(
+                "transaction {tx} is ABORTING: it is aborted (outcome ABORTED), so resolving it \
+                 to COMMIT contradicts it; set force (--force) to record the contradiction and \
+                 stop aborting its branches anyway"
+            )),
+            (TxState::Committing, HeuristicDecision::Abort) => accept(
+                true,
+                pending,
+                "FORCED against the durable COMMIT decision: the branches still owing a commit \
+                 acknowledgement are heuristically aborted (no more commits sent); the decision \
+                 log still says COMMITTED and participants that ask are told so"
+                    .into(),
+            ),
+            (TxState::Aborting, HeuristicDecision::Commit) => accept(
+                true,
+                pending,
+                "FORCED against the abort: the branches still owing an abort acknowledgement \
+                 are heuristically committed (no more aborts sent); the outcome stays ABORTED \
+                 and participants that ask are told so"
+                    .into(),
+            ),
+        }
+    }
+
+    fn on_audit_durable(&mut self, req: ReqId, _lsn: Lsn, at_ms: u64, out: &mut Vec<Command>) {
+        let Some(pending) = self.resolutions.remove(&req) else {
+            return;
+        };
+        let mut record = pending.record;
+        record.at_ms = at_ms;
+        if let Some(refusal) = pending.refusal {
+            out.push(Command::Reply {
+                req,
+                reply: Err(refusal),
+            });
+            return;
+        }
+        let tx = record.tx;
+        let (heuristic_branches, finished) = self.apply_resolution(tx, record.decision, out);
+        let (state, outcome) = match self.txs.get(&tx) {
+            Some(e) => (Some(e.state), e.outcome()),
+            None => (None, finished.or(pending.outcome)),
+        };
+        let report = ResolveReport {
+            record,
+            state,
+            outcome,
+            heuristic_branches,
+        };
+        out.push(Command::Reply {
+            req,
+            reply: Ok(ReplyOk::Resolved(report)),
+        });
+    }
+
+    fn on_audit_failed(&mut self, req: ReqId, error: String, out: &mut Vec<Command>) {
+        let reason = format!("decision log failed: {error}");
+        if self.halted.is_none() {
+            self.halted = Some(reason.clone());
+            out.push(Command::Halt { reason });
+        }
+        if let Some(pending) = self.resolutions.remove(&req) {
+            let reply = Err(TxError::Unavailable(format!(
+                "the resolution of transaction {} could not be recorded ({error}), so no branch \
+                 was marked heuristic; the coordinator takes no new work until restarted",
+                pending.record.tx
+            )));
+            out.push(Command::Reply { req, reply });
+        }
+    }
+
+    /// Carries out an accepted resolution now that its record is durable: marks the
+    /// branches still owing an answer heuristically committed/aborted and finishes the
+    /// transaction. Returns the marked branches and the outcome it finished with.
+    fn apply_resolution(
+        &mut self,
+        tx: TxId,
+        decision: HeuristicDecision,
+        out: &mut Vec<Command>,
+    ) -> (Vec<String>, Option<Outcome>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return (Vec::new(), None); // finished on its own meanwhile
+        };
+        let declared = match decision {
+            HeuristicDecision::Commit => BranchState::Committed,
+            HeuristicDecision::Abort => BranchState::Aborted,
+        };
+        let mut marked = Vec::new();
+        match entry.state {
+            TxState::Committing => {
+                let lsn = entry.decision_lsn;
+                let tier = entry
+                    .branches
+                    .iter()
+                    .filter(|b| b.state == BranchState::Prepared)
+                    .map(|b| b.spec.commit_order)
+                    .min();
+                for (i, b) in entry.branches.iter_mut().enumerate() {
+                    if b.state != BranchState::Prepared {
+                        continue;
+                    }
+                    let never_sent = tier.is_some_and(|t| b.spec.commit_order > t);
+                    if decision == HeuristicDecision::Commit && never_sent && !b.in_flight {
+                        // Its tier was never reached: one commit, best effort (the lower
+                        // tiers are acknowledged or declared committed by now).
+                        send(out, tx, i, b, Message::Commit { one_phase: false }, lsn);
+                    }
+                    b.state = declared;
+                    b.in_flight = false;
+                    marked.push(b.spec.branch_id.clone());
+                }
+                self.drive_commit(tx, out);
+                (marked, Some(Outcome::Committed))
+            }
+            TxState::Aborting => {
+                for b in entry.branches.iter_mut() {
+                    let owes = b.abort_must_ack
+                        && matches!(b.state, BranchState::Preparing | BranchState::Prepared);
+                    if owes {
+                        b.state = declared;
+                        marked.push(b.spec.branch_id.clone());
+                    } else if b.in_flight && b.state == BranchState::Preparing {
+                        // A courtesy abort still on its way: no need to wait for it.
+                        b.state = BranchState::Aborted;
+                    }
+                    b.in_flight = false;
+                }
+                self.finish_abort_if_done(tx, out);
+                (marked, Some(Outcome::Aborted))
+            }
+            TxState::Preparing if entry.one_phase => {
+                for b in entry.branches.iter_mut() {
+                    b.state = declared;
+                    b.in_flight = false;
+                    marked.push(b.spec.branch_id.clone());
+                }
+                let waiters = std::mem::take(&mut entry.waiters);
+                let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+                let outcome = match decision {
+                    HeuristicDecision::Commit => {
+                        reply_all(out, waiters, Ok(ReplyOk::Committed));
+                        reply_all(out, abort_waiters, Err(committed_error(&tx)));
+                        let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
+                        out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                            tx,
+                            branches: specs,
+                        }));
+                        Outcome::Committed
+                    }
+                    HeuristicDecision::Abort => {
+                        entry.state = TxState::Aborting;
+                        entry.abort_reason =
+                            Some("one-phase commit resolved to ABORT by an operator".into());
+                        let msg = abort_message(&tx, entry);
+                        reply_all(out, waiters, Err(TxError::Aborted(msg)));
+                        reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+                        Outcome::Aborted
+                    }
+                };
+                self.txs.remove(&tx);
+                out.push(Command::Finished { tx, outcome });
+                (marked, Some(outcome))
+            }
+            // Undecided ones were aborted when the resolution was accepted; DECIDING and
+            // IN_DOUBT ones are refused.
+            _ => (Vec::new(), None),
+        }
+    }
+}
+
+/// A judged resolution, before it becomes an [`AuditRecord`].
+struct Judged {
+    prior_state: String,
+    refusal: Option<TxError>,
+    contradicts: bool,
+    branches: Vec<String>,
+    detail: String,
+    outcome: Option<Outcome>,
+}
+
+/// Judges a resolution of a finished transaction against the outcome the log gives it:
+/// there is nothing left to stop, so an accepted one is only recorded.
+fn judge_finished(tx: TxId, request: &ResolveRequest, outcome: Outcome) -> Judged {
+    let (state, agrees) = match outcome {
+        Outcome::Committed => ("COMMITTED", request.decision == HeuristicDecision::Commit),
+        Outcome::Aborted => ("ABORTED", request.decision == HeuristicDecision::Abort),
+    };
+    let why = match outcome {
+        Outcome::Committed => "a durable COMMIT decision is logged",
+        Outcome::Aborted => "no COMMIT decision is logged: presumed abort",
+    };
+    let (refusal, contradicts, detail) = if agrees {
+        (
+            None,
+            false,
+            format!("the transaction already finished {state}; nothing left to do: recorded"),
+        )
+    } else if !request.force {
+        let msg = format!(
+            "transaction {tx} is {state} ({why}), so resolving it to {} contradicts it; set \
+             force (--force) to record the contradiction anyway",
+            request.decision.name()
+        );
+        (Some(TxError::FailedPrecondition(msg.clone())), false, msg)
+    } else {
+        (
+            None,
+            true,
+            format!(
+                "FORCED against the outcome {state} ({why}): recorded; the coordinator has \
+                 finished it already, the decision log is unchanged and participants that ask \
+                 are told {state}"
+            ),
+        )
+    };
+    Judged {
+        prior_state: state.to_string(),
+        refusal,
+        contradicts,
+        branches: Vec::new(),
+        detail,
+        outcome: Some(outcome),
+    }
+}
+
+fn past(decision: HeuristicDecision) -> &'static str {
+    match decision {
+        HeuristicDecision::Commit => "committed",
+        HeuristicDecision::Abort => "aborted",
+    }
+}
+
+fn outcome_name(decision: HeuristicDecision) -> &'static str {
+    match decision {
+        HeuristicDecision::Commit => "COMMITTED",
+        HeuristicDecision::Abort => "ABORTED",
+    }
+}
+
 fn new_branch(spec: BranchSpec) -> BranchEntry {
     BranchEntry {
         spec,
         state: BranchState::Enlisted,
         attempts: 0,
         last_error: None,
+        last_attempt_ms: None,
         failures: 0,
         in_flight: false,
         abort_must_ack: false,

@@ -12,14 +12,19 @@
 //! - [`transport`]: how the coordinator reaches participants (trait + tonic client).
 //! - [`runtime`]: executes the engine's commands with real I/O (log, transport, timers).
 //! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
+//! - [`admin`]: the tonic `Admin` service: list and show unfinished transactions, and
+//!   resolve stuck ones by hand (heuristic decisions, recorded in the decision log).
 //! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
 //!   reflection.
+//! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
 //!
 //! The split keeps every decision in [`engine`] and every side effect in [`runtime`]: the
 //! same engine runs under the real server, in unit tests and inside the model checker.
 
+pub mod admin;
 pub mod engine;
 pub mod log;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod service;

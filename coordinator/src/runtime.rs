@@ -13,7 +13,9 @@
 //!   commit before its decision is durable stops the process) and run as tasks;
 //! * timers live in one task with a delay queue (cheap for millions of pending timeouts);
 //!   retry timers get jitter here, keeping the engine deterministic;
-//! * replies complete the oneshot of the waiting RPC.
+//! * replies complete the oneshot of the waiting RPC;
+//! * [`Metrics`] look at every event and the commands it produced (the engine knows
+//!   nothing of them).
 //!
 //! # Fail points
 //!
@@ -50,6 +52,7 @@ use crate::engine::{
     TxError,
 };
 use crate::log::{DecisionLog, LogError};
+use crate::metrics::Metrics;
 use crate::transport::Transport;
 use crate::types::{BranchSpec, TxId};
 
@@ -124,6 +127,8 @@ struct Inner<L, T> {
     halted: AtomicBool,
     /// Called with `false` when the coordinator stops serving (health reporting).
     on_halt: Mutex<Option<HaltHook>>,
+    /// Prometheus metrics, recorded as events pass through [`Inner::dispatch`].
+    metrics: Metrics,
     /// Options.
     opts: RuntimeOptions,
 }
@@ -134,6 +139,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     pub fn new(opts: RuntimeOptions, log: Arc<L>, transport: T) -> Self {
         let engine = Engine::new(opts.engine.clone(), log.node_id(), log.epoch());
         let (timers, rx) = mpsc::unbounded_channel();
+        let metrics = Metrics::new(log.durable_lsn());
         let inner = Arc::new(Inner {
             engine: Mutex::new(engine),
             log,
@@ -145,6 +151,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             started: Instant::now(),
             halted: AtomicBool::new(false),
             on_halt: Mutex::new(None),
+            metrics,
             opts,
         });
         tokio::spawn(timer_task(Arc::downgrade(&inner), rx));
@@ -166,10 +173,29 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         self.inner.halted.load(Ordering::SeqCst)
     }
 
+    /// The metrics this runtime records.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// One scrape: refreshes the gauges computed from the engine and the log, then
+    /// encodes every metric in the Prometheus text format.
+    pub fn render_metrics(&self) -> Result<String, prometheus::Error> {
+        let stats = self.inner.log.stats();
+        let halted = self.is_halted();
+        {
+            let engine = lock(&self.inner.engine);
+            self.inner
+                .metrics
+                .refresh(&engine, self.inner.now_ms(), stats, halted);
+        }
+        self.inner.metrics.encode()
+    }
+
     /// Reads the log and schedules every unfinished transaction. Returns how many
     /// (commits to re-drive, undecided to abort).
     pub fn recover(&self) -> Result<(usize, usize), LogError> {
-        let rec = self.inner.log.recover()?;
+        let rec = self.without_resolved(self.inner.log.recover()?)?;
         let counts = (rec.commits.len(), rec.undecided.len());
         info!(
             commits = counts.0,
@@ -349,7 +375,9 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
         let mut deferred = Vec::new();
         {
             let mut engine = lock(&self.engine);
+            let probe = self.metrics.before(&engine, &event);
             let cmds = engine.handle(self.now_ms(), event);
+            self.metrics.after(&engine, probe, &cmds);
             let epoch = engine.epoch();
             for cmd in cmds {
                 match cmd {
@@ -378,6 +406,7 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
     fn execute(self: &Arc<Self>, cmd: Command) {
         match cmd {
             Command::LogLazy(_) => unreachable!("lazy writes happen under the engine lock"),
+            Command::ForceAudit { req, record } => self.force_audit(req, record),
             Command::ForceCommit(mut record) => {
                 record.decided_at_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -405,6 +434,7 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                     fail::fail_point!("coordinator::before_log_decision", crash_point);
                     let ev = match me.log.force_commit(epoch, record).await {
                         Ok(lsn) => {
+                            me.metrics.durable_advanced(me.log.durable_lsn());
                             fail::fail_point!("coordinator::after_decision_durable", |arg| {
                                 crash_point(arg)
                             });
@@ -640,3 +670,8 @@ fn unexpected(reply: ReplyOk) -> TxError {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The Admin side (operator resolutions, audit records): a child module so it can use
+/// the runtime's private state.
+#[path = "runtime_admin.rs"]
+mod admin;

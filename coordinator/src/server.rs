@@ -7,6 +7,8 @@
 //!
 //! Start-up order: lock and open the decision log (bumping the epoch), report
 //! NOT_SERVING, schedule recovery of every unfinished transaction, report SERVING, serve.
+//! With `--metrics-listen`, Prometheus metrics ([`crate::metrics`]) are served on a port
+//! of their own from the moment the runtime exists (before recovery).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,8 +20,10 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::info;
+use twopc_proto::v1::admin_server::AdminServer;
 use twopc_proto::v1::coordinator_server::CoordinatorServer;
 
+use crate::admin::AdminService;
 use crate::engine::EngineConfig;
 use crate::log::{DecisionLog, LogError, SledLog, SledLogOptions};
 use crate::runtime::{Runtime, RuntimeOptions};
@@ -65,6 +69,9 @@ pub struct ServeConfig {
     /// Commit single-branch transactions in one phase (no prepare, no log write).
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub one_phase: bool,
+    /// Address of the Prometheus `GET /metrics` endpoint (HTTP); not served unless given.
+    #[arg(long, env = "TWOPC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +89,7 @@ impl Default for ServeConfig {
             retry_max_ms: e.retry_max_ms,
             max_branches: e.max_branches,
             one_phase: e.one_phase,
+            metrics_listen: None,
         }
     }
 }
@@ -126,6 +134,15 @@ impl ServeConfig {
             3_600_000,
         )?;
         range("max-branches", self.max_branches as u64, 1, 1024)?;
+        if let Some(m) = self.metrics_listen {
+            if m == self.listen && m.port() != 0 {
+                return Err(ConfigError {
+                    field: "metrics-listen",
+                    value: m.to_string(),
+                    allowed: "must differ from --listen".into(),
+                });
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError {
                 field: "data-dir",
@@ -165,6 +182,25 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("gRPC reflection set-up failed: {0}")]
     Reflection(String),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen on {addr} (--metrics-listen): {source}")]
+    MetricsListen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the metrics listener of `--metrics-listen`, if one is configured.
+pub async fn bind_metrics(cfg: &ServeConfig) -> Result<Option<TcpListener>, ServeError> {
+    let Some(addr) = cfg.metrics_listen else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServeError::MetricsListen { addr, source })
 }
 
 /// Runs the coordinator on `listener` until `shutdown` completes.
@@ -184,11 +220,26 @@ pub async fn run(
     run_with_log(cfg, log, listener, shutdown).await
 }
 
-/// [`run`] over an already opened log (tests inject a log with fault switches).
+/// [`run`] over an already opened log (tests inject a log with fault switches). Binds
+/// `--metrics-listen` itself when it is set.
 pub async fn run_with_log<L: DecisionLog>(
     cfg: ServeConfig,
     log: Arc<L>,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    cfg.validate()?;
+    let metrics = bind_metrics(&cfg).await?;
+    run_with_listeners(cfg, log, listener, metrics, shutdown).await
+}
+
+/// [`run_with_log`] with the metrics listener bound by the caller (`None`: no metrics
+/// endpoint; `cfg.metrics_listen` is not read), so it can report the bound address.
+pub async fn run_with_listeners<L: DecisionLog>(
+    cfg: ServeConfig,
+    log: Arc<L>,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     cfg.validate()?;
@@ -201,6 +252,12 @@ pub async fn run_with_log<L: DecisionLog>(
         commit_wait: Duration::from_millis(cfg.commit_wait_ms),
     };
     let rt = Runtime::new(opts, log, transport);
+    // Served until this function returns (the handle stops it when dropped).
+    let _metrics = metrics.map(|l| {
+        info!(addr = ?l.local_addr().ok(), "metrics endpoint on /metrics");
+        let rt = rt.clone();
+        crate::metrics::spawn(l, Arc::new(move || rt.render_metrics()))
+    });
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -244,6 +301,7 @@ pub async fn run_with_log<L: DecisionLog>(
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
+        .add_service(AdminServer::new(AdminService::new(rt.clone())))
         .add_service(CoordinatorServer::new(CoordinatorService::new(rt)))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

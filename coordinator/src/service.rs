@@ -47,7 +47,8 @@ pub fn status_of(e: TxError) -> Status {
     }
 }
 
-fn parse_tx(s: &str) -> Result<TxId, Status> {
+/// Parses a wire transaction id; the error names the field.
+pub(crate) fn parse_tx(s: &str) -> Result<TxId, Status> {
     s.parse::<TxId>()
         .map_err(|e| Status::invalid_argument(format!("tx_id: {e}")))
 }
@@ -80,7 +81,8 @@ pub fn branch_to_pb(b: &BranchSpec) -> pb::Branch {
     }
 }
 
-fn outcome_pb(o: Option<Outcome>) -> pb::Outcome {
+/// Wire form of an outcome (`None`: not decided).
+pub(crate) fn outcome_pb(o: Option<Outcome>) -> pb::Outcome {
     match o {
         Some(Outcome::Committed) => pb::Outcome::Committed,
         Some(Outcome::Aborted) => pb::Outcome::Aborted,
@@ -88,7 +90,8 @@ fn outcome_pb(o: Option<Outcome>) -> pb::Outcome {
     }
 }
 
-fn state_pb(s: TxState) -> pb::TxState {
+/// Wire form of a live transaction state.
+pub(crate) fn state_pb(s: TxState) -> pb::TxState {
     match s {
         TxState::Active => pb::TxState::Active,
         TxState::Preparing => pb::TxState::Preparing,
@@ -98,7 +101,8 @@ fn state_pb(s: TxState) -> pb::TxState {
     }
 }
 
-fn branch_state_pb(s: BranchState) -> pb::BranchState {
+/// Wire form of a branch state.
+pub(crate) fn branch_state_pb(s: BranchState) -> pb::BranchState {
     match s {
         BranchState::Enlisted => pb::BranchState::Enlisted,
         BranchState::Preparing => pb::BranchState::Preparing,
@@ -112,7 +116,7 @@ fn branch_state_pb(s: BranchState) -> pb::BranchState {
 
 /// The wire state of a view: live transactions by their engine state, forgotten ones by
 /// their outcome.
-fn view_state(v: &TxView) -> pb::TxState {
+pub(crate) fn view_state(v: &TxView) -> pb::TxState {
     match (&v.live, v.outcome) {
         (Some(e), _) => state_pb(e.state),
         (None, Some(Outcome::Committed)) => pb::TxState::Committed,

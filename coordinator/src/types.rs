@@ -144,6 +144,84 @@ pub struct BranchSpec {
     pub kind: BranchKind,
 }
 
+/// Longest accepted resolution reason, in bytes (the same bound as an abort reason).
+pub const MAX_RESOLVE_REASON_LEN: usize = 1024;
+/// Longest accepted operator name of a resolution, in bytes.
+pub const MAX_OPERATOR_LEN: usize = 128;
+
+/// What an operator decides for a stuck transaction (mirrors `twopc.v1.ResolveDecision`):
+/// the branches the coordinator is still waiting for are to be treated as committed or as
+/// aborted. See the engine's resolution semantics ([`crate::engine`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HeuristicDecision {
+    /// The branches are (to be treated as) committed.
+    Commit,
+    /// The branches are (to be treated as) aborted.
+    Abort,
+}
+
+impl HeuristicDecision {
+    /// Upper-case name for messages and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeuristicDecision::Commit => "COMMIT",
+            HeuristicDecision::Abort => "ABORT",
+        }
+    }
+
+    /// Stable numeric code, used by the decision log's encoding and the wire enum.
+    pub fn code(self) -> i32 {
+        match self {
+            HeuristicDecision::Commit => 1,
+            HeuristicDecision::Abort => 2,
+        }
+    }
+
+    /// Inverse of [`HeuristicDecision::code`]; `None` for any other code (including 0).
+    pub fn from_code(code: i32) -> Option<Self> {
+        match code {
+            1 => Some(HeuristicDecision::Commit),
+            2 => Some(HeuristicDecision::Abort),
+            _ => None,
+        }
+    }
+}
+
+/// Why the reason of a resolution is not acceptable: required, at most
+/// [`MAX_RESOLVE_REASON_LEN`] bytes.
+pub fn validate_resolve_reason(reason: &str) -> Result<(), String> {
+    if reason.trim().is_empty() {
+        return Err("reason is required: say why the transaction is resolved by hand".into());
+    }
+    if reason.len() > MAX_RESOLVE_REASON_LEN {
+        return Err(format!(
+            "reason is {} bytes long; at most {MAX_RESOLVE_REASON_LEN} are allowed",
+            reason.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Why the operator name of a resolution is not acceptable: required, at most
+/// [`MAX_OPERATOR_LEN`] bytes, no control characters.
+pub fn validate_operator(operator: &str) -> Result<(), String> {
+    if operator.trim().is_empty() {
+        return Err("operator is required: say who resolves the transaction".into());
+    }
+    if operator.len() > MAX_OPERATOR_LEN {
+        return Err(format!(
+            "operator is {} bytes long; at most {MAX_OPERATOR_LEN} are allowed",
+            operator.len()
+        ));
+    }
+    if operator.chars().any(char::is_control) {
+        return Err(format!(
+            "operator {operator:?} contains a control character"
+        ));
+    }
+    Ok(())
+}
+
 /// Why a branch id is not acceptable.
 pub fn validate_branch_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
@@ -248,6 +326,22 @@ mod tests {
             assert!(bad.parse::<TxId>().is_err(), "{bad:?} accepted");
         }
         assert_eq!("a".repeat(65).parse::<TxId>(), Err(TxIdError::TooLong(65)));
+    }
+
+    #[test]
+    fn resolution_fields_are_checked() {
+        assert!(validate_resolve_reason("participant gone for good").is_ok());
+        assert!(validate_resolve_reason(" ").is_err());
+        assert!(validate_resolve_reason(&"r".repeat(1024)).is_ok());
+        assert!(validate_resolve_reason(&"r".repeat(1025)).is_err());
+        assert!(validate_operator("alice@ops").is_ok());
+        assert!(validate_operator("").is_err());
+        assert!(validate_operator("a\nb").is_err());
+        assert!(validate_operator(&"o".repeat(129)).is_err());
+        for d in [HeuristicDecision::Commit, HeuristicDecision::Abort] {
+            assert_eq!(HeuristicDecision::from_code(d.code()), Some(d));
+        }
+        assert_eq!(HeuristicDecision::from_code(0), None);
     }
 
     #[test]

@@ -610,6 +610,7 @@ impl TwoPcModel {
             }
             Command::Finished { .. } => {}
             Command::Halt { reason } => panic!("the engine halted without a log failure: {reason}"),
+            Command::ForceAudit { .. } => panic!("the model never resolves by hand"),
         }
     }
 

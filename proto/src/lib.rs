@@ -1,19 +1,20 @@
-//! Generated Rust types for the `twopc.v1` gRPC protocol (see `proto/twopc/v1/twopc.proto`).
+//! Generated Rust types for the `twopc.v1` gRPC protocol (see `proto/twopc/v1/twopc.proto`
+//! and, for the operator's `Admin` service, `proto/twopc/v1/admin.proto`).
 //!
-//! - [`v1`]: messages plus client and server stubs for the `Coordinator` and
-//!   `Participant` services.
+//! - [`v1`]: messages plus client and server stubs for the `Coordinator`,
+//!   `Participant` and `Admin` services.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 //! - [`example`]: an example application service (not part of the protocol) that joins
 //!   its caller's transaction.
 
 /// The `twopc.v1` package: messages, `coordinator_client`/`coordinator_server`,
-/// `participant_client`/`participant_server`.
+/// `participant_client`/`participant_server`, `admin_client`/`admin_server`.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("twopc.v1");
 }
 
-/// Encoded `FileDescriptorSet` of `twopc.v1`, for `tonic-reflection`.
+/// Encoded `FileDescriptorSet` of `twopc.v1` (both files), for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("twopc_v1_descriptor");
 
 /// Example application services (see `proto/twopc/example/v1/inventory.proto`): what a

@@ -141,6 +141,8 @@ pub struct Coordinator {
     flags: Vec<(String, String)>,
     child: Option<Child>,
     addr: SocketAddr,
+    /// Bound address of the metrics endpoint (when started with `--metrics-listen`).
+    metrics_addr: Option<SocketAddr>,
     /// stderr log of every start, in order.
     logs: Vec<PathBuf>,
 }
@@ -217,6 +219,7 @@ impl Coordinator {
             flags: merge_flags(flags),
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: None,
             logs: Vec::new(),
         };
         c.spawn().await;
@@ -238,11 +241,19 @@ impl Coordinator {
             .expect("spawn twopc serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let (line_tx, line_rx) = oneshot::channel::<io::Result<String>>();
+        let wants_metrics = self.flags.iter().any(|(k, _)| k == "--metrics-listen");
+        let (metrics_tx, metrics_rx) = oneshot::channel::<io::Result<String>>();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
             let res = reader.read_line(&mut line).map(|_| line);
             let _ = line_tx.send(res);
+            // With --metrics-listen, the metrics line comes second.
+            if wants_metrics {
+                let mut line = String::new();
+                let res = reader.read_line(&mut line).map(|_| line);
+                let _ = metrics_tx.send(res);
+            }
             // Keep draining so a later write to stdout never fails with EPIPE.
             let _ = io::copy(&mut reader, &mut io::sink());
         });
@@ -277,6 +288,29 @@ impl Coordinator {
             "bad bound address {addr}"
         );
         self.addr = addr;
+        self.metrics_addr = None;
+        if wants_metrics {
+            let line = match tokio::time::timeout(STARTUP_DEADLINE, metrics_rx).await {
+                Ok(Ok(Ok(line))) if !line.is_empty() => line,
+                other => {
+                    self.kill9();
+                    panic!(
+                        "twopc serve did not print its metrics line (got {other:?}); stderr:\n{}",
+                        self.stderr_log()
+                    );
+                }
+            };
+            let addr = line
+                .strip_suffix('\n')
+                .and_then(|l| l.strip_prefix("twopc metrics on "))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .unwrap_or_else(|| panic!("unexpected second stdout line {line:?}"));
+            assert!(
+                addr.ip().is_loopback() && addr.port() != 0,
+                "bad metrics address {addr}"
+            );
+            self.metrics_addr = Some(addr);
+        }
     }
 
     /// Runs `twopc serve` on `data_dir`, expecting it to exit on its own within `deadline`
@@ -334,6 +368,13 @@ impl Coordinator {
     /// The bound address of the current process.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of the current process's metrics endpoint (started with
+    /// `--metrics-listen`; panics otherwise).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("coordinator was not started with --metrics-listen")
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -2,8 +2,9 @@
 //!
 //! It keeps two images of its "disk": everything written so far, and what the last sync
 //! made durable. A forced commit writes and then syncs at once (one sync per forced
-//! decision, so group commit is trivial: every batch has one decision); a lazy record
-//! only reaches the durable image with the next sync (or an explicit [`MemoryLog::flush`]).
+//! decision, so group commit is trivial: every batch has one decision; an audit record is
+//! forced the same way); a lazy record only reaches the durable image with the next sync
+//! (or an explicit [`MemoryLog::flush`]).
 //! [`MemoryLog::reopen`] simulates a crash and restart: the new handle sees only the
 //! durable image and a bumped epoch, and the old handle is fenced from then on (its writes
 //! fail with [`LogError::Fenced`]), which models a zombie coordinator.
@@ -14,7 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered, StoredDecision,
+    AuditRecord, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered,
+    StoredDecision,
 };
 use crate::types::{BranchSpec, TxId};
 
@@ -37,6 +39,8 @@ struct Entry {
 struct Image {
     commits: BTreeMap<TxId, Entry>,
     preparing: BTreeMap<TxId, Vec<BranchSpec>>,
+    /// Audit records per transaction with their LSNs, in the order forced (append-only).
+    audits: BTreeMap<TxId, Vec<(Lsn, AuditRecord)>>,
     last_lsn: Lsn,
 }
 
@@ -230,6 +234,29 @@ impl MemoryLog {
         stats.max_batch = stats.max_batch.max(1);
         Ok(lsn)
     }
+
+    /// Appends (into `current`) and syncs one audit record.
+    fn force_audit_now(&self, epoch: u64, record: AuditRecord) -> Result<Lsn, LogError> {
+        let mut storage = lock(&self.storage);
+        self.check_write(epoch, &storage)?;
+        let lsn = storage.current.last_lsn + 1;
+        storage.current.last_lsn = lsn;
+        storage
+            .current
+            .audits
+            .entry(record.tx)
+            .or_default()
+            .push((lsn, record));
+        // The sync.
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(self.poison("injected sync failure (MemoryLog::set_fail_syncs)"));
+        }
+        storage.durable = storage.current.clone();
+        drop(storage);
+        self.durable_lsn.fetch_max(lsn, Ordering::AcqRel);
+        lock(&self.stats).syncs += 1;
+        Ok(lsn)
+    }
 }
 
 impl DecisionLog for MemoryLog {
@@ -327,6 +354,28 @@ impl DecisionLog for MemoryLog {
 
     fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    async fn force_audit(&self, epoch: u64, record: AuditRecord) -> Result<Lsn, LogError> {
+        self.force_audit_now(epoch, record)
+    }
+
+    fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError> {
+        self.check_read()?;
+        let storage = lock(&self.storage);
+        let durable = storage.durable.last_lsn;
+        Ok(storage
+            .current
+            .audits
+            .get(tx)
+            .map(|records| {
+                records
+                    .iter()
+                    .filter(|(lsn, _)| *lsn <= durable)
+                    .map(|(_, r)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

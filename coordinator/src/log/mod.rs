@@ -32,6 +32,16 @@
 //! * **Exclusive.** Opening a file-backed log takes an exclusive lock on its directory; a
 //!   second opener fails at once with [`LogError::Locked`] naming the directory. Every
 //!   open increments the epoch durably before returning.
+//! * **Audit records are forced and write-once.** [`DecisionLog::force_audit`] stores one
+//!   [`AuditRecord`] (an operator's resolution of a stuck transaction) and resolves `Ok`
+//!   only once it is durable, exactly like a COMMIT decision: it takes the next LSN (so
+//!   `durable_lsn` covers it), shares group-commit syncs with decisions, and is fenced and
+//!   poisoned like any write. Every call appends a new record: nothing (no later audit,
+//!   decision or lazy record) ever changes or removes one. [`DecisionLog::audits`] returns
+//!   a transaction's durable records in the order they were forced. Audit records are not
+//!   decisions: they never make [`DecisionLog::decision`] answer, never appear in
+//!   [`DecisionLog::recover`], and are not counted in [`LogStats::decisions`] or
+//!   [`LogStats::batches`] (their syncs are counted in [`LogStats::syncs`]).
 
 pub mod conformance;
 pub mod memory;
@@ -39,12 +49,13 @@ pub mod sled_log;
 
 use std::future::Future;
 
-use crate::types::{BranchSpec, TxId};
+use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
 pub use memory::MemoryLog;
 pub use sled_log::{SledLog, SledLogOptions};
 
-/// Log sequence number: increases by one for every forced decision, starting at 1.
+/// Log sequence number: increases by one for every forced record (a decision or an audit
+/// record), starting at 1.
 pub type Lsn = u64;
 
 /// A COMMIT decision and what phase two needs after a crash.
@@ -91,6 +102,36 @@ pub enum LazyRecord {
     },
 }
 
+/// One use of the Admin `Resolve` RPC: an operator's heuristic decision for a transaction,
+/// accepted or refused. Forced by [`DecisionLog::force_audit`]; never changed afterwards.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AuditRecord {
+    /// The transaction resolved.
+    pub tx: TxId,
+    /// What the operator asked for.
+    pub decision: HeuristicDecision,
+    /// Who asked: accountability is the point of the record.
+    pub operator: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+    /// The operator asked to override a contradiction with the known outcome.
+    pub force: bool,
+    /// Wall-clock time of the record, ms since the Unix epoch (filled in by the runtime).
+    pub at_ms: u64,
+    /// The transaction's state when the request was judged (e.g. `COMMITTING`, or
+    /// `COMMITTED` for a finished one), so the record reads on its own.
+    pub prior_state: String,
+    /// Carried out (`true`) or refused (`false`, see `detail`).
+    pub accepted: bool,
+    /// Accepted although it contradicts the known outcome (only with `force`): the
+    /// heuristic hazard an auditor looks for first.
+    pub contradicts: bool,
+    /// Branches declared committed/aborted: those still owing an answer when accepted.
+    pub branches: Vec<String>,
+    /// What was done, or why it was refused.
+    pub detail: String,
+}
+
 /// What the log knows about one transaction's decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredDecision {
@@ -116,7 +157,7 @@ pub struct LogStats {
     pub syncs: u64,
     /// COMMIT decisions made durable.
     pub decisions: u64,
-    /// Group-commit batches written (one sync each).
+    /// Group-commit batches written that hold at least one decision (one sync each).
     pub batches: u64,
     /// Largest number of decisions in one batch.
     pub max_batch: u64,
@@ -184,4 +225,14 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     /// Whether the log is poisoned (a write or sync failed).
     fn is_failed(&self) -> bool;
+
+    /// Appends an audit record and resolves once it is durable, with its LSN.
+    fn force_audit(
+        &self,
+        epoch: u64,
+        record: AuditRecord,
+    ) -> impl Future<Output = Result<Lsn, LogError>> + Send;
+
+    /// The durable audit records of `tx`, oldest first (empty if none).
+    fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError>;
 }

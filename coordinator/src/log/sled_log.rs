@@ -13,8 +13,11 @@
 //! [`TxId`] key (node, epoch, seq as big-endian bytes, so iteration is in transaction
 //! order) to a COMMIT record, plus one counter record under [`LAST_LSN_KEY`] written in
 //! the same atomic batch as the commits it numbers; `preparing` maps a [`TxId`] key to
-//! the branches of a transaction being prepared. Every value is a `prost` message defined
-//! below, with a `format` field for versioning.
+//! the branches of a transaction being prepared. Audit records (operator resolutions) live
+//! in `commits` too, under the transaction's key followed by [`AUDIT_TAG`] and a
+//! big-endian `u32` index (25 bytes, so readers of COMMIT records skip them by length):
+//! that keeps them in the same atomic batch as the LSN counter that numbers them. Every
+//! value is a `prost` message defined below, with a `format` field for versioning.
 //!
 //! # Durability
 //!
@@ -29,8 +32,9 @@
 //!
 //! # Group commit
 //!
-//! One writer thread owns all COMMIT writes. [`DecisionLog::force_commit`] sends the
-//! record over a channel and awaits a `tokio::sync::oneshot` reply; the writer takes one
+//! One writer thread owns all forced writes (COMMIT decisions and audit records).
+//! [`DecisionLog::force_commit`] (or [`DecisionLog::force_audit`]) sends the record over a
+//! channel and awaits a `tokio::sync::oneshot` reply; the writer takes one
 //! request, drains everything else queued, writes the new records in one sled batch,
 //! flushes, syncs once, advances [`DecisionLog::durable_lsn`] and answers every waiter.
 //!
@@ -55,9 +59,10 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::{
-    CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered, StoredDecision,
+    AuditRecord, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered,
+    StoredDecision,
 };
-use crate::types::{BranchKind, BranchSpec, TxId};
+use crate::types::{BranchKind, BranchSpec, HeuristicDecision, TxId};
 
 /// Version written into every value's `format` field; values with a newer format are
 /// refused rather than misread.
@@ -74,6 +79,11 @@ const PREPARING_TREE: &str = "preparing";
 const LOCK_FILE: &str = "LOCK";
 const SLED_DIR: &str = "sled";
 const TX_KEY_LEN: usize = 20;
+
+/// Byte after a transaction's key that starts the key of one of its audit records.
+pub const AUDIT_TAG: u8 = b'A';
+/// Length of an audit record's key: transaction key, [`AUDIT_TAG`], `u32` index.
+const AUDIT_KEY_LEN: usize = TX_KEY_LEN + 1 + 4;
 
 /// Settings of a [`SledLog`].
 #[derive(Clone, Debug)]
@@ -157,6 +167,43 @@ struct PreparingPb {
     branches: Vec<BranchPb>,
 }
 
+/// Value of an audit record in the `commits` tree.
+#[derive(Clone, PartialEq, Message)]
+struct AuditPb {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint32, tag = "2")]
+    tx_node: u32,
+    #[prost(uint64, tag = "3")]
+    tx_epoch: u64,
+    #[prost(uint64, tag = "4")]
+    tx_seq: u64,
+    /// [`HeuristicDecision::code`].
+    #[prost(int32, tag = "5")]
+    decision: i32,
+    #[prost(string, tag = "6")]
+    operator: String,
+    #[prost(string, tag = "7")]
+    reason: String,
+    #[prost(bool, tag = "8")]
+    force: bool,
+    #[prost(uint64, tag = "9")]
+    at_ms: u64,
+    #[prost(string, tag = "10")]
+    prior_state: String,
+    #[prost(bool, tag = "11")]
+    accepted: bool,
+    #[prost(bool, tag = "12")]
+    contradicts: bool,
+    #[prost(string, repeated, tag = "13")]
+    branches: Vec<String>,
+    #[prost(string, tag = "14")]
+    detail: String,
+    /// The LSN it was forced at: readers ignore records past the durable LSN.
+    #[prost(uint64, tag = "15")]
+    lsn: u64,
+}
+
 /// Value of the `meta` record in the default tree.
 #[derive(Clone, PartialEq, Message)]
 struct MetaPb {
@@ -183,6 +230,75 @@ fn tx_key(tx: &TxId) -> [u8; TX_KEY_LEN] {
     key[4..12].copy_from_slice(&tx.epoch.to_be_bytes());
     key[12..].copy_from_slice(&tx.seq.to_be_bytes());
     key
+}
+
+/// Key of audit record number `index` of `tx`.
+fn audit_key(tx: &TxId, index: u32) -> [u8; AUDIT_KEY_LEN] {
+    let mut key = [0u8; AUDIT_KEY_LEN];
+    key[..TX_KEY_LEN].copy_from_slice(&tx_key(tx));
+    key[TX_KEY_LEN] = AUDIT_TAG;
+    key[TX_KEY_LEN + 1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The prefix every audit key of `tx` starts with.
+fn audit_prefix(tx: &TxId) -> [u8; TX_KEY_LEN + 1] {
+    let mut key = [0u8; TX_KEY_LEN + 1];
+    key[..TX_KEY_LEN].copy_from_slice(&tx_key(tx));
+    key[TX_KEY_LEN] = AUDIT_TAG;
+    key
+}
+
+fn encode_audit(record: &AuditRecord, lsn: Lsn) -> Vec<u8> {
+    AuditPb {
+        format: FORMAT_VERSION,
+        tx_node: record.tx.node,
+        tx_epoch: record.tx.epoch,
+        tx_seq: record.tx.seq,
+        decision: record.decision.code(),
+        operator: record.operator.clone(),
+        reason: record.reason.clone(),
+        force: record.force,
+        at_ms: record.at_ms,
+        prior_state: record.prior_state.clone(),
+        accepted: record.accepted,
+        contradicts: record.contradicts,
+        branches: record.branches.clone(),
+        detail: record.detail.clone(),
+        lsn,
+    }
+    .encode_to_vec()
+}
+
+fn decode_audit(bytes: &[u8]) -> Result<(AuditRecord, Lsn), String> {
+    let pb = AuditPb::decode(bytes).map_err(|e| format!("corrupt audit record: {e}"))?;
+    check_format("audit record", pb.format)?;
+    let decision = HeuristicDecision::from_code(pb.decision).ok_or_else(|| {
+        format!(
+            "corrupt audit record: decision code {} is unknown",
+            pb.decision
+        )
+    })?;
+    Ok((
+        AuditRecord {
+            tx: TxId {
+                node: pb.tx_node,
+                epoch: pb.tx_epoch,
+                seq: pb.tx_seq,
+            },
+            decision,
+            operator: pb.operator,
+            reason: pb.reason,
+            force: pb.force,
+            at_ms: pb.at_ms,
+            prior_state: pb.prior_state,
+            accepted: pb.accepted,
+            contradicts: pb.contradicts,
+            branches: pb.branches,
+            detail: pb.detail,
+        },
+        pb.lsn,
+    ))
 }
 
 fn branches_to_pb(branches: &[BranchSpec]) -> Vec<BranchPb> {
@@ -498,7 +614,21 @@ fn failpoint_action(name: &str, arg: Option<String>) -> io::Result<()> {
 
 type Reply = oneshot::Sender<Result<Lsn, LogError>>;
 
+/// What a forced write carries.
+enum Item {
+    /// A COMMIT decision (write-once, idempotent for the same branches).
+    Commit(CommitRecord),
+    /// An audit record (always appended).
+    Audit(AuditRecord),
+}
+
 struct Request {
+    item: Item,
+    reply: Reply,
+}
+
+/// A COMMIT decision of a batch, unpacked from its [`Request`].
+struct CommitRequest {
     record: CommitRecord,
     reply: Reply,
 }
@@ -511,10 +641,12 @@ struct Writer {
     last_lsn: Lsn,
 }
 
-/// A decision of the current batch waiting for the sync.
+/// A record of the current batch waiting for the sync.
 struct Waiting {
     reply: Reply,
     lsn: Lsn,
+    /// A COMMIT decision (counted in the stats), not an audit record.
+    decision: bool,
 }
 
 impl Writer {
@@ -545,11 +677,13 @@ impl Writer {
                 self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
                 {
                     let mut stats = lock(&self.shared.stats);
-                    let n = waiting.len() as u64;
+                    let n = waiting.iter().filter(|w| w.decision).count() as u64;
                     stats.syncs += 1;
-                    stats.batches += 1;
-                    stats.decisions += n;
-                    stats.max_batch = stats.max_batch.max(n);
+                    if n > 0 {
+                        stats.batches += 1;
+                        stats.decisions += n;
+                        stats.max_batch = stats.max_batch.max(n);
+                    }
                 }
                 for w in waiting {
                     let _ = w.reply.send(Ok(w.lsn));
@@ -577,16 +711,49 @@ impl Writer {
         waiting: &mut Vec<Waiting>,
     ) -> Result<Option<Lsn>, (String, Vec<Reply>)> {
         let mut in_batch: HashMap<TxId, (Lsn, Vec<BranchSpec>)> = HashMap::new();
+        // Audit records of this batch per transaction: they come after the stored ones.
+        let mut audits_in_batch: HashMap<TxId, u32> = HashMap::new();
         let mut sled_batch = sled::Batch::default();
         let mut next = self.last_lsn;
         let mut requests = batch.into_iter();
         while let Some(req) = requests.next() {
+            let record = match req.item {
+                Item::Commit(record) => record,
+                Item::Audit(audit) => {
+                    let tx = audit.tx;
+                    let index = match audits_in_batch.get(&tx) {
+                        Some(n) => *n,
+                        None => match self.stored_audits(&tx) {
+                            Ok(n) => n,
+                            Err(msg) => {
+                                let rest =
+                                    std::iter::once(req.reply).chain(requests.map(|r| r.reply));
+                                return Err((msg, rest.collect()));
+                            }
+                        },
+                    };
+                    audits_in_batch.insert(tx, index.saturating_add(1));
+                    next += 1;
+                    sled_batch.insert(&audit_key(&tx, index)[..], encode_audit(&audit, next));
+                    waiting.push(Waiting {
+                        reply: req.reply,
+                        lsn: next,
+                        decision: false,
+                    });
+                    continue;
+                }
+            };
+            let req = CommitRequest {
+                record,
+                reply: req.reply,
+            };
             let tx = req.record.tx;
             if let Some((lsn, branches)) = in_batch.get(&tx) {
                 if *branches == req.record.branches {
                     waiting.push(Waiting {
                         reply: req.reply,
                         lsn: *lsn,
+                        decision: true,
                     });
                 } else {
                     let _ = req.reply.send(Err(LogError::Conflict { tx }));
@@ -619,6 +786,7 @@ impl Writer {
                     waiting.push(Waiting {
                         reply: req.reply,
                         lsn: next,
+                        decision: true,
                     });
                 }
                 Some(Ok(stored)) => {
@@ -639,17 +807,18 @@ impl Writer {
                     waiting.push(Waiting {
                         reply: req.reply,
                         lsn: next,
+                        decision: true,
                     });
                 }
             }
         }
-        if in_batch.is_empty() {
+        if next == self.last_lsn {
             return Ok(None);
         }
         sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
         self.commits.apply_batch(sled_batch).map_err(|e| {
             (
-                format!("sled write of {} decisions failed: {e}", in_batch.len()),
+                format!("sled write of {} records failed: {e}", next - self.last_lsn),
                 vec![],
             )
         })?;
@@ -659,6 +828,16 @@ impl Writer {
         self.sync_batch()
             .map_err(|e| (format!("sync failed: {e}"), vec![]))?;
         Ok(Some(next))
+    }
+
+    /// How many audit records of `tx` are stored (the index the next one gets).
+    fn stored_audits(&self, tx: &TxId) -> Result<u32, String> {
+        let mut n: u32 = 0;
+        for item in self.commits.scan_prefix(audit_prefix(tx)) {
+            item.map_err(|e| format!("sled scan of the audit records of {tx} failed: {e}"))?;
+            n = n.saturating_add(1);
+        }
+        Ok(n)
     }
 
     /// The sync of one batch, between the fail points.
@@ -909,6 +1088,27 @@ impl SledLog {
         &self.dir
     }
 
+    /// Hands one forced write to the writer thread and waits for its durability.
+    async fn force(&self, epoch: u64, item: Item) -> Result<Lsn, LogError> {
+        self.check_write(epoch)?;
+        let (reply, answer) = oneshot::channel();
+        let sender = self
+            .sender
+            .as_ref()
+            .ok_or_else(|| LogError::Failed("decision log is closing".into()))?;
+        if sender.send(Request { item, reply }).is_err() {
+            return Err(self
+                .shared
+                .poison("the decision log writer thread has stopped".into()));
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self
+                .shared
+                .poison("the decision log writer thread stopped without answering".into())),
+        }
+    }
+
     fn check_write(&self, epoch: u64) -> Result<(), LogError> {
         if let Some(msg) = self.shared.failure() {
             return Err(LogError::Failed(msg));
@@ -955,23 +1155,32 @@ impl DecisionLog for SledLog {
     }
 
     async fn force_commit(&self, epoch: u64, record: CommitRecord) -> Result<Lsn, LogError> {
-        self.check_write(epoch)?;
-        let (reply, answer) = oneshot::channel();
-        let sender = self
-            .sender
-            .as_ref()
-            .ok_or_else(|| LogError::Failed("decision log is closing".into()))?;
-        if sender.send(Request { record, reply }).is_err() {
-            return Err(self
-                .shared
-                .poison("the decision log writer thread has stopped".into()));
+        self.force(epoch, Item::Commit(record)).await
+    }
+
+    async fn force_audit(&self, epoch: u64, record: AuditRecord) -> Result<Lsn, LogError> {
+        self.force(epoch, Item::Audit(record)).await
+    }
+
+    fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError> {
+        self.check_read()?;
+        let durable = self.durable_lsn();
+        let mut records = Vec::new();
+        // Keys sort by index (big-endian), so this is the order they were forced in.
+        for item in self.commits.scan_prefix(audit_prefix(tx)) {
+            let (key, value) =
+                item.map_err(|e| self.sled_error("sled scan of audit records", e))?;
+            if key.len() != AUDIT_KEY_LEN {
+                continue;
+            }
+            let (record, lsn) = decode_audit(&value)
+                .map_err(|m| self.shared.poison(format!("transaction {tx}: {m}")))?;
+            // Written by the writer but not yet synced: not a record yet.
+            if lsn <= durable {
+                records.push(record);
+            }
         }
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(self
-                .shared
-                .poison("the decision log writer thread stopped without answering".into())),
-        }
+        Ok(records)
     }
 
     fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError> {
@@ -1148,7 +1357,7 @@ impl Drop for SledLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::conformance::{self, branches, commit, tx_of, Subject, SuiteOptions};
+    use crate::log::conformance::{self, audit, branches, commit, tx_of, Subject, SuiteOptions};
 
     fn names(dir: &Path) -> Vec<String> {
         sorted_listing(dir)
@@ -1274,6 +1483,56 @@ mod tests {
         let log = open(&dir);
         assert_eq!((log.node_id(), log.epoch()), (node, 3));
         assert_eq!(log.durable_lsn(), lsn + 1);
+    }
+
+    #[tokio::test]
+    async fn audit_records_survive_reopen_share_batches_and_are_not_work() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let e = log.epoch();
+        let t = tx_of(&log, 1);
+        let rec = commit(t, branches(2, "a"), 1);
+        log.force_commit(e, rec.clone()).await.expect("force");
+        // Concurrent decisions and audits share one writer and its batches.
+        let audits: Vec<AuditRecord> = (1..=6)
+            .map(|n| audit(t, crate::types::HeuristicDecision::Commit, n))
+            .collect();
+        let forced = conformance::join_all(
+            audits
+                .iter()
+                .map(|a| log.force_audit(e, a.clone()))
+                .collect(),
+        )
+        .await;
+        let lsns: Vec<Lsn> = forced.into_iter().map(|r| r.expect("audit")).collect();
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]), "{lsns:?}");
+        assert_eq!(log.audits(&t).expect("audits"), audits);
+        let last = *lsns.last().expect("six");
+        drop(log);
+
+        let log = open(&dir);
+        assert_eq!(log.durable_lsn(), last, "audit LSNs are counted durably");
+        assert_eq!(log.audits(&t).expect("audits"), audits, "kept in order");
+        assert_eq!(
+            log.recover().expect("recover").commits,
+            vec![rec.clone()],
+            "recovery reads past audit keys"
+        );
+        let more = audit(t, crate::types::HeuristicDecision::Abort, 7);
+        let lsn = log
+            .force_audit(log.epoch(), more.clone())
+            .await
+            .expect("audit");
+        assert_eq!(lsn, last + 1);
+        let mut all = audits.clone();
+        all.push(more);
+        assert_eq!(
+            log.audits(&t).expect("audits"),
+            all,
+            "appended after reopen"
+        );
+        assert_eq!(log.decision(&t).expect("read").map(|d| d.record), Some(rec));
     }
 
     #[tokio::test]
@@ -1486,5 +1745,30 @@ mod tests {
         .encode_to_vec();
         assert!(decode_commit(&newer).is_err());
         assert!(decode_commit(b"\xff\xff\xff").is_err());
+
+        let t9 = TxId {
+            node: 7,
+            epoch: 8,
+            seq: 9,
+        };
+        let a = audit(t9, crate::types::HeuristicDecision::Abort, 5);
+        assert_eq!(decode_audit(&encode_audit(&a, 9)).expect("decode"), (a, 9));
+        let newer = AuditPb {
+            format: FORMAT_VERSION + 1,
+            decision: 1,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(decode_audit(&newer).is_err());
+        let unknown = AuditPb {
+            format: FORMAT_VERSION,
+            decision: 7,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(decode_audit(&unknown).is_err());
+        assert_eq!(audit_key(&t9, 3).len(), AUDIT_KEY_LEN);
+        assert!(audit_key(&t9, 3).starts_with(&tx_key(&t9)));
+        assert!(audit_key(&t9, 2) < audit_key(&t9, 3));
     }
 }

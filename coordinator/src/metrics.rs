@@ -1,0 +1,928 @@
+//! Prometheus metrics of the coordinator, and the HTTP endpoint that serves them.
+//!
+//! [`Metrics`] is a registry of its own (not the process-global default one) that the
+//! [`Runtime`](crate::runtime::Runtime) records into while events pass through its
+//! dispatcher; the [engine](crate::engine) stays pure and knows nothing of it. Around every
+//! event the runtime calls [`Metrics::before`] (a few reads of the engine, no allocation)
+//! and [`Metrics::after`] with the commands the engine returned; from the change of the
+//! transaction's state and those commands the metrics derive decisions, abort reasons,
+//! retries, ignored answers and phase latencies. Recording is atomics plus, for
+//! transactions in the commit protocol, one small entry in a map of phase start times.
+//!
+//! Gauges about what is live (transactions in doubt, the oldest one's age, recovery
+//! progress, halted) and the decision log's counters are computed when scraped, by
+//! [`Metrics::refresh`].
+//!
+//! # Metrics
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `twopc_transactions_begun_total` | counter | Begin calls that issued a transaction |
+//! | `twopc_transactions_committed_total` | counter | COMMIT decisions taken by this process (durable two-phase, one-phase acknowledged, read-only or empty) |
+//! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `other` |
+//! | `twopc_prepare_round_seconds` | histogram | Commit request → every vote yes (COMMIT about to be forced) |
+//! | `twopc_decision_force_seconds` | histogram | COMMIT forced → durable |
+//! | `twopc_phase_two_seconds` | histogram | COMMIT durable → every branch acknowledged |
+//! | `twopc_commit_seconds` | histogram | Commit request → phase two finished (committed transactions) |
+//! | `twopc_phase_two_retries_total{message}` | counter | phase-two sends beyond the first per branch (`commit`, `abort`) |
+//! | `twopc_participant_answers_ignored_total{answer}` | counter | late or duplicate answers (`vote`, `commit`, `abort`) the engine ignored |
+//! | `twopc_transactions_live` | gauge | transactions the coordinator holds in memory |
+//! | `twopc_transactions_in_doubt` | gauge | live transactions past Commit: preparing, deciding, or decided with phase two unfinished |
+//! | `twopc_transactions_in_doubt_oldest_age_seconds` | gauge | age (since Begin, or since the restart for recovered ones) of the oldest of those; 0 if none |
+//! | `twopc_log_syncs_total` | counter | decision-log syncs |
+//! | `twopc_log_decisions_total` | counter | COMMIT decisions made durable |
+//! | `twopc_log_sync_batch_size` | histogram | decisions made durable per group-commit sync |
+//! | `twopc_recovery_transactions{kind}` | gauge | found by recovery at start: `commit` (to re-drive), `abort` (undecided, to abort) |
+//! | `twopc_recovery_remaining{kind}` | gauge | of those, still unfinished |
+//! | `twopc_halted` | gauge | 1 once the decision log failed and no new work is taken |
+//!
+//! Outcomes are counted when they are decided, not when phase two finishes; COMMIT
+//! decisions recovered from the log were taken by an earlier process and are not counted
+//! again (they show in `twopc_recovery_*`).
+//!
+//! # Endpoint
+//!
+//! [`spawn`] serves `GET /metrics` (Prometheus text exposition format 0.0.4) on a listener
+//! of its own, over HTTP/1.1; other paths answer 404, other methods on `/metrics` 405.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, warn};
+
+use crate::engine::{
+    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, Timer, TxState,
+};
+use crate::log::LogStats;
+use crate::types::TxId;
+
+/// Upper bounds of the latency histograms (seconds).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Upper bounds of the group-commit batch histogram (decisions per sync).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// Why a transaction aborted, as a label value of `twopc_transactions_aborted_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AbortReason {
+    VoteNo,
+    PrepareTimeout,
+    TxTimeout,
+    Client,
+    Recovery,
+    Other,
+}
+
+impl AbortReason {
+    const ALL: [AbortReason; 6] = [
+        AbortReason::VoteNo,
+        AbortReason::PrepareTimeout,
+        AbortReason::TxTimeout,
+        AbortReason::Client,
+        AbortReason::Recovery,
+        AbortReason::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            AbortReason::VoteNo => "vote_no",
+            AbortReason::PrepareTimeout => "prepare_timeout",
+            AbortReason::TxTimeout => "tx_timeout",
+            AbortReason::Client => "client",
+            AbortReason::Recovery => "recovery",
+            AbortReason::Other => "other",
+        }
+    }
+}
+
+/// The kind of event the runtime is about to hand to the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Commit,
+    Abort,
+    Vote,
+    CommitAck,
+    AbortAck,
+    TxTimeout,
+    PrepareTimeout,
+    Retry,
+    Durable,
+    Other,
+}
+
+/// Index into [`Metrics::ignored`] (answer kinds).
+const ANSWERS: [&str; 3] = ["vote", "commit", "abort"];
+
+/// A transaction's state and one branch's, to tell whether an answer changed anything.
+type BranchSnapshot = Option<(TxState, BranchState, u32)>;
+
+/// What [`Metrics::before`] saw of an event and of the engine before the event.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    kind: Kind,
+    tx: Option<TxId>,
+    /// The transaction's state before the event (`None`: not live).
+    before: Option<TxState>,
+    /// For participant answers: which answer kind, which branch, and its snapshot.
+    answer: Option<(usize, usize, BranchSnapshot)>,
+}
+
+/// When a transaction in the commit protocol passed each phase boundary.
+#[derive(Clone, Copy, Debug)]
+struct PhaseTimes {
+    commit: Instant,
+    force: Option<Instant>,
+    durable: Option<Instant>,
+}
+
+/// Transactions found by recovery, to report how many are still unfinished.
+#[derive(Debug, Default)]
+struct RecoveryLeft {
+    commits: Vec<TxId>,
+    aborts: Vec<TxId>,
+}
+
+/// The coordinator's metrics registry. See the module docs for the list.
+pub struct Metrics {
+    registry: Registry,
+    begun: IntCounter,
+    committed: IntCounter,
+    /// By [`AbortReason::ALL`] index.
+    aborted: Vec<IntCounter>,
+    prepare_round: Histogram,
+    decision_force: Histogram,
+    phase_two: Histogram,
+    commit_total: Histogram,
+    retries_commit: IntCounter,
+    retries_abort: IntCounter,
+    /// By [`ANSWERS`] index.
+    ignored: Vec<IntCounter>,
+    live: IntGauge,
+    in_doubt: IntGauge,
+    in_doubt_oldest: Gauge,
+    syncs: IntCounter,
+    decisions: IntCounter,
+    batch_size: Histogram,
+    recovery_commits: IntGauge,
+    recovery_aborts: IntGauge,
+    remaining_commits: IntGauge,
+    remaining_aborts: IntGauge,
+    halted: IntGauge,
+    /// Phase start times of transactions past Commit (only touched under the engine lock).
+    phases: Mutex<HashMap<TxId, PhaseTimes>>,
+    /// The highest durable LSN seen, for batch sizes.
+    last_durable: AtomicU64,
+    /// Log counters at the last scrape, for counter deltas.
+    last_stats: Mutex<LogStats>,
+    recovery: Mutex<RecoveryLeft>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a collector. The definitions are static, so this cannot fail except by a
+/// programming error (a duplicate or malformed name), which the tests catch.
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("static metric definitions are valid and unique");
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::with_opts(Opts::new(name, help)).expect("valid counter"),
+    )
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(
+        registry,
+        IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge"),
+    )
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("valid histogram"),
+    )
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Metrics {
+    /// A fresh registry. `durable_lsn` is the log's durable LSN at start (batch sizes are
+    /// measured from there).
+    pub fn new(durable_lsn: u64) -> Self {
+        let r = Registry::new();
+        let aborted = counter_vec(
+            &r,
+            "twopc_transactions_aborted_total",
+            "ABORT decisions, by reason",
+            "reason",
+        );
+        let retries = counter_vec(
+            &r,
+            "twopc_phase_two_retries_total",
+            "Phase-two sends beyond the first per branch, by message",
+            "message",
+        );
+        let ignored = counter_vec(
+            &r,
+            "twopc_participant_answers_ignored_total",
+            "Late or duplicate participant answers the engine ignored, by answer",
+            "answer",
+        );
+        let recovery = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "twopc_recovery_transactions",
+                    "Transactions found by recovery at start: commit (re-drive), abort (undecided)",
+                ),
+                &["kind"],
+            )
+            .expect("valid gauge"),
+        );
+        let remaining = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "twopc_recovery_remaining",
+                    "Transactions found by recovery that are still unfinished",
+                ),
+                &["kind"],
+            )
+            .expect("valid gauge"),
+        );
+        let in_doubt_oldest = register(
+            &r,
+            Gauge::with_opts(Opts::new(
+                "twopc_transactions_in_doubt_oldest_age_seconds",
+                "Age of the oldest live transaction past Commit (0 if none)",
+            ))
+            .expect("valid gauge"),
+        );
+        Metrics {
+            begun: counter(
+                &r,
+                "twopc_transactions_begun_total",
+                "Transactions issued by Begin",
+            ),
+            committed: counter(
+                &r,
+                "twopc_transactions_committed_total",
+                "COMMIT decisions taken by this process",
+            ),
+            aborted: AbortReason::ALL
+                .iter()
+                .map(|reason| aborted.with_label_values(&[reason.label()]))
+                .collect(),
+            prepare_round: histogram(
+                &r,
+                "twopc_prepare_round_seconds",
+                "Commit request until every vote is yes",
+                LATENCY_BUCKETS,
+            ),
+            decision_force: histogram(
+                &r,
+                "twopc_decision_force_seconds",
+                "COMMIT decision forced until durable",
+                LATENCY_BUCKETS,
+            ),
+            phase_two: histogram(
+                &r,
+                "twopc_phase_two_seconds",
+                "COMMIT durable until every branch acknowledged",
+                LATENCY_BUCKETS,
+            ),
+            commit_total: histogram(
+                &r,
+                "twopc_commit_seconds",
+                "Commit request until phase two finished, committed transactions",
+                LATENCY_BUCKETS,
+            ),
+            retries_commit: retries.with_label_values(&["commit"]),
+            retries_abort: retries.with_label_values(&["abort"]),
+            ignored: ANSWERS
+                .iter()
+                .map(|a| ignored.with_label_values(&[a]))
+                .collect(),
+            live: gauge(&r, "twopc_transactions_live", "Transactions held in memory"),
+            in_doubt: gauge(
+                &r,
+                "twopc_transactions_in_doubt",
+                "Live transactions past Commit (preparing, deciding, or phase two unfinished)",
+            ),
+            in_doubt_oldest,
+            syncs: counter(&r, "twopc_log_syncs_total", "Decision-log syncs"),
+            decisions: counter(
+                &r,
+                "twopc_log_decisions_total",
+                "COMMIT decisions made durable",
+            ),
+            batch_size: histogram(
+                &r,
+                "twopc_log_sync_batch_size",
+                "Decisions made durable per group-commit sync",
+                BATCH_BUCKETS,
+            ),
+            recovery_commits: recovery.with_label_values(&["commit"]),
+            recovery_aborts: recovery.with_label_values(&["abort"]),
+            remaining_commits: remaining.with_label_values(&["commit"]),
+            remaining_aborts: remaining.with_label_values(&["abort"]),
+            halted: gauge(
+                &r,
+                "twopc_halted",
+                "1 once the decision log failed and no new work is taken",
+            ),
+            registry: r,
+            phases: Mutex::new(HashMap::new()),
+            last_durable: AtomicU64::new(durable_lsn),
+            last_stats: Mutex::new(LogStats::default()),
+            recovery: Mutex::new(RecoveryLeft::default()),
+        }
+    }
+
+    /// The registry (to add more collectors or gather directly).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn aborted(&self, reason: AbortReason) {
+        // `ALL` lists the reasons in declaration order.
+        self.aborted[reason as usize].inc();
+    }
+
+    /// Called with the engine (locked) just before it handles `event`.
+    pub fn before(&self, engine: &Engine, event: &Event) -> Probe {
+        let (kind, tx, answer) = match event {
+            Event::Commit { tx, .. } => (Kind::Commit, Some(*tx), None),
+            Event::Abort { tx, .. } => (Kind::Abort, Some(*tx), None),
+            Event::Voted { tx, branch, .. } => (Kind::Vote, Some(*tx), Some((0, *branch))),
+            Event::CommitAcked { tx, branch, .. } => {
+                (Kind::CommitAck, Some(*tx), Some((1, *branch)))
+            }
+            Event::AbortAcked { tx, branch, .. } => (Kind::AbortAck, Some(*tx), Some((2, *branch))),
+            Event::Timer { tx, timer } => {
+                let kind = match timer {
+                    Timer::TxTimeout => Kind::TxTimeout,
+                    Timer::PrepareTimeout => Kind::PrepareTimeout,
+                    Timer::Retry { .. } => Kind::Retry,
+                };
+                (kind, Some(*tx), None)
+            }
+            Event::LogDurable { tx, .. } => (Kind::Durable, Some(*tx), None),
+            Event::LogFailed { tx, .. } => (Kind::Other, Some(*tx), None),
+            Event::Recovered(rec) => {
+                let commits: Vec<TxId> = rec.commits.iter().map(|c| c.tx).collect();
+                let aborts: Vec<TxId> = rec.undecided.iter().map(|(tx, _)| *tx).collect();
+                self.recovery_commits.set(commits.len() as i64);
+                self.recovery_aborts.set(aborts.len() as i64);
+                self.remaining_commits.set(commits.len() as i64);
+                self.remaining_aborts.set(aborts.len() as i64);
+                // Presumed abort, decided now: every undecided transaction aborts.
+                let new_aborts = aborts.iter().filter(|tx| engine.tx(tx).is_none()).count();
+                for _ in 0..new_aborts {
+                    self.aborted(AbortReason::Recovery);
+                }
+                let mut left = lock(&self.recovery);
+                left.commits.extend(commits);
+                left.aborts.extend(aborts);
+                (Kind::Other, None, None)
+            }
+            _ => (Kind::Other, None, None),
+        };
+        let before = tx.and_then(|tx| engine.tx(&tx)).map(|e| e.state);
+        let answer = match (tx, answer) {
+            (Some(tx), Some((which, branch))) => {
+                Some((which, branch, branch_snapshot(engine, &tx, branch)))
+            }
+            _ => None,
+        };
+        Probe {
+            kind,
+            tx,
+            before,
+            answer,
+        }
+    }
+
+    /// Called with the engine (still locked) right after it handled the event of `probe`
+    /// and returned `cmds`.
+    pub fn after(&self, engine: &Engine, probe: Probe, cmds: &[Command]) {
+        let mut now_cell: Option<Instant> = None;
+        let mut now = || *now_cell.get_or_insert_with(Instant::now);
+        let after = probe.tx.and_then(|tx| engine.tx(&tx)).map(|e| e.state);
+
+        if let (Some(tx), Some((which, branch, snap))) = (probe.tx, probe.answer) {
+            if cmds.is_empty() && snap == branch_snapshot(engine, &tx, branch) {
+                self.ignored[which].inc();
+            }
+        }
+
+        if let Some(tx) = probe.tx {
+            // A Commit request took an active transaction into the protocol.
+            if probe.kind == Kind::Commit
+                && probe.before == Some(TxState::Active)
+                && after != Some(TxState::Active)
+            {
+                let times = PhaseTimes {
+                    commit: now(),
+                    force: None,
+                    durable: None,
+                };
+                lock(&self.phases).insert(tx, times);
+            }
+            // The COMMIT decision became durable.
+            if probe.kind == Kind::Durable
+                && probe.before == Some(TxState::Deciding)
+                && after == Some(TxState::Committing)
+            {
+                let t = now();
+                if let Some(times) = lock(&self.phases).get_mut(&tx) {
+                    if let Some(force) = times.force {
+                        self.decision_force.observe(secs(t - force));
+                    }
+                    times.durable = Some(t);
+                }
+            }
+            if after == Some(TxState::InDoubt) && probe.before != Some(TxState::InDoubt) {
+                lock(&self.phases).remove(&tx);
+            }
+        }
+
+        let mut finished = None;
+        for cmd in cmds {
+            match cmd {
+                Command::Reply {
+                    reply: Ok(ReplyOk::Begun(_)),
+                    ..
+                } => self.begun.inc(),
+                Command::Send { message, .. } if probe.kind == Kind::Retry => match message {
+                    Message::Commit { .. } => self.retries_commit.inc(),
+                    Message::Abort => self.retries_abort.inc(),
+                    Message::Prepare => {}
+                },
+                Command::ForceCommit(record) => {
+                    let t = now();
+                    if let Some(times) = lock(&self.phases).get_mut(&record.tx) {
+                        self.prepare_round.observe(secs(t - times.commit));
+                        times.force = Some(t);
+                    }
+                }
+                Command::Finished { tx, outcome } => {
+                    if probe.tx == Some(*tx) {
+                        finished = Some(*outcome);
+                    }
+                    let times = lock(&self.phases).remove(tx);
+                    if let (Some(times), Outcome::Committed) = (times, outcome) {
+                        let t = now();
+                        if let Some(durable) = times.durable {
+                            self.phase_two.observe(secs(t - durable));
+                        }
+                        self.commit_total.observe(secs(t - times.commit));
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        // However the transaction left the engine, forget its phase times.
+        if let (Some(tx), Some(_), None) = (probe.tx, probe.before, after) {
+            if finished.is_none() {
+                lock(&self.phases).remove(&tx);
+            }
+        }
+
+        // Decisions: the transaction left an undecided state for a decided one (or
+        // finished outright).
+        if let Some(before) = probe.before {
+            let undecided = matches!(
+                before,
+                TxState::Active | TxState::Preparing | TxState::Deciding
+            );
+            if undecided {
+                if after == Some(TxState::Committing) || finished == Some(Outcome::Committed) {
+                    self.committed.inc();
+                } else if after == Some(TxState::Aborting) || finished == Some(Outcome::Aborted) {
+                    self.aborted(match probe.kind {
+                        Kind::Abort => AbortReason::Client,
+                        Kind::Vote | Kind::CommitAck => AbortReason::VoteNo,
+                        Kind::PrepareTimeout => AbortReason::PrepareTimeout,
+                        Kind::TxTimeout => AbortReason::TxTimeout,
+                        _ => AbortReason::Other,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Called when a forced decision came back durable, with the log's durable LSN then:
+    /// the advance since the last call is one group-commit batch (two batches completing
+    /// before either's first waiter runs are counted as one).
+    pub fn durable_advanced(&self, durable_lsn: u64) {
+        let prev = self.last_durable.fetch_max(durable_lsn, Ordering::AcqRel);
+        if durable_lsn > prev {
+            self.batch_size.observe((durable_lsn - prev) as f64);
+        }
+    }
+
+    /// Updates the scrape-time values from the engine (locked by the caller), the runtime
+    /// clock `now_ms` (the engine's time base), the log's counters and the halted flag.
+    /// Walks every live transaction once.
+    pub fn refresh(&self, engine: &Engine, now_ms: u64, stats: LogStats, halted: bool) {
+        let mut live = 0i64;
+        let mut in_doubt = 0i64;
+        let mut oldest_ms = 0u64;
+        for (_, e) in engine.txs() {
+            live += 1;
+            if e.state != TxState::Active {
+                in_doubt += 1;
+                oldest_ms = oldest_ms.max(now_ms.saturating_sub(e.began_at_ms));
+            }
+        }
+        self.live.set(live);
+        self.in_doubt.set(in_doubt);
+        self.in_doubt_oldest.set(oldest_ms as f64 / 1000.0);
+        {
+            let mut left = lock(&self.recovery);
+            left.commits.retain(|tx| engine.tx(tx).is_some());
+            left.aborts.retain(|tx| engine.tx(tx).is_some());
+            self.remaining_commits.set(left.commits.len() as i64);
+            self.remaining_aborts.set(left.aborts.len() as i64);
+        }
+        {
+            let mut last = lock(&self.last_stats);
+            self.syncs.inc_by(stats.syncs.saturating_sub(last.syncs));
+            self.decisions
+                .inc_by(stats.decisions.saturating_sub(last.decisions));
+            *last = stats;
+        }
+        self.halted.set(i64::from(halted));
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::with_capacity(8 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+fn branch_snapshot(engine: &Engine, tx: &TxId, branch: usize) -> BranchSnapshot {
+    let e = engine.tx(tx)?;
+    let b = e.branches.get(branch)?;
+    Some((e.state, b.state, b.attempts))
+}
+
+/// The running metrics endpoint; stops serving (and drops open connections) when dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    task: JoinHandle<()>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Produces the exposition text of one scrape.
+pub type Render = Arc<dyn Fn() -> Result<String, prometheus::Error> + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` with what `render` returns, until the returned
+/// handle is dropped. Must be called inside a tokio runtime.
+pub fn spawn(listener: TcpListener, render: Render) -> MetricsServer {
+    MetricsServer {
+        task: tokio::spawn(serve(listener, render)),
+    }
+}
+
+async fn serve(listener: TcpListener, render: Render) {
+    // Connections live in the set, so they end with the accept loop.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let render = render.clone();
+                    conns.spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let resp = respond(&req, &render);
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await
+                        {
+                            debug!(%peer, error = %e, "metrics connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        resp
+    };
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found; try /metrics\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "only GET is allowed\n".into(),
+        );
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return resp;
+    }
+    match render() {
+        Ok(text) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, text),
+        Err(e) => {
+            warn!(error = %e, "metrics could not be encoded");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN,
+                format!("metrics could not be encoded: {e}\n"),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CommitAck, EngineConfig, Vote};
+    use crate::log::Recovered;
+    use crate::types::{BranchKind, BranchSpec};
+
+    fn spec(id: &str) -> BranchSpec {
+        BranchSpec {
+            branch_id: id.into(),
+            endpoint: "http://127.0.0.1:7000".into(),
+            commit_order: 0,
+            kind: BranchKind::Database,
+        }
+    }
+
+    /// Feeds one event through the engine the way the runtime does.
+    fn step(e: &mut Engine, m: &Metrics, now_ms: u64, ev: Event) -> Vec<Command> {
+        let probe = m.before(e, &ev);
+        let cmds = e.handle(now_ms, ev);
+        m.after(e, probe, &cmds);
+        cmds
+    }
+
+    fn begin(e: &mut Engine, m: &Metrics, ids: &[&str]) -> TxId {
+        let branches = ids.iter().map(|id| spec(id)).collect();
+        let cmds = step(
+            e,
+            m,
+            0,
+            Event::Begin {
+                req: 1,
+                timeout_ms: 0,
+                branches,
+            },
+        );
+        cmds.iter()
+            .find_map(|c| match c {
+                Command::Reply {
+                    reply: Ok(ReplyOk::Begun(tx)),
+                    ..
+                } => Some(*tx),
+                _ => None,
+            })
+            .expect("begun")
+    }
+
+    fn aborted(m: &Metrics, reason: AbortReason) -> u64 {
+        m.aborted[reason as usize].get()
+    }
+
+    fn engine() -> Engine {
+        Engine::new(EngineConfig::default(), 7, 1)
+    }
+
+    #[test]
+    fn abort_reasons_are_classified_by_the_event_that_decided() {
+        let m = Metrics::new(0);
+        let mut e = engine();
+        // Transaction timeout while active.
+        let t1 = begin(&mut e, &m, &["a"]);
+        let ev = Event::Timer {
+            tx: t1,
+            timer: Timer::TxTimeout,
+        };
+        step(&mut e, &m, 10, ev);
+        assert_eq!(aborted(&m, AbortReason::TxTimeout), 1);
+        // Prepare timeout.
+        let t2 = begin(&mut e, &m, &["a", "b"]);
+        step(&mut e, &m, 10, Event::Commit { req: 2, tx: t2 });
+        let ev = Event::Timer {
+            tx: t2,
+            timer: Timer::PrepareTimeout,
+        };
+        step(&mut e, &m, 20, ev);
+        assert_eq!(aborted(&m, AbortReason::PrepareTimeout), 1);
+        // A refused one-phase commit counts as a no vote.
+        let t3 = begin(&mut e, &m, &["a"]);
+        step(&mut e, &m, 10, Event::Commit { req: 3, tx: t3 });
+        let ev = Event::CommitAcked {
+            tx: t3,
+            branch: 0,
+            ack: Ok(CommitAck::Refused("no".into())),
+        };
+        step(&mut e, &m, 20, ev);
+        assert_eq!(aborted(&m, AbortReason::VoteNo), 1);
+        // Recovery aborts every undecided transaction it finds.
+        let rec = Recovered {
+            commits: Vec::new(),
+            undecided: vec![(
+                TxId {
+                    node: 7,
+                    epoch: 0,
+                    seq: 9,
+                },
+                vec![spec("z")],
+            )],
+        };
+        step(&mut e, &m, 30, Event::Recovered(rec));
+        assert_eq!(aborted(&m, AbortReason::Recovery), 1);
+        assert_eq!(m.recovery_aborts.get(), 1);
+        assert_eq!(aborted(&m, AbortReason::Client), 0);
+        assert_eq!(m.committed.get(), 0);
+        assert_eq!(m.begun.get(), 3);
+    }
+
+    #[test]
+    fn late_and_duplicate_answers_are_counted_as_ignored() {
+        let m = Metrics::new(0);
+        let mut e = engine();
+        let t = begin(&mut e, &m, &["a", "b"]);
+        step(&mut e, &m, 1, Event::Commit { req: 2, tx: t });
+        let yes = |branch| Event::Voted {
+            tx: t,
+            branch,
+            vote: Ok(Vote::Yes),
+        };
+        step(&mut e, &m, 2, yes(0));
+        assert_eq!(m.ignored[0].get(), 0, "a first vote is not ignored");
+        step(&mut e, &m, 3, yes(0));
+        assert_eq!(m.ignored[0].get(), 1, "a duplicate vote is ignored");
+        let cmds = step(&mut e, &m, 4, yes(1));
+        assert!(cmds.iter().any(|c| matches!(c, Command::ForceCommit(_))));
+        assert_eq!(m.ignored[0].get(), 1);
+        step(&mut e, &m, 5, Event::LogDurable { tx: t, lsn: 1 });
+        assert_eq!(m.committed.get(), 1);
+        assert_eq!(m.prepare_round.get_sample_count(), 1);
+        assert_eq!(m.decision_force.get_sample_count(), 1);
+        // Branch 0's commit fails and is retried by its timer.
+        let ev = Event::CommitAcked {
+            tx: t,
+            branch: 0,
+            ack: Err("unavailable".into()),
+        };
+        step(&mut e, &m, 6, ev);
+        let ev = Event::Timer {
+            tx: t,
+            timer: Timer::Retry { branch: 0 },
+        };
+        step(&mut e, &m, 7, ev);
+        assert_eq!(m.retries_commit.get(), 1);
+        for branch in [0, 1] {
+            let ev = Event::CommitAcked {
+                tx: t,
+                branch,
+                ack: Ok(CommitAck::Committed),
+            };
+            step(&mut e, &m, 8, ev);
+        }
+        assert!(e.tx(&t).is_none(), "finished");
+        assert_eq!(m.phase_two.get_sample_count(), 1);
+        assert_eq!(m.commit_total.get_sample_count(), 1);
+        // An answer for a transaction that is gone.
+        let ev = Event::CommitAcked {
+            tx: t,
+            branch: 1,
+            ack: Ok(CommitAck::Committed),
+        };
+        step(&mut e, &m, 9, ev);
+        assert_eq!(m.ignored[1].get(), 1);
+        assert_eq!(m.committed.get(), 1, "phase two is not a second decision");
+        assert!(lock(&m.phases).is_empty(), "no timing entry left behind");
+
+        m.refresh(&e, 10, LogStats::default(), false);
+        assert_eq!(m.live.get(), 0);
+        assert_eq!(m.in_doubt.get(), 0);
+    }
+
+    #[test]
+    fn in_doubt_gauge_counts_live_transactions_past_commit() {
+        let m = Metrics::new(0);
+        let mut e = engine();
+        let _active = begin(&mut e, &m, &["a", "b"]);
+        let t = begin(&mut e, &m, &["a", "b"]);
+        step(&mut e, &m, 100, Event::Commit { req: 9, tx: t });
+        let stats = LogStats {
+            syncs: 2,
+            decisions: 1,
+            ..LogStats::default()
+        };
+        m.refresh(&e, 1_600, stats, true);
+        assert_eq!(m.live.get(), 2);
+        assert_eq!(m.in_doubt.get(), 1);
+        assert_eq!(m.in_doubt_oldest.get(), 1.6);
+        assert_eq!(m.syncs.get(), 2);
+        assert_eq!(m.halted.get(), 1);
+        m.refresh(&e, 1_700, stats, true);
+        assert_eq!(m.syncs.get(), 2, "counters advance by deltas");
+    }
+
+    #[test]
+    fn every_metric_is_registered_and_encodes() {
+        let m = Metrics::new(0);
+        m.durable_advanced(3);
+        m.durable_advanced(3);
+        m.durable_advanced(4);
+        let text = m.encode().expect("encode");
+        for name in [
+            "twopc_transactions_begun_total 0",
+            "twopc_transactions_committed_total 0",
+            "twopc_transactions_aborted_total{reason=\"vote_no\"} 0",
+            "twopc_transactions_aborted_total{reason=\"recovery\"} 0",
+            "twopc_phase_two_retries_total{message=\"commit\"} 0",
+            "twopc_participant_answers_ignored_total{answer=\"vote\"} 0",
+            "twopc_commit_seconds_count 0",
+            "twopc_log_sync_batch_size_count 2",
+            "twopc_log_sync_batch_size_sum 4",
+            "twopc_recovery_remaining{kind=\"abort\"} 0",
+            "twopc_halted 0",
+        ] {
+            assert!(text.contains(name), "{name:?} missing from\n{text}");
+        }
+    }
+}
