@@ -14,7 +14,9 @@
 //! participant SDK are configured from the `FAILPOINTS` environment variable at start
 //! (e.g. `FAILPOINTS="participant::before_commit=return(abort)"`).
 //!
-//! Every flag also reads an environment variable (shown by `--help`). Logs go to stderr;
+//! Every flag also reads an environment variable (shown by `--help`); `twopc serve` also
+//! reads a TOML file (`--config`; precedence flag > env > file > default, see
+//! `twopc_coordinator::config`) and `--print-config` prints the result. Logs go to stderr;
 //! `RUST_LOG` (or `--log`) sets the filter.
 
 mod admin_cli;
@@ -29,13 +31,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Subcommand};
 use tokio::net::TcpListener;
+use twopc_coordinator::config::{self, ServeArgs};
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
-use twopc_coordinator::server::{self, ServeConfig};
+use twopc_coordinator::server;
 
 /// twopc: a two-phase-commit transaction coordinator for the dual-write problem.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "twopc", version, about, long_about = None)]
 struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info" or "twopc_coordinator=debug".
@@ -48,7 +51,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the coordinator: a gRPC server with a durable decision log.
-    Serve(ServeConfig),
+    ///
+    /// Configuration precedence: flag > environment variable > `--config` TOML file >
+    /// built-in default; `--print-config` shows the result and where each value came from.
+    Serve(ServeArgs),
     /// The seed scenario: coordinator + order service + inventory consumer, N orders.
     Demo(demo::DemoArgs),
     /// Seeded randomized fault campaign with an invariant checker.
@@ -72,7 +78,10 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches are kept: `serve` asks them where each value came from (flag, env or
+    // default) to merge in its config file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Fail points named in FAILPOINTS are armed for the life of the process.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -102,7 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
+    match rt.block_on(dispatch(cli.command, &matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -111,9 +120,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, matches: &ArgMatches) -> anyhow::Result<()> {
     match command {
-        Command::Serve(cfg) => serve(cfg).await,
+        Command::Serve(args) => {
+            let serve_matches = matches
+                .subcommand_matches("serve")
+                .context("internal error: no arguments of `serve`")?;
+            let effective = config::resolve(&args, serve_matches)?;
+            if args.print_config {
+                print!("{}", effective.to_toml());
+                return Ok(());
+            }
+            serve(effective.config).await
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Campaign(args) => campaign::run(args).await,
         Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
@@ -123,7 +142,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     // The log first: a second coordinator on the same directory fails here, before it
     // binds a port or says it is listening.

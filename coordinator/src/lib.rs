@@ -14,6 +14,8 @@
 //! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
 //! - [`admin`]: the tonic `Admin` service: list and show unfinished transactions, and
 //!   resolve stuck ones by hand (heuristic decisions, recorded in the decision log).
+//! - [`config`]: where `twopc serve` takes its configuration from (flags > env > TOML
+//!   file > defaults), `--print-config`.
 //! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
 //!   reflection.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
@@ -22,6 +24,7 @@
 //! same engine runs under the real server, in unit tests and inside the model checker.
 
 pub mod admin;
+pub mod config;
 pub mod engine;
 pub mod log;
 pub mod metrics;

@@ -34,7 +34,7 @@ use crate::transport::{GrpcTransport, GrpcTransportOptions};
 pub const SERVICE_NAME: &str = "twopc.v1.Coordinator";
 
 /// Everything `twopc serve` can be told.
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct ServeConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:7400")]
@@ -106,6 +106,29 @@ pub struct ConfigError {
     pub allowed: String,
 }
 
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// Inclusive bounds of every numeric field, by its name on the command line
+/// (`retry-max-ms` must in addition be at least `retry-initial-ms`).
+pub const LIMITS: &[(&str, u64, u64)] = &[
+    ("prepare-timeout-ms", 10, 3_600_000),
+    ("tx-timeout-ms", 10, DAY_MS),
+    ("commit-wait-ms", 0, 600_000),
+    ("rpc-timeout-ms", 10, 600_000),
+    ("connect-timeout-ms", 10, 600_000),
+    ("retry-initial-ms", 1, 60_000),
+    ("retry-max-ms", 1, 3_600_000),
+    ("max-branches", 1, 1024),
+];
+
+/// The bounds of a numeric field in [`LIMITS`] (`None` for a field that is not numeric).
+pub fn limits(field: &str) -> Option<(u64, u64)> {
+    LIMITS
+        .iter()
+        .find(|(f, _, _)| *f == field)
+        .map(|&(_, min, max)| (min, max))
+}
+
 fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
         return Err(ConfigError {
@@ -117,23 +140,28 @@ fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), Conf
     Ok(())
 }
 
+fn limited(field: &'static str, value: u64) -> Result<(), ConfigError> {
+    let (min, max) = limits(field).expect("every numeric field is in LIMITS");
+    range(field, value, min, max)
+}
+
 impl ServeConfig {
     /// Checks every field; the error names the first bad one and its allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        const DAY_MS: u64 = 24 * 3600 * 1000;
-        range("prepare-timeout-ms", self.prepare_timeout_ms, 10, 3_600_000)?;
-        range("tx-timeout-ms", self.tx_timeout_ms, 10, DAY_MS)?;
-        range("commit-wait-ms", self.commit_wait_ms, 0, 600_000)?;
-        range("rpc-timeout-ms", self.rpc_timeout_ms, 10, 600_000)?;
-        range("connect-timeout-ms", self.connect_timeout_ms, 10, 600_000)?;
-        range("retry-initial-ms", self.retry_initial_ms, 1, 60_000)?;
+        limited("prepare-timeout-ms", self.prepare_timeout_ms)?;
+        limited("tx-timeout-ms", self.tx_timeout_ms)?;
+        limited("commit-wait-ms", self.commit_wait_ms)?;
+        limited("rpc-timeout-ms", self.rpc_timeout_ms)?;
+        limited("connect-timeout-ms", self.connect_timeout_ms)?;
+        limited("retry-initial-ms", self.retry_initial_ms)?;
+        let (min, max) = limits("retry-max-ms").expect("retry-max-ms is in LIMITS");
         range(
             "retry-max-ms",
             self.retry_max_ms,
-            self.retry_initial_ms,
-            3_600_000,
+            self.retry_initial_ms.max(min),
+            max,
         )?;
-        range("max-branches", self.max_branches as u64, 1, 1024)?;
+        limited("max-branches", self.max_branches as u64)?;
         if let Some(m) = self.metrics_listen {
             if m == self.listen && m.port() != 0 {
                 return Err(ConfigError {
