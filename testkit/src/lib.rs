@@ -20,6 +20,7 @@
 pub mod nats;
 mod pg;
 pub mod proxy;
+mod watchdog;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;

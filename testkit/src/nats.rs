@@ -17,14 +17,14 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::watchdog::{lock, Watchdog};
 use crate::{try_free_port, Result, TestkitError};
 
 /// How many ports [`NatsServer::start`] tries when the chosen one turns out to be taken.
@@ -71,8 +71,8 @@ pub struct NatsServer {
     start_timeout: Duration,
     /// The running server, if any.
     server: Mutex<Option<Child>>,
-    /// The watchdog and the write end of its pipe (closing it triggers the clean-up).
-    watchdog: Mutex<Option<(Child, ChildStdin)>>,
+    /// The clean-up watchdog (see the module docs).
+    watchdog: Mutex<Option<Watchdog>>,
 }
 
 impl std::fmt::Debug for NatsServer {
@@ -82,10 +82,6 @@ impl std::fmt::Debug for NatsServer {
             .field("store", &self.store)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl NatsServer {
@@ -308,22 +304,7 @@ if [ -f "$pidfile" ]; then
 fi
 rm -rf -- "$1"
 "#;
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg("twopc-nats-watchdog")
-            .arg(root)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| TestkitError::io("starting the clean-up watchdog (/bin/sh)", e))?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| TestkitError::Usage("the watchdog has no stdin pipe".into()))?;
-        *lock(&self.watchdog) = Some((child, stdin));
+        *lock(&self.watchdog) = Some(Watchdog::spawn(SCRIPT, "twopc-nats-watchdog", root)?);
         Ok(())
     }
 }
@@ -336,12 +317,8 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
         drop(self.dir.take());
-        if let Some((mut child, stdin)) = lock(&self.watchdog).take() {
-            drop(stdin);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+        if let Some(watchdog) = lock(&self.watchdog).take() {
+            watchdog.release();
         }
     }
 }

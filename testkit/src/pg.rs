@@ -24,13 +24,14 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio_postgres::NoTls;
 
+use crate::watchdog::{lock, Watchdog};
 use crate::{try_free_port, Result, TestkitError};
 
 /// Where Debian/Ubuntu install PostgreSQL's server programs (one directory per major
@@ -83,8 +84,8 @@ pub struct PgCluster {
     start_timeout: Duration,
     /// The running postmaster, if any.
     server: Mutex<Option<Child>>,
-    /// The watchdog and the write end of its pipe (closing it triggers the clean-up).
-    watchdog: Mutex<Option<(Child, ChildStdin)>>,
+    /// The clean-up watchdog (see the module docs).
+    watchdog: Mutex<Option<Watchdog>>,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -94,10 +95,6 @@ impl std::fmt::Debug for PgCluster {
             .field("data", &self.data)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PgCluster {
@@ -520,22 +517,7 @@ if [ -f "$pidfile" ]; then
 fi
 rm -rf -- "$1"
 "#;
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg("twopc-pg-watchdog")
-            .arg(root)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| TestkitError::io("starting the clean-up watchdog (/bin/sh)", e))?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| TestkitError::Usage("the watchdog has no stdin pipe".into()))?;
-        *lock(&self.watchdog) = Some((child, stdin));
+        *lock(&self.watchdog) = Some(Watchdog::spawn(SCRIPT, "twopc-pg-watchdog", root)?);
         Ok(())
     }
 }
@@ -547,12 +529,8 @@ impl Drop for PgCluster {
             tracing::warn!(error = %e, "stopping the private PostgreSQL cluster");
         }
         drop(self.dir.take());
-        if let Some((mut child, stdin)) = lock(&self.watchdog).take() {
-            drop(stdin);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+        if let Some(watchdog) = lock(&self.watchdog).take() {
+            watchdog.release();
         }
     }
 }
