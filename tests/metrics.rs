@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{
-    begin, commit, with_deadline, Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, get_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
+    TestParticipant,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -292,6 +293,43 @@ async fn scrape_until(coord: &Coordinator, what: &str, cond: impl Fn(&Scrape) ->
     }
 }
 
+/// Runs `twopc tx resolve <tx_id> <args>` against `coord` and returns its exit status and
+/// output (the real binary, as an operator would run it).
+async fn resolve_cli(coord: &Coordinator, tx_id: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TWOPC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .args(["tx", "resolve", tx_id])
+        .args(args)
+        .arg("--coordinator")
+        .arg(coord.url())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("twopc tx resolve {args:?} did not finish within 30 s"))
+        .expect("run twopc tx resolve");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// `twopc_heuristic_resolutions_total{decision, result}`.
+#[track_caller]
+fn resolutions(s: &Scrape, decision: &str, result: &str) -> f64 {
+    s.get(
+        "twopc_heuristic_resolutions_total",
+        &[("decision", decision), ("result", result)],
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
@@ -521,6 +559,143 @@ async fn metrics_report_recovery_progress_after_a_restart() {
         assert_eq!(s.value("twopc_transactions_committed_total"), 0.0);
         // Not timed: its phases started in the earlier process.
         assert_eq!(s.histogram_count("twopc_commit_seconds"), 0.0);
+        assert!(p.violations().is_empty(), "{:?}", p.violations());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
+    with_deadline(TEST_DEADLINE, async {
+        let coord = Coordinator::start(METRICS_FLAGS).await;
+        let p = TestParticipant::start("p").await;
+        let mut c = coord.client().await;
+
+        let s0 = scrape(&coord).await;
+        assert_eq!(s0.types["twopc_heuristic_resolutions_total"], "counter");
+        for decision in ["commit", "abort"] {
+            for result in ["accepted", "contradicting", "refused"] {
+                assert_eq!(resolutions(&s0, decision, result), 0.0);
+            }
+        }
+        assert_eq!(
+            s0.get(
+                "twopc_transactions_aborted_total",
+                &[("reason", "operator")]
+            ),
+            0.0
+        );
+
+        // A transaction stuck in PREPARING (one prepare never answers), resolved to ABORT
+        // with the CLI: exactly one more abort, by the operator, and one resolution.
+        p.script("h", PrepareScript::Hang);
+        let tx = begin(&mut c, vec![p.branch("a"), p.branch("h")]).await;
+        let waiting = {
+            let mut c = coord.client().await;
+            let tx = tx.clone();
+            tokio::spawn(async move { commit(&mut c, &tx, 0).await })
+        };
+        scrape_until(&coord, "the transaction is in doubt", |s| {
+            s.value("twopc_transactions_in_doubt") == 1.0
+        })
+        .await;
+        let before = scrape(&coord).await;
+        let aborted_before = before.sum("twopc_transactions_aborted_total");
+        let (code, out) = resolve_cli(
+            &coord,
+            &tx,
+            &["--abort", "--reason", "prepare stuck", "--operator", "ops"],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("ABORT accepted"), "{out}");
+        let status = waiting
+            .await
+            .expect("commit task")
+            .expect_err("the commit is aborted");
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        let got = get_tx(&mut c, &tx).await.expect("GetTransaction");
+        assert_eq!(got.outcome, pb::Outcome::Aborted as i32);
+
+        // The hung prepare answers late, the aborts are acknowledged: the transaction
+        // finishes, and none of that is a second abort.
+        p.release("h");
+        let s = scrape_until(&coord, "the resolved transaction finished", |s| {
+            s.value("twopc_transactions_live") == 0.0
+        })
+        .await;
+        assert_eq!(
+            s.sum("twopc_transactions_aborted_total"),
+            aborted_before + 1.0,
+            "exactly one abort: {s:#?}"
+        );
+        assert_eq!(
+            s.get(
+                "twopc_transactions_aborted_total",
+                &[("reason", "operator")]
+            ),
+            1.0
+        );
+        assert_eq!(resolutions(&s, "abort", "accepted"), 1.0);
+        assert_eq!(s.sum("twopc_heuristic_resolutions_total"), 1.0);
+        assert_eq!(s.value("twopc_transactions_committed_total"), 0.0);
+
+        // A decided transaction stuck in phase two: ABORT without force is refused, COMMIT
+        // finishes it. Both are counted as resolutions; neither is a second decision.
+        p.refuse_commits("x", true);
+        let tx2 = begin(&mut c, vec![p.branch("x"), p.branch("y")]).await;
+        let resp = commit(&mut c, &tx2, 100).await.expect("Commit");
+        assert_eq!(resp.pending_branches, vec!["x".to_string()]);
+        let (code, out) = resolve_cli(
+            &coord,
+            &tx2,
+            &["--abort", "--reason", "try", "--operator", "ops"],
+        )
+        .await;
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("FAILED_PRECONDITION"), "{out}");
+        let (code, out) = resolve_cli(
+            &coord,
+            &tx2,
+            &["--commit", "--reason", "x verified", "--operator", "ops"],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{out}");
+        let s = scrape_until(&coord, "the committed transaction finished", |s| {
+            s.value("twopc_transactions_live") == 0.0
+        })
+        .await;
+        assert_eq!(s.value("twopc_transactions_committed_total"), 1.0);
+        assert_eq!(
+            s.sum("twopc_transactions_aborted_total"),
+            aborted_before + 1.0
+        );
+        assert_eq!(resolutions(&s, "abort", "refused"), 1.0);
+        assert_eq!(resolutions(&s, "commit", "accepted"), 1.0);
+
+        // Forced against the logged COMMIT: counted as contradicting, outcome unchanged.
+        let (code, out) = resolve_cli(
+            &coord,
+            &tx2,
+            &[
+                "--abort",
+                "--force",
+                "--reason",
+                "undone by hand",
+                "--operator",
+                "ops",
+            ],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{out}");
+        let s = scrape(&coord).await;
+        assert_eq!(resolutions(&s, "abort", "contradicting"), 1.0);
+        assert_eq!(s.sum("twopc_heuristic_resolutions_total"), 4.0);
+        assert_eq!(s.value("twopc_transactions_committed_total"), 1.0);
+        assert_eq!(
+            s.sum("twopc_transactions_aborted_total"),
+            aborted_before + 1.0
+        );
         assert!(p.violations().is_empty(), "{:?}", p.violations());
     })
     .await;

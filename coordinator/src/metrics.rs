@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `twopc_transactions_begun_total` | counter | Begin calls that issued a transaction |
 //! | `twopc_transactions_committed_total` | counter | COMMIT decisions taken by this process (durable two-phase, one-phase acknowledged, read-only or empty) |
-//! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `other` |
+//! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `operator` (an Admin `Resolve` to ABORT of an undecided or one-phase transaction), `other` |
 //! | `twopc_prepare_round_seconds` | histogram | Commit request → every vote yes (COMMIT about to be forced) |
 //! | `twopc_decision_force_seconds` | histogram | COMMIT forced → durable |
 //! | `twopc_phase_two_seconds` | histogram | COMMIT durable → every branch acknowledged |
@@ -35,10 +35,14 @@
 //! | `twopc_recovery_transactions{kind}` | gauge | found by recovery at start: `commit` (to re-drive), `abort` (undecided, to abort) |
 //! | `twopc_recovery_remaining{kind}` | gauge | of those, still unfinished |
 //! | `twopc_halted` | gauge | 1 once the decision log failed and no new work is taken |
+//! | `twopc_heuristic_resolutions_total{decision,result}` | counter | operator resolutions (Admin `Resolve`) whose audit record is durable: `decision` `commit`/`abort`; `result` `accepted`, `contradicting` (accepted with force against the known outcome) or `refused` |
 //!
 //! Outcomes are counted when they are decided, not when phase two finishes; COMMIT
 //! decisions recovered from the log were taken by an earlier process and are not counted
-//! again (they show in `twopc_recovery_*`).
+//! again (they show in `twopc_recovery_*`). An operator resolution decides an outcome only
+//! for a transaction that was undecided (ACTIVE, PREPARING, or a one-phase commit in
+//! flight); resolving one already decided counts in `twopc_heuristic_resolutions_total`
+//! only, never as a second decision.
 //!
 //! # Endpoint
 //!
@@ -64,10 +68,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 
 use crate::engine::{
-    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, Timer, TxState,
+    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, ReqId, Timer, TxState,
 };
 use crate::log::LogStats;
-use crate::types::TxId;
+use crate::types::{HeuristicDecision, TxId};
 
 /// Upper bounds of the latency histograms (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -88,16 +92,18 @@ enum AbortReason {
     TxTimeout,
     Client,
     Recovery,
+    Operator,
     Other,
 }
 
 impl AbortReason {
-    const ALL: [AbortReason; 6] = [
+    const ALL: [AbortReason; 7] = [
         AbortReason::VoteNo,
         AbortReason::PrepareTimeout,
         AbortReason::TxTimeout,
         AbortReason::Client,
         AbortReason::Recovery,
+        AbortReason::Operator,
         AbortReason::Other,
     ];
 
@@ -108,6 +114,7 @@ impl AbortReason {
             AbortReason::TxTimeout => "tx_timeout",
             AbortReason::Client => "client",
             AbortReason::Recovery => "recovery",
+            AbortReason::Operator => "operator",
             AbortReason::Other => "other",
         }
     }
@@ -125,11 +132,29 @@ enum Kind {
     PrepareTimeout,
     Retry,
     Durable,
+    /// An operator resolution judged (an undecided transaction may abort here).
+    Resolve,
+    /// An operator resolution's audit record is durable (it takes effect here).
+    Audit,
     Other,
 }
 
 /// Index into [`Metrics::ignored`] (answer kinds).
 const ANSWERS: [&str; 3] = ["vote", "commit", "abort"];
+
+/// Values of the `result` label of `twopc_heuristic_resolutions_total`, in the order of
+/// [`Metrics::resolutions`]' inner index.
+const RESOLUTION_RESULTS: [&str; 3] = ["accepted", "contradicting", "refused"];
+
+/// An operator resolution whose audit record is being forced: the audit events name only
+/// the request, so this is how their transaction and the record's verdict are found.
+#[derive(Clone, Copy, Debug)]
+struct PendingAudit {
+    tx: TxId,
+    decision: HeuristicDecision,
+    /// Index into [`RESOLUTION_RESULTS`].
+    result: usize,
+}
 
 /// A transaction's state and one branch's, to tell whether an answer changed anything.
 type BranchSnapshot = Option<(TxState, BranchState, u32)>;
@@ -186,6 +211,10 @@ pub struct Metrics {
     remaining_commits: IntGauge,
     remaining_aborts: IntGauge,
     halted: IntGauge,
+    /// Recorded resolutions: by decision (commit, abort), then [`RESOLUTION_RESULTS`].
+    resolutions: [Vec<IntCounter>; 2],
+    /// Resolutions whose audit record is being forced, by request.
+    pending_audits: Mutex<HashMap<ReqId, PendingAudit>>,
     /// Phase start times of transactions past Commit (only touched under the engine lock).
     phases: Mutex<HashMap<TxId, PhaseTimes>>,
     /// The highest durable LSN seen, for batch sizes.
@@ -292,6 +321,23 @@ impl Metrics {
             )
             .expect("valid gauge"),
         );
+        let resolutions = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "twopc_heuristic_resolutions_total",
+                    "Operator resolutions recorded durably, by decision and result",
+                ),
+                &["decision", "result"],
+            )
+            .expect("valid counter"),
+        );
+        let resolutions_of = |decision: &str| -> Vec<IntCounter> {
+            RESOLUTION_RESULTS
+                .iter()
+                .map(|result| resolutions.with_label_values(&[decision, result]))
+                .collect()
+        };
         let in_doubt_oldest = register(
             &r,
             Gauge::with_opts(Opts::new(
@@ -373,6 +419,8 @@ impl Metrics {
                 "twopc_halted",
                 "1 once the decision log failed and no new work is taken",
             ),
+            resolutions: [resolutions_of("commit"), resolutions_of("abort")],
+            pending_audits: Mutex::new(HashMap::new()),
             registry: r,
             phases: Mutex::new(HashMap::new()),
             last_durable: AtomicU64::new(durable_lsn),
@@ -411,6 +459,20 @@ impl Metrics {
             }
             Event::LogDurable { tx, .. } => (Kind::Durable, Some(*tx), None),
             Event::LogFailed { tx, .. } => (Kind::Other, Some(*tx), None),
+            Event::Resolve { tx, .. } => (Kind::Resolve, Some(*tx), None),
+            Event::AuditDurable { req, .. } | Event::AuditFailed { req, .. } => {
+                let pending = lock(&self.pending_audits).remove(req);
+                if let (Some(p), Event::AuditDurable { .. }) = (pending, event) {
+                    let decision = match p.decision {
+                        HeuristicDecision::Commit => 0,
+                        HeuristicDecision::Abort => 1,
+                    };
+                    self.resolutions[decision][p.result].inc();
+                }
+                // Seen through its transaction: a one-phase commit the operator's word
+                // finishes is decided here.
+                (Kind::Audit, pending.map(|p| p.tx), None)
+            }
             Event::Recovered(rec) => {
                 let commits: Vec<TxId> = rec.commits.iter().map(|c| c.tx).collect();
                 let aborts: Vec<TxId> = rec.undecided.iter().map(|(tx, _)| *tx).collect();
@@ -501,6 +563,19 @@ impl Metrics {
                     Message::Abort => self.retries_abort.inc(),
                     Message::Prepare => {}
                 },
+                Command::ForceAudit { req, record } => {
+                    let result = match (record.accepted, record.contradicts) {
+                        (false, _) => 2,
+                        (true, true) => 1,
+                        (true, false) => 0,
+                    };
+                    let pending = PendingAudit {
+                        tx: record.tx,
+                        decision: record.decision,
+                        result,
+                    };
+                    lock(&self.pending_audits).insert(*req, pending);
+                }
                 Command::ForceCommit(record) => {
                     let t = now();
                     if let Some(times) = lock(&self.phases).get_mut(&record.tx) {
@@ -548,6 +623,7 @@ impl Metrics {
                         Kind::Vote | Kind::CommitAck => AbortReason::VoteNo,
                         Kind::PrepareTimeout => AbortReason::PrepareTimeout,
                         Kind::TxTimeout => AbortReason::TxTimeout,
+                        Kind::Resolve | Kind::Audit => AbortReason::Operator,
                         _ => AbortReason::Other,
                     });
                 }
@@ -818,6 +894,127 @@ mod tests {
         assert_eq!(m.begun.get(), 3);
     }
 
+    fn resolve(e: &mut Engine, m: &Metrics, req: ReqId, tx: TxId, abort: bool, force: bool) {
+        let decision = if abort {
+            HeuristicDecision::Abort
+        } else {
+            HeuristicDecision::Commit
+        };
+        let request = crate::engine::ResolveRequest {
+            decision,
+            operator: "bob".into(),
+            reason: "host gone".into(),
+            force,
+        };
+        let ev = Event::Resolve {
+            req,
+            tx,
+            request,
+            logged: None,
+        };
+        let cmds = step(e, m, 50, ev);
+        assert!(
+            cmds.iter()
+                .any(|c| matches!(c, Command::ForceAudit { req: r, .. } if *r == req)),
+            "{cmds:?}"
+        );
+        let ev = Event::AuditDurable {
+            req,
+            lsn: 1,
+            at_ms: 1,
+        };
+        step(e, m, 60, ev);
+    }
+
+    fn resolutions(m: &Metrics, abort: bool, result: &str) -> u64 {
+        let i = RESOLUTION_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .expect("a result label");
+        m.resolutions[usize::from(abort)][i].get()
+    }
+
+    #[test]
+    fn operator_resolutions_count_once_as_decisions_and_always_as_resolutions() {
+        let m = Metrics::new(0);
+        let mut e = engine();
+        // An undecided two-phase transaction resolved to ABORT: one abort, by the operator;
+        // the abort acknowledgements that finish it are not a second one.
+        let t1 = begin(&mut e, &m, &["a", "b"]);
+        step(&mut e, &m, 10, Event::Commit { req: 2, tx: t1 });
+        resolve(&mut e, &m, 3, t1, true, false);
+        assert_eq!(aborted(&m, AbortReason::Operator), 1);
+        assert_eq!(resolutions(&m, true, "accepted"), 1);
+        for branch in [0, 1] {
+            let ev = Event::AbortAcked {
+                tx: t1,
+                branch,
+                ack: Ok(()),
+            };
+            step(&mut e, &m, 70, ev);
+        }
+        let late = Event::Voted {
+            tx: t1,
+            branch: 0,
+            vote: Ok(Vote::Yes),
+        };
+        step(&mut e, &m, 80, late);
+        assert!(e.tx(&t1).is_none(), "finished");
+        assert_eq!(aborted(&m, AbortReason::Operator), 1);
+
+        // One-phase commits in flight: the operator's word decides them when its record
+        // is durable; the participant's late answer changes nothing.
+        let t2 = begin(&mut e, &m, &["a"]);
+        step(&mut e, &m, 10, Event::Commit { req: 5, tx: t2 });
+        resolve(&mut e, &m, 6, t2, false, false);
+        assert_eq!(m.committed.get(), 1);
+        let t3 = begin(&mut e, &m, &["a"]);
+        step(&mut e, &m, 10, Event::Commit { req: 8, tx: t3 });
+        resolve(&mut e, &m, 9, t3, true, false);
+        assert_eq!(aborted(&m, AbortReason::Operator), 2);
+        let ev = Event::CommitAcked {
+            tx: t2,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        };
+        step(&mut e, &m, 90, ev);
+        assert_eq!(m.committed.get(), 1);
+
+        // A decided transaction stuck in phase two: a refusal and a resolution are counted
+        // as resolutions, never as decisions.
+        let t4 = begin(&mut e, &m, &["a", "b"]);
+        step(&mut e, &m, 10, Event::Commit { req: 11, tx: t4 });
+        for branch in [0, 1] {
+            let ev = Event::Voted {
+                tx: t4,
+                branch,
+                vote: Ok(Vote::Yes),
+            };
+            step(&mut e, &m, 20, ev);
+        }
+        step(&mut e, &m, 30, Event::LogDurable { tx: t4, lsn: 1 });
+        assert_eq!(m.committed.get(), 2);
+        resolve(&mut e, &m, 12, t4, true, false);
+        assert!(e.tx(&t4).is_some(), "refused: still committing");
+        resolve(&mut e, &m, 13, t4, false, false);
+        assert!(e.tx(&t4).is_none(), "finished by the resolution");
+        assert_eq!(m.committed.get(), 2);
+        assert_eq!(resolutions(&m, true, "refused"), 1);
+        assert_eq!(resolutions(&m, false, "accepted"), 2);
+        assert_eq!(resolutions(&m, true, "accepted"), 2);
+        assert_eq!(resolutions(&m, false, "contradicting"), 0);
+        assert_eq!(
+            AbortReason::ALL
+                .iter()
+                .map(|r| aborted(&m, *r))
+                .sum::<u64>(),
+            2,
+            "no abort counted twice"
+        );
+        assert!(lock(&m.pending_audits).is_empty());
+        assert!(lock(&m.phases).is_empty());
+    }
+
     #[test]
     fn late_and_duplicate_answers_are_counted_as_ignored() {
         let m = Metrics::new(0);
@@ -921,6 +1118,9 @@ mod tests {
             "twopc_log_sync_batch_size_sum 4",
             "twopc_recovery_remaining{kind=\"abort\"} 0",
             "twopc_halted 0",
+            "twopc_transactions_aborted_total{reason=\"operator\"} 0",
+            "twopc_heuristic_resolutions_total{decision=\"abort\",result=\"accepted\"} 0",
+            "twopc_heuristic_resolutions_total{decision=\"commit\",result=\"refused\"} 0",
         ] {
             assert!(text.contains(name), "{name:?} missing from\n{text}");
         }
