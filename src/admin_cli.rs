@@ -13,16 +13,25 @@
 //! otherwise aligned tables for people). Malformed flags and ids are refused before any
 //! call (exit status 2, the message names the flag); a refused call prints the gRPC
 //! status code and message and exits with status 1.
+//!
+//! Against a coordinator with TLS and tokens (`docs/security.md`): `--token` (env
+//! `TWOPC_ADMIN_TOKEN`) is sent as `authorization: Bearer <token>`; `--ca-cert FILE` (env
+//! `TWOPC_CA_CERT`) dials over TLS trusting that CA (an `http://` URL is then dialed as
+//! `https://`); `--client-cert`/`--client-key` present a client certificate to a
+//! coordinator that requires one.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use twopc_coordinator::types::TxId;
+use twopc_participant::BearerToken;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::admin_client::AdminClient;
 
@@ -41,8 +50,35 @@ pub struct TxArgs {
     /// Print one JSON document (for scripts) instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The coordinator's admin token (twopc serve --admin-token), sent with every call.
+    #[arg(
+        long,
+        env = "TWOPC_ADMIN_TOKEN",
+        global = true,
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// CA certificate (PEM) of the coordinator's TLS certificate: dial over TLS.
+    #[arg(long, env = "TWOPC_CA_CERT", global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires one (mutual TLS).
+    #[arg(long, env = "TWOPC_CLIENT_CERT", global = true, value_name = "FILE")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "TWOPC_CLIENT_KEY", global = true, value_name = "FILE")]
+    client_key: Option<PathBuf>,
     #[command(subcommand)]
     command: TxCommand,
+}
+
+/// How `twopc tx` reaches the coordinator.
+struct ConnectOptions<'a> {
+    url: &'a str,
+    token: Option<&'a str>,
+    ca_cert: Option<&'a Path>,
+    client_cert: Option<&'a Path>,
+    client_key: Option<&'a Path>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +197,14 @@ fn parse_tx_id(s: &str) -> Result<String, String> {
 
 /// Runs one `twopc tx` command.
 pub async fn run(args: TxArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.coordinator).await?;
+    let mut client = connect(ConnectOptions {
+        url: &args.coordinator,
+        token: args.token.as_deref(),
+        ca_cert: args.ca_cert.as_deref(),
+        client_cert: args.client_cert.as_deref(),
+        client_key: args.client_key.as_deref(),
+    })
+    .await?;
     let json = args.json;
     match args.command {
         TxCommand::List {
@@ -231,15 +274,79 @@ pub async fn run(args: TxArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+/// Reads a PEM file named by `flag`, checking it holds a `what` block.
+fn read_pem(flag: &str, path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    if !String::from_utf8_lossy(&bytes).contains(what) {
+        return Err(anyhow!(
+            "{flag} {}: not a PEM file with a {what} block",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The TLS settings of the flags (`None`: plaintext).
+fn client_tls(o: &ConnectOptions<'_>) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let Some(ca) = o.ca_cert else {
+        if o.client_cert.is_some() || o.client_key.is_some() {
+            return Err(anyhow!(
+                "--client-cert and --client-key need --ca-cert (the CA of the coordinator's certificate)"
+            ));
+        }
+        return Ok(None);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(
+        "--ca-cert",
+        ca,
+        "-----BEGIN CERTIFICATE-----",
+    )?));
+    match (o.client_cert, o.client_key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(
+                read_pem("--client-cert", cert, "-----BEGIN CERTIFICATE-----")?,
+                read_pem("--client-key", key, "PRIVATE KEY-----")?,
+            ));
+        }
+        (Some(_), None) => return Err(anyhow!("--client-cert needs --client-key")),
+        (None, Some(_)) => return Err(anyhow!("--client-key needs --client-cert")),
+        (None, None) => {}
+    }
+    Ok(Some(tls))
+}
+
+async fn connect(
+    o: ConnectOptions<'_>,
+) -> anyhow::Result<AdminClient<InterceptedService<Channel, BearerToken>>> {
+    let url = o.url;
+    let auth = BearerToken::new(o.token).map_err(|e| anyhow!("--token: {e}"))?;
+    let tls = client_tls(&o)?;
+    let dialed = match (&tls, url.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => url.to_string(),
+    };
+    if tls.is_none() && url.starts_with("https://") {
+        return Err(anyhow!(
+            "--coordinator {url:?} is https:// but --ca-cert (TWOPC_CA_CERT) is not given"
+        ));
+    }
+    let mut endpoint = Endpoint::from_shared(dialed)
         .map_err(|e| anyhow!("--coordinator {url:?} is not a valid URL: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            anyhow!(
+                "--ca-cert/--client-cert/--client-key cannot be used: {:#}",
+                anyhow::Error::from(e)
+            )
+        })?;
+    }
     let channel = endpoint.connect().await.with_context(|| {
         format!("cannot connect to the coordinator at {url} (--coordinator, TWOPC_COORDINATOR)")
     })?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::with_interceptor(channel, auth))
 }
 
 /// A refused or failed call: the status code's canonical name and the coordinator's
@@ -264,7 +371,29 @@ fn status_error(s: Status) -> anyhow::Error {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     };
-    anyhow!("{code}: {}", s.message())
+    let transport_hint = " (is the coordinator up? does it serve TLS (--ca-cert) or require a \
+                          client certificate (--client-cert, --client-key)?)";
+    let hint = match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            " (give the coordinator's admin token with --token or TWOPC_ADMIN_TOKEN)"
+        }
+        Code::Unknown | Code::Unavailable | Code::Cancelled => transport_hint,
+        // A plaintext client talking to a TLS port sees the TLS bytes as bad frames.
+        Code::Internal if s.message().contains("h2 protocol error") => transport_hint,
+        _ => "",
+    };
+    // The transport's own reason (a TLS alert, a refused connection) is in the sources.
+    let mut message = s.message().to_string();
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    anyhow!("{code}: {message}{hint}")
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {

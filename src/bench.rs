@@ -6,6 +6,10 @@
 //! path (one branch, no log write) is measured separately. In the same run, a tight loop
 //! of write + `fdatasync` with the same group-commit batching measures the disk's ceiling,
 //! so the coordinator's rate can be read as a fraction of the physical limit.
+//!
+//! Clients share one `Pipeline` stream and the coordinator reaches the participants over
+//! their batched `ParticipantExchange` streams, as with the participant SDK; `--unary`
+//! measures one unary RPC per message instead.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -16,13 +20,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server::{self, ServeConfig};
+use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_proto::v1::participant_exchange_server::{
+    ParticipantExchange, ParticipantExchangeServer,
+};
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
 /// Flags of `twopc bench coordinator`.
@@ -41,6 +50,11 @@ pub struct CoordinatorBench {
     /// Print one JSON object per mode instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// One unary RPC per message, as before the batched streams: clients call Begin and
+    /// Commit as unary RPCs, and the null participants do not serve the batched
+    /// `ParticipantExchange` stream (so the coordinator falls back to unary calls).
+    #[arg(long)]
+    pub unary: bool,
 }
 
 /// One mode's numbers.
@@ -70,8 +84,11 @@ pub struct ModeResult {
     pub ratio_to_disk_ceiling: Option<f64>,
 }
 
-/// A participant that answers everything at once.
-struct NullParticipant;
+/// A participant that answers everything at once. `stopping` ends its batched streams
+/// when its server shuts down.
+struct NullParticipant {
+    stopping: watch::Receiver<bool>,
+}
 
 #[tonic::async_trait]
 impl Participant for NullParticipant {
@@ -101,19 +118,73 @@ impl Participant for NullParticipant {
     }
 }
 
-async fn start_null_participant(stop: oneshot::Receiver<()>) -> anyhow::Result<String> {
+#[tonic::async_trait]
+impl ParticipantExchange for NullParticipant {
+    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        use pb::participant_call::Call;
+        use pb::participant_result::Result as R;
+        Ok(Response::new(mux::serve(
+            request.into_inner(),
+            |call: pb::ParticipantCall| async move {
+                let result = match call.call {
+                    Some(Call::Prepare(_)) => R::Prepare(pb::PrepareResponse {
+                        vote: pb::Vote::Yes as i32,
+                        reason: String::new(),
+                    }),
+                    Some(Call::Commit(_)) => R::Commit(pb::CommitBranchResponse {
+                        committed: true,
+                        reason: String::new(),
+                    }),
+                    Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {}),
+                    None => R::Error(pb::CallError {
+                        code: tonic::Code::InvalidArgument as i32,
+                        message: "call is missing".into(),
+                    }),
+                };
+                pb::ParticipantResult {
+                    call_id: call.call_id,
+                    result: Some(result),
+                }
+            },
+            {
+                let mut stopping = self.stopping.clone();
+                async move {
+                    let _ = stopping.wait_for(|s| *s).await;
+                }
+            },
+        )))
+    }
+}
+
+async fn start_null_participant(
+    stop: oneshot::Receiver<()>,
+    batched: bool,
+) -> anyhow::Result<String> {
+    let (stop_streams, stopping) = watch::channel(false);
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("bind a null participant")?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
+        let exchange = batched.then(|| {
+            ParticipantExchangeServer::new(NullParticipant {
+                stopping: stopping.clone(),
+            })
+        });
         let _ = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(ParticipantServer::new(NullParticipant))
+            .add_service(ParticipantServer::new(NullParticipant { stopping }))
+            .add_optional_service(exchange)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
+                async move {
                     let _ = stop.await;
+                    let _ = stop_streams.send(true);
                 },
             )
             .await;
@@ -150,8 +221,8 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
     let (p1_stop, p1_rx) = oneshot::channel::<()>();
     let (p2_stop, p2_rx) = oneshot::channel::<()>();
     let endpoints = [
-        start_null_participant(p1_rx).await?,
-        start_null_participant(p2_rx).await?,
+        start_null_participant(p1_rx, !args.unary).await?,
+        start_null_participant(p2_rx, !args.unary).await?,
     ];
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
@@ -171,7 +242,7 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
         .connect()
         .await
         .context("connect to the in-process coordinator")?;
-    let client = CoordinatorClient::new(channel);
+    let client = Client::new(channel, !args.unary);
 
     for (mode, branches) in [("coordinator-2pc", 2usize), ("coordinator-1pc", 1usize)] {
         let before = log.stats();
@@ -235,9 +306,56 @@ fn progress(enabled: bool, label: &str, duration: Duration) -> ProgressBar {
     pb
 }
 
+/// The client API as the bench calls it: over one `Pipeline` stream shared by every
+/// client task (what the participant SDK does), or unary RPCs with `--unary`.
+#[derive(Clone)]
+struct Client {
+    unary: CoordinatorClient<Channel>,
+    pipeline: Option<Arc<mux::Pipeline>>,
+}
+
+impl Client {
+    fn new(channel: Channel, batched: bool) -> Self {
+        let pipeline = batched.then(|| {
+            let ch = channel.clone();
+            let open: mux::Opener<pb::PipelineRequest, pb::PipelineResponse> =
+                Arc::new(move |outbound| {
+                    let mut c = CoordinatorClient::new(ch.clone());
+                    Box::pin(async move { c.pipeline(outbound).await })
+                });
+            Arc::new(mux::Pipeline::new(open, Duration::from_secs(30)))
+        });
+        Client {
+            unary: CoordinatorClient::new(channel),
+            pipeline,
+        }
+    }
+
+    async fn begin(&mut self, req: pb::BeginRequest) -> Result<pb::BeginResponse, Status> {
+        match &self.pipeline {
+            Some(p) => p.begin(req).await.map_err(pipeline_status),
+            None => Ok(self.unary.begin(req).await?.into_inner()),
+        }
+    }
+
+    async fn commit(&mut self, req: pb::CommitRequest) -> Result<pb::CommitResponse, Status> {
+        match &self.pipeline {
+            Some(p) => p.commit(req).await.map_err(pipeline_status),
+            None => Ok(self.unary.commit(req).await?.into_inner()),
+        }
+    }
+}
+
+fn pipeline_status(e: mux::PipelineError) -> Status {
+    match e {
+        mux::PipelineError::Status(s) => s,
+        mux::PipelineError::Unsupported => Status::unimplemented("no Pipeline stream"),
+    }
+}
+
 /// C clients run Begin (with the branches) + Commit in a loop for `duration`.
 async fn drive(
-    client: &CoordinatorClient<tonic::transport::Channel>,
+    client: &Client,
     endpoints: &[String],
     clients: usize,
     duration: Duration,
@@ -273,7 +391,7 @@ async fn drive(
                         branches: branches.clone(),
                     })
                     .await?;
-                let tx_id = begin.into_inner().tx_id;
+                let tx_id = begin.tx_id;
                 client
                     .commit(pb::CommitRequest {
                         tx_id,

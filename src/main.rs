@@ -144,6 +144,9 @@ async fn dispatch(command: Command, matches: &ArgMatches) -> anyhow::Result<()> 
 
 async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
     cfg.validate()?;
+    // Certificate, key and token files are checked before anything else, so a bad one
+    // stops the start before the log is opened or the port is bound.
+    server::Security::load(&cfg)?;
     // The log first: a second coordinator on the same directory fails here, before it
     // binds a port or says it is listening.
     let log = Arc::new(SledLog::open(&cfg.data_dir, SledLogOptions::default())?);

@@ -20,18 +20,19 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use twopc_coordinator::auth::Secret;
 use twopc_participant::broker::Broker;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::{Error, Resource, TwoPc};
+use twopc_participant::{Error, Resource, TwoPc, TwoPcBuilder};
 use twopc_proto::v1 as pb;
 
 /// Tables of the order service's database (kept in `order_schema.sql`, so the process
@@ -306,6 +307,78 @@ pub struct OrderServiceArgs {
         default_value_t = 5_000
     )]
     pub recovery_interval_ms: u64,
+    /// Bearer token sent with every call to the coordinator (its `--client-token`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TWOPC_CLIENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<Secret>,
+    /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS (an
+    /// `http://` --coordinator is then dialed as `https://`).
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires one (mutual TLS).
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Certificate (PEM) of the participant server: serve it over TLS (the coordinator
+    /// then needs --participant-ca).
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) the coordinator's client certificate must be signed by (mutual TLS on the
+    /// participant server; the coordinator's --participant-cert). Needs --tls-cert.
+    #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Reads a file named by `flag`.
+fn read_file(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+}
+
+/// The builder with the TLS and token flags applied. Errors name the flag.
+fn secure(args: &OrderServiceArgs, mut b: TwoPcBuilder) -> anyhow::Result<TwoPcBuilder> {
+    if let Some(token) = &args.token {
+        b = b.token(token.expose());
+    }
+    match (&args.ca_cert, &args.client_cert, &args.client_key) {
+        (Some(ca), cert, key) => {
+            b = b.coordinator_ca(read_file("--ca-cert", ca)?);
+            match (cert, key) {
+                (Some(c), Some(k)) => {
+                    b = b.coordinator_identity(
+                        read_file("--client-cert", c)?,
+                        read_file("--client-key", k)?,
+                    )
+                }
+                (None, None) => {}
+                _ => anyhow::bail!("--client-cert and --client-key go together"),
+            }
+        }
+        (None, None, None) => {}
+        (None, _, _) => anyhow::bail!("--client-cert and --client-key need --ca-cert"),
+    }
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            b = b.participant_tls(read_file("--tls-cert", c)?, read_file("--tls-key", k)?);
+            if let Some(ca) = &args.tls_client_ca {
+                b = b.participant_client_ca(read_file("--tls-client-ca", ca)?);
+            }
+        }
+        (None, None) => anyhow::ensure!(
+            args.tls_client_ca.is_none(),
+            "--tls-client-ca needs --tls-cert and --tls-key"
+        ),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    }
+    Ok(b)
 }
 
 /// Runs `twopc order-service` (see [`OrderServiceArgs`]).
@@ -355,26 +428,27 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
-    let sdk = TwoPc::builder(&args.coordinator)
+    let builder = TwoPc::builder(&args.coordinator)
         .service(&args.service)
         .listen(args.listen)
         .data_dir(&args.data_dir)
-        .recovery_interval(Duration::from_millis(args.recovery_interval_ms))
-        .start()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot start the participant server (--listen {}, --coordinator {})",
-                args.listen, args.coordinator
-            )
-        })?;
+        .recovery_interval(Duration::from_millis(args.recovery_interval_ms));
+    let sdk = secure(&args, builder)?.start().await.with_context(|| {
+        format!(
+            "cannot start the participant server (--listen {}, --coordinator {})",
+            args.listen, args.coordinator
+        )
+    })?;
     let result = async {
         let db = sdk.register(db)?;
         let broker = sdk.register(broker)?;
         let endpoint = sdk.endpoint();
         println!(
             "order-service ready on {}",
-            endpoint.strip_prefix("http://").unwrap_or(endpoint)
+            endpoint
+                .strip_prefix("http://")
+                .or_else(|| endpoint.strip_prefix("https://"))
+                .unwrap_or(endpoint)
         );
         if args.recover {
             let n = recover(&sdk, &args.service, &db, &*broker, at_start, timeout).await?;

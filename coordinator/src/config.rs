@@ -18,7 +18,9 @@
 //!
 //! **`--print-config`** prints the effective configuration ([`Effective::to_toml`]) with
 //! a comment per key saying where the value came from; the output is itself a valid
-//! config file that yields the same configuration.
+//! config file that yields the same configuration, token values aside: `client_token`
+//! and `admin_token` are shown as `<redacted>` in a comment, never printed (the token
+//! *file* keys are paths and are printed).
 
 use std::convert::identity;
 use std::fmt;
@@ -28,11 +30,12 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
+use crate::auth::Secret;
 use crate::server::{limits, ConfigError, ServeConfig};
 
 /// The keys of the config file, in the order of [`ServeConfig`]'s fields (each is the
 /// flag's name with `_` for `-`, and the clap id of the field).
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 22] = [
     "listen",
     "data_dir",
     "prepare_timeout_ms",
@@ -45,7 +48,21 @@ pub const KEYS: [&str; 12] = [
     "max_branches",
     "one_phase",
     "metrics_listen",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "participant_ca",
+    "participant_cert",
+    "participant_key",
+    "client_token",
+    "client_token_file",
+    "admin_token",
+    "admin_token_file",
 ];
+
+/// The keys whose values are secrets: `--print-config` says whether they are set, never
+/// what they are.
+pub const SECRET_KEYS: [&str; 2] = ["client_token", "admin_token"];
 
 /// The arguments of `twopc serve`: the configuration itself plus where else to read it
 /// from and whether to only print it.
@@ -92,6 +109,28 @@ pub struct FileConfig {
     pub one_phase: Option<bool>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--participant-ca`.
+    pub participant_ca: Option<PathBuf>,
+    /// `--participant-cert`.
+    pub participant_cert: Option<PathBuf>,
+    /// `--participant-key`.
+    pub participant_key: Option<PathBuf>,
+    /// `--client-token` (never written back out).
+    #[serde(skip_serializing)]
+    pub client_token: Option<Secret>,
+    /// `--client-token-file`.
+    pub client_token_file: Option<PathBuf>,
+    /// `--admin-token` (never written back out).
+    #[serde(skip_serializing)]
+    pub admin_token: Option<Secret>,
+    /// `--admin-token-file`.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Where one effective value came from.
@@ -173,6 +212,15 @@ pub fn allowed(key: &str) -> String {
     match key {
         "listen" | "metrics_listen" => "a socket address string, e.g. \"127.0.0.1:7400\"".into(),
         "data_dir" => "a non-empty path string".into(),
+        "tls_cert" | "tls_key" | "tls_client_ca" | "participant_ca" | "participant_cert"
+        | "participant_key" | "client_token_file" | "admin_token_file" => {
+            "a path string naming a file".into()
+        }
+        "client_token" | "admin_token" => format!(
+            "a string of {} to {} visible ASCII characters",
+            crate::auth::TOKEN_MIN_LEN,
+            crate::auth::TOKEN_MAX_LEN
+        ),
         "one_phase" => "true or false".into(),
         "retry_max_ms" => {
             let (_, max) = limits("retry-max-ms").unwrap_or((0, u64::MAX));
@@ -259,7 +307,11 @@ impl Effective {
                 path: path.clone(),
                 key: KEYS.iter().find(|k| **k == key).copied().unwrap_or(e.field),
                 value: e.value.clone(),
-                message: "out of range".into(),
+                message: if limits(e.field).is_some() {
+                    "out of range".into()
+                } else {
+                    "invalid".into()
+                },
                 allowed: e
                     .allowed
                     .strip_prefix("must be ")
@@ -272,10 +324,12 @@ impl Effective {
 
     /// The configuration as a TOML config file, with a comment line per key saying
     /// where its value came from (`# key: flag|env|file|default`). Loading the output
-    /// with `--config` gives the same configuration.
+    /// with `--config` gives the same configuration, except for token values
+    /// ([`SECRET_KEYS`]): those are shown as `<redacted>` in a comment, never printed.
     pub fn to_toml(&self) -> String {
         let c = &self.config;
         let s = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| s(&p.to_string_lossy()));
         let values: [Option<String>; KEYS.len()] = [
             Some(s(&c.listen.to_string())),
             Some(s(&c.data_dir.to_string_lossy())),
@@ -289,6 +343,17 @@ impl Effective {
             Some(c.max_branches.to_string()),
             Some(c.one_phase.to_string()),
             c.metrics_listen.map(|m| s(&m.to_string())),
+            path(&c.tls_cert),
+            path(&c.tls_key),
+            path(&c.tls_client_ca),
+            path(&c.participant_ca),
+            path(&c.participant_cert),
+            path(&c.participant_key),
+            // Secrets are never printed; see below.
+            c.client_token.as_ref().map(|_| String::new()),
+            path(&c.client_token_file),
+            c.admin_token.as_ref().map(|_| String::new()),
+            path(&c.admin_token_file),
         ];
         let mut out = String::from(
             "# Effective configuration of `twopc serve`.\n\
@@ -301,8 +366,15 @@ impl Effective {
         for ((key, source), value) in KEYS.iter().zip(self.sources).zip(values) {
             out.push_str(&format!("\n# {key}: {source}\n"));
             match value {
+                Some(_) if SECRET_KEYS.contains(key) => out.push_str(&format!(
+                    "# {key} = <redacted> (set; never printed: give it again with the flag, \
+                     the environment or {key}_file)\n"
+                )),
                 Some(v) => out.push_str(&format!("{key} = {v}\n")),
-                None => out.push_str(&format!("# {key} is not set (not served)\n")),
+                None if *key == "metrics_listen" => {
+                    out.push_str(&format!("# {key} is not set (not served)\n"))
+                }
+                None => out.push_str(&format!("# {key} is not set\n")),
             }
         }
         out
@@ -343,6 +415,16 @@ pub fn merge(
     take!(9, max_branches, identity);
     take!(10, one_phase, identity);
     take!(11, metrics_listen, Some);
+    take!(12, tls_cert, Some);
+    take!(13, tls_key, Some);
+    take!(14, tls_client_ca, Some);
+    take!(15, participant_ca, Some);
+    take!(16, participant_cert, Some);
+    take!(17, participant_key, Some);
+    take!(18, client_token, Some);
+    take!(19, client_token_file, Some);
+    take!(20, admin_token, Some);
+    take!(21, admin_token_file, Some);
     Effective {
         config,
         sources,
@@ -441,8 +523,19 @@ mod tests {
             "--max-branches=18",
             "--one-phase=false",
             "--metrics-listen=127.0.0.1:2",
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+            "--tls-client-ca=ca.pem",
+            "--participant-ca=pca.pem",
+            "--participant-cert=pc.pem",
+            "--participant-key=pk.pem",
+            "--client-token=client-token-0123456789",
+            "--client-token-file=ct",
+            "--admin-token=admin-token-0123456789",
+            "--admin-token-file=at",
         ]);
-        let eff = resolve(&args, &matches).expect("valid");
+        // A token and its file together are refused; every key still came from a flag.
+        let eff = merge(&args.config, |key| explicit_source(&matches, key), None);
         assert_eq!(eff.sources, [Source::Flag; KEYS.len()]);
     }
 
@@ -514,6 +607,150 @@ mod tests {
         );
         assert_eq!(eff.source("max_branches"), Some(Source::Default));
         assert_eq!(eff.file.as_deref(), Some(file.as_path()));
+    }
+
+    /// Resolves `argv` (with `env`), expecting an error that mentions every needle.
+    fn refused(argv: &[&str], env: &[(&str, &str)], needles: &[&str]) -> String {
+        let (args, matches) = parse_env(argv, env);
+        let msg = resolve(&args, &matches)
+            .expect_err(&format!("{argv:?} must be refused"))
+            .to_string();
+        for n in needles {
+            assert!(msg.contains(n), "{argv:?}: {msg:?} lacks {n:?}");
+        }
+        msg
+    }
+
+    #[test]
+    fn config_tls_files_come_in_pairs_and_need_what_they_extend() {
+        refused(&["--tls-cert=c.pem"], &[], &["tls-key", "both or neither"]);
+        refused(&["--tls-key=k.pem"], &[], &["tls-cert", "both or neither"]);
+        refused(
+            &["--tls-client-ca=ca.pem"],
+            &[],
+            &["tls-client-ca", "--tls-cert"],
+        );
+        refused(
+            &["--participant-cert=c.pem", "--participant-ca=ca.pem"],
+            &[],
+            &["participant-key", "both or neither"],
+        );
+        refused(
+            &["--participant-cert=c.pem", "--participant-key=k.pem"],
+            &[],
+            &["participant-cert", "--participant-ca"],
+        );
+        let file = parse_file(path(), "tls_cert = \"\"\ntls_key = \"k.pem\"\n").expect("parses");
+        let eff = merge(&ServeConfig::default(), |_| None, Some((path(), &file)));
+        let msg = eff.validate().expect_err("empty path").to_string();
+        assert!(msg.contains("tls_cert") && msg.contains("empty"), "{msg}");
+        let (args, matches) = parse(&[
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+            "--tls-client-ca=ca.pem",
+            "--participant-ca=pca.pem",
+        ]);
+        let eff = resolve(&args, &matches).expect("a consistent TLS set-up");
+        assert_eq!(eff.config.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(eff.config.participant_cert, None);
+    }
+
+    #[test]
+    fn config_tokens_are_checked_and_never_shown() {
+        let weak = refused(&["--client-token=short"], &[], &["client-token", "16"]);
+        assert!(!weak.contains("short"), "{weak}");
+        refused(
+            &["--admin-token=has a space 0123456789"],
+            &[],
+            &["admin-token", "visible ASCII"],
+        );
+        refused(
+            &[
+                "--client-token=client-token-0123456789",
+                "--client-token-file=t",
+            ],
+            &[],
+            &["client-token-file", "not both"],
+        );
+        let same = refused(
+            &[
+                "--client-token=same-token-0123456789",
+                "--admin-token=same-token-0123456789",
+            ],
+            &[],
+            &["admin-token", "differ"],
+        );
+        assert!(!same.contains("same-token"), "{same}");
+        // From the environment, and not printed by --print-config or Debug.
+        let (args, matches) = parse_env(
+            &[],
+            &[
+                ("client_token", "client-token-from-env-0123"),
+                ("admin_token_file", "/run/secrets/admin"),
+            ],
+        );
+        let eff = resolve(&args, &matches).expect("valid");
+        assert_eq!(eff.source("client_token"), Some(Source::Env));
+        assert_eq!(
+            eff.config.client_token.as_ref().map(Secret::expose),
+            Some("client-token-from-env-0123")
+        );
+        let text = eff.to_toml();
+        assert!(!text.contains("client-token-from-env"), "{text}");
+        assert!(text.contains("# client_token = <redacted>"), "{text}");
+        assert!(
+            text.contains("admin_token_file = \"/run/secrets/admin\""),
+            "{text}"
+        );
+        assert!(text.contains("# admin_token is not set"), "{text}");
+        assert!(!format!("{:?}", eff.config).contains("client-token-from-env"));
+    }
+
+    #[test]
+    fn config_security_keys_from_the_file_lose_to_flags_and_env() {
+        let file = parse_file(
+            path(),
+            "tls_cert = \"file-cert.pem\"\ntls_key = \"file-key.pem\"\n\
+             participant_ca = \"file-ca.pem\"\nadmin_token = \"admin-token-from-file-01\"\n\
+             client_token_file = \"/etc/twopc/client-token\"\n",
+        )
+        .expect("valid file");
+        let cli = ServeConfig {
+            tls_cert: Some(PathBuf::from("flag-cert.pem")),
+            participant_ca: Some(PathBuf::from("env-ca.pem")),
+            ..ServeConfig::default()
+        };
+        let explicit = |key: &str| match key {
+            "tls_cert" => Some(Source::Flag),
+            "participant_ca" => Some(Source::Env),
+            _ => None,
+        };
+        let eff = merge(&cli, explicit, Some((path(), &file)));
+        assert_eq!(eff.config.tls_cert, Some(PathBuf::from("flag-cert.pem")));
+        assert_eq!(eff.config.tls_key, Some(PathBuf::from("file-key.pem")));
+        assert_eq!(eff.source("tls_key"), Some(Source::File));
+        assert_eq!(eff.config.participant_ca, Some(PathBuf::from("env-ca.pem")));
+        assert_eq!(
+            eff.config.admin_token,
+            Some(Secret::new("admin-token-from-file-01"))
+        );
+        assert_eq!(
+            eff.config.client_token_file,
+            Some(PathBuf::from("/etc/twopc/client-token"))
+        );
+        eff.validate().expect("valid");
+        // A bad token from the file is reported against the file and key, redacted.
+        let file = parse_file(path(), "admin_token = \"weak\"\n").expect("valid type");
+        let eff = merge(&ServeConfig::default(), |_| None, Some((path(), &file)));
+        let msg = eff.validate().expect_err("weak token").to_string();
+        assert!(
+            msg.contains("twopc.toml") && msg.contains("admin_token"),
+            "{msg}"
+        );
+        assert!(!msg.contains("weak"), "{msg}");
+        // Wrong type: names the key and what is allowed.
+        let err = parse_file(path(), "tls_cert = 5\n").expect_err("wrong type");
+        assert!(err.to_string().contains("a path string"), "{err}");
     }
 
     #[test]

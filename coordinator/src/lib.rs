@@ -19,17 +19,22 @@
 //! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
 //!   reflection.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
+//! - [`auth`]: bearer tokens of the Coordinator and Admin services, checked before any
+//!   handler runs; [`tls`]: certificates of the gRPC port and towards participants.
 //!
 //! The split keeps every decision in [`engine`] and every side effect in [`runtime`]: the
 //! same engine runs under the real server, in unit tests and inside the model checker.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod exchange;
 pub mod log;
 pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod transport;
 pub mod types;

@@ -9,6 +9,13 @@
 //! NOT_SERVING, schedule recovery of every unfinished transaction, report SERVING, serve.
 //! With `--metrics-listen`, Prometheus metrics ([`crate::metrics`]) are served on a port
 //! of their own from the moment the runtime exists (before recovery).
+//!
+//! Security (`docs/security.md`): `--tls-cert`/`--tls-key` serve the gRPC port over TLS
+//! ([`crate::tls`]), `--tls-client-ca` requires client certificates, `--participant-ca`
+//! (with `--participant-cert`/`--participant-key`) dials participants over (mutual) TLS,
+//! and `--client-token`/`--admin-token` guard the Coordinator and Admin services
+//! ([`crate::auth`]). Every certificate, key and token file is read and checked by
+//! [`Security::load`] before the server starts.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,15 +26,19 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tracing::info;
+use tracing::{info, warn};
 use twopc_proto::v1::admin_server::AdminServer;
 use twopc_proto::v1::coordinator_server::CoordinatorServer;
 
 use crate::admin::AdminService;
+use crate::auth::{
+    check_token, read_token_file, Api, AuthInterceptor, Secret, TokenFileError, Tokens,
+};
 use crate::engine::EngineConfig;
 use crate::log::{DecisionLog, LogError, SledLog, SledLogOptions};
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::service::CoordinatorService;
+use crate::tls::{TlsFileError, TlsSettings};
 use crate::transport::{GrpcTransport, GrpcTransportOptions};
 
 /// The gRPC service name health reports on (besides the overall "" entry).
@@ -72,6 +83,51 @@ pub struct ServeConfig {
     /// Address of the Prometheus `GET /metrics` endpoint (HTTP); not served unless given.
     #[arg(long, env = "TWOPC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM) of the gRPC port. With --tls-key, every service on
+    /// --listen (Coordinator, Admin, health, reflection) is served over TLS only.
+    #[arg(long, env = "TWOPC_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "TWOPC_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): clients must present a certificate signed by it (mutual
+    /// TLS on --listen). Needs --tls-cert.
+    #[arg(long, env = "TWOPC_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// CA certificate(s) (PEM) participants' server certificates must be signed by. When
+    /// set, participants are dialed over TLS (`http://` endpoints as `https://`).
+    #[arg(long, env = "TWOPC_PARTICIPANT_CA", value_name = "FILE")]
+    pub participant_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to participants that require one (mutual TLS).
+    /// Needs --participant-key and --participant-ca.
+    #[arg(long, env = "TWOPC_PARTICIPANT_CERT", value_name = "FILE")]
+    pub participant_cert: Option<PathBuf>,
+    /// Private key (PEM) of --participant-cert.
+    #[arg(long, env = "TWOPC_PARTICIPANT_KEY", value_name = "FILE")]
+    pub participant_key: Option<PathBuf>,
+    /// Bearer token the Coordinator API requires (the admin token is accepted too). Not
+    /// set: that API is open. Prefer --client-token-file or the environment to argv.
+    #[arg(
+        long,
+        env = "TWOPC_CLIENT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub client_token: Option<Secret>,
+    /// File holding the client token (surrounding whitespace ignored).
+    #[arg(long, env = "TWOPC_CLIENT_TOKEN_FILE", value_name = "FILE")]
+    pub client_token_file: Option<PathBuf>,
+    /// Bearer token the Admin API (`twopc tx`) requires. Not set: that API is open.
+    #[arg(
+        long,
+        env = "TWOPC_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<Secret>,
+    /// File holding the admin token (surrounding whitespace ignored).
+    #[arg(long, env = "TWOPC_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -90,6 +146,16 @@ impl Default for ServeConfig {
             max_branches: e.max_branches,
             one_phase: e.one_phase,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            participant_ca: None,
+            participant_cert: None,
+            participant_key: None,
+            client_token: None,
+            client_token_file: None,
+            admin_token: None,
+            admin_token_file: None,
         }
     }
 }
@@ -178,6 +244,112 @@ impl ServeConfig {
                 allowed: "must not be empty".into(),
             });
         }
+        self.validate_security()
+    }
+
+    /// The TLS and token fields: pairs given together, what needs what, token forms.
+    /// Reads no file ([`Security::load`] does).
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        fn shown(p: &Option<PathBuf>) -> String {
+            p.as_ref()
+                .map_or_else(|| "(not set)".into(), |p| p.display().to_string())
+        }
+        fn empty(field: &'static str, p: &Option<PathBuf>) -> Result<(), ConfigError> {
+            match p {
+                Some(p) if p.as_os_str().is_empty() => Err(ConfigError {
+                    field,
+                    value: String::new(),
+                    allowed: "must be a file name, not empty".into(),
+                }),
+                _ => Ok(()),
+            }
+        }
+        empty("tls-cert", &self.tls_cert)?;
+        empty("tls-key", &self.tls_key)?;
+        empty("tls-client-ca", &self.tls_client_ca)?;
+        empty("participant-ca", &self.participant_ca)?;
+        empty("participant-cert", &self.participant_cert)?;
+        empty("participant-key", &self.participant_key)?;
+        empty("client-token-file", &self.client_token_file)?;
+        empty("admin-token-file", &self.admin_token_file)?;
+        let pair = |a: &'static str,
+                    pa: &Option<PathBuf>,
+                    b: &'static str,
+                    pb: &Option<PathBuf>|
+         -> Result<(), ConfigError> {
+            match (pa, pb) {
+                (Some(_), None) => Err(ConfigError {
+                    field: b,
+                    value: shown(pb),
+                    allowed: format!("must be given with --{a} (both or neither)"),
+                }),
+                (None, Some(_)) => Err(ConfigError {
+                    field: a,
+                    value: shown(pa),
+                    allowed: format!("must be given with --{b} (both or neither)"),
+                }),
+                _ => Ok(()),
+            }
+        };
+        pair("tls-cert", &self.tls_cert, "tls-key", &self.tls_key)?;
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError {
+                field: "tls-client-ca",
+                value: shown(&self.tls_client_ca),
+                allowed: "needs --tls-cert and --tls-key (client certificates are a TLS \
+                          feature)"
+                    .into(),
+            });
+        }
+        pair(
+            "participant-cert",
+            &self.participant_cert,
+            "participant-key",
+            &self.participant_key,
+        )?;
+        if self.participant_cert.is_some() && self.participant_ca.is_none() {
+            return Err(ConfigError {
+                field: "participant-cert",
+                value: shown(&self.participant_cert),
+                allowed: "needs --participant-ca (the CA that signed the participants' \
+                          certificates)"
+                    .into(),
+            });
+        }
+        for (field, token, file_field, file) in [
+            (
+                "client-token",
+                &self.client_token,
+                "client-token-file",
+                &self.client_token_file,
+            ),
+            (
+                "admin-token",
+                &self.admin_token,
+                "admin-token-file",
+                &self.admin_token_file,
+            ),
+        ] {
+            if token.is_some() && file.is_some() {
+                return Err(ConfigError {
+                    field: file_field,
+                    value: shown(file),
+                    allowed: format!("give --{field} or --{file_field}, not both"),
+                });
+            }
+            if let Some(t) = token {
+                check_token(field, t)?;
+            }
+        }
+        if let (Some(c), Some(a)) = (&self.client_token, &self.admin_token) {
+            if c == a {
+                return Err(ConfigError {
+                    field: "admin-token",
+                    value: "<redacted>".into(),
+                    allowed: "must differ from --client-token".into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -195,12 +367,63 @@ impl ServeConfig {
     }
 }
 
+/// The security settings of a [`ServeConfig`], every file read and checked: TLS of the
+/// port and towards participants, and the tokens in force.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// Certificates and keys.
+    pub tls: TlsSettings,
+    /// Tokens (from the flags, the environment, the config file or token files).
+    pub tokens: Tokens,
+}
+
+impl Security {
+    /// Validates `cfg`, then reads its certificate, key and token files. Errors name the
+    /// flag and the file.
+    pub fn load(cfg: &ServeConfig) -> Result<Security, ServeError> {
+        cfg.validate()?;
+        let tls = TlsSettings::load(cfg)?;
+        let token = |t: &Option<Secret>, flag, file: &Option<PathBuf>| match (t, file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(path)) => read_token_file(flag, path).map(Some),
+            (None, None) => Ok(None),
+        };
+        let tokens = Tokens {
+            client: token(
+                &cfg.client_token,
+                "--client-token-file",
+                &cfg.client_token_file,
+            )?,
+            admin: token(
+                &cfg.admin_token,
+                "--admin-token-file",
+                &cfg.admin_token_file,
+            )?,
+        };
+        if tokens.client.is_some() && tokens.client == tokens.admin {
+            return Err(ConfigError {
+                field: "admin-token",
+                value: "<redacted>".into(),
+                allowed: "must differ from the client token".into(),
+            }
+            .into());
+        }
+        Ok(Security { tls, tokens })
+    }
+}
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A certificate or key file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
+    /// A token file cannot be used.
+    #[error(transparent)]
+    Token(#[from] TokenFileError),
     /// The decision log could not be opened or read.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -270,11 +493,14 @@ pub async fn run_with_listeners<L: DecisionLog>(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    cfg.validate()?;
-    let transport = GrpcTransport::new(GrpcTransportOptions {
+    let security = Security::load(&cfg)?;
+    let mut transport = GrpcTransport::new(GrpcTransportOptions {
         connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
         rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
     });
+    if let Some(tls) = security.tls.participants.clone() {
+        transport = transport.with_tls(tls);
+    }
     let opts = RuntimeOptions {
         engine: cfg.engine(),
         commit_wait: Duration::from_millis(cfg.commit_wait_ms),
@@ -323,17 +549,49 @@ pub async fn run_with_listeners<L: DecisionLog>(
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    let tokens = Arc::new(security.tokens);
+    if tokens.client.is_some() && tokens.admin.is_none() {
+        warn!(
+            "--client-token is set but --admin-token is not: the Admin API (list, show, \
+             resolve) is open to anyone who can reach the port"
+        );
+    }
+    let (stop_streams, stopping) = tokio::sync::watch::channel(false);
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = security.tls.server {
+        builder = builder.tls_config(tls)?;
+    }
     let addr = listener.local_addr().ok();
-    info!(?addr, "serving");
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    info!(
+        ?addr,
+        tls = cfg.tls_cert.is_some(),
+        client_certificates = cfg.tls_client_ca.is_some(),
+        participant_tls = cfg.participant_ca.is_some(),
+        client_token = tokens.client.is_some(),
+        admin_token = tokens.admin.is_some(),
+        "serving"
+    );
+    // Health and reflection stay open (load balancers probe them); the two APIs check
+    // their tokens before any handler runs.
+    builder
         .add_service(health)
         .add_service(reflection)
-        .add_service(AdminServer::new(AdminService::new(rt.clone())))
-        .add_service(CoordinatorServer::new(CoordinatorService::new(rt)))
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(rt.clone()),
+            AuthInterceptor::new(tokens.clone(), Api::Admin),
+        ))
+        .add_service(CoordinatorServer::with_interceptor(
+            CoordinatorService::new(rt).with_shutdown(stopping),
+            AuthInterceptor::new(tokens, Api::Client),
+        ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            async move {
+                shutdown.await;
+                // Long-lived Pipeline streams end now; the server then waits only for
+                // the calls already running.
+                let _ = stop_streams.send(true);
+            },
         )
         .await?;
     info!("server stopped");

@@ -2,12 +2,16 @@
 //!
 //! Handlers validate everything they receive before the engine sees it, convert between
 //! wire and engine types, and open a tracing span carrying the `tx_id`. [`status_of`] is
-//! the only place an error becomes a `tonic::Status`.
+//! the only place an error becomes a `tonic::Status`. `Pipeline` runs each call of its
+//! stream through the same handler as the call's unary twin.
 
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
+use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 
 use crate::engine::{BranchState, Outcome, TxError, TxState};
@@ -26,12 +30,23 @@ pub const MAX_LIST_LIMIT: u32 = 10_000;
 /// The gRPC face of a [`Runtime`].
 pub struct CoordinatorService<L: DecisionLog, T: Transport> {
     rt: Runtime<L, T>,
+    /// Turns true when the server shuts down: open `Pipeline` streams then end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl<L: DecisionLog, T: Transport> CoordinatorService<L, T> {
     /// Serves `rt`.
     pub fn new(rt: Runtime<L, T>) -> Self {
-        CoordinatorService { rt }
+        // A sender that is never used: streams end only with their client.
+        let (_, stopping) = watch::channel(false);
+        CoordinatorService { rt, stopping }
+    }
+
+    /// Ends every open `Pipeline` stream (after its running calls) once `stopping` turns
+    /// true, so a graceful shutdown does not wait for clients to close them.
+    pub fn with_shutdown(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 }
 
@@ -151,6 +166,120 @@ fn view_to_pb(v: TxView) -> pb::GetTransactionResponse {
     }
 }
 
+async fn begin<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::BeginRequest,
+) -> Result<pb::BeginResponse, Status> {
+    let branches = req
+        .branches
+        .into_iter()
+        .map(branch_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
+    let tx = rt
+        .begin(req.timeout_ms, branches)
+        .await
+        .map_err(status_of)?;
+    tracing::debug!(tx_id = %tx, "begun");
+    Ok(pb::BeginResponse {
+        tx_id: tx.to_string(),
+    })
+}
+
+async fn enlist<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::EnlistRequest,
+) -> Result<pb::EnlistResponse, Status> {
+    let tx = parse_tx(&req.tx_id)?;
+    let branch = req
+        .branch
+        .ok_or_else(|| Status::invalid_argument("branch is missing"))?;
+    let branch = branch_from_pb(branch)?;
+    let span = info_span!("enlist", tx_id = %tx, branch_id = %branch.branch_id);
+    rt.enlist(tx, branch)
+        .instrument(span)
+        .await
+        .map_err(status_of)?;
+    Ok(pb::EnlistResponse {})
+}
+
+async fn commit<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::CommitRequest,
+) -> Result<pb::CommitResponse, Status> {
+    let tx = parse_tx(&req.tx_id)?;
+    if req.phase_two_wait_ms > MAX_COMMIT_WAIT_MS {
+        return Err(Status::invalid_argument(format!(
+            "phase_two_wait_ms is {}; at most {MAX_COMMIT_WAIT_MS} is allowed",
+            req.phase_two_wait_ms
+        )));
+    }
+    let wait = if req.no_wait {
+        Some(Duration::ZERO)
+    } else if req.phase_two_wait_ms > 0 {
+        Some(Duration::from_millis(req.phase_two_wait_ms))
+    } else {
+        None
+    };
+    let span = info_span!("commit", tx_id = %tx);
+    let res = rt
+        .commit(tx, wait)
+        .instrument(span)
+        .await
+        .map_err(status_of)?;
+    Ok(pb::CommitResponse {
+        outcome: pb::Outcome::Committed as i32,
+        pending_branches: res.pending,
+    })
+}
+
+async fn abort<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::AbortRequest,
+) -> Result<pb::AbortResponse, Status> {
+    let tx = parse_tx(&req.tx_id)?;
+    if req.reason.len() > MAX_REASON_LEN {
+        return Err(Status::invalid_argument(format!(
+            "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
+            req.reason.len()
+        )));
+    }
+    let span = info_span!("abort", tx_id = %tx);
+    rt.abort(tx, req.reason)
+        .instrument(span)
+        .await
+        .map_err(status_of)?;
+    Ok(pb::AbortResponse {
+        outcome: pb::Outcome::Aborted as i32,
+    })
+}
+
+/// Runs one call of a Pipeline stream exactly as its unary twin would run.
+async fn pipeline_call<L: DecisionLog, T: Transport>(
+    rt: Runtime<L, T>,
+    call: pb::ClientCall,
+) -> pb::ClientResult {
+    use pb::client_call::Call;
+    use pb::client_result::Result as R;
+    let result = match call.call {
+        Some(Call::Begin(req)) => begin(&rt, req).await.map(R::Begin),
+        Some(Call::Enlist(req)) => enlist(&rt, req).await.map(R::Enlist),
+        Some(Call::Commit(req)) => commit(&rt, req).await.map(R::Commit),
+        Some(Call::Abort(req)) => abort(&rt, req).await.map(R::Abort),
+        None => Err(Status::invalid_argument(
+            "call is missing: set one of begin, enlist, commit, abort",
+        )),
+    };
+    pb::ClientResult {
+        call_id: call.call_id,
+        result: Some(result.unwrap_or_else(|s| {
+            R::Error(pb::CallError {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            })
+        })),
+    }
+}
+
 #[tonic::async_trait]
 impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
     for CoordinatorService<L, T>
@@ -159,95 +288,56 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
         &self,
         request: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
-        let req = request.into_inner();
-        let branches = req
-            .branches
-            .into_iter()
-            .map(branch_from_pb)
-            .collect::<Result<Vec<_>, _>>()?;
-        let tx = self
-            .rt
-            .begin(req.timeout_ms, branches)
+        begin(&self.rt, request.into_inner())
             .await
-            .map_err(status_of)?;
-        tracing::debug!(tx_id = %tx, "begun");
-        Ok(Response::new(pb::BeginResponse {
-            tx_id: tx.to_string(),
-        }))
+            .map(Response::new)
     }
 
     async fn enlist(
         &self,
         request: Request<pb::EnlistRequest>,
     ) -> Result<Response<pb::EnlistResponse>, Status> {
-        let req = request.into_inner();
-        let tx = parse_tx(&req.tx_id)?;
-        let branch = req
-            .branch
-            .ok_or_else(|| Status::invalid_argument("branch is missing"))?;
-        let branch = branch_from_pb(branch)?;
-        let span = info_span!("enlist", tx_id = %tx, branch_id = %branch.branch_id);
-        self.rt
-            .enlist(tx, branch)
-            .instrument(span)
+        enlist(&self.rt, request.into_inner())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(pb::EnlistResponse {}))
+            .map(Response::new)
     }
 
     async fn commit(
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let req = request.into_inner();
-        let tx = parse_tx(&req.tx_id)?;
-        if req.phase_two_wait_ms > MAX_COMMIT_WAIT_MS {
-            return Err(Status::invalid_argument(format!(
-                "phase_two_wait_ms is {}; at most {MAX_COMMIT_WAIT_MS} is allowed",
-                req.phase_two_wait_ms
-            )));
-        }
-        let wait = if req.no_wait {
-            Some(Duration::ZERO)
-        } else if req.phase_two_wait_ms > 0 {
-            Some(Duration::from_millis(req.phase_two_wait_ms))
-        } else {
-            None
-        };
-        let span = info_span!("commit", tx_id = %tx);
-        let res = self
-            .rt
-            .commit(tx, wait)
-            .instrument(span)
+        commit(&self.rt, request.into_inner())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(pb::CommitResponse {
-            outcome: pb::Outcome::Committed as i32,
-            pending_branches: res.pending,
-        }))
+            .map(Response::new)
     }
 
     async fn abort(
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
-        let req = request.into_inner();
-        let tx = parse_tx(&req.tx_id)?;
-        if req.reason.len() > MAX_REASON_LEN {
-            return Err(Status::invalid_argument(format!(
-                "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
-                req.reason.len()
-            )));
-        }
-        let span = info_span!("abort", tx_id = %tx);
-        self.rt
-            .abort(tx, req.reason)
-            .instrument(span)
+        abort(&self.rt, request.into_inner())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(pb::AbortResponse {
-            outcome: pb::Outcome::Aborted as i32,
-        }))
+            .map(Response::new)
+    }
+
+    type PipelineStream = mux::OutboundStream<Result<pb::PipelineResponse, Status>>;
+
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<pb::PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let rt = self.rt.clone();
+        let mut stopping = self.stopping.clone();
+        Ok(Response::new(mux::serve(
+            request.into_inner(),
+            move |call: pb::ClientCall| pipeline_call(rt.clone(), call),
+            async move {
+                // An error means the sender is gone: the server is not stopping.
+                if stopping.wait_for(|s| *s).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        )))
     }
 
     async fn get_transaction(

@@ -5,17 +5,25 @@
 //! engine's own types, so tests and simulations can substitute an in-process transport.
 //! [`GrpcTransport`] keeps one lazily connected tonic channel per endpoint (HTTP/2
 //! multiplexes every transaction's messages over it) and bounds every call by a timeout.
+//! With [`GrpcTransport::with_tls`] every participant is dialed over (mutual) TLS.
+//!
+//! Calls go over the participant's batched stream ([`crate::exchange`]) when it serves
+//! one, and as unary calls otherwise (or always, with [`GrpcTransport::unary_only`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use twopc_proto::mux::CallError;
 use twopc_proto::v1 as pb;
+use twopc_proto::v1::participant_call::Call;
 use twopc_proto::v1::participant_client::ParticipantClient;
+use twopc_proto::v1::participant_result::Result as CallResult;
 
 use crate::engine::{CommitAck, RpcResult, Vote};
+use crate::exchange::Exchanges;
 use crate::types::TxId;
 
 /// Sends protocol messages to participants. Every call is one attempt: retries are the
@@ -61,6 +69,12 @@ pub struct GrpcTransport {
     /// Channels by endpoint. A tonic `Channel` is cheap to clone and reconnects by itself,
     /// so one per participant is enough for any number of concurrent transactions.
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// TLS towards participants (`--participant-ca`): when set, every endpoint is dialed
+    /// over TLS, `http://` ones as `https://`, so an enlisted plaintext URL cannot turn
+    /// the connection into plaintext.
+    tls: Option<ClientTlsConfig>,
+    /// Batched streams by endpoint; `None` with [`GrpcTransport::unary_only`].
+    exchanges: Option<Exchanges>,
 }
 
 impl GrpcTransport {
@@ -69,34 +83,95 @@ impl GrpcTransport {
         GrpcTransport {
             opts,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            tls: None,
+            exchanges: Some(Exchanges::default()),
         }
     }
 
-    fn client(&self, endpoint: &str) -> RpcResult<ParticipantClient<Channel>> {
+    /// Never uses the batched stream: one unary call per message (for comparison, and for
+    /// networks whose proxies cut long-lived streams).
+    pub fn unary_only(mut self) -> Self {
+        self.exchanges = None;
+        self
+    }
+
+    /// Dials every participant over TLS with `tls` (trust roots, and the client identity
+    /// for participants that require one).
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    fn channel(&self, endpoint: &str) -> RpcResult<Channel> {
         let mut channels = self
             .channels
             .lock()
             .map_err(|_| "transport lock poisoned".to_string())?;
         if let Some(ch) = channels.get(endpoint) {
-            return Ok(ParticipantClient::new(ch.clone()));
+            return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad participant endpoint {endpoint:?}: {e}"))?
+        let mut ep = match (&self.tls, endpoint.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => Endpoint::from_shared(format!("https://{rest}")),
+            _ => Endpoint::from_shared(endpoint.to_string()),
+        }
+        .map_err(|e| format!("bad participant endpoint {endpoint:?}: {e}"))?;
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS towards {endpoint:?}: {e}"))?;
+        }
+        let ch = ep
             .connect_timeout(self.opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(endpoint.to_string(), ch.clone());
-        Ok(ParticipantClient::new(ch))
+        Ok(ch)
     }
 
-    async fn call<T, F, Fut>(&self, endpoint: &str, f: F) -> RpcResult<T>
+    /// One call: over the batched stream as `streamed` (its result taken apart by
+    /// `unpack`) when the participant serves one, else as the unary call `f`.
+    async fn call<T, F, Fut>(
+        &self,
+        endpoint: &str,
+        streamed: Call,
+        unpack: fn(CallResult) -> Option<T>,
+        f: F,
+    ) -> RpcResult<T>
     where
         F: FnOnce(ParticipantClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let client = self.client(endpoint)?;
+        let channel = self.channel(endpoint)?;
+        if let Some(exchanges) = &self.exchanges {
+            let timeout = self.opts.rpc_timeout;
+            match exchanges.call(endpoint, &channel, streamed, timeout).await {
+                Ok(CallResult::Error(e)) => {
+                    return Err(format!(
+                        "{endpoint}: {}: {}",
+                        tonic::Code::from(e.code),
+                        e.message
+                    ))
+                }
+                Ok(r) => {
+                    return unpack(r).ok_or_else(|| {
+                        format!("{endpoint}: participant answered with another call's result")
+                    })
+                }
+                Err(CallError::Unsupported) => {}
+                Err(CallError::Timeout) => {
+                    return Err(format!(
+                        "{endpoint}: no answer within {} ms",
+                        timeout.as_millis()
+                    ))
+                }
+                Err(e @ (CallError::Transport(_) | CallError::Refused(_))) => {
+                    return Err(format!("{endpoint}: {e}"))
+                }
+            }
+        }
+        let client = ParticipantClient::new(channel);
         match tokio::time::timeout(self.opts.rpc_timeout, f(client)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(format!(
@@ -119,7 +194,15 @@ impl Transport for GrpcTransport {
             branch_id: branch_id.to_string(),
         };
         let resp = self
-            .call(endpoint, |mut c| async move { c.prepare(req).await })
+            .call(
+                endpoint,
+                Call::Prepare(req.clone()),
+                |r| match r {
+                    CallResult::Prepare(v) => Some(v),
+                    _ => None,
+                },
+                |mut c| async move { c.prepare(req).await },
+            )
             .await?;
         match pb::Vote::try_from(resp.vote) {
             Ok(pb::Vote::Yes) => Ok(Vote::Yes),
@@ -146,7 +229,15 @@ impl Transport for GrpcTransport {
             one_phase,
         };
         let resp = self
-            .call(endpoint, |mut c| async move { c.commit(req).await })
+            .call(
+                endpoint,
+                Call::Commit(req.clone()),
+                |r| match r {
+                    CallResult::Commit(v) => Some(v),
+                    _ => None,
+                },
+                |mut c| async move { c.commit(req).await },
+            )
             .await?;
         if resp.committed {
             Ok(CommitAck::Committed)
@@ -166,8 +257,16 @@ impl Transport for GrpcTransport {
             tx_id: tx.to_string(),
             branch_id: branch_id.to_string(),
         };
-        self.call(endpoint, |mut c| async move { c.abort(req).await })
-            .await
-            .map(|_| ())
+        self.call(
+            endpoint,
+            Call::Abort(req.clone()),
+            |r| match r {
+                CallResult::Abort(v) => Some(v),
+                _ => None,
+            },
+            |mut c| async move { c.abort(req).await },
+        )
+        .await
+        .map(|_| ())
     }
 }

@@ -4,6 +4,16 @@
 //! server (the endpoint every branch of this service is enlisted with) and the recovery
 //! loop. Resources are registered once ([`TwoPc::register`]); a [`Transaction`] enlists a
 //! resource the first time it is used in it, under the branch id `<service>:<resource>`.
+//!
+//! # Security
+//!
+//! Against a coordinator started with TLS and tokens (`docs/security.md`), the builder
+//! takes the coordinator's CA ([`TwoPcBuilder::coordinator_ca`]; the URL is then dialed
+//! as `https://`), an optional client certificate for mutual TLS
+//! ([`TwoPcBuilder::coordinator_identity`]) and the bearer token sent on every call,
+//! recovery's included ([`TwoPcBuilder::token`]). The embedded participant server can
+//! serve TLS ([`TwoPcBuilder::participant_tls`]) and require the coordinator's client
+//! certificate ([`TwoPcBuilder::participant_client_ca`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -13,7 +23,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
+use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
@@ -33,8 +49,68 @@ pub(crate) fn commit_order(kind: BranchKind) -> u32 {
     }
 }
 
+/// Adds `authorization: Bearer <token>` to every call it intercepts (nothing without a
+/// token). The coordinator checks it before the call reaches any handler.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// An interceptor sending `token` (`None`: sends nothing). Fails when the token is
+    /// empty or is not visible ASCII (it travels as a header).
+    pub fn new(token: Option<&str>) -> Result<BearerToken> {
+        let Some(token) = token else {
+            return Ok(BearerToken(None));
+        };
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Usage(
+                "the bearer token must be visible ASCII characters, without spaces".into(),
+            ));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Usage("the bearer token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(<redacted>)"
+        } else {
+            "BearerToken(none)"
+        })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The channel of [`TwoPc::coordinator`]: a tonic [`Channel`] that stamps the bearer
+/// token (if any) on every call.
+pub type CoordinatorChannel = InterceptedService<Channel, BearerToken>;
+
+/// A PEM certificate/key pair, kept out of `Debug` output.
+#[derive(Clone)]
+struct KeyPairPem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
 /// Settings of a [`TwoPc`] handle.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TwoPcBuilder {
     coordinator: String,
     service: String,
@@ -43,6 +119,41 @@ pub struct TwoPcBuilder {
     data_dir: Option<PathBuf>,
     recovery_interval: Duration,
     commit_wait: Option<Duration>,
+    /// CA (PEM) of the coordinator's certificate: dial it over TLS.
+    coordinator_ca: Option<Vec<u8>>,
+    /// Client certificate for a coordinator that requires one (mutual TLS).
+    coordinator_identity: Option<KeyPairPem>,
+    /// Name to verify the coordinator's certificate against, instead of the URL's host.
+    coordinator_domain: Option<String>,
+    /// Bearer token of every call to the coordinator.
+    token: Option<String>,
+    /// Certificate of the embedded participant server: serve TLS.
+    participant_tls: Option<KeyPairPem>,
+    /// CA (PEM) the coordinator's client certificate must be signed by (mutual TLS).
+    participant_client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TwoPcBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwoPcBuilder")
+            .field("coordinator", &self.coordinator)
+            .field("service", &self.service)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("data_dir", &self.data_dir)
+            .field("recovery_interval", &self.recovery_interval)
+            .field("commit_wait", &self.commit_wait)
+            .field("coordinator_tls", &self.coordinator_ca.is_some())
+            .field("coordinator_identity", &self.coordinator_identity.is_some())
+            .field("coordinator_domain", &self.coordinator_domain)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("participant_tls", &self.participant_tls.is_some())
+            .field(
+                "participant_client_ca",
+                &self.participant_client_ca.is_some(),
+            )
+            .finish()
+    }
 }
 
 impl TwoPcBuilder {
@@ -87,18 +198,159 @@ impl TwoPcBuilder {
         self
     }
 
+    /// Dials the coordinator over TLS, trusting the CA certificate(s) in `ca_pem` (PEM).
+    /// An `http://` coordinator URL is then dialed as `https://`.
+    pub fn coordinator_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.coordinator_ca = Some(ca_pem.into());
+        self
+    }
+
+    /// The client certificate and key (PEM) presented to a coordinator that requires one
+    /// (`twopc serve --tls-client-ca`). Needs [`coordinator_ca`](Self::coordinator_ca).
+    pub fn coordinator_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.coordinator_identity = Some(KeyPairPem {
+            cert: cert_pem.into(),
+            key: key_pem.into(),
+        });
+        self
+    }
+
+    /// The name the coordinator's certificate must carry, when it differs from the host
+    /// of the coordinator URL (e.g. dialing an IP address, a certificate for a DNS name).
+    pub fn coordinator_domain(mut self, name: impl Into<String>) -> Self {
+        self.coordinator_domain = Some(name.into());
+        self
+    }
+
+    /// The bearer token sent on every call to the coordinator (`twopc serve
+    /// --client-token`), recovery's `GetTransaction` included.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Serves the embedded participant server over TLS with this certificate and key
+    /// (PEM). The default advertised endpoint becomes `https://<bound address>`; the
+    /// coordinator needs `--participant-ca` to reach it.
+    pub fn participant_tls(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.participant_tls = Some(KeyPairPem {
+            cert: cert_pem.into(),
+            key: key_pem.into(),
+        });
+        self
+    }
+
+    /// Requires callers of the participant server (the coordinator) to present a client
+    /// certificate signed by the CA in `ca_pem` (mutual TLS; the coordinator's
+    /// `--participant-cert`). Needs [`participant_tls`](Self::participant_tls).
+    pub fn participant_client_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.participant_client_ca = Some(ca_pem.into());
+        self
+    }
+
+    /// The coordinator endpoint, with TLS when configured.
+    fn coordinator_endpoint(&self) -> Result<Endpoint> {
+        let url = match (
+            &self.coordinator_ca,
+            self.coordinator.strip_prefix("http://"),
+        ) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => self.coordinator.clone(),
+        };
+        let mut endpoint = Endpoint::from_shared(url).map_err(|e| {
+            Error::Usage(format!(
+                "coordinator URL {:?} is malformed: {e}",
+                self.coordinator
+            ))
+        })?;
+        match &self.coordinator_ca {
+            Some(ca) => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some(id) = &self.coordinator_identity {
+                    tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+                }
+                if let Some(name) = &self.coordinator_domain {
+                    tls = tls.domain_name(name.clone());
+                }
+                endpoint = endpoint.tls_config(tls).map_err(|e| {
+                    Error::Usage(format!(
+                        "coordinator TLS settings (coordinator_ca / coordinator_identity): {}",
+                        error_chain(&e)
+                    ))
+                })?;
+            }
+            None if self.coordinator_identity.is_some() || self.coordinator_domain.is_some() => {
+                return Err(Error::Usage(
+                    "coordinator_identity and coordinator_domain need coordinator_ca".into(),
+                ))
+            }
+            None if self.coordinator.starts_with("https://") => {
+                return Err(Error::Usage(format!(
+                    "coordinator URL {:?} is https:// but no CA is given: call coordinator_ca",
+                    self.coordinator
+                )))
+            }
+            None => {}
+        }
+        Ok(endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true))
+    }
+
+    /// The participant server, with TLS when configured.
+    fn participant_server(&self) -> Result<Server> {
+        let server = Server::builder().tcp_nodelay(true);
+        let Some(id) = &self.participant_tls else {
+            if self.participant_client_ca.is_some() {
+                return Err(Error::Usage(
+                    "participant_client_ca needs participant_tls".into(),
+                ));
+            }
+            return Ok(server);
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(&id.cert, &id.key));
+        if let Some(ca) = &self.participant_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(ca));
+        }
+        server.tls_config(tls).map_err(|e| {
+            Error::Usage(format!(
+                "participant server TLS settings (participant_tls / participant_client_ca): {}",
+                error_chain(&e)
+            ))
+        })
+    }
+
     /// Connects to the coordinator, starts the participant server and recovery.
     pub async fn start(self) -> Result<TwoPc> {
         validate_service(&self.service)?;
-        let endpoint = Endpoint::from_shared(self.coordinator.clone())
-            .map_err(|e| {
-                Error::Usage(format!(
-                    "coordinator URL {:?} is malformed: {e}",
-                    self.coordinator
-                ))
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+        for (what, pem) in [
+            ("coordinator_ca", self.coordinator_ca.as_deref()),
+            (
+                "participant_client_ca",
+                self.participant_client_ca.as_deref(),
+            ),
+        ] {
+            // rustls skips roots it cannot parse: a CA that is no certificate would
+            // trust nothing, silently.
+            if pem.is_some_and(|p| {
+                !String::from_utf8_lossy(p).contains("-----BEGIN CERTIFICATE-----")
+            }) {
+                return Err(Error::Usage(format!(
+                    "{what}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
+                )));
+            }
+        }
+        let endpoint = self.coordinator_endpoint()?;
+        let auth = BearerToken::new(self.token.as_deref())?;
+        let server = self.participant_server()?;
         let channel = endpoint.connect_lazy();
         let listener = TcpListener::bind(self.listen).await.map_err(|e| {
             Error::Transport(format!(
@@ -109,19 +361,33 @@ impl TwoPcBuilder {
         let bound = listener
             .local_addr()
             .map_err(|e| Error::Transport(e.to_string()))?;
+        let scheme = if self.participant_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let advertised = self
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{bound}"));
+            .unwrap_or_else(|| format!("{scheme}://{bound}"));
         let registry: Registry = Arc::new(RwLock::new(HashMap::new()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let server = tokio::spawn(crate::server::serve(
+            server,
             listener,
             registry.clone(),
             stop_rx.clone(),
         ));
+        let coordinator = CoordinatorClient::with_interceptor(channel, auth);
+        let piped = coordinator.clone();
+        let open: mux::Opener<pb::PipelineRequest, pb::PipelineResponse> =
+            Arc::new(move |outbound| {
+                let mut c = piped.clone();
+                Box::pin(async move { c.pipeline(outbound).await })
+            });
         let inner = Arc::new(Inner {
-            coordinator: CoordinatorClient::new(channel),
+            pipeline: mux::Pipeline::new(open, PIPELINE_TIMEOUT),
+            coordinator,
             service: self.service,
             endpoint: advertised,
             registry,
@@ -143,6 +409,18 @@ impl TwoPcBuilder {
     }
 }
 
+/// An error and its causes on one line (tonic's own `Display` says only "transport error").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn validate_service(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 32
@@ -158,6 +436,68 @@ fn validate_service(name: &str) -> Result<()> {
     }
 }
 
+/// Longest wait for a Begin / Enlist / Abort result on the `Pipeline` stream (Commit adds
+/// the phase-two wait it asks for); the unary calls it replaces had no bound of their own
+/// beyond the connection's.
+const PIPELINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client API calls: over the pipeline, or unary when the coordinator does not serve
+/// it.
+impl Inner {
+    async fn begin(
+        &self,
+        req: pb::BeginRequest,
+    ) -> std::result::Result<pb::BeginResponse, tonic::Status> {
+        match self.pipeline.begin(req.clone()).await {
+            Err(mux::PipelineError::Unsupported) => {}
+            other => return other.map_err(pipeline_status),
+        }
+        Ok(self.coordinator.clone().begin(req).await?.into_inner())
+    }
+
+    async fn enlist(
+        &self,
+        req: pb::EnlistRequest,
+    ) -> std::result::Result<pb::EnlistResponse, tonic::Status> {
+        match self.pipeline.enlist(req.clone()).await {
+            Err(mux::PipelineError::Unsupported) => {}
+            other => return other.map_err(pipeline_status),
+        }
+        Ok(self.coordinator.clone().enlist(req).await?.into_inner())
+    }
+
+    async fn commit(
+        &self,
+        req: pb::CommitRequest,
+    ) -> std::result::Result<pb::CommitResponse, tonic::Status> {
+        match self.pipeline.commit(req.clone()).await {
+            Err(mux::PipelineError::Unsupported) => {}
+            other => return other.map_err(pipeline_status),
+        }
+        Ok(self.coordinator.clone().commit(req).await?.into_inner())
+    }
+
+    async fn abort(
+        &self,
+        req: pb::AbortRequest,
+    ) -> std::result::Result<pb::AbortResponse, tonic::Status> {
+        match self.pipeline.abort(req.clone()).await {
+            Err(mux::PipelineError::Unsupported) => {}
+            other => return other.map_err(pipeline_status),
+        }
+        Ok(self.coordinator.clone().abort(req).await?.into_inner())
+    }
+}
+
+fn pipeline_status(e: mux::PipelineError) -> tonic::Status {
+    match e {
+        mux::PipelineError::Status(s) => s,
+        mux::PipelineError::Unsupported => {
+            tonic::Status::unimplemented("the coordinator does not serve Pipeline")
+        }
+    }
+}
+
 /// The SDK handle of one service process. Cheap to clone.
 #[derive(Clone)]
 pub struct TwoPc {
@@ -165,8 +505,11 @@ pub struct TwoPc {
 }
 
 struct Inner {
-    /// Client of the coordinator's API.
-    coordinator: CoordinatorClient<Channel>,
+    /// Client of the coordinator's API (stamps the bearer token, if any).
+    coordinator: CoordinatorClient<CoordinatorChannel>,
+    /// Begin / Enlist / Commit / Abort of every transaction of this handle over one
+    /// `Pipeline` stream (unary calls against a coordinator that does not serve it).
+    pipeline: mux::Pipeline,
     /// Prefix of this service's branch ids.
     service: String,
     /// The participant endpoint branches are enlisted with.
@@ -195,6 +538,12 @@ impl TwoPc {
             data_dir: None,
             recovery_interval: Duration::from_secs(5),
             commit_wait: None,
+            coordinator_ca: None,
+            coordinator_identity: None,
+            coordinator_domain: None,
+            token: None,
+            participant_tls: None,
+            participant_client_ca: None,
         }
     }
 
@@ -218,13 +567,8 @@ impl TwoPc {
 
     /// Begins a transaction this service owns (it will commit or abort it).
     pub async fn begin(&self) -> Result<Transaction> {
-        let resp = self
-            .inner
-            .coordinator
-            .clone()
-            .begin(pb::BeginRequest::default())
-            .await?;
-        Ok(self.transaction(resp.into_inner().tx_id, true))
+        let resp = self.inner.begin(pb::BeginRequest::default()).await?;
+        Ok(self.transaction(resp.tx_id, true))
     }
 
     /// Joins a transaction another service began (its id arrived with a request, see
@@ -258,8 +602,9 @@ impl TwoPc {
         self.inner.data_dir.as_deref()
     }
 
-    /// A client of the coordinator API (for GetTransaction and friends).
-    pub fn coordinator(&self) -> CoordinatorClient<Channel> {
+    /// A client of the coordinator API (for GetTransaction and friends), with the
+    /// builder's TLS settings and token.
+    pub fn coordinator(&self) -> CoordinatorClient<CoordinatorChannel> {
         self.inner.coordinator.clone()
     }
 
@@ -350,8 +695,6 @@ impl Transaction {
         };
         self.sdk
             .inner
-            .coordinator
-            .clone()
             .enlist(pb::EnlistRequest {
                 tx_id: self.id.clone(),
                 branch: Some(branch),
@@ -383,9 +726,9 @@ impl Transaction {
                 .unwrap_or(0),
             no_wait: false,
         };
-        match self.sdk.inner.coordinator.clone().commit(req).await {
+        match self.sdk.inner.commit(req).await {
             Ok(resp) => Ok(Committed {
-                pending_branches: resp.into_inner().pending_branches,
+                pending_branches: resp.pending_branches,
             }),
             Err(s) if s.code() == tonic::Code::Aborted => {
                 Err(Error::Aborted(s.message().to_string()))
@@ -406,7 +749,57 @@ impl Transaction {
             tx_id: self.id.clone(),
             reason: reason.into(),
         };
-        self.sdk.inner.coordinator.clone().abort(req).await?;
+        self.sdk.inner.abort(req).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(r: Result<TwoPc>) -> String {
+        match r {
+            Err(Error::Usage(m)) => m,
+            Err(e) => panic!("expected a usage error, got {e:?}"),
+            Ok(_) => panic!("expected a usage error, got a started SDK"),
+        }
+    }
+
+    #[tokio::test]
+    async fn security_settings_that_cannot_work_are_refused_at_start() {
+        let b = || TwoPc::builder("http://127.0.0.1:1");
+        assert!(
+            usage(b().coordinator_identity("c", "k").start().await).contains("need coordinator_ca")
+        );
+        assert!(
+            usage(TwoPc::builder("https://127.0.0.1:1").start().await).contains("coordinator_ca")
+        );
+        assert!(usage(
+            b().participant_client_ca("-----BEGIN CERTIFICATE-----")
+                .start()
+                .await
+        )
+        .contains("needs participant_tls"));
+        assert!(usage(b().coordinator_ca("not pem").start().await).contains("coordinator_ca"));
+        assert!(usage(b().token("has space").start().await).contains("bearer token"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_sent_but_never_printed() {
+        let mut t = BearerToken::new(Some("secret-token-0123456789")).expect("valid");
+        assert!(!format!("{t:?}").contains("secret"));
+        let req = t.call(tonic::Request::new(())).expect("intercepted");
+        assert_eq!(
+            req.metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer secret-token-0123456789")
+        );
+        let mut none = BearerToken::new(None).expect("no token");
+        let req = none.call(tonic::Request::new(())).expect("intercepted");
+        assert!(req.metadata().get("authorization").is_none());
+        let b = TwoPc::builder("http://x").token("secret-token-0123456789");
+        assert!(!format!("{b:?}").contains("secret"));
     }
 }

@@ -27,7 +27,7 @@ mod server;
 pub mod staging;
 
 pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
-pub use client::{Committed, Transaction, TwoPc, TwoPcBuilder};
+pub use client::{BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder};
 pub use error::{Error, Result};
 pub use nats::NatsResource;
 pub use postgres::{PgBranch, PgResource, PreparedBranch};

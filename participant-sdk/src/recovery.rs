@@ -6,16 +6,15 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
-use crate::client::Registry;
+use crate::client::{CoordinatorChannel, Registry};
 
 /// Runs a pass now and then every `every` until `stop` turns true.
 pub(crate) async fn run_loop(
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<CoordinatorChannel>,
     registry: Registry,
     every: Duration,
     mut stop: watch::Receiver<bool>,
@@ -37,7 +36,10 @@ static PASS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 ///
 /// Resources are visited in commit-tier order (databases, then others, then brokers), the
 /// order phase two uses, so recovery too makes a row visible before its event is out.
-pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Registry) -> usize {
+pub(crate) async fn pass(
+    coordinator: &CoordinatorClient<CoordinatorChannel>,
+    registry: &Registry,
+) -> usize {
     let _serial = PASS_LOCK.lock().await;
     let mut resources: Vec<_> = match registry.read() {
         Ok(r) => r.values().cloned().collect(),
@@ -97,7 +99,7 @@ pub(crate) async fn pass(coordinator: &CoordinatorClient<Channel>, registry: &Re
 
 /// Open (never voted) branches whose transaction is over or unknown are rolled back.
 async fn abandoned(
-    coordinator: &CoordinatorClient<Channel>,
+    coordinator: &CoordinatorClient<CoordinatorChannel>,
     resources: &[std::sync::Arc<dyn crate::Resource>],
 ) -> usize {
     let mut finished = 0;

@@ -1,6 +1,7 @@
 //! The embedded participant gRPC server: routes the coordinator's Prepare / Commit / Abort
 //! to the registered [`Resource`](crate::resource::Resource) named in the branch id
-//! (`<service>:<resource>`).
+//! (`<service>:<resource>`). The same handlers serve the batched `ParticipantExchange`
+//! stream, call by call, so the two ways in behave alike (fail points included).
 //!
 //! # Fail points
 //!
@@ -22,24 +23,35 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
+use twopc_proto::mux;
 use twopc_proto::v1 as pb;
+use twopc_proto::v1::participant_exchange_server::{
+    ParticipantExchange, ParticipantExchangeServer,
+};
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
 use crate::client::Registry;
 use crate::resource::{OnePhase, Resource, Vote};
 
-/// Serves the participant API on `listener` until `stop` turns true.
+/// Serves the participant API on `listener` until `stop` turns true. `server` carries the
+/// TLS settings (if any); nodelay is set on every accepted connection here, since tonic
+/// skips its own `tcp_nodelay` for a custom incoming stream.
 pub(crate) async fn serve(
+    mut server: Server,
     listener: TcpListener,
     registry: Registry,
     mut stop: watch::Receiver<bool>,
 ) {
-    let svc = ParticipantService { registry };
-    let res = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(ParticipantServer::new(svc))
+    let svc = ParticipantService {
+        registry,
+        stopping: stop.clone(),
+    };
+    let res = server
+        .add_service(ParticipantServer::new(svc.clone()))
+        .add_service(ParticipantExchangeServer::new(svc))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
@@ -68,8 +80,11 @@ fn crash_point(name: &str) {
 #[inline(always)]
 fn crash_point(_name: &str) {}
 
+#[derive(Clone)]
 struct ParticipantService {
     registry: Registry,
+    /// Turns true when the server stops: open Exchange streams then end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl ParticipantService {
@@ -93,13 +108,8 @@ impl ParticipantService {
     }
 }
 
-#[tonic::async_trait]
-impl Participant for ParticipantService {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let req = request.into_inner();
+impl ParticipantService {
+    async fn prepare(&self, req: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
         let span = info_span!("prepare", tx_id = %req.tx_id, branch_id = %req.branch_id);
         let (vote, reason) = match self.route(&req.tx_id, &req.branch_id) {
             Ok(r) => match r.prepare(&req.tx_id, &req.branch_id).instrument(span).await {
@@ -113,17 +123,16 @@ impl Participant for ParticipantService {
         if vote == pb::Vote::Yes {
             crash_point("participant::after_prepare_before_reply");
         }
-        Ok(Response::new(pb::PrepareResponse {
+        Ok(pb::PrepareResponse {
             vote: vote as i32,
             reason,
-        }))
+        })
     }
 
     async fn commit(
         &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let req = request.into_inner();
+        req: pb::CommitBranchRequest,
+    ) -> Result<pb::CommitBranchResponse, Status> {
         let span = info_span!("commit", tx_id = %req.tx_id, branch_id = %req.branch_id, one_phase = req.one_phase);
         let resource = self.route(&req.tx_id, &req.branch_id)?;
         crash_point("participant::before_commit");
@@ -135,15 +144,15 @@ impl Participant for ParticipantService {
             {
                 Ok(OnePhase::Committed) => {
                     crash_point("participant::after_commit_before_ack");
-                    Ok(Response::new(pb::CommitBranchResponse {
+                    Ok(pb::CommitBranchResponse {
                         committed: true,
                         reason: String::new(),
-                    }))
+                    })
                 }
-                Ok(OnePhase::Refused(reason)) => Ok(Response::new(pb::CommitBranchResponse {
+                Ok(OnePhase::Refused(reason)) => Ok(pb::CommitBranchResponse {
                     committed: false,
                     reason,
-                })),
+                }),
                 Err(e) => Err(Status::unavailable(e.0)),
             };
         }
@@ -154,27 +163,21 @@ impl Participant for ParticipantService {
         {
             Ok(()) => {
                 crash_point("participant::after_commit_before_ack");
-                Ok(Response::new(pb::CommitBranchResponse {
+                Ok(pb::CommitBranchResponse {
                     committed: true,
                     reason: String::new(),
-                }))
+                })
             }
             Err(e) => Err(Status::unavailable(e.0)),
         }
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let req = request.into_inner();
+    async fn abort(&self, req: pb::AbortBranchRequest) -> Result<pb::AbortBranchResponse, Status> {
         let span = info_span!("abort", tx_id = %req.tx_id, branch_id = %req.branch_id);
         let resource = match self.route(&req.tx_id, &req.branch_id) {
             Ok(r) => r,
             // Nothing registered can hold it: nothing to abort.
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                return Ok(Response::new(pb::AbortBranchResponse {}))
-            }
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(pb::AbortBranchResponse {}),
             Err(s) => return Err(s),
         };
         match resource
@@ -182,8 +185,84 @@ impl Participant for ParticipantService {
             .instrument(span)
             .await
         {
-            Ok(()) => Ok(Response::new(pb::AbortBranchResponse {})),
+            Ok(()) => Ok(pb::AbortBranchResponse {}),
             Err(e) => Err(Status::unavailable(e.0)),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for ParticipantService {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        ParticipantService::prepare(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        ParticipantService::commit(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        ParticipantService::abort(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Runs one call of an Exchange stream exactly as its unary twin would run.
+async fn exchange_call(
+    svc: ParticipantService,
+    call: pb::ParticipantCall,
+) -> pb::ParticipantResult {
+    use pb::participant_call::Call;
+    use pb::participant_result::Result as R;
+    let result = match call.call {
+        Some(Call::Prepare(req)) => svc.prepare(req).await.map(R::Prepare),
+        Some(Call::Commit(req)) => svc.commit(req).await.map(R::Commit),
+        Some(Call::Abort(req)) => svc.abort(req).await.map(R::Abort),
+        None => Err(Status::invalid_argument(
+            "call is missing: set one of prepare, commit, abort",
+        )),
+    };
+    pb::ParticipantResult {
+        call_id: call.call_id,
+        result: Some(result.unwrap_or_else(|s| {
+            R::Error(pb::CallError {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            })
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl ParticipantExchange for ParticipantService {
+    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let svc = self.clone();
+        let mut stopping = self.stopping.clone();
+        Ok(Response::new(mux::serve(
+            request.into_inner(),
+            move |call: pb::ParticipantCall| exchange_call(svc.clone(), call),
+            async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            },
+        )))
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`v1`]: messages plus client and server stubs for the `Coordinator`,
 //!   `Participant` and `Admin` services.
+//! - [`mux`]: batched call streams (the `Pipeline` and `Exchange` RPCs): a calling
+//!   [`mux::Session`] and the serving side [`mux::serve`].
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 //! - [`example`]: an example application service (not part of the protocol) that joins
 //!   its caller's transaction.
@@ -34,3 +36,5 @@ pub mod example {
             tonic::include_file_descriptor_set!("twopc_example_v1_descriptor");
     }
 }
+
+pub mod mux;

@@ -139,6 +139,8 @@ pub struct Coordinator {
     root: tempfile::TempDir,
     data_dir: PathBuf,
     flags: Vec<(String, String)>,
+    /// Extra environment variables of every start (`start_with_env`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     addr: SocketAddr,
     /// Bound address of the metrics endpoint (when started with `--metrics-listen`).
@@ -166,7 +168,7 @@ fn merge_flags(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     flags
 }
 
-fn serve_command(data_dir: &Path, flags: &[(String, String)]) -> Command {
+fn serve_command(data_dir: &Path, flags: &[(String, String)], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
     // Flags given here must win over whatever the environment of the test run says.
     for (k, _) in std::env::vars_os() {
@@ -174,6 +176,7 @@ fn serve_command(data_dir: &Path, flags: &[(String, String)]) -> Command {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.env("RUST_LOG", "info,twopc_coordinator=debug")
         .env("NO_COLOR", "1")
         .arg("serve")
@@ -196,7 +199,17 @@ impl Coordinator {
             .tempdir()
             .expect("create temp dir");
         let data_dir = root.path().join("data");
-        Self::launch(root, data_dir, flags).await
+        Self::launch(root, data_dir, flags, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra environment variables (e.g. `TWOPC_CLIENT_TOKEN`).
+    pub async fn start_with_env(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Coordinator {
+        let root = tempfile::Builder::new()
+            .prefix("twopc-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let data_dir = root.path().join("data");
+        Self::launch(root, data_dir, flags, env).await
     }
 
     /// Starts a coordinator on `data_dir` (logs still go to a fresh temp dir).
@@ -205,18 +218,23 @@ impl Coordinator {
             .prefix("twopc-test-")
             .tempdir()
             .expect("create temp dir");
-        Self::launch(root, data_dir.to_path_buf(), flags).await
+        Self::launch(root, data_dir.to_path_buf(), flags, &[]).await
     }
 
     async fn launch(
         root: tempfile::TempDir,
         data_dir: PathBuf,
         flags: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Coordinator {
         let mut c = Coordinator {
             root,
             data_dir,
             flags: merge_flags(flags),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: None,
@@ -234,7 +252,7 @@ impl Coordinator {
             .join(format!("coordinator-{}.stderr.log", self.logs.len() + 1));
         let log = File::create(&log_path).expect("create coordinator log file");
         self.logs.push(log_path);
-        let mut child = serve_command(&self.data_dir, &self.flags)
+        let mut child = serve_command(&self.data_dir, &self.flags, &self.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -321,7 +339,7 @@ impl Coordinator {
         deadline: Duration,
     ) -> Exited {
         let started = Instant::now();
-        let mut child = serve_command(data_dir, &merge_flags(flags))
+        let mut child = serve_command(data_dir, &merge_flags(flags), &[])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

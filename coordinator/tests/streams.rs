@@ -1,0 +1,384 @@
+//! The batched streams: `Coordinator.Pipeline` (client → coordinator) and
+//! `ParticipantExchange.Exchange` (coordinator → participant).
+//!
+//! - a participant that serves the stream gets every message over it (no unary call), and
+//!   each commit still arrives only after its decision is durable;
+//! - a participant that does not serve it gets unary calls, and transactions commit alike;
+//! - Pipeline calls answer exactly as their unary twins, errors included;
+//! - a graceful shutdown of the coordinator or of a participant is not held up by the
+//!   long-lived streams its peers keep open.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::server::{self, ServeConfig};
+use twopc_coordinator::types::TxId;
+use twopc_proto::mux::{self, Pipeline, PipelineError};
+use twopc_proto::v1 as pb;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_proto::v1::participant_exchange_server::{
+    ParticipantExchange, ParticipantExchangeServer,
+};
+use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+
+/// Bound on anything a test waits for.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Counts what arrived how; votes yes and commits. On every commit it checks the
+/// coordinator's log: the decision must already be durable.
+#[derive(Clone)]
+struct Counting {
+    log: Arc<SledLog>,
+    unary: Arc<AtomicU64>,
+    streamed: Arc<AtomicU64>,
+    early_commits: Arc<AtomicU64>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Counting {
+    fn check_commit(&self, tx_id: &str) {
+        let durable = tx_id
+            .parse::<TxId>()
+            .ok()
+            .map(|tx| matches!(self.log.decision(&tx), Ok(Some(_))) && self.log.stats().syncs > 0)
+            .unwrap_or(false);
+        if !durable {
+            self.early_commits.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for Counting {
+    async fn prepare(
+        &self,
+        _: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        self.unary.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(pb::PrepareResponse {
+            vote: pb::Vote::Yes as i32,
+            reason: String::new(),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.unary.fetch_add(1, Ordering::SeqCst);
+        self.check_commit(&request.into_inner().tx_id);
+        Ok(Response::new(pb::CommitBranchResponse {
+            committed: true,
+            reason: String::new(),
+        }))
+    }
+
+    async fn abort(
+        &self,
+        _: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.unary.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(pb::AbortBranchResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl ParticipantExchange for Counting {
+    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        use pb::participant_call::Call;
+        use pb::participant_result::Result as R;
+        let me = self.clone();
+        let mut stopping = self.stopping.clone();
+        Ok(Response::new(mux::serve(
+            request.into_inner(),
+            move |call: pb::ParticipantCall| {
+                let me = me.clone();
+                async move {
+                    me.streamed.fetch_add(1, Ordering::SeqCst);
+                    let result = match call.call {
+                        Some(Call::Prepare(_)) => R::Prepare(pb::PrepareResponse {
+                            vote: pb::Vote::Yes as i32,
+                            reason: String::new(),
+                        }),
+                        Some(Call::Commit(c)) => {
+                            me.check_commit(&c.tx_id);
+                            R::Commit(pb::CommitBranchResponse {
+                                committed: true,
+                                reason: String::new(),
+                            })
+                        }
+                        Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {}),
+                        None => R::Error(pb::CallError {
+                            code: Code::InvalidArgument as i32,
+                            message: "call is missing".into(),
+                        }),
+                    };
+                    pb::ParticipantResult {
+                        call_id: call.call_id,
+                        result: Some(result),
+                    }
+                }
+            },
+            async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            },
+        )))
+    }
+}
+
+struct Setup {
+    participant: Counting,
+    endpoint: String,
+    channel: Channel,
+    coordinator_stop: Option<oneshot::Sender<()>>,
+    coordinator: tokio::task::JoinHandle<()>,
+    participant_stop: Option<oneshot::Sender<()>>,
+    participant_server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(serve_stream: bool) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Arc::new(SledLog::open(dir.path(), SledLogOptions::default()).expect("open log"));
+    let (stop_streams, stopping) = watch::channel(false);
+    let participant = Counting {
+        log: log.clone(),
+        unary: Arc::default(),
+        streamed: Arc::default(),
+        early_commits: Arc::default(),
+        stopping,
+    };
+    let p_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", p_listener.local_addr().expect("addr"));
+    let (participant_stop, p_stopped) = oneshot::channel::<()>();
+    let svc = participant.clone();
+    let participant_server = tokio::spawn(async move {
+        let exchange = serve_stream.then(|| ParticipantExchangeServer::new(svc.clone()));
+        let _ = tonic::transport::Server::builder()
+            .add_service(ParticipantServer::new(svc))
+            .add_optional_service(exchange)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(p_listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = p_stopped.await;
+                    let _ = stop_streams.send(true);
+                },
+            )
+            .await;
+    });
+
+    let c_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", c_listener.local_addr().expect("addr"));
+    let (coordinator_stop, c_stopped) = oneshot::channel::<()>();
+    let cfg = ServeConfig {
+        retry_initial_ms: 10,
+        retry_max_ms: 50,
+        ..ServeConfig::default()
+    };
+    let coordinator = tokio::spawn(async move {
+        if let Err(e) = server::run_with_log(cfg, log, c_listener, async {
+            let _ = c_stopped.await;
+        })
+        .await
+        {
+            eprintln!("coordinator stopped with an error: {e}");
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect_lazy();
+    Setup {
+        participant,
+        endpoint,
+        channel,
+        coordinator_stop: Some(coordinator_stop),
+        coordinator,
+        participant_stop: Some(participant_stop),
+        participant_server,
+        _dir: dir,
+    }
+}
+
+fn pipeline(channel: &Channel) -> Pipeline {
+    let ch = channel.clone();
+    let open: mux::Opener<pb::PipelineRequest, pb::PipelineResponse> = Arc::new(move |out| {
+        let mut c = CoordinatorClient::new(ch.clone());
+        Box::pin(async move { c.pipeline(out).await })
+    });
+    Pipeline::new(open, LIMIT)
+}
+
+fn branches(endpoint: &str) -> Vec<pb::Branch> {
+    ["svc:a", "svc:b"]
+        .iter()
+        .map(|b| pb::Branch {
+            branch_id: b.to_string(),
+            participant_endpoint: endpoint.to_string(),
+            commit_order: 0,
+            kind: pb::BranchKind::Other as i32,
+        })
+        .collect()
+}
+
+fn status(e: PipelineError) -> Status {
+    match e {
+        PipelineError::Status(s) => s,
+        PipelineError::Unsupported => Status::unimplemented("the coordinator has no Pipeline"),
+    }
+}
+
+/// Runs `n` two-branch transactions at once over one pipeline; all must commit.
+async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let p = p.clone();
+        let branches = branches(endpoint);
+        tasks.push(tokio::spawn(async move {
+            let begun = p
+                .begin(pb::BeginRequest {
+                    timeout_ms: 0,
+                    branches,
+                })
+                .await
+                .map_err(status)?;
+            p.commit(pb::CommitRequest {
+                tx_id: begun.tx_id,
+                phase_two_wait_ms: 0,
+                no_wait: false,
+            })
+            .await
+            .map_err(status)
+        }));
+    }
+    for t in tasks {
+        let resp = tokio::time::timeout(LIMIT, t)
+            .await
+            .expect("a transaction took too long")
+            .expect("task")
+            .expect("commit over the pipeline");
+        assert_eq!(resp.outcome, pb::Outcome::Committed as i32);
+        assert!(resp.pending_branches.is_empty(), "{resp:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_that_serve_the_stream_get_every_message_over_it() {
+    let s = setup(true).await;
+    let p = Arc::new(pipeline(&s.channel));
+    commit_many(&p, &s.endpoint, 64).await;
+    // 64 transactions × 2 branches × (prepare + commit).
+    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 256);
+    assert_eq!(s.participant.unary.load(Ordering::SeqCst), 0);
+    assert_eq!(s.participant.early_commits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_without_the_stream_get_unary_calls() {
+    let s = setup(false).await;
+    let p = Arc::new(pipeline(&s.channel));
+    commit_many(&p, &s.endpoint, 16).await;
+    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 0);
+    assert_eq!(s.participant.unary.load(Ordering::SeqCst), 64);
+    assert_eq!(s.participant.early_commits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_calls_answer_like_their_unary_twins() {
+    let s = setup(true).await;
+    let p = pipeline(&s.channel);
+    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let cases = [
+        "not-a-tx-id".to_string(),
+        // Another coordinator's id, and an earlier epoch of this one's shape.
+        "ffffffff-1-1".to_string(),
+        String::new(),
+    ];
+    for tx_id in cases {
+        let req = pb::CommitRequest {
+            tx_id: tx_id.clone(),
+            phase_two_wait_ms: 0,
+            no_wait: false,
+        };
+        let piped = p.commit(req.clone()).await.map_err(status);
+        let direct = unary.commit(req).await.map(|r| r.into_inner());
+        match (piped, direct) {
+            (Err(a), Err(b)) => {
+                assert_eq!(a.code(), b.code(), "tx_id {tx_id:?}: {a:?} vs {b:?}");
+                assert_eq!(a.message(), b.message(), "tx_id {tx_id:?}");
+                assert_ne!(a.code(), Code::Ok);
+            }
+            (a, b) => panic!("tx_id {tx_id:?}: pipeline {a:?}, unary {b:?}"),
+        }
+    }
+    let too_long_reason = pb::AbortRequest {
+        tx_id: "x".into(),
+        reason: "r".repeat(5000),
+    };
+    let e = p.abort(too_long_reason).await.map_err(status).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A transaction begun over the pipeline is the same transaction for unary calls.
+    let begun = p
+        .begin(pb::BeginRequest {
+            timeout_ms: 0,
+            branches: branches(&s.endpoint),
+        })
+        .await
+        .map_err(status)
+        .expect("begin");
+    unary
+        .abort(pb::AbortRequest {
+            tx_id: begun.tx_id.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .expect("abort");
+    let e = p
+        .commit(pb::CommitRequest {
+            tx_id: begun.tx_id,
+            phase_two_wait_ms: 0,
+            no_wait: false,
+        })
+        .await
+        .map_err(status)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdowns_are_not_held_up_by_open_streams() {
+    let mut s = setup(true).await;
+    let p = Arc::new(pipeline(&s.channel));
+    commit_many(&p, &s.endpoint, 8).await;
+    // Both streams are open now (the pipeline and the coordinator's exchange). A
+    // participant shutdown ends the exchange stream at once.
+    let _ = s.participant_stop.take().map(|t| t.send(()));
+    tokio::time::timeout(LIMIT, &mut s.participant_server)
+        .await
+        .expect("the participant server waited for the coordinator's stream")
+        .expect("participant task");
+    let _ = s.coordinator_stop.take().map(|t| t.send(()));
+    tokio::time::timeout(LIMIT, &mut s.coordinator)
+        .await
+        .expect("the coordinator waited for the client's pipeline")
+        .expect("coordinator task");
+    // The pipeline's stream has ended: the next call fails as after a broken connection.
+    let e = p
+        .begin(pb::BeginRequest::default())
+        .await
+        .map_err(status)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    drop(p);
+}
