@@ -4,7 +4,8 @@
 //!   directory (a temp dir unless one is given), stderr captured in a log file that is
 //!   printed when a test fails; it can be SIGKILLed, SIGTERMed and restarted on the same
 //!   data directory.
-//! * [`TestParticipant`]: an in-test gRPC `twopc.v1.Participant` with scriptable votes and
+//! * [`TestParticipant`]: an in-test gRPC `twopc.v1.Participant` (unary calls and the
+//!   batched `ParticipantExchange` stream, which the coordinator prefers) with scriptable votes and
 //!   phase-two behaviour per branch id, a record of every message received, and a model of
 //!   the resource it guards (per `(tx, branch)`: prepared / committed / aborted). It can be
 //!   "crashed" (listener and every connection dropped at once) and restarted on the same
@@ -36,8 +37,12 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
+use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_proto::v1::participant_exchange_server::{
+    ParticipantExchange, ParticipantExchangeServer,
+};
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
 /// How long a coordinator may take to print its listening line.
@@ -654,6 +659,55 @@ impl Shared {
 #[derive(Clone)]
 struct Svc {
     shared: Arc<Shared>,
+    /// Cancelled when this incarnation "crashes": its Exchange streams stop at once.
+    stop: CancellationToken,
+}
+
+/// The batched stream: every call goes through the unary handler above, so scripts,
+/// records and the resource model behave the same whichever way the coordinator calls.
+#[tonic::async_trait]
+impl ParticipantExchange for Svc {
+    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let svc = self.clone();
+        let stop = self.stop.clone().cancelled_owned();
+        Ok(Response::new(mux::serve(
+            request.into_inner(),
+            move |call: pb::ParticipantCall| {
+                let svc = svc.clone();
+                async move {
+                    use pb::participant_call::Call;
+                    use pb::participant_result::Result as R;
+                    let result = match call.call {
+                        Some(Call::Prepare(r)) => Participant::prepare(&svc, Request::new(r))
+                            .await
+                            .map(|r| R::Prepare(r.into_inner())),
+                        Some(Call::Commit(r)) => Participant::commit(&svc, Request::new(r))
+                            .await
+                            .map(|r| R::Commit(r.into_inner())),
+                        Some(Call::Abort(r)) => Participant::abort(&svc, Request::new(r))
+                            .await
+                            .map(|r| R::Abort(r.into_inner())),
+                        None => Err(Status::invalid_argument("call is missing")),
+                    };
+                    pb::ParticipantResult {
+                        call_id: call.call_id,
+                        result: Some(result.unwrap_or_else(|s| {
+                            R::Error(pb::CallError {
+                                code: s.code() as i32,
+                                message: s.message().to_string(),
+                            })
+                        })),
+                    }
+                }
+            },
+            stop,
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -921,6 +975,7 @@ impl TestParticipant {
     fn serve(&mut self, listener: TcpListener) {
         let token = CancellationToken::new();
         *lock(&self.shared.token) = token.clone();
+        let stream_stop = token.clone();
         let incoming = Incoming {
             listener: Some(listener),
             killed: Box::pin(token.clone().cancelled_owned()),
@@ -928,10 +983,12 @@ impl TestParticipant {
         };
         let svc = Svc {
             shared: self.shared.clone(),
+            stop: stream_stop,
         };
         self.server = Some(tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(ParticipantServer::new(svc))
+                .add_service(ParticipantServer::new(svc.clone()))
+                .add_service(ParticipantExchangeServer::new(svc))
                 .serve_with_incoming(incoming)
                 .await;
         }));
