@@ -26,6 +26,12 @@ mod campaign;
 mod demo;
 mod order_service;
 
+/// mimalloc instead of the system allocator: gRPC and protobuf allocate and free many
+/// small buffers per message, and glibc's malloc showed at 5-10% of a loaded coordinator's
+/// profile (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
