@@ -86,6 +86,7 @@ pub struct ModeResult {
 
 /// A participant that answers everything at once. `stopping` ends its batched streams
 /// when its server shuts down.
+#[derive(Clone)]
 struct NullParticipant {
     stopping: watch::Receiver<bool>,
 }
@@ -126,36 +127,12 @@ impl ParticipantExchange for NullParticipant {
         &self,
         request: Request<tonic::Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
-        use pb::participant_call::Call;
-        use pb::participant_result::Result as R;
-        Ok(Response::new(mux::serve(
+        let mut stopping = self.stopping.clone();
+        Ok(Response::new(mux::serve_exchange(
+            self.clone(),
             request.into_inner(),
-            |call: pb::ParticipantCall| async move {
-                let result = match call.call {
-                    Some(Call::Prepare(_)) => R::Prepare(pb::PrepareResponse {
-                        vote: pb::Vote::Yes as i32,
-                        reason: String::new(),
-                    }),
-                    Some(Call::Commit(_)) => R::Commit(pb::CommitBranchResponse {
-                        committed: true,
-                        reason: String::new(),
-                    }),
-                    Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {}),
-                    None => R::Error(pb::CallError {
-                        code: tonic::Code::InvalidArgument as i32,
-                        message: "call is missing".into(),
-                    }),
-                };
-                pb::ParticipantResult {
-                    call_id: call.call_id,
-                    result: Some(result),
-                }
-            },
-            {
-                let mut stopping = self.stopping.clone();
-                async move {
-                    let _ = stopping.wait_for(|s| *s).await;
-                }
+            async move {
+                let _ = stopping.wait_for(|s| *s).await;
             },
         )))
     }

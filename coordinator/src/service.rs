@@ -271,12 +271,7 @@ async fn pipeline_call<L: DecisionLog, T: Transport>(
     };
     pb::ClientResult {
         call_id: call.call_id,
-        result: Some(result.unwrap_or_else(|s| {
-            R::Error(pb::CallError {
-                code: s.code() as i32,
-                message: s.message().to_string(),
-            })
-        })),
+        result: Some(result.unwrap_or_else(|s| R::Error(s.into()))),
     }
 }
 

@@ -221,32 +221,6 @@ impl Participant for ParticipantService {
     }
 }
 
-/// Runs one call of an Exchange stream exactly as its unary twin would run.
-async fn exchange_call(
-    svc: ParticipantService,
-    call: pb::ParticipantCall,
-) -> pb::ParticipantResult {
-    use pb::participant_call::Call;
-    use pb::participant_result::Result as R;
-    let result = match call.call {
-        Some(Call::Prepare(req)) => svc.prepare(req).await.map(R::Prepare),
-        Some(Call::Commit(req)) => svc.commit(req).await.map(R::Commit),
-        Some(Call::Abort(req)) => svc.abort(req).await.map(R::Abort),
-        None => Err(Status::invalid_argument(
-            "call is missing: set one of prepare, commit, abort",
-        )),
-    };
-    pb::ParticipantResult {
-        call_id: call.call_id,
-        result: Some(result.unwrap_or_else(|s| {
-            R::Error(pb::CallError {
-                code: s.code() as i32,
-                message: s.message().to_string(),
-            })
-        })),
-    }
-}
-
 #[tonic::async_trait]
 impl ParticipantExchange for ParticipantService {
     type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
@@ -255,11 +229,10 @@ impl ParticipantExchange for ParticipantService {
         &self,
         request: Request<tonic::Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let svc = self.clone();
         let mut stopping = self.stopping.clone();
-        Ok(Response::new(mux::serve(
+        Ok(Response::new(mux::serve_exchange(
+            self.clone(),
             request.into_inner(),
-            move |call: pb::ParticipantCall| exchange_call(svc.clone(), call),
             async move {
                 let _ = stopping.wait_for(|s| *s).await;
             },

@@ -15,7 +15,8 @@
 //! * [`serve`] is the serving side: every call of every inbound batch runs as its own task
 //!   (a slow call never holds up the others), at most [`MAX_IN_FLIGHT`] per stream, and
 //!   results go back in batches as they complete.
-//! * [`Pipeline`] is the client API (Begin / Enlist / Commit / Abort) over a [`Session`].
+//! * [`Pipeline`] is the client API (Begin / Enlist / Commit / Abort) over a [`Session`];
+//!   [`serve_exchange`] serves a participant's stream through its unary handlers.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -460,6 +461,61 @@ where
         }
     });
     OutboundStream::new(out_rx)
+}
+
+impl From<Status> for pb::CallError {
+    fn from(s: Status) -> Self {
+        pb::CallError {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Serves a `ParticipantExchange.Exchange` stream by running every call through `svc`'s
+/// unary [`Participant`](pb::participant_server::Participant) handlers, so a participant
+/// behaves the same whichever way the coordinator calls it. `stop` as in [`serve`].
+pub fn serve_exchange<P, S>(
+    svc: P,
+    inbound: Streaming<pb::ExchangeRequest>,
+    stop: S,
+) -> OutboundStream<Result<pb::ExchangeResponse, Status>>
+where
+    P: pb::participant_server::Participant + Clone,
+    S: Future<Output = ()> + Send + 'static,
+{
+    serve(
+        inbound,
+        move |call: pb::ParticipantCall| {
+            let svc = svc.clone();
+            async move {
+                use pb::participant_call::Call;
+                use pb::participant_result::Result as R;
+                let result = match call.call {
+                    Some(Call::Prepare(r)) => svc
+                        .prepare(tonic::Request::new(r))
+                        .await
+                        .map(|r| R::Prepare(r.into_inner())),
+                    Some(Call::Commit(r)) => svc
+                        .commit(tonic::Request::new(r))
+                        .await
+                        .map(|r| R::Commit(r.into_inner())),
+                    Some(Call::Abort(r)) => svc
+                        .abort(tonic::Request::new(r))
+                        .await
+                        .map(|r| R::Abort(r.into_inner())),
+                    None => Err(Status::invalid_argument(
+                        "call is missing: set one of prepare, commit, abort",
+                    )),
+                };
+                pb::ParticipantResult {
+                    call_id: call.call_id,
+                    result: Some(result.unwrap_or_else(|s| R::Error(s.into()))),
+                }
+            }
+        },
+        stop,
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

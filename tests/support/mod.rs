@@ -673,38 +673,10 @@ impl ParticipantExchange for Svc {
         &self,
         request: Request<tonic::Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let svc = self.clone();
         let stop = self.stop.clone().cancelled_owned();
-        Ok(Response::new(mux::serve(
+        Ok(Response::new(mux::serve_exchange(
+            self.clone(),
             request.into_inner(),
-            move |call: pb::ParticipantCall| {
-                let svc = svc.clone();
-                async move {
-                    use pb::participant_call::Call;
-                    use pb::participant_result::Result as R;
-                    let result = match call.call {
-                        Some(Call::Prepare(r)) => Participant::prepare(&svc, Request::new(r))
-                            .await
-                            .map(|r| R::Prepare(r.into_inner())),
-                        Some(Call::Commit(r)) => Participant::commit(&svc, Request::new(r))
-                            .await
-                            .map(|r| R::Commit(r.into_inner())),
-                        Some(Call::Abort(r)) => Participant::abort(&svc, Request::new(r))
-                            .await
-                            .map(|r| R::Abort(r.into_inner())),
-                        None => Err(Status::invalid_argument("call is missing")),
-                    };
-                    pb::ParticipantResult {
-                        call_id: call.call_id,
-                        result: Some(result.unwrap_or_else(|s| {
-                            R::Error(pb::CallError {
-                                code: s.code() as i32,
-                                message: s.message().to_string(),
-                            })
-                        })),
-                    }
-                }
-            },
             stop,
         )))
     }
