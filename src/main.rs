@@ -17,7 +17,9 @@
 //! Every flag also reads an environment variable (shown by `--help`); `twopc serve` also
 //! reads a TOML file (`--config`; precedence flag > env > file > default, see
 //! `twopc_coordinator::config`) and `--print-config` prints the result. Logs go to stderr;
-//! `RUST_LOG` (or `--log`) sets the filter.
+//! `RUST_LOG` (or `--log`) sets the filter. With `--otlp-endpoint`, `twopc serve` also
+//! exports its tracing spans to an OpenTelemetry collector ([`otel`]); the stderr log is
+//! unchanged by it.
 
 mod admin_cli;
 mod bench;
@@ -25,6 +27,7 @@ mod bench_dual;
 mod campaign;
 mod demo;
 mod order_service;
+mod otel;
 
 /// mimalloc instead of the system allocator: gRPC and protobuf allocate and free many
 /// small buffers per message, and glibc's malloc showed at 5-10% of a loaded coordinator's
@@ -39,7 +42,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Subcommand};
 use tokio::net::TcpListener;
-use twopc_coordinator::config::{self, ServeArgs};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+use twopc_coordinator::config::{self, Effective, ServeArgs};
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server;
 
@@ -91,6 +97,18 @@ fn main() -> ExitCode {
     // Fail points named in FAILPOINTS are armed for the life of the process.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    // `serve` resolves its configuration (flags, env, file) before logging starts: whether
+    // spans are exported depends on it.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => match resolve_serve(args, &matches) {
+            Ok(effective) => Some(effective),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     // The demo and benchmarks print their own reports; library logs are noise unless asked for.
     let filter = match (&cli.command, std::env::var_os("RUST_LOG")) {
         (Command::Demo(_) | Command::Bench(_) | Command::Campaign(_) | Command::Tx(_), None)
@@ -100,13 +118,6 @@ fn main() -> ExitCode {
         }
         _ => cli.log.clone(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,7 +128,51 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command, &matches)) {
+    // The OTLP exporter's connection lives on this runtime.
+    let _runtime_context = rt.enter();
+    let otlp = match &cli.command {
+        Command::Serve(args) if !args.print_config => serve_config.as_ref().and_then(|e| {
+            let c = &e.config;
+            c.otlp_endpoint
+                .as_deref()
+                .map(|endpoint| (endpoint, c.otlp_service_name.as_str()))
+        }),
+        _ => None,
+    };
+    let (otel_layer, otel_guard) = match otlp {
+        Some((endpoint, service_name)) => match otel::layer(endpoint, service_name) {
+            Ok((layer, guard)) => (Some(layer), Some(guard)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => (None, None),
+    };
+    // Two layers with filters of their own: the stderr log (`--log`) and, when enabled,
+    // the span export (`otel::export_filter`).
+    tracing_subscriber::registry()
+        .with(otel_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(
+                    tracing_subscriber::EnvFilter::try_new(&filter)
+                        .unwrap_or_else(|_| "info".into()),
+                ),
+        )
+        .init();
+    if let Some(endpoint) = otlp.map(|(endpoint, _)| endpoint) {
+        tracing::info!(endpoint, "exporting trace spans over OTLP");
+    }
+    let result = rt.block_on(dispatch(cli.command, serve_config));
+    // After the server has stopped (SIGTERM included), before the runtime goes: the
+    // spans still queued are exported now or never.
+    if let Some(guard) = otel_guard {
+        guard.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -126,13 +181,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, matches: &ArgMatches) -> anyhow::Result<()> {
+/// The effective configuration of `twopc serve` (flags, environment, `--config` file).
+fn resolve_serve(args: &ServeArgs, matches: &ArgMatches) -> anyhow::Result<Effective> {
+    let serve_matches = matches
+        .subcommand_matches("serve")
+        .context("internal error: no arguments of `serve`")?;
+    Ok(config::resolve(args, serve_matches)?)
+}
+
+async fn dispatch(command: Command, serve_config: Option<Effective>) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
-            let serve_matches = matches
-                .subcommand_matches("serve")
-                .context("internal error: no arguments of `serve`")?;
-            let effective = config::resolve(&args, serve_matches)?;
+            let effective = serve_config.context("internal error: the configuration of `serve`")?;
             if args.print_config {
                 print!("{}", effective.to_toml());
                 return Ok(());

@@ -232,10 +232,48 @@ fn printed_config_loads_back_to_the_same_config() {
         values(&second),
         "{first_text}\n---\n{second_text}"
     );
-    assert_eq!(first.len(), 12, "{first_text}");
+    assert_eq!(first.len(), 13, "{first_text}");
     assert!(
         second.values().all(|(_, src)| src == "file"),
         "{second_text}"
     );
     assert!(!data_dir.exists());
+}
+
+#[test]
+fn bad_otlp_endpoint_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("never-created");
+    let data_dir = data_dir.to_string_lossy();
+    for (flags, env) in [
+        (&["--otlp-endpoint", "localhost:4317"][..], &[][..]),
+        (
+            &[][..],
+            &[("TWOPC_OTLP_ENDPOINT", "grpc://collector:4317")][..],
+        ),
+    ] {
+        let mut args = vec!["--data-dir", &*data_dir, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let out = serve(&args, env);
+        assert!(!out.status.success(), "{flags:?} {env:?}: started anyway");
+        let err = stderr(&out);
+        assert!(err.contains("otlp-endpoint"), "{err}");
+        assert!(err.contains("http:// or https://"), "{err}");
+    }
+    assert!(!Path::new(&*data_dir).exists());
+    // A valid one is accepted and printed with where it came from; off by default.
+    let (text, map) = print_config(&["--otlp-endpoint", "http://127.0.0.1:4317"], &[]);
+    assert_eq!(
+        map["otlp_endpoint"],
+        ("\"http://127.0.0.1:4317\"".into(), "flag".into()),
+        "{text}"
+    );
+    assert_eq!(
+        map["otlp_service_name"],
+        ("\"twopc-coordinator\"".into(), "default".into()),
+        "{text}"
+    );
+    let (text, map) = print_config(&[], &[]);
+    assert!(!map.contains_key("otlp_endpoint"), "{text}");
+    assert!(text.contains("# otlp_endpoint is not set"), "{text}");
 }

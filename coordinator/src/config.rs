@@ -35,7 +35,7 @@ use crate::server::{limits, ConfigError, ServeConfig};
 
 /// The keys of the config file, in the order of [`ServeConfig`]'s fields (each is the
 /// flag's name with `_` for `-`, and the clap id of the field).
-pub const KEYS: [&str; 22] = [
+pub const KEYS: [&str; 24] = [
     "listen",
     "data_dir",
     "prepare_timeout_ms",
@@ -58,6 +58,8 @@ pub const KEYS: [&str; 22] = [
     "client_token_file",
     "admin_token",
     "admin_token_file",
+    "otlp_endpoint",
+    "otlp_service_name",
 ];
 
 /// The keys whose values are secrets: `--print-config` says whether they are set, never
@@ -131,6 +133,10 @@ pub struct FileConfig {
     pub admin_token: Option<Secret>,
     /// `--admin-token-file`.
     pub admin_token_file: Option<PathBuf>,
+    /// `--otlp-endpoint`.
+    pub otlp_endpoint: Option<String>,
+    /// `--otlp-service-name`.
+    pub otlp_service_name: Option<String>,
 }
 
 /// Where one effective value came from.
@@ -222,6 +228,10 @@ pub fn allowed(key: &str) -> String {
             crate::auth::TOKEN_MAX_LEN
         ),
         "one_phase" => "true or false".into(),
+        "otlp_endpoint" => {
+            "an http:// or https:// URL string, e.g. \"http://127.0.0.1:4317\"".into()
+        }
+        "otlp_service_name" => "a non-empty string".into(),
         "retry_max_ms" => {
             let (_, max) = limits("retry-max-ms").unwrap_or((0, u64::MAX));
             format!("an integer between retry_initial_ms and {max}")
@@ -354,6 +364,8 @@ impl Effective {
             path(&c.client_token_file),
             c.admin_token.as_ref().map(|_| String::new()),
             path(&c.admin_token_file),
+            c.otlp_endpoint.as_deref().map(s),
+            Some(s(&c.otlp_service_name)),
         ];
         let mut out = String::from(
             "# Effective configuration of `twopc serve`.\n\
@@ -373,6 +385,9 @@ impl Effective {
                 Some(v) => out.push_str(&format!("{key} = {v}\n")),
                 None if *key == "metrics_listen" => {
                     out.push_str(&format!("# {key} is not set (not served)\n"))
+                }
+                None if *key == "otlp_endpoint" => {
+                    out.push_str(&format!("# {key} is not set (no trace export)\n"))
                 }
                 None => out.push_str(&format!("# {key} is not set\n")),
             }
@@ -425,6 +440,8 @@ pub fn merge(
     take!(19, client_token_file, Some);
     take!(20, admin_token, Some);
     take!(21, admin_token_file, Some);
+    take!(22, otlp_endpoint, Some);
+    take!(23, otlp_service_name, identity);
     Effective {
         config,
         sources,
@@ -533,6 +550,8 @@ mod tests {
             "--client-token-file=ct",
             "--admin-token=admin-token-0123456789",
             "--admin-token-file=at",
+            "--otlp-endpoint=http://127.0.0.1:4317",
+            "--otlp-service-name=svc",
         ]);
         // A token and its file together are refused; every key still came from a flag.
         let eff = merge(&args.config, |key| explicit_source(&matches, key), None);
@@ -833,13 +852,66 @@ mod tests {
     }
 
     #[test]
+    fn config_otlp_endpoint_must_be_an_http_url() {
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://collector:4317",
+            "http://",
+            "not a url",
+        ] {
+            refused(
+                &[&format!("--otlp-endpoint={bad}")],
+                &[],
+                &["otlp-endpoint", "http:// or https://"],
+            );
+        }
+        refused(&["--otlp-service-name= "], &[], &["otlp-service-name"]);
+        let (args, matches) = parse_env(
+            &["--otlp-endpoint=https://otel.example:4317"],
+            &[("otlp_service_name", "billing-tx")],
+        );
+        let eff = resolve(&args, &matches).expect("valid");
+        assert_eq!(
+            eff.config.otlp_endpoint.as_deref(),
+            Some("https://otel.example:4317")
+        );
+        assert_eq!(eff.source("otlp_endpoint"), Some(Source::Flag));
+        assert_eq!(eff.config.otlp_service_name, "billing-tx");
+        assert_eq!(eff.source("otlp_service_name"), Some(Source::Env));
+        // Off by default, with the default service name.
+        let (args, matches) = parse(&[]);
+        let eff = resolve(&args, &matches).expect("valid");
+        assert_eq!(eff.config.otlp_endpoint, None);
+        assert_eq!(eff.config.otlp_service_name, "twopc-coordinator");
+        assert!(eff.to_toml().contains("# otlp_endpoint is not set"));
+        // From the file: reported against the file and the key.
+        let file = parse_file(path(), "otlp_endpoint = \"localhost:4317\"\n").expect("a string");
+        let eff = merge(&ServeConfig::default(), |_| None, Some((path(), &file)));
+        let msg = eff.validate().expect_err("no scheme").to_string();
+        assert!(
+            msg.contains("twopc.toml") && msg.contains("otlp_endpoint") && msg.contains("http://"),
+            "{msg}"
+        );
+        let err = parse_file(path(), "otlp_endpoint = 4317\n").expect_err("wrong type");
+        assert!(err.to_string().contains("URL string"), "{err}");
+    }
+
+    #[test]
     fn config_printed_toml_loads_back_to_the_same_config() {
-        for metrics_listen in [None, Some(SocketAddr::from(([127, 0, 0, 1], 9400)))] {
+        for (metrics_listen, otlp_endpoint) in [
+            (None, None),
+            (
+                Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+                Some("http://127.0.0.1:4317".to_string()),
+            ),
+        ] {
             let cli = ServeConfig {
                 data_dir: PathBuf::from("/var/lib/twopc \"data\""),
                 prepare_timeout_ms: 1234,
                 one_phase: false,
                 metrics_listen,
+                otlp_endpoint,
+                otlp_service_name: "twopc \"east\"".into(),
                 ..ServeConfig::default()
             };
             let eff = merge(&cli, |_| Some(Source::Flag), None);

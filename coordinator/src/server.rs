@@ -128,7 +128,23 @@ pub struct ServeConfig {
     /// File holding the admin token (surrounding whitespace ignored).
     #[arg(long, env = "TWOPC_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// OpenTelemetry collector (OTLP over gRPC, an `http://` or `https://` URL such as
+    /// http://127.0.0.1:4317) the coordinator's tracing spans are exported to. Not set:
+    /// nothing is exported. An unreachable collector only costs dropped spans.
+    #[arg(long, env = "TWOPC_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans (with --otlp-endpoint).
+    #[arg(
+        long,
+        env = "TWOPC_OTLP_SERVICE_NAME",
+        value_name = "NAME",
+        default_value = DEFAULT_OTLP_SERVICE_NAME
+    )]
+    pub otlp_service_name: String,
 }
+
+/// The `service.name` exported spans carry unless `--otlp-service-name` says otherwise.
+pub const DEFAULT_OTLP_SERVICE_NAME: &str = "twopc-coordinator";
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -156,6 +172,8 @@ impl Default for ServeConfig {
             client_token_file: None,
             admin_token: None,
             admin_token_file: None,
+            otlp_endpoint: None,
+            otlp_service_name: DEFAULT_OTLP_SERVICE_NAME.to_string(),
         }
     }
 }
@@ -244,7 +262,35 @@ impl ServeConfig {
                 allowed: "must not be empty".into(),
             });
         }
+        self.validate_otlp()?;
         self.validate_security()
+    }
+
+    /// `--otlp-endpoint` is an `http://` or `https://` URL with a host;
+    /// `--otlp-service-name` is not empty.
+    fn validate_otlp(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let ok = endpoint.parse::<http::Uri>().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return Err(ConfigError {
+                    field: "otlp-endpoint",
+                    value: endpoint.clone(),
+                    allowed: "must be an http:// or https:// URL, e.g. http://127.0.0.1:4317"
+                        .into(),
+                });
+            }
+        }
+        if self.otlp_service_name.trim().is_empty() {
+            return Err(ConfigError {
+                field: "otlp-service-name",
+                value: self.otlp_service_name.clone(),
+                allowed: "must not be empty".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The TLS and token fields: pairs given together, what needs what, token forms.
