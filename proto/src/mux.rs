@@ -213,6 +213,11 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
             // The writer runs before the stream is open: the first batch goes out with it.
             let writer = tokio::spawn(async move {
                 while let Some(first) = queued.recv().await {
+                    // Let the tasks that are ready run first: under load they queue more
+                    // calls, and the frame carries them all (no timer, no added wait when
+                    // idle).
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
                     let mut items = vec![first];
                     while items.len() < MAX_BATCH {
                         match queued.try_recv() {
