@@ -217,7 +217,6 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
                     // calls, and the frame carries them all (no timer, no added wait when
                     // idle).
                     tokio::task::yield_now().await;
-                    tokio::task::yield_now().await;
                     let mut items = vec![first];
                     while items.len() < MAX_BATCH {
                         match queued.try_recv() {
@@ -453,6 +452,8 @@ where
     tokio::spawn(async move {
         // Ends when the reader and every call task are done (all senders dropped).
         while let Some(first) = done_rx.recv().await {
+            // As on the calling side: results that are ready go in the same frame.
+            tokio::task::yield_now().await;
             let mut items = vec![first];
             while items.len() < MAX_BATCH {
                 match done_rx.try_recv() {
