@@ -374,6 +374,7 @@ async fn drive(
                         tx_id,
                         phase_two_wait_ms: 0,
                         no_wait: false,
+                        branches: Vec::new(),
                     })
                     .await?;
                 lat.push(t0.elapsed().as_micros() as u64);

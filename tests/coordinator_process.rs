@@ -854,6 +854,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 tx_id: active.clone(),
                 phase_two_wait_ms: 600_001,
                 no_wait: false,
+                branches: Vec::new(),
             })
             .await,
             Code::InvalidArgument,

@@ -209,6 +209,7 @@ fn commit_req(tx_id: &str) -> pb::CommitRequest {
         tx_id: tx_id.to_string(),
         phase_two_wait_ms: 5_000,
         no_wait: false,
+        branches: Vec::new(),
     }
 }
 

@@ -213,6 +213,12 @@ async fn commit<L: DecisionLog, T: Transport>(
             req.phase_two_wait_ms
         )));
     }
+    // Every branch is checked before any is enlisted: a bad one changes nothing.
+    let branches = req
+        .branches
+        .into_iter()
+        .map(branch_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
     let wait = if req.no_wait {
         Some(Duration::ZERO)
     } else if req.phase_two_wait_ms > 0 {
@@ -221,15 +227,37 @@ async fn commit<L: DecisionLog, T: Transport>(
         None
     };
     let span = info_span!("commit", tx_id = %tx);
-    let res = rt
-        .commit(tx, wait)
-        .instrument(span)
-        .await
-        .map_err(status_of)?;
-    Ok(pb::CommitResponse {
-        outcome: pb::Outcome::Committed as i32,
-        pending_branches: res.pending,
-    })
+    async move {
+        // Branches the transaction no longer takes because it is past ACTIVE (a repeated
+        // Commit): the outcome decides, and a COMMITTED one must have had them.
+        let mut late = Vec::new();
+        for branch in branches {
+            match rt.enlist(tx, branch.clone()).await {
+                Ok(()) => {}
+                Err(TxError::FailedPrecondition(_)) => late.push(branch),
+                Err(e) => return Err(status_of(e)),
+            }
+        }
+        let res = rt.commit(tx, wait).await.map_err(status_of)?;
+        if !late.is_empty() {
+            let had = match rt.log().decision(&tx) {
+                Ok(Some(d)) => d.record.branches,
+                _ => Vec::new(),
+            };
+            if let Some(b) = late.iter().find(|b| !had.contains(b)) {
+                return Err(Status::failed_precondition(format!(
+                    "transaction {tx} committed without branch {:?}; it can no longer be enlisted",
+                    b.branch_id
+                )));
+            }
+        }
+        Ok(pb::CommitResponse {
+            outcome: pb::Outcome::Committed as i32,
+            pending_branches: res.pending,
+        })
+    }
+    .instrument(span)
+    .await
 }
 
 async fn abort<L: DecisionLog, T: Transport>(

@@ -585,6 +585,7 @@ impl Harness {
                     tx_id: committed.clone(),
                     phase_two_wait_ms: 5_000,
                     no_wait: false,
+                    branches: Vec::new(),
                 })
                 .await
                 .expect("Commit")
@@ -1348,6 +1349,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
             tx_id: "0badc0de-1-2".into(),
             phase_two_wait_ms: 10,
             no_wait: true,
+            branches: Vec::new(),
         }
         .encode_to_vec(),
         pb::AbortRequest {
@@ -1684,6 +1686,7 @@ impl Harness {
             tx_id: tx,
             phase_two_wait_ms: wait,
             no_wait,
+            branches: Vec::new(),
         };
         let got = self.call("Commit", |mut c| async move { c.commit(req).await })?;
         check("Commit", &got, &expected)?;
@@ -2101,6 +2104,7 @@ impl Harness {
             tx_id: tx.to_string(),
             phase_two_wait_ms: wait,
             no_wait: false,
+            branches: Vec::new(),
         };
         self.call("Commit", |mut c| async move { c.commit(req).await })
     }

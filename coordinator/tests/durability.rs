@@ -192,6 +192,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
                 tx_id: tx_id.clone(),
                 phase_two_wait_ms: 0,
                 no_wait: false,
+                branches: Vec::new(),
             })
             .await
             .expect("commit")
@@ -258,6 +259,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             tx_id: tx_id.clone(),
             phase_two_wait_ms: 0,
             no_wait: false,
+            branches: Vec::new(),
         })
         .await
         .expect_err("commit must fail when the decision cannot be synced");
@@ -316,6 +318,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             tx_id,
             phase_two_wait_ms: 0,
             no_wait: false,
+            branches: Vec::new(),
         })
         .await
         .expect_err("in doubt");

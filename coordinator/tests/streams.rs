@@ -5,6 +5,7 @@
 //!   each commit still arrives only after its decision is durable;
 //! - a participant that does not serve it gets unary calls, and transactions commit alike;
 //! - Pipeline calls answer exactly as their unary twins, errors included;
+//! - Commit enlists the branches it carries, and a repeat of it answers the same;
 //! - a graceful shutdown of the coordinator or of a participant is not held up by the
 //!   long-lived streams its peers keep open.
 
@@ -257,6 +258,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                 tx_id: begun.tx_id,
                 phase_two_wait_ms: 0,
                 no_wait: false,
+                branches: Vec::new(),
             })
             .await
             .map_err(status)
@@ -310,6 +312,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             tx_id: tx_id.clone(),
             phase_two_wait_ms: 0,
             no_wait: false,
+            branches: Vec::new(),
         };
         let piped = p.commit(req.clone()).await.map_err(status);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
@@ -349,6 +352,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             tx_id: begun.tx_id,
             phase_two_wait_ms: 0,
             no_wait: false,
+            branches: Vec::new(),
         })
         .await
         .map_err(status)
@@ -381,4 +385,72 @@ async fn shutdowns_are_not_held_up_by_open_streams() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_enlists_the_branches_it_carries() {
+    let s = setup(true).await;
+    let p = pipeline(&s.channel);
+    let mut unary = CoordinatorClient::new(s.channel.clone());
+    // Begun without branches, committed with both: two prepares and two commits.
+    let begun = p
+        .begin(pb::BeginRequest::default())
+        .await
+        .map_err(status)
+        .expect("begin");
+    let commit = pb::CommitRequest {
+        tx_id: begun.tx_id.clone(),
+        phase_two_wait_ms: 0,
+        no_wait: false,
+        branches: branches(&s.endpoint),
+    };
+    let resp = p
+        .commit(commit.clone())
+        .await
+        .map_err(status)
+        .expect("commit");
+    assert_eq!(resp.outcome, pb::Outcome::Committed as i32);
+    assert!(resp.pending_branches.is_empty(), "{resp:?}");
+    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
+    // Repeated, over the other path: the same outcome, nothing sent again.
+    let again = unary
+        .commit(commit.clone())
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
+    // A branch the committed transaction did not have cannot join it afterwards.
+    let mut other = commit.clone();
+    other.branches[0].branch_id = "svc:late".into();
+    let e = unary.commit(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("svc:late"), "{e:?}");
+    // A bad branch is refused before anything is enlisted: the transaction stays empty
+    // and aborts cleanly.
+    let begun = p
+        .begin(pb::BeginRequest::default())
+        .await
+        .map_err(status)
+        .expect("begin");
+    let mut bad = branches(&s.endpoint);
+    bad[1].participant_endpoint = "not a url".into();
+    let e = unary
+        .commit(pb::CommitRequest {
+            tx_id: begun.tx_id.clone(),
+            phase_two_wait_ms: 0,
+            no_wait: false,
+            branches: bad,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let view = unary
+        .get_transaction(pb::GetTransactionRequest { tx_id: begun.tx_id })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(view.branches.is_empty(), "{view:?}");
+    assert_eq!(view.state, pb::TxState::Active as i32, "{view:?}");
+    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
 }

@@ -725,6 +725,7 @@ impl Transaction {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             no_wait: false,
+            branches: Vec::new(),
         };
         match self.sdk.inner.commit(req).await {
             Ok(resp) => Ok(Committed {

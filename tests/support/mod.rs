@@ -1209,6 +1209,7 @@ pub async fn commit(
             tx_id: tx_id.to_string(),
             phase_two_wait_ms: wait_ms,
             no_wait: false,
+            branches: Vec::new(),
         })
         .await
         .map(Response::into_inner)
