@@ -37,7 +37,8 @@
 //! `flush()` **and** an `fdatasync` of sled's data file `sled/db`, of every blob file that
 //! is new or has grown (large payloads go to `sled/blobs/`), and an fsync of the
 //! directories whose listing changed. At open, `conf`, both directories and the parent
-//! are synced once.
+//! are synced once. (The syncing, the directory lock and the sled open are
+//! `twopc_durable`'s, shared with the decision log.)
 //!
 //! Concurrent stages share syncs (group commit): every stage writes its batch, takes a
 //! sequence number, and then waits for the sync lock; whoever holds it syncs everything
@@ -64,16 +65,13 @@
 //! poisons the store, as a real failure would). [`StagingStore::syncs`] counts the data
 //! file syncs done, for tests of the group commit.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use prost::Message;
+use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
 /// Version written into every batch's `format` field; batches with a newer format are
 /// refused rather than misread.
@@ -273,145 +271,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Syncing sled's files
-// ---------------------------------------------------------------------------------------
-
-fn ctx<'a>(what: &str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
-    let what = what.to_string();
-    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-}
-
-fn sorted_listing(dir: &Path) -> io::Result<Vec<OsString>> {
-    let mut names = Vec::new();
-    match fs::read_dir(dir) {
-        Ok(entries) => {
-            for entry in entries {
-                names.push(entry?.file_name());
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// fsync of a directory, so entries created or renamed in it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(ctx("fsync of directory", dir))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
-}
-
-/// Makes what sled flushed durable: see the module docs.
-struct Syncer {
-    sled_dir: PathBuf,
-    db_file: File,
-    dir_listing: Vec<OsString>,
-    blob_listing: Vec<OsString>,
-    synced_blobs: HashMap<OsString, u64>,
-    fail_syncs: Option<Arc<AtomicBool>>,
-    db_syncs: Arc<AtomicU64>,
-}
-
-impl Syncer {
-    fn new(sled_dir: PathBuf, fail_syncs: Option<Arc<AtomicBool>>) -> io::Result<Syncer> {
-        let db_path = sled_dir.join("db");
-        let db_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&db_path)
-            .map_err(ctx("cannot open sled data file", &db_path))?;
-        Ok(Syncer {
-            sled_dir,
-            db_file,
-            dir_listing: Vec::new(),
-            blob_listing: Vec::new(),
-            synced_blobs: HashMap::new(),
-            fail_syncs,
-            db_syncs: Arc::new(AtomicU64::new(0)),
-        })
-    }
-
-    fn injected_failure(&self) -> io::Result<()> {
-        match &self.fail_syncs {
-            Some(flag) if flag.load(Ordering::SeqCst) => Err(io::Error::other(
-                "injected sync failure (StagingOptions::fail_syncs is set)",
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Everything flushed so far is durable when this returns `Ok`. `all_dirs` fsyncs
-    /// both directories even if their listing did not change.
-    fn sync(&mut self, all_dirs: bool) -> io::Result<()> {
-        self.injected_failure()?;
-        // Blobs first: the data file may point at them.
-        let blobs_dir = self.sled_dir.join("blobs");
-        let blob_listing = sorted_listing(&blobs_dir)?;
-        for name in &blob_listing {
-            let path = blobs_dir.join(name);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                // Removed by sled's blob GC since the listing: nothing to keep.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(ctx("cannot open sled blob", &path)(e)),
-            };
-            let len = file
-                .metadata()
-                .map_err(ctx("cannot stat sled blob", &path))?
-                .len();
-            if self.synced_blobs.get(name) != Some(&len) {
-                file.sync_data()
-                    .map_err(ctx("fdatasync of sled blob", &path))?;
-                self.synced_blobs.insert(name.clone(), len);
-            }
-        }
-        self.synced_blobs
-            .retain(|name, _| blob_listing.binary_search(name).is_ok());
-
-        let db_path = self.sled_dir.join("db");
-        self.db_file
-            .sync_data()
-            .map_err(ctx("fdatasync of sled data file", &db_path))?;
-        self.db_syncs.fetch_add(1, Ordering::AcqRel);
-
-        if all_dirs || blob_listing != self.blob_listing {
-            if blobs_dir.exists() {
-                sync_dir(&blobs_dir)?;
-            }
-            self.blob_listing = blob_listing;
-        }
-        let dir_listing = sorted_listing(&self.sled_dir)?;
-        if all_dirs || dir_listing != self.dir_listing {
-            sync_dir(&self.sled_dir)?;
-            self.dir_listing = dir_listing;
-        }
-        Ok(())
-    }
-
-    /// The sync done at open: also `conf`, which sled writes without syncing.
-    fn sync_at_open(&mut self) -> io::Result<()> {
-        self.injected_failure()?;
-        let conf = self.sled_dir.join("conf");
-        match File::open(&conf) {
-            Ok(f) => f.sync_all().map_err(ctx("fsync of sled config", &conf))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ctx("cannot open sled config", &conf)(e)),
-        }
-        self.sync(true)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // The store
 // ---------------------------------------------------------------------------------------
 
@@ -459,66 +318,20 @@ fn open_failed(dir: &Path, what: impl std::fmt::Display) -> StagingError {
     ))
 }
 
-/// Takes the exclusive lock on `<dir>/LOCK` and writes our pid into it.
+/// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
 fn take_lock(dir: &Path) -> Result<File, StagingError> {
-    let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| open_failed(dir, format!("cannot open {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() {
-                String::new()
-            } else {
-                format!(" (holder pid {holder})")
-            };
-            return Err(StagingError::Locked {
-                dir: dir.display().to_string(),
-                detail: format!(
-                    "{} is exclusively locked{who}; is another process (or another open \
-                     StagingStore of this process) using this data directory?",
-                    path.display()
-                ),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(open_failed(
-                dir,
-                format!("cannot lock {}: {e}", path.display()),
-            ));
-        }
-    }
-    // Best effort: the pid only helps the message a second opener prints.
-    let _ = file
-        .set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()));
-    Ok(file)
-}
-
-/// Opens sled, retrying briefly while its own file lock is still held by the background
-/// threads of a just-dropped store of this process (our `LOCK` excludes everyone else).
-fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
+    twopc_durable::take_lock(
+        dir,
+        LOCK_FILE,
+        "another process (or another open StagingStore of this process)",
+    )
+    .map_err(|e| match e {
+        LockError::Locked { detail } => StagingError::Locked {
+            dir: dir.display().to_string(),
+            detail,
+        },
+        LockError::Io(what) => open_failed(dir, what),
+    })
 }
 
 impl StagingStore {
@@ -557,8 +370,12 @@ impl StagingStore {
 
         // Everything readable now (batches of earlier runs, perhaps never synced before a
         // crash) becomes durable here.
-        let mut syncer =
-            Syncer::new(sled_dir, opts.fail_syncs.clone()).map_err(|e| open_failed(&dir, e))?;
+        let mut syncer = Syncer::new(
+            sled_dir,
+            opts.fail_syncs.clone(),
+            "StagingOptions::fail_syncs",
+        )
+        .map_err(|e| open_failed(&dir, e))?;
         syncer
             .sync_at_open()
             .map_err(|e| open_failed(&dir, format!("sync failed: {e}")))?;
@@ -574,7 +391,7 @@ impl StagingStore {
             })
             .map_err(|e| open_failed(&dir, format!("sync failed: {e}")))?;
 
-        let db_syncs = syncer.db_syncs.clone();
+        let db_syncs = syncer.db_syncs();
         let store = StagingStore {
             inner: Arc::new(Inner {
                 dir,
@@ -713,7 +530,7 @@ impl Inner {
             .map_err(|e| format!("sled flush: {e}"))
             .and_then(|_| {
                 crash_point("participant::staging::before_sync");
-                st.syncer.sync(false).map_err(|e| e.to_string())
+                st.syncer.sync().map_err(|e| e.to_string())
             });
         match result {
             Ok(()) => {
@@ -740,7 +557,7 @@ impl Drop for Inner {
             .db
             .flush()
             .map_err(|e| e.to_string())
-            .and_then(|_| st.syncer.sync(false).map_err(|e| e.to_string()));
+            .and_then(|_| st.syncer.sync().map_err(|e| e.to_string()));
         if let Err(e) = result {
             tracing::warn!(dir = %self.dir.display(), error = %e, "final flush of the staging store failed");
         }

@@ -27,7 +27,8 @@
 //! file `<dir>/sled/db`, syncs any file in `<dir>/sled/blobs/` that is new or has grown
 //! since it was last synced, and fsyncs `<dir>/sled` (and `blobs/`) whenever their
 //! listing changed (sled renames snapshot files). At open, `conf` and the directories
-//! (including `<dir>` and, if `<dir>` was created, its parent) are fsynced once. A
+//! (including `<dir>` and, if `<dir>` was created, its parent) are fsynced once
+//! (`twopc_durable::Syncer`, shared with the participant's staging store). A
 //! decision is reported durable only after all of that returned success.
 //!
 //! # Group commit
@@ -47,9 +48,8 @@
 //! [`SledLogOptions::fail_syncs`] makes every sync fail while the flag is set.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -57,6 +57,7 @@ use std::thread::JoinHandle;
 
 use prost::Message;
 use tokio::sync::oneshot;
+use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
 use super::{
     AuditRecord, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered,
@@ -448,151 +449,6 @@ impl Shared {
     }
 }
 
-/// Syncs everything sled needs to read a flushed record back after a crash.
-struct Syncer {
-    sled_dir: PathBuf,
-    db_file: File,
-    /// Names in `<dir>/sled` when it was last fsynced.
-    dir_listing: Vec<OsString>,
-    /// Names in `<dir>/sled/blobs` when it was last fsynced.
-    blob_listing: Vec<OsString>,
-    /// Blob files and the length they had when last synced.
-    synced_blobs: HashMap<OsString, u64>,
-    fail_syncs: Option<Arc<AtomicBool>>,
-    /// Blob files synced so far (for tests).
-    blob_syncs: Arc<AtomicU64>,
-}
-
-fn sorted_listing(dir: &Path) -> io::Result<Vec<OsString>> {
-    let mut names = Vec::new();
-    match fs::read_dir(dir) {
-        Ok(entries) => {
-            for entry in entries {
-                names.push(entry?.file_name());
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// fsync on a directory, so entries created or renamed in it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("fsync of directory {}: {e}", dir.display()),
-            )
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
-}
-
-fn ctx<'a>(what: &str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
-    let what = what.to_string();
-    move |e| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-}
-
-impl Syncer {
-    fn new(sled_dir: PathBuf, fail_syncs: Option<Arc<AtomicBool>>) -> io::Result<Syncer> {
-        let db_path = sled_dir.join("db");
-        let db_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&db_path)
-            .map_err(ctx("cannot open sled data file", &db_path))?;
-        Ok(Syncer {
-            sled_dir,
-            db_file,
-            dir_listing: Vec::new(),
-            blob_listing: Vec::new(),
-            synced_blobs: HashMap::new(),
-            fail_syncs,
-            blob_syncs: Arc::new(AtomicU64::new(0)),
-        })
-    }
-
-    fn injected_failure(&self) -> io::Result<()> {
-        match &self.fail_syncs {
-            Some(flag) if flag.load(Ordering::SeqCst) => Err(io::Error::other(
-                "injected sync failure (SledLogOptions::fail_syncs is set)",
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Everything written and flushed so far becomes durable when this returns `Ok`.
-    fn sync(&mut self) -> io::Result<()> {
-        self.sync_inner(false)
-    }
-
-    /// [`Syncer::sync`]; `all_dirs` fsyncs both directories even if their listing is
-    /// unchanged.
-    fn sync_inner(&mut self, all_dirs: bool) -> io::Result<()> {
-        self.injected_failure()?;
-        // Blobs first: the data file may point at them.
-        let blobs_dir = self.sled_dir.join("blobs");
-        let blob_listing = sorted_listing(&blobs_dir)?;
-        for name in &blob_listing {
-            let path = blobs_dir.join(name);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                // Removed by sled's blob GC since the listing: nothing to keep.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(ctx("cannot open sled blob", &path)(e)),
-            };
-            let len = file
-                .metadata()
-                .map_err(ctx("cannot stat sled blob", &path))?
-                .len();
-            if self.synced_blobs.get(name) != Some(&len) {
-                file.sync_data()
-                    .map_err(ctx("fdatasync of sled blob", &path))?;
-                self.synced_blobs.insert(name.clone(), len);
-                self.blob_syncs.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        self.synced_blobs
-            .retain(|name, _| blob_listing.binary_search(name).is_ok());
-
-        let db_path = self.sled_dir.join("db");
-        self.db_file
-            .sync_data()
-            .map_err(ctx("fdatasync of sled data file", &db_path))?;
-
-        if all_dirs || blob_listing != self.blob_listing {
-            sync_dir(&blobs_dir)?;
-            self.blob_listing = blob_listing;
-        }
-        let dir_listing = sorted_listing(&self.sled_dir)?;
-        if all_dirs || dir_listing != self.dir_listing {
-            sync_dir(&self.sled_dir)?;
-            self.dir_listing = dir_listing;
-        }
-        Ok(())
-    }
-
-    /// The sync done at open: also `conf`, which sled writes without syncing.
-    fn sync_all_at_open(&mut self) -> io::Result<()> {
-        self.injected_failure()?;
-        let conf = self.sled_dir.join("conf");
-        match File::open(&conf) {
-            Ok(f) => f.sync_all().map_err(ctx("fsync of sled config", &conf))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ctx("cannot open sled config", &conf)(e)),
-        }
-        self.sync_inner(true)
-    }
-}
-
 /// What a fail point's `return` action asks for: `abort` aborts the process, anything
 /// else makes the sync fail. Compiled whatever the features: `fail_point!` expands
 /// whenever `fail/failpoints` is on, which another package (the participant SDK's own
@@ -907,66 +763,20 @@ fn open_failed(dir: &Path, what: impl std::fmt::Display) -> LogError {
     ))
 }
 
-/// Takes the exclusive lock on `<dir>/LOCK` and writes our pid into it.
+/// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
 fn take_lock(dir: &Path) -> Result<File, LogError> {
-    let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| open_failed(dir, format!("cannot open {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() {
-                String::new()
-            } else {
-                format!(" (holder pid {holder})")
-            };
-            return Err(LogError::Locked {
-                dir: dir.display().to_string(),
-                detail: format!(
-                    "{} is exclusively locked{who}; is another coordinator (or another \
-                     open of this log in this process) using this data directory?",
-                    path.display()
-                ),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(open_failed(
-                dir,
-                format!("cannot lock {}: {e}", path.display()),
-            ));
-        }
-    }
-    // Best effort: the pid only helps the message a second opener prints.
-    let _ = file
-        .set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()));
-    Ok(file)
-}
-
-/// Opens sled, retrying briefly while its own file lock is still held by the background
-/// threads of a just-dropped `SledLog` of this process (our `LOCK` excludes everyone else).
-fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
+    twopc_durable::take_lock(
+        dir,
+        LOCK_FILE,
+        "another coordinator (or another open of this log in this process)",
+    )
+    .map_err(|e| match e {
+        LockError::Locked { detail } => LogError::Locked {
+            dir: dir.display().to_string(),
+            detail,
+        },
+        LockError::Io(what) => open_failed(dir, what),
+    })
 }
 
 impl SledLog {
@@ -1028,10 +838,14 @@ impl SledLog {
 
         // Everything readable now (records of earlier runs, written but perhaps never
         // synced before a crash, and the new epoch) becomes durable here.
-        let mut syncer =
-            Syncer::new(sled_dir, opts.fail_syncs.clone()).map_err(|e| open_failed(dir, e))?;
+        let mut syncer = Syncer::new(
+            sled_dir,
+            opts.fail_syncs.clone(),
+            "SledLogOptions::fail_syncs",
+        )
+        .map_err(|e| open_failed(dir, e))?;
         syncer
-            .sync_all_at_open()
+            .sync_at_open()
             .map_err(|e| open_failed(dir, format!("sync failed: {e}")))?;
         lock_file
             .sync_all()
@@ -1047,7 +861,7 @@ impl SledLog {
             stats: Mutex::new(LogStats::default()),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
-            blob_syncs: syncer.blob_syncs.clone(),
+            blob_syncs: syncer.blob_syncs(),
         });
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
@@ -1360,7 +1174,7 @@ mod tests {
     use crate::log::conformance::{self, audit, branches, commit, tx_of, Subject, SuiteOptions};
 
     fn names(dir: &Path) -> Vec<String> {
-        sorted_listing(dir)
+        twopc_durable::sorted_listing(dir)
             .expect("list")
             .into_iter()
             .map(|n| n.to_string_lossy().into_owned())
