@@ -24,13 +24,12 @@ use crate::engine::{Outcome, ResolveRequest};
 use crate::log::{AuditRecord, DecisionLog};
 use crate::runtime::{Runtime, TxView};
 use crate::service::{
-    branch_state_pb, branch_to_pb, outcome_pb, parse_tx, status_of, view_state, MAX_LIST_LIMIT,
+    branch_state_pb, branch_to_pb, list_transactions, outcome_pb, parse_tx, status_of, view_state,
 };
 use crate::transport::Transport;
 use crate::types::{HeuristicDecision, TxId};
 
-/// How many transactions `ListTransactions` returns when the request says 0.
-pub const DEFAULT_LIST_LIMIT: u32 = 100;
+pub use crate::service::DEFAULT_LIST_LIMIT;
 
 /// The gRPC Admin face of a [`Runtime`].
 pub struct AdminService<L: DecisionLog, T: Transport> {
@@ -165,42 +164,17 @@ impl<L: DecisionLog, T: Transport> pb::admin_server::Admin for AdminService<L, T
         request: Request<pb::AdminListTransactionsRequest>,
     ) -> Result<Response<pb::AdminListTransactionsResponse>, Status> {
         let req = request.into_inner();
-        let want = pb::TxState::try_from(req.state).map_err(|_| {
-            Status::invalid_argument(format!("state {} is not a TxState", req.state))
-        })?;
-        if req.limit > MAX_LIST_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "limit is {}; at most {MAX_LIST_LIMIT} is allowed",
-                req.limit
-            )));
-        }
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            req.limit
-        };
-        let older_than = req.older_than_ms;
-        let views = self.rt.list(
-            |v| {
-                (want == pb::TxState::Unspecified || view_state(v) == want)
-                    && v.age_ms >= older_than
-            },
-            limit as usize,
-        );
-        let mut transactions = Vec::with_capacity(views.len());
-        for v in views {
-            let (count, pending) = match &v.live {
-                Some(e) => (e.branches.len() as u32, e.pending_branches().len() as u32),
-                None => (0, 0),
-            };
+        let listed = list_transactions(&self.rt, req.state, req.limit, req.older_than_ms)?;
+        let mut transactions = Vec::with_capacity(listed.len());
+        for l in listed {
             transactions.push(pb::AdminTransaction {
-                tx_id: v.tx.to_string(),
-                state: view_state(&v) as i32,
-                outcome: outcome_pb(v.outcome) as i32,
-                age_ms: v.age_ms,
-                branch_count: count,
-                pending_branch_count: pending,
-                heuristic: self.rt.is_heuristic(&v.tx).map_err(status_of)?,
+                heuristic: self.rt.is_heuristic(&l.view.tx).map_err(status_of)?,
+                tx_id: l.view.tx.to_string(),
+                state: view_state(&l.view) as i32,
+                outcome: outcome_pb(l.view.outcome) as i32,
+                age_ms: l.view.age_ms,
+                branch_count: l.branches,
+                pending_branch_count: l.pending,
             });
         }
         Ok(Response::new(pb::AdminListTransactionsResponse {

@@ -26,6 +26,56 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_COMMIT_WAIT_MS: u64 = 10 * 60 * 1000;
 /// Most transactions one ListTransactions returns.
 pub const MAX_LIST_LIMIT: u32 = 10_000;
+/// How many transactions a list returns when the request says 0.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+
+/// One transaction of a list, with its branch counts (0 for a forgotten one).
+pub(crate) struct Listed {
+    pub view: TxView,
+    pub branches: u32,
+    pub pending: u32,
+}
+
+/// The list of either API (`Coordinator` and `Admin` ListTransactions): checks `state`
+/// and `limit` (0 means [`DEFAULT_LIST_LIMIT`]) and returns the transactions in that state
+/// (any, for TX_STATE_UNSPECIFIED) at least `min_age_ms` old, oldest first.
+pub(crate) fn list_transactions<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    state: i32,
+    limit: u32,
+    min_age_ms: u64,
+) -> Result<Vec<Listed>, Status> {
+    let want = pb::TxState::try_from(state)
+        .map_err(|_| Status::invalid_argument(format!("state {state} is not a TxState")))?;
+    if limit > MAX_LIST_LIMIT {
+        return Err(Status::invalid_argument(format!(
+            "limit is {limit}; at most {MAX_LIST_LIMIT} is allowed"
+        )));
+    }
+    let limit = if limit == 0 {
+        DEFAULT_LIST_LIMIT
+    } else {
+        limit
+    };
+    let views = rt.list(
+        |v| (want == pb::TxState::Unspecified || view_state(v) == want) && v.age_ms >= min_age_ms,
+        limit as usize,
+    );
+    Ok(views
+        .into_iter()
+        .map(|view| {
+            let (branches, pending) = match &view.live {
+                Some(e) => (e.branches.len() as u32, e.pending_branches().len() as u32),
+                None => (0, 0),
+            };
+            Listed {
+                view,
+                branches,
+                pending,
+            }
+        })
+        .collect())
+}
 
 /// The gRPC face of a [`Runtime`].
 pub struct CoordinatorService<L: DecisionLog, T: Transport> {
@@ -377,40 +427,15 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
         request: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
         let req = request.into_inner();
-        let want = pb::TxState::try_from(req.state).map_err(|_| {
-            Status::invalid_argument(format!("state {} is not a TxState", req.state))
-        })?;
-        if req.limit > MAX_LIST_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "limit is {}; at most {MAX_LIST_LIMIT} is allowed",
-                req.limit
-            )));
-        }
-        let limit = if req.limit == 0 {
-            100
-        } else {
-            req.limit as usize
-        };
-        let min_age = req.min_age_ms;
-        let views = self.rt.list(
-            |v| (want == pb::TxState::Unspecified || view_state(v) == want) && v.age_ms >= min_age,
-            limit,
-        );
-        let transactions = views
+        let transactions = list_transactions(&self.rt, req.state, req.limit, req.min_age_ms)?
             .into_iter()
-            .map(|v| {
-                let (count, pending) = match &v.live {
-                    Some(e) => (e.branches.len() as u32, e.pending_branches().len() as u32),
-                    None => (0, 0),
-                };
-                pb::TransactionSummary {
-                    tx_id: v.tx.to_string(),
-                    state: view_state(&v) as i32,
-                    outcome: outcome_pb(v.outcome) as i32,
-                    age_ms: v.age_ms,
-                    branch_count: count,
-                    pending_branch_count: pending,
-                }
+            .map(|l| pb::TransactionSummary {
+                tx_id: l.view.tx.to_string(),
+                state: view_state(&l.view) as i32,
+                outcome: outcome_pb(l.view.outcome) as i32,
+                age_ms: l.view.age_ms,
+                branch_count: l.branches,
+                pending_branch_count: l.pending,
             })
             .collect();
         Ok(Response::new(pb::ListTransactionsResponse { transactions }))
