@@ -53,6 +53,59 @@
 //!   staged.) This is the usual one-phase-commit hazard; switch one-phase off in the
 //!   coordinator (`--one-phase false`) if it matters.
 
+/// Implements [`Resource`] for a broker adapter by handing every call to its
+/// [`BrokerCore`]: the adapter's `name` and `core` fields, kind BROKER. Every adapter
+/// behaves the same as a branch; only [`Broker`] (reachability and publishing) differs.
+macro_rules! broker_resource {
+    ($adapter:ty) => {
+        #[tonic::async_trait]
+        impl $crate::resource::Resource for $adapter {
+            fn name(&self) -> &str {
+                &self.name
+            }
+
+            fn kind(&self) -> $crate::resource::BranchKind {
+                $crate::resource::BranchKind::Broker
+            }
+
+            async fn prepare(&self, tx_id: &str, branch_id: &str) -> $crate::resource::Vote {
+                self.core.prepare(self, tx_id, branch_id).await
+            }
+
+            async fn commit(
+                &self,
+                tx_id: &str,
+                branch_id: &str,
+            ) -> std::result::Result<(), $crate::resource::Retry> {
+                self.core.commit(self, tx_id, branch_id).await
+            }
+
+            async fn commit_one_phase(
+                &self,
+                tx_id: &str,
+                branch_id: &str,
+            ) -> std::result::Result<$crate::resource::OnePhase, $crate::resource::Retry> {
+                self.core.commit_one_phase(self, tx_id, branch_id).await
+            }
+
+            async fn abort(
+                &self,
+                tx_id: &str,
+                branch_id: &str,
+            ) -> std::result::Result<(), $crate::resource::Retry> {
+                self.core.abort(tx_id, branch_id).await
+            }
+
+            async fn in_doubt(
+                &self,
+            ) -> std::result::Result<Vec<(String, String)>, $crate::resource::Retry> {
+                self.core.in_doubt()
+            }
+        }
+    };
+}
+pub(crate) use broker_resource;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

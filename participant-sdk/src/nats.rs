@@ -51,10 +51,9 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::broker::{Broker, BrokerCore, BrokerOptions, PublishOutcome};
+use crate::broker::{broker_resource, Broker, BrokerCore, BrokerOptions, PublishOutcome};
 use crate::error::{Error, Result};
 use crate::rabbitmq::redact_url;
-use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
 use crate::staging::{StagedMessage, StagingStore};
 
 /// Bound on the initial connection.
@@ -339,40 +338,7 @@ impl Broker for NatsResource {
     }
 }
 
-#[tonic::async_trait]
-impl Resource for NatsResource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn kind(&self) -> BranchKind {
-        BranchKind::Broker
-    }
-
-    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
-        self.core.prepare(self, tx_id, branch_id).await
-    }
-
-    async fn commit(&self, tx_id: &str, branch_id: &str) -> std::result::Result<(), Retry> {
-        self.core.commit(self, tx_id, branch_id).await
-    }
-
-    async fn commit_one_phase(
-        &self,
-        tx_id: &str,
-        branch_id: &str,
-    ) -> std::result::Result<OnePhase, Retry> {
-        self.core.commit_one_phase(self, tx_id, branch_id).await
-    }
-
-    async fn abort(&self, tx_id: &str, branch_id: &str) -> std::result::Result<(), Retry> {
-        self.core.abort(tx_id, branch_id).await
-    }
-
-    async fn in_doubt(&self) -> std::result::Result<Vec<(String, String)>, Retry> {
-        self.core.in_doubt()
-    }
-}
+broker_resource!(NatsResource);
 
 #[cfg(test)]
 mod tests {
