@@ -31,7 +31,7 @@ use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
 use twopc_participant::TwoPc;
 
-use crate::demo::{self, BrokerKind};
+use crate::demo::{self, BrokerKind, ServiceUrls};
 use crate::order_service::{Order, OrderService, Placed, ORDER_SCHEMA};
 
 /// Flags of `twopc bench dual-write`.
@@ -52,27 +52,9 @@ pub struct DualWriteBench {
     /// How often the outbox relay polls (ms).
     #[arg(long, default_value_t = 100)]
     pub relay_interval_ms: u64,
-    /// PostgreSQL (needs max_prepared_transactions > 0; otherwise a private cluster is used).
-    #[arg(
-        long,
-        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-        env = "TWOPC_DEMO_POSTGRES_URL"
-    )]
-    pub postgres_url: String,
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        env = "TWOPC_DEMO_AMQP_URL"
-    )]
-    pub amqp_url: String,
-    /// NATS URL.
-    #[arg(
-        long,
-        default_value = "nats://127.0.0.1:4222",
-        env = "TWOPC_DEMO_NATS_URL"
-    )]
-    pub nats_url: String,
+    /// PostgreSQL and the brokers.
+    #[command(flatten)]
+    pub services: ServiceUrls,
     /// Print one JSON object per mode instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -201,7 +183,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
     let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
 
-    let (pg_url, _cluster) = demo::postgres_for_demo(&args.postgres_url).await?;
+    let (pg_url, _cluster) = demo::postgres_for_demo(&args.services.postgres_url).await?;
     let db_name = format!("twopc_bench_{tag}");
     demo::create_database(&pg_url, &db_name).await?;
     let db_url = demo::with_dbname(&pg_url, &db_name);
@@ -256,13 +238,15 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let results = match args.broker {
         BrokerKind::Rabbitmq => {
             let broker = sdk.register(Arc::new(
-                RabbitResource::connect("events", &args.amqp_url, staging.clone())
+                RabbitResource::connect("events", &args.services.amqp_url, staging.clone())
                     .await
-                    .with_context(|| demo::rabbit_hint(&args.amqp_url))?,
+                    .with_context(|| demo::rabbit_hint(&args.services.amqp_url))?,
             ))?;
-            let conn =
-                lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
-                    .await?;
+            let conn = lapin::Connection::connect(
+                &args.services.amqp_url,
+                lapin::ConnectionProperties::default(),
+            )
+            .await?;
             for mode in samples.keys() {
                 let ch = conn.create_channel().await?;
                 ch.queue_declare(
@@ -298,11 +282,17 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
                 .map(|m| dest(*m))
                 .collect();
             let broker = sdk.register(Arc::new(
-                NatsResource::connect("events", &args.nats_url, &stream, subjects, staging.clone())
-                    .await
-                    .with_context(|| demo::nats_hint(&args.nats_url))?,
+                NatsResource::connect(
+                    "events",
+                    &args.services.nats_url,
+                    &stream,
+                    subjects,
+                    staging.clone(),
+                )
+                .await
+                .with_context(|| demo::nats_hint(&args.services.nats_url))?,
             ))?;
-            let client = async_nats::connect(&args.nats_url).await?;
+            let client = async_nats::connect(&args.services.nats_url).await?;
             let js = async_nats::jetstream::new(client);
             for mode in samples.keys() {
                 spawn_nats_consumer(

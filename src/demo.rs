@@ -43,15 +43,9 @@ pub enum BrokerKind {
     Nats,
 }
 
-/// Flags of `twopc demo`.
+/// Where the demo and `bench dual-write` find PostgreSQL and the brokers.
 #[derive(Clone, Debug, clap::Args)]
-pub struct DemoArgs {
-    /// How many orders to place (every few is designed to fail).
-    #[arg(long, default_value_t = 20)]
-    pub orders: usize,
-    /// Which broker to publish OrderCreated to.
-    #[arg(long, value_enum, default_value_t = BrokerKind::Rabbitmq, env = "TWOPC_DEMO_BROKER")]
-    pub broker: BrokerKind,
+pub struct ServiceUrls {
     /// PostgreSQL to use (libpq key=value or URL). Needs max_prepared_transactions > 0;
     /// otherwise a private cluster is started.
     #[arg(
@@ -74,6 +68,20 @@ pub struct DemoArgs {
         env = "TWOPC_DEMO_NATS_URL"
     )]
     pub nats_url: String,
+}
+
+/// Flags of `twopc demo`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many orders to place (every few is designed to fail).
+    #[arg(long, default_value_t = 20)]
+    pub orders: usize,
+    /// Which broker to publish OrderCreated to.
+    #[arg(long, value_enum, default_value_t = BrokerKind::Rabbitmq, env = "TWOPC_DEMO_BROKER")]
+    pub broker: BrokerKind,
+    /// PostgreSQL and the brokers.
+    #[command(flatten)]
+    pub services: ServiceUrls,
     /// Keep the coordinator's and the participant's data here (default: a temp dir).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
@@ -120,7 +128,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tag = format!("{}_{}", std::process::id(), chrono_like_stamp());
 
     // PostgreSQL: the given one if it can prepare transactions, else a private cluster.
-    let (pg_url, _cluster) = postgres_for_demo(&args.postgres_url).await?;
+    let (pg_url, _cluster) = postgres_for_demo(&args.services.postgres_url).await?;
     let db_name = format!("twopc_demo_{tag}");
     create_database(&pg_url, &db_name).await?;
     let db_url = with_dbname(&pg_url, &db_name);
@@ -168,15 +176,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let report = match args.broker {
         BrokerKind::Rabbitmq => {
             let queue = format!("twopc-demo-orders-{tag}");
-            let broker = RabbitResource::connect("events", &args.amqp_url, staging.clone())
-                .await
-                .with_context(|| rabbit_hint(&args.amqp_url))?;
+            let broker =
+                RabbitResource::connect("events", &args.services.amqp_url, staging.clone())
+                    .await
+                    .with_context(|| rabbit_hint(&args.services.amqp_url))?;
             let broker = sdk.register(Arc::new(broker))?;
             println!(
                 "broker         RabbitMQ {} queue {queue}",
-                redact(&args.amqp_url)
+                redact(&args.services.amqp_url)
             );
-            let consumer = spawn_rabbit_consumer(&args.amqp_url, &queue, &db_url).await?;
+            let consumer = spawn_rabbit_consumer(&args.services.amqp_url, &queue, &db_url).await?;
             let service = OrderService {
                 sdk: sdk.clone(),
                 db: db.clone(),
@@ -190,19 +199,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let subject = format!("twopc-demo.{tag}.orders");
             let broker = NatsResource::connect(
                 "events",
-                &args.nats_url,
+                &args.services.nats_url,
                 &stream,
                 vec![subject.clone()],
                 staging.clone(),
             )
             .await
-            .with_context(|| nats_hint(&args.nats_url))?;
+            .with_context(|| nats_hint(&args.services.nats_url))?;
             let broker = sdk.register(Arc::new(broker))?;
             println!(
                 "broker         NATS JetStream {} stream {stream}",
-                args.nats_url
+                args.services.nats_url
             );
-            let consumer = spawn_nats_consumer(&args.nats_url, &stream, &db_url).await?;
+            let consumer = spawn_nats_consumer(&args.services.nats_url, &stream, &db_url).await?;
             let service = OrderService {
                 sdk: sdk.clone(),
                 db: db.clone(),

@@ -242,8 +242,8 @@ async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or Ctrl-C (`twopc serve` and `twopc order-service`).
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

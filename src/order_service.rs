@@ -483,7 +483,7 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
             }
         }
         if !args.recover && args.place.is_none() {
-            wait_for_shutdown().await;
+            crate::shutdown_signal().await;
         }
         broker.close().await;
         Ok::<_, anyhow::Error>(())
@@ -659,27 +659,4 @@ async fn wait_for_phase_two(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-async fn wait_for_shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received");
 }
