@@ -169,6 +169,47 @@ async fn start_null_participant(
     Ok(endpoint)
 }
 
+/// A coordinator in this process on `127.0.0.1:<free port>`, its sled log in `dir` (the
+/// benchmarks read the log's counters directly).
+pub(crate) struct LocalCoordinator {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its decision log.
+    pub log: Arc<SledLog>,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), server::ServeError>>,
+}
+
+impl LocalCoordinator {
+    /// Opens the log in `dir` and starts serving with the default configuration.
+    pub async fn start(dir: &std::path::Path) -> anyhow::Result<LocalCoordinator> {
+        let log = Arc::new(SledLog::open(dir, SledLogOptions::default())?);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let cfg = ServeConfig {
+            data_dir: dir.to_path_buf(),
+            ..ServeConfig::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(server::run_with_log(cfg, log.clone(), listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(LocalCoordinator {
+            url,
+            log,
+            stop,
+            server,
+        })
+    }
+
+    /// Shuts it down gracefully and returns how it ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}
+
 /// Runs the benchmark and prints its report.
 pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -190,31 +231,15 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
     let ceiling = disk_ceiling(base.path(), args.clients, duration, !args.json)?;
     results.push(ceiling.clone());
 
-    let log = Arc::new(SledLog::open(
-        &base.path().join("coordinator"),
-        SledLogOptions::default(),
-    )?);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let coordinator = LocalCoordinator::start(&base.path().join("coordinator")).await?;
+    let log = coordinator.log.clone();
     let (p1_stop, p1_rx) = oneshot::channel::<()>();
     let (p2_stop, p2_rx) = oneshot::channel::<()>();
     let endpoints = [
         start_null_participant(p1_rx, !args.unary).await?,
         start_null_participant(p2_rx, !args.unary).await?,
     ];
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let cfg = ServeConfig {
-        data_dir: base.path().join("coordinator"),
-        ..ServeConfig::default()
-    };
-    let server_log = log.clone();
-    let server = tokio::spawn(async move {
-        server::run_with_log(cfg, server_log, listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    let channel = tonic::transport::Endpoint::from_shared(url)?
+    let channel = tonic::transport::Endpoint::from_shared(coordinator.url.clone())?
         .tcp_nodelay(true)
         .connect()
         .await
@@ -255,10 +280,9 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
         r.ratio_to_disk_ceiling = Some(r.tx_per_s / ceiling.tx_per_s.max(1e-9));
         results.push(r);
     }
-    let _ = stop_tx.send(());
     let _ = p1_stop.send(());
     let _ = p2_stop.send(());
-    server.await??;
+    coordinator.stop().await?;
 
     if args.json {
         for r in &results {

@@ -18,12 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bench::LocalCoordinator;
 use anyhow::Context;
 use futures::StreamExt;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
-use twopc_coordinator::server::{self, ServeConfig};
+use twopc_coordinator::log::{DecisionLog, SledLog};
 use twopc_participant::broker::Broker;
 use twopc_participant::nats::NatsResource;
 use twopc_participant::postgres::PgResource;
@@ -199,25 +197,9 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     }
 
     // Coordinator in-process, real sled log.
-    let log = Arc::new(SledLog::open(
-        &tmp.path().join("coordinator"),
-        SledLogOptions::default(),
-    )?);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let coordinator_url = format!("http://{}", listener.local_addr()?);
-    let (stop_coordinator, stopped) = oneshot::channel::<()>();
-    let cfg = ServeConfig {
-        data_dir: tmp.path().join("coordinator"),
-        ..ServeConfig::default()
-    };
-    let server_log = log.clone();
-    let coordinator = tokio::spawn(async move {
-        server::run_with_log(cfg, server_log, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    let sdk = TwoPc::builder(&coordinator_url)
+    let coordinator = LocalCoordinator::start(&tmp.path().join("coordinator")).await?;
+    let log = coordinator.log.clone();
+    let sdk = TwoPc::builder(&coordinator.url)
         .service("bench")
         .data_dir(tmp.path().join("svc"))
         .start()
@@ -318,8 +300,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     };
 
     sdk.shutdown().await;
-    let _ = stop_coordinator.send(());
-    coordinator.await??;
+    coordinator.stop().await?;
     if args.json {
         for r in &results {
             println!("{}", serde_json::to_string(r)?);
