@@ -330,7 +330,7 @@ impl TwoPcBuilder {
 
     /// Connects to the coordinator, starts the participant server and recovery.
     pub async fn start(self) -> Result<TwoPc> {
-        validate_service(&self.service)?;
+        validate_name("service", &self.service, 32)?;
         for (what, pem) in [
             ("coordinator_ca", self.coordinator_ca.as_deref()),
             (
@@ -421,9 +421,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-fn validate_service(name: &str) -> Result<()> {
+/// Checks a service or resource name (they become parts of branch ids and PostgreSQL
+/// gids): 1 to `max` characters of letters, digits and `._-`; the error says `what`.
+pub(crate) fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= 32
+        && name.len() <= max
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -431,7 +433,7 @@ fn validate_service(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Usage(format!(
-            "service name {name:?} must be 1-32 characters of A-Z a-z 0-9 . _ -"
+            "{what} name {name:?} must be 1-{max} characters of A-Z a-z 0-9 . _ -"
         )))
     }
 }

@@ -64,7 +64,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
 use tracing::{debug, warn};
 
-use crate::client::Transaction;
+use crate::client::{validate_name, Transaction};
 use crate::error::{Error, Result};
 use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
 
@@ -245,7 +245,7 @@ impl PgResource {
     /// `max_prepared_transactions > 0` and fails with a message saying how to enable it
     /// otherwise.
     pub async fn new(name: &str, pool: Pool) -> Result<Arc<PgResource>> {
-        validate_name(name)?;
+        validate_name("resource", name, 64)?;
         let conn = get_conn(&pool)
             .await
             .map_err(|e| Error::resource(name, format!("cannot connect to PostgreSQL: {e}")))?;
@@ -540,22 +540,6 @@ fn check_statement(sql: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Letters, digits and `._-`.
-fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Usage(format!(
-            "resource name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
-        )))
-    }
 }
 
 /// `twopc:<tx_id>:<branch_id>`, checked to be a safe SQL literal and short enough.
