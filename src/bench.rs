@@ -334,23 +334,16 @@ impl Client {
 
     async fn begin(&mut self, req: pb::BeginRequest) -> Result<pb::BeginResponse, Status> {
         match &self.pipeline {
-            Some(p) => p.begin(req).await.map_err(pipeline_status),
+            Some(p) => p.begin(req).await.map_err(Status::from),
             None => Ok(self.unary.begin(req).await?.into_inner()),
         }
     }
 
     async fn commit(&mut self, req: pb::CommitRequest) -> Result<pb::CommitResponse, Status> {
         match &self.pipeline {
-            Some(p) => p.commit(req).await.map_err(pipeline_status),
+            Some(p) => p.commit(req).await.map_err(Status::from),
             None => Ok(self.unary.commit(req).await?.into_inner()),
         }
-    }
-}
-
-fn pipeline_status(e: mux::PipelineError) -> Status {
-    match e {
-        mux::PipelineError::Status(s) => s,
-        mux::PipelineError::Unsupported => Status::unimplemented("no Pipeline stream"),
     }
 }
 

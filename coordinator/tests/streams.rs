@@ -21,7 +21,7 @@ use tonic::{Code, Request, Response, Status};
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server::{self, ServeConfig};
 use twopc_coordinator::types::TxId;
-use twopc_proto::mux::{self, Pipeline, PipelineError};
+use twopc_proto::mux::{self, Pipeline};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_proto::v1::participant_exchange_server::{
@@ -233,13 +233,6 @@ fn branches(endpoint: &str) -> Vec<pb::Branch> {
         .collect()
 }
 
-fn status(e: PipelineError) -> Status {
-    match e {
-        PipelineError::Status(s) => s,
-        PipelineError::Unsupported => Status::unimplemented("the coordinator has no Pipeline"),
-    }
-}
-
 /// Runs `n` two-branch transactions at once over one pipeline; all must commit.
 async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
     let mut tasks = Vec::new();
@@ -253,7 +246,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                     branches,
                 })
                 .await
-                .map_err(status)?;
+                .map_err(Status::from)?;
             p.commit(pb::CommitRequest {
                 tx_id: begun.tx_id,
                 phase_two_wait_ms: 0,
@@ -261,7 +254,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                 branches: Vec::new(),
             })
             .await
-            .map_err(status)
+            .map_err(Status::from)
         }));
     }
     for t in tasks {
@@ -314,7 +307,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             no_wait: false,
             branches: Vec::new(),
         };
-        let piped = p.commit(req.clone()).await.map_err(status);
+        let piped = p.commit(req.clone()).await.map_err(Status::from);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
         match (piped, direct) {
             (Err(a), Err(b)) => {
@@ -329,7 +322,11 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         tx_id: "x".into(),
         reason: "r".repeat(5000),
     };
-    let e = p.abort(too_long_reason).await.map_err(status).unwrap_err();
+    let e = p
+        .abort(too_long_reason)
+        .await
+        .map_err(Status::from)
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A transaction begun over the pipeline is the same transaction for unary calls.
     let begun = p
@@ -338,7 +335,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             branches: branches(&s.endpoint),
         })
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .expect("begin");
     unary
         .abort(pb::AbortRequest {
@@ -355,7 +352,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             branches: Vec::new(),
         })
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
 }
@@ -381,7 +378,7 @@ async fn shutdowns_are_not_held_up_by_open_streams() {
     let e = p
         .begin(pb::BeginRequest::default())
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     drop(p);
@@ -396,7 +393,7 @@ async fn commit_enlists_the_branches_it_carries() {
     let begun = p
         .begin(pb::BeginRequest::default())
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .expect("begin");
     let commit = pb::CommitRequest {
         tx_id: begun.tx_id.clone(),
@@ -407,7 +404,7 @@ async fn commit_enlists_the_branches_it_carries() {
     let resp = p
         .commit(commit.clone())
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .expect("commit");
     assert_eq!(resp.outcome, pb::Outcome::Committed as i32);
     assert!(resp.pending_branches.is_empty(), "{resp:?}");
@@ -431,7 +428,7 @@ async fn commit_enlists_the_branches_it_carries() {
     let begun = p
         .begin(pb::BeginRequest::default())
         .await
-        .map_err(status)
+        .map_err(Status::from)
         .expect("begin");
     let mut bad = branches(&s.endpoint);
     bad[1].participant_endpoint = "not a url".into();

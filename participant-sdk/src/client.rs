@@ -446,57 +446,73 @@ const PIPELINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The client API calls: over the pipeline, or unary when the coordinator does not serve
 /// it.
 impl Inner {
+    /// One call: over the pipeline, or as the unary call when the coordinator does not
+    /// serve it.
+    async fn call<'a, Req, Resp, PF, UF>(
+        &'a self,
+        req: Req,
+        piped: impl FnOnce(&'a mux::Pipeline, Req) -> PF,
+        unary: impl FnOnce(CoordinatorClient<CoordinatorChannel>, Req) -> UF,
+    ) -> std::result::Result<Resp, tonic::Status>
+    where
+        Req: Clone,
+        PF: std::future::Future<Output = std::result::Result<Resp, mux::PipelineError>>,
+        UF: std::future::Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        match piped(&self.pipeline, req.clone()).await {
+            Err(mux::PipelineError::Unsupported) => {
+                Ok(unary(self.coordinator.clone(), req).await?.into_inner())
+            }
+            other => Ok(other?),
+        }
+    }
+
     async fn begin(
         &self,
         req: pb::BeginRequest,
     ) -> std::result::Result<pb::BeginResponse, tonic::Status> {
-        match self.pipeline.begin(req.clone()).await {
-            Err(mux::PipelineError::Unsupported) => {}
-            other => return other.map_err(pipeline_status),
-        }
-        Ok(self.coordinator.clone().begin(req).await?.into_inner())
+        self.call(
+            req,
+            |p, r| p.begin(r),
+            |mut c, r| async move { c.begin(r).await },
+        )
+        .await
     }
 
     async fn enlist(
         &self,
         req: pb::EnlistRequest,
     ) -> std::result::Result<pb::EnlistResponse, tonic::Status> {
-        match self.pipeline.enlist(req.clone()).await {
-            Err(mux::PipelineError::Unsupported) => {}
-            other => return other.map_err(pipeline_status),
-        }
-        Ok(self.coordinator.clone().enlist(req).await?.into_inner())
+        self.call(
+            req,
+            |p, r| p.enlist(r),
+            |mut c, r| async move { c.enlist(r).await },
+        )
+        .await
     }
 
     async fn commit(
         &self,
         req: pb::CommitRequest,
     ) -> std::result::Result<pb::CommitResponse, tonic::Status> {
-        match self.pipeline.commit(req.clone()).await {
-            Err(mux::PipelineError::Unsupported) => {}
-            other => return other.map_err(pipeline_status),
-        }
-        Ok(self.coordinator.clone().commit(req).await?.into_inner())
+        self.call(
+            req,
+            |p, r| p.commit(r),
+            |mut c, r| async move { c.commit(r).await },
+        )
+        .await
     }
 
     async fn abort(
         &self,
         req: pb::AbortRequest,
     ) -> std::result::Result<pb::AbortResponse, tonic::Status> {
-        match self.pipeline.abort(req.clone()).await {
-            Err(mux::PipelineError::Unsupported) => {}
-            other => return other.map_err(pipeline_status),
-        }
-        Ok(self.coordinator.clone().abort(req).await?.into_inner())
-    }
-}
-
-fn pipeline_status(e: mux::PipelineError) -> tonic::Status {
-    match e {
-        mux::PipelineError::Status(s) => s,
-        mux::PipelineError::Unsupported => {
-            tonic::Status::unimplemented("the coordinator does not serve Pipeline")
-        }
+        self.call(
+            req,
+            |p, r| p.abort(r),
+            |mut c, r| async move { c.abort(r).await },
+        )
+        .await
     }
 }
 

@@ -289,6 +289,17 @@ pub enum PipelineError {
     Status(Status),
 }
 
+impl From<PipelineError> for Status {
+    fn from(e: PipelineError) -> Status {
+        match e {
+            PipelineError::Status(s) => s,
+            PipelineError::Unsupported => {
+                Status::unimplemented("the coordinator does not serve Pipeline")
+            }
+        }
+    }
+}
+
 /// The client API over one `Pipeline` stream: Begin / Enlist / Commit / Abort with the
 /// unary calls' meaning, many transactions' calls per frame.
 pub struct Pipeline {
