@@ -1,11 +1,17 @@
-//! `twopc bench dual-write`: the order-service workload three ways, side by side.
+//! `twopc bench dual-write`: the order-service workload four ways, side by side.
 //!
 //! - **naive**: `INSERT` (autocommit), then publish with a broker confirmation. Fast and
 //!   wrong: a crash between the two leaves a row without its event.
 //! - **outbox**: the row and an outbox row in one local transaction; a relay polls the
 //!   outbox every `--relay-interval-ms`, publishes (with confirmations) and deletes.
-//! - **twopc**: the SDK: a PostgreSQL branch and a broker branch committed by the
-//!   coordinator (in-process, real sled log with real syncs).
+//! - **twopc**: the SDK, as a service whose event goes with its database writes should
+//!   use it: the event is staged in the PostgreSQL branch's own transaction
+//!   (`PgBranch::publish`, the `twopc_outbox` table), so the transaction has one branch
+//!   and the coordinator (in-process, real sled log) commits it in one phase; the
+//!   resource's relay publishes the event as soon as the row committed.
+//! - **twopc-2pc**: the SDK with a broker branch of its own (`Transaction::publish`): two
+//!   branches, so prepare (`PREPARE TRANSACTION` and a synced staging store), a forced
+//!   decision and phase two.
 //!
 //! The modes run interleaved (`--rounds` slices each, in rotation) against the same
 //! PostgreSQL and broker, so they share the machine's conditions. Per mode it reports
@@ -27,10 +33,10 @@ use twopc_participant::nats::NatsResource;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::TwoPc;
+use twopc_participant::{OutboxOptions, TwoPc};
 
 use crate::demo::{self, BrokerKind, ServiceUrls};
-use crate::order_service::{Order, OrderService, Placed, ORDER_SCHEMA};
+use crate::order_service::{EventStaging, Order, OrderService, Placed, ORDER_SCHEMA};
 
 /// Flags of `twopc bench dual-write`.
 #[derive(Clone, Debug, clap::Args)]
@@ -50,6 +56,10 @@ pub struct DualWriteBench {
     /// How often the outbox relay polls (ms).
     #[arg(long, default_value_t = 100)]
     pub relay_interval_ms: u64,
+    /// twopc mode: how long a commit waits for the broker's confirmation of the event
+    /// staged in the database branch (ms; 0: answer at once, publish in the background).
+    #[arg(long, default_value_t = 1000)]
+    pub publish_wait_ms: u64,
     /// PostgreSQL and the brokers.
     #[command(flatten)]
     pub services: ServiceUrls,
@@ -61,7 +71,7 @@ pub struct DualWriteBench {
 /// One mode's numbers (the JSON line).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DualResult {
-    /// naive | outbox | twopc.
+    /// naive | outbox | twopc | twopc-2pc.
     pub mode: String,
     /// Concurrent clients.
     pub clients: usize,
@@ -75,7 +85,8 @@ pub struct DualResult {
     pub delivery_p50_ms: f64,
     /// Commit-to-receipt latency p99 (ms).
     pub delivery_p99_ms: f64,
-    /// Forced log syncs per decision (twopc only).
+    /// Decision-log syncs per committed transaction (twopc modes only; 0 when every
+    /// transaction committed in one phase).
     pub syncs_per_decision: Option<f64>,
     /// Orders whose event never arrived within the drain deadline.
     pub undelivered: u64,
@@ -88,7 +99,11 @@ enum Mode {
     Naive,
     Outbox,
     Twopc,
+    TwopcBroker,
 }
+
+/// Every mode, in the order they run and are reported.
+const MODES: [Mode; 4] = [Mode::Naive, Mode::Outbox, Mode::Twopc, Mode::TwopcBroker];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -96,6 +111,7 @@ impl Mode {
             Mode::Naive => "naive",
             Mode::Outbox => "outbox",
             Mode::Twopc => "twopc",
+            Mode::TwopcBroker => "twopc-2pc",
         }
     }
 }
@@ -115,6 +131,8 @@ struct Samples {
     received: AtomicU64,
     /// Measured time (µs) summed over slices.
     busy_us: AtomicU64,
+    /// Decision-log syncs during this mode's slices.
+    syncs: AtomicU64,
 }
 
 /// Plain publishing for the naive and outbox modes (the twopc mode goes through the SDK).
@@ -178,6 +196,10 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
         (1..=60_000).contains(&args.relay_interval_ms),
         "--relay-interval-ms must be between 1 and 60000"
     );
+    anyhow::ensure!(
+        args.publish_wait_ms <= 60_000,
+        "--publish-wait-ms must be at most 60000"
+    );
     let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
     let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
 
@@ -212,7 +234,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
         BrokerKind::Nats => format!("twopc-bench.{tag}.{}", mode.name()),
     };
     let stream = format!("TWOPC_BENCH_{tag}");
-    let samples: HashMap<Mode, Arc<Samples>> = [Mode::Naive, Mode::Outbox, Mode::Twopc]
+    let samples: HashMap<Mode, Arc<Samples>> = MODES
         .into_iter()
         .map(|m| (m, Arc::new(Samples::default())))
         .collect();
@@ -250,19 +272,11 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             };
             let publishers =
                 futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
-            let service = OrderService {
-                sdk: sdk.clone(),
-                db: db.clone(),
-                broker,
-                destination: dest(Mode::Twopc),
-            };
-            measure(&args, &pool, &service, publishers, &dest, &samples, &log).await?
+            let services = services(&args, &sdk, &db, broker, &dest).await?;
+            measure(&args, &pool, &services, publishers, &dest, &samples, &log).await?
         }
         BrokerKind::Nats => {
-            let subjects = [Mode::Naive, Mode::Outbox, Mode::Twopc]
-                .iter()
-                .map(|m| dest(*m))
-                .collect();
+            let subjects = MODES.iter().map(|m| dest(*m)).collect();
             let broker = sdk.register(Arc::new(
                 NatsResource::connect(
                     "events",
@@ -289,13 +303,8 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             let publishers = (0..args.clients + 1)
                 .map(|_| Publisher::Nats(js.clone()))
                 .collect();
-            let service = OrderService {
-                sdk: sdk.clone(),
-                db: db.clone(),
-                broker,
-                destination: dest(Mode::Twopc),
-            };
-            measure(&args, &pool, &service, publishers, &dest, &samples, &log).await?
+            let services = services(&args, &sdk, &db, broker, &dest).await?;
+            measure(&args, &pool, &services, publishers, &dest, &samples, &log).await?
         }
     };
 
@@ -311,11 +320,38 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The order services of the two twopc modes: events staged in the database (`twopc`) and
+/// in a broker branch (`twopc-2pc`).
+async fn services<B: Broker>(
+    args: &DualWriteBench,
+    sdk: &TwoPc,
+    db: &Arc<PgResource>,
+    broker: Arc<B>,
+    dest: &dyn Fn(Mode) -> String,
+) -> anyhow::Result<[OrderService<B>; 2]> {
+    let options = OutboxOptions {
+        publish_wait: Duration::from_millis(args.publish_wait_ms),
+        ..OutboxOptions::default()
+    };
+    db.enable_outbox(broker.clone(), options).await?;
+    let service = |mode: Mode, staging: EventStaging| OrderService {
+        sdk: sdk.clone(),
+        db: db.clone(),
+        broker: broker.clone(),
+        destination: dest(mode),
+        staging,
+    };
+    Ok([
+        service(Mode::Twopc, EventStaging::Database),
+        service(Mode::TwopcBroker, EventStaging::Broker),
+    ])
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn measure<B: Broker>(
     args: &DualWriteBench,
     pool: &deadpool_postgres::Pool,
-    service: &OrderService<B>,
+    services: &[OrderService<B>; 2],
     mut publishers: Vec<Publisher>,
     dest: &dyn Fn(Mode) -> String,
     samples: &HashMap<Mode, Arc<Samples>>,
@@ -331,7 +367,7 @@ async fn measure<B: Broker>(
         relay_stop.clone(),
     ));
     let slice = Duration::from_secs_f64(args.seconds as f64 / args.rounds as f64);
-    let total = 3 * args.rounds as u64;
+    let total = MODES.len() as u64 * args.rounds as u64;
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -342,9 +378,13 @@ async fn measure<B: Broker>(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let seq = Arc::new(AtomicU64::new(0));
-    let syncs_before = log.stats();
     for _round in 0..args.rounds {
-        for mode in [Mode::Naive, Mode::Outbox, Mode::Twopc] {
+        for mode in MODES {
+            let service = match mode {
+                Mode::TwopcBroker => &services[1],
+                _ => &services[0],
+            };
+            let syncs_before = log.stats().syncs;
             bar.set_message(mode.name());
             let s = samples[&mode].clone();
             let started = Instant::now();
@@ -384,11 +424,12 @@ async fn measure<B: Broker>(
             }
             s.busy_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            s.syncs
+                .fetch_add(log.stats().syncs - syncs_before, Ordering::Relaxed);
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    let syncs_after = log.stats();
     // Drain: every expected event, bounded.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline
@@ -402,7 +443,7 @@ async fn measure<B: Broker>(
     relay.await??;
 
     let mut out = Vec::new();
-    for mode in [Mode::Naive, Mode::Outbox, Mode::Twopc] {
+    for mode in MODES {
         let s = &samples[&mode];
         let mut client = s
             .client_us
@@ -429,15 +470,14 @@ async fn measure<B: Broker>(
                 .saturating_sub(s.received.load(Ordering::Relaxed)),
             ..Default::default()
         };
-        if mode == Mode::Twopc {
-            let decisions = syncs_after.decisions - syncs_before.decisions;
-            let syncs = syncs_after.syncs - syncs_before.syncs;
-            r.syncs_per_decision = Some(syncs as f64 / decisions.max(1) as f64);
+        if matches!(mode, Mode::Twopc | Mode::TwopcBroker) {
+            let syncs = s.syncs.load(Ordering::Relaxed);
+            r.syncs_per_decision = Some(syncs as f64 / (client.len().max(1)) as f64);
         }
         out.push(r);
     }
     let twopc = out[2].tx_per_s;
-    for r in out.iter_mut().take(2) {
+    for r in out.iter_mut().filter(|r| r.mode != "twopc") {
         r.twopc_throughput_ratio = Some(twopc / r.tx_per_s.max(1e-9));
     }
     Ok(out)
@@ -488,7 +528,7 @@ async fn one_order<B: Broker>(
             tx.commit().await?;
             mark(s)?;
         }
-        Mode::Twopc => {
+        Mode::Twopc | Mode::TwopcBroker => {
             // Marked before commit: the event may arrive before Commit returns.
             mark(s)?;
             match service.place(order, false).await? {
@@ -624,7 +664,7 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
 
 fn print_table(results: &[DualResult]) {
     println!(
-        "{:<7} {:>7} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>11}",
+        "{:<9} {:>7} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>11}",
         "mode",
         "clients",
         "tx/s",
@@ -637,7 +677,7 @@ fn print_table(results: &[DualResult]) {
     );
     for r in results {
         println!(
-            "{:<7} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>12.2} {:>12.2} {:>10} {:>11}",
+            "{:<9} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>12.2} {:>12.2} {:>10} {:>11}",
             r.mode,
             r.clients,
             r.tx_per_s,
@@ -651,7 +691,7 @@ fn print_table(results: &[DualResult]) {
             r.undelivered
         );
     }
-    if let [naive, outbox, twopc] = results {
+    if let [naive, outbox, twopc, ..] = results {
         println!(
             "twopc/naive throughput {:.2}x, twopc/outbox throughput {:.2}x, twopc/naive p99 {:.2}x, \
              twopc delivery p99 {:.1} ms vs outbox delivery p50 {:.1} ms",

@@ -31,7 +31,8 @@ use twopc_participant::TwoPc;
 use twopc_testkit::PgCluster;
 
 use crate::order_service::{
-    apply_event, ConsumerStats, Order, OrderService, Placed, INVENTORY_SCHEMA, ORDER_SCHEMA,
+    apply_event, ConsumerStats, EventStaging, Order, OrderService, Placed, INVENTORY_SCHEMA,
+    ORDER_SCHEMA,
 };
 
 /// Which broker carries OrderCreated.
@@ -191,6 +192,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 db: db.clone(),
                 broker,
                 destination: queue,
+                staging: EventStaging::Broker,
             };
             drive(&args, &service, &db_url, &staging, consumer).await?
         }
@@ -217,6 +219,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 db: db.clone(),
                 broker,
                 destination: subject,
+                staging: EventStaging::Broker,
             };
             drive(&args, &service, &db_url, &staging, consumer).await?
         }

@@ -32,7 +32,7 @@ use twopc_participant::broker::Broker;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::{Error, Resource, TwoPc, TwoPcBuilder};
+use twopc_participant::{Error, OutboxOptions, Resource, TwoPc, TwoPcBuilder};
 use twopc_proto::v1 as pb;
 
 /// Tables of the order service's database (kept in `order_schema.sql`, so the process
@@ -81,6 +81,19 @@ pub enum Placed {
     Aborted(String),
 }
 
+/// Where the service stages OrderCreated until the transaction commits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventStaging {
+    /// A broker branch of its own (`tx.publish`): staged in the participant's staging
+    /// store at prepare, published at phase two; two branches, so always two-phase.
+    #[default]
+    Broker,
+    /// In the database branch's transaction (`PgBranch::publish`, the `twopc_outbox`
+    /// table): one branch, so one-phase when the coordinator allows it; published by the
+    /// resource's relay once the row committed.
+    Database,
+}
+
 /// The order service: owns a PostgreSQL resource and a broker resource.
 pub struct OrderService<B: Broker> {
     /// The SDK handle (coordinator connection + participant server).
@@ -91,6 +104,9 @@ pub struct OrderService<B: Broker> {
     pub broker: Arc<B>,
     /// The queue / subject of OrderCreated.
     pub destination: String,
+    /// Where OrderCreated waits for the commit. [`EventStaging::Database`] needs
+    /// [`PgResource::enable_outbox`] for `broker`.
+    pub staging: EventStaging,
 }
 
 impl<B: Broker> OrderService<B> {
@@ -119,9 +135,11 @@ impl<B: Broker> OrderService<B> {
             order: order.clone(),
         };
         let payload = serde_json::to_vec(&event)?;
-        tx.publish(&*self.broker, &self.destination, payload)
-            .await
-            .context("publish")?;
+        match self.staging {
+            EventStaging::Broker => tx.publish(&*self.broker, &self.destination, payload).await,
+            EventStaging::Database => db.publish(&*self.broker, &self.destination, payload).await,
+        }
+        .context("publish")?;
         if reject_after_write {
             let why = "fraud check failed after the writes".to_string();
             tx.abort(why.clone()).await.context("abort")?;
@@ -336,6 +354,35 @@ pub struct OrderServiceArgs {
     /// participant server; the coordinator's --participant-cert). Needs --tls-cert.
     #[arg(long, value_name = "FILE", env = "TWOPC_ORDERS_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Where OrderCreated is staged until the commit: `broker` (a broker branch and the
+    /// staging store in --data-dir) or `database` (the `twopc_outbox` table, in the same
+    /// transaction as the order row; published by a relay right after the commit).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHERE",
+        env = "TWOPC_ORDERS_STAGE_EVENTS",
+        default_value_t = EventStaging::Broker
+    )]
+    pub stage_events: EventStaging,
+    /// With --stage-events database: how often the relay sweeps the outbox table for
+    /// events a crash left unpublished, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "TWOPC_ORDERS_OUTBOX_SWEEP_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub outbox_sweep_interval_ms: u64,
+    /// With --stage-events database: how old an outbox row must be before the sweep
+    /// publishes it, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "TWOPC_ORDERS_OUTBOX_SWEEP_AFTER_MS",
+        default_value_t = 10_000
+    )]
+    pub outbox_sweep_after_ms: u64,
 }
 
 /// Reads a file named by `flag`.
@@ -442,6 +489,16 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
     let result = async {
         let db = sdk.register(db)?;
         let broker = sdk.register(broker)?;
+        if args.stage_events == EventStaging::Database {
+            let options = OutboxOptions {
+                sweep_interval: Duration::from_millis(args.outbox_sweep_interval_ms),
+                sweep_after: Duration::from_millis(args.outbox_sweep_after_ms),
+                ..OutboxOptions::default()
+            };
+            db.enable_outbox(broker.clone(), options)
+                .await
+                .context("cannot set up the outbox table (--stage-events database)")?;
+        }
         let endpoint = sdk.endpoint();
         println!(
             "order-service ready on {}",
@@ -471,6 +528,7 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
                 db: db.clone(),
                 broker: broker.clone(),
                 destination: args.queue.clone(),
+                staging: args.stage_events,
             };
             match service.place(&order, false).await? {
                 Placed::Committed => {
@@ -485,12 +543,31 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
         if !args.recover && args.place.is_none() {
             crate::shutdown_signal().await;
         }
+        if args.stage_events == EventStaging::Database {
+            // Leave no committed event unpublished behind (bounded: a broker that stays
+            // down leaves them to the next run's sweep).
+            wait_for_outbox(&db, timeout).await;
+        }
         broker.close().await;
         Ok::<_, anyhow::Error>(())
     }
     .await;
     sdk.shutdown().await;
     result
+}
+
+/// Waits (at most `timeout`) until the outbox table is empty.
+async fn wait_for_outbox(db: &PgResource, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match db.outbox_backlog().await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot count the outbox rows"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!("events still wait in the outbox table; the next run's sweep publishes them");
 }
 
 fn validate(args: &OrderServiceArgs) -> anyhow::Result<()> {
@@ -518,6 +595,14 @@ fn validate(args: &OrderServiceArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.recovery_interval_ms),
         "--recovery-interval-ms must be between 10 and 3600000"
+    );
+    anyhow::ensure!(
+        (10..=3_600_000).contains(&args.outbox_sweep_interval_ms),
+        "--outbox-sweep-interval-ms must be between 10 and 3600000"
+    );
+    anyhow::ensure!(
+        (1..=3_600_000).contains(&args.outbox_sweep_after_ms),
+        "--outbox-sweep-after-ms must be between 1 and 3600000"
     );
     if let Some(id) = &args.place {
         anyhow::ensure!(!id.is_empty(), "--place needs an order id");

@@ -10,6 +10,8 @@
 //!   Abort to resources by branch id.
 //! - `recovery` (internal): asks the coordinator about every in-doubt branch, at start and
 //!   periodically, and finishes it.
+//! - [`postgres`], [`rabbitmq`], [`nats`]: the adapters; [`broker`] and [`staging`]: what
+//!   broker branches share; [`outbox`]: messages staged in a PostgreSQL branch instead.
 //! - [`propagation`]: carries the transaction id across services in gRPC metadata.
 //! - [`error`]: the SDK's error type.
 
@@ -18,6 +20,7 @@ pub mod client;
 pub mod dedup;
 pub mod error;
 pub mod nats;
+pub mod outbox;
 pub mod postgres;
 pub mod propagation;
 pub mod rabbitmq;
@@ -30,7 +33,26 @@ pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutco
 pub use client::{BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder};
 pub use error::{Error, Result};
 pub use nats::NatsResource;
+pub use outbox::OutboxOptions;
 pub use postgres::{PgBranch, PgResource, PreparedBranch};
 pub use rabbitmq::RabbitResource;
 pub use resource::{OnePhase, Resource, Retry, Vote};
 pub use staging::{StagedMessage, StagingError, StagingOptions, StagingStore};
+
+/// A crash point: with the crate feature `failpoints` (and `fail::FailScenario::setup()`
+/// called by the binary), `<name>=return(abort)` aborts the process on the spot (SIGABRT:
+/// no destructor, no flush, no reply, like a SIGKILL); any other action is ignored.
+#[cfg(feature = "failpoints")]
+pub(crate) fn crash_point(name: &str) {
+    if let Some(Some(arg)) = fail::eval(name, |arg| arg) {
+        if arg == "abort" {
+            eprintln!("failpoint {name} hit: aborting the process");
+            std::process::abort();
+        }
+    }
+}
+
+/// A crash point; nothing without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn crash_point(_name: &str) {}

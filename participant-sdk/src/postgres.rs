@@ -10,8 +10,13 @@
 //! | prepare       | `SELECT txid_current_if_assigned(); PREPARE TRANSACTION '<gid>'` on the branch's connection (one round trip), then the connection goes back to the pool |
 //! | commit        | `COMMIT PREPARED '<gid>'` on any pooled connection; SQLSTATE 42704 (no such gid) means already committed |
 //! | abort         | `ROLLBACK` on the branch's connection if still open, else `ROLLBACK PREPARED '<gid>'` (42704: nothing left to abort) |
-//! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection |
+//! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection (just `COMMIT` when an outbox insert already returned the transaction id and no statement failed or was cancelled) |
 //! | in doubt      | `SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%' AND database = current_database()` |
+//!
+//! The application's statements are prepared once per connection (at most 256 kept per
+//! connection), so running the same SQL again is one round trip. [`PgBranch::publish`]
+//! stages a message in the branch's own transaction instead of enlisting a broker branch
+//! (see [`crate::outbox`]).
 //!
 //! The gid is `twopc:<tx_id>:<branch_id>` (under 200 bytes; never reused, because
 //! transaction ids are not), so a prepared transaction can be found and finished from the
@@ -54,19 +59,24 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage, Statement};
 use tracing::{debug, warn};
 
+use crate::broker::{Broker, PublishOptions};
 use crate::client::{validate_name, Transaction};
 use crate::error::{Error, Result};
+use crate::outbox::{encode_headers, OutboxOptions, Pending, Relay, OUTBOX_DDL, OUTBOX_INSERT};
 use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
+use crate::staging::StagedMessage;
 
 /// Every gid this adapter prepares starts with this.
 pub const GID_PREFIX: &str = "twopc:";
@@ -77,6 +87,9 @@ const MAX_GID_BYTES: usize = 199;
 /// How many finished branches are remembered (so a repeated or late prepare / commit /
 /// one-phase commit gets the same answer).
 const REMEMBER_FINISHED: usize = 10_000;
+
+/// Largest `OutboxOptions::publish_window`.
+const MAX_PUBLISH_WINDOW: usize = 1_000_000;
 
 /// Bound on waiting for a pooled connection.
 const POOL_WAIT: Duration = Duration::from_secs(10);
@@ -97,6 +110,9 @@ struct Inner {
     name: String,
     pool: Pool,
     branches: StdMutex<Branches>,
+    /// The relay of messages staged in the database (see [`crate::outbox`]), once
+    /// [`PgResource::enable_outbox`] ran.
+    outbox: OnceLock<Relay>,
 }
 
 type Key = (String, String);
@@ -119,6 +135,13 @@ struct Slot {
     /// When the branch was opened: recovery looks at open branches only once they are
     /// this old, to leave the application time to use them.
     opened_at: std::time::Instant,
+    /// Messages staged in the outbox table by this branch, published once it commits.
+    outbox: StdMutex<Vec<Pending>>,
+    /// How many messages the branch staged (the next one's index; never reused, even
+    /// when a savepoint rolled one back).
+    published: AtomicUsize,
+    /// The publishing of those messages, once the branch committed.
+    publishing: StdMutex<Option<JoinHandle<()>>>,
 }
 
 enum State {
@@ -130,6 +153,9 @@ enum State {
     Open {
         conn: OpenConn,
         last_error: Option<String>,
+        /// The transaction's id, once a statement of the SDK learned it (the outbox
+        /// insert returns it): a one-phase commit then needs no query to learn it.
+        xid: Option<i64>,
     },
     /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
     Prepared,
@@ -239,6 +265,14 @@ fn lock_branches(m: &StdMutex<Branches>) -> MutexGuard<'_, Branches> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_outbox(m: &StdMutex<Vec<Pending>>) -> MutexGuard<'_, Vec<Pending>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_publishing(m: &StdMutex<Option<JoinHandle<()>>>) -> MutexGuard<'_, Option<JoinHandle<()>>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl PgResource {
     /// A resource named `name` (1-64 characters of `A-Za-z0-9._-`; branch ids become
     /// `<service>:<name>`) over `pool`. Connects once to check that the server has
@@ -283,6 +317,7 @@ impl PgResource {
                 name: name.to_string(),
                 pool,
                 branches: StdMutex::new(Branches::default()),
+                outbox: OnceLock::new(),
             }),
         }))
     }
@@ -311,6 +346,83 @@ impl PgResource {
         &self.inner.pool
     }
 
+    /// Lets branches of this resource publish through `broker` with
+    /// [`PgBranch::publish`]: creates the `twopc_outbox` table if it is missing, starts
+    /// the resource's relay (first call; `options` must be the same on later calls) and
+    /// sweeps the rows of `broker` that an earlier run left behind. See
+    /// [`crate::outbox`].
+    pub async fn enable_outbox<B: Broker>(
+        &self,
+        broker: Arc<B>,
+        options: OutboxOptions,
+    ) -> Result<()> {
+        if options.sweep_interval.is_zero() || options.sweep_after.is_zero() {
+            return Err(Error::Usage(
+                "outbox sweep_interval and sweep_after must be greater than zero".into(),
+            ));
+        }
+        if !(1..=MAX_PUBLISH_WINDOW).contains(&options.publish_window) {
+            return Err(Error::Usage(format!(
+                "outbox publish_window must be between 1 and {MAX_PUBLISH_WINDOW}"
+            )));
+        }
+        let differs = |relay: &Relay| {
+            (relay.options() != &options).then(|| {
+                Error::Usage(format!(
+                    "the outbox of PostgreSQL resource {} already runs with {:?}",
+                    self.inner.name,
+                    relay.options()
+                ))
+            })
+        };
+        if let Some(e) = self.inner.outbox.get().and_then(differs) {
+            return Err(e);
+        }
+        let conn = get_conn(&self.inner.pool)
+            .await
+            .map_err(|e| Error::resource(&self.inner.name, e))?;
+        if let Err(e) = conn.batch_execute(OUTBOX_DDL).await {
+            // Two processes creating the table at once: one of them gets a unique
+            // violation on the catalog; the table exists either way.
+            let raced = e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                || e.code() == Some(&SqlState::DUPLICATE_TABLE);
+            if !raced {
+                return Err(Error::resource(
+                    &self.inner.name,
+                    format!(
+                        "cannot create the outbox table twopc_outbox: {}",
+                        describe(&e)
+                    ),
+                ));
+            }
+        }
+        drop(conn);
+        let relay = self.inner.outbox.get_or_init(|| {
+            Relay::start(&self.inner.name, self.inner.pool.clone(), options.clone())
+        });
+        // A concurrent first call may have started it with other options.
+        if let Some(e) = differs(relay) {
+            return Err(e);
+        }
+        relay.attach(broker);
+        Ok(())
+    }
+
+    /// How many messages wait in the outbox table (committed and not yet confirmed by a
+    /// broker, or still part of an open or prepared transaction: those are not counted,
+    /// the table's uncommitted rows are invisible).
+    pub async fn outbox_backlog(&self) -> Result<i64> {
+        let conn = get_conn(&self.inner.pool)
+            .await
+            .map_err(|e| Error::resource(&self.inner.name, e))?;
+        let row = conn
+            .query_one("SELECT count(*) FROM twopc_outbox", &[])
+            .await
+            .map_err(|e| Error::resource(&self.inner.name, describe(&e)))?;
+        row.try_get(0)
+            .map_err(|e| Error::resource(&self.inner.name, e.to_string()))
+    }
+
     /// Opens (enlists) this resource's branch of `tx`: enlists it with the coordinator,
     /// takes a pooled connection and runs `BEGIN`. There is at most one branch per
     /// transaction and resource: a second call returns a handle on the same branch.
@@ -323,7 +435,7 @@ impl PgResource {
             let mut b = lock_branches(&self.inner.branches);
             if let Some(slot) = b.map.get(&key) {
                 return Ok(PgBranch {
-                    resource: self.inner.name.clone(),
+                    inner: self.inner.clone(),
                     slot: slot.clone(),
                 });
             }
@@ -338,6 +450,9 @@ impl PgResource {
                 gid,
                 state,
                 opened_at: std::time::Instant::now(),
+                outbox: StdMutex::new(Vec::new()),
+                published: AtomicUsize::new(0),
+                publishing: StdMutex::new(None),
             });
             b.map.insert(key.clone(), slot.clone());
             (slot, guard)
@@ -355,9 +470,10 @@ impl PgResource {
                 *guard = State::Open {
                     conn: OpenConn(Some(Box::new(conn))),
                     last_error: None,
+                    xid: None,
                 };
                 Ok(PgBranch {
-                    resource: self.inner.name.clone(),
+                    inner: self.inner.clone(),
                     slot,
                 })
             }
@@ -437,7 +553,7 @@ impl Transaction {
 /// back to a savepoint), so the branch would vote no.
 #[derive(Clone)]
 pub struct PgBranch {
-    resource: String,
+    inner: Arc<Inner>,
     slot: Arc<Slot>,
 }
 
@@ -467,35 +583,180 @@ impl PgBranch {
 
     /// Runs one statement; returns the number of rows it affected.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        check_statement(sql)?;
-        let mut state = self.slot.state.lock().await;
-        let res = match &*state {
-            State::Open { conn, .. } => conn.execute(sql, params).await,
-            other => return Err(self.not_open(other)),
-        };
-        self.record(&mut state, res)
+        match self.run(sql, params, Kind::Execute).await? {
+            Out::Count(n) => Ok(n),
+            _ => Err(self.internal("execute")),
+        }
     }
 
     /// Runs one query; returns its rows.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        check_statement(sql)?;
-        let mut state = self.slot.state.lock().await;
-        let res = match &*state {
-            State::Open { conn, .. } => conn.query(sql, params).await,
-            other => return Err(self.not_open(other)),
-        };
-        self.record(&mut state, res)
+        match self.run(sql, params, Kind::Query).await? {
+            Out::Rows(rows) => Ok(rows),
+            _ => Err(self.internal("query")),
+        }
     }
 
     /// Runs a query that returns exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        match self.run(sql, params, Kind::QueryOne).await? {
+            Out::Row(row) => Ok(row),
+            _ => Err(self.internal("query_one")),
+        }
+    }
+
+    fn internal(&self, what: &str) -> Error {
+        Error::resource(
+            &self.inner.name,
+            format!("internal error: {what} got the wrong kind of result"),
+        )
+    }
+
+    /// Runs one of the application's statements on the branch's connection (prepared once
+    /// per connection). After a `ROLLBACK TO SAVEPOINT`, forgets the staged messages whose
+    /// rows it rolled back.
+    async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], kind: Kind) -> Result<Out> {
         check_statement(sql)?;
         let mut state = self.slot.state.lock().await;
-        let res = match &*state {
-            State::Open { conn, .. } => conn.query_one(sql, params).await,
-            other => return Err(self.not_open(other)),
+        let State::Open {
+            conn, last_error, ..
+        } = &mut *state
+        else {
+            return Err(self.not_open(&state));
         };
-        self.record(&mut state, res)
+        let before = last_error.replace(UNREAD.into());
+        let res = async {
+            let stmt = prepared(conn, sql).await?;
+            Ok(match kind {
+                Kind::Execute => Out::Count(conn.execute(&stmt, params).await?),
+                Kind::Query => Out::Rows(conn.query(&stmt, params).await?),
+                Kind::QueryOne => Out::Row(conn.query_one(&stmt, params).await?),
+            })
+        }
+        .await;
+        let out = self.finish(&mut state, before, res)?;
+        if rolls_back_to_savepoint(sql) {
+            self.forget_rolled_back(&mut state).await?;
+        }
+        Ok(out)
+    }
+
+    /// Keeps only the staged messages whose rows are still in the transaction.
+    async fn forget_rolled_back(&self, state: &mut State) -> Result<()> {
+        let ids: Vec<i64> = lock_outbox(&self.slot.outbox)
+            .iter()
+            .map(|p| p.row)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let State::Open {
+            conn, last_error, ..
+        } = state
+        else {
+            return Ok(());
+        };
+        let before = last_error.replace(UNREAD.into());
+        let res = conn
+            .query("SELECT id FROM twopc_outbox WHERE id = ANY($1)", &[&ids])
+            .await;
+        let rows = self.finish(state, before, res)?;
+        let kept: std::collections::HashSet<i64> =
+            rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        lock_outbox(&self.slot.outbox).retain(|p| kept.contains(&p.row));
+        Ok(())
+    }
+
+    /// Publishes a message through `broker` as part of this branch: the message is staged
+    /// in the `twopc_outbox` table inside the branch's transaction, so it commits or rolls
+    /// back with the branch's rows and no broker branch is enlisted (a transaction whose
+    /// only branch is this one commits in one phase). Once the branch has committed, the
+    /// resource's relay publishes it (see [`crate::outbox`]). `broker` must have been
+    /// attached with [`PgResource::enable_outbox`]. Returns the message id,
+    /// `<tx_id>:<branch_id>:<index>`.
+    pub async fn publish<B: Broker>(
+        &self,
+        broker: &B,
+        destination: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<String> {
+        self.publish_with(broker, destination, payload, PublishOptions::default())
+            .await
+    }
+
+    /// [`PgBranch::publish`] with headers and a content type.
+    pub async fn publish_with<B: Broker>(
+        &self,
+        broker: &B,
+        destination: &str,
+        payload: impl Into<Vec<u8>>,
+        options: PublishOptions,
+    ) -> Result<String> {
+        let attached = self
+            .inner
+            .outbox
+            .get()
+            .is_some_and(|relay| relay.has(broker.name()));
+        if !attached {
+            return Err(Error::Usage(format!(
+                "broker {} is not attached to the outbox of PostgreSQL resource {}: call enable_outbox first",
+                broker.name(),
+                self.inner.name
+            )));
+        }
+        broker.check_destination(destination).map_err(|e| {
+            Error::resource(broker.name(), format!("destination {destination:?}: {e}"))
+        })?;
+        let payload = payload.into();
+        let mut state = self.slot.state.lock().await;
+        let State::Open {
+            conn, last_error, ..
+        } = &mut *state
+        else {
+            return Err(self.not_open(&state));
+        };
+        let index = self.slot.published.fetch_add(1, Ordering::Relaxed);
+        let message = StagedMessage {
+            message_id: format!("{}:{}:{index}", self.slot.tx_id, self.slot.branch_id),
+            destination: destination.to_string(),
+            payload,
+            headers: options.headers,
+            content_type: options.content_type,
+        };
+        let headers = encode_headers(&message.headers);
+        let before = last_error.replace(UNREAD.into());
+        let res = async {
+            let stmt = prepared(conn, OUTBOX_INSERT).await?;
+            conn.query_one(
+                &stmt,
+                &[
+                    &broker.name(),
+                    &self.slot.gid,
+                    &message.message_id,
+                    &message.destination,
+                    &message.payload,
+                    &headers,
+                    &message.content_type,
+                ],
+            )
+            .await
+        }
+        .await;
+        let row = self.finish(&mut state, before, res)?;
+        let (id, tx_xid): (i64, i64) = row
+            .try_get(0)
+            .and_then(|id| Ok((id, row.try_get(1)?)))
+            .map_err(|e| Error::resource(&self.inner.name, format!("outbox insert: {e}")))?;
+        if let State::Open { xid, .. } = &mut *state {
+            *xid = Some(tx_xid);
+        }
+        let message_id = message.message_id.clone();
+        lock_outbox(&self.slot.outbox).push(Pending {
+            row: id,
+            broker: broker.name().to_string(),
+            message,
+        });
+        Ok(message_id)
     }
 
     fn not_open(&self, state: &State) -> Error {
@@ -507,26 +768,73 @@ impl PgBranch {
         ))
     }
 
-    /// Remembers a failed statement's message (the prepare vote reports it).
-    fn record<T>(&self, state: &mut State, res: Result<T, tokio_postgres::Error>) -> Result<T> {
-        res.map_err(|e| {
-            let msg = describe(&e);
-            if let State::Open { last_error, .. } = state {
-                *last_error = Some(msg.clone());
+    /// Ends a statement that [`UNREAD`] marked: success restores the branch's error
+    /// record (`before`); a failure is remembered unless an earlier one is (the first
+    /// failure is the one the vote reports: later statements of an aborted block only
+    /// fail with 25P02).
+    fn finish<T>(
+        &self,
+        state: &mut State,
+        before: Option<String>,
+        res: Result<T, tokio_postgres::Error>,
+    ) -> Result<T> {
+        let (record, out) = match res {
+            Ok(v) => (before, Ok(v)),
+            Err(e) => {
+                let msg = describe(&e);
+                (
+                    Some(before.unwrap_or_else(|| msg.clone())),
+                    Err(Error::resource(&self.inner.name, msg)),
+                )
             }
-            Error::resource(&self.resource, msg)
-        })
+        };
+        if let State::Open { last_error, .. } = state {
+            *last_error = record;
+        }
+        out
     }
 }
 
-/// Refuses statements that would end the branch's transaction block behind the SDK's
-/// back (checked on the first keyword; `ROLLBACK TO [SAVEPOINT]` is allowed).
-fn check_statement(sql: &str) -> Result<()> {
+/// What an application statement returns.
+enum Kind {
+    Execute,
+    Query,
+    QueryOne,
+}
+
+/// A statement's result, by [`Kind`].
+enum Out {
+    Count(u64),
+    Rows(Vec<Row>),
+    Row(Row),
+}
+
+/// The branch's error record while a statement runs: if the caller drops the statement's
+/// future, its outcome is never read and it may have aborted the block, so the branch
+/// must then be treated as if a statement had failed (a one-phase commit checks the
+/// block first, and a prepare reports this).
+const UNREAD: &str = "a statement was cancelled before its result was read (it may have failed)";
+
+/// The first two keywords of `sql`, upper-cased.
+fn first_words(sql: &str) -> (String, String) {
     let mut words = sql
         .split(|c: char| c.is_whitespace() || c == ';')
         .filter(|w| !w.is_empty());
     let first = words.next().unwrap_or("").to_ascii_uppercase();
     let second = words.next().unwrap_or("").to_ascii_uppercase();
+    (first, second)
+}
+
+/// `ROLLBACK TO [SAVEPOINT] ...`.
+fn rolls_back_to_savepoint(sql: &str) -> bool {
+    let (first, second) = first_words(sql);
+    first == "ROLLBACK" && second == "TO"
+}
+
+/// Refuses statements that would end the branch's transaction block behind the SDK's
+/// back (checked on the first keyword; `ROLLBACK TO [SAVEPOINT]` is allowed).
+fn check_statement(sql: &str) -> Result<()> {
+    let (first, second) = first_words(sql);
     let ends_block = match first.as_str() {
         "COMMIT" | "END" | "ABORT" | "BEGIN" | "START" => true,
         "ROLLBACK" => second != "TO",
@@ -616,6 +924,18 @@ fn first_cell(msgs: &[SimpleQueryMessage]) -> Option<Option<String>> {
     })
 }
 
+/// Most statements prepared and kept per connection (beyond, the cache starts over).
+const STATEMENT_CACHE: usize = 256;
+
+/// `sql` prepared on `conn`, once per connection: the next run of the same text is one
+/// round trip (Bind/Execute) instead of two (Parse/Describe, then Bind/Execute).
+async fn prepared(conn: &Object, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+    if conn.statement_cache.size() >= STATEMENT_CACHE {
+        conn.statement_cache.clear();
+    }
+    conn.prepare_cached(sql).await
+}
+
 /// A pooled connection, waiting at most [`POOL_WAIT`].
 async fn get_conn(pool: &Pool) -> Result<Object, String> {
     match tokio::time::timeout(POOL_WAIT, pool.get()).await {
@@ -655,9 +975,34 @@ impl Inner {
         lock_branches(&self.branches).map.get(key).cloned()
     }
 
-    /// Moves a branch to `new`, remembering it among the finished ones when it ends.
+    /// Waits (up to the outbox's `publish_wait`) for the publishing of the messages of a
+    /// branch that just committed; the publishing goes on if the wait runs out.
+    async fn wait_published(&self, tx_id: &str, branch_id: &str) {
+        let Some(relay) = self.outbox.get() else {
+            return;
+        };
+        let Some(slot) = self.slot(&(tx_id.to_string(), branch_id.to_string())) else {
+            return;
+        };
+        let publishing = lock_publishing(&slot.publishing).take();
+        if let Some(task) = publishing {
+            let _ = tokio::time::timeout(relay.options().publish_wait, task).await;
+        }
+    }
+
+    /// Moves a branch to `new`, remembering it among the finished ones when it ends. A
+    /// branch that committed hands its staged messages to the relay; one that ended
+    /// otherwise forgets them (their rows rolled back with it).
     fn set(&self, slot: &Slot, state: &mut State, new: State) {
         let newly_finished = !state.is_terminal() && new.is_terminal();
+        if new.is_terminal() {
+            let staged = std::mem::take(&mut *lock_outbox(&slot.outbox));
+            if matches!(new, State::Committed | State::OnePhaseCommitted) {
+                if let Some(relay) = self.outbox.get() {
+                    *lock_publishing(&slot.publishing) = relay.committed(staged);
+                }
+            }
+        }
         *state = new;
         if newly_finished {
             let mut b = lock_branches(&self.branches);
@@ -684,6 +1029,9 @@ impl Inner {
             gid,
             state: Arc::new(Mutex::new(State::Aborted)),
             opened_at: std::time::Instant::now(),
+            outbox: StdMutex::new(Vec::new()),
+            published: AtomicUsize::new(0),
+            publishing: StdMutex::new(None),
         });
         b.map.insert(key.clone(), slot);
         b.finished.push_back(key);
@@ -767,7 +1115,9 @@ impl Inner {
         };
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
-            State::Open { conn, last_error } => {
+            State::Open {
+                conn, last_error, ..
+            } => {
                 let conn = conn.into_inner();
                 let sql = format!("SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'");
                 let (new, vote) = match tokio::time::timeout(OP_TIMEOUT, conn.simple_query(&sql))
@@ -855,6 +1205,10 @@ impl Inner {
         let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
             // After a yes vote, "no such gid" means it was committed already.
             self.on_pooled(&sql).await?;
+            // Committed by recovery: its staged messages are only in the table now.
+            if let Some(relay) = self.outbox.get() {
+                relay.sweep_gid(gid);
+            }
             return Ok(());
         };
         let mut state = slot.state.clone().lock_owned().await;
@@ -895,8 +1249,14 @@ impl Inner {
         };
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
-            State::Open { conn, last_error } => {
-                let (new, answer) = self.one_phase_open(conn.into_inner(), last_error).await;
+            State::Open {
+                conn,
+                last_error,
+                xid,
+            } => {
+                let (new, answer) = self
+                    .one_phase_open(conn.into_inner(), last_error, xid)
+                    .await;
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, new);
                 *state = st;
@@ -933,44 +1293,51 @@ impl Inner {
         }
     }
 
-    /// One-phase commit of an open branch: learn its xid, then `COMMIT`.
+    /// One-phase commit of an open branch: learn its xid, then `COMMIT`. The query that
+    /// learns it also tells whether the block is aborted (where PostgreSQL would answer
+    /// `COMMIT` with a silent rollback); it is skipped only when the xid is `known` and
+    /// no statement of the branch failed (then the block cannot be aborted).
     async fn one_phase_open(
         &self,
         conn: Object,
         last_error: Option<String>,
+        known: Option<i64>,
     ) -> (State, Result<OnePhase, Retry>) {
-        let xid = match tokio::time::timeout(
-            OP_TIMEOUT,
-            conn.simple_query("SELECT txid_current_if_assigned()"),
-        )
-        .await
-        {
-            Ok(Ok(msgs)) => first_cell(&msgs)
-                .flatten()
-                .and_then(|s| s.parse::<i64>().ok()),
-            Ok(Err(e)) => {
-                discard(conn);
-                let reason = match (
-                    e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
-                    last_error,
-                ) {
-                    (true, Some(first)) => format!("a statement of the branch failed: {first}"),
-                    _ => describe(&e),
-                };
-                return (
-                    State::OnePhaseRefused(reason.clone()),
-                    Ok(OnePhase::Refused(reason)),
-                );
-            }
-            Err(_) => {
-                discard(conn);
-                let reason =
-                    format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
-                return (
-                    State::OnePhaseRefused(reason.clone()),
-                    Ok(OnePhase::Refused(reason)),
-                );
-            }
+        let xid = match known.filter(|_| last_error.is_none()) {
+            Some(xid) => Some(xid),
+            None => match tokio::time::timeout(
+                OP_TIMEOUT,
+                conn.simple_query("SELECT txid_current_if_assigned()"),
+            )
+            .await
+            {
+                Ok(Ok(msgs)) => first_cell(&msgs)
+                    .flatten()
+                    .and_then(|s| s.parse::<i64>().ok()),
+                Ok(Err(e)) => {
+                    discard(conn);
+                    let reason = match (
+                        e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+                        last_error,
+                    ) {
+                        (true, Some(first)) => format!("a statement of the branch failed: {first}"),
+                        _ => describe(&e),
+                    };
+                    return (
+                        State::OnePhaseRefused(reason.clone()),
+                        Ok(OnePhase::Refused(reason)),
+                    );
+                }
+                Err(_) => {
+                    discard(conn);
+                    let reason =
+                        format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
+                    return (
+                        State::OnePhaseRefused(reason.clone()),
+                        Ok(OnePhase::Refused(reason)),
+                    );
+                }
+            },
         };
         match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute("COMMIT")).await {
             Ok(Ok(())) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
@@ -1137,16 +1504,20 @@ impl Resource for PgResource {
 
     async fn commit(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
         let inner = self.inner.clone();
-        detached(inner.commit(tx_id.to_string(), branch_id.to_string()))
+        let res = detached(inner.commit(tx_id.to_string(), branch_id.to_string()))
             .await
-            .map_err(Retry)?
+            .map_err(Retry)?;
+        self.inner.wait_published(tx_id, branch_id).await;
+        res
     }
 
     async fn commit_one_phase(&self, tx_id: &str, branch_id: &str) -> Result<OnePhase, Retry> {
         let inner = self.inner.clone();
-        detached(inner.commit_one_phase(tx_id.to_string(), branch_id.to_string()))
+        let res = detached(inner.commit_one_phase(tx_id.to_string(), branch_id.to_string()))
             .await
-            .map_err(Retry)?
+            .map_err(Retry)?;
+        self.inner.wait_published(tx_id, branch_id).await;
+        res
     }
 
     async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {

@@ -27,10 +27,13 @@
 //!
 //! # Connection handling
 //!
-//! One connection and one confirm-mode channel per resource, created on demand: whenever
-//! the connection or channel is found dead (broker restart, network failure), the next
-//! operation opens a new one. Concurrent commits share the channel (lapin tracks each
-//! publish's confirm separately). Nothing reconnects in the background.
+//! One connection and [`PUBLISH_CHANNELS`] confirm-mode channels per resource, created on
+//! demand: whenever the connection or a channel is found dead (broker restart, network
+//! failure), the next operation opens new ones. Publishes take the channels in turn, and
+//! concurrent commits share them (lapin tracks each publish's confirm separately): one
+//! channel is one process inside RabbitMQ, and a single one becomes the bottleneck (and
+//! is throttled by RabbitMQ's flow control) at a few thousand persistent messages per
+//! second. Nothing reconnects in the background.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -69,17 +72,23 @@ impl std::fmt::Debug for RabbitResource {
     }
 }
 
-/// One live connection with its confirm-mode channel.
+/// Confirm-mode channels per connection (see the module docs).
+pub const PUBLISH_CHANNELS: usize = 4;
+
+/// One live connection with its confirm-mode channels.
 struct Session {
     connection: Arc<Connection>,
-    channel: Channel,
+    /// [`PUBLISH_CHANNELS`] channels; queue declarations use the first.
+    channels: Vec<Channel>,
+    /// The channel the next publish takes.
+    next: usize,
     /// Queues declared on this connection.
     declared: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Session {
     fn alive(&self) -> bool {
-        self.connection.status().connected() && self.channel.status().connected()
+        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
     }
 }
 
@@ -177,20 +186,26 @@ impl RabbitResource {
         let connection = Connection::connect(&self.connect_url, props)
             .await
             .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", self.url))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("cannot open a channel to RabbitMQ at {}: {e}", self.url))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| format!("cannot enable publisher confirms at {}: {e}", self.url))?;
+        let channels = self.new_channels(&connection).await?;
         info!(resource = %self.name, url = %self.url, "connected to RabbitMQ");
         Ok(Session {
             connection: Arc::new(connection),
-            channel,
+            channels,
+            next: 0,
             declared: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// [`PUBLISH_CHANNELS`] new confirm-mode channels on `connection`.
+    async fn new_channels(
+        &self,
+        connection: &Connection,
+    ) -> std::result::Result<Vec<Channel>, String> {
+        let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
+        for _ in 0..PUBLISH_CHANNELS {
+            channels.push(self.new_channel(connection).await?);
+        }
+        Ok(channels)
     }
 
     async fn new_channel(&self, connection: &Connection) -> std::result::Result<Channel, String> {
@@ -215,13 +230,13 @@ impl RabbitResource {
         let reuse = slot.as_ref().is_some_and(Session::alive);
         if !reuse {
             // A live connection whose channel died (e.g. closed by a refused declaration)
-            // gets a new channel; anything else a new connection.
+            // gets new channels; anything else a new connection.
             let reopened = match slot.take() {
                 Some(s) if s.connection.status().connected() => {
-                    match tokio::time::timeout(CONNECT_TIMEOUT, self.new_channel(&s.connection))
+                    match tokio::time::timeout(CONNECT_TIMEOUT, self.new_channels(&s.connection))
                         .await
                     {
-                        Ok(Ok(channel)) => Some(Session { channel, ..s }),
+                        Ok(Ok(channels)) => Some(Session { channels, ..s }),
                         _ => None,
                     }
                 }
@@ -252,7 +267,9 @@ impl RabbitResource {
                 d.insert(queue.clone());
             }
         }
-        Ok((session.channel.clone(), session.declared.clone()))
+        let channel = session.channels[session.next % session.channels.len()].clone();
+        session.next = session.next.wrapping_add(1);
+        Ok((channel, session.declared.clone()))
     }
 
     async fn declare(&self, session: &mut Session, queue: &str) -> std::result::Result<(), String> {
@@ -260,8 +277,7 @@ impl RabbitResource {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        let first = session
-            .channel
+        let first = session.channels[0]
             .queue_declare(queue.into(), durable, FieldTable::default())
             .await;
         let err = match first {
@@ -290,7 +306,7 @@ impl RabbitResource {
         match second {
             Ok(_) => {
                 warn!(resource = %self.name, queue, error = %err, "queue exists with other arguments; using it as it is");
-                session.channel = channel;
+                session.channels[0] = channel;
                 Ok(())
             }
             Err(_) => {

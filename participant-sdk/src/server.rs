@@ -28,6 +28,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
 use twopc_proto::mux;
 use twopc_proto::v1 as pb;
+
+use crate::crash_point;
 use twopc_proto::v1::participant_exchange_server::{
     ParticipantExchange, ParticipantExchangeServer,
 };
@@ -63,22 +65,6 @@ pub(crate) async fn serve(
         warn!(error = %e, "participant server stopped with an error");
     }
 }
-
-/// A crash point (see the module docs).
-#[cfg(feature = "failpoints")]
-fn crash_point(name: &str) {
-    fail::fail_point!(name, |arg: Option<String>| {
-        if arg.as_deref() == Some("abort") {
-            eprintln!("failpoint {name} hit: aborting the process");
-            std::process::abort();
-        }
-    });
-}
-
-/// A crash point (see the module docs); nothing without the `failpoints` feature.
-#[cfg(not(feature = "failpoints"))]
-#[inline(always)]
-fn crash_point(_name: &str) {}
 
 #[derive(Clone)]
 struct ParticipantService {

@@ -73,6 +73,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use prost::Message;
 use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
+use crate::crash_point;
+
 /// Version written into every batch's `format` field; batches with a newer format are
 /// refused rather than misread.
 pub const FORMAT_VERSION: u32 = 1;
@@ -246,23 +248,6 @@ fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
-
-/// A crash point: with the crate feature `failpoints`, `<name>=return(abort)` aborts the
-/// process on the spot (any other action is ignored). Without the feature, nothing.
-#[cfg(feature = "failpoints")]
-fn crash_point(name: &str) {
-    if let Some(Some(arg)) = fail::eval(name, |arg| arg) {
-        if arg == "abort" {
-            eprintln!("failpoint {name} hit: aborting the process");
-            std::process::abort();
-        }
-    }
-}
-
-/// A crash point; nothing without the `failpoints` feature.
-#[cfg(not(feature = "failpoints"))]
-#[inline(always)]
-fn crash_point(_name: &str) {}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves nothing half-written that a later

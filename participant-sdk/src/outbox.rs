@@ -1,0 +1,483 @@
+//! Messages that commit with a PostgreSQL branch: the database-staged outbox.
+//!
+//! [`PgBranch::publish`](crate::PgBranch::publish) writes the message into the
+//! `twopc_outbox` table on the branch's own connection, inside its open transaction, instead
+//! of enlisting a broker branch. The message therefore commits or rolls back with the
+//! branch's rows:
+//!
+//! * when the transaction has no other branch, in **one phase** — no `PREPARE TRANSACTION`,
+//!   no forced decision in the coordinator's log, no sync of a staging store;
+//! * otherwise inside the branch's prepared transaction, like any other row of it.
+//!
+//! Once the branch has committed, the **relay** of the resource publishes its messages at
+//! once, in a task of their own (in order, each with its deterministic message id
+//! `<tx_id>:<branch_id>:<index>`, waiting for the broker's confirmation), and a relay task
+//! deletes the rows the broker confirmed, many per statement. While fewer than
+//! `publish_window` committed branches are being published, the commit answers as soon as
+//! the database committed; beyond that it waits (at most `publish_wait`) for its own
+//! messages, so a busy broker slows the commits down instead of falling ever further
+//! behind them. Rows that a crash left behind — committed but not yet published, or
+//! published but not yet deleted — are published by the **sweep**: every
+//! `sweep_interval` it takes the rows older than `sweep_after` with
+//! `FOR UPDATE SKIP LOCKED` (two processes never sweep the same row at once), oldest
+//! first, publishes them and deletes them in the same transaction; a row it cannot
+//! publish now stays and is passed over. A branch that recovery commits after a restart
+//! (its messages are no longer in memory) is swept at once. A `ROLLBACK TO SAVEPOINT`
+//! run through the branch forgets the messages whose rows it rolled back.
+//!
+//! Delivery is at least once, as for broker branches: a crash between the broker's
+//! confirmation and the delete publishes a message again, with the same message id, which
+//! the broker (NATS JetStream's duplicate window) or the consumer
+//! ([`crate::dedup`]) drops. A message the broker refuses stays in the table and is
+//! retried by every sweep; [`PgResource::outbox_backlog`](crate::PgResource::outbox_backlog)
+//! counts what is waiting.
+//!
+//! A row's age counts from its insert: a transaction that stays open longer than
+//! `sweep_after` may have its messages published twice (same message ids) when a sweep
+//! runs right after its commit.
+//!
+//! Broker names must be unique per database: the sweep of a process takes the rows of the
+//! brokers it has attached with
+//! [`PgResource::enable_outbox`](crate::PgResource::enable_outbox).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::broker::{Broker, PublishOutcome};
+use crate::crash_point;
+use crate::staging::StagedMessage;
+
+/// The table the messages are staged in (created by `enable_outbox` when missing).
+pub const OUTBOX_TABLE: &str = "twopc_outbox";
+
+/// `CREATE TABLE IF NOT EXISTS` of [`OUTBOX_TABLE`].
+pub(crate) const OUTBOX_DDL: &str = "CREATE TABLE IF NOT EXISTS twopc_outbox (
+    id bigserial PRIMARY KEY,
+    broker text NOT NULL,
+    gid text NOT NULL,
+    message_id text NOT NULL,
+    destination text NOT NULL,
+    payload bytea NOT NULL,
+    headers text,
+    content_type text,
+    staged_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)";
+
+/// The statement [`crate::PgBranch::publish`] runs on the branch's connection.
+pub(crate) const OUTBOX_INSERT: &str = "INSERT INTO twopc_outbox \
+    (broker, gid, message_id, destination, payload, headers, content_type) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, txid_current()";
+
+const SELECT_COLUMNS: &str =
+    "SELECT id, broker, message_id, destination, payload, headers, content_type FROM twopc_outbox";
+
+const DELETE_ROWS: &str = "DELETE FROM twopc_outbox WHERE id = ANY($1)";
+
+/// Most rows one sweep query takes.
+const SWEEP_BATCH: i64 = 500;
+
+/// Most sweep queries per sweep (the rest waits for the next tick).
+const SWEEP_ROUNDS: usize = 20;
+
+/// Most rows deleted by one statement.
+const DELETE_BATCH: usize = 4096;
+
+/// Settings of the relay of a resource's outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxOptions {
+    /// How often the sweep looks for rows left behind. Default 5 s.
+    pub sweep_interval: Duration,
+    /// How old a row must be before the sweep takes it (the relay publishes a committed
+    /// branch's messages within milliseconds; this leaves it the time). Default 10 s.
+    pub sweep_after: Duration,
+    /// How many committed branches may be publishing at once before a commit waits for
+    /// its own messages. Within the window a commit answers as soon as the database
+    /// committed; beyond it, the commit answers once the broker confirmed its messages
+    /// (or `publish_wait` ran out). This keeps a busy broker from falling ever further
+    /// behind the commits: events are delivered within about `publish_window` publishes
+    /// of their commit. Default 64.
+    pub publish_window: usize,
+    /// The longest a commit waits when the window is full (its messages are published
+    /// either way; a broker that is down only delays the answer by this much). Keep it
+    /// below the coordinator's RPC timeout. Default 1 s.
+    pub publish_wait: Duration,
+}
+
+impl Default for OutboxOptions {
+    fn default() -> Self {
+        OutboxOptions {
+            sweep_interval: Duration::from_secs(5),
+            sweep_after: Duration::from_secs(10),
+            publish_window: 64,
+            publish_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A message staged in the table by an open branch, published once the branch commits.
+#[derive(Clone, Debug)]
+pub(crate) struct Pending {
+    /// The row's id.
+    pub row: i64,
+    /// The broker's resource name.
+    pub broker: String,
+    /// The message.
+    pub message: StagedMessage,
+}
+
+/// Work for the relay task.
+enum Job {
+    /// These rows' messages were confirmed: delete the rows.
+    Delete(Vec<i64>),
+    /// A branch committed by recovery: publish whatever rows it left.
+    SweepGid(String),
+    /// Look for rows older than `sweep_after` (at start, before the first tick).
+    Sweep,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The handle a resource keeps on its relay. Dropping it stops the relay task.
+pub(crate) struct Relay {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field(
+                "brokers",
+                &lock(&self.shared.brokers).keys().collect::<Vec<_>>(),
+            )
+            .field("options", &self.shared.options)
+            .finish()
+    }
+}
+
+impl Relay {
+    /// Starts the relay task of resource `resource` on `pool`.
+    pub(crate) fn start(resource: &str, pool: Pool, options: OutboxOptions) -> Relay {
+        let shared = Arc::new(Shared {
+            resource: resource.to_string(),
+            pool,
+            brokers: Mutex::default(),
+            window: Arc::new(Semaphore::new(options.publish_window)),
+            options,
+        });
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(shared.clone(), rx));
+        Relay { shared, jobs }
+    }
+
+    /// The options it runs with.
+    pub(crate) fn options(&self) -> &OutboxOptions {
+        &self.shared.options
+    }
+
+    /// Attaches `broker` (its rows are published and swept from now on) and sweeps once.
+    pub(crate) fn attach(&self, broker: Arc<dyn Broker>) {
+        lock(&self.shared.brokers).insert(broker.name().to_string(), broker);
+        let _ = self.jobs.send(Job::Sweep);
+    }
+
+    /// Whether a broker of this name is attached.
+    pub(crate) fn has(&self, broker: &str) -> bool {
+        lock(&self.shared.brokers).contains_key(broker)
+    }
+
+    /// A branch committed with these messages: publish them now, in a task of their own,
+    /// then have the relay task delete their rows. While fewer than `publish_window`
+    /// branches are being published, returns `None` (the commit answers at once);
+    /// otherwise the task waits for a free place in the window and is returned, and the
+    /// commit waits for it up to `publish_wait`.
+    pub(crate) fn committed(&self, pending: Vec<Pending>) -> Option<JoinHandle<()>> {
+        if pending.is_empty() {
+            return None;
+        }
+        let shared = self.shared.clone();
+        let jobs = self.jobs.clone();
+        let free = self.shared.window.clone().try_acquire_owned().ok();
+        let full = free.is_none();
+        let task = tokio::spawn(async move {
+            let place = match free {
+                Some(p) => Some(p),
+                None => shared.window.clone().acquire_owned().await.ok(),
+            };
+            let done = shared.publish(&pending).await;
+            drop(place);
+            if !done.is_empty() {
+                let _ = jobs.send(Job::Delete(done));
+            }
+        });
+        full.then_some(task)
+    }
+
+    /// Recovery committed branch `gid`.
+    pub(crate) fn sweep_gid(&self, gid: String) {
+        let _ = self.jobs.send(Job::SweepGid(gid));
+    }
+}
+
+/// What the relay's tasks share.
+struct Shared {
+    resource: String,
+    pool: Pool,
+    brokers: Mutex<HashMap<String, Arc<dyn Broker>>>,
+    options: OutboxOptions,
+    /// One permit per branch whose messages are being published.
+    window: Arc<Semaphore>,
+}
+
+/// Which rows a sweep takes.
+enum Which<'a> {
+    Old,
+    Gid(&'a str),
+}
+
+/// The relay task: deletes the rows of confirmed messages (everything queued in one
+/// statement) and sweeps, until the [`Relay`] is dropped.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut tick = tokio::time::interval(shared.options.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            job = rx.recv() => {
+                let Some(job) = job else { break };
+                let mut delete = Vec::new();
+                let mut sweep_gids = Vec::new();
+                let mut sweep_old = false;
+                let mut next = Some(job);
+                while let Some(job) = next {
+                    match job {
+                        Job::Delete(rows) => delete.extend(rows),
+                        Job::SweepGid(g) => sweep_gids.push(g),
+                        Job::Sweep => sweep_old = true,
+                    }
+                    next = if delete.len() < DELETE_BATCH { rx.try_recv().ok() } else { None };
+                }
+                shared.delete(delete).await;
+                for gid in sweep_gids {
+                    shared.sweep(Which::Gid(&gid)).await;
+                }
+                if sweep_old {
+                    shared.sweep(Which::Old).await;
+                }
+            }
+            _ = tick.tick() => shared.sweep(Which::Old).await,
+        }
+    }
+    debug!(resource = shared.resource, "outbox relay stopped");
+}
+
+impl Shared {
+    fn broker(&self, name: &str) -> Option<Arc<dyn Broker>> {
+        lock(&self.brokers).get(name).cloned()
+    }
+
+    /// Publishes `rows` (grouped by broker, in order) and returns the ids of the rows the
+    /// broker confirmed.
+    async fn publish(&self, rows: &[Pending]) -> Vec<i64> {
+        let mut by_broker: Vec<(String, Vec<&Pending>)> = Vec::new();
+        for p in rows {
+            match by_broker.iter_mut().find(|(b, _)| *b == p.broker) {
+                Some((_, v)) => v.push(p),
+                None => by_broker.push((p.broker.clone(), vec![p])),
+            }
+        }
+        let mut confirmed = Vec::with_capacity(rows.len());
+        for (name, group) in by_broker {
+            let Some(broker) = self.broker(&name) else {
+                warn!(
+                    resource = self.resource,
+                    broker = name,
+                    rows = group.len(),
+                    "outbox rows for a broker that is not attached here stay in the table"
+                );
+                continue;
+            };
+            crash_point("participant::outbox::before_publish");
+            let messages: Vec<StagedMessage> = group.iter().map(|p| p.message.clone()).collect();
+            let timeout = broker.core().options().publish_timeout;
+            let outcomes = tokio::time::timeout(
+                timeout + Duration::from_secs(1),
+                broker.publish_confirmed(&messages, timeout),
+            )
+            .await
+            .unwrap_or_default();
+            let mut failed = None;
+            for (i, p) in group.iter().enumerate() {
+                match outcomes.get(i) {
+                    Some(PublishOutcome::Confirmed) => confirmed.push(p.row),
+                    Some(PublishOutcome::NotSent(e) | PublishOutcome::Unconfirmed(e)) => {
+                        failed.get_or_insert_with(|| e.clone());
+                    }
+                    None => {
+                        failed.get_or_insert_with(|| format!("no confirmation within {timeout:?}"));
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                warn!(
+                    resource = self.resource,
+                    broker = name,
+                    error = e,
+                    "outbox messages not confirmed; the sweep retries them"
+                );
+            }
+        }
+        crash_point("participant::outbox::after_publish_before_delete");
+        confirmed
+    }
+
+    /// Deletes the rows of published messages. A row not deleted (this failed, or the
+    /// process died first) is published again by a sweep, with the same message id.
+    async fn delete(&self, rows: Vec<i64>) {
+        if rows.is_empty() {
+            return;
+        }
+        let res = async {
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let stmt = conn
+                .prepare_cached(DELETE_ROWS)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.execute(&stmt, &[&rows])
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(
+                resource = self.resource,
+                error = e,
+                "deleting published outbox rows failed; the sweep publishes them again"
+            );
+        }
+    }
+
+    /// Publishes and deletes left-behind rows, oldest first (bounded per call). Rows
+    /// that cannot be published now (refused, unreadable) are passed over, so they never
+    /// hold back the rows behind them.
+    async fn sweep(&self, which: Which<'_>) {
+        let mut after_id = 0i64;
+        for _ in 0..SWEEP_ROUNDS {
+            match self.sweep_once(&which, after_id).await {
+                Ok(Some(last)) if matches!(which, Which::Old) => after_id = last,
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(resource = self.resource, error = e, "outbox sweep failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One sweep query over rows with an id above `after_id`: returns the last id it
+    /// took when it took a full batch (there may be more).
+    async fn sweep_once(&self, which: &Which<'_>, after_id: i64) -> Result<Option<i64>, String> {
+        let brokers: Vec<String> = lock(&self.brokers).keys().cloned().collect();
+        if brokers.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let tx = conn.transaction().await.map_err(|e| e.to_string())?;
+        let rows = match which {
+            Which::Old => {
+                let age = self.options.sweep_after.as_secs_f64();
+                tx.query(
+                    &format!(
+                        "{SELECT_COLUMNS} WHERE broker = ANY($1) AND id > $2 \
+                         AND staged_at < clock_timestamp() - make_interval(secs => $3) \
+                         ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[&brokers, &after_id, &age, &SWEEP_BATCH],
+                )
+                .await
+            }
+            Which::Gid(gid) => {
+                tx.query(
+                    &format!(
+                        "{SELECT_COLUMNS} WHERE broker = ANY($1) AND gid = $2 \
+                         ORDER BY id FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[&brokers, gid],
+                )
+                .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let last = rows.last().and_then(|r| r.try_get::<_, i64>(0).ok());
+        let mut pending = Vec::with_capacity(rows.len());
+        for r in &rows {
+            match pending_of(r) {
+                Ok(p) => pending.push(p),
+                Err(e) => warn!(
+                    resource = self.resource,
+                    error = e,
+                    "an outbox row cannot be read; it stays in the table"
+                ),
+            }
+        }
+        let done = if pending.is_empty() {
+            Vec::new()
+        } else {
+            self.publish(&pending).await
+        };
+        if !done.is_empty() {
+            tx.execute(DELETE_ROWS, &[&done])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())?;
+        if !rows.is_empty() {
+            debug!(
+                resource = self.resource,
+                taken = rows.len(),
+                published = done.len(),
+                "outbox sweep"
+            );
+        }
+        Ok(last.filter(|_| rows.len() as i64 >= SWEEP_BATCH))
+    }
+}
+
+/// The message of one outbox row (the columns of `SELECT_COLUMNS`).
+fn pending_of(r: &tokio_postgres::Row) -> Result<Pending, String> {
+    let id: i64 = r.try_get(0).map_err(|e| e.to_string())?;
+    let headers: Option<String> = r.try_get(5).map_err(|e| e.to_string())?;
+    let headers: Vec<(String, String)> = match headers {
+        Some(h) => serde_json::from_str(&h)
+            .map_err(|e| format!("row {id}: unreadable headers column: {e}"))?,
+        None => Vec::new(),
+    };
+    Ok(Pending {
+        row: id,
+        broker: r.try_get(1).map_err(|e| e.to_string())?,
+        message: StagedMessage {
+            message_id: r.try_get(2).map_err(|e| e.to_string())?,
+            destination: r.try_get(3).map_err(|e| e.to_string())?,
+            payload: r.try_get(4).map_err(|e| e.to_string())?,
+            headers,
+            content_type: r.try_get(6).map_err(|e| e.to_string())?,
+        },
+    })
+}
+
+/// Encodes message headers for the `headers` column (`NULL` when there are none).
+pub(crate) fn encode_headers(headers: &[(String, String)]) -> Option<String> {
+    if headers.is_empty() {
+        None
+    } else {
+        serde_json::to_string(headers).ok()
+    }
+}

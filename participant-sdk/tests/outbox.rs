@@ -1,0 +1,1793 @@
+//! The database-staged outbox ([`twopc_participant::outbox`]): messages published with
+//! `PgBranch::publish` / `publish_with` are rows of `twopc_outbox`, written inside the
+//! PostgreSQL branch's transaction, and reach the broker only once that branch commits.
+//!
+//! Everything is real: a private PostgreSQL cluster with prepared transactions (testkit
+//! [`PgCluster`], one per test binary, a fresh database per test), RabbitMQ at
+//! 127.0.0.1:5672 (a unique queue per test), NATS JetStream at 127.0.0.1:4222 (a unique
+//! stream per test) and an in-process coordinator (one per test, `one_phase` on).
+//!
+//! Covered:
+//! * one-phase commit of a transaction whose only branch is the PostgreSQL branch, over
+//!   RabbitMQ and over NATS: the messages arrive once, in order, with the message ids
+//!   `<tx>:<branch>:<index>`, payloads, headers and content type; no broker branch is
+//!   enlisted; the coordinator saw one branch; the table is emptied;
+//! * abort and a failed statement: nothing is published, by the relay or by later sweeps;
+//! * two-phase commit with a second database or a broker branch: the outbox rows ride in
+//!   the prepared transaction and are published exactly once after `COMMIT PREPARED`;
+//! * recovery after a participant "crash" with a prepared branch: its rows are not
+//!   published while prepared, and are swept at once when recovery commits the gid;
+//! * rows a crashed process left behind are published by the sweep of a new resource
+//!   with their stored ids and deleted; rows of a broker not attached here are left alone;
+//! * a message the broker refuses stays in the table (counted by `outbox_backlog`) and is
+//!   published by a later sweep once the broker accepts it;
+//! * the sweep takes only rows older than `sweep_after` (and at once when a broker is
+//!   attached);
+//! * usage errors (broker not attached, conflicting or zero options, publishing in a
+//!   finished branch) leave no row behind.
+//!
+//! * a message rolled back to a savepoint is not published; a statement cancelled by
+//!   the application (its future dropped) makes the one-phase commit check the block;
+//!   an unreadable row does not hold back the sweep of the rows after it.
+//!
+//! Every test runs under an overall timeout ([`bounded`]); waits are bounded polls
+//! ([`eventually`]). "Nothing arrives" is checked after a sweep is *proven* to have run
+//! (a control row committed later is published), not just after a sleep.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use twopc_coordinator::server::{run, ServeConfig};
+use twopc_participant::{
+    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
+    PublishOptions, RabbitResource, Resource, Retry, StagingStore, TwoPc, Vote,
+};
+use twopc_proto::v1 as pb;
+use twopc_testkit::{unique_name, PgCluster};
+
+const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Overall bound of one test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound of one wait for a condition.
+const WAIT: Duration = Duration::from_secs(20);
+/// Options under which only the relay (never the periodic sweep) can publish during a
+/// test.
+fn slow_sweep() -> OutboxOptions {
+    sweep(Duration::from_secs(3600), Duration::from_secs(3600))
+}
+
+/// Options under which the sweep runs every 100 ms and takes rows 100 ms old.
+fn fast_sweep() -> OutboxOptions {
+    sweep(Duration::from_millis(100), Duration::from_millis(100))
+}
+
+fn sweep(sweep_interval: Duration, sweep_after: Duration) -> OutboxOptions {
+    OutboxOptions {
+        sweep_interval,
+        sweep_after,
+        ..OutboxOptions::default()
+    }
+}
+
+const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)";
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// Runs a test body under [`TEST_TIMEOUT`].
+async fn bounded<F: Future<Output = ()>>(body: F) {
+    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
+        panic!("test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+/// Polls `check` every 25 ms until it returns true; panics after [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {WAIT:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Checks `check` every 25 ms for `period`; panics as soon as it does not hold.
+async fn stays<F, Fut>(what: &str, period: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        assert!(check().await, "no longer true: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+
+/// The binary's shared private cluster (started on first use; its watchdog cleans it up
+/// when the test process exits).
+fn cluster() -> &'static PgCluster {
+    match CLUSTER.get_or_init(|| PgCluster::start_blocking().map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
+    }
+}
+
+/// A fresh database with `setup` run in it; returns its URL.
+async fn database(prefix: &str, setup: &str) -> String {
+    let pg = cluster();
+    let name = unique_name(prefix);
+    pg.create_database(&name).await.expect("create database");
+    if !setup.is_empty() {
+        let c = pg.connect(&name).await.expect("connect");
+        c.batch_execute(setup).await.expect("set-up SQL");
+    }
+    pg.url(&name)
+}
+
+/// Connects to `url` (test-side checks and writes, outside any branch).
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("count query")
+        .get(0)
+}
+
+async fn outbox_rows(url: &str) -> i64 {
+    count(url, "SELECT count(*) FROM twopc_outbox").await
+}
+
+async fn prepared_gids(url: &str) -> i64 {
+    count(
+        url,
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+    )
+    .await
+}
+
+/// Commits an outbox row with plain SQL, as an earlier process would have left it.
+#[allow(clippy::too_many_arguments)]
+async fn insert_row(
+    url: &str,
+    broker: &str,
+    gid: &str,
+    message_id: &str,
+    destination: &str,
+    payload: &[u8],
+    headers: Option<&str>,
+    content_type: Option<&str>,
+) {
+    connect(url)
+        .await
+        .execute(
+            "INSERT INTO twopc_outbox \
+             (broker, gid, message_id, destination, payload, headers, content_type) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &broker,
+                &gid,
+                &message_id,
+                &destination,
+                &payload,
+                &headers,
+                &content_type,
+            ],
+        )
+        .await
+        .expect("insert an outbox row by hand");
+}
+
+async fn resource(name: &str, url: &str) -> Arc<PgResource> {
+    PgResource::from_url(name, url, 4)
+        .await
+        .expect("PgResource")
+}
+
+/// An in-process coordinator with its own data directory (one-phase commit on).
+struct Coordinator {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    async fn start() -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind coordinator");
+        let addr = listener.local_addr().expect("local addr");
+        let cfg = ServeConfig {
+            listen: addr,
+            data_dir: dir.path().join("coordinator"),
+            retry_initial_ms: 20,
+            retry_max_ms: 300,
+            connect_timeout_ms: 500,
+            one_phase: true,
+            ..Default::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = run(cfg, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            {
+                panic!("coordinator failed: {e}");
+            }
+        });
+        Coordinator {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// A participant SDK of service "svc" (recovery only when asked).
+async fn sdk(coord: &Coordinator, commit_wait: Duration) -> TwoPc {
+    TwoPc::builder(coord.url.clone())
+        .service("svc")
+        .recovery_interval(Duration::from_secs(3600))
+        .commit_wait(commit_wait)
+        .start()
+        .await
+        .expect("start the SDK")
+}
+
+async fn get_tx(sdk: &TwoPc, tx_id: &str) -> pb::GetTransactionResponse {
+    sdk.coordinator()
+        .get_transaction(pb::GetTransactionRequest {
+            tx_id: tx_id.to_string(),
+        })
+        .await
+        .expect("GetTransaction")
+        .into_inner()
+}
+
+/// `(branch_id, kind)` of every branch the coordinator holds for `tx_id`.
+async fn coordinator_branches(sdk: &TwoPc, tx_id: &str) -> Vec<(String, i32)> {
+    get_tx(sdk, tx_id)
+        .await
+        .branches
+        .into_iter()
+        .map(|b| {
+            let b = b.branch.expect("branch");
+            (b.branch_id, b.kind)
+        })
+        .collect()
+}
+
+fn staging(dir: &Path) -> Arc<StagingStore> {
+    Arc::new(StagingStore::open(dir).expect("open the staging store"))
+}
+
+/// Generous publish timeout: a confirmation slower than this leaves the row to the sweep
+/// (and the message possibly published twice), which a loaded machine must not cause.
+fn broker_options() -> BrokerOptions {
+    BrokerOptions {
+        publish_timeout: Duration::from_secs(15),
+        ..BrokerOptions::default()
+    }
+}
+
+async fn rabbit(name: &str, store: Arc<StagingStore>) -> Arc<RabbitResource> {
+    Arc::new(
+        RabbitResource::connect(name, RABBIT_URL, store)
+            .await
+            .expect("connect to RabbitMQ")
+            .with_options(broker_options()),
+    )
+}
+
+fn usage(err: Error) -> String {
+    match err {
+        Error::Usage(m) => m,
+        other => panic!("expected a usage error, got {other:?}"),
+    }
+}
+
+/// A participant that prepares through the real resource and then "crashes": it never
+/// finishes phase two and reports nothing in doubt.
+struct CrashesAfterPrepare(Arc<PgResource>);
+
+#[tonic::async_trait]
+impl Resource for CrashesAfterPrepare {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn kind(&self) -> pb::BranchKind {
+        self.0.kind()
+    }
+    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
+        self.0.prepare(tx_id, branch_id).await
+    }
+    async fn commit(&self, _: &str, _: &str) -> Result<(), Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn commit_one_phase(&self, _: &str, _: &str) -> Result<OnePhase, Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn abort(&self, _: &str, _: &str) -> Result<(), Retry> {
+        Err(Retry("participant crashed before phase two".into()))
+    }
+    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
+        Ok(Vec::new())
+    }
+}
+
+// --- RabbitMQ consumer side ------------------------------------------------------------
+
+/// One message as found in a queue.
+#[derive(Debug, Clone, PartialEq)]
+struct Got {
+    message_id: String,
+    payload: Vec<u8>,
+    persistent: bool,
+    content_type: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+struct RabbitProbe {
+    _conn: Connection,
+    ch: Channel,
+}
+
+impl RabbitProbe {
+    async fn new() -> RabbitProbe {
+        let conn = Connection::connect(RABBIT_URL, ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("channel");
+        RabbitProbe { _conn: conn, ch }
+    }
+
+    /// Declares `queue` durable (as the resource does), so it can be drained before
+    /// anything was published to it.
+    async fn declare(&self, queue: &str) {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+    }
+
+    /// Takes every message currently in `queue`.
+    async fn drain(&self, queue: &str) -> Vec<Got> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let p = &m.delivery.properties;
+            let headers = p
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                AMQPValue::LongString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Got {
+                message_id: p
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                payload: m.delivery.data.clone(),
+                persistent: *p.delivery_mode() == Some(2),
+                content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                headers,
+            });
+        }
+        out
+    }
+
+    /// Drains `queue` until `n` messages were taken (bounded by [`WAIT`]); returns them.
+    async fn take(&self, queue: &str, n: usize) -> Vec<Got> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.len() < n {
+            got.extend(self.drain(queue).await);
+            if got.len() >= n {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} messages arrived in {queue} within {WAIT:?}: {got:?}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        got
+    }
+
+    async fn delete(&self, queue: &str) {
+        let _ = self
+            .ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+// --- NATS consumer side -----------------------------------------------------------------
+
+/// One message as stored in a stream.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    subject: String,
+    message_id: String,
+    payload: Vec<u8>,
+    kind_header: Option<String>,
+    content_type: Option<String>,
+}
+
+async fn jetstream() -> async_nats::jetstream::Context {
+    let client = async_nats::connect(NATS_URL)
+        .await
+        .expect("connect to NATS");
+    async_nats::jetstream::new(client)
+}
+
+/// Every message in `stream`.
+async fn stream_messages(stream: &str) -> Vec<Stored> {
+    let js = jetstream().await;
+    let mut s = js.get_stream(stream).await.expect("get stream");
+    let state = s.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages > 0 {
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = s.get_raw_message(seq).await.expect("get message");
+            let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string());
+            out.push(Stored {
+                subject: m.subject.to_string(),
+                message_id: header("Nats-Msg-Id").unwrap_or_default(),
+                payload: m.payload.to_vec(),
+                kind_header: header("kind"),
+                content_type: header("Content-Type"),
+            });
+        }
+    }
+    out
+}
+
+async fn delete_stream(stream: &str) {
+    let _ = jetstream().await.delete_stream(stream).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// Test 1: a transaction whose only branch is the PostgreSQL branch commits in one
+/// phase, and the relay publishes its two staged messages to RabbitMQ after the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_1p");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("ob1p", ORDERS).await;
+
+        // Registered too, so that an enlistment of a broker branch would be possible
+        // (and visible to the coordinator).
+        let rabbit = sdk
+            .register(rabbit("rabbit", store.clone()).await)
+            .expect("register rabbit");
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&db).await.expect("branch");
+        // A temporary table cannot be prepared: committing it proves no PREPARE ran.
+        pg.execute("CREATE TEMP TABLE scratch (v int) ON COMMIT DROP", &[])
+            .await
+            .expect("temp table");
+        pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
+            .await
+            .expect("insert");
+        let id0 = pg
+            .publish(&*rabbit, &queue, b"{\"order\":1}".to_vec())
+            .await
+            .expect("publish");
+        let opts = PublishOptions {
+            headers: vec![
+                ("kind".into(), "OrderCreated".into()),
+                ("tenant".into(), "t-7".into()),
+            ],
+            content_type: Some("application/json".into()),
+        };
+        let id1 = pg
+            .publish_with(&*rabbit, &queue, b"{\"order\":1,\"v\":2}".to_vec(), opts)
+            .await
+            .expect("publish_with");
+        assert_eq!(id0, format!("{tx_id}:svc:db:0"));
+        assert_eq!(id1, format!("{tx_id}:svc:db:1"));
+
+        // The messages are rows of the open transaction: invisible outside it, nothing
+        // buffered in the broker resource, and the coordinator knows one branch only.
+        let rows: Vec<_> = pg
+            .query(
+                "SELECT broker, gid, message_id, destination, payload, headers, content_type \
+                 FROM twopc_outbox ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("rows in branch")
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, Vec<u8>>(4),
+                    r.get::<_, Option<String>>(5),
+                    r.get::<_, Option<String>>(6),
+                )
+            })
+            .collect();
+        // What the sweep would publish after a crash: the same message, headers included.
+        let gid = pg.gid().to_string();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "rabbit".to_string(),
+                    gid.clone(),
+                    id0.clone(),
+                    queue.clone(),
+                    b"{\"order\":1}".to_vec(),
+                    None,
+                    None
+                ),
+                (
+                    "rabbit".to_string(),
+                    gid,
+                    id1.clone(),
+                    queue.clone(),
+                    b"{\"order\":1,\"v\":2}".to_vec(),
+                    Some(r#"[["kind","OrderCreated"],["tenant","t-7"]]"#.to_string()),
+                    Some("application/json".to_string())
+                ),
+            ]
+        );
+        assert_eq!(outbox_rows(&url).await, 0);
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        assert_eq!(rabbit.core().buffered(&tx_id, "svc:rabbit"), 0);
+        assert_eq!(rabbit.core().open_branches(), 0);
+        assert_eq!(
+            coordinator_branches(&sdk, &tx_id).await,
+            vec![("svc:db".to_string(), pb::BranchKind::Database as i32)]
+        );
+        assert!(
+            probe.drain(&queue).await.is_empty(),
+            "nothing before commit"
+        );
+
+        let committed = tx.commit().await.expect("one-phase commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+        // A one-phase commit leaves nothing in the coordinator's memory: the branch list
+        // of the finished transaction is empty (one branch was checked before commit).
+        let after = get_tx(&sdk, &tx_id).await;
+        assert_eq!(after.outcome, pb::Outcome::Committed as i32, "{after:?}");
+        assert_eq!(after.state, pb::TxState::Committed as i32, "{after:?}");
+        assert!(
+            after
+                .branches
+                .iter()
+                .all(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "svc:db")),
+            "{after:?}"
+        );
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url).await, 0);
+
+        let got = probe.take(&queue, 2).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].message_id, id0);
+        assert_eq!(got[0].payload, b"{\"order\":1}");
+        assert!(got[0].persistent);
+        assert_eq!(got[0].content_type, None);
+        assert!(got[0].headers.is_empty(), "{:?}", got[0].headers);
+        assert_eq!(got[1].message_id, id1);
+        assert_eq!(got[1].payload, b"{\"order\":1,\"v\":2}");
+        assert!(got[1].persistent);
+        assert_eq!(got[1].content_type.as_deref(), Some("application/json"));
+        let mut headers = got[1].headers.clone();
+        headers.sort();
+        assert_eq!(
+            headers,
+            vec![
+                ("kind".to_string(), "OrderCreated".to_string()),
+                ("tenant".to_string(), "t-7".to_string())
+            ]
+        );
+
+        eventually("the relay deleted the published rows", || async {
+            db.outbox_backlog().await.expect("backlog") == 0 && outbox_rows(&url).await == 0
+        })
+        .await;
+        // No broker branch was ever opened or staged.
+        assert_eq!(rabbit.core().open_branches(), 0);
+        assert!(store.is_empty(), "{:?}", store.list());
+        // And nothing more arrives.
+        stays("no duplicate", Duration::from_millis(300), || async {
+            probe.drain(&queue).await.is_empty()
+        })
+        .await;
+        // The branch is finished.
+        let err = pg
+            .publish(&*rabbit, &queue, b"late".to_vec())
+            .await
+            .expect_err("committed");
+        assert!(usage(err).contains("committed"));
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 2a: an aborted transaction publishes nothing, not even through later sweeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transaction_publishes_nothing() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_abort");
+        let control = unique_name("outbox_ctl");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        probe.declare(&control).await;
+        let url = database("obab", ORDERS).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), fast_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*rabbit, &queue, b"never 0".to_vec())
+            .await
+            .expect("publish");
+        pg.publish(&*rabbit, &queue, b"never 1".to_vec())
+            .await
+            .expect("publish");
+        tx.abort("changed my mind").await.expect("abort");
+        eventually("the branch is rolled back", || async {
+            matches!(pg.execute("SELECT 1", &[]).await, Err(Error::Usage(ref m)) if m.contains("aborted"))
+        })
+        .await;
+
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(outbox_rows(&url).await, 0);
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        // A row committed after the abort is swept: a sweep ran after the abort, and it
+        // would have taken the aborted rows (older, lower ids) had they been committed.
+        insert_row(&url, "rabbit", "control", "control-0", &control, b"c", None, None).await;
+        let got = probe.take(&control, 1).await;
+        assert_eq!(got[0].message_id, "control-0");
+        stays("the aborted messages never arrive", Duration::from_millis(500), || async {
+            probe.drain(&queue).await.is_empty()
+        })
+        .await;
+        eventually("the control row is deleted", || async {
+            outbox_rows(&url).await == 0
+        })
+        .await;
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+
+        probe.delete(&queue).await;
+        probe.delete(&control).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 2b: a failing statement after `publish` makes the one-phase commit abort; the
+/// staged messages are rolled back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_fail");
+        let control = unique_name("outbox_ctl");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        probe.declare(&control).await;
+        let setup = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
+        let url = database("obfail", &setup).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), fast_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*rabbit, &queue, b"never".to_vec())
+            .await
+            .expect("publish");
+        let err = pg
+            .execute("INSERT INTO orders VALUES (1, 'duplicate')", &[])
+            .await
+            .expect_err("duplicate key");
+        assert!(err.to_string().contains("23505"), "{err}");
+
+        let err = tx.commit().await.expect_err("aborted");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Aborted(_)), "{msg}");
+        assert!(msg.contains("23505"), "{msg}");
+
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(outbox_rows(&url).await, 0);
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        insert_row(
+            &url,
+            "rabbit",
+            "control",
+            "control-0",
+            &control,
+            b"c",
+            None,
+            None,
+        )
+        .await;
+        let got = probe.take(&control, 1).await;
+        assert_eq!(got[0].message_id, "control-0");
+        stays(
+            "the rolled-back message never arrives",
+            Duration::from_millis(500),
+            || async { probe.drain(&queue).await.is_empty() },
+        )
+        .await;
+        eventually("the control row is deleted", || async {
+            db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+
+        probe.delete(&queue).await;
+        probe.delete(&control).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 3a: with a second database in the transaction, both branches are prepared; each
+/// database's outbox rows ride in its prepared transaction and are published once after
+/// COMMIT PREPARED, by that resource's relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_2pc");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let (url_a, url_b) = (
+            database("ob2a", ORDERS).await,
+            database("ob2b", ORDERS).await,
+        );
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let a = sdk
+            .register(resource("db-a", &url_a).await)
+            .expect("register a");
+        let b = sdk
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+        a.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox a");
+        b.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox b");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        branch_a
+            .execute("INSERT INTO orders VALUES (1, 'a')", &[])
+            .await
+            .expect("insert a");
+        let a0 = branch_a
+            .publish(&*rabbit, &queue, b"a0".to_vec())
+            .await
+            .expect("publish a0");
+        let a1 = branch_a
+            .publish(&*rabbit, &queue, b"a1".to_vec())
+            .await
+            .expect("publish a1");
+        let branch_b = b.begin(&tx).await.expect("branch b");
+        branch_b
+            .execute("INSERT INTO orders VALUES (1, 'b')", &[])
+            .await
+            .expect("insert b");
+        let b0 = branch_b
+            .publish(&*rabbit, &queue, b"b0".to_vec())
+            .await
+            .expect("publish b0");
+        assert_eq!(
+            vec![a0.clone(), a1.clone(), b0.clone()],
+            vec![
+                format!("{tx_id}:svc:db-a:0"),
+                format!("{tx_id}:svc:db-a:1"),
+                format!("{tx_id}:svc:db-b:0")
+            ]
+        );
+        let mut branches = coordinator_branches(&sdk, &tx_id).await;
+        branches.sort();
+        let db_kind = pb::BranchKind::Database as i32;
+        assert_eq!(
+            branches,
+            vec![
+                ("svc:db-a".to_string(), db_kind),
+                ("svc:db-b".to_string(), db_kind)
+            ]
+        );
+
+        let committed = tx.commit().await.expect("commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+        for url in [&url_a, &url_b] {
+            assert_eq!(count(url, "SELECT count(*) FROM orders").await, 1);
+            assert_eq!(prepared_gids(url).await, 0);
+        }
+
+        let got = probe.take(&queue, 3).await;
+        let from_a: Vec<_> = got
+            .iter()
+            .filter(|g| g.message_id.contains(":svc:db-a:"))
+            .map(|g| (g.message_id.clone(), g.payload.clone()))
+            .collect();
+        let from_b: Vec<_> = got
+            .iter()
+            .filter(|g| g.message_id.contains(":svc:db-b:"))
+            .map(|g| (g.message_id.clone(), g.payload.clone()))
+            .collect();
+        assert_eq!(
+            from_a,
+            vec![(a0, b"a0".to_vec()), (a1, b"a1".to_vec())],
+            "{got:?}"
+        );
+        assert_eq!(from_b, vec![(b0, b"b0".to_vec())], "{got:?}");
+        eventually("both relays deleted their rows", || async {
+            a.outbox_backlog().await.expect("backlog a") == 0
+                && b.outbox_backlog().await.expect("backlog b") == 0
+        })
+        .await;
+        stays("no duplicate", Duration::from_millis(300), || async {
+            probe.drain(&queue).await.is_empty()
+        })
+        .await;
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 3b: a PostgreSQL branch with outbox messages beside a broker branch
+/// (`Transaction::publish`): two phases, each message published exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_mixed");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obmix", ORDERS).await;
+        let rabbit = sdk
+            .register(rabbit("rabbit", store.clone()).await)
+            .expect("register rabbit");
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
+            .await
+            .expect("insert");
+        let from_db = pg
+            .publish(&*rabbit, &queue, b"from the database".to_vec())
+            .await
+            .expect("pg publish");
+        let from_broker = tx
+            .publish(&*rabbit, &queue, b"from the broker branch".to_vec())
+            .await
+            .expect("tx publish");
+        assert_eq!(from_db, format!("{tx_id}:svc:db:0"));
+        assert_eq!(from_broker, format!("{tx_id}:svc:rabbit:0"));
+        let mut branches = coordinator_branches(&sdk, &tx_id).await;
+        branches.sort();
+        assert_eq!(
+            branches,
+            vec![
+                ("svc:db".to_string(), pb::BranchKind::Database as i32),
+                ("svc:rabbit".to_string(), pb::BranchKind::Broker as i32)
+            ]
+        );
+
+        let committed = tx.commit().await.expect("commit");
+        assert!(committed.pending_branches.is_empty(), "{committed:?}");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url).await, 0);
+
+        let mut got: Vec<_> = probe
+            .take(&queue, 2)
+            .await
+            .into_iter()
+            .map(|g| (g.message_id, g.payload))
+            .collect();
+        got.sort();
+        let mut want = vec![
+            (from_db, b"from the database".to_vec()),
+            (from_broker, b"from the broker branch".to_vec()),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        eventually("the relay deleted the row", || async {
+            db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+        stays("no duplicate", Duration::from_millis(300), || async {
+            probe.drain(&queue).await.is_empty()
+        })
+        .await;
+        assert!(store.is_empty(), "{:?}", store.list());
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Recovery: a participant prepares its branch (with outbox rows) and "crashes" before
+/// phase two. While prepared, nothing is published and the rows are not counted. A new
+/// process commits the gid through recovery, and its rows are swept at once (the periodic
+/// sweep could not take them for an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = unique_name("outbox_rec");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let (url_a, url_b) = (
+            database("obra", ORDERS).await,
+            database("obrb", ORDERS).await,
+        );
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+
+        let sdk1 = sdk(&coord, Duration::from_millis(300)).await;
+        let a = resource("db-a", &url_a).await;
+        a.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
+            .expect("register crashing a");
+        let b = sdk1
+            .register(resource("db-b", &url_b).await)
+            .expect("register b");
+
+        let tx = sdk1.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch_a = tx.postgres(&a).await.expect("branch a");
+        branch_a
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert a");
+        let m0 = branch_a
+            .publish(&*rabbit, &queue, b"after recovery".to_vec())
+            .await
+            .expect("publish");
+        tx.postgres(&b)
+            .await
+            .expect("branch b")
+            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert b");
+        let committed = tx.commit().await.expect("decided to commit");
+        assert_eq!(committed.pending_branches, vec!["svc:db-a".to_string()]);
+        assert_eq!(prepared_gids(&url_a).await, 1);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 1);
+        // Prepared, not committed: the rows are invisible and nothing is published.
+        assert_eq!(a.outbox_backlog().await.expect("backlog"), 0);
+        stays(
+            "nothing is published while prepared",
+            Duration::from_millis(300),
+            || async { probe.drain(&queue).await.is_empty() },
+        )
+        .await;
+
+        // The participant process "dies".
+        sdk1.shutdown().await;
+        drop((sdk1, a, branch_a));
+
+        let sdk2 = sdk(&coord, Duration::from_secs(5)).await;
+        let a2 = sdk2
+            .register(resource("db-a", &url_a).await)
+            .expect("register a again");
+        a2.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox again");
+        assert_eq!(sdk2.recover_now().await, 1);
+        assert_eq!(prepared_gids(&url_a).await, 0);
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
+
+        let got = probe.take(&queue, 1).await;
+        assert_eq!(got[0].message_id, m0);
+        assert_eq!(m0, format!("{tx_id}:svc:db-a:0"));
+        assert_eq!(got[0].payload, b"after recovery");
+        eventually("the swept row is deleted", || async {
+            a2.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+        stays("no duplicate", Duration::from_millis(300), || async {
+            probe.drain(&queue).await.is_empty()
+        })
+        .await;
+
+        probe.delete(&queue).await;
+        sdk2.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 4: rows a crashed process committed but never published are published by the
+/// sweep of a new resource on the same database, with exactly their stored message ids,
+/// headers and content types, then deleted. A row of a broker not attached here stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (q1, q2) = (unique_name("outbox_left"), unique_name("outbox_left"));
+        let probe = RabbitProbe::new().await;
+        probe.declare(&q1).await;
+        probe.declare(&q2).await;
+        let url = database("obleft", "").await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+
+        // An earlier process created the table (its sweep takes rows an hour old)...
+        let old = resource("db", &url).await;
+        old.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        // ... and committed these rows before it died.
+        insert_row(
+            &url,
+            "rabbit",
+            "twopc:t1:svc:db",
+            "t1:svc:db:0",
+            &q1,
+            b"left 0",
+            None,
+            None,
+        )
+        .await;
+        insert_row(
+            &url,
+            "rabbit",
+            "twopc:t1:svc:db",
+            "t1:svc:db:1",
+            &q1,
+            b"left 1",
+            Some(r#"[["kind","OrderCreated"]]"#),
+            Some("application/json"),
+        )
+        .await;
+        insert_row(
+            &url,
+            "rabbit",
+            "twopc:t2:svc:db",
+            "t2:svc:db:0",
+            &q2,
+            b"left 2",
+            None,
+            None,
+        )
+        .await;
+        insert_row(
+            &url,
+            "elsewhere",
+            "twopc:t3:svc:db",
+            "t3:svc:db:0",
+            &q1,
+            b"not mine",
+            None,
+            None,
+        )
+        .await;
+        // One more, two hours old.
+        insert_row(
+            &url,
+            "rabbit",
+            "twopc:t0:svc:db",
+            "t0:svc:db:0",
+            &q1,
+            b"ancient",
+            None,
+            None,
+        )
+        .await;
+        connect(&url)
+            .await
+            .execute(
+                "UPDATE twopc_outbox SET staged_at = now() - interval '2 hours' \
+                 WHERE message_id = 't0:svc:db:0'",
+                &[],
+            )
+            .await
+            .expect("age the row");
+        assert_eq!(outbox_rows(&url).await, 5);
+        // Attaching (again, same options) sweeps at once, and only what is older than
+        // `sweep_after`: the ancient row goes, the young ones stay.
+        old.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox again");
+        let got = probe.take(&q1, 1).await;
+        assert_eq!(
+            got.iter()
+                .map(|g| (g.message_id.as_str(), g.payload.as_slice()))
+                .collect::<Vec<_>>(),
+            vec![("t0:svc:db:0", b"ancient".as_slice())]
+        );
+        eventually("the ancient row is deleted", || async {
+            outbox_rows(&url).await == 4
+        })
+        .await;
+        stays(
+            "the young rows stay",
+            Duration::from_millis(300),
+            || async { probe.drain(&q1).await.is_empty() && probe.drain(&q2).await.is_empty() },
+        )
+        .await;
+        assert_eq!(outbox_rows(&url).await, 4);
+        // The process dies.
+        drop(old);
+
+        let db = resource("db", &url).await;
+        db.enable_outbox(
+            rabbit.clone(),
+            sweep(Duration::from_millis(100), Duration::from_millis(200)),
+        )
+        .await
+        .expect("enable_outbox");
+        let got1 = probe.take(&q1, 2).await;
+        let got2 = probe.take(&q2, 1).await;
+        assert_eq!(
+            got1.iter()
+                .map(|g| (g.message_id.as_str(), g.payload.as_slice()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("t1:svc:db:0", b"left 0".as_slice()),
+                ("t1:svc:db:1", b"left 1".as_slice())
+            ]
+        );
+        assert_eq!(got1[0].content_type, None);
+        assert!(got1[0].headers.is_empty());
+        assert_eq!(got1[1].content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            got1[1].headers,
+            vec![("kind".to_string(), "OrderCreated".to_string())]
+        );
+        assert!(got1.iter().all(|g| g.persistent));
+        assert_eq!(got2[0].message_id, "t2:svc:db:0");
+        assert_eq!(got2[0].payload, b"left 2");
+
+        eventually("the published rows are deleted", || async {
+            outbox_rows(&url).await == 1
+        })
+        .await;
+        // The foreign broker's row stays (and counts as backlog), sweep after sweep.
+        stays(
+            "the row of the other broker stays",
+            Duration::from_millis(500),
+            || async {
+                count(
+                    &url,
+                    "SELECT count(*) FROM twopc_outbox WHERE broker = 'elsewhere'",
+                )
+                .await
+                    == 1
+            },
+        )
+        .await;
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 1);
+        assert!(probe.drain(&q1).await.is_empty());
+        assert!(probe.drain(&q2).await.is_empty());
+
+        probe.delete(&q1).await;
+        probe.delete(&q2).await;
+    })
+    .await;
+}
+
+/// Test 5: a message the broker refuses (a subject the resource's configuration
+/// accepts, but the server's stream does not capture) stays in the table, counted by
+/// the backlog; once the stream captures it, the next sweep publishes it with its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let stream = unique_name("OBREF");
+        let url = database("obref", ORDERS).await;
+
+        // The server's stream captures `<stream>.a` only; the resource is configured for
+        // `<stream>.>` (an existing stream is used as it is).
+        let js = jetstream().await;
+        let mut config = async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{stream}.a")],
+            ..Default::default()
+        };
+        js.create_stream(config.clone())
+            .await
+            .expect("create the stream");
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            staging(dir.path()),
+        )
+        .await
+        .expect("connect to NATS")
+        .with_options(broker_options());
+        let nats = Arc::new(nats);
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(nats.clone(), fast_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let subject = format!("{stream}.b");
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert");
+        let options = PublishOptions {
+            headers: vec![("kind".into(), "OrderCreated".into())],
+            content_type: Some("application/json".into()),
+        };
+        let id = pg
+            .publish_with(&*nats, &subject, b"refused at first".to_vec(), options)
+            .await
+            .expect("publish (accepted by the resource's configuration)");
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+
+        // The relay and several sweeps try and fail: the row stays.
+        stays(
+            "the refused message stays in the table",
+            Duration::from_millis(1500),
+            || async { db.outbox_backlog().await.expect("backlog") == 1 },
+        )
+        .await;
+        assert!(stream_messages(&stream).await.is_empty());
+
+        config.subjects.push(subject.clone());
+        js.update_stream(config).await.expect("update the stream");
+        eventually("a sweep publishes the message", || async {
+            db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+        let msgs = stream_messages(&stream).await;
+        // Published by the sweep, from the row: the headers made the round trip.
+        assert_eq!(
+            msgs,
+            vec![Stored {
+                subject: subject.clone(),
+                message_id: id,
+                payload: b"refused at first".to_vec(),
+                kind_header: Some("OrderCreated".into()),
+                content_type: Some("application/json".into()),
+            }]
+        );
+
+        delete_stream(&stream).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 6: test 1 over NATS JetStream: one phase, the message id in `Nats-Msg-Id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let stream = unique_name("OBNATS");
+        let subject = format!("{stream}.order.created");
+        let url = database("obnats", ORDERS).await;
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS")
+        .with_options(broker_options());
+        let nats = sdk.register(Arc::new(nats)).expect("register nats");
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(nats.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("CREATE TEMP TABLE scratch (v int) ON COMMIT DROP", &[])
+            .await
+            .expect("temp table (cannot be prepared)");
+        pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
+            .await
+            .expect("insert");
+        let id0 = pg
+            .publish(&*nats, &subject, b"n0".to_vec())
+            .await
+            .expect("publish");
+        let id1 = pg
+            .publish_with(
+                &*nats,
+                &subject,
+                b"n1".to_vec(),
+                PublishOptions {
+                    headers: vec![("kind".into(), "OrderCreated".into())],
+                    content_type: Some("application/json".into()),
+                },
+            )
+            .await
+            .expect("publish_with");
+        assert_eq!(id0, format!("{tx_id}:svc:db:0"));
+        assert_eq!(id1, format!("{tx_id}:svc:db:1"));
+        // A subject outside the stream is refused at once, and the branch goes on.
+        let err = pg
+            .publish(&*nats, "elsewhere.x", b"x".to_vec())
+            .await
+            .expect_err("not captured");
+        assert!(
+            matches!(err, Error::Resource { .. }) && err.to_string().contains("not captured"),
+            "{err}"
+        );
+        assert_eq!(
+            coordinator_branches(&sdk, &tx_id).await,
+            vec![("svc:db".to_string(), pb::BranchKind::Database as i32)]
+        );
+        assert_eq!(nats.core().open_branches(), 0);
+
+        tx.commit().await.expect("one-phase commit");
+        assert_eq!(
+            get_tx(&sdk, &tx_id).await.outcome,
+            pb::Outcome::Committed as i32
+        );
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        eventually("both messages are in the stream", || async {
+            stream_messages(&stream).await.len() >= 2
+        })
+        .await;
+        eventually("the relay deleted the rows", || async {
+            db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+        let msgs = stream_messages(&stream).await;
+        assert_eq!(
+            msgs,
+            vec![
+                Stored {
+                    subject: subject.clone(),
+                    message_id: id0,
+                    payload: b"n0".to_vec(),
+                    kind_header: None,
+                    content_type: None,
+                },
+                Stored {
+                    subject: subject.clone(),
+                    message_id: id1,
+                    payload: b"n1".to_vec(),
+                    kind_header: Some("OrderCreated".into()),
+                    content_type: Some("application/json".into()),
+                },
+            ]
+        );
+        assert_eq!(nats.core().open_branches(), 0);
+        assert!(store.is_empty(), "{:?}", store.list());
+
+        delete_stream(&stream).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// Test 7: usage errors, none of which leaves a row behind or breaks the branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_are_refused_without_leaving_rows() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_usage");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obuse", ORDERS).await;
+        let attached = rabbit("rabbit", store.clone()).await;
+        let stranger = rabbit("rabbit-b", store.clone()).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+
+        // No outbox at all yet.
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        let m = usage(
+            pg.publish(&*attached, &queue, b"x".to_vec())
+                .await
+                .expect_err("no outbox"),
+        );
+        assert!(m.contains("rabbit") && m.contains("enable_outbox"), "{m}");
+        tx.abort("done").await.expect("abort");
+
+        // Zero durations.
+        for options in [
+            OutboxOptions {
+                sweep_interval: Duration::ZERO,
+                ..OutboxOptions::default()
+            },
+            OutboxOptions {
+                sweep_after: Duration::ZERO,
+                ..OutboxOptions::default()
+            },
+        ] {
+            let m = usage(
+                db.enable_outbox(attached.clone(), options)
+                    .await
+                    .expect_err("zero duration"),
+            );
+            assert!(m.contains("greater than zero"), "{m}");
+        }
+
+        db.enable_outbox(attached.clone(), fast_sweep())
+            .await
+            .expect("enable_outbox");
+        // Again with the same options: fine. With others: refused.
+        db.enable_outbox(attached.clone(), fast_sweep())
+            .await
+            .expect("same options again");
+        let m = usage(
+            db.enable_outbox(attached.clone(), slow_sweep())
+                .await
+                .expect_err("other options"),
+        );
+        assert!(m.contains("already runs"), "{m}");
+
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'x')", &[])
+            .await
+            .expect("insert");
+        // A broker that was never attached.
+        let m = usage(
+            pg.publish(&*stranger, &queue, b"x".to_vec())
+                .await
+                .expect_err("not attached"),
+        );
+        assert!(m.contains("rabbit-b") && m.contains("enable_outbox"), "{m}");
+        // An invalid destination is refused before anything is written.
+        let err = pg
+            .publish(&*attached, "", b"x".to_vec())
+            .await
+            .expect_err("empty queue name");
+        assert!(matches!(err, Error::Resource { .. }), "{err}");
+        // The branch is intact: nothing of it failed in PostgreSQL.
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM twopc_outbox", &[])
+            .await
+            .expect("count in branch")
+            .get(0);
+        assert_eq!(n, 0);
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+
+        // Publishing in a finished branch.
+        let m = usage(
+            pg.publish(&*attached, &queue, b"late".to_vec())
+                .await
+                .expect_err("committed"),
+        );
+        assert!(m.contains("committed"), "{m}");
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        tx.abort("done").await.expect("abort");
+        eventually("publishing in an aborted branch is refused", || async {
+            matches!(
+                pg.publish(&*attached, &queue, b"late".to_vec()).await,
+                Err(Error::Usage(ref m)) if m.contains("aborted")
+            )
+        })
+        .await;
+
+        assert_eq!(outbox_rows(&url).await, 0);
+        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        assert!(probe.drain(&queue).await.is_empty());
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Defects found in review, fixed (each test failed before its fix)
+// ---------------------------------------------------------------------------------------
+
+/// A message published after a `SAVEPOINT` and rolled back with `ROLLBACK TO SAVEPOINT`
+/// must not be published: its row is gone (before the fix, the branch published every
+/// message it had staged in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_savepoint");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obsave", ORDERS).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("SAVEPOINT s", &[]).await.expect("savepoint");
+        pg.publish(&*rabbit, &queue, b"rolled back".to_vec())
+            .await
+            .expect("publish");
+        pg.execute("ROLLBACK TO SAVEPOINT s", &[])
+            .await
+            .expect("rollback to savepoint");
+        let kept = pg
+            .publish(&*rabbit, &queue, b"kept".to_vec())
+            .await
+            .expect("publish");
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM twopc_outbox", &[])
+            .await
+            .expect("count in branch")
+            .get(0);
+        assert_eq!(n, 1, "one row is left in the transaction");
+        tx.commit().await.expect("commit");
+
+        let mut got = probe.take(&queue, 1).await;
+        eventually("the relay deleted the row", || async {
+            db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+        got.extend(probe.drain(&queue).await);
+        let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
+        assert_eq!(got, vec![(kept, b"kept".to_vec())]);
+
+        probe.delete(&queue).await;
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// One row whose `headers` column cannot be decoded must not keep the other rows of the
+/// same sweep from being published (before the fix, the whole batch failed, every time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_unreadable_headers_does_not_block_the_others() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = unique_name("outbox_poison");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obpoison", "").await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        {
+            let old = resource("db", &url).await;
+            old.enable_outbox(rabbit.clone(), slow_sweep())
+                .await
+                .expect("enable_outbox");
+        }
+        insert_row(
+            &url,
+            "rabbit",
+            "g",
+            "bad-0",
+            &queue,
+            b"bad",
+            Some("not json"),
+            None,
+        )
+        .await;
+        insert_row(&url, "rabbit", "g", "good-0", &queue, b"good", None, None).await;
+
+        let db = resource("db", &url).await;
+        db.enable_outbox(rabbit.clone(), fast_sweep())
+            .await
+            .expect("enable_outbox");
+        let got = probe.take(&queue, 1).await;
+        assert_eq!(got[0].message_id, "good-0");
+
+        probe.delete(&queue).await;
+    })
+    .await;
+}
+
+/// A statement whose future the application dropped (a timeout around it) can still fail
+/// in PostgreSQL and leave the transaction block aborted, with no error seen by the
+/// branch. A one-phase commit must then be refused: PostgreSQL answers `COMMIT` in an
+/// aborted block with a silent `ROLLBACK`. (Before the fix, once `publish` had learned the
+/// transaction id, the one-phase commit skipped the check and reported "committed".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_cancel");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let setup = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
+        let url = database("obcancel", &setup).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*rabbit, &queue, b"must not be published".to_vec())
+            .await
+            .expect("publish");
+        // Sleeps 0.5 s, then violates the primary key; the caller gives up after 0.1 s.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(100),
+            pg.execute("INSERT INTO orders SELECT 1, 'dup' FROM pg_sleep(0.5)", &[]),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the statement is still running");
+
+        let outcome = tx.commit().await;
+        let rows = count(&url, "SELECT count(*) FROM orders").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = probe.drain(&queue).await;
+        probe.delete(&queue).await;
+        assert_eq!(rows, 1, "the block was rolled back by PostgreSQL");
+        assert!(
+            matches!(outcome, Err(Error::Aborted(_))),
+            "the commit must be refused, got {outcome:?}; published: {got:?}"
+        );
+        assert!(got.is_empty(), "{got:?}");
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
