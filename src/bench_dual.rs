@@ -207,7 +207,9 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let db_name = format!("twopc_bench_{tag}");
     demo::create_database(&pg_url, &db_name).await?;
     let db_url = demo::with_dbname(&pg_url, &db_name);
-    let pool = demo::pool(&db_url)?;
+    // Every client may hold a connection for a whole transaction (a twopc branch keeps
+    // its own until the commit), and the relays need one besides.
+    let pool = demo::pool(&db_url, 2 * args.clients + 4)?;
     {
         let c = pool.get().await?;
         c.batch_execute(ORDER_SCHEMA).await?;

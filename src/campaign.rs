@@ -362,7 +362,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     let db_name = format!("campaign_{tag}");
     cluster.create_database(&db_name).await?;
     let db_url = cluster.url(&db_name);
-    let pool = crate::demo::pool(&db_url)?;
+    let pool = crate::demo::pool(&db_url, 16)?;
     {
         let c = pool.get().await?;
         c.batch_execute(ORDER_SCHEMA).await?;

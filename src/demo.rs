@@ -161,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .recovery_interval(Duration::from_secs(1))
         .start()
         .await?;
-    let pool = pool(&db_url)?;
+    let pool = pool(&db_url, 16)?;
     {
         let client = pool.get().await.context("connect to the demo database")?;
         client.batch_execute(ORDER_SCHEMA).await?;
@@ -505,12 +505,14 @@ pub(crate) fn with_dbname(url: &str, db: &str) -> String {
     format!("{} dbname={db}", kept.join(" "))
 }
 
-pub(crate) fn pool(url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
+pub(crate) fn pool(url: &str, max_size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
     let cfg: tokio_postgres::Config = url
         .parse()
         .context("--postgres-url is not a valid PostgreSQL connection string")?;
     let mgr = deadpool_postgres::Manager::new(cfg, tokio_postgres::NoTls);
-    Ok(deadpool_postgres::Pool::builder(mgr).max_size(16).build()?)
+    Ok(deadpool_postgres::Pool::builder(mgr)
+        .max_size(max_size)
+        .build()?)
 }
 
 /// Hides a password in a URL for printing.

@@ -101,6 +101,22 @@ impl OrderService {
     /// and waits (bounded) until it exits on its own. Checks that it announced itself
     /// on the fixed port.
     async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
+        let run = self.run_unchecked(args, failpoints).await;
+        let listen = format!("127.0.0.1:{}", self.port);
+        assert_eq!(
+            run.stdout.first().map(String::as_str),
+            Some(format!("order-service ready on {listen}").as_str()),
+            "first stdout line of twopc order-service {args:?} (status {:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        run
+    }
+
+    /// [`OrderService::run`] without the check of the ready line (for runs that must
+    /// fail before they get that far).
+    async fn run_unchecked(&mut self, args: &[&str], failpoints: &str) -> Run {
         let log_path = self
             .root
             .path()
@@ -175,20 +191,11 @@ impl OrderService {
         };
         let _ = reader.join();
         let stdout: Vec<String> = rx.try_iter().collect();
-        let run = Run {
+        Run {
             status,
             stdout,
             stderr: read(&log_path),
-        };
-        assert_eq!(
-            run.stdout.first().map(String::as_str),
-            Some(format!("order-service ready on {listen}").as_str()),
-            "first stdout line of twopc order-service {args:?} (status {:?}); stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
-        run
+        }
     }
 }
 
@@ -254,6 +261,110 @@ fn assert_recovered_both(run: &Run, tx_id: &str) {
     assert_eq!(run.stdout[1..], expected[..], "stderr:\n{}", run.stderr);
 }
 
+/// Like [`assert_aborted_by_failpoint`], for fail points past the point where the
+/// branch committed: the commit's answer may have reached the process before it died,
+/// so `placed ORDER_ID committed` may have been printed (and no other outcome).
+#[track_caller]
+fn assert_aborted_by_failpoint_after_commit(run: &Run, failpoint: &str, order_id: &str) {
+    assert_eq!(
+        run.status.signal(),
+        Some(libc::SIGABRT),
+        "the order service should die of SIGABRT at {failpoint}, got {:?}; stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("failpoint {failpoint} hit: aborting the process")),
+        "stderr does not show {failpoint}:\n{}",
+        run.stderr
+    );
+    let committed = format!("placed {order_id} committed");
+    assert!(
+        run.stdout
+            .iter()
+            .filter(|l| l.starts_with("placed "))
+            .all(|l| *l == committed),
+        "the only outcome this process can have printed is {committed:?}: {:?}",
+        run.stdout
+    );
+}
+
+/// Checks a successful `--recover` run of a service that stages its events in the
+/// database: it exited 0 and found exactly the database branch of `tx_id` in doubt.
+#[track_caller]
+fn assert_recovered_db_branch(run: &Run, tx_id: &str) {
+    assert!(
+        run.status.success(),
+        "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    let expected = [
+        format!("in doubt {tx_id} {DB_BRANCH}"),
+        "recovered 1".to_string(),
+    ];
+    assert_eq!(run.stdout[1..], expected[..], "stderr:\n{}", run.stderr);
+}
+
+/// Checks a successful `--recover` run that found nothing in doubt.
+#[track_caller]
+fn assert_recovered_nothing(run: &Run) {
+    assert!(
+        run.status.success(),
+        "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        run.stdout[1..],
+        ["recovered 0".to_string()],
+        "stderr:\n{}",
+        run.stderr
+    );
+}
+
+/// The flags of every run of the `--stage-events database` scenarios, then `extra`.
+fn database_staging<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--stage-events",
+        "database",
+        "--outbox-sweep-interval-ms",
+        "200",
+        "--outbox-sweep-after-ms",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The transaction id in the gid `twopc:<tx_id>:<DB_BRANCH>` of the database branch.
+#[track_caller]
+fn tx_of_gid(gid: &str) -> String {
+    gid.strip_prefix("twopc:")
+        .and_then(|rest| rest.strip_suffix(&format!(":{DB_BRANCH}")))
+        .unwrap_or_else(|| panic!("unexpected gid {gid:?}"))
+        .to_string()
+}
+
+/// Checks one delivered OrderCreated of order `o1` staged in the database branch of
+/// `tx_id`: the message id of its first outbox message, and the payload.
+#[track_caller]
+fn assert_order_created_from_outbox(event: &(String, Vec<u8>), tx_id: &str) {
+    let (message_id, payload) = event;
+    assert_eq!(message_id, &format!("{tx_id}:{DB_BRANCH}:0"), "message id");
+    let event: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
+    assert_eq!(
+        event,
+        serde_json::json!({
+            "type": "OrderCreated", "id": "o1", "customer": "alice", "item": "sku-1", "quantity": 1
+        })
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Outside views: PostgreSQL, RabbitMQ, the staging store, the coordinator
 // ---------------------------------------------------------------------------------------
@@ -269,7 +380,14 @@ struct World {
 }
 
 impl World {
+    /// Coordinator with `--one-phase false`: even a single branch is prepared.
     async fn start() -> World {
+        World::start_with(&[("--one-phase", "false")]).await
+    }
+
+    /// Coordinator with `--prepare-timeout-ms 5000 --commit-wait-ms 1000` and
+    /// `coordinator_flags` (its own default, one-phase on, unless they say otherwise).
+    async fn start_with(coordinator_flags: &[(&str, &str)]) -> World {
         let cluster = cluster().await;
         let db_name = unique_name("order_crash");
         cluster
@@ -284,12 +402,12 @@ impl World {
         db.batch_execute("INSERT INTO customers (id) VALUES ('alice')")
             .await
             .expect("customer");
-        let coord = Coordinator::start(&[
+        let mut flags = vec![
             ("--prepare-timeout-ms", "5000"),
             ("--commit-wait-ms", "1000"),
-            ("--one-phase", "false"),
-        ])
-        .await;
+        ];
+        flags.extend_from_slice(coordinator_flags);
+        let coord = Coordinator::start(&flags).await;
         let amqp = tokio::time::timeout(
             Duration::from_secs(10),
             Connection::connect(AMQP_URL, ConnectionProperties::default()),
@@ -344,6 +462,35 @@ impl World {
             .await
             .expect("select order")
             .map(|r| (r.get(0), r.get(1), r.get(2)))
+    }
+
+    /// Whether the order service created the outbox table in this scenario's database.
+    async fn outbox_table_exists(&self) -> bool {
+        self.db
+            .query_one("SELECT to_regclass('twopc_outbox') IS NOT NULL", &[])
+            .await
+            .expect("to_regclass")
+            .get(0)
+    }
+
+    /// The committed rows of the outbox table, as `(gid, message id)`, oldest first.
+    async fn outbox(&self) -> Vec<(String, String)> {
+        self.db
+            .query("SELECT gid, message_id FROM twopc_outbox ORDER BY id", &[])
+            .await
+            .expect("select twopc_outbox")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// How many committed rows the outbox table holds.
+    async fn outbox_rows(&self) -> i64 {
+        self.db
+            .query_one("SELECT count(*) FROM twopc_outbox", &[])
+            .await
+            .expect("count twopc_outbox")
+            .get(0)
     }
 
     /// Declares the queue (durable, as the SDK does) and returns how many messages it
@@ -422,6 +569,31 @@ impl World {
                     .get_transaction(pb::GetTransactionRequest { tx_id })
                     .await
                     .map(|r| pb::TxState::try_from(r.into_inner().state) == Ok(state))
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+        self.tx(tx_id).await
+    }
+
+    /// Waits until the coordinator has finished `tx_id` (Committed or Aborted), so that a
+    /// wrong outcome fails at once, with the coordinator's whole answer.
+    async fn wait_until_finished(&self, tx_id: &str) -> pb::GetTransactionResponse {
+        let client = self.coord.client().await;
+        let what = format!("transaction {tx_id} is finished");
+        eventually(WAIT, &what, || {
+            let mut client = client.clone();
+            let tx_id = tx_id.to_string();
+            async move {
+                client
+                    .get_transaction(pb::GetTransactionRequest { tx_id })
+                    .await
+                    .map(|r| {
+                        matches!(
+                            pb::TxState::try_from(r.into_inner().state),
+                            Ok(pb::TxState::Committed | pb::TxState::Aborted)
+                        )
+                    })
                     .unwrap_or(false)
             }
         })
@@ -599,6 +771,418 @@ async fn killed_after_commit_before_ack_the_restarted_service_publishes_once() {
         assert_eq!(w.staged().await, 0, "nothing staged");
         let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
         assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios: OrderCreated staged in the database branch (`--stage-events database`)
+// ---------------------------------------------------------------------------------------
+
+/// Killed after preparing its only branch, before the vote reached the coordinator: the
+/// coordinator aborts; the restarted service rolls the gid back, and the outbox row
+/// staged in it goes with the order row: no row, no event, nothing left in the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_killed_after_prepare_before_its_vote_rolls_back_row_and_event() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::after_prepare_before_reply";
+
+        let run = w
+            .service
+            .run(
+                &database_staging(&["--place", "o1"]),
+                &format!("{failpoint}=return(abort)"),
+            )
+            .await;
+        assert_aborted_by_failpoint(&run, failpoint);
+        let tx_id = w.prepared_tx().await;
+
+        let r = w.wait_for_state(&tx_id, pb::TxState::Aborting).await;
+        assert_eq!(outcome(&r), pb::Outcome::Aborted, "{r:?}");
+        assert_eq!(
+            w.prepared_gids().await.len(),
+            1,
+            "nothing rolled the gid back yet"
+        );
+        assert_eq!(
+            w.order_row("o1").await,
+            None,
+            "a prepared row is not visible"
+        );
+        assert_eq!(
+            w.outbox_rows().await,
+            0,
+            "a prepared outbox row is not visible"
+        );
+        assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+
+        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        assert_recovered_db_branch(&run, &tx_id);
+
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "gid rolled back"
+        );
+        assert_eq!(w.order_row("o1").await, None, "no row");
+        assert_eq!(w.outbox_rows().await, 0, "no outbox row");
+        assert_eq!(w.drain().await, vec![], "no event");
+        assert_eq!(
+            w.staged().await,
+            0,
+            "nothing staged in the broker's store either"
+        );
+        let r = w.wait_for_state(&tx_id, pb::TxState::Aborted).await;
+        assert_eq!(outcome(&r), pb::Outcome::Aborted, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Killed on the commit after the decision (COMMIT durable, the gid with the order row
+/// and its outbox row still prepared): the restarted service commits the gid, and the
+/// recovery's sweep of that gid publishes the event at once, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_killed_before_commit_recovery_commits_and_publishes_once() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::before_commit";
+
+        let run = w
+            .service
+            .run(
+                &database_staging(&["--place", "o1"]),
+                &format!("{failpoint}=return(abort)"),
+            )
+            .await;
+        assert_aborted_by_failpoint(&run, failpoint);
+        let tx_id = w.prepared_tx().await;
+        let r = w.tx(&tx_id).await;
+        assert_eq!(
+            outcome(&r),
+            pb::Outcome::Committed,
+            "decided before the kill: {r:?}"
+        );
+        assert_eq!(
+            pb::TxState::try_from(r.state),
+            Ok(pb::TxState::Committing),
+            "phase two cannot have finished: {r:?}"
+        );
+        assert_eq!(
+            w.order_row("o1").await,
+            None,
+            "not committed before the kill"
+        );
+        assert_eq!(w.outbox_rows().await, 0, "the outbox row is still prepared");
+        assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+
+        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        assert_recovered_db_branch(&run, &tx_id);
+
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row is committed"
+        );
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "no prepared gid left"
+        );
+        assert_eq!(
+            w.outbox_rows().await,
+            0,
+            "published and deleted before the exit"
+        );
+        let events = w.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        assert_order_created_from_outbox(&events[0], &tx_id);
+        let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Killed after the branch committed, before the relay sent its event: the order row and
+/// the outbox row are committed, the queue is empty; a plain `--recover` run (nothing in
+/// doubt) has its sweep publish the event, once, and delete the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_killed_before_the_relay_publishes_the_sweep_publishes_once() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::outbox::before_publish";
+
+        let run = w
+            .service
+            .run(
+                &database_staging(&["--place", "o1"]),
+                &format!("{failpoint}=return(abort)"),
+            )
+            .await;
+        assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "the gid committed"
+        );
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row committed before the kill"
+        );
+        let outbox = w.outbox().await;
+        assert_eq!(outbox.len(), 1, "the event waits in the outbox: {outbox:?}");
+        let tx_id = tx_of_gid(&outbox[0].0);
+        assert_eq!(outbox[0].1, format!("{tx_id}:{DB_BRANCH}:0"));
+        assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+        let r = w.tx(&tx_id).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+
+        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        assert_recovered_nothing(&run);
+
+        assert_eq!(
+            w.outbox_rows().await,
+            0,
+            "published and deleted before the exit"
+        );
+        let events = w.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        assert_order_created_from_outbox(&events[0], &tx_id);
+        assert_eq!(w.prepared_gids().await, Vec::<String>::new());
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// Killed after the broker confirmed the event, before its outbox row was deleted: the
+/// event is delivered once and the row stays; the restarted service's sweep publishes
+/// it again, with the same message id and payload (at least once: consumers dedupe by
+/// id), and deletes the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_killed_after_publish_before_delete_the_sweep_republishes_same_id() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+        let failpoint = "participant::outbox::after_publish_before_delete";
+
+        let run = w
+            .service
+            .run(
+                &database_staging(&["--place", "o1"]),
+                &format!("{failpoint}=return(abort)"),
+            )
+            .await;
+        assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "the gid committed"
+        );
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row committed before the kill"
+        );
+        let outbox = w.outbox().await;
+        assert_eq!(outbox.len(), 1, "the row was not deleted: {outbox:?}");
+        let tx_id = tx_of_gid(&outbox[0].0);
+        assert_eq!(
+            w.queue_len().await,
+            1,
+            "the broker confirmed the event before the kill"
+        );
+
+        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        assert_recovered_nothing(&run);
+
+        assert_eq!(w.outbox_rows().await, 0, "deleted after the second publish");
+        let events = w.drain().await;
+        assert_eq!(
+            events.len(),
+            2,
+            "published once before the kill, once by the sweep: {events:?}"
+        );
+        assert_order_created_from_outbox(&events[0], &tx_id);
+        assert_eq!(
+            events[1], events[0],
+            "the same message id and payload again"
+        );
+        let r = w.tx(&tx_id).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// With one-phase commits on, the single database branch commits in one phase (nothing
+/// is ever prepared); killed before the relay sent the event, the restarted service's
+/// sweep publishes it exactly once and deletes the row, and the coordinator ends the
+/// transaction Committed: if the one-phase answer was lost with the process, the
+/// coordinator's repeated one-phase commit finds the commit's marker after the restart
+/// (before the marker existed, the unknown branch was answered "refused" and the
+/// transaction recorded Aborted although its row and event were committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_one_phase_killed_before_the_relay_publishes_ends_committed_and_publishes_once(
+) {
+    with_deadline(TEST_DEADLINE, one_phase_killed_before_the_relay_publishes()).await;
+}
+
+/// The scenario of the test above.
+async fn one_phase_killed_before_the_relay_publishes() {
+    let mut w = World::start_with(&[]).await;
+    let failpoint = "participant::outbox::before_publish";
+
+    let run = w
+        .service
+        .run(
+            &database_staging(&["--place", "o1"]),
+            &format!("{failpoint}=return(abort)"),
+        )
+        .await;
+    assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
+    assert_eq!(
+        w.prepared_gids().await,
+        Vec::<String>::new(),
+        "one phase: nothing prepared"
+    );
+    assert_eq!(
+        w.order_row("o1").await,
+        Some(("alice".into(), "sku-1".into(), 1)),
+        "the row committed before the kill"
+    );
+    let outbox = w.outbox().await;
+    assert_eq!(outbox.len(), 1, "the event waits in the outbox: {outbox:?}");
+    let tx_id = tx_of_gid(&outbox[0].0);
+    assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
+    // One phase: the commit is still in the dead participant's hands (Preparing), or its
+    // answer made it out (Committed); a two-phase commit would be Committing here.
+    let r = w.tx(&tx_id).await;
+    assert!(
+        matches!(
+            pb::TxState::try_from(r.state),
+            Ok(pb::TxState::Preparing | pb::TxState::Committed)
+        ),
+        "a one-phase commit: {r:?}"
+    );
+
+    let run = w.service.run(&database_staging(&["--recover"]), "").await;
+    assert_recovered_nothing(&run);
+
+    assert_eq!(
+        w.outbox_rows().await,
+        0,
+        "published and deleted before the exit"
+    );
+    let events = w.drain().await;
+    assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+    assert_order_created_from_outbox(&events[0], &tx_id);
+    assert_eq!(w.prepared_gids().await, Vec::<String>::new());
+    // The row and its event are committed: so must the transaction be.
+    let r = w.wait_until_finished(&tx_id).await;
+    assert_eq!(
+        (pb::TxState::try_from(r.state), outcome(&r)),
+        (Ok(pb::TxState::Committed), pb::Outcome::Committed),
+        "the coordinator's record contradicts the committed row and event: {r:?}"
+    );
+    w.cleanup().await;
+}
+
+/// No crash: the order commits, its event is published once by the relay, and the
+/// process leaves nothing behind (no outbox row, no prepared gid, nothing staged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_order_commits_and_publishes_once_without_a_crash() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+
+        let run = w
+            .service
+            .run(&database_staging(&["--place", "o1"]), "")
+            .await;
+        assert!(
+            run.status.success(),
+            "--place failed ({:?}); stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert_eq!(
+            run.stdout[1..],
+            ["placed o1 committed".to_string()],
+            "stderr:\n{}",
+            run.stderr
+        );
+
+        assert_eq!(
+            w.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row is committed"
+        );
+        assert_eq!(
+            w.outbox_rows().await,
+            0,
+            "published and deleted before the exit"
+        );
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "nothing prepared"
+        );
+        assert_eq!(w.staged().await, 0, "nothing staged in the broker's store");
+        let events = w.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        let tx_id = events[0]
+            .0
+            .strip_suffix(&format!(":{DB_BRANCH}:0"))
+            .unwrap_or_else(|| panic!("unexpected message id {:?}", events[0].0))
+            .to_string();
+        assert_order_created_from_outbox(&events[0], &tx_id);
+        let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// A bad outbox flag is refused before anything is touched: non-zero exit, an error that
+/// names the flag, no ready line, no data directory, no outbox table, no row, no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_staged_zero_sweep_age_is_refused_before_touching_anything() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = World::start().await;
+
+        let args = database_staging(&["--place", "o1", "--outbox-sweep-after-ms", "0"]);
+        let run = w.service.run_unchecked(&args, "").await;
+        assert!(
+            !run.status.success() && run.status.code().is_some(),
+            "a bad flag must make the process exit non-zero, got {:?}; stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("--outbox-sweep-after-ms"),
+            "the error names the flag:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stdout,
+            Vec::<String>::new(),
+            "not even ready: {:?}",
+            run.stdout
+        );
+
+        assert!(!w.service.data_dir().exists(), "no data directory created");
+        assert!(!w.outbox_table_exists().await, "no outbox table created");
+        assert_eq!(w.order_row("o1").await, None, "no row");
+        assert_eq!(
+            w.prepared_gids().await,
+            Vec::<String>::new(),
+            "nothing prepared"
+        );
+        assert_eq!(w.drain().await, vec![], "no event");
         w.cleanup().await;
     })
     .await;

@@ -746,13 +746,35 @@ impl Transaction {
             branches: Vec::new(),
         };
         match self.sdk.inner.commit(req).await {
-            Ok(resp) => Ok(Committed {
-                pending_branches: resp.pending_branches,
-            }),
+            Ok(resp) => {
+                self.outcome_known();
+                Ok(Committed {
+                    pending_branches: resp.pending_branches,
+                })
+            }
             Err(s) if s.code() == tonic::Code::Aborted => {
                 Err(Error::Aborted(s.message().to_string()))
             }
             Err(s) => Err(Error::Coordinator(s)),
+        }
+    }
+
+    /// Tells this process's resources that the coordinator holds the outcome of their
+    /// branches of this transaction.
+    fn outcome_known(&self) {
+        let enlisted: Vec<String> = self
+            .enlisted
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        let Ok(registry) = self.sdk.inner.registry.read() else {
+            return;
+        };
+        for branch_id in enlisted {
+            let name = branch_id.split_once(':').map_or("", |(_, r)| r);
+            if let Some(resource) = registry.get(name) {
+                resource.outcome_known(&self.id, &branch_id);
+            }
         }
     }
 

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -67,7 +67,16 @@ pub(crate) const OUTBOX_DDL: &str = "CREATE TABLE IF NOT EXISTS twopc_outbox (
     headers text,
     content_type text,
     staged_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS twopc_one_phase (
+    gid text PRIMARY KEY,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )";
+
+/// The start of the statement a one-phase commit runs in front of `COMMIT` (the gid, a
+/// checked SQL literal, and `')'` follow): the marker that tells a repeated one-phase
+/// commit after a restart that the first one happened.
+pub(crate) const ONE_PHASE_MARK: &str = "INSERT INTO twopc_one_phase (gid) VALUES (";
 
 /// The statement [`crate::PgBranch::publish`] runs on the branch's connection.
 pub(crate) const OUTBOX_INSERT: &str = "INSERT INTO twopc_outbox \
@@ -84,6 +93,12 @@ const SWEEP_BATCH: i64 = 500;
 
 /// Most sweep queries per sweep (the rest waits for the next tick).
 const SWEEP_ROUNDS: usize = 20;
+
+/// Most messages published in one batch.
+const PUBLISH_BATCH: usize = 512;
+
+/// Most batches being published at once.
+const IN_FLIGHT: usize = 4;
 
 /// Most rows deleted by one statement.
 const DELETE_BATCH: usize = 4096;
@@ -103,6 +118,12 @@ pub struct OutboxOptions {
     /// behind the commits: events are delivered within about `publish_window` publishes
     /// of their commit. Default 64.
     pub publish_window: usize,
+    /// How long the marker of a one-phase commit is kept when its transaction's owner
+    /// never reported the outcome known (it runs in another process, or died before its
+    /// Commit returned). While it is kept, a coordinator that lost the answer of the
+    /// one-phase commit and asks again after this process restarted is told "committed";
+    /// after it, "refused". Default 24 h.
+    pub marker_retention: Duration,
     /// The longest a commit waits when the window is full (its messages are published
     /// either way; a broker that is down only delays the answer by this much). Keep it
     /// below the coordinator's RPC timeout. Default 1 s.
@@ -115,6 +136,7 @@ impl Default for OutboxOptions {
             sweep_interval: Duration::from_secs(5),
             sweep_after: Duration::from_secs(10),
             publish_window: 64,
+            marker_retention: Duration::from_secs(24 * 3600),
             publish_wait: Duration::from_secs(1),
         }
     }
@@ -135,6 +157,8 @@ pub(crate) struct Pending {
 enum Job {
     /// These rows' messages were confirmed: delete the rows.
     Delete(Vec<i64>),
+    /// The coordinator knows these one-phase commits: delete their markers.
+    Forget(String),
     /// A branch committed by recovery: publish whatever rows it left.
     SweepGid(String),
     /// Look for rows older than `sweep_after` (at start, before the first tick).
@@ -149,6 +173,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Relay {
     shared: Arc<Shared>,
     jobs: mpsc::UnboundedSender<Job>,
+    /// Committed branches for the publisher task.
+    committed: mpsc::UnboundedSender<Committed>,
+}
+
+/// A committed branch on its way to the broker.
+struct Committed {
+    pending: Vec<Pending>,
+    /// Its place in the publish window, given back once its messages are confirmed.
+    place: OwnedSemaphorePermit,
+    /// Told when its messages are published (if its commit waits for that).
+    done: Option<oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -174,8 +209,14 @@ impl Relay {
             options,
         });
         let (jobs, rx) = mpsc::unbounded_channel();
+        let (committed, branches) = mpsc::unbounded_channel();
         tokio::spawn(run(shared.clone(), rx));
-        Relay { shared, jobs }
+        tokio::spawn(publisher(shared.clone(), branches, jobs.clone()));
+        Relay {
+            shared,
+            jobs,
+            committed,
+        }
     }
 
     /// The options it runs with.
@@ -194,31 +235,46 @@ impl Relay {
         lock(&self.shared.brokers).contains_key(broker)
     }
 
-    /// A branch committed with these messages: publish them now, in a task of their own,
-    /// then have the relay task delete their rows. While fewer than `publish_window`
-    /// branches are being published, returns `None` (the commit answers at once);
-    /// otherwise the task waits for a free place in the window and is returned, and the
-    /// commit waits for it up to `publish_wait`.
+    /// A branch committed with these messages: hand them to the publisher task (which
+    /// publishes them with whatever else committed meanwhile), whose relay task then
+    /// deletes their rows. While fewer than `publish_window` branches are being
+    /// published, returns `None` (the commit answers at once); otherwise returns a task
+    /// that waits for a place in the window and then for the messages' confirmation, and
+    /// the commit waits for it up to `publish_wait`.
     pub(crate) fn committed(&self, pending: Vec<Pending>) -> Option<JoinHandle<()>> {
         if pending.is_empty() {
             return None;
         }
-        let shared = self.shared.clone();
-        let jobs = self.jobs.clone();
-        let free = self.shared.window.clone().try_acquire_owned().ok();
-        let full = free.is_none();
-        let task = tokio::spawn(async move {
-            let place = match free {
-                Some(p) => Some(p),
-                None => shared.window.clone().acquire_owned().await.ok(),
+        if let Ok(place) = self.shared.window.clone().try_acquire_owned() {
+            let _ = self.committed.send(Committed {
+                pending,
+                place,
+                done: None,
+            });
+            return None;
+        }
+        let window = self.shared.window.clone();
+        let publisher = self.committed.clone();
+        Some(tokio::spawn(async move {
+            let Ok(place) = window.acquire_owned().await else {
+                return;
             };
-            let done = shared.publish(&pending).await;
-            drop(place);
-            if !done.is_empty() {
-                let _ = jobs.send(Job::Delete(done));
+            let (done, published) = oneshot::channel();
+            let branch = Committed {
+                pending,
+                place,
+                done: Some(done),
+            };
+            if publisher.send(branch).is_ok() {
+                let _ = published.await;
             }
-        });
-        full.then_some(task)
+        }))
+    }
+
+    /// The coordinator holds the outcome of branch `gid`: its one-phase marker (if any)
+    /// can go.
+    pub(crate) fn forget_one_phase(&self, gid: String) {
+        let _ = self.jobs.send(Job::Forget(gid));
     }
 
     /// Recovery committed branch `gid`.
@@ -243,6 +299,52 @@ enum Which<'a> {
     Gid(&'a str),
 }
 
+/// The publisher task: takes every committed branch queued (up to [`PUBLISH_BATCH`]
+/// messages) and publishes them in one batch per broker, with up to [`IN_FLIGHT`]
+/// batches at once (while they are all busy, the next batch grows).
+async fn publisher(
+    shared: Arc<Shared>,
+    mut branches: mpsc::UnboundedReceiver<Committed>,
+    jobs: mpsc::UnboundedSender<Job>,
+) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = branches.recv().await {
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        let mut messages = batch[0].pending.len();
+        while messages < PUBLISH_BATCH {
+            match branches.try_recv() {
+                Ok(b) => {
+                    messages += b.pending.len();
+                    batch.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            let all: Vec<Pending> = batch
+                .iter()
+                .flat_map(|b| b.pending.iter().cloned())
+                .collect();
+            let confirmed = shared.publish(&all).await;
+            drop(slot);
+            if !confirmed.is_empty() {
+                let _ = jobs.send(Job::Delete(confirmed));
+            }
+            for branch in batch {
+                drop(branch.place);
+                if let Some(done) = branch.done {
+                    let _ = done.send(());
+                }
+            }
+        });
+    }
+}
+
 /// The relay task: deletes the rows of confirmed messages (everything queued in one
 /// statement) and sweeps, until the [`Relay`] is dropped.
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -254,18 +356,25 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
             job = rx.recv() => {
                 let Some(job) = job else { break };
                 let mut delete = Vec::new();
+                let mut forget = Vec::new();
                 let mut sweep_gids = Vec::new();
                 let mut sweep_old = false;
                 let mut next = Some(job);
                 while let Some(job) = next {
                     match job {
                         Job::Delete(rows) => delete.extend(rows),
+                        Job::Forget(gid) => forget.push(gid),
                         Job::SweepGid(g) => sweep_gids.push(g),
                         Job::Sweep => sweep_old = true,
                     }
-                    next = if delete.len() < DELETE_BATCH { rx.try_recv().ok() } else { None };
+                    next = if delete.len() + forget.len() < DELETE_BATCH {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 shared.delete(delete).await;
+                shared.forget(forget).await;
                 for gid in sweep_gids {
                     shared.sweep(Which::Gid(&gid)).await;
                 }
@@ -273,7 +382,10 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
                     shared.sweep(Which::Old).await;
                 }
             }
-            _ = tick.tick() => shared.sweep(Which::Old).await,
+            _ = tick.tick() => {
+                shared.sweep(Which::Old).await;
+                shared.expire_markers().await;
+            }
         }
     }
     debug!(resource = shared.resource, "outbox relay stopped");
@@ -361,6 +473,56 @@ impl Shared {
                 resource = self.resource,
                 error = e,
                 "deleting published outbox rows failed; the sweep publishes them again"
+            );
+        }
+    }
+
+    /// Deletes the one-phase markers of `gids`.
+    async fn forget(&self, gids: Vec<String>) {
+        if gids.is_empty() {
+            return;
+        }
+        let res = async {
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let stmt = conn
+                .prepare_cached("DELETE FROM twopc_one_phase WHERE gid = ANY($1)")
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.execute(&stmt, &[&gids])
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(
+                resource = self.resource,
+                error = e,
+                "deleting one-phase markers failed; they expire later"
+            );
+        }
+    }
+
+    /// Deletes one-phase markers older than `marker_retention` (those whose transaction's
+    /// owner ran elsewhere, or died before its Commit returned), a bounded number per
+    /// call.
+    async fn expire_markers(&self) {
+        let res = async {
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let age = self.options.marker_retention.as_secs_f64();
+            conn.execute(
+                "DELETE FROM twopc_one_phase WHERE ctid IN (SELECT ctid FROM twopc_one_phase \
+                 WHERE committed_at < clock_timestamp() - make_interval(secs => $1) LIMIT 10000)",
+                &[&age],
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(
+                resource = self.resource,
+                error = e,
+                "expiring one-phase markers failed"
             );
         }
     }

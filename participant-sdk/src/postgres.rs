@@ -49,8 +49,14 @@
 //! ## Limits
 //! * A one-phase commit whose reply is lost *and* whose participant process restarts
 //!   before the coordinator retries is answered "refused" (the branch is unknown after
-//!   the restart). This is the usual heuristic hazard of one-phase commit; disable the
-//!   coordinator's one-phase optimisation if it matters.
+//!   the restart) — unless the resource has the outbox ([`PgResource::enable_outbox`]):
+//!   then every one-phase `COMMIT` is preceded, in the same transaction, by a marker row
+//!   in `twopc_one_phase`, and the repeated commit finds it and answers "committed". The
+//!   marker is deleted once the transaction's owner got its Commit answer in this
+//!   process (the coordinator then holds the outcome), or after
+//!   `OutboxOptions::marker_retention`. Without the outbox this is the usual heuristic
+//!   hazard of one-phase commit; disable the coordinator's one-phase optimisation if it
+//!   matters.
 //! * `in_doubt` lists every `twopc:` gid in the database whose branch id names this
 //!   resource (`<any service>:<name>`); a gid of another service that uses the same
 //!   resource name on the same database is resolved from the coordinator's decision too.
@@ -74,7 +80,9 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, PublishOptions};
 use crate::client::{validate_name, Transaction};
 use crate::error::{Error, Result};
-use crate::outbox::{encode_headers, OutboxOptions, Pending, Relay, OUTBOX_DDL, OUTBOX_INSERT};
+use crate::outbox::{
+    encode_headers, OutboxOptions, Pending, Relay, ONE_PHASE_MARK, OUTBOX_DDL, OUTBOX_INSERT,
+};
 use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
 use crate::staging::StagedMessage;
 
@@ -975,6 +983,16 @@ impl Inner {
         lock_branches(&self.branches).map.get(key).cloned()
     }
 
+    /// Whether a one-phase commit of `gid` left its marker.
+    async fn one_phase_marked(&self, gid: &str) -> Result<bool, Retry> {
+        let conn = get_conn(&self.pool).await.map_err(Retry)?;
+        let rows = conn
+            .query("SELECT 1 FROM twopc_one_phase WHERE gid = $1", &[&gid])
+            .await
+            .map_err(|e| Retry(format!("looking up a one-phase commit: {}", describe(&e))))?;
+        Ok(!rows.is_empty())
+    }
+
     /// Waits (up to the outbox's `publish_wait`) for the publishing of the messages of a
     /// branch that just committed; the publishing goes on if the wait runs out.
     async fn wait_published(&self, tx_id: &str, branch_id: &str) {
@@ -1242,6 +1260,15 @@ impl Inner {
         branch_id: String,
     ) -> Result<OnePhase, Retry> {
         let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
+            // A repeated one-phase commit after a restart: with the outbox, the commit left
+            // its marker (see `one_phase_open`) if it happened.
+            if self.outbox.get().is_some() {
+                if let Ok(gid) = gid_for(&tx_id, &branch_id) {
+                    if self.one_phase_marked(&gid).await? {
+                        return Ok(OnePhase::Committed);
+                    }
+                }
+            }
             return Ok(OnePhase::Refused(format!(
                 "unknown branch {branch_id} of transaction {tx_id}: never opened here, or this process restarted and \
                  its open work was rolled back"
@@ -1255,7 +1282,7 @@ impl Inner {
                 xid,
             } => {
                 let (new, answer) = self
-                    .one_phase_open(conn.into_inner(), last_error, xid)
+                    .one_phase_open(conn.into_inner(), &slot.gid, last_error, xid)
                     .await;
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, new);
@@ -1300,6 +1327,7 @@ impl Inner {
     async fn one_phase_open(
         &self,
         conn: Object,
+        gid: &str,
         last_error: Option<String>,
         known: Option<i64>,
     ) -> (State, Result<OnePhase, Retry>) {
@@ -1339,7 +1367,14 @@ impl Inner {
                 }
             },
         };
-        match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute("COMMIT")).await {
+        // With the outbox, the commit leaves a marker in the same transaction, so that a
+        // repeated one-phase commit after a restart (its first answer lost) learns that it
+        // happened instead of refusing an unknown branch.
+        let commit = match self.outbox.get() {
+            Some(_) => format!("{ONE_PHASE_MARK}'{gid}'); COMMIT"),
+            None => "COMMIT".to_string(),
+        };
+        match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute(&commit)).await {
             Ok(Ok(())) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
             Ok(Err(e)) if e.as_db_error().is_some() => {
                 discard(conn);
@@ -1530,6 +1565,12 @@ impl Resource for PgResource {
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
         let inner = self.inner.clone();
         detached(inner.in_doubt()).await.map_err(Retry)?
+    }
+
+    fn outcome_known(&self, tx_id: &str, branch_id: &str) {
+        if let (Some(relay), Ok(gid)) = (self.inner.outbox.get(), gid_for(tx_id, branch_id)) {
+            relay.forget_one_phase(gid);
+        }
     }
 
     async fn open_branches(&self, older_than: Duration) -> Vec<(String, String)> {

@@ -377,7 +377,14 @@ impl Broker for RabbitResource {
                 }
             };
         let mut outcomes: Vec<Option<PublishOutcome>> = vec![None; messages.len()];
-        let mut pending = Vec::with_capacity(messages.len());
+        // Every publish is queued at once, in order (lapin queues a publish's frames when
+        // its future is first polled, and join_all polls them in order), so the I/O loop
+        // writes the batch together instead of one message per wake-up.
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut sends = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             if !channel.status().connected() {
                 outcomes[i] = Some(PublishOutcome::NotSent(format!(
@@ -386,21 +393,19 @@ impl Broker for RabbitResource {
                 )));
                 continue;
             }
-            let opts = BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            };
-            let sent = tokio::time::timeout_at(
-                deadline,
-                channel.basic_publish(
-                    "".into(),
-                    m.destination.as_str().into(),
-                    opts,
-                    &m.payload,
-                    properties(m),
-                ),
-            )
-            .await;
+            let send = channel.basic_publish(
+                "".into(),
+                m.destination.as_str().into(),
+                opts,
+                &m.payload,
+                properties(m),
+            );
+            sends.push((i, tokio::time::timeout_at(deadline, send)));
+        }
+        let order: Vec<usize> = sends.iter().map(|(i, _)| *i).collect();
+        let sent = futures::future::join_all(sends.into_iter().map(|(_, f)| f)).await;
+        let mut pending = Vec::with_capacity(messages.len());
+        for (i, sent) in order.into_iter().zip(sent) {
             match sent {
                 Ok(Ok(confirm)) => pending.push((i, confirm)),
                 Ok(Err(e)) => {

@@ -79,6 +79,11 @@ pub trait Resource: Send + Sync + 'static {
     /// Abort. `Ok` once nothing of the branch remains (or nothing was there).
     async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry>;
 
+    /// The coordinator holds the final outcome of the transaction (its owner's Commit
+    /// returned it in this process), so nothing the branch kept for a repeated call of the
+    /// coordinator is needed any more. Default: nothing to forget.
+    fn outcome_known(&self, _tx_id: &str, _branch_id: &str) {}
+
     /// Branches that voted yes and are not finished, as `(tx_id, branch_id)`.
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry>;
 

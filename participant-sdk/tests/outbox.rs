@@ -1791,3 +1791,119 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
     })
     .await;
 }
+
+/// A one-phase commit whose answer was lost, repeated by the coordinator after the
+/// participant restarted: the commit's marker says it happened (before the marker, the
+/// unknown branch was refused and the coordinator recorded the committed transaction as
+/// aborted). Once the owner's Commit returned (the coordinator knows the outcome), the
+/// marker goes; an unknown branch without a marker is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_marker");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obmark", ORDERS).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+
+        // The coordinator's one-phase commit, as the participant server would run it.
+        let tx = sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*rabbit, &queue, b"one".to_vec())
+            .await
+            .expect("publish");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        assert_eq!(
+            db.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        let marker_sql =
+            format!("SELECT count(*) FROM twopc_one_phase WHERE gid = 'twopc:{tx_id}:{branch_id}'");
+        let marked = || count(&url, &marker_sql);
+        assert_eq!(marked().await, 1, "the commit left its marker");
+
+        // "Restarted": a new resource on the same database knows nothing of the branch.
+        let again = resource("db", &url).await;
+        again
+            .enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        assert_eq!(
+            again.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed),
+            "the repeated one-phase commit must learn that the first one happened"
+        );
+        match again.commit_one_phase("feedbeef-1-9", &branch_id).await {
+            Ok(OnePhase::Refused(why)) => assert!(why.contains("unknown branch"), "{why}"),
+            other => panic!("an unknown branch without a marker is refused, got {other:?}"),
+        }
+
+        // The owner learns the outcome: the marker goes (and a later repeat is refused).
+        db.outcome_known(&tx_id, &branch_id);
+        eventually("the marker is deleted", || async { marked().await == 0 }).await;
+        assert!(matches!(
+            again.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Refused(_))
+        ));
+        assert_eq!(
+            count(&url, "SELECT count(*) FROM orders").await,
+            1,
+            "the row is committed once"
+        );
+        tx.abort("the test committed the branch itself").await.ok();
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// A transaction committed through the SDK leaves no marker behind: its owner's Commit
+/// returned, so the coordinator holds the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
+    bounded(async {
+        let coord = Coordinator::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name("outbox_nomark");
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database("obnomark", ORDERS).await;
+        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        for i in 0..5 {
+            let tx = sdk.begin().await.expect("begin");
+            let pg = tx.postgres(&db).await.expect("branch");
+            pg.execute(&format!("INSERT INTO orders VALUES ({i}, 'x')"), &[])
+                .await
+                .expect("insert");
+            pg.publish(&*rabbit, &queue, b"x".to_vec())
+                .await
+                .expect("publish");
+            tx.commit().await.expect("commit");
+        }
+        eventually("every marker is deleted", || async {
+            count(&url, "SELECT count(*) FROM twopc_one_phase").await == 0
+        })
+        .await;
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 5);
+        coord.stop().await;
+    })
+    .await;
+}
