@@ -27,7 +27,7 @@ use twopc_participant::nats::NatsResource;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::TwoPc;
+use twopc_participant::{OutboxOptions, TwoPc};
 use twopc_testkit::PgCluster;
 
 use crate::order_service::{
@@ -86,6 +86,16 @@ pub struct DemoArgs {
     /// Keep the coordinator's and the participant's data here (default: a temp dir).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Where OrderCreated waits for the commit: `broker` (a broker branch of its own:
+    /// two branches, two-phase commit) or `database` (the `twopc_outbox` table in the
+    /// order's own transaction: one branch, one-phase commit, published right after).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = EventStaging::Broker,
+        env = "TWOPC_DEMO_STAGE_EVENTS"
+    )]
+    pub stage_events: EventStaging,
 }
 
 /// The demo's findings.
@@ -111,6 +121,8 @@ pub struct Report {
     pub prepared_left: i64,
     /// Staged messages left in the participant's store.
     pub staged_left: usize,
+    /// Rows left in the `twopc_outbox` table (database staging).
+    pub outbox_left: i64,
     /// Broken invariants, in words.
     pub violations: Vec<String>,
 }
@@ -182,6 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     .await
                     .with_context(|| rabbit_hint(&args.services.amqp_url))?;
             let broker = sdk.register(Arc::new(broker))?;
+            stage_in(&args, &db, &broker).await?;
             println!(
                 "broker         RabbitMQ {} queue {queue}",
                 redact(&args.services.amqp_url)
@@ -192,7 +205,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 db: db.clone(),
                 broker,
                 destination: queue,
-                staging: EventStaging::Broker,
+                staging: args.stage_events,
             };
             drive(&args, &service, &db_url, &staging, consumer).await?
         }
@@ -209,6 +222,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| nats_hint(&args.services.nats_url))?;
             let broker = sdk.register(Arc::new(broker))?;
+            stage_in(&args, &db, &broker).await?;
             println!(
                 "broker         NATS JetStream {} stream {stream}",
                 args.services.nats_url
@@ -219,7 +233,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 db: db.clone(),
                 broker,
                 destination: subject,
-                staging: EventStaging::Broker,
+                staging: args.stage_events,
             };
             drive(&args, &service, &db_url, &staging, consumer).await?
         }
@@ -232,6 +246,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     coordinator.await??;
     if !report.violations.is_empty() {
         bail!("{} invariant(s) broken", report.violations.len());
+    }
+    Ok(())
+}
+
+/// With `--stage-events database`, attaches the broker to the database's outbox.
+async fn stage_in<B: Broker>(
+    args: &DemoArgs,
+    db: &PgResource,
+    broker: &Arc<B>,
+) -> anyhow::Result<()> {
+    if args.stage_events == EventStaging::Database {
+        db.enable_outbox(broker.clone(), OutboxOptions::default())
+            .await
+            .context("cannot set up the outbox table")?;
+        println!("events         staged in the orders database (twopc_outbox), one-phase commits");
     }
     Ok(())
 }
@@ -318,6 +347,20 @@ async fn drive<B: Broker>(
         .await?
         .get(0);
     report.staged_left = staging.len();
+    if args.stage_events == EventStaging::Database {
+        // The relay deletes a row once the broker confirmed its message (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            report.outbox_left = client
+                .query_one("SELECT count(*) FROM twopc_outbox", &[])
+                .await?
+                .get(0);
+            if report.outbox_left == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Every committed order: its row and exactly one applied event, equal to the row.
     for o in &committed {
@@ -414,6 +457,12 @@ async fn drive<B: Broker>(
             report.prepared_left
         ));
     }
+    if report.outbox_left != 0 {
+        report.violations.push(format!(
+            "{} outbox row(s) left unpublished",
+            report.outbox_left
+        ));
+    }
     if report.staged_left != 0 {
         report.violations.push(format!(
             "{} staged message batch(es) left",
@@ -450,6 +499,7 @@ fn print_report(r: &Report) {
         ),
         ("prepared transactions left", r.prepared_left.to_string()),
         ("staged messages left", r.staged_left.to_string()),
+        ("outbox rows left", r.outbox_left.to_string()),
     ];
     println!();
     println!("+-{:-<28}-+-{:-<44}-+", "", "");
