@@ -431,70 +431,91 @@ impl PgResource {
             .map_err(|e| Error::resource(&self.inner.name, e.to_string()))
     }
 
-    /// Opens (enlists) this resource's branch of `tx`: enlists it with the coordinator,
-    /// takes a pooled connection and runs `BEGIN`. There is at most one branch per
+    /// Registers a new branch (state `Opening`, locked by the returned guard).
+    fn new_slot(
+        &self,
+        b: &mut Branches,
+        key: &Key,
+        branch_id: String,
+        gid: String,
+    ) -> Result<(Arc<Slot>, tokio::sync::OwnedMutexGuard<State>)> {
+        let state = Arc::new(Mutex::new(State::Opening));
+        let guard = state
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| Error::Usage("a fresh branch lock was taken".into()))?;
+        let slot = Arc::new(Slot {
+            tx_id: key.0.clone(),
+            branch_id,
+            gid,
+            state,
+            opened_at: std::time::Instant::now(),
+            outbox: StdMutex::new(Vec::new()),
+            published: AtomicUsize::new(0),
+            publishing: StdMutex::new(None),
+        });
+        b.map.insert(key.clone(), slot.clone());
+        Ok((slot, guard))
+    }
+
+    /// Opens (enlists) this resource's branch of `tx`: enlists it with the coordinator
+    /// while it takes a pooled connection and runs `BEGIN`. There is at most one branch per
     /// transaction and resource: a second call returns a handle on the same branch.
     pub async fn begin(&self, tx: &Transaction) -> Result<PgBranch> {
         let branch_id = tx.branch_id(self);
         let gid = gid_for(tx.id(), &branch_id).map_err(Error::Usage)?;
-        tx.enlist(self).await?;
         let key: Key = (tx.id().to_string(), branch_id.clone());
-        let (slot, mut guard) = {
+        let opening = {
             let mut b = lock_branches(&self.inner.branches);
-            if let Some(slot) = b.map.get(&key) {
+            match b.map.get(&key) {
+                Some(slot) => Err(slot.clone()),
+                None => Ok(self.new_slot(&mut b, &key, branch_id, gid)?),
+            }
+        };
+        let (slot, mut guard) = match opening {
+            Ok(new) => new,
+            Err(slot) => {
+                // The same branch again (its enlisting is cached; a finished
+                // transaction's is refused by the coordinator).
+                tx.enlist(self).await?;
                 return Ok(PgBranch {
                     inner: self.inner.clone(),
-                    slot: slot.clone(),
+                    slot,
                 });
             }
-            let state = Arc::new(Mutex::new(State::Opening));
-            let guard = state
-                .clone()
-                .try_lock_owned()
-                .map_err(|_| Error::Usage("a fresh branch lock was taken".into()))?;
-            let slot = Arc::new(Slot {
-                tx_id: key.0.clone(),
-                branch_id,
-                gid,
-                state,
-                opened_at: std::time::Instant::now(),
-                outbox: StdMutex::new(Vec::new()),
-                published: AtomicUsize::new(0),
-                publishing: StdMutex::new(None),
-            });
-            b.map.insert(key.clone(), slot.clone());
-            (slot, guard)
         };
+        // Enlisting (a coordinator round trip) and BEGIN (a database round trip) at once.
         let opened = async {
             let conn = get_conn(&self.inner.pool).await?;
+            // Closed, never pooled, if anything below fails.
+            let conn = OpenConn(Some(Box::new(conn)));
             conn.batch_execute("BEGIN")
                 .await
                 .map_err(|e| describe(&e))?;
             Ok::<_, String>(conn)
-        }
-        .await;
-        match opened {
-            Ok(conn) => {
+        };
+        let (enlisted, opened) = tokio::join!(tx.enlist(self), opened);
+        let failure = match (enlisted, opened) {
+            (Ok(_), Ok(conn)) => {
                 *guard = State::Open {
-                    conn: OpenConn(Some(Box::new(conn))),
+                    conn,
                     last_error: None,
                     xid: None,
                 };
-                Ok(PgBranch {
+                return Ok(PgBranch {
                     inner: self.inner.clone(),
                     slot,
-                })
+                });
             }
-            Err(e) => {
-                *guard = State::Broken(e.clone());
-                drop(guard);
-                lock_branches(&self.inner.branches).map.remove(&key);
-                Err(Error::resource(
-                    &self.inner.name,
-                    format!("cannot open a branch: {e}"),
-                ))
+            (Err(e), _) => e,
+            (Ok(_), Err(e)) => {
+                Error::resource(&self.inner.name, format!("cannot open a branch: {e}"))
             }
-        }
+        };
+        *guard = State::Broken(failure.to_string());
+        drop(guard);
+        lock_branches(&self.inner.branches).map.remove(&key);
+        Err(failure)
     }
 
     /// This resource's prepared branches still in the database, oldest first.
