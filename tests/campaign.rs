@@ -1,8 +1,12 @@
 //! The randomized fault campaign, run by CI: `twopc campaign` places orders through the
 //! SDK while seeded random faults strike (coordinator SIGKILL/SIGSTOP, dropped, delayed
 //! and reset links in each direction, PostgreSQL SIGKILL, broker cut off, participant
-//! restart), lets recovery finish, and checks every invariant from PostgreSQL and the
-//! broker directly. It prints its seed, a reproduce command and a JSON summary.
+//! restart after or during the load), lets recovery finish, and checks every invariant
+//! from PostgreSQL and the broker directly. Each order stages its event in a broker branch
+//! or in the database branch's outbox table (drawn from the seed), and the coordinator's
+//! one-phase optimisation alternates every ten cycles, so database-staged orders commit in
+//! one phase and through `PREPARE TRANSACTION` under every fault. It prints its seed, a
+//! reproduce command and a JSON summary.
 //!
 //! `TWOPC_CAMPAIGN_CYCLES` (default 100) and `TWOPC_CAMPAIGN_SEED` (default random) are
 //! passed through, so `TWOPC_CAMPAIGN_CYCLES=5000 cargo test --test campaign` runs a long one.
@@ -50,10 +54,32 @@ fn randomized_fault_campaign_finds_no_violation() {
         s["ok"].as_u64().unwrap_or(0) > 0,
         "nothing committed: {stdout}"
     );
+    // Both ways of staging the event ran, and database-staged orders committed both in one
+    // phase and in two.
+    let staged = |how: &str, key: &str| s["staging"][how][key].as_u64().unwrap_or(0);
+    assert!(
+        staged("broker", "ok") > 0,
+        "no broker-staged order committed: {stdout}"
+    );
+    assert!(
+        staged("database", "transactions") > 0,
+        "no database-staged order ran: {stdout}"
+    );
+    assert!(
+        staged("database", "one_phase_on_ok") > 0,
+        "no database-staged order committed in one phase: {stdout}"
+    );
+    if s["cycles"].as_u64().unwrap_or(0) > 10 {
+        assert!(
+            staged("database", "one_phase_off_ok") > 0,
+            "no database-staged order committed with one-phase off: {stdout}"
+        );
+    }
 }
 
 /// The checker is not blind: a coordinator that sends commits before its decision is
-/// durable (a test-only switch of failpoints builds), killed mid-load, is caught.
+/// durable (a test-only switch of failpoints builds), killed mid-load, is caught. One-phase
+/// off: every transaction, database-staged ones too, goes through the decision log.
 #[cfg(feature = "failpoints")]
 #[test]
 fn campaign_catches_a_coordinator_that_commits_before_the_decision_is_durable() {
@@ -65,6 +91,8 @@ fn campaign_catches_a_coordinator_that_commits_before_the_decision_is_durable() 
         "10",
         "--seed",
         "1",
+        "--one-phase",
+        "off",
     ]);
     println!("{stdout}");
     let s = summary(&stdout);

@@ -1131,6 +1131,15 @@ impl Inner {
                     XidOutcome::Unknown(format!("PostgreSQL no longer knows transaction {xid}"))
                 }
             },
+            // "transaction ID ... is in the future" (22023) after PostgreSQL restarted: the
+            // xid never reached the WAL, so its transaction cannot have committed.
+            Err(e)
+                if e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE)
+                    && e.as_db_error()
+                        .is_some_and(|d| d.message().contains("in the future")) =>
+            {
+                XidOutcome::Aborted
+            }
             Err(e) => XidOutcome::Unknown(describe(&e)),
         }
     }
@@ -1311,7 +1320,7 @@ impl Inner {
                 answer
             }
             State::OnePhaseUnknown { xid } => {
-                let (new, answer) = self.resolve_one_phase(xid).await;
+                let (new, answer) = self.resolve_one_phase(xid, &slot.gid).await;
                 *state = State::OnePhaseUnknown { xid };
                 self.set(&slot, &mut state, new);
                 answer
@@ -1410,15 +1419,29 @@ impl Inner {
                 match xid {
                     // Nothing written: committed or not, there is nothing to lose.
                     None => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
-                    Some(xid) => self.resolve_one_phase(xid).await,
+                    Some(xid) => self.resolve_one_phase(xid, gid).await,
                 }
             }
         }
     }
 
-    /// The outcome of a one-phase `COMMIT` whose answer was lost.
-    async fn resolve_one_phase(&self, xid: i64) -> (State, Result<OnePhase, Retry>) {
-        match self.xid_outcome(xid).await {
+    /// The outcome of a one-phase `COMMIT` whose answer was lost. With the outbox, the
+    /// commit's marker settles it: present, committed; absent once PostgreSQL no longer
+    /// reports the xid in progress, rolled back. (The xid alone is not enough after a
+    /// crash of PostgreSQL: an xid that never reached its WAL is handed out again, and
+    /// `txid_status` then reports another transaction.)
+    async fn resolve_one_phase(&self, xid: i64, gid: &str) -> (State, Result<OnePhase, Retry>) {
+        let mut outcome = self.xid_outcome(xid).await;
+        if self.outbox.get().is_some() {
+            outcome = match (outcome, self.one_phase_marked(gid).await) {
+                (_, Ok(true)) => XidOutcome::Committed,
+                // The COMMIT may still be running.
+                (XidOutcome::Unknown(m), _) => XidOutcome::Unknown(m),
+                (_, Ok(false)) => XidOutcome::Aborted,
+                (_, Err(Retry(m))) => XidOutcome::Unknown(m),
+            };
+        }
+        match outcome {
             XidOutcome::Committed => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
             XidOutcome::Aborted => {
                 let reason = "the connection was lost during COMMIT and PostgreSQL rolled the transaction back".to_string();
@@ -1485,7 +1508,7 @@ impl Inner {
             }
             State::OnePhaseUnknown { xid } => {
                 *state = State::OnePhaseUnknown { xid };
-                let (new, answer) = self.resolve_one_phase(xid).await;
+                let (new, answer) = self.resolve_one_phase(xid, &slot.gid).await;
                 self.set(&slot, &mut state, new);
                 match answer {
                     Ok(OnePhase::Committed) => {
