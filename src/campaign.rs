@@ -1024,7 +1024,7 @@ struct CheckResult {
     /// One-phase markers left of transactions whose Commit call did not answer (allowed).
     markers_left: usize,
     /// One-phase markers of answered commits whose deletion failed while PostgreSQL was
-    /// down (a known limitation; tolerated in kill-postgres cycles only).
+    /// down and was not retried before the end (tolerated in kill-postgres cycles only).
     markers_leaked: usize,
     /// Committed one-phase transactions the coordinator reports aborted because it crashed
     /// before their unsynced record was flushed (allowed: the branch's state is the truth).
@@ -1292,15 +1292,16 @@ async fn check(
         let id = op.label();
         match &op.result {
             OpResult::Unknown(_) => markers_left += 1,
-            // KNOWN PRODUCT LIMITATION (reported): the relay deletes the marker of an
-            // answered one-phase commit once, right after the answer, and gives up when
-            // PostgreSQL is down then ("they expire later": after marker_retention, 24 h).
-            // Tolerated only for orders of a cycle that killed PostgreSQL; counted.
+            // The relay deletes the marker of an answered one-phase commit right after the
+            // answer and, when PostgreSQL is down then, again at every sweep; a participant
+            // restarted before that forgets the retry (the marker then goes after
+            // marker_retention, 24 h). Tolerated only for orders of a cycle that killed
+            // PostgreSQL; counted.
             OpResult::Ok if op.fault == FaultKind::KillPostgres => {
                 markers_leaked += 1;
                 eprintln!(
                     "campaign: note: {id}: one-phase marker {gid} left although the Commit answered: \
-                     PostgreSQL was killed when the relay deleted it (known limitation)"
+                     PostgreSQL was killed when the relay deleted it, and no retry has run since"
                 );
             }
             r => violations.push(format!(

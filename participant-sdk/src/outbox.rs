@@ -100,6 +100,9 @@ const PUBLISH_BATCH: usize = 512;
 /// Most batches being published at once.
 const IN_FLIGHT: usize = 4;
 
+/// Most one-phase markers kept in memory for another delete attempt.
+const MAX_UNFORGOTTEN: usize = 100_000;
+
 /// Most rows deleted by one statement.
 const DELETE_BATCH: usize = 4096;
 
@@ -351,6 +354,9 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut tick = tokio::time::interval(shared.options.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Markers whose delete failed (PostgreSQL unreachable), retried at each tick; beyond
+    // MAX_UNFORGOTTEN the oldest are left to `marker_retention`.
+    let mut unforgotten: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             job = rx.recv() => {
@@ -374,7 +380,11 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
                     };
                 }
                 shared.delete(delete).await;
-                shared.forget(forget).await;
+                unforgotten.extend(shared.forget(forget).await);
+                if unforgotten.len() > MAX_UNFORGOTTEN {
+                    let excess = unforgotten.len() - MAX_UNFORGOTTEN;
+                    unforgotten.drain(..excess);
+                }
                 for gid in sweep_gids {
                     shared.sweep(Which::Gid(&gid)).await;
                 }
@@ -384,6 +394,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
             _ = tick.tick() => {
                 shared.sweep(Which::Old).await;
+                unforgotten = shared.forget(std::mem::take(&mut unforgotten)).await;
                 shared.expire_markers().await;
             }
         }
@@ -477,10 +488,11 @@ impl Shared {
         }
     }
 
-    /// Deletes the one-phase markers of `gids`.
-    async fn forget(&self, gids: Vec<String>) {
+    /// Deletes the one-phase markers of `gids`; returns them if that failed (the caller
+    /// tries again at the next sweep).
+    async fn forget(&self, gids: Vec<String>) -> Vec<String> {
         if gids.is_empty() {
-            return;
+            return gids;
         }
         let res = async {
             let conn = self.pool.get().await.map_err(|e| e.to_string())?;
@@ -493,12 +505,17 @@ impl Shared {
                 .map_err(|e| e.to_string())
         }
         .await;
-        if let Err(e) = res {
-            warn!(
-                resource = self.resource,
-                error = e,
-                "deleting one-phase markers failed; they expire later"
-            );
+        match res {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                warn!(
+                    resource = self.resource,
+                    error = e,
+                    markers = gids.len(),
+                    "deleting one-phase markers failed; retried at the next sweep"
+                );
+                gids
+            }
         }
     }
 
