@@ -107,7 +107,7 @@ macro_rules! broker_resource {
 pub(crate) use broker_resource;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
@@ -115,6 +115,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::Transaction;
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::resource::{OnePhase, Resource, Retry, Vote};
 use crate::staging::{StagedMessage, StagingStore};
 
@@ -245,11 +246,6 @@ impl std::fmt::Debug for BrokerCore {
             .field("open_branches", &self.open_branches())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section below leaves the maps consistent at each step.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Holds a branch's async lock; removes the lock from the map when nobody else wants it.

@@ -56,3 +56,10 @@ pub(crate) fn crash_point(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub(crate) fn crash_point(_name: &str) {}
+
+/// Locks `m`, also when an earlier holder panicked: every critical section of this crate
+/// leaves its data consistent at each step (maps updated in one go, sync state advanced
+/// only after success), so a poisoned lock holds nothing half-written.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -41,7 +41,7 @@
 //! [`PgResource::enable_outbox`](crate::PgResource::enable_outbox).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -50,8 +50,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::broker::{Broker, PublishOutcome};
-use crate::crash_point;
 use crate::staging::StagedMessage;
+use crate::{crash_point, lock};
 
 /// The table the messages are staged in (created by `enable_outbox` when missing).
 pub const OUTBOX_TABLE: &str = "twopc_outbox";
@@ -87,6 +87,8 @@ const SELECT_COLUMNS: &str =
     "SELECT id, broker, message_id, destination, payload, headers, content_type FROM twopc_outbox";
 
 const DELETE_ROWS: &str = "DELETE FROM twopc_outbox WHERE id = ANY($1)";
+
+const DELETE_MARKERS: &str = "DELETE FROM twopc_one_phase WHERE gid = ANY($1)";
 
 /// Most rows one sweep query takes.
 const SWEEP_BATCH: i64 = 500;
@@ -166,10 +168,6 @@ enum Job {
     SweepGid(String),
     /// Look for rows older than `sweep_after` (at start, before the first tick).
     Sweep,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The handle a resource keeps on its relay. Dropping it stops the relay task.
@@ -462,24 +460,26 @@ impl Shared {
         confirmed
     }
 
+    /// Runs `sql` (a prepared `DELETE ... WHERE ... = ANY($1)`) with `keys` on a pooled
+    /// connection.
+    async fn delete_keys<K>(&self, sql: &str, keys: &[K]) -> Result<u64, String>
+    where
+        K: tokio_postgres::types::ToSql + Sync,
+    {
+        let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let stmt = conn.prepare_cached(sql).await.map_err(|e| e.to_string())?;
+        conn.execute(&stmt, &[&keys])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Deletes the rows of published messages. A row not deleted (this failed, or the
     /// process died first) is published again by a sweep, with the same message id.
     async fn delete(&self, rows: Vec<i64>) {
         if rows.is_empty() {
             return;
         }
-        let res = async {
-            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            let stmt = conn
-                .prepare_cached(DELETE_ROWS)
-                .await
-                .map_err(|e| e.to_string())?;
-            conn.execute(&stmt, &[&rows])
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        if let Err(e) = res {
+        if let Err(e) = self.delete_keys(DELETE_ROWS, &rows).await {
             warn!(
                 resource = self.resource,
                 error = e,
@@ -494,18 +494,7 @@ impl Shared {
         if gids.is_empty() {
             return gids;
         }
-        let res = async {
-            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            let stmt = conn
-                .prepare_cached("DELETE FROM twopc_one_phase WHERE gid = ANY($1)")
-                .await
-                .map_err(|e| e.to_string())?;
-            conn.execute(&stmt, &[&gids])
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        match res {
+        match self.delete_keys(DELETE_MARKERS, &gids).await {
             Ok(_) => Vec::new(),
             Err(e) => {
                 warn!(

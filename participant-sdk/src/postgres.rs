@@ -66,7 +66,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex as StdMutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
@@ -80,6 +80,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, PublishOptions};
 use crate::client::{validate_name, Transaction};
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::outbox::{
     encode_headers, OutboxOptions, Pending, Relay, ONE_PHASE_MARK, OUTBOX_DDL, OUTBOX_INSERT,
 };
@@ -269,18 +270,6 @@ pub struct PreparedBranch {
     pub age: Duration,
 }
 
-fn lock_branches(m: &StdMutex<Branches>) -> MutexGuard<'_, Branches> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock_outbox(m: &StdMutex<Vec<Pending>>) -> MutexGuard<'_, Vec<Pending>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock_publishing(m: &StdMutex<Option<JoinHandle<()>>>) -> MutexGuard<'_, Option<JoinHandle<()>>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl PgResource {
     /// A resource named `name` (1-64 characters of `A-Za-z0-9._-`; branch ids become
     /// `<service>:<name>`) over `pool`. Connects once to check that the server has
@@ -466,7 +455,7 @@ impl PgResource {
         let gid = gid_for(tx.id(), &branch_id).map_err(Error::Usage)?;
         let key: Key = (tx.id().to_string(), branch_id.clone());
         let opening = {
-            let mut b = lock_branches(&self.inner.branches);
+            let mut b = lock(&self.inner.branches);
             match b.map.get(&key) {
                 Some(slot) => Err(slot.clone()),
                 None => Ok(self.new_slot(&mut b, &key, branch_id, gid)?),
@@ -514,7 +503,7 @@ impl PgResource {
         };
         *guard = State::Broken(failure.to_string());
         drop(guard);
-        lock_branches(&self.inner.branches).map.remove(&key);
+        lock(&self.inner.branches).map.remove(&key);
         Err(failure)
     }
 
@@ -672,10 +661,7 @@ impl PgBranch {
 
     /// Keeps only the staged messages whose rows are still in the transaction.
     async fn forget_rolled_back(&self, state: &mut State) -> Result<()> {
-        let ids: Vec<i64> = lock_outbox(&self.slot.outbox)
-            .iter()
-            .map(|p| p.row)
-            .collect();
+        let ids: Vec<i64> = lock(&self.slot.outbox).iter().map(|p| p.row).collect();
         if ids.is_empty() {
             return Ok(());
         }
@@ -692,7 +678,7 @@ impl PgBranch {
         let rows = self.finish(state, before, res)?;
         let kept: std::collections::HashSet<i64> =
             rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
-        lock_outbox(&self.slot.outbox).retain(|p| kept.contains(&p.row));
+        lock(&self.slot.outbox).retain(|p| kept.contains(&p.row));
         Ok(())
     }
 
@@ -780,7 +766,7 @@ impl PgBranch {
             *xid = Some(tx_xid);
         }
         let message_id = message.message_id.clone();
-        lock_outbox(&self.slot.outbox).push(Pending {
+        lock(&self.slot.outbox).push(Pending {
             row: id,
             broker: broker.name().to_string(),
             message,
@@ -1001,7 +987,7 @@ enum XidOutcome {
 
 impl Inner {
     fn slot(&self, key: &Key) -> Option<Arc<Slot>> {
-        lock_branches(&self.branches).map.get(key).cloned()
+        lock(&self.branches).map.get(key).cloned()
     }
 
     /// Whether a one-phase commit of `gid` left its marker.
@@ -1023,7 +1009,7 @@ impl Inner {
         let Some(slot) = self.slot(&(tx_id.to_string(), branch_id.to_string())) else {
             return;
         };
-        let publishing = lock_publishing(&slot.publishing).take();
+        let publishing = lock(&slot.publishing).take();
         if let Some(task) = publishing {
             let _ = tokio::time::timeout(relay.options().publish_wait, task).await;
         }
@@ -1035,16 +1021,16 @@ impl Inner {
     fn set(&self, slot: &Slot, state: &mut State, new: State) {
         let newly_finished = !state.is_terminal() && new.is_terminal();
         if new.is_terminal() {
-            let staged = std::mem::take(&mut *lock_outbox(&slot.outbox));
+            let staged = std::mem::take(&mut *lock(&slot.outbox));
             if matches!(new, State::Committed | State::OnePhaseCommitted) {
                 if let Some(relay) = self.outbox.get() {
-                    *lock_publishing(&slot.publishing) = relay.committed(staged);
+                    *lock(&slot.publishing) = relay.committed(staged);
                 }
             }
         }
         *state = new;
         if newly_finished {
-            let mut b = lock_branches(&self.branches);
+            let mut b = lock(&self.branches);
             b.finished
                 .push_back((slot.tx_id.clone(), slot.branch_id.clone()));
             while b.finished.len() > REMEMBER_FINISHED {
@@ -1058,7 +1044,7 @@ impl Inner {
     /// Records that an unknown branch was aborted, so a late `begin` cannot reopen it.
     fn tombstone(&self, tx_id: &str, branch_id: &str, gid: String) {
         let key: Key = (tx_id.to_string(), branch_id.to_string());
-        let mut b = lock_branches(&self.branches);
+        let mut b = lock(&self.branches);
         if b.map.contains_key(&key) {
             return;
         }
@@ -1431,16 +1417,19 @@ impl Inner {
     /// crash of PostgreSQL: an xid that never reached its WAL is handed out again, and
     /// `txid_status` then reports another transaction.)
     async fn resolve_one_phase(&self, xid: i64, gid: &str) -> (State, Result<OnePhase, Retry>) {
-        let mut outcome = self.xid_outcome(xid).await;
-        if self.outbox.get().is_some() {
-            outcome = match (outcome, self.one_phase_marked(gid).await) {
-                (_, Ok(true)) => XidOutcome::Committed,
-                // The COMMIT may still be running.
-                (XidOutcome::Unknown(m), _) => XidOutcome::Unknown(m),
-                (_, Ok(false)) => XidOutcome::Aborted,
-                (_, Err(Retry(m))) => XidOutcome::Unknown(m),
-            };
-        }
+        let outcome = if self.outbox.get().is_none() {
+            self.xid_outcome(xid).await
+        } else {
+            match self.one_phase_marked(gid).await {
+                Ok(true) => XidOutcome::Committed,
+                Err(Retry(m)) => XidOutcome::Unknown(m),
+                // No marker: rolled back, unless the COMMIT may still be running.
+                Ok(false) => match self.xid_outcome(xid).await {
+                    XidOutcome::Unknown(m) => XidOutcome::Unknown(m),
+                    _ => XidOutcome::Aborted,
+                },
+            }
+        };
         match outcome {
             XidOutcome::Committed => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
             XidOutcome::Aborted => {
@@ -1626,7 +1615,7 @@ impl PgResource {
     /// Branches opened here that have not prepared yet (a transaction is in progress on
     /// their connection), opened at least `older_than` ago.
     pub fn open_branch_list(&self, older_than: Duration) -> Vec<(String, String)> {
-        let b = lock_branches(&self.inner.branches);
+        let b = lock(&self.inner.branches);
         b.map
             .values()
             .filter(|slot| slot.opened_at.elapsed() >= older_than)

@@ -68,12 +68,12 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
-use crate::crash_point;
+use crate::{crash_point, lock};
 
 /// Version written into every batch's `format` field; batches with a newer format are
 /// refused rather than misread.
@@ -247,12 +247,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves nothing half-written that a later
-    // holder could misread (the sync state is only advanced after success).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------
