@@ -188,9 +188,6 @@ struct Op {
     staging: EventStaging,
     /// Whether the coordinator's one-phase optimisation was on during its cycle.
     one_phase: bool,
-    /// When it began and when its client got an answer (or gave up).
-    started: Instant,
-    finished: Instant,
 }
 
 impl Op {
@@ -463,8 +460,6 @@ async fn place(
         fault,
         staging,
         one_phase,
-        started: Instant::now(),
-        finished: Instant::now(),
     };
     let attempt = async {
         let tx = p.sdk.begin().await?;
@@ -501,7 +496,6 @@ async fn place(
         Ok(Err(e)) => OpResult::Unknown(e.to_string()),
         Err(_) => OpResult::Unknown("no answer within 15 s".into()),
     };
-    op.finished = Instant::now();
     op
 }
 
@@ -641,8 +635,6 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     let mut order_seq = 0u64;
     let mut one_phase_cycles = 0u32;
     // When the coordinator was SIGKILLed, and the cycles in which it exited by itself.
-    let mut coordinator_kills: Vec<Instant> = Vec::new();
-    let mut unplanned_exits: Vec<u32> = Vec::new();
     // One-phase markers of commits whose answer was lost when the participant restarted.
     let mut markers_at_restart = 0usize;
     let started = Instant::now();
@@ -696,10 +688,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             match fault {
                 FaultKind::None => {}
-                FaultKind::KillCoordinator => {
-                    coordinator.kill9();
-                    coordinator_kills.push(Instant::now());
-                }
+                FaultKind::KillCoordinator => coordinator.kill9(),
                 FaultKind::PauseCoordinator => {
                     coordinator.signal(libc::SIGSTOP);
                     tokio::time::sleep(Duration::from_millis(hold_ms + 1000)).await;
@@ -808,7 +797,6 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         coordinator.signal(libc::SIGCONT);
         if coordinator.ensure_running()? && fault != FaultKind::KillCoordinator {
             eprintln!("campaign: cycle {cycle} ({fault:?}): the coordinator had exited by itself; restarted");
-            unplanned_exits.push(cycle);
         }
         if !cluster.is_running() {
             cluster.start_again()?;
@@ -854,11 +842,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         }
     }
 
-    let crashes = Crashes {
-        kills: coordinator_kills,
-        unplanned_exits,
-    };
-    let check = check(&ops, &env, &participant, &args.amqp_url, &crashes).await?;
+    let check = check(&ops, &env, &participant, &args.amqp_url).await?;
     violations.extend(check.violations);
     participant.sdk.shutdown().await;
 
@@ -905,7 +889,6 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         "one_phase_markers_at_restart": markers_at_restart,
         "one_phase_markers_left": check.markers_left,
         "one_phase_markers_leaked": check.markers_leaked,
-        "one_phase_outcomes_forgotten": check.outcomes_forgotten,
         "seed": seed,
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "fault_counts": fault_counts.iter().map(|(k, v)| (format!("{k:?}"), *v)).collect::<BTreeMap<_, _>>(),
@@ -1026,47 +1009,6 @@ struct CheckResult {
     /// One-phase markers of answered commits whose deletion failed while PostgreSQL was
     /// down and was not retried before the end (tolerated in kill-postgres cycles only).
     markers_leaked: usize,
-    /// Committed one-phase transactions the coordinator reports aborted because it crashed
-    /// before their unsynced record was flushed (allowed: the branch's state is the truth).
-    outcomes_forgotten: usize,
-}
-
-/// When the coordinator process crashed.
-struct Crashes {
-    /// When the campaign SIGKILLed it.
-    kills: Vec<Instant>,
-    /// Cycles after which it was found to have exited by itself.
-    unplanned_exits: Vec<u32>,
-}
-
-impl Crashes {
-    /// Whether the coordinator crashed while `op` ran or within a second after it: a
-    /// one-phase commit's `OnePhaseCommitted` record is written without a sync (sled
-    /// flushes it within 200 ms), so such a crash may make the restarted coordinator
-    /// answer "aborted" (presumed abort) for a transaction its participant committed.
-    fn around(&self, op: &Op) -> Option<String> {
-        let until = op.finished + Duration::from_secs(1);
-        if let Some(k) = self
-            .kills
-            .iter()
-            .find(|k| **k >= op.started && **k <= until)
-        {
-            return Some(if *k >= op.finished {
-                format!(
-                    "SIGKILLed {} ms after the client's answer",
-                    (*k - op.finished).as_millis()
-                )
-            } else {
-                format!(
-                    "SIGKILLed {} ms before the client's answer",
-                    (op.finished - *k).as_millis()
-                )
-            });
-        }
-        self.unplanned_exits
-            .contains(&op.cycle)
-            .then(|| "exited by itself during the cycle".to_string())
-    }
 }
 
 /// How long the checker lets the outbox sweep publish what is left (every cycle already
@@ -1083,10 +1025,8 @@ async fn check(
     env: &Env,
     p: &Participant,
     amqp_url: &str,
-    crashes: &Crashes,
 ) -> anyhow::Result<CheckResult> {
     let mut violations = Vec::new();
-    let mut outcomes_forgotten = 0;
     let c = env.pool.get().await?;
     // The outbox first: what is left in it is published by the sweep (every 200 ms, rows
     // older than 500 ms); only then is the queue complete.
@@ -1216,25 +1156,9 @@ async fn check(
                         event.is_some()
                     ));
                 }
-                // A single-branch transaction is decided by its participant; its record
-                // in the coordinator is lazy and a crash right after loses it.
-                let forgotten = (outcome == pb::Outcome::Aborted as i32
-                    && op.staging == EventStaging::Database
-                    && op.one_phase
-                    && row.is_some()
-                    && event.is_some())
-                .then(|| crashes.around(op))
-                .flatten();
-                if let Some(crash) = forgotten {
-                    outcomes_forgotten += 1;
-                    eprintln!(
-                        "campaign: note: {id}: committed in one phase ({} reply), the coordinator says ABORTED: \
-                         it was {crash} (its unsynced one-phase record was lost)",
-                        op.result.name()
-                    );
-                } else if outcome == pb::Outcome::Aborted as i32
-                    && (row.is_some() || event.is_some())
-                {
+                // One-phase commits included: their intent and outcome are synced, so a
+                // crash never makes the coordinator forget a committed one.
+                if outcome == pb::Outcome::Aborted as i32 && (row.is_some() || event.is_some()) {
                     violations.push(format!(
                         "{id}: coordinator says ABORTED but row={} event={}",
                         row.is_some(),
@@ -1333,7 +1257,6 @@ async fn check(
         duplicates,
         markers_left,
         markers_leaked,
-        outcomes_forgotten,
     })
 }
 

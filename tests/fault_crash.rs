@@ -680,6 +680,90 @@ async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch()
     .await;
 }
 
+/// A one-phase commit (one branch) killed after the branch committed and before the
+/// outcome's sync: the restarted coordinator finds the synced intent, asks the branch
+/// again and answers COMMITTED. Before the intent was synced, a restart knew nothing of
+/// the transaction and answered ABORTED (presumed abort) for an order its branch had
+/// committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committed() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::before_one_phase_sync";
+        let mut coord = Serve::start(
+            "one-phase-outcome",
+            &format!("{point}=1*off->return(abort)"),
+            &[("--one-phase", "true")],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
+        coord.wait_for_crash("aborting the process").await;
+        assert_eq!(
+            p1.state(&tx, "a"),
+            Some(ResState::Committed),
+            "the branch committed in one phase before the crash"
+        );
+        assert_eq!(p1.count(&tx, "a", MsgKind::Commit), 1);
+
+        coord.restart("").await;
+        assert_eq!(
+            finished_outcome(&coord, &tx).await,
+            pb::Outcome::Committed,
+            "the restart must not presume abort for a committed one-phase transaction"
+        );
+        assert!(
+            p1.count(&tx, "a", MsgKind::Commit) >= 2,
+            "the restart asked the branch again"
+        );
+        let mut c = coord.client().await;
+        let again = commit(&mut c, &tx, 1_000)
+            .await
+            .expect("Commit after restart");
+        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+        assert_committed_everywhere(&tx, &[(&p1, "a")]);
+    })
+    .await;
+}
+
+/// A one-phase commit killed before its intent is durable: nothing was sent, and the
+/// restart settles it one way for the coordinator and the branch alike (ABORTED if the
+/// intent is lost, COMMITTED if it reached the disk anyway and the branch is asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() {
+    with_deadline(TEST_DEADLINE, async {
+        let point = "coordinator::before_one_phase_sync";
+        let mut coord = Serve::start(
+            "one-phase-intent",
+            &format!("{point}=return(abort)"),
+            &[("--one-phase", "true")],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a")]).await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
+        coord.wait_for_crash("aborting the process").await;
+        assert_eq!(
+            p1.count(&tx, "a", MsgKind::Commit),
+            0,
+            "no commit goes out before the intent is durable"
+        );
+
+        coord.restart("").await;
+        let decided = finished_outcome(&coord, &tx).await;
+        match decided {
+            pb::Outcome::Committed => assert_committed_everywhere(&tx, &[(&p1, "a")]),
+            pb::Outcome::Aborted => assert_aborted_everywhere(&tx, &[(&p1, "a")]),
+            other => panic!("finished with outcome {other:?}"),
+        }
+    })
+    .await;
+}
+
 /// Killed in phase two after the database tier (commit_order 0) acknowledged, before the
 /// broker tier (commit_order 10) got its commit: the restart finishes phase two, again
 /// tier by tier.

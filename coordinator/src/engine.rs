@@ -22,6 +22,15 @@
 //! state, retried until acknowledged) → forgotten (presumed abort answers from then on).
 //! A single branch commits in one phase; read-only branches leave after voting.
 //!
+//! # One-phase commit
+//! A transaction with one branch skips the prepare: its participant decides. The engine
+//! still makes two writes durable, because a restarted coordinator must never answer
+//! "aborted" for a transaction its branch committed: the [`LazyRecord::OnePhase`] intent
+//! (synced with [`Command::Sync`] before the commit goes out, so recovery knows whom to
+//! ask again) and the [`LazyRecord::OnePhaseCommitted`] outcome (synced before the client
+//! hears "committed", so the participant may forget the branch once its client has the
+//! answer). Both syncs are shared with every other write of the moment (group commit).
+//!
 //! # Operator resolutions (heuristic decisions)
 //! [`Event::Resolve`] is the Admin `Resolve` RPC: an operator declares the branches a stuck
 //! transaction still owes an answer committed or aborted. The engine judges it against
@@ -66,7 +75,8 @@ pub struct EngineConfig {
     pub retry_initial_ms: u64,
     /// Cap of the phase-two retry delay.
     pub retry_max_ms: u64,
-    /// Commit a single-branch transaction in one phase (no prepare, no log write).
+    /// Commit a single-branch transaction in one phase (no prepare; the participant
+    /// decides, and the coordinator syncs its intent and the outcome).
     pub one_phase: bool,
 }
 
@@ -233,6 +243,18 @@ pub enum Event {
         /// What went wrong.
         error: String,
     },
+    /// The [`Command::Sync`] of `tx` finished: everything it covers is durable.
+    Synced {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// The [`Command::Sync`] of `tx` failed. The log is now failed.
+    SyncFailed {
+        /// The transaction.
+        tx: TxId,
+        /// What went wrong.
+        error: String,
+    },
     /// Start-up: what the log says must be finished.
     Recovered(Recovered),
     /// Admin `Resolve` RPC: an operator's heuristic decision (see the module docs).
@@ -328,6 +350,12 @@ pub enum Command {
     LogLazy(LazyRecord),
     /// Force a COMMIT decision; answer with [`Event::LogDurable`] or [`Event::LogFailed`].
     ForceCommit(CommitRecord),
+    /// Make every record written so far (lazy ones included) durable; answer with
+    /// [`Event::Synced`] or [`Event::SyncFailed`].
+    Sync {
+        /// The transaction waiting for it.
+        tx: TxId,
+    },
     /// Force an audit record (stamping its wall-clock time); answer with
     /// [`Event::AuditDurable`] or [`Event::AuditFailed`].
     ForceAudit {
@@ -488,6 +516,10 @@ pub struct TxEntry {
     logged_preparing: bool,
     /// Committing in one phase (single branch).
     one_phase: bool,
+    /// A [`Command::Sync`] is outstanding: the one-phase intent (while `Preparing`: the
+    /// commit goes out when it is done) or the one-phase outcome (while `Committing`: the
+    /// callers hear "committed" when it is done).
+    sync_pending: bool,
 }
 
 impl TxEntry {
@@ -659,6 +691,8 @@ impl Engine {
             Event::Timer { tx, timer } => self.on_timer(tx, timer, &mut out),
             Event::LogDurable { tx, lsn } => self.on_durable(tx, lsn, &mut out),
             Event::LogFailed { tx, error } => self.on_log_failed(tx, error, &mut out),
+            Event::Synced { tx } => self.on_synced(tx, &mut out),
+            Event::SyncFailed { tx, error } => self.on_sync_failed(tx, error, &mut out),
             Event::Recovered(rec) => self.on_recovered(rec, &mut out),
             Event::Resolve {
                 req,
@@ -728,6 +762,7 @@ impl Engine {
             abort_waiters: Vec::new(),
             logged_preparing: false,
             one_phase: false,
+            sync_pending: false,
         };
         let mut entry = entry;
         for spec in branches {
@@ -847,6 +882,11 @@ impl Engine {
                 entry.waiters.push(req);
                 return;
             }
+            TxState::Committing if entry.one_phase => {
+                // Committed by its branch; answered once the outcome is durable.
+                entry.waiters.push(req);
+                return;
+            }
             TxState::Committing => {
                 out.push(Command::Reply {
                     req,
@@ -880,12 +920,19 @@ impl Engine {
                 });
             }
             1 if self.cfg.one_phase => {
+                // The commit goes out once the intent is durable (`on_synced`).
                 entry.state = TxState::Preparing;
                 entry.one_phase = true;
+                entry.logged_preparing = true;
+                entry.sync_pending = true;
                 let b = &mut entry.branches[0];
                 b.state = BranchState::Preparing;
                 b.abort_must_ack = true;
-                send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+                out.push(Command::LogLazy(LazyRecord::OnePhase {
+                    tx,
+                    branch: b.spec.clone(),
+                }));
+                out.push(Command::Sync { tx });
             }
             _ => {
                 entry.state = TxState::Preparing;
@@ -943,6 +990,7 @@ impl Engine {
                 // make it an abort. Answer once the log has spoken.
                 entry.abort_waiters.push(req);
             }
+            TxState::Committing if entry.one_phase => entry.abort_waiters.push(req),
             TxState::Committing => out.push(Command::Reply {
                 req,
                 reply: Err(committed_error(&tx)),
@@ -1055,6 +1103,62 @@ impl Engine {
         self.drive_commit(tx, out);
     }
 
+    /// A one-phase intent is durable (send the commit) or a one-phase outcome is (answer).
+    fn on_synced(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if !entry.sync_pending || !entry.one_phase {
+            return;
+        }
+        entry.sync_pending = false;
+        match entry.state {
+            TxState::Preparing => {
+                if let Some(b) = entry.branches.first_mut() {
+                    if b.state == BranchState::Preparing && !b.in_flight {
+                        send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+                    }
+                }
+            }
+            TxState::Committing => {
+                let waiters = std::mem::take(&mut entry.waiters);
+                let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+                reply_all(out, waiters, Ok(ReplyOk::Committed));
+                reply_all(out, abort_waiters, Err(committed_error(&tx)));
+                self.txs.remove(&tx);
+                out.push(Command::Finished {
+                    tx,
+                    outcome: Outcome::Committed,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// A sync a one-phase commit waited for failed: the log is failed, and whether the
+    /// record reached the disk only a restart can tell.
+    fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+        let reason = format!("decision log failed: {error}");
+        if self.halted.is_none() {
+            self.halted = Some(reason.clone());
+            out.push(Command::Halt { reason });
+        }
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if !entry.sync_pending || !entry.one_phase {
+            return;
+        }
+        entry.sync_pending = false;
+        if !matches!(entry.state, TxState::Preparing | TxState::Committing) {
+            return;
+        }
+        entry.state = TxState::InDoubt;
+        let mut waiters = std::mem::take(&mut entry.waiters);
+        waiters.append(&mut entry.abort_waiters);
+        reply_all(out, waiters, Err(in_doubt_error(&tx)));
+    }
+
     fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
         let reason = format!("decision log failed: {error}");
         if self.halted.is_none() {
@@ -1127,21 +1231,16 @@ impl Engine {
             }
             match ack {
                 Ok(CommitAck::Committed) => {
+                    // Callers hear it once the outcome is durable (`on_synced`).
                     b.state = BranchState::Committed;
                     let specs = vec![b.spec.clone()];
-                    let waiters = std::mem::take(&mut entry.waiters);
-                    let abort_waiters = std::mem::take(&mut entry.abort_waiters);
-                    reply_all(out, waiters, Ok(ReplyOk::Committed));
-                    reply_all(out, abort_waiters, Err(committed_error(&tx)));
-                    self.txs.remove(&tx);
+                    entry.state = TxState::Committing;
+                    entry.sync_pending = true;
                     out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
                         tx,
                         branches: specs,
                     }));
-                    out.push(Command::Finished {
-                        tx,
-                        outcome: Outcome::Committed,
-                    });
+                    out.push(Command::Sync { tx });
                 }
                 Ok(CommitAck::Refused(reason)) => {
                     b.state = BranchState::Aborted;
@@ -1260,7 +1359,8 @@ impl Engine {
             Timer::Retry { branch } => {
                 let lsn = entry.decision_lsn;
                 let state = entry.state;
-                let one_phase = entry.one_phase;
+                // A one-phase commit waits for its intent to be durable.
+                let one_phase = entry.one_phase && !entry.sync_pending;
                 let Some(b) = entry.branches.get_mut(branch) else {
                     return;
                 };
@@ -1379,6 +1479,22 @@ impl Engine {
             }
             self.txs.insert(tx, entry);
             self.finish_abort_if_done(tx, out);
+        }
+        for (tx, branch) in rec.one_phase {
+            if self.txs.contains_key(&tx) {
+                continue;
+            }
+            // The commit may have reached the branch: ask again (a repeated one-phase
+            // commit is answered from the branch's own state).
+            let mut entry = recovered_entry(self.now_ms, vec![branch], TxState::Preparing);
+            entry.logged_preparing = true;
+            entry.one_phase = true;
+            if let Some(b) = entry.branches.first_mut() {
+                b.state = BranchState::Preparing;
+                b.abort_must_ack = true;
+                send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+            }
+            self.txs.insert(tx, entry);
         }
     }
 }
@@ -1656,6 +1772,8 @@ impl Engine {
         };
         let mut marked = Vec::new();
         match entry.state {
+            // Committed by its branch, the outcome being synced: that finishes it.
+            TxState::Committing if entry.one_phase => (marked, Some(Outcome::Committed)),
             TxState::Committing => {
                 let lsn = entry.decision_lsn;
                 let tier = entry
@@ -1723,9 +1841,13 @@ impl Engine {
                         let msg = abort_message(&tx, entry);
                         reply_all(out, waiters, Err(TxError::Aborted(msg)));
                         reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+                        out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
                         Outcome::Aborted
                     }
                 };
+                // The operator's word replaces the intent on disk, so a restart does not
+                // ask the branch again (best effort: the audit record is durable already).
+                out.push(Command::Sync { tx });
                 self.txs.remove(&tx);
                 out.push(Command::Finished { tx, outcome });
                 (marked, Some(outcome))
@@ -1830,6 +1952,7 @@ fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> Tx
         abort_waiters: Vec::new(),
         logged_preparing: false,
         one_phase: false,
+        sync_pending: false,
     }
 }
 

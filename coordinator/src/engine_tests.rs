@@ -628,15 +628,32 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     );
 }
 
+/// Commit of a single-branch transaction up to the one-phase commit going out: the intent
+/// is written and synced first.
+fn one_phase_commit_sent(e: &mut Engine, now: u64, req: ReqId, t: TxId, a: &BranchSpec) {
+    assert_eq!(
+        e.handle(now, Event::Commit { req, tx: t }),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t },
+        ],
+        "the intent is synced before the one-phase commit goes out"
+    );
+    assert_eq!(
+        e.handle(now, Event::Synced { tx: t }),
+        vec![send(t, 0, a, Message::Commit { one_phase: true }, None)]
+    );
+}
+
 #[test]
-fn single_branch_commits_in_one_phase_without_a_log_write() {
+fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     let mut e = engine();
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
-    assert_eq!(
-        e.handle(1, Event::Commit { req: 10, tx: t }),
-        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
-    );
+    one_phase_commit_sent(&mut e, 1, 10, t, &a);
     assert_eq!(
         e.handle(
             2,
@@ -647,20 +664,48 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
             }
         ),
         vec![
-            reply(10, Ok(ReplyOk::Committed)),
             Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx: t,
                 branches: vec![a.clone()]
             }),
+            Command::Sync { tx: t },
+        ],
+        "the client hears nothing before the outcome is durable"
+    );
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
+    // A repeated Commit (and an Abort) waits for the same sync.
+    assert_eq!(e.handle(2, Event::Commit { req: 14, tx: t }), vec![]);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Abort {
+                req: 15,
+                tx: t,
+                reason: String::new()
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(3, Event::Synced { tx: t }),
+        vec![
+            reply(10, Ok(ReplyOk::Committed)),
+            reply(14, Ok(ReplyOk::Committed)),
+            reply(
+                15,
+                Err(TxError::FailedPrecondition(format!(
+                    "transaction {t} cannot be aborted: its outcome is COMMITTED"
+                )))
+            ),
             Command::Finished {
                 tx: t,
                 outcome: Outcome::Committed
             },
         ]
     );
-    // Refused one-phase commit: aborted, nothing left to send.
+    // Refused one-phase commit: aborted, the intent dropped, nothing left to send.
     let t2 = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(3, Event::Commit { req: 11, tx: t2 });
+    one_phase_commit_sent(&mut e, 3, 11, t2, &a);
     assert_eq!(
         e.handle(
             4,
@@ -677,6 +722,7 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
                     "transaction {t2} aborted: branch a refused to commit: check violation"
                 )))
             ),
+            Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
             Command::Finished {
                 tx: t2,
                 outcome: Outcome::Aborted
@@ -685,7 +731,7 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
     );
     // Lost answer: the one-phase commit is asked again until the participant answers.
     let t3 = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(5, Event::Commit { req: 12, tx: t3 });
+    one_phase_commit_sent(&mut e, 5, 12, t3, &a);
     assert_eq!(
         e.handle(
             6,
@@ -723,7 +769,7 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
         ),
         vec![]
     );
-    let cmds = e.handle(
+    e.handle(
         18,
         Event::CommitAcked {
             tx: t3,
@@ -731,6 +777,7 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
             ack: Ok(CommitAck::Committed),
         },
     );
+    let cmds = e.handle(19, Event::Synced { tx: t3 });
     assert_eq!(cmds[0], reply(12, Ok(ReplyOk::Committed)));
     assert_eq!(
         cmds[1],
@@ -741,6 +788,123 @@ fn single_branch_commits_in_one_phase_without_a_log_write() {
             )))
         )
     );
+}
+
+#[test]
+fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![],
+        "nothing goes to the branch before the intent is durable"
+    );
+    // A stale Synced for a finished or unknown transaction does nothing.
+    let other = TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq: 999,
+    };
+    assert_eq!(e.handle(2, Event::Synced { tx: other }), vec![]);
+}
+
+#[test]
+fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    // The intent's sync fails: nothing was sent, the restart decides.
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(1, Event::Commit { req: 10, tx: t });
+    let cmds = e.handle(
+        2,
+        Event::SyncFailed {
+            tx: t,
+            error: "disk gone".into(),
+        },
+    );
+    assert!(matches!(&cmds[0], Command::Halt { reason } if reason.contains("disk gone")));
+    assert!(
+        matches!(&cmds[1], Command::Reply { req: 10, reply: Err(TxError::Unavailable(m)) } if m.contains("restarts")),
+        "{cmds:?}"
+    );
+    assert_eq!(cmds.len(), 2, "nothing is sent: {cmds:?}");
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::InDoubt));
+}
+
+#[test]
+fn recovered_one_phase_intents_ask_their_branch_again() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let old = TxId {
+        node: NODE,
+        epoch: EPOCH - 1,
+        seq: 7,
+    };
+    let cmds = e.handle(
+        0,
+        Event::Recovered(Recovered {
+            one_phase: vec![(old, a.clone())],
+            ..Recovered::default()
+        }),
+    );
+    assert_eq!(
+        cmds,
+        vec![send(old, 0, &a, Message::Commit { one_phase: true }, None)]
+    );
+    assert_eq!(
+        e.outcome_of(&old, false),
+        Ok(None),
+        "undecided until the branch answers"
+    );
+    e.handle(
+        1,
+        Event::CommitAcked {
+            tx: old,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(e.outcome_of(&old, false), Ok(Some(Outcome::Committed)));
+    assert_eq!(
+        e.handle(2, Event::Synced { tx: old }),
+        vec![Command::Finished {
+            tx: old,
+            outcome: Outcome::Committed
+        }]
+    );
+    // A branch that never saw it refuses: aborted, and the intent is dropped.
+    let old2 = TxId { seq: 8, ..old };
+    e.handle(
+        3,
+        Event::Recovered(Recovered {
+            one_phase: vec![(old2, a.clone())],
+            ..Recovered::default()
+        }),
+    );
+    let cmds = e.handle(
+        4,
+        Event::CommitAcked {
+            tx: old2,
+            branch: 0,
+            ack: Ok(CommitAck::Refused("unknown branch".into())),
+        },
+    );
+    assert!(
+        cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: old2 })),
+        "{cmds:?}"
+    );
+    assert!(cmds.contains(&Command::Finished {
+        tx: old2,
+        outcome: Outcome::Aborted
+    }));
 }
 
 #[test]
@@ -1438,6 +1602,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
                 decided_at_ms: 1,
             }],
             undecided: vec![(old_undecided, vec![db.clone()])],
+            one_phase: vec![],
         }),
     );
     assert_eq!(
@@ -2141,7 +2306,7 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
         let mut e = engine();
         let a = spec("db", 0);
         let t = begin(&mut e, std::slice::from_ref(&a));
-        e.handle(1, Event::Commit { req: 10, tx: t });
+        one_phase_commit_sent(&mut e, 1, 10, t, &a);
         e.handle(
             2,
             Event::CommitAcked {
@@ -2175,12 +2340,14 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
                 Err(TxError::Aborted(format!(
                     "transaction {t} aborted: one-phase commit resolved to ABORT by an operator"
                 ))),
-                vec![],
+                vec![Command::LogLazy(LazyRecord::Aborted { tx: t })],
                 Outcome::Aborted,
             ),
         };
         let mut want = vec![reply(10, caller)];
         want.extend(lazy);
+        // The operator's word replaces the intent on disk.
+        want.push(Command::Sync { tx: t });
         want.push(Command::Finished { tx: t, outcome });
         assert_eq!(cmds[..cmds.len() - 1], want[..], "{decision:?}");
         assert!(e.tx(&t).is_none());

@@ -458,7 +458,9 @@ impl Metrics {
                 (kind, Some(*tx), None)
             }
             Event::LogDurable { tx, .. } => (Kind::Durable, Some(*tx), None),
-            Event::LogFailed { tx, .. } => (Kind::Other, Some(*tx), None),
+            Event::LogFailed { tx, .. } | Event::Synced { tx } | Event::SyncFailed { tx, .. } => {
+                (Kind::Other, Some(*tx), None)
+            }
             Event::Resolve { tx, .. } => (Kind::Resolve, Some(*tx), None),
             Event::AuditDurable { req, .. } | Event::AuditFailed { req, .. } => {
                 let pending = lock(&self.pending_audits).remove(req);
@@ -867,6 +869,7 @@ mod tests {
         // A refused one-phase commit counts as a no vote.
         let t3 = begin(&mut e, &m, &["a"]);
         step(&mut e, &m, 10, Event::Commit { req: 3, tx: t3 });
+        step(&mut e, &m, 10, Event::Synced { tx: t3 });
         let ev = Event::CommitAcked {
             tx: t3,
             branch: 0,
@@ -885,6 +888,7 @@ mod tests {
                 },
                 vec![spec("z")],
             )],
+            one_phase: Vec::new(),
         };
         step(&mut e, &m, 30, Event::Recovered(rec));
         assert_eq!(aborted(&m, AbortReason::Recovery), 1);

@@ -21,8 +21,8 @@
 //!
 //! With the crate feature `failpoints` (and `FAILPOINTS` read by the binary),
 //! `<name>=return(abort)` aborts the process on the spot (SIGABRT, no cleanup) at these
-//! crash points; without the feature they compile to nothing. For the first two and the
-//! last, any other action is ignored:
+//! crash points; without the feature they compile to nothing. For all but
+//! `before_log_decision` and `after_decision_durable`, any other action is ignored:
 //!
 //! * `coordinator::before_prepare`: Commit was accepted and the PREPARING record (lazily)
 //!   written, before the first prepare of the transaction is sent;
@@ -35,6 +35,11 @@
 //!   commit is sent;
 //! * `coordinator::between_tiers`: phase two, a lower `commit_order` tier is acknowledged,
 //!   before the next tier's commit is sent.
+//! * `coordinator::before_one_phase_sync`: a one-phase commit's record was written
+//!   lazily, before the sync that makes it durable. The first such sync of a transaction
+//!   covers its intent (no commit sent yet), the second its outcome (the branch has
+//!   committed, the client not yet answered): `1*off->return(abort)` crashes at the
+//!   second.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -200,6 +205,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         info!(
             commits = counts.0,
             undecided = counts.1,
+            one_phase = rec.one_phase.len(),
             "recovery: re-driving unfinished transactions"
         );
         self.inner.dispatch(Event::Recovered(rec));
@@ -407,6 +413,26 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
         match cmd {
             Command::LogLazy(_) => unreachable!("lazy writes happen under the engine lock"),
             Command::ForceAudit { req, record } => self.force_audit(req, record),
+            Command::Sync { tx } => {
+                let me = self.clone();
+                let epoch = self.log.epoch();
+                tokio::spawn(async move {
+                    // The first sync of a one-phase commit covers its intent (nothing
+                    // sent yet), the second its outcome (the branch has committed).
+                    named_crash_point("coordinator::before_one_phase_sync");
+                    let ev = match me.log.sync(epoch).await {
+                        Ok(()) => Event::Synced { tx },
+                        Err(e) => {
+                            error!(%tx, error = %e, "could not sync a one-phase commit's record");
+                            Event::SyncFailed {
+                                tx,
+                                error: e.to_string(),
+                            }
+                        }
+                    };
+                    me.dispatch(ev);
+                });
+            }
             Command::ForceCommit(mut record) => {
                 record.decided_at_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -582,7 +608,11 @@ enum Deferred {
 fn lazy_tx(record: &crate::log::LazyRecord) -> TxId {
     use crate::log::LazyRecord::*;
     match record {
-        Preparing { tx, .. } | Aborted { tx } | Done { tx } | OnePhaseCommitted { tx, .. } => *tx,
+        Preparing { tx, .. }
+        | OnePhase { tx, .. }
+        | Aborted { tx }
+        | Done { tx }
+        | OnePhaseCommitted { tx, .. } => *tx,
     }
 }
 

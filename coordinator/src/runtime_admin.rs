@@ -128,6 +128,14 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                 kept.undecided.push((tx, branches));
             }
         }
+        for (tx, branch) in rec.one_phase {
+            if resolved(&tx)? {
+                info!(%tx, "recovery: one-phase commit resolved by an operator; not asked again");
+                log.record_lazy(epoch, LazyRecord::Aborted { tx })?;
+            } else {
+                kept.one_phase.push((tx, branch));
+            }
+        }
         Ok(kept)
     }
 }

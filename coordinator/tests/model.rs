@@ -560,12 +560,13 @@ impl TwoPcModel {
                         assert_eq!(tx, the_tx());
                         Rec::Done
                     }
-                    LazyRecord::OnePhaseCommitted { .. } => {
+                    LazyRecord::OnePhaseCommitted { .. } | LazyRecord::OnePhase { .. } => {
                         panic!("one-phase commit is unreachable with {N} branches")
                     }
                 };
                 s.log.unsynced.push(rec);
             }
+            Command::Sync { .. } => panic!("one-phase commit is unreachable with {N} branches"),
             Command::ForceCommit(record) => {
                 assert_eq!((record.tx, record.branches), (the_tx(), specs()));
                 assert!(!s.force_pending, "a second force while one is running");

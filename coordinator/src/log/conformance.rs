@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Orders the contract leaves as "oldest first" are checked as: [`Recovered::commits`] in
-//! LSN (decision) order, [`Recovered::undecided`] in [`TxId`] order (node, epoch, seq).
+//! LSN (decision) order, [`Recovered::undecided`] and [`Recovered::one_phase`] in [`TxId`] order
+//! (node, epoch, seq).
 //! "Same branches" means equal branch lists, order included.
 
 use std::any::Any;
@@ -96,6 +97,12 @@ pub async fn run_all<L: DecisionLog>(mut make: impl FnMut() -> Subject<L>, opts:
     drop(s);
     let s = make();
     check_one_phase(&s.log).await;
+    drop(s);
+    let s = make();
+    check_one_phase_intent(&s.log).await;
+    drop(s);
+    let s = make();
+    check_sync_poisoning(&s.log, &|| s.break_syncs()).await;
     drop(s);
     let s = make();
     check_recover_order(&s.log).await;
@@ -396,6 +403,10 @@ pub async fn check_fencing<L: DecisionLog>(log: &L) {
                 tx: t,
                 branches: branches(1, "f"),
             },
+            LazyRecord::OnePhase {
+                tx: t,
+                branch: branches(1, "f")[0].clone(),
+            },
         ];
         for rec in lazy {
             let res = log.record_lazy(wrong, rec.clone());
@@ -438,7 +449,8 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         log.recover().expect("recover()"),
         Recovered {
             commits: vec![],
-            undecided: vec![(t1, branches(2, "p1"))]
+            undecided: vec![(t1, branches(2, "p1"))],
+            one_phase: vec![],
         },
         "a Preparing record without a decision is undecided"
     );
@@ -471,7 +483,8 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         log.recover().expect("recover()"),
         Recovered {
             commits: vec![rec2.clone()],
-            undecided: vec![]
+            undecided: vec![],
+            one_phase: vec![],
         },
         "a decided transaction is a commit to finish, not undecided"
     );
@@ -506,7 +519,8 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         log.recover().expect("recover()"),
         Recovered {
             commits: vec![rec2.clone()],
-            undecided: vec![]
+            undecided: vec![],
+            one_phase: vec![],
         }
     );
 
@@ -621,6 +635,111 @@ pub async fn check_one_phase<L: DecisionLog>(log: &L) {
         .expect("decision()")
         .expect("still decided");
     assert_eq!(d.record.branches, branches(1, "op"));
+}
+
+/// One-phase intents: recovered as in doubt until the outcome (or an abort) replaces
+/// them; `sync` is a sync, not a decision.
+pub async fn check_one_phase_intent<L: DecisionLog>(log: &L) {
+    let e = log.epoch();
+    let (t1, t2, t3) = (tx_of(log, 1), tx_of(log, 2), tx_of(log, 3));
+    let b1 = branches(1, "i1")[0].clone();
+    let b2 = branches(1, "i2")[0].clone();
+    let b3 = branches(1, "i3")[0].clone();
+    for (t, b) in [(t1, &b1), (t2, &b2), (t3, &b3)] {
+        log.record_lazy(
+            e,
+            LazyRecord::OnePhase {
+                tx: t,
+                branch: b.clone(),
+            },
+        )
+        .expect("lazy");
+    }
+    let before = log.stats();
+    log.sync(e).await.expect("sync");
+    let after = log.stats();
+    assert!(
+        after.syncs > before.syncs,
+        "sync() must sync (syncs {} -> {})",
+        before.syncs,
+        after.syncs
+    );
+    assert_eq!(
+        (after.decisions, after.batches),
+        (before.decisions, before.batches),
+        "sync() is not a decision"
+    );
+    assert_eq!(
+        log.recover().expect("recover()"),
+        Recovered {
+            commits: vec![],
+            undecided: vec![],
+            one_phase: vec![(t1, b1.clone()), (t2, b2.clone()), (t3, b3.clone())],
+        },
+        "one-phase intents without an outcome are in doubt, in TxId order"
+    );
+    assert_eq!(
+        log.decision(&t1).expect("decision()"),
+        None,
+        "an intent is not a decision"
+    );
+    log.record_lazy(
+        e,
+        LazyRecord::OnePhaseCommitted {
+            tx: t1,
+            branches: vec![b1.clone()],
+        },
+    )
+    .expect("lazy");
+    log.record_lazy(e, LazyRecord::Aborted { tx: t2 })
+        .expect("lazy");
+    log.sync(e).await.expect("sync");
+    assert_eq!(
+        log.recover().expect("recover()"),
+        Recovered {
+            commits: vec![],
+            undecided: vec![],
+            one_phase: vec![(t3, b3.clone())],
+        },
+        "the outcome or an abort ends the intent"
+    );
+    assert_eq!(
+        log.decision(&t1).expect("decision()").map(|d| d.done),
+        Some(true),
+        "the one-phase outcome answers COMMITTED"
+    );
+    let wrong = e + 1;
+    let res = log.sync(wrong).await;
+    assert!(
+        matches!(res, Err(LogError::Fenced { caller, current }) if caller == wrong && current == e),
+        "sync() with epoch {wrong} must be fenced, got {res:?}"
+    );
+    assert!(!log.is_failed());
+}
+
+/// A failed `sync` poisons the log like a failed forced write.
+pub async fn check_sync_poisoning<L: DecisionLog>(log: &L, break_syncs: &dyn Fn()) {
+    let e = log.epoch();
+    let t = tx_of(log, 1);
+    log.record_lazy(
+        e,
+        LazyRecord::OnePhase {
+            tx: t,
+            branch: branches(1, "sp")[0].clone(),
+        },
+    )
+    .expect("lazy");
+    break_syncs();
+    let res = log.sync(e).await;
+    assert!(
+        matches!(res, Err(LogError::Failed(_))),
+        "a failed sync must be an error, got {res:?}"
+    );
+    assert!(log.is_failed(), "a failed sync poisons the log");
+    assert!(
+        matches!(log.sync(e).await, Err(LogError::Failed(_))),
+        "a poisoned log refuses later syncs"
+    );
 }
 
 /// Recovery returns unfinished commits in LSN order and undecided ones in TxId order.

@@ -38,7 +38,8 @@ struct Entry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Image {
     commits: BTreeMap<TxId, Entry>,
-    preparing: BTreeMap<TxId, Vec<BranchSpec>>,
+    /// Preparing records, and one-phase intents (`true`).
+    preparing: BTreeMap<TxId, (Vec<BranchSpec>, bool)>,
     /// Audit records per transaction with their LSNs, in the order forced (append-only).
     audits: BTreeMap<TxId, Vec<(Lsn, AuditRecord)>>,
     last_lsn: Lsn,
@@ -278,7 +279,10 @@ impl DecisionLog for MemoryLog {
         let image = &mut storage.current;
         match record {
             LazyRecord::Preparing { tx, branches } => {
-                image.preparing.insert(tx, branches);
+                image.preparing.insert(tx, (branches, false));
+            }
+            LazyRecord::OnePhase { tx, branch } => {
+                image.preparing.insert(tx, (vec![branch], true));
             }
             LazyRecord::Aborted { tx } => {
                 image.preparing.remove(&tx);
@@ -332,15 +336,22 @@ impl DecisionLog for MemoryLog {
             .filter(|e| !e.done && e.lsn <= durable)
             .collect();
         commits.sort_by_key(|e| e.lsn);
-        let undecided = image
+        let mut undecided = Vec::new();
+        let mut one_phase = Vec::new();
+        let open = image
             .preparing
             .iter()
-            .filter(|(tx, _)| image.commits.get(tx).is_none_or(|e| e.lsn > durable))
-            .map(|(tx, branches)| (*tx, branches.clone()))
-            .collect();
+            .filter(|(tx, _)| image.commits.get(tx).is_none_or(|e| e.lsn > durable));
+        for (tx, (branches, is_one_phase)) in open {
+            match (is_one_phase, branches.first()) {
+                (true, Some(branch)) => one_phase.push((*tx, branch.clone())),
+                _ => undecided.push((*tx, branches.clone())),
+            }
+        }
         Ok(Recovered {
             commits: commits.into_iter().map(|e| e.record.clone()).collect(),
             undecided,
+            one_phase,
         })
     }
 
@@ -354,6 +365,18 @@ impl DecisionLog for MemoryLog {
 
     fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    async fn sync(&self, epoch: u64) -> Result<(), LogError> {
+        let mut storage = lock(&self.storage);
+        self.check_write(epoch, &storage)?;
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(self.poison("injected sync failure (MemoryLog::set_fail_syncs)"));
+        }
+        storage.durable = storage.current.clone();
+        drop(storage);
+        lock(&self.stats).syncs += 1;
+        Ok(())
     }
 
     async fn force_audit(&self, epoch: u64, record: AuditRecord) -> Result<Lsn, LogError> {

@@ -25,6 +25,12 @@
 //!   recovery (which transactions were preparing, which decisions are done) but losing
 //!   them is safe. They must never overwrite or delete a COMMIT record's decision; `Done`
 //!   only marks it finished.
+//! * **Sync on demand.** [`DecisionLog::sync`] resolves `Ok` once every record written
+//!   before the call, lazy ones included, is durable; it shares group-commit syncs with
+//!   forced records. The engine uses it for one-phase commits, which have no COMMIT
+//!   decision of their own: the [`LazyRecord::OnePhase`] intent is synced before the
+//!   commit goes to the branch, and the [`LazyRecord::OnePhaseCommitted`] outcome before
+//!   the client hears "committed".
 //! * **Reads come from the log**, not from a cache of what the caller wrote:
 //!   [`DecisionLog::decision`] answers what a restart would see for synced records.
 //! * **Recovery** ([`DecisionLog::recover`]) returns every COMMIT not marked done and every
@@ -90,10 +96,22 @@ pub enum LazyRecord {
         /// The transaction.
         tx: TxId,
     },
+    /// A one-phase commit is about to go to the only branch of `tx`. The engine syncs it
+    /// ([`DecisionLog::sync`]) before sending, so a restarted coordinator that finds it
+    /// (in [`Recovered::one_phase`]) asks the branch again instead of presuming abort for
+    /// a transaction its branch may have committed. `OnePhaseCommitted` and `Aborted`
+    /// remove it.
+    OnePhase {
+        /// The transaction.
+        tx: TxId,
+        /// Its one branch.
+        branch: BranchSpec,
+    },
     /// A single-branch transaction committed in one phase: its only branch decided and
     /// committed on its own. Stored like a COMMIT record already marked done (so
-    /// [`DecisionLog::decision`] answers COMMITTED for it), but without a sync: if it is
-    /// lost, the branch's own state is what counts. Must not overwrite an existing record.
+    /// [`DecisionLog::decision`] answers COMMITTED for it), without an LSN of its own: the
+    /// engine syncs it ([`DecisionLog::sync`]) before answering the client. Must not
+    /// overwrite an existing record.
     OnePhaseCommitted {
         /// The transaction.
         tx: TxId,
@@ -148,6 +166,10 @@ pub struct Recovered {
     pub commits: Vec<CommitRecord>,
     /// Transactions that were preparing and never decided: abort their branches.
     pub undecided: Vec<(TxId, Vec<BranchSpec>)>,
+    /// One-phase commits sent (or about to be sent) whose outcome was not recorded: ask
+    /// the branch again (a repeated one-phase commit, answered from the branch's state).
+    /// In [`TxId`] order.
+    pub one_phase: Vec<(TxId, BranchSpec)>,
 }
 
 /// Counters for tests, metrics and benchmarks.
@@ -210,6 +232,11 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     /// Writes a record without waiting for a sync.
     fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError>;
+
+    /// Resolves once every record written before the call (lazy ones included) is
+    /// durable, sharing a group-commit sync with concurrent forced writes. Fenced and
+    /// poisoned like a write.
+    fn sync(&self, epoch: u64) -> impl Future<Output = Result<(), LogError>> + Send;
 
     /// The COMMIT decision for `tx`, if one was made durable.
     fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError>;

@@ -13,7 +13,8 @@
 //! [`TxId`] key (node, epoch, seq as big-endian bytes, so iteration is in transaction
 //! order) to a COMMIT record, plus one counter record under [`LAST_LSN_KEY`] written in
 //! the same atomic batch as the commits it numbers; `preparing` maps a [`TxId`] key to
-//! the branches of a transaction being prepared. Audit records (operator resolutions) live
+//! the branches of a transaction being prepared (or, flagged `one_phase`, the one branch a
+//! one-phase commit goes to). Audit records (operator resolutions) live
 //! in `commits` too, under the transaction's key followed by [`AUDIT_TAG`] and a
 //! big-endian `u32` index (25 bytes, so readers of COMMIT records skip them by length):
 //! that keeps them in the same atomic batch as the LSN counter that numbers them. Every
@@ -33,7 +34,9 @@
 //!
 //! # Group commit
 //!
-//! One writer thread owns all forced writes (COMMIT decisions and audit records).
+//! One writer thread owns all forced writes (COMMIT decisions and audit records) and the
+//! syncs asked for by [`DecisionLog::sync`] (which write nothing themselves: they flush
+//! and sync whatever lazy records were written before them).
 //! [`DecisionLog::force_commit`] (or [`DecisionLog::force_audit`]) sends the record over a
 //! channel and awaits a `tokio::sync::oneshot` reply; the writer takes one
 //! request, drains everything else queued, writes the new records in one sled batch,
@@ -166,6 +169,9 @@ struct PreparingPb {
     tx_seq: u64,
     #[prost(message, repeated, tag = "5")]
     branches: Vec<BranchPb>,
+    /// Written by [`LazyRecord::OnePhase`]: a one-phase commit goes to the only branch.
+    #[prost(bool, tag = "6")]
+    one_phase: bool,
 }
 
 /// Value of an audit record in the `commits` tree.
@@ -378,7 +384,9 @@ fn decode_commit(bytes: &[u8]) -> Result<StoredCommit, String> {
     })
 }
 
-fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>), String> {
+/// A decoded `preparing` value: the transaction, its branches, and whether it is a
+/// one-phase intent.
+fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>, bool), String> {
     let pb = PreparingPb::decode(bytes).map_err(|e| format!("corrupt preparing record: {e}"))?;
     check_format("preparing record", pb.format)?;
     Ok((
@@ -388,7 +396,20 @@ fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>), String> {
             seq: pb.tx_seq,
         },
         branches_from_pb(pb.branches),
+        pb.one_phase,
     ))
+}
+
+fn encode_preparing(tx: &TxId, branches: &[BranchSpec], one_phase: bool) -> Vec<u8> {
+    PreparingPb {
+        format: FORMAT_VERSION,
+        tx_node: tx.node,
+        tx_epoch: tx.epoch,
+        tx_seq: tx.seq,
+        branches: branches_to_pb(branches),
+        one_phase,
+    }
+    .encode_to_vec()
 }
 
 fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {
@@ -476,6 +497,8 @@ enum Item {
     Commit(CommitRecord),
     /// An audit record (always appended).
     Audit(AuditRecord),
+    /// No record: make everything written so far durable ([`DecisionLog::sync`]).
+    Sync,
 }
 
 struct Request {
@@ -571,10 +594,20 @@ impl Writer {
         let mut audits_in_batch: HashMap<TxId, u32> = HashMap::new();
         let mut sled_batch = sled::Batch::default();
         let mut next = self.last_lsn;
+        let mut sync_asked = false;
         let mut requests = batch.into_iter();
         while let Some(req) = requests.next() {
             let record = match req.item {
                 Item::Commit(record) => record,
+                Item::Sync => {
+                    sync_asked = true;
+                    waiting.push(Waiting {
+                        reply: req.reply,
+                        lsn: self.last_lsn,
+                        decision: false,
+                    });
+                    continue;
+                }
                 Item::Audit(audit) => {
                     let tx = audit.tx;
                     let index = match audits_in_batch.get(&tx) {
@@ -668,16 +701,18 @@ impl Writer {
                 }
             }
         }
-        if next == self.last_lsn {
+        if next == self.last_lsn && !sync_asked {
             return Ok(None);
         }
-        sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
-        self.commits.apply_batch(sled_batch).map_err(|e| {
-            (
-                format!("sled write of {} records failed: {e}", next - self.last_lsn),
-                vec![],
-            )
-        })?;
+        if next > self.last_lsn {
+            sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
+            self.commits.apply_batch(sled_batch).map_err(|e| {
+                (
+                    format!("sled write of {} records failed: {e}", next - self.last_lsn),
+                    vec![],
+                )
+            })?;
+        }
         self.db
             .flush()
             .map_err(|e| (format!("sled flush failed: {e}"), vec![]))?;
@@ -976,6 +1011,10 @@ impl DecisionLog for SledLog {
         self.force(epoch, Item::Audit(record)).await
     }
 
+    async fn sync(&self, epoch: u64) -> Result<(), LogError> {
+        self.force(epoch, Item::Sync).await.map(|_| ())
+    }
+
     fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError> {
         self.check_read()?;
         let durable = self.durable_lsn();
@@ -1001,17 +1040,14 @@ impl DecisionLog for SledLog {
         self.check_write(epoch)?;
         match record {
             LazyRecord::Preparing { tx, branches } => {
-                let value = PreparingPb {
-                    format: FORMAT_VERSION,
-                    tx_node: tx.node,
-                    tx_epoch: tx.epoch,
-                    tx_seq: tx.seq,
-                    branches: branches_to_pb(&branches),
-                }
-                .encode_to_vec();
                 self.preparing
-                    .insert(tx_key(&tx), value)
+                    .insert(tx_key(&tx), encode_preparing(&tx, &branches, false))
                     .map_err(|e| self.sled_error("sled write of a preparing record", e))?;
+            }
+            LazyRecord::OnePhase { tx, branch } => {
+                self.preparing
+                    .insert(tx_key(&tx), encode_preparing(&tx, &[branch], true))
+                    .map_err(|e| self.sled_error("sled write of a one-phase intent", e))?;
             }
             LazyRecord::Aborted { tx } => {
                 self.preparing
@@ -1103,6 +1139,7 @@ impl DecisionLog for SledLog {
         open_commits.sort_by_key(|(lsn, _)| *lsn);
 
         let mut undecided = Vec::new();
+        let mut one_phase = Vec::new();
         for item in self.preparing.iter() {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of preparing", e))?;
             let decided = match self
@@ -1114,13 +1151,18 @@ impl DecisionLog for SledLog {
                 None => false,
             };
             if !decided {
-                let (tx, branches) = decode_preparing(&value).map_err(|m| self.shared.poison(m))?;
-                undecided.push((tx, branches));
+                let (tx, branches, is_one_phase) =
+                    decode_preparing(&value).map_err(|m| self.shared.poison(m))?;
+                match (is_one_phase, branches.first()) {
+                    (true, Some(branch)) => one_phase.push((tx, branch.clone())),
+                    _ => undecided.push((tx, branches)),
+                }
             }
         }
         Ok(Recovered {
             commits: open_commits.into_iter().map(|(_, r)| r).collect(),
             undecided,
+            one_phase,
         })
     }
 
@@ -1263,7 +1305,8 @@ mod tests {
             log.recover().expect("recover"),
             Recovered {
                 commits: vec![open_one.clone()],
-                undecided: vec![(undecided, branches(1, "c"))]
+                undecided: vec![(undecided, branches(1, "c"))],
+                one_phase: vec![],
             }
         );
         // Write-once across restarts; LSNs keep growing.
