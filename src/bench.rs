@@ -274,7 +274,7 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
             });
             r.batch_max = Some(after.max_batch);
         } else {
-            // One-phase commits force nothing: this should print 0.
+            // One-phase commits sync their intent and their outcome (shared syncs).
             r.syncs_per_decision = Some(syncs as f64 / r.transactions.max(1) as f64);
         }
         r.ratio_to_disk_ceiling = Some(r.tx_per_s / ceiling.tx_per_s.max(1e-9));

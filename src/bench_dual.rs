@@ -85,8 +85,8 @@ pub struct DualResult {
     pub delivery_p50_ms: f64,
     /// Commit-to-receipt latency p99 (ms).
     pub delivery_p99_ms: f64,
-    /// Decision-log syncs per committed transaction (twopc modes only; 0 when every
-    /// transaction committed in one phase).
+    /// Decision-log syncs per committed transaction (twopc modes only; a one-phase commit
+    /// waits for two syncs, its intent and its outcome, shared with other transactions).
     pub syncs_per_decision: Option<f64>,
     /// Orders whose event never arrived within the drain deadline.
     pub undelivered: u64,

@@ -77,7 +77,8 @@ pub struct ServeConfig {
     /// Most branches one transaction may have.
     #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = 64)]
     pub max_branches: usize,
-    /// Commit single-branch transactions in one phase (no prepare, no log write).
+    /// Commit single-branch transactions in one phase (no prepare; the intent and the outcome
+    /// are synced, so the outcome survives a crash).
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub one_phase: bool,
     /// Address of the Prometheus `GET /metrics` endpoint (HTTP); not served unless given.
