@@ -315,6 +315,7 @@ mod tests {
             seq,
         };
         let (resolved, refused, undecided) = (tx(1), tx(2), tx(3));
+        let (one_phase, one_phase_open) = (tx(4), tx(5));
         for t in [resolved, refused] {
             log.force_commit(
                 e,
@@ -335,6 +336,16 @@ mod tests {
             },
         )
         .expect("lazy");
+        for t in [one_phase, one_phase_open] {
+            log.record_lazy(
+                e,
+                LazyRecord::OnePhase {
+                    tx: t,
+                    branch: spec("gone"),
+                },
+            )
+            .expect("lazy");
+        }
         let audit = |t, accepted| AuditRecord {
             tx: t,
             decision: HeuristicDecision::Commit,
@@ -358,7 +369,15 @@ mod tests {
         log.force_audit(e, audit(undecided, true))
             .await
             .expect("audit");
+        log.force_audit(e, audit(one_phase, true))
+            .await
+            .expect("audit");
         let log = log.reopen();
+        assert_eq!(
+            log.recover().expect("recover").one_phase.len(),
+            2,
+            "the one-phase intents are on disk"
+        );
 
         let rt = runtime(log);
         assert_eq!(
@@ -380,6 +399,16 @@ mod tests {
         assert_eq!(
             rt.get(undecided).expect("get").outcome,
             Some(Outcome::Aborted)
+        );
+        assert_eq!(
+            rt.get(one_phase).expect("get").live.map(|e| e.state),
+            None,
+            "a resolved one-phase commit: its branch is not asked again"
+        );
+        assert_eq!(
+            rt.get(one_phase_open).expect("get").live.map(|e| e.state),
+            Some(crate::engine::TxState::Preparing),
+            "an open one-phase intent: its branch is asked again"
         );
     }
 }
