@@ -1,27 +1,49 @@
 //! Model check of the real protocol engine (STYLE.md item 12).
 //!
-//! The checker explores every interleaving of one three-branch transaction driven through the
-//! *real* [`Engine`] (not a copy of its logic): the engine is part of the model state, and every
+//! The checker explores every interleaving of one transaction driven through the *real*
+//! [`Engine`] (not a copy of its logic): the engine is part of the model state, and every
 //! step hands it one [`Event`] and carries out the [`Command`]s it returns the way
-//! `coordinator/src/runtime.rs` does.
+//! `coordinator/src/runtime.rs` does. The same model runs in two configurations
+//! ([`TwoPcModel::branches`]):
+//! - **three branches**: two-phase commit (prepares, a forced COMMIT, phase two in two tiers);
+//! - **one branch**: the one-phase commit ([`EngineConfig::one_phase`], on by default). The
+//!   engine writes the `OnePhase` intent and syncs it (`Command::Sync`) before the commit
+//!   goes out; the participant decides (commits, or refuses and rolls back); the engine
+//!   writes `OnePhaseCommitted` and syncs it before the client hears "committed"; a restart
+//!   that finds a synced intent without an outcome asks the branch again.
 //!
 //! # Layout
-//! - [`TwoPcModel`]: the knobs (fault budgets, a deliberately broken runtime) and the
-//!   [`Model`] impl: which actions are enabled, what each does, the properties.
+//! - [`TwoPcModel`]: the knobs (branch count, fault budgets, deliberately broken runtimes)
+//!   and the [`Model`] impl: which actions are enabled, what each does, the properties.
 //! - [`State`]: the whole world. The coordinator (`Option<Engine>`, `None` while crashed) with
 //!   its decision log ([`Log`]: a synced image and an unsynced tail, so a crash can lose lazy
-//!   records or a COMMIT whose force did not finish), armed timers and outstanding RPCs; the
-//!   network (a *set* of requests to participants and a set of replies, so reordering is
-//!   implicit); three [`Participant`]s; the client's Commit/Abort requests and what it was told.
-//! - `dispatch`/`execute`: the runtime. `ForceCommit` becomes a pending force that a
-//!   `SyncLog` action makes durable (then `Event::LogDurable`); `Send` becomes a request in the
+//!   records, a COMMIT whose force did not finish, or a one-phase record whose sync did not),
+//!   armed timers and outstanding RPCs; the network (a *set* of requests to participants and
+//!   a set of replies, so reordering is implicit); one [`Participant`] per branch; the
+//!   client's Commit/Abort requests and what it was told.
+//! - `dispatch`/`execute`: the runtime. `ForceCommit` becomes a pending force and `Sync` a
+//!   pending sync; a `SyncLog` action makes the whole unsynced tail durable and then
+//!   completes them (`Event::LogDurable`, `Event::Synced`). `Send` becomes a request in the
 //!   network plus an outstanding RPC that ends in exactly one answer event (a participant's
-//!   reply or a `Timeout`), and a phase-two commit is checked against `requires_durable`;
-//!   `ArmTimer` adds to a timer set whose members fire as actions in any order (no clock: all
-//!   timing is adversarial); `Reply` records what the client observed.
+//!   reply or a `Timeout`); a phase-two commit is checked against `requires_durable`, a
+//!   one-phase commit against its synced intent. `ArmTimer` adds to a timer set whose
+//!   members fire as actions in any order (no clock: all timing is adversarial); `Reply`
+//!   records what the client observed.
 //! - `completes`: the liveness check. From any reachable state, a deterministic *fair*
 //!   schedule with no more crashes or losses must finish the transaction within
 //!   [`COMPLETION_STEPS`] steps.
+//!
+//! # What is checked
+//! Beyond agreement and "no commit without every yes" (a one-phase participant's own
+//! decision to commit is its yes): the client is told an outcome only if the branches
+//! carry it out, and only once the log backs it; no commit, phase-two or one-phase, goes
+//! out before the record it depends on is synced; and at every moment, whatever the
+//! coordinator would report as the outcome (its live state, or the log after a crash that
+//! keeps any prefix of the unsynced tail and a restart) agrees with what the branches did.
+//! In the one-branch configuration a participant that committed may also forget the branch
+//! once the client has its answer (as the SDK's `outcome_known` lets it), after which it
+//! refuses a repeated one-phase commit: the reason the outcome is synced before the client
+//! hears it.
 //!
 //! # Bounds
 //! Every fault has a budget per run ([`Bounds`]): coordinator and participant crashes, RPC
@@ -54,8 +76,6 @@ use twopc_coordinator::engine::{
 use twopc_coordinator::log::{CommitRecord, LazyRecord, Lsn, Recovered};
 use twopc_coordinator::types::{BranchKind, BranchSpec, TxId};
 
-/// Branches in the transaction.
-const N: usize = 3;
 /// Node id of the modelled coordinator.
 const NODE: u32 = 0x2bc0_0001;
 /// Epoch of the first start; a restart runs `epoch + 1`.
@@ -70,22 +90,30 @@ const COMPLETION_STEPS: usize = 200;
 const COMMIT_REQ: ReqId = 100;
 const ABORT_REQ: ReqId = 200;
 
-/// The three branches: two databases in tier 0 and a broker in tier 10, so phase two runs in
-/// two tiers.
-fn specs() -> Vec<BranchSpec> {
+/// The first `n` of three branches: two databases in tier 0 and a broker in tier 10, so phase
+/// two of the three-branch transaction runs in two tiers; the one-branch transaction has the
+/// first database only.
+fn specs(n: usize) -> Vec<BranchSpec> {
     let spec = |id: &str, port: u16, order: u32, kind: BranchKind| BranchSpec {
         branch_id: id.into(),
         endpoint: format!("http://127.0.0.1:{port}"),
         commit_order: order,
         kind,
     };
-    vec![
+    let mut all = vec![
         spec("orders-db", 7001, 0, BranchKind::Database),
         spec("stock-db", 7002, 0, BranchKind::Database),
         spec("events-mq", 7003, 10, BranchKind::Broker),
-    ]
+    ];
+    assert!(
+        (1..=all.len()).contains(&n),
+        "{n} branches are not modelled"
+    );
+    all.truncate(n);
+    all
 }
 
+/// The default configuration (one-phase commit on) with room for every modelled branch.
 fn cfg() -> EngineConfig {
     EngineConfig {
         max_branches: 4,
@@ -106,8 +134,11 @@ fn the_tx() -> TxId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Msg {
     Prepare,
+    /// Phase two's commit.
     Commit,
     Abort,
+    /// The only phase of a one-branch transaction (`Commit { one_phase: true }`).
+    OnePhaseCommit,
 }
 
 impl Msg {
@@ -115,9 +146,7 @@ impl Msg {
         match m {
             Message::Prepare => Msg::Prepare,
             Message::Commit { one_phase: false } => Msg::Commit,
-            Message::Commit { one_phase: true } => {
-                panic!("one-phase commit is unreachable with {N} branches")
-            }
+            Message::Commit { one_phase: true } => Msg::OnePhaseCommit,
             Message::Abort => Msg::Abort,
         }
     }
@@ -130,6 +159,10 @@ enum Answer {
     VoteNo,
     CommitOk,
     AbortOk,
+    /// A one-phase commit: the branch is committed.
+    OnePhaseCommitted,
+    /// A one-phase commit refused: the branch is rolled back.
+    Refused,
     /// The participant answered with an error (e.g. commit of a branch it does not hold
     /// prepared): the runtime sees a failed RPC.
     Error(Msg),
@@ -141,6 +174,7 @@ impl Answer {
             Answer::VoteYes | Answer::VoteNo => Msg::Prepare,
             Answer::CommitOk => Msg::Commit,
             Answer::AbortOk => Msg::Abort,
+            Answer::OnePhaseCommitted | Answer::Refused => Msg::OnePhaseCommit,
             Answer::Error(m) => m,
         }
     }
@@ -178,8 +212,12 @@ enum Rec {
     Preparing,
     Aborted,
     Done,
-    /// The forced COMMIT decision (always naming all three branches; asserted).
+    /// The forced COMMIT decision (always naming every branch; asserted).
     Commit(Lsn),
+    /// The one-phase intent: a one-phase commit is about to go to the only branch.
+    OnePhase,
+    /// The one-phase outcome: the only branch committed (a COMMIT already marked done).
+    OnePhaseCommitted,
 }
 
 /// What a restart would read back.
@@ -191,22 +229,68 @@ struct Image {
     commit: Option<Lsn>,
     /// Phase two finished (the `Done` mark).
     done: bool,
+    /// A `OnePhase` intent not yet removed by `OnePhaseCommitted`/`Aborted`. (The real logs
+    /// keep it where they keep `Preparing` records, so the same records remove it.)
+    intent: bool,
+    /// The `OnePhaseCommitted` record: `decision()` answers COMMITTED, done.
+    one_phase_committed: bool,
 }
 
 impl Image {
     fn apply(&mut self, rec: Rec) {
         match rec {
             Rec::Preparing => self.preparing = true,
-            Rec::Aborted => self.preparing = false,
+            Rec::Aborted => {
+                self.preparing = false;
+                self.intent = false;
+            }
             Rec::Done => {
                 self.preparing = false;
+                self.intent = false;
                 self.done = true;
             }
             Rec::Commit(lsn) => {
                 assert!(self.commit.is_none(), "a second COMMIT record was forced");
                 self.commit = Some(lsn);
             }
+            Rec::OnePhase => self.intent = true,
+            Rec::OnePhaseCommitted => {
+                assert!(
+                    self.commit.is_none(),
+                    "a one-phase outcome over a COMMIT record"
+                );
+                // Written once per process that learns it; "insert only if absent".
+                self.one_phase_committed = true;
+                self.intent = false;
+            }
         }
+    }
+
+    /// Whether `decision(tx)` answers a COMMIT: a COMMIT record, or a one-phase outcome.
+    fn has_commit(&self) -> bool {
+        self.commit.is_some() || self.one_phase_committed
+    }
+
+    /// What `DecisionLog::recover` returns for this image, for a transaction of `n`
+    /// branches.
+    fn recover(&self, n: usize) -> Recovered {
+        let mut rec = Recovered::default();
+        if self.commit.is_some() && !self.done {
+            rec.commits.push(CommitRecord {
+                tx: the_tx(),
+                branches: specs(n),
+                decided_at_ms: 0,
+            });
+        }
+        if self.preparing && !self.has_commit() {
+            rec.undecided.push((the_tx(), specs(n)));
+        }
+        if self.intent && !self.has_commit() {
+            assert_eq!(n, 1, "a one-phase intent names the only branch");
+            rec.one_phase
+                .extend(specs(n).into_iter().map(|b| (the_tx(), b)));
+        }
+        rec
     }
 }
 
@@ -217,7 +301,7 @@ struct Log {
     synced: Image,
     /// Written but not synced: a crash keeps a prefix of it (none, some, or all), which models
     /// both "lazy records lost" and "lazy records survived", and a COMMIT whose sync had not
-    /// finished that may or may not be on disk.
+    /// finished (or a one-phase record whose `Sync` had not) that may or may not be on disk.
     unsynced: Vec<Rec>,
 }
 
@@ -226,9 +310,17 @@ impl Log {
         self.synced.commit.unwrap_or(0)
     }
 
-    /// Whether `decision(tx)` answers a COMMIT (what `Runtime::resolve` reads).
+    /// Whether `decision(tx)` answers a COMMIT (what `Runtime::resolve` reads): a synced
+    /// COMMIT record, or a one-phase outcome even before its sync (the real logs store it
+    /// without an LSN, so nothing hides it until the sync; it is lost with the process if
+    /// the sync does not finish).
     fn has_commit(&self) -> bool {
-        self.synced.commit.is_some()
+        self.synced.has_commit() || self.unsynced.contains(&Rec::OnePhaseCommitted)
+    }
+
+    /// Whether a restart finds the transaction committed whatever the crash keeps.
+    fn commit_durable(&self) -> bool {
+        self.synced.has_commit()
     }
 
     /// The COMMIT record was written but is not synced yet.
@@ -236,9 +328,16 @@ impl Log {
         self.unsynced.iter().any(|r| matches!(r, Rec::Commit(_)))
     }
 
+    /// A one-phase record (intent or outcome) was written but is not synced yet.
+    fn one_phase_unsynced(&self) -> bool {
+        self.unsynced
+            .iter()
+            .any(|r| matches!(r, Rec::OnePhase | Rec::OnePhaseCommitted))
+    }
+
     /// The COMMIT record written, synced or not (it may yet survive a crash).
     fn commit_written(&self) -> bool {
-        self.has_commit() || self.commit_unsynced()
+        self.synced.commit.is_some() || self.commit_unsynced()
     }
 
     fn sync(&mut self) {
@@ -255,20 +354,16 @@ impl Log {
         written.chain(self.synced.commit).max().unwrap_or(0) + 1
     }
 
-    /// What `DecisionLog::recover` returns after a restart.
-    fn recover(&self) -> Recovered {
-        let mut rec = Recovered::default();
-        if self.synced.commit.is_some() && !self.synced.done {
-            rec.commits.push(CommitRecord {
-                tx: the_tx(),
-                branches: specs(),
-                decided_at_ms: 0,
-            });
-        }
-        if self.synced.preparing && self.synced.commit.is_none() {
-            rec.undecided.push((the_tx(), specs()));
-        }
-        rec
+    /// Every image a crash now could leave on disk: the synced image plus each prefix of
+    /// the unsynced tail (none of it, ..., all of it).
+    fn crash_images(&self) -> impl Iterator<Item = Image> + '_ {
+        (0..=self.unsynced.len()).map(|kept| {
+            let mut image = self.synced.clone();
+            for &rec in &self.unsynced[..kept] {
+                image.apply(rec);
+            }
+            image
+        })
     }
 }
 
@@ -284,15 +379,23 @@ enum PState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Participant {
     state: PState,
-    /// It once voted yes: the only licence for anyone to commit it.
+    /// It once voted yes, or (one-phase) decided to commit itself: the only licence for
+    /// anyone to commit it.
     voted_yes: bool,
+    /// Committed, and forgot the branch once its client had the answer (one branch only,
+    /// like the SDK's `outcome_known`): a repeated one-phase commit is refused (an unknown
+    /// branch), an abort finds nothing to abort. Its data stays committed.
+    forgot: bool,
 }
 
 impl Participant {
-    /// Handles one request; `vote_yes` is the participant's free choice for a first prepare.
+    /// Handles one request; `vote_yes` is the participant's free choice for a first prepare
+    /// or a one-phase commit of its open work.
     fn handle(&mut self, msg: Msg, vote_yes: bool) -> Answer {
         use PState::*;
         match (msg, self.state) {
+            (Msg::OnePhaseCommit, Committed) if self.forgot => Answer::Refused,
+            (Msg::Abort, Committed) if self.forgot => Answer::AbortOk,
             (Msg::Prepare, Working) if vote_yes => {
                 self.state = Prepared;
                 self.voted_yes = true;
@@ -310,6 +413,22 @@ impl Participant {
             }
             (Msg::Commit, Committed) => Answer::CommitOk,
             (Msg::Commit, Working | Aborted) => Answer::Error(Msg::Commit),
+            (Msg::OnePhaseCommit, Working) if vote_yes => {
+                self.state = Committed;
+                self.voted_yes = true;
+                Answer::OnePhaseCommitted
+            }
+            (Msg::OnePhaseCommit, Working) => {
+                self.state = Aborted;
+                Answer::Refused
+            }
+            // A prepared branch commits what it prepared (as the SDK does).
+            (Msg::OnePhaseCommit, Prepared) => {
+                self.state = Committed;
+                Answer::OnePhaseCommitted
+            }
+            (Msg::OnePhaseCommit, Committed) => Answer::OnePhaseCommitted,
+            (Msg::OnePhaseCommit, Aborted) => Answer::Refused,
             (Msg::Abort, Working | Prepared) => {
                 self.state = Aborted;
                 Answer::AbortOk
@@ -349,6 +468,8 @@ enum Recovery {
     Commit,
     /// A `Preparing` record without a decision: aborts sent.
     Undecided,
+    /// A one-phase intent without an outcome: the one-phase commit sent again.
+    OnePhase,
 }
 
 /// The whole world.
@@ -363,6 +484,9 @@ struct State {
     /// A `ForceCommit` is running: `SyncLog` completes it with `Event::LogDurable`. Lost
     /// with the process.
     force_pending: bool,
+    /// A `Sync` is running: `SyncLog` completes it with `Event::Synced`. Lost with the
+    /// process.
+    sync_pending: bool,
     /// Armed timers; any of them may fire next (lost with the process).
     timers: BTreeSet<TimerKey>,
     /// Requests on their way to participants (they outlive the coordinator process).
@@ -370,9 +494,9 @@ struct State {
     /// Answers on their way to the coordinator (lost with the process).
     replies: BTreeSet<(usize, Answer)>,
     /// Per branch, the RPC the runtime is waiting on: it ends in exactly one answer event.
-    awaiting: [Option<Msg>; N],
+    awaiting: Vec<Option<Msg>>,
     /// The resource managers, by branch index.
-    participants: [Participant; N],
+    participants: Vec<Participant>,
     /// The application that began the transaction: what it asked and what it was told.
     client: Client,
     /// Crashes so far and faults left: they keep the state space finite (see [`Bounds`]).
@@ -382,7 +506,8 @@ struct State {
     duplicates_left: u8,
     losses_left: u8,
     /// A phase-two commit was sent before its decision was durable (the runtime would have
-    /// aborted the process): the "ordering is data" invariant.
+    /// aborted the process), or a one-phase commit before its intent was synced: the
+    /// "ordering is data" invariant.
     premature_commit: bool,
     /// Some branch was finished by its participant asking the coordinator.
     asked_and_finished: bool,
@@ -397,8 +522,9 @@ enum Action {
     ClientCommit,
     /// The client sends Abort (only with [`TwoPcModel::client_abort`]).
     ClientAbort,
-    /// A request reaches its participant (`vote_yes`: its choice for a first prepare;
-    /// `duplicate`: the request stays in the network to arrive again).
+    /// A request reaches its participant (`vote_yes`: its choice for a first prepare or a
+    /// one-phase commit of open work; `duplicate`: the request stays in the network to
+    /// arrive again).
     Deliver {
         branch: usize,
         msg: Msg,
@@ -433,6 +559,9 @@ enum Action {
     CrashParticipant(usize),
     /// A prepared participant's recovery asks the coordinator for the outcome.
     AskOutcome(usize),
+    /// A committed participant forgets its branch because the client has the answer (one
+    /// branch only; see [`Participant::forgot`]).
+    ForgetBranch(usize),
 }
 
 /// How much can go wrong in one run.
@@ -466,8 +595,10 @@ impl Default for Bounds {
 }
 
 /// The model's knobs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct TwoPcModel {
+    /// Branches in the transaction: 3 (two-phase commit) or 1 (one-phase commit).
+    branches: usize,
     /// What may go wrong in one run.
     bounds: Bounds,
     /// Results of the fair completion by state hash: the completion is a deterministic
@@ -479,6 +610,39 @@ struct TwoPcModel {
     /// A deliberately broken runtime: it reports `LogDurable` as soon as the COMMIT record is
     /// *written* (before its sync) and sends commits without checking `requires_durable`.
     broken_ack_before_sync: bool,
+    /// A deliberately broken runtime: it answers one of the one-phase `Sync`s with
+    /// `Synced` at once, before the records are on disk (they reach it at a later
+    /// `SyncLog`), like the engine before one-phase records were synced.
+    broken_early_sync: EarlySync,
+    /// What a coordinator restarted from a given log image reports (memoized: images are
+    /// few).
+    restarts: Arc<Mutex<HashMap<Image, Option<Outcome>>>>,
+}
+
+/// Which `Sync` of a one-phase commit a broken runtime answers before it is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EarlySync {
+    /// Neither (a correct runtime).
+    Neither,
+    /// The intent's: the commit goes out before a restart could know whom to ask.
+    Intent,
+    /// The outcome's: the client hears "committed" before a restart could know it.
+    Outcome,
+}
+
+impl Default for TwoPcModel {
+    /// The three-branch transaction with the default fault budgets.
+    fn default() -> Self {
+        TwoPcModel {
+            branches: 3,
+            bounds: Bounds::default(),
+            completions: Arc::default(),
+            client_abort: false,
+            broken_ack_before_sync: false,
+            broken_early_sync: EarlySync::Neither,
+            restarts: Arc::default(),
+        }
+    }
 }
 
 impl TwoPcModel {
@@ -488,14 +652,19 @@ impl TwoPcModel {
             epoch: FIRST_EPOCH,
             log: Log::default(),
             force_pending: false,
+            sync_pending: false,
             timers: BTreeSet::new(),
             requests: BTreeSet::new(),
             replies: BTreeSet::new(),
-            awaiting: [None; N],
-            participants: [Participant {
-                state: PState::Working,
-                voted_yes: false,
-            }; N],
+            awaiting: vec![None; self.branches],
+            participants: vec![
+                Participant {
+                    state: PState::Working,
+                    voted_yes: false,
+                    forgot: false,
+                };
+                self.branches
+            ],
             client: Client::default(),
             coordinator_crashes: 0,
             participant_crashes: 0,
@@ -514,14 +683,14 @@ impl TwoPcModel {
                 branches: Vec::new(),
             },
         );
-        for (i, branch) in specs().into_iter().enumerate() {
+        for (i, branch) in specs(self.branches).into_iter().enumerate() {
             let req = 2 + i as ReqId;
             let tx = the_tx();
             self.dispatch(&mut s, Event::Enlist { req, tx, branch });
         }
         let entry = s.engine.as_ref().and_then(|e| e.tx(&the_tx()));
         assert!(
-            entry.is_some_and(|e| e.branches.len() == N),
+            entry.is_some_and(|e| e.branches.len() == self.branches),
             "setup failed: {entry:?}"
         );
         s
@@ -549,7 +718,7 @@ impl TwoPcModel {
             Command::LogLazy(record) => {
                 let rec = match record {
                     LazyRecord::Preparing { tx, branches } => {
-                        assert_eq!((tx, branches), (the_tx(), specs()));
+                        assert_eq!((tx, branches), (the_tx(), specs(self.branches)));
                         Rec::Preparing
                     }
                     LazyRecord::Aborted { tx } => {
@@ -560,15 +729,39 @@ impl TwoPcModel {
                         assert_eq!(tx, the_tx());
                         Rec::Done
                     }
-                    LazyRecord::OnePhaseCommitted { .. } | LazyRecord::OnePhase { .. } => {
-                        panic!("one-phase commit is unreachable with {N} branches")
+                    LazyRecord::OnePhase { tx, branch } => {
+                        assert_eq!((tx, vec![branch]), (the_tx(), specs(self.branches)));
+                        Rec::OnePhase
+                    }
+                    LazyRecord::OnePhaseCommitted { tx, branches } => {
+                        assert_eq!((tx, branches), (the_tx(), specs(self.branches)));
+                        Rec::OnePhaseCommitted
                     }
                 };
                 s.log.unsynced.push(rec);
             }
-            Command::Sync { .. } => panic!("one-phase commit is unreachable with {N} branches"),
+            Command::Sync { tx } => {
+                assert_eq!(tx, the_tx());
+                // The engine has handled the event: `Preparing` waits for the intent,
+                // `Committing` for the outcome.
+                let state = s.engine.as_ref().and_then(|e| e.tx(&tx)).map(|e| e.state);
+                let early = match self.broken_early_sync {
+                    EarlySync::Neither => false,
+                    EarlySync::Intent => state == Some(TxState::Preparing),
+                    EarlySync::Outcome => state == Some(TxState::Committing),
+                };
+                if early {
+                    queue.push_back(Event::Synced { tx });
+                } else {
+                    assert!(!s.sync_pending, "a second sync while one is running");
+                    s.sync_pending = true;
+                }
+            }
             Command::ForceCommit(record) => {
-                assert_eq!((record.tx, record.branches), (the_tx(), specs()));
+                assert_eq!(
+                    (record.tx, record.branches),
+                    (the_tx(), specs(self.branches))
+                );
                 assert!(!s.force_pending, "a second force while one is running");
                 let lsn = s.log.next_lsn();
                 s.log.unsynced.push(Rec::Commit(lsn));
@@ -587,14 +780,23 @@ impl TwoPcModel {
             } => {
                 assert_eq!(tx, the_tx());
                 let msg = Msg::from_engine(message);
-                if msg == Msg::Commit {
+                let durable = match msg {
                     // Ordering is data: the runtime stops the process here. Recovered
                     // decisions carry no LSN, so the log itself must hold the COMMIT.
-                    let durable = s.log.has_commit()
-                        && requires_durable.is_none_or(|lsn| lsn <= s.log.durable_lsn());
-                    if !durable {
-                        s.premature_commit = true;
+                    Msg::Commit => {
+                        s.log.synced.commit.is_some()
+                            && requires_durable.is_none_or(|lsn| lsn <= s.log.durable_lsn())
                     }
+                    // The branch may commit on receipt: a restart must find the intent
+                    // (and so ask the branch again rather than presume abort).
+                    Msg::OnePhaseCommit => {
+                        assert_eq!(requires_durable, None, "a one-phase commit has no LSN");
+                        s.log.synced.intent
+                    }
+                    Msg::Prepare | Msg::Abort => true,
+                };
+                if !durable {
+                    s.premature_commit = true;
                 }
                 assert!(
                     s.awaiting[branch].is_none(),
@@ -715,9 +917,14 @@ impl TwoPcModel {
             }
             Action::SyncLog => {
                 s.log.sync();
-                if std::mem::take(&mut s.force_pending) {
+                let forced = std::mem::take(&mut s.force_pending);
+                let synced = std::mem::take(&mut s.sync_pending);
+                if forced {
                     let lsn = s.log.durable_lsn();
                     self.dispatch(s, Event::LogDurable { tx, lsn });
+                }
+                if synced {
+                    self.dispatch(s, Event::Synced { tx });
                 }
             }
             Action::CrashCoordinator { lazy_kept } => {
@@ -727,9 +934,10 @@ impl TwoPcModel {
                 }
                 s.engine = None;
                 s.force_pending = false;
+                s.sync_pending = false;
                 s.timers.clear();
                 s.replies.clear();
-                s.awaiting = [None; N];
+                s.awaiting.fill(None);
                 s.client.commit_waiting = None;
                 s.client.abort_waiting = None;
                 s.coordinator_crashes += 1;
@@ -737,11 +945,13 @@ impl TwoPcModel {
             Action::RestartCoordinator => {
                 s.epoch += 1;
                 s.engine = Some(Engine::new(cfg(), NODE, s.epoch));
-                let recovered = s.log.recover();
+                let recovered = s.log.synced.recover(self.branches);
                 s.recovery = if !recovered.commits.is_empty() {
                     Recovery::Commit
                 } else if !recovered.undecided.is_empty() {
                     Recovery::Undecided
+                } else if !recovered.one_phase.is_empty() {
+                    Recovery::OnePhase
                 } else {
                     Recovery::Nothing
                 };
@@ -763,12 +973,57 @@ impl TwoPcModel {
                     s.asked_and_finished = true;
                 }
             }
+            Action::ForgetBranch(i) => s.participants[i].forgot = true,
         }
     }
 
-    /// A force is running (or, in the broken runtime, an acknowledged COMMIT awaits its sync).
+    /// A force or a sync is running (or, in a broken runtime, an acknowledged COMMIT or
+    /// one-phase record awaits its sync).
     fn sync_enabled(&self, s: &State) -> bool {
-        s.force_pending || (self.broken_ack_before_sync && s.log.commit_unsynced())
+        s.force_pending
+            || s.sync_pending
+            || (self.broken_ack_before_sync && s.log.commit_unsynced())
+            || (self.broken_early_sync != EarlySync::Neither && s.log.one_phase_unsynced())
+    }
+
+    /// Whether participant `i` may forget its branch now: it committed, the client has the
+    /// answer, and the transaction has one branch (see [`Participant::forgot`]).
+    fn may_forget(&self, s: &State, i: usize) -> bool {
+        let p = &s.participants[i];
+        self.branches == 1 && p.state == PState::Committed && !p.forgot && s.client.told_committed
+    }
+
+    /// What a coordinator restarted from `image` reports for the transaction: the real
+    /// engine's `outcome_of` after `Event::Recovered`, with the log's `decision()` read of
+    /// the image. `None`: undecided (it asks the branch again).
+    fn restart_outcome(&self, image: &Image) -> Option<Outcome> {
+        if let Some(&known) = lock(&self.restarts).get(image) {
+            return known;
+        }
+        let mut engine = Engine::new(cfg(), NODE, FIRST_EPOCH + 1);
+        engine.handle(0, Event::Recovered(image.recover(self.branches)));
+        let outcome = engine
+            .outcome_of(&the_tx(), image.has_commit())
+            .expect("the transaction was issued by an earlier epoch");
+        lock(&self.restarts).insert(image.clone(), outcome);
+        outcome
+    }
+
+    /// Every outcome the coordinator reports, or would after a crash now (keeping any prefix
+    /// of the unsynced tail) and a restart, agrees with what the branches did.
+    fn reports_agree(&self, s: &State) -> bool {
+        let live = s
+            .engine
+            .as_ref()
+            .map(|e| e.outcome_of(&the_tx(), s.log.has_commit()).ok().flatten());
+        let restarted = s.log.crash_images().map(|i| self.restart_outcome(&i));
+        live.into_iter()
+            .chain(restarted)
+            .all(|outcome| match outcome {
+                Some(Outcome::Committed) => carry_commit(s),
+                Some(Outcome::Aborted) => !any(s, PState::Committed),
+                None => true,
+            })
     }
 
     /// What participant `i`'s recovery would learn now (GetTransaction: the live entry, else
@@ -812,12 +1067,13 @@ impl TwoPcModel {
         if let Some(&timer) = s.timers.iter().next() {
             return Some(Action::FireTimer(timer));
         }
-        if let Some(i) = (0..N).find(|&i| self.ask(s, i).is_some()) {
+        let n = s.participants.len();
+        if let Some(i) = (0..n).find(|&i| self.ask(s, i).is_some()) {
             return Some(Action::AskOutcome(i));
         }
         let forgotten = s.engine.as_ref().is_some_and(|e| e.txs().next().is_none());
         if forgotten {
-            if let Some(i) = (0..N).find(|&i| s.participants[i].state == PState::Working) {
+            if let Some(i) = (0..n).find(|&i| s.participants[i].state == PState::Working) {
                 return Some(Action::CrashParticipant(i));
             }
         }
@@ -904,12 +1160,22 @@ fn answer_event(branch: usize, answer: Answer, error: &str) -> Event {
             branch,
             ack: Ok(()),
         },
+        Answer::OnePhaseCommitted => Event::CommitAcked {
+            tx,
+            branch,
+            ack: Ok(CommitAck::Committed),
+        },
+        Answer::Refused => Event::CommitAcked {
+            tx,
+            branch,
+            ack: Ok(CommitAck::Refused("cannot commit".into())),
+        },
         Answer::Error(Msg::Prepare) => Event::Voted {
             tx,
             branch,
             vote: Err(error.into()),
         },
-        Answer::Error(Msg::Commit) => Event::CommitAcked {
+        Answer::Error(Msg::Commit | Msg::OnePhaseCommit) => Event::CommitAcked {
             tx,
             branch,
             ack: Err(error.into()),
@@ -948,7 +1214,9 @@ impl Model for TwoPcModel {
             actions.push(Action::ClientAbort);
         }
         for &(branch, msg) in &s.requests {
-            let choice = msg == Msg::Prepare && s.participants[branch].state == PState::Working;
+            // A participant decides a prepare, or a one-phase commit, of its open work.
+            let choice = matches!(msg, Msg::Prepare | Msg::OnePhaseCommit)
+                && s.participants[branch].state == PState::Working;
             for vote_yes in [true, false] {
                 if !vote_yes && !choice {
                     continue;
@@ -973,7 +1241,7 @@ impl Model for TwoPcModel {
             actions.push(Action::Answer { branch, answer });
         }
         if s.timeouts_left > 0 {
-            for branch in 0..N {
+            for branch in 0..s.awaiting.len() {
                 if s.awaiting[branch].is_some() {
                     actions.push(Action::Timeout { branch });
                 }
@@ -993,7 +1261,7 @@ impl Model for TwoPcModel {
         if !up {
             actions.push(Action::RestartCoordinator);
         }
-        for i in 0..N {
+        for i in 0..s.participants.len() {
             if s.participant_crashes < self.bounds.participant_crashes
                 && s.participants[i].state == PState::Working
             {
@@ -1001,6 +1269,9 @@ impl Model for TwoPcModel {
             }
             if self.ask(s, i).is_some() {
                 actions.push(Action::AskOutcome(i));
+            }
+            if self.may_forget(s, i) {
+                actions.push(Action::ForgetBranch(i));
             }
         }
     }
@@ -1016,7 +1287,7 @@ impl Model for TwoPcModel {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut properties = vec![
             Property::always("all branches agree", |_, s: &State| {
                 !(any(s, PState::Committed) && any(s, PState::Aborted))
             }),
@@ -1025,18 +1296,29 @@ impl Model for TwoPcModel {
             }),
             Property::always("a decision never changes", |_, s: &State| {
                 // The client is never told both outcomes; it is told COMMITTED only once the
-                // decision is durable; and a COMMIT record that is (or may yet become, after
-                // a crash) on disk is backed by every yes vote and contradicted by no branch.
-                // No "voted yes" qualifier is needed on the last part: a COMMIT record at all
-                // means every branch voted yes.
+                // decision is durable (a COMMIT record, or a one-phase outcome); and a COMMIT
+                // record that is (or may yet become, after a crash) on disk is backed by
+                // every yes vote and contradicted by no branch. No "voted yes" qualifier is
+                // needed on the last part: a COMMIT record at all means every branch voted
+                // yes.
                 let told_one = !(s.client.told_committed && s.client.told_aborted);
-                let told_durably = !s.client.told_committed || s.log.has_commit();
+                let told_durably = !s.client.told_committed || s.log.commit_durable();
                 let log = !s.log.commit_written()
                     || s.participants
                         .iter()
                         .all(|p| p.voted_yes && p.state != PState::Aborted);
                 told_one && told_durably && log
             }),
+            Property::always("the client is told what the branches do", |_, s: &State| {
+                // With one branch: COMMITTED only once the branch has committed.
+                let committed = !s.client.told_committed || carry_commit(s);
+                let aborted = !s.client.told_aborted || !any(s, PState::Committed);
+                committed && aborted
+            }),
+            Property::always(
+                "every reported outcome matches the branches",
+                |m: &TwoPcModel, s: &State| m.reports_agree(s),
+            ),
             Property::always("commits are sent only once durable", |_, s: &State| {
                 !s.premature_commit
             }),
@@ -1049,7 +1331,8 @@ impl Model for TwoPcModel {
                 all(s, PState::Aborted) && s.participants.iter().any(|p| p.voted_yes)
             }),
             Property::sometimes("committed after a coordinator crash", |_, s: &State| {
-                all(s, PState::Committed) && s.recovery == Recovery::Commit
+                all(s, PState::Committed)
+                    && matches!(s.recovery, Recovery::Commit | Recovery::OnePhase)
             }),
             Property::sometimes(
                 "recovery aborts an undecided transaction",
@@ -1069,8 +1352,31 @@ impl Model for TwoPcModel {
             Property::sometimes("client told aborted after a restart", |_, s: &State| {
                 s.client.told_aborted && s.recovery != Recovery::NotRestarted
             }),
-        ]
+        ];
+        if self.branches == 1 {
+            properties.extend([
+                Property::sometimes("a branch asked again aborts", |_, s: &State| {
+                    all(s, PState::Aborted) && s.recovery == Recovery::OnePhase
+                }),
+                Property::sometimes("client told committed after a restart", |_, s: &State| {
+                    s.client.told_committed && s.recovery != Recovery::NotRestarted
+                }),
+                Property::sometimes("a participant forgets its branch", |_, s: &State| {
+                    s.participants.iter().any(|p| p.forgot)
+                }),
+            ]);
+        }
+        properties
     }
+}
+
+/// Every branch carries out a commit: it committed, or (two-phase commit) it is prepared
+/// and phase two will commit it.
+fn carry_commit(s: &State) -> bool {
+    let two_phase = s.participants.len() > 1;
+    s.participants
+        .iter()
+        .all(|p| p.state == PState::Committed || (two_phase && p.state == PState::Prepared))
 }
 
 fn hash_of(s: &State) -> u64 {
@@ -1097,7 +1403,7 @@ fn max_attempts(s: &State) -> u32 {
 /// explored.
 fn check(model: TwoPcModel, finish_when: HasDiscoveries) -> impl Checker<TwoPcModel> {
     let started = Instant::now();
-    let bounds = model.bounds;
+    let (branches, bounds) = (model.branches, model.bounds);
     let checker = model
         .checker()
         .threads(2)
@@ -1105,7 +1411,7 @@ fn check(model: TwoPcModel, finish_when: HasDiscoveries) -> impl Checker<TwoPcMo
         .spawn_bfs()
         .join();
     eprintln!(
-        "model {bounds:?}: {} unique states ({} generated), depth {}, {:?}",
+        "model with {branches} branch(es), {bounds:?}: {} unique states ({} generated), depth {}, {:?}",
         checker.unique_state_count(),
         checker.state_count(),
         checker.max_depth(),
@@ -1239,4 +1545,112 @@ fn client_abort_while_deciding_is_safe() {
     let checker = check(model, HasDiscoveries::AnyFailures);
     checker.assert_properties();
     assert_eq!(checker.unique_state_count(), 460_632);
+}
+
+/// What the one-branch runs must reach: commits and aborts decided by the participant,
+/// before and after a restart that asks it again, and a participant forgetting its branch.
+const ONE_PHASE_EXAMPLES: [&str; 7] = [
+    "all committed",
+    "committed after a coordinator crash",
+    "client told committed",
+    "client told aborted after a restart",
+    "a branch asked again aborts",
+    "client told committed after a restart",
+    "a participant forgets its branch",
+];
+
+/// One branch, so one-phase commit: crashes of both kinds, a timeout and a client retry
+/// (the default budgets).
+#[test]
+fn real_engine_keeps_one_phase_commit_safe_and_live() {
+    let model = TwoPcModel {
+        branches: 1,
+        ..Default::default()
+    };
+    let checker = check(model, HasDiscoveries::All);
+    assert_holds(&checker, &ONE_PHASE_EXAMPLES);
+    assert_eq!(checker.unique_state_count(), 294);
+}
+
+/// One branch with every fault at once, and more of them (the space is small): two
+/// coordinator crashes (a restart that asks the branch again can itself crash before the
+/// outcome is synced), two timeouts, a duplicated and a lost request, three client Commit
+/// requests and an Abort (parked while the participant decides).
+#[test]
+fn one_phase_commit_survives_repeated_crashes_and_network_faults() {
+    let model = TwoPcModel {
+        branches: 1,
+        bounds: Bounds {
+            coordinator_crashes: 2,
+            participant_crashes: 1,
+            timeouts: 2,
+            duplicates: 1,
+            losses: 1,
+            client_commits: 3,
+        },
+        client_abort: true,
+        ..Default::default()
+    };
+    let checker = check(model, HasDiscoveries::All);
+    assert_holds(&checker, &ONE_PHASE_EXAMPLES);
+    assert_eq!(checker.unique_state_count(), 17_802);
+}
+
+/// The checker is not vacuous for one-phase commit: a runtime that answers the intent's
+/// `Sync` before the intent is on disk (as if the engine sent the one-phase commit without
+/// syncing it, as it did before this check was added) lets a crash lose the intent of a
+/// transaction its branch committed; the restarted coordinator presumes abort, and a
+/// retried Commit is told ABORTED.
+#[test]
+fn checker_catches_a_one_phase_commit_sent_before_its_intent_is_durable() {
+    let expected = [
+        "every reported outcome matches the branches",
+        "the client is told what the branches do",
+        "commits are sent only once durable",
+    ];
+    expect_caught(EarlySync::Intent, &expected);
+}
+
+/// The same for the outcome's `Sync`: the client hears "committed", its participant
+/// forgets the branch, a crash loses the outcome, and the restarted coordinator asks the
+/// branch again, is refused (an unknown branch) and tells a retried Commit ABORTED.
+#[test]
+fn checker_catches_a_one_phase_outcome_answered_before_it_is_durable() {
+    let expected = [
+        "a decision never changes",
+        "the client is told what the branches do",
+        "every reported outcome matches the branches",
+    ];
+    expect_caught(EarlySync::Outcome, &expected);
+}
+
+/// Checks the one-branch transaction with a broken runtime (`early`) under one coordinator
+/// crash and one client retry, and asserts every property in `expected` fails.
+fn expect_caught(early: EarlySync, expected: &[&'static str]) {
+    let model = TwoPcModel {
+        branches: 1,
+        bounds: Bounds {
+            coordinator_crashes: 1,
+            participant_crashes: 0,
+            timeouts: 0,
+            duplicates: 0,
+            losses: 0,
+            client_commits: 2,
+        },
+        broken_early_sync: early,
+        ..Default::default()
+    };
+    let finish = HasDiscoveries::AllOf(expected.iter().copied().collect());
+    let checker = check(model, finish);
+    for &name in expected {
+        let path = checker.discovery(name);
+        assert!(
+            path.is_some(),
+            "the broken runtime ({early:?}) went unnoticed by {name:?}"
+        );
+    }
+    let path = checker
+        .discovery("the client is told what the branches do")
+        .expect("checked above");
+    eprintln!("counterexample: {:?}", path.into_actions());
 }

@@ -32,9 +32,13 @@
 //!   commit goes to the branch, and the [`LazyRecord::OnePhaseCommitted`] outcome before
 //!   the client hears "committed".
 //! * **Reads come from the log**, not from a cache of what the caller wrote:
-//!   [`DecisionLog::decision`] answers what a restart would see for synced records.
-//! * **Recovery** ([`DecisionLog::recover`]) returns every COMMIT not marked done and every
-//!   `Preparing` record without a decision, oldest first.
+//!   [`DecisionLog::decision`] answers what a restart would see for synced records. The
+//!   one exception is a [`LazyRecord::OnePhaseCommitted`] outcome, visible as soon as it is
+//!   written; the engine holds the transaction (and answers from memory) until the
+//!   outcome's sync returns, so no reader can act on it before it is durable.
+//! * **Recovery** ([`DecisionLog::recover`]) returns every COMMIT not marked done, every
+//!   `Preparing` record without a decision, and every [`LazyRecord::OnePhase`] intent
+//!   without an outcome, oldest first.
 //! * **Exclusive.** Opening a file-backed log takes an exclusive lock on its directory; a
 //!   second opener fails at once with [`LogError::Locked`] naming the directory. Every
 //!   open increments the epoch durably before returning.
