@@ -680,6 +680,29 @@ async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch()
     .await;
 }
 
+/// Starts a coordinator with one-phase commits and `action` at the
+/// `coordinator::before_one_phase_sync` crash point, commits a one-branch transaction and
+/// waits for the crash (the Commit cannot have been answered).
+async fn one_phase_commit_crashing(name: &str, action: &str) -> (Serve, TestParticipant, String) {
+    let point = "coordinator::before_one_phase_sync";
+    let mut coord = Serve::start(
+        name,
+        &format!("{point}={action}"),
+        &[("--one-phase", "true")],
+    )
+    .await;
+    let p1 = TestParticipant::start("p1").await;
+    let mut c = coord.client().await;
+    let tx = begin(&mut c, vec![p1.branch("a")]).await;
+    let res = commit(&mut c, &tx, 5_000).await;
+    assert!(
+        res.is_err(),
+        "Commit cannot be answered at the crash: {res:?}"
+    );
+    coord.wait_for_crash("aborting the process").await;
+    (coord, p1, tx)
+}
+
 /// A one-phase commit (one branch) killed after the branch committed and before the
 /// outcome's sync: the restarted coordinator finds the synced intent, asks the branch
 /// again and answers COMMITTED. Before the intent was synced, a restart knew nothing of
@@ -688,19 +711,9 @@ async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committed() {
     with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::before_one_phase_sync";
-        let mut coord = Serve::start(
-            "one-phase-outcome",
-            &format!("{point}=1*off->return(abort)"),
-            &[("--one-phase", "true")],
-        )
-        .await;
-        let p1 = TestParticipant::start("p1").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
-        coord.wait_for_crash("aborting the process").await;
+        // The first sync (the intent) passes, the second (the outcome) crashes.
+        let (mut coord, p1, tx) =
+            one_phase_commit_crashing("one-phase-outcome", "1*off->return(abort)").await;
         assert_eq!(
             p1.state(&tx, "a"),
             Some(ResState::Committed),
@@ -734,19 +747,8 @@ async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() {
     with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::before_one_phase_sync";
-        let mut coord = Serve::start(
-            "one-phase-intent",
-            &format!("{point}=return(abort)"),
-            &[("--one-phase", "true")],
-        )
-        .await;
-        let p1 = TestParticipant::start("p1").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
-        coord.wait_for_crash("aborting the process").await;
+        let (mut coord, p1, tx) =
+            one_phase_commit_crashing("one-phase-intent", "return(abort)").await;
         assert_eq!(
             p1.count(&tx, "a", MsgKind::Commit),
             0,

@@ -1135,14 +1135,19 @@ impl Engine {
         }
     }
 
-    /// A sync a one-phase commit waited for failed: the log is failed, and whether the
-    /// record reached the disk only a restart can tell.
-    fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
-        let reason = format!("decision log failed: {error}");
+    /// The decision log failed: no new work from now on (once).
+    fn halt(&mut self, error: &str, out: &mut Vec<Command>) {
         if self.halted.is_none() {
+            let reason = format!("decision log failed: {error}");
             self.halted = Some(reason.clone());
             out.push(Command::Halt { reason });
         }
+    }
+
+    /// A sync a one-phase commit waited for failed: the log is failed, and whether the
+    /// record reached the disk only a restart can tell.
+    fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+        self.halt(&error, out);
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -1160,11 +1165,7 @@ impl Engine {
     }
 
     fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
-        let reason = format!("decision log failed: {error}");
-        if self.halted.is_none() {
-            self.halted = Some(reason.clone());
-            out.push(Command::Halt { reason });
-        }
+        self.halt(&error, out);
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -1739,11 +1740,7 @@ impl Engine {
     }
 
     fn on_audit_failed(&mut self, req: ReqId, error: String, out: &mut Vec<Command>) {
-        let reason = format!("decision log failed: {error}");
-        if self.halted.is_none() {
-            self.halted = Some(reason.clone());
-            out.push(Command::Halt { reason });
-        }
+        self.halt(&error, out);
         if let Some(pending) = self.resolutions.remove(&req) {
             let reply = Err(TxError::Unavailable(format!(
                 "the resolution of transaction {} could not be recorded ({error}), so no branch \
