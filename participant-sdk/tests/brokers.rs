@@ -13,7 +13,6 @@
 //! Deliveries are checked by draining the queue / reading the stream directly. Waits are
 //! bounded polls ([`eventually`]); every test runs under an overall timeout.
 
-use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,135 +20,50 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use twopc_coordinator::server::{run, ServeConfig};
+use twopc_coordinator::server::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
     Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource, Retry,
-    StagingError, StagingOptions, StagingStore, TwoPc, Vote,
+    StagingError, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name};
 
-const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+mod support;
+use support::{
+    bounded, delete_stream, eventually, get_tx, sdk, staging, Coordinator, RabbitProbe, Wait,
+    NATS_URL, RABBIT_URL,
+};
+
 const RABBIT_ADDR: &str = "127.0.0.1:5672";
-const NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Overall bound of one test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Bound of one wait for a condition.
-const WAIT: Duration = Duration::from_secs(30);
+/// Bound of one wait for a condition, polled every 50 ms.
+const WAIT: Wait = Wait {
+    limit: Duration::from_secs(30),
+    every: Duration::from_millis(50),
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Runs a test body under [`TEST_TIMEOUT`].
-async fn bounded<F: Future<Output = ()>>(body: F) {
-    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
-        panic!("test did not finish within {TEST_TIMEOUT:?}");
-    }
-}
-
-/// Polls `check` every 50 ms until it returns true; panics after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if check().await {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {WAIT:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// An in-process coordinator with its own data directory.
-struct Coordinator {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    async fn start() -> Coordinator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind coordinator");
-        let addr = listener.local_addr().expect("local addr");
-        let cfg = ServeConfig {
-            data_dir: dir.path().join("coordinator"),
-            retry_initial_ms: 20,
-            retry_max_ms: 300,
-            connect_timeout_ms: 500,
-            ..Default::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(e) = run(cfg, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            {
-                panic!("coordinator failed: {e}");
-            }
-        });
-        Coordinator {
-            url: format!("http://{addr}"),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-async fn sdk(coord: &Coordinator, commit_wait: Duration) -> TwoPc {
-    TwoPc::builder(coord.url.clone())
-        .service("svc")
-        .recovery_interval(Duration::from_secs(3600))
-        .commit_wait(commit_wait)
-        .start()
-        .await
-        .expect("start the SDK")
-}
-
-async fn outcome(sdk: &TwoPc, tx_id: &str) -> pb::GetTransactionResponse {
-    sdk.coordinator()
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
-        .await
-        .expect("GetTransaction")
-        .into_inner()
-}
-
-fn staging(dir: &Path) -> Arc<StagingStore> {
-    Arc::new(StagingStore::open(dir).expect("open the staging store"))
+/// An in-process coordinator with quick phase-two retries.
+async fn coordinator() -> Coordinator {
+    Coordinator::start(ServeConfig {
+        retry_initial_ms: 20,
+        retry_max_ms: 300,
+        connect_timeout_ms: 500,
+        ..Default::default()
+    })
+    .await
 }
 
 /// Opens the store in `dir`, waiting while an earlier open of it is still being dropped.
 async fn reopen_staging(dir: &Path) -> Arc<StagingStore> {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + WAIT.limit;
     loop {
         match StagingStore::open(dir) {
             Ok(s) => return Arc::new(s),
@@ -221,126 +135,15 @@ impl Resource for TestResource {
     }
 }
 
-// --- RabbitMQ consumer side ------------------------------------------------------------
-
-/// One message as found in a queue.
-#[derive(Debug, Clone, PartialEq)]
-struct Got {
-    message_id: String,
-    payload: Vec<u8>,
-    persistent: bool,
-    content_type: Option<String>,
-    headers: Vec<(String, String)>,
-}
-
-struct RabbitProbe {
-    _conn: Connection,
-    ch: Channel,
-}
-
-impl RabbitProbe {
-    async fn new() -> RabbitProbe {
-        let conn = Connection::connect(RABBIT_URL, ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
-        let ch = conn.create_channel().await.expect("channel");
-        RabbitProbe { _conn: conn, ch }
-    }
-
-    /// Declares `queue` durable (as the resource does), so it can be counted even if
-    /// nothing was ever published to it.
-    async fn declare(&self, queue: &str) {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare queue");
-    }
-
-    /// Takes every message currently in `queue`.
-    async fn drain(&self, queue: &str) -> Vec<Got> {
-        let mut out = Vec::new();
-        while let Some(m) = self
-            .ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get")
-        {
-            let p = &m.delivery.properties;
-            let headers = p
-                .headers()
-                .as_ref()
-                .map(|t| {
-                    t.inner()
-                        .iter()
-                        .map(|(k, v)| {
-                            let v = match v {
-                                AMQPValue::LongString(s) => s.to_string(),
-                                other => format!("{other:?}"),
-                            };
-                            (k.to_string(), v)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Got {
-                message_id: p
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                payload: m.delivery.data.clone(),
-                persistent: *p.delivery_mode() == Some(2),
-                content_type: p.content_type().as_ref().map(|s| s.to_string()),
-                headers,
-            });
-        }
-        out
-    }
-
-    async fn delete(&self, queue: &str) {
-        let _ = self
-            .ch
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-    }
-}
-
 // --- NATS consumer side -----------------------------------------------------------------
 
 /// Every message in `stream`, as `(subject, Nats-Msg-Id, payload)`.
 async fn stream_messages(url: &str, stream: &str) -> Vec<(String, String, Vec<u8>)> {
-    let client = async_nats::connect(url).await.expect("connect to NATS");
-    let js = async_nats::jetstream::new(client);
-    let mut s = js.get_stream(stream).await.expect("get stream");
-    let state = s.info().await.expect("stream info").state.clone();
-    let mut out = Vec::new();
-    if state.messages > 0 {
-        for seq in state.first_sequence..=state.last_sequence {
-            let m = s.get_raw_message(seq).await.expect("get message");
-            let id = m
-                .headers
-                .get("Nats-Msg-Id")
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default();
-            out.push((m.subject.to_string(), id, m.payload.to_vec()));
-        }
-    }
-    out
-}
-
-async fn delete_stream(url: &str, stream: &str) {
-    if let Ok(client) = async_nats::connect(url).await {
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(stream)
-            .await;
-    }
+    support::stream_messages(url, stream)
+        .await
+        .into_iter()
+        .map(|m| (m.subject, m.message_id, m.payload))
+        .collect()
 }
 
 // --- A private, killable nats-server ----------------------------------------------------
@@ -520,8 +323,8 @@ fn ids(tx_id: &str, branch: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -588,7 +391,7 @@ async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
         );
         assert_eq!(rabbit.core().open_branches(), 0);
         assert_eq!(
-            outcome(&sdk, &tx_id).await.outcome,
+            get_tx(&sdk, &tx_id).await.outcome,
             pb::Outcome::Committed as i32
         );
 
@@ -601,8 +404,8 @@ async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_and_nats_branches_commit_together() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -678,8 +481,8 @@ async fn rabbitmq_and_nats_branches_commit_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_transaction_delivers_and_stages_nothing() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -717,7 +520,7 @@ async fn an_aborted_transaction_delivers_and_stages_nothing() {
         tx.abort("changed my mind").await.expect("abort");
 
         // The coordinator's courtesy aborts drop the buffers.
-        eventually("both buffers dropped", || async {
+        eventually(WAIT, "both buffers dropped", || async {
             rabbit.core().open_branches() == 0 && nats.core().open_branches() == 0
         })
         .await;
@@ -735,8 +538,8 @@ async fn an_aborted_transaction_delivers_and_stages_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_vote_aborts_and_drops_the_staged_batch() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -769,7 +572,7 @@ async fn a_no_vote_aborts_and_drops_the_staged_batch() {
         }
         // The rabbit branch may have staged (voted yes) before the no arrived: the abort
         // that follows removes it.
-        eventually("staged batch removed and buffer dropped", || async {
+        eventually(WAIT, "staged batch removed and buffer dropped", || async {
             store.is_empty() && rabbit.core().open_branches() == 0
         })
         .await;
@@ -784,8 +587,8 @@ async fn a_no_vote_aborts_and_drops_the_staged_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -821,11 +624,11 @@ async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
             other => panic!("expected Aborted, got {other:?}"),
         }
         assert!(store.is_empty());
-        eventually("db branch aborted", || async {
+        eventually(WAIT, "db branch aborted", || async {
             db.aborts.load(Ordering::SeqCst) == 1
         })
         .await;
-        eventually("buffer dropped", || async {
+        eventually(WAIT, "buffer dropped", || async {
             rabbit.core().open_branches() == 0
         })
         .await;
@@ -838,9 +641,9 @@ async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let server = NatsServer::start();
-        let coord = Coordinator::start().await;
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -860,7 +663,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
             .expect("register");
 
         server.kill();
-        eventually("the client notices", || async {
+        eventually(WAIT, "the client notices", || async {
             nats.client().connection_state() != async_nats::connection::State::Connected
         })
         .await;
@@ -881,14 +684,14 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
             other => panic!("expected Aborted, got {other:?}"),
         }
         assert!(store.is_empty());
-        eventually("buffer dropped", || async {
+        eventually(WAIT, "buffer dropped", || async {
             nats.core().open_branches() == 0
         })
         .await;
 
         // Back up: the next transaction goes through, and nothing of the first shows up.
         server.restart();
-        eventually("the client reconnects", || async {
+        eventually(WAIT, "the client reconnects", || async {
             nats.client().connection_state() == async_nats::connection::State::Connected
         })
         .await;
@@ -912,9 +715,9 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let server = NatsServer::start();
-        let coord = Coordinator::start().await;
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_millis(1500)).await;
@@ -954,12 +757,14 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
         );
 
         server.restart();
-        eventually("the staged batch is published and removed", || async {
-            store.is_empty()
-        })
+        eventually(
+            WAIT,
+            "the staged batch is published and removed",
+            || async { store.is_empty() },
+        )
         .await;
-        eventually("the coordinator sees the branch done", || async {
-            outcome(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
+        eventually(WAIT, "the coordinator sees the branch done", || async {
+            get_tx(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
         })
         .await;
         assert_eq!(
@@ -979,9 +784,9 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let proxy = Proxy::start(RABBIT_ADDR).await;
-        let coord = Coordinator::start().await;
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_millis(1500)).await;
@@ -1020,12 +825,14 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
         );
 
         proxy.restore().await;
-        eventually("the staged batch is published and removed", || async {
-            store.is_empty()
-        })
+        eventually(
+            WAIT,
+            "the staged batch is published and removed",
+            || async { store.is_empty() },
+        )
         .await;
-        eventually("the coordinator sees the branch done", || async {
-            outcome(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
+        eventually(WAIT, "the coordinator sees the branch done", || async {
+            get_tx(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
         })
         .await;
         let got = probe.drain(&queue).await;
@@ -1045,10 +852,10 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_them() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let server = NatsServer::start();
         let proxy = Proxy::start(RABBIT_ADDR).await;
-        let coord = Coordinator::start().await;
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
@@ -1137,7 +944,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         );
 
         assert_eq!(
-            outcome(&sdk, &tx_id).await.outcome,
+            get_tx(&sdk, &tx_id).await.outcome,
             pb::Outcome::Committed as i32
         );
         assert_eq!(sdk.recover_now().await, 2);
@@ -1165,8 +972,8 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -1225,7 +1032,7 @@ async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let stream = unique_name("events");
@@ -1301,8 +1108,8 @@ async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_staging_sync_votes_no() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let fail = Arc::new(AtomicBool::new(false));
         let store = Arc::new(
@@ -1345,7 +1152,7 @@ async fn a_failing_staging_sync_votes_no() {
             other => panic!("expected Aborted, got {other:?}"),
         }
         assert!(store.is_failed(), "a failed sync poisons the store");
-        eventually("buffer dropped", || async {
+        eventually(WAIT, "buffer dropped", || async {
             rabbit.core().open_branches() == 0
         })
         .await;

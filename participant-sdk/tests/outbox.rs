@@ -33,32 +33,35 @@
 //! Every test runs under an overall timeout ([`bounded`]); waits are bounded polls
 //! ([`eventually`]). "Nothing arrives" is checked after a sweep is *proven* to have run
 //! (a control row committed later is published), not just after a sleep.
+//!
+//! [`PgCluster`]: twopc_testkit::PgCluster
 
 use std::future::Future;
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use twopc_coordinator::server::{run, ServeConfig};
+use twopc_coordinator::server::ServeConfig;
 use twopc_participant::{
-    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
-    PublishOptions, RabbitResource, Resource, Retry, StagingStore, TwoPc, Vote,
+    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PublishOptions,
+    RabbitResource, Resource, StagingStore, TwoPc,
 };
 use twopc_proto::v1 as pb;
-use twopc_testkit::{unique_name, PgCluster};
+use twopc_testkit::unique_name;
 
-const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const NATS_URL: &str = "nats://127.0.0.1:4222";
+mod support;
+use support::{
+    bounded, connect, count, database, delete_stream, eventually, get_tx, jetstream, prepared_gids,
+    resource, sdk, staging, stream_messages, Coordinator, CrashesAfterPrepare, Got, RabbitProbe,
+    Stored, Wait, NATS_URL, ORDERS, RABBIT_URL,
+};
+
 /// Overall bound of one test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound of one wait for a condition.
-const WAIT: Duration = Duration::from_secs(20);
+/// Bound of one wait for a condition, polled every 25 ms.
+const WAIT: Wait = Wait {
+    limit: Duration::from_secs(20),
+    every: Duration::from_millis(25),
+};
 /// Options under which only the relay (never the periodic sweep) can publish during a
 /// test.
 fn slow_sweep() -> OutboxOptions {
@@ -78,36 +81,9 @@ fn sweep(sweep_interval: Duration, sweep_after: Duration) -> OutboxOptions {
     }
 }
 
-const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)";
-
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-/// Runs a test body under [`TEST_TIMEOUT`].
-async fn bounded<F: Future<Output = ()>>(body: F) {
-    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
-        panic!("test did not finish within {TEST_TIMEOUT:?}");
-    }
-}
-
-/// Polls `check` every 25 ms until it returns true; panics after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if check().await {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {WAIT:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// Checks `check` every 25 ms for `period`; panics as soon as it does not hold.
 async fn stays<F, Fut>(what: &str, period: Duration, mut check: F)
@@ -122,63 +98,8 @@ where
     }
 }
 
-static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
-
-/// The binary's shared private cluster (started on first use; its watchdog cleans it up
-/// when the test process exits).
-fn cluster() -> &'static PgCluster {
-    match CLUSTER.get_or_init(|| PgCluster::start_blocking().map_err(|e| e.to_string())) {
-        Ok(c) => c,
-        Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
-    }
-}
-
-/// A fresh database with `setup` run in it; returns its URL.
-async fn database(prefix: &str, setup: &str) -> String {
-    let pg = cluster();
-    let name = unique_name(prefix);
-    pg.create_database(&name).await.expect("create database");
-    if !setup.is_empty() {
-        let c = pg.connect(&name).await.expect("connect");
-        c.batch_execute(setup).await.expect("set-up SQL");
-    }
-    pg.url(&name)
-}
-
-/// Connects to `url` (test-side checks and writes, outside any branch).
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-async fn count(url: &str, sql: &str) -> i64 {
-    connect(url)
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect("count query")
-        .get(0)
-}
-
 async fn outbox_rows(url: &str) -> i64 {
     count(url, "SELECT count(*) FROM twopc_outbox").await
-}
-
-async fn prepared_gids(url: &str) -> i64 {
-    count(
-        url,
-        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-    )
-    .await
 }
 
 /// Commits an outbox row with plain SQL, as an earlier process would have left it.
@@ -213,83 +134,16 @@ async fn insert_row(
         .expect("insert an outbox row by hand");
 }
 
-async fn resource(name: &str, url: &str) -> Arc<PgResource> {
-    PgResource::from_url(name, url, 4)
-        .await
-        .expect("PgResource")
-}
-
-/// An in-process coordinator with its own data directory (one-phase commit on).
-struct Coordinator {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    async fn start() -> Coordinator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind coordinator");
-        let addr = listener.local_addr().expect("local addr");
-        let cfg = ServeConfig {
-            listen: addr,
-            data_dir: dir.path().join("coordinator"),
-            retry_initial_ms: 20,
-            retry_max_ms: 300,
-            connect_timeout_ms: 500,
-            one_phase: true,
-            ..Default::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(e) = run(cfg, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            {
-                panic!("coordinator failed: {e}");
-            }
-        });
-        Coordinator {
-            url: format!("http://{addr}"),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-/// A participant SDK of service "svc" (recovery only when asked).
-async fn sdk(coord: &Coordinator, commit_wait: Duration) -> TwoPc {
-    TwoPc::builder(coord.url.clone())
-        .service("svc")
-        .recovery_interval(Duration::from_secs(3600))
-        .commit_wait(commit_wait)
-        .start()
-        .await
-        .expect("start the SDK")
-}
-
-async fn get_tx(sdk: &TwoPc, tx_id: &str) -> pb::GetTransactionResponse {
-    sdk.coordinator()
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
-        .await
-        .expect("GetTransaction")
-        .into_inner()
+/// An in-process coordinator with quick phase-two retries and one-phase commit on.
+async fn coordinator() -> Coordinator {
+    Coordinator::start(ServeConfig {
+        retry_initial_ms: 20,
+        retry_max_ms: 300,
+        connect_timeout_ms: 500,
+        one_phase: true,
+        ..Default::default()
+    })
+    .await
 }
 
 /// `(branch_id, kind)` of every branch the coordinator holds for `tx_id`.
@@ -303,10 +157,6 @@ async fn coordinator_branches(sdk: &TwoPc, tx_id: &str) -> Vec<(String, i32)> {
             (b.branch_id, b.kind)
         })
         .collect()
-}
-
-fn staging(dir: &Path) -> Arc<StagingStore> {
-    Arc::new(StagingStore::open(dir).expect("open the staging store"))
 }
 
 /// Generous publish timeout: a confirmation slower than this leaves the row to the sweep
@@ -334,122 +184,13 @@ fn usage(err: Error) -> String {
     }
 }
 
-/// A participant that prepares through the real resource and then "crashes": it never
-/// finishes phase two and reports nothing in doubt.
-struct CrashesAfterPrepare(Arc<PgResource>);
-
-#[tonic::async_trait]
-impl Resource for CrashesAfterPrepare {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn kind(&self) -> pb::BranchKind {
-        self.0.kind()
-    }
-    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
-        self.0.prepare(tx_id, branch_id).await
-    }
-    async fn commit(&self, _: &str, _: &str) -> Result<(), Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn commit_one_phase(&self, _: &str, _: &str) -> Result<OnePhase, Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn abort(&self, _: &str, _: &str) -> Result<(), Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
-        Ok(Vec::new())
-    }
-}
-
 // --- RabbitMQ consumer side ------------------------------------------------------------
 
-/// One message as found in a queue.
-#[derive(Debug, Clone, PartialEq)]
-struct Got {
-    message_id: String,
-    payload: Vec<u8>,
-    persistent: bool,
-    content_type: Option<String>,
-    headers: Vec<(String, String)>,
-}
-
-struct RabbitProbe {
-    _conn: Connection,
-    ch: Channel,
-}
-
 impl RabbitProbe {
-    async fn new() -> RabbitProbe {
-        let conn = Connection::connect(RABBIT_URL, ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
-        let ch = conn.create_channel().await.expect("channel");
-        RabbitProbe { _conn: conn, ch }
-    }
-
-    /// Declares `queue` durable (as the resource does), so it can be drained before
-    /// anything was published to it.
-    async fn declare(&self, queue: &str) {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare queue");
-    }
-
-    /// Takes every message currently in `queue`.
-    async fn drain(&self, queue: &str) -> Vec<Got> {
-        let mut out = Vec::new();
-        while let Some(m) = self
-            .ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get")
-        {
-            let p = &m.delivery.properties;
-            let headers = p
-                .headers()
-                .as_ref()
-                .map(|t| {
-                    t.inner()
-                        .iter()
-                        .map(|(k, v)| {
-                            let v = match v {
-                                AMQPValue::LongString(s) => s.to_string(),
-                                other => format!("{other:?}"),
-                            };
-                            (k.to_string(), v)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Got {
-                message_id: p
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                payload: m.delivery.data.clone(),
-                persistent: *p.delivery_mode() == Some(2),
-                content_type: p.content_type().as_ref().map(|s| s.to_string()),
-                headers,
-            });
-        }
-        out
-    }
-
     /// Drains `queue` until `n` messages were taken (bounded by [`WAIT`]); returns them.
     async fn take(&self, queue: &str, n: usize) -> Vec<Got> {
         let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + WAIT.limit;
         while got.len() < n {
             got.extend(self.drain(queue).await);
             if got.len() >= n {
@@ -457,65 +198,14 @@ impl RabbitProbe {
             }
             assert!(
                 Instant::now() < deadline,
-                "only {} of {n} messages arrived in {queue} within {WAIT:?}: {got:?}",
-                got.len()
+                "only {} of {n} messages arrived in {queue} within {:?}: {got:?}",
+                got.len(),
+                WAIT.limit
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         got
     }
-
-    async fn delete(&self, queue: &str) {
-        let _ = self
-            .ch
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-    }
-}
-
-// --- NATS consumer side -----------------------------------------------------------------
-
-/// One message as stored in a stream.
-#[derive(Debug, Clone, PartialEq)]
-struct Stored {
-    subject: String,
-    message_id: String,
-    payload: Vec<u8>,
-    kind_header: Option<String>,
-    content_type: Option<String>,
-}
-
-async fn jetstream() -> async_nats::jetstream::Context {
-    let client = async_nats::connect(NATS_URL)
-        .await
-        .expect("connect to NATS");
-    async_nats::jetstream::new(client)
-}
-
-/// Every message in `stream`.
-async fn stream_messages(stream: &str) -> Vec<Stored> {
-    let js = jetstream().await;
-    let mut s = js.get_stream(stream).await.expect("get stream");
-    let state = s.info().await.expect("stream info").state.clone();
-    let mut out = Vec::new();
-    if state.messages > 0 {
-        for seq in state.first_sequence..=state.last_sequence {
-            let m = s.get_raw_message(seq).await.expect("get message");
-            let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string());
-            out.push(Stored {
-                subject: m.subject.to_string(),
-                message_id: header("Nats-Msg-Id").unwrap_or_default(),
-                payload: m.payload.to_vec(),
-                kind_header: header("kind"),
-                content_type: header("Content-Type"),
-            });
-        }
-    }
-    out
-}
-
-async fn delete_stream(stream: &str) {
-    let _ = jetstream().await.delete_stream(stream).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -526,8 +216,8 @@ async fn delete_stream(stream: &str) {
 /// phase, and the relay publishes its two staged messages to RabbitMQ after the commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -676,7 +366,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
             ]
         );
 
-        eventually("the relay deleted the published rows", || async {
+        eventually(WAIT, "the relay deleted the published rows", || async {
             db.outbox_backlog().await.expect("backlog") == 0 && outbox_rows(&url).await == 0
         })
         .await;
@@ -705,8 +395,8 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
 /// Test 2a: an aborted transaction publishes nothing, not even through later sweeps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_transaction_publishes_nothing() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_abort");
@@ -735,7 +425,7 @@ async fn an_aborted_transaction_publishes_nothing() {
             .await
             .expect("publish");
         tx.abort("changed my mind").await.expect("abort");
-        eventually("the branch is rolled back", || async {
+        eventually(WAIT, "the branch is rolled back", || async {
             matches!(pg.execute("SELECT 1", &[]).await, Err(Error::Usage(ref m)) if m.contains("aborted"))
         })
         .await;
@@ -752,7 +442,7 @@ async fn an_aborted_transaction_publishes_nothing() {
             probe.drain(&queue).await.is_empty()
         })
         .await;
-        eventually("the control row is deleted", || async {
+        eventually(WAIT, "the control row is deleted", || async {
             outbox_rows(&url).await == 0
         })
         .await;
@@ -770,8 +460,8 @@ async fn an_aborted_transaction_publishes_nothing() {
 /// staged messages are rolled back with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_fail");
@@ -830,7 +520,7 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
             || async { probe.drain(&queue).await.is_empty() },
         )
         .await;
-        eventually("the control row is deleted", || async {
+        eventually(WAIT, "the control row is deleted", || async {
             db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
@@ -848,8 +538,8 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
 /// COMMIT PREPARED, by that resource's relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_2pc");
@@ -940,7 +630,7 @@ async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
             "{got:?}"
         );
         assert_eq!(from_b, vec![(b0, b"b0".to_vec())], "{got:?}");
-        eventually("both relays deleted their rows", || async {
+        eventually(WAIT, "both relays deleted their rows", || async {
             a.outbox_backlog().await.expect("backlog a") == 0
                 && b.outbox_backlog().await.expect("backlog b") == 0
         })
@@ -961,8 +651,8 @@ async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
 /// (`Transaction::publish`): two phases, each message published exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -1024,7 +714,7 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
         ];
         want.sort();
         assert_eq!(got, want);
-        eventually("the relay deleted the row", || async {
+        eventually(WAIT, "the relay deleted the row", || async {
             db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
@@ -1047,8 +737,8 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
 /// sweep could not take them for an hour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let queue = unique_name("outbox_rec");
         let probe = RabbitProbe::new().await;
@@ -1119,7 +809,7 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
         assert_eq!(got[0].message_id, m0);
         assert_eq!(m0, format!("{tx_id}:svc:db-a:0"));
         assert_eq!(got[0].payload, b"after recovery");
-        eventually("the swept row is deleted", || async {
+        eventually(WAIT, "the swept row is deleted", || async {
             a2.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
@@ -1140,7 +830,7 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
 /// headers and content types, then deleted. A row of a broker not attached here stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("temp dir");
         let (q1, q2) = (unique_name("outbox_left"), unique_name("outbox_left"));
         let probe = RabbitProbe::new().await;
@@ -1233,7 +923,7 @@ async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers(
                 .collect::<Vec<_>>(),
             vec![("t0:svc:db:0", b"ancient".as_slice())]
         );
-        eventually("the ancient row is deleted", || async {
+        eventually(WAIT, "the ancient row is deleted", || async {
             outbox_rows(&url).await == 4
         })
         .await;
@@ -1276,7 +966,7 @@ async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers(
         assert_eq!(got2[0].message_id, "t2:svc:db:0");
         assert_eq!(got2[0].payload, b"left 2");
 
-        eventually("the published rows are deleted", || async {
+        eventually(WAIT, "the published rows are deleted", || async {
             outbox_rows(&url).await == 1
         })
         .await;
@@ -1309,8 +999,8 @@ async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers(
 /// the backlog; once the stream captures it, the next sweep publishes it with its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let stream = unique_name("OBREF");
@@ -1318,7 +1008,7 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
 
         // The server's stream captures `<stream>.a` only; the resource is configured for
         // `<stream>.>` (an existing stream is used as it is).
-        let js = jetstream().await;
+        let js = jetstream(NATS_URL).await;
         let mut config = async_nats::jetstream::stream::Config {
             name: stream.clone(),
             subjects: vec![format!("{stream}.a")],
@@ -1369,15 +1059,15 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
             || async { db.outbox_backlog().await.expect("backlog") == 1 },
         )
         .await;
-        assert!(stream_messages(&stream).await.is_empty());
+        assert!(stream_messages(NATS_URL, &stream).await.is_empty());
 
         config.subjects.push(subject.clone());
         js.update_stream(config).await.expect("update the stream");
-        eventually("a sweep publishes the message", || async {
+        eventually(WAIT, "a sweep publishes the message", || async {
             db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
-        let msgs = stream_messages(&stream).await;
+        let msgs = stream_messages(NATS_URL, &stream).await;
         // Published by the sweep, from the row: the headers made the round trip.
         assert_eq!(
             msgs,
@@ -1390,7 +1080,7 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
             }]
         );
 
-        delete_stream(&stream).await;
+        delete_stream(NATS_URL, &stream).await;
         sdk.shutdown().await;
         coord.stop().await;
     })
@@ -1400,8 +1090,8 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
 /// Test 6: test 1 over NATS JetStream: one phase, the message id in `Nats-Msg-Id`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -1474,15 +1164,15 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
             pb::Outcome::Committed as i32
         );
         assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
-        eventually("both messages are in the stream", || async {
-            stream_messages(&stream).await.len() >= 2
+        eventually(WAIT, "both messages are in the stream", || async {
+            stream_messages(NATS_URL, &stream).await.len() >= 2
         })
         .await;
-        eventually("the relay deleted the rows", || async {
+        eventually(WAIT, "the relay deleted the rows", || async {
             db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
-        let msgs = stream_messages(&stream).await;
+        let msgs = stream_messages(NATS_URL, &stream).await;
         assert_eq!(
             msgs,
             vec![
@@ -1505,7 +1195,7 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
         assert_eq!(nats.core().open_branches(), 0);
         assert!(store.is_empty(), "{:?}", store.list());
 
-        delete_stream(&stream).await;
+        delete_stream(NATS_URL, &stream).await;
         sdk.shutdown().await;
         coord.stop().await;
     })
@@ -1515,8 +1205,8 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
 /// Test 7: usage errors, none of which leaves a row behind or breaks the branch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_are_refused_without_leaving_rows() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
@@ -1612,12 +1302,16 @@ async fn usage_errors_are_refused_without_leaving_rows() {
         let tx = sdk.begin().await.expect("begin");
         let pg = tx.postgres(&db).await.expect("branch");
         tx.abort("done").await.expect("abort");
-        eventually("publishing in an aborted branch is refused", || async {
-            matches!(
-                pg.publish(&*attached, &queue, b"late".to_vec()).await,
-                Err(Error::Usage(ref m)) if m.contains("aborted")
-            )
-        })
+        eventually(
+            WAIT,
+            "publishing in an aborted branch is refused",
+            || async {
+                matches!(
+                    pg.publish(&*attached, &queue, b"late".to_vec()).await,
+                    Err(Error::Usage(ref m)) if m.contains("aborted")
+                )
+            },
+        )
         .await;
 
         assert_eq!(outbox_rows(&url).await, 0);
@@ -1640,8 +1334,8 @@ async fn usage_errors_are_refused_without_leaving_rows() {
 /// message it had staged in memory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_savepoint");
@@ -1678,7 +1372,7 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
         tx.commit().await.expect("commit");
 
         let mut got = probe.take(&queue, 1).await;
-        eventually("the relay deleted the row", || async {
+        eventually(WAIT, "the relay deleted the row", || async {
             db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
@@ -1697,7 +1391,7 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
 /// same sweep from being published (before the fix, the whole batch failed, every time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_with_unreadable_headers_does_not_block_the_others() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("temp dir");
         let queue = unique_name("outbox_poison");
         let probe = RabbitProbe::new().await;
@@ -1742,8 +1436,8 @@ async fn a_row_with_unreadable_headers_does_not_block_the_others() {
 /// transaction id, the one-phase commit skipped the check and reported "committed".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_cancel");
@@ -1799,8 +1493,8 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
 /// marker goes; an unknown branch without a marker is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_marker");
@@ -1852,7 +1546,10 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
 
         // The owner learns the outcome: the marker goes (and a later repeat is refused).
         db.outcome_known(&tx_id, &branch_id);
-        eventually("the marker is deleted", || async { marked().await == 0 }).await;
+        eventually(WAIT, "the marker is deleted", || async {
+            marked().await == 0
+        })
+        .await;
         assert!(matches!(
             again.commit_one_phase(&tx_id, &branch_id).await,
             Ok(OnePhase::Refused(_))
@@ -1872,8 +1569,8 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
 /// returned, so the coordinator holds the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
-    bounded(async {
-        let coord = Coordinator::start().await;
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
         let queue = unique_name("outbox_nomark");
@@ -1898,7 +1595,7 @@ async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
                 .expect("publish");
             tx.commit().await.expect("commit");
         }
-        eventually("every marker is deleted", || async {
+        eventually(WAIT, "every marker is deleted", || async {
             count(&url, "SELECT count(*) FROM twopc_one_phase").await == 0
         })
         .await;

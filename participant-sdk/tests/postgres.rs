@@ -2,204 +2,50 @@
 //! [`PgCluster`], one per test binary, a fresh database per test) and a real in-process
 //! coordinator (one per test, on `127.0.0.1:0` with a temp data directory).
 //!
-//! Every test is bounded ([`within`]); waiting for asynchronous effects polls with a
+//! Every test is bounded ([`bounded`]); waiting for asynchronous effects polls with a
 //! deadline ([`eventually`]) instead of sleeping.
 
-use std::future::Future;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use twopc_coordinator::server::{run, ServeConfig};
-use twopc_participant::{dedup, Error, OnePhase, PgResource, Resource, Retry, TwoPc, Vote};
-use twopc_proto::v1 as pb;
-use twopc_testkit::{unique_name, PgCluster};
+use twopc_coordinator::server::ServeConfig;
+use twopc_participant::{dedup, Error, OnePhase, PgResource, Resource, TwoPc, Vote};
+use twopc_testkit::PgCluster;
+
+mod support;
+use support::{
+    bounded, connect, count, database, database_on, eventually, prepared_gids, resource, sdk_of,
+    Coordinator, CrashesAfterPrepare, Wait, ORDERS,
+};
 
 /// Bound on every test.
-const TEST_DEADLINE: Duration = Duration::from_secs(90);
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Bound of one wait for an asynchronous effect, polled every 20 ms.
+const WAIT: Wait = Wait {
+    limit: Duration::from_secs(10),
+    every: Duration::from_millis(20),
+};
 
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
 
-static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
-
-/// The binary's shared private cluster (started on first use; cleaned up by its
-/// watchdog when the test process exits).
-fn cluster() -> &'static PgCluster {
-    match CLUSTER.get_or_init(|| PgCluster::start_blocking().map_err(|e| e.to_string())) {
-        Ok(c) => c,
-        Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
-    }
-}
-
-/// A fresh database on `pg` with `setup` run in it; returns its URL.
-async fn database_on(pg: &PgCluster, prefix: &str, setup: &str) -> String {
-    let name = unique_name(prefix);
-    pg.create_database(&name).await.expect("create database");
-    if !setup.is_empty() {
-        let c = pg.connect(&name).await.expect("connect");
-        c.batch_execute(setup).await.expect("set-up SQL");
-    }
-    pg.url(&name)
-}
-
-async fn database(prefix: &str, setup: &str) -> String {
-    database_on(cluster(), prefix, setup).await
-}
-
-const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)";
-
-/// Connects to `url` (test-side checks, outside any branch).
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-async fn count(url: &str, sql: &str) -> i64 {
-    connect(url)
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect("count query")
-        .get(0)
-}
-
-async fn prepared_gids(url: &str) -> i64 {
-    count(
-        url,
-        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-    )
-    .await
-}
-
-/// An in-process coordinator; stopped on drop.
-struct Coordinator {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
+/// An in-process coordinator (quick phase-two retries); stopped on drop.
 async fn coordinator() -> Coordinator {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let cfg = ServeConfig {
-        listen: addr,
-        data_dir: dir.path().join("coordinator"),
+    Coordinator::start(ServeConfig {
         retry_initial_ms: 20,
         retry_max_ms: 200,
         rpc_timeout_ms: 5_000,
         connect_timeout_ms: 500,
         commit_wait_ms: 10_000,
         ..ServeConfig::default()
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        if let Err(e) = run(cfg, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        {
-            panic!("coordinator failed: {e}");
-        }
-    });
-    Coordinator {
-        url: format!("http://{addr}"),
-        stop: Some(stop),
-        _dir: dir,
-    }
+    })
+    .await
 }
 
 /// A participant SDK handle of service "orders" (recovery only when asked).
 async fn sdk(coord: &Coordinator) -> TwoPc {
-    sdk_with(coord, None).await
-}
-
-async fn sdk_with(coord: &Coordinator, commit_wait: Option<Duration>) -> TwoPc {
-    let mut b = TwoPc::builder(coord.url.clone())
-        .service("orders")
-        .recovery_interval(Duration::from_secs(3600));
-    if let Some(w) = commit_wait {
-        b = b.commit_wait(w);
-    }
-    b.start().await.expect("start SDK")
-}
-
-async fn resource(name: &str, url: &str) -> Arc<PgResource> {
-    PgResource::from_url(name, url, 4)
-        .await
-        .expect("PgResource")
-}
-
-/// Runs a test body with a deadline.
-async fn within<F: Future<Output = ()>>(body: F) {
-    if tokio::time::timeout(TEST_DEADLINE, body).await.is_err() {
-        panic!("test did not finish within {TEST_DEADLINE:?}");
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds; panics naming `what` after `deadline`.
-async fn eventually<F, Fut>(deadline: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    while !cond().await {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A stand-in for a participant that prepares and then "crashes": it votes through the
-/// real resource, but never finishes phase two and remembers nothing in doubt.
-struct CrashesAfterPrepare(Arc<PgResource>);
-
-#[tonic::async_trait]
-impl Resource for CrashesAfterPrepare {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn kind(&self) -> pb::BranchKind {
-        self.0.kind()
-    }
-    async fn prepare(&self, tx_id: &str, branch_id: &str) -> Vote {
-        self.0.prepare(tx_id, branch_id).await
-    }
-    async fn commit(&self, _: &str, _: &str) -> Result<(), Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn commit_one_phase(&self, _: &str, _: &str) -> Result<OnePhase, Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn abort(&self, _: &str, _: &str) -> Result<(), Retry> {
-        Err(Retry("participant crashed before phase two".into()))
-    }
-    async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
-        Ok(Vec::new())
-    }
+    sdk_of(coord, "orders", None).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -208,7 +54,7 @@ impl Resource for CrashesAfterPrepare {
 
 #[tokio::test]
 async fn a_two_branch_transaction_commits_both_and_leaves_no_prepared_gid() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
@@ -281,7 +127,7 @@ async fn a_two_branch_transaction_commits_both_and_leaves_no_prepared_gid() {
 
 #[tokio::test]
 async fn a_failed_insert_reaches_the_app_and_its_abort_commits_nothing() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
@@ -300,7 +146,7 @@ async fn a_failed_insert_reaches_the_app_and_its_abort_commits_nothing() {
 
         // The coordinator's abort reaches both open branches: their statements are refused.
         for branch in [&branch_a, &branch_b] {
-            eventually(Duration::from_secs(10), "the branch is rolled back", || async {
+            eventually(WAIT, "the branch is rolled back", || async {
                 matches!(branch.execute("SELECT 1", &[]).await, Err(Error::Usage(ref m)) if m.contains("aborted"))
             })
             .await;
@@ -315,7 +161,7 @@ async fn a_failed_insert_reaches_the_app_and_its_abort_commits_nothing() {
 
 #[tokio::test]
 async fn committing_after_a_failed_statement_aborts_with_its_message() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
@@ -350,11 +196,9 @@ async fn committing_after_a_failed_statement_aborts_with_its_message() {
             msg.contains("duplicate key") && msg.contains("23505"),
             "{msg}"
         );
-        eventually(
-            Duration::from_secs(10),
-            "b's prepared branch is rolled back",
-            || async { prepared_gids(&url_b).await == 0 },
-        )
+        eventually(WAIT, "b's prepared branch is rolled back", || async {
+            prepared_gids(&url_b).await == 0
+        })
         .await;
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
         assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
@@ -365,7 +209,7 @@ async fn committing_after_a_failed_statement_aborts_with_its_message() {
 
 #[tokio::test]
 async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = "CREATE TABLE codes (code text, CONSTRAINT codes_unique UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)";
@@ -384,7 +228,7 @@ async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything()
         let msg = err.to_string();
         assert!(matches!(err, Error::Aborted(_)), "{msg}");
         assert!(msg.contains("orders:db-a") && msg.contains("codes_unique") && msg.contains("23505"), "{msg}");
-        eventually(Duration::from_secs(10), "b's prepared branch is rolled back", || async {
+        eventually(WAIT, "b's prepared branch is rolled back", || async {
             prepared_gids(&url_b).await == 0
         })
         .await;
@@ -398,7 +242,7 @@ async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything()
 
 #[tokio::test]
 async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
@@ -433,11 +277,9 @@ async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
             msg.contains("temporary objects") && msg.contains("0A000"),
             "{msg}"
         );
-        eventually(
-            Duration::from_secs(10),
-            "b's prepared branch is rolled back",
-            || async { prepared_gids(&url_b).await == 0 },
-        )
+        eventually(WAIT, "b's prepared branch is rolled back", || async {
+            prepared_gids(&url_b).await == 0
+        })
         .await;
         assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 0);
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
@@ -448,7 +290,7 @@ async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
 
 #[tokio::test]
 async fn a_single_branch_commits_in_one_phase() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let url = database("pg1", ORDERS).await;
@@ -507,7 +349,7 @@ async fn a_single_branch_commits_in_one_phase() {
 
 #[tokio::test]
 async fn a_read_only_branch_takes_no_part_in_phase_two() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
@@ -554,7 +396,7 @@ async fn a_read_only_branch_takes_no_part_in_phase_two() {
 
 #[tokio::test]
 async fn max_prepared_transactions_zero_is_refused_with_the_setting_named() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let url = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5";
         match twopc_testkit::prepared_transactions_enabled(url).await {
             Err(e) => {
@@ -581,7 +423,7 @@ async fn max_prepared_transactions_zero_is_refused_with_the_setting_named() {
 
 #[tokio::test]
 async fn a_repeated_commit_prepared_is_treated_as_done() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let url = database("pgr", ORDERS).await;
         // A branch prepared by "an earlier process": only the gid is left.
         let tx_id = "0000beef-1-1";
@@ -618,10 +460,10 @@ async fn a_repeated_commit_prepared_is_treated_as_done() {
 
 #[tokio::test]
 async fn recovery_commits_a_prepared_branch_its_participant_forgot() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
-        let sdk1 = sdk_with(&coord, Some(Duration::from_millis(300))).await;
+        let sdk1 = sdk_of(&coord, "orders", Some(Duration::from_millis(300))).await;
         let a = resource("db-a", &url_a).await;
         sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
             .expect("register crashing a");
@@ -677,7 +519,7 @@ async fn recovery_commits_a_prepared_branch_its_participant_forgot() {
 
 #[tokio::test]
 async fn recovery_rolls_back_a_prepared_branch_of_an_aborted_transaction() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let setup_b = "CREATE TABLE codes (code text UNIQUE DEFERRABLE INITIALLY DEFERRED)";
         let (url_a, url_b) = (
@@ -708,11 +550,9 @@ async fn recovery_rolls_back_a_prepared_branch_of_an_aborted_transaction() {
         // b votes no at prepare; a prepares (votes run in parallel) and then never
         // hears the abort.
         assert!(matches!(tx.commit().await, Err(Error::Aborted(_))));
-        eventually(
-            Duration::from_secs(10),
-            "a's branch is prepared",
-            || async { prepared_gids(&url_a).await == 1 },
-        )
+        eventually(WAIT, "a's branch is prepared", || async {
+            prepared_gids(&url_a).await == 1
+        })
         .await;
         sdk1.shutdown().await;
         drop((sdk1, a));
@@ -730,7 +570,7 @@ async fn recovery_rolls_back_a_prepared_branch_of_an_aborted_transaction() {
 
 #[tokio::test]
 async fn a_commit_waits_out_a_postgres_crash_and_finishes_after_restart() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         // Its own cluster: this test kills it.
         let pg = PgCluster::start().await.expect("private cluster");
         let coord = coordinator().await;
@@ -783,7 +623,7 @@ async fn a_commit_waits_out_a_postgres_crash_and_finishes_after_restart() {
 
 #[tokio::test]
 async fn dedup_reports_the_first_time_only() {
-    within(async {
+    bounded(TEST_TIMEOUT, async {
         let url = database("pgd", "").await;
         let mut client = connect(&url).await;
         dedup::ensure_table(&client).await.expect("create table");

@@ -19,16 +19,15 @@
 //! queue names per test, drained directly), the coordinator in-process on 127.0.0.1:0.
 //! Every test is bounded, every RPC has a timeout, and asynchronous effects are awaited
 //! by polling with a deadline ([`eventually`]), never by sleeping.
+//!
+//! [`PgCluster`]: twopc_testkit::PgCluster
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -36,7 +35,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
-use twopc_coordinator::server::{run, ServeConfig};
+use twopc_coordinator::server::ServeConfig;
 use twopc_participant::propagation::{self, PropagatedTx, TxIdLayer, TxInterceptor};
 use twopc_participant::{
     Broker, Error, PgResource, PublishOptions, RabbitResource, StagingStore, Transaction, TwoPc,
@@ -45,13 +44,20 @@ use twopc_proto::example::v1::inventory_client::InventoryClient;
 use twopc_proto::example::v1::inventory_server::{Inventory, InventoryServer};
 use twopc_proto::example::v1::{ReserveRequest, ReserveResponse};
 use twopc_proto::v1 as pb;
-use twopc_testkit::{unique_name, PgCluster};
+use twopc_testkit::unique_name;
 
-const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+mod support;
+use support::{
+    bounded, database, eventually, resource, staging, Coordinator, RabbitProbe, Wait, RABBIT_URL,
+};
+
 /// Overall bound of one test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Bound of one wait for a condition.
-const WAIT: Duration = Duration::from_secs(20);
+/// Bound of one wait for a condition, polled every 25 ms.
+const WAIT: Wait = Wait {
+    limit: Duration::from_secs(20),
+    every: Duration::from_millis(25),
+};
 /// Bound of one RPC (A to B, either to the coordinator) and of one commit / abort.
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the coordinator lets a commit wait for phase two before answering.
@@ -77,95 +83,30 @@ const INVENTORY_SQL: &str = "
 ";
 
 // ---------------------------------------------------------------------------------------
-// Harness: bounds and polling
+// Harness: bounds
 // ---------------------------------------------------------------------------------------
-
-/// Runs a test body under [`TEST_TIMEOUT`].
-async fn bounded<F: Future<Output = ()>>(body: F) {
-    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
-        panic!("test did not finish within {TEST_TIMEOUT:?}");
-    }
-}
 
 /// Awaits `fut` for at most [`RPC_TIMEOUT`]; panics naming `what` when it takes longer.
 async fn timed<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not answer within {RPC_TIMEOUT:?}"),
-    }
-}
-
-/// Polls `check` every 25 ms until it returns true; panics naming `what` after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    support::timed(RPC_TIMEOUT, what, fut).await
 }
 
 // ---------------------------------------------------------------------------------------
-// Harness: PostgreSQL
+// Harness: PostgreSQL (test-side connections bounded by RPC_TIMEOUT, like every call)
 // ---------------------------------------------------------------------------------------
-
-static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
-
-/// The binary's shared private cluster (started on first use; its watchdog cleans it up
-/// when the test process exits).
-fn cluster() -> &'static PgCluster {
-    match CLUSTER.get_or_init(|| PgCluster::start_blocking().map_err(|e| e.to_string())) {
-        Ok(c) => c,
-        Err(e) => panic!("cannot start a private PostgreSQL cluster: {e}"),
-    }
-}
-
-/// A fresh database with `setup` run in it; returns its URL.
-async fn database(prefix: &str, setup: &str) -> String {
-    let pg = cluster();
-    let name = unique_name(prefix);
-    pg.create_database(&name).await.expect("create database");
-    let c = pg.connect(&name).await.expect("connect");
-    c.batch_execute(setup).await.expect("set-up SQL");
-    pg.url(&name)
-}
 
 /// A test-side connection to `url`, outside any branch.
 async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = timed(
-        "connecting to PostgreSQL",
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    support::connect_within(RPC_TIMEOUT, url).await
 }
 
 async fn count(url: &str, sql: &str) -> i64 {
-    connect(url)
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect("count query")
-        .get(0)
+    support::count_within(RPC_TIMEOUT, url, sql).await
 }
 
 /// Prepared transactions of any kind left in the database.
 async fn prepared_gids(url: &str) -> i64 {
-    count(
-        url,
-        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-    )
-    .await
+    count(url, support::PREPARED_GIDS_SQL).await
 }
 
 /// Sessions holding an open transaction block in the database (an open branch).
@@ -191,7 +132,7 @@ async fn on_hand(url: &str, item: &str) -> i32 {
 // Harness: RabbitMQ consumer side
 // ---------------------------------------------------------------------------------------
 
-/// One message as found in a queue.
+/// One message as found in a queue: the event's view of it.
 #[derive(Debug, Clone, PartialEq)]
 struct Got {
     message_id: String,
@@ -199,75 +140,22 @@ struct Got {
     kind: Option<String>,
 }
 
-struct RabbitProbe {
-    _conn: Connection,
-    ch: lapin::Channel,
-}
-
 impl RabbitProbe {
-    async fn new() -> RabbitProbe {
-        let conn = timed(
-            "connecting to RabbitMQ",
-            Connection::connect(RABBIT_URL, ConnectionProperties::default()),
-        )
-        .await
-        .expect("connect to RabbitMQ at 127.0.0.1:5672");
-        let ch = conn.create_channel().await.expect("channel");
-        RabbitProbe { _conn: conn, ch }
-    }
-
-    /// Declares `queue` durable (as the resource does), so it can be drained even when
-    /// nothing was ever published to it.
-    async fn declare(&self, queue: &str) {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+    /// Takes every message currently in `queue`, as events (`kind` is the `type` header).
+    async fn events(&self, queue: &str) -> Vec<Got> {
+        self.drain(queue)
             .await
-            .expect("declare queue");
-    }
-
-    /// Takes every message currently in `queue`.
-    async fn drain(&self, queue: &str) -> Vec<Got> {
-        let mut out = Vec::new();
-        while let Some(m) = timed(
-            "basic.get",
-            self.ch
-                .basic_get(queue.into(), BasicGetOptions { no_ack: true }),
-        )
-        .await
-        .expect("basic.get")
-        {
-            let p = &m.delivery.properties;
-            let kind = p.headers().as_ref().and_then(|t| {
-                t.inner().iter().find_map(|(k, v)| match v {
-                    AMQPValue::LongString(s) if k.as_str() == "type" => Some(s.to_string()),
-                    _ => None,
-                })
-            });
-            out.push(Got {
-                message_id: p
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                payload: String::from_utf8_lossy(&m.delivery.data).into_owned(),
-                kind,
-            });
-        }
-        out
-    }
-
-    async fn delete(&self, queue: &str) {
-        let _ = self
-            .ch
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
+            .into_iter()
+            .map(|m| Got {
+                kind: m
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "type")
+                    .map(|(_, v)| v.clone()),
+                message_id: m.message_id,
+                payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            })
+            .collect()
     }
 }
 
@@ -275,65 +163,17 @@ impl RabbitProbe {
 // Harness: coordinator and the two services
 // ---------------------------------------------------------------------------------------
 
-/// An in-process coordinator with its own data directory.
-struct Coordinator {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    async fn start() -> Coordinator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind coordinator");
-        let addr = listener.local_addr().expect("local addr");
-        let cfg = ServeConfig {
-            listen: addr,
-            data_dir: dir.path().join("coordinator"),
-            retry_initial_ms: 20,
-            retry_max_ms: 300,
-            rpc_timeout_ms: 5_000,
-            connect_timeout_ms: 500,
-            commit_wait_ms: COMMIT_WAIT.as_millis() as u64,
-            ..ServeConfig::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(e) = run(cfg, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-            {
-                panic!("coordinator failed: {e}");
-            }
-        });
-        Coordinator {
-            url: format!("http://{addr}"),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
+/// An in-process coordinator with quick phase-two retries.
+async fn coordinator() -> Coordinator {
+    Coordinator::start(ServeConfig {
+        retry_initial_ms: 20,
+        retry_max_ms: 300,
+        rpc_timeout_ms: 5_000,
+        connect_timeout_ms: 500,
+        commit_wait_ms: COMMIT_WAIT.as_millis() as u64,
+        ..ServeConfig::default()
+    })
+    .await
 }
 
 /// One service process: its own SDK handle, data directory, database and broker.
@@ -361,15 +201,10 @@ impl Service {
             .start()
             .await
             .expect("start the SDK");
-        let data_dir = sdk.data_dir().expect("data dir configured").to_path_buf();
-        let store = Arc::new(StagingStore::open(data_dir).expect("open the staging store"));
+        let store = staging(sdk.data_dir().expect("data dir configured"));
         let db_url = database(name, setup).await;
         let pg = sdk
-            .register(
-                PgResource::from_url("db", &db_url, 4)
-                    .await
-                    .expect("PgResource"),
-            )
+            .register(resource("db", &db_url).await)
             .expect("register db");
         let rabbit = sdk
             .register(Arc::new(
@@ -615,11 +450,11 @@ struct World {
 
 impl World {
     async fn start() -> World {
-        let coord = Coordinator::start().await;
+        let coord = coordinator().await;
         let orders = Service::start(&coord, "orders", ORDERS_SQL).await;
         let inventory = Service::start(&coord, "inventory", INVENTORY_SQL).await;
         let host = InventoryHost::start(&inventory).await;
-        let probe = RabbitProbe::new().await;
+        let probe = RabbitProbe::bounded(RPC_TIMEOUT).await;
         probe.declare(&orders.queue).await;
         probe.declare(&inventory.queue).await;
         assert_ne!(orders.sdk.endpoint(), inventory.sdk.endpoint());
@@ -663,11 +498,11 @@ impl World {
 
     /// Neither service holds anything of any transaction any more (polled).
     async fn wait_until_clean(&self) {
-        eventually("A holds nothing open, prepared or staged", || {
+        eventually(WAIT, "A holds nothing open, prepared or staged", || {
             self.orders.is_clean()
         })
         .await;
-        eventually("B holds nothing open, prepared or staged", || {
+        eventually(WAIT, "B holds nothing open, prepared or staged", || {
             self.inventory.is_clean()
         })
         .await;
@@ -689,11 +524,11 @@ impl World {
             "stock untouched"
         );
         assert_eq!(
-            self.probe.drain(&self.orders.queue).await,
+            self.probe.events(&self.orders.queue).await,
             Vec::<Got>::new()
         );
         assert_eq!(
-            self.probe.drain(&self.inventory.queue).await,
+            self.probe.events(&self.inventory.queue).await,
             Vec::<Got>::new()
         );
     }
@@ -722,7 +557,7 @@ fn reserve(order_id: &str, item: &str, quantity: u32) -> ReserveRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_services_rows_and_events_commit_together() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
         let (a, b) = (&w.orders, &w.inventory);
 
@@ -769,8 +604,8 @@ async fn both_services_rows_and_events_commit_together() {
             count(&b.db_url, "SELECT count(*) FROM reservations").await,
             0
         );
-        assert_eq!(w.probe.drain(&a.queue).await, Vec::<Got>::new());
-        assert_eq!(w.probe.drain(&b.queue).await, Vec::<Got>::new());
+        assert_eq!(w.probe.events(&a.queue).await, Vec::<Got>::new());
+        assert_eq!(w.probe.events(&b.queue).await, Vec::<Got>::new());
 
         let committed = timed("Commit", tx.commit()).await.expect("commit");
         assert!(
@@ -804,7 +639,7 @@ async fn both_services_rows_and_events_commit_together() {
         // ...and both events, exactly once each (the publishes were confirmed before the
         // commit answered), with the transaction's deterministic message ids.
         assert_eq!(
-            w.probe.drain(&a.queue).await,
+            w.probe.events(&a.queue).await,
             vec![Got {
                 message_id: format!("{tx_id}:orders:rabbit:0"),
                 payload: order_created("o-1", "book", 2),
@@ -812,7 +647,7 @@ async fn both_services_rows_and_events_commit_together() {
             }]
         );
         assert_eq!(
-            w.probe.drain(&b.queue).await,
+            w.probe.events(&b.queue).await,
             vec![Got {
                 message_id: format!("{tx_id}:inventory:rabbit:0"),
                 payload: stock_reserved("o-1", "book", 2),
@@ -834,8 +669,8 @@ async fn both_services_rows_and_events_commit_together() {
             pb::Outcome::Committed as i32
         );
         // Nothing more arrives later.
-        assert_eq!(w.probe.drain(&a.queue).await, Vec::<Got>::new());
-        assert_eq!(w.probe.drain(&b.queue).await, Vec::<Got>::new());
+        assert_eq!(w.probe.events(&a.queue).await, Vec::<Got>::new());
+        assert_eq!(w.probe.events(&b.queue).await, Vec::<Got>::new());
 
         w.stop().await;
     })
@@ -844,7 +679,7 @@ async fn both_services_rows_and_events_commit_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_by_the_caller_undoes_the_callees_branches_too() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
         let (a, b) = (&w.orders, &w.inventory);
 
@@ -889,7 +724,7 @@ async fn an_abort_by_the_caller_undoes_the_callees_branches_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callee_branch_refusing_prepare_aborts_everything() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
         let a = &w.orders;
 
@@ -932,7 +767,7 @@ async fn a_callee_branch_refusing_prepare_aborts_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_without_the_transaction_id_is_refused_and_enlists_nothing() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
         let (a, b) = (&w.orders, &w.inventory);
 
