@@ -23,7 +23,7 @@ use super::{unexpected, Inner, Runtime};
 use crate::engine::{Event, ReplyOk, ReqId, ResolveReport, ResolveRequest, TxError};
 use crate::log::{AuditRecord, DecisionLog, LazyRecord, LogError, Recovered, StoredDecision};
 use crate::transport::Transport;
-use crate::types::TxId;
+use crate::types::{HeuristicDecision, TxId};
 
 fn log_unavailable(e: LogError) -> TxError {
     TxError::Unavailable(format!("cannot read the decision log: {e}"))
@@ -129,11 +129,25 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             }
         }
         for (tx, branch) in rec.one_phase {
-            if resolved(&tx)? {
-                info!(%tx, "recovery: one-phase commit resolved by an operator; not asked again");
-                log.record_lazy(epoch, LazyRecord::Aborted { tx })?;
-            } else {
-                kept.one_phase.push((tx, branch));
+            // The operator's word is the outcome; its record may have been lost with the
+            // lazy write that followed the audit, so it is written again from the audit.
+            let accepted = log.audits(&tx)?.into_iter().rfind(|a| a.accepted);
+            match accepted.map(|a| a.decision) {
+                Some(HeuristicDecision::Commit) => {
+                    info!(%tx, "recovery: one-phase commit resolved to COMMIT by an operator; not asked again");
+                    log.record_lazy(
+                        epoch,
+                        LazyRecord::OnePhaseCommitted {
+                            tx,
+                            branches: vec![branch],
+                        },
+                    )?;
+                }
+                Some(HeuristicDecision::Abort) => {
+                    info!(%tx, "recovery: one-phase commit resolved to ABORT by an operator; not asked again");
+                    log.record_lazy(epoch, LazyRecord::Aborted { tx })?;
+                }
+                None => kept.one_phase.push((tx, branch)),
             }
         }
         Ok(kept)
@@ -404,6 +418,11 @@ mod tests {
             rt.get(one_phase).expect("get").live.map(|e| e.state),
             None,
             "a resolved one-phase commit: its branch is not asked again"
+        );
+        assert_eq!(
+            rt.get(one_phase).expect("get").outcome,
+            Some(Outcome::Committed),
+            "the operator's COMMIT is the outcome, though the record after the audit was lost"
         );
         assert_eq!(
             rt.get(one_phase_open).expect("get").live.map(|e| e.state),
