@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -40,7 +41,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::TwoPc;
+use twopc_participant::{OutboxOptions, RabbitResource, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
@@ -1069,6 +1070,142 @@ async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// The dual write itself, committed in one phase: an order row and its OrderCreated event
+/// staged in the same PostgreSQL transaction (the outbox of the PostgreSQL branch,
+/// RabbitMQ behind it). The coordinator is killed after the branch committed and before
+/// the outcome's sync. The restarted coordinator asks the participant again, which
+/// answers from its one-phase marker, and reports COMMITTED; the row and exactly one
+/// event exist. Before the intent was synced, the restart presumed abort here and
+/// reported ABORTED for an order that was committed and published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_committed() {
+    with_deadline(TEST_DEADLINE, async {
+        let cluster = private_cluster(&[]).await;
+        let _log = PgLogOnFailure(&cluster);
+        let db_name = unique_name("fault_1p_order");
+        cluster
+            .create_database(&db_name)
+            .await
+            .expect("create database");
+        let db = cluster.connect(&db_name).await.expect("connect");
+        db.batch_execute("CREATE TABLE orders (id text PRIMARY KEY)")
+            .await
+            .expect("schema");
+        let queue = unique_name("fault_1p_events");
+        let amqp = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        )
+        .await
+        .expect("RabbitMQ connect timed out")
+        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
+        let channel = amqp.create_channel().await.expect("AMQP channel");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.declare");
+
+        let mut coord = Serve::start(
+            "one-phase-order",
+            "coordinator::before_one_phase_sync=1*off->return(abort)",
+            &[("--one-phase", "true")],
+        )
+        .await;
+        let staging_dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(StagingStore::open(staging_dir.path()).expect("staging store"));
+        let sdk = TwoPc::builder(coord.url())
+            .service("f1p")
+            .recovery_interval(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("SDK start");
+        let rabbit = sdk
+            .register(Arc::new(
+                RabbitResource::connect("mq", AMQP_URL, store)
+                    .await
+                    .expect("RabbitMQ resource"),
+            ))
+            .expect("register mq");
+        let pg = sdk
+            .register(
+                PgResource::from_url("db", &cluster.url(&db_name), 4)
+                    .await
+                    .expect("PgResource"),
+            )
+            .expect("register db");
+        pg.enable_outbox(rabbit.clone(), OutboxOptions::default())
+            .await
+            .expect("enable_outbox");
+
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        let branch = tx.postgres(&pg).await.expect("branch");
+        branch
+            .execute("INSERT INTO orders VALUES ('o1')", &[])
+            .await
+            .expect("insert");
+        branch
+            .publish(&*rabbit, &queue, b"{\"order\":\"o1\"}".to_vec())
+            .await
+            .expect("publish");
+        let res = tx.commit().await;
+        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
+        coord.wait_for_crash("aborting the process").await;
+        let rows: i64 = db
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(
+            rows, 1,
+            "the branch committed in one phase before the crash"
+        );
+
+        coord.restart("").await;
+        assert_eq!(
+            finished_outcome(&coord, &tx_id).await,
+            pb::Outcome::Committed,
+            "the restart must not presume abort for a committed, published order"
+        );
+        let deadline = Instant::now() + WAIT;
+        let mut events = Vec::new();
+        while events.is_empty() {
+            assert!(Instant::now() < deadline, "no OrderCreated within {WAIT:?}");
+            while let Some(m) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                let id = m
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string());
+                events.push(id.unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            events,
+            vec![format!("{tx_id}:f1p:db:0")],
+            "exactly one event"
+        );
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = amqp.close(200, "test done".into()).await;
+    })
+    .await;
 }
 
 /// PostgreSQL is SIGKILLed after both database branches ran PREPARE TRANSACTION (their
