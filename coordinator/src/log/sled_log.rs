@@ -68,9 +68,18 @@ use super::{
 };
 use crate::types::{BranchKind, BranchSpec, HeuristicDecision, TxId};
 
-/// Version written into every value's `format` field; values with a newer format are
-/// refused rather than misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest `format` this build reads (and writes, for one-phase intents); values with a
+/// newer format are refused rather than misread.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Format of a one-phase intent (a `preparing` value with `one_phase` set). A build that
+/// reads only version 1 would take an intent for a plain `Preparing` record and abort a
+/// branch that may have committed, so intents carry version 2 and such a build refuses
+/// them instead. Every other value is still written as version 1.
+const ONE_PHASE_INTENT_FORMAT: u32 = 2;
+
+/// Format of every value other than a one-phase intent.
+const BASE_FORMAT: u32 = 1;
 
 /// Key of the record in the `commits` tree that holds the highest LSN ever assigned. It
 /// is written in the same atomic sled batch as the commits it numbers, and its length
@@ -258,7 +267,7 @@ fn audit_prefix(tx: &TxId) -> [u8; TX_KEY_LEN + 1] {
 
 fn encode_audit(record: &AuditRecord, lsn: Lsn) -> Vec<u8> {
     AuditPb {
-        format: FORMAT_VERSION,
+        format: BASE_FORMAT,
         tx_node: record.tx.node,
         tx_epoch: record.tx.epoch,
         tx_seq: record.tx.seq,
@@ -343,7 +352,7 @@ fn check_format(what: &str, format: u32) -> Result<(), String> {
 
 fn encode_commit(record: &CommitRecord, lsn: Lsn, done: bool, one_phase: bool) -> Vec<u8> {
     CommitPb {
-        format: FORMAT_VERSION,
+        format: BASE_FORMAT,
         tx_node: record.tx.node,
         tx_epoch: record.tx.epoch,
         tx_seq: record.tx.seq,
@@ -402,7 +411,11 @@ fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>, bool), Strin
 
 fn encode_preparing(tx: &TxId, branches: &[BranchSpec], one_phase: bool) -> Vec<u8> {
     PreparingPb {
-        format: FORMAT_VERSION,
+        format: if one_phase {
+            ONE_PHASE_INTENT_FORMAT
+        } else {
+            BASE_FORMAT
+        },
         tx_node: tx.node,
         tx_epoch: tx.epoch,
         tx_seq: tx.seq,
@@ -420,7 +433,7 @@ fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {
 
 fn encode_last_lsn(last_lsn: Lsn) -> Vec<u8> {
     LastLsnPb {
-        format: FORMAT_VERSION,
+        format: BASE_FORMAT,
         last_lsn,
     }
     .encode_to_vec()
@@ -849,7 +862,7 @@ impl SledLog {
                 meta
             }
             None => MetaPb {
-                format: FORMAT_VERSION,
+                format: BASE_FORMAT,
                 node_id: rand::random::<u32>(),
                 epoch: 0,
             },
@@ -859,7 +872,7 @@ impl SledLog {
             .checked_add(1)
             .ok_or_else(|| open_failed(dir, "epoch overflow"))?;
         let meta = MetaPb {
-            format: FORMAT_VERSION,
+            format: BASE_FORMAT,
             node_id: meta.node_id,
             epoch,
         };
@@ -1625,6 +1638,33 @@ mod tests {
         .encode_to_vec();
         assert!(decode_audit(&unknown).is_err());
         assert_eq!(audit_key(&t9, 3).len(), AUDIT_KEY_LEN);
+
+        // A one-phase intent is format 2, so a build reading only format 1 refuses it
+        // instead of taking it for a Preparing record; everything else stays format 1.
+        let intent = encode_preparing(&t9, &branches(1, "i"), true);
+        let plain = encode_preparing(&t9, &branches(2, "p"), false);
+        let format_of = |v: &[u8]| PreparingPb::decode(v).expect("decode").format;
+        assert_eq!((format_of(&intent), format_of(&plain)), (2, 1));
+        assert_eq!(
+            decode_preparing(&intent).expect("decode"),
+            (t9, branches(1, "i"), true)
+        );
+        assert_eq!(
+            decode_preparing(&plain).expect("decode"),
+            (t9, branches(2, "p"), false)
+        );
+        let commit_format = CommitPb::decode(&*encode_commit(
+            &commit(t9, branches(1, "c"), 1),
+            1,
+            false,
+            false,
+        ))
+        .expect("decode")
+        .format;
+        assert_eq!(
+            commit_format, 1,
+            "COMMIT records stay readable by format-1 builds"
+        );
         assert!(audit_key(&t9, 3).starts_with(&tx_key(&t9)));
         assert!(audit_key(&t9, 2) < audit_key(&t9, 3));
     }
