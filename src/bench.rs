@@ -3,7 +3,7 @@
 //! Real gRPC (client → coordinator → participants), the real sled decision log with real
 //! syncs, and two in-process null participants per transaction that vote yes at once, so
 //! every transaction goes through prepare, a forced decision and phase two. The one-phase
-//! path (one branch, no log write) is measured separately. In the same run, a tight loop
+//! path (one branch, no prepare; its intent and outcome synced) is measured separately. In the same run, a tight loop
 //! of write + `fdatasync` with the same group-commit batching measures the disk's ceiling,
 //! so the coordinator's rate can be read as a fraction of the physical limit.
 //!
