@@ -32,14 +32,15 @@
 //! | `twopc_log_syncs_total` | counter | decision-log syncs |
 //! | `twopc_log_decisions_total` | counter | COMMIT decisions made durable |
 //! | `twopc_log_sync_batch_size` | histogram | decisions made durable per group-commit sync |
-//! | `twopc_recovery_transactions{kind}` | gauge | found by recovery at start: `commit` (to re-drive), `abort` (undecided, to abort) |
+//! | `twopc_recovery_transactions{kind}` | gauge | found by recovery at start: `commit` (to re-drive), `abort` (undecided, to abort), `one_phase` (one-phase commits whose outcome was not recorded: their branch is asked again) |
 //! | `twopc_recovery_remaining{kind}` | gauge | of those, still unfinished |
 //! | `twopc_halted` | gauge | 1 once the decision log failed and no new work is taken |
 //! | `twopc_heuristic_resolutions_total{decision,result}` | counter | operator resolutions (Admin `Resolve`) whose audit record is durable: `decision` `commit`/`abort`; `result` `accepted`, `contradicting` (accepted with force against the known outcome) or `refused` |
 //!
 //! Outcomes are counted when they are decided, not when phase two finishes; COMMIT
 //! decisions recovered from the log were taken by an earlier process and are not counted
-//! again (they show in `twopc_recovery_*`). An operator resolution decides an outcome only
+//! again (they show in `twopc_recovery_*`); a one-phase commit recovered from its intent
+//! is counted when its branch answers (the process that crashed may have counted it too). An operator resolution decides an outcome only
 //! for a transaction that was undecided (ACTIVE, PREPARING, or a one-phase commit in
 //! flight); resolving one already decided counts in `twopc_heuristic_resolutions_total`
 //! only, never as a second decision.
@@ -183,6 +184,7 @@ struct PhaseTimes {
 struct RecoveryLeft {
     commits: Vec<TxId>,
     aborts: Vec<TxId>,
+    one_phase: Vec<TxId>,
 }
 
 /// The coordinator's metrics registry. See the module docs for the list.
@@ -208,8 +210,10 @@ pub struct Metrics {
     batch_size: Histogram,
     recovery_commits: IntGauge,
     recovery_aborts: IntGauge,
+    recovery_one_phase: IntGauge,
     remaining_commits: IntGauge,
     remaining_aborts: IntGauge,
+    remaining_one_phase: IntGauge,
     halted: IntGauge,
     /// Recorded resolutions: by decision (commit, abort), then [`RESOLUTION_RESULTS`].
     resolutions: [Vec<IntCounter>; 2],
@@ -304,7 +308,7 @@ impl Metrics {
             IntGaugeVec::new(
                 Opts::new(
                     "twopc_recovery_transactions",
-                    "Transactions found by recovery at start: commit (re-drive), abort (undecided)",
+                    "Transactions found by recovery at start: commit (re-drive), abort (undecided), one_phase (ask the branch again)",
                 ),
                 &["kind"],
             )
@@ -412,8 +416,10 @@ impl Metrics {
             ),
             recovery_commits: recovery.with_label_values(&["commit"]),
             recovery_aborts: recovery.with_label_values(&["abort"]),
+            recovery_one_phase: recovery.with_label_values(&["one_phase"]),
             remaining_commits: remaining.with_label_values(&["commit"]),
             remaining_aborts: remaining.with_label_values(&["abort"]),
+            remaining_one_phase: remaining.with_label_values(&["one_phase"]),
             halted: gauge(
                 &r,
                 "twopc_halted",
@@ -482,6 +488,9 @@ impl Metrics {
                 self.recovery_aborts.set(aborts.len() as i64);
                 self.remaining_commits.set(commits.len() as i64);
                 self.remaining_aborts.set(aborts.len() as i64);
+                let one_phase: Vec<TxId> = rec.one_phase.iter().map(|(tx, _)| *tx).collect();
+                self.recovery_one_phase.set(one_phase.len() as i64);
+                self.remaining_one_phase.set(one_phase.len() as i64);
                 // Presumed abort, decided now: every undecided transaction aborts.
                 let new_aborts = aborts.iter().filter(|tx| engine.tx(tx).is_none()).count();
                 for _ in 0..new_aborts {
@@ -490,6 +499,7 @@ impl Metrics {
                 let mut left = lock(&self.recovery);
                 left.commits.extend(commits);
                 left.aborts.extend(aborts);
+                left.one_phase.extend(one_phase);
                 (Kind::Other, None, None)
             }
             _ => (Kind::Other, None, None),
@@ -664,8 +674,10 @@ impl Metrics {
             let mut left = lock(&self.recovery);
             left.commits.retain(|tx| engine.tx(tx).is_some());
             left.aborts.retain(|tx| engine.tx(tx).is_some());
+            left.one_phase.retain(|tx| engine.tx(tx).is_some());
             self.remaining_commits.set(left.commits.len() as i64);
             self.remaining_aborts.set(left.aborts.len() as i64);
+            self.remaining_one_phase.set(left.one_phase.len() as i64);
         }
         {
             let mut last = lock(&self.last_stats);
@@ -896,6 +908,31 @@ mod tests {
         assert_eq!(aborted(&m, AbortReason::Client), 0);
         assert_eq!(m.committed.get(), 0);
         assert_eq!(m.begun.get(), 3);
+        // A recovered one-phase intent: counted as found, and remaining until its branch
+        // answers (then it is a COMMIT decided now).
+        let old = TxId {
+            node: 7,
+            epoch: 0,
+            seq: 10,
+        };
+        let rec = Recovered {
+            one_phase: vec![(old, spec("z"))],
+            ..Recovered::default()
+        };
+        step(&mut e, &m, 40, Event::Recovered(rec));
+        m.refresh(&e, 40, LogStats::default(), false);
+        assert_eq!(m.recovery_one_phase.get(), 1);
+        assert_eq!(m.remaining_one_phase.get(), 1);
+        let ev = Event::CommitAcked {
+            tx: old,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        };
+        step(&mut e, &m, 41, ev);
+        step(&mut e, &m, 42, Event::Synced { tx: old });
+        m.refresh(&e, 42, LogStats::default(), false);
+        assert_eq!(m.remaining_one_phase.get(), 0);
+        assert_eq!(m.committed.get(), 1);
     }
 
     fn resolve(e: &mut Engine, m: &Metrics, req: ReqId, tx: TxId, abort: bool, force: bool) {
