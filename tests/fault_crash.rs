@@ -1049,6 +1049,36 @@ async fn private_cluster(settings: &[(&str, &str)]) -> PgCluster {
     .unwrap_or_else(|e| panic!("private PostgreSQL: {e}"))
 }
 
+/// Creates a database named after `prefix` in `cluster`, runs `schema` in it and returns
+/// its name with a connection to it.
+async fn database(
+    cluster: &PgCluster,
+    prefix: &str,
+    schema: &str,
+) -> (String, tokio_postgres::Client) {
+    let db_name = unique_name(prefix);
+    cluster
+        .create_database(&db_name)
+        .await
+        .expect("create database");
+    let db = cluster.connect(&db_name).await.expect("connect");
+    db.batch_execute(schema).await.expect("schema");
+    (db_name, db)
+}
+
+/// A connection to the machine's RabbitMQ and a channel on it.
+async fn rabbitmq() -> (Connection, lapin::Channel) {
+    let amqp = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(AMQP_URL, ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ connect timed out")
+    .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
+    let channel = amqp.create_channel().await.expect("AMQP channel");
+    (amqp, channel)
+}
+
 /// Prints the server log of a cluster when the scenario fails.
 struct PgLogOnFailure<'a>(&'a PgCluster);
 
@@ -1084,24 +1114,14 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
     with_deadline(TEST_DEADLINE, async {
         let cluster = private_cluster(&[]).await;
         let _log = PgLogOnFailure(&cluster);
-        let db_name = unique_name("fault_1p_order");
-        cluster
-            .create_database(&db_name)
-            .await
-            .expect("create database");
-        let db = cluster.connect(&db_name).await.expect("connect");
-        db.batch_execute("CREATE TABLE orders (id text PRIMARY KEY)")
-            .await
-            .expect("schema");
-        let queue = unique_name("fault_1p_events");
-        let amqp = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        let (db_name, db) = database(
+            &cluster,
+            "fault_1p_order",
+            "CREATE TABLE orders (id text PRIMARY KEY)",
         )
-        .await
-        .expect("RabbitMQ connect timed out")
-        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
-        let channel = amqp.create_channel().await.expect("AMQP channel");
+        .await;
+        let queue = unique_name("fault_1p_events");
+        let (amqp, channel) = rabbitmq().await;
         channel
             .queue_declare(
                 queue.as_str().into(),
@@ -1217,16 +1237,12 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
     with_deadline(TEST_DEADLINE, async {
         let cluster = private_cluster(&[]).await;
         let _log = PgLogOnFailure(&cluster);
-        let db_name = unique_name("fault_pgkill");
-        cluster
-            .create_database(&db_name)
-            .await
-            .expect("create database");
-        let setup = cluster.connect(&db_name).await.expect("connect");
-        setup
-            .batch_execute("CREATE TABLE t (id text PRIMARY KEY)")
-            .await
-            .expect("schema");
+        let (db_name, setup) = database(
+            &cluster,
+            "fault_pgkill",
+            "CREATE TABLE t (id text PRIMARY KEY)",
+        )
+        .await;
         drop(setup);
 
         let coord = Serve::start("pg-kill", "", &[("--prepare-timeout-ms", "20000")]).await;
@@ -1363,22 +1379,16 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
     with_deadline(TEST_DEADLINE, async {
         let cluster = private_cluster(&[]).await;
         let _log = PgLogOnFailure(&cluster);
-        let db_name = unique_name("fault_pgprep");
-        cluster
-            .create_database(&db_name)
-            .await
-            .expect("create database");
-        let setup = cluster.connect(&db_name).await.expect("connect");
-        setup
-            .batch_execute(
-                "CREATE TABLE t (id text PRIMARY KEY);
-                 CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
-                   $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
-                 CREATE CONSTRAINT TRIGGER slow_at_prepare AFTER INSERT ON t
-                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();",
-            )
-            .await
-            .expect("schema");
+        let (db_name, setup) = database(
+            &cluster,
+            "fault_pgprep",
+            "CREATE TABLE t (id text PRIMARY KEY);
+             CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_at_prepare AFTER INSERT ON t
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();",
+        )
+        .await;
         drop(setup);
 
         let coord = Serve::start("pg-kill-prepare", "", &[("--prepare-timeout-ms", "20000")]).await;
@@ -1540,14 +1550,7 @@ impl OrderWorld {
             ],
         )
         .await;
-        let amqp = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(AMQP_URL, ConnectionProperties::default()),
-        )
-        .await
-        .expect("RabbitMQ connect timed out")
-        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
-        let channel = amqp.create_channel().await.expect("AMQP channel");
+        let (amqp, channel) = rabbitmq().await;
         OrderWorld {
             coord,
             db_url: cluster.url(&db_name),
