@@ -6,7 +6,8 @@
 //! branch's rows:
 //!
 //! * when the transaction has no other branch, in **one phase** — no `PREPARE TRANSACTION`,
-//!   no forced decision in the coordinator's log, no sync of a staging store;
+//!   no prepare round, no sync of a staging store (the coordinator only syncs its one-phase
+//!   intent and outcome, shared with every other commit of the moment);
 //! * otherwise inside the branch's prepared transaction, like any other row of it.
 //!
 //! Once the branch has committed, the **relay** of the resource publishes its messages at
