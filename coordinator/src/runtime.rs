@@ -54,12 +54,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::engine::{
     Command, Engine, EngineConfig, Event, Message, Outcome, Provenance, ReplyOk, Timer, TxEntry,
-    TxError,
+    TxError, TxState,
 };
 use crate::log::{DecisionLog, LogError};
 use crate::metrics::Metrics;
 use crate::transport::Transport;
-use crate::types::{BranchSpec, TxId};
+use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
 /// Called once when the coordinator halts, with the reason.
 type HaltHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -318,19 +318,27 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
-    /// The outcome of a transaction the engine no longer holds: the log's COMMIT record,
-    /// else presumed abort. Unknown ids are NOT_FOUND.
+    /// The outcome of a transaction the engine no longer holds: the log's COMMIT record
+    /// (or an operator's accepted COMMIT of a one-phase commit), else presumed abort.
+    /// Unknown ids are NOT_FOUND.
     fn resolve(&self, tx: &TxId) -> Result<Resolved, TxError> {
         // Read the log first: if the engine forgets the transaction meanwhile, the record
         // it answered from (a COMMIT written before the forget) is already visible.
+        let unreadable =
+            |e: LogError| TxError::Unavailable(format!("cannot read the decision log: {e}"));
         let log_has_commit = match lock(&self.inner.engine).provenance(tx) {
             Provenance::Unknown => false,
-            _ => self
-                .inner
-                .log
-                .decision(tx)
-                .map_err(|e| TxError::Unavailable(format!("cannot read the decision log: {e}")))?
-                .is_some(),
+            _ => {
+                self.inner.log.decision(tx).map_err(unreadable)?.is_some()
+                    // An operator's accepted COMMIT of a one-phase commit (judged while
+                    // PREPARING: only a one-phase commit can be resolved to COMMIT there)
+                    // is its outcome, even if the record written after the audit was lost.
+                    || self.inner.log.audits(tx).map_err(unreadable)?.iter().any(|a| {
+                        a.accepted
+                            && a.decision == HeuristicDecision::Commit
+                            && a.prior_state == TxState::Preparing.name()
+                    })
+            }
         };
         let outcome = lock(&self.inner.engine).outcome_of(tx, log_has_commit)?;
         // A live transaction has no final outcome until it is decided: only callers that

@@ -320,6 +320,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_operators_commit_of_a_one_phase_commit_is_its_outcome_without_its_record() {
+        let log = MemoryLog::new();
+        let e = log.epoch();
+        let tx = |seq| TxId {
+            node: log.node_id(),
+            epoch: e,
+            seq,
+        };
+        let (one_phase, contradicted) = (tx(1), tx(2));
+        let audit = |t, prior: &str, contradicts| AuditRecord {
+            tx: t,
+            decision: HeuristicDecision::Commit,
+            operator: "bob".into(),
+            reason: "the branch committed".into(),
+            force: contradicts,
+            at_ms: 1,
+            prior_state: prior.into(),
+            accepted: true,
+            contradicts,
+            branches: vec!["db".into()],
+            detail: String::new(),
+        };
+        // Only the audit records reached the disk (no intent, no outcome record).
+        log.force_audit(e, audit(one_phase, "PREPARING", false))
+            .await
+            .expect("audit");
+        log.force_audit(e, audit(contradicted, "ABORTED", true))
+            .await
+            .expect("audit");
+        let rt = runtime(log.reopen());
+        rt.recover().expect("recover");
+        assert_eq!(
+            rt.get(one_phase).expect("get").outcome,
+            Some(Outcome::Committed),
+            "the operator's COMMIT of a one-phase commit is its outcome"
+        );
+        assert_eq!(
+            rt.get(contradicted).expect("get").outcome,
+            Some(Outcome::Aborted),
+            "a forced COMMIT against an ABORTED outcome is recorded, never the outcome"
+        );
+    }
+
+    #[tokio::test]
     async fn recovery_skips_transactions_an_operator_resolved() {
         let log = MemoryLog::new();
         let e = log.epoch();
