@@ -1079,6 +1079,21 @@ async fn rabbitmq() -> (Connection, lapin::Channel) {
     (amqp, channel)
 }
 
+/// Declares `queue` durable, as the SDK does.
+async fn declare_durable(channel: &lapin::Channel, queue: &str) {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare");
+}
+
 /// Prints the server log of a cluster when the scenario fails.
 struct PgLogOnFailure<'a>(&'a PgCluster);
 
@@ -1122,17 +1137,7 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
         .await;
         let queue = unique_name("fault_1p_events");
         let (amqp, channel) = rabbitmq().await;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue.declare");
+        declare_durable(&channel, &queue).await;
 
         let mut coord = Serve::start(
             "one-phase-order",
@@ -1654,17 +1659,7 @@ impl OrderWorld {
 
     /// Takes every message in the queue (declared durable, as the SDK does).
     async fn drain(&self) -> Vec<(String, Vec<u8>)> {
-        self.channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue.declare");
+        declare_durable(&self.channel, &self.queue).await;
         let mut out = Vec::new();
         while let Some(m) = self
             .channel

@@ -601,6 +601,36 @@ impl World {
         self.tx(tx_id).await
     }
 
+    /// Runs `--place o1` of the `--stage-events database` service with `failpoint` set
+    /// to abort the process.
+    async fn place_killed_at(&mut self, failpoint: &str) -> Run {
+        self.service
+            .run(
+                &database_staging(&["--place", "o1"]),
+                &format!("{failpoint}=return(abort)"),
+            )
+            .await
+    }
+
+    /// Runs `--recover` of the `--stage-events database` service.
+    async fn recover_database_staged(&mut self) -> Run {
+        self.service
+            .run(&database_staging(&["--recover"]), "")
+            .await
+    }
+
+    /// The outbox is empty and the queue held exactly one OrderCreated of `tx_id`.
+    async fn assert_published_once(&self, tx_id: &str) {
+        assert_eq!(
+            self.outbox_rows().await,
+            0,
+            "published and deleted before the exit"
+        );
+        let events = self.drain().await;
+        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
+        assert_order_created_from_outbox(&events[0], tx_id);
+    }
+
     async fn cleanup(self) {
         let _ = self
             .channel
@@ -789,13 +819,7 @@ async fn database_staged_killed_after_prepare_before_its_vote_rolls_back_row_and
         let mut w = World::start().await;
         let failpoint = "participant::after_prepare_before_reply";
 
-        let run = w
-            .service
-            .run(
-                &database_staging(&["--place", "o1"]),
-                &format!("{failpoint}=return(abort)"),
-            )
-            .await;
+        let run = w.place_killed_at(failpoint).await;
         assert_aborted_by_failpoint(&run, failpoint);
         let tx_id = w.prepared_tx().await;
 
@@ -818,7 +842,7 @@ async fn database_staged_killed_after_prepare_before_its_vote_rolls_back_row_and
         );
         assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
 
-        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        let run = w.recover_database_staged().await;
         assert_recovered_db_branch(&run, &tx_id);
 
         assert_eq!(
@@ -850,13 +874,7 @@ async fn database_staged_killed_before_commit_recovery_commits_and_publishes_onc
         let mut w = World::start().await;
         let failpoint = "participant::before_commit";
 
-        let run = w
-            .service
-            .run(
-                &database_staging(&["--place", "o1"]),
-                &format!("{failpoint}=return(abort)"),
-            )
-            .await;
+        let run = w.place_killed_at(failpoint).await;
         assert_aborted_by_failpoint(&run, failpoint);
         let tx_id = w.prepared_tx().await;
         let r = w.tx(&tx_id).await;
@@ -878,7 +896,7 @@ async fn database_staged_killed_before_commit_recovery_commits_and_publishes_onc
         assert_eq!(w.outbox_rows().await, 0, "the outbox row is still prepared");
         assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
 
-        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        let run = w.recover_database_staged().await;
         assert_recovered_db_branch(&run, &tx_id);
 
         assert_eq!(
@@ -891,14 +909,7 @@ async fn database_staged_killed_before_commit_recovery_commits_and_publishes_onc
             Vec::<String>::new(),
             "no prepared gid left"
         );
-        assert_eq!(
-            w.outbox_rows().await,
-            0,
-            "published and deleted before the exit"
-        );
-        let events = w.drain().await;
-        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
-        assert_order_created_from_outbox(&events[0], &tx_id);
+        w.assert_published_once(&tx_id).await;
         let r = w.wait_for_state(&tx_id, pb::TxState::Committed).await;
         assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
         w.cleanup().await;
@@ -915,13 +926,7 @@ async fn database_staged_killed_before_the_relay_publishes_the_sweep_publishes_o
         let mut w = World::start().await;
         let failpoint = "participant::outbox::before_publish";
 
-        let run = w
-            .service
-            .run(
-                &database_staging(&["--place", "o1"]),
-                &format!("{failpoint}=return(abort)"),
-            )
-            .await;
+        let run = w.place_killed_at(failpoint).await;
         assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
         assert_eq!(
             w.prepared_gids().await,
@@ -941,17 +946,10 @@ async fn database_staged_killed_before_the_relay_publishes_the_sweep_publishes_o
         let r = w.tx(&tx_id).await;
         assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
 
-        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        let run = w.recover_database_staged().await;
         assert_recovered_nothing(&run);
 
-        assert_eq!(
-            w.outbox_rows().await,
-            0,
-            "published and deleted before the exit"
-        );
-        let events = w.drain().await;
-        assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
-        assert_order_created_from_outbox(&events[0], &tx_id);
+        w.assert_published_once(&tx_id).await;
         assert_eq!(w.prepared_gids().await, Vec::<String>::new());
         w.cleanup().await;
     })
@@ -968,13 +966,7 @@ async fn database_staged_killed_after_publish_before_delete_the_sweep_republishe
         let mut w = World::start().await;
         let failpoint = "participant::outbox::after_publish_before_delete";
 
-        let run = w
-            .service
-            .run(
-                &database_staging(&["--place", "o1"]),
-                &format!("{failpoint}=return(abort)"),
-            )
-            .await;
+        let run = w.place_killed_at(failpoint).await;
         assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
         assert_eq!(
             w.prepared_gids().await,
@@ -995,7 +987,7 @@ async fn database_staged_killed_after_publish_before_delete_the_sweep_republishe
             "the broker confirmed the event before the kill"
         );
 
-        let run = w.service.run(&database_staging(&["--recover"]), "").await;
+        let run = w.recover_database_staged().await;
         assert_recovered_nothing(&run);
 
         assert_eq!(w.outbox_rows().await, 0, "deleted after the second publish");
@@ -1035,13 +1027,7 @@ async fn one_phase_killed_before_the_relay_publishes() {
     let mut w = World::start_with(&[]).await;
     let failpoint = "participant::outbox::before_publish";
 
-    let run = w
-        .service
-        .run(
-            &database_staging(&["--place", "o1"]),
-            &format!("{failpoint}=return(abort)"),
-        )
-        .await;
+    let run = w.place_killed_at(failpoint).await;
     assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
     assert_eq!(
         w.prepared_gids().await,
@@ -1068,17 +1054,10 @@ async fn one_phase_killed_before_the_relay_publishes() {
         "a one-phase commit: {r:?}"
     );
 
-    let run = w.service.run(&database_staging(&["--recover"]), "").await;
+    let run = w.recover_database_staged().await;
     assert_recovered_nothing(&run);
 
-    assert_eq!(
-        w.outbox_rows().await,
-        0,
-        "published and deleted before the exit"
-    );
-    let events = w.drain().await;
-    assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
-    assert_order_created_from_outbox(&events[0], &tx_id);
+    w.assert_published_once(&tx_id).await;
     assert_eq!(w.prepared_gids().await, Vec::<String>::new());
     // The row and its event are committed: so must the transaction be.
     let r = w.wait_until_finished(&tx_id).await;

@@ -319,6 +319,24 @@ mod tests {
         ));
     }
 
+    /// An operator's COMMIT resolution of `tx`, judged in `prior_state` (forced exactly
+    /// when it `contradicts` the known outcome).
+    fn commit_audit(tx: TxId, prior_state: &str, accepted: bool, contradicts: bool) -> AuditRecord {
+        AuditRecord {
+            tx,
+            decision: HeuristicDecision::Commit,
+            operator: "bob".into(),
+            reason: "host gone".into(),
+            force: contradicts,
+            at_ms: 1,
+            prior_state: prior_state.into(),
+            accepted,
+            contradicts,
+            branches: vec!["gone".into()],
+            detail: String::new(),
+        }
+    }
+
     #[tokio::test]
     async fn an_operators_commit_of_a_one_phase_commit_is_its_outcome_without_its_record() {
         let log = MemoryLog::new();
@@ -329,24 +347,11 @@ mod tests {
             seq,
         };
         let (one_phase, contradicted) = (tx(1), tx(2));
-        let audit = |t, prior: &str, contradicts| AuditRecord {
-            tx: t,
-            decision: HeuristicDecision::Commit,
-            operator: "bob".into(),
-            reason: "the branch committed".into(),
-            force: contradicts,
-            at_ms: 1,
-            prior_state: prior.into(),
-            accepted: true,
-            contradicts,
-            branches: vec!["db".into()],
-            detail: String::new(),
-        };
         // Only the audit records reached the disk (no intent, no outcome record).
-        log.force_audit(e, audit(one_phase, "PREPARING", false))
+        log.force_audit(e, commit_audit(one_phase, "PREPARING", true, false))
             .await
             .expect("audit");
-        log.force_audit(e, audit(contradicted, "ABORTED", true))
+        log.force_audit(e, commit_audit(contradicted, "ABORTED", true, true))
             .await
             .expect("audit");
         let rt = runtime(log.reopen());
@@ -404,30 +409,17 @@ mod tests {
             )
             .expect("lazy");
         }
-        let audit = |t, accepted| AuditRecord {
-            tx: t,
-            decision: HeuristicDecision::Commit,
-            operator: "bob".into(),
-            reason: "host gone".into(),
-            force: false,
-            at_ms: 1,
-            prior_state: "COMMITTING".into(),
-            accepted,
-            contradicts: false,
-            branches: vec!["gone".into()],
-            detail: String::new(),
-        };
         // The audit records are durable, the lazy records that finished them were lost.
-        log.force_audit(e, audit(resolved, true))
+        log.force_audit(e, commit_audit(resolved, "COMMITTING", true, false))
             .await
             .expect("audit");
-        log.force_audit(e, audit(refused, false))
+        log.force_audit(e, commit_audit(refused, "COMMITTING", false, false))
             .await
             .expect("audit");
-        log.force_audit(e, audit(undecided, true))
+        log.force_audit(e, commit_audit(undecided, "COMMITTING", true, false))
             .await
             .expect("audit");
-        log.force_audit(e, audit(one_phase, true))
+        log.force_audit(e, commit_audit(one_phase, "COMMITTING", true, false))
             .await
             .expect("audit");
         let log = log.reopen();
