@@ -1103,15 +1103,22 @@ impl Engine {
         self.drive_commit(tx, out);
     }
 
-    /// A one-phase intent is durable (send the commit) or a one-phase outcome is (answer).
-    fn on_synced(&mut self, tx: TxId, out: &mut Vec<Command>) {
-        let Some(entry) = self.txs.get_mut(&tx) else {
-            return;
-        };
+    /// The one-phase transaction `tx` whose outstanding [`Command::Sync`] just ended
+    /// (clearing the mark); `None` if there is no such sync (finished, or resolved meanwhile).
+    fn take_one_phase_sync(&mut self, tx: TxId) -> Option<&mut TxEntry> {
+        let entry = self.txs.get_mut(&tx)?;
         if !entry.sync_pending || !entry.one_phase {
-            return;
+            return None;
         }
         entry.sync_pending = false;
+        Some(entry)
+    }
+
+    /// A one-phase intent is durable (send the commit) or a one-phase outcome is (answer).
+    fn on_synced(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.take_one_phase_sync(tx) else {
+            return;
+        };
         match entry.state {
             TxState::Preparing => {
                 if let Some(b) = entry.branches.first_mut() {
@@ -1148,13 +1155,9 @@ impl Engine {
     /// record reached the disk only a restart can tell.
     fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
         self.halt(&error, out);
-        let Some(entry) = self.txs.get_mut(&tx) else {
+        let Some(entry) = self.take_one_phase_sync(tx) else {
             return;
         };
-        if !entry.sync_pending || !entry.one_phase {
-            return;
-        }
-        entry.sync_pending = false;
         if !matches!(entry.state, TxState::Preparing | TxState::Committing) {
             return;
         }
