@@ -612,6 +612,27 @@ impl World {
             .await
     }
 
+    /// [`World::place_killed_at`] for a fail point past the commit of the order's only
+    /// branch: checks the process died there, nothing is prepared, the row is committed
+    /// and one outbox row waits; returns the transaction id and the row's message id.
+    async fn killed_after_commit(&mut self, failpoint: &str) -> (String, String) {
+        let run = self.place_killed_at(failpoint).await;
+        assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
+        assert_eq!(
+            self.prepared_gids().await,
+            Vec::<String>::new(),
+            "the branch committed: nothing is prepared"
+        );
+        assert_eq!(
+            self.order_row("o1").await,
+            Some(("alice".into(), "sku-1".into(), 1)),
+            "the row committed before the kill"
+        );
+        let outbox = self.outbox().await;
+        assert_eq!(outbox.len(), 1, "one outbox row is left: {outbox:?}");
+        (tx_of_gid(&outbox[0].0), outbox[0].1.clone())
+    }
+
     /// Runs `--recover` of the `--stage-events database` service.
     async fn recover_database_staged(&mut self) -> Run {
         self.service
@@ -926,22 +947,8 @@ async fn database_staged_killed_before_the_relay_publishes_the_sweep_publishes_o
         let mut w = World::start().await;
         let failpoint = "participant::outbox::before_publish";
 
-        let run = w.place_killed_at(failpoint).await;
-        assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
-        assert_eq!(
-            w.prepared_gids().await,
-            Vec::<String>::new(),
-            "the gid committed"
-        );
-        assert_eq!(
-            w.order_row("o1").await,
-            Some(("alice".into(), "sku-1".into(), 1)),
-            "the row committed before the kill"
-        );
-        let outbox = w.outbox().await;
-        assert_eq!(outbox.len(), 1, "the event waits in the outbox: {outbox:?}");
-        let tx_id = tx_of_gid(&outbox[0].0);
-        assert_eq!(outbox[0].1, format!("{tx_id}:{DB_BRANCH}:0"));
+        let (tx_id, message_id) = w.killed_after_commit(failpoint).await;
+        assert_eq!(message_id, format!("{tx_id}:{DB_BRANCH}:0"));
         assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
         let r = w.tx(&tx_id).await;
         assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
@@ -966,21 +973,7 @@ async fn database_staged_killed_after_publish_before_delete_the_sweep_republishe
         let mut w = World::start().await;
         let failpoint = "participant::outbox::after_publish_before_delete";
 
-        let run = w.place_killed_at(failpoint).await;
-        assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
-        assert_eq!(
-            w.prepared_gids().await,
-            Vec::<String>::new(),
-            "the gid committed"
-        );
-        assert_eq!(
-            w.order_row("o1").await,
-            Some(("alice".into(), "sku-1".into(), 1)),
-            "the row committed before the kill"
-        );
-        let outbox = w.outbox().await;
-        assert_eq!(outbox.len(), 1, "the row was not deleted: {outbox:?}");
-        let tx_id = tx_of_gid(&outbox[0].0);
+        let (tx_id, _) = w.killed_after_commit(failpoint).await;
         assert_eq!(
             w.queue_len().await,
             1,
@@ -1027,21 +1020,7 @@ async fn one_phase_killed_before_the_relay_publishes() {
     let mut w = World::start_with(&[]).await;
     let failpoint = "participant::outbox::before_publish";
 
-    let run = w.place_killed_at(failpoint).await;
-    assert_aborted_by_failpoint_after_commit(&run, failpoint, "o1");
-    assert_eq!(
-        w.prepared_gids().await,
-        Vec::<String>::new(),
-        "one phase: nothing prepared"
-    );
-    assert_eq!(
-        w.order_row("o1").await,
-        Some(("alice".into(), "sku-1".into(), 1)),
-        "the row committed before the kill"
-    );
-    let outbox = w.outbox().await;
-    assert_eq!(outbox.len(), 1, "the event waits in the outbox: {outbox:?}");
-    let tx_id = tx_of_gid(&outbox[0].0);
+    let (tx_id, _) = w.killed_after_commit(failpoint).await;
     assert_eq!(w.queue_len().await, 0, "nothing published before the kill");
     // One phase: the commit is still in the dead participant's hands (Preparing), or its
     // answer made it out (Committed); a two-phase commit would be Committing here.
