@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use twopc_coordinator::server::ServeConfig;
 use twopc_participant::{
-    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PublishOptions,
-    RabbitResource, Resource, StagingStore, TwoPc,
+    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
+    PublishOptions, RabbitResource, Resource, StagingStore, TwoPc,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::unique_name;
@@ -177,6 +177,71 @@ async fn rabbit(name: &str, store: Arc<StagingStore>) -> Arc<RabbitResource> {
     )
 }
 
+/// The set-up most tests share: a coordinator, a staging directory, an SDK handle, a
+/// declared queue (named after `queue_prefix`), a database (after `db_prefix`, set up
+/// with `setup`) registered as "db", and a RabbitMQ resource "rabbit" attached to it
+/// as its outbox broker with `options`.
+///
+/// Tests keep it whole (`w.sdk`, `w.db`, ...) for their whole run, so the temporary
+/// directory lives until the end of the test. The fields are declared in the reverse
+/// order of their creation: they are dropped in declaration order, as the locals of a
+/// test are in reverse order of theirs.
+struct World {
+    db: Arc<PgResource>,
+    rabbit: Arc<RabbitResource>,
+    url: String,
+    probe: RabbitProbe,
+    queue: String,
+    sdk: TwoPc,
+    store: Arc<StagingStore>,
+    _dir: tempfile::TempDir,
+    coord: Coordinator,
+}
+
+impl World {
+    /// Starts the pieces in the order the tests rely on; the broker is registered with
+    /// the SDK (before the database) only if `register_broker`.
+    async fn start(
+        queue_prefix: &str,
+        db_prefix: &str,
+        setup: &str,
+        options: OutboxOptions,
+        register_broker: bool,
+    ) -> World {
+        let coord = coordinator().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let queue = unique_name(queue_prefix);
+        let probe = RabbitProbe::new().await;
+        probe.declare(&queue).await;
+        let url = database(db_prefix, setup).await;
+        let rabbit = rabbit("rabbit", store.clone()).await;
+        let rabbit = if register_broker {
+            sdk.register(rabbit).expect("register rabbit")
+        } else {
+            rabbit
+        };
+        let db = sdk
+            .register(resource("db", &url).await)
+            .expect("register db");
+        db.enable_outbox(rabbit.clone(), options)
+            .await
+            .expect("enable_outbox");
+        World {
+            coord,
+            _dir: dir,
+            store,
+            sdk,
+            queue,
+            probe,
+            url,
+            rabbit,
+            db,
+        }
+    }
+}
+
 fn usage(err: Error) -> String {
     match err {
         Error::Usage(m) => m,
@@ -217,31 +282,14 @@ impl RabbitProbe {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_1p");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("ob1p", ORDERS).await;
+        // The broker is registered too, so that an enlistment of a broker branch would
+        // be possible (and visible to the coordinator).
+        let w = World::start("outbox_1p", "ob1p", ORDERS, slow_sweep(), true).await;
+        assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
 
-        // Registered too, so that an enlistment of a broker branch would be possible
-        // (and visible to the coordinator).
-        let rabbit = sdk
-            .register(rabbit("rabbit", store.clone()).await)
-            .expect("register rabbit");
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
-        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
-
-        let tx = sdk.begin().await.expect("begin");
+        let tx = w.sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
-        let pg = tx.postgres(&db).await.expect("branch");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         // A temporary table cannot be prepared: committing it proves no PREPARE ran.
         pg.execute("CREATE TEMP TABLE scratch (v int) ON COMMIT DROP", &[])
             .await
@@ -250,7 +298,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
             .await
             .expect("insert");
         let id0 = pg
-            .publish(&*rabbit, &queue, b"{\"order\":1}".to_vec())
+            .publish(&*w.rabbit, &w.queue, b"{\"order\":1}".to_vec())
             .await
             .expect("publish");
         let opts = PublishOptions {
@@ -261,7 +309,12 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
             content_type: Some("application/json".into()),
         };
         let id1 = pg
-            .publish_with(&*rabbit, &queue, b"{\"order\":1,\"v\":2}".to_vec(), opts)
+            .publish_with(
+                &*w.rabbit,
+                &w.queue,
+                b"{\"order\":1,\"v\":2}".to_vec(),
+                opts,
+            )
             .await
             .expect("publish_with");
         assert_eq!(id0, format!("{tx_id}:svc:db:0"));
@@ -299,7 +352,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
                     "rabbit".to_string(),
                     gid.clone(),
                     id0.clone(),
-                    queue.clone(),
+                    w.queue.clone(),
                     b"{\"order\":1}".to_vec(),
                     None,
                     None
@@ -308,23 +361,23 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
                     "rabbit".to_string(),
                     gid,
                     id1.clone(),
-                    queue.clone(),
+                    w.queue.clone(),
                     b"{\"order\":1,\"v\":2}".to_vec(),
                     Some(r#"[["kind","OrderCreated"],["tenant","t-7"]]"#.to_string()),
                     Some("application/json".to_string())
                 ),
             ]
         );
-        assert_eq!(outbox_rows(&url).await, 0);
-        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
-        assert_eq!(rabbit.core().buffered(&tx_id, "svc:rabbit"), 0);
-        assert_eq!(rabbit.core().open_branches(), 0);
+        assert_eq!(outbox_rows(&w.url).await, 0);
+        assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
+        assert_eq!(w.rabbit.core().buffered(&tx_id, "svc:rabbit"), 0);
+        assert_eq!(w.rabbit.core().open_branches(), 0);
         assert_eq!(
-            coordinator_branches(&sdk, &tx_id).await,
+            coordinator_branches(&w.sdk, &tx_id).await,
             vec![("svc:db".to_string(), pb::BranchKind::Database as i32)]
         );
         assert!(
-            probe.drain(&queue).await.is_empty(),
+            w.probe.drain(&w.queue).await.is_empty(),
             "nothing before commit"
         );
 
@@ -332,7 +385,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
         assert!(committed.pending_branches.is_empty(), "{committed:?}");
         // A one-phase commit leaves nothing in the coordinator's memory: the branch list
         // of the finished transaction is empty (one branch was checked before commit).
-        let after = get_tx(&sdk, &tx_id).await;
+        let after = get_tx(&w.sdk, &tx_id).await;
         assert_eq!(after.outcome, pb::Outcome::Committed as i32, "{after:?}");
         assert_eq!(after.state, pb::TxState::Committed as i32, "{after:?}");
         assert!(
@@ -342,10 +395,10 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
                 .all(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "svc:db")),
             "{after:?}"
         );
-        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
-        assert_eq!(prepared_gids(&url).await, 0);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&w.url).await, 0);
 
-        let got = probe.take(&queue, 2).await;
+        let got = w.probe.take(&w.queue, 2).await;
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].message_id, id0);
         assert_eq!(got[0].payload, b"{\"order\":1}");
@@ -367,27 +420,27 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
         );
 
         eventually(WAIT, "the relay deleted the published rows", || async {
-            db.outbox_backlog().await.expect("backlog") == 0 && outbox_rows(&url).await == 0
+            w.db.outbox_backlog().await.expect("backlog") == 0 && outbox_rows(&w.url).await == 0
         })
         .await;
         // No broker branch was ever opened or staged.
-        assert_eq!(rabbit.core().open_branches(), 0);
-        assert!(store.is_empty(), "{:?}", store.list());
+        assert_eq!(w.rabbit.core().open_branches(), 0);
+        assert!(w.store.is_empty(), "{:?}", w.store.list());
         // And nothing more arrives.
         stays("no duplicate", Duration::from_millis(300), || async {
-            probe.drain(&queue).await.is_empty()
+            w.probe.drain(&w.queue).await.is_empty()
         })
         .await;
         // The branch is finished.
         let err = pg
-            .publish(&*rabbit, &queue, b"late".to_vec())
+            .publish(&*w.rabbit, &w.queue, b"late".to_vec())
             .await
             .expect_err("committed");
         assert!(usage(err).contains("committed"));
 
-        probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -396,32 +449,19 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_transaction_publishes_nothing() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_abort");
+        let w = World::start("outbox_abort", "obab", ORDERS, fast_sweep(), false).await;
         let control = unique_name("outbox_ctl");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        probe.declare(&control).await;
-        let url = database("obab", ORDERS).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), fast_sweep())
-            .await
-            .expect("enable_outbox");
+        w.probe.declare(&control).await;
 
-        let tx = sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&db).await.expect("branch");
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
             .await
             .expect("insert");
-        pg.publish(&*rabbit, &queue, b"never 0".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"never 0".to_vec())
             .await
             .expect("publish");
-        pg.publish(&*rabbit, &queue, b"never 1".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"never 1".to_vec())
             .await
             .expect("publish");
         tx.abort("changed my mind").await.expect("abort");
@@ -430,28 +470,28 @@ async fn an_aborted_transaction_publishes_nothing() {
         })
         .await;
 
-        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 0);
-        assert_eq!(outbox_rows(&url).await, 0);
-        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(outbox_rows(&w.url).await, 0);
+        assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
         // A row committed after the abort is swept: a sweep ran after the abort, and it
         // would have taken the aborted rows (older, lower ids) had they been committed.
-        insert_row(&url, "rabbit", "control", "control-0", &control, b"c", None, None).await;
-        let got = probe.take(&control, 1).await;
+        insert_row(&w.url, "rabbit", "control", "control-0", &control, b"c", None, None).await;
+        let got = w.probe.take(&control, 1).await;
         assert_eq!(got[0].message_id, "control-0");
         stays("the aborted messages never arrive", Duration::from_millis(500), || async {
-            probe.drain(&queue).await.is_empty()
+            w.probe.drain(&w.queue).await.is_empty()
         })
         .await;
         eventually(WAIT, "the control row is deleted", || async {
-            outbox_rows(&url).await == 0
+            outbox_rows(&w.url).await == 0
         })
         .await;
-        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
 
-        probe.delete(&queue).await;
-        probe.delete(&control).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.probe.delete(&w.queue).await;
+        w.probe.delete(&control).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -461,30 +501,17 @@ async fn an_aborted_transaction_publishes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_fail");
-        let control = unique_name("outbox_ctl");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        probe.declare(&control).await;
         let setup = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
-        let url = database("obfail", &setup).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), fast_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_fail", "obfail", &setup, fast_sweep(), false).await;
+        let control = unique_name("outbox_ctl");
+        w.probe.declare(&control).await;
 
-        let tx = sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&db).await.expect("branch");
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
             .await
             .expect("insert");
-        pg.publish(&*rabbit, &queue, b"never".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"never".to_vec())
             .await
             .expect("publish");
         let err = pg
@@ -498,11 +525,11 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
         assert!(matches!(err, Error::Aborted(_)), "{msg}");
         assert!(msg.contains("23505"), "{msg}");
 
-        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
-        assert_eq!(outbox_rows(&url).await, 0);
-        assert_eq!(db.outbox_backlog().await.expect("backlog"), 0);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(outbox_rows(&w.url).await, 0);
+        assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
         insert_row(
-            &url,
+            &w.url,
             "rabbit",
             "control",
             "control-0",
@@ -512,23 +539,23 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
             None,
         )
         .await;
-        let got = probe.take(&control, 1).await;
+        let got = w.probe.take(&control, 1).await;
         assert_eq!(got[0].message_id, "control-0");
         stays(
             "the rolled-back message never arrives",
             Duration::from_millis(500),
-            || async { probe.drain(&queue).await.is_empty() },
+            || async { w.probe.drain(&w.queue).await.is_empty() },
         )
         .await;
         eventually(WAIT, "the control row is deleted", || async {
-            db.outbox_backlog().await.expect("backlog") == 0
+            w.db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
 
-        probe.delete(&queue).await;
-        probe.delete(&control).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.probe.delete(&w.queue).await;
+        w.probe.delete(&control).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -652,41 +679,25 @@ async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_mixed");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("obmix", ORDERS).await;
-        let rabbit = sdk
-            .register(rabbit("rabbit", store.clone()).await)
-            .expect("register rabbit");
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_mixed", "obmix", ORDERS, slow_sweep(), true).await;
 
-        let tx = sdk.begin().await.expect("begin");
+        let tx = w.sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
-        let pg = tx.postgres(&db).await.expect("branch");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
             .await
             .expect("insert");
         let from_db = pg
-            .publish(&*rabbit, &queue, b"from the database".to_vec())
+            .publish(&*w.rabbit, &w.queue, b"from the database".to_vec())
             .await
             .expect("pg publish");
         let from_broker = tx
-            .publish(&*rabbit, &queue, b"from the broker branch".to_vec())
+            .publish(&*w.rabbit, &w.queue, b"from the broker branch".to_vec())
             .await
             .expect("tx publish");
         assert_eq!(from_db, format!("{tx_id}:svc:db:0"));
         assert_eq!(from_broker, format!("{tx_id}:svc:rabbit:0"));
-        let mut branches = coordinator_branches(&sdk, &tx_id).await;
+        let mut branches = coordinator_branches(&w.sdk, &tx_id).await;
         branches.sort();
         assert_eq!(
             branches,
@@ -698,11 +709,12 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
 
         let committed = tx.commit().await.expect("commit");
         assert!(committed.pending_branches.is_empty(), "{committed:?}");
-        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
-        assert_eq!(prepared_gids(&url).await, 0);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&w.url).await, 0);
 
-        let mut got: Vec<_> = probe
-            .take(&queue, 2)
+        let mut got: Vec<_> = w
+            .probe
+            .take(&w.queue, 2)
             .await
             .into_iter()
             .map(|g| (g.message_id, g.payload))
@@ -715,18 +727,18 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
         want.sort();
         assert_eq!(got, want);
         eventually(WAIT, "the relay deleted the row", || async {
-            db.outbox_backlog().await.expect("backlog") == 0
+            w.db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
         stays("no duplicate", Duration::from_millis(300), || async {
-            probe.drain(&queue).await.is_empty()
+            w.probe.drain(&w.queue).await.is_empty()
         })
         .await;
-        assert!(store.is_empty(), "{:?}", store.list());
+        assert!(w.store.is_empty(), "{:?}", w.store.list());
 
-        probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -1335,32 +1347,19 @@ async fn usage_errors_are_refused_without_leaving_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_savepoint");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("obsave", ORDERS).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_savepoint", "obsave", ORDERS, slow_sweep(), false).await;
 
-        let tx = sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&db).await.expect("branch");
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("SAVEPOINT s", &[]).await.expect("savepoint");
-        pg.publish(&*rabbit, &queue, b"rolled back".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"rolled back".to_vec())
             .await
             .expect("publish");
         pg.execute("ROLLBACK TO SAVEPOINT s", &[])
             .await
             .expect("rollback to savepoint");
         let kept = pg
-            .publish(&*rabbit, &queue, b"kept".to_vec())
+            .publish(&*w.rabbit, &w.queue, b"kept".to_vec())
             .await
             .expect("publish");
         let n: i64 = pg
@@ -1371,18 +1370,18 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
         assert_eq!(n, 1, "one row is left in the transaction");
         tx.commit().await.expect("commit");
 
-        let mut got = probe.take(&queue, 1).await;
+        let mut got = w.probe.take(&w.queue, 1).await;
         eventually(WAIT, "the relay deleted the row", || async {
-            db.outbox_backlog().await.expect("backlog") == 0
+            w.db.outbox_backlog().await.expect("backlog") == 0
         })
         .await;
-        got.extend(probe.drain(&queue).await);
+        got.extend(w.probe.drain(&w.queue).await);
         let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
         assert_eq!(got, vec![(kept, b"kept".to_vec())]);
 
-        probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -1437,28 +1436,15 @@ async fn a_row_with_unreadable_headers_does_not_block_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_cancel");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
         let setup = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
-        let url = database("obcancel", &setup).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_cancel", "obcancel", &setup, slow_sweep(), false).await;
 
-        let tx = sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&db).await.expect("branch");
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
             .await
             .expect("insert");
-        pg.publish(&*rabbit, &queue, b"must not be published".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
             .await
             .expect("publish");
         // Sleeps 0.5 s, then violates the primary key; the caller gives up after 0.1 s.
@@ -1470,18 +1456,18 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
         assert!(cancelled.is_err(), "the statement is still running");
 
         let outcome = tx.commit().await;
-        let rows = count(&url, "SELECT count(*) FROM orders").await;
+        let rows = count(&w.url, "SELECT count(*) FROM orders").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let got = probe.drain(&queue).await;
-        probe.delete(&queue).await;
+        let got = w.probe.drain(&w.queue).await;
+        w.probe.delete(&w.queue).await;
         assert_eq!(rows, 1, "the block was rolled back by PostgreSQL");
         assert!(
             matches!(outcome, Err(Error::Aborted(_))),
             "the commit must be refused, got {outcome:?}; published: {got:?}"
         );
         assert!(got.is_empty(), "{got:?}");
-        sdk.shutdown().await;
-        coord.stop().await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -1494,44 +1480,31 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_marker");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("obmark", ORDERS).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_marker", "obmark", ORDERS, slow_sweep(), false).await;
 
         // The coordinator's one-phase commit, as the participant server would run it.
-        let tx = sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&db).await.expect("branch");
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
         pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
             .await
             .expect("insert");
-        pg.publish(&*rabbit, &queue, b"one".to_vec())
+        pg.publish(&*w.rabbit, &w.queue, b"one".to_vec())
             .await
             .expect("publish");
         let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
         assert_eq!(
-            db.commit_one_phase(&tx_id, &branch_id).await,
+            w.db.commit_one_phase(&tx_id, &branch_id).await,
             Ok(OnePhase::Committed)
         );
         let marker_sql =
             format!("SELECT count(*) FROM twopc_one_phase WHERE gid = 'twopc:{tx_id}:{branch_id}'");
-        let marked = || count(&url, &marker_sql);
+        let marked = || count(&w.url, &marker_sql);
         assert_eq!(marked().await, 1, "the commit left its marker");
 
         // "Restarted": a new resource on the same database knows nothing of the branch.
-        let again = resource("db", &url).await;
+        let again = resource("db", &w.url).await;
         again
-            .enable_outbox(rabbit.clone(), slow_sweep())
+            .enable_outbox(w.rabbit.clone(), slow_sweep())
             .await
             .expect("enable_outbox");
         assert_eq!(
@@ -1545,7 +1518,7 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
         }
 
         // The owner learns the outcome: the marker goes (and a later repeat is refused).
-        db.outcome_known(&tx_id, &branch_id);
+        w.db.outcome_known(&tx_id, &branch_id);
         eventually(WAIT, "the marker is deleted", || async {
             marked().await == 0
         })
@@ -1555,12 +1528,12 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
             Ok(OnePhase::Refused(_))
         ));
         assert_eq!(
-            count(&url, "SELECT count(*) FROM orders").await,
+            count(&w.url, "SELECT count(*) FROM orders").await,
             1,
             "the row is committed once"
         );
         tx.abort("the test committed the branch itself").await.ok();
-        coord.stop().await;
+        w.coord.stop().await;
     })
     .await;
 }
@@ -1570,37 +1543,24 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_nomark");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("obnomark", ORDERS).await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        let db = sdk
-            .register(resource("db", &url).await)
-            .expect("register db");
-        db.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let w = World::start("outbox_nomark", "obnomark", ORDERS, slow_sweep(), false).await;
         for i in 0..5 {
-            let tx = sdk.begin().await.expect("begin");
-            let pg = tx.postgres(&db).await.expect("branch");
+            let tx = w.sdk.begin().await.expect("begin");
+            let pg = tx.postgres(&w.db).await.expect("branch");
             pg.execute(&format!("INSERT INTO orders VALUES ({i}, 'x')"), &[])
                 .await
                 .expect("insert");
-            pg.publish(&*rabbit, &queue, b"x".to_vec())
+            pg.publish(&*w.rabbit, &w.queue, b"x".to_vec())
                 .await
                 .expect("publish");
             tx.commit().await.expect("commit");
         }
         eventually(WAIT, "every marker is deleted", || async {
-            count(&url, "SELECT count(*) FROM twopc_one_phase").await == 0
+            count(&w.url, "SELECT count(*) FROM twopc_one_phase").await == 0
         })
         .await;
-        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 5);
-        coord.stop().await;
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 5);
+        w.coord.stop().await;
     })
     .await;
 }
