@@ -3,7 +3,9 @@
 //! Real gRPC (client → coordinator → participants), the real sled decision log with real
 //! syncs, and two in-process null participants per transaction that vote yes at once, so
 //! every transaction goes through prepare, a forced decision and phase two. The one-phase
-//! path (one branch, no prepare; its intent and outcome synced) is measured separately. In the same run, a tight loop
+//! path (one branch, no prepare) is measured separately, the way the participant SDK uses
+//! it: the intent is synced from Begin on, the Commit asks for an early answer, and one
+//! task calls Barrier back to back, as the SDK's forgetter does. In the same run, a tight loop
 //! of write + `fdatasync` with the same group-commit batching measures the disk's ceiling,
 //! so the coordinator's rate can be read as a fraction of the physical limit.
 //!
@@ -115,7 +117,9 @@ impl Participant for NullParticipant {
         &self,
         _: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
     }
 }
 
@@ -274,7 +278,8 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
             });
             r.batch_max = Some(after.max_batch);
         } else {
-            // One-phase commits sync their intent and their outcome (shared syncs).
+            // One-phase commits sync their intent; the Barrier calls sync their outcomes
+            // (shared syncs).
             r.syncs_per_decision = Some(syncs as f64 / r.transactions.max(1) as f64);
         }
         r.ratio_to_disk_ceiling = Some(r.tx_per_s / ceiling.tx_per_s.max(1e-9));
@@ -347,7 +352,9 @@ impl Client {
     }
 }
 
-/// C clients run Begin (with the branches) + Commit in a loop for `duration`.
+/// C clients run Begin (with the branches) + Commit in a loop for `duration`. With one
+/// branch the Commit asks for an early answer and a Barrier task runs alongside (what the
+/// participant SDK does).
 async fn drive(
     client: &Client,
     endpoints: &[String],
@@ -368,8 +375,26 @@ async fn drive(
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let early = branches.len() == 1;
     let mut tasks = Vec::new();
     let started = Instant::now();
+    let barriers = early.then(|| {
+        let mut unary = client.unary.clone();
+        let (stop, done) = (stop.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let now = done.load(Ordering::Relaxed);
+                if now == seen {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                seen = now;
+                unary.barrier(pb::BarrierRequest {}).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        })
+    });
     for _ in 0..clients {
         let mut client = client.clone();
         let branches = branches.clone();
@@ -392,6 +417,7 @@ async fn drive(
                         phase_two_wait_ms: 0,
                         no_wait: false,
                         branches: Vec::new(),
+                        answer_before_durable: early,
                     })
                     .await?;
                 lat.push(t0.elapsed().as_micros() as u64);
@@ -412,6 +438,10 @@ async fn drive(
             t.await?
                 .map_err(|s| anyhow::anyhow!("{mode}: a transaction failed: {s}"))?,
         );
+    }
+    if let Some(b) = barriers {
+        b.await?
+            .map_err(|s| anyhow::anyhow!("{mode}: a Barrier failed: {s}"))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     pb.finish_and_clear();

@@ -16,7 +16,9 @@
 //! - the coordinator's outcome for every transaction matches its branches;
 //! - no prepared gid, no staged message and (after a bounded drain that gives the outbox
 //!   sweep its time) no `twopc_outbox` row is left;
-//! - `twopc_one_phase` holds no marker of a transaction whose owner got its Commit answer,
+//! - `twopc_one_phase` holds no marker of a transaction whose owner got its Commit answer
+//!   (the SDK drops it once a coordinator Barrier of the answer's epoch returned; a cycle
+//!   that killed the coordinator, PostgreSQL or the participant may leave some, counted),
 //!   and every marker left belongs to a committed, database-staged order of a one-phase
 //!   cycle.
 //!
@@ -1180,8 +1182,9 @@ async fn check(
     }
     // One-phase markers. Written in the one-phase commit's own transaction, so each one
     // belongs to a committed database-staged order of a one-phase cycle; deleted (by the
-    // relay, right after) once the owner's Commit answered. Markers of orders whose Commit
-    // did not answer may stay (until marker_retention).
+    // relay) once the owner's Commit answered and a coordinator Barrier of the same epoch
+    // made the outcome durable. Markers of orders whose Commit did not answer may stay
+    // (until marker_retention).
     let by_gid: HashMap<String, &Op> = ops
         .iter()
         .filter_map(|op| op.db_gid().map(|g| (g, op)))
@@ -1226,6 +1229,23 @@ async fn check(
                 eprintln!(
                     "campaign: note: {id}: one-phase marker {gid} left although the Commit answered: \
                      PostgreSQL was killed when the relay deleted it, and no retry has run since"
+                );
+            }
+            // Answered early, and the coordinator was killed before the SDK's Barrier (the
+            // restarted one answers another epoch, so the outcome may not be durable), or
+            // the participant process "died" with the commit waiting for its Barrier: the
+            // marker must stay (until marker_retention). Counted.
+            OpResult::Ok
+                if matches!(
+                    op.fault,
+                    FaultKind::KillCoordinator | FaultKind::RestartParticipantMidLoad
+                ) =>
+            {
+                markers_leaked += 1;
+                eprintln!(
+                    "campaign: note: {id}: one-phase marker {gid} kept: {:?} before a Barrier made \
+                     the early-answered outcome durable",
+                    op.fault
                 );
             }
             r => violations.push(format!(

@@ -855,6 +855,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 phase_two_wait_ms: 600_001,
                 no_wait: false,
                 branches: Vec::new(),
+                answer_before_durable: false,
             })
             .await,
             Code::InvalidArgument,

@@ -682,8 +682,10 @@ async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch()
 }
 
 /// Starts a coordinator with one-phase commits and `action` at the
-/// `coordinator::before_one_phase_sync` crash point, commits a one-branch transaction and
-/// waits for the crash (the Commit cannot have been answered).
+/// `coordinator::before_one_phase_sync` crash point, begins a one-branch transaction
+/// (which syncs its intent in the background), commits it (asking for an answer once the
+/// outcome is durable, which syncs the outcome) and waits for the crash (the Commit cannot
+/// have been answered).
 async fn one_phase_commit_crashing(name: &str, action: &str) -> (Serve, TestParticipant, String) {
     let point = "coordinator::before_one_phase_sync";
     let mut coord = Serve::start(
@@ -706,9 +708,9 @@ async fn one_phase_commit_crashing(name: &str, action: &str) -> (Serve, TestPart
 
 /// A one-phase commit (one branch) killed after the branch committed and before the
 /// outcome's sync: the restarted coordinator finds the synced intent, asks the branch
-/// again and answers COMMITTED. Before the intent was synced, a restart knew nothing of
-/// the transaction and answered ABORTED (presumed abort) for an order its branch had
-/// committed.
+/// (with an abort, answered "already committed") and answers COMMITTED. Before the intent
+/// was synced, a restart knew nothing of the transaction and answered ABORTED (presumed
+/// abort) for an order its branch had committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committed() {
     with_deadline(TEST_DEADLINE, async {
@@ -728,28 +730,54 @@ async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committe
             pb::Outcome::Committed,
             "the restart must not presume abort for a committed one-phase transaction"
         );
+        assert_eq!(
+            p1.count(&tx, "a", MsgKind::Commit),
+            1,
+            "the restart does not commit again"
+        );
         assert!(
-            p1.count(&tx, "a", MsgKind::Commit) >= 2,
-            "the restart asked the branch again"
+            p1.count(&tx, "a", MsgKind::Abort) >= 1,
+            "the restart asked the branch with an abort"
         );
         let mut c = coord.client().await;
         let again = commit(&mut c, &tx, 1_000)
             .await
             .expect("Commit after restart");
         assert_eq!(again.outcome, pb::Outcome::Committed as i32);
-        assert_committed_everywhere(&tx, &[(&p1, "a")]);
+        // Committed, asked with an abort that undid nothing ("already committed").
+        assert_eq!(p1.state(&tx, "a"), Some(ResState::Committed));
+        assert_no_violations(&[(&p1, "a")]);
     })
     .await;
 }
 
-/// A one-phase commit killed before its intent is durable: nothing was sent, and the
-/// restart settles it one way for the coordinator and the branch alike (ABORTED if the
-/// intent is lost, COMMITTED if it reached the disk anyway and the branch is asked).
+/// A one-branch transaction killed before its intent (written when the branch enlisted)
+/// is durable: no commit was sent, and the restart aborts it, whether the intent was lost
+/// (presumed abort) or reached the disk anyway (the branch is asked with an abort and has
+/// nothing committed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() {
     with_deadline(TEST_DEADLINE, async {
-        let (mut coord, p1, tx) =
-            one_phase_commit_crashing("one-phase-intent", "return(abort)").await;
+        let mut coord = Serve::start(
+            "one-phase-intent",
+            "coordinator::before_one_phase_sync=return(abort)",
+            &[("--one-phase", "true")],
+        )
+        .await;
+        let p1 = TestParticipant::start("p1").await;
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![]).await;
+        // The enlist writes the intent and starts its sync: the crash point fires there
+        // (the Enlist may or may not be answered first).
+        let _ = c
+            .enlist(pb::EnlistRequest {
+                tx_id: tx.clone(),
+                branch: Some(p1.branch("a")),
+            })
+            .await;
+        let res = commit(&mut c, &tx, 5_000).await;
+        assert!(res.is_err(), "the coordinator is gone: {res:?}");
+        coord.wait_for_crash("aborting the process").await;
         assert_eq!(
             p1.count(&tx, "a", MsgKind::Commit),
             0,
@@ -757,12 +785,8 @@ async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() 
         );
 
         coord.restart("").await;
-        let decided = finished_outcome(&coord, &tx).await;
-        match decided {
-            pb::Outcome::Committed => assert_committed_everywhere(&tx, &[(&p1, "a")]),
-            pb::Outcome::Aborted => assert_aborted_everywhere(&tx, &[(&p1, "a")]),
-            other => panic!("finished with outcome {other:?}"),
-        }
+        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
+        assert_aborted_everywhere(&tx, &[(&p1, "a")]);
     })
     .await;
 }
@@ -1119,11 +1143,13 @@ async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
 
 /// The dual write itself, committed in one phase: an order row and its OrderCreated event
 /// staged in the same PostgreSQL transaction (the outbox of the PostgreSQL branch,
-/// RabbitMQ behind it). The coordinator is killed after the branch committed and before
-/// the outcome's sync. The restarted coordinator asks the participant again, which
-/// answers from its one-phase marker, and reports COMMITTED; the row and exactly one
-/// event exist. Before the intent was synced, the restart presumed abort here and
-/// reported ABORTED for an order that was committed and published.
+/// RabbitMQ behind it). The SDK is answered COMMITTED before the outcome is durable, and
+/// the coordinator is killed when the SDK's Barrier arrives, before the sync that would
+/// make the outcome durable (and let the participant drop its one-phase marker). The
+/// restarted coordinator asks the participant with an abort, which it answers from its
+/// marker ("already committed"), and reports COMMITTED; the row and exactly one event
+/// exist. Before the intent was synced, the restart presumed abort here and reported
+/// ABORTED for an order that was committed and published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_committed() {
     with_deadline(TEST_DEADLINE, async {
@@ -1141,7 +1167,7 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
 
         let mut coord = Serve::start(
             "one-phase-order",
-            "coordinator::before_one_phase_sync=1*off->return(abort)",
+            "coordinator::before_barrier_sync=return(abort)",
             &[("--one-phase", "true")],
         )
         .await;
@@ -1182,9 +1208,16 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
             .publish(&*rabbit, &queue, b"{\"order\":\"o1\"}".to_vec())
             .await
             .expect("publish");
-        let res = tx.commit().await;
-        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
+        tx.commit()
+            .await
+            .expect("answered before the outcome is durable");
         coord.wait_for_crash("aborting the process").await;
+        let markers: i64 = db
+            .query_one("SELECT count(*) FROM twopc_one_phase", &[])
+            .await
+            .expect("count markers")
+            .get(0);
+        assert_eq!(markers, 1, "the marker stays until a Barrier succeeds");
         let rows: i64 = db
             .query_one("SELECT count(*) FROM orders", &[])
             .await

@@ -25,7 +25,7 @@ use support::{expect_status, with_deadline, Coordinator, MsgKind, TestParticipan
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
-use twopc_participant::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
+use twopc_participant::resource::{AbortOutcome, BranchKind, OnePhase, Resource, Retry, Vote};
 use twopc_participant::{BearerToken, Error as SdkError, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::admin_client::AdminClient;
@@ -210,6 +210,7 @@ fn commit_req(tx_id: &str) -> pb::CommitRequest {
         phase_two_wait_ms: 5_000,
         no_wait: false,
         branches: Vec::new(),
+        answer_before_durable: false,
     }
 }
 
@@ -711,9 +712,9 @@ impl Resource for MemResource {
         Ok(OnePhase::Committed)
     }
 
-    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
+    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<AbortOutcome, Retry> {
         self.set(tx_id, branch_id, "abort", Mem::Aborted);
-        Ok(())
+        Ok(AbortOutcome::Aborted)
     }
 
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {

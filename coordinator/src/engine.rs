@@ -23,13 +23,19 @@
 //! A single branch commits in one phase; read-only branches leave after voting.
 //!
 //! # One-phase commit
-//! A transaction with one branch skips the prepare: its participant decides. The engine
-//! still makes two writes durable, because a restarted coordinator must never answer
-//! "aborted" for a transaction its branch committed: the [`LazyRecord::OnePhase`] intent
-//! (synced with [`Command::Sync`] before the commit goes out, so recovery knows whom to
-//! ask again) and the [`LazyRecord::OnePhaseCommitted`] outcome (synced before the client
-//! hears "committed", so the participant may forget the branch once its client has the
-//! answer). Both syncs are shared with every other write of the moment (group commit).
+//! A transaction with one branch skips the prepare: its participant decides. A restarted
+//! coordinator must still never answer "aborted" for a transaction its branch committed,
+//! so the engine writes the [`LazyRecord::OnePhase`] intent (which branch decides) when the
+//! first branch enlists and syncs it in the background ([`Command::Sync`]) while the client
+//! works; the one-phase commit goes out only once it is durable (a second branch makes the
+//! transaction a two-phase commit, whose PREPARING record replaces the intent). A restart
+//! that finds an intent without an outcome cannot tell whether the client ever asked to
+//! commit, so it sends the branch an abort, whose answer ([`AbortAck`]) says whether the
+//! branch had already committed. The [`LazyRecord::OnePhaseCommitted`] outcome is synced
+//! before a caller hears "committed", unless every caller asked for an early answer
+//! ([`Event::Commit::early`]): such a caller promises that its participant keeps what
+//! answers for the commit until a Barrier made the outcome durable. All syncs are shared
+//! with every other write of the moment (group commit).
 //!
 //! # Operator resolutions (heuristic decisions)
 //! [`Event::Resolve`] is the Admin `Resolve` RPC: an operator declares the branches a stuck
@@ -128,6 +134,18 @@ pub enum CommitAck {
     Refused(String),
 }
 
+/// How a participant answered an abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AbortAck {
+    /// Nothing of the branch is committed.
+    Aborted,
+    /// The branch had already committed (in one phase): nothing was undone.
+    AlreadyCommitted,
+    /// The participant did not say (it predates the answer). Enough for an ordinary
+    /// abort; not for settling a one-phase commit after a restart.
+    Unreported,
+}
+
 /// The result of one RPC to a participant: `Err` carries a transport error or timeout.
 pub type RpcResult<T> = Result<T, String>;
 
@@ -185,6 +203,10 @@ pub enum Event {
         req: ReqId,
         /// The transaction.
         tx: TxId,
+        /// The caller may hear COMMITTED of a one-phase commit before its outcome is
+        /// durable (`CommitRequest.answer_before_durable`: it calls Barrier before its
+        /// participant forgets the branch).
+        early: bool,
     },
     /// Abort RPC.
     Abort {
@@ -220,7 +242,7 @@ pub enum Event {
         /// Index of the branch.
         branch: usize,
         /// The answer.
-        ack: RpcResult<()>,
+        ack: RpcResult<AbortAck>,
     },
     /// A timer armed by [`Command::ArmTimer`] fired.
     Timer {
@@ -516,10 +538,18 @@ pub struct TxEntry {
     logged_preparing: bool,
     /// Committing in one phase (single branch).
     one_phase: bool,
-    /// A [`Command::Sync`] is outstanding: the one-phase intent (while `Preparing`: the
-    /// commit goes out when it is done) or the one-phase outcome (while `Committing`: the
-    /// callers hear "committed" when it is done).
+    /// A [`Command::Sync`] is outstanding: the one-phase intent (written when the first
+    /// branch enlisted; a one-phase commit goes out once it is done) or the one-phase
+    /// outcome (while `Committing`: the callers hear "committed" when it is done).
     sync_pending: bool,
+    /// The one-phase intent naming the first branch is durable.
+    intent_durable: bool,
+    /// A caller waits for a one-phase outcome that must be durable before it is answered
+    /// (a Commit without `early`, or an Abort).
+    durable_answer: bool,
+    /// Recovered from an intent: the branch is asked with an Abort, whose answer says
+    /// whether it had committed in one phase (the client may never have asked to commit).
+    settle_by_abort: bool,
 }
 
 impl TxEntry {
@@ -680,10 +710,10 @@ impl Engine {
                 branches,
             } => self.on_begin(req, timeout_ms, branches, &mut out),
             Event::Enlist { req, tx, branch } => {
-                let reply = self.on_enlist(tx, branch);
+                let reply = self.on_enlist(tx, branch, &mut out);
                 out.push(Command::Reply { req, reply });
             }
-            Event::Commit { req, tx } => self.on_commit(req, tx, &mut out),
+            Event::Commit { req, tx, early } => self.on_commit(req, tx, early, &mut out),
             Event::Abort { req, tx, reason } => self.on_abort(req, tx, reason, &mut out),
             Event::Voted { tx, branch, vote } => self.on_vote(tx, branch, vote, &mut out),
             Event::CommitAcked { tx, branch, ack } => self.on_commit_ack(tx, branch, ack, &mut out),
@@ -763,6 +793,9 @@ impl Engine {
             logged_preparing: false,
             one_phase: false,
             sync_pending: false,
+            intent_durable: false,
+            durable_answer: false,
+            settle_by_abort: false,
         };
         let mut entry = entry;
         for spec in branches {
@@ -781,6 +814,7 @@ impl Engine {
             timer: Timer::TxTimeout,
             after_ms,
         });
+        self.start_intent(tx, out);
         out.push(Command::Reply {
             req,
             reply: Ok(ReplyOk::Begun(tx)),
@@ -823,7 +857,12 @@ impl Engine {
         Ok(())
     }
 
-    fn on_enlist(&mut self, tx: TxId, spec: BranchSpec) -> Result<ReplyOk, TxError> {
+    fn on_enlist(
+        &mut self,
+        tx: TxId,
+        spec: BranchSpec,
+        out: &mut Vec<Command>,
+    ) -> Result<ReplyOk, TxError> {
         let Some(entry) = self.txs.get(&tx) else {
             return Err(self.gone(&tx, "enlist in"));
         };
@@ -841,8 +880,32 @@ impl Engine {
         let entry = self.txs.get_mut(&tx).expect("checked above");
         if !entry.branches.iter().any(|b| b.spec == spec) {
             entry.branches.push(new_branch(spec));
+            self.start_intent(tx, out);
         }
         Ok(ReplyOk::Enlisted)
+    }
+
+    /// A transaction just got its first branch: write its one-phase intent and sync it in
+    /// the background, so that it is usually durable by the time the client (done with its
+    /// work on the branch) calls Commit. A second branch makes it a two-phase commit, whose
+    /// PREPARING record replaces the intent.
+    fn start_intent(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        if !self.cfg.one_phase {
+            return;
+        }
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.branches.len() != 1 || entry.logged_preparing || entry.sync_pending {
+            return;
+        }
+        entry.logged_preparing = true;
+        entry.sync_pending = true;
+        out.push(Command::LogLazy(LazyRecord::OnePhase {
+            tx,
+            branch: entry.branches[0].spec.clone(),
+        }));
+        out.push(Command::Sync { tx });
     }
 
     /// The error for an operation on a transaction not held in memory. The runtime answers
@@ -868,7 +931,7 @@ impl Engine {
         }
     }
 
-    fn on_commit(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+    fn on_commit(&mut self, req: ReqId, tx: TxId, early: bool, out: &mut Vec<Command>) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
                 req,
@@ -876,6 +939,9 @@ impl Engine {
             });
             return;
         };
+        if !early {
+            entry.durable_answer = true;
+        }
         match entry.state {
             TxState::Active => {}
             TxState::Preparing | TxState::Deciding => {
@@ -920,19 +986,25 @@ impl Engine {
                 });
             }
             1 if self.cfg.one_phase => {
-                // The commit goes out once the intent is durable (`on_synced`).
+                // The commit goes out once the intent is durable: now, or when its sync
+                // (started at enlist) returns (`on_synced`).
                 entry.state = TxState::Preparing;
                 entry.one_phase = true;
-                entry.logged_preparing = true;
-                entry.sync_pending = true;
                 let b = &mut entry.branches[0];
                 b.state = BranchState::Preparing;
                 b.abort_must_ack = true;
-                out.push(Command::LogLazy(LazyRecord::OnePhase {
-                    tx,
-                    branch: b.spec.clone(),
-                }));
-                out.push(Command::Sync { tx });
+                if entry.intent_durable {
+                    send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+                } else if !entry.sync_pending {
+                    // Its first sync failed (the log is failed): try once more.
+                    entry.logged_preparing = true;
+                    entry.sync_pending = true;
+                    out.push(Command::LogLazy(LazyRecord::OnePhase {
+                        tx,
+                        branch: b.spec.clone(),
+                    }));
+                    out.push(Command::Sync { tx });
+                }
             }
             _ => {
                 entry.state = TxState::Preparing;
@@ -1103,42 +1175,77 @@ impl Engine {
         self.drive_commit(tx, out);
     }
 
-    /// The one-phase transaction `tx` whose outstanding [`Command::Sync`] just ended
-    /// (clearing the mark); `None` if there is no such sync (finished, or resolved meanwhile).
-    fn take_one_phase_sync(&mut self, tx: TxId) -> Option<&mut TxEntry> {
+    /// The transaction `tx` whose outstanding [`Command::Sync`] just ended (clearing the
+    /// mark); `None` if there is no such sync (finished, or resolved meanwhile).
+    fn take_sync(&mut self, tx: TxId) -> Option<&mut TxEntry> {
         let entry = self.txs.get_mut(&tx)?;
-        if !entry.sync_pending || !entry.one_phase {
+        if !entry.sync_pending {
             return None;
         }
         entry.sync_pending = false;
         Some(entry)
     }
 
-    /// A one-phase intent is durable (send the commit) or a one-phase outcome is (answer).
+    /// A one-phase intent is durable (send the commit, if the client asked for it) or a
+    /// one-phase outcome is (answer).
     fn on_synced(&mut self, tx: TxId, out: &mut Vec<Command>) {
-        let Some(entry) = self.take_one_phase_sync(tx) else {
+        let Some(entry) = self.take_sync(tx) else {
             return;
         };
         match entry.state {
-            TxState::Preparing => {
+            TxState::Active => entry.intent_durable = true,
+            TxState::Preparing if entry.one_phase => {
+                entry.intent_durable = true;
                 if let Some(b) = entry.branches.first_mut() {
                     if b.state == BranchState::Preparing && !b.in_flight {
                         send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
                     }
                 }
             }
-            TxState::Committing => {
-                let waiters = std::mem::take(&mut entry.waiters);
-                let abort_waiters = std::mem::take(&mut entry.abort_waiters);
-                reply_all(out, waiters, Ok(ReplyOk::Committed));
-                reply_all(out, abort_waiters, Err(committed_error(&tx)));
-                self.txs.remove(&tx);
-                out.push(Command::Finished {
-                    tx,
-                    outcome: Outcome::Committed,
-                });
-            }
+            TxState::Committing if entry.one_phase => self.finish_one_phase(tx, out),
+            // A second branch made it a two-phase commit meanwhile: the intent is moot.
             _ => {}
+        }
+    }
+
+    /// Answers the callers of a one-phase commit whose outcome record is written (and
+    /// durable, where one of them needs that) and forgets the transaction.
+    fn finish_one_phase(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.remove(&tx) else {
+            return;
+        };
+        reply_all(out, entry.waiters, Ok(ReplyOk::Committed));
+        reply_all(out, entry.abort_waiters, Err(committed_error(&tx)));
+        out.push(Command::Finished {
+            tx,
+            outcome: Outcome::Committed,
+        });
+    }
+
+    /// The branch of a one-phase commit has committed: write the outcome, then answer at
+    /// once, or after its sync when a caller needs it durable (see `durable_answer`).
+    fn one_phase_committed(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let Some(b) = entry.branches.first_mut() else {
+            return;
+        };
+        b.state = BranchState::Committed;
+        b.last_error = None;
+        let specs = vec![b.spec.clone()];
+        entry.state = TxState::Committing;
+        out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
+            tx,
+            branches: specs,
+        }));
+        if entry.durable_answer || !entry.abort_waiters.is_empty() {
+            entry.sync_pending = true;
+            out.push(Command::Sync { tx });
+        } else {
+            // The callers' participants keep their memory of the commit until a Barrier
+            // shows this record durable; a restart before that asks them again.
+            self.finish_one_phase(tx, out);
         }
     }
 
@@ -1155,10 +1262,11 @@ impl Engine {
     /// record reached the disk only a restart can tell.
     fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
         self.halt(&error, out);
-        let Some(entry) = self.take_one_phase_sync(tx) else {
+        let Some(entry) = self.take_sync(tx) else {
             return;
         };
-        if !matches!(entry.state, TxState::Preparing | TxState::Committing) {
+        // An intent synced in the background while ACTIVE: a Commit writes it again.
+        if !entry.one_phase || !matches!(entry.state, TxState::Preparing | TxState::Committing) {
             return;
         }
         entry.state = TxState::InDoubt;
@@ -1234,18 +1342,7 @@ impl Engine {
                 return;
             }
             match ack {
-                Ok(CommitAck::Committed) => {
-                    // Callers hear it once the outcome is durable (`on_synced`).
-                    b.state = BranchState::Committed;
-                    let specs = vec![b.spec.clone()];
-                    entry.state = TxState::Committing;
-                    entry.sync_pending = true;
-                    out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                        tx,
-                        branches: specs,
-                    }));
-                    out.push(Command::Sync { tx });
-                }
+                Ok(CommitAck::Committed) => self.one_phase_committed(tx, out),
                 Ok(CommitAck::Refused(reason)) => {
                     b.state = BranchState::Aborted;
                     b.last_error = Some(reason.clone());
@@ -1298,19 +1395,62 @@ impl Engine {
         }
     }
 
-    fn on_abort_ack(&mut self, tx: TxId, i: usize, ack: RpcResult<()>, out: &mut Vec<Command>) {
+    fn on_abort_ack(
+        &mut self,
+        tx: TxId,
+        i: usize,
+        ack: RpcResult<AbortAck>,
+        out: &mut Vec<Command>,
+    ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
+        let settling = entry.settle_by_abort && entry.state == TxState::Preparing;
         let Some(b) = entry.branches.get_mut(i) else {
             return;
         };
-        if !b.in_flight || entry.state != TxState::Aborting {
+        if !b.in_flight || !(settling || entry.state == TxState::Aborting) {
             return;
         }
         b.in_flight = false;
+        if settling {
+            // A recovered one-phase intent: the branch's answer is the outcome.
+            match ack {
+                Ok(AbortAck::AlreadyCommitted) => {
+                    let _ = b;
+                    self.one_phase_committed(tx, out)
+                }
+                Ok(AbortAck::Aborted) => {
+                    b.state = BranchState::Aborted;
+                    b.last_error = None;
+                    let why = format!(
+                        "the coordinator restarted before the one-phase commit was confirmed, \
+                         and branch {} reports it rolled back",
+                        b.spec.branch_id
+                    );
+                    self.decide_abort(tx, why, out);
+                }
+                Ok(AbortAck::Unreported) | Err(_) => {
+                    b.last_error = Some(match ack {
+                        Err(e) => e,
+                        _ => "the participant does not report whether it had committed the \
+                              branch in one phase (it predates that answer); resolve the \
+                              transaction once you know"
+                            .to_string(),
+                    });
+                    b.failures = b.failures.saturating_add(1);
+                    let after_ms = backoff(&self.cfg, b.failures);
+                    out.push(Command::ArmTimer {
+                        tx,
+                        timer: Timer::Retry { branch: i },
+                        after_ms,
+                    });
+                }
+            }
+            return;
+        }
         match ack {
-            Ok(()) => {
+            Ok(_) => {
                 b.state = BranchState::Aborted;
                 b.last_error = None;
             }
@@ -1363,8 +1503,10 @@ impl Engine {
             Timer::Retry { branch } => {
                 let lsn = entry.decision_lsn;
                 let state = entry.state;
-                // A one-phase commit waits for its intent to be durable.
-                let one_phase = entry.one_phase && !entry.sync_pending;
+                // A one-phase commit waits for its intent to be durable; a recovered one
+                // is settled by an Abort.
+                let one_phase = entry.one_phase && !entry.sync_pending && !entry.settle_by_abort;
+                let settling = entry.settle_by_abort;
                 let Some(b) = entry.branches.get_mut(branch) else {
                     return;
                 };
@@ -1388,6 +1530,9 @@ impl Engine {
                         Message::Commit { one_phase: true },
                         None,
                     ),
+                    TxState::Preparing if settling && b.state == BranchState::Preparing => {
+                        send(out, tx, branch, b, Message::Abort, None)
+                    }
                     TxState::Aborting
                         if matches!(b.state, BranchState::Preparing | BranchState::Prepared) =>
                     {
@@ -1488,15 +1633,17 @@ impl Engine {
             if self.txs.contains_key(&tx) {
                 continue;
             }
-            // The commit may have reached the branch: ask again (a repeated one-phase
-            // commit is answered from the branch's own state).
+            // The commit may have reached the branch, or the client may never have asked
+            // for it: abort, and the branch answers whether it had committed.
             let mut entry = recovered_entry(self.now_ms, vec![branch], TxState::Preparing);
             entry.logged_preparing = true;
             entry.one_phase = true;
+            entry.intent_durable = true;
+            entry.settle_by_abort = true;
             if let Some(b) = entry.branches.first_mut() {
                 b.state = BranchState::Preparing;
                 b.abort_must_ack = true;
-                send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+                send(out, tx, 0, b, Message::Abort, None);
             }
             self.txs.insert(tx, entry);
         }
@@ -1953,6 +2100,9 @@ fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> Tx
         logged_preparing: false,
         one_phase: false,
         sync_pending: false,
+        intent_durable: false,
+        durable_answer: false,
+        settle_by_abort: false,
     }
 }
 

@@ -90,13 +90,36 @@ fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
             after_ms: 5_000
         }
     );
+    let rest = &cmds[1..cmds.len() - 1];
+    if e.config().one_phase && branches.len() == 1 {
+        assert_eq!(
+            rest,
+            &[
+                Command::LogLazy(LazyRecord::OnePhase {
+                    tx: t,
+                    branch: branches[0].clone()
+                }),
+                Command::Sync { tx: t }
+            ],
+            "the first branch's one-phase intent is written and synced in the background"
+        );
+    } else {
+        assert_eq!(rest, &[]);
+    }
     t
 }
 
 /// Commits a two-branch transaction up to the force of its decision.
 fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
     let t = begin(e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     assert!(e
         .handle(
             2,
@@ -169,7 +192,15 @@ fn two_phase_commit_exact_commands() {
                 branch: a.clone()
             }
         ),
-        vec![reply(2, Ok(ReplyOk::Enlisted))]
+        vec![
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t },
+            reply(2, Ok(ReplyOk::Enlisted))
+        ],
+        "the first branch's one-phase intent, in case it stays the only one"
     );
     assert_eq!(
         e.handle(
@@ -183,7 +214,14 @@ fn two_phase_commit_exact_commands() {
         vec![reply(3, Ok(ReplyOk::Enlisted))]
     );
     assert_eq!(
-        e.handle(2, Event::Commit { req: 4, tx: t }),
+        e.handle(
+            2,
+            Event::Commit {
+                req: 4,
+                tx: t,
+                early: false
+            }
+        ),
         vec![
             Command::LogLazy(LazyRecord::Preparing {
                 tx: t,
@@ -197,6 +235,11 @@ fn two_phase_commit_exact_commands() {
                 after_ms: 1_000
             },
         ]
+    );
+    assert_eq!(
+        e.handle(2, Event::Synced { tx: t }),
+        vec![],
+        "the intent's sync is moot for a two-phase commit (its PREPARING record replaced it)"
     );
     assert_eq!(
         e.handle(
@@ -277,7 +320,14 @@ fn two_phase_commit_exact_commands() {
         vec![]
     );
     assert_eq!(
-        e.handle(8, Event::Commit { req: 9, tx: t }),
+        e.handle(
+            8,
+            Event::Commit {
+                req: 9,
+                tx: t,
+                early: false
+            }
+        ),
         vec![reply(9, Ok(ReplyOk::NotLive))]
     );
 }
@@ -425,7 +475,14 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     let mut e = engine();
     let (a, b, c) = (spec("a", 0), spec("b", 0), spec("c", 10));
     let t = begin(&mut e, &[a.clone(), b.clone(), c.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     assert_eq!(
         e.handle(
             2,
@@ -505,7 +562,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
             Event::AbortAcked {
                 tx: t,
                 branch: 2,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         ),
         vec![]
@@ -526,7 +583,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
             Event::AbortAcked {
                 tx: t,
                 branch: 0,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         ),
         vec![
@@ -539,7 +596,14 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     );
     // Commit after the abort: the engine no longer holds it; presumed abort answers.
     assert_eq!(
-        e.handle(27, Event::Commit { req: 11, tx: t }),
+        e.handle(
+            27,
+            Event::Commit {
+                req: 11,
+                tx: t,
+                early: false
+            }
+        ),
         vec![reply(11, Ok(ReplyOk::NotLive))]
     );
 }
@@ -549,7 +613,14 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     e.handle(
         2,
         Event::Voted {
@@ -595,7 +666,7 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
         Event::AbortAcked {
             tx: t,
             branch: 0,
-            ack: Ok(()),
+            ack: Ok(AbortAck::Aborted),
         },
     );
     assert_eq!(
@@ -604,7 +675,7 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
             Event::AbortAcked {
                 tx: t,
                 branch: 1,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         ),
         vec![
@@ -628,23 +699,31 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     );
 }
 
-/// Commit of a single-branch transaction up to the one-phase commit going out: the intent
-/// is written and synced first.
+/// Commit of a single-branch transaction (begun with its branch) up to the one-phase
+/// commit going out: the intent written at Begin becomes durable while the transaction is
+/// active, so the commit goes out at once.
 fn one_phase_commit_sent(e: &mut Engine, now: u64, req: ReqId, t: TxId, a: &BranchSpec) {
-    assert_eq!(
-        e.handle(now, Event::Commit { req, tx: t }),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhase {
-                tx: t,
-                branch: a.clone()
-            }),
-            Command::Sync { tx: t },
-        ],
-        "the intent is synced before the one-phase commit goes out"
-    );
+    one_phase_commit_sent_as(e, now, req, t, a, false)
+}
+
+/// [`one_phase_commit_sent`] for a Commit with `early` as given.
+fn one_phase_commit_sent_as(
+    e: &mut Engine,
+    now: u64,
+    req: ReqId,
+    t: TxId,
+    a: &BranchSpec,
+    early: bool,
+) {
     assert_eq!(
         e.handle(now, Event::Synced { tx: t }),
-        vec![send(t, 0, a, Message::Commit { one_phase: true }, None)]
+        vec![],
+        "the intent became durable while the transaction was active"
+    );
+    assert_eq!(
+        e.handle(now, Event::Commit { req, tx: t, early }),
+        vec![send(t, 0, a, Message::Commit { one_phase: true }, None)],
+        "the intent is durable: the one-phase commit goes out at once"
     );
 }
 
@@ -674,7 +753,17 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
     // A repeated Commit (and an Abort) waits for the same sync.
-    assert_eq!(e.handle(2, Event::Commit { req: 14, tx: t }), vec![]);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Commit {
+                req: 14,
+                tx: t,
+                early: false
+            }
+        ),
+        vec![]
+    );
     assert_eq!(
         e.handle(
             2,
@@ -795,7 +884,18 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
     let mut e = engine();
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Commit {
+                req: 10,
+                tx: t,
+                early: false
+            }
+        ),
+        vec![],
+        "the intent's sync (started at Begin) is still running"
+    );
     assert_eq!(
         e.handle(
             2,
@@ -806,6 +906,10 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
         ),
         vec![],
         "nothing goes to the branch before the intent is durable"
+    );
+    assert_eq!(
+        e.handle(3, Event::Synced { tx: t }),
+        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
     );
     // A stale Synced for a finished or unknown transaction does nothing.
     let other = TxId {
@@ -822,7 +926,14 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
     let a = spec("a", 0);
     // The intent's sync fails: nothing was sent, the restart decides.
     let t = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     let cmds = e.handle(
         2,
         Event::SyncFailed {
@@ -837,6 +948,152 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
     );
     assert_eq!(cmds.len(), 2, "nothing is sent: {cmds:?}");
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::InDoubt));
+}
+
+#[test]
+fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 1, 10, t, &a, true);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: t,
+                branches: vec![a.clone()]
+            }),
+            reply(10, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            },
+        ],
+        "answered with the outcome written but not synced (the caller's Barrier syncs it)"
+    );
+    // An Abort waiting as well is told COMMITTED only once that is durable.
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 3, 11, t2, &a, true);
+    e.handle(
+        3,
+        Event::Abort {
+            req: 12,
+            tx: t2,
+            reason: String::new(),
+        },
+    );
+    let cmds = e.handle(
+        4,
+        Event::CommitAcked {
+            tx: t2,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(cmds.last(), Some(&Command::Sync { tx: t2 }), "{cmds:?}");
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    // So is a second Commit that did not ask for an early answer.
+    let t3 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 5, 13, t3, &a, true);
+    assert_eq!(
+        e.handle(
+            5,
+            Event::Commit {
+                req: 14,
+                tx: t3,
+                early: false
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        6,
+        Event::CommitAcked {
+            tx: t3,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(cmds.last(), Some(&Command::Sync { tx: t3 }), "{cmds:?}");
+    assert_eq!(
+        e.handle(7, Event::Synced { tx: t3 }),
+        vec![
+            reply(13, Ok(ReplyOk::Committed)),
+            reply(14, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: t3,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+}
+
+#[test]
+fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_failed_sync() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    // Aborted while its intent syncs: the intent is removed; the late Synced does nothing.
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(
+        1,
+        Event::Abort {
+            req: 10,
+            tx: t,
+            reason: String::new(),
+        },
+    );
+    let cmds = e.handle(
+        1,
+        Event::AbortAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(AbortAck::Aborted),
+        },
+    );
+    assert!(
+        cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: t })),
+        "{cmds:?}"
+    );
+    assert_eq!(e.handle(2, Event::Synced { tx: t }), vec![]);
+    // The background sync fails: the log is failed, nothing else happens yet...
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    let cmds = e.handle(
+        3,
+        Event::SyncFailed {
+            tx: t2,
+            error: "disk gone".into(),
+        },
+    );
+    assert!(
+        matches!(cmds.as_slice(), [Command::Halt { .. }]),
+        "{cmds:?}"
+    );
+    assert_eq!(e.tx(&t2).map(|x| x.state), Some(TxState::Active));
+    // ...and a Commit does not send anything before the intent is durable.
+    assert_eq!(
+        e.handle(
+            4,
+            Event::Commit {
+                req: 11,
+                tx: t2,
+                early: true
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t2,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t2 },
+        ]
+    );
 }
 
 #[test]
@@ -857,54 +1114,162 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     );
     assert_eq!(
         cmds,
-        vec![send(old, 0, &a, Message::Commit { one_phase: true }, None)]
+        vec![send(old, 0, &a, Message::Abort, None)],
+        "the client may never have asked to commit: an abort, answered with what the branch did"
     );
     assert_eq!(
         e.outcome_of(&old, false),
         Ok(None),
         "undecided until the branch answers"
     );
-    e.handle(
-        1,
-        Event::CommitAcked {
-            tx: old,
-            branch: 0,
-            ack: Ok(CommitAck::Committed),
-        },
+    // An answer that does not say, or none: asked again (with an abort, never a commit).
+    for (now, ack) in [
+        (1, Ok(AbortAck::Unreported)),
+        (30, Err("connection refused".to_string())),
+    ] {
+        assert_eq!(
+            e.handle(
+                now,
+                Event::AbortAcked {
+                    tx: old,
+                    branch: 0,
+                    ack
+                }
+            ),
+            vec![Command::ArmTimer {
+                tx: old,
+                timer: Timer::Retry { branch: 0 },
+                after_ms: if now == 1 { 10 } else { 20 }
+            }]
+        );
+        assert_eq!(
+            e.handle(
+                now + 20,
+                Event::Timer {
+                    tx: old,
+                    timer: Timer::Retry { branch: 0 }
+                }
+            ),
+            vec![send(old, 0, &a, Message::Abort, None)]
+        );
+    }
+    let last_error = e.tx(&old).and_then(|x| x.branches[0].last_error.clone());
+    assert_eq!(last_error.as_deref(), Some("connection refused"));
+    // A client that asks meanwhile waits for the branch's answer.
+    assert_eq!(
+        e.handle(
+            55,
+            Event::Commit {
+                req: 9,
+                tx: old,
+                early: false
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            60,
+            Event::AbortAcked {
+                tx: old,
+                branch: 0,
+                ack: Ok(AbortAck::AlreadyCommitted),
+            },
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: old,
+                branches: vec![a.clone()]
+            }),
+            Command::Sync { tx: old },
+        ],
+        "committed in one phase: the outcome is written, and synced for the waiting client"
     );
     assert_eq!(e.outcome_of(&old, false), Ok(Some(Outcome::Committed)));
     assert_eq!(
-        e.handle(2, Event::Synced { tx: old }),
-        vec![Command::Finished {
-            tx: old,
-            outcome: Outcome::Committed
-        }]
+        e.handle(61, Event::Synced { tx: old }),
+        vec![
+            reply(9, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: old,
+                outcome: Outcome::Committed
+            }
+        ]
     );
-    // A branch that never saw it refuses: aborted, and the intent is dropped.
+    // Nobody waiting: the outcome is written and the transaction finished at once.
+    let old1 = TxId { seq: 9, ..old };
+    e.handle(
+        62,
+        Event::Recovered(Recovered {
+            one_phase: vec![(old1, a.clone())],
+            ..Recovered::default()
+        }),
+    );
+    assert_eq!(
+        e.handle(
+            63,
+            Event::AbortAcked {
+                tx: old1,
+                branch: 0,
+                ack: Ok(AbortAck::AlreadyCommitted),
+            },
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: old1,
+                branches: vec![a.clone()]
+            }),
+            Command::Finished {
+                tx: old1,
+                outcome: Outcome::Committed
+            }
+        ]
+    );
+    // A branch that reports it aborted (or never had it): aborted, the intent dropped.
     let old2 = TxId { seq: 8, ..old };
     e.handle(
-        3,
+        70,
         Event::Recovered(Recovered {
             one_phase: vec![(old2, a.clone())],
             ..Recovered::default()
         }),
     );
+    assert_eq!(
+        e.handle(
+            71,
+            Event::Commit {
+                req: 10,
+                tx: old2,
+                early: true
+            }
+        ),
+        vec![]
+    );
     let cmds = e.handle(
-        4,
-        Event::CommitAcked {
+        72,
+        Event::AbortAcked {
             tx: old2,
             branch: 0,
-            ack: Ok(CommitAck::Refused("unknown branch".into())),
+            ack: Ok(AbortAck::Aborted),
         },
     );
-    assert!(
-        cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: old2 })),
-        "{cmds:?}"
+    assert_eq!(
+        cmds,
+        vec![
+            reply(
+                10,
+                Err(TxError::Aborted(format!(
+                    "transaction {old2} aborted: the coordinator restarted before the one-phase \
+                     commit was confirmed, and branch a reports it rolled back"
+                )))
+            ),
+            Command::LogLazy(LazyRecord::Aborted { tx: old2 }),
+            Command::Finished {
+                tx: old2,
+                outcome: Outcome::Aborted
+            }
+        ]
     );
-    assert!(cmds.contains(&Command::Finished {
-        tx: old2,
-        outcome: Outcome::Aborted
-    }));
 }
 
 #[test]
@@ -919,7 +1284,14 @@ fn one_phase_can_be_switched_off() {
     );
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
-    let cmds = e.handle(1, Event::Commit { req: 10, tx: t });
+    let cmds = e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));
 }
 
@@ -928,7 +1300,14 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     e.handle(
         2,
         Event::Voted {
@@ -961,7 +1340,14 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     );
 
     let t2 = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(5, Event::Commit { req: 11, tx: t2 });
+    e.handle(
+        5,
+        Event::Commit {
+            req: 11,
+            tx: t2,
+            early: false,
+        },
+    );
     e.handle(
         6,
         Event::Voted {
@@ -995,9 +1381,26 @@ fn duplicate_and_late_messages_change_nothing() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     // A second Commit while preparing joins the first: no new prepares.
-    assert_eq!(e.handle(1, Event::Commit { req: 11, tx: t }), vec![]);
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Commit {
+                req: 11,
+                tx: t,
+                early: false
+            }
+        ),
+        vec![]
+    );
     assert_eq!(
         e.handle(
             2,
@@ -1051,7 +1454,7 @@ fn duplicate_and_late_messages_change_nothing() {
             Event::AbortAcked {
                 tx: t,
                 branch: 0,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         ),
         vec![]
@@ -1089,7 +1492,14 @@ fn duplicate_and_late_messages_change_nothing() {
     );
     // Commit again after the decision answers at once.
     assert_eq!(
-        e.handle(6, Event::Commit { req: 12, tx: t }),
+        e.handle(
+            6,
+            Event::Commit {
+                req: 12,
+                tx: t,
+                early: false
+            }
+        ),
         vec![reply(12, Ok(ReplyOk::Committed))]
     );
     // Timers for other phases do nothing.
@@ -1187,7 +1597,14 @@ fn abort_requests() {
         vec![reply(21, Ok(ReplyOk::Aborted))]
     );
     assert_eq!(
-        e.handle(1, Event::Commit { req: 22, tx: t }),
+        e.handle(
+            1,
+            Event::Commit {
+                req: 22,
+                tx: t,
+                early: false
+            }
+        ),
         vec![reply(
             22,
             Err(TxError::Aborted(format!(
@@ -1200,7 +1617,7 @@ fn abort_requests() {
         Event::AbortAcked {
             tx: t,
             branch: 0,
-            ack: Ok(()),
+            ack: Ok(AbortAck::Aborted),
         },
     );
     assert_eq!(
@@ -1343,7 +1760,14 @@ fn transaction_timeout_aborts_only_active_transactions() {
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
     assert_eq!(
-        e.handle(5_001, Event::Commit { req: 3, tx: t }),
+        e.handle(
+            5_001,
+            Event::Commit {
+                req: 3,
+                tx: t,
+                early: false
+            }
+        ),
         vec![reply(
             3,
             Err(TxError::Aborted(format!(
@@ -1404,11 +1828,19 @@ fn enlist_validates_and_is_idempotent() {
     };
     assert_eq!(
         enlist(&mut e, a.clone()),
-        vec![reply(7, Ok(ReplyOk::Enlisted))]
+        vec![
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t },
+            reply(7, Ok(ReplyOk::Enlisted))
+        ]
     );
     assert_eq!(
         enlist(&mut e, a.clone()),
-        vec![reply(7, Ok(ReplyOk::Enlisted))]
+        vec![reply(7, Ok(ReplyOk::Enlisted))],
+        "a repeated enlist writes no second intent"
     );
     let other = BranchSpec {
         commit_order: 3,
@@ -1500,7 +1932,14 @@ fn enlist_validates_and_is_idempotent() {
         }]
     ));
     // Not active any more.
-    e.handle(2, Event::Commit { req: 9, tx: t });
+    e.handle(
+        2,
+        Event::Commit {
+            req: 9,
+            tx: t,
+            early: false,
+        },
+    );
     let late = enlist(&mut e, spec("late", 0));
     assert_eq!(
         late,
@@ -1678,7 +2117,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
             Event::AbortAcked {
                 tx: old_undecided,
                 branch: 0,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         ),
         vec![
@@ -1698,7 +2137,14 @@ fn empty_transaction_commits_trivially() {
     let mut e = engine();
     let t = begin(&mut e, &[]);
     assert_eq!(
-        e.handle(1, Event::Commit { req: 2, tx: t }),
+        e.handle(
+            1,
+            Event::Commit {
+                req: 2,
+                tx: t,
+                early: false
+            }
+        ),
         vec![
             reply(2, Ok(ReplyOk::Committed)),
             Command::Finished {
@@ -2053,7 +2499,14 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     e.handle(
         2,
         Event::Voted {
@@ -2097,7 +2550,7 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
             Event::AbortAcked {
                 tx: t,
                 branch: 0,
-                ack: Ok(())
+                ack: Ok(AbortAck::Aborted)
             }
         )
         .is_empty());
@@ -2196,7 +2649,14 @@ fn resolve_an_aborting_transaction() {
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, Event::Commit { req: 10, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
     e.handle(
         2,
         Event::Voted {
@@ -2269,7 +2729,14 @@ fn resolve_an_aborting_transaction() {
 
     // Forced COMMIT of another aborting one: contradicting, recorded, outcome stays ABORTED.
     let t2 = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(10, Event::Commit { req: 11, tx: t2 });
+    e.handle(
+        10,
+        Event::Commit {
+            req: 11,
+            tx: t2,
+            early: false,
+        },
+    );
     e.handle(
         11,
         Event::Abort {
@@ -2358,7 +2825,14 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
 fn resolve_a_finished_transaction_asks_the_log_then_only_records() {
     let mut e = engine();
     let t = begin(&mut e, &[]);
-    e.handle(1, Event::Commit { req: 2, tx: t });
+    e.handle(
+        1,
+        Event::Commit {
+            req: 2,
+            tx: t,
+            early: false,
+        },
+    );
     assert!(e.tx(&t).is_none());
     // First: not live, ask the log.
     assert_eq!(

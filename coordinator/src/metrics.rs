@@ -805,7 +805,7 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CommitAck, EngineConfig, Vote};
+    use crate::engine::{AbortAck, CommitAck, EngineConfig, Vote};
     use crate::log::Recovered;
     use crate::types::{BranchKind, BranchSpec};
 
@@ -871,7 +871,16 @@ mod tests {
         assert_eq!(aborted(&m, AbortReason::TxTimeout), 1);
         // Prepare timeout.
         let t2 = begin(&mut e, &m, &["a", "b"]);
-        step(&mut e, &m, 10, Event::Commit { req: 2, tx: t2 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 2,
+                tx: t2,
+                early: false,
+            },
+        );
         let ev = Event::Timer {
             tx: t2,
             timer: Timer::PrepareTimeout,
@@ -880,7 +889,16 @@ mod tests {
         assert_eq!(aborted(&m, AbortReason::PrepareTimeout), 1);
         // A refused one-phase commit counts as a no vote.
         let t3 = begin(&mut e, &m, &["a"]);
-        step(&mut e, &m, 10, Event::Commit { req: 3, tx: t3 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 3,
+                tx: t3,
+                early: false,
+            },
+        );
         step(&mut e, &m, 10, Event::Synced { tx: t3 });
         let ev = Event::CommitAcked {
             tx: t3,
@@ -982,7 +1000,16 @@ mod tests {
         // An undecided two-phase transaction resolved to ABORT: one abort, by the operator;
         // the abort acknowledgements that finish it are not a second one.
         let t1 = begin(&mut e, &m, &["a", "b"]);
-        step(&mut e, &m, 10, Event::Commit { req: 2, tx: t1 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 2,
+                tx: t1,
+                early: false,
+            },
+        );
         resolve(&mut e, &m, 3, t1, true, false);
         assert_eq!(aborted(&m, AbortReason::Operator), 1);
         assert_eq!(resolutions(&m, true, "accepted"), 1);
@@ -990,7 +1017,7 @@ mod tests {
             let ev = Event::AbortAcked {
                 tx: t1,
                 branch,
-                ack: Ok(()),
+                ack: Ok(AbortAck::Aborted),
             };
             step(&mut e, &m, 70, ev);
         }
@@ -1006,11 +1033,29 @@ mod tests {
         // One-phase commits in flight: the operator's word decides them when its record
         // is durable; the participant's late answer changes nothing.
         let t2 = begin(&mut e, &m, &["a"]);
-        step(&mut e, &m, 10, Event::Commit { req: 5, tx: t2 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 5,
+                tx: t2,
+                early: false,
+            },
+        );
         resolve(&mut e, &m, 6, t2, false, false);
         assert_eq!(m.committed.get(), 1);
         let t3 = begin(&mut e, &m, &["a"]);
-        step(&mut e, &m, 10, Event::Commit { req: 8, tx: t3 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 8,
+                tx: t3,
+                early: false,
+            },
+        );
         resolve(&mut e, &m, 9, t3, true, false);
         assert_eq!(aborted(&m, AbortReason::Operator), 2);
         let ev = Event::CommitAcked {
@@ -1024,7 +1069,16 @@ mod tests {
         // A decided transaction stuck in phase two: a refusal and a resolution are counted
         // as resolutions, never as decisions.
         let t4 = begin(&mut e, &m, &["a", "b"]);
-        step(&mut e, &m, 10, Event::Commit { req: 11, tx: t4 });
+        step(
+            &mut e,
+            &m,
+            10,
+            Event::Commit {
+                req: 11,
+                tx: t4,
+                early: false,
+            },
+        );
         for branch in [0, 1] {
             let ev = Event::Voted {
                 tx: t4,
@@ -1061,7 +1115,16 @@ mod tests {
         let m = Metrics::new(0);
         let mut e = engine();
         let t = begin(&mut e, &m, &["a", "b"]);
-        step(&mut e, &m, 1, Event::Commit { req: 2, tx: t });
+        step(
+            &mut e,
+            &m,
+            1,
+            Event::Commit {
+                req: 2,
+                tx: t,
+                early: false,
+            },
+        );
         let yes = |branch| Event::Voted {
             tx: t,
             branch,
@@ -1124,7 +1187,16 @@ mod tests {
         let mut e = engine();
         let _active = begin(&mut e, &m, &["a", "b"]);
         let t = begin(&mut e, &m, &["a", "b"]);
-        step(&mut e, &m, 100, Event::Commit { req: 9, tx: t });
+        step(
+            &mut e,
+            &m,
+            100,
+            Event::Commit {
+                req: 9,
+                tx: t,
+                early: false,
+            },
+        );
         let stats = LogStats {
             syncs: 2,
             decisions: 1,

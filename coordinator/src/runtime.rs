@@ -37,9 +37,12 @@
 //!   before the next tier's commit is sent.
 //! * `coordinator::before_one_phase_sync`: a one-phase commit's record was written
 //!   lazily, before the sync that makes it durable. The first such sync of a transaction
-//!   covers its intent (no commit sent yet), the second its outcome (the branch has
-//!   committed, the client not yet answered): `1*off->return(abort)` crashes at the
+//!   covers its intent (written when its branch enlisted; no commit sent yet), the second
+//!   its outcome (the branch has committed, the client not yet answered; only for a
+//!   client that did not ask for an early answer): `1*off->return(abort)` crashes at the
 //!   second.
+//! * `coordinator::before_barrier_sync`: a Barrier call arrived, before the log sync that
+//!   answers it (one-phase outcomes answered early may not be durable yet).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +81,8 @@ pub struct RuntimeOptions {
 pub struct CommitResult {
     /// Branches whose commit is not acknowledged yet.
     pub pending: Vec<String>,
+    /// The epoch of this start of the coordinator (see [`Runtime::barrier`]).
+    pub epoch: u64,
 }
 
 /// A snapshot of one transaction for GetTransaction / ListTransactions.
@@ -235,13 +240,31 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     }
 
     /// Commit RPC: runs the protocol, then waits up to `wait` (None: the default; zero:
-    /// not at all) for phase two.
-    pub async fn commit(&self, tx: TxId, wait: Option<Duration>) -> Result<CommitResult, TxError> {
-        match self.request(|req| Event::Commit { req, tx }).await? {
+    /// not at all) for phase two. With `early`, a one-phase commit is answered before its
+    /// outcome is durable (the caller calls [`Runtime::barrier`] before its participant
+    /// forgets the branch).
+    pub async fn commit(
+        &self,
+        tx: TxId,
+        wait: Option<Duration>,
+        early: bool,
+    ) -> Result<CommitResult, TxError> {
+        let epoch = self.inner.log.epoch();
+        match self.request(|req| Event::Commit { req, tx, early }).await? {
             ReplyOk::Committed => {}
             ReplyOk::NotLive => {
                 return match self.resolve(&tx)?.outcome {
-                    Outcome::Committed => Ok(CommitResult { pending: Vec::new() }),
+                    Outcome::Committed => {
+                        // The record may be a one-phase outcome answered early to an
+                        // earlier call and not synced yet.
+                        if !early {
+                            self.sync_log().await?;
+                        }
+                        Ok(CommitResult {
+                            pending: Vec::new(),
+                            epoch,
+                        })
+                    }
                     Outcome::Aborted => Err(TxError::Aborted(format!(
                         "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
                     ))),
@@ -261,7 +284,30 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                 .collect(),
             None => Vec::new(),
         };
-        Ok(CommitResult { pending })
+        Ok(CommitResult { pending, epoch })
+    }
+
+    /// Barrier RPC: returns once every record written before the call is durable (one log
+    /// sync, shared with the other writes of the moment), with this start's epoch.
+    pub async fn barrier(&self) -> Result<u64, TxError> {
+        if let Some(why) = lock(&self.inner.engine).halted() {
+            return Err(TxError::Unavailable(format!(
+                "coordinator is not taking new work: {why}"
+            )));
+        }
+        named_crash_point("coordinator::before_barrier_sync");
+        self.sync_log().await?;
+        Ok(self.inner.log.epoch())
+    }
+
+    /// Makes every record written so far durable.
+    async fn sync_log(&self) -> Result<(), TxError> {
+        let epoch = self.inner.log.epoch();
+        self.inner
+            .log
+            .sync(epoch)
+            .await
+            .map_err(|e| TxError::Unavailable(format!("could not sync the decision log: {e}")))
     }
 
     /// Abort RPC.
@@ -270,9 +316,12 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             ReplyOk::Aborted => Ok(()),
             ReplyOk::NotLive => match self.resolve(&tx)?.outcome {
                 Outcome::Aborted => Ok(()),
-                Outcome::Committed => Err(TxError::FailedPrecondition(format!(
-                    "transaction {tx} cannot be aborted: its outcome is COMMITTED"
-                ))),
+                Outcome::Committed => {
+                    self.sync_log().await?;
+                    Err(TxError::FailedPrecondition(format!(
+                        "transaction {tx} cannot be aborted: its outcome is COMMITTED"
+                    )))
+                }
             },
             other => Err(unexpected(other)),
         }

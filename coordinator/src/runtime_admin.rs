@@ -192,7 +192,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::engine::{CommitAck, EngineConfig, Outcome, RpcResult, Vote};
+    use crate::engine::{AbortAck, CommitAck, EngineConfig, Outcome, RpcResult, Vote};
     use crate::log::{CommitRecord, MemoryLog};
     use crate::runtime::RuntimeOptions;
     use crate::types::{BranchKind, BranchSpec, HeuristicDecision};
@@ -211,8 +211,8 @@ mod tests {
                 Ok(CommitAck::Committed)
             }
         }
-        async fn abort(&self, _: &str, _: TxId, _: &str) -> RpcResult<()> {
-            Ok(())
+        async fn abort(&self, _: &str, _: TxId, _: &str) -> RpcResult<AbortAck> {
+            Ok(AbortAck::Aborted)
         }
     }
 
@@ -254,7 +254,10 @@ mod tests {
             .begin(0, vec![spec("ok"), spec("gone")])
             .await
             .expect("begin");
-        let res = rt.commit(t, Some(Duration::ZERO)).await.expect("commit");
+        let res = rt
+            .commit(t, Some(Duration::ZERO), false)
+            .await
+            .expect("commit");
         assert!(res.pending.contains(&"gone".to_string()), "{res:?}");
         // Retried a few times.
         for _ in 0..200 {

@@ -288,7 +288,10 @@ async fn commit<L: DecisionLog, T: Transport>(
                 Err(e) => return Err(status_of(e)),
             }
         }
-        let res = rt.commit(tx, wait).await.map_err(status_of)?;
+        let res = rt
+            .commit(tx, wait, req.answer_before_durable)
+            .await
+            .map_err(status_of)?;
         if !late.is_empty() {
             let had = match rt.log().decision(&tx) {
                 Ok(Some(d)) => d.record.branches,
@@ -304,6 +307,7 @@ async fn commit<L: DecisionLog, T: Transport>(
         Ok(pb::CommitResponse {
             outcome: pb::Outcome::Committed as i32,
             pending_branches: res.pending,
+            epoch: res.epoch,
         })
     }
     .instrument(span)
@@ -411,6 +415,14 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
                 }
             },
         )))
+    }
+
+    async fn barrier(
+        &self,
+        _request: Request<pb::BarrierRequest>,
+    ) -> Result<Response<pb::BarrierResponse>, Status> {
+        let epoch = self.rt.barrier().await.map_err(status_of)?;
+        Ok(Response::new(pb::BarrierResponse { epoch }))
     }
 
     async fn get_transaction(

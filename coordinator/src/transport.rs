@@ -22,7 +22,7 @@ use twopc_proto::v1::participant_call::Call;
 use twopc_proto::v1::participant_client::ParticipantClient;
 use twopc_proto::v1::participant_result::Result as CallResult;
 
-use crate::engine::{CommitAck, RpcResult, Vote};
+use crate::engine::{AbortAck, CommitAck, RpcResult, Vote};
 use crate::exchange::Exchanges;
 use crate::types::TxId;
 
@@ -44,13 +44,14 @@ pub trait Transport: Send + Sync + 'static {
         branch_id: &str,
         one_phase: bool,
     ) -> impl Future<Output = RpcResult<CommitAck>> + Send;
-    /// Phase two: abort.
+    /// Phase two: abort (also how a restarted coordinator settles a one-phase commit: the
+    /// answer says whether the branch had already committed).
     fn abort(
         &self,
         endpoint: &str,
         tx: TxId,
         branch_id: &str,
-    ) -> impl Future<Output = RpcResult<()>> + Send;
+    ) -> impl Future<Output = RpcResult<AbortAck>> + Send;
 }
 
 /// Timeouts of [`GrpcTransport`].
@@ -252,7 +253,7 @@ impl Transport for GrpcTransport {
         }
     }
 
-    async fn abort(&self, endpoint: &str, tx: TxId, branch_id: &str) -> RpcResult<()> {
+    async fn abort(&self, endpoint: &str, tx: TxId, branch_id: &str) -> RpcResult<AbortAck> {
         let req = pb::AbortBranchRequest {
             tx_id: tx.to_string(),
             branch_id: branch_id.to_string(),
@@ -267,6 +268,16 @@ impl Transport for GrpcTransport {
             |mut c| async move { c.abort(req).await },
         )
         .await
-        .map(|_| ())
+        .map(|resp| abort_ack(resp.result))
+    }
+}
+
+/// The engine's reading of `AbortBranchResponse.result` (unknown values count as not
+/// reported).
+pub fn abort_ack(result: i32) -> AbortAck {
+    match pb::AbortResult::try_from(result) {
+        Ok(pb::AbortResult::Aborted) => AbortAck::Aborted,
+        Ok(pb::AbortResult::AlreadyCommitted) => AbortAck::AlreadyCommitted,
+        Ok(pb::AbortResult::Unspecified) | Err(_) => AbortAck::Unreported,
     }
 }

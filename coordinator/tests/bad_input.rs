@@ -399,7 +399,9 @@ impl Participant for Yes {
         &self,
         _: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
     }
 }
 
@@ -586,6 +588,7 @@ impl Harness {
                     phase_two_wait_ms: 5_000,
                     no_wait: false,
                     branches: Vec::new(),
+                    answer_before_durable: false,
                 })
                 .await
                 .expect("Commit")
@@ -1350,6 +1353,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
             phase_two_wait_ms: 10,
             no_wait: true,
             branches: Vec::new(),
+            answer_before_durable: false,
         }
         .encode_to_vec(),
         pb::AbortRequest {
@@ -1687,6 +1691,7 @@ impl Harness {
             phase_two_wait_ms: wait,
             no_wait,
             branches: Vec::new(),
+            answer_before_durable: false,
         };
         let got = self.call("Commit", |mut c| async move { c.commit(req).await })?;
         check("Commit", &got, &expected)?;
@@ -2105,6 +2110,7 @@ impl Harness {
             phase_two_wait_ms: wait,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         };
         self.call("Commit", |mut c| async move { c.commit(req).await })
     }

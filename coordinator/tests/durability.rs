@@ -78,7 +78,9 @@ impl Participant for Spy {
         &self,
         _: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
     }
 }
 
@@ -193,6 +195,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
                 phase_two_wait_ms: 0,
                 no_wait: false,
                 branches: Vec::new(),
+                answer_before_durable: false,
             })
             .await
             .expect("commit")
@@ -260,6 +263,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             phase_two_wait_ms: 0,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         })
         .await
         .expect_err("commit must fail when the decision cannot be synced");
@@ -319,6 +323,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             phase_two_wait_ms: 0,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         })
         .await
         .expect_err("in doubt");

@@ -7,10 +7,13 @@
 //! ([`TwoPcModel::branches`]):
 //! - **three branches**: two-phase commit (prepares, a forced COMMIT, phase two in two tiers);
 //! - **one branch**: the one-phase commit ([`EngineConfig::one_phase`], on by default). The
-//!   engine writes the `OnePhase` intent and syncs it (`Command::Sync`) before the commit
-//!   goes out; the participant decides (commits, or refuses and rolls back); the engine
-//!   writes `OnePhaseCommitted` and syncs it before the client hears "committed"; a restart
-//!   that finds a synced intent without an outcome asks the branch again.
+//!   engine writes the `OnePhase` intent when the branch enlists and syncs it
+//!   (`Command::Sync`) before the commit goes out; the participant decides (commits, or
+//!   refuses and rolls back); the engine writes `OnePhaseCommitted` and syncs it before the
+//!   client hears "committed" — or, for a client that asks for an early answer
+//!   ([`TwoPcModel::early_answer`], what the SDK does), answers at once and leaves the sync
+//!   to the client's `Barrier` ([`Action::Barrier`]); a restart that finds a synced intent
+//!   without an outcome sends the branch an abort, which it answers with what it did.
 //!
 //! # Layout
 //! - [`TwoPcModel`]: the knobs (branch count, fault budgets, deliberately broken runtimes)
@@ -41,9 +44,10 @@
 //! coordinator would report as the outcome (its live state, or the log after a crash that
 //! keeps any prefix of the unsynced tail and a restart) agrees with what the branches did.
 //! In the one-branch configuration a participant that committed may also forget the branch
-//! once the client has its answer (as the SDK's `outcome_known` lets it), after which it
-//! refuses a repeated one-phase commit: the reason the outcome is synced before the client
-//! hears it.
+//! once the client has its answer (as the SDK's `outcome_known` lets it) — with an early
+//! answer, only once a Barrier has made the outcome durable — after which it refuses a
+//! repeated one-phase commit and answers an abort "aborted": the reason the outcome is
+//! durable before the participant forgets.
 //!
 //! # Bounds
 //! Every fault has a budget per run ([`Bounds`]): coordinator and participant crashes, RPC
@@ -70,8 +74,8 @@ use std::time::Instant;
 
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
 use twopc_coordinator::engine::{
-    BranchState, Command, CommitAck, Engine, EngineConfig, Event, Message, Outcome, ReplyOk, ReqId,
-    Timer, TxError, TxState, Vote,
+    AbortAck, BranchState, Command, CommitAck, Engine, EngineConfig, Event, Message, Outcome,
+    ReplyOk, ReqId, Timer, TxError, TxState, Vote,
 };
 use twopc_coordinator::log::{CommitRecord, LazyRecord, Lsn, Recovered};
 use twopc_coordinator::types::{BranchKind, BranchSpec, TxId};
@@ -159,6 +163,8 @@ enum Answer {
     VoteNo,
     CommitOk,
     AbortOk,
+    /// An abort of a branch committed in one phase: nothing undone.
+    AbortCommitted,
     /// A one-phase commit: the branch is committed.
     OnePhaseCommitted,
     /// A one-phase commit refused: the branch is rolled back.
@@ -173,7 +179,7 @@ impl Answer {
         match self {
             Answer::VoteYes | Answer::VoteNo => Msg::Prepare,
             Answer::CommitOk => Msg::Commit,
-            Answer::AbortOk => Msg::Abort,
+            Answer::AbortOk | Answer::AbortCommitted => Msg::Abort,
             Answer::OnePhaseCommitted | Answer::Refused => Msg::OnePhaseCommit,
             Answer::Error(m) => m,
         }
@@ -239,7 +245,11 @@ struct Image {
 impl Image {
     fn apply(&mut self, rec: Rec) {
         match rec {
-            Rec::Preparing => self.preparing = true,
+            // Kept where the intent is kept, under the same key: it replaces the intent.
+            Rec::Preparing => {
+                self.preparing = true;
+                self.intent = false;
+            }
             Rec::Aborted => {
                 self.preparing = false;
                 self.intent = false;
@@ -286,9 +296,10 @@ impl Image {
             rec.undecided.push((the_tx(), specs(n)));
         }
         if self.intent && !self.has_commit() {
-            assert_eq!(n, 1, "a one-phase intent names the only branch");
+            // The intent names the first branch (written when it enlisted); with three
+            // branches it survives only if the PREPARING record that replaces it did not.
             rec.one_phase
-                .extend(specs(n).into_iter().map(|b| (the_tx(), b)));
+                .extend(specs(n).into_iter().take(1).map(|b| (the_tx(), b)));
         }
         rec
     }
@@ -382,6 +393,8 @@ struct Participant {
     /// It once voted yes, or (one-phase) decided to commit itself: the only licence for
     /// anyone to commit it.
     voted_yes: bool,
+    /// Committed in one phase: an abort is answered "already committed".
+    one_phase: bool,
     /// Committed, and forgot the branch once its client had the answer (one branch only,
     /// like the SDK's `outcome_known`): a repeated one-phase commit is refused (an unknown
     /// branch), an abort finds nothing to abort. Its data stays committed.
@@ -416,6 +429,7 @@ impl Participant {
             (Msg::OnePhaseCommit, Working) if vote_yes => {
                 self.state = Committed;
                 self.voted_yes = true;
+                self.one_phase = true;
                 Answer::OnePhaseCommitted
             }
             (Msg::OnePhaseCommit, Working) => {
@@ -425,6 +439,7 @@ impl Participant {
             // A prepared branch commits what it prepared (as the SDK does).
             (Msg::OnePhaseCommit, Prepared) => {
                 self.state = Committed;
+                self.one_phase = true;
                 Answer::OnePhaseCommitted
             }
             (Msg::OnePhaseCommit, Committed) => Answer::OnePhaseCommitted,
@@ -434,6 +449,7 @@ impl Participant {
                 Answer::AbortOk
             }
             (Msg::Abort, Aborted) => Answer::AbortOk,
+            (Msg::Abort, Committed) if self.one_phase => Answer::AbortCommitted,
             (Msg::Abort, Committed) => Answer::Error(Msg::Abort),
         }
     }
@@ -454,6 +470,9 @@ struct Client {
     abort_waiting: Option<ReqId>,
     /// It was told COMMITTED (a Commit reply, or an Abort refused because committed).
     told_committed: bool,
+    /// The epoch of the coordinator that told it COMMITTED (what `CommitResponse.epoch`
+    /// carries), for its Barrier.
+    told_committed_epoch: u64,
     /// It was told ABORTED.
     told_aborted: bool,
 }
@@ -468,7 +487,8 @@ enum Recovery {
     Commit,
     /// A `Preparing` record without a decision: aborts sent.
     Undecided,
-    /// A one-phase intent without an outcome: the one-phase commit sent again.
+    /// A one-phase intent without an outcome: an abort sent, answered with what the branch
+    /// did.
     OnePhase,
 }
 
@@ -562,6 +582,10 @@ enum Action {
     /// A committed participant forgets its branch because the client has the answer (one
     /// branch only; see [`Participant::forgot`]).
     ForgetBranch(usize),
+    /// The client, told COMMITTED early, calls Barrier: the coordinator syncs everything
+    /// written so far. If it answers from the epoch that told it COMMITTED, the participant
+    /// forgets its branch.
+    Barrier,
 }
 
 /// How much can go wrong in one run.
@@ -607,6 +631,9 @@ struct TwoPcModel {
     completions: Arc<Mutex<HashMap<u64, bool>>>,
     /// Let the client send one Abort request too.
     client_abort: bool,
+    /// The client's Commit asks for an early answer (`CommitRequest.answer_before_durable`,
+    /// as the SDK does): its participant forgets the branch only after a Barrier.
+    early_answer: bool,
     /// A deliberately broken runtime: it reports `LogDurable` as soon as the COMMIT record is
     /// *written* (before its sync) and sends commits without checking `requires_durable`.
     broken_ack_before_sync: bool,
@@ -614,6 +641,12 @@ struct TwoPcModel {
     /// `Synced` at once, before the records are on disk (they reach it at a later
     /// `SyncLog`), like the engine before one-phase records were synced.
     broken_early_sync: EarlySync,
+    /// A deliberately broken client: told COMMITTED early, it lets its participant forget
+    /// the branch at once, without a Barrier.
+    broken_forget_without_barrier: bool,
+    /// A deliberately broken client: it lets its participant forget the branch after a
+    /// Barrier from any epoch (not only the one that told it COMMITTED).
+    broken_barrier_any_epoch: bool,
     /// What a coordinator restarted from a given log image reports (memoized: images are
     /// few).
     restarts: Arc<Mutex<HashMap<Image, Option<Outcome>>>>,
@@ -638,6 +671,9 @@ impl Default for TwoPcModel {
             bounds: Bounds::default(),
             completions: Arc::default(),
             client_abort: false,
+            early_answer: false,
+            broken_forget_without_barrier: false,
+            broken_barrier_any_epoch: false,
             broken_ack_before_sync: false,
             broken_early_sync: EarlySync::Neither,
             restarts: Arc::default(),
@@ -661,6 +697,7 @@ impl TwoPcModel {
                 Participant {
                     state: PState::Working,
                     voted_yes: false,
+                    one_phase: false,
                     forgot: false,
                 };
                 self.branches
@@ -730,7 +767,7 @@ impl TwoPcModel {
                         Rec::Done
                     }
                     LazyRecord::OnePhase { tx, branch } => {
-                        assert_eq!((tx, vec![branch]), (the_tx(), specs(self.branches)));
+                        assert_eq!((tx, vec![branch]), (the_tx(), specs(1)));
                         Rec::OnePhase
                     }
                     LazyRecord::OnePhaseCommitted { tx, branches } => {
@@ -747,7 +784,9 @@ impl TwoPcModel {
                 let state = s.engine.as_ref().and_then(|e| e.tx(&tx)).map(|e| e.state);
                 let early = match self.broken_early_sync {
                     EarlySync::Neither => false,
-                    EarlySync::Intent => state == Some(TxState::Preparing),
+                    EarlySync::Intent => {
+                        matches!(state, Some(TxState::Active | TxState::Preparing))
+                    }
                     EarlySync::Outcome => state == Some(TxState::Committing),
                 };
                 if early {
@@ -834,18 +873,28 @@ impl TwoPcModel {
             Err(TxError::Aborted(_)) => Some(Outcome::Aborted),
             // Abort refused: "cannot be aborted: its outcome is COMMITTED".
             Err(TxError::FailedPrecondition(_)) if is_abort => Some(Outcome::Committed),
-            // Not held: the runtime answers from the log (presumed abort).
+            // Not held: the runtime answers from the log (presumed abort), COMMITTED only
+            // once synced unless the client asked for an early answer.
             Ok(ReplyOk::NotLive) => {
                 let engine = s.engine.as_ref().expect("replies come from a live engine");
-                engine
+                let outcome = engine
                     .outcome_of(&the_tx(), s.log.has_commit())
                     .ok()
-                    .flatten()
+                    .flatten();
+                if outcome == Some(Outcome::Committed) && (is_abort || !self.early_answer) {
+                    s.log.sync();
+                }
+                outcome
             }
             _ => None,
         };
         match told {
-            Some(Outcome::Committed) => s.client.told_committed = true,
+            Some(Outcome::Committed) => {
+                if !s.client.told_committed {
+                    s.client.told_committed_epoch = s.epoch;
+                }
+                s.client.told_committed = true;
+            }
             Some(Outcome::Aborted) => s.client.told_aborted = true,
             None => {}
         }
@@ -859,7 +908,8 @@ impl TwoPcModel {
                 let req = COMMIT_REQ + s.client.commits as ReqId;
                 s.client.commits += 1;
                 s.client.commit_waiting = Some(req);
-                self.dispatch(s, Event::Commit { req, tx });
+                let early = self.early_answer;
+                self.dispatch(s, Event::Commit { req, tx, early });
             }
             Action::ClientAbort => {
                 let req = ABORT_REQ + s.client.aborts as ReqId;
@@ -974,6 +1024,14 @@ impl TwoPcModel {
                 }
             }
             Action::ForgetBranch(i) => s.participants[i].forgot = true,
+            Action::Barrier => {
+                s.log.sync();
+                if s.epoch == s.client.told_committed_epoch || self.broken_barrier_any_epoch {
+                    for p in &mut s.participants {
+                        p.forgot |= p.state == PState::Committed;
+                    }
+                }
+            }
         }
     }
 
@@ -987,10 +1045,26 @@ impl TwoPcModel {
     }
 
     /// Whether participant `i` may forget its branch now: it committed, the client has the
-    /// answer, and the transaction has one branch (see [`Participant::forgot`]).
+    /// answer (and did not ask for it early: then only [`Action::Barrier`] lets it), and the
+    /// transaction has one branch (see [`Participant::forgot`]).
     fn may_forget(&self, s: &State, i: usize) -> bool {
         let p = &s.participants[i];
-        self.branches == 1 && p.state == PState::Committed && !p.forgot && s.client.told_committed
+        self.branches == 1
+            && (!self.early_answer || self.broken_forget_without_barrier)
+            && p.state == PState::Committed
+            && !p.forgot
+            && s.client.told_committed
+    }
+
+    /// Whether the client may call Barrier now: it was told COMMITTED early, its participant
+    /// still remembers the branch, and the coordinator is up.
+    fn may_barrier(&self, s: &State) -> bool {
+        self.early_answer
+            && s.engine.is_some()
+            && s.client.told_committed
+            && s.participants
+                .iter()
+                .any(|p| p.state == PState::Committed && !p.forgot)
     }
 
     /// What a coordinator restarted from `image` reports for the transaction: the real
@@ -1158,7 +1232,12 @@ fn answer_event(branch: usize, answer: Answer, error: &str) -> Event {
         Answer::AbortOk => Event::AbortAcked {
             tx,
             branch,
-            ack: Ok(()),
+            ack: Ok(AbortAck::Aborted),
+        },
+        Answer::AbortCommitted => Event::AbortAcked {
+            tx,
+            branch,
+            ack: Ok(AbortAck::AlreadyCommitted),
         },
         Answer::OnePhaseCommitted => Event::CommitAcked {
             tx,
@@ -1274,6 +1353,9 @@ impl Model for TwoPcModel {
                 actions.push(Action::ForgetBranch(i));
             }
         }
+        if self.may_barrier(s) {
+            actions.push(Action::Barrier);
+        }
     }
 
     fn next_state(&self, s: &State, action: Action) -> Option<State> {
@@ -1294,15 +1376,18 @@ impl Model for TwoPcModel {
             Property::always("no commit without every yes", |_, s: &State| {
                 !any(s, PState::Committed) || s.participants.iter().all(|p| p.voted_yes)
             }),
-            Property::always("a decision never changes", |_, s: &State| {
+            Property::always("a decision never changes", |m: &TwoPcModel, s: &State| {
                 // The client is never told both outcomes; it is told COMMITTED only once the
-                // decision is durable (a COMMIT record, or a one-phase outcome); and a COMMIT
+                // decision is durable (a COMMIT record, or a one-phase outcome; told early,
+                // its participant's memory stands in until a Barrier); and a COMMIT
                 // record that is (or may yet become, after a crash) on disk is backed by
                 // every yes vote and contradicted by no branch. No "voted yes" qualifier is
                 // needed on the last part: a COMMIT record at all means every branch voted
                 // yes.
                 let told_one = !(s.client.told_committed && s.client.told_aborted);
-                let told_durably = !s.client.told_committed || s.log.commit_durable();
+                let told_durably = !s.client.told_committed
+                    || s.log.commit_durable()
+                    || (m.early_answer && s.participants.iter().all(|p| !p.forgot));
                 let log = !s.log.commit_written()
                     || s.participants
                         .iter()
@@ -1440,7 +1525,7 @@ fn real_engine_keeps_two_phase_commit_safe_and_live() {
     checker.assert_properties();
     // Pinned: a change in the engine's behaviour (or in the model) must show up here. If it
     // is intended, run this test, check that the properties still hold, and update the count.
-    assert_eq!(checker.unique_state_count(), 214_124);
+    assert_eq!(checker.unique_state_count(), 516_311);
 }
 
 /// Late and duplicated requests (a participant sees a message twice, or after the RPC that
@@ -1467,7 +1552,7 @@ fn real_engine_survives_late_and_duplicate_deliveries() {
             "a participant's recovery finishes its branch",
         ],
     );
-    assert_eq!(checker.unique_state_count(), 207_105);
+    assert_eq!(checker.unique_state_count(), 620_444);
 }
 
 /// Lost requests: a participant never sees a prepare, a commit or an abort, and the RPC that
@@ -1494,7 +1579,7 @@ fn real_engine_survives_lost_requests() {
             "a participant's recovery finishes its branch",
         ],
     );
-    assert_eq!(checker.unique_state_count(), 85_547);
+    assert_eq!(checker.unique_state_count(), 256_229);
 }
 
 /// The checker is not vacuous: a runtime that reports a COMMIT durable before its sync and
@@ -1544,7 +1629,7 @@ fn client_abort_while_deciding_is_safe() {
     };
     let checker = check(model, HasDiscoveries::AnyFailures);
     checker.assert_properties();
-    assert_eq!(checker.unique_state_count(), 460_632);
+    assert_eq!(checker.unique_state_count(), 1_181_643);
 }
 
 /// What the one-branch runs must reach: commits and aborts decided by the participant,
@@ -1569,7 +1654,7 @@ fn real_engine_keeps_one_phase_commit_safe_and_live() {
     };
     let checker = check(model, HasDiscoveries::All);
     assert_holds(&checker, &ONE_PHASE_EXAMPLES);
-    assert_eq!(checker.unique_state_count(), 294);
+    assert_eq!(checker.unique_state_count(), 472);
 }
 
 /// One branch with every fault at once, and more of them (the space is small): two
@@ -1593,7 +1678,65 @@ fn one_phase_commit_survives_repeated_crashes_and_network_faults() {
     };
     let checker = check(model, HasDiscoveries::All);
     assert_holds(&checker, &ONE_PHASE_EXAMPLES);
-    assert_eq!(checker.unique_state_count(), 17_802);
+    assert_eq!(checker.unique_state_count(), 33_953);
+}
+
+/// One branch, the client asking for early answers (as the SDK does): it is told
+/// COMMITTED before the outcome is durable, and its participant forgets the branch only
+/// after a Barrier from the same epoch. Every fault of the repeated-crash run.
+#[test]
+fn one_phase_commit_with_early_answers_and_barriers_is_safe_and_live() {
+    let model = TwoPcModel {
+        branches: 1,
+        bounds: Bounds {
+            coordinator_crashes: 2,
+            participant_crashes: 1,
+            timeouts: 2,
+            duplicates: 1,
+            losses: 1,
+            client_commits: 3,
+        },
+        client_abort: true,
+        early_answer: true,
+        ..Default::default()
+    };
+    let checker = check(model, HasDiscoveries::All);
+    assert_holds(&checker, &ONE_PHASE_EXAMPLES);
+    assert_eq!(checker.unique_state_count(), 40_628);
+}
+
+/// The checker is not vacuous for early answers: a participant that forgets the branch
+/// as soon as its client is told COMMITTED early (no Barrier), or after a Barrier from
+/// another epoch (the coordinator restarted in between and lost the unsynced outcome),
+/// makes a restarted coordinator's abort find nothing: the transaction is reported ABORTED
+/// though the branch committed.
+#[test]
+fn checker_catches_forgetting_an_early_answer_before_its_barrier() {
+    for (without_barrier, any_epoch) in [(true, false), (false, true)] {
+        let model = TwoPcModel {
+            branches: 1,
+            bounds: Bounds {
+                coordinator_crashes: 1,
+                participant_crashes: 0,
+                timeouts: 0,
+                duplicates: 0,
+                losses: 0,
+                client_commits: 2,
+            },
+            early_answer: true,
+            broken_forget_without_barrier: without_barrier,
+            broken_barrier_any_epoch: any_epoch,
+            ..Default::default()
+        };
+        let name = "every reported outcome matches the branches";
+        let checker = check(model, HasDiscoveries::AllOf([name].into_iter().collect()));
+        let path = checker.discovery(name);
+        assert!(
+            path.is_some(),
+            "forgetting (without barrier: {without_barrier}, any epoch: {any_epoch}) went unnoticed"
+        );
+        eprintln!("counterexample: {:?}", path.map(|p| p.into_actions()));
+    }
 }
 
 /// The checker is not vacuous for one-phase commit: a runtime that answers the intent's

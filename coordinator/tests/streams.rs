@@ -86,7 +86,9 @@ impl Participant for Counting {
         _: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
         self.unary.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
     }
 }
 
@@ -120,7 +122,9 @@ impl ParticipantExchange for Counting {
                                 reason: String::new(),
                             })
                         }
-                        Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {}),
+                        Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {
+                            result: pb::AbortResult::Aborted as i32,
+                        }),
                         None => R::Error(pb::CallError {
                             code: Code::InvalidArgument as i32,
                             message: "call is missing".into(),
@@ -252,6 +256,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                 phase_two_wait_ms: 0,
                 no_wait: false,
                 branches: Vec::new(),
+                answer_before_durable: false,
             })
             .await
             .map_err(Status::from)
@@ -306,6 +311,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             phase_two_wait_ms: 0,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         };
         let piped = p.commit(req.clone()).await.map_err(Status::from);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
@@ -350,6 +356,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             phase_two_wait_ms: 0,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         })
         .await
         .map_err(Status::from)
@@ -400,6 +407,7 @@ async fn commit_enlists_the_branches_it_carries() {
         phase_two_wait_ms: 0,
         no_wait: false,
         branches: branches(&s.endpoint),
+        answer_before_durable: false,
     };
     let resp = p
         .commit(commit.clone())
@@ -438,6 +446,7 @@ async fn commit_enlists_the_branches_it_carries() {
             phase_two_wait_ms: 0,
             no_wait: false,
             branches: bad,
+            answer_before_durable: false,
         })
         .await
         .unwrap_err();

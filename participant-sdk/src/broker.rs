@@ -19,7 +19,12 @@
 //!   coordinator retries until it works: the commit is late, not lost. Messages confirmed
 //!   by an earlier attempt are not published again by a retry of this process. A commit
 //!   of a branch with nothing staged (already published and removed) is `Ok`.
-//! * **Abort**: drops the buffer and the staged copy.
+//! * **Abort**: drops the buffer and the staged copy, and answers `Aborted`. A branch
+//!   committed in one phase (remembered among the last `remembered_outcomes`) answers
+//!   `AlreadyCommitted` instead, and so does a one-phase commit still in progress: the
+//!   abort (how a restarted coordinator settles it) first finishes it as a repeated
+//!   one-phase commit would — publishing what is left, or refusing if nothing can have
+//!   been published — and answers from that (`Err(Retry)` while it cannot finish).
 //! * **One-phase commit** (the transaction's only branch): publishes straight from the
 //!   buffer, with confirms, and answers `Committed`; if the broker is unreachable before
 //!   anything could have reached it, `Refused` (nothing was published). Once something
@@ -92,8 +97,8 @@ macro_rules! broker_resource {
                 &self,
                 tx_id: &str,
                 branch_id: &str,
-            ) -> std::result::Result<(), $crate::resource::Retry> {
-                self.core.abort(tx_id, branch_id).await
+            ) -> std::result::Result<$crate::resource::AbortOutcome, $crate::resource::Retry> {
+                self.core.abort(self, tx_id, branch_id).await
             }
 
             async fn in_doubt(
@@ -116,7 +121,7 @@ use tracing::{debug, info, warn};
 use crate::client::Transaction;
 use crate::error::{Error, Result};
 use crate::lock;
-use crate::resource::{OnePhase, Resource, Retry, Vote};
+use crate::resource::{AbortOutcome, OnePhase, Resource, Retry, Vote};
 use crate::staging::{StagedMessage, StagingStore};
 
 /// Timeouts of a broker resource.
@@ -613,6 +618,18 @@ impl BrokerCore {
     ) -> std::result::Result<OnePhase, Retry> {
         let k = key(tx_id, branch_id);
         let _guard = self.lock_branch(&k).await;
+        self.one_phase_locked(broker, &k, tx_id, branch_id).await
+    }
+
+    /// [`BrokerCore::commit_one_phase`] with the branch's lock held by the caller.
+    async fn one_phase_locked<B: Broker + ?Sized>(
+        &self,
+        broker: &B,
+        k: &Key,
+        tx_id: &str,
+        branch_id: &str,
+    ) -> std::result::Result<OnePhase, Retry> {
+        let k = k.clone();
         if let Some(outcome) = lock(&self.finished).0.get(&k) {
             return Ok(outcome.clone());
         }
@@ -689,23 +706,45 @@ impl BrokerCore {
         }
     }
 
-    /// Abort: drops the buffer and the staged copy.
-    pub async fn abort(&self, tx_id: &str, branch_id: &str) -> std::result::Result<(), Retry> {
+    /// Abort: drops the buffer and the staged copy; see the module docs for what it
+    /// answers (a one-phase commit already made, or in progress, is `AlreadyCommitted`).
+    pub async fn abort<B: Broker + ?Sized>(
+        &self,
+        broker: &B,
+        tx_id: &str,
+        branch_id: &str,
+    ) -> std::result::Result<AbortOutcome, Retry> {
         let k = key(tx_id, branch_id);
         let _guard = self.lock_branch(&k).await;
-        if let Some(BranchState::OnePhase {
-            maybe_published: true,
-            ..
-        }) = lock(&self.state).get(&k)
-        {
-            warn!(resource = %self.name, tx_id, branch_id, "abort of a one-phase commit that may have published messages");
+        let one_phase = match lock(&self.finished).0.get(&k) {
+            Some(OnePhase::Committed) => Some(true),
+            Some(OnePhase::Refused(_)) => Some(false),
+            None => None,
+        };
+        if one_phase == Some(true) {
+            warn!(resource = %self.name, tx_id, branch_id, "abort of a branch already committed in one phase: nothing to undo");
+            return Ok(AbortOutcome::AlreadyCommitted);
+        }
+        let in_progress = matches!(
+            lock(&self.state).get(&k),
+            Some(BranchState::OnePhase { .. })
+        );
+        if one_phase.is_none() && in_progress {
+            // A one-phase commit began here and did not finish (its answer was an error,
+            // or it was interrupted): something may be published. Finish it as its repeat
+            // would, and answer from that.
+            warn!(resource = %self.name, tx_id, branch_id, "abort of an unfinished one-phase commit: finishing it first");
+            return match self.one_phase_locked(broker, &k, tx_id, branch_id).await? {
+                OnePhase::Committed => Ok(AbortOutcome::AlreadyCommitted),
+                OnePhase::Refused(_) => Ok(AbortOutcome::Aborted),
+            };
         }
         self.staging
             .remove(tx_id, branch_id)
             .map_err(|e| Retry(format!("{}: {e}", self.name)))?;
         self.forget(&k);
         debug!(resource = %self.name, tx_id, branch_id, "aborted");
-        Ok(())
+        Ok(AbortOutcome::Aborted)
     }
 
     /// The staged branches of this resource (branch id `<service>:<name>`).

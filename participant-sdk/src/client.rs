@@ -1,9 +1,30 @@
 //! The client API a service embeds: [`TwoPc`] (one per process) and [`Transaction`].
 //!
 //! [`TwoPc::builder`] connects to the coordinator, starts the embedded participant gRPC
-//! server (the endpoint every branch of this service is enlisted with) and the recovery
-//! loop. Resources are registered once ([`TwoPc::register`]); a [`Transaction`] enlists a
-//! resource the first time it is used in it, under the branch id `<service>:<resource>`.
+//! server (the endpoint every branch of this service is enlisted with), the recovery
+//! loop and the forgetter (below). Resources are registered once ([`TwoPc::register`]); a
+//! [`Transaction`] enlists a resource the first time it is used in it, under the branch id
+//! `<service>:<resource>`.
+//!
+//! # Forgetting one-phase commits
+//!
+//! [`Transaction::commit`] asks the coordinator to answer a one-phase commit before its
+//! record of the outcome is durable (`answer_before_durable`). Until that record is
+//! durable, a restarted coordinator would learn the outcome from the participant (with an
+//! abort answered "already committed"), so the participant must keep what answers for the
+//! commit (the PostgreSQL adapter's marker row). After an OK answer the branches of this
+//! process are therefore not forgotten at once ([`Resource::outcome_known`]) but queued,
+//! with the coordinator epoch of the answer, for the handle's **forgetter** task: it takes
+//! everything queued, calls the coordinator's `Barrier` once for the lot (at most one in
+//! flight, bounded by 5 s) and forgets the branches whose answer came from the epoch the
+//! Barrier reports — their outcome is durable now. Entries of another epoch (the
+//! coordinator restarted in between) are dropped: their markers go after
+//! `OutboxOptions::marker_retention`. A failed Barrier is tried again (backoff 100 ms to
+//! 2 s). The queue holds at most 100 000 transactions (beyond, the oldest are dropped the
+//! same way). A coordinator that predates the epoch (answers epoch 0) answers only once the
+//! outcome is durable: the branches are then forgotten at once, as before. The forgetter
+//! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
+//! a process that dies leaves the markers of its queue to `marker_retention`.
 //!
 //! # Security
 //!
@@ -15,20 +36,21 @@
 //! serve TLS ([`TwoPcBuilder::participant_tls`]) and require the coordinator's client
 //! certificate ([`TwoPcBuilder::participant_client_ca`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
 };
+use tracing::{debug, warn};
 use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
@@ -385,6 +407,13 @@ impl TwoPcBuilder {
                 let mut c = piped.clone();
                 Box::pin(async move { c.pipeline(outbound).await })
             });
+        let forget = Arc::new(ForgetQueue::default());
+        let forgetter = tokio::spawn(run_forgetter(
+            coordinator.clone(),
+            registry.clone(),
+            forget.clone(),
+            stop_rx.clone(),
+        ));
         let inner = Arc::new(Inner {
             pipeline: mux::Pipeline::new(open, PIPELINE_TIMEOUT),
             coordinator,
@@ -393,8 +422,9 @@ impl TwoPcBuilder {
             registry,
             data_dir: self.data_dir,
             commit_wait: self.commit_wait,
+            forget,
             stop: stop_tx,
-            tasks: Mutex::new(vec![server]),
+            tasks: Mutex::new(vec![server, forgetter]),
         });
         let recovery = tokio::spawn(crate::recovery::run_loop(
             inner.coordinator.clone(),
@@ -538,7 +568,10 @@ struct Inner {
     data_dir: Option<PathBuf>,
     /// Phase-two wait passed with Commit.
     commit_wait: Option<Duration>,
-    /// Stops the server and recovery loop.
+    /// Committed transactions whose branches are forgotten once a `Barrier` confirms
+    /// their outcome durable (see the module docs).
+    forget: Arc<ForgetQueue>,
+    /// Stops the server, the recovery loop and the forgetter.
     stop: watch::Sender<bool>,
     /// Background tasks, awaited by `shutdown`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -632,7 +665,9 @@ impl TwoPc {
         crate::recovery::pass(&self.inner.coordinator, &self.inner.registry).await
     }
 
-    /// Stops the participant server and the recovery loop, and waits for them.
+    /// Stops the participant server, the recovery loop and the forgetter, and waits for
+    /// them. Branches still waiting for a `Barrier` are not forgotten (their markers go
+    /// after `OutboxOptions::marker_retention`).
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
         let tasks = match self.inner.tasks.lock() {
@@ -725,8 +760,17 @@ impl Transaction {
     }
 
     /// Commits: every branch of every service in the transaction, or none. `Ok` means
-    /// committed (durably decided; `pending_branches` are still being delivered).
+    /// committed (decided; `pending_branches` are still being delivered).
     /// [`Error::Aborted`] means nothing of it is committed anywhere.
+    ///
+    /// A one-phase commit (the transaction has a single branch) may be answered before
+    /// the coordinator's record of it is durable (the request sets
+    /// `answer_before_durable`): the commit itself is done in the branch's resource, and
+    /// until the coordinator's record is durable the resource keeps what tells a
+    /// restarted coordinator that it committed. This process's branches are forgotten
+    /// ([`Resource::outcome_known`]) by the handle's forgetter once a coordinator
+    /// `Barrier` of the same epoch as the answer returned (see the module docs), or at
+    /// once when the coordinator reports no epoch (it answered once durable).
     pub async fn commit(self) -> Result<Committed> {
         if !self.owner {
             return Err(Error::Usage(format!(
@@ -744,10 +788,16 @@ impl Transaction {
                 .unwrap_or(0),
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: true,
         };
         match self.sdk.inner.commit(req).await {
             Ok(resp) => {
-                self.outcome_known();
+                if resp.epoch == 0 {
+                    // A coordinator that predates the epoch answers once durable.
+                    self.outcome_known();
+                } else {
+                    self.forget_after_barrier(resp.epoch);
+                }
                 Ok(Committed {
                     pending_branches: resp.pending_branches,
                 })
@@ -759,23 +809,36 @@ impl Transaction {
         }
     }
 
+    /// The branch ids this handle enlisted in this transaction.
+    fn enlisted_branches(&self) -> Vec<String> {
+        self.enlisted
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Tells this process's resources that the coordinator holds the outcome of their
     /// branches of this transaction.
     fn outcome_known(&self) {
-        let enlisted: Vec<String> = self
-            .enlisted
-            .lock()
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
-        let Ok(registry) = self.sdk.inner.registry.read() else {
+        tell_outcome_known(
+            &self.sdk.inner.registry,
+            &self.id,
+            &self.enlisted_branches(),
+        );
+    }
+
+    /// Queues this transaction's branches for the forgetter: they are forgotten once a
+    /// `Barrier` returns `epoch`.
+    fn forget_after_barrier(&self, epoch: u64) {
+        let branch_ids = self.enlisted_branches();
+        if branch_ids.is_empty() {
             return;
-        };
-        for branch_id in enlisted {
-            let name = branch_id.split_once(':').map_or("", |(_, r)| r);
-            if let Some(resource) = registry.get(name) {
-                resource.outcome_known(&self.id, &branch_id);
-            }
         }
+        self.sdk.inner.forget.push(Unforgotten {
+            tx_id: self.id.clone(),
+            branch_ids,
+            epoch,
+        });
     }
 
     /// Aborts: nothing of the transaction is committed anywhere.
@@ -792,6 +855,184 @@ impl Transaction {
         };
         self.sdk.inner.abort(req).await?;
         Ok(())
+    }
+}
+
+/// Tells the registered resources of `branch_ids` that the coordinator holds the outcome
+/// of transaction `tx_id`.
+fn tell_outcome_known(registry: &Registry, tx_id: &str, branch_ids: &[String]) {
+    let Ok(registry) = registry.read() else {
+        return;
+    };
+    for branch_id in branch_ids {
+        let name = branch_id.split_once(':').map_or("", |(_, r)| r);
+        if let Some(resource) = registry.get(name) {
+            resource.outcome_known(tx_id, branch_id);
+        }
+    }
+}
+
+/// Most transactions waiting for the forgetter; beyond, the oldest are dropped (their
+/// markers go after `OutboxOptions::marker_retention`).
+const MAX_UNFORGOTTEN: usize = 100_000;
+
+/// Bound on one `Barrier` call of the forgetter.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A committed transaction whose branches of this process wait for a `Barrier`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Unforgotten {
+    tx_id: String,
+    branch_ids: Vec<String>,
+    /// The coordinator epoch of the Commit answer.
+    epoch: u64,
+}
+
+/// What the forgetter has to do: a bounded queue and the signal that it is not empty.
+#[derive(Default)]
+struct ForgetQueue {
+    queue: Mutex<VecDeque<Unforgotten>>,
+    ready: Notify,
+}
+
+impl ForgetQueue {
+    /// Queues `entry`, dropping the oldest beyond [`MAX_UNFORGOTTEN`].
+    fn push(&self, entry: Unforgotten) {
+        let dropped = {
+            let mut q = crate::lock(&self.queue);
+            q.push_back(entry);
+            let excess = q.len().saturating_sub(MAX_UNFORGOTTEN);
+            q.drain(..excess).count()
+        };
+        if dropped > 0 {
+            debug!(
+                dropped,
+                "forgetter queue full: the oldest committed transactions keep their markers"
+            );
+        }
+        self.ready.notify_one();
+    }
+
+    /// Everything queued so far.
+    fn take(&self) -> Vec<Unforgotten> {
+        crate::lock(&self.queue).drain(..).collect()
+    }
+
+    /// Puts a batch whose `Barrier` failed back in front of what was queued since, within
+    /// [`MAX_UNFORGOTTEN`] (the oldest are dropped beyond).
+    fn put_back(&self, batch: Vec<Unforgotten>) {
+        let mut q = crate::lock(&self.queue);
+        for entry in batch.into_iter().rev() {
+            q.push_front(entry);
+        }
+        let excess = q.len().saturating_sub(MAX_UNFORGOTTEN);
+        q.drain(..excess);
+    }
+}
+
+/// The entries of `batch` that may be forgotten after a `Barrier` returned
+/// `barrier_epoch`: those answered by the same coordinator epoch (their outcome records
+/// were written before the Barrier arrived, so they are durable now). An entry of another
+/// epoch was answered by a coordinator that has restarted since (its record may be lost):
+/// it is not returned.
+fn forgettable(batch: Vec<Unforgotten>, barrier_epoch: u64) -> Vec<Unforgotten> {
+    batch
+        .into_iter()
+        .filter(|u| u.epoch == barrier_epoch)
+        .collect()
+}
+
+/// First wait before a failed `Barrier` is tried again; doubles up to [`BARRIER_RETRY_MAX`].
+const BARRIER_RETRY_MIN: Duration = Duration::from_millis(100);
+const BARRIER_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Bound on the last `Barrier` at shutdown.
+const BARRIER_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// One `Barrier` call bounded by `within`: the coordinator's epoch, or why not.
+async fn barrier(
+    coordinator: &CoordinatorClient<CoordinatorChannel>,
+    within: Duration,
+) -> std::result::Result<u64, String> {
+    match tokio::time::timeout(within, coordinator.clone().barrier(pb::BarrierRequest {})).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner().epoch),
+        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+        Err(_) => Err(format!("no answer within {within:?}")),
+    }
+}
+
+/// Forgets the entries of `batch` that a `Barrier` answered with `epoch` covers.
+fn forget_batch(registry: &Registry, batch: Vec<Unforgotten>, epoch: u64) {
+    let total = batch.len();
+    let forget = forgettable(batch, epoch);
+    if forget.len() < total {
+        debug!(
+            barrier_epoch = epoch,
+            dropped = total - forget.len(),
+            "commits answered by another coordinator epoch keep their markers until marker_retention"
+        );
+    }
+    for u in &forget {
+        tell_outcome_known(registry, &u.tx_id, &u.branch_ids);
+    }
+}
+
+/// The forgetter: waits for queued entries, takes all of them, calls `Barrier` once
+/// (bounded by [`BARRIER_TIMEOUT`]) and forgets the entries [`forgettable`] keeps; the
+/// others are dropped. A failed `Barrier` puts the batch back and is tried again after a
+/// backoff (a coordinator that restarted meanwhile answers another epoch, and the batch is
+/// dropped then). When `stop` turns true, what is queued gets one last `Barrier` (bounded
+/// by [`BARRIER_AT_SHUTDOWN`]), so a graceful shutdown leaves no marker behind.
+async fn run_forgetter(
+    coordinator: CoordinatorClient<CoordinatorChannel>,
+    registry: Registry,
+    queue: Arc<ForgetQueue>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retry = BARRIER_RETRY_MIN;
+    loop {
+        let stopping = tokio::select! {
+            _ = queue.ready.notified() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let batch = queue.take();
+        if stopping {
+            if !batch.is_empty() {
+                match barrier(&coordinator, BARRIER_AT_SHUTDOWN).await {
+                    Ok(epoch) => forget_batch(&registry, batch, epoch),
+                    Err(e) => warn!(error = %e, transactions = batch.len(),
+                        "Barrier failed at shutdown: these one-phase commits keep their markers until marker_retention"),
+                }
+            }
+            return;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let answer = tokio::select! {
+            a = barrier(&coordinator, BARRIER_TIMEOUT) => a,
+            _ = stop.wait_for(|s| *s) => {
+                queue.put_back(batch);
+                continue;
+            }
+        };
+        match answer {
+            Ok(epoch) => {
+                retry = BARRIER_RETRY_MIN;
+                forget_batch(&registry, batch, epoch);
+            }
+            Err(e) => {
+                warn!(error = %e, transactions = batch.len(), retry_in = ?retry,
+                    "Barrier failed: these one-phase commits keep their markers until it succeeds");
+                queue.put_back(batch);
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                retry = (retry * 2).min(BARRIER_RETRY_MAX);
+                queue.ready.notify_one();
+            }
+        }
     }
 }
 
@@ -824,6 +1065,39 @@ mod tests {
         .contains("needs participant_tls"));
         assert!(usage(b().coordinator_ca("not pem").start().await).contains("coordinator_ca"));
         assert!(usage(b().token("has space").start().await).contains("bearer token"));
+    }
+
+    fn entry(tx_id: &str, epoch: u64) -> Unforgotten {
+        Unforgotten {
+            tx_id: tx_id.into(),
+            branch_ids: vec!["svc:db".into()],
+            epoch,
+        }
+    }
+
+    #[test]
+    fn only_commits_of_the_barriers_epoch_are_forgotten() {
+        let batch = vec![entry("a", 3), entry("b", 2), entry("c", 3), entry("d", 4)];
+        assert_eq!(
+            forgettable(batch.clone(), 3),
+            vec![entry("a", 3), entry("c", 3)]
+        );
+        // The coordinator restarted (a newer epoch) or the answer came from elsewhere:
+        // nothing of another epoch is forgotten.
+        assert_eq!(forgettable(batch.clone(), 5), Vec::new());
+        assert_eq!(forgettable(batch, 0), Vec::new());
+    }
+
+    #[test]
+    fn the_forget_queue_is_bounded_and_drops_the_oldest() {
+        let q = ForgetQueue::default();
+        for i in 0..MAX_UNFORGOTTEN + 3 {
+            q.push(entry(&i.to_string(), 1));
+        }
+        let taken = q.take();
+        assert_eq!(taken.len(), MAX_UNFORGOTTEN);
+        assert_eq!(taken.first().map(|u| u.tx_id.as_str()), Some("3"));
+        assert!(q.take().is_empty());
     }
 
     #[test]

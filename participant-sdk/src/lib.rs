@@ -36,7 +36,7 @@ pub use nats::NatsResource;
 pub use outbox::OutboxOptions;
 pub use postgres::{PgBranch, PgResource, PreparedBranch};
 pub use rabbitmq::RabbitResource;
-pub use resource::{OnePhase, Resource, Retry, Vote};
+pub use resource::{AbortOutcome, OnePhase, Resource, Retry, Vote};
 pub use staging::{StagedMessage, StagingError, StagingOptions, StagingStore};
 
 /// A crash point: with the crate feature `failpoints` (and `fail::FailScenario::setup()`

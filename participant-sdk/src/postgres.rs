@@ -9,7 +9,7 @@
 //! |---------------|--------------------------------------------------------------|
 //! | prepare       | `SELECT txid_current_if_assigned(); PREPARE TRANSACTION '<gid>'` on the branch's connection (one round trip), then the connection goes back to the pool |
 //! | commit        | `COMMIT PREPARED '<gid>'` on any pooled connection; SQLSTATE 42704 (no such gid) means already committed |
-//! | abort         | `ROLLBACK` on the branch's connection if still open, else `ROLLBACK PREPARED '<gid>'` (42704: nothing left to abort) |
+//! | abort         | `ROLLBACK` on the branch's connection if still open, else `ROLLBACK PREPARED '<gid>'` (42704: nothing left to abort; with the outbox, a branch unknown here is then looked up in `twopc_one_phase`) |
 //! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection (just `COMMIT` when an outbox insert already returned the transaction id and no statement failed or was cancelled) |
 //! | in doubt      | `SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%' AND database = current_database()` |
 //!
@@ -52,11 +52,21 @@
 //!   the restart) — unless the resource has the outbox ([`PgResource::enable_outbox`]):
 //!   then every one-phase `COMMIT` is preceded, in the same transaction, by a marker row
 //!   in `twopc_one_phase`, and the repeated commit finds it and answers "committed". The
-//!   marker is deleted once the transaction's owner got its Commit answer in this
-//!   process (the coordinator then holds the outcome), or after
-//!   `OutboxOptions::marker_retention`. Without the outbox this is the usual heuristic
+//!   marker is deleted once the transaction's owner in this process knows that the
+//!   coordinator holds the outcome durably (its Commit answer, followed — when the
+//!   coordinator answered before its record was durable — by a `Barrier` of the same
+//!   coordinator epoch; see [`crate::client`]), or after
+//!   `OutboxOptions::marker_retention`. A restarted coordinator that lost the outcome
+//!   asks with an abort instead, which the marker answers "already committed". Without the outbox this is the usual heuristic
 //!   hazard of one-phase commit; disable the coordinator's one-phase optimisation if it
 //!   matters.
+//! * An abort answers [`AbortOutcome::AlreadyCommitted`] for a branch that committed (in
+//!   one phase, or a committed prepared branch; nothing is undone) and
+//!   [`AbortOutcome::Aborted`] otherwise. A restarted coordinator settles a one-phase
+//!   commit this way. A branch this process no longer holds (it restarted, or forgot the
+//!   branch among more than 10 000 finished ones) is known to have committed in one phase
+//!   only through its marker, so with the outbox; without it such an abort answers
+//!   `Aborted` even if the one-phase commit happened — the same hazard as above.
 //! * `in_doubt` lists every `twopc:` gid in the database whose branch id names this
 //!   resource (`<any service>:<name>`); a gid of another service that uses the same
 //!   resource name on the same database is resolved from the coordinator's decision too.
@@ -84,7 +94,7 @@ use crate::lock;
 use crate::outbox::{
     encode_headers, OutboxOptions, Pending, Relay, ONE_PHASE_MARK, OUTBOX_DDL, OUTBOX_INSERT,
 };
-use crate::resource::{BranchKind, OnePhase, Resource, Retry, Vote};
+use crate::resource::{AbortOutcome, BranchKind, OnePhase, Resource, Retry, Vote};
 use crate::staging::StagedMessage;
 
 /// Every gid this adapter prepares starts with this.
@@ -1041,8 +1051,10 @@ impl Inner {
         }
     }
 
-    /// Records that an unknown branch was aborted, so a late `begin` cannot reopen it.
-    fn tombstone(&self, tx_id: &str, branch_id: &str, gid: String) {
+    /// Records the end of a branch this process held nothing of (`Aborted`, or committed
+    /// in one phase before a restart), so a late `begin` cannot reopen it and a repeated
+    /// call gets the same answer.
+    fn remember(&self, tx_id: &str, branch_id: &str, gid: String, state: State) {
         let key: Key = (tx_id.to_string(), branch_id.to_string());
         let mut b = lock(&self.branches);
         if b.map.contains_key(&key) {
@@ -1052,7 +1064,7 @@ impl Inner {
             tx_id: key.0.clone(),
             branch_id: key.1.clone(),
             gid,
-            state: Arc::new(Mutex::new(State::Aborted)),
+            state: Arc::new(Mutex::new(state)),
             opened_at: std::time::Instant::now(),
             outbox: StdMutex::new(Vec::new()),
             published: AtomicUsize::new(0),
@@ -1448,17 +1460,22 @@ impl Inner {
         }
     }
 
-    async fn abort(self: Arc<Self>, tx_id: String, branch_id: String) -> Result<(), Retry> {
+    /// Aborts a branch and says what became of it. The slot's state lock serialises this
+    /// with the branch's commits, so a branch being committed in one phase is answered
+    /// once that commit is over, from its outcome.
+    async fn abort(
+        self: Arc<Self>,
+        tx_id: String,
+        branch_id: String,
+    ) -> Result<AbortOutcome, Retry> {
         let gid = match gid_for(&tx_id, &branch_id) {
             Ok(g) => g,
-            // Nothing can have been prepared under an invalid gid.
-            Err(_) => return Ok(()),
+            // Nothing can have been prepared or committed under an invalid gid.
+            Err(_) => return Ok(AbortOutcome::Aborted),
         };
         let sql = format!("ROLLBACK PREPARED '{gid}'");
         let Some(slot) = self.slot(&(tx_id.clone(), branch_id.clone())) else {
-            self.on_pooled(&sql).await?;
-            self.tombstone(&tx_id, &branch_id, gid);
-            return Ok(());
+            return self.abort_unknown(&tx_id, &branch_id, gid, &sql).await;
         };
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
@@ -1472,13 +1489,13 @@ impl Inner {
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, State::Aborted);
                 *state = st;
-                Ok(())
+                Ok(AbortOutcome::Aborted)
             }
             State::Prepared => {
                 *state = State::Prepared;
                 self.on_pooled(&sql).await?;
                 self.set(&slot, &mut state, State::Aborted);
-                Ok(())
+                Ok(AbortOutcome::Aborted)
             }
             State::VotedNo {
                 reason,
@@ -1493,7 +1510,7 @@ impl Inner {
                     reason,
                     maybe_prepared: false,
                 };
-                Ok(())
+                Ok(AbortOutcome::Aborted)
             }
             State::OnePhaseUnknown { xid } => {
                 *state = State::OnePhaseUnknown { xid };
@@ -1505,9 +1522,9 @@ impl Inner {
                             tx_id,
                             branch_id, "abort of a branch already committed in one phase"
                         );
-                        Ok(())
+                        Ok(AbortOutcome::AlreadyCommitted)
                     }
-                    Ok(OnePhase::Refused(_)) => Ok(()),
+                    Ok(OnePhase::Refused(_)) => Ok(AbortOutcome::Aborted),
                     Err(e) => Err(e),
                 }
             }
@@ -1517,20 +1534,45 @@ impl Inner {
                     branch_id, "abort of a branch that is already committed: nothing to undo"
                 );
                 *state = other;
-                Ok(())
+                Ok(AbortOutcome::AlreadyCommitted)
             }
             State::Opening | State::Broken(_) => {
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, State::Aborted);
                 *state = st;
-                Ok(())
+                Ok(AbortOutcome::Aborted)
             }
             other => {
                 // Voted no, read-only, refused, aborted: nothing is left.
                 *state = other;
-                Ok(())
+                Ok(AbortOutcome::Aborted)
             }
         }
+    }
+
+    /// Abort of a branch this process holds nothing of (never opened here, forgotten, or
+    /// opened before a restart): rolls back its gid in case it was prepared. If it was not,
+    /// with the outbox the one-phase marker tells whether it had committed in one phase
+    /// (then it is remembered as committed); without the outbox nothing can tell, and the
+    /// answer is `Aborted` (see the module docs, "Limits").
+    async fn abort_unknown(
+        &self,
+        tx_id: &str,
+        branch_id: &str,
+        gid: String,
+        rollback: &str,
+    ) -> Result<AbortOutcome, Retry> {
+        let was_prepared = self.on_pooled(rollback).await?;
+        if !was_prepared && self.outbox.get().is_some() && self.one_phase_marked(&gid).await? {
+            warn!(
+                tx_id,
+                branch_id, "abort of a branch already committed in one phase (its marker is there)"
+            );
+            self.remember(tx_id, branch_id, gid, State::OnePhaseCommitted);
+            return Ok(AbortOutcome::AlreadyCommitted);
+        }
+        self.remember(tx_id, branch_id, gid, State::Aborted);
+        Ok(AbortOutcome::Aborted)
     }
 
     async fn in_doubt(self: Arc<Self>) -> Result<Vec<(String, String)>, Retry> {
@@ -1588,7 +1630,7 @@ impl Resource for PgResource {
         res
     }
 
-    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
+    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<AbortOutcome, Retry> {
         let inner = self.inner.clone();
         detached(inner.abort(tx_id.to_string(), branch_id.to_string()))
             .await

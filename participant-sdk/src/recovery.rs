@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::client::{CoordinatorChannel, Registry};
+use crate::resource::AbortOutcome;
 
 /// Runs a pass now and then every `every` until `stop` turns true.
 pub(crate) async fn run_loop(
@@ -71,7 +72,21 @@ pub(crate) async fn pass(
             };
             let res = match outcome {
                 pb::Outcome::Committed => resource.commit(&tx_id, &branch_id).await,
-                pb::Outcome::Aborted => resource.abort(&tx_id, &branch_id).await,
+                pb::Outcome::Aborted => match resource.abort(&tx_id, &branch_id).await {
+                    Ok(AbortOutcome::Aborted) => Ok(()),
+                    Ok(AbortOutcome::AlreadyCommitted) => {
+                        // Cannot happen for a branch that voted yes and waits for the
+                        // decision; say so loudly if a resource claims it anyway.
+                        error!(
+                            tx_id,
+                            branch_id,
+                            "recovery: the coordinator says aborted, but the resource had \
+                             already committed the branch; an operator must reconcile"
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
                 pb::Outcome::Unspecified => {
                     debug!(tx_id, branch_id, "recovery: not decided yet");
                     continue;
@@ -116,7 +131,15 @@ async fn abandoned(
                 continue;
             }
             match resource.abort(&tx_id, &branch_id).await {
-                Ok(()) => {
+                Ok(AbortOutcome::AlreadyCommitted) => {
+                    error!(
+                        tx_id,
+                        branch_id,
+                        "recovery: an open branch of a transaction the coordinator does not \
+                         commit turned out committed; an operator must reconcile"
+                    );
+                }
+                Ok(AbortOutcome::Aborted) => {
                     info!(
                         tx_id,
                         branch_id, "recovery: rolled back an abandoned open branch"

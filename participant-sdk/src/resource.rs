@@ -17,7 +17,14 @@
 //! * `commit` of a branch it no longer holds after a yes vote means "already committed"
 //!   (PostgreSQL answers 42704 to a second `COMMIT PREPARED`): success. `Err` means "not
 //!   done, try again later" (the coordinator retries).
-//! * `abort` of an unknown branch is a success (presumed abort, or already aborted).
+//! * `abort` answers what became of the branch: [`AbortOutcome::Aborted`] once nothing of
+//!   it is committed (rolled back now or before, or never there: an unknown branch is a
+//!   success, presumed abort), [`AbortOutcome::AlreadyCommitted`] when it had committed
+//!   (a one-phase commit, or a committed branch) and nothing was undone. A restarted
+//!   coordinator settles a single-branch transaction it may have committed in one phase
+//!   with an abort and trusts this answer, so a resource must not answer `Aborted` for a
+//!   branch it knows to have committed; it must remember a one-phase commit until
+//!   [`Resource::outcome_known`] (or answer `Err(Retry)` while it cannot tell).
 //! * `in_doubt` lists branches that voted yes and are not finished, from durable state
 //!   (prepared gids, staged messages), so recovery works after a restart.
 
@@ -41,6 +48,16 @@ pub enum OnePhase {
     Committed,
     /// Refused (rolled back), with the reason.
     Refused(String),
+}
+
+/// Answer to an abort: what became of the branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// Nothing of the branch is committed: rolled back now, before, or never there.
+    Aborted,
+    /// The branch had committed (a one-phase commit, or a committed branch): nothing was
+    /// undone.
+    AlreadyCommitted,
 }
 
 /// A failure that means "not now": the caller retries later.
@@ -76,12 +93,16 @@ pub trait Resource: Send + Sync + 'static {
     /// The single phase of a one-branch transaction: commit without prepare.
     async fn commit_one_phase(&self, tx_id: &str, branch_id: &str) -> Result<OnePhase, Retry>;
 
-    /// Abort. `Ok` once nothing of the branch remains (or nothing was there).
-    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry>;
+    /// Abort. [`AbortOutcome::Aborted`] once nothing of the branch remains (or nothing
+    /// was there); [`AbortOutcome::AlreadyCommitted`] when the branch had committed (a
+    /// one-phase commit, or a committed branch), in which case nothing is undone.
+    async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<AbortOutcome, Retry>;
 
-    /// The coordinator holds the final outcome of the transaction (its owner's Commit
-    /// returned it in this process), so nothing the branch kept for a repeated call of the
-    /// coordinator is needed any more. Default: nothing to forget.
+    /// The coordinator holds the final outcome of the transaction durably (its owner's
+    /// Commit returned it in this process, and — when the coordinator answered before
+    /// its record was durable — a later `Barrier` of the same coordinator epoch
+    /// confirmed it), so nothing the branch kept for a repeated call of the coordinator
+    /// (a one-phase commit's marker) is needed any more. Default: nothing to forget.
     fn outcome_known(&self, _tx_id: &str, _branch_id: &str) {}
 
     /// Branches that voted yes and are not finished, as `(tx_id, branch_id)`.

@@ -3,6 +3,14 @@
 //! (`<service>:<resource>`). The same handlers serve the batched `ParticipantExchange`
 //! stream, call by call, so the two ways in behave alike (fail points included).
 //!
+//! An Abort answers the resource's [`AbortOutcome`](crate::resource::AbortOutcome) as
+//! `ABORT_RESULT_ABORTED` or `ABORT_RESULT_ALREADY_COMMITTED` (a restarted coordinator
+//! settles a one-phase commit by it). An Abort for a resource name not registered here
+//! undoes nothing and answers `ABORT_RESULT_UNSPECIFIED` ("not reported"): enough for an
+//! ordinary abort, while a coordinator settling a one-phase commit asks again — the
+//! resource may only not be registered *yet* (the server starts before the application
+//! registers its resources) and may hold a committed branch.
+//!
 //! # Fail points
 //!
 //! With the crate feature `failpoints` (and `fail::FailScenario::setup()` called by the
@@ -36,7 +44,7 @@ use twopc_proto::v1::participant_exchange_server::{
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
 use crate::client::Registry;
-use crate::resource::{OnePhase, Resource, Vote};
+use crate::resource::{AbortOutcome, OnePhase, Resource, Vote};
 
 /// Serves the participant API on `listener` until `stop` turns true. `server` carries the
 /// TLS settings (if any); nodelay is set on every accepted connection here, since tonic
@@ -162,18 +170,32 @@ impl ParticipantService {
         let span = info_span!("abort", tx_id = %req.tx_id, branch_id = %req.branch_id);
         let resource = match self.route(&req.tx_id, &req.branch_id) {
             Ok(r) => r,
-            // Nothing registered can hold it: nothing to abort.
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(pb::AbortBranchResponse {}),
+            // No resource of that name is registered here *now*. That does not prove it
+            // never held the branch: after a restart the server answers before the
+            // application registered its resources again, and the branch may have
+            // committed in one phase before the restart. So nothing is undone and nothing
+            // is claimed: "not reported" completes an ordinary abort, while a restarted
+            // coordinator settling a one-phase commit keeps asking (and gets the
+            // resource's own answer once it is registered).
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(pb::AbortBranchResponse {
+                    result: pb::AbortResult::Unspecified as i32,
+                })
+            }
             Err(s) => return Err(s),
         };
-        match resource
+        let result = match resource
             .abort(&req.tx_id, &req.branch_id)
             .instrument(span)
             .await
         {
-            Ok(()) => Ok(pb::AbortBranchResponse {}),
-            Err(e) => Err(Status::unavailable(e.0)),
-        }
+            Ok(AbortOutcome::Aborted) => pb::AbortResult::Aborted,
+            Ok(AbortOutcome::AlreadyCommitted) => pb::AbortResult::AlreadyCommitted,
+            Err(e) => return Err(Status::unavailable(e.0)),
+        };
+        Ok(pb::AbortBranchResponse {
+            result: result as i32,
+        })
     }
 }
 

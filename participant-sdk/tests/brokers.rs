@@ -13,6 +13,7 @@
 //! Deliveries are checked by draining the queue / reading the stream directly. Waits are
 //! bounded polls ([`eventually`]); every test runs under an overall timeout.
 
+use std::collections::HashSet;
 use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,8 +26,8 @@ use tokio::task::JoinHandle;
 use twopc_coordinator::server::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
-    Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource, Retry,
-    StagingError, StagingOptions, StagingStore, Vote,
+    AbortOutcome, Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource,
+    Retry, StagingError, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name};
@@ -75,15 +76,18 @@ async fn reopen_staging(dir: &Path) -> Arc<StagingStore> {
     }
 }
 
-/// A trivial resource: votes as told, commits and aborts always succeed. An optional
-/// hook runs at its (first) commit: as a database-tier branch it commits before any
-/// broker branch, so the hook can take a broker down "after prepare, before publish".
+/// A trivial resource: votes as told, commits and aborts always succeed (an abort of a
+/// branch it committed answers `AlreadyCommitted`). An optional hook runs at its (first)
+/// commit: as a database-tier branch it commits before any broker branch, so the hook can
+/// take a broker down "after prepare, before publish".
 struct TestResource {
     name: String,
     vote: Vote,
     on_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     commits: AtomicUsize,
     aborts: AtomicUsize,
+    /// The branches it committed, as `(tx_id, branch_id)`.
+    committed: Mutex<HashSet<(String, String)>>,
 }
 
 impl TestResource {
@@ -94,6 +98,7 @@ impl TestResource {
             on_commit: Mutex::new(None),
             commits: AtomicUsize::new(0),
             aborts: AtomicUsize::new(0),
+            committed: Mutex::new(HashSet::new()),
         })
     }
 
@@ -101,6 +106,15 @@ impl TestResource {
         let r = TestResource::new(name, Vote::Yes);
         *r.on_commit.lock().expect("hook lock") = Some(Box::new(hook));
         r
+    }
+}
+
+impl TestResource {
+    fn committed_now(&self, tx: &str, branch: &str) {
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .insert((tx.to_string(), branch.to_string()));
     }
 }
 
@@ -115,20 +129,30 @@ impl Resource for TestResource {
     async fn prepare(&self, _tx: &str, _branch: &str) -> Vote {
         self.vote.clone()
     }
-    async fn commit(&self, _tx: &str, _branch: &str) -> Result<(), Retry> {
+    async fn commit(&self, tx: &str, branch: &str) -> Result<(), Retry> {
         let hook = self.on_commit.lock().expect("hook lock").take();
         if let Some(hook) = hook {
             hook();
         }
         self.commits.fetch_add(1, Ordering::SeqCst);
+        self.committed_now(tx, branch);
         Ok(())
     }
-    async fn commit_one_phase(&self, _tx: &str, _branch: &str) -> Result<OnePhase, Retry> {
+    async fn commit_one_phase(&self, tx: &str, branch: &str) -> Result<OnePhase, Retry> {
+        self.committed_now(tx, branch);
         Ok(OnePhase::Committed)
     }
-    async fn abort(&self, _tx: &str, _branch: &str) -> Result<(), Retry> {
+    async fn abort(&self, tx: &str, branch: &str) -> Result<AbortOutcome, Retry> {
+        if self
+            .committed
+            .lock()
+            .expect("committed lock")
+            .contains(&(tx.to_string(), branch.to_string()))
+        {
+            return Ok(AbortOutcome::AlreadyCommitted);
+        }
         self.aborts.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(AbortOutcome::Aborted)
     }
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
         Ok(Vec::new())
@@ -1085,7 +1109,10 @@ async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent(
             PublishOptions::default(),
         )
         .expect("buffer");
-        nats.abort("tx-3", "svc:nats").await.expect("abort");
+        assert_eq!(
+            nats.abort("tx-3", "svc:nats").await,
+            Ok(AbortOutcome::Aborted)
+        );
         assert_eq!(core.buffered("tx-3", "svc:nats"), 0);
         nats.commit("tx-1", "svc:nats").await.expect("commit");
         nats.commit("tx-1", "svc:nats")
@@ -1161,6 +1188,88 @@ async fn a_failing_staging_sync_votes_no() {
         probe.delete(&queue).await;
         sdk.shutdown().await;
         coord.stop().await;
+    })
+    .await;
+}
+
+/// An abort answers what became of a broker branch: a branch committed in one phase
+/// (its messages published) is `AlreadyCommitted` and keeps its messages, also when asked
+/// again; a buffered branch, a prepared one and an unknown one are `Aborted`. (A
+/// restarted coordinator settles a one-phase commit with an abort and trusts the answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
+    bounded(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let stream = unique_name("abortres");
+        let nats = NatsResource::connect(
+            "nats",
+            NATS_URL,
+            stream.clone(),
+            vec![format!("{stream}.>")],
+            store.clone(),
+        )
+        .await
+        .expect("connect to NATS");
+        let core = nats.core();
+        let subject = format!("{stream}.x");
+        let buffer = |tx: &str| {
+            core.buffer(
+                tx,
+                "svc:nats",
+                &subject,
+                tx.as_bytes().to_vec(),
+                PublishOptions::default(),
+            )
+            .expect("buffer")
+        };
+
+        buffer("tx-1");
+        assert_eq!(
+            nats.commit_one_phase("tx-1", "svc:nats").await,
+            Ok(OnePhase::Committed)
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                nats.abort("tx-1", "svc:nats").await,
+                Ok(AbortOutcome::AlreadyCommitted),
+                "a branch committed in one phase is reported committed"
+            );
+        }
+        assert_eq!(
+            nats.commit_one_phase("tx-1", "svc:nats").await,
+            Ok(OnePhase::Committed),
+            "the abort undid nothing"
+        );
+
+        buffer("tx-2");
+        assert_eq!(
+            nats.abort("tx-2", "svc:nats").await,
+            Ok(AbortOutcome::Aborted)
+        );
+        buffer("tx-3");
+        assert_eq!(nats.prepare("tx-3", "svc:nats").await, Vote::Yes);
+        assert_eq!(
+            nats.abort("tx-3", "svc:nats").await,
+            Ok(AbortOutcome::Aborted)
+        );
+        assert!(store.is_empty(), "the abort dropped the staged batch");
+        assert_eq!(
+            nats.abort("tx-unknown", "svc:nats").await,
+            Ok(AbortOutcome::Aborted)
+        );
+
+        let msgs = stream_messages(NATS_URL, &stream).await;
+        assert_eq!(
+            msgs,
+            vec![(
+                subject.clone(),
+                "tx-1:svc:nats:0".to_string(),
+                b"tx-1".to_vec()
+            )],
+            "only the one-phase commit published"
+        );
+        delete_stream(NATS_URL, &stream).await;
     })
     .await;
 }

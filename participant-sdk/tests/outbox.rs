@@ -26,6 +26,10 @@
 //! * usage errors (broker not attached, conflicting or zero options, publishing in a
 //!   finished branch) leave no row behind.
 //!
+//! * an abort says whether the branch had committed in one phase (also after a
+//!   "restart", from the commit's marker, and through the participant server); a
+//!   transaction committed by its owner loses its marker once a `Barrier` confirmed it.
+//!
 //! * a message rolled back to a savepoint is not published; a statement cancelled by
 //!   the application (its future dropped) makes the one-phase commit check the block;
 //!   an unreadable row does not hold back the sweep of the rows after it.
@@ -42,10 +46,12 @@ use std::time::{Duration, Instant};
 
 use twopc_coordinator::server::ServeConfig;
 use twopc_participant::{
-    Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
-    PublishOptions, RabbitResource, Resource, StagingStore, TwoPc,
+    AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
+    PublishOptions, RabbitResource, Resource, StagingStore, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
+use twopc_proto::v1::participant_client::ParticipantClient;
+use twopc_proto::v1::participant_exchange_client::ParticipantExchangeClient;
 use twopc_testkit::unique_name;
 
 mod support;
@@ -1539,11 +1545,23 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
 }
 
 /// A transaction committed through the SDK leaves no marker behind: its owner's Commit
-/// returned, so the coordinator holds the outcome.
+/// returned and the handle's forgetter got a `Barrier` of the same coordinator epoch, so
+/// the coordinator holds the outcome durably.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start("outbox_nomark", "obnomark", ORDERS, slow_sweep(), false).await;
+        // The coordinator reports an epoch, so the commits below are answered before
+        // durable and their markers go through the forgetter's Barrier (not at once).
+        let epoch = w
+            .sdk
+            .coordinator()
+            .barrier(pb::BarrierRequest {})
+            .await
+            .expect("Barrier")
+            .into_inner()
+            .epoch;
+        assert_ne!(epoch, 0, "the coordinator reports its epoch");
         for i in 0..5 {
             let tx = w.sdk.begin().await.expect("begin");
             let pg = tx.postgres(&w.db).await.expect("branch");
@@ -1560,6 +1578,188 @@ async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
         })
         .await;
         assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 5);
+        w.coord.stop().await;
+    })
+    .await;
+}
+
+/// The answer of an abort for one branch through the participant server, unary or over
+/// the `Exchange` stream.
+async fn abort_via_server(endpoint: &str, tx_id: &str, branch_id: &str, streamed: bool) -> i32 {
+    let req = pb::AbortBranchRequest {
+        tx_id: tx_id.to_string(),
+        branch_id: branch_id.to_string(),
+    };
+    if !streamed {
+        let mut c = ParticipantClient::connect(endpoint.to_string())
+            .await
+            .expect("connect to the participant server");
+        return c.abort(req).await.expect("Abort").into_inner().result;
+    }
+    let mut c = ParticipantExchangeClient::connect(endpoint.to_string())
+        .await
+        .expect("connect to the participant server");
+    let (calls, rx) = tokio::sync::mpsc::channel(1);
+    calls
+        .send(pb::ExchangeRequest {
+            calls: vec![pb::ParticipantCall {
+                call_id: 7,
+                call: Some(pb::participant_call::Call::Abort(req)),
+            }],
+        })
+        .await
+        .expect("queue the call");
+    let mut answers = c
+        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("Exchange")
+        .into_inner();
+    let frame = answers
+        .message()
+        .await
+        .expect("an answer frame")
+        .expect("the stream is open");
+    drop(calls);
+    let result = frame
+        .results
+        .into_iter()
+        .find(|r| r.call_id == 7)
+        .and_then(|r| r.result);
+    match result {
+        Some(pb::participant_result::Result::Abort(a)) => a.result,
+        other => panic!("expected an abort answer, got {other:?}"),
+    }
+}
+
+/// An abort answers what became of the branch: a restarted coordinator settles a
+/// one-phase commit whose outcome record it lost with an abort, and trusts the answer.
+/// With the outbox, a branch committed in one phase is `AlreadyCommitted` (nothing is
+/// undone) also after the participant "restarted" (a new resource: no slot, but the
+/// commit's marker), through the resource and through the participant server (unary and
+/// `Exchange`); an open branch is `Aborted` and rolled back, messages included; a
+/// prepared branch after the restart and an unknown branch are `Aborted`; a branch of a
+/// resource not registered (yet) is "not reported", never a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_abres", "obabres", ORDERS, slow_sweep(), false).await;
+        let orders = || count(&w.url, "SELECT count(*) FROM orders");
+
+        // Committed in one phase, as the participant server runs the coordinator's call.
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &w.queue, b"one".to_vec())
+            .await
+            .expect("publish");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        assert_eq!(
+            w.db.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        assert_eq!(
+            w.db.abort(&tx_id, &branch_id).await,
+            Ok(AbortOutcome::AlreadyCommitted)
+        );
+        let ok = pb::AbortResult::AlreadyCommitted as i32;
+        assert_eq!(
+            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, false).await,
+            ok
+        );
+        assert_eq!(
+            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, true).await,
+            ok
+        );
+
+        // A branch opened, then prepared, before the "restart".
+        let tx2 = w.sdk.begin().await.expect("begin");
+        let prepared = tx2.postgres(&w.db).await.expect("branch");
+        prepared
+            .execute("INSERT INTO orders VALUES (2, 'two')", &[])
+            .await
+            .expect("insert");
+        assert_eq!(
+            w.db.prepare(tx2.id(), prepared.branch_id()).await,
+            Vote::Yes
+        );
+
+        // "Restarted": a new resource on the same database knows nothing of the branches.
+        let again = resource("db", &w.url).await;
+        again
+            .enable_outbox(w.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        for _ in 0..2 {
+            assert_eq!(
+                again.abort(&tx_id, &branch_id).await,
+                Ok(AbortOutcome::AlreadyCommitted),
+                "the marker tells that the one-phase commit happened"
+            );
+        }
+        assert_eq!(
+            again.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed),
+            "the abort undid nothing"
+        );
+        assert_eq!(
+            again.abort(tx2.id(), prepared.branch_id()).await,
+            Ok(AbortOutcome::Aborted),
+            "a prepared branch is rolled back"
+        );
+        assert_eq!(prepared_gids(&w.url).await, 0);
+        assert_eq!(
+            again.abort("0000feed-1-1", &branch_id).await,
+            Ok(AbortOutcome::Aborted),
+            "an unknown branch without a marker"
+        );
+
+        // An open branch: rolled back with its staged message.
+        let tx3 = w.sdk.begin().await.expect("begin");
+        let open = tx3.postgres(&w.db).await.expect("branch");
+        open.execute("INSERT INTO orders VALUES (3, 'three')", &[])
+            .await
+            .expect("insert");
+        open.publish(&*w.rabbit, &w.queue, b"three".to_vec())
+            .await
+            .expect("publish");
+        assert_eq!(
+            w.db.abort(tx3.id(), open.branch_id()).await,
+            Ok(AbortOutcome::Aborted)
+        );
+        assert!(matches!(
+            open.execute("SELECT 1", &[]).await,
+            Err(Error::Usage(ref m)) if m.contains("aborted")
+        ));
+
+        // Through the server: an unknown branch of a registered resource is aborted; a
+        // resource not registered here is not reported on.
+        assert_eq!(
+            abort_via_server(w.sdk.endpoint(), "0000feed-1-2", &branch_id, false).await,
+            pb::AbortResult::Aborted as i32
+        );
+        assert_eq!(
+            abort_via_server(w.sdk.endpoint(), "0000feed-1-3", "svc:nope", true).await,
+            pb::AbortResult::Unspecified as i32
+        );
+
+        assert_eq!(
+            orders().await,
+            1,
+            "only the one-phase commit's row is there"
+        );
+        let got = w.probe.take(&w.queue, 1).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"one".to_vec());
+        assert_eq!(
+            outbox_rows(&w.url).await,
+            0,
+            "nothing of the aborts is staged"
+        );
+        for t in [tx, tx2, tx3] {
+            t.abort("the test finished the branches itself").await.ok();
+        }
         w.coord.stop().await;
     })
     .await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use twopc_coordinator::server::ServeConfig;
-use twopc_participant::{dedup, Error, OnePhase, PgResource, Resource, TwoPc, Vote};
+use twopc_participant::{dedup, AbortOutcome, Error, OnePhase, PgResource, Resource, TwoPc, Vote};
 use twopc_testkit::PgCluster;
 
 mod support;
@@ -682,6 +682,106 @@ async fn dedup_reports_the_first_time_only() {
             tx.commit().await.expect("commit");
         }
         sdk.shutdown().await;
+    })
+    .await;
+}
+
+/// An abort answers what became of the branch (a restarted coordinator settles a
+/// one-phase commit with an abort and trusts the answer). Without the outbox: a branch
+/// committed in one phase is `AlreadyCommitted` and nothing is undone; an open branch and
+/// a prepared one are `Aborted` and rolled back; an unknown branch is `Aborted`. After a
+/// restart (a new resource on the same database) the one-phase commit is no longer known
+/// and is reported `Aborted` although its row is committed: the documented limit of
+/// one-phase commit without the outbox's marker.
+#[tokio::test]
+async fn an_abort_says_whether_the_branch_had_committed_without_the_outbox() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let url = database("pgab", ORDERS).await;
+        let a = sdk.register(resource("db", &url).await).expect("register");
+        let orders = || count(&url, "SELECT count(*) FROM orders");
+
+        // Committed in one phase (as the participant server would on the coordinator's
+        // call), then aborted: reported committed, every time, and nothing undone.
+        let tx = sdk.begin().await.expect("begin");
+        let branch = tx.postgres(&a).await.expect("branch");
+        branch
+            .execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        let (tx_id, branch_id) = (tx.id().to_string(), branch.branch_id().to_string());
+        assert_eq!(
+            a.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                a.abort(&tx_id, &branch_id).await,
+                Ok(AbortOutcome::AlreadyCommitted)
+            );
+        }
+        assert_eq!(
+            a.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        assert_eq!(orders().await, 1);
+
+        // "Restarted" without the outbox: nothing tells that the commit happened.
+        let restarted = resource("db", &url).await;
+        assert_eq!(
+            restarted.abort(&tx_id, &branch_id).await,
+            Ok(AbortOutcome::Aborted),
+            "without the outbox a forgotten one-phase commit is reported aborted"
+        );
+        assert_eq!(orders().await, 1, "the abort undid nothing");
+
+        // An open branch: rolled back, and its statements are refused from now on.
+        let tx2 = sdk.begin().await.expect("begin");
+        let open = tx2.postgres(&a).await.expect("branch");
+        open.execute("INSERT INTO orders VALUES (2, 'two')", &[])
+            .await
+            .expect("insert");
+        assert_eq!(
+            a.abort(tx2.id(), open.branch_id()).await,
+            Ok(AbortOutcome::Aborted)
+        );
+        assert!(matches!(
+            open.execute("SELECT 1", &[]).await,
+            Err(Error::Usage(ref m)) if m.contains("aborted")
+        ));
+
+        // A prepared branch: ROLLBACK PREPARED.
+        let tx3 = sdk.begin().await.expect("begin");
+        let prepared = tx3.postgres(&a).await.expect("branch");
+        prepared
+            .execute("INSERT INTO orders VALUES (3, 'three')", &[])
+            .await
+            .expect("insert");
+        assert_eq!(a.prepare(tx3.id(), prepared.branch_id()).await, Vote::Yes);
+        assert_eq!(prepared_gids(&url).await, 1);
+        assert_eq!(
+            a.abort(tx3.id(), prepared.branch_id()).await,
+            Ok(AbortOutcome::Aborted)
+        );
+        assert_eq!(prepared_gids(&url).await, 0);
+
+        // Unknown here.
+        assert_eq!(
+            a.abort("0000beef-9-9", &branch_id).await,
+            Ok(AbortOutcome::Aborted)
+        );
+        assert_eq!(
+            orders().await,
+            1,
+            "only the one-phase commit's row is there"
+        );
+
+        for t in [tx, tx2, tx3] {
+            t.abort("the test finished the branches itself").await.ok();
+        }
+        sdk.shutdown().await;
+        coord.stop().await;
     })
     .await;
 }

@@ -579,6 +579,9 @@ struct Model {
     released: HashSet<String>,
     received: Vec<Received>,
     resources: HashMap<(String, String), ResState>,
+    /// Committed branches that were committed in one phase (an abort of one is how a
+    /// restarted coordinator asks what became of it).
+    one_phase: HashSet<(String, String)>,
     violations: Vec<String>,
 }
 
@@ -752,6 +755,7 @@ impl Participant for Svc {
                         reason,
                     }));
                 }
+                m.one_phase.insert(key.clone());
                 m.resources.insert(key, ResState::Committed);
                 None
             }
@@ -792,6 +796,11 @@ impl Participant for Svc {
         let mut m = lock(&self.shared.model);
         m.record(&r.tx_id, &r.branch_id, MsgKind::Abort, false);
         let key = (r.tx_id.clone(), r.branch_id.clone());
+        if m.resources.get(&key) == Some(&ResState::Committed) && m.one_phase.contains(&key) {
+            return Ok(Response::new(pb::AbortBranchResponse {
+                result: pb::AbortResult::AlreadyCommitted as i32,
+            }));
+        }
         if m.resources.get(&key) == Some(&ResState::Committed) {
             let v = format!(
                 "{}: abort of committed branch {}/{}",
@@ -802,7 +811,9 @@ impl Participant for Svc {
         }
         // Aborting an unknown branch is a success; remembering it makes a late prepare vote no.
         m.resources.insert(key, ResState::Aborted);
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
     }
 }
 
@@ -1210,6 +1221,7 @@ pub async fn commit(
             phase_two_wait_ms: wait_ms,
             no_wait: false,
             branches: Vec::new(),
+            answer_before_durable: false,
         })
         .await
         .map(Response::into_inner)

@@ -70,13 +70,17 @@ use crate::types::{BranchKind, BranchSpec, HeuristicDecision, TxId};
 
 /// The newest `format` this build reads (and writes, for one-phase intents); values with a
 /// newer format are refused rather than misread.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Format of a one-phase intent (a `preparing` value with `one_phase` set). A build that
 /// reads only version 1 would take an intent for a plain `Preparing` record and abort a
-/// branch that may have committed, so intents carry version 2 and such a build refuses
-/// them instead. Every other value is still written as version 1.
-const ONE_PHASE_INTENT_FORMAT: u32 = 2;
+/// branch that may have committed; a build that reads up to version 2 (intents written at
+/// Commit) would answer an intent by committing the branch in one phase again, though
+/// intents are now written when the branch enlists, before the client may have asked to
+/// commit. So intents carry version 3 and such builds refuse them instead. Version-2
+/// intents are still read (and settled the version-3 way: an abort that the branch
+/// answers with what it did). Every other value is still written as version 1.
+const ONE_PHASE_INTENT_FORMAT: u32 = 3;
 
 /// Format of every value other than a one-phase intent.
 const BASE_FORMAT: u32 = 1;
@@ -1639,12 +1643,20 @@ mod tests {
         assert!(decode_audit(&unknown).is_err());
         assert_eq!(audit_key(&t9, 3).len(), AUDIT_KEY_LEN);
 
-        // A one-phase intent is format 2, so a build reading only format 1 refuses it
-        // instead of taking it for a Preparing record; everything else stays format 1.
+        // A one-phase intent is format 3, so a build reading only formats 1 (or 1 and 2)
+        // refuses it instead of taking it for a Preparing record (or an intent written at
+        // Commit); everything else stays format 1.
         let intent = encode_preparing(&t9, &branches(1, "i"), true);
         let plain = encode_preparing(&t9, &branches(2, "p"), false);
         let format_of = |v: &[u8]| PreparingPb::decode(v).expect("decode").format;
-        assert_eq!((format_of(&intent), format_of(&plain)), (2, 1));
+        assert_eq!((format_of(&intent), format_of(&plain)), (3, 1));
+        // An intent of the release before (format 2) is still read as an intent.
+        let mut older = PreparingPb::decode(&*intent).expect("decode");
+        older.format = 2;
+        assert_eq!(
+            decode_preparing(&older.encode_to_vec()).expect("decode"),
+            (t9, branches(1, "i"), true)
+        );
         assert_eq!(
             decode_preparing(&intent).expect("decode"),
             (t9, branches(1, "i"), true)

@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use twopc_coordinator::server::{run, ServeConfig};
-use twopc_participant::{OnePhase, PgResource, Resource, Retry, StagingStore, TwoPc, Vote};
+use twopc_participant::{
+    AbortOutcome, OnePhase, PgResource, Resource, Retry, StagingStore, TwoPc, Vote,
+};
 use twopc_proto::v1 as pb;
 use twopc_testkit::{unique_name, PgCluster};
 
@@ -293,7 +295,7 @@ impl Resource for CrashesAfterPrepare {
     async fn commit_one_phase(&self, _: &str, _: &str) -> Result<OnePhase, Retry> {
         Err(Retry("participant crashed before phase two".into()))
     }
-    async fn abort(&self, _: &str, _: &str) -> Result<(), Retry> {
+    async fn abort(&self, _: &str, _: &str) -> Result<AbortOutcome, Retry> {
         Err(Retry("participant crashed before phase two".into()))
     }
     async fn in_doubt(&self) -> Result<Vec<(String, String)>, Retry> {
