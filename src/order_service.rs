@@ -114,7 +114,8 @@ impl<B: Broker> OrderService<B> {
     /// simulates a business check that fails after both writes were made (the service
     /// aborts: neither may appear).
     pub async fn place(&self, order: &Order, reject_after_write: bool) -> anyhow::Result<Placed> {
-        let tx = self.sdk.begin().await.context("begin")?;
+        // The database branch is enlisted by Begin itself (one coordinator call less).
+        let tx = self.sdk.begin_with(&[&*self.db]).await.context("begin")?;
         let db = tx
             .postgres(&self.db)
             .await

@@ -622,6 +622,54 @@ impl TwoPc {
         Ok(self.transaction(resp.tx_id, true))
     }
 
+    /// Begins a transaction this service owns with `resources` enlisted by the Begin call
+    /// itself: one coordinator round trip instead of one more per resource, and for a
+    /// single resource the coordinator starts making its one-phase intent durable at once.
+    /// Opening a branch of one of them later (e.g. [`Transaction::postgres`]) makes no
+    /// further coordinator call. Every resource must be registered here.
+    pub async fn begin_with(&self, resources: &[&dyn Resource]) -> Result<Transaction> {
+        let branches = resources
+            .iter()
+            .map(|r| self.branch_of(*r))
+            .collect::<Result<Vec<_>>>()?;
+        let ids: HashSet<String> = branches.iter().map(|b| b.branch_id.clone()).collect();
+        let resp = self
+            .inner
+            .begin(pb::BeginRequest {
+                timeout_ms: 0,
+                branches,
+            })
+            .await?;
+        let tx = self.transaction(resp.tx_id, true);
+        if let Ok(mut s) = tx.enlisted.lock() {
+            s.extend(ids);
+        }
+        Ok(tx)
+    }
+
+    /// The branch this service enlists for `resource` (registered here, or a usage error).
+    fn branch_of(&self, resource: &dyn Resource) -> Result<pb::Branch> {
+        let registered = self
+            .inner
+            .registry
+            .read()
+            .map(|r| r.contains_key(resource.name()))
+            .unwrap_or(false);
+        if !registered {
+            return Err(Error::Usage(format!(
+                "resource {:?} is not registered with this TwoPc handle (call TwoPc::register first)",
+                resource.name()
+            )));
+        }
+        let kind = resource.kind();
+        Ok(pb::Branch {
+            branch_id: format!("{}:{}", self.inner.service, resource.name()),
+            participant_endpoint: self.inner.endpoint.clone(),
+            commit_order: commit_order(kind),
+            kind: kind as i32,
+        })
+    }
+
     /// Joins a transaction another service began (its id arrived with a request, see
     /// [`crate::propagation`]). A joined transaction can enlist branches; only its owner
     /// commits or aborts it.
@@ -725,27 +773,7 @@ impl Transaction {
         {
             return Ok(branch_id);
         }
-        let registered = self
-            .sdk
-            .inner
-            .registry
-            .read()
-            .map(|r| r.contains_key(resource.name()))
-            .unwrap_or(false);
-        if !registered {
-            return Err(Error::Usage(format!(
-                "resource {:?} is not registered with this TwoPc handle (call TwoPc::register first)",
-                resource.name()
-            )));
-        }
-        let kind = resource.kind();
-        let commit_order = commit_order(kind);
-        let branch = pb::Branch {
-            branch_id: branch_id.clone(),
-            participant_endpoint: self.sdk.inner.endpoint.clone(),
-            commit_order,
-            kind: kind as i32,
-        };
+        let branch = self.sdk.branch_of(resource)?;
         self.sdk
             .inner
             .enlist(pb::EnlistRequest {

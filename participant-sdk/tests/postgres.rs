@@ -14,8 +14,8 @@ use twopc_testkit::PgCluster;
 
 mod support;
 use support::{
-    bounded, connect, count, database, database_on, eventually, prepared_gids, resource, sdk_of,
-    Coordinator, CrashesAfterPrepare, Wait, ORDERS,
+    bounded, connect, count, database, database_on, eventually, get_tx, prepared_gids, resource,
+    sdk_of, Coordinator, CrashesAfterPrepare, Wait, ORDERS,
 };
 
 /// Bound on every test.
@@ -342,6 +342,46 @@ async fn a_single_branch_commits_in_one_phase() {
             "{msg}"
         );
         assert_eq!(count(&url, "SELECT count(*) FROM codes").await, 0);
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn begin_with_enlists_the_branch_in_the_begin_call() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let url = database("pgbw", ORDERS).await;
+        let a = sdk.register(resource("db", &url).await).expect("register");
+
+        let tx = sdk.begin_with(&[&*a]).await.expect("begin_with");
+        let tx_id = tx.id().to_string();
+        // Enlisted before any branch is opened here: the coordinator already has it.
+        let listed = get_tx(&sdk, &tx_id).await;
+        let ids: Vec<String> = listed
+            .branches
+            .iter()
+            .filter_map(|b| b.branch.as_ref().map(|b| b.branch_id.clone()))
+            .collect();
+        assert_eq!(ids, vec![tx.branch_id(&*a)]);
+        let branch = tx.postgres(&a).await.expect("branch");
+        branch
+            .execute("INSERT INTO orders VALUES (1, 'begun with')", &[])
+            .await
+            .expect("insert");
+        tx.commit().await.expect("one-phase commit");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+
+        // A resource that is not registered is refused before anything is begun.
+        let stranger = resource("stranger", &url).await;
+        let Err(err) = sdk.begin_with(&[&*stranger]).await else {
+            panic!("an unregistered resource was enlisted");
+        };
+        assert!(
+            matches!(&err, Error::Usage(m) if m.contains("\"stranger\" is not registered")),
+            "{err}"
+        );
         sdk.shutdown().await;
     })
     .await;
