@@ -114,8 +114,16 @@ impl<B: Broker> OrderService<B> {
     /// simulates a business check that fails after both writes were made (the service
     /// aborts: neither may appear).
     pub async fn place(&self, order: &Order, reject_after_write: bool) -> anyhow::Result<Placed> {
-        // The database branch is enlisted by Begin itself (one coordinator call less).
-        let tx = self.sdk.begin_with(&[&*self.db]).await.context("begin")?;
+        // Every branch the order will have is enlisted by Begin itself (one coordinator
+        // call less per branch; with the event in the broker branch the coordinator knows
+        // from the start that this is a two-phase commit).
+        let db: &dyn Resource = &*self.db;
+        let broker: &dyn Resource = &*self.broker;
+        let resources = match self.staging {
+            EventStaging::Broker => vec![db, broker],
+            EventStaging::Database => vec![db],
+        };
+        let tx = self.sdk.begin_with(&resources).await.context("begin")?;
         let db = tx
             .postgres(&self.db)
             .await
