@@ -1352,14 +1352,7 @@ impl Engine {
                 Err(e) => {
                     // Whether it committed is unknown; ask again (the participant answers
                     // a repeated one-phase commit from its own state).
-                    b.last_error = Some(e);
-                    b.failures = b.failures.saturating_add(1);
-                    let after_ms = backoff(&self.cfg, b.failures);
-                    out.push(Command::ArmTimer {
-                        tx,
-                        timer: Timer::Retry { branch: i },
-                        after_ms,
-                    });
+                    retry_later(&self.cfg, out, tx, i, b, e);
                 }
             }
             return;
@@ -1383,14 +1376,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                b.last_error = Some(e);
-                b.failures = b.failures.saturating_add(1);
-                let after_ms = backoff(&self.cfg, b.failures);
-                out.push(Command::ArmTimer {
-                    tx,
-                    timer: Timer::Retry { branch: i },
-                    after_ms,
-                });
+                retry_later(&self.cfg, out, tx, i, b, e);
             }
         }
     }
@@ -1430,22 +1416,13 @@ impl Engine {
                     );
                     self.decide_abort(tx, why, out);
                 }
-                Ok(AbortAck::Unreported) | Err(_) => {
-                    b.last_error = Some(match ack {
-                        Err(e) => e,
-                        _ => "the participant does not report whether it had committed the \
-                              branch in one phase (it predates that answer); resolve the \
-                              transaction once you know"
-                            .to_string(),
-                    });
-                    b.failures = b.failures.saturating_add(1);
-                    let after_ms = backoff(&self.cfg, b.failures);
-                    out.push(Command::ArmTimer {
-                        tx,
-                        timer: Timer::Retry { branch: i },
-                        after_ms,
-                    });
+                Ok(AbortAck::Unreported) => {
+                    let why = "the participant does not report whether it had committed the \
+                               branch in one phase (it predates that answer); resolve the \
+                               transaction once you know";
+                    retry_later(&self.cfg, out, tx, i, b, why.to_string());
                 }
+                Err(e) => retry_later(&self.cfg, out, tx, i, b, e),
             }
             return;
         }
@@ -1455,14 +1432,7 @@ impl Engine {
                 b.last_error = None;
             }
             Err(e) if b.abort_must_ack => {
-                b.last_error = Some(e);
-                b.failures = b.failures.saturating_add(1);
-                let after_ms = backoff(&self.cfg, b.failures);
-                out.push(Command::ArmTimer {
-                    tx,
-                    timer: Timer::Retry { branch: i },
-                    after_ms,
-                });
+                retry_later(&self.cfg, out, tx, i, b, e);
                 return;
             }
             Err(e) => {
@@ -2123,6 +2093,25 @@ fn send(
         branch_id: b.spec.branch_id.clone(),
         message,
         requires_durable,
+    });
+}
+
+/// Records a failed delivery to branch `i` (`error`) and arms its retry timer with the
+/// backoff of its consecutive failures.
+fn retry_later(
+    cfg: &EngineConfig,
+    out: &mut Vec<Command>,
+    tx: TxId,
+    i: usize,
+    b: &mut BranchEntry,
+    error: String,
+) {
+    b.last_error = Some(error);
+    b.failures = b.failures.saturating_add(1);
+    out.push(Command::ArmTimer {
+        tx,
+        timer: Timer::Retry { branch: i },
+        after_ms: backoff(cfg, b.failures),
     });
 }
 

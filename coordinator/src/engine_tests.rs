@@ -1096,6 +1096,25 @@ fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_
     );
 }
 
+/// Feeds recovery one one-phase intent (`tx`, `a`) and checks that the branch is asked
+/// with an abort: the client may never have asked to commit, and the answer says what the
+/// branch did.
+fn recover_intent(e: &mut Engine, now: u64, tx: TxId, a: &BranchSpec) {
+    let cmds = e.handle(
+        now,
+        Event::Recovered(Recovered {
+            one_phase: vec![(tx, a.clone())],
+            ..Recovered::default()
+        }),
+    );
+    assert_eq!(cmds, vec![send(tx, 0, a, Message::Abort, None)]);
+    assert_eq!(
+        e.outcome_of(&tx, false),
+        Ok(None),
+        "undecided until the branch answers"
+    );
+}
+
 #[test]
 fn recovered_one_phase_intents_ask_their_branch_again() {
     let mut e = engine();
@@ -1105,23 +1124,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
         epoch: EPOCH - 1,
         seq: 7,
     };
-    let cmds = e.handle(
-        0,
-        Event::Recovered(Recovered {
-            one_phase: vec![(old, a.clone())],
-            ..Recovered::default()
-        }),
-    );
-    assert_eq!(
-        cmds,
-        vec![send(old, 0, &a, Message::Abort, None)],
-        "the client may never have asked to commit: an abort, answered with what the branch did"
-    );
-    assert_eq!(
-        e.outcome_of(&old, false),
-        Ok(None),
-        "undecided until the branch answers"
-    );
+    recover_intent(&mut e, 0, old, &a);
     // An answer that does not say, or none: asked again (with an abort, never a commit).
     for (now, ack) in [
         (1, Ok(AbortAck::Unreported)),
@@ -1198,13 +1201,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     );
     // Nobody waiting: the outcome is written and the transaction finished at once.
     let old1 = TxId { seq: 9, ..old };
-    e.handle(
-        62,
-        Event::Recovered(Recovered {
-            one_phase: vec![(old1, a.clone())],
-            ..Recovered::default()
-        }),
-    );
+    recover_intent(&mut e, 62, old1, &a);
     assert_eq!(
         e.handle(
             63,
@@ -1227,13 +1224,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     );
     // A branch that reports it aborted (or never had it): aborted, the intent dropped.
     let old2 = TxId { seq: 8, ..old };
-    e.handle(
-        70,
-        Event::Recovered(Recovered {
-            one_phase: vec![(old2, a.clone())],
-            ..Recovered::default()
-        }),
-    );
+    recover_intent(&mut e, 70, old2, &a);
     assert_eq!(
         e.handle(
             71,

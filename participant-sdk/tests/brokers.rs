@@ -345,6 +345,20 @@ fn ids(tx_id: &str, branch: &str, n: usize) -> Vec<String> {
 // Tests
 // ---------------------------------------------------------------------------------------
 
+/// A NATS resource named "nats" on its own `stream` (subjects `<stream>.>`), staging in
+/// `store`.
+async fn nats_on(stream: &str, store: &Arc<StagingStore>) -> NatsResource {
+    NatsResource::connect(
+        "nats",
+        NATS_URL,
+        stream.to_string(),
+        vec![format!("{stream}.>")],
+        store.clone(),
+    )
+    .await
+    .expect("connect to NATS")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
     bounded(TEST_TIMEOUT, async {
@@ -445,15 +459,7 @@ async fn rabbitmq_and_nats_branches_commit_together() {
                     .expect("connect"),
             ))
             .expect("register");
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
+        let nats = nats_on(&stream, &store).await;
         let nats = sdk.register(Arc::new(nats)).expect("register");
 
         let tx = sdk.begin().await.expect("begin");
@@ -522,15 +528,7 @@ async fn an_aborted_transaction_delivers_and_stages_nothing() {
                     .expect("connect"),
             ))
             .expect("register");
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
+        let nats = nats_on(&stream, &store).await;
         let nats = sdk.register(Arc::new(nats)).expect("register");
 
         let tx = sdk.begin().await.expect("begin");
@@ -1060,15 +1058,7 @@ async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent(
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let stream = unique_name("events");
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
+        let nats = nats_on(&stream, &store).await;
         let core = nats.core();
         let subject = format!("{stream}.x");
         core.buffer(
@@ -1202,15 +1192,7 @@ async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let stream = unique_name("abortres");
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
+        let nats = nats_on(&stream, &store).await;
         let core = nats.core();
         let subject = format!("{stream}.x");
         let buffer = |tx: &str| {

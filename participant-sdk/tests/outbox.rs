@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use twopc_coordinator::server::ServeConfig;
 use twopc_participant::{
     AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
-    PublishOptions, RabbitResource, Resource, StagingStore, TwoPc, Vote,
+    PublishOptions, RabbitResource, Resource, StagingStore, Transaction, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::participant_client::ParticipantClient;
@@ -245,6 +245,26 @@ impl World {
             rabbit,
             db,
         }
+    }
+
+    /// Order 1 with one staged event, committed in one phase the way the participant
+    /// server runs the coordinator's call; returns the transaction (still open at the
+    /// coordinator), its id and the branch id.
+    async fn order_committed_in_one_phase(&self) -> (Transaction, String, String) {
+        let tx = self.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&self.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*self.rabbit, &self.queue, b"one".to_vec())
+            .await
+            .expect("publish");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        assert_eq!(
+            self.db.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        (tx, tx_id, branch_id)
     }
 }
 
@@ -1489,19 +1509,7 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
         let w = World::start("outbox_marker", "obmark", ORDERS, slow_sweep(), false).await;
 
         // The coordinator's one-phase commit, as the participant server would run it.
-        let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"one".to_vec())
-            .await
-            .expect("publish");
-        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
-        assert_eq!(
-            w.db.commit_one_phase(&tx_id, &branch_id).await,
-            Ok(OnePhase::Committed)
-        );
+        let (tx, tx_id, branch_id) = w.order_committed_in_one_phase().await;
         let marker_sql =
             format!("SELECT count(*) FROM twopc_one_phase WHERE gid = 'twopc:{tx_id}:{branch_id}'");
         let marked = || count(&w.url, &marker_sql);
@@ -1646,19 +1654,7 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
         let orders = || count(&w.url, "SELECT count(*) FROM orders");
 
         // Committed in one phase, as the participant server runs the coordinator's call.
-        let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"one".to_vec())
-            .await
-            .expect("publish");
-        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
-        assert_eq!(
-            w.db.commit_one_phase(&tx_id, &branch_id).await,
-            Ok(OnePhase::Committed)
-        );
+        let (tx, tx_id, branch_id) = w.order_committed_in_one_phase().await;
         assert_eq!(
             w.db.abort(&tx_id, &branch_id).await,
             Ok(AbortOutcome::AlreadyCommitted)
