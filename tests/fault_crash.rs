@@ -27,12 +27,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::Connection;
 use support::{
-    begin, commit, expect_status, get_tx, wait_until, with_deadline, MsgKind, PrepareScript,
-    ResState, TestParticipant,
+    begin, commit, declare_durable, expect_status, get_tx, rabbitmq, wait_until, with_deadline,
+    MsgKind, PrepareScript, ResState, TestParticipant, AMQP_URL,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -1090,43 +1089,32 @@ async fn database(
     (db_name, db)
 }
 
-/// A connection to the machine's RabbitMQ and a channel on it.
-async fn rabbitmq() -> (Connection, lapin::Channel) {
-    let amqp = tokio::time::timeout(
-        Duration::from_secs(10),
-        Connection::connect(AMQP_URL, ConnectionProperties::default()),
-    )
-    .await
-    .expect("RabbitMQ connect timed out")
-    .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
-    let channel = amqp.create_channel().await.expect("AMQP channel");
-    (amqp, channel)
-}
+/// Prints (the end of) a cluster's server log when the scenario fails.
+struct PgLogOnFailure(PathBuf);
 
-/// Declares `queue` durable, as the SDK does.
-async fn declare_durable(channel: &lapin::Channel, queue: &str) {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue.declare");
-}
-
-/// Prints the server log of a cluster when the scenario fails.
-struct PgLogOnFailure<'a>(&'a PgCluster);
-
-impl Drop for PgLogOnFailure<'_> {
+impl Drop for PgLogOnFailure {
     fn drop(&mut self) {
         if show_logs() {
-            eprintln!("----- postgres log -----\n{}", self.0.log_tail(8_000));
+            let log = std::fs::read(&self.0).unwrap_or_default();
+            let tail = &log[log.len().saturating_sub(8_000)..];
+            eprintln!(
+                "----- postgres log -----\n{}",
+                String::from_utf8_lossy(tail)
+            );
         }
     }
+}
+
+/// A private cluster, the guard that prints its log when the scenario fails, and a new
+/// database (`prefix` made unique) with `schema`: its name and a connection.
+async fn private_database(
+    prefix: &str,
+    schema: &str,
+) -> (PgCluster, PgLogOnFailure, String, tokio_postgres::Client) {
+    let cluster = private_cluster(&[]).await;
+    let log = PgLogOnFailure(cluster.log_path().to_path_buf());
+    let (db_name, db) = database(&cluster, prefix, schema).await;
+    (cluster, log, db_name, db)
 }
 
 async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
@@ -1153,10 +1141,7 @@ async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_committed() {
     with_deadline(TEST_DEADLINE, async {
-        let cluster = private_cluster(&[]).await;
-        let _log = PgLogOnFailure(&cluster);
-        let (db_name, db) = database(
-            &cluster,
+        let (cluster, _log, db_name, db) = private_database(
             "fault_1p_order",
             "CREATE TABLE orders (id text PRIMARY KEY)",
         )
@@ -1273,14 +1258,8 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() {
     with_deadline(TEST_DEADLINE, async {
-        let cluster = private_cluster(&[]).await;
-        let _log = PgLogOnFailure(&cluster);
-        let (db_name, setup) = database(
-            &cluster,
-            "fault_pgkill",
-            "CREATE TABLE t (id text PRIMARY KEY)",
-        )
-        .await;
+        let (cluster, _log, db_name, setup) =
+            private_database("fault_pgkill", "CREATE TABLE t (id text PRIMARY KEY)").await;
         drop(setup);
 
         let coord = Serve::start("pg-kill", "", &[("--prepare-timeout-ms", "20000")]).await;
@@ -1415,10 +1394,7 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
     with_deadline(TEST_DEADLINE, async {
-        let cluster = private_cluster(&[]).await;
-        let _log = PgLogOnFailure(&cluster);
-        let (db_name, setup) = database(
-            &cluster,
+        let (cluster, _log, db_name, setup) = private_database(
             "fault_pgprep",
             "CREATE TABLE t (id text PRIMARY KEY);
              CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS
@@ -1538,7 +1514,6 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
 // The order-service process
 // ---------------------------------------------------------------------------------------
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The order service's tables, exactly as `twopc order-service` expects them.
 const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
 const DB_BRANCH: &str = "orders:orders-db";

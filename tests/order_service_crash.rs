@@ -23,15 +23,13 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
-use support::{eventually, with_deadline, Coordinator};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::Connection;
+use support::{declare_durable, eventually, rabbitmq, with_deadline, Coordinator, AMQP_URL};
 use twopc_participant::staging::StagingStore;
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name, PgCluster};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The order service's tables, exactly as `twopc order-service` expects them.
 const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
 /// Branch ids of the order service (`--service orders`).
@@ -408,14 +406,7 @@ impl World {
         ];
         flags.extend_from_slice(coordinator_flags);
         let coord = Coordinator::start(&flags).await;
-        let amqp = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(AMQP_URL, ConnectionProperties::default()),
-        )
-        .await
-        .expect("RabbitMQ connect timed out")
-        .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
-        let channel = amqp.create_channel().await.expect("AMQP channel");
+        let (amqp, channel) = rabbitmq().await;
         let queue = unique_name("twopc_crash_orders");
         let service = OrderService::new(coord.url(), cluster.url(&db_name), queue.clone());
         World {
@@ -496,18 +487,7 @@ impl World {
     /// Declares the queue (durable, as the SDK does) and returns how many messages it
     /// holds.
     async fn queue_len(&self) -> u32 {
-        self.channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue.declare")
-            .message_count()
+        declare_durable(&self.channel, &self.queue).await
     }
 
     /// Takes every message in the queue, as `(message id, payload)`.

@@ -340,15 +340,20 @@ mod tests {
         }
     }
 
+    /// Transaction `seq` of the log's node and epoch.
+    fn tx_of(log: &MemoryLog, seq: u64) -> TxId {
+        TxId {
+            node: log.node_id(),
+            epoch: log.epoch(),
+            seq,
+        }
+    }
+
     #[tokio::test]
     async fn an_operators_commit_of_a_one_phase_commit_is_its_outcome_without_its_record() {
         let log = MemoryLog::new();
         let e = log.epoch();
-        let tx = |seq| TxId {
-            node: log.node_id(),
-            epoch: e,
-            seq,
-        };
+        let tx = |seq| tx_of(&log, seq);
         let (one_phase, contradicted) = (tx(1), tx(2));
         // Only the audit records reached the disk (no intent, no outcome record).
         log.force_audit(e, commit_audit(one_phase, "PREPARING", true, false))
@@ -375,11 +380,7 @@ mod tests {
     async fn recovery_skips_transactions_an_operator_resolved() {
         let log = MemoryLog::new();
         let e = log.epoch();
-        let tx = |seq| TxId {
-            node: log.node_id(),
-            epoch: e,
-            seq,
-        };
+        let tx = |seq| tx_of(&log, seq);
         let (resolved, refused, undecided) = (tx(1), tx(2), tx(3));
         let (one_phase, one_phase_open) = (tx(4), tx(5));
         for t in [resolved, refused] {

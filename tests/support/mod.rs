@@ -1257,3 +1257,39 @@ pub fn parse_tx_id(tx_id: &str) -> (String, u64, u64) {
         .unwrap_or_else(|_| panic!("tx id {tx_id:?}: bad seq"));
     (parts[0].to_string(), epoch, seq)
 }
+
+// ---------------------------------------------------------------------------------------
+// RabbitMQ
+// ---------------------------------------------------------------------------------------
+
+/// The machine's RabbitMQ.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A connection to the machine's RabbitMQ and a channel on it.
+pub async fn rabbitmq() -> (lapin::Connection, lapin::Channel) {
+    let amqp = tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ connect timed out")
+    .unwrap_or_else(|e| panic!("RabbitMQ at {AMQP_URL} (start rabbitmq-server): {e}"));
+    let channel = amqp.create_channel().await.expect("AMQP channel");
+    (amqp, channel)
+}
+
+/// Declares `queue` durable, as the SDK does; returns how many messages it holds.
+pub async fn declare_durable(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare")
+        .message_count()
+}
