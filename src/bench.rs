@@ -406,6 +406,7 @@ async fn drive(
                 let t0 = Instant::now();
                 let begin = client
                     .begin(pb::BeginRequest {
+                        commit_locally: false,
                         timeout_ms: 0,
                         branches: branches.clone(),
                     })
@@ -413,6 +414,7 @@ async fn drive(
                 let tx_id = begin.tx_id;
                 client
                     .commit(pb::CommitRequest {
+                        committed_locally: false,
                         tx_id,
                         phase_two_wait_ms: 0,
                         no_wait: false,

@@ -275,7 +275,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             let publishers =
                 futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, &services, publishers, &dest, &samples, &log).await;
+            let results = measure(&args, &pool, Arc::new(services), publishers, &dest, &samples, &log).await;
             // The benchmark's queues go with it (best effort: a failure only leaves them).
             if let Ok(ch) = conn.create_channel().await {
                 for mode in MODES {
@@ -318,7 +318,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
                 .map(|_| Publisher::Nats(js.clone()))
                 .collect();
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, &services, publishers, &dest, &samples, &log).await;
+            let results = measure(&args, &pool, Arc::new(services), publishers, &dest, &samples, &log).await;
             // The benchmark's stream goes with it (best effort).
             let _ = js.delete_stream(&stream).await;
             results?
@@ -368,7 +368,7 @@ async fn services<B: Broker>(
 async fn measure<B: Broker>(
     args: &DualWriteBench,
     pool: &deadpool_postgres::Pool,
-    services: &[OrderService<B>; 2],
+    services: Arc<[OrderService<B>; 2]>,
     mut publishers: Vec<Publisher>,
     dest: &dyn Fn(Mode) -> String,
     samples: &HashMap<Mode, Arc<Samples>>,
@@ -397,9 +397,9 @@ async fn measure<B: Broker>(
     let seq = Arc::new(AtomicU64::new(0));
     for _round in 0..args.rounds {
         for mode in MODES {
-            let service = match mode {
-                Mode::TwopcBroker => &services[1],
-                _ => &services[0],
+            let which = match mode {
+                Mode::TwopcBroker => 1,
+                _ => 0,
             };
             let syncs_before = log.stats().syncs;
             bar.set_message(mode.name());
@@ -411,7 +411,10 @@ async fn measure<B: Broker>(
                 let (s, stop, seq, pool) = (s.clone(), stop.clone(), seq.clone(), pool.clone());
                 let publisher = publisher.clone();
                 let destination = dest(mode);
-                tasks.push(async move {
+                let services = services.clone();
+                // Each client is a task of its own, as each request is in a service.
+                tasks.push(tokio::spawn(async move {
+                    let service = &services[which];
                     while !stop.load(Ordering::Relaxed) {
                         let n = seq.fetch_add(1, Ordering::Relaxed);
                         let order = Order {
@@ -429,7 +432,7 @@ async fn measure<B: Broker>(
                             .push(t0.elapsed().as_micros() as u64);
                     }
                     Ok::<_, anyhow::Error>(())
-                });
+                }));
             }
             let timer = async {
                 tokio::time::sleep(slice).await;
@@ -437,7 +440,8 @@ async fn measure<B: Broker>(
             };
             let (_, results) = tokio::join!(timer, futures::future::join_all(tasks));
             for r in results {
-                r.with_context(|| format!("{} client failed", mode.name()))?;
+                r.with_context(|| format!("{} client panicked", mode.name()))?
+                    .with_context(|| format!("{} client failed", mode.name()))?;
             }
             s.busy_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);

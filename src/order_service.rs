@@ -116,14 +116,16 @@ impl<B: Broker> OrderService<B> {
     pub async fn place(&self, order: &Order, reject_after_write: bool) -> anyhow::Result<Placed> {
         // Every branch the order will have is enlisted by Begin itself (one coordinator
         // call less per branch; with the event in the broker branch the coordinator knows
-        // from the start that this is a two-phase commit).
+        // from the start that this is a two-phase commit). With the event staged in the
+        // database the order is one branch, committed here in one phase (no coordinator
+        // round trip at commit).
         let db: &dyn Resource = &*self.db;
         let broker: &dyn Resource = &*self.broker;
-        let resources = match self.staging {
-            EventStaging::Broker => vec![db, broker],
-            EventStaging::Database => vec![db],
-        };
-        let tx = self.sdk.begin_with(&resources).await.context("begin")?;
+        let tx = match self.staging {
+            EventStaging::Broker => self.sdk.begin_with(&[db, broker]).await,
+            EventStaging::Database => self.sdk.begin_local(db).await,
+        }
+        .context("begin")?;
         let db = tx
             .postgres(&self.db)
             .await

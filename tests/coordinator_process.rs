@@ -731,6 +731,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
         dup.commit_order = 3;
         expect_status(
             c.begin(pb::BeginRequest {
+                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![p.branch("x"), dup],
             })
@@ -771,6 +772,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
             );
             expect_status(
                 c.begin(pb::BeginRequest {
+                    commit_locally: false,
                     timeout_ms: 0,
                     branches: vec![b],
                 })
@@ -820,6 +822,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
         // More than --max-branches (3).
         expect_status(
             c.begin(pb::BeginRequest {
+                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![
                     p.branch("m1"),
@@ -851,6 +854,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
         // Out-of-range request fields.
         expect_status(
             c.commit(pb::CommitRequest {
+                committed_locally: false,
                 tx_id: active.clone(),
                 phase_two_wait_ms: 600_001,
                 no_wait: false,
@@ -872,6 +876,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
         );
         expect_status(
             c.begin(pb::BeginRequest {
+                commit_locally: false,
                 timeout_ms: 24 * 3600 * 1000 + 1,
                 branches: vec![],
             })

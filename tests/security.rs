@@ -199,6 +199,7 @@ fn admin_client(ch: &Channel, token: Option<&str>) -> AdminClient<Authed> {
 
 fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
     pb::BeginRequest {
+        commit_locally: false,
         timeout_ms: 0,
         branches,
     }
@@ -206,6 +207,7 @@ fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
 
 fn commit_req(tx_id: &str) -> pb::CommitRequest {
     pb::CommitRequest {
+        committed_locally: false,
         tx_id: tx_id.to_string(),
         phase_two_wait_ms: 5_000,
         no_wait: false,

@@ -188,6 +188,19 @@ pub enum Event {
         /// Branches to enlist right away.
         branches: Vec<BranchSpec>,
     },
+    /// Begin RPC with `commit_locally`: a transaction with this single branch whose
+    /// participant (the caller's own process) commits it in one phase by itself and then
+    /// reports it ([`Event::CommittedLocally`]). Answered at once; the one-phase intent is
+    /// synced in the background, and the participant commits only after a Barrier (which
+    /// covers the intent) returned the epoch of this answer.
+    BeginLocal {
+        /// The caller.
+        req: ReqId,
+        /// Requested transaction timeout (0 = default).
+        timeout_ms: u64,
+        /// The only branch the transaction will ever have.
+        branch: BranchSpec,
+    },
     /// Enlist RPC.
     Enlist {
         /// The caller.
@@ -207,6 +220,15 @@ pub enum Event {
         /// durable (`CommitRequest.answer_before_durable`: it calls Barrier before its
         /// participant forgets the branch).
         early: bool,
+    },
+    /// Commit RPC with `committed_locally`: the participant of a [`Event::BeginLocal`]
+    /// transaction reports that it committed the branch. Answered once the outcome is
+    /// written (the runtime syncs before answering a caller that needs it durable).
+    CommittedLocally {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
     },
     /// Abort RPC.
     Abort {
@@ -547,9 +569,17 @@ pub struct TxEntry {
     /// A caller waits for a one-phase outcome that must be durable before it is answered
     /// (a Commit without `early`, or an Abort).
     durable_answer: bool,
-    /// Recovered from an intent: the branch is asked with an Abort, whose answer says
-    /// whether it had committed in one phase (the client may never have asked to commit).
+    /// Recovered from an intent, or a local transaction being aborted or timed out: the
+    /// branch is asked with an Abort, whose answer says whether it had committed in one
+    /// phase (the client may never have asked to commit).
     settle_by_abort: bool,
+    /// Begun with `commit_locally` ([`Event::BeginLocal`]): its participant commits the
+    /// single branch by itself and reports it; the coordinator sends no commit unless a
+    /// plain Commit asks for one.
+    local: bool,
+    /// The one-phase outcome was written while the intent's sync was still outstanding
+    /// and a caller needs it durable: sync once more when that sync returns.
+    resync: bool,
 }
 
 impl TxEntry {
@@ -708,12 +738,18 @@ impl Engine {
                 req,
                 timeout_ms,
                 branches,
-            } => self.on_begin(req, timeout_ms, branches, &mut out),
+            } => self.on_begin(req, timeout_ms, branches, false, &mut out),
+            Event::BeginLocal {
+                req,
+                timeout_ms,
+                branch,
+            } => self.on_begin(req, timeout_ms, vec![branch], true, &mut out),
             Event::Enlist { req, tx, branch } => {
                 let reply = self.on_enlist(tx, branch, &mut out);
                 out.push(Command::Reply { req, reply });
             }
             Event::Commit { req, tx, early } => self.on_commit(req, tx, early, &mut out),
+            Event::CommittedLocally { req, tx } => self.on_committed_locally(req, tx, &mut out),
             Event::Abort { req, tx, reason } => self.on_abort(req, tx, reason, &mut out),
             Event::Voted { tx, branch, vote } => self.on_vote(tx, branch, vote, &mut out),
             Event::CommitAcked { tx, branch, ack } => self.on_commit_ack(tx, branch, ack, &mut out),
@@ -755,6 +791,7 @@ impl Engine {
         req: ReqId,
         timeout_ms: u64,
         branches: Vec<BranchSpec>,
+        local: bool,
         out: &mut Vec<Command>,
     ) {
         if let Some(why) = &self.halted {
@@ -774,6 +811,15 @@ impl Engine {
         }
         if let Err(e) = self.check_new_branches(&[], &branches) {
             out.push(Command::Reply { req, reply: Err(e) });
+            return;
+        }
+        if local && !self.cfg.one_phase {
+            let reply = Err(TxError::FailedPrecondition(
+                "commit_locally needs one-phase commits, which this coordinator has turned off \
+                 (one_phase = false)"
+                    .into(),
+            ));
+            out.push(Command::Reply { req, reply });
             return;
         }
         let tx = TxId {
@@ -796,6 +842,8 @@ impl Engine {
             intent_durable: false,
             durable_answer: false,
             settle_by_abort: false,
+            local,
+            resync: false,
         };
         let mut entry = entry;
         for spec in branches {
@@ -815,6 +863,15 @@ impl Engine {
             after_ms,
         });
         self.start_intent(tx, out);
+        if let Some(entry) = self.txs.get_mut(&tx).filter(|_| local) {
+            // The branch is in its participant's hands from the start.
+            entry.state = TxState::Preparing;
+            entry.one_phase = true;
+            for b in &mut entry.branches {
+                b.state = BranchState::Preparing;
+                b.abort_must_ack = true;
+            }
+        }
         out.push(Command::Reply {
             req,
             reply: Ok(ReplyOk::Begun(tx)),
@@ -870,6 +927,12 @@ impl Engine {
             // A repeated enlist of a branch already in the transaction is still a success.
             if entry.branches.iter().any(|b| b.spec == spec) {
                 return Ok(ReplyOk::Enlisted);
+            }
+            if entry.local {
+                return Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} was begun with commit_locally: its single branch commits \
+                     in one phase and no other branch can join it"
+                )));
             }
             return Err(TxError::FailedPrecondition(format!(
                 "transaction {tx} is {}; branches can only be enlisted while it is ACTIVE",
@@ -944,6 +1007,13 @@ impl Engine {
         }
         match entry.state {
             TxState::Active => {}
+            TxState::Preparing if entry.local => {
+                // A plain Commit of a local transaction: the coordinator asks the
+                // participant to commit (it answers a repeat from its own state).
+                entry.waiters.push(req);
+                send_local_commit(tx, entry, out);
+                return;
+            }
             TxState::Preparing | TxState::Deciding => {
                 entry.waiters.push(req);
                 return;
@@ -1037,6 +1107,16 @@ impl Engine {
             return;
         };
         match entry.state {
+            TxState::Preparing if entry.local => {
+                // The participant may have committed by itself: ask it with an abort.
+                entry.abort_waiters.push(req);
+                let why = if reason.is_empty() {
+                    "aborted by the client".to_string()
+                } else {
+                    format!("aborted by the client: {reason}")
+                };
+                self.settle_local(tx, why, out);
+            }
             TxState::Preparing if entry.one_phase => {
                 // A one-phase commit is in the participant's hands; its answer decides.
                 entry.abort_waiters.push(req);
@@ -1071,6 +1151,78 @@ impl Engine {
                 req,
                 reply: Err(in_doubt_error(&tx)),
             }),
+        }
+    }
+
+    /// A local transaction is to be aborted (`why`): its participant may have committed
+    /// by itself, so it is asked with an abort whose answer decides (as for a recovered
+    /// intent).
+    fn settle_local(&mut self, tx: TxId, why: String, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.settle_by_abort {
+            return;
+        }
+        entry.abort_reason = Some(why);
+        entry.settle_by_abort = true;
+        if let Some(b) = entry.branches.first_mut() {
+            if b.state == BranchState::Preparing && !b.in_flight {
+                send(out, tx, 0, b, Message::Abort, None);
+            }
+        }
+    }
+
+    /// The participant of a local transaction (or of a recovered intent) reports that it
+    /// committed the branch in one phase: the outcome is recorded as for a commit the
+    /// coordinator sent, and the report answered once it is written.
+    fn on_committed_locally(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "record the commit of"),
+            });
+            return;
+        };
+        if !(entry.local || entry.one_phase && entry.settle_by_abort) {
+            let reply = Err(TxError::FailedPrecondition(format!(
+                "transaction {tx} was not begun with commit_locally: the coordinator commits \
+                 it (call Commit without committed_locally)"
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        match entry.state {
+            TxState::Preparing => {
+                entry.waiters.push(req);
+                if let Some(b) = entry.branches.first_mut() {
+                    // An abort or commit still on its way is answered by the same fact.
+                    b.in_flight = false;
+                }
+                self.one_phase_committed(tx, out);
+            }
+            TxState::Committing => entry.waiters.push(req),
+            TxState::Aborting => {
+                let reply = Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} is recorded ABORTED (its participant answered the \
+                     coordinator's abort with ABORTED); a report that it committed \
+                     contradicts that"
+                )));
+                out.push(Command::Reply { req, reply });
+            }
+            TxState::InDoubt => out.push(Command::Reply {
+                req,
+                reply: Err(in_doubt_error(&tx)),
+            }),
+            TxState::Active | TxState::Deciding => {
+                // Unreachable for a transaction with one branch in its participant's
+                // hands; answered rather than trusted.
+                let reply = Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} is {}: its participant cannot have committed it",
+                    entry.state.name()
+                )));
+                out.push(Command::Reply { req, reply });
+            }
         }
     }
 
@@ -1194,6 +1346,13 @@ impl Engine {
         };
         match entry.state {
             TxState::Active => entry.intent_durable = true,
+            TxState::Preparing if entry.local => {
+                entry.intent_durable = true;
+                // A plain Commit that came before the intent was durable.
+                if !entry.waiters.is_empty() {
+                    send_local_commit(tx, entry, out);
+                }
+            }
             TxState::Preparing if entry.one_phase => {
                 entry.intent_durable = true;
                 if let Some(b) = entry.branches.first_mut() {
@@ -1201,6 +1360,12 @@ impl Engine {
                         send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
                     }
                 }
+            }
+            TxState::Committing if entry.one_phase && entry.resync => {
+                // The intent's sync returned; the outcome written since needs one more.
+                entry.resync = false;
+                entry.sync_pending = true;
+                out.push(Command::Sync { tx });
             }
             TxState::Committing if entry.one_phase => self.finish_one_phase(tx, out),
             // A second branch made it a two-phase commit meanwhile: the intent is moot.
@@ -1240,8 +1405,14 @@ impl Engine {
             branches: specs,
         }));
         if entry.durable_answer || !entry.abort_waiters.is_empty() {
-            entry.sync_pending = true;
-            out.push(Command::Sync { tx });
+            if entry.sync_pending {
+                // The intent's sync (local transaction reported before it returned) does
+                // not cover the outcome: another follows it.
+                entry.resync = true;
+            } else {
+                entry.sync_pending = true;
+                out.push(Command::Sync { tx });
+            }
         } else {
             // The callers' participants keep their memory of the commit until a Barrier
             // shows this record durable; a restart before that asks them again.
@@ -1409,11 +1580,15 @@ impl Engine {
                 Ok(AbortAck::Aborted) => {
                     b.state = BranchState::Aborted;
                     b.last_error = None;
-                    let why = format!(
-                        "the coordinator restarted before the one-phase commit was confirmed, \
-                         and branch {} reports it rolled back",
-                        b.spec.branch_id
-                    );
+                    // A local transaction aborted or timed out says why; a recovered
+                    // intent has no other reason.
+                    let why = entry.abort_reason.clone().unwrap_or_else(|| {
+                        format!(
+                            "the coordinator restarted before the one-phase commit was \
+                             confirmed, and branch {} reports it rolled back",
+                            b.spec.branch_id
+                        )
+                    });
                     self.decide_abort(tx, why, out);
                 }
                 Ok(AbortAck::Unreported) => {
@@ -1452,6 +1627,9 @@ impl Engine {
             Timer::TxTimeout => {
                 if entry.state == TxState::Active {
                     self.decide_abort(tx, "transaction timed out while active".into(), out);
+                } else if entry.state == TxState::Preparing && entry.local {
+                    let why = "transaction timed out before its participant reported the commit";
+                    self.settle_local(tx, why.into(), out);
                 }
             }
             Timer::PrepareTimeout => {
@@ -2073,6 +2251,21 @@ fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> Tx
         intent_durable: false,
         durable_answer: false,
         settle_by_abort: false,
+        local: false,
+        resync: false,
+    }
+}
+
+/// Sends the one-phase commit of a local transaction whose caller asked the coordinator
+/// to commit (plain Commit), once its intent is durable and unless an abort is asking.
+fn send_local_commit(tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+    if !entry.intent_durable || entry.settle_by_abort {
+        return;
+    }
+    if let Some(b) = entry.branches.first_mut() {
+        if b.state == BranchState::Preparing && !b.in_flight {
+            send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+        }
     }
 }
 

@@ -232,6 +232,46 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
+    /// Begin RPC with `commit_locally`: the one-phase intent naming `branch` is written
+    /// and synced in the background; its participant commits by itself once a Barrier of
+    /// this epoch returned, and reports it ([`Runtime::committed_locally`]).
+    pub async fn begin_local(&self, timeout_ms: u64, branch: BranchSpec) -> Result<TxId, TxError> {
+        match self
+            .request(|req| Event::BeginLocal {
+                req,
+                timeout_ms,
+                branch,
+            })
+            .await?
+        {
+            ReplyOk::Begun(tx) => Ok(tx),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Commit RPC with `committed_locally`: the participant of a local transaction reports
+    /// that it committed; recorded as COMMITTED (synced before the answer unless `early`).
+    pub async fn committed_locally(&self, tx: TxId, early: bool) -> Result<CommitResult, TxError> {
+        let epoch = self.inner.log.epoch();
+        match self
+            .request(|req| Event::CommittedLocally { req, tx })
+            .await?
+        {
+            ReplyOk::Committed => {
+                // The outcome record is written (before the reply left the engine).
+                if !early {
+                    self.sync_log().await?;
+                }
+                Ok(CommitResult {
+                    pending: Vec::new(),
+                    epoch,
+                })
+            }
+            ReplyOk::NotLive => self.answer_finished(tx, early, epoch).await,
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Enlist RPC.
     pub async fn enlist(&self, tx: TxId, branch: BranchSpec) -> Result<(), TxError> {
         self.request(|req| Event::Enlist { req, tx, branch })
@@ -252,24 +292,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         let epoch = self.inner.log.epoch();
         match self.request(|req| Event::Commit { req, tx, early }).await? {
             ReplyOk::Committed => {}
-            ReplyOk::NotLive => {
-                return match self.resolve(&tx)?.outcome {
-                    Outcome::Committed => {
-                        // The record may be a one-phase outcome answered early to an
-                        // earlier call and not synced yet.
-                        if !early {
-                            self.sync_log().await?;
-                        }
-                        Ok(CommitResult {
-                            pending: Vec::new(),
-                            epoch,
-                        })
-                    }
-                    Outcome::Aborted => Err(TxError::Aborted(format!(
-                        "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
-                    ))),
-                };
-            }
+            ReplyOk::NotLive => return self.answer_finished(tx, early, epoch).await,
             other => return Err(unexpected(other)),
         }
         let wait = wait.unwrap_or(self.inner.opts.commit_wait);
@@ -285,6 +308,31 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             None => Vec::new(),
         };
         Ok(CommitResult { pending, epoch })
+    }
+
+    /// The answer to a Commit of a transaction the engine no longer holds, from the log.
+    async fn answer_finished(
+        &self,
+        tx: TxId,
+        early: bool,
+        epoch: u64,
+    ) -> Result<CommitResult, TxError> {
+        match self.resolve(&tx)?.outcome {
+            Outcome::Committed => {
+                // The record may be a one-phase outcome answered early to an earlier call
+                // and not synced yet.
+                if !early {
+                    self.sync_log().await?;
+                }
+                Ok(CommitResult {
+                    pending: Vec::new(),
+                    epoch,
+                })
+            }
+            Outcome::Aborted => Err(TxError::Aborted(format!(
+                "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
+            ))),
+        }
     }
 
     /// Barrier RPC: returns once every record written before the call is durable (one log

@@ -225,13 +225,24 @@ async fn begin<L: DecisionLog, T: Transport>(
         .into_iter()
         .map(branch_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
-    let tx = rt
-        .begin(req.timeout_ms, branches)
-        .await
-        .map_err(status_of)?;
-    tracing::debug!(tx_id = %tx, "begun");
+    let local = req.commit_locally;
+    let tx = if local {
+        let [branch] = <[BranchSpec; 1]>::try_from(branches).map_err(|b| {
+            Status::invalid_argument(format!(
+                "commit_locally needs exactly one branch in branches (got {})",
+                b.len()
+            ))
+        })?;
+        rt.begin_local(req.timeout_ms, branch).await
+    } else {
+        rt.begin(req.timeout_ms, branches).await
+    }
+    .map_err(status_of)?;
+    tracing::debug!(tx_id = %tx, local, "begun");
     Ok(pb::BeginResponse {
         tx_id: tx.to_string(),
+        commit_locally: local,
+        epoch: rt.log().epoch(),
     })
 }
 
@@ -262,6 +273,24 @@ async fn commit<L: DecisionLog, T: Transport>(
             "phase_two_wait_ms is {}; at most {MAX_COMMIT_WAIT_MS} is allowed",
             req.phase_two_wait_ms
         )));
+    }
+    if req.committed_locally {
+        if !req.branches.is_empty() {
+            return Err(Status::invalid_argument(
+                "branches must be empty in a Commit that reports committed_locally",
+            ));
+        }
+        let span = info_span!("committed_locally", tx_id = %tx);
+        let res = rt
+            .committed_locally(tx, req.answer_before_durable)
+            .instrument(span)
+            .await
+            .map_err(status_of)?;
+        return Ok(pb::CommitResponse {
+            outcome: pb::Outcome::Committed as i32,
+            pending_branches: res.pending,
+            epoch: res.epoch,
+        });
     }
     // Every branch is checked before any is enlisted: a bad one changes nothing.
     let branches = req

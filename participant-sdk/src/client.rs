@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -56,7 +56,7 @@ use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::error::{Error, Result};
-use crate::resource::{BranchKind, Resource};
+use crate::resource::{BranchKind, OnePhase, Resource};
 
 /// Resources by name, shared with the participant server and recovery.
 pub(crate) type Registry = Arc<RwLock<HashMap<String, Arc<dyn Resource>>>>;
@@ -423,6 +423,7 @@ impl TwoPcBuilder {
             data_dir: self.data_dir,
             commit_wait: self.commit_wait,
             forget,
+            barriers: Mutex::new(SharedBarrier::default()),
             stop: stop_tx,
             tasks: Mutex::new(vec![server, forgetter]),
         });
@@ -571,6 +572,8 @@ struct Inner {
     /// Committed transactions whose branches are forgotten once a `Barrier` confirms
     /// their outcome durable (see the module docs).
     forget: Arc<ForgetQueue>,
+    /// Local transactions waiting for a `Barrier` (one call in flight for all of them).
+    barriers: Mutex<SharedBarrier>,
     /// Stops the server, the recovery loop and the forgetter.
     stop: watch::Sender<bool>,
     /// Background tasks, awaited by `shutdown`.
@@ -638,11 +641,51 @@ impl TwoPc {
             .begin(pb::BeginRequest {
                 timeout_ms: 0,
                 branches,
+                commit_locally: false,
             })
             .await?;
         let tx = self.transaction(resp.tx_id, true);
         if let Ok(mut s) = tx.enlisted.lock() {
             s.extend(ids);
+        }
+        Ok(tx)
+    }
+
+    /// Begins a transaction whose only branch is `resource`'s, committed by this process
+    /// itself: [`Transaction::commit`] commits the branch in one phase right here (no
+    /// coordinator round trip on the caller's path) and reports it to the coordinator in
+    /// the background. The Begin is answered once the coordinator's record that this
+    /// branch decides (its one-phase intent) is durable, so a restarted coordinator asks
+    /// the branch what became of it instead of presuming an abort. No other branch can
+    /// join the transaction (Enlist is refused); use [`TwoPc::begin_with`] for that.
+    ///
+    /// The resource must remember a one-phase commit until told the outcome is known (the
+    /// PostgreSQL adapter does with its outbox marker), as for any one-phase commit. A
+    /// coordinator that predates local commits begins an ordinary transaction with the
+    /// resource enlisted, and the commit then goes through it.
+    pub async fn begin_local(&self, resource: &dyn Resource) -> Result<Transaction> {
+        let branch = self.branch_of(resource)?;
+        let branch_id = branch.branch_id.clone();
+        let resp = self
+            .inner
+            .begin(pb::BeginRequest {
+                timeout_ms: 0,
+                branches: vec![branch],
+                commit_locally: true,
+            })
+            .await?;
+        let mut tx = self.transaction(resp.tx_id, true);
+        if resp.commit_locally && resp.epoch != 0 {
+            // The intent was written before the answer; a Barrier called from now on
+            // returns once it is durable. It runs while the application does its work.
+            tx.local = Some(Local {
+                resource: resource.name().to_string(),
+                epoch: resp.epoch,
+                durable: barrier_after_now(&self.inner),
+            });
+        }
+        if let Ok(mut s) = tx.enlisted.lock() {
+            s.insert(branch_id);
         }
         Ok(tx)
     }
@@ -683,6 +726,7 @@ impl TwoPc {
             owner,
             sdk: self.clone(),
             enlisted: Mutex::new(HashSet::new()),
+            local: None,
         }
     }
 
@@ -736,6 +780,19 @@ pub struct Transaction {
     sdk: TwoPc,
     /// Resources already enlisted in this transaction by this handle.
     enlisted: Mutex<HashSet<String>>,
+    /// Begun with [`TwoPc::begin_local`] (and the coordinator agreed).
+    local: Option<Local>,
+}
+
+/// What a transaction begun with [`TwoPc::begin_local`] commits by itself.
+struct Local {
+    /// The resource whose branch it is.
+    resource: String,
+    /// The coordinator epoch of the Begin answer.
+    epoch: u64,
+    /// The epoch of a `Barrier` called after the Begin answer (or why it failed): the
+    /// intent is durable when it is `epoch`.
+    durable: oneshot::Receiver<std::result::Result<u64, String>>,
 }
 
 /// What [`Transaction::commit`] learned.
@@ -773,6 +830,14 @@ impl Transaction {
         {
             return Ok(branch_id);
         }
+        if self.local.is_some() {
+            return Err(Error::Usage(format!(
+                "transaction {} was begun with begin_local: its one resource is its only \
+                 branch, so {:?} cannot join it (use begin_with for a transaction of several)",
+                self.id,
+                resource.name()
+            )));
+        }
         let branch = self.sdk.branch_of(resource)?;
         self.sdk
             .inner
@@ -799,13 +864,81 @@ impl Transaction {
     /// ([`Resource::outcome_known`]) by the handle's forgetter once a coordinator
     /// `Barrier` of the same epoch as the answer returned (see the module docs), or at
     /// once when the coordinator reports no epoch (it answered once durable).
-    pub async fn commit(self) -> Result<Committed> {
+    ///
+    /// A transaction begun with [`TwoPc::begin_local`] is committed here, by its resource
+    /// ([`Resource::commit_one_phase`]), once a `Barrier` of the Begin's epoch showed the
+    /// coordinator's intent durable, and reported to the coordinator in the background
+    /// (see [`TwoPc::begin_local`]). Without that Barrier (the coordinator restarted or is
+    /// unreachable), or when the resource cannot tell whether it committed (its connection
+    /// broke during COMMIT), the commit is handed to the coordinator, which asks the
+    /// resource until it can tell.
+    pub async fn commit(mut self) -> Result<Committed> {
         if !self.owner {
             return Err(Error::Usage(format!(
                 "transaction {} was joined, not begun, here: its owner commits it",
                 self.id
             )));
         }
+        if let Some(local) = self.local.take() {
+            if let Some(done) = self.commit_locally(local).await {
+                return done;
+            }
+        }
+        self.commit_via_coordinator().await
+    }
+
+    /// The local one-phase commit; `None` when it must go through the coordinator.
+    async fn commit_locally(&self, local: Local) -> Option<Result<Committed>> {
+        match local.durable.await {
+            Ok(Ok(epoch)) if epoch == local.epoch => {}
+            Ok(Ok(epoch)) => {
+                warn!(tx_id = %self.id, begun = local.epoch, now = epoch,
+                    "the coordinator restarted since Begin; committing through it");
+                return None;
+            }
+            Ok(Err(e)) => {
+                warn!(tx_id = %self.id, error = %e,
+                    "Barrier failed; committing through the coordinator");
+                return None;
+            }
+            Err(_) => return None,
+        }
+        let resource = self
+            .sdk
+            .inner
+            .registry
+            .read()
+            .ok()
+            .and_then(|r| r.get(&local.resource).cloned());
+        let Some(resource) = resource else {
+            return Some(Err(Error::Usage(format!(
+                "resource {:?} is no longer registered with this TwoPc handle",
+                local.resource
+            ))));
+        };
+        let branch_id = self.branch_id(&*resource);
+        match resource.commit_one_phase(&self.id, &branch_id).await {
+            Ok(OnePhase::Committed) => {
+                report_local_commit(self.sdk.inner.clone(), self.id.clone(), branch_id);
+                Some(Ok(Committed {
+                    pending_branches: Vec::new(),
+                }))
+            }
+            Ok(OnePhase::Refused(why)) => {
+                let why = format!("branch {branch_id} refused to commit: {why}");
+                report_local_abort(self.sdk.inner.clone(), self.id.clone(), why.clone());
+                Some(Err(Error::Aborted(why)))
+            }
+            Err(e) => {
+                warn!(tx_id = %self.id, error = %e,
+                    "local one-phase commit outcome unknown; asking the coordinator to finish it");
+                None
+            }
+        }
+    }
+
+    /// The Commit call: the coordinator runs the protocol.
+    async fn commit_via_coordinator(self) -> Result<Committed> {
         let req = pb::CommitRequest {
             tx_id: self.id.clone(),
             phase_two_wait_ms: self
@@ -817,6 +950,7 @@ impl Transaction {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: true,
+            committed_locally: false,
         };
         match self.sdk.inner.commit(req).await {
             Ok(resp) => {
@@ -898,6 +1032,126 @@ fn tell_outcome_known(registry: &Registry, tx_id: &str, branch_ids: &[String]) {
             resource.outcome_known(tx_id, branch_id);
         }
     }
+}
+
+/// Callers waiting for a `Barrier` that starts after they asked, and whether one is
+/// running. One call serves everyone who asked before it started.
+#[derive(Default)]
+struct SharedBarrier {
+    running: bool,
+    waiting: Vec<oneshot::Sender<std::result::Result<u64, String>>>,
+}
+
+/// The answer of a `Barrier` call that starts after this call (its epoch, or why it
+/// failed). Calls are shared: one runs at a time, for everyone who asked before it.
+fn barrier_after_now(
+    inner: &Arc<Inner>,
+) -> oneshot::Receiver<std::result::Result<u64, String>> {
+    let (tx, rx) = oneshot::channel();
+    let start = {
+        let mut b = crate::lock(&inner.barriers);
+        b.waiting.push(tx);
+        !std::mem::replace(&mut b.running, true)
+    };
+    if start {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = {
+                    let mut b = crate::lock(&inner.barriers);
+                    if b.waiting.is_empty() {
+                        b.running = false;
+                        return;
+                    }
+                    std::mem::take(&mut b.waiting)
+                };
+                let answer = barrier(&inner.coordinator, BARRIER_TIMEOUT).await;
+                for w in batch {
+                    let _ = w.send(answer.clone());
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Attempts of the background report of a local commit (backoff
+/// [`BARRIER_RETRY_MIN`]..[`BARRIER_RETRY_MAX`] in between). A report that never gets
+/// through changes no outcome: at the transaction timeout the coordinator asks the
+/// branch, which answers that it committed.
+const REPORT_ATTEMPTS: u32 = 8;
+
+/// Reports the local commit of `tx_id` to the coordinator (`committed_locally`, answered
+/// early) in the background, then queues the branch for the forgetter with the answer's
+/// epoch.
+fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: String) {
+    tokio::spawn(async move {
+        let req = pb::CommitRequest {
+            tx_id: tx_id.clone(),
+            answer_before_durable: true,
+            committed_locally: true,
+            ..Default::default()
+        };
+        crate::crash_point("participant::after_local_commit_before_report");
+        let mut retry = BARRIER_RETRY_MIN;
+        for attempt in 1..=REPORT_ATTEMPTS {
+            match inner.commit(req.clone()).await {
+                Ok(resp) if resp.epoch == 0 => {
+                    tell_outcome_known(&inner.registry, &tx_id, &[branch_id]);
+                    return;
+                }
+                Ok(resp) => {
+                    inner.forget.push(Unforgotten {
+                        tx_id,
+                        branch_ids: vec![branch_id],
+                        epoch: resp.epoch,
+                    });
+                    return;
+                }
+                Err(s) if !retryable(&s) => {
+                    warn!(tx_id = %tx_id, code = ?s.code(), error = s.message(),
+                        "the coordinator refused the report of a local commit; the branch keeps its marker");
+                    return;
+                }
+                Err(s) if attempt < REPORT_ATTEMPTS => {
+                    debug!(tx_id = %tx_id, error = %s, retry_in = ?retry, "report of a local commit failed");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(BARRIER_RETRY_MAX);
+                }
+                Err(s) => warn!(tx_id = %tx_id, error = %s,
+                    "could not report a local commit; the coordinator learns it from the branch at the transaction timeout"),
+            }
+        }
+    });
+}
+
+/// Tells the coordinator in the background that the local commit of `tx_id` was refused
+/// (the branch rolled back), so it finishes the transaction now rather than at its
+/// timeout.
+fn report_local_abort(inner: Arc<Inner>, tx_id: String, reason: String) {
+    tokio::spawn(async move {
+        let req = pb::AbortRequest {
+            tx_id: tx_id.clone(),
+            reason,
+        };
+        if let Err(s) = inner.abort(req).await {
+            debug!(tx_id = %tx_id, error = %s,
+                "abort after a refused local commit failed; the coordinator settles it at the transaction timeout");
+        }
+    });
+}
+
+/// Whether a failed call may succeed if tried again.
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+            | tonic::Code::ResourceExhausted
+    )
 }
 
 /// Most transactions waiting for the forgetter; beyond, the oldest are dropped (their

@@ -1760,3 +1760,126 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
     })
     .await;
 }
+
+/// The coordinator's outcome of `tx_id` (OUTCOME_* as i32).
+async fn outcome(sdk: &TwoPc, tx_id: &str) -> i32 {
+    get_tx(sdk, tx_id).await.outcome
+}
+
+/// Test: a transaction begun with `begin_local` is committed by this process (no
+/// coordinator round trip at commit), its event published once, and the coordinator
+/// learns the outcome from the background report; the marker goes after a Barrier. Its
+/// abort, a commit the database refuses, and a transaction left alone past its timeout
+/// all end ABORTED at the coordinator with nothing in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_local", "oblc", ORDERS, fast_sweep(), false).await;
+
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        assert_eq!(
+            coordinator_branches(&w.sdk, &tx_id).await,
+            vec![(tx.branch_id(&*w.db), pb::BranchKind::Database as i32)],
+            "the branch is enlisted by the Begin call"
+        );
+        assert_eq!(
+            get_tx(&w.sdk, &tx_id).await.state,
+            pb::TxState::Preparing as i32,
+            "in its participant's hands from the start"
+        );
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'local')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &w.queue, b"local".to_vec())
+            .await
+            .expect("publish");
+        // No second branch can join.
+        let err = tx.enlist(&*w.rabbit).await.expect_err("a second branch");
+        assert!(usage(err).contains("begin_local"));
+        tx.commit().await.expect("local commit");
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        let got = w.probe.take(&w.queue, 1).await;
+        assert_eq!(got[0].payload, b"local".to_vec());
+        eventually(WAIT, "the coordinator records COMMITTED", || async {
+            outcome(&w.sdk, &tx_id).await == pb::Outcome::Committed as i32
+        })
+        .await;
+        eventually(WAIT, "the marker is forgotten after a Barrier", || async {
+            count(&w.url, "SELECT count(*) FROM twopc_one_phase").await == 0
+        })
+        .await;
+
+        // Aborted by its owner: rolled back, ABORTED at once.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (2, 'aborted')", &[])
+            .await
+            .expect("insert");
+        tx.abort("changed my mind").await.expect("abort");
+        assert_eq!(outcome(&w.sdk, &tx_id).await, pb::Outcome::Aborted as i32);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+
+        // A commit the database refuses: ABORTED here and, from the background abort, at
+        // the coordinator.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        let _ = pg
+            .execute("INSERT INTO orders VALUES (1, 'duplicate')", &[])
+            .await
+            .expect_err("duplicate key");
+        let err = tx.commit().await.expect_err("refused");
+        assert!(matches!(err, Error::Aborted(_)), "{err}");
+        eventually(WAIT, "the coordinator records ABORTED", || async {
+            outcome(&w.sdk, &tx_id).await == pb::Outcome::Aborted as i32
+                && get_tx(&w.sdk, &tx_id).await.state != pb::TxState::Preparing as i32
+        })
+        .await;
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
+/// Test: a local transaction its application never finishes is aborted at the
+/// transaction timeout by asking its participant, which rolls it back; a late commit is
+/// then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_transaction_left_open_is_aborted_at_its_timeout() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = Coordinator::start(ServeConfig {
+            retry_initial_ms: 20,
+            retry_max_ms: 300,
+            connect_timeout_ms: 500,
+            one_phase: true,
+            tx_timeout_ms: 1_000,
+            ..Default::default()
+        })
+        .await;
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let url = database("obto", ORDERS).await;
+        let db = sdk.register(resource("db", &url).await).expect("register");
+        let tx = sdk.begin_local(&*db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'forgotten')", &[])
+            .await
+            .expect("insert");
+        eventually(WAIT, "the coordinator aborts it at its timeout", || async {
+            outcome(&sdk, &tx_id).await == pb::Outcome::Aborted as i32
+        })
+        .await;
+        let err = tx.commit().await.expect_err("too late");
+        assert!(matches!(err, Error::Aborted(_)), "{err}");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 0);
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}

@@ -1200,6 +1200,7 @@ impl Drop for TestParticipant {
 pub async fn begin(client: &mut CoordinatorClient<Channel>, branches: Vec<pb::Branch>) -> String {
     client
         .begin(pb::BeginRequest {
+            commit_locally: false,
             timeout_ms: 0,
             branches,
         })
@@ -1217,6 +1218,7 @@ pub async fn commit(
 ) -> Result<pb::CommitResponse, Status> {
     client
         .commit(pb::CommitRequest {
+            committed_locally: false,
             tx_id: tx_id.to_string(),
             phase_two_wait_ms: wait_ms,
             no_wait: false,
