@@ -275,7 +275,16 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             let publishers =
                 futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, Arc::new(services), publishers, &dest, &samples, &log).await;
+            let results = measure(
+                &args,
+                &pool,
+                Arc::new(services),
+                publishers,
+                &dest,
+                &samples,
+                &log,
+            )
+            .await;
             // The benchmark's queues go with it (best effort: a failure only leaves them).
             if let Ok(ch) = conn.create_channel().await {
                 for mode in MODES {
@@ -318,7 +327,16 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
                 .map(|_| Publisher::Nats(js.clone()))
                 .collect();
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, Arc::new(services), publishers, &dest, &samples, &log).await;
+            let results = measure(
+                &args,
+                &pool,
+                Arc::new(services),
+                publishers,
+                &dest,
+                &samples,
+                &log,
+            )
+            .await;
             // The benchmark's stream goes with it (best effort).
             let _ = js.delete_stream(&stream).await;
             results?

@@ -40,7 +40,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::staging::StagingStore;
-use twopc_participant::{OutboxOptions, RabbitResource, TwoPc};
+use twopc_participant::{OutboxOptions, RabbitResource, Transaction, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
@@ -148,6 +148,10 @@ impl Serve {
     }
 
     async fn spawn(&mut self, failpoints: &str) {
+        self.spawn_on("127.0.0.1:0", failpoints).await;
+    }
+
+    async fn spawn_on(&mut self, listen: &str, failpoints: &str) {
         assert!(self.child.is_none(), "coordinator {} still runs", self.name);
         let log_path = self
             .root
@@ -158,7 +162,7 @@ impl Serve {
         let mut cmd = twopc_command(failpoints);
         cmd.env("RUST_LOG", "info,twopc_coordinator=debug")
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .arg("--data-dir")
             .arg(&self.data_dir);
         for (k, v) in &self.flags {
@@ -204,6 +208,13 @@ impl Serve {
     async fn restart(&mut self, failpoints: &str) {
         self.kill9();
         self.spawn(failpoints).await;
+    }
+
+    /// As [`Serve::restart`], on the same address (for clients that keep their URL).
+    async fn restart_on_same_address(&mut self, failpoints: &str) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        self.spawn_on(&listen, failpoints).await;
     }
 
     fn url(&self) -> String {
@@ -900,6 +911,7 @@ async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction
         }
         expect_status(
             c.begin(pb::BeginRequest {
+                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![p1.branch("c")],
             })
@@ -1129,19 +1141,27 @@ async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
     .collect()
 }
 
-/// The dual write itself, committed in one phase: an order row and its OrderCreated event
-/// staged in the same PostgreSQL transaction (the outbox of the PostgreSQL branch,
-/// RabbitMQ behind it). The SDK is answered COMMITTED before the outcome is durable, and
-/// the coordinator is killed when the SDK's Barrier arrives, before the sync that would
-/// make the outcome durable (and let the participant drop its one-phase marker). The
-/// restarted coordinator asks the participant with an abort, which it answers from its
-/// marker ("already committed"), and reports COMMITTED; the row and exactly one event
-/// exist. Before the intent was synced, the restart presumed abort here and reported
-/// ABORTED for an order that was committed and published.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_committed() {
-    with_deadline(TEST_DEADLINE, async {
-        let (cluster, _log, db_name, db) = private_database(
+/// The world of the one-phase order scenarios: a private PostgreSQL with an `orders`
+/// table, a durable queue, a coordinator started with `failpoints`, and an in-process SDK
+/// (service "f1p") whose PostgreSQL resource "db" stages its events in the database for
+/// the RabbitMQ resource "mq".
+struct OnePhaseWorld {
+    coord: Serve,
+    sdk: TwoPc,
+    pg: Arc<PgResource>,
+    rabbit: Arc<RabbitResource>,
+    db: tokio_postgres::Client,
+    queue: String,
+    amqp: Connection,
+    channel: lapin::Channel,
+    _staging: tempfile::TempDir,
+    _log: PgLogOnFailure,
+    _cluster: PgCluster,
+}
+
+impl OnePhaseWorld {
+    async fn start(name: &str, failpoints: &str) -> OnePhaseWorld {
+        let (cluster, log, db_name, db) = private_database(
             "fault_1p_order",
             "CREATE TABLE orders (id text PRIMARY KEY)",
         )
@@ -1149,13 +1169,7 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
         let queue = unique_name("fault_1p_events");
         let (amqp, channel) = rabbitmq().await;
         declare_durable(&channel, &queue).await;
-
-        let mut coord = Serve::start(
-            "one-phase-order",
-            "coordinator::before_barrier_sync=return(abort)",
-            &[("--one-phase", "true")],
-        )
-        .await;
+        let coord = Serve::start(name, failpoints, &[("--one-phase", "true")]).await;
         let staging_dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(StagingStore::open(staging_dir.path()).expect("staging store"));
         let sdk = TwoPc::builder(coord.url())
@@ -1181,50 +1195,51 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
         pg.enable_outbox(rabbit.clone(), OutboxOptions::default())
             .await
             .expect("enable_outbox");
+        OnePhaseWorld {
+            coord,
+            sdk,
+            pg,
+            rabbit,
+            db,
+            queue,
+            amqp,
+            channel,
+            _staging: staging_dir,
+            _log: log,
+            _cluster: cluster,
+        }
+    }
 
-        let tx = sdk.begin().await.expect("begin");
-        let tx_id = tx.id().to_string();
-        let branch = tx.postgres(&pg).await.expect("branch");
+    /// Writes order `id` and stages its event in `tx`'s database branch.
+    async fn place(&self, tx: &Transaction, id: &str) {
+        let branch = tx.postgres(&self.pg).await.expect("branch");
         branch
-            .execute("INSERT INTO orders VALUES ('o1')", &[])
+            .execute("INSERT INTO orders VALUES ($1)", &[&id])
             .await
             .expect("insert");
         branch
-            .publish(&*rabbit, &queue, b"{\"order\":\"o1\"}".to_vec())
+            .publish(
+                &*self.rabbit,
+                &self.queue,
+                format!("{{\"order\":\"{id}\"}}").into_bytes(),
+            )
             .await
             .expect("publish");
-        tx.commit()
-            .await
-            .expect("answered before the outcome is durable");
-        coord.wait_for_crash("aborting the process").await;
-        let markers: i64 = db
-            .query_one("SELECT count(*) FROM twopc_one_phase", &[])
-            .await
-            .expect("count markers")
-            .get(0);
-        assert_eq!(markers, 1, "the marker stays until a Barrier succeeds");
-        let rows: i64 = db
-            .query_one("SELECT count(*) FROM orders", &[])
-            .await
-            .expect("count")
-            .get(0);
-        assert_eq!(
-            rows, 1,
-            "the branch committed in one phase before the crash"
-        );
+    }
 
-        coord.restart("").await;
-        assert_eq!(
-            finished_outcome(&coord, &tx_id).await,
-            pb::Outcome::Committed,
-            "the restart must not presume abort for a committed, published order"
-        );
+    async fn count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// The message ids of the events in the queue, once there is at least one (bounded).
+    async fn events(&self) -> Vec<String> {
         let deadline = Instant::now() + WAIT;
         let mut events = Vec::new();
         while events.is_empty() {
             assert!(Instant::now() < deadline, "no OrderCreated within {WAIT:?}");
-            while let Some(m) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            while let Some(m) = self
+                .channel
+                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
                 .await
                 .expect("basic.get")
             {
@@ -1238,15 +1253,116 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        events
+    }
+
+    async fn cleanup(self) {
+        self.sdk.shutdown().await;
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+}
+
+/// The dual write itself, committed in one phase: an order row and its OrderCreated event
+/// staged in the same PostgreSQL transaction (the outbox of the PostgreSQL branch,
+/// RabbitMQ behind it). The SDK is answered COMMITTED before the outcome is durable, and
+/// the coordinator is killed when the SDK's Barrier arrives, before the sync that would
+/// make the outcome durable (and let the participant drop its one-phase marker). The
+/// restarted coordinator asks the participant with an abort, which it answers from its
+/// marker ("already committed"), and reports COMMITTED; the row and exactly one event
+/// exist. Before the intent was synced, the restart presumed abort here and reported
+/// ABORTED for an order that was committed and published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_committed() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = OnePhaseWorld::start(
+            "one-phase-order",
+            "coordinator::before_barrier_sync=return(abort)",
+        )
+        .await;
+        let tx = w.sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        w.place(&tx, "o1").await;
+        tx.commit()
+            .await
+            .expect("answered before the outcome is durable");
+        w.coord.wait_for_crash("aborting the process").await;
         assert_eq!(
-            events,
+            w.count("SELECT count(*) FROM twopc_one_phase").await,
+            1,
+            "the marker stays until a Barrier succeeds"
+        );
+        assert_eq!(
+            w.count("SELECT count(*) FROM orders").await,
+            1,
+            "the branch committed in one phase before the crash"
+        );
+
+        w.coord.restart("").await;
+        assert_eq!(
+            finished_outcome(&w.coord, &tx_id).await,
+            pb::Outcome::Committed,
+            "the restart must not presume abort for a committed, published order"
+        );
+        assert_eq!(
+            w.events().await,
             vec![format!("{tx_id}:f1p:db:0")],
             "exactly one event"
         );
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = amqp.close(200, "test done".into()).await;
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// A local transaction (`begin_local`): the SDK commits the order itself, and the
+/// coordinator is killed when the report of that commit arrives. The restarted
+/// coordinator finds the intent (durable before the SDK committed: its Barrier saw to
+/// that), asks the participant with an abort, which answers from its state that it had
+/// committed, and reports COMMITTED; the SDK's retried report is answered the same way,
+/// so the marker goes after a Barrier of the new epoch. One row, one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = OnePhaseWorld::start(
+            "local-order",
+            "coordinator::before_local_commit_record=return(abort)",
+        )
+        .await;
+        let tx = w.sdk.begin_local(&*w.pg).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        w.place(&tx, "o1").await;
+        tx.commit().await.expect("committed here");
+        w.coord.wait_for_crash("aborting the process").await;
+        assert_eq!(w.count("SELECT count(*) FROM orders").await, 1);
+        assert_eq!(
+            w.count("SELECT count(*) FROM twopc_one_phase").await,
+            1,
+            "the marker stays until the coordinator has the outcome durably"
+        );
+
+        w.coord.restart_on_same_address("").await;
+        assert_eq!(
+            finished_outcome(&w.coord, &tx_id).await,
+            pb::Outcome::Committed,
+            "the restart must not presume abort for an order its participant committed"
+        );
+        assert_eq!(
+            w.events().await,
+            vec![format!("{tx_id}:f1p:db:0")],
+            "exactly one event"
+        );
+        let deadline = Instant::now() + WAIT;
+        while w.count("SELECT count(*) FROM twopc_one_phase").await != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the marker is not forgotten after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        w.cleanup().await;
     })
     .await;
 }
@@ -1543,6 +1659,15 @@ struct OrderWorld {
 
 impl OrderWorld {
     async fn start(name: &str, pg_settings: &[(&str, &str)]) -> OrderWorld {
+        OrderWorld::start_with(name, pg_settings, &[]).await
+    }
+
+    /// As [`OrderWorld::start`], with more coordinator flags.
+    async fn start_with(
+        name: &str,
+        pg_settings: &[(&str, &str)],
+        coordinator_flags: &[(&str, &str)],
+    ) -> OrderWorld {
         let cluster = private_cluster(pg_settings).await;
         let db_name = unique_name("fault_orders");
         cluster
@@ -1554,15 +1679,12 @@ impl OrderWorld {
         db.batch_execute("INSERT INTO customers (id) VALUES ('alice')")
             .await
             .expect("customer");
-        let coord = Serve::start(
-            name,
-            "",
-            &[
-                ("--prepare-timeout-ms", "5000"),
-                ("--commit-wait-ms", "1000"),
-            ],
-        )
-        .await;
+        let mut flags = vec![
+            ("--prepare-timeout-ms", "5000"),
+            ("--commit-wait-ms", "1000"),
+        ];
+        flags.extend_from_slice(coordinator_flags);
+        let coord = Serve::start(name, "", &flags).await;
         let (amqp, channel) = rabbitmq().await;
         OrderWorld {
             coord,
@@ -1585,9 +1707,9 @@ impl OrderWorld {
         self.root.path().join("data")
     }
 
-    /// Runs `twopc order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
-    /// own (bounded), and checks that it announced itself on its fixed port.
-    async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
+    /// `twopc order-service ARGS` with `FAILPOINTS=failpoints`, on the world's fixed port
+    /// and data directory, its stderr going to a new log file (returned).
+    fn command(&mut self, args: &[&str], failpoints: &str) -> (Command, PathBuf) {
         let log_path = self
             .root
             .path()
@@ -1609,8 +1731,25 @@ impl OrderWorld {
             .args(["--timeout-ms", "10000"])
             .args(["--recovery-interval-ms", "200"])
             .args(args)
-            .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
+        (cmd, log_path)
+    }
+
+    /// Starts `twopc order-service ARGS` serving (no `--place`, no `--recover`) until the
+    /// returned process is stopped.
+    fn serve(&mut self, args: &[&str]) -> Child {
+        let (mut cmd, _) = self.command(args, "");
+        cmd.stdout(Stdio::null())
+            .spawn()
+            .expect("spawn twopc order-service")
+    }
+
+    /// Runs `twopc order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
+    /// own (bounded), and checks that it announced itself on its fixed port.
+    async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let (mut cmd, log_path) = self.command(args, failpoints);
+        cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn twopc order-service");
         let stdout = child.stdout.take().expect("piped stdout");
         let reader = std::thread::spawn(move || {
@@ -1884,6 +2023,98 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
         assert_eq!(w.order_row("o1").await, None, "no row");
         assert_eq!(w.drain().await, vec![], "no event");
         assert_eq!(w.staged().await, vec![], "nothing staged");
+        w.cleanup().await;
+    })
+    .await;
+}
+
+/// The order service commits an order with its event staged in the database
+/// (`--stage-events database`: `begin_local`, the one-phase commit runs in the service)
+/// and dies right after the commit, before reporting it to the coordinator, which holds
+/// the transaction in its participant's hands. The restarted service reports the commit
+/// its one-phase marker remembers (recovery at start) — or, should the transaction timeout
+/// come first, answers the coordinator's abort with "already committed" from that marker
+/// — so the coordinator records COMMITTED (not ABORTED for an order that exists). The row
+/// stays and its event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_service_killed_after_its_local_commit_is_reported_committed() {
+    with_deadline(TEST_DEADLINE, async {
+        let mut w = OrderWorld::start_with(
+            "local-commit-crash",
+            &[],
+            &[("--one-phase", "true"), ("--tx-timeout-ms", "1000")],
+        )
+        .await;
+        let point = "participant::after_local_commit_before_report";
+        let run = w
+            .run(
+                &["--place", "o1", "--stage-events", "database"],
+                &format!("{point}=return(abort)"),
+            )
+            .await;
+        assert_eq!(
+            run.status.signal(),
+            Some(libc::SIGABRT),
+            "the order service should die at {point}: {:?}; stdout {:?}; stderr:\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            w.order_row("o1").await.is_some(),
+            "committed before the crash"
+        );
+        let markers: Vec<String> =
+            w.db.query("SELECT gid FROM twopc_one_phase", &[])
+                .await
+                .expect("markers")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        assert_eq!(markers.len(), 1, "the one-phase marker: {markers:?}");
+        let mut c = w.coord.client().await;
+        let listed = c
+            .list_transactions(pb::ListTransactionsRequest::default())
+            .await
+            .expect("ListTransactions")
+            .into_inner()
+            .transactions;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let tx_id = listed[0].tx_id.clone();
+        assert_eq!(listed[0].state, pb::TxState::Preparing as i32, "{listed:?}");
+
+        // The service comes back; the coordinator's abort (after the timeout) learns the
+        // commit from it.
+        let mut service = w.serve(&["--stage-events", "database"]);
+        let end = Instant::now() + WAIT;
+        let outcome_now = loop {
+            let r = get_tx(&mut c, &tx_id).await.expect("GetTransaction");
+            if outcome(&r) != pb::Outcome::Unspecified || Instant::now() > end {
+                break outcome(&r);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut events = Vec::new();
+        let end = Instant::now() + WAIT;
+        while events.is_empty() && Instant::now() < end {
+            events = w.drain().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = service.kill();
+        let _ = service.wait();
+        assert_eq!(
+            outcome_now,
+            pb::Outcome::Committed,
+            "the coordinator must learn the committed order from its participant"
+        );
+        // At least once, always under the one message id (a consumer deduplicates by it):
+        // the relay may have published before the crash and the sweep again after it.
+        let expected = format!("{tx_id}:{DB_BRANCH}:0");
+        assert!(
+            !events.is_empty() && events.iter().all(|(id, _)| *id == expected),
+            "the event of {tx_id}: {events:?}"
+        );
+        assert!(w.order_row("o1").await.is_some());
         w.cleanup().await;
     })
     .await;

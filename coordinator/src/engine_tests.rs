@@ -3032,7 +3032,11 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
         "answered before the intent is durable (the participant waits for a Barrier)"
     );
     let entry = e.tx(&t).expect("held");
-    assert_eq!(entry.state, TxState::Preparing, "in its participant's hands");
+    assert_eq!(
+        entry.state,
+        TxState::Preparing,
+        "in its participant's hands"
+    );
     assert_eq!(
         entry
             .pending_branches()

@@ -234,8 +234,16 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
 
     /// Begin RPC with `commit_locally`: the one-phase intent naming `branch` is written
     /// and synced in the background; its participant commits by itself once a Barrier of
-    /// this epoch returned, and reports it ([`Runtime::committed_locally`]).
-    pub async fn begin_local(&self, timeout_ms: u64, branch: BranchSpec) -> Result<TxId, TxError> {
+    /// this epoch returned, and reports it ([`Runtime::committed_locally`]). With one-phase
+    /// commits turned off it begins an ordinary transaction instead; the flag says which.
+    pub async fn begin_local(
+        &self,
+        timeout_ms: u64,
+        branch: BranchSpec,
+    ) -> Result<(TxId, bool), TxError> {
+        if !lock(&self.inner.engine).config().one_phase {
+            return Ok((self.begin(timeout_ms, vec![branch]).await?, false));
+        }
         match self
             .request(|req| Event::BeginLocal {
                 req,
@@ -244,7 +252,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             })
             .await?
         {
-            ReplyOk::Begun(tx) => Ok(tx),
+            ReplyOk::Begun(tx) => Ok((tx, true)),
             other => Err(unexpected(other)),
         }
     }
@@ -253,6 +261,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     /// that it committed; recorded as COMMITTED (synced before the answer unless `early`).
     pub async fn committed_locally(&self, tx: TxId, early: bool) -> Result<CommitResult, TxError> {
         let epoch = self.inner.log.epoch();
+        named_crash_point("coordinator::before_local_commit_record");
         match self
             .request(|req| Event::CommittedLocally { req, tx })
             .await?

@@ -225,8 +225,7 @@ async fn begin<L: DecisionLog, T: Transport>(
         .into_iter()
         .map(branch_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
-    let local = req.commit_locally;
-    let tx = if local {
+    let (tx, local) = if req.commit_locally {
         let [branch] = <[BranchSpec; 1]>::try_from(branches).map_err(|b| {
             Status::invalid_argument(format!(
                 "commit_locally needs exactly one branch in branches (got {})",
@@ -235,7 +234,9 @@ async fn begin<L: DecisionLog, T: Transport>(
         })?;
         rt.begin_local(req.timeout_ms, branch).await
     } else {
-        rt.begin(req.timeout_ms, branches).await
+        rt.begin(req.timeout_ms, branches)
+            .await
+            .map(|tx| (tx, false))
     }
     .map_err(status_of)?;
     tracing::debug!(tx_id = %tx, local, "begun");

@@ -564,6 +564,7 @@ impl Harness {
                 let mut c = c.clone();
                 async move {
                     c.begin(pb::BeginRequest {
+                        commit_locally: false,
                         timeout_ms,
                         branches,
                     })
@@ -584,6 +585,7 @@ impl Harness {
             .await;
             let r = c
                 .commit(pb::CommitRequest {
+                    committed_locally: false,
                     tx_id: committed.clone(),
                     phase_two_wait_ms: 5_000,
                     no_wait: false,
@@ -721,6 +723,7 @@ impl Harness {
     /// Begins an ACTIVE transaction for one case.
     fn begin_scratch(&self, branches: &[pb::Branch]) -> Fallible<String> {
         let req = pb::BeginRequest {
+            commit_locally: false,
             timeout_ms: DAY_MS,
             branches: branches.to_vec(),
         };
@@ -1339,6 +1342,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
     );
     vec![
         pb::BeginRequest {
+            commit_locally: false,
             timeout_ms: 0,
             branches: vec![b.clone()],
         }
@@ -1349,6 +1353,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
         }
         .encode_to_vec(),
         pb::CommitRequest {
+            committed_locally: false,
             tx_id: "0badc0de-1-2".into(),
             phase_two_wait_ms: 10,
             no_wait: true,
@@ -1566,6 +1571,7 @@ impl Harness {
             join(&[], branches.iter().map(|g| g.branch.clone()))
         })();
         let req = pb::BeginRequest {
+            commit_locally: false,
             timeout_ms,
             branches: branches.iter().map(|g| g.branch.clone()).collect(),
         };
@@ -1687,6 +1693,7 @@ impl Harness {
             }
         };
         let req = pb::CommitRequest {
+            committed_locally: false,
             tx_id: tx,
             phase_two_wait_ms: wait,
             no_wait,
@@ -2081,6 +2088,7 @@ impl Harness {
         branches: Vec<pb::Branch>,
     ) -> Fallible<Result<pb::BeginResponse, Status>> {
         let req = pb::BeginRequest {
+            commit_locally: false,
             timeout_ms,
             branches,
         };
@@ -2106,6 +2114,7 @@ impl Harness {
 
     fn commit_req(&self, tx: &str, wait: u64) -> Fallible<Result<pb::CommitResponse, Status>> {
         let req = pb::CommitRequest {
+            committed_locally: false,
             tx_id: tx.to_string(),
             phase_two_wait_ms: wait,
             no_wait: false,

@@ -183,6 +183,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
         let begin = s
             .client
             .begin(pb::BeginRequest {
+                commit_locally: false,
                 timeout_ms: 0,
                 branches: branches(&s.endpoint, 2),
             })
@@ -191,6 +192,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
         let resp = s
             .client
             .commit(pb::CommitRequest {
+                committed_locally: false,
                 tx_id: tx_id.clone(),
                 phase_two_wait_ms: 0,
                 no_wait: false,
@@ -248,6 +250,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let tx_id = s
         .client
         .begin(pb::BeginRequest {
+            commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint, 2),
         })
@@ -259,6 +262,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let err = s
         .client
         .commit(pb::CommitRequest {
+            committed_locally: false,
             tx_id: tx_id.clone(),
             phase_two_wait_ms: 0,
             no_wait: false,
@@ -319,6 +323,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let err = s
         .client
         .commit(pb::CommitRequest {
+            committed_locally: false,
             tx_id,
             phase_two_wait_ms: 0,
             no_wait: false,

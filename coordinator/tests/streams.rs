@@ -246,12 +246,14 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
         tasks.push(tokio::spawn(async move {
             let begun = p
                 .begin(pb::BeginRequest {
+                    commit_locally: false,
                     timeout_ms: 0,
                     branches,
                 })
                 .await
                 .map_err(Status::from)?;
             p.commit(pb::CommitRequest {
+                committed_locally: false,
                 tx_id: begun.tx_id,
                 phase_two_wait_ms: 0,
                 no_wait: false,
@@ -307,6 +309,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     ];
     for tx_id in cases {
         let req = pb::CommitRequest {
+            committed_locally: false,
             tx_id: tx_id.clone(),
             phase_two_wait_ms: 0,
             no_wait: false,
@@ -337,6 +340,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     // A transaction begun over the pipeline is the same transaction for unary calls.
     let begun = p
         .begin(pb::BeginRequest {
+            commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint),
         })
@@ -352,6 +356,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         .expect("abort");
     let e = p
         .commit(pb::CommitRequest {
+            committed_locally: false,
             tx_id: begun.tx_id,
             phase_two_wait_ms: 0,
             no_wait: false,
@@ -403,6 +408,7 @@ async fn commit_enlists_the_branches_it_carries() {
         .map_err(Status::from)
         .expect("begin");
     let commit = pb::CommitRequest {
+        committed_locally: false,
         tx_id: begun.tx_id.clone(),
         phase_two_wait_ms: 0,
         no_wait: false,
@@ -442,6 +448,7 @@ async fn commit_enlists_the_branches_it_carries() {
     bad[1].participant_endpoint = "not a url".into();
     let e = unary
         .commit(pb::CommitRequest {
+            committed_locally: false,
             tx_id: begun.tx_id.clone(),
             phase_two_wait_ms: 0,
             no_wait: false,
@@ -459,4 +466,110 @@ async fn commit_enlists_the_branches_it_carries() {
     assert!(view.branches.is_empty(), "{view:?}");
     assert_eq!(view.state, pb::TxState::Active as i32, "{view:?}");
     assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commits_are_checked_and_send_the_participant_nothing() {
+    let s = setup(true).await;
+    let p = pipeline(&s.channel);
+    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let two = branches(&s.endpoint);
+    let one = vec![two[0].clone()];
+    // commit_locally needs exactly one branch.
+    for bad in [Vec::new(), two.clone()] {
+        let req = pb::BeginRequest {
+            timeout_ms: 0,
+            branches: bad.clone(),
+            commit_locally: true,
+        };
+        let e = p.begin(req).await.map_err(Status::from).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(&format!(
+                "exactly one branch in branches (got {})",
+                bad.len()
+            )),
+            "{e:?}"
+        );
+    }
+    let local = p
+        .begin(pb::BeginRequest {
+            timeout_ms: 0,
+            branches: one,
+            commit_locally: true,
+        })
+        .await
+        .map_err(Status::from)
+        .expect("begin local");
+    assert!(local.commit_locally && local.epoch > 0, "{local:?}");
+    // No other branch can join it.
+    let e = unary
+        .enlist(pb::EnlistRequest {
+            tx_id: local.tx_id.clone(),
+            branch: Some(two[1].clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("commit_locally"), "{e:?}");
+    let report = |tx_id: &str, branches: Vec<pb::Branch>| pb::CommitRequest {
+        tx_id: tx_id.to_string(),
+        branches,
+        committed_locally: true,
+        answer_before_durable: true,
+        ..Default::default()
+    };
+    // A report carries no branches, and only a local transaction takes one.
+    let e = p
+        .commit(report(&local.tx_id, two.clone()))
+        .await
+        .map_err(Status::from)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let plain = p
+        .begin(pb::BeginRequest {
+            timeout_ms: 0,
+            branches: two,
+            commit_locally: false,
+        })
+        .await
+        .map_err(Status::from)
+        .expect("begin");
+    let e = unary
+        .commit(report(&plain.tx_id, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("not begun with commit_locally"),
+        "{e:?}"
+    );
+    // The report records the outcome; the participant heard nothing of the transaction.
+    let r = p
+        .commit(report(&local.tx_id, Vec::new()))
+        .await
+        .map_err(Status::from)
+        .expect("report");
+    assert_eq!(r.outcome, pb::Outcome::Committed as i32);
+    assert_eq!(r.epoch, local.epoch);
+    let got = unary
+        .get_transaction(pb::GetTransactionRequest {
+            tx_id: local.tx_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.outcome, pb::Outcome::Committed as i32, "{got:?}");
+    // Repeated: answered from the log, the same.
+    let again = unary
+        .commit(report(&local.tx_id, Vec::new()))
+        .await
+        .expect("repeated report")
+        .into_inner();
+    assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+    assert_eq!(
+        s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst),
+        0,
+        "a local transaction sends its participant nothing"
+    );
 }

@@ -26,6 +26,25 @@
 //! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
 //! a process that dies leaves the markers of its queue to `marker_retention`.
 //!
+//! # Local one-phase commits
+//!
+//! [`TwoPc::begin_local`] begins a transaction whose only branch is this process's own
+//! (e.g. the order row with its event staged in the same database transaction). The
+//! coordinator answers the Begin at once, having written its intent (which branch
+//! decides) and started syncing it; the handle then asks for a `Barrier` (one call in
+//! flight, shared by every transaction waiting) while the application runs its
+//! statements. [`Transaction::commit`] waits for that Barrier — an answer of the Begin's
+//! epoch means the intent is durable, so a restarted coordinator asks the branch instead
+//! of presuming abort — and commits the branch right here
+//! ([`Resource::commit_one_phase`]): no coordinator call on the commit path. A background
+//! task reports the commit (`CommitRequest.committed_locally`, up to 20 attempts), and
+//! the forgetter drops the marker after a Barrier of the report's epoch, as above. Until
+//! the report arrives, an Abort or the transaction timeout makes the coordinator ask the
+//! branch, whose answer (aborted, or already committed) is the outcome. When the Barrier
+//! fails or reports another epoch (the coordinator restarted), or the resource cannot
+//! tell whether its COMMIT went through, the commit is handed to the coordinator as an
+//! ordinary Commit.
+//!
 //! # Security
 //!
 //! Against a coordinator started with TLS and tokens (`docs/security.md`), the builder
@@ -661,8 +680,9 @@ impl TwoPc {
     ///
     /// The resource must remember a one-phase commit until told the outcome is known (the
     /// PostgreSQL adapter does with its outbox marker), as for any one-phase commit. A
-    /// coordinator that predates local commits begins an ordinary transaction with the
-    /// resource enlisted, and the commit then goes through it.
+    /// coordinator that predates local commits, or runs with one-phase commits off, begins
+    /// an ordinary transaction with the resource enlisted, and the commit then goes
+    /// through it.
     pub async fn begin_local(&self, resource: &dyn Resource) -> Result<Transaction> {
         let branch = self.branch_of(resource)?;
         let branch_id = branch.branch_id.clone();
@@ -754,7 +774,12 @@ impl TwoPc {
     /// Runs one recovery pass now: every in-doubt branch asks the coordinator for its
     /// outcome and finishes accordingly. Returns how many branches were finished.
     pub async fn recover_now(&self) -> usize {
-        crate::recovery::pass(&self.inner.coordinator, &self.inner.registry).await
+        crate::recovery::pass(
+            &self.inner.coordinator,
+            &self.inner.registry,
+            Duration::ZERO,
+        )
+        .await
     }
 
     /// Stops the participant server, the recovery loop and the forgetter, and waits for
@@ -1044,9 +1069,7 @@ struct SharedBarrier {
 
 /// The answer of a `Barrier` call that starts after this call (its epoch, or why it
 /// failed). Calls are shared: one runs at a time, for everyone who asked before it.
-fn barrier_after_now(
-    inner: &Arc<Inner>,
-) -> oneshot::Receiver<std::result::Result<u64, String>> {
+fn barrier_after_now(inner: &Arc<Inner>) -> oneshot::Receiver<std::result::Result<u64, String>> {
     let (tx, rx) = oneshot::channel();
     let start = {
         let mut b = crate::lock(&inner.barriers);
@@ -1079,7 +1102,7 @@ fn barrier_after_now(
 /// [`BARRIER_RETRY_MIN`]..[`BARRIER_RETRY_MAX`] in between). A report that never gets
 /// through changes no outcome: at the transaction timeout the coordinator asks the
 /// branch, which answers that it committed.
-const REPORT_ATTEMPTS: u32 = 8;
+const REPORT_ATTEMPTS: u32 = 20;
 
 /// Reports the local commit of `tx_id` to the coordinator (`committed_locally`, answered
 /// early) in the background, then queues the branch for the forgetter with the answer's

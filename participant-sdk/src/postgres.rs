@@ -901,6 +901,9 @@ fn gid_for(tx_id: &str, branch_id: &str) -> Result<String, String> {
     Ok(gid)
 }
 
+/// Most one-phase markers one recovery pass reports per resource.
+const REMEMBERED_BATCH: i64 = 1_000;
+
 /// `(tx_id, branch_id)` of one of our gids.
 fn parse_gid(gid: &str) -> Option<(String, String)> {
     let rest = gid.strip_prefix(GID_PREFIX)?;
@@ -1575,6 +1578,32 @@ impl Inner {
         Ok(AbortOutcome::Aborted)
     }
 
+    /// The one-phase markers of this resource's branches older than `older_than` (at most
+    /// [`REMEMBERED_BATCH`] per call, oldest first); none without the outbox.
+    async fn remembered_commits(
+        self: Arc<Self>,
+        older_than: Duration,
+    ) -> Result<Vec<(String, String)>, Retry> {
+        if self.outbox.get().is_none() {
+            return Ok(Vec::new());
+        }
+        let conn = get_conn(&self.pool).await.map_err(Retry)?;
+        let rows = conn
+            .query(
+                "SELECT gid FROM twopc_one_phase \
+                 WHERE committed_at <= clock_timestamp() - make_interval(secs => $1) \
+                 ORDER BY committed_at LIMIT $2",
+                &[&older_than.as_secs_f64(), &REMEMBERED_BATCH],
+            )
+            .await
+            .map_err(|e| Retry(format!("listing one-phase markers: {}", describe(&e))))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| parse_gid(r.get(0)))
+            .filter(|(_, branch_id)| names_resource(branch_id, &self.name))
+            .collect())
+    }
+
     async fn in_doubt(self: Arc<Self>) -> Result<Vec<(String, String)>, Retry> {
         let conn = get_conn(&self.pool).await.map_err(Retry)?;
         let msgs = conn
@@ -1645,6 +1674,17 @@ impl Resource for PgResource {
     fn outcome_known(&self, tx_id: &str, branch_id: &str) {
         if let (Some(relay), Ok(gid)) = (self.inner.outbox.get(), gid_for(tx_id, branch_id)) {
             relay.forget_one_phase(gid);
+        }
+    }
+
+    async fn remembered_commits(&self, older_than: Duration) -> Vec<(String, String)> {
+        let inner = self.inner.clone();
+        match detached(inner.remembered_commits(older_than)).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(Retry(e))) | Err(e) => {
+                debug!(resource = %self.inner.name, error = %e, "cannot list one-phase markers");
+                Vec::new()
+            }
         }
     }
 

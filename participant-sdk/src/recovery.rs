@@ -2,6 +2,15 @@
 //! coordinator for its outcome and finishes accordingly. Runs at start and periodically.
 //! A branch that voted yes is never decided here alone: while the coordinator has not
 //! decided (or cannot be reached), it stays in doubt and is asked again next pass.
+//!
+//! One-phase commits a resource still remembers ([`Resource::remembered_commits`]: its
+//! process died before the coordinator's record of them was durable, or before a local
+//! commit was reported) are reported to the coordinator as committed, answered once the
+//! record is durable, and then forgotten. The pass at start (and [`pass`] run on demand)
+//! reports every one; the periodic passes only those older than [`REMEMBERED_AFTER`], so
+//! they never race the forgetter for the commits of the moment.
+
+use crate::Resource;
 
 use std::time::Duration;
 
@@ -20,8 +29,10 @@ pub(crate) async fn run_loop(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut marker_age = Duration::ZERO;
     loop {
-        pass(&coordinator, &registry).await;
+        pass(&coordinator, &registry, marker_age).await;
+        marker_age = REMEMBERED_AFTER;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -33,13 +44,18 @@ pub(crate) async fn run_loop(
 /// two passes never race to finish the same branch.
 static PASS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// One recovery pass over every registered resource. Returns how many branches finished.
+/// How old a remembered one-phase commit must be before a periodic pass reports it.
+pub(crate) const REMEMBERED_AFTER: Duration = Duration::from_secs(60);
+
+/// One recovery pass over every registered resource, reporting remembered one-phase
+/// commits at least `marker_age` old. Returns how many branches finished.
 ///
 /// Resources are visited in commit-tier order (databases, then others, then brokers), the
 /// order phase two uses, so recovery too makes a row visible before its event is out.
 pub(crate) async fn pass(
     coordinator: &CoordinatorClient<CoordinatorChannel>,
     registry: &Registry,
+    marker_age: Duration,
 ) -> usize {
     let _serial = PASS_LOCK.lock().await;
     let mut resources: Vec<_> = match registry.read() {
@@ -109,6 +125,48 @@ pub(crate) async fn pass(
         }
     }
     finished += abandoned(coordinator, &resources).await;
+    finished += reported(coordinator, &resources, marker_age).await;
+    finished
+}
+
+/// Reports the one-phase commits the resources remember (at least `older_than` old) to
+/// the coordinator and forgets those whose outcome it now holds durably.
+async fn reported(
+    coordinator: &CoordinatorClient<CoordinatorChannel>,
+    resources: &[std::sync::Arc<dyn Resource>],
+    older_than: Duration,
+) -> usize {
+    let mut finished = 0;
+    for resource in resources {
+        for (tx_id, branch_id) in resource.remembered_commits(older_than).await {
+            let req = pb::CommitRequest {
+                tx_id: tx_id.clone(),
+                committed_locally: true,
+                // Answered once the record is durable: the marker may go right after.
+                answer_before_durable: false,
+                ..Default::default()
+            };
+            match coordinator.clone().commit(req).await {
+                Ok(_) => {
+                    resource.outcome_known(&tx_id, &branch_id);
+                    info!(
+                        tx_id,
+                        branch_id, "recovery: reported a remembered one-phase commit"
+                    );
+                    finished += 1;
+                }
+                Err(s) if s.code() == tonic::Code::Aborted => error!(
+                    tx_id,
+                    branch_id,
+                    message = s.message(),
+                    "recovery: the coordinator records ABORTED for a branch this resource \
+                     committed in one phase; an operator must reconcile (the marker stays)"
+                ),
+                Err(s) => debug!(tx_id, branch_id, code = ?s.code(), message = s.message(),
+                    "recovery: a remembered one-phase commit is not reported now; next pass"),
+            }
+        }
+    }
     finished
 }
 

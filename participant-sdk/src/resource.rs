@@ -118,4 +118,15 @@ pub trait Resource: Send + Sync + 'static {
         let _ = older_than;
         Vec::new()
     }
+
+    /// One-phase commits made at least `older_than` ago that this resource still
+    /// remembers (it was not told [`Resource::outcome_known`], e.g. because its process
+    /// died before the coordinator's record was durable). Recovery reports each to the
+    /// coordinator as committed (which records it, or answers from its record) and then
+    /// calls `outcome_known`. Only branches this resource committed may be listed.
+    /// Default: none.
+    async fn remembered_commits(&self, older_than: std::time::Duration) -> Vec<(String, String)> {
+        let _ = older_than;
+        Vec::new()
+    }
 }

@@ -1883,3 +1883,39 @@ async fn a_local_transaction_left_open_is_aborted_at_its_timeout() {
     })
     .await;
 }
+
+/// Test: against a coordinator with one-phase commits off, `begin_local` begins an
+/// ordinary transaction and the commit goes through the coordinator (two phases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_local_falls_back_to_the_coordinator_without_one_phase_commits() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = Coordinator::start(ServeConfig {
+            retry_initial_ms: 20,
+            retry_max_ms: 300,
+            connect_timeout_ms: 500,
+            one_phase: false,
+            ..Default::default()
+        })
+        .await;
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let url = database("obfb", ORDERS).await;
+        let db = sdk.register(resource("db", &url).await).expect("register");
+        let tx = sdk.begin_local(&*db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        assert_eq!(
+            get_tx(&sdk, &tx_id).await.state,
+            pb::TxState::Active as i32,
+            "an ordinary transaction"
+        );
+        let pg = tx.postgres(&db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'two phases')", &[])
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit through the coordinator");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(outcome(&sdk, &tx_id).await, pb::Outcome::Committed as i32);
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
