@@ -275,16 +275,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             let publishers =
                 futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(
-                &args,
-                &pool,
-                Arc::new(services),
-                publishers,
-                &dest,
-                &samples,
-                &log,
-            )
-            .await;
+            let results = measure(&args, &pool, services, publishers, &dest, &samples, &log).await;
             // The benchmark's queues go with it (best effort: a failure only leaves them).
             if let Ok(ch) = conn.create_channel().await {
                 for mode in MODES {
@@ -327,16 +318,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
                 .map(|_| Publisher::Nats(js.clone()))
                 .collect();
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(
-                &args,
-                &pool,
-                Arc::new(services),
-                publishers,
-                &dest,
-                &samples,
-                &log,
-            )
-            .await;
+            let results = measure(&args, &pool, services, publishers, &dest, &samples, &log).await;
             // The benchmark's stream goes with it (best effort).
             let _ = js.delete_stream(&stream).await;
             results?
@@ -363,7 +345,7 @@ async fn services<B: Broker>(
     db: &Arc<PgResource>,
     broker: Arc<B>,
     dest: &dyn Fn(Mode) -> String,
-) -> anyhow::Result<[OrderService<B>; 2]> {
+) -> anyhow::Result<Arc<[OrderService<B>; 2]>> {
     let options = OutboxOptions {
         publish_wait: Duration::from_millis(args.publish_wait_ms),
         ..OutboxOptions::default()
@@ -376,10 +358,10 @@ async fn services<B: Broker>(
         destination: dest(mode),
         staging,
     };
-    Ok([
+    Ok(Arc::new([
         service(Mode::Twopc, EventStaging::Database),
         service(Mode::TwopcBroker, EventStaging::Broker),
-    ])
+    ]))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -65,6 +65,17 @@ fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
     Command::Reply { req, reply: r }
 }
 
+/// The id a Begin answered with (its reply comes last).
+fn begun(cmds: &[Command]) -> TxId {
+    match cmds.last() {
+        Some(Command::Reply {
+            reply: Ok(ReplyOk::Begun(t)),
+            ..
+        }) => *t,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 /// Begins a transaction with `branches` enlisted through Begin.
 fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
     let cmds = e.handle(
@@ -75,13 +86,7 @@ fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
             branches: branches.to_vec(),
         },
     );
-    let t = match cmds.last() {
-        Some(Command::Reply {
-            reply: Ok(ReplyOk::Begun(t)),
-            ..
-        }) => *t,
-        other => panic!("unexpected {other:?}"),
-    };
+    let t = begun(&cmds);
     assert_eq!(
         cmds[0],
         Command::ArmTimer {
@@ -3007,13 +3012,7 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
             branch: a.clone(),
         },
     );
-    let t = match cmds.last() {
-        Some(Command::Reply {
-            reply: Ok(ReplyOk::Begun(t)),
-            ..
-        }) => *t,
-        other => panic!("unexpected {other:?}"),
-    };
+    let t = begun(&cmds);
     assert_eq!(
         cmds,
         vec![

@@ -449,6 +449,8 @@ impl Metrics {
     pub fn before(&self, engine: &Engine, event: &Event) -> Probe {
         let (kind, tx, answer) = match event {
             Event::Commit { tx, .. } => (Kind::Commit, Some(*tx), None),
+            // Seen through its transaction: the report decides a local commit.
+            Event::CommittedLocally { tx, .. } => (Kind::Other, Some(*tx), None),
             Event::Abort { tx, .. } => (Kind::Abort, Some(*tx), None),
             Event::Voted { tx, branch, .. } => (Kind::Vote, Some(*tx), Some((0, *branch))),
             Event::CommitAcked { tx, branch, .. } => {
@@ -838,6 +840,11 @@ mod tests {
                 branches,
             },
         );
+        begun(&cmds)
+    }
+
+    /// The id a Begin answered with.
+    fn begun(cmds: &[Command]) -> TxId {
         cmds.iter()
             .find_map(|c| match c {
                 Command::Reply {
@@ -855,6 +862,26 @@ mod tests {
 
     fn engine() -> Engine {
         Engine::new(EngineConfig::default(), 7, 1)
+    }
+
+    #[test]
+    fn a_local_commit_counts_as_committed_when_its_report_arrives() {
+        let m = Metrics::new(0);
+        let mut e = engine();
+        let cmds = step(
+            &mut e,
+            &m,
+            0,
+            Event::BeginLocal {
+                req: 1,
+                timeout_ms: 0,
+                branch: spec("a"),
+            },
+        );
+        let tx = begun(&cmds);
+        assert_eq!(m.committed.get(), 0);
+        step(&mut e, &m, 1, Event::CommittedLocally { req: 2, tx });
+        assert_eq!(m.committed.get(), 1);
     }
 
     #[test]

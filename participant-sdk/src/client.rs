@@ -18,13 +18,15 @@
 //! everything queued, calls the coordinator's `Barrier` once for the lot (at most one in
 //! flight, bounded by 5 s) and forgets the branches whose answer came from the epoch the
 //! Barrier reports — their outcome is durable now. Entries of another epoch (the
-//! coordinator restarted in between) are dropped: their markers go after
-//! `OutboxOptions::marker_retention`. A failed Barrier is tried again (backoff 100 ms to
+//! coordinator restarted in between) are dropped: recovery reports their markers once
+//! they are a minute old (see below). A failed Barrier is tried again (backoff 100 ms to
 //! 2 s). The queue holds at most 100 000 transactions (beyond, the oldest are dropped the
 //! same way). A coordinator that predates the epoch (answers epoch 0) answers only once the
 //! outcome is durable: the branches are then forgotten at once, as before. The forgetter
 //! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
-//! a process that dies leaves the markers of its queue to `marker_retention`.
+//! the markers a process leaves behind (it died, or the coordinator restarted between the
+//! answer and the Barrier) are reported by the recovery loop — at the next start, or on a
+//! later pass once a minute old — and dropped then; `marker_retention` is the backstop.
 //!
 //! # Local one-phase commits
 //!
@@ -673,10 +675,12 @@ impl TwoPc {
     /// Begins a transaction whose only branch is `resource`'s, committed by this process
     /// itself: [`Transaction::commit`] commits the branch in one phase right here (no
     /// coordinator round trip on the caller's path) and reports it to the coordinator in
-    /// the background. The Begin is answered once the coordinator's record that this
-    /// branch decides (its one-phase intent) is durable, so a restarted coordinator asks
-    /// the branch what became of it instead of presuming an abort. No other branch can
-    /// join the transaction (Enlist is refused); use [`TwoPc::begin_with`] for that.
+    /// the background. The coordinator answers the Begin at once, having written its
+    /// record that this branch decides (the one-phase intent); the commit waits for a
+    /// `Barrier` that shows that record durable (asked for here, so it runs while the
+    /// application works), so a restarted coordinator asks the branch what became of it
+    /// instead of presuming an abort. No other branch can join the transaction (Enlist is
+    /// refused); use [`TwoPc::begin_with`] for that.
     ///
     /// The resource must remember a one-phase commit until told the outcome is known (the
     /// PostgreSQL adapter does with its outbox marker), as for any one-phase commit. A
@@ -772,7 +776,8 @@ impl TwoPc {
     }
 
     /// Runs one recovery pass now: every in-doubt branch asks the coordinator for its
-    /// outcome and finishes accordingly. Returns how many branches were finished.
+    /// outcome and finishes accordingly, and every one-phase commit a resource still
+    /// remembers is reported. Returns how many branches were finished or reported.
     pub async fn recover_now(&self) -> usize {
         crate::recovery::pass(
             &self.inner.coordinator,
