@@ -583,6 +583,11 @@ pub struct TxEntry {
 }
 
 impl TxEntry {
+    /// Begun with `commit_locally`: its participant commits the branch by itself.
+    pub fn is_local(&self) -> bool {
+        self.local
+    }
+
     /// Branches that still owe an answer (vote or phase-two acknowledgement).
     pub fn pending_branches(&self) -> Vec<&BranchEntry> {
         self.branches

@@ -14,6 +14,10 @@
 //!   ([`TwoPcModel::early_answer`], what the SDK does), answers at once and leaves the sync
 //!   to the client's `Barrier` ([`Action::Barrier`]); a restart that finds a synced intent
 //!   without an outcome sends the branch an abort, which it answers with what it did.
+//!   With [`TwoPcModel::local_commit`] the transaction is begun with `commit_locally` (the
+//!   SDK's `begin_local`): the client's own participant commits once a Barrier of the
+//!   Begin's epoch returned, and reports it (`Event::CommittedLocally`); an Abort or the
+//!   transaction timeout makes the engine ask the participant.
 //!
 //! # Layout
 //! - [`TwoPcModel`]: the knobs (branch count, fault budgets, deliberately broken runtimes)
@@ -93,6 +97,8 @@ const COMPLETION_STEPS: usize = 200;
 /// `COMMIT_REQ + n`, Abort requests `ABORT_REQ + n`.
 const COMMIT_REQ: ReqId = 100;
 const ABORT_REQ: ReqId = 200;
+/// Reports of a local commit (`Event::CommittedLocally`): `REPORT_REQ + n`.
+const REPORT_REQ: ReqId = 300;
 
 /// The first `n` of three branches: two databases in tier 0 and a broker in tier 10, so phase
 /// two of the three-branch transaction runs in two tiers; the one-branch transaction has the
@@ -475,6 +481,15 @@ struct Client {
     told_committed_epoch: u64,
     /// It was told ABORTED.
     told_aborted: bool,
+    /// Local commit: the epoch of the Barrier it completed after Begin (0: none yet). Its
+    /// participant commits by itself only after one of the Begin's epoch.
+    barrier_epoch: u64,
+    /// Local commit: reports sent (the SDK's background report, or its recovery's).
+    reports: u8,
+    /// Local commit: a report waits for its reply (lost if the coordinator crashes).
+    report_waiting: Option<ReqId>,
+    /// A report was answered ABORTED or refused: the coordinator contradicts a commit.
+    report_refused: bool,
 }
 
 /// How the restarted coordinator's recovery found the transaction (for `sometimes`).
@@ -586,6 +601,15 @@ enum Action {
     /// written so far. If it answers from the epoch that told it COMMITTED, the participant
     /// forgets its branch.
     Barrier,
+    /// Local commit: the SDK's Barrier after Begin (syncs everything written so far).
+    LocalBarrier,
+    /// Local commit: the client's own participant commits the branch in one phase
+    /// (`vote_yes`: or refuses, rolling back), after a Barrier of the Begin's epoch.
+    LocalCommit {
+        vote_yes: bool,
+    },
+    /// Local commit: the participant's committed branch is reported to the coordinator.
+    Report,
 }
 
 /// How much can go wrong in one run.
@@ -634,6 +658,13 @@ struct TwoPcModel {
     /// The client's Commit asks for an early answer (`CommitRequest.answer_before_durable`,
     /// as the SDK does): its participant forgets the branch only after a Barrier.
     early_answer: bool,
+    /// One branch begun with `commit_locally` (the SDK's `begin_local`): the client's own
+    /// participant commits after a Barrier of the Begin's epoch and reports it; a plain
+    /// Commit only after a Barrier of another epoch (the SDK's fallback). Implies early
+    /// answers.
+    local_commit: bool,
+    /// A deliberately broken client: it commits locally without waiting for the Barrier.
+    broken_local_commit_without_barrier: bool,
     /// A deliberately broken runtime: it reports `LogDurable` as soon as the COMMIT record is
     /// *written* (before its sync) and sends commits without checking `requires_durable`.
     broken_ack_before_sync: bool,
@@ -672,6 +703,8 @@ impl Default for TwoPcModel {
             completions: Arc::default(),
             client_abort: false,
             early_answer: false,
+            local_commit: false,
+            broken_local_commit_without_barrier: false,
             broken_forget_without_barrier: false,
             broken_barrier_any_epoch: false,
             broken_ack_before_sync: false,
@@ -712,15 +745,32 @@ impl TwoPcModel {
             asked_and_finished: false,
             recovery: Recovery::NotRestarted,
         };
-        self.dispatch(
-            &mut s,
-            Event::Begin {
-                req: 1,
-                timeout_ms: 0,
-                branches: Vec::new(),
-            },
-        );
-        for (i, branch) in specs(self.branches).into_iter().enumerate() {
+        if self.local_commit {
+            let branch = specs(1).remove(0);
+            let (req, timeout_ms) = (1, 0);
+            self.dispatch(
+                &mut s,
+                Event::BeginLocal {
+                    req,
+                    timeout_ms,
+                    branch,
+                },
+            );
+        } else {
+            self.dispatch(
+                &mut s,
+                Event::Begin {
+                    req: 1,
+                    timeout_ms: 0,
+                    branches: Vec::new(),
+                },
+            );
+        }
+        for (i, branch) in specs(self.branches)
+            .into_iter()
+            .enumerate()
+            .filter(|_| !self.local_commit)
+        {
             let req = 2 + i as ReqId;
             let tx = the_tx();
             self.dispatch(&mut s, Event::Enlist { req, tx, branch });
@@ -858,6 +908,28 @@ impl TwoPcModel {
 
     /// A reply to the client, interpreted like `Runtime::commit` / `Runtime::abort` do.
     fn client_reply(&self, s: &mut State, req: ReqId, reply: Result<ReplyOk, TxError>) {
+        if s.client.report_waiting == Some(req) {
+            // Like `Runtime::committed_locally`: early, so a NotLive answer comes from the
+            // log unsynced.
+            s.client.report_waiting = None;
+            let outcome = match reply {
+                Ok(ReplyOk::Committed) => Some(Outcome::Committed),
+                Ok(ReplyOk::NotLive) => s
+                    .engine
+                    .as_ref()
+                    .and_then(|e| e.outcome_of(&the_tx(), s.log.has_commit()).ok().flatten()),
+                Err(TxError::FailedPrecondition(_) | TxError::Aborted(_)) => Some(Outcome::Aborted),
+                _ => None,
+            };
+            match outcome {
+                Some(Outcome::Committed) if s.client.told_committed_epoch == 0 => {
+                    s.client.told_committed_epoch = s.epoch;
+                }
+                Some(Outcome::Aborted) => s.client.report_refused = true,
+                _ => {}
+            }
+            return;
+        }
         let is_abort = if s.client.commit_waiting == Some(req) {
             s.client.commit_waiting = None;
             false
@@ -990,6 +1062,7 @@ impl TwoPcModel {
                 s.awaiting.fill(None);
                 s.client.commit_waiting = None;
                 s.client.abort_waiting = None;
+                s.client.report_waiting = None;
                 s.coordinator_crashes += 1;
             }
             Action::RestartCoordinator => {
@@ -1024,6 +1097,22 @@ impl TwoPcModel {
                 }
             }
             Action::ForgetBranch(i) => s.participants[i].forgot = true,
+            Action::LocalBarrier => {
+                s.log.sync();
+                s.client.barrier_epoch = s.epoch;
+            }
+            Action::LocalCommit { vote_yes } => {
+                match s.participants[0].handle(Msg::OnePhaseCommit, vote_yes) {
+                    Answer::OnePhaseCommitted => s.client.told_committed = true,
+                    _ => s.client.told_aborted = true,
+                }
+            }
+            Action::Report => {
+                let req = REPORT_REQ + s.client.reports as ReqId;
+                s.client.reports += 1;
+                s.client.report_waiting = Some(req);
+                self.dispatch(s, Event::CommittedLocally { req, tx });
+            }
             Action::Barrier => {
                 s.log.sync();
                 if s.epoch == s.client.told_committed_epoch || self.broken_barrier_any_epoch {
@@ -1065,6 +1154,36 @@ impl TwoPcModel {
             && s.participants
                 .iter()
                 .any(|p| p.state == PState::Committed && !p.forgot)
+    }
+
+    /// Local commit: the client may commit by itself now (after a Barrier of the Begin's
+    /// epoch, or at once for the broken client), and has not been told an outcome.
+    fn may_commit_here(&self, s: &State) -> bool {
+        self.local_commit
+            && (s.client.barrier_epoch == FIRST_EPOCH || self.broken_local_commit_without_barrier)
+            && !s.client.told_committed
+            && !s.client.told_aborted
+    }
+
+    /// Local commit: a report of the committed branch may go to the coordinator (the SDK's,
+    /// or its recovery's for a commit its participant still remembers).
+    fn may_report(&self, s: &State) -> bool {
+        let p = &s.participants[0];
+        self.local_commit
+            && s.engine.is_some()
+            && s.client.report_waiting.is_none()
+            && s.client.reports < 2
+            && p.state == PState::Committed
+            && p.one_phase
+            && !p.forgot
+    }
+
+    /// Local commit: the SDK's Barrier after Begin, once.
+    fn may_local_barrier(&self, s: &State) -> bool {
+        self.local_commit
+            && s.engine.is_some()
+            && s.client.barrier_epoch == 0
+            && s.participants[0].state == PState::Working
     }
 
     /// What a coordinator restarted from `image` reports for the transaction: the real
@@ -1138,6 +1257,16 @@ impl TwoPcModel {
         if let Some(branch) = s.awaiting.iter().position(Option::is_some) {
             return Some(Action::Timeout { branch });
         }
+        if self.may_local_barrier(s) {
+            return Some(Action::LocalBarrier);
+        }
+        if self.may_commit_here(s) && s.participants[0].state == PState::Working {
+            return Some(Action::LocalCommit { vote_yes: true });
+        }
+        let held = s.engine.as_ref().is_some_and(|e| e.txs().next().is_some());
+        if held && self.may_report(s) {
+            return Some(Action::Report);
+        }
         if let Some(&timer) = s.timers.iter().next() {
             return Some(Action::FireTimer(timer));
         }
@@ -1194,7 +1323,9 @@ fn forget_dead_timers(s: &mut State) {
     let entry = s.engine.as_ref().and_then(|e| e.tx(&the_tx()));
     s.timers.retain(|t| match (t, entry) {
         (_, None) => false,
-        (TimerKey::TxTimeout, Some(e)) => e.state == TxState::Active,
+        (TimerKey::TxTimeout, Some(e)) => {
+            e.state == TxState::Active || (e.state == TxState::Preparing && e.is_local())
+        }
         (TimerKey::PrepareTimeout, Some(e)) => e.state == TxState::Preparing,
         (TimerKey::Retry(b), Some(e)) => !matches!(
             e.branches[*b].state,
@@ -1285,9 +1416,27 @@ impl Model for TwoPcModel {
 
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
         let up = s.engine.is_some();
-        if up && s.client.commit_waiting.is_none() && s.client.commits < self.bounds.client_commits
+        // A local transaction is committed through the coordinator only when a Barrier
+        // came from another epoch (the SDK's fallback).
+        let plain_commit = !self.local_commit
+            || (s.client.barrier_epoch != 0 && s.client.barrier_epoch != FIRST_EPOCH);
+        if up
+            && plain_commit
+            && s.client.commit_waiting.is_none()
+            && s.client.commits < self.bounds.client_commits
         {
             actions.push(Action::ClientCommit);
+        }
+        if self.may_local_barrier(s) {
+            actions.push(Action::LocalBarrier);
+        }
+        if self.may_commit_here(s) {
+            for vote_yes in [true, false] {
+                actions.push(Action::LocalCommit { vote_yes });
+            }
+        }
+        if self.may_report(s) {
+            actions.push(Action::Report);
         }
         if up && self.client_abort && s.client.aborts < 1 {
             actions.push(Action::ClientAbort);
@@ -1438,6 +1587,17 @@ impl Model for TwoPcModel {
                 s.client.told_aborted && s.recovery != Recovery::NotRestarted
             }),
         ];
+        if self.local_commit {
+            properties.extend([
+                Property::always(
+                    "a report of a commit is never contradicted",
+                    |_, s: &State| !s.client.report_refused,
+                ),
+                Property::sometimes("a local commit is reported", |_, s: &State| {
+                    s.client.told_committed_epoch != 0 && s.client.commits == 0
+                }),
+            ]);
+        }
         if self.branches == 1 {
             properties.extend([
                 Property::sometimes("a branch asked again aborts", |_, s: &State| {
@@ -1796,4 +1956,72 @@ fn expect_caught(early: EarlySync, expected: &[&'static str]) {
         .discovery("the client is told what the branches do")
         .expect("checked above");
     eprintln!("counterexample: {:?}", path.into_actions());
+}
+
+/// Examples a local-commit run must reach.
+const LOCAL_EXAMPLES: [&str; 6] = [
+    "all committed",
+    "committed after a coordinator crash",
+    "client told committed",
+    "a branch asked again aborts",
+    "a participant forgets its branch",
+    "a local commit is reported",
+];
+
+/// One branch begun with `commit_locally` (the SDK's `begin_local`): the client's own
+/// participant commits after a Barrier of the Begin's epoch and reports it, races a client
+/// Abort and the transaction timeout (each answered by asking the participant), and a
+/// coordinator that restarts before the Barrier makes the client commit through it
+/// instead. Two coordinator crashes, a participant crash, a timeout, a lost and a
+/// duplicated request.
+#[test]
+fn local_one_phase_commit_is_safe_and_live() {
+    let model = TwoPcModel {
+        branches: 1,
+        bounds: Bounds {
+            coordinator_crashes: 2,
+            participant_crashes: 1,
+            timeouts: 1,
+            duplicates: 1,
+            losses: 1,
+            client_commits: 1,
+        },
+        client_abort: true,
+        early_answer: true,
+        local_commit: true,
+        ..Default::default()
+    };
+    let checker = check(model, HasDiscoveries::All);
+    assert_holds(&checker, &LOCAL_EXAMPLES);
+    assert_eq!(checker.unique_state_count(), 15_109);
+}
+
+/// The checker is not vacuous for local commits: a client that commits without waiting
+/// for its Barrier lets a coordinator crash lose the intent of a transaction its branch
+/// committed; the restarted coordinator presumes abort.
+#[test]
+fn checker_catches_a_local_commit_before_its_barrier() {
+    let model = TwoPcModel {
+        branches: 1,
+        bounds: Bounds {
+            coordinator_crashes: 1,
+            participant_crashes: 0,
+            timeouts: 0,
+            duplicates: 0,
+            losses: 0,
+            client_commits: 1,
+        },
+        early_answer: true,
+        local_commit: true,
+        broken_local_commit_without_barrier: true,
+        ..Default::default()
+    };
+    let name = "every reported outcome matches the branches";
+    let checker = check(model, HasDiscoveries::AllOf([name].into_iter().collect()));
+    let path = checker.discovery(name);
+    assert!(
+        path.is_some(),
+        "a local commit before its Barrier went unnoticed"
+    );
+    eprintln!("counterexample: {:?}", path.map(|p| p.into_actions()));
 }
