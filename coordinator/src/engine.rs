@@ -580,12 +580,19 @@ pub struct TxEntry {
     /// The one-phase outcome was written while the intent's sync was still outstanding
     /// and a caller needs it durable: sync once more when that sync returns.
     resync: bool,
+    /// A local transaction being settled with an abort: why.
+    settle_cause: Option<SettleCause>,
 }
 
 impl TxEntry {
     /// Begun with `commit_locally`: its participant commits the branch by itself.
     pub fn is_local(&self) -> bool {
         self.local
+    }
+
+    /// For a local transaction whose participant is being asked with an abort: why.
+    pub fn settle_cause(&self) -> Option<SettleCause> {
+        self.settle_cause
     }
 
     /// Branches that still owe an answer (vote or phase-two acknowledgement).
@@ -614,6 +621,15 @@ impl TxEntry {
             _ => None,
         }
     }
+}
+
+/// Why the participant of a local transaction is asked with an abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SettleCause {
+    /// Its client asked to abort.
+    Client,
+    /// The transaction timed out before the participant reported the commit.
+    Timeout,
 }
 
 /// What the engine knows about an id it is not holding in memory.
@@ -849,6 +865,7 @@ impl Engine {
             settle_by_abort: false,
             local,
             resync: false,
+            settle_cause: None,
         };
         let mut entry = entry;
         for spec in branches {
@@ -1120,7 +1137,7 @@ impl Engine {
                 } else {
                     format!("aborted by the client: {reason}")
                 };
-                self.settle_local(tx, why, out);
+                self.settle_local(tx, SettleCause::Client, why, out);
             }
             TxState::Preparing if entry.one_phase => {
                 // A one-phase commit is in the participant's hands; its answer decides.
@@ -1162,13 +1179,14 @@ impl Engine {
     /// A local transaction is to be aborted (`why`): its participant may have committed
     /// by itself, so it is asked with an abort whose answer decides (as for a recovered
     /// intent).
-    fn settle_local(&mut self, tx: TxId, why: String, out: &mut Vec<Command>) {
+    fn settle_local(&mut self, tx: TxId, cause: SettleCause, why: String, out: &mut Vec<Command>) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
         if entry.settle_by_abort {
             return;
         }
+        entry.settle_cause = Some(cause);
         entry.abort_reason = Some(why);
         entry.settle_by_abort = true;
         if let Some(b) = entry.branches.first_mut() {
@@ -1634,7 +1652,7 @@ impl Engine {
                     self.decide_abort(tx, "transaction timed out while active".into(), out);
                 } else if entry.state == TxState::Preparing && entry.local {
                     let why = "transaction timed out before its participant reported the commit";
-                    self.settle_local(tx, why.into(), out);
+                    self.settle_local(tx, SettleCause::Timeout, why.into(), out);
                 }
             }
             Timer::PrepareTimeout => {
@@ -2258,6 +2276,7 @@ fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> Tx
         settle_by_abort: false,
         local: false,
         resync: false,
+        settle_cause: None,
     }
 }
 

@@ -69,7 +69,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 
 use crate::engine::{
-    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, ReqId, Timer, TxState,
+    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, ReqId, SettleCause, Timer,
+    TxState,
 };
 use crate::log::LogStats;
 use crate::types::{HeuristicDecision, TxId};
@@ -169,6 +170,9 @@ pub struct Probe {
     before: Option<TxState>,
     /// For participant answers: which answer kind, which branch, and its snapshot.
     answer: Option<(usize, usize, BranchSnapshot)>,
+    /// For a local transaction being settled with an abort: why (its abort is decided
+    /// by the participant's answer).
+    settle: Option<SettleCause>,
 }
 
 /// When a transaction in the commit protocol passed each phase boundary.
@@ -513,11 +517,15 @@ impl Metrics {
             }
             _ => None,
         };
+        let settle = tx
+            .and_then(|tx| engine.tx(&tx))
+            .and_then(|e| e.settle_cause());
         Probe {
             kind,
             tx,
             before,
             answer,
+            settle,
         }
     }
 
@@ -632,13 +640,17 @@ impl Metrics {
                 if after == Some(TxState::Committing) || finished == Some(Outcome::Committed) {
                     self.committed.inc();
                 } else if after == Some(TxState::Aborting) || finished == Some(Outcome::Aborted) {
-                    self.aborted(match probe.kind {
-                        Kind::Abort => AbortReason::Client,
-                        Kind::Vote | Kind::CommitAck => AbortReason::VoteNo,
-                        Kind::PrepareTimeout => AbortReason::PrepareTimeout,
-                        Kind::TxTimeout => AbortReason::TxTimeout,
-                        Kind::Resolve | Kind::Audit => AbortReason::Operator,
-                        _ => AbortReason::Other,
+                    self.aborted(match (probe.kind, probe.settle) {
+                        (Kind::AbortAck, Some(SettleCause::Client)) => AbortReason::Client,
+                        (Kind::AbortAck, Some(SettleCause::Timeout)) => AbortReason::TxTimeout,
+                        (kind, _) => match kind {
+                            Kind::Abort => AbortReason::Client,
+                            Kind::Vote | Kind::CommitAck => AbortReason::VoteNo,
+                            Kind::PrepareTimeout => AbortReason::PrepareTimeout,
+                            Kind::TxTimeout => AbortReason::TxTimeout,
+                            Kind::Resolve | Kind::Audit => AbortReason::Operator,
+                            _ => AbortReason::Other,
+                        },
                     });
                 }
             }
@@ -865,23 +877,52 @@ mod tests {
     }
 
     #[test]
-    fn a_local_commit_counts_as_committed_when_its_report_arrives() {
+    fn local_transactions_count_by_what_decided_them() {
         let m = Metrics::new(0);
         let mut e = engine();
-        let cmds = step(
+        let begin_local = |e: &mut Engine| {
+            let branch = spec("a");
+            let (req, timeout_ms) = (1, 0);
+            begun(&step(
+                e,
+                &m,
+                0,
+                Event::BeginLocal {
+                    req,
+                    timeout_ms,
+                    branch,
+                },
+            ))
+        };
+        // Committed: when its report arrives.
+        let t1 = begin_local(&mut e);
+        assert_eq!(m.committed.get(), 0);
+        step(&mut e, &m, 1, Event::CommittedLocally { req: 2, tx: t1 });
+        assert_eq!(m.committed.get(), 1);
+        // Aborted by its client, or at its timeout: decided by the participant's answer,
+        // counted by why it was asked.
+        let aborted_by = |e: &mut Engine, tx: TxId, ask: Event| {
+            step(e, &m, 2, ask);
+            let ack = Ok(AbortAck::Aborted);
+            step(e, &m, 3, Event::AbortAcked { tx, branch: 0, ack });
+        };
+        let t2 = begin_local(&mut e);
+        let reason = "no".to_string();
+        aborted_by(
             &mut e,
-            &m,
-            0,
-            Event::BeginLocal {
-                req: 1,
-                timeout_ms: 0,
-                branch: spec("a"),
+            t2,
+            Event::Abort {
+                req: 3,
+                tx: t2,
+                reason,
             },
         );
-        let tx = begun(&cmds);
-        assert_eq!(m.committed.get(), 0);
-        step(&mut e, &m, 1, Event::CommittedLocally { req: 2, tx });
-        assert_eq!(m.committed.get(), 1);
+        assert_eq!(aborted(&m, AbortReason::Client), 1);
+        let t3 = begin_local(&mut e);
+        let timer = Timer::TxTimeout;
+        aborted_by(&mut e, t3, Event::Timer { tx: t3, timer });
+        assert_eq!(aborted(&m, AbortReason::TxTimeout), 1);
+        assert_eq!(aborted(&m, AbortReason::Other), 0);
     }
 
     #[test]
