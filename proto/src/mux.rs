@@ -234,7 +234,14 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
                     *lock(&unsupported) = Some(Instant::now());
                     CallError::Unsupported
                 }
-                Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown => {
+                // No stream: the connection is down or closing (hyper reports a closed
+                // connection as CANCELLED). The calls are answered UNAVAILABLE.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+                {
                     CallError::Transport(format!("{}: {}", s.code(), s.message()))
                 }
                 Err(s) => CallError::Refused(s),
