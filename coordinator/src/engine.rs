@@ -1033,7 +1033,7 @@ impl Engine {
                 // A plain Commit of a local transaction: the coordinator asks the
                 // participant to commit (it answers a repeat from its own state).
                 entry.waiters.push(req);
-                send_local_commit(tx, entry, out);
+                send_one_phase_commit(tx, entry, out);
                 return;
             }
             TxState::Preparing | TxState::Deciding => {
@@ -1128,15 +1128,15 @@ impl Engine {
             });
             return;
         };
+        let why = if reason.is_empty() {
+            "aborted by the client".to_string()
+        } else {
+            format!("aborted by the client: {reason}")
+        };
         match entry.state {
             TxState::Preparing if entry.local => {
                 // The participant may have committed by itself: ask it with an abort.
                 entry.abort_waiters.push(req);
-                let why = if reason.is_empty() {
-                    "aborted by the client".to_string()
-                } else {
-                    format!("aborted by the client: {reason}")
-                };
                 self.settle_local(tx, SettleCause::Client, why, out);
             }
             TxState::Preparing if entry.one_phase => {
@@ -1144,11 +1144,6 @@ impl Engine {
                 entry.abort_waiters.push(req);
             }
             TxState::Active | TxState::Preparing => {
-                let why = if reason.is_empty() {
-                    "aborted by the client".to_string()
-                } else {
-                    format!("aborted by the client: {reason}")
-                };
                 self.decide_abort(tx, why, out);
                 out.push(Command::Reply {
                     req,
@@ -1373,16 +1368,12 @@ impl Engine {
                 entry.intent_durable = true;
                 // A plain Commit that came before the intent was durable.
                 if !entry.waiters.is_empty() {
-                    send_local_commit(tx, entry, out);
+                    send_one_phase_commit(tx, entry, out);
                 }
             }
             TxState::Preparing if entry.one_phase => {
                 entry.intent_durable = true;
-                if let Some(b) = entry.branches.first_mut() {
-                    if b.state == BranchState::Preparing && !b.in_flight {
-                        send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
-                    }
-                }
+                send_one_phase_commit(tx, entry, out);
             }
             TxState::Committing if entry.one_phase && entry.resync => {
                 // The intent's sync returned; the outcome written since needs one more.
@@ -2280,9 +2271,9 @@ fn recovered_entry(now_ms: u64, branches: Vec<BranchSpec>, state: TxState) -> Tx
     }
 }
 
-/// Sends the one-phase commit of a local transaction whose caller asked the coordinator
-/// to commit (plain Commit), once its intent is durable and unless an abort is asking.
-fn send_local_commit(tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+/// Sends the one-phase commit of the single branch once its intent is durable, unless an
+/// abort is asking (a recovered or settling transaction) or one is already on its way.
+fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
     if !entry.intent_durable || entry.settle_by_abort {
         return;
     }
