@@ -1,8 +1,9 @@
 //! PostgreSQL branches: [`PgResource`] and [`PgBranch`].
 //!
 //! A [`PgResource`] wraps a `deadpool_postgres` pool on one database. Each transaction
-//! that uses it gets one branch: a pooled connection with an open `BEGIN` block, on which
-//! the application runs its statements ([`PgBranch::execute`], [`PgBranch::query`]).
+//! that uses it gets one branch: a pooled connection with a `BEGIN` block, on which the
+//! application runs its statements ([`PgBranch::execute`], [`PgBranch::query`]). The block
+//! is opened by the branch's first statement: `BEGIN` is sent with it, in the same write.
 //! The coordinator then drives the branch through the [`Resource`] methods:
 //!
 //! | step          | SQL                                                          |
@@ -168,13 +169,16 @@ enum State {
     Opening,
     /// Could not be opened.
     Broken(String),
-    /// `BEGIN` ran on `conn`; statements may run.
+    /// The branch holds `conn`; statements may run. The transaction block is opened
+    /// lazily: `BEGIN` goes out with the first statement (see [`in_block`]).
     Open {
         conn: OpenConn,
         last_error: Option<String>,
         /// The transaction's id, once a statement of the SDK learned it (the outbox
         /// insert returns it): a one-phase commit then needs no query to learn it.
         xid: Option<i64>,
+        /// `BEGIN` ran on `conn`.
+        begun: bool,
     },
     /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
     Prepared,
@@ -458,7 +462,8 @@ impl PgResource {
     }
 
     /// Opens (enlists) this resource's branch of `tx`: enlists it with the coordinator
-    /// while it takes a pooled connection and runs `BEGIN`. There is at most one branch per
+    /// while it takes a pooled connection (`BEGIN` goes out with the branch's first
+    /// statement, so it costs no round trip of its own). There is at most one branch per
     /// transaction and resource: a second call returns a handle on the same branch.
     pub async fn begin(&self, tx: &Transaction) -> Result<PgBranch> {
         let branch_id = tx.branch_id(self);
@@ -483,15 +488,12 @@ impl PgResource {
                 });
             }
         };
-        // Enlisting (a coordinator round trip) and BEGIN (a database round trip) at once.
+        // Enlisting (a coordinator round trip) and taking a connection at once. `BEGIN`
+        // waits for the first statement, which it goes out with (no round trip of its own).
         let opened = async {
             let conn = get_conn(&self.inner.pool).await?;
-            // Closed, never pooled, if anything below fails.
-            let conn = OpenConn(Some(Box::new(conn)));
-            conn.batch_execute("BEGIN")
-                .await
-                .map_err(|e| describe(&e))?;
-            Ok::<_, String>(conn)
+            // Closed, never pooled, if the branch is dropped while open.
+            Ok::<_, String>(OpenConn(Some(Box::new(conn))))
         };
         let (enlisted, opened) = tokio::join!(tx.enlist(self), opened);
         let failure = match (enlisted, opened) {
@@ -500,6 +502,7 @@ impl PgResource {
                     conn,
                     last_error: None,
                     xid: None,
+                    begun: false,
                 };
                 return Ok(PgBranch {
                     inner: self.inner.clone(),
@@ -647,21 +650,25 @@ impl PgBranch {
         check_statement(sql)?;
         let mut state = self.slot.state.lock().await;
         let State::Open {
-            conn, last_error, ..
+            conn,
+            last_error,
+            begun,
+            ..
         } = &mut *state
         else {
             return Err(self.not_open(&state));
         };
         let before = last_error.replace(UNREAD.into());
-        let res = async {
+        let conn: &Object = conn;
+        let statement = async {
             let stmt = prepared(conn, sql).await?;
             Ok(match kind {
                 Kind::Execute => Out::Count(conn.execute(&stmt, params).await?),
                 Kind::Query => Out::Rows(conn.query(&stmt, params).await?),
                 Kind::QueryOne => Out::Row(conn.query_one(&stmt, params).await?),
             })
-        }
-        .await;
+        };
+        let res = in_block(conn, begun, statement).await;
         let out = self.finish(&mut state, before, res)?;
         if rolls_back_to_savepoint(sql) {
             self.forget_rolled_back(&mut state).await?;
@@ -735,7 +742,10 @@ impl PgBranch {
         let payload = payload.into();
         let mut state = self.slot.state.lock().await;
         let State::Open {
-            conn, last_error, ..
+            conn,
+            last_error,
+            begun,
+            ..
         } = &mut *state
         else {
             return Err(self.not_open(&state));
@@ -750,7 +760,8 @@ impl PgBranch {
         };
         let headers = encode_headers(&message.headers);
         let before = last_error.replace(UNREAD.into());
-        let res = async {
+        let conn: &Object = conn;
+        let insert = async {
             let stmt = prepared(conn, OUTBOX_INSERT).await?;
             conn.query_one(
                 &stmt,
@@ -765,8 +776,8 @@ impl PgBranch {
                 ],
             )
             .await
-        }
-        .await;
+        };
+        let res = in_block(conn, begun, insert).await;
         let row = self.finish(&mut state, before, res)?;
         let (id, tx_xid): (i64, i64) = row
             .try_get(0)
@@ -950,6 +961,35 @@ fn first_cell(msgs: &[SimpleQueryMessage]) -> Option<Option<String>> {
         SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_string)),
         _ => None,
     })
+}
+
+/// Runs `statement` (which uses `conn`) inside the branch's transaction block, opening
+/// the block first if `begun` is false. The `BEGIN` is then queued on the connection
+/// before `statement` is first polled, and tokio-postgres writes requests in the order they
+/// were queued, so both go out together: opening a branch costs no round trip of its own.
+///
+/// If `BEGIN` fails, the statement's result is dropped and `BEGIN`'s error returned: the
+/// branch records it and votes no. (A plain `BEGIN` on a connection taken from the pool
+/// fails only when the connection is lost, and then the statement is lost with it.)
+async fn in_block<T>(
+    conn: &Object,
+    begun: &mut bool,
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    if *begun {
+        return statement.await;
+    }
+    let mut begin = std::pin::pin!(conn.batch_execute("BEGIN"));
+    // The first poll queues `BEGIN` (and cannot see its answer yet, only a closed client).
+    if let std::task::Poll::Ready(res) = futures::poll!(begin.as_mut()) {
+        res?;
+        *begun = true;
+        return statement.await;
+    }
+    let (began, out) = futures::future::join(begin, statement).await;
+    began?;
+    *begun = true;
+    out
 }
 
 /// Most statements prepared and kept per connection (beyond, the cache starts over).
@@ -1165,10 +1205,17 @@ impl Inner {
         let mut state = slot.state.clone().lock_owned().await;
         match std::mem::replace(&mut *state, State::Opening) {
             State::Open {
-                conn, last_error, ..
+                conn,
+                last_error,
+                begun,
+                ..
             } => {
                 let conn = conn.into_inner();
-                let sql = format!("SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'");
+                // A branch that ran no statement has no block yet: open it in the same batch.
+                let sql = format!(
+                    "{}SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'",
+                    if begun { "" } else { "BEGIN; " }
+                );
                 let (new, vote) = match tokio::time::timeout(OP_TIMEOUT, conn.simple_query(&sql))
                     .await
                 {
@@ -1311,9 +1358,10 @@ impl Inner {
                 conn,
                 last_error,
                 xid,
+                begun,
             } => {
                 let (new, answer) = self
-                    .one_phase_open(conn.into_inner(), &slot.gid, last_error, xid)
+                    .one_phase_open(conn.into_inner(), &slot.gid, last_error, xid, begun)
                     .await;
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, new);
@@ -1354,19 +1402,25 @@ impl Inner {
     /// One-phase commit of an open branch: learn its xid, then `COMMIT`. The query that
     /// learns it also tells whether the block is aborted (where PostgreSQL would answer
     /// `COMMIT` with a silent rollback); it is skipped only when the xid is `known` and
-    /// no statement of the branch failed (then the block cannot be aborted).
+    /// no statement of the branch failed (then the block cannot be aborted). A branch
+    /// that ran no statement (`begun` false) opens its block in that query.
     async fn one_phase_open(
         &self,
         conn: Object,
         gid: &str,
         last_error: Option<String>,
         known: Option<i64>,
+        begun: bool,
     ) -> (State, Result<OnePhase, Retry>) {
-        let xid = match known.filter(|_| last_error.is_none()) {
+        let xid = match known.filter(|_| last_error.is_none() && begun) {
             Some(xid) => Some(xid),
             None => match tokio::time::timeout(
                 OP_TIMEOUT,
-                conn.simple_query("SELECT txid_current_if_assigned()"),
+                conn.simple_query(if begun {
+                    "SELECT txid_current_if_assigned()"
+                } else {
+                    "BEGIN; SELECT txid_current_if_assigned()"
+                }),
             )
             .await
             {

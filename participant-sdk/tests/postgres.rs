@@ -387,6 +387,77 @@ async fn begin_with_enlists_the_branch_in_the_begin_call() {
     .await;
 }
 
+/// Backends of the database at `url` inside an open transaction block, waiting for the
+/// client.
+const IN_BLOCK_SQL: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND state = 'idle in transaction'";
+
+#[tokio::test]
+async fn a_branch_opens_its_block_with_its_first_statement() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord).await;
+        let (url_a, url_b) = (
+            database("pgla", ORDERS).await,
+            database("pglb", ORDERS).await,
+        );
+        let a = sdk.register(resource("db-a", &url_a).await).expect("a");
+        let b = sdk.register(resource("db-b", &url_b).await).expect("b");
+
+        // Opening the branch sends nothing: no block is open yet.
+        let tx = sdk.begin().await.expect("begin");
+        let branch = tx.postgres(&a).await.expect("branch");
+        assert_eq!(count(&url_a, IN_BLOCK_SQL).await, 0);
+        // The first statement runs inside the block (SET TRANSACTION outside one would
+        // only warn, and the isolation level would stay READ COMMITTED).
+        branch
+            .execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
+            .await
+            .expect("set transaction");
+        assert_eq!(count(&url_a, IN_BLOCK_SQL).await, 1);
+        let level: String = branch
+            .query_one("SHOW transaction_isolation", &[])
+            .await
+            .expect("show")
+            .get(0);
+        assert_eq!(level, "serializable");
+        branch
+            .execute("INSERT INTO orders VALUES (1, 'rolled back')", &[])
+            .await
+            .expect("insert");
+        tx.abort("test").await.expect("abort");
+        assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(count(&url_a, IN_BLOCK_SQL).await, 0);
+
+        // Branches that ran no statement: one alone commits in one phase, one beside a
+        // writing branch is prepared read-only; nothing is left open or prepared.
+        let tx = sdk.begin().await.expect("begin");
+        tx.postgres(&a).await.expect("branch");
+        tx.commit()
+            .await
+            .expect("one-phase commit of an empty branch");
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        tx.postgres(&a).await.expect("empty branch");
+        tx.postgres(&b)
+            .await
+            .expect("b")
+            .execute("INSERT INTO orders VALUES (2, 'kept')", &[])
+            .await
+            .expect("insert");
+        tx.commit().await.expect("commit");
+        assert_eq!(a.prepare(&tx_id, "orders:db-a").await, Vote::ReadOnly);
+        assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(prepared_gids(&url_a).await + prepared_gids(&url_b).await, 0);
+        assert_eq!(
+            count(&url_a, IN_BLOCK_SQL).await + count(&url_b, IN_BLOCK_SQL).await,
+            0
+        );
+        sdk.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_read_only_branch_takes_no_part_in_phase_two() {
     bounded(TEST_TIMEOUT, async {
