@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::log::{DecisionLog, SledLog, DEFAULT_GROUP_COMMIT_DELAY_US};
 use twopc_coordinator::server::{self, ServeConfig};
 use twopc_proto::mux;
 use twopc_proto::v1 as pb;
@@ -57,6 +57,10 @@ pub struct CoordinatorBench {
     /// `ParticipantExchange` stream (so the coordinator falls back to unary calls).
     #[arg(long)]
     pub unary: bool,
+    /// The coordinator's group-commit delay (µs; see `twopc serve --group-commit-delay-us`);
+    /// 0 compares against a log that syncs every batch at once.
+    #[arg(long, default_value_t = DEFAULT_GROUP_COMMIT_DELAY_US)]
+    pub group_commit_delay_us: u64,
 }
 
 /// One mode's numbers.
@@ -185,15 +189,21 @@ pub(crate) struct LocalCoordinator {
 }
 
 impl LocalCoordinator {
-    /// Opens the log in `dir` and starts serving with the default configuration.
-    pub async fn start(dir: &std::path::Path) -> anyhow::Result<LocalCoordinator> {
-        let log = Arc::new(SledLog::open(dir, SledLogOptions::default())?);
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+    /// Opens the log in `dir` and starts serving with the default configuration, apart
+    /// from the log's group-commit delay (µs).
+    pub async fn start(
+        dir: &std::path::Path,
+        group_commit_delay_us: u64,
+    ) -> anyhow::Result<LocalCoordinator> {
         let cfg = ServeConfig {
             data_dir: dir.to_path_buf(),
+            group_commit_delay_us,
             ..ServeConfig::default()
         };
+        cfg.validate()?;
+        let log = Arc::new(SledLog::open(dir, cfg.log_options())?);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server::run_with_log(cfg, log.clone(), listener, async {
             let _ = stopped.await;
@@ -235,7 +245,9 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
     let ceiling = disk_ceiling(base.path(), args.clients, duration, !args.json)?;
     results.push(ceiling.clone());
 
-    let coordinator = LocalCoordinator::start(&base.path().join("coordinator")).await?;
+    let coordinator =
+        LocalCoordinator::start(&base.path().join("coordinator"), args.group_commit_delay_us)
+            .await?;
     let log = coordinator.log.clone();
     let (p1_stop, p1_rx) = oneshot::channel::<()>();
     let (p2_stop, p2_rx) = oneshot::channel::<()>();

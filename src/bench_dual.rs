@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::bench::LocalCoordinator;
 use anyhow::Context;
 use futures::StreamExt;
-use twopc_coordinator::log::{DecisionLog, SledLog};
+use twopc_coordinator::log::{DecisionLog, SledLog, DEFAULT_GROUP_COMMIT_DELAY_US};
 use twopc_participant::broker::Broker;
 use twopc_participant::nats::NatsResource;
 use twopc_participant::postgres::PgResource;
@@ -53,6 +53,10 @@ pub struct DualWriteBench {
     /// Slices per mode; modes rotate between slices.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// The coordinator's group-commit delay (µs; see `twopc serve --group-commit-delay-us`);
+    /// 0 compares against a log that syncs every batch at once.
+    #[arg(long, default_value_t = DEFAULT_GROUP_COMMIT_DELAY_US)]
+    pub group_commit_delay_us: u64,
     /// Which broker carries the events.
     #[arg(long, value_enum, default_value_t = BrokerKind::Rabbitmq)]
     pub broker: BrokerKind,
@@ -231,7 +235,9 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     }
 
     // Coordinator in-process, real sled log.
-    let coordinator = LocalCoordinator::start(&tmp.path().join("coordinator")).await?;
+    let coordinator =
+        LocalCoordinator::start(&tmp.path().join("coordinator"), args.group_commit_delay_us)
+            .await?;
     let log = coordinator.log.clone();
     let sdk = TwoPc::builder(&coordinator.url)
         .service("bench")

@@ -46,7 +46,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 use twopc_coordinator::config::{self, Effective, ServeArgs};
-use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::log::{DecisionLog, SledLog};
 use twopc_coordinator::server;
 
 /// twopc: a two-phase-commit transaction coordinator for the dual-write problem.
@@ -215,7 +215,7 @@ async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
     server::Security::load(&cfg)?;
     // The log first: a second coordinator on the same directory fails here, before it
     // binds a port or says it is listening.
-    let log = Arc::new(SledLog::open(&cfg.data_dir, SledLogOptions::default())?);
+    let log = Arc::new(SledLog::open(&cfg.data_dir, cfg.log_options())?);
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         epoch = log.epoch(),

@@ -168,6 +168,10 @@ fn out_of_range_and_wrong_type_name_the_key_file_and_range() {
             "prepare_timeout_ms = \"ten seconds\"\n",
             &["prepare_timeout_ms", "between 10 and 3600000"][..],
         ),
+        (
+            "group_commit_delay_us = 250000\n",
+            &["group_commit_delay_us = 250000", "between 0 and 100000"][..],
+        ),
     ] {
         let file = write(dir.path(), "range.toml", text);
         // Without --print-config too: the server must refuse before touching the disk.
@@ -218,7 +222,10 @@ fn printed_config_loads_back_to_the_same_config() {
             "--retry-max-ms",
             "700",
         ],
-        &[("TWOPC_MAX_BRANCHES", "9")],
+        &[
+            ("TWOPC_MAX_BRANCHES", "9"),
+            ("TWOPC_GROUP_COMMIT_DELAY_US", "0"),
+        ],
     );
     let file = write(dir.path(), "printed.toml", &first_text);
     let (second_text, second) = print_config(&["--config", &file], &[]);
@@ -232,7 +239,11 @@ fn printed_config_loads_back_to_the_same_config() {
         values(&second),
         "{first_text}\n---\n{second_text}"
     );
-    assert_eq!(first.len(), 13, "{first_text}");
+    assert_eq!(first.len(), 14, "{first_text}");
+    assert_eq!(
+        first["group_commit_delay_us"],
+        ("0".to_string(), "env".to_string())
+    );
     assert!(
         second.values().all(|(_, src)| src == "file"),
         "{second_text}"

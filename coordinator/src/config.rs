@@ -35,7 +35,7 @@ use crate::server::{limits, ConfigError, ServeConfig};
 
 /// The keys of the config file, in the order of [`ServeConfig`]'s fields (each is the
 /// flag's name with `_` for `-`, and the clap id of the field).
-pub const KEYS: [&str; 24] = [
+pub const KEYS: [&str; 25] = [
     "listen",
     "data_dir",
     "prepare_timeout_ms",
@@ -60,6 +60,7 @@ pub const KEYS: [&str; 24] = [
     "admin_token_file",
     "otlp_endpoint",
     "otlp_service_name",
+    "group_commit_delay_us",
 ];
 
 /// The keys whose values are secrets: `--print-config` says whether they are set, never
@@ -137,6 +138,8 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     /// `--otlp-service-name`.
     pub otlp_service_name: Option<String>,
+    /// `--group-commit-delay-us`.
+    pub group_commit_delay_us: Option<u64>,
 }
 
 /// Where one effective value came from.
@@ -366,6 +369,7 @@ impl Effective {
             path(&c.admin_token_file),
             c.otlp_endpoint.as_deref().map(s),
             Some(s(&c.otlp_service_name)),
+            Some(c.group_commit_delay_us.to_string()),
         ];
         let mut out = String::from(
             "# Effective configuration of `twopc serve`.\n\
@@ -442,6 +446,7 @@ pub fn merge(
     take!(21, admin_token_file, Some);
     take!(22, otlp_endpoint, Some);
     take!(23, otlp_service_name, identity);
+    take!(24, group_commit_delay_us, identity);
     Effective {
         config,
         sources,
@@ -552,6 +557,7 @@ mod tests {
             "--admin-token-file=at",
             "--otlp-endpoint=http://127.0.0.1:4317",
             "--otlp-service-name=svc",
+            "--group-commit-delay-us=19",
         ]);
         // A token and its file together are refused; every key still came from a flag.
         let eff = merge(&args.config, |key| explicit_source(&matches, key), None);

@@ -62,7 +62,7 @@ use std::future::Future;
 use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
 pub use memory::MemoryLog;
-pub use sled_log::{SledLog, SledLogOptions};
+pub use sled_log::{SledLog, SledLogOptions, DEFAULT_GROUP_COMMIT_DELAY_US};
 
 /// Log sequence number: increases by one for every forced record (a decision or an audit
 /// record), starting at 1.

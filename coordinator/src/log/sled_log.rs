@@ -42,6 +42,15 @@
 //! request, drains everything else queued, writes the new records in one sled batch,
 //! flushes, syncs once, advances [`DecisionLog::durable_lsn`] and answers every waiter.
 //!
+//! Under load the writer can also wait a little for company
+//! ([`SledLogOptions::group_commit_delay_us`], off by default, like PostgreSQL's
+//! `commit_delay` and `commit_siblings`): when its previous batch held at least
+//! [`GROUP_COMMIT_SIBLINGS`] requests, it sleeps that long after the first request of the
+//! next batch arrived, then takes everything queued. Fewer, larger syncs leave more CPU
+//! to everything else (each sync costs sled's flush, thread hand-offs and an
+//! `fdatasync`); at low concurrency the wait is only added latency, so a lone client or a
+//! few never wait.
+//!
 //! # Fault injection
 //!
 //! With the crate feature `failpoints`, the fail points `coordinator::log::before_sync`
@@ -57,6 +66,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::oneshot;
@@ -111,6 +121,11 @@ pub struct SledLogOptions {
     pub flush_every_ms: u64,
     /// sled page cache size in bytes. Default 64 MiB.
     pub cache_capacity_bytes: u64,
+    /// Group-commit delay in microseconds: when the writer's previous batch held at least
+    /// [`GROUP_COMMIT_SIBLINGS`] requests, it waits this long after the first request of
+    /// the next batch arrived, then writes and syncs everything queued together. `0`
+    /// (the default, [`DEFAULT_GROUP_COMMIT_DELAY_US`]) disables it.
+    pub group_commit_delay_us: u64,
     /// Fault injection for tests: while the flag is `true`, every sync the log attempts
     /// (at open and for every batch) fails with an I/O error, which poisons the log.
     /// Leave `None` in production.
@@ -122,9 +137,43 @@ impl Default for SledLogOptions {
         SledLogOptions {
             flush_every_ms: 200,
             cache_capacity_bytes: 64 * 1024 * 1024,
+            group_commit_delay_us: DEFAULT_GROUP_COMMIT_DELAY_US,
             fail_syncs: None,
         }
     }
+}
+
+/// Default of [`SledLogOptions::group_commit_delay_us`]: off. On two cores, 300 µs
+/// (about a third of one loaded sync: sled's flush and the `fdatasync`) halved the syncs
+/// per decision and gained 5–25% two-phase decisions/s at 64 clients, but cost a
+/// one-phase commit at 4 clients a fifth of its throughput: worth it only for a
+/// coordinator that is busy (see docs/performance.md).
+pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 0;
+
+/// Requests the writer's previous batch must have held before it waits for company
+/// (PostgreSQL's `commit_siblings` is 5): fewer mean few clients, which the wait would
+/// only slow down.
+pub const GROUP_COMMIT_SIBLINGS: usize = 4;
+
+/// How long the writer waits before taking its next batch once the first request arrived:
+/// `delay` when the previous batch held at least [`GROUP_COMMIT_SIBLINGS`] requests, else
+/// nothing.
+fn gather_window(delay: Duration, previous_batch: usize) -> Option<Duration> {
+    (!delay.is_zero() && previous_batch >= GROUP_COMMIT_SIBLINGS).then_some(delay)
+}
+
+/// A batch: `first`, then, after sleeping through `window` (if any), everything queued on
+/// `rx`. The writer sleeps rather than taking each arrival as it comes: a wake-up per
+/// request would cost the CPU the delay is meant to save.
+fn gather<T>(rx: &mpsc::Receiver<T>, first: T, window: Option<Duration>) -> Vec<T> {
+    let mut batch = vec![first];
+    if let Some(window) = window {
+        std::thread::sleep(window);
+    }
+    while let Ok(more) = rx.try_recv() {
+        batch.push(more);
+    }
+    batch
 }
 
 // ---------------------------------------------------------------------------------------
@@ -535,6 +584,8 @@ struct Writer {
     syncer: Syncer,
     shared: Arc<Shared>,
     last_lsn: Lsn,
+    /// [`SledLogOptions::group_commit_delay_us`].
+    delay: Duration,
 }
 
 /// A record of the current batch waiting for the sync.
@@ -548,11 +599,10 @@ struct Waiting {
 impl Writer {
     /// Serves requests until every sender is gone; returns the syncer for the final sync.
     fn run(mut self, rx: mpsc::Receiver<Request>) -> Syncer {
+        let mut previous_batch = 0;
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batch.push(more);
-            }
+            let batch = gather(&rx, first, gather_window(self.delay, previous_batch));
+            previous_batch = batch.len();
             self.process(batch);
         }
         self.syncer
@@ -922,6 +972,7 @@ impl SledLog {
             syncer,
             shared: shared.clone(),
             last_lsn,
+            delay: Duration::from_micros(opts.group_commit_delay_us),
         };
         let handle = std::thread::Builder::new()
             .name("twopc-decision-log".into())
@@ -1242,6 +1293,60 @@ mod tests {
 
     fn open(dir: &Path) -> SledLog {
         SledLog::open(dir, SledLogOptions::default()).expect("open")
+    }
+
+    #[test]
+    fn the_writer_waits_for_company_only_after_a_batch_that_had_some() {
+        let delay = Duration::from_micros(300);
+        assert_eq!(gather_window(delay, 0), None);
+        assert_eq!(gather_window(delay, 1), None);
+        assert_eq!(gather_window(delay, GROUP_COMMIT_SIBLINGS - 1), None);
+        assert_eq!(gather_window(delay, GROUP_COMMIT_SIBLINGS), Some(delay));
+        assert_eq!(gather_window(delay, 64), Some(delay));
+        assert_eq!(gather_window(Duration::ZERO, 64), None);
+    }
+
+    #[test]
+    fn a_batch_takes_what_arrives_within_its_window_and_what_is_queued() {
+        for (window, expected) in [
+            (None, vec![1, 2]),
+            (Some(Duration::from_secs(2)), vec![1, 2, 3]),
+        ] {
+            let (tx, rx) = mpsc::channel();
+            tx.send(2).expect("send");
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = tx.send(3);
+            });
+            assert_eq!(gather(&rx, 1, window), expected, "window {window:?}");
+            sender.join().expect("sender");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_client_never_waits_for_the_group_commit_delay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SledLog::open(
+            dir.path(),
+            SledLogOptions {
+                group_commit_delay_us: 5_000_000,
+                ..Default::default()
+            },
+        )
+        .expect("open");
+        let epoch = log.epoch();
+        for i in 0..3 {
+            let started = std::time::Instant::now();
+            log.force_commit(epoch, commit(tx_of(&log, i), branches(1, "lone"), i))
+                .await
+                .expect("force");
+            log.sync(epoch).await.expect("sync");
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "request {i} waited {:?}",
+                started.elapsed()
+            );
+        }
     }
 
     #[tokio::test]
