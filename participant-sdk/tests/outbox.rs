@@ -1498,6 +1498,54 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
     .await;
 }
 
+/// The marker's INSERT runs in front of `COMMIT`, in the same round trip. If it fails, the
+/// transaction must not commit (PostgreSQL would end the aborted block with a silent
+/// rollback): the one-phase commit is refused, nothing committed, nothing published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_whose_marker_fails_is_refused_and_rolled_back() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_markfail", "obmarkfail", ORDERS, slow_sweep(), false).await;
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
+            .await
+            .expect("publish");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        // A marker under this branch's gid already exists: the commit's INSERT conflicts.
+        connect(&w.url)
+            .await
+            .execute(
+                "INSERT INTO twopc_one_phase (gid) VALUES ($1)",
+                &[&pg.gid()],
+            )
+            .await
+            .expect("conflicting marker");
+
+        match w.db.commit_one_phase(&tx_id, &branch_id).await {
+            Ok(OnePhase::Refused(why)) => assert!(why.contains("23505"), "{why}"),
+            other => panic!("the commit must be refused, got {other:?}"),
+        }
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(outbox_rows(&w.url).await, 0);
+        // The branch remembers its answer; no event was published.
+        assert!(matches!(
+            w.db.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Refused(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = w.probe.drain(&w.queue).await;
+        w.probe.delete(&w.queue).await;
+        assert!(got.is_empty(), "{got:?}");
+        let _ = tx.abort("test").await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
 /// A one-phase commit whose answer was lost, repeated by the coordinator after the
 /// participant restarted: the commit's marker says it happened (before the marker, the
 /// unknown branch was refused and the coordinator recorded the committed transaction as
