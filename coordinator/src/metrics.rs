@@ -510,16 +510,15 @@ impl Metrics {
             }
             _ => (Kind::Other, None, None),
         };
-        let before = tx.and_then(|tx| engine.tx(&tx)).map(|e| e.state);
+        let entry = tx.and_then(|tx| engine.tx(&tx));
+        let before = entry.map(|e| e.state);
+        let settle = entry.and_then(|e| e.settle_cause());
         let answer = match (tx, answer) {
             (Some(tx), Some((which, branch))) => {
                 Some((which, branch, branch_snapshot(engine, &tx, branch)))
             }
             _ => None,
         };
-        let settle = tx
-            .and_then(|tx| engine.tx(&tx))
-            .and_then(|e| e.settle_cause());
         Probe {
             kind,
             tx,
@@ -641,16 +640,16 @@ impl Metrics {
                     self.committed.inc();
                 } else if after == Some(TxState::Aborting) || finished == Some(Outcome::Aborted) {
                     self.aborted(match (probe.kind, probe.settle) {
-                        (Kind::AbortAck, Some(SettleCause::Client)) => AbortReason::Client,
-                        (Kind::AbortAck, Some(SettleCause::Timeout)) => AbortReason::TxTimeout,
-                        (kind, _) => match kind {
-                            Kind::Abort => AbortReason::Client,
-                            Kind::Vote | Kind::CommitAck => AbortReason::VoteNo,
-                            Kind::PrepareTimeout => AbortReason::PrepareTimeout,
-                            Kind::TxTimeout => AbortReason::TxTimeout,
-                            Kind::Resolve | Kind::Audit => AbortReason::Operator,
-                            _ => AbortReason::Other,
-                        },
+                        (Kind::Abort, _) | (Kind::AbortAck, Some(SettleCause::Client)) => {
+                            AbortReason::Client
+                        }
+                        (Kind::TxTimeout, _) | (Kind::AbortAck, Some(SettleCause::Timeout)) => {
+                            AbortReason::TxTimeout
+                        }
+                        (Kind::Vote | Kind::CommitAck, _) => AbortReason::VoteNo,
+                        (Kind::PrepareTimeout, _) => AbortReason::PrepareTimeout,
+                        (Kind::Resolve | Kind::Audit, _) => AbortReason::Operator,
+                        _ => AbortReason::Other,
                     });
                 }
             }
