@@ -1678,6 +1678,25 @@ fn assert_holds(checker: &impl Checker<TwoPcModel>, examples: &[&'static str]) {
     }
 }
 
+/// Checks a broken `model` until every property in `expected` has a counterexample,
+/// asserts each has one (`what` names the breakage in the failure message) and prints the
+/// first one's counterexample.
+fn assert_caught(model: TwoPcModel, expected: &[&'static str], what: &str) {
+    let checker = check(
+        model,
+        HasDiscoveries::AllOf(expected.iter().copied().collect()),
+    );
+    for &name in expected {
+        assert!(
+            checker.discovery(name).is_some(),
+            "{what} went unnoticed by {name:?}"
+        );
+    }
+    if let Some(path) = expected.first().and_then(|name| checker.discovery(name)) {
+        eprintln!("counterexample: {:?}", path.into_actions());
+    }
+}
+
 /// Crashes of both kinds, a timeout and a client retry.
 #[test]
 fn real_engine_keeps_two_phase_commit_safe_and_live() {
@@ -1763,16 +1782,7 @@ fn checker_catches_a_runtime_that_sends_commits_before_the_decision_is_durable()
         "commits are sent only once durable",
         "nothing blocks once crashes stop",
     ];
-    let checker = check(model, HasDiscoveries::AllOf(expected.into_iter().collect()));
-    for name in expected {
-        let path = checker.discovery(name);
-        assert!(
-            path.is_some(),
-            "the broken runtime went unnoticed by {name:?}"
-        );
-    }
-    let path = checker.discovery("all branches agree").unwrap();
-    eprintln!("counterexample: {:?}", path.into_actions());
+    assert_caught(model, &expected, "the broken runtime");
 }
 
 /// A client that sends Abort while its Commit waits for the decision to become durable.
@@ -1888,14 +1898,11 @@ fn checker_catches_forgetting_an_early_answer_before_its_barrier() {
             broken_barrier_any_epoch: any_epoch,
             ..Default::default()
         };
-        let name = "every reported outcome matches the branches";
-        let checker = check(model, HasDiscoveries::AllOf([name].into_iter().collect()));
-        let path = checker.discovery(name);
-        assert!(
-            path.is_some(),
-            "forgetting (without barrier: {without_barrier}, any epoch: {any_epoch}) went unnoticed"
+        assert_caught(
+            model,
+            &["every reported outcome matches the branches"],
+            &format!("forgetting (without barrier: {without_barrier}, any epoch: {any_epoch})"),
         );
-        eprintln!("counterexample: {:?}", path.map(|p| p.into_actions()));
     }
 }
 
@@ -1943,19 +1950,7 @@ fn expect_caught(early: EarlySync, expected: &[&'static str]) {
         broken_early_sync: early,
         ..Default::default()
     };
-    let finish = HasDiscoveries::AllOf(expected.iter().copied().collect());
-    let checker = check(model, finish);
-    for &name in expected {
-        let path = checker.discovery(name);
-        assert!(
-            path.is_some(),
-            "the broken runtime ({early:?}) went unnoticed by {name:?}"
-        );
-    }
-    let path = checker
-        .discovery("the client is told what the branches do")
-        .expect("checked above");
-    eprintln!("counterexample: {:?}", path.into_actions());
+    assert_caught(model, expected, &format!("the broken runtime ({early:?})"));
 }
 
 /// Examples a local-commit run must reach.
@@ -2016,12 +2011,9 @@ fn checker_catches_a_local_commit_before_its_barrier() {
         broken_local_commit_without_barrier: true,
         ..Default::default()
     };
-    let name = "every reported outcome matches the branches";
-    let checker = check(model, HasDiscoveries::AllOf([name].into_iter().collect()));
-    let path = checker.discovery(name);
-    assert!(
-        path.is_some(),
-        "a local commit before its Barrier went unnoticed"
+    assert_caught(
+        model,
+        &["every reported outcome matches the branches"],
+        "a local commit before its Barrier",
     );
-    eprintln!("counterexample: {:?}", path.map(|p| p.into_actions()));
 }
