@@ -88,6 +88,29 @@ pub struct ModeResult {
     pub batch_max: Option<u64>,
     /// This mode's rate divided by the disk ceiling measured in the same run.
     pub ratio_to_disk_ceiling: Option<f64>,
+    /// CPU time (user + system) of this whole process per transaction, µs: clients,
+    /// coordinator and participants together, so it measures the cost of a transaction
+    /// on the machine independently of how busy other tenants keep it.
+    pub cpu_us_per_tx: Option<f64>,
+}
+
+/// CPU time (user + system) this process has used so far, all threads.
+pub(crate) fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage struct, RUSAGE_SELF.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// `cpu` spent over `transactions`, in µs each (`None` when nothing completed).
+pub(crate) fn cpu_per_tx(cpu: Duration, transactions: u64) -> Option<f64> {
+    (transactions > 0).then(|| cpu.as_secs_f64() * 1e6 / transactions as f64)
 }
 
 /// A participant that answers everything at once. `stopping` ends its batched streams
@@ -390,6 +413,7 @@ async fn drive(
     let early = branches.len() == 1;
     let mut tasks = Vec::new();
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let barriers = early.then(|| {
         let mut unary = client.unary.clone();
         let (stop, done) = (stop.clone(), done.clone());
@@ -458,8 +482,11 @@ async fn drive(
             .map_err(|s| anyhow::anyhow!("{mode}: a Barrier failed: {s}"))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     pb.finish_and_clear();
-    Ok(summarize(mode, clients, &mut lat, elapsed))
+    let mut r = summarize(mode, clients, &mut lat, elapsed);
+    r.cpu_us_per_tx = cpu_per_tx(cpu, r.transactions);
+    Ok(r)
 }
 
 fn summarize(mode: &str, clients: usize, lat_us: &mut [u64], elapsed_s: f64) -> ModeResult {
@@ -483,6 +510,7 @@ fn summarize(mode: &str, clients: usize, lat_us: &mut [u64], elapsed_s: f64) -> 
         batch_mean: None,
         batch_max: None,
         ratio_to_disk_ceiling: None,
+        cpu_us_per_tx: None,
     }
 }
 
@@ -570,8 +598,17 @@ fn disk_ceiling(
 
 fn print_table(results: &[ModeResult]) {
     println!(
-        "{:<18} {:>7} {:>10} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9}",
-        "mode", "clients", "tx/s", "p50 ms", "p99 ms", "max ms", "syncs/dec", "batch", "x ceiling"
+        "{:<18} {:>7} {:>10} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9} {:>10}",
+        "mode",
+        "clients",
+        "tx/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "syncs/dec",
+        "batch",
+        "x ceiling",
+        "cpu us/tx"
     );
     for r in results {
         let opt = |v: Option<f64>, prec: usize| {
@@ -579,7 +616,7 @@ fn print_table(results: &[ModeResult]) {
                 .unwrap_or_else(|| "-".into())
         };
         println!(
-            "{:<18} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>12} {:>10} {:>9}",
+            "{:<18} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>12} {:>10} {:>9} {:>10}",
             r.mode,
             r.clients,
             r.tx_per_s,
@@ -589,6 +626,7 @@ fn print_table(results: &[ModeResult]) {
             opt(r.syncs_per_decision, 3),
             opt(r.batch_mean, 1),
             opt(r.ratio_to_disk_ceiling, 2),
+            opt(r.cpu_us_per_tx, 1),
         );
     }
 }

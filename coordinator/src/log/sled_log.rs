@@ -51,6 +51,20 @@
 //! `fdatasync`); at low concurrency the wait is only added latency, so a lone client or a
 //! few never wait.
 //!
+//! # Lazy records
+//!
+//! The two-phase path's lazy records (`Preparing`, `Aborted`, `Done`) are not written by
+//! the caller (which holds the engine's lock): they are queued, and the writer thread
+//! writes the queue before each batch (so a sync covers every record queued before it was
+//! asked for), every 20 ms when idle, before a read of the log, and before it stops. A
+//! `Preparing` record is never written when its transaction's COMMIT is in the same batch
+//! (the COMMIT record carries the branches) or when the same queue removes it again (an
+//! abort, or the end of phase two), so a two-phase commit usually costs two sled writes
+//! (its COMMIT, then its done flag), both on the writer thread, instead of four, three of
+//! them under the engine's lock (docs/performance.md has the numbers). One-phase records
+//! are written at once, after the queue: they are synced right after, and a reader must
+//! find a recorded one-phase outcome.
+//!
 //! # Fault injection
 //!
 //! With the crate feature `failpoints`, the fail points `coordinator::log::before_sync`
@@ -59,7 +73,7 @@
 //! `return(error)` (or a bare `return`) to make the sync fail. Without the feature,
 //! [`SledLogOptions::fail_syncs`] makes every sync fail while the flag is set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -509,6 +523,12 @@ struct Shared {
     /// Blob files synced; only read by tests.
     #[cfg_attr(not(test), allow(dead_code))]
     blob_syncs: Arc<AtomicU64>,
+    /// Lazy records of the two-phase path (`Preparing`, `Aborted`, `Done`) not yet written
+    /// to sled, oldest first (see [`Trees::apply_queued`]).
+    queued: Mutex<Vec<LazyRecord>>,
+    /// Held while queued records are written, so that they reach sled in order with the
+    /// lazy records written directly.
+    applying: Mutex<()>,
 }
 
 impl Shared {
@@ -581,6 +601,8 @@ struct CommitRequest {
 struct Writer {
     db: sled::Db,
     commits: sled::Tree,
+    /// Where queued lazy records go.
+    trees: Trees,
     syncer: Syncer,
     shared: Arc<Shared>,
     last_lsn: Lsn,
@@ -600,12 +622,29 @@ impl Writer {
     /// Serves requests until every sender is gone; returns the syncer for the final sync.
     fn run(mut self, rx: mpsc::Receiver<Request>) -> Syncer {
         let mut previous_batch = 0;
-        while let Ok(first) = rx.recv() {
-            let batch = gather(&rx, first, gather_window(self.delay, previous_batch));
-            previous_batch = batch.len();
-            self.process(batch);
+        loop {
+            match rx.recv_timeout(LAZY_APPLY_INTERVAL) {
+                Ok(first) => {
+                    let batch = gather(&rx, first, gather_window(self.delay, previous_batch));
+                    previous_batch = batch.len();
+                    self.process(batch);
+                }
+                // Idle: queued lazy records still reach sled (and its background flush).
+                Err(mpsc::RecvTimeoutError::Timeout) => self.apply_idle(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
+        // Closing: what was queued is written before the final flush and sync.
+        self.apply_idle();
         self.syncer
+    }
+
+    /// Writes the queued lazy records outside a batch. A failure poisons the log (in
+    /// [`Trees::apply_queued`]); every later write and read reports it.
+    fn apply_idle(&self) {
+        if self.shared.failure().is_none() {
+            let _ = self.trees.apply_queued(&self.shared, &HashSet::new());
+        }
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -656,6 +695,18 @@ impl Writer {
         batch: Vec<Request>,
         waiting: &mut Vec<Waiting>,
     ) -> Result<Option<Lsn>, (String, Vec<Reply>)> {
+        // The lazy records queued so far go first: a sync covers every record written
+        // before it was asked for, and this batch's syncs were asked after them.
+        let committing: HashSet<TxId> = batch
+            .iter()
+            .filter_map(|r| match &r.item {
+                Item::Commit(record) => Some(record.tx),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = self.trees.apply_queued(&self.shared, &committing) {
+            return Err((e.to_string(), batch.into_iter().map(|r| r.reply).collect()));
+        }
         let mut in_batch: HashMap<TxId, (Lsn, Vec<BranchSpec>)> = HashMap::new();
         // Audit records of this batch per transaction: they come after the stored ones.
         let mut audits_in_batch: HashMap<TxId, u32> = HashMap::new();
@@ -814,6 +865,134 @@ impl Writer {
 }
 
 // ---------------------------------------------------------------------------------------
+// Lazy records
+// ---------------------------------------------------------------------------------------
+
+/// Every lazy record of a batch is written before this long passes without one (the
+/// writer applies the queue before each batch, and at this interval when idle); sled's
+/// background flush ([`SledLogOptions::flush_every_ms`]) then takes it to the disk.
+const LAZY_APPLY_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The sled trees lazy records go to.
+#[derive(Clone)]
+struct Trees {
+    commits: sled::Tree,
+    preparing: sled::Tree,
+}
+
+fn sled_error(shared: &Shared, what: &str, e: sled::Error) -> LogError {
+    shared.poison(format!("{what}: {e}"))
+}
+
+/// Which queued records need not be written: a `Preparing` record whose transaction's
+/// COMMIT is written in the same batch (`committing`: the COMMIT record carries the
+/// branches and makes the transaction decided), or that a later `Aborted` or `Done` of the
+/// same queue removes again. Those removals still run (a removal of an absent key writes
+/// nothing), so a `Preparing` record written earlier goes too.
+fn skipped_inserts(records: &[LazyRecord], committing: &HashSet<TxId>) -> Vec<bool> {
+    let mut skip = vec![false; records.len()];
+    let mut pending: HashMap<TxId, Vec<usize>> = HashMap::new();
+    for (i, record) in records.iter().enumerate() {
+        match record {
+            LazyRecord::Preparing { tx, .. } if committing.contains(tx) => skip[i] = true,
+            LazyRecord::Preparing { tx, .. } => pending.entry(*tx).or_default().push(i),
+            LazyRecord::Aborted { tx } | LazyRecord::Done { tx } => {
+                for j in pending.remove(tx).unwrap_or_default() {
+                    skip[j] = true;
+                }
+            }
+            LazyRecord::OnePhase { .. } | LazyRecord::OnePhaseCommitted { .. } => {}
+        }
+    }
+    skip
+}
+
+impl Trees {
+    /// Writes the queued lazy records, oldest first, leaving out the inserts
+    /// [`skipped_inserts`] finds unneeded. A sled failure poisons the log; the records
+    /// not yet written are dropped with it (a poisoned log writes nothing more).
+    fn apply_queued(&self, shared: &Shared, committing: &HashSet<TxId>) -> Result<(), LogError> {
+        let _applying = lock(&shared.applying);
+        let records = std::mem::take(&mut *lock(&shared.queued));
+        if records.is_empty() {
+            return Ok(());
+        }
+        let skip = skipped_inserts(&records, committing);
+        for (record, skip) in records.into_iter().zip(skip) {
+            if !skip {
+                self.write_lazy(shared, record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one lazy record to sled.
+    fn write_lazy(&self, shared: &Shared, record: LazyRecord) -> Result<(), LogError> {
+        match record {
+            LazyRecord::Preparing { tx, branches } => {
+                self.preparing
+                    .insert(tx_key(&tx), encode_preparing(&tx, &branches, false))
+                    .map_err(|e| sled_error(shared, "sled write of a preparing record", e))?;
+            }
+            LazyRecord::OnePhase { tx, branch } => {
+                self.preparing
+                    .insert(tx_key(&tx), encode_preparing(&tx, &[branch], true))
+                    .map_err(|e| sled_error(shared, "sled write of a one-phase intent", e))?;
+            }
+            LazyRecord::Aborted { tx } => {
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+            LazyRecord::Done { tx } => {
+                let mut corrupt: Option<String> = None;
+                self.commits
+                    .fetch_and_update(tx_key(&tx), |old| {
+                        let old = old?;
+                        match decode_commit(old) {
+                            Ok(stored) if stored.done => Some(old.to_vec()),
+                            Ok(stored) => Some(encode_commit(
+                                &stored.record,
+                                stored.lsn,
+                                true,
+                                stored.one_phase,
+                            )),
+                            Err(m) => {
+                                corrupt = Some(m);
+                                Some(old.to_vec())
+                            }
+                        }
+                    })
+                    .map_err(|e| sled_error(shared, "sled update of a commit record", e))?;
+                if let Some(m) = corrupt {
+                    return Err(shared.poison(format!("commit {tx}: {m}")));
+                }
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+            LazyRecord::OnePhaseCommitted { tx, branches } => {
+                let record = CommitRecord {
+                    tx,
+                    branches,
+                    decided_at_ms: now_ms(),
+                };
+                let value = encode_commit(&record, 0, true, true);
+                // Insert only if absent: never overwrite an existing decision.
+                let _ = self
+                    .commits
+                    .compare_and_swap(tx_key(&tx), None as Option<&[u8]>, Some(value))
+                    .map_err(|e| sled_error(shared, "sled write of a one-phase record", e))?;
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // SledLog
 // ---------------------------------------------------------------------------------------
 
@@ -832,6 +1011,8 @@ pub struct SledLog {
     db: sled::Db,
     commits: sled::Tree,
     preparing: sled::Tree,
+    /// The same two trees, for lazy records.
+    trees: Trees,
     _lock: File,
 }
 
@@ -964,11 +1145,18 @@ impl SledLog {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             blob_syncs: syncer.blob_syncs(),
+            queued: Mutex::new(Vec::new()),
+            applying: Mutex::new(()),
         });
         let (sender, receiver) = mpsc::channel();
+        let trees = Trees {
+            commits: commits.clone(),
+            preparing: preparing.clone(),
+        };
         let writer = Writer {
             db: db.clone(),
             commits: commits.clone(),
+            trees: trees.clone(),
             syncer,
             shared: shared.clone(),
             last_lsn,
@@ -996,6 +1184,7 @@ impl SledLog {
             db,
             commits,
             preparing,
+            trees,
             _lock: lock_file,
         })
     }
@@ -1052,7 +1241,7 @@ impl SledLog {
     }
 
     fn sled_error(&self, what: &str, e: sled::Error) -> LogError {
-        self.shared.poison(format!("{what}: {e}"))
+        sled_error(&self.shared, what, e)
     }
 
     /// Blob files synced by the writer so far (tests).
@@ -1107,70 +1296,26 @@ impl DecisionLog for SledLog {
     fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError> {
         self.check_write(epoch)?;
         match record {
-            LazyRecord::Preparing { tx, branches } => {
-                self.preparing
-                    .insert(tx_key(&tx), encode_preparing(&tx, &branches, false))
-                    .map_err(|e| self.sled_error("sled write of a preparing record", e))?;
+            // The two-phase path's records are queued for the writer thread: no sled work
+            // under the caller's locks, and records that cancel out never reach sled.
+            LazyRecord::Preparing { .. } | LazyRecord::Aborted { .. } | LazyRecord::Done { .. } => {
+                lock(&self.shared.queued).push(record);
+                Ok(())
             }
-            LazyRecord::OnePhase { tx, branch } => {
-                self.preparing
-                    .insert(tx_key(&tx), encode_preparing(&tx, &[branch], true))
-                    .map_err(|e| self.sled_error("sled write of a one-phase intent", e))?;
-            }
-            LazyRecord::Aborted { tx } => {
-                self.preparing
-                    .remove(tx_key(&tx))
-                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
-            }
-            LazyRecord::Done { tx } => {
-                let mut corrupt: Option<String> = None;
-                self.commits
-                    .fetch_and_update(tx_key(&tx), |old| {
-                        let old = old?;
-                        match decode_commit(old) {
-                            Ok(stored) if stored.done => Some(old.to_vec()),
-                            Ok(stored) => Some(encode_commit(
-                                &stored.record,
-                                stored.lsn,
-                                true,
-                                stored.one_phase,
-                            )),
-                            Err(m) => {
-                                corrupt = Some(m);
-                                Some(old.to_vec())
-                            }
-                        }
-                    })
-                    .map_err(|e| self.sled_error("sled update of a commit record", e))?;
-                if let Some(m) = corrupt {
-                    return Err(self.shared.poison(format!("commit {tx}: {m}")));
-                }
-                self.preparing
-                    .remove(tx_key(&tx))
-                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
-            }
-            LazyRecord::OnePhaseCommitted { tx, branches } => {
-                let record = CommitRecord {
-                    tx,
-                    branches,
-                    decided_at_ms: now_ms(),
-                };
-                let value = encode_commit(&record, 0, true, true);
-                // Insert only if absent: never overwrite an existing decision.
-                let _ = self
-                    .commits
-                    .compare_and_swap(tx_key(&tx), None as Option<&[u8]>, Some(value))
-                    .map_err(|e| self.sled_error("sled write of a one-phase record", e))?;
-                self.preparing
-                    .remove(tx_key(&tx))
-                    .map_err(|e| self.sled_error("sled removal of a preparing record", e))?;
+            // One-phase records are written at once (they are synced right after, and a
+            // reader must find a one-phase outcome as soon as it is recorded), after what
+            // is queued, so every transaction's records reach sled in order.
+            LazyRecord::OnePhase { .. } | LazyRecord::OnePhaseCommitted { .. } => {
+                self.trees.apply_queued(&self.shared, &HashSet::new())?;
+                self.trees.write_lazy(&self.shared, record)
             }
         }
-        Ok(())
     }
 
     fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError> {
         self.check_read()?;
+        // A queued `Done` of this transaction counts.
+        self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let Some(bytes) = self
             .commits
             .get(tx_key(tx))
@@ -1192,6 +1337,7 @@ impl DecisionLog for SledLog {
 
     fn recover(&self) -> Result<Recovered, LogError> {
         self.check_read()?;
+        self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let durable = self.durable_lsn();
         let mut open_commits: Vec<(Lsn, CommitRecord)> = Vec::new();
         for item in self.commits.iter() {
@@ -1347,6 +1493,120 @@ mod tests {
                 started.elapsed()
             );
         }
+    }
+
+    #[test]
+    fn queued_inserts_that_cancel_out_are_skipped_and_removals_always_run() {
+        let t = |seq| TxId {
+            node: 1,
+            epoch: 1,
+            seq,
+        };
+        let preparing = |seq| LazyRecord::Preparing {
+            tx: t(seq),
+            branches: branches(2, "q"),
+        };
+        let records = vec![
+            preparing(1),                     // 0: its COMMIT is in the batch
+            preparing(2),                     // 1: aborted below
+            preparing(3),                     // 2: done below
+            preparing(4),                     // 3: stays
+            preparing(5),                     // 4: written twice, then aborted
+            LazyRecord::Aborted { tx: t(2) }, // 5
+            LazyRecord::Done { tx: t(3) },    // 6
+            preparing(5),                     // 7
+            LazyRecord::Aborted { tx: t(5) }, // 8
+            LazyRecord::OnePhase {
+                tx: t(6),
+                branch: branches(1, "q").remove(0),
+            }, // 9: never skipped
+            LazyRecord::Aborted { tx: t(6) }, // 10
+            LazyRecord::Done { tx: t(7) },    // 11: nothing queued to cancel
+        ];
+        let committing: HashSet<TxId> = [t(1)].into_iter().collect();
+        assert_eq!(
+            skipped_inserts(&records, &committing),
+            vec![true, true, true, false, true, false, false, true, false, false, false, false]
+        );
+        // Without a COMMIT in the batch the first one is written.
+        assert!(!skipped_inserts(&records, &HashSet::new())[0]);
+    }
+
+    #[tokio::test]
+    async fn queued_records_reach_sled_before_the_batch_that_follows_them_and_when_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        let epoch = log.epoch();
+        let (t1, t2, t3) = (tx_of(&log, 1), tx_of(&log, 2), tx_of(&log, 3));
+        let present = |log: &SledLog, tx: &TxId| {
+            log.preparing
+                .get(tx_key(tx))
+                .expect("read preparing")
+                .is_some()
+        };
+        for tx in [t1, t2] {
+            log.record_lazy(
+                epoch,
+                LazyRecord::Preparing {
+                    tx,
+                    branches: branches(2, "q"),
+                },
+            )
+            .expect("lazy");
+        }
+        // t1's COMMIT goes in the batch after its Preparing record: that record is never
+        // written (the COMMIT carries its branches); t2's is.
+        log.force_commit(epoch, commit(t1, branches(2, "q"), 1))
+            .await
+            .expect("force");
+        assert!(
+            !present(&log, &t1),
+            "a decided transaction's Preparing record was written"
+        );
+        assert!(
+            present(&log, &t2),
+            "the batch did not write what was queued before it"
+        );
+        let recovered = log.recover().expect("recover");
+        assert_eq!(recovered.commits.len(), 1);
+        assert_eq!(recovered.undecided, vec![(t2, branches(2, "q"))]);
+
+        // Done and Aborted are applied before a read that could see them...
+        log.record_lazy(epoch, LazyRecord::Done { tx: t1 })
+            .expect("lazy");
+        log.record_lazy(epoch, LazyRecord::Aborted { tx: t2 })
+            .expect("lazy");
+        assert!(log.decision(&t1).expect("decision").expect("t1").done);
+        assert!(!present(&log, &t2));
+
+        // ...and by the idle writer without any other call.
+        log.record_lazy(
+            epoch,
+            LazyRecord::Preparing {
+                tx: t3,
+                branches: branches(1, "q"),
+            },
+        )
+        .expect("lazy");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !present(&log, &t3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle writer left a queued record unwritten"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // And a sync covers what was queued before it, across a reopen.
+        log.record_lazy(epoch, LazyRecord::Aborted { tx: t3 })
+            .expect("lazy");
+        log.sync(epoch).await.expect("sync");
+        assert!(!present(&log, &t3));
+        drop(log);
+        let log = open(dir.path());
+        let recovered = log.recover().expect("recover");
+        assert!(recovered.commits.is_empty(), "t1 was marked done");
+        assert!(recovered.undecided.is_empty());
     }
 
     #[tokio::test]
