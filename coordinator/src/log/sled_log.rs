@@ -53,17 +53,17 @@
 //!
 //! # Lazy records
 //!
-//! The two-phase path's lazy records (`Preparing`, `Aborted`, `Done`) are not written by
-//! the caller (which holds the engine's lock): they are queued, and the writer thread
-//! writes the queue before each batch (so a sync covers every record queued before it was
-//! asked for), every 20 ms when idle, before a read of the log, and before it stops. A
-//! `Preparing` record is never written when its transaction's COMMIT is in the same batch
-//! (the COMMIT record carries the branches) or when the same queue removes it again (an
-//! abort, or the end of phase two), so a two-phase commit usually costs two sled writes
-//! (its COMMIT, then its done flag), both on the writer thread, instead of four, three of
-//! them under the engine's lock (docs/performance.md has the numbers). One-phase records
-//! are written at once, after the queue: they are synced right after, and a reader must
-//! find a recorded one-phase outcome.
+//! Lazy records are not written by the caller (which holds the engine's lock): they are
+//! queued, and the writer thread writes the queue in order before each batch (so a sync
+//! covers every record queued before it was asked for), every 20 ms when idle, and before
+//! it stops; a read of the log ([`DecisionLog::decision`], [`DecisionLog::recover`])
+//! writes it first, so readers see every record recorded before them. A `Preparing`
+//! record is never written when its transaction's COMMIT is in the same batch (the COMMIT
+//! record carries the branches), nor is a `Preparing` record or one-phase intent that the
+//! same queue removes again (an abort, the end of phase two, a one-phase outcome). So a
+//! two-phase commit usually costs two sled writes (its COMMIT, then its done flag), both
+//! on the writer thread, instead of four, three of them under the engine's lock
+//! (docs/performance.md has the numbers).
 //!
 //! # Fault injection
 //!
@@ -886,22 +886,27 @@ fn sled_error(shared: &Shared, what: &str, e: sled::Error) -> LogError {
 
 /// Which queued records need not be written: a `Preparing` record whose transaction's
 /// COMMIT is written in the same batch (`committing`: the COMMIT record carries the
-/// branches and makes the transaction decided), or that a later `Aborted` or `Done` of the
-/// same queue removes again. Those removals still run (a removal of an absent key writes
-/// nothing), so a `Preparing` record written earlier goes too.
+/// branches and makes the transaction decided), and a `Preparing` record or one-phase
+/// intent that a later record of the same queue removes again (`Aborted`, `Done`,
+/// `OnePhaseCommitted`). No sync came between the two (a sync writes the queue), so the
+/// insert was never promised durable. The removals still run (removing an absent key
+/// writes nothing), so a record written by an earlier queue goes too.
 fn skipped_inserts(records: &[LazyRecord], committing: &HashSet<TxId>) -> Vec<bool> {
     let mut skip = vec![false; records.len()];
     let mut pending: HashMap<TxId, Vec<usize>> = HashMap::new();
     for (i, record) in records.iter().enumerate() {
         match record {
             LazyRecord::Preparing { tx, .. } if committing.contains(tx) => skip[i] = true,
-            LazyRecord::Preparing { tx, .. } => pending.entry(*tx).or_default().push(i),
-            LazyRecord::Aborted { tx } | LazyRecord::Done { tx } => {
+            LazyRecord::Preparing { tx, .. } | LazyRecord::OnePhase { tx, .. } => {
+                pending.entry(*tx).or_default().push(i)
+            }
+            LazyRecord::Aborted { tx }
+            | LazyRecord::Done { tx }
+            | LazyRecord::OnePhaseCommitted { tx, .. } => {
                 for j in pending.remove(tx).unwrap_or_default() {
                     skip[j] = true;
                 }
             }
-            LazyRecord::OnePhase { .. } | LazyRecord::OnePhaseCommitted { .. } => {}
         }
     }
     skip
@@ -1295,26 +1300,15 @@ impl DecisionLog for SledLog {
 
     fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError> {
         self.check_write(epoch)?;
-        match record {
-            // The two-phase path's records are queued for the writer thread: no sled work
-            // under the caller's locks, and records that cancel out never reach sled.
-            LazyRecord::Preparing { .. } | LazyRecord::Aborted { .. } | LazyRecord::Done { .. } => {
-                lock(&self.shared.queued).push(record);
-                Ok(())
-            }
-            // One-phase records are written at once (they are synced right after, and a
-            // reader must find a one-phase outcome as soon as it is recorded), after what
-            // is queued, so every transaction's records reach sled in order.
-            LazyRecord::OnePhase { .. } | LazyRecord::OnePhaseCommitted { .. } => {
-                self.trees.apply_queued(&self.shared, &HashSet::new())?;
-                self.trees.write_lazy(&self.shared, record)
-            }
-        }
+        // Queued for the writer thread: no sled work under the caller's locks, and records
+        // that cancel out never reach sled. Reads write the queue first.
+        lock(&self.shared.queued).push(record);
+        Ok(())
     }
 
     fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError> {
         self.check_read()?;
-        // A queued `Done` of this transaction counts.
+        // A queued `Done` or one-phase outcome of this transaction counts.
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let Some(bytes) = self
             .commits
@@ -1519,14 +1513,29 @@ mod tests {
             LazyRecord::OnePhase {
                 tx: t(6),
                 branch: branches(1, "q").remove(0),
-            }, // 9: never skipped
+            }, // 9: aborted below
             LazyRecord::Aborted { tx: t(6) }, // 10
             LazyRecord::Done { tx: t(7) },    // 11: nothing queued to cancel
+            LazyRecord::OnePhase {
+                tx: t(8),
+                branch: branches(1, "q").remove(0),
+            }, // 12: its outcome follows
+            LazyRecord::OnePhaseCommitted {
+                tx: t(8),
+                branches: branches(1, "q"),
+            }, // 13: written
+            LazyRecord::OnePhase {
+                tx: t(9),
+                branch: branches(1, "q").remove(0),
+            }, // 14: stays
         ];
         let committing: HashSet<TxId> = [t(1)].into_iter().collect();
         assert_eq!(
             skipped_inserts(&records, &committing),
-            vec![true, true, true, false, true, false, false, true, false, false, false, false]
+            vec![
+                true, true, true, false, true, false, false, true, false, true, false, false, true,
+                false, false
+            ]
         );
         // Without a COMMIT in the batch the first one is written.
         assert!(!skipped_inserts(&records, &HashSet::new())[0]);
