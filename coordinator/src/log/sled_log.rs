@@ -523,11 +523,10 @@ struct Shared {
     /// Blob files synced; only read by tests.
     #[cfg_attr(not(test), allow(dead_code))]
     blob_syncs: Arc<AtomicU64>,
-    /// Lazy records of the two-phase path (`Preparing`, `Aborted`, `Done`) not yet written
-    /// to sled, oldest first (see [`Trees::apply_queued`]).
+    /// Lazy records not yet written to sled, oldest first (see [`Trees::apply_queued`]).
     queued: Mutex<Vec<LazyRecord>>,
-    /// Held while queued records are written, so that they reach sled in order with the
-    /// lazy records written directly.
+    /// Held while queued records are written: a reader that writes the queue first waits
+    /// for records the writer thread has taken but not yet written.
     applying: Mutex<()>,
 }
 
@@ -868,9 +867,9 @@ impl Writer {
 // Lazy records
 // ---------------------------------------------------------------------------------------
 
-/// Every lazy record of a batch is written before this long passes without one (the
-/// writer applies the queue before each batch, and at this interval when idle); sled's
-/// background flush ([`SledLogOptions::flush_every_ms`]) then takes it to the disk.
+/// How long an idle writer thread leaves queued lazy records unwritten (a busy one writes
+/// them before each batch); sled's background flush ([`SledLogOptions::flush_every_ms`])
+/// then takes them to the disk.
 const LAZY_APPLY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The sled trees lazy records go to.
