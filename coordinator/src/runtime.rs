@@ -189,17 +189,20 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     }
 
     /// One scrape: refreshes the gauges computed from the engine and the log, then
-    /// encodes every metric in the Prometheus text format.
+    /// encodes every metric in the Prometheus text format. Both happen under the
+    /// engine's lock, so a scrape is one consistent snapshot of what the engine's events
+    /// record (an event handled between the refresh and the encoding could otherwise show
+    /// its recovery counts beside gauges computed before it).
     pub fn render_metrics(&self) -> Result<String, prometheus::Error> {
         let stats = self.inner.log.stats();
         let halted = self.is_halted();
-        {
-            let engine = lock(&self.inner.engine);
-            self.inner
-                .metrics
-                .refresh(&engine, self.inner.now_ms(), stats, halted);
-        }
-        self.inner.metrics.encode()
+        let engine = lock(&self.inner.engine);
+        self.inner
+            .metrics
+            .refresh(&engine, self.inner.now_ms(), stats, halted);
+        let text = self.inner.metrics.encode();
+        drop(engine);
+        text
     }
 
     /// Reads the log and schedules every unfinished transaction. Returns how many
