@@ -599,7 +599,8 @@ struct CommitRequest {
 
 struct Writer {
     db: sled::Db,
-    /// Its trees (the COMMIT decisions go to `commits`, queued lazy records to both).
+    commits: sled::Tree,
+    /// Where queued lazy records go.
     trees: Trees,
     syncer: Syncer,
     shared: Arc<Shared>,
@@ -766,7 +767,7 @@ impl Writer {
                 continue;
             }
             let key = tx_key(&tx);
-            let existing = match self.trees.commits.get(key) {
+            let existing = match self.commits.get(key) {
                 Ok(v) => v,
                 Err(e) => {
                     let rest = std::iter::once(req.reply).chain(requests.map(|r| r.reply));
@@ -822,7 +823,7 @@ impl Writer {
         }
         if next > self.last_lsn {
             sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
-            self.trees.commits.apply_batch(sled_batch).map_err(|e| {
+            self.commits.apply_batch(sled_batch).map_err(|e| {
                 (
                     format!("sled write of {} records failed: {e}", next - self.last_lsn),
                     vec![],
@@ -840,7 +841,7 @@ impl Writer {
     /// How many audit records of `tx` are stored (the index the next one gets).
     fn stored_audits(&self, tx: &TxId) -> Result<u32, String> {
         let mut n: u32 = 0;
-        for item in self.trees.commits.scan_prefix(audit_prefix(tx)) {
+        for item in self.commits.scan_prefix(audit_prefix(tx)) {
             item.map_err(|e| format!("sled scan of the audit records of {tx} failed: {e}"))?;
             n = n.saturating_add(1);
         }
@@ -1012,7 +1013,9 @@ pub struct SledLog {
     writer: Option<JoinHandle<Syncer>>,
     // Field order matters: sled must be closed before the lock is released.
     db: sled::Db,
-    /// The `commits` and `preparing` trees.
+    commits: sled::Tree,
+    preparing: sled::Tree,
+    /// The same two trees, for lazy records.
     trees: Trees,
     _lock: File,
 }
@@ -1156,6 +1159,7 @@ impl SledLog {
         };
         let writer = Writer {
             db: db.clone(),
+            commits: commits.clone(),
             trees: trees.clone(),
             syncer,
             shared: shared.clone(),
@@ -1182,6 +1186,8 @@ impl SledLog {
             sender: Some(sender),
             writer: Some(handle),
             db,
+            commits,
+            preparing,
             trees,
             _lock: lock_file,
         })
@@ -1275,7 +1281,7 @@ impl DecisionLog for SledLog {
         let durable = self.durable_lsn();
         let mut records = Vec::new();
         // Keys sort by index (big-endian), so this is the order they were forced in.
-        for item in self.trees.commits.scan_prefix(audit_prefix(tx)) {
+        for item in self.commits.scan_prefix(audit_prefix(tx)) {
             let (key, value) =
                 item.map_err(|e| self.sled_error("sled scan of audit records", e))?;
             if key.len() != AUDIT_KEY_LEN {
@@ -1304,7 +1310,6 @@ impl DecisionLog for SledLog {
         // A queued `Done` or one-phase outcome of this transaction counts.
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let Some(bytes) = self
-            .trees
             .commits
             .get(tx_key(tx))
             .map_err(|e| self.sled_error("sled read of a commit record", e))?
@@ -1328,7 +1333,7 @@ impl DecisionLog for SledLog {
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let durable = self.durable_lsn();
         let mut open_commits: Vec<(Lsn, CommitRecord)> = Vec::new();
-        for item in self.trees.commits.iter() {
+        for item in self.commits.iter() {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of commits", e))?;
             if key.len() != TX_KEY_LEN {
                 continue;
@@ -1342,10 +1347,9 @@ impl DecisionLog for SledLog {
 
         let mut undecided = Vec::new();
         let mut one_phase = Vec::new();
-        for item in self.trees.preparing.iter() {
+        for item in self.preparing.iter() {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of preparing", e))?;
             let decided = match self
-                .trees
                 .commits
                 .get(&key)
                 .map_err(|e| self.sled_error("sled read of a commit record", e))?
@@ -1543,8 +1547,7 @@ mod tests {
         let epoch = log.epoch();
         let (t1, t2, t3) = (tx_of(&log, 1), tx_of(&log, 2), tx_of(&log, 3));
         let present = |log: &SledLog, tx: &TxId| {
-            log.trees
-                .preparing
+            log.preparing
                 .get(tx_key(tx))
                 .expect("read preparing")
                 .is_some()
