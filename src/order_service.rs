@@ -661,6 +661,9 @@ async fn recover(
         println!("in doubt {tx_id} {branch_id}");
     }
     let mut seen: BTreeSet<(String, String)> = at_start.into_iter().collect();
+    // One pass even when nothing is in doubt: it reports the one-phase commits the
+    // database remembers (a process that died before reporting its local commit).
+    sdk.recover_now().await;
     loop {
         let now = match in_doubt(service, db, broker).await {
             Ok(list) => list,

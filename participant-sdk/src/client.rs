@@ -25,8 +25,9 @@
 //! outcome is durable: the branches are then forgotten at once, as before. The forgetter
 //! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
 //! the markers a process leaves behind (it died, or the coordinator restarted between the
-//! answer and the Barrier) are reported by the recovery loop — at the next start, or on a
-//! later pass once a minute old — and dropped then; `marker_retention` is the backstop.
+//! answer and the Barrier) are reported by the recovery loop — after the next start (its
+//! first pass over the resource once registered), or on a later pass once a minute old —
+//! and dropped then; `marker_retention` is the backstop.
 //!
 //! # Local one-phase commits
 //!
@@ -623,7 +624,9 @@ impl TwoPc {
     }
 
     /// Registers a resource so the participant server can route its branches. Returns it
-    /// back for convenience. Registering two resources with one name is an error.
+    /// back for convenience. Registering two resources with one name is an error. The
+    /// first periodic recovery pass over it also reports every one-phase commit it
+    /// remembers (one a previous process made but could not report).
     pub fn register<R: Resource>(&self, resource: Arc<R>) -> Result<Arc<R>> {
         let mut reg = self
             .inner
@@ -782,7 +785,7 @@ impl TwoPc {
         crate::recovery::pass(
             &self.inner.coordinator,
             &self.inner.registry,
-            Duration::ZERO,
+            crate::recovery::Markers::All,
         )
         .await
     }

@@ -1633,16 +1633,15 @@ impl Inner {
     }
 
     /// The one-phase markers of this resource's branches older than `older_than` (at most
-    /// [`REMEMBERED_BATCH`] per call, oldest first); none without the outbox.
+    /// [`REMEMBERED_BATCH`] per call, oldest first); none while the marker table does not
+    /// exist. Not tied to this process's outbox: an earlier process's markers are there
+    /// (and reported) whether or not [`PgResource::enable_outbox`] has run yet here.
     async fn remembered_commits(
         self: Arc<Self>,
         older_than: Duration,
     ) -> Result<Vec<(String, String)>, Retry> {
-        if self.outbox.get().is_none() {
-            return Ok(Vec::new());
-        }
         let conn = get_conn(&self.pool).await.map_err(Retry)?;
-        let rows = conn
+        let rows = match conn
             .query(
                 "SELECT gid FROM twopc_one_phase \
                  WHERE committed_at <= clock_timestamp() - make_interval(secs => $1) \
@@ -1650,7 +1649,17 @@ impl Inner {
                 &[&older_than.as_secs_f64(), &REMEMBERED_BATCH],
             )
             .await
-            .map_err(|e| Retry(format!("listing one-phase markers: {}", describe(&e))))?;
+        {
+            Ok(rows) => rows,
+            // No outbox was ever enabled on this database: no one-phase commit either.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(Retry(format!(
+                    "listing one-phase markers: {}",
+                    describe(&e)
+                )))
+            }
+        };
         Ok(rows
             .iter()
             .filter_map(|r| parse_gid(r.get(0)))

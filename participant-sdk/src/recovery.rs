@@ -6,12 +6,15 @@
 //! One-phase commits a resource still remembers ([`Resource::remembered_commits`]: its
 //! process died before the coordinator's record of them was durable, or before a local
 //! commit was reported) are reported to the coordinator as committed, answered once the
-//! record is durable, and then forgotten. The pass at start (and [`pass`] run on demand)
-//! reports every one; the periodic passes only those older than [`REMEMBERED_AFTER`], so
-//! they never race the forgetter for the commits of the moment.
+//! record is durable, and then forgotten. The first periodic pass over each resource (a
+//! resource is registered after the handle started, so usually not the pass at start)
+//! and [`pass`] run on demand report every one; later periodic passes only those older
+//! than [`REMEMBERED_AFTER`], so they never race the forgetter for the commits of the
+//! moment.
 
 use crate::Resource;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -29,13 +32,37 @@ pub(crate) async fn run_loop(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut marker_age = Duration::ZERO;
+    let mut passed = HashSet::new();
     loop {
-        pass(&coordinator, &registry, marker_age).await;
-        marker_age = REMEMBERED_AFTER;
+        pass(&coordinator, &registry, Markers::Periodic(&mut passed)).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Which remembered one-phase commits a pass reports.
+pub(crate) enum Markers<'a> {
+    /// Every one (a pass run on demand).
+    All,
+    /// Every one of a resource not in the set (its first pass: the set takes it), only
+    /// those older than [`REMEMBERED_AFTER`] of the others.
+    Periodic(&'a mut HashSet<String>),
+}
+
+impl Markers<'_> {
+    /// How old a remembered commit of `resource` must be to be reported by this pass.
+    fn min_age(&mut self, resource: &str) -> Duration {
+        match self {
+            Markers::All => Duration::ZERO,
+            Markers::Periodic(passed) => {
+                if passed.insert(resource.to_string()) {
+                    Duration::ZERO
+                } else {
+                    REMEMBERED_AFTER
+                }
+            }
         }
     }
 }
@@ -44,18 +71,19 @@ pub(crate) async fn run_loop(
 /// two passes never race to finish the same branch.
 static PASS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// How old a remembered one-phase commit must be before a periodic pass reports it.
+/// How old a remembered one-phase commit must be before a periodic pass reports it (but
+/// the first pass over its resource).
 pub(crate) const REMEMBERED_AFTER: Duration = Duration::from_secs(60);
 
-/// One recovery pass over every registered resource, reporting remembered one-phase
-/// commits at least `marker_age` old. Returns how many branches finished.
+/// One recovery pass over every registered resource, reporting the remembered one-phase
+/// commits `markers` selects. Returns how many branches finished.
 ///
 /// Resources are visited in commit-tier order (databases, then others, then brokers), the
 /// order phase two uses, so recovery too makes a row visible before its event is out.
 pub(crate) async fn pass(
     coordinator: &CoordinatorClient<CoordinatorChannel>,
     registry: &Registry,
-    marker_age: Duration,
+    mut markers: Markers<'_>,
 ) -> usize {
     let _serial = PASS_LOCK.lock().await;
     let mut resources: Vec<_> = match registry.read() {
@@ -125,19 +153,20 @@ pub(crate) async fn pass(
         }
     }
     finished += abandoned(coordinator, &resources).await;
-    finished += reported(coordinator, &resources, marker_age).await;
+    finished += reported(coordinator, &resources, &mut markers).await;
     finished
 }
 
-/// Reports the one-phase commits the resources remember (at least `older_than` old) to
+/// Reports the one-phase commits the resources remember (those `markers` selects) to
 /// the coordinator and forgets those whose outcome it now holds durably.
 async fn reported(
     coordinator: &CoordinatorClient<CoordinatorChannel>,
     resources: &[std::sync::Arc<dyn Resource>],
-    older_than: Duration,
+    markers: &mut Markers<'_>,
 ) -> usize {
     let mut finished = 0;
     for resource in resources {
+        let older_than = markers.min_age(resource.name());
         for (tx_id, branch_id) in resource.remembered_commits(older_than).await {
             let req = pb::CommitRequest {
                 tx_id: tx_id.clone(),

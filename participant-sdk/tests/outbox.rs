@@ -1895,6 +1895,61 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
     .await;
 }
 
+/// Test: a process commits a local transaction (row, event and marker in one database
+/// commit) and dies before reporting it. A new process on the same database reports it
+/// from its first periodic recovery pass over the database, registered after the handle
+/// started and before its outbox is enabled (the order a service sets up in), instead of
+/// waiting until the marker is a minute old. The coordinator then records COMMITTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_commit_its_process_never_reported_is_reported_by_the_next_process() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_unreported", "obunrep", ORDERS, slow_sweep(), false).await;
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let tx_id = tx.id().to_string();
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'unreported')", &[])
+            .await
+            .expect("insert");
+        let branch_id = pg.branch_id().to_string();
+        // The database commit of `Transaction::commit`, without its report.
+        assert_eq!(
+            w.db.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Committed)
+        );
+        // The process "dies".
+        w.sdk.shutdown().await;
+        drop((pg, tx));
+        assert_eq!(
+            get_tx(&w.sdk, &tx_id).await.state,
+            pb::TxState::Preparing as i32,
+            "the coordinator has not heard of the commit"
+        );
+
+        let sdk2 = TwoPc::builder(w.coord.url.clone())
+            .service("svc")
+            .recovery_interval(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("start the second SDK");
+        let db2 = sdk2
+            .register(resource("db", &w.url).await)
+            .expect("register db again");
+        db2.enable_outbox(w.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox again");
+        eventually(WAIT, "the coordinator records COMMITTED", || async {
+            outcome(&sdk2, &tx_id).await == pb::Outcome::Committed as i32
+        })
+        .await;
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+
+        w.probe.delete(&w.queue).await;
+        sdk2.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
 /// Test: a local transaction its application never finishes is aborted at the
 /// transaction timeout by asking its participant, which rolls it back; a late commit is
 /// then refused.
