@@ -95,7 +95,7 @@ pub struct ModeResult {
 }
 
 /// CPU time (user + system) this process has used so far, all threads.
-pub(crate) fn process_cpu() -> Duration {
+fn process_cpu() -> Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage struct, RUSAGE_SELF.
@@ -109,7 +109,7 @@ pub(crate) fn process_cpu() -> Duration {
 }
 
 /// `cpu` spent over `transactions`, in µs each (`None` when nothing completed).
-pub(crate) fn cpu_per_tx(cpu: Duration, transactions: u64) -> Option<f64> {
+fn cpu_per_tx(cpu: Duration, transactions: u64) -> Option<f64> {
     (transactions > 0).then(|| cpu.as_secs_f64() * 1e6 / transactions as f64)
 }
 

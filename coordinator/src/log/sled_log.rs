@@ -599,8 +599,7 @@ struct CommitRequest {
 
 struct Writer {
     db: sled::Db,
-    commits: sled::Tree,
-    /// Where queued lazy records go.
+    /// Its trees (the COMMIT decisions go to `commits`, queued lazy records to both).
     trees: Trees,
     syncer: Syncer,
     shared: Arc<Shared>,
@@ -767,7 +766,7 @@ impl Writer {
                 continue;
             }
             let key = tx_key(&tx);
-            let existing = match self.commits.get(key) {
+            let existing = match self.trees.commits.get(key) {
                 Ok(v) => v,
                 Err(e) => {
                     let rest = std::iter::once(req.reply).chain(requests.map(|r| r.reply));
@@ -823,7 +822,7 @@ impl Writer {
         }
         if next > self.last_lsn {
             sled_batch.insert(LAST_LSN_KEY, encode_last_lsn(next));
-            self.commits.apply_batch(sled_batch).map_err(|e| {
+            self.trees.commits.apply_batch(sled_batch).map_err(|e| {
                 (
                     format!("sled write of {} records failed: {e}", next - self.last_lsn),
                     vec![],
@@ -841,7 +840,7 @@ impl Writer {
     /// How many audit records of `tx` are stored (the index the next one gets).
     fn stored_audits(&self, tx: &TxId) -> Result<u32, String> {
         let mut n: u32 = 0;
-        for item in self.commits.scan_prefix(audit_prefix(tx)) {
+        for item in self.trees.commits.scan_prefix(audit_prefix(tx)) {
             item.map_err(|e| format!("sled scan of the audit records of {tx} failed: {e}"))?;
             n = n.saturating_add(1);
         }
@@ -1013,9 +1012,7 @@ pub struct SledLog {
     writer: Option<JoinHandle<Syncer>>,
     // Field order matters: sled must be closed before the lock is released.
     db: sled::Db,
-    commits: sled::Tree,
-    preparing: sled::Tree,
-    /// The same two trees, for lazy records.
+    /// The `commits` and `preparing` trees.
     trees: Trees,
     _lock: File,
 }
@@ -1159,7 +1156,6 @@ impl SledLog {
         };
         let writer = Writer {
             db: db.clone(),
-            commits: commits.clone(),
             trees: trees.clone(),
             syncer,
             shared: shared.clone(),
@@ -1186,8 +1182,6 @@ impl SledLog {
             sender: Some(sender),
             writer: Some(handle),
             db,
-            commits,
-            preparing,
             trees,
             _lock: lock_file,
         })
@@ -1281,7 +1275,7 @@ impl DecisionLog for SledLog {
         let durable = self.durable_lsn();
         let mut records = Vec::new();
         // Keys sort by index (big-endian), so this is the order they were forced in.
-        for item in self.commits.scan_prefix(audit_prefix(tx)) {
+        for item in self.trees.commits.scan_prefix(audit_prefix(tx)) {
             let (key, value) =
                 item.map_err(|e| self.sled_error("sled scan of audit records", e))?;
             if key.len() != AUDIT_KEY_LEN {
@@ -1310,6 +1304,7 @@ impl DecisionLog for SledLog {
         // A queued `Done` or one-phase outcome of this transaction counts.
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let Some(bytes) = self
+            .trees
             .commits
             .get(tx_key(tx))
             .map_err(|e| self.sled_error("sled read of a commit record", e))?
@@ -1333,7 +1328,7 @@ impl DecisionLog for SledLog {
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let durable = self.durable_lsn();
         let mut open_commits: Vec<(Lsn, CommitRecord)> = Vec::new();
-        for item in self.commits.iter() {
+        for item in self.trees.commits.iter() {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of commits", e))?;
             if key.len() != TX_KEY_LEN {
                 continue;
@@ -1347,9 +1342,10 @@ impl DecisionLog for SledLog {
 
         let mut undecided = Vec::new();
         let mut one_phase = Vec::new();
-        for item in self.preparing.iter() {
+        for item in self.trees.preparing.iter() {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of preparing", e))?;
             let decided = match self
+                .trees
                 .commits
                 .get(&key)
                 .map_err(|e| self.sled_error("sled read of a commit record", e))?
@@ -1547,7 +1543,8 @@ mod tests {
         let epoch = log.epoch();
         let (t1, t2, t3) = (tx_of(&log, 1), tx_of(&log, 2), tx_of(&log, 3));
         let present = |log: &SledLog, tx: &TxId| {
-            log.preparing
+            log.trees
+                .preparing
                 .get(tx_key(tx))
                 .expect("read preparing")
                 .is_some()
