@@ -95,7 +95,7 @@ pub struct ModeResult {
 }
 
 /// CPU time (user + system) this process has used so far, all threads.
-fn process_cpu() -> Duration {
+pub(crate) fn process_cpu() -> Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage struct, RUSAGE_SELF.
@@ -109,8 +109,30 @@ fn process_cpu() -> Duration {
 }
 
 /// `cpu` spent over `transactions`, in µs each (`None` when nothing completed).
-fn cpu_per_tx(cpu: Duration, transactions: u64) -> Option<f64> {
+pub(crate) fn cpu_per_tx(cpu: Duration, transactions: u64) -> Option<f64> {
     (transactions > 0).then(|| cpu.as_secs_f64() * 1e6 / transactions as f64)
+}
+
+/// CPU time every process of the machine has spent so far (the busy fields of the `cpu`
+/// line of `/proc/stat`: user, nice, system, irq, softirq, steal); `None` where that file
+/// cannot be read (not Linux).
+pub(crate) fn machine_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
 }
 
 /// A participant that answers everything at once. `stopping` ends its batched streams

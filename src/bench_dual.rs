@@ -21,13 +21,18 @@
 //! transactions/s, the client-visible latency, and the event-delivery latency: from the
 //! moment the order's database commit is issued (naive: after the INSERT; outbox: after
 //! COMMIT; twopc: when Commit is called) to the consumer's receipt.
+//!
+//! It also reports the CPU time per order, of this process (clients, SDK, the in-process
+//! coordinator, the relays) and of the whole machine (PostgreSQL and the broker too),
+//! over the mode's slices and drains: where every core is busy, the machine's CPU per
+//! order is what bounds the throughput, and it shows which mode costs what.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::bench::LocalCoordinator;
+use crate::bench::{self, LocalCoordinator};
 use anyhow::Context;
 use futures::StreamExt;
 use twopc_coordinator::log::{DecisionLog, SledLog, DEFAULT_GROUP_COMMIT_DELAY_US};
@@ -104,6 +109,13 @@ pub struct DualResult {
     pub drain_ms: f64,
     /// twopc throughput / this mode's (set on the naive and outbox lines).
     pub twopc_throughput_ratio: Option<f64>,
+    /// CPU time of the benchmark process (clients, SDK, in-process coordinator and
+    /// relays) per order (µs), over the mode's slices and the drains after them.
+    pub cpu_us_per_tx: Option<f64>,
+    /// CPU time of the whole machine per order (µs): the benchmark process, PostgreSQL
+    /// and the broker (and anything else running), over the same time. On a machine
+    /// whose cores are all busy, this is what bounds the throughput.
+    pub machine_cpu_us_per_tx: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,6 +155,11 @@ struct Samples {
     received: AtomicU64,
     /// Measured time (µs) summed over slices.
     busy_us: AtomicU64,
+    /// CPU time (µs) of this process over the mode's slices and their drains.
+    cpu_us: AtomicU64,
+    /// CPU time (µs) of the whole machine (PostgreSQL and the broker too) over the
+    /// mode's slices and their drains; `u64::MAX` once it could not be read.
+    machine_cpu_us: AtomicU64,
     /// Decision-log syncs during this mode's slices.
     syncs: AtomicU64,
     /// Time (µs) summed over slices from a slice's end until its last event arrived.
@@ -217,7 +234,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
     let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
 
-    let (pg_url, _cluster) = demo::postgres_for_demo(&args.services.postgres_url).await?;
+    let (pg_url, cluster) = demo::postgres_for_demo(&args.services.postgres_url).await?;
     let db_name = format!("twopc_bench_{tag}");
     demo::create_database(&pg_url, &db_name).await?;
     let db_url = demo::with_dbname(&pg_url, &db_name);
@@ -343,6 +360,11 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
 
     sdk.shutdown().await;
     coordinator.stop().await?;
+    // The benchmark's database goes with it (a private cluster goes as a whole).
+    drop((db, pool));
+    if cluster.is_none() {
+        demo::drop_database(&pg_url, &db_name).await;
+    }
     if args.json {
         for r in &results {
             println!("{}", serde_json::to_string(r)?);
@@ -418,6 +440,7 @@ async fn measure<B: Broker>(
                 _ => 0,
             };
             let syncs_before = log.stats().syncs;
+            let (cpu_before, machine_before) = (bench::process_cpu(), bench::machine_cpu());
             bar.set_message(mode.name());
             let s = samples[&mode].clone();
             let started = Instant::now();
@@ -469,6 +492,20 @@ async fn measure<B: Broker>(
             wait_delivered(&s, SLICE_DRAIN_LIMIT).await;
             s.drain_us
                 .fetch_add(drained.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let cpu = bench::process_cpu().saturating_sub(cpu_before);
+            s.cpu_us
+                .fetch_add(cpu.as_micros() as u64, Ordering::Relaxed);
+            match (machine_before, bench::machine_cpu()) {
+                (Some(before), Some(after)) => {
+                    let used = after.saturating_sub(before).as_micros() as u64;
+                    let _ =
+                        s.machine_cpu_us
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                                (v != u64::MAX).then(|| v + used)
+                            });
+                }
+                _ => s.machine_cpu_us.store(u64::MAX, Ordering::Relaxed),
+            }
             bar.inc(1);
         }
     }
@@ -508,6 +545,15 @@ async fn measure<B: Broker>(
                 .load(Ordering::Relaxed)
                 .saturating_sub(s.received.load(Ordering::Relaxed)),
             ..Default::default()
+        };
+        let orders = client.len() as u64;
+        r.cpu_us_per_tx = bench::cpu_per_tx(
+            Duration::from_micros(s.cpu_us.load(Ordering::Relaxed)),
+            orders,
+        );
+        r.machine_cpu_us_per_tx = match s.machine_cpu_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => bench::cpu_per_tx(Duration::from_micros(us), orders),
         };
         if matches!(mode, Mode::Twopc | Mode::TwopcBroker) {
             let syncs = s.syncs.load(Ordering::Relaxed);
@@ -716,7 +762,7 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
 
 fn print_table(results: &[DualResult]) {
     println!(
-        "{:<9} {:>7} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9} {:>11}",
+        "{:<9} {:>7} {:>9} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9} {:>11} {:>9} {:>10}",
         "mode",
         "clients",
         "tx/s",
@@ -726,11 +772,13 @@ fn print_table(results: &[DualResult]) {
         "deliv p99",
         "syncs/dec",
         "drain ms",
-        "undelivered"
+        "undelivered",
+        "cpu us/tx",
+        "machine us"
     );
     for r in results {
         println!(
-            "{:<9} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>12.2} {:>12.2} {:>10} {:>9.0} {:>11}",
+            "{:<9} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>12.2} {:>12.2} {:>10} {:>9.0} {:>11} {:>9} {:>10}",
             r.mode,
             r.clients,
             r.tx_per_s,
@@ -742,7 +790,13 @@ fn print_table(results: &[DualResult]) {
                 .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into()),
             r.drain_ms,
-            r.undelivered
+            r.undelivered,
+            r.cpu_us_per_tx
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.machine_cpu_us_per_tx
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     if let [naive, outbox, twopc, ..] = results {

@@ -521,11 +521,11 @@ fn print_report(r: &Report) {
 pub(crate) async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Option<PgCluster>)> {
     match twopc_testkit::prepared_transactions_enabled(url).await {
         Ok(true) => return Ok((url.to_string(), None)),
-        Ok(false) => println!(
+        Ok(false) => eprintln!(
             "note: the PostgreSQL at {} has max_prepared_transactions = 0; starting a private cluster with it enabled",
             redact(url)
         ),
-        Err(e) => println!("note: PostgreSQL at {} is not usable ({e}); starting a private cluster", redact(url)),
+        Err(e) => eprintln!("note: PostgreSQL at {} is not usable ({e}); starting a private cluster", redact(url)),
     }
     let cluster = PgCluster::start().await.context(
         "could not start a private PostgreSQL cluster: install PostgreSQL (Debian: apt-get install postgresql) \
@@ -545,6 +545,21 @@ pub(crate) async fn create_database(url: &str, name: &str) -> anyhow::Result<()>
         .await
         .with_context(|| format!("CREATE DATABASE {name}"))?;
     Ok(())
+}
+
+/// Drops database `name` (closing what is still connected to it), best effort: a failure
+/// is reported on stderr and leaves only the database behind.
+pub(crate) async fn drop_database(url: &str, name: &str) {
+    let dropped = async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("note: could not drop the database {name} ({e}); drop it by hand");
+    }
 }
 
 pub(crate) fn with_dbname(url: &str, db: &str) -> String {

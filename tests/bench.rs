@@ -1,20 +1,44 @@
-//! `twopc bench coordinator` on the real binary, briefly: the JSON report has one object
-//! per mode with the fields the benchmark documents (the CPU per transaction included),
-//! and bad flags are refused with an error that names them. The numbers themselves are
-//! not judged here: benchmarks are not timed tests.
+//! `twopc bench coordinator` and `twopc bench dual-write` (against the real PostgreSQL
+//! and RabbitMQ) on the real binary, briefly: the JSON report has one object per mode with
+//! the fields the benchmark documents (the CPU per transaction included), and bad flags
+//! are refused with an error that names them. The numbers themselves are not judged
+//! here: benchmarks are not timed tests.
 
 use std::process::{Command, Output, Stdio};
 
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_twopc"))
-        .env("NO_COLOR", "1")
+    bench_of("coordinator", args, None)
+}
+
+/// `twopc bench <which> <args>`, in `dir` if given.
+fn bench_of(which: &str, args: &[&str], dir: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    cmd.env("NO_COLOR", "1")
         .env("RUST_LOG", "warn")
         .arg("bench")
-        .arg("coordinator")
+        .arg(which)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("run twopc bench coordinator")
+        .unwrap_or_else(|e| panic!("run twopc bench {which}: {e}"))
+}
+
+/// The lines of a successful run's stdout, each a JSON object (notes go to stderr).
+#[track_caller]
+fn json_rows(out: &Output) -> Vec<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
 }
 
 #[test]
@@ -31,15 +55,7 @@ fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
         dir_arg,
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let rows = json_rows(&out);
     let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
     assert_eq!(
         modes,
@@ -84,13 +100,80 @@ fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
 
 #[test]
 fn bad_flags_are_refused_by_name() {
-    for (args, flag) in [
-        (["--clients", "0"], "--clients"),
-        (["--seconds", "0"], "--seconds"),
+    for (which, args, flag) in [
+        ("coordinator", ["--clients", "0"], "--clients"),
+        ("coordinator", ["--seconds", "0"], "--seconds"),
+        ("dual-write", ["--clients", "0"], "--clients"),
+        ("dual-write", ["--rounds", "0"], "--rounds"),
+        (
+            "dual-write",
+            ["--relay-interval-ms", "0"],
+            "--relay-interval-ms",
+        ),
     ] {
-        let out = bench(&args);
+        let out = bench_of(which, &args, None);
         assert!(!out.status.success(), "{args:?} was accepted");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
+}
+
+/// The dual-write benchmark, each mode briefly, against the real PostgreSQL (a private
+/// cluster where the system one has no prepared transactions) and RabbitMQ: four JSON
+/// lines, every event delivered, the throughput ratios on the naive and outbox lines, the
+/// CPU per order of the process and of the machine, and nothing left behind.
+#[test]
+fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench_of(
+        "dual-write",
+        &[
+            "--clients",
+            "2",
+            "--seconds",
+            "2",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+        Some(dir.path()),
+    );
+    let rows = json_rows(&out);
+    let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["naive", "outbox", "twopc", "twopc-2pc"], "{rows:?}");
+    for row in &rows {
+        let mode = row["mode"].as_str().unwrap_or("?");
+        for key in [
+            "clients",
+            "tx_per_s",
+            "p50_ms",
+            "p99_ms",
+            "delivery_p50_ms",
+            "delivery_p99_ms",
+            "cpu_us_per_tx",
+            "machine_cpu_us_per_tx",
+        ] {
+            let v = row[key].as_f64();
+            assert!(
+                v.is_some_and(|v| v > 0.0 && v.is_finite()),
+                "{mode}: {key} in {row}"
+            );
+        }
+        assert_eq!(row["undelivered"].as_u64(), Some(0), "{mode}: {row}");
+        let ratio = &row["twopc_throughput_ratio"];
+        assert_eq!(
+            ratio.is_number(),
+            mode == "naive" || mode == "outbox" || mode == "twopc-2pc",
+            "{mode}: the twopc ratio in {row}"
+        );
+        assert_eq!(
+            row["syncs_per_decision"].is_number(),
+            mode.starts_with("twopc"),
+            "{mode}: {row}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list the working directory")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
