@@ -41,6 +41,20 @@ fn json_rows(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `mode` of each row.
+fn mode_names(rows: &[serde_json::Value]) -> Vec<&str> {
+    rows.iter().filter_map(|r| r["mode"].as_str()).collect()
+}
+
+/// The benchmark left nothing in `dir` (its directory, or its working directory).
+#[track_caller]
+fn assert_nothing_left(dir: &std::path::Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("list the directory")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 #[test]
 fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -56,9 +70,8 @@ fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows = json_rows(&out);
-    let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
     assert_eq!(
-        modes,
+        mode_names(&rows),
         ["disk-ceiling", "coordinator-2pc", "coordinator-1pc"],
         "{stdout}"
     );
@@ -91,11 +104,7 @@ fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
             );
         }
     }
-    // Nothing is left in the benchmark directory.
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .expect("list the benchmark directory")
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_nothing_left(dir.path());
 }
 
 #[test]
@@ -139,8 +148,11 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
         Some(dir.path()),
     );
     let rows = json_rows(&out);
-    let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
-    assert_eq!(modes, ["naive", "outbox", "twopc", "twopc-2pc"], "{rows:?}");
+    assert_eq!(
+        mode_names(&rows),
+        ["naive", "outbox", "twopc", "twopc-2pc"],
+        "{rows:?}"
+    );
     for row in &rows {
         let mode = row["mode"].as_str().unwrap_or("?");
         for key in [
@@ -172,8 +184,5 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
             "{mode}: {row}"
         );
     }
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .expect("list the working directory")
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_nothing_left(dir.path());
 }
