@@ -1950,6 +1950,36 @@ async fn a_local_commit_its_process_never_reported_is_reported_by_the_next_proce
     .await;
 }
 
+/// Test: a resource lists its database's one-phase markers whether or not this process
+/// has enabled its outbox yet (an earlier process's markers are reported by the first
+/// recovery pass, which may run before `enable_outbox`), only those of its own name, and
+/// none, without an error, on a database that never had the marker table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_commits_are_listed_before_the_outbox_is_enabled() {
+    bounded(TEST_TIMEOUT, async {
+        let bare = resource("db", &database("obnotable", ORDERS).await).await;
+        assert_eq!(bare.remembered_commits(Duration::ZERO).await, vec![]);
+
+        let setup = format!(
+            "{ORDERS}; CREATE TABLE twopc_one_phase (gid text PRIMARY KEY, \
+             committed_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+             INSERT INTO twopc_one_phase (gid) VALUES \
+             ('twopc:0000beef-1-7:svc:db'), ('twopc:0000beef-1-8:svc:other')"
+        );
+        let db = resource("db", &database("obmarked", &setup).await).await;
+        assert_eq!(
+            db.remembered_commits(Duration::ZERO).await,
+            vec![("0000beef-1-7".to_string(), "svc:db".to_string())]
+        );
+        assert_eq!(
+            db.remembered_commits(Duration::from_secs(60)).await,
+            vec![],
+            "not a minute old yet"
+        );
+    })
+    .await;
+}
+
 /// Test: a local transaction its application never finishes is aborted at the
 /// transaction timeout by asking its participant, which rolls it back; a late commit is
 /// then refused.
