@@ -618,6 +618,12 @@ fn disk_ceiling(
     Ok(r)
 }
 
+/// `v` with `prec` decimals, or `-` for none (a table cell).
+pub(crate) fn or_dash(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
 fn print_table(results: &[ModeResult]) {
     println!(
         "{:<18} {:>7} {:>10} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9} {:>10}",
@@ -633,10 +639,6 @@ fn print_table(results: &[ModeResult]) {
         "cpu us/tx"
     );
     for r in results {
-        let opt = |v: Option<f64>, prec: usize| {
-            v.map(|v| format!("{v:.prec$}"))
-                .unwrap_or_else(|| "-".into())
-        };
         println!(
             "{:<18} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>12} {:>10} {:>9} {:>10}",
             r.mode,
@@ -645,10 +647,10 @@ fn print_table(results: &[ModeResult]) {
             r.p50_ms,
             r.p99_ms,
             r.max_ms,
-            opt(r.syncs_per_decision, 3),
-            opt(r.batch_mean, 1),
-            opt(r.ratio_to_disk_ceiling, 2),
-            opt(r.cpu_us_per_tx, 1),
+            or_dash(r.syncs_per_decision, 3),
+            or_dash(r.batch_mean, 1),
+            or_dash(r.ratio_to_disk_ceiling, 2),
+            or_dash(r.cpu_us_per_tx, 1),
         );
     }
 }

@@ -158,7 +158,7 @@ struct Samples {
     /// CPU time (µs) of this process over the mode's slices and their drains.
     cpu_us: AtomicU64,
     /// CPU time (µs) of the whole machine (PostgreSQL and the broker too) over the
-    /// mode's slices and their drains; `u64::MAX` once it could not be read.
+    /// mode's slices and their drains (0 where it cannot be read).
     machine_cpu_us: AtomicU64,
     /// Decision-log syncs during this mode's slices.
     syncs: AtomicU64,
@@ -495,16 +495,11 @@ async fn measure<B: Broker>(
             let cpu = bench::process_cpu().saturating_sub(cpu_before);
             s.cpu_us
                 .fetch_add(cpu.as_micros() as u64, Ordering::Relaxed);
-            match (machine_before, bench::machine_cpu()) {
-                (Some(before), Some(after)) => {
-                    let used = after.saturating_sub(before).as_micros() as u64;
-                    let _ =
-                        s.machine_cpu_us
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                                (v != u64::MAX).then(|| v + used)
-                            });
-                }
-                _ => s.machine_cpu_us.store(u64::MAX, Ordering::Relaxed),
+            if let (Some(before), Some(after)) = (machine_before, bench::machine_cpu()) {
+                s.machine_cpu_us.fetch_add(
+                    after.saturating_sub(before).as_micros() as u64,
+                    Ordering::Relaxed,
+                );
             }
             bar.inc(1);
         }
@@ -551,10 +546,13 @@ async fn measure<B: Broker>(
             Duration::from_micros(s.cpu_us.load(Ordering::Relaxed)),
             orders,
         );
-        r.machine_cpu_us_per_tx = match s.machine_cpu_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => bench::cpu_per_tx(Duration::from_micros(us), orders),
-        };
+        // None where the machine's CPU time cannot be read at all (not Linux).
+        r.machine_cpu_us_per_tx = bench::machine_cpu().and_then(|_| {
+            bench::cpu_per_tx(
+                Duration::from_micros(s.machine_cpu_us.load(Ordering::Relaxed)),
+                orders,
+            )
+        });
         if matches!(mode, Mode::Twopc | Mode::TwopcBroker) {
             let syncs = s.syncs.load(Ordering::Relaxed);
             r.syncs_per_decision = Some(syncs as f64 / (client.len().max(1)) as f64);
@@ -786,17 +784,11 @@ fn print_table(results: &[DualResult]) {
             r.p99_ms,
             r.delivery_p50_ms,
             r.delivery_p99_ms,
-            r.syncs_per_decision
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "-".into()),
+            bench::or_dash(r.syncs_per_decision, 3),
             r.drain_ms,
             r.undelivered,
-            r.cpu_us_per_tx
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "-".into()),
-            r.machine_cpu_us_per_tx
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "-".into()),
+            bench::or_dash(r.cpu_us_per_tx, 0),
+            bench::or_dash(r.machine_cpu_us_per_tx, 0),
         );
     }
     if let [naive, outbox, twopc, ..] = results {

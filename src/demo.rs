@@ -536,30 +536,27 @@ pub(crate) async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Opti
 }
 
 pub(crate) async fn create_database(url: &str, name: &str) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .with_context(|| format!("CREATE DATABASE {name}"))?;
-    Ok(())
+    execute(url, &format!("CREATE DATABASE {name}")).await
 }
 
 /// Drops database `name` (closing what is still connected to it), best effort: a failure
 /// is reported on stderr and leaves only the database behind.
 pub(crate) async fn drop_database(url: &str, name: &str) {
-    let dropped = async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-    };
-    if let Err(e) = dropped.await {
-        eprintln!("note: could not drop the database {name} ({e}); drop it by hand");
+    if let Err(e) = execute(url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+        eprintln!("note: could not drop the database {name} ({e:#}); drop it by hand");
     }
+}
+
+/// Runs `sql` on a connection of its own to `url`.
+async fn execute(url: &str, sql: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+    tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .with_context(|| sql.to_string())
 }
 
 pub(crate) fn with_dbname(url: &str, db: &str) -> String {

@@ -200,9 +200,8 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         self.inner
             .metrics
             .refresh(&engine, self.inner.now_ms(), stats, halted);
-        let text = self.inner.metrics.encode();
-        drop(engine);
-        text
+        // `engine` is still held: it is dropped after the encoding.
+        self.inner.metrics.encode()
     }
 
     /// Reads the log and schedules every unfinished transaction. Returns how many

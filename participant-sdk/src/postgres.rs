@@ -1642,7 +1642,9 @@ impl Inner {
     ) -> Result<Vec<(String, String)>, Retry> {
         let conn = get_conn(&self.pool).await.map_err(Retry)?;
         if self.outbox.get().is_none() {
-            // Asked first, so that a database without the table logs no error each pass.
+            // With the outbox the table exists (`enable_outbox` made it). Without, it is
+            // looked up first: no outbox was ever enabled on a database without it (so
+            // there is no marker), and querying it would log an error each pass.
             let exists = conn
                 .query_one("SELECT to_regclass('twopc_one_phase') IS NOT NULL", &[])
                 .await
@@ -1651,7 +1653,7 @@ impl Inner {
                 return Ok(Vec::new());
             }
         }
-        let rows = match conn
+        let rows = conn
             .query(
                 "SELECT gid FROM twopc_one_phase \
                  WHERE committed_at <= clock_timestamp() - make_interval(secs => $1) \
@@ -1659,17 +1661,7 @@ impl Inner {
                 &[&older_than.as_secs_f64(), &REMEMBERED_BATCH],
             )
             .await
-        {
-            Ok(rows) => rows,
-            // No outbox was ever enabled on this database: no one-phase commit either.
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Retry(format!(
-                    "listing one-phase markers: {}",
-                    describe(&e)
-                )))
-            }
-        };
+            .map_err(|e| Retry(format!("listing one-phase markers: {}", describe(&e))))?;
         Ok(rows
             .iter()
             .filter_map(|r| parse_gid(r.get(0)))
