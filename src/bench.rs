@@ -467,6 +467,7 @@ async fn drive(
                         commit_locally: false,
                         timeout_ms: 0,
                         branches: branches.clone(),
+                        count: 0,
                     })
                     .await?;
                 let tx_id = begin.tx_id;

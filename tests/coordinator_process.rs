@@ -473,6 +473,7 @@ async fn sigkill_before_the_decision_is_durable_aborts() {
         c.abort(pb::AbortRequest {
             tx_id: tx.clone(),
             reason: String::new(),
+            unused: false,
         })
         .await
         .expect("Abort of an aborted transaction is an idempotent success");
@@ -540,6 +541,7 @@ async fn sigkill_after_the_decision_is_durable_commits_after_restart() {
             c.abort(pb::AbortRequest {
                 tx_id: tx.clone(),
                 reason: "too late".into(),
+                unused: false,
             })
             .await,
             Code::FailedPrecondition,
@@ -639,6 +641,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 c.abort(pb::AbortRequest {
                     tx_id: id.clone(),
                     reason: String::new(),
+                    unused: false,
                 })
                 .await,
                 Code::InvalidArgument,
@@ -675,6 +678,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 c.abort(pb::AbortRequest {
                     tx_id: id.clone(),
                     reason: String::new(),
+                    unused: false,
                 })
                 .await,
                 Code::NotFound,
@@ -696,6 +700,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
             c.abort(pb::AbortRequest {
                 tx_id: done.clone(),
                 reason: "changed my mind".into(),
+                unused: false,
             })
             .await,
             Code::FailedPrecondition,
@@ -734,6 +739,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![p.branch("x"), dup],
+                count: 0,
             })
             .await,
             Code::AlreadyExists,
@@ -775,6 +781,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                     commit_locally: false,
                     timeout_ms: 0,
                     branches: vec![b],
+                    count: 0,
                 })
                 .await,
                 Code::InvalidArgument,
@@ -830,6 +837,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                     p.branch("m3"),
                     p.branch("m4"),
                 ],
+                count: 0,
             })
             .await,
             Code::InvalidArgument,
@@ -869,6 +877,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
             c.abort(pb::AbortRequest {
                 tx_id: active.clone(),
                 reason: "r".repeat(1025),
+                unused: false,
             })
             .await,
             Code::InvalidArgument,
@@ -879,6 +888,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 commit_locally: false,
                 timeout_ms: 24 * 3600 * 1000 + 1,
                 branches: vec![],
+                count: 0,
             })
             .await,
             Code::InvalidArgument,

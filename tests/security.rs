@@ -202,6 +202,7 @@ fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
         commit_locally: false,
         timeout_ms: 0,
         branches,
+        count: 0,
     }
 }
 
@@ -435,6 +436,7 @@ async fn tokens_refuse_calls_and_refused_calls_change_nothing() {
                     .abort(pb::AbortRequest {
                         tx_id: id.clone(),
                         reason: "refused".into(),
+                        unused: false,
                     })
                     .await,
                 Code::Unauthenticated,

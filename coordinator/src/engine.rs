@@ -200,6 +200,9 @@ pub enum Event {
         timeout_ms: u64,
         /// The only branch the transaction will ever have.
         branch: BranchSpec,
+        /// How many such transactions to begin at once (0 counts as 1; at most
+        /// [`MAX_LOCAL_BEGIN`]): a participant that commits many takes their ids ahead.
+        count: u32,
     },
     /// Enlist RPC.
     Enlist {
@@ -225,6 +228,15 @@ pub enum Event {
     /// transaction reports that it committed the branch. Answered once the outcome is
     /// written (the runtime syncs before answering a caller that needs it durable).
     CommittedLocally {
+        /// The caller.
+        req: ReqId,
+        /// The transaction.
+        tx: TxId,
+    },
+    /// Abort RPC with `unused`: the participant of a local transaction returns its id
+    /// without having used it (ids begun ahead with [`Event::BeginLocal::count`]). Settled
+    /// like an Abort (the branch is still asked: its answer decides), counted apart.
+    Release {
         /// The caller.
         req: ReqId,
         /// The transaction.
@@ -345,11 +357,17 @@ pub enum Timer {
     },
 }
 
+/// At most this many local transactions are begun by one BeginLocal
+/// ([`Event::BeginLocal::count`]).
+pub const MAX_LOCAL_BEGIN: u32 = 256;
+
 /// Successful replies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplyOk {
     /// Begin: the new id.
     Begun(TxId),
+    /// BeginLocal: the new ids, as many as asked for, in order.
+    BegunLocal(Vec<TxId>),
     /// Enlist done.
     Enlisted,
     /// Commit: the decision is COMMIT (durable where a log write was needed).
@@ -630,6 +648,8 @@ pub enum SettleCause {
     Client,
     /// The transaction timed out before the participant reported the commit.
     Timeout,
+    /// Its participant returned the id unused ([`Event::Release`]).
+    Unused,
 }
 
 /// What the engine knows about an id it is not holding in memory.
@@ -759,19 +779,23 @@ impl Engine {
                 req,
                 timeout_ms,
                 branches,
-            } => self.on_begin(req, timeout_ms, branches, false, &mut out),
+            } => self.on_begin(req, timeout_ms, branches, false, 1, &mut out),
             Event::BeginLocal {
                 req,
                 timeout_ms,
                 branch,
-            } => self.on_begin(req, timeout_ms, vec![branch], true, &mut out),
+                count,
+            } => self.on_begin(req, timeout_ms, vec![branch], true, count, &mut out),
             Event::Enlist { req, tx, branch } => {
                 let reply = self.on_enlist(tx, branch, &mut out);
                 out.push(Command::Reply { req, reply });
             }
             Event::Commit { req, tx, early } => self.on_commit(req, tx, early, &mut out),
             Event::CommittedLocally { req, tx } => self.on_committed_locally(req, tx, &mut out),
-            Event::Abort { req, tx, reason } => self.on_abort(req, tx, reason, &mut out),
+            Event::Abort { req, tx, reason } => {
+                self.on_abort(req, tx, reason, SettleCause::Client, &mut out)
+            }
+            Event::Release { req, tx } => self.on_release(req, tx, &mut out),
             Event::Voted { tx, branch, vote } => self.on_vote(tx, branch, vote, &mut out),
             Event::CommitAcked { tx, branch, ack } => self.on_commit_ack(tx, branch, ack, &mut out),
             Event::AbortAcked { tx, branch, ack } => self.on_abort_ack(tx, branch, ack, &mut out),
@@ -807,42 +831,79 @@ impl Engine {
         out
     }
 
+    /// Begin (`count` 1, `local` false) and BeginLocal (`count` transactions at once):
+    /// checks the request once, then begins each transaction and answers with their ids.
     fn on_begin(
         &mut self,
         req: ReqId,
         timeout_ms: u64,
         branches: Vec<BranchSpec>,
         local: bool,
+        count: u32,
         out: &mut Vec<Command>,
     ) {
-        if let Some(why) = &self.halted {
-            let reply = Err(TxError::Unavailable(format!(
-                "coordinator is not taking new transactions: {why}"
-            )));
-            out.push(Command::Reply { req, reply });
-            return;
-        }
-        if timeout_ms > self.cfg.max_tx_timeout_ms {
-            let reply = Err(TxError::InvalidArgument(format!(
-                "timeout_ms is {timeout_ms}; at most {} is allowed",
-                self.cfg.max_tx_timeout_ms
-            )));
-            out.push(Command::Reply { req, reply });
-            return;
-        }
-        if let Err(e) = self.check_new_branches(&[], &branches) {
+        if let Err(e) = self.check_begin(timeout_ms, &branches, local, count) {
             out.push(Command::Reply { req, reply: Err(e) });
             return;
         }
+        let reply = if local {
+            let txs = (0..count.max(1))
+                .map(|_| self.begin_one(timeout_ms, &branches, true, out))
+                .collect();
+            ReplyOk::BegunLocal(txs)
+        } else {
+            ReplyOk::Begun(self.begin_one(timeout_ms, &branches, false, out))
+        };
+        out.push(Command::Reply {
+            req,
+            reply: Ok(reply),
+        });
+    }
+
+    /// Why a Begin cannot be honoured, if it cannot.
+    fn check_begin(
+        &self,
+        timeout_ms: u64,
+        branches: &[BranchSpec],
+        local: bool,
+        count: u32,
+    ) -> Result<(), TxError> {
+        if let Some(why) = &self.halted {
+            return Err(TxError::Unavailable(format!(
+                "coordinator is not taking new transactions: {why}"
+            )));
+        }
+        if timeout_ms > self.cfg.max_tx_timeout_ms {
+            return Err(TxError::InvalidArgument(format!(
+                "timeout_ms is {timeout_ms}; at most {} is allowed",
+                self.cfg.max_tx_timeout_ms
+            )));
+        }
+        if count > MAX_LOCAL_BEGIN {
+            return Err(TxError::InvalidArgument(format!(
+                "count is {count}; at most {MAX_LOCAL_BEGIN} local transactions per Begin"
+            )));
+        }
+        self.check_new_branches(&[], branches)?;
         if local && !self.cfg.one_phase {
-            let reply = Err(TxError::FailedPrecondition(
+            return Err(TxError::FailedPrecondition(
                 "commit_locally needs one-phase commits, which this coordinator has turned off \
                  (one_phase = false)"
                     .into(),
             ));
-            out.push(Command::Reply { req, reply });
-            return;
         }
+        Ok(())
+    }
+
+    /// Begins one transaction of a checked Begin: a new id, its timeout, and (for one
+    /// branch) its one-phase intent; a local one is in its participant's hands at once.
+    fn begin_one(
+        &mut self,
+        timeout_ms: u64,
+        branches: &[BranchSpec],
+        local: bool,
+        out: &mut Vec<Command>,
+    ) -> TxId {
         let tx = TxId {
             node: self.node,
             epoch: self.epoch,
@@ -869,8 +930,8 @@ impl Engine {
         };
         let mut entry = entry;
         for spec in branches {
-            if !entry.branches.iter().any(|b| b.spec == spec) {
-                entry.branches.push(new_branch(spec));
+            if !entry.branches.iter().any(|b| b.spec == *spec) {
+                entry.branches.push(new_branch(spec.clone()));
             }
         }
         self.txs.insert(tx, entry);
@@ -894,10 +955,7 @@ impl Engine {
                 b.abort_must_ack = true;
             }
         }
-        out.push(Command::Reply {
-            req,
-            reply: Ok(ReplyOk::Begun(tx)),
-        });
+        tx
     }
 
     /// Validates branches about to join a transaction that already has `existing`.
@@ -1120,7 +1178,30 @@ impl Engine {
         }
     }
 
-    fn on_abort(&mut self, req: ReqId, tx: TxId, reason: String, out: &mut Vec<Command>) {
+    /// A local transaction's id comes back unused: aborted like by its client (asking the
+    /// branch), but only a local transaction's id can come back.
+    fn on_release(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+        if let Some(entry) = self.txs.get(&tx).filter(|e| !e.local) {
+            let reply = Err(TxError::FailedPrecondition(format!(
+                "transaction {tx} was not begun with commit_locally (it is {}): only a local \
+                 transaction's id can be returned unused; abort it instead",
+                entry.state.name()
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        let reason = "its id was returned unused by its participant".to_string();
+        self.on_abort(req, tx, reason, SettleCause::Unused, out);
+    }
+
+    fn on_abort(
+        &mut self,
+        req: ReqId,
+        tx: TxId,
+        reason: String,
+        cause: SettleCause,
+        out: &mut Vec<Command>,
+    ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
                 req,
@@ -1128,16 +1209,16 @@ impl Engine {
             });
             return;
         };
-        let why = if reason.is_empty() {
-            "aborted by the client".to_string()
-        } else {
-            format!("aborted by the client: {reason}")
+        let why = match cause {
+            SettleCause::Unused => reason,
+            _ if reason.is_empty() => "aborted by the client".to_string(),
+            _ => format!("aborted by the client: {reason}"),
         };
         match entry.state {
             TxState::Preparing if entry.local => {
                 // The participant may have committed by itself: ask it with an abort.
                 entry.abort_waiters.push(req);
-                self.settle_local(tx, SettleCause::Client, why, out);
+                self.settle_local(tx, cause, why, out);
             }
             TxState::Preparing if entry.one_phase => {
                 // A one-phase commit is in the participant's hands; its answer decides.

@@ -72,6 +72,10 @@ fn begun(cmds: &[Command]) -> TxId {
             reply: Ok(ReplyOk::Begun(t)),
             ..
         }) => *t,
+        Some(Command::Reply {
+            reply: Ok(ReplyOk::BegunLocal(ts)),
+            ..
+        }) if ts.len() == 1 => ts[0],
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -3010,6 +3014,7 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
             req,
             timeout_ms: 0,
             branch: a.clone(),
+            count: 1,
         },
     );
     let t = begun(&cmds);
@@ -3026,7 +3031,7 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
                 branch: a.clone()
             }),
             Command::Sync { tx: t },
-            reply(req, Ok(ReplyOk::Begun(t))),
+            reply(req, Ok(ReplyOk::BegunLocal(vec![t]))),
         ],
         "answered before the intent is durable (the participant waits for a Barrier)"
     );
@@ -3129,6 +3134,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
             req: 1,
             timeout_ms: 0,
             branch: a.clone(),
+            count: 1,
         },
     );
     assert!(
@@ -3353,4 +3359,134 @@ fn a_recovered_intent_takes_its_participants_report() {
         ),
         vec![]
     );
+}
+
+#[test]
+fn local_transactions_are_begun_many_at_once_each_with_its_own_intent() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let cmds = e.handle(
+        0,
+        Event::BeginLocal {
+            req: 1,
+            timeout_ms: 0,
+            branch: a.clone(),
+            count: 3,
+        },
+    );
+    let Some(Command::Reply {
+        req: 1,
+        reply: Ok(ReplyOk::BegunLocal(txs)),
+    }) = cmds.last()
+    else {
+        panic!("unexpected {cmds:?}");
+    };
+    assert_eq!(txs.len(), 3);
+    let mut want = Vec::new();
+    for &t in txs {
+        want.extend([
+            Command::ArmTimer {
+                tx: t,
+                timer: Timer::TxTimeout,
+                after_ms: 5_000,
+            },
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t,
+                branch: a.clone(),
+            }),
+            Command::Sync { tx: t },
+        ]);
+        let entry = e.tx(&t).expect("held");
+        assert!(entry.is_local());
+        assert_eq!(entry.state, TxState::Preparing);
+    }
+    want.push(reply(1, Ok(ReplyOk::BegunLocal(txs.clone()))));
+    assert_eq!(
+        cmds, want,
+        "one reply, every id with its timeout and intent"
+    );
+    let distinct: std::collections::HashSet<_> = txs.iter().collect();
+    assert_eq!(distinct.len(), 3, "distinct ids");
+    // Each is a transaction of its own: one is reported, another aborted.
+    let (t0, t1) = (txs[0], txs[1]);
+    assert_eq!(
+        e.handle(1, Event::CommittedLocally { req: 2, tx: t0 }),
+        committed_at_once(t0, &a, 2)
+    );
+    assert_eq!(e.tx(&t1).map(|x| x.state), Some(TxState::Preparing));
+
+    // 0 counts as one; more than the limit is refused and begins nothing.
+    let one = e.handle(
+        2,
+        Event::BeginLocal {
+            req: 3,
+            timeout_ms: 0,
+            branch: a.clone(),
+            count: 0,
+        },
+    );
+    assert!(
+        matches!(one.last(), Some(Command::Reply { reply: Ok(ReplyOk::BegunLocal(v)), .. }) if v.len() == 1)
+    );
+    let live = e.txs().count();
+    let refused = e.handle(
+        3,
+        Event::BeginLocal {
+            req: 4,
+            timeout_ms: 0,
+            branch: a.clone(),
+            count: MAX_LOCAL_BEGIN + 1,
+        },
+    );
+    assert!(
+        matches!(&refused[..], [Command::Reply { req: 4, reply: Err(TxError::InvalidArgument(m)) }]
+            if m.contains("at most 256")),
+        "{refused:?}"
+    );
+    assert_eq!(e.txs().count(), live, "nothing begun");
+}
+
+#[test]
+fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin_local(&mut e, 0, 1, &a);
+    e.handle(1, Event::Synced { tx: t });
+    // The branch is still asked: its answer decides.
+    assert_eq!(
+        e.handle(2, Event::Release { req: 2, tx: t }),
+        vec![send(t, 0, &a, Message::Abort, None)]
+    );
+    assert_eq!(
+        e.tx(&t).and_then(|x| x.settle_cause()),
+        Some(SettleCause::Unused)
+    );
+    let cmds = e.handle(
+        3,
+        Event::AbortAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(AbortAck::Aborted),
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            reply(2, Ok(ReplyOk::Aborted)),
+            Command::LogLazy(LazyRecord::Aborted { tx: t }),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Aborted
+            },
+        ]
+    );
+    // An ordinary transaction's id cannot come back unused.
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    let refused = e.handle(4, Event::Release { req: 3, tx: t2 });
+    assert!(
+        matches!(&refused[..], [Command::Reply { req: 3, reply: Err(TxError::FailedPrecondition(m)) }]
+            if m.contains("not begun with commit_locally")),
+        "{refused:?}"
+    );
+    assert_eq!(e.tx(&t2).map(|x| x.state), Some(TxState::Active));
 }

@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `twopc_transactions_begun_total` | counter | Begin calls that issued a transaction |
 //! | `twopc_transactions_committed_total` | counter | COMMIT decisions taken by this process (durable two-phase, one-phase acknowledged, read-only or empty) |
-//! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `operator` (an Admin `Resolve` to ABORT of an undecided or one-phase transaction), `other` |
+//! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `operator` (an Admin `Resolve` to ABORT of an undecided or one-phase transaction), `unused` (a local transaction's id begun ahead and returned unused by its participant), `other` |
 //! | `twopc_prepare_round_seconds` | histogram | Commit request → every vote yes (COMMIT about to be forced) |
 //! | `twopc_decision_force_seconds` | histogram | COMMIT forced → durable |
 //! | `twopc_phase_two_seconds` | histogram | COMMIT durable → every branch acknowledged |
@@ -95,17 +95,19 @@ enum AbortReason {
     Client,
     Recovery,
     Operator,
+    Unused,
     Other,
 }
 
 impl AbortReason {
-    const ALL: [AbortReason; 7] = [
+    const ALL: [AbortReason; 8] = [
         AbortReason::VoteNo,
         AbortReason::PrepareTimeout,
         AbortReason::TxTimeout,
         AbortReason::Client,
         AbortReason::Recovery,
         AbortReason::Operator,
+        AbortReason::Unused,
         AbortReason::Other,
     ];
 
@@ -117,6 +119,7 @@ impl AbortReason {
             AbortReason::Client => "client",
             AbortReason::Recovery => "recovery",
             AbortReason::Operator => "operator",
+            AbortReason::Unused => "unused",
             AbortReason::Other => "other",
         }
     }
@@ -127,6 +130,8 @@ impl AbortReason {
 enum Kind {
     Commit,
     Abort,
+    /// A local transaction's id returned unused.
+    Release,
     Vote,
     CommitAck,
     AbortAck,
@@ -456,6 +461,7 @@ impl Metrics {
             // Seen through its transaction: the report decides a local commit.
             Event::CommittedLocally { tx, .. } => (Kind::Other, Some(*tx), None),
             Event::Abort { tx, .. } => (Kind::Abort, Some(*tx), None),
+            Event::Release { tx, .. } => (Kind::Release, Some(*tx), None),
             Event::Voted { tx, branch, .. } => (Kind::Vote, Some(*tx), Some((0, *branch))),
             Event::CommitAcked { tx, branch, .. } => {
                 (Kind::CommitAck, Some(*tx), Some((1, *branch)))
@@ -579,6 +585,10 @@ impl Metrics {
                     reply: Ok(ReplyOk::Begun(_)),
                     ..
                 } => self.begun.inc(),
+                Command::Reply {
+                    reply: Ok(ReplyOk::BegunLocal(txs)),
+                    ..
+                } => self.begun.inc_by(txs.len() as u64),
                 Command::Send { message, .. } if probe.kind == Kind::Retry => match message {
                     Message::Commit { .. } => self.retries_commit.inc(),
                     Message::Abort => self.retries_abort.inc(),
@@ -645,6 +655,9 @@ impl Metrics {
                         }
                         (Kind::TxTimeout, _) | (Kind::AbortAck, Some(SettleCause::Timeout)) => {
                             AbortReason::TxTimeout
+                        }
+                        (Kind::Release, _) | (Kind::AbortAck, Some(SettleCause::Unused)) => {
+                            AbortReason::Unused
                         }
                         (Kind::Vote | Kind::CommitAck, _) => AbortReason::VoteNo,
                         (Kind::PrepareTimeout, _) => AbortReason::PrepareTimeout,
@@ -862,6 +875,10 @@ mod tests {
                     reply: Ok(ReplyOk::Begun(tx)),
                     ..
                 } => Some(*tx),
+                Command::Reply {
+                    reply: Ok(ReplyOk::BegunLocal(txs)),
+                    ..
+                } => txs.first().copied(),
                 _ => None,
             })
             .expect("begun")
@@ -890,6 +907,7 @@ mod tests {
                     req,
                     timeout_ms,
                     branch,
+                    count: 1,
                 },
             ))
         };
@@ -921,7 +939,23 @@ mod tests {
         let timer = Timer::TxTimeout;
         aborted_by(&mut e, t3, Event::Timer { tx: t3, timer });
         assert_eq!(aborted(&m, AbortReason::TxTimeout), 1);
+        // Given back unused by its participant: counted apart from the client's aborts.
+        let t4 = begin_local(&mut e);
+        aborted_by(&mut e, t4, Event::Release { req: 4, tx: t4 });
+        assert_eq!(aborted(&m, AbortReason::Unused), 1);
+        assert_eq!(aborted(&m, AbortReason::Client), 1);
         assert_eq!(aborted(&m, AbortReason::Other), 0);
+        // Ids begun many at once are counted one by one.
+        let before = m.begun.get();
+        let (req, timeout_ms, branch, count) = (5, 0, spec("a"), 5);
+        let ev = Event::BeginLocal {
+            req,
+            timeout_ms,
+            branch,
+            count,
+        };
+        step(&mut e, &m, 4, ev);
+        assert_eq!(m.begun.get(), before + 5);
     }
 
     #[test]

@@ -219,6 +219,11 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         Ok(counts)
     }
 
+    /// The timeout of a transaction begun without one of its own (`--tx-timeout-ms`).
+    pub fn default_tx_timeout_ms(&self) -> u64 {
+        lock(&self.inner.engine).config().tx_timeout_ms
+    }
+
     /// Begin RPC.
     pub async fn begin(&self, timeout_ms: u64, branches: Vec<BranchSpec>) -> Result<TxId, TxError> {
         match self
@@ -234,27 +239,30 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
-    /// Begin RPC with `commit_locally`: the one-phase intent naming `branch` is written
-    /// and synced in the background; its participant commits by itself once a Barrier of
-    /// this epoch returned, and reports it ([`Runtime::committed_locally`]). With one-phase
-    /// commits turned off it begins an ordinary transaction instead; the flag says which.
+    /// Begin RPC with `commit_locally`: begins `count` local transactions (0 counts as
+    /// one) whose one-phase intents naming `branch` are written and synced in the
+    /// background; its participant commits each by itself once a Barrier of this epoch
+    /// returned, and reports it ([`Runtime::committed_locally`]). With one-phase commits
+    /// turned off it begins one ordinary transaction instead; the flag says which.
     pub async fn begin_local(
         &self,
         timeout_ms: u64,
         branch: BranchSpec,
-    ) -> Result<(TxId, bool), TxError> {
+        count: u32,
+    ) -> Result<(Vec<TxId>, bool), TxError> {
         if !lock(&self.inner.engine).config().one_phase {
-            return Ok((self.begin(timeout_ms, vec![branch]).await?, false));
+            return Ok((vec![self.begin(timeout_ms, vec![branch]).await?], false));
         }
         match self
             .request(|req| Event::BeginLocal {
                 req,
                 timeout_ms,
                 branch,
+                count,
             })
             .await?
         {
-            ReplyOk::Begun(tx) => Ok((tx, true)),
+            ReplyOk::BegunLocal(txs) => Ok((txs, true)),
             other => Err(unexpected(other)),
         }
     }
@@ -371,7 +379,19 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
 
     /// Abort RPC.
     pub async fn abort(&self, tx: TxId, reason: String) -> Result<(), TxError> {
-        match self.request(|req| Event::Abort { req, tx, reason }).await? {
+        self.aborted(tx, |req| Event::Abort { req, tx, reason })
+            .await
+    }
+
+    /// Abort RPC with `unused`: the participant returns a local transaction's id it did
+    /// not use; settled like an abort, counted apart.
+    pub async fn release(&self, tx: TxId) -> Result<(), TxError> {
+        self.aborted(tx, |req| Event::Release { req, tx }).await
+    }
+
+    /// Runs an abort of `tx` (`event`) and answers like the Abort RPC.
+    async fn aborted(&self, tx: TxId, event: impl FnOnce(u64) -> Event) -> Result<(), TxError> {
+        match self.request(event).await? {
             ReplyOk::Aborted => Ok(()),
             ReplyOk::NotLive => match self.resolve(&tx)?.outcome {
                 Outcome::Aborted => Ok(()),

@@ -225,25 +225,41 @@ async fn begin<L: DecisionLog, T: Transport>(
         .into_iter()
         .map(branch_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
-    let (tx, local) = if req.commit_locally {
+    if req.count > 1 && !req.commit_locally {
+        return Err(Status::invalid_argument(format!(
+            "count is {}; more than one transaction per Begin needs commit_locally",
+            req.count
+        )));
+    }
+    let (txs, local) = if req.commit_locally {
         let [branch] = <[BranchSpec; 1]>::try_from(branches).map_err(|b| {
             Status::invalid_argument(format!(
                 "commit_locally needs exactly one branch in branches (got {})",
                 b.len()
             ))
         })?;
-        rt.begin_local(req.timeout_ms, branch).await
+        rt.begin_local(req.timeout_ms, branch, req.count).await
     } else {
         rt.begin(req.timeout_ms, branches)
             .await
-            .map(|tx| (tx, false))
+            .map(|tx| (vec![tx], false))
     }
     .map_err(status_of)?;
-    tracing::debug!(tx_id = %tx, local, "begun");
+    let mut ids = txs.iter().map(|tx| tx.to_string());
+    let tx_id = ids
+        .next()
+        .ok_or_else(|| Status::internal("Begin issued no transaction"))?;
+    tracing::debug!(tx_id = %tx_id, count = txs.len(), local, "begun");
+    let timeout_ms = match req.timeout_ms {
+        0 => rt.default_tx_timeout_ms(),
+        t => t,
+    };
     Ok(pb::BeginResponse {
-        tx_id: tx.to_string(),
+        tx_id,
         commit_locally: local,
         epoch: rt.log().epoch(),
+        more_tx_ids: ids.collect(),
+        timeout_ms,
     })
 }
 
@@ -355,11 +371,13 @@ async fn abort<L: DecisionLog, T: Transport>(
             req.reason.len()
         )));
     }
-    let span = info_span!("abort", tx_id = %tx);
-    rt.abort(tx, req.reason)
-        .instrument(span)
-        .await
-        .map_err(status_of)?;
+    let span = info_span!("abort", tx_id = %tx, unused = req.unused);
+    if req.unused {
+        rt.release(tx).instrument(span).await
+    } else {
+        rt.abort(tx, req.reason).instrument(span).await
+    }
+    .map_err(status_of)?;
     Ok(pb::AbortResponse {
         outcome: pb::Outcome::Aborted as i32,
     })

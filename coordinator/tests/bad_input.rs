@@ -567,6 +567,7 @@ impl Harness {
                         commit_locally: false,
                         timeout_ms,
                         branches,
+                        count: 0,
                     })
                     .await
                     .expect("Begin")
@@ -607,6 +608,7 @@ impl Harness {
             c.abort(pb::AbortRequest {
                 tx_id: aborted.clone(),
                 reason: "set-up".into(),
+                unused: false,
             })
             .await
             .expect("Abort");
@@ -707,6 +709,7 @@ impl Harness {
         let req = pb::AbortRequest {
             tx_id: tx_id.to_string(),
             reason: reason.to_string(),
+            unused: false,
         };
         self.call("Abort", |mut c| async move { c.abort(req).await })
     }
@@ -726,6 +729,7 @@ impl Harness {
             commit_locally: false,
             timeout_ms: DAY_MS,
             branches: branches.to_vec(),
+            count: 0,
         };
         let r = self.call("Begin (scratch)", |mut c| async move { c.begin(req).await })?;
         let tx = r
@@ -1345,6 +1349,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
             commit_locally: false,
             timeout_ms: 0,
             branches: vec![b.clone()],
+            count: 0,
         }
         .encode_to_vec(),
         pb::EnlistRequest {
@@ -1364,6 +1369,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
         pb::AbortRequest {
             tx_id: "0badc0de-1-3".into(),
             reason: "because".into(),
+            unused: false,
         }
         .encode_to_vec(),
         pb::ListTransactionsRequest {
@@ -1574,6 +1580,7 @@ impl Harness {
             commit_locally: false,
             timeout_ms,
             branches: branches.iter().map(|g| g.branch.clone()).collect(),
+            count: 0,
         };
         let next = self.next_seq.get();
         let got = self.call("Begin", |mut c| async move { c.begin(req).await })?;
@@ -1731,6 +1738,7 @@ impl Harness {
         let req = pb::AbortRequest {
             tx_id: tx,
             reason: reason.clone(),
+            unused: false,
         };
         let got = self.call("Abort", |mut c| async move { c.abort(req).await })?;
         let checked = check("Abort", &got, &expected);
@@ -2091,6 +2099,7 @@ impl Harness {
             commit_locally: false,
             timeout_ms,
             branches,
+            count: 0,
         };
         let r = self.call("Begin", |mut c| async move { c.begin(req).await })?;
         if let Ok(b) = &r {

@@ -186,6 +186,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
                 commit_locally: false,
                 timeout_ms: 0,
                 branches: branches(&s.endpoint, 2),
+                count: 0,
             })
             .await;
         let tx_id = begin.expect("begin").into_inner().tx_id;
@@ -253,6 +254,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint, 2),
+            count: 0,
         })
         .await
         .expect("begin")

@@ -754,6 +754,7 @@ impl TwoPcModel {
                     req,
                     timeout_ms,
                     branch,
+                    count: 1,
                 },
             );
         } else {

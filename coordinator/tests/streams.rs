@@ -249,6 +249,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                     commit_locally: false,
                     timeout_ms: 0,
                     branches,
+                    count: 0,
                 })
                 .await
                 .map_err(Status::from)?;
@@ -330,6 +331,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     let too_long_reason = pb::AbortRequest {
         tx_id: "x".into(),
         reason: "r".repeat(5000),
+        unused: false,
     };
     let e = p
         .abort(too_long_reason)
@@ -343,6 +345,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint),
+            count: 0,
         })
         .await
         .map_err(Status::from)
@@ -351,6 +354,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         .abort(pb::AbortRequest {
             tx_id: begun.tx_id.clone(),
             reason: "changed my mind".into(),
+            unused: false,
         })
         .await
         .expect("abort");
@@ -481,6 +485,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
             timeout_ms: 0,
             branches: bad.clone(),
             commit_locally: true,
+            count: 0,
         };
         let e = p.begin(req).await.map_err(Status::from).unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -497,6 +502,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
             timeout_ms: 0,
             branches: one,
             commit_locally: true,
+            count: 0,
         })
         .await
         .map_err(Status::from)
@@ -531,6 +537,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
             timeout_ms: 0,
             branches: two,
             commit_locally: false,
+            count: 0,
         })
         .await
         .map_err(Status::from)
@@ -571,5 +578,95 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
         s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst),
         0,
         "a local transaction sends its participant nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
+    let s = setup(true).await;
+    let p = pipeline(&s.channel);
+    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let two = branches(&s.endpoint);
+    let one = vec![two[0].clone()];
+    let begin = |branches: Vec<pb::Branch>, commit_locally: bool, count: u32| pb::BeginRequest {
+        timeout_ms: 0,
+        branches,
+        commit_locally,
+        count,
+    };
+    // Several at once only for local transactions, and at most 256.
+    for (req, what) in [
+        (begin(two.clone(), false, 2), "needs commit_locally"),
+        (begin(one.clone(), true, 257), "at most 256"),
+    ] {
+        let e = unary.begin(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{e:?}");
+        assert!(e.message().contains("count is"), "{e:?}");
+    }
+    let ahead = p
+        .begin(begin(one.clone(), true, 5))
+        .await
+        .map_err(Status::from)
+        .expect("begin ahead");
+    assert!(ahead.commit_locally && ahead.epoch > 0, "{ahead:?}");
+    assert_eq!(ahead.more_tx_ids.len(), 4, "{ahead:?}");
+    assert_eq!(ahead.timeout_ms, 60_000, "the default timeout: {ahead:?}");
+    let mut ids: Vec<String> = std::iter::once(ahead.tx_id.clone())
+        .chain(ahead.more_tx_ids.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "distinct ids");
+    for id in &ids {
+        let got = unary
+            .get_transaction(pb::GetTransactionRequest { tx_id: id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(got.branches.len(), 1, "{got:?}");
+    }
+    // An unused one goes back: settled by asking the participant, which says aborted.
+    let asked =
+        s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst);
+    unary
+        .abort(pb::AbortRequest {
+            tx_id: ids[0].clone(),
+            reason: String::new(),
+            unused: true,
+        })
+        .await
+        .expect("given back");
+    let got = unary
+        .get_transaction(pb::GetTransactionRequest {
+            tx_id: ids[0].clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.outcome, pb::Outcome::Aborted as i32, "{got:?}");
+    assert_eq!(
+        s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst),
+        asked + 1,
+        "the participant was asked"
+    );
+    // An ordinary transaction's id cannot go back unused.
+    let plain = p
+        .begin(begin(two, false, 0))
+        .await
+        .map_err(Status::from)
+        .expect("begin");
+    let e = unary
+        .abort(pb::AbortRequest {
+            tx_id: plain.tx_id.clone(),
+            reason: String::new(),
+            unused: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("not begun with commit_locally"),
+        "{e:?}"
     );
 }

@@ -62,7 +62,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
@@ -77,6 +79,7 @@ use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
+use crate::ahead::{self, Ahead, Durable, Take};
 use crate::error::{Error, Result};
 use crate::resource::{BranchKind, OnePhase, Resource};
 
@@ -163,6 +166,7 @@ pub struct TwoPcBuilder {
     data_dir: Option<PathBuf>,
     recovery_interval: Duration,
     commit_wait: Option<Duration>,
+    begin_ahead: u32,
     /// CA (PEM) of the coordinator's certificate: dial it over TLS.
     coordinator_ca: Option<Vec<u8>>,
     /// Client certificate for a coordinator that requires one (mutual TLS).
@@ -187,6 +191,7 @@ impl std::fmt::Debug for TwoPcBuilder {
             .field("data_dir", &self.data_dir)
             .field("recovery_interval", &self.recovery_interval)
             .field("commit_wait", &self.commit_wait)
+            .field("begin_ahead", &self.begin_ahead)
             .field("coordinator_tls", &self.coordinator_ca.is_some())
             .field("coordinator_identity", &self.coordinator_identity.is_some())
             .field("coordinator_domain", &self.coordinator_domain)
@@ -232,6 +237,15 @@ impl TwoPcBuilder {
     /// How often recovery asks the coordinator about in-doubt branches (default 5 s).
     pub fn recovery_interval(mut self, every: Duration) -> Self {
         self.recovery_interval = every;
+        self
+    }
+
+    /// At most how many local transactions one Begin takes ahead for a resource
+    /// (default [`crate::DEFAULT_BEGIN_AHEAD`], at most [`crate::MAX_BEGIN_AHEAD`]; 0 or 1
+    /// takes none ahead). The pool follows the demand: under light load each
+    /// [`TwoPc::begin_local`] makes its own Begin (see `ahead` in the crate docs).
+    pub fn begin_ahead(mut self, max: u32) -> Self {
+        self.begin_ahead = max;
         self
     }
 
@@ -375,6 +389,13 @@ impl TwoPcBuilder {
     /// Connects to the coordinator, starts the participant server and recovery.
     pub async fn start(self) -> Result<TwoPc> {
         validate_name("service", &self.service, 32)?;
+        if self.begin_ahead > ahead::MAX_BEGIN_AHEAD {
+            return Err(Error::Usage(format!(
+                "begin_ahead is {}; at most {} local transactions can be begun at once",
+                self.begin_ahead,
+                ahead::MAX_BEGIN_AHEAD
+            )));
+        }
         for (what, pem) in [
             ("coordinator_ca", self.coordinator_ca.as_deref()),
             (
@@ -446,6 +467,8 @@ impl TwoPcBuilder {
             commit_wait: self.commit_wait,
             forget,
             barriers: Mutex::new(SharedBarrier::default()),
+            ahead: ahead::Pools::default(),
+            begin_ahead: self.begin_ahead,
             stop: stop_tx,
             tasks: Mutex::new(vec![server, forgetter]),
         });
@@ -569,6 +592,9 @@ impl Inner {
     }
 }
 
+/// How long [`TwoPc::shutdown`] waits for the ids begun ahead and not used to go back.
+const SHUTDOWN_RELEASE: Duration = Duration::from_secs(2);
+
 /// The SDK handle of one service process. Cheap to clone.
 #[derive(Clone)]
 pub struct TwoPc {
@@ -596,6 +622,10 @@ struct Inner {
     forget: Arc<ForgetQueue>,
     /// Local transactions waiting for a `Barrier` (one call in flight for all of them).
     barriers: Mutex<SharedBarrier>,
+    /// Local transactions begun ahead, per resource.
+    ahead: ahead::Pools,
+    /// At most this many per Begin (the builder's `begin_ahead`).
+    begin_ahead: u32,
     /// Stops the server, the recovery loop and the forgetter.
     stop: watch::Sender<bool>,
     /// Background tasks, awaited by `shutdown`.
@@ -614,6 +644,7 @@ impl TwoPc {
             data_dir: None,
             recovery_interval: Duration::from_secs(5),
             commit_wait: None,
+            begin_ahead: ahead::DEFAULT_BEGIN_AHEAD,
             coordinator_ca: None,
             coordinator_identity: None,
             coordinator_domain: None,
@@ -666,6 +697,7 @@ impl TwoPc {
                 timeout_ms: 0,
                 branches,
                 commit_locally: false,
+                count: 0,
             })
             .await?;
         let tx = self.transaction(resp.tx_id, true);
@@ -692,29 +724,60 @@ impl TwoPc {
     /// through it.
     pub async fn begin_local(&self, resource: &dyn Resource) -> Result<Transaction> {
         let branch = self.branch_of(resource)?;
-        let branch_id = branch.branch_id.clone();
-        let resp = self
+        let name = resource.name();
+        let taken = self
             .inner
-            .begin(pb::BeginRequest {
-                timeout_ms: 0,
-                branches: vec![branch],
-                commit_locally: true,
-            })
-            .await?;
-        let mut tx = self.transaction(resp.tx_id, true);
-        if resp.commit_locally && resp.epoch != 0 {
-            // The intent was written before the answer; a Barrier called from now on
-            // returns once it is durable. It runs while the application does its work.
-            tx.local = Some(Local {
-                resource: resource.name().to_string(),
-                epoch: resp.epoch,
-                durable: barrier_after_now(&self.inner),
-            });
+            .ahead
+            .take(name, self.inner.begin_ahead, Instant::now());
+        release_unused(&self.inner, taken.stale);
+        if let Some(count) = taken.refill {
+            refill(&self.inner, branch.clone(), name, count);
         }
+        let ahead = match taken.take {
+            Take::Ready(a) => a,
+            Take::Begin(count) => {
+                // This call is the pool's refill when it begins more than one.
+                let refill = (count > 1).then(|| self.inner.ahead.refill(name));
+                let mut begun = begin_ahead(&self.inner, branch.clone(), count).await;
+                let rest = match &mut begun {
+                    Ok(Begun::Local(_, rest)) => std::mem::take(rest),
+                    _ => Vec::new(),
+                };
+                match refill {
+                    Some(r) => r.finish(rest),
+                    None => self.inner.ahead.put(name, rest, false),
+                }
+                match begun? {
+                    Begun::Local(mine, _) => mine,
+                    Begun::Plain(tx_id) => {
+                        self.inner.ahead.turn_off(name);
+                        // An ordinary transaction with the resource enlisted: its commit
+                        // goes through the coordinator.
+                        let tx = self.transaction(tx_id, true);
+                        if let Ok(mut s) = tx.enlisted.lock() {
+                            s.insert(branch.branch_id);
+                        }
+                        return Ok(tx);
+                    }
+                }
+            }
+        };
+        let mut tx = self.transaction(ahead.tx_id, true);
+        tx.local = Some(Local {
+            resource: name.to_string(),
+            epoch: ahead.epoch,
+            durable: ahead.durable,
+        });
         if let Ok(mut s) = tx.enlisted.lock() {
-            s.insert(branch_id);
+            s.insert(branch.branch_id);
         }
         Ok(tx)
+    }
+
+    /// Local transactions begun ahead and waiting in this handle's pools (see
+    /// [`TwoPcBuilder::begin_ahead`]): for monitoring and tests.
+    pub fn begun_ahead(&self) -> usize {
+        self.inner.ahead.len()
     }
 
     /// The branch this service enlists for `resource` (registered here, or a usage error).
@@ -794,6 +857,12 @@ impl TwoPc {
     /// them. Branches still waiting for a `Barrier` are not forgotten (their markers go
     /// after `OutboxOptions::marker_retention`).
     pub async fn shutdown(&self) {
+        // Ids begun ahead go back while the participant server can still answer the
+        // coordinator's question about them.
+        let unused = self.inner.ahead.drain();
+        if !unused.is_empty() {
+            let _ = tokio::time::timeout(SHUTDOWN_RELEASE, release_now(&self.inner, unused)).await;
+        }
         let _ = self.inner.stop.send(true);
         let tasks = match self.inner.tasks.lock() {
             Ok(mut t) => std::mem::take(&mut *t),
@@ -825,7 +894,7 @@ struct Local {
     epoch: u64,
     /// The epoch of a `Barrier` called after the Begin answer (or why it failed): the
     /// intent is durable when it is `epoch`.
-    durable: oneshot::Receiver<std::result::Result<u64, String>>,
+    durable: Durable,
 }
 
 /// What [`Transaction::commit`] learned.
@@ -1047,6 +1116,7 @@ impl Transaction {
         let req = pb::AbortRequest {
             tx_id: self.id.clone(),
             reason: reason.into(),
+            unused: false,
         };
         self.sdk.inner.abort(req).await?;
         Ok(())
@@ -1065,6 +1135,108 @@ fn tell_outcome_known(registry: &Registry, tx_id: &str, branch_ids: &[String]) {
             resource.outcome_known(tx_id, branch_id);
         }
     }
+}
+
+/// What a Begin with `commit_locally` gave.
+enum Begun {
+    /// Local transactions (the first and the rest of as many as the coordinator began),
+    /// each usable once the Barrier asked after the answer reports its epoch.
+    Local(Ahead, Vec<Ahead>),
+    /// An ordinary transaction with the branch enlisted (the coordinator runs without
+    /// one-phase commits, or predates local ones).
+    Plain(String),
+}
+
+/// Begins `count` local transactions of `branch` in one call, and asks for the Barrier
+/// that shows their intents durable.
+async fn begin_ahead(inner: &Arc<Inner>, branch: pb::Branch, count: u32) -> Result<Begun> {
+    let resp = inner
+        .begin(pb::BeginRequest {
+            timeout_ms: 0,
+            branches: vec![branch],
+            commit_locally: true,
+            count,
+        })
+        .await?;
+    if !resp.commit_locally || resp.epoch == 0 {
+        return Ok(Begun::Plain(resp.tx_id));
+    }
+    // The intents were written before the answer; a Barrier called from now on returns
+    // once they are durable. It runs while the application does its work.
+    let durable = barrier_after_now(inner).shared();
+    let begun = Instant::now();
+    let max_age = ahead::max_age(resp.timeout_ms);
+    let ahead = |tx_id| Ahead {
+        tx_id,
+        epoch: resp.epoch,
+        durable: durable.clone(),
+        begun,
+        max_age,
+    };
+    let rest = resp.more_tx_ids.iter().cloned().map(ahead).collect();
+    Ok(Begun::Local(ahead(resp.tx_id.clone()), rest))
+}
+
+/// Refills the pool of resource `name` with `count` local transactions of `branch`, in
+/// the background.
+fn refill(inner: &Arc<Inner>, branch: pb::Branch, name: &str, count: u32) {
+    let (inner, name) = (inner.clone(), name.to_string());
+    tokio::spawn(async move {
+        match begin_ahead(&inner, branch, count).await {
+            Ok(Begun::Local(first, mut rest)) => {
+                rest.insert(0, first);
+                inner.ahead.put(&name, rest, true);
+            }
+            Ok(Begun::Plain(tx_id)) => {
+                inner.ahead.turn_off(&name);
+                release_plain(&inner, tx_id);
+            }
+            Err(e) => {
+                debug!(error = %e, "could not begin local transactions ahead");
+                inner.ahead.put(&name, Vec::new(), true);
+            }
+        }
+    });
+}
+
+/// Gives local transactions begun ahead back unused (Abort with `unused`), in the
+/// background.
+fn release_unused(inner: &Arc<Inner>, ids: Vec<Ahead>) {
+    if ids.is_empty() {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move { release_now(&inner, ids).await });
+}
+
+/// Gives local transactions begun ahead back unused, and waits for the answers.
+async fn release_now(inner: &Inner, ids: Vec<Ahead>) {
+    let calls = ids.into_iter().map(|a| async move {
+        let req = pb::AbortRequest {
+            tx_id: a.tx_id.clone(),
+            reason: String::new(),
+            unused: true,
+        };
+        if let Err(s) = inner.abort(req).await {
+            debug!(tx_id = %a.tx_id, error = %s,
+                "could not give back an unused transaction id; the coordinator settles it at its timeout");
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
+/// Aborts an ordinary transaction a background refill began (the coordinator did not
+/// begin local ones), in the background.
+fn release_plain(inner: &Arc<Inner>, tx_id: String) {
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let req = pb::AbortRequest {
+            tx_id,
+            reason: "begun ahead, not used".into(),
+            unused: false,
+        };
+        let _ = inner.abort(req).await;
+    });
 }
 
 /// Callers waiting for a `Barrier` that starts after they asked, and whether one is
@@ -1164,6 +1336,7 @@ fn report_local_abort(inner: Arc<Inner>, tx_id: String, reason: String) {
         let req = pb::AbortRequest {
             tx_id: tx_id.clone(),
             reason,
+            unused: false,
         };
         if let Err(s) = inner.abort(req).await {
             debug!(tx_id = %tx_id, error = %s,

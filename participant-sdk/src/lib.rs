@@ -15,6 +15,7 @@
 //! - [`propagation`]: carries the transaction id across services in gRPC metadata.
 //! - [`error`]: the SDK's error type.
 
+mod ahead;
 pub mod broker;
 pub mod client;
 pub mod dedup;
@@ -29,6 +30,7 @@ pub mod resource;
 mod server;
 pub mod staging;
 
+pub use ahead::{DEFAULT_BEGIN_AHEAD, MAX_BEGIN_AHEAD};
 pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
 pub use client::{BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder};
 pub use error::{Error, Result};

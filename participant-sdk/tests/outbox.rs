@@ -2052,3 +2052,89 @@ async fn begin_local_falls_back_to_the_coordinator_without_one_phase_commits() {
     })
     .await;
 }
+
+/// Test: under load, `begin_local` takes ids begun ahead (one Begin for many
+/// transactions); every transaction still gets an id of its own and commits, and the ids
+/// left over go back at shutdown, so the coordinator holds nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_transactions_under_load_are_begun_ahead_and_leftovers_go_back() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = coordinator().await;
+        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let url = database("obahead", ORDERS).await;
+        let db = sdk.register(resource("db", &url).await).expect("register");
+        let next = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let saw_ahead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..8).map(|_| {
+            let (sdk, db, next, saw) = (sdk.clone(), db.clone(), next.clone(), saw_ahead.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                // Until ids were seen waiting in the pool (at most 600 orders a worker).
+                for _ in 0..600 {
+                    if saw.load(std::sync::atomic::Ordering::SeqCst) && ids.len() >= 50 {
+                        break;
+                    }
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let tx = sdk.begin_local(&*db).await.expect("begin_local");
+                    ids.push(tx.id().to_string());
+                    let pg = tx.postgres(&db).await.expect("branch");
+                    pg.execute("INSERT INTO orders VALUES ($1, 'ahead')", &[&n])
+                        .await
+                        .expect("insert");
+                    tx.commit().await.expect("local commit");
+                    if sdk.begun_ahead() > 0 {
+                        saw.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                ids
+            })
+        });
+        let mut ids = Vec::new();
+        for w in workers {
+            ids.extend(w.await.expect("worker"));
+        }
+        assert!(
+            saw_ahead.load(std::sync::atomic::Ordering::SeqCst),
+            "no id was ever begun ahead in {} transactions",
+            ids.len()
+        );
+        let committed = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            committed,
+            "every transaction has an id of its own"
+        );
+        assert_eq!(
+            count(&url, "SELECT count(*) FROM orders").await,
+            committed as i64
+        );
+        eventually(
+            WAIT,
+            "the coordinator records every local commit",
+            || async {
+                for id in &ids {
+                    if outcome(&sdk, id).await != pb::Outcome::Committed as i32 {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        sdk.shutdown().await;
+        // The ids still pooled at shutdown went back (asked and answered before the
+        // participant server stopped): nothing is left waiting for a timeout.
+        let live = sdk
+            .coordinator()
+            .list_transactions(pb::ListTransactionsRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .transactions;
+        assert!(live.is_empty(), "{live:?}");
+        coord.stop().await;
+    })
+    .await;
+}

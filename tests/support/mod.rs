@@ -1203,6 +1203,7 @@ pub async fn begin(client: &mut CoordinatorClient<Channel>, branches: Vec<pb::Br
             commit_locally: false,
             timeout_ms: 0,
             branches,
+            count: 0,
         })
         .await
         .expect("Begin")

@@ -1,0 +1,391 @@
+//! Local transactions begun ahead, a few at a time.
+//!
+//! Every [`crate::TwoPc::begin_local`] needs a transaction id from the coordinator, with
+//! the coordinator's intent (which branch decides) durable before the branch commits. A
+//! service committing thousands of local transactions a second would pay one Begin round
+//! trip each. Instead the handle keeps, per resource, a small pool of ids begun ahead by
+//! one Begin (`BeginRequest.count`), sized to the recent demand: about
+//! [`LOOKAHEAD`] worth of the rate of the last [`WINDOW`], at most the handle's
+//! `begin_ahead` setting. Each id is a transaction of its own at the coordinator (its
+//! intent written and synced like any local Begin's), usable once the one Barrier asked
+//! after that Begin reports the Begin's epoch.
+//!
+//! Under light load (a batch of one) nothing is taken ahead: each `begin_local` makes its
+//! own Begin. When the pool runs low a refill runs in the background (one at a time per
+//! resource); a caller that finds the pool empty begins its own id (a batch when no
+//! refill runs, else just one) rather than waiting for someone else's.
+//!
+//! An id waits at most [`MAX_AGE`] in the pool (a quarter of its transaction timeout when
+//! that is shorter, see [`max_age`]). Older ones, and those left when the handle
+//! shuts down, go back with an Abort that sets `unused`: the coordinator still asks the
+//! branch (which never saw the id and answers aborted) and counts them apart
+//! (`twopc_transactions_aborted_total{reason="unused"}`). An id is released only after it
+//! left the pool, so no transaction ever uses an id that went back.
+//!
+//! This module holds the bookkeeping (pure, tested here); the calls are in `client`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future::Shared;
+use tokio::sync::oneshot;
+
+/// How far ahead a batch reaches, in time at the recent rate.
+pub(crate) const LOOKAHEAD: Duration = Duration::from_millis(20);
+
+/// The window over which the rate of local Begins is measured.
+pub(crate) const WINDOW: Duration = Duration::from_millis(100);
+
+/// The longest an id waits in the pool before it goes back unused.
+pub(crate) const MAX_AGE: Duration = Duration::from_millis(250);
+
+/// Default of [`crate::TwoPcBuilder::begin_ahead`]: at most this many ids per Begin.
+pub const DEFAULT_BEGIN_AHEAD: u32 = 64;
+
+/// The most a Begin may ask for (the coordinator's limit).
+pub const MAX_BEGIN_AHEAD: u32 = 256;
+
+/// The answer of the `Barrier` asked after a Begin (its epoch, or why it failed), shared by
+/// every id that Begin issued.
+pub(crate) type Durable = Shared<oneshot::Receiver<std::result::Result<u64, String>>>;
+
+/// One local transaction begun ahead.
+#[derive(Clone)]
+pub(crate) struct Ahead {
+    /// Its id.
+    pub(crate) tx_id: String,
+    /// The coordinator epoch of the Begin answer.
+    pub(crate) epoch: u64,
+    /// The Barrier after the Begin: the intent is durable when it returns `epoch`.
+    pub(crate) durable: Durable,
+    /// When the Begin answered.
+    pub(crate) begun: Instant,
+    /// How long it may wait in the pool: [`MAX_AGE`], or a quarter of its timeout when
+    /// that is shorter ([`max_age`]).
+    pub(crate) max_age: Duration,
+}
+
+/// How long an id with a transaction timeout of `timeout_ms` (0: unknown) may wait in the
+/// pool: [`MAX_AGE`], or a quarter of its timeout when that is shorter, so the
+/// application keeps most of the timeout for its own work.
+pub(crate) fn max_age(timeout_ms: u64) -> Duration {
+    match timeout_ms {
+        0 => MAX_AGE,
+        t => MAX_AGE.min(Duration::from_millis(t / 4)),
+    }
+}
+
+/// How a caller gets its id.
+pub(crate) enum Take {
+    /// One from the pool.
+    Ready(Ahead),
+    /// Begin this many now; the caller's id is the first, the rest go to the pool.
+    Begin(u32),
+}
+
+/// What [`Pools::take`] decided besides the caller's id.
+pub(crate) struct Taken {
+    /// The caller's id, or how many to begin.
+    pub(crate) take: Take,
+    /// Ids too old to hand out: release them.
+    pub(crate) stale: Vec<Ahead>,
+    /// Start a background refill of this many (the pool is marked refilling).
+    pub(crate) refill: Option<u32>,
+}
+
+/// The pools of every resource of one handle.
+#[derive(Default)]
+pub(crate) struct Pools {
+    by_resource: Mutex<HashMap<String, Pool>>,
+}
+
+#[derive(Default)]
+struct Pool {
+    ids: VecDeque<Ahead>,
+    refilling: bool,
+    /// The coordinator did not begin a local transaction when asked (one-phase commits
+    /// off, or a coordinator that predates them): take nothing ahead for this resource.
+    off: bool,
+    demand: Demand,
+}
+
+/// The recent rate of local Begins of one resource.
+#[derive(Default)]
+struct Demand {
+    takes: u32,
+    since: Option<Instant>,
+    per_s: f64,
+}
+
+impl Demand {
+    fn note(&mut self, now: Instant) {
+        self.takes += 1;
+        let since = *self.since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= WINDOW {
+            self.per_s = f64::from(self.takes) / elapsed.as_secs_f64();
+            self.takes = 0;
+            self.since = Some(now);
+        }
+    }
+
+    /// Ids to begin at once: [`LOOKAHEAD`] at the measured rate, 1 to `max`.
+    fn batch(&self, max: u32) -> u32 {
+        let want = (self.per_s * LOOKAHEAD.as_secs_f64()).ceil();
+        (want as u32).clamp(1, max.max(1))
+    }
+}
+
+impl Pools {
+    /// Takes an id for a local transaction of `resource` (batches of at most `max`).
+    pub(crate) fn take(&self, resource: &str, max: u32, now: Instant) -> Taken {
+        let mut pools = crate::lock(&self.by_resource);
+        let pool = pools.entry(resource.to_string()).or_default();
+        pool.demand.note(now);
+        let mut stale = Vec::new();
+        while let Some(a) = pool.ids.front() {
+            if now.saturating_duration_since(a.begun) < a.max_age {
+                break;
+            }
+            stale.extend(pool.ids.pop_front());
+        }
+        let batch = if pool.off || max <= 1 {
+            1
+        } else {
+            pool.demand.batch(max)
+        };
+        let take = match pool.ids.pop_front() {
+            Some(a) => Take::Ready(a),
+            None if pool.refilling || batch == 1 => Take::Begin(1),
+            None => {
+                // The caller refills: mark it so no background refill starts meanwhile.
+                pool.refilling = true;
+                Take::Begin(batch)
+            }
+        };
+        let low = pool.ids.len() < (batch as usize).div_ceil(2);
+        let refill = if batch > 1 && low && !pool.refilling {
+            pool.refilling = true;
+            Some(batch)
+        } else {
+            None
+        };
+        Taken {
+            take,
+            stale,
+            refill,
+        }
+    }
+
+    /// Adds ids begun ahead for `resource`; `refilled` ends the refill that began them.
+    pub(crate) fn put(&self, resource: &str, ids: Vec<Ahead>, refilled: bool) {
+        let mut pools = crate::lock(&self.by_resource);
+        let pool = pools.entry(resource.to_string()).or_default();
+        pool.ids.extend(ids);
+        if refilled {
+            pool.refilling = false;
+        }
+    }
+
+    /// The refill of `resource`'s pool a caller runs itself ([`Take::Begin`] of more than
+    /// one): ended with [`Refill::finish`], or when dropped (the caller was cancelled).
+    pub(crate) fn refill<'a>(&'a self, resource: &'a str) -> Refill<'a> {
+        Refill {
+            pools: self,
+            resource,
+        }
+    }
+
+    /// The coordinator begins no local transactions: stop taking ids ahead for
+    /// `resource`, and end its refill.
+    pub(crate) fn turn_off(&self, resource: &str) {
+        let mut pools = crate::lock(&self.by_resource);
+        let pool = pools.entry(resource.to_string()).or_default();
+        pool.off = true;
+        pool.refilling = false;
+    }
+
+    /// How many ids wait in the pools.
+    pub(crate) fn len(&self) -> usize {
+        crate::lock(&self.by_resource)
+            .values()
+            .map(|p| p.ids.len())
+            .sum()
+    }
+
+    /// Every id still pooled (they leave the pools).
+    pub(crate) fn drain(&self) -> Vec<Ahead> {
+        let mut pools = crate::lock(&self.by_resource);
+        pools.values_mut().flat_map(|p| p.ids.drain(..)).collect()
+    }
+}
+
+/// A refill in progress (see [`Pools::refill`]).
+pub(crate) struct Refill<'a> {
+    pools: &'a Pools,
+    resource: &'a str,
+}
+
+impl Refill<'_> {
+    /// Adds the ids it began and ends it.
+    pub(crate) fn finish(self, ids: Vec<Ahead>) {
+        self.pools.put(self.resource, ids, true);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Refill<'_> {
+    fn drop(&mut self) {
+        self.pools.put(self.resource, Vec::new(), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn ids(n: usize, begun: Instant) -> Vec<Ahead> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(1));
+        let durable = rx.shared();
+        (0..n)
+            .map(|i| Ahead {
+                tx_id: format!("t{i}"),
+                epoch: 1,
+                durable: durable.clone(),
+                begun,
+                max_age: MAX_AGE,
+            })
+            .collect()
+    }
+
+    fn begin_count(t: &Taken) -> Option<u32> {
+        match t.take {
+            Take::Begin(n) => Some(n),
+            Take::Ready(_) => None,
+        }
+    }
+
+    #[test]
+    fn light_load_takes_nothing_ahead() {
+        let p = Pools::default();
+        let t0 = Instant::now();
+        for i in 0..20u64 {
+            // Ten a second: a batch of one, no refill.
+            let t = p.take("db", 64, t0 + Duration::from_millis(100 * i));
+            assert_eq!(begin_count(&t), Some(1));
+            assert_eq!(t.refill, None);
+        }
+    }
+
+    #[test]
+    fn heavy_load_begins_batches_and_refills_one_at_a_time() {
+        let p = Pools::default();
+        let t0 = Instant::now();
+        // 2,000 a second for one window: the rate is known from then on.
+        let mut now = t0;
+        for _ in 0..=200 {
+            let t = p.take("db", 64, now);
+            if let Some(n) = begin_count(&t) {
+                if n > 1 {
+                    // The caller began a batch: the rest goes to the pool.
+                    p.put("db", ids(n as usize - 1, now), true);
+                }
+            }
+            now += Duration::from_micros(500);
+        }
+        let t = p.take("db", 64, now);
+        // ~2,000/s × 20 ms = ~40 per batch; the pool holds the rest of the last one.
+        assert!(
+            matches!(t.take, Take::Ready(_)),
+            "pooled ids are handed out"
+        );
+        p.put("db", Vec::new(), true);
+        // Drained below half a batch, one background refill starts, and no second.
+        let mut refills = 0;
+        for _ in 0..40 {
+            let t = p.take("db", 64, now);
+            if let Some(n) = t.refill {
+                assert!((40..=41).contains(&n), "{n}");
+                refills += 1;
+            }
+        }
+        assert_eq!(refills, 1, "one refill in flight per resource");
+        // With the pool empty and a refill in flight, a caller begins just its own id.
+        let t = p.take("db", 64, now);
+        assert_eq!(begin_count(&t), Some(1));
+        // The cap holds.
+        p.put("db", Vec::new(), true);
+        let t = p.take("db", 8, now);
+        assert!(t.refill.unwrap_or(8) <= 8 && begin_count(&t).unwrap_or(8) <= 8);
+    }
+
+    fn refilling(p: &Pools, now: Option<bool>) -> bool {
+        let mut pools = crate::lock(&p.by_resource);
+        let pool = pools.entry("db".into()).or_default();
+        if let Some(r) = now {
+            pool.refilling = r;
+        }
+        pool.refilling
+    }
+
+    #[test]
+    fn a_refill_whose_caller_is_cancelled_still_ends() {
+        let p = Pools::default();
+        refilling(&p, Some(true));
+        drop(p.refill("db"));
+        assert!(!refilling(&p, None), "dropped: ended");
+        refilling(&p, Some(true));
+        p.refill("db").finish(ids(2, Instant::now()));
+        assert!(!refilling(&p, None), "finished: ended");
+        assert_eq!(p.len(), 2, "with its ids pooled");
+    }
+
+    #[test]
+    fn old_ids_go_back_and_are_never_handed_out() {
+        let p = Pools::default();
+        let t0 = Instant::now();
+        p.put("db", ids(3, t0), false);
+        let later = t0 + MAX_AGE;
+        let t = p.take("db", 64, later);
+        assert_eq!(t.stale.len(), 3, "every id of MAX_AGE goes back");
+        assert_eq!(begin_count(&t), Some(1), "and the caller begins its own");
+        assert!(p.drain().is_empty());
+        p.put("db", ids(2, later), false);
+        let t = p.take("db", 64, later + MAX_AGE / 2);
+        assert!(t.stale.is_empty() && matches!(t.take, Take::Ready(_)));
+        assert_eq!(p.drain().len(), 1, "shutdown releases what is left");
+    }
+
+    #[test]
+    fn ids_wait_at_most_a_quarter_of_their_timeout() {
+        assert_eq!(max_age(0), MAX_AGE, "unknown timeout");
+        assert_eq!(max_age(60_000), MAX_AGE);
+        assert_eq!(max_age(400), Duration::from_millis(100));
+        let p = Pools::default();
+        let t0 = Instant::now();
+        let mut short = ids(1, t0);
+        short[0].max_age = max_age(400);
+        p.put("db", short, false);
+        let t = p.take("db", 64, t0 + Duration::from_millis(100));
+        assert_eq!(t.stale.len(), 1);
+    }
+
+    #[test]
+    fn a_coordinator_without_local_begins_turns_the_pool_off() {
+        let p = Pools::default();
+        let t0 = Instant::now();
+        for i in 0..400u64 {
+            p.take("db", 64, t0 + Duration::from_micros(500 * i));
+        }
+        p.turn_off("db");
+        let t = p.take("db", 64, t0 + Duration::from_millis(300));
+        assert_eq!(begin_count(&t), Some(1));
+        assert_eq!(t.refill, None);
+        // Another resource is not affected.
+        let other = p.take("mq", 64, t0);
+        assert_eq!(begin_count(&other), Some(1));
+    }
+}
