@@ -537,38 +537,52 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                 }
             }
         }
+        // The syncs one event asked for (many, for local transactions begun at once)
+        // share one call.
+        let mut syncs = Vec::new();
         for item in deferred.into_iter() {
             match item {
+                Deferred::Cmd(Command::Sync { tx }) => syncs.push(tx),
                 Deferred::Cmd(cmd) => self.execute(cmd),
                 Deferred::Event(ev) => self.dispatch(ev),
             }
         }
+        if !syncs.is_empty() {
+            self.sync_then_tell(syncs);
+        }
+    }
+
+    /// Syncs the log in the background, then tells the engine for each of `txs`
+    /// ([`Event::Synced`], or [`Event::SyncFailed`]).
+    fn sync_then_tell(self: &Arc<Self>, txs: Vec<TxId>) {
+        let me = self.clone();
+        let epoch = self.log.epoch();
+        tokio::spawn(async move {
+            // The first sync of a one-phase commit covers its intent (nothing sent
+            // yet), the second its outcome (the branch has committed).
+            named_crash_point("coordinator::before_one_phase_sync");
+            let result = me.log.sync(epoch).await;
+            for tx in txs {
+                let ev = match &result {
+                    Ok(()) => Event::Synced { tx },
+                    Err(e) => {
+                        error!(%tx, error = %e, "could not sync a one-phase commit's record");
+                        Event::SyncFailed {
+                            tx,
+                            error: e.to_string(),
+                        }
+                    }
+                };
+                me.dispatch(ev);
+            }
+        });
     }
 
     fn execute(self: &Arc<Self>, cmd: Command) {
         match cmd {
             Command::LogLazy(_) => unreachable!("lazy writes happen under the engine lock"),
             Command::ForceAudit { req, record } => self.force_audit(req, record),
-            Command::Sync { tx } => {
-                let me = self.clone();
-                let epoch = self.log.epoch();
-                tokio::spawn(async move {
-                    // The first sync of a one-phase commit covers its intent (nothing
-                    // sent yet), the second its outcome (the branch has committed).
-                    named_crash_point("coordinator::before_one_phase_sync");
-                    let ev = match me.log.sync(epoch).await {
-                        Ok(()) => Event::Synced { tx },
-                        Err(e) => {
-                            error!(%tx, error = %e, "could not sync a one-phase commit's record");
-                            Event::SyncFailed {
-                                tx,
-                                error: e.to_string(),
-                            }
-                        }
-                    };
-                    me.dispatch(ev);
-                });
-            }
+            Command::Sync { tx } => self.sync_then_tell(vec![tx]),
             Command::ForceCommit(mut record) => {
                 record.decided_at_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

@@ -36,7 +36,9 @@
 //! coordinator answers the Begin at once, having written its intent (which branch
 //! decides) and started syncing it; the handle then asks for a `Barrier` (one call in
 //! flight, shared by every transaction waiting) while the application runs its
-//! statements. [`Transaction::commit`] waits for that Barrier — an answer of the Begin's
+//! statements. Under load the ids come from a pool of local transactions begun ahead, many
+//! per Begin and one Barrier for them all, so most `begin_local` calls make no coordinator
+//! call at all (module `ahead`; [`TwoPcBuilder::begin_ahead`] caps the batch). [`Transaction::commit`] waits for that Barrier — an answer of the Begin's
 //! epoch means the intent is durable, so a restarted coordinator asks the branch instead
 //! of presuming abort — and commits the branch right here
 //! ([`Resource::commit_one_phase`]): no coordinator call on the commit path. A background
