@@ -119,6 +119,8 @@ impl<L: DecisionLog, T: Transport> Clone for Runtime<L, T> {
 struct Inner<L, T> {
     /// The protocol state machine.
     engine: Mutex<Engine>,
+    /// Its configuration (fixed at start; read without the engine's lock).
+    config: EngineConfig,
     /// Where decisions become durable.
     log: Arc<L>,
     /// How messages reach participants.
@@ -152,6 +154,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         let metrics = Metrics::new(log.durable_lsn());
         let inner = Arc::new(Inner {
             engine: Mutex::new(engine),
+            config: opts.engine.clone(),
             log,
             transport,
             pending: Mutex::new(HashMap::new()),
@@ -221,7 +224,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
 
     /// The timeout of a transaction begun without one of its own (`--tx-timeout-ms`).
     pub fn default_tx_timeout_ms(&self) -> u64 {
-        lock(&self.inner.engine).config().tx_timeout_ms
+        self.inner.config.tx_timeout_ms
     }
 
     /// Begin RPC.
@@ -250,7 +253,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         branch: BranchSpec,
         count: u32,
     ) -> Result<(Vec<TxId>, bool), TxError> {
-        if !lock(&self.inner.engine).config().one_phase {
+        if !self.inner.config.one_phase {
             return Ok((vec![self.begin(timeout_ms, vec![branch]).await?], false));
         }
         match self
