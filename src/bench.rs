@@ -479,6 +479,7 @@ async fn drive(
                         no_wait: false,
                         branches: Vec::new(),
                         answer_before_durable: early,
+                        more_tx_ids: Vec::new(),
                     })
                     .await?;
                 lat.push(t0.elapsed().as_micros() as u64);

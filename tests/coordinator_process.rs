@@ -868,6 +868,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 no_wait: false,
                 branches: Vec::new(),
                 answer_before_durable: false,
+                more_tx_ids: Vec::new(),
             })
             .await,
             Code::InvalidArgument,

@@ -214,6 +214,7 @@ fn commit_req(tx_id: &str) -> pb::CommitRequest {
         no_wait: false,
         branches: Vec::new(),
         answer_before_durable: false,
+        more_tx_ids: Vec::new(),
     }
 }
 

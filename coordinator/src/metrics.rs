@@ -17,7 +17,7 @@
 //!
 //! | name | type | meaning |
 //! |---|---|---|
-//! | `twopc_transactions_begun_total` | counter | Begin calls that issued a transaction |
+//! | `twopc_transactions_begun_total` | counter | transactions issued by Begin (one Begin of local transactions may issue up to 256) |
 //! | `twopc_transactions_committed_total` | counter | COMMIT decisions taken by this process (durable two-phase, one-phase acknowledged, read-only or empty) |
 //! | `twopc_transactions_aborted_total{reason}` | counter | ABORT decisions by reason: `vote_no` (a no vote, a failed prepare or a refused one-phase commit), `prepare_timeout`, `tx_timeout`, `client`, `recovery` (undecided at restart), `operator` (an Admin `Resolve` to ABORT of an undecided or one-phase transaction), `unused` (a local transaction's id begun ahead and returned unused by its participant), `other` |
 //! | `twopc_prepare_round_seconds` | histogram | Commit request → every vote yes (COMMIT about to be forced) |

@@ -24,6 +24,9 @@ use crate::types::{BranchKind, BranchSpec, TxId};
 pub const MAX_REASON_LEN: usize = 1024;
 /// Longest phase-two wait a caller may ask for.
 pub const MAX_COMMIT_WAIT_MS: u64 = 10 * 60 * 1000;
+/// Most further transactions one report of local commits may carry
+/// (`CommitRequest.more_tx_ids`).
+pub const MAX_MORE_REPORTS: usize = 1024;
 /// Most transactions one ListTransactions returns.
 pub const MAX_LIST_LIMIT: u32 = 10_000;
 /// How many transactions a list returns when the request says 0.
@@ -297,17 +300,12 @@ async fn commit<L: DecisionLog, T: Transport>(
                 "branches must be empty in a Commit that reports committed_locally",
             ));
         }
-        let span = info_span!("committed_locally", tx_id = %tx);
-        let res = rt
-            .committed_locally(tx, req.answer_before_durable)
-            .instrument(span)
-            .await
-            .map_err(status_of)?;
-        return Ok(pb::CommitResponse {
-            outcome: pb::Outcome::Committed as i32,
-            pending_branches: res.pending,
-            epoch: res.epoch,
-        });
+        return report_local_commits(rt, tx, req.more_tx_ids, req.answer_before_durable).await;
+    }
+    if !req.more_tx_ids.is_empty() {
+        return Err(Status::invalid_argument(
+            "more_tx_ids is only for a Commit that reports committed_locally",
+        ));
     }
     // Every branch is checked before any is enlisted: a bad one changes nothing.
     let branches = req
@@ -354,10 +352,60 @@ async fn commit<L: DecisionLog, T: Transport>(
             outcome: pb::Outcome::Committed as i32,
             pending_branches: res.pending,
             epoch: res.epoch,
+            recorded: 0,
         })
     }
     .instrument(span)
     .await
+}
+
+/// A report of local commits: `first` and `more`, each recorded as if reported alone;
+/// every id is checked before any is recorded. OK once all are, else the first failure.
+async fn report_local_commits<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    first: TxId,
+    more: Vec<String>,
+    early: bool,
+) -> Result<pb::CommitResponse, Status> {
+    if more.len() > MAX_MORE_REPORTS {
+        return Err(Status::invalid_argument(format!(
+            "more_tx_ids holds {} ids; at most {MAX_MORE_REPORTS} are allowed",
+            more.len()
+        )));
+    }
+    let mut txs = vec![first];
+    for id in &more {
+        txs.push(parse_tx(id)?);
+    }
+    let reports = txs.iter().map(|&tx| {
+        let span = info_span!("committed_locally", tx_id = %tx);
+        async move {
+            rt.committed_locally(tx, early)
+                .instrument(span)
+                .await
+                .map_err(|e| (tx, e))
+        }
+    });
+    let mut epoch = 0;
+    for res in futures::future::join_all(reports).await {
+        match res {
+            Ok(r) => epoch = r.epoch,
+            Err((tx, e)) if txs.len() > 1 => {
+                let s = status_of(e);
+                return Err(Status::new(
+                    s.code(),
+                    format!("transaction {tx}: {}", s.message()),
+                ));
+            }
+            Err((_, e)) => return Err(status_of(e)),
+        }
+    }
+    Ok(pb::CommitResponse {
+        outcome: pb::Outcome::Committed as i32,
+        pending_branches: Vec::new(),
+        epoch,
+        recorded: txs.len() as u32,
+    })
 }
 
 async fn abort<L: DecisionLog, T: Transport>(

@@ -592,6 +592,7 @@ impl Harness {
                     no_wait: false,
                     branches: Vec::new(),
                     answer_before_durable: false,
+                    more_tx_ids: Vec::new(),
                 })
                 .await
                 .expect("Commit")
@@ -1364,6 +1365,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
             no_wait: true,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         }
         .encode_to_vec(),
         pb::AbortRequest {
@@ -1706,6 +1708,7 @@ impl Harness {
             no_wait,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         };
         let got = self.call("Commit", |mut c| async move { c.commit(req).await })?;
         check("Commit", &got, &expected)?;
@@ -2129,6 +2132,7 @@ impl Harness {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         };
         self.call("Commit", |mut c| async move { c.commit(req).await })
     }

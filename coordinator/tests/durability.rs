@@ -199,6 +199,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
                 no_wait: false,
                 branches: Vec::new(),
                 answer_before_durable: false,
+                more_tx_ids: Vec::new(),
             })
             .await
             .expect("commit")
@@ -270,6 +271,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         })
         .await
         .expect_err("commit must fail when the decision cannot be synced");
@@ -331,6 +333,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         })
         .await
         .expect_err("in doubt");

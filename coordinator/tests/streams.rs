@@ -260,6 +260,7 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                 no_wait: false,
                 branches: Vec::new(),
                 answer_before_durable: false,
+                more_tx_ids: Vec::new(),
             })
             .await
             .map_err(Status::from)
@@ -316,6 +317,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         };
         let piped = p.commit(req.clone()).await.map_err(Status::from);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
@@ -366,6 +368,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         })
         .await
         .map_err(Status::from)
@@ -418,6 +421,7 @@ async fn commit_enlists_the_branches_it_carries() {
         no_wait: false,
         branches: branches(&s.endpoint),
         answer_before_durable: false,
+        more_tx_ids: Vec::new(),
     };
     let resp = p
         .commit(commit.clone())
@@ -458,6 +462,7 @@ async fn commit_enlists_the_branches_it_carries() {
             no_wait: false,
             branches: bad,
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -626,6 +631,65 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
             .into_inner();
         assert_eq!(got.branches.len(), 1, "{got:?}");
     }
+    // Reports of local commits travel together: ids are checked before any is recorded,
+    // only a report carries more, and at most 1 + 1024 go in one call.
+    let report = |first: &str, more: &[String]| pb::CommitRequest {
+        tx_id: first.to_string(),
+        more_tx_ids: more.to_vec(),
+        committed_locally: true,
+        answer_before_durable: true,
+        ..Default::default()
+    };
+    let reader = unary.clone();
+    let outcome = |id: String| {
+        let mut c = reader.clone();
+        async move {
+            c.get_transaction(pb::GetTransactionRequest { tx_id: id })
+                .await
+                .expect("get")
+                .into_inner()
+                .outcome
+        }
+    };
+    let e = unary
+        .commit(report(&ids[3], &["not-an-id".to_string()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        outcome(ids[3].clone()).await,
+        pb::Outcome::Unspecified as i32,
+        "nothing recorded"
+    );
+    let e = unary
+        .commit(pb::CommitRequest {
+            committed_locally: false,
+            ..report(&ids[3], &ids[4..])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("more_tx_ids"), "{e:?}");
+    let e = unary
+        .commit(report(&ids[3], &vec![ids[4].clone(); 1025]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("at most 1024"), "{e:?}");
+    let r = p
+        .commit(report(&ids[3], &ids[4..]))
+        .await
+        .map_err(Status::from)
+        .expect("batched report");
+    assert_eq!(r.recorded, 2, "{r:?}");
+    assert_eq!(r.epoch, ahead.epoch);
+    for id in &ids[3..] {
+        assert_eq!(
+            outcome(id.clone()).await,
+            pb::Outcome::Committed as i32,
+            "{id}"
+        );
+    }
     // An unused one goes back: settled by asking the participant, which says aborted.
     let asked =
         s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst);
@@ -667,6 +731,17 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(
         e.message().contains("not begun with commit_locally"),
+        "{e:?}"
+    );
+    // A report naming a transaction the coordinator commits itself fails, naming it.
+    let e = unary
+        .commit(report(&ids[1], std::slice::from_ref(&plain.tx_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with(&format!("transaction {}:", plain.tx_id)),
         "{e:?}"
     );
 }

@@ -42,8 +42,10 @@
 //! epoch means the intent is durable, so a restarted coordinator asks the branch instead
 //! of presuming abort — and commits the branch right here
 //! ([`Resource::commit_one_phase`]): no coordinator call on the commit path. A background
-//! task reports the commit (`CommitRequest.committed_locally`, up to 20 attempts), and
-//! the forgetter drops the marker after a Barrier of the report's epoch, as above. Until
+//! reporter tells the coordinator (`CommitRequest.committed_locally`): everything queued
+//! while its previous call ran goes in one call (`more_tx_ids`, up to 1,025 commits; a
+//! batch that fails is reported one commit at a time, up to 20 attempts each), and the
+//! forgetter drops the marker after a Barrier of the report's epoch, as above. Until
 //! the report arrives, an Abort or the transaction timeout makes the coordinator ask the
 //! branch, whose answer (aborted, or already committed) is the outcome. When the Barrier
 //! fails or reports another epoch (the coordinator restarted), or the resource cannot
@@ -469,6 +471,7 @@ impl TwoPcBuilder {
             commit_wait: self.commit_wait,
             forget,
             barriers: Mutex::new(SharedBarrier::default()),
+            reports: Mutex::new(Reports::default()),
             ahead: ahead::Pools::default(),
             begin_ahead: self.begin_ahead,
             stop: stop_tx,
@@ -624,6 +627,8 @@ struct Inner {
     forget: Arc<ForgetQueue>,
     /// Local transactions waiting for a `Barrier` (one call in flight for all of them).
     barriers: Mutex<SharedBarrier>,
+    /// Local commits waiting to be reported (one call in flight for all of them).
+    reports: Mutex<Reports>,
     /// Local transactions begun ahead, per resource.
     ahead: ahead::Pools,
     /// At most this many per Begin (the builder's `begin_ahead`).
@@ -1055,6 +1060,7 @@ impl Transaction {
             branches: Vec::new(),
             answer_before_durable: true,
             committed_locally: false,
+            more_tx_ids: Vec::new(),
         };
         match self.sdk.inner.commit(req).await {
             Ok(resp) => {
@@ -1286,48 +1292,132 @@ fn barrier_after_now(inner: &Arc<Inner>) -> oneshot::Receiver<std::result::Resul
 /// branch, which answers that it committed.
 const REPORT_ATTEMPTS: u32 = 20;
 
-/// Reports the local commit of `tx_id` to the coordinator (`committed_locally`, answered
-/// early) in the background, then queues the branch for the forgetter with the answer's
-/// epoch.
+/// Most local commits one report carries (the coordinator takes 1 + 1024).
+const REPORT_BATCH: usize = 1025;
+
+/// Local commits waiting to be reported, and whether a reporter runs.
+#[derive(Default)]
+struct Reports {
+    running: bool,
+    /// A coordinator that recorded only the first of a batch (it predates batched
+    /// reports): every report goes alone from then on.
+    alone: bool,
+    /// `(tx_id, branch_id)`.
+    queued: Vec<(String, String)>,
+}
+
+/// Reports the local commit of `tx_id` to the coordinator in the background: queued for
+/// the reporter, which sends everything queued in one call (`committed_locally` with
+/// `more_tx_ids`, answered early) and queues the branches for the forgetter with the
+/// answer's epoch. A batch that fails, or that a coordinator predating batches answered
+/// for its first transaction only, is reported one by one ([`report_alone`]).
 fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: String) {
+    let start = {
+        let mut r = crate::lock(&inner.reports);
+        r.queued.push((tx_id, branch_id));
+        !std::mem::replace(&mut r.running, true)
+    };
+    if !start {
+        return;
+    }
     tokio::spawn(async move {
-        let req = pb::CommitRequest {
-            tx_id: tx_id.clone(),
-            answer_before_durable: true,
-            committed_locally: true,
-            ..Default::default()
-        };
-        crate::crash_point("participant::after_local_commit_before_report");
-        let mut retry = BARRIER_RETRY_MIN;
-        for attempt in 1..=REPORT_ATTEMPTS {
-            match inner.commit(req.clone()).await {
-                Ok(resp) if resp.epoch == 0 => {
-                    tell_outcome_known(&inner.registry, &tx_id, &[branch_id]);
+        loop {
+            let (batch, alone) = {
+                let mut r = crate::lock(&inner.reports);
+                if r.queued.is_empty() {
+                    r.running = false;
                     return;
+                }
+                let n = r.queued.len().min(REPORT_BATCH);
+                (r.queued.drain(..n).collect::<Vec<_>>(), r.alone)
+            };
+            crate::crash_point("participant::after_local_commit_before_report");
+            if alone || batch.len() == 1 {
+                for (tx_id, branch_id) in batch {
+                    tokio::spawn(report_alone(inner.clone(), tx_id, branch_id));
+                }
+                continue;
+            }
+            let req = pb::CommitRequest {
+                tx_id: batch[0].0.clone(),
+                more_tx_ids: batch[1..].iter().map(|(t, _)| t.clone()).collect(),
+                answer_before_durable: true,
+                committed_locally: true,
+                ..Default::default()
+            };
+            let rest = match inner.commit(req).await {
+                Ok(resp) if resp.recorded as usize == batch.len() => {
+                    recorded_locally(&inner, batch, resp.epoch);
+                    Vec::new()
                 }
                 Ok(resp) => {
-                    inner.forget.push(Unforgotten {
-                        tx_id,
-                        branch_ids: vec![branch_id],
-                        epoch: resp.epoch,
-                    });
-                    return;
+                    // Only the first was recorded: the coordinator predates batches.
+                    crate::lock(&inner.reports).alone = true;
+                    let mut first = batch;
+                    let rest = first.split_off(1);
+                    recorded_locally(&inner, first, resp.epoch);
+                    rest
                 }
-                Err(s) if !retryable(&s) => {
-                    warn!(tx_id = %tx_id, code = ?s.code(), error = s.message(),
-                        "the coordinator refused the report of a local commit; the branch keeps its marker");
-                    return;
+                Err(s) => {
+                    debug!(error = %s, count = batch.len(),
+                        "a batch of local commit reports failed; reporting them one by one");
+                    batch
                 }
-                Err(s) if attempt < REPORT_ATTEMPTS => {
-                    debug!(tx_id = %tx_id, error = %s, retry_in = ?retry, "report of a local commit failed");
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(BARRIER_RETRY_MAX);
-                }
-                Err(s) => warn!(tx_id = %tx_id, error = %s,
-                    "could not report a local commit; the coordinator learns it from the branch at the transaction timeout"),
+            };
+            for (tx_id, branch_id) in rest {
+                tokio::spawn(report_alone(inner.clone(), tx_id, branch_id));
             }
         }
     });
+}
+/// Reports the local commit of `tx_id` alone (`committed_locally`, answered early, up to
+/// [`REPORT_ATTEMPTS`] attempts), then queues the branch for the forgetter with the
+/// answer's epoch.
+async fn report_alone(inner: Arc<Inner>, tx_id: String, branch_id: String) {
+    let req = pb::CommitRequest {
+        tx_id: tx_id.clone(),
+        answer_before_durable: true,
+        committed_locally: true,
+        ..Default::default()
+    };
+    let mut retry = BARRIER_RETRY_MIN;
+    for attempt in 1..=REPORT_ATTEMPTS {
+        match inner.commit(req.clone()).await {
+            Ok(resp) => {
+                recorded_locally(&inner, vec![(tx_id, branch_id)], resp.epoch);
+                return;
+            }
+            Err(s) if !retryable(&s) => {
+                warn!(tx_id = %tx_id, code = ?s.code(), error = s.message(),
+                    "the coordinator refused the report of a local commit; the branch keeps its marker");
+                return;
+            }
+            Err(s) if attempt < REPORT_ATTEMPTS => {
+                debug!(tx_id = %tx_id, error = %s, retry_in = ?retry, "report of a local commit failed");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(BARRIER_RETRY_MAX);
+            }
+            Err(s) => warn!(tx_id = %tx_id, error = %s,
+                "could not report a local commit; the coordinator learns it from the branch at the transaction timeout"),
+        }
+    }
+}
+
+/// Local commits the coordinator recorded, answered with `epoch`: their branches are
+/// queued for the forgetter (or, from a coordinator that predates the epoch and answered
+/// once the outcome was durable, forgotten at once).
+fn recorded_locally(inner: &Inner, commits: Vec<(String, String)>, epoch: u64) {
+    for (tx_id, branch_id) in commits {
+        if epoch == 0 {
+            tell_outcome_known(&inner.registry, &tx_id, &[branch_id]);
+        } else {
+            inner.forget.push(Unforgotten {
+                tx_id,
+                branch_ids: vec![branch_id],
+                epoch,
+            });
+        }
+    }
 }
 
 /// Tells the coordinator in the background that the local commit of `tx_id` was refused

@@ -1225,6 +1225,7 @@ pub async fn commit(
             no_wait: false,
             branches: Vec::new(),
             answer_before_durable: false,
+            more_tx_ids: Vec::new(),
         })
         .await
         .map(Response::into_inner)
