@@ -1370,6 +1370,7 @@ fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: String) {
         }
     });
 }
+
 /// Reports the local commit of `tx_id` alone (`committed_locally`, answered early, up to
 /// [`REPORT_ATTEMPTS`] attempts), then queues the branch for the forgetter with the
 /// answer's epoch.
