@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use lapin::Connection;
 use support::{
-    begin, commit, declare_durable, expect_status, get_tx, rabbitmq, wait_until, with_deadline,
-    MsgKind, PrepareScript, ResState, TestParticipant, AMQP_URL,
+    begin, commit, declare_durable, expect_status, get_tx, rabbitmq, wait_until,
+    wait_until_or_tell, with_deadline, MsgKind, PrepareScript, ResState, TestParticipant, AMQP_URL,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -1014,9 +1014,26 @@ async fn coordinator_paused_past_every_timeout_settles_consistently() {
         let paused = Instant::now();
         // b prepares and votes yes while the coordinator cannot listen.
         p2.release("b");
-        wait_until(WAIT, "b is prepared", || {
-            p2.state(&tx, "b") == Some(ResState::Prepared)
-        })
+        wait_until_or_tell(
+            WAIT,
+            "b is prepared",
+            || p2.state(&tx, "b") == Some(ResState::Prepared),
+            || {
+                format!(
+                    "; b is {:?}, got {:?} (SIGSTOP {:?} ago); the coordinator's log:\n{}",
+                    p2.state(&tx, "b"),
+                    p2.messages(&tx, "b")
+                        .iter()
+                        .map(|m| match m.at.checked_duration_since(paused) {
+                            Some(after) => format!("{:?} {after:?} after SIGSTOP", m.kind),
+                            None => format!("{:?} {:?} before", m.kind, paused - m.at),
+                        })
+                        .collect::<Vec<_>>(),
+                    paused.elapsed(),
+                    coord.stderr_log()
+                )
+            },
+        )
         .await;
         // The participants lose patience: they ask, get no answer, and stay in doubt.
         let mut impatient = coord.impatient_client(Duration::from_millis(300));

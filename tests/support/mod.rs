@@ -67,14 +67,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------
 
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `deadline`.
-pub async fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub async fn wait_until(deadline: Duration, what: &str, cond: impl FnMut() -> bool) {
+    wait_until_or_tell(deadline, what, cond, String::new).await
+}
+
+/// [`wait_until`], whose panic also prints what `tell` says of the state it waited on.
+pub async fn wait_until_or_tell(
+    deadline: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    tell: impl Fn() -> String,
+) {
     let end = Instant::now() + deadline;
     loop {
         if cond() {
             return;
         }
         if Instant::now() >= end {
-            panic!("timed out after {deadline:?} waiting until {what}");
+            panic!(
+                "timed out after {deadline:?} waiting until {what}{}",
+                tell()
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
