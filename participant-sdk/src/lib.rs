@@ -10,6 +10,8 @@
 //!   Abort to resources by branch id.
 //! - `recovery` (internal): asks the coordinator about every in-doubt branch, at start and
 //!   periodically, and finishes it.
+//! - `ahead` (internal): the pools of local transactions begun ahead, many per Begin, that
+//!   [`TwoPc::begin_local`] takes its ids from under load.
 //! - [`postgres`], [`rabbitmq`], [`nats`]: the adapters; [`broker`] and [`staging`]: what
 //!   broker branches share; [`outbox`]: messages staged in a PostgreSQL branch instead.
 //! - [`propagation`]: carries the transaction id across services in gRPC metadata.
