@@ -3052,6 +3052,19 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
     t
 }
 
+/// The answer, record and end of a local transaction its participant answered ABORTED
+/// (asked with an abort for the caller `req`).
+fn aborted_by_its_branch(t: TxId, req: ReqId) -> Vec<Command> {
+    vec![
+        reply(req, Ok(ReplyOk::Aborted)),
+        Command::LogLazy(LazyRecord::Aborted { tx: t }),
+        Command::Finished {
+            tx: t,
+            outcome: Outcome::Aborted,
+        },
+    ]
+}
+
 /// The outcome record and answers of a one-phase commit finished without a sync.
 fn committed_at_once(t: TxId, a: &BranchSpec, req: ReqId) -> Vec<Command> {
     vec![
@@ -3171,14 +3184,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
                 ack: Ok(AbortAck::Aborted)
             }
         ),
-        vec![
-            reply(2, Ok(ReplyOk::Aborted)),
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            },
-        ]
+        aborted_by_its_branch(t, 2)
     );
 
     // Timed out, but the participant had committed (its report is late): COMMITTED.
@@ -3469,17 +3475,7 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
             ack: Ok(AbortAck::Aborted),
         },
     );
-    assert_eq!(
-        cmds,
-        vec![
-            reply(2, Ok(ReplyOk::Aborted)),
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            },
-        ]
-    );
+    assert_eq!(cmds, aborted_by_its_branch(t, 2));
     // An ordinary transaction's id cannot come back unused.
     let t2 = begin(&mut e, std::slice::from_ref(&a));
     let refused = e.handle(4, Event::Release { req: 3, tx: t2 });

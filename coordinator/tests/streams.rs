@@ -477,6 +477,15 @@ async fn commit_enlists_the_branches_it_carries() {
     assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
 }
 
+/// `e` refuses a call that only a local transaction (begun with `commit_locally`) takes.
+fn assert_refused_as_not_local(e: &Status) {
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("not begun with commit_locally"),
+        "{e:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_commits_are_checked_and_send_the_participant_nothing() {
     let s = setup(true).await;
@@ -551,11 +560,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
         .commit(report(&plain.tx_id, Vec::new()))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains("not begun with commit_locally"),
-        "{e:?}"
-    );
+    assert_refused_as_not_local(&e);
     // The report records the outcome; the participant heard nothing of the transaction.
     let r = p
         .commit(report(&local.tx_id, Vec::new()))
@@ -728,11 +733,7 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains("not begun with commit_locally"),
-        "{e:?}"
-    );
+    assert_refused_as_not_local(&e);
     // A report naming a transaction the coordinator commits itself fails, naming it.
     let e = unary
         .commit(report(&ids[1], std::slice::from_ref(&plain.tx_id)))

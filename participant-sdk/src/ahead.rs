@@ -178,18 +178,19 @@ impl Pools {
         }
     }
 
-    /// Adds ids begun ahead for `resource`; `refilled` ends the refill that began them.
-    pub(crate) fn put(&self, resource: &str, ids: Vec<Ahead>, refilled: bool) {
+    /// Adds ids begun ahead for `resource`.
+    pub(crate) fn put(&self, resource: &str, ids: Vec<Ahead>) {
         let mut pools = crate::lock(&self.by_resource);
-        let pool = pools.entry(resource.to_string()).or_default();
-        pool.ids.extend(ids);
-        if refilled {
-            pool.refilling = false;
-        }
+        pools
+            .entry(resource.to_string())
+            .or_default()
+            .ids
+            .extend(ids);
     }
 
-    /// The refill of `resource`'s pool a caller runs itself ([`Take::Begin`] of more than
-    /// one): ended with [`Refill::finish`], or when dropped (the caller was cancelled).
+    /// The refill of `resource`'s pool that [`Pools::take`] started ([`Taken::refill`], or
+    /// a [`Take::Begin`] of more than one): it ends when the guard is dropped, also when
+    /// its caller is cancelled.
     pub(crate) fn refill<'a>(&'a self, resource: &'a str) -> Refill<'a> {
         Refill {
             pools: self,
@@ -198,12 +199,10 @@ impl Pools {
     }
 
     /// The coordinator begins no local transactions: stop taking ids ahead for
-    /// `resource`, and end its refill.
+    /// `resource`.
     pub(crate) fn turn_off(&self, resource: &str) {
         let mut pools = crate::lock(&self.by_resource);
-        let pool = pools.entry(resource.to_string()).or_default();
-        pool.off = true;
-        pool.refilling = false;
+        pools.entry(resource.to_string()).or_default().off = true;
     }
 
     /// How many ids wait in the pools.
@@ -227,17 +226,12 @@ pub(crate) struct Refill<'a> {
     resource: &'a str,
 }
 
-impl Refill<'_> {
-    /// Adds the ids it began and ends it.
-    pub(crate) fn finish(self, ids: Vec<Ahead>) {
-        self.pools.put(self.resource, ids, true);
-        std::mem::forget(self);
-    }
-}
-
 impl Drop for Refill<'_> {
     fn drop(&mut self) {
-        self.pools.put(self.resource, Vec::new(), true);
+        let mut pools = crate::lock(&self.pools.by_resource);
+        if let Some(pool) = pools.get_mut(self.resource) {
+            pool.refilling = false;
+        }
     }
 }
 
@@ -291,7 +285,8 @@ mod tests {
             if let Some(n) = begin_count(&t) {
                 if n > 1 {
                     // The caller began a batch: the rest goes to the pool.
-                    p.put("db", ids(n as usize - 1, now), true);
+                    let _refill = p.refill("db");
+                    p.put("db", ids(n as usize - 1, now));
                 }
             }
             now += Duration::from_micros(500);
@@ -302,7 +297,6 @@ mod tests {
             matches!(t.take, Take::Ready(_)),
             "pooled ids are handed out"
         );
-        p.put("db", Vec::new(), true);
         // Drained below half a batch, one background refill starts, and no second.
         let mut refills = 0;
         for _ in 0..40 {
@@ -317,7 +311,7 @@ mod tests {
         let t = p.take("db", 64, now);
         assert_eq!(begin_count(&t), Some(1));
         // The cap holds.
-        p.put("db", Vec::new(), true);
+        drop(p.refill("db"));
         let t = p.take("db", 8, now);
         assert!(t.refill.unwrap_or(8) <= 8 && begin_count(&t).unwrap_or(8) <= 8);
     }
@@ -338,7 +332,10 @@ mod tests {
         drop(p.refill("db"));
         assert!(!refilling(&p, None), "dropped: ended");
         refilling(&p, Some(true));
-        p.refill("db").finish(ids(2, Instant::now()));
+        {
+            let _refill = p.refill("db");
+            p.put("db", ids(2, Instant::now()));
+        }
         assert!(!refilling(&p, None), "finished: ended");
         assert_eq!(p.len(), 2, "with its ids pooled");
     }
@@ -347,13 +344,13 @@ mod tests {
     fn old_ids_go_back_and_are_never_handed_out() {
         let p = Pools::default();
         let t0 = Instant::now();
-        p.put("db", ids(3, t0), false);
+        p.put("db", ids(3, t0));
         let later = t0 + MAX_AGE;
         let t = p.take("db", 64, later);
         assert_eq!(t.stale.len(), 3, "every id of MAX_AGE goes back");
         assert_eq!(begin_count(&t), Some(1), "and the caller begins its own");
         assert!(p.drain().is_empty());
-        p.put("db", ids(2, later), false);
+        p.put("db", ids(2, later));
         let t = p.take("db", 64, later + MAX_AGE / 2);
         assert!(t.stale.is_empty() && matches!(t.take, Take::Ready(_)));
         assert_eq!(p.drain().len(), 1, "shutdown releases what is left");
@@ -368,7 +365,7 @@ mod tests {
         let t0 = Instant::now();
         let mut short = ids(1, t0);
         short[0].max_age = max_age(400);
-        p.put("db", short, false);
+        p.put("db", short);
         let t = p.take("db", 64, t0 + Duration::from_millis(100));
         assert_eq!(t.stale.len(), 1);
     }

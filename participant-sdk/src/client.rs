@@ -744,15 +744,10 @@ impl TwoPc {
             Take::Ready(a) => a,
             Take::Begin(count) => {
                 // This call is the pool's refill when it begins more than one.
-                let refill = (count > 1).then(|| self.inner.ahead.refill(name));
+                let _refill = (count > 1).then(|| self.inner.ahead.refill(name));
                 let mut begun = begin_ahead(&self.inner, branch.clone(), count).await;
-                let rest = match &mut begun {
-                    Ok(Begun::Local(_, rest)) => std::mem::take(rest),
-                    _ => Vec::new(),
-                };
-                match refill {
-                    Some(r) => r.finish(rest),
-                    None => self.inner.ahead.put(name, rest, false),
+                if let Ok(Begun::Local(_, rest)) = &mut begun {
+                    self.inner.ahead.put(name, std::mem::take(rest));
                 }
                 match begun? {
                     Begun::Local(mine, _) => mine,
@@ -1190,19 +1185,17 @@ async fn begin_ahead(inner: &Arc<Inner>, branch: pb::Branch, count: u32) -> Resu
 fn refill(inner: &Arc<Inner>, branch: pb::Branch, name: &str, count: u32) {
     let (inner, name) = (inner.clone(), name.to_string());
     tokio::spawn(async move {
+        let _refill = inner.ahead.refill(&name);
         match begin_ahead(&inner, branch, count).await {
             Ok(Begun::Local(first, mut rest)) => {
                 rest.insert(0, first);
-                inner.ahead.put(&name, rest, true);
+                inner.ahead.put(&name, rest);
             }
             Ok(Begun::Plain(tx_id)) => {
                 inner.ahead.turn_off(&name);
                 release_plain(&inner, tx_id);
             }
-            Err(e) => {
-                debug!(error = %e, "could not begin local transactions ahead");
-                inner.ahead.put(&name, Vec::new(), true);
-            }
+            Err(e) => debug!(error = %e, "could not begin local transactions ahead"),
         }
     });
 }
