@@ -72,6 +72,10 @@ pub struct DualWriteBench {
     /// staged in the database branch (ms; 0: answer at once, publish in the background).
     #[arg(long, default_value_t = 1000)]
     pub publish_wait_ms: u64,
+    /// The modes to run (comma-separated; they always run and are reported in the order
+    /// naive, outbox, twopc, twopc-2pc). One mode alone is what a profiler should watch.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = MODES)]
+    pub modes: Vec<Mode>,
     /// PostgreSQL and the brokers.
     #[command(flatten)]
     pub services: ServiceUrls,
@@ -118,16 +122,28 @@ pub struct DualResult {
     pub machine_cpu_us_per_tx: Option<f64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Mode {
+/// One way of doing the dual write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Mode {
+    /// INSERT (autocommit), then publish.
     Naive,
+    /// Row and outbox row in one transaction; a polling relay publishes.
     Outbox,
+    /// The SDK, the event staged in the database branch (one-phase commit).
     Twopc,
+    /// The SDK with a broker branch (two-phase commit).
+    #[value(name = "twopc-2pc")]
     TwopcBroker,
 }
 
 /// Every mode, in the order they run and are reported.
-const MODES: [Mode; 4] = [Mode::Naive, Mode::Outbox, Mode::Twopc, Mode::TwopcBroker];
+pub const MODES: [Mode; 4] = [Mode::Naive, Mode::Outbox, Mode::Twopc, Mode::TwopcBroker];
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -231,6 +247,10 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
         args.publish_wait_ms <= 60_000,
         "--publish-wait-ms must be at most 60000"
     );
+    let mut modes = args.modes.clone();
+    modes.sort_unstable();
+    modes.dedup();
+    anyhow::ensure!(!modes.is_empty(), "--modes names no mode");
     let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
     let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
 
@@ -269,8 +289,9 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
         BrokerKind::Nats => format!("twopc-bench.{tag}.{}", mode.name()),
     };
     let stream = format!("TWOPC_BENCH_{tag}");
-    let samples: HashMap<Mode, Arc<Samples>> = MODES
-        .into_iter()
+    let samples: HashMap<Mode, Arc<Samples>> = modes
+        .iter()
+        .copied()
         .map(|m| (m, Arc::new(Samples::default())))
         .collect();
 
@@ -308,10 +329,13 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             let publishers =
                 futures::future::try_join_all((0..args.clients + 1).map(|_| make())).await?;
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, services, publishers, &dest, &samples, &log).await;
+            let results = measure(
+                &args, &modes, &pool, services, publishers, &dest, &samples, &log,
+            )
+            .await;
             // The benchmark's queues go with it (best effort: a failure only leaves them).
             if let Ok(ch) = conn.create_channel().await {
-                for mode in MODES {
+                for &mode in &modes {
                     let _ = ch
                         .queue_delete(
                             dest(mode).as_str().into(),
@@ -323,7 +347,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             results?
         }
         BrokerKind::Nats => {
-            let subjects = MODES.iter().map(|m| dest(*m)).collect();
+            let subjects = modes.iter().map(|m| dest(*m)).collect();
             let broker = sdk.register(Arc::new(
                 NatsResource::connect(
                     "events",
@@ -351,7 +375,10 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
                 .map(|_| Publisher::Nats(js.clone()))
                 .collect();
             let services = services(&args, &sdk, &db, broker, &dest).await?;
-            let results = measure(&args, &pool, services, publishers, &dest, &samples, &log).await;
+            let results = measure(
+                &args, &modes, &pool, services, publishers, &dest, &samples, &log,
+            )
+            .await;
             // The benchmark's stream goes with it (best effort).
             let _ = js.delete_stream(&stream).await;
             results?
@@ -405,6 +432,7 @@ async fn services<B: Broker>(
 #[allow(clippy::too_many_arguments)]
 async fn measure<B: Broker>(
     args: &DualWriteBench,
+    modes: &[Mode],
     pool: &deadpool_postgres::Pool,
     services: Arc<[OrderService<B>; 2]>,
     mut publishers: Vec<Publisher>,
@@ -422,7 +450,7 @@ async fn measure<B: Broker>(
         relay_stop.clone(),
     ));
     let slice = Duration::from_secs_f64(args.seconds as f64 / args.rounds as f64);
-    let total = MODES.len() as u64 * args.rounds as u64;
+    let total = modes.len() as u64 * args.rounds as u64;
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -434,7 +462,7 @@ async fn measure<B: Broker>(
     );
     let seq = Arc::new(AtomicU64::new(0));
     for _round in 0..args.rounds {
-        for mode in MODES {
+        for &mode in modes {
             let which = match mode {
                 Mode::TwopcBroker => 1,
                 _ => 0,
@@ -513,7 +541,7 @@ async fn measure<B: Broker>(
     relay.await??;
 
     let mut out = Vec::new();
-    for mode in MODES {
+    for &mode in modes {
         let s = &samples[&mode];
         let mut client = s
             .client_us
@@ -559,9 +587,10 @@ async fn measure<B: Broker>(
         }
         out.push(r);
     }
-    let twopc = out[2].tx_per_s;
-    for r in out.iter_mut().filter(|r| r.mode != "twopc") {
-        r.twopc_throughput_ratio = Some(twopc / r.tx_per_s.max(1e-9));
+    if let Some(twopc) = out.iter().find(|r| r.mode == "twopc").map(|r| r.tx_per_s) {
+        for r in out.iter_mut().filter(|r| r.mode != "twopc") {
+            r.twopc_throughput_ratio = Some(twopc / r.tx_per_s.max(1e-9));
+        }
     }
     Ok(out)
 }
@@ -791,7 +820,9 @@ fn print_table(results: &[DualResult]) {
             bench::or_dash(r.machine_cpu_us_per_tx, 0),
         );
     }
-    if let [naive, outbox, twopc, ..] = results {
+    let find = |name: &str| results.iter().find(|r| r.mode == name);
+    if let (Some(naive), Some(outbox), Some(twopc)) = (find("naive"), find("outbox"), find("twopc"))
+    {
         println!(
             "twopc/naive throughput {:.2}x, twopc/outbox throughput {:.2}x, twopc/naive p99 {:.2}x, \
              twopc delivery p99 {:.1} ms vs outbox delivery p50 {:.1} ms",

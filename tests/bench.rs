@@ -119,6 +119,7 @@ fn bad_flags_are_refused_by_name() {
             ["--relay-interval-ms", "0"],
             "--relay-interval-ms",
         ),
+        ("dual-write", ["--modes", "bogus"], "--modes"),
     ] {
         let out = bench_of(which, &args, None);
         assert!(!out.status.success(), "{args:?} was accepted");
@@ -183,6 +184,36 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
             mode.starts_with("twopc"),
             "{mode}: {row}"
         );
+    }
+    assert_nothing_left(dir.path());
+}
+
+/// `--modes` runs only the modes it names, in the report's usual order whatever the
+/// order given, each once; without a twopc line there is no ratio to report.
+#[test]
+fn the_dual_write_modes_flag_runs_only_the_named_modes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench_of(
+        "dual-write",
+        &[
+            "--clients",
+            "1",
+            "--seconds",
+            "1",
+            "--rounds",
+            "1",
+            "--modes",
+            "twopc-2pc,naive,twopc-2pc",
+            "--json",
+        ],
+        Some(dir.path()),
+    );
+    let rows = json_rows(&out);
+    assert_eq!(mode_names(&rows), ["naive", "twopc-2pc"], "{rows:?}");
+    for row in &rows {
+        assert!(row["tx_per_s"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["twopc_throughput_ratio"].is_null(), "{row}");
+        assert_eq!(row["undelivered"].as_u64(), Some(0), "{row}");
     }
     assert_nothing_left(dir.path());
 }
