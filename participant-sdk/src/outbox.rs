@@ -74,10 +74,10 @@ CREATE TABLE IF NOT EXISTS twopc_one_phase (
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )";
 
-/// The start of the statement a one-phase commit runs in front of `COMMIT` (the gid, a
-/// checked SQL literal, and `')'` follow): the marker that tells a repeated one-phase
-/// commit after a restart that the first one happened.
-pub(crate) const ONE_PHASE_MARK: &str = "INSERT INTO twopc_one_phase (gid) VALUES (";
+/// The statement a one-phase commit runs in front of `COMMIT` (prepared, the gid bound):
+/// the marker that tells a repeated one-phase commit after a restart that the first one
+/// happened.
+pub(crate) const ONE_PHASE_MARK: &str = "INSERT INTO twopc_one_phase (gid) VALUES ($1)";
 
 /// The statement [`crate::PgBranch::publish`] runs on the branch's connection.
 pub(crate) const OUTBOX_INSERT: &str = "INSERT INTO twopc_outbox \

@@ -852,6 +852,14 @@ enum Out {
 const UNREAD: &str = "a statement was cancelled before its result was read (it may have failed)";
 
 /// The first two keywords of `sql`, upper-cased.
+/// How a one-phase `COMMIT` that did not succeed ended.
+enum Ended {
+    /// PostgreSQL refused it (the block rolled back): the reason.
+    Refused(String),
+    /// The answer was lost (connection): the outcome is to be found out.
+    Lost,
+}
+
 fn first_words(sql: &str) -> (String, String) {
     let mut words = sql
         .split(|c: char| c.is_whitespace() || c == ';')
@@ -1454,22 +1462,77 @@ impl Inner {
         };
         // With the outbox, the commit leaves a marker in the same transaction, so that a
         // repeated one-phase commit after a restart (its first answer lost) learns that it
-        // happened instead of refusing an unknown branch.
-        let commit = match self.outbox.get() {
-            Some(_) => format!("{ONE_PHASE_MARK}'{gid}'); COMMIT"),
-            None => "COMMIT".to_string(),
+        // happened instead of refusing an unknown branch. The marker's INSERT is a
+        // prepared statement (no parse or plan per commit) sent back to back with
+        // `COMMIT`: one round trip. Prepared before `COMMIT` is queued, so that `COMMIT`
+        // can only follow it.
+        let marker = match self.outbox.get() {
+            None => None,
+            Some(_) => {
+                match tokio::time::timeout(OP_TIMEOUT, prepared(&conn, ONE_PHASE_MARK)).await {
+                    Ok(Ok(stmt)) => Some(stmt),
+                    // Nothing was sent to commit: the block rolls back with the connection.
+                    Ok(Err(e)) => {
+                        discard(conn);
+                        let reason = format!("COMMIT failed: one-phase marker: {}", describe(&e));
+                        return (
+                            State::OnePhaseRefused(reason.clone()),
+                            Ok(OnePhase::Refused(reason)),
+                        );
+                    }
+                    Err(_) => {
+                        discard(conn);
+                        let reason =
+                            format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
+                        return (
+                            State::OnePhaseRefused(reason.clone()),
+                            Ok(OnePhase::Refused(reason)),
+                        );
+                    }
+                }
+            }
         };
-        match tokio::time::timeout(OP_TIMEOUT, conn.batch_execute(&commit)).await {
+        let commit = async {
+            match &marker {
+                // The INSERT is queued first (join polls in order); if it fails, PostgreSQL
+                // answers the aborted block's COMMIT with a rollback, not an error.
+                Some(stmt) => {
+                    let (marked, committed) = futures::future::join(
+                        conn.execute(stmt, &[&gid]),
+                        conn.batch_execute("COMMIT"),
+                    )
+                    .await;
+                    match (marked, committed) {
+                        (Err(e), _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
+                            "COMMIT failed: one-phase marker: {}",
+                            describe(&e)
+                        ))),
+                        (_, Err(e)) if e.as_db_error().is_some() => {
+                            Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
+                        }
+                        (Ok(_), Ok(())) => Ok(()),
+                        _ => Err(Ended::Lost),
+                    }
+                }
+                None => match conn.batch_execute("COMMIT").await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.as_db_error().is_some() => {
+                        Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
+                    }
+                    Err(_) => Err(Ended::Lost),
+                },
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, commit).await {
             Ok(Ok(())) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
-            Ok(Err(e)) if e.as_db_error().is_some() => {
+            Ok(Err(Ended::Refused(reason))) => {
                 discard(conn);
-                let reason = format!("COMMIT failed: {}", describe(&e));
                 (
                     State::OnePhaseRefused(reason.clone()),
                     Ok(OnePhase::Refused(reason)),
                 )
             }
-            _ => {
+            Ok(Err(Ended::Lost)) | Err(_) => {
                 discard(conn);
                 match xid {
                     // Nothing written: committed or not, there is nothing to lose.
