@@ -912,6 +912,12 @@ impl Transaction {
         &self.id
     }
 
+    /// Begun with [`TwoPc::begin_local`] and not committed yet: its one branch will commit
+    /// in one phase.
+    pub(crate) fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
     /// The SDK handle this transaction belongs to.
     pub fn sdk(&self) -> &TwoPc {
         &self.sdk

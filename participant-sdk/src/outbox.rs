@@ -2,7 +2,9 @@
 //!
 //! [`PgBranch::publish`](crate::PgBranch::publish) writes the message into the
 //! `twopc_outbox` table on the branch's own connection, inside its open transaction, instead
-//! of enlisting a broker branch. The message therefore commits or rolls back with the
+//! of enlisting a broker branch — not at once, but in front of the branch's next statement
+//! or of its `COMMIT` (or `PREPARE TRANSACTION`), in the same round trip, so publishing
+//! costs no round trip of its own. The message therefore commits or rolls back with the
 //! branch's rows:
 //!
 //! * when the transaction has no other branch, in **one phase** — no `PREPARE TRANSACTION`,

@@ -175,10 +175,17 @@ enum State {
         conn: OpenConn,
         last_error: Option<String>,
         /// The transaction's id, once a statement of the SDK learned it (the outbox
-        /// insert returns it): a one-phase commit then needs no query to learn it.
+        /// insert returns it, and a local transaction's block asks for it with `BEGIN`):
+        /// a one-phase commit then needs no query to learn it.
         xid: Option<i64>,
         /// `BEGIN` ran on `conn`.
         begun: bool,
+        /// Messages published but not written yet: their rows go out with the branch's
+        /// next statement, or with its commit or prepare, in the same round trip.
+        unwritten: Vec<Unwritten>,
+        /// The branch belongs to a local transaction (it will commit in one phase): its
+        /// block learns the xid as it begins, so the commit needs no query for it.
+        learn_xid: bool,
     },
     /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
     Prepared,
@@ -201,6 +208,14 @@ enum State {
     OnePhaseUnknown { xid: i64 },
     /// Rolled back.
     Aborted,
+}
+
+/// A message [`PgBranch::publish`] staged, whose row is not written yet.
+struct Unwritten {
+    broker: String,
+    message: StagedMessage,
+    /// `message.headers`, encoded for the row.
+    headers: Option<String>,
 }
 
 /// The connection of an open branch: a transaction is in progress on it. If the branch is
@@ -503,6 +518,8 @@ impl PgResource {
                     last_error: None,
                     xid: None,
                     begun: false,
+                    unwritten: Vec::new(),
+                    learn_xid: tx.is_local(),
                 };
                 return Ok(PgBranch {
                     inner: self.inner.clone(),
@@ -644,8 +661,10 @@ impl PgBranch {
     }
 
     /// Runs one of the application's statements on the branch's connection (prepared once
-    /// per connection). After a `ROLLBACK TO SAVEPOINT`, forgets the staged messages whose
-    /// rows it rolled back.
+    /// per connection). The rows of messages published since the last statement go out in
+    /// front of it (and, for a local transaction's first statement, `BEGIN` and the query
+    /// of the xid), all in one round trip. After a `ROLLBACK TO SAVEPOINT`, forgets the
+    /// staged messages whose rows it rolled back.
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], kind: Kind) -> Result<Out> {
         check_statement(sql)?;
         let mut state = self.slot.state.lock().await;
@@ -653,13 +672,33 @@ impl PgBranch {
             conn,
             last_error,
             begun,
-            ..
+            xid,
+            unwritten,
+            learn_xid,
         } = &mut *state
         else {
             return Err(self.not_open(&state));
         };
         let before = last_error.replace(UNREAD.into());
         let conn: &Object = conn;
+        let learn = *learn_xid && !*begun && xid.is_none();
+        // Prepared before anything is queued, so that everything goes out in order.
+        let ready = async {
+            let txid = match learn {
+                true => Some(prepared(conn, TXID_CURRENT).await?),
+                false => None,
+            };
+            let insert = match unwritten.is_empty() {
+                true => None,
+                false => Some(prepared(conn, OUTBOX_INSERT).await?),
+            };
+            Ok::<_, tokio_postgres::Error>((txid, insert))
+        };
+        let (txid, insert) = match ready.await {
+            Ok(stmts) => stmts,
+            Err(e) => return self.finish(&mut state, before, Err(e)),
+        };
+        let writes = std::mem::take(unwritten);
         let statement = async {
             let stmt = prepared(conn, sql).await?;
             Ok(match kind {
@@ -668,7 +707,28 @@ impl PgBranch {
                 Kind::QueryOne => Out::Row(conn.query_one(&stmt, params).await?),
             })
         };
-        let res = in_block(conn, begun, statement).await;
+        // The xid query, the rows, then the statement: `join3` polls them in that order,
+        // and each is queued when first polled.
+        let all = async {
+            Ok(futures::future::join3(
+                learn_xid_of(conn, txid.as_ref()),
+                write_rows(conn, insert.as_ref(), &self.slot.gid, &writes),
+                statement,
+            )
+            .await)
+        };
+        let res = match in_block(conn, begun, all).await {
+            Err(e) => Err(e),
+            Ok((learned, written, out)) => {
+                if learned.is_some() {
+                    *xid = learned;
+                }
+                match take_written(&self.slot, writes, written, xid) {
+                    Some(e) => Err(e),
+                    None => out,
+                }
+            }
+        };
         let out = self.finish(&mut state, before, res)?;
         if rolls_back_to_savepoint(sql) {
             self.forget_rolled_back(&mut state).await?;
@@ -706,6 +766,11 @@ impl PgBranch {
     /// resource's relay publishes it (see [`crate::outbox`]). `broker` must have been
     /// attached with [`PgResource::enable_outbox`]. Returns the message id,
     /// `<tx_id>:<branch_id>:<index>`.
+    ///
+    /// The row is written with the branch's next statement, or with its commit (or
+    /// prepare), in the same round trip: publishing costs no round trip of its own. A
+    /// failure to write it therefore surfaces there: that statement fails with the
+    /// insert's error, or the commit is refused (the prepare votes no).
     pub async fn publish<B: Broker>(
         &self,
         broker: &B,
@@ -741,13 +806,7 @@ impl PgBranch {
         })?;
         let payload = payload.into();
         let mut state = self.slot.state.lock().await;
-        let State::Open {
-            conn,
-            last_error,
-            begun,
-            ..
-        } = &mut *state
-        else {
+        let State::Open { unwritten, .. } = &mut *state else {
             return Err(self.not_open(&state));
         };
         let index = self.slot.published.fetch_add(1, Ordering::Relaxed);
@@ -758,38 +817,10 @@ impl PgBranch {
             headers: options.headers,
             content_type: options.content_type,
         };
-        let headers = encode_headers(&message.headers);
-        let before = last_error.replace(UNREAD.into());
-        let conn: &Object = conn;
-        let insert = async {
-            let stmt = prepared(conn, OUTBOX_INSERT).await?;
-            conn.query_one(
-                &stmt,
-                &[
-                    &broker.name(),
-                    &self.slot.gid,
-                    &message.message_id,
-                    &message.destination,
-                    &message.payload,
-                    &headers,
-                    &message.content_type,
-                ],
-            )
-            .await
-        };
-        let res = in_block(conn, begun, insert).await;
-        let row = self.finish(&mut state, before, res)?;
-        let (id, tx_xid): (i64, i64) = row
-            .try_get(0)
-            .and_then(|id| Ok((id, row.try_get(1)?)))
-            .map_err(|e| Error::resource(&self.inner.name, format!("outbox insert: {e}")))?;
-        if let State::Open { xid, .. } = &mut *state {
-            *xid = Some(tx_xid);
-        }
         let message_id = message.message_id.clone();
-        lock(&self.slot.outbox).push(Pending {
-            row: id,
+        unwritten.push(Unwritten {
             broker: broker.name().to_string(),
+            headers: encode_headers(&message.headers),
             message,
         });
         Ok(message_id)
@@ -852,6 +883,16 @@ enum Out {
 const UNREAD: &str = "a statement was cancelled before its result was read (it may have failed)";
 
 /// The first two keywords of `sql`, upper-cased.
+/// An open branch's connection and what the one-phase commit needs of its state.
+struct Open {
+    conn: Object,
+    last_error: Option<String>,
+    /// The xid, if a statement learned it.
+    known: Option<i64>,
+    begun: bool,
+    unwritten: Vec<Unwritten>,
+}
+
 /// How a one-phase `COMMIT` that did not succeed ended.
 enum Ended {
     /// PostgreSQL refused it (the block rolled back): the reason.
@@ -997,6 +1038,90 @@ async fn in_block<T>(
     let (began, out) = futures::future::join(begin, statement).await;
     began?;
     *begun = true;
+    out
+}
+
+/// Records the rows [`write_rows`] wrote (and the xid their insert returned) among the
+/// branch's staged messages; returns the first failure. A message whose insert failed
+/// is dropped: the failure aborted the block, so the branch cannot commit.
+fn take_written(
+    slot: &Slot,
+    writes: Vec<Unwritten>,
+    written: Vec<Result<Row, tokio_postgres::Error>>,
+    xid: &mut Option<i64>,
+) -> Option<tokio_postgres::Error> {
+    let mut failed = None;
+    let mut outbox = lock(&slot.outbox);
+    for (w, res) in writes.into_iter().zip(written) {
+        let ids = res.and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)));
+        match ids {
+            Ok((row, tx_xid)) => {
+                *xid = Some(tx_xid);
+                outbox.push(Pending {
+                    row,
+                    broker: w.broker,
+                    message: w.message,
+                });
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    failed
+}
+
+/// The query a local transaction's block runs as it begins (see [`State::Open`]).
+const TXID_CURRENT: &str = "SELECT txid_current()";
+
+/// The xid, by `stmt` ([`TXID_CURRENT`]) if given; queued when first polled. `None` without
+/// `stmt` or when the query failed (a one-phase commit then asks again).
+async fn learn_xid_of(conn: &Object, stmt: Option<&Statement>) -> Option<i64> {
+    let row = conn.query_one(stmt?, &[]).await.ok()?;
+    row.try_get::<_, i64>(0).ok()
+}
+
+/// Writes the rows of `items` with `stmt` ([`OUTBOX_INSERT`]; nothing without it): every
+/// INSERT is queued, in order, when this future is first polled, so that what the caller
+/// queues after it follows in the same round trip. One answer per item.
+async fn write_rows(
+    conn: &Object,
+    stmt: Option<&Statement>,
+    gid: &str,
+    items: &[Unwritten],
+) -> Vec<Result<Row, tokio_postgres::Error>> {
+    let Some(stmt) = stmt else {
+        return Vec::new();
+    };
+    let params: Vec<[&(dyn ToSql + Sync); 7]> = items
+        .iter()
+        .map(|u| -> [&(dyn ToSql + Sync); 7] {
+            [
+                &u.broker,
+                &gid,
+                &u.message.message_id,
+                &u.message.destination,
+                &u.message.payload,
+                &u.headers,
+                &u.message.content_type,
+            ]
+        })
+        .collect();
+    let mut inserts: Vec<_> = params
+        .iter()
+        .map(|p| Box::pin(futures::future::maybe_done(conn.query_one(stmt, p))))
+        .collect();
+    for insert in inserts.iter_mut() {
+        // The first poll queues the INSERT (its answer cannot be there yet).
+        let _ = futures::poll!(insert.as_mut());
+    }
+    let mut out = Vec::with_capacity(inserts.len());
+    for mut insert in inserts {
+        insert.as_mut().await;
+        if let Some(res) = insert.as_mut().take_output() {
+            out.push(res);
+        }
+    }
     out
 }
 
@@ -1193,6 +1318,39 @@ impl Inner {
         }
     }
 
+    /// Writes the rows of messages not written yet (opening the block if no statement
+    /// did); the reason to vote no if that failed.
+    async fn write_before_prepare(
+        &self,
+        slot: &Slot,
+        conn: &Object,
+        begun: &mut bool,
+        unwritten: Vec<Unwritten>,
+    ) -> Result<(), String> {
+        if unwritten.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            let stmt = prepared(conn, OUTBOX_INSERT).await?;
+            let written = in_block(conn, begun, async {
+                Ok(write_rows(conn, Some(&stmt), &slot.gid, &unwritten).await)
+            })
+            .await?;
+            let mut ignored = None;
+            match take_written(slot, unwritten, written, &mut ignored) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("writing the outbox rows failed: {}", describe(&e))),
+            Err(_) => Err(format!(
+                "writing the outbox rows: no answer from PostgreSQL within {OP_TIMEOUT:?}"
+            )),
+        }
+    }
+
     async fn prepare(self: Arc<Self>, tx_id: String, branch_id: String) -> Vote {
         let gid = match gid_for(&tx_id, &branch_id) {
             Ok(g) => g,
@@ -1215,10 +1373,30 @@ impl Inner {
             State::Open {
                 conn,
                 last_error,
-                begun,
+                mut begun,
+                unwritten,
                 ..
             } => {
                 let conn = conn.into_inner();
+                // Rows of messages published since the last statement first (a round trip
+                // of their own: PREPARE TRANSACTION goes out as a simple query).
+                if let Err(reason) = self
+                    .write_before_prepare(&slot, &conn, &mut begun, unwritten)
+                    .await
+                {
+                    discard(conn);
+                    let mut st = State::Opening;
+                    self.set(
+                        &slot,
+                        &mut st,
+                        State::VotedNo {
+                            reason: reason.clone(),
+                            maybe_prepared: false,
+                        },
+                    );
+                    *state = st;
+                    return Vote::No(reason);
+                }
                 // A branch that ran no statement has no block yet: open it in the same batch.
                 let sql = format!(
                     "{}SELECT txid_current_if_assigned(); PREPARE TRANSACTION '{gid}'",
@@ -1367,10 +1545,17 @@ impl Inner {
                 last_error,
                 xid,
                 begun,
+                unwritten,
+                ..
             } => {
-                let (new, answer) = self
-                    .one_phase_open(conn.into_inner(), &slot.gid, last_error, xid, begun)
-                    .await;
+                let open = Open {
+                    conn: conn.into_inner(),
+                    last_error,
+                    known: xid,
+                    begun,
+                    unwritten,
+                };
+                let (new, answer) = self.one_phase_open(&slot, open).await;
                 let mut st = State::Opening;
                 self.set(&slot, &mut st, new);
                 *state = st;
@@ -1411,23 +1596,34 @@ impl Inner {
     /// learns it also tells whether the block is aborted (where PostgreSQL would answer
     /// `COMMIT` with a silent rollback); it is skipped only when the xid is `known` and
     /// no statement of the branch failed (then the block cannot be aborted). A branch
-    /// that ran no statement (`begun` false) opens its block in that query.
-    async fn one_phase_open(
-        &self,
-        conn: Object,
-        gid: &str,
-        last_error: Option<String>,
-        known: Option<i64>,
-        begun: bool,
-    ) -> (State, Result<OnePhase, Retry>) {
+    /// that ran no statement (`begun` false) opens its block in that query. The rows of
+    /// messages not written yet go out with `COMMIT`, in the same round trip.
+    async fn one_phase_open(&self, slot: &Slot, open: Open) -> (State, Result<OnePhase, Retry>) {
+        let Open {
+            conn,
+            last_error,
+            known,
+            begun,
+            unwritten,
+        } = open;
+        let gid = slot.gid.as_str();
+        let refused = |conn: Object, reason: String| {
+            discard(conn);
+            (
+                State::OnePhaseRefused(reason.clone()),
+                Ok(OnePhase::Refused(reason)),
+            )
+        };
         let xid = match known.filter(|_| last_error.is_none() && begun) {
             Some(xid) => Some(xid),
+            // Rows still to write need an xid now: the commit's answer may be lost.
             None => match tokio::time::timeout(
                 OP_TIMEOUT,
-                conn.simple_query(if begun {
-                    "SELECT txid_current_if_assigned()"
-                } else {
-                    "BEGIN; SELECT txid_current_if_assigned()"
+                conn.simple_query(match (begun, unwritten.is_empty()) {
+                    (true, true) => "SELECT txid_current_if_assigned()",
+                    (false, true) => "BEGIN; SELECT txid_current_if_assigned()",
+                    (true, false) => "SELECT txid_current()",
+                    (false, false) => "BEGIN; SELECT txid_current()",
                 }),
             )
             .await
@@ -1436,7 +1632,6 @@ impl Inner {
                     .flatten()
                     .and_then(|s| s.parse::<i64>().ok()),
                 Ok(Err(e)) => {
-                    discard(conn);
                     let reason = match (
                         e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
                         last_error,
@@ -1444,101 +1639,95 @@ impl Inner {
                         (true, Some(first)) => format!("a statement of the branch failed: {first}"),
                         _ => describe(&e),
                     };
-                    return (
-                        State::OnePhaseRefused(reason.clone()),
-                        Ok(OnePhase::Refused(reason)),
-                    );
+                    return refused(conn, reason);
                 }
                 Err(_) => {
-                    discard(conn);
                     let reason =
                         format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
-                    return (
-                        State::OnePhaseRefused(reason.clone()),
-                        Ok(OnePhase::Refused(reason)),
-                    );
+                    return refused(conn, reason);
                 }
             },
         };
         // With the outbox, the commit leaves a marker in the same transaction, so that a
         // repeated one-phase commit after a restart (its first answer lost) learns that it
         // happened instead of refusing an unknown branch. The marker's INSERT is a
-        // prepared statement (no parse or plan per commit) sent back to back with
-        // `COMMIT`: one round trip. Prepared before `COMMIT` is queued, so that `COMMIT`
-        // can only follow it.
-        let marker = match self.outbox.get() {
-            None => None,
-            Some(_) => {
-                match tokio::time::timeout(OP_TIMEOUT, prepared(&conn, ONE_PHASE_MARK)).await {
-                    Ok(Ok(stmt)) => Some(stmt),
-                    // Nothing was sent to commit: the block rolls back with the connection.
-                    Ok(Err(e)) => {
-                        discard(conn);
-                        let reason = format!("COMMIT failed: one-phase marker: {}", describe(&e));
-                        return (
-                            State::OnePhaseRefused(reason.clone()),
-                            Ok(OnePhase::Refused(reason)),
-                        );
-                    }
-                    Err(_) => {
-                        discard(conn);
-                        let reason =
-                            format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
-                        return (
-                            State::OnePhaseRefused(reason.clone()),
-                            Ok(OnePhase::Refused(reason)),
-                        );
-                    }
-                }
+        // prepared statement (no parse or plan per commit). Both statements are prepared
+        // before anything is queued, so that `COMMIT` can only follow them.
+        let ready = async {
+            let marker = match self.outbox.get() {
+                Some(_) => Some(prepared(&conn, ONE_PHASE_MARK).await?),
+                None => None,
+            };
+            let insert = match unwritten.is_empty() {
+                true => None,
+                false => Some(prepared(&conn, OUTBOX_INSERT).await?),
+            };
+            Ok::<_, tokio_postgres::Error>((marker, insert))
+        };
+        let (marker, insert) = match tokio::time::timeout(OP_TIMEOUT, ready).await {
+            Ok(Ok(stmts)) => stmts,
+            // Nothing was sent to commit: the block rolls back with the connection.
+            Ok(Err(e)) => return refused(conn, format!("COMMIT failed: {}", describe(&e))),
+            Err(_) => {
+                let reason =
+                    format!("no answer from PostgreSQL within {OP_TIMEOUT:?}; rolled back");
+                return refused(conn, reason);
             }
         };
         let commit = async {
-            match &marker {
-                // The INSERT is queued first (join polls in order); if it fails, PostgreSQL
-                // answers the aborted block's COMMIT with a rollback, not an error.
-                Some(stmt) => {
-                    let (marked, committed) = futures::future::join(
-                        conn.execute(stmt, &[&gid]),
-                        conn.batch_execute("COMMIT"),
-                    )
-                    .await;
-                    match (marked, committed) {
-                        (Err(e), _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
-                            "COMMIT failed: one-phase marker: {}",
-                            describe(&e)
-                        ))),
-                        (_, Err(e)) if e.as_db_error().is_some() => {
-                            Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
-                        }
-                        (Ok(_), Ok(())) => Ok(()),
-                        _ => Err(Ended::Lost),
+            // The rows, the marker, then `COMMIT`, in one round trip (`join3` polls in
+            // order; each is queued when first polled). If a row or the marker fails,
+            // PostgreSQL answers the aborted block's COMMIT with a rollback, not an error.
+            let (written, marked, committed) = futures::future::join3(
+                write_rows(&conn, insert.as_ref(), gid, &unwritten),
+                async {
+                    match &marker {
+                        Some(stmt) => Some(conn.execute(stmt, &[&gid]).await),
+                        None => None,
                     }
-                }
-                None => match conn.batch_execute("COMMIT").await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.as_db_error().is_some() => {
-                        Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
-                    }
-                    Err(_) => Err(Ended::Lost),
                 },
-            }
+                conn.batch_execute("COMMIT"),
+            )
+            .await;
+            let mut ignored = None;
+            let lost_rows = written.len() < unwritten.len() || written.iter().any(|r| r.is_err());
+            let failed = take_written(slot, unwritten, written, &mut ignored);
+            let ended = match (failed, marked, committed) {
+                (Some(e), _, _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
+                    "COMMIT failed: outbox row: {}",
+                    describe(&e)
+                ))),
+                (_, Some(Err(e)), _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
+                    "COMMIT failed: one-phase marker: {}",
+                    describe(&e)
+                ))),
+                (_, _, Err(e)) if e.as_db_error().is_some() => {
+                    Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
+                }
+                (None, None | Some(Ok(_)), Ok(())) => Ok(()),
+                _ => Err(Ended::Lost),
+            };
+            (ended, lost_rows)
         };
         match tokio::time::timeout(OP_TIMEOUT, commit).await {
-            Ok(Ok(())) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
-            Ok(Err(Ended::Refused(reason))) => {
+            Ok((Ok(()), _)) => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
+            Ok((Err(Ended::Refused(reason)), _)) => refused(conn, reason),
+            outcome => {
+                // Rows whose answer was lost are not known here: if the branch committed,
+                // the sweep publishes them.
+                let unknown_rows = !matches!(outcome, Ok((_, false)));
                 discard(conn);
-                (
-                    State::OnePhaseRefused(reason.clone()),
-                    Ok(OnePhase::Refused(reason)),
-                )
-            }
-            Ok(Err(Ended::Lost)) | Err(_) => {
-                discard(conn);
-                match xid {
+                let (state, answer) = match xid {
                     // Nothing written: committed or not, there is nothing to lose.
                     None => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
                     Some(xid) => self.resolve_one_phase(xid, gid).await,
+                };
+                if unknown_rows && matches!(state, State::OnePhaseCommitted) {
+                    if let Some(relay) = self.outbox.get() {
+                        relay.sweep_gid(gid.to_string());
+                    }
                 }
+                (state, answer)
             }
         }
     }

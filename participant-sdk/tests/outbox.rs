@@ -1498,6 +1498,98 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
     .await;
 }
 
+/// `publish` writes its row with the branch's next statement, or with the commit or the
+/// prepare (no round trip of its own). A row that cannot be written (here a CHECK the
+/// test adds to the outbox table) therefore fails that statement with the insert's error,
+/// refuses the one-phase commit, or makes the prepare vote no; nothing is committed or
+/// published, and a message published beside it in a good transaction still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_row_cannot_be_written_fails_the_next_statement_or_the_commit() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_unwritable", "obunw", ORDERS, slow_sweep(), false).await;
+        let poison = format!("{}-poison", w.queue);
+        connect(&w.url)
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE twopc_outbox ADD CONSTRAINT no_poison CHECK (destination <> '{poison}')"
+            ))
+            .await
+            .expect("constraint");
+        w.probe.declare(&poison).await;
+
+        // Written with the commit (a local transaction: one-phase, xid learned at BEGIN).
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &poison, b"never".to_vec())
+            .await
+            .expect("publish stages without a round trip");
+        let err = tx.commit().await.expect_err("the row cannot be written");
+        assert!(matches!(err, Error::Aborted(_)), "{err}");
+        assert!(err.to_string().contains("23514"), "{err}");
+
+        // Written with the next statement, which fails with the insert's error.
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.publish(&*w.rabbit, &poison, b"never".to_vec())
+            .await
+            .expect("publish");
+        let err = pg
+            .execute("INSERT INTO orders VALUES (2, 'two')", &[])
+            .await
+            .expect_err("the row goes out in front of the statement");
+        assert!(err.to_string().contains("23514"), "{err}");
+        let err = tx.commit().await.expect_err("aborted");
+        assert!(err.to_string().contains("23514"), "{err}");
+
+        // Written with the prepare, which votes no.
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (3, 'three')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &poison, b"never".to_vec())
+            .await
+            .expect("publish");
+        match w.db.prepare(tx.id(), pg.branch_id()).await {
+            Vote::No(why) => assert!(why.contains("23514"), "{why}"),
+            other => panic!("the prepare must vote no, got {other:?}"),
+        }
+        let _ = tx.abort("test").await;
+
+        // A good message still goes, published with the commit's round trip.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.execute("INSERT INTO orders VALUES (4, 'four')", &[])
+            .await
+            .expect("insert");
+        pg.publish(&*w.rabbit, &w.queue, b"good".to_vec())
+            .await
+            .expect("publish");
+        tx.commit().await.expect("commit");
+        let got = w.probe.take(&w.queue, 1).await;
+        assert_eq!(got[0].payload, b"good".to_vec());
+        assert_eq!(
+            count(&w.url, "SELECT count(*) FROM orders").await,
+            1,
+            "only the good order"
+        );
+        eventually(WAIT, "the good message's row is deleted", || async {
+            outbox_rows(&w.url).await == 0
+        })
+        .await;
+        let stray = w.probe.drain(&poison).await;
+        w.probe.delete(&poison).await;
+        w.probe.delete(&w.queue).await;
+        assert!(stray.is_empty(), "{stray:?}");
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
 /// The marker's INSERT runs in front of `COMMIT`, in the same round trip. If it fails, the
 /// transaction must not commit (PostgreSQL would end the aborted block with a silent
 /// rollback): the one-phase commit is refused, nothing committed, nothing published.
