@@ -882,7 +882,6 @@ enum Out {
 /// block first, and a prepare reports this).
 const UNREAD: &str = "a statement was cancelled before its result was read (it may have failed)";
 
-/// The first two keywords of `sql`, upper-cased.
 /// An open branch's connection and what the one-phase commit needs of its state.
 struct Open {
     conn: Object,
@@ -901,6 +900,7 @@ enum Ended {
     Lost,
 }
 
+/// The first two keywords of `sql`, upper-cased.
 fn first_words(sql: &str) -> (String, String) {
     let mut words = sql
         .split(|c: char| c.is_whitespace() || c == ';')
