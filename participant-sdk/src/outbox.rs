@@ -12,9 +12,11 @@
 //!   intent and outcome, shared with every other commit of the moment);
 //! * otherwise inside the branch's prepared transaction, like any other row of it.
 //!
-//! Once the branch has committed, the **relay** of the resource publishes its messages at
-//! once, in a task of their own (in order, each with its deterministic message id
-//! `<tx_id>:<branch_id>:<index>`, waiting for the broker's confirmation), and a relay task
+//! Once the branch has committed, the **relay** of the resource publishes its messages
+//! within `publish_linger` (2 ms: what commits meanwhile, and while the previous batch
+//! waits for its confirmation, goes in the same batch), in a task of their own (in order,
+//! each with its deterministic message id `<tx_id>:<branch_id>:<index>`, waiting for the
+//! broker's confirmation), and a relay task
 //! deletes the rows the broker confirmed, many per statement. While fewer than
 //! `publish_window` committed branches are being published, the commit answers as soon as
 //! the database committed; beyond that it waits (at most `publish_wait`) for its own
@@ -102,8 +104,10 @@ const SWEEP_ROUNDS: usize = 20;
 /// Most messages published in one batch.
 const PUBLISH_BATCH: usize = 512;
 
-/// Most batches being published at once.
-const IN_FLIGHT: usize = 4;
+/// Most batches being published at once: one, so that what commits while a batch waits
+/// for its confirmation forms the next batch (fewer, larger batches cost the broker less
+/// per message).
+const IN_FLIGHT: usize = 1;
 
 /// Most one-phase markers kept in memory for another delete attempt.
 const MAX_UNFORGOTTEN: usize = 100_000;
@@ -136,6 +140,12 @@ pub struct OutboxOptions {
     /// either way; a broker that is down only delays the answer by this much). Keep it
     /// below the coordinator's RPC timeout. Default 1 s.
     pub publish_wait: Duration,
+    /// How long the publisher waits, once a committed branch is there to publish, for
+    /// others to join its batch (at most 1 s; zero publishes at once). Under load a
+    /// batch of many messages costs the broker far less per message than many batches
+    /// of one (RabbitMQ: about 45 µs of CPU per message instead of 70 in the order
+    /// benchmark); an idle service delivers its events this much later. Default 2 ms.
+    pub publish_linger: Duration,
 }
 
 impl Default for OutboxOptions {
@@ -146,6 +156,7 @@ impl Default for OutboxOptions {
             publish_window: 64,
             marker_retention: Duration::from_secs(24 * 3600),
             publish_wait: Duration::from_secs(1),
+            publish_linger: Duration::from_millis(2),
         }
     }
 }
@@ -303,7 +314,8 @@ enum Which<'a> {
     Gid(&'a str),
 }
 
-/// The publisher task: takes every committed branch queued (up to [`PUBLISH_BATCH`]
+/// The publisher task: once a committed branch is queued and a batch may start, waits
+/// `publish_linger`, then takes every committed branch queued (up to [`PUBLISH_BATCH`]
 /// messages) and publishes them in one batch per broker, with up to [`IN_FLIGHT`]
 /// batches at once (while they are all busy, the next batch grows).
 async fn publisher(
@@ -316,6 +328,9 @@ async fn publisher(
         let Ok(slot) = in_flight.clone().acquire_owned().await else {
             break;
         };
+        if !shared.options.publish_linger.is_zero() {
+            tokio::time::sleep(shared.options.publish_linger).await;
+        }
         let mut batch = vec![first];
         let mut messages = batch[0].pending.len();
         while messages < PUBLISH_BATCH {

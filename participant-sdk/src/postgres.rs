@@ -108,6 +108,9 @@ const MAX_GID_BYTES: usize = 199;
 /// one-phase commit gets the same answer).
 const REMEMBER_FINISHED: usize = 10_000;
 
+/// Longest `OutboxOptions::publish_linger`.
+const MAX_PUBLISH_LINGER: Duration = Duration::from_secs(1);
+
 /// Largest `OutboxOptions::publish_window`.
 const MAX_PUBLISH_WINDOW: usize = 1_000_000;
 
@@ -390,6 +393,11 @@ impl PgResource {
         if !(1..=MAX_PUBLISH_WINDOW).contains(&options.publish_window) {
             return Err(Error::Usage(format!(
                 "outbox publish_window must be between 1 and {MAX_PUBLISH_WINDOW}"
+            )));
+        }
+        if options.publish_linger > MAX_PUBLISH_LINGER {
+            return Err(Error::Usage(format!(
+                "outbox publish_linger must be at most {MAX_PUBLISH_LINGER:?}"
             )));
         }
         let differs = |relay: &Relay| {

@@ -1287,6 +1287,19 @@ async fn usage_errors_are_refused_without_leaving_rows() {
             );
             assert!(m.contains("greater than zero"), "{m}");
         }
+        // A linger beyond a second.
+        let m = usage(
+            db.enable_outbox(
+                attached.clone(),
+                OutboxOptions {
+                    publish_linger: Duration::from_millis(1001),
+                    ..OutboxOptions::default()
+                },
+            )
+            .await
+            .expect_err("a linger over a second"),
+        );
+        assert!(m.contains("publish_linger"), "{m}");
 
         db.enable_outbox(attached.clone(), fast_sweep())
             .await
