@@ -139,12 +139,6 @@ pub enum Mode {
 /// Every mode, in the order they run and are reported.
 pub const MODES: [Mode; 4] = [Mode::Naive, Mode::Outbox, Mode::Twopc, Mode::TwopcBroker];
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 impl Mode {
     fn name(self) -> &'static str {
         match self {

@@ -696,11 +696,7 @@ impl PgBranch {
                 true => Some(prepared(conn, TXID_CURRENT).await?),
                 false => None,
             };
-            let insert = match unwritten.is_empty() {
-                true => None,
-                false => Some(prepared(conn, OUTBOX_INSERT).await?),
-            };
-            Ok::<_, tokio_postgres::Error>((txid, insert))
+            Ok::<_, tokio_postgres::Error>((txid, insert_for(conn, unwritten).await?))
         };
         let (txid, insert) = match ready.await {
             Ok(stmts) => stmts,
@@ -727,15 +723,15 @@ impl PgBranch {
         };
         let res = match in_block(conn, begun, all).await {
             Err(e) => Err(e),
-            Ok((learned, written, out)) => {
-                if learned.is_some() {
-                    *xid = learned;
+            Ok((learned, written, out)) => match take_written(&self.slot, writes, written) {
+                Ok(wrote) => {
+                    if let Some(x) = wrote.or(learned) {
+                        *xid = Some(x);
+                    }
+                    out
                 }
-                match take_written(&self.slot, writes, written, xid) {
-                    Some(e) => Err(e),
-                    None => out,
-                }
-            }
+                Err(e) => Err(e),
+            },
         };
         let out = self.finish(&mut state, before, res)?;
         if rolls_back_to_savepoint(sql) {
@@ -1049,22 +1045,22 @@ async fn in_block<T>(
     out
 }
 
-/// Records the rows [`write_rows`] wrote (and the xid their insert returned) among the
-/// branch's staged messages; returns the first failure. A message whose insert failed
-/// is dropped: the failure aborted the block, so the branch cannot commit.
+/// Records the rows [`write_rows`] wrote among the branch's staged messages; returns the
+/// xid their insert returned (`None` without rows), or the first failure. A message whose
+/// insert failed is dropped: the failure aborted the block, so the branch cannot commit.
 fn take_written(
     slot: &Slot,
     writes: Vec<Unwritten>,
     written: Vec<Result<Row, tokio_postgres::Error>>,
-    xid: &mut Option<i64>,
-) -> Option<tokio_postgres::Error> {
+) -> Result<Option<i64>, tokio_postgres::Error> {
     let mut failed = None;
+    let mut xid = None;
     let mut outbox = lock(&slot.outbox);
     for (w, res) in writes.into_iter().zip(written) {
         let ids = res.and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)));
         match ids {
             Ok((row, tx_xid)) => {
-                *xid = Some(tx_xid);
+                xid = Some(tx_xid);
                 outbox.push(Pending {
                     row,
                     broker: w.broker,
@@ -1076,7 +1072,22 @@ fn take_written(
             }
         }
     }
-    failed
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(xid),
+    }
+}
+
+/// [`OUTBOX_INSERT`] prepared on `conn` if there are rows to write. Prepared before
+/// anything else is queued, so that the rows go out in order.
+async fn insert_for(
+    conn: &Object,
+    unwritten: &[Unwritten],
+) -> Result<Option<Statement>, tokio_postgres::Error> {
+    match unwritten.is_empty() {
+        true => Ok(None),
+        false => Ok(Some(prepared(conn, OUTBOX_INSERT).await?)),
+    }
 }
 
 /// The query a local transaction's block runs as it begins (see [`State::Open`]).
@@ -1339,16 +1350,12 @@ impl Inner {
             return Ok(());
         }
         let write = async {
-            let stmt = prepared(conn, OUTBOX_INSERT).await?;
+            let stmt = insert_for(conn, &unwritten).await?;
             let written = in_block(conn, begun, async {
-                Ok(write_rows(conn, Some(&stmt), &slot.gid, &unwritten).await)
+                Ok(write_rows(conn, stmt.as_ref(), &slot.gid, &unwritten).await)
             })
             .await?;
-            let mut ignored = None;
-            match take_written(slot, unwritten, written, &mut ignored) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
+            take_written(slot, unwritten, written).map(drop)
         };
         match tokio::time::timeout(OP_TIMEOUT, write).await {
             Ok(Ok(())) => Ok(()),
@@ -1666,11 +1673,7 @@ impl Inner {
                 Some(_) => Some(prepared(&conn, ONE_PHASE_MARK).await?),
                 None => None,
             };
-            let insert = match unwritten.is_empty() {
-                true => None,
-                false => Some(prepared(&conn, OUTBOX_INSERT).await?),
-            };
-            Ok::<_, tokio_postgres::Error>((marker, insert))
+            Ok::<_, tokio_postgres::Error>((marker, insert_for(&conn, &unwritten).await?))
         };
         let (marker, insert) = match tokio::time::timeout(OP_TIMEOUT, ready).await {
             Ok(Ok(stmts)) => stmts,
@@ -1697,9 +1700,8 @@ impl Inner {
                 conn.batch_execute("COMMIT"),
             )
             .await;
-            let mut ignored = None;
             let lost_rows = written.len() < unwritten.len() || written.iter().any(|r| r.is_err());
-            let failed = take_written(slot, unwritten, written, &mut ignored);
+            let failed = take_written(slot, unwritten, written).err();
             let ended = match (failed, marked, committed) {
                 (Some(e), _, _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
                     "COMMIT failed: outbox row: {}",
