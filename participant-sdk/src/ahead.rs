@@ -32,7 +32,7 @@ use futures::future::Shared;
 use tokio::sync::oneshot;
 
 /// How far ahead a batch reaches, in time at the recent rate.
-pub(crate) const LOOKAHEAD: Duration = Duration::from_millis(20);
+pub(crate) const LOOKAHEAD: Duration = Duration::from_millis(40);
 
 /// The window over which the rate of local Begins is measured.
 pub(crate) const WINDOW: Duration = Duration::from_millis(100);
@@ -41,7 +41,7 @@ pub(crate) const WINDOW: Duration = Duration::from_millis(100);
 pub(crate) const MAX_AGE: Duration = Duration::from_millis(250);
 
 /// Default of [`crate::TwoPcBuilder::begin_ahead`]: at most this many ids per Begin.
-pub const DEFAULT_BEGIN_AHEAD: u32 = 64;
+pub const DEFAULT_BEGIN_AHEAD: u32 = 128;
 
 /// The most a Begin may ask for (the coordinator's limit).
 pub const MAX_BEGIN_AHEAD: u32 = 256;
@@ -278,10 +278,11 @@ mod tests {
     fn heavy_load_begins_batches_and_refills_one_at_a_time() {
         let p = Pools::default();
         let t0 = Instant::now();
+        let max = DEFAULT_BEGIN_AHEAD;
         // 2,000 a second for one window: the rate is known from then on.
         let mut now = t0;
         for _ in 0..=200 {
-            let t = p.take("db", 64, now);
+            let t = p.take("db", max, now);
             if let Some(n) = begin_count(&t) {
                 if n > 1 {
                     // The caller began a batch: the rest goes to the pool.
@@ -291,25 +292,33 @@ mod tests {
             }
             now += Duration::from_micros(500);
         }
-        let t = p.take("db", 64, now);
-        // ~2,000/s × 20 ms = ~40 per batch; the pool holds the rest of the last one.
+        let t = p.take("db", max, now);
+        // ~2,000/s × 40 ms = ~80 per batch; the pool holds the rest of the last one.
         assert!(
             matches!(t.take, Take::Ready(_)),
             "pooled ids are handed out"
         );
-        // Drained below half a batch, one background refill starts, and no second.
+        // Drained below half a batch, one background refill starts, and no second; once
+        // the pool is empty (the refill still in flight), a caller begins just its own id.
         let mut refills = 0;
-        for _ in 0..40 {
-            let t = p.take("db", 64, now);
+        let mut emptied = false;
+        for _ in 0..200 {
+            let t = p.take("db", max, now);
             if let Some(n) = t.refill {
-                assert!((40..=41).contains(&n), "{n}");
+                assert!((80..=81).contains(&n), "{n}");
                 refills += 1;
             }
+            if let Some(n) = begin_count(&t) {
+                assert_eq!(
+                    n, 1,
+                    "a refill is in flight: the caller begins its own id only"
+                );
+                emptied = true;
+                break;
+            }
         }
+        assert!(emptied, "the pool runs dry without its refill");
         assert_eq!(refills, 1, "one refill in flight per resource");
-        // With the pool empty and a refill in flight, a caller begins just its own id.
-        let t = p.take("db", 64, now);
-        assert_eq!(begin_count(&t), Some(1));
         // The cap holds.
         drop(p.refill("db"));
         let t = p.take("db", 8, now);
