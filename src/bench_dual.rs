@@ -26,6 +26,10 @@
 //! coordinator, the relays) and of the whole machine (PostgreSQL and the broker too),
 //! over the mode's slices and drains: where every core is busy, the machine's CPU per
 //! order is what bounds the throughput, and it shows which mode costs what.
+//!
+//! For the twopc modes it also splits the client-visible latency into its steps (Begin,
+//! the statements, Commit; see [`crate::order_service::Phases`]), p50 and p99 each: where
+//! a tail comes from is the first question when the p99 is off.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,7 +48,7 @@ use twopc_participant::staging::StagingStore;
 use twopc_participant::{OutboxOptions, TwoPc};
 
 use crate::demo::{self, BrokerKind, ServiceUrls};
-use crate::order_service::{EventStaging, Order, OrderService, Placed, ORDER_SCHEMA};
+use crate::order_service::{EventStaging, Order, OrderService, Phases, Placed, ORDER_SCHEMA};
 
 /// Flags of `twopc bench dual-write`.
 #[derive(Clone, Debug, clap::Args)]
@@ -120,6 +124,19 @@ pub struct DualResult {
     /// and the broker (and anything else running), over the same time. On a machine
     /// whose cores are all busy, this is what bounds the throughput.
     pub machine_cpu_us_per_tx: Option<f64>,
+    /// twopc modes: where the client-visible latency went, step by step (see
+    /// [`crate::order_service::Phases`]): Begin p50 (ms).
+    pub begin_p50_ms: Option<f64>,
+    /// Begin p99 (ms).
+    pub begin_p99_ms: Option<f64>,
+    /// Opening the branch, the INSERT and staging the event: p50 (ms).
+    pub statements_p50_ms: Option<f64>,
+    /// The same, p99 (ms).
+    pub statements_p99_ms: Option<f64>,
+    /// Commit p50 (ms).
+    pub commit_p50_ms: Option<f64>,
+    /// Commit p99 (ms).
+    pub commit_p99_ms: Option<f64>,
 }
 
 /// One way of doing the dual write.
@@ -155,6 +172,8 @@ impl Mode {
 struct Samples {
     /// Client latency per completed order (µs).
     client_us: Mutex<Vec<u64>>,
+    /// twopc modes: begin, statements and commit of each committed order (µs).
+    phases_us: Mutex<Vec<[u64; 3]>>,
     /// When each order's commit was issued, until its event arrives.
     committed_at: Mutex<HashMap<String, Instant>>,
     /// Commit-to-receipt latency per event (µs).
@@ -578,6 +597,21 @@ async fn measure<B: Broker>(
         if matches!(mode, Mode::Twopc | Mode::TwopcBroker) {
             let syncs = s.syncs.load(Ordering::Relaxed);
             r.syncs_per_decision = Some(syncs as f64 / (client.len().max(1)) as f64);
+            let phases = s
+                .phases_us
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .clone();
+            let step = |i: usize| -> (Option<f64>, Option<f64>) {
+                let mut v: Vec<u64> = phases.iter().map(|p| p[i]).collect();
+                match v.is_empty() {
+                    true => (None, None),
+                    false => (Some(pct(&mut v, 0.50)), Some(pct(&mut v, 0.99))),
+                }
+            };
+            (r.begin_p50_ms, r.begin_p99_ms) = step(0);
+            (r.statements_p50_ms, r.statements_p99_ms) = step(1);
+            (r.commit_p50_ms, r.commit_p99_ms) = step(2);
         }
         out.push(r);
     }
@@ -637,8 +671,15 @@ async fn one_order<B: Broker>(
         Mode::Twopc | Mode::TwopcBroker => {
             // Marked before commit: the event may arrive before Commit returns.
             mark(s)?;
-            match service.place(order, false).await? {
-                Placed::Committed => {}
+            let mut phases = Phases::default();
+            match service.place_timed(order, false, &mut phases).await? {
+                Placed::Committed => {
+                    let us = |d: Duration| d.as_micros() as u64;
+                    s.phases_us
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("lock"))?
+                        .push([us(phases.begin), us(phases.statements), us(phases.commit)]);
+                }
                 Placed::Aborted(why) => {
                     s.expected.fetch_sub(1, Ordering::Relaxed);
                     anyhow::bail!("order {} aborted: {why}", order.id);
@@ -813,6 +854,22 @@ fn print_table(results: &[DualResult]) {
             bench::or_dash(r.cpu_us_per_tx, 0),
             bench::or_dash(r.machine_cpu_us_per_tx, 0),
         );
+    }
+    for r in results {
+        if let (Some(b50), Some(b99), Some(s50), Some(s99), Some(c50), Some(c99)) = (
+            r.begin_p50_ms,
+            r.begin_p99_ms,
+            r.statements_p50_ms,
+            r.statements_p99_ms,
+            r.commit_p50_ms,
+            r.commit_p99_ms,
+        ) {
+            println!(
+                "{} steps, p50 / p99 ms: begin {b50:.2} / {b99:.2}, statements {s50:.2} / {s99:.2}, \
+                 commit {c50:.2} / {c99:.2}",
+                r.mode
+            );
+        }
     }
     let find = |name: &str| results.iter().find(|r| r.mode == name);
     if let (Some(naive), Some(outbox), Some(twopc)) = (find("naive"), find("outbox"), find("twopc"))

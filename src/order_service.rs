@@ -109,11 +109,36 @@ pub struct OrderService<B: Broker> {
     pub staging: EventStaging,
 }
 
+/// Where the time of one [`OrderService::place_timed`] went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// Begin: a transaction id (from the pool of ids begun ahead, or a Begin call).
+    pub begin: Duration,
+    /// Opening the database branch, the INSERT and staging the event.
+    pub statements: Duration,
+    /// Commit: the database commit (and, past the relay's window, the wait for the
+    /// broker), or the coordinator's two phases.
+    pub commit: Duration,
+}
+
 impl<B: Broker> OrderService<B> {
     /// Places one order: the row and the event, both or neither. `reject_after_write`
     /// simulates a business check that fails after both writes were made (the service
     /// aborts: neither may appear).
     pub async fn place(&self, order: &Order, reject_after_write: bool) -> anyhow::Result<Placed> {
+        self.place_timed(order, reject_after_write, &mut Phases::default())
+            .await
+    }
+
+    /// [`OrderService::place`], recording in `phases` how long each of its steps took
+    /// (a step not reached stays zero).
+    pub async fn place_timed(
+        &self,
+        order: &Order,
+        reject_after_write: bool,
+        phases: &mut Phases,
+    ) -> anyhow::Result<Placed> {
+        let started = Instant::now();
         // Every branch the order will have is enlisted by Begin itself (one coordinator
         // call less per branch; with the event in the broker branch the coordinator knows
         // from the start that this is a two-phase commit). With the event staged in the
@@ -126,6 +151,8 @@ impl<B: Broker> OrderService<B> {
             EventStaging::Database => self.sdk.begin_local(db).await,
         }
         .context("begin")?;
+        phases.begin = started.elapsed();
+        let writing = Instant::now();
         let db = tx
             .postgres(&self.db)
             .await
@@ -156,7 +183,11 @@ impl<B: Broker> OrderService<B> {
             tx.abort(why.clone()).await.context("abort")?;
             return Ok(Placed::Aborted(why));
         }
-        match tx.commit().await {
+        phases.statements = writing.elapsed();
+        let committing = Instant::now();
+        let committed = tx.commit().await;
+        phases.commit = committing.elapsed();
+        match committed {
             Ok(_) => Ok(Placed::Committed),
             Err(Error::Aborted(why)) => Ok(Placed::Aborted(why)),
             Err(e) => Err(e).context("commit"),

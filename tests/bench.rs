@@ -184,6 +184,27 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
             mode.starts_with("twopc"),
             "{mode}: {row}"
         );
+        // The twopc modes split their latency into steps, p50 <= p99 each; the others
+        // have no steps to report.
+        for step in ["begin", "statements", "commit"] {
+            let (p50, p99) = (
+                &row[format!("{step}_p50_ms").as_str()],
+                &row[format!("{step}_p99_ms").as_str()],
+            );
+            if !mode.starts_with("twopc") {
+                assert!(p50.is_null() && p99.is_null(), "{mode}: {step} in {row}");
+                continue;
+            }
+            let (p50, p99) = (p50.as_f64(), p99.as_f64());
+            assert!(
+                p50.zip(p99).is_some_and(|(a, b)| a >= 0.0 && a <= b),
+                "{mode}: {step} in {row}"
+            );
+            if step != "begin" {
+                // Every order runs an INSERT and commits: never instant.
+                assert!(p50.is_some_and(|v| v > 0.0), "{mode}: {step} in {row}");
+            }
+        }
     }
     assert_nothing_left(dir.path());
 }
