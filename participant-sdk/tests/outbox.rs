@@ -30,6 +30,9 @@
 //!   "restart", from the commit's marker, and through the participant server); a
 //!   transaction committed by its owner loses its marker once a `Barrier` confirmed it.
 //!
+//! * the publish window: within it a commit answers before its message is published,
+//!   beyond it only once its message was confirmed, waiting at most `publish_wait`;
+//!
 //! * a message rolled back to a savepoint is not published; a statement cancelled by
 //!   the application (its future dropped) makes the one-phase commit check the block;
 //!   an unreadable row does not hold back the sweep of the rows after it.
@@ -2240,6 +2243,95 @@ async fn local_transactions_under_load_are_begun_ahead_and_leftovers_go_back() {
             .transactions;
         assert!(live.is_empty(), "{live:?}");
         coord.stop().await;
+    })
+    .await;
+}
+
+/// Commits order `n` with one staged event through the owner's `commit`; returns how
+/// long the commit took.
+async fn timed_order(w: &World, n: i32) -> Duration {
+    let tx = w.sdk.begin().await.expect("begin");
+    let pg = tx.postgres(&w.db).await.expect("branch");
+    pg.execute("INSERT INTO orders VALUES ($1, 'window')", &[&n])
+        .await
+        .expect("insert");
+    pg.publish(&*w.rabbit, &w.queue, format!("order {n}").into_bytes())
+        .await
+        .expect("publish");
+    let started = Instant::now();
+    tx.commit().await.expect("commit");
+    started.elapsed()
+}
+
+/// Options with a window of one committed branch and a publisher that lingers 1 s before
+/// each batch, so the first commit's message is still unpublished for a second.
+fn window_of_one(publish_wait: Duration) -> OutboxOptions {
+    OutboxOptions {
+        publish_window: 1,
+        publish_linger: Duration::from_secs(1),
+        publish_wait,
+        ..slow_sweep()
+    }
+}
+
+/// The publish window keeps a slow broker from falling ever further behind: within the
+/// window a commit answers as soon as the database committed (its message is published
+/// later); beyond it, the commit answers only once the broker confirmed its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_publish_window_a_commit_waits_for_its_messages() {
+    bounded(TEST_TIMEOUT, async {
+        let options = window_of_one(Duration::from_secs(10));
+        let w = World::start("outbox_window", "obwindow", ORDERS, options, false).await;
+        let first = timed_order(&w, 1).await;
+        assert!(
+            w.probe.drain(&w.queue).await.is_empty(),
+            "the first commit answered before its message was published"
+        );
+        assert!(
+            first < Duration::from_millis(900),
+            "first commit took {first:?}"
+        );
+        // The window is full until the first message is confirmed: the second commit
+        // waits for that and for its own message's confirmation.
+        let second = timed_order(&w, 2).await;
+        let got = w.probe.drain(&w.queue).await;
+        let bodies: Vec<_> = got.iter().map(|g| g.payload.as_slice()).collect();
+        assert_eq!(
+            bodies,
+            [b"order 1".as_slice(), b"order 2"],
+            "after {second:?}"
+        );
+        assert!(
+            second >= Duration::from_millis(900),
+            "second commit took {second:?}"
+        );
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
+/// A commit beyond the window waits at most `publish_wait`; its message is published
+/// all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_beyond_the_window_waits_at_most_publish_wait() {
+    bounded(TEST_TIMEOUT, async {
+        let options = window_of_one(Duration::from_millis(200));
+        let w = World::start("outbox_waitcap", "obwaitcap", ORDERS, options, false).await;
+        timed_order(&w, 1).await;
+        let second = timed_order(&w, 2).await;
+        assert!(
+            (Duration::from_millis(150)..Duration::from_millis(900)).contains(&second),
+            "second commit took {second:?}"
+        );
+        let got = w.probe.take(&w.queue, 2).await;
+        let bodies: Vec<_> = got.iter().map(|g| g.payload.as_slice()).collect();
+        assert_eq!(bodies, [b"order 1".as_slice(), b"order 2"]);
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 2);
+        w.probe.delete(&w.queue).await;
+        w.sdk.shutdown().await;
+        w.coord.stop().await;
     })
     .await;
 }
