@@ -19,9 +19,10 @@
 //! work a mode defers (the outbox relay's backlog) is not done in another mode's measured
 //! time; that wait is reported per mode (`drain_ms`). Per mode it reports
 //! transactions/s (of the slices alone, and sustained: of the slices and their drains,
-//! the rate at which orders commit *and* their events arrive), the client-visible latency, and the event-delivery latency: from the
-//! moment the order's database commit is issued (naive: after the INSERT; outbox: after
-//! COMMIT; twopc: when Commit is called) to the consumer's receipt.
+//! the rate at which orders commit *and* their events arrive), the client-visible
+//! latency, and the event-delivery latency: from the moment the order's database commit
+//! is issued (naive: after the INSERT; outbox: when COMMIT is sent; twopc: when Commit is
+//! called) to the consumer's receipt.
 //!
 //! It also reports the CPU time per order, of this process (clients, SDK, the in-process
 //! coordinator, the relays) and of the whole machine (PostgreSQL and the broker too),
@@ -678,8 +679,14 @@ async fn one_order<B: Broker>(
                 &[&order.id, &payload],
             )
             .await?;
-            tx.commit().await?;
+            // Marked before COMMIT: the relay may publish the row, and the consumer
+            // receive it, before this task runs again (receipts of unmarked orders are
+            // not counted, so the order would wait for its event until the drain's limit).
             mark(s)?;
+            if let Err(e) = tx.commit().await {
+                s.expected.fetch_sub(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
         }
         Mode::Twopc | Mode::TwopcBroker => {
             // Marked before commit: the event may arrive before Commit returns.
