@@ -250,6 +250,13 @@ impl World {
         }
     }
 
+    /// Deletes the test's queue, shuts the SDK down and stops the coordinator.
+    async fn stop(self) {
+        self.probe.delete(&self.queue).await;
+        self.sdk.shutdown().await;
+        self.coord.stop().await;
+    }
+
     /// Order 1 with one staged event, committed in one phase the way the participant
     /// server runs the coordinator's call; returns the transaction (still open at the
     /// coordinator), its id and the branch id.
@@ -467,9 +474,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
             .expect_err("committed");
         assert!(usage(err).contains("committed"));
 
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -765,9 +770,7 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
         .await;
         assert!(w.store.is_empty(), "{:?}", w.store.list());
 
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -1421,9 +1424,7 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
         let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
         assert_eq!(got, vec![(kept, b"kept".to_vec())]);
 
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -1996,9 +1997,7 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
         .await;
         assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
 
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -2263,6 +2262,11 @@ async fn timed_order(w: &World, n: i32) -> Duration {
     started.elapsed()
 }
 
+/// The bodies of `got`, in order.
+fn bodies(got: &[Got]) -> Vec<&[u8]> {
+    got.iter().map(|g| g.payload.as_slice()).collect()
+}
+
 /// Options with a window of one committed branch and a publisher that lingers 1 s before
 /// each batch, so the first commit's message is still unpublished for a second.
 fn window_of_one(publish_wait: Duration) -> OutboxOptions {
@@ -2295,9 +2299,8 @@ async fn beyond_the_publish_window_a_commit_waits_for_its_messages() {
         // waits for that and for its own message's confirmation.
         let second = timed_order(&w, 2).await;
         let got = w.probe.drain(&w.queue).await;
-        let bodies: Vec<_> = got.iter().map(|g| g.payload.as_slice()).collect();
         assert_eq!(
-            bodies,
+            bodies(&got),
             [b"order 1".as_slice(), b"order 2"],
             "after {second:?}"
         );
@@ -2305,9 +2308,7 @@ async fn beyond_the_publish_window_a_commit_waits_for_its_messages() {
             second >= Duration::from_millis(900),
             "second commit took {second:?}"
         );
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -2326,12 +2327,9 @@ async fn a_commit_beyond_the_window_waits_at_most_publish_wait() {
             "second commit took {second:?}"
         );
         let got = w.probe.take(&w.queue, 2).await;
-        let bodies: Vec<_> = got.iter().map(|g| g.payload.as_slice()).collect();
-        assert_eq!(bodies, [b"order 1".as_slice(), b"order 2"]);
+        assert_eq!(bodies(&got), [b"order 1".as_slice(), b"order 2"]);
         assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 2);
-        w.probe.delete(&w.queue).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
