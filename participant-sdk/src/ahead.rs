@@ -286,21 +286,20 @@ mod tests {
         let mut now = t0;
         for _ in 0..=200 {
             let t = p.take("db", max, now);
-            if let Some(n) = begin_count(&t) {
-                if n > 1 {
-                    // The caller began a batch: the rest goes to the pool.
-                    let _refill = p.refill("db");
-                    p.put("db", ids(n as usize - 1, now));
-                }
-            }
-            if let Some(n) = t.refill {
-                // A background refill, answered at once.
+            // The caller began a batch (the rest goes to the pool), or a background
+            // refill started: either is answered at once.
+            let pooled = match (begin_count(&t), t.refill) {
+                (Some(n), _) if n > 1 => n - 1,
+                (_, Some(n)) => n,
+                _ => 0,
+            };
+            if pooled > 0 {
                 let _refill = p.refill("db");
-                p.put("db", ids(n as usize, now));
+                p.put("db", ids(pooled as usize, now));
             }
             now += Duration::from_micros(500);
         }
-        let t = p.take("db", max, now);
+        let mut t = p.take("db", max, now);
         // ~2,000/s × 40 ms = ~80 per batch; the pool holds the rest of the last one.
         assert!(
             matches!(t.take, Take::Ready(_)),
@@ -312,7 +311,6 @@ mod tests {
         // begins just its own id.
         let mut refills = 0;
         let mut emptied = false;
-        let mut t = t;
         for _ in 0..200 {
             if let Some(n) = t.refill {
                 assert!((80..=81).contains(&n), "{n}");
