@@ -1192,7 +1192,10 @@ async fn check(
     let deadline = Instant::now() + MARKER_WAIT;
     let markers: Vec<String> = loop {
         let markers: Vec<String> = c
-            .query("SELECT gid FROM twopc_one_phase ORDER BY gid", &[])
+            .query(
+                "SELECT gid FROM twopc_one_phase WHERE NOT fenced ORDER BY gid",
+                &[],
+            )
             .await?
             .into_iter()
             .map(|r| r.get(0))
@@ -1280,14 +1283,16 @@ async fn check(
     })
 }
 
-/// The gids of the one-phase markers in `twopc_one_phase`.
+/// The gids of the one-phase markers in `twopc_one_phase` (not the fences).
 async fn marker_gids(pool: &deadpool_postgres::Pool) -> anyhow::Result<Vec<String>> {
     let c = pool.get().await?;
-    Ok(c.query("SELECT gid FROM twopc_one_phase", &[])
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect())
+    Ok(
+        c.query("SELECT gid FROM twopc_one_phase WHERE NOT fenced", &[])
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect(),
+    )
 }
 
 async fn declare_queue(amqp_url: &str, queue: &str) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! let tx = sdk.begin().await?;                       // a coordinator transaction
-//! tx.postgres(&db).await?.execute(INSERT order)      // branch 1: PostgreSQL (prepared later)
+//! tx.postgres(&db).await?.defer(INSERT order)        // branch 1: PostgreSQL (sent with prepare)
 //! tx.publish(&broker, queue, OrderCreated)           // branch 2: staged, published at commit
 //! tx.commit().await?                                 // both or neither
 //! ```
@@ -157,17 +157,20 @@ impl<B: Broker> OrderService<B> {
             .postgres(&self.db)
             .await
             .context("open the database branch")?;
-        let inserted = db
-            .execute(
-                "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
-                &[&order.id, &order.customer, &order.item, &order.quantity],
-            )
-            .await;
-        if let Err(e) = inserted {
-            let why = format!("insert refused: {e}");
-            tx.abort(why.clone()).await.context("abort")?;
-            return Ok(Placed::Aborted(why));
-        }
+        // The row goes out with the commit (with the event staged in the database: one
+        // round trip for the whole local transaction) or in front of the prepare; a row the
+        // database refuses (a duplicate id, an unknown customer) aborts the order there.
+        db.defer(
+            "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
+            vec![
+                Box::new(order.id.clone()),
+                Box::new(order.customer.clone()),
+                Box::new(order.item.clone()),
+                Box::new(order.quantity),
+            ],
+        )
+        .await
+        .context("queue the order's INSERT")?;
         let event = OrderCreated {
             kind: "OrderCreated".into(),
             order: order.clone(),

@@ -1309,7 +1309,8 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
             .expect("answered before the outcome is durable");
         w.coord.wait_for_crash("aborting the process").await;
         assert_eq!(
-            w.count("SELECT count(*) FROM twopc_one_phase").await,
+            w.count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
+                .await,
             1,
             "the marker stays until a Barrier succeeds"
         );
@@ -1356,7 +1357,8 @@ async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() 
         w.coord.wait_for_crash("aborting the process").await;
         assert_eq!(w.count("SELECT count(*) FROM orders").await, 1);
         assert_eq!(
-            w.count("SELECT count(*) FROM twopc_one_phase").await,
+            w.count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
+                .await,
             1,
             "the marker stays until the coordinator has the outcome durably"
         );
@@ -1373,7 +1375,11 @@ async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() 
             "exactly one event"
         );
         let deadline = Instant::now() + WAIT;
-        while w.count("SELECT count(*) FROM twopc_one_phase").await != 0 {
+        while w
+            .count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
+            .await
+            != 0
+        {
             assert!(
                 Instant::now() < deadline,
                 "the marker is not forgotten after the restart"
@@ -2084,7 +2090,7 @@ async fn order_service_killed_after_its_local_commit_is_reported_committed() {
             "committed before the crash"
         );
         let markers: Vec<String> =
-            w.db.query("SELECT gid FROM twopc_one_phase", &[])
+            w.db.query("SELECT gid FROM twopc_one_phase WHERE NOT fenced", &[])
                 .await
                 .expect("markers")
                 .iter()

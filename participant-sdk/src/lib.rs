@@ -38,7 +38,7 @@ pub use client::{BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc,
 pub use error::{Error, Result};
 pub use nats::NatsResource;
 pub use outbox::OutboxOptions;
-pub use postgres::{PgBranch, PgResource, PreparedBranch};
+pub use postgres::{DeferredParams, PgBranch, PgResource, PreparedBranch};
 pub use rabbitmq::RabbitResource;
 pub use resource::{AbortOutcome, OnePhase, Resource, Retry, Vote};
 pub use staging::{StagedMessage, StagingError, StagingOptions, StagingStore};

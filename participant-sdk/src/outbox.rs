@@ -75,13 +75,27 @@ pub(crate) const OUTBOX_DDL: &str = "CREATE TABLE IF NOT EXISTS twopc_outbox (
 );
 CREATE TABLE IF NOT EXISTS twopc_one_phase (
     gid text PRIMARY KEY,
-    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
-)";
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    fenced boolean NOT NULL DEFAULT false
+);
+ALTER TABLE twopc_one_phase ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT false";
 
 /// The statement a one-phase commit runs in front of `COMMIT` (prepared, the gid bound):
 /// the marker that tells a repeated one-phase commit after a restart that the first one
 /// happened.
 pub(crate) const ONE_PHASE_MARK: &str = "INSERT INTO twopc_one_phase (gid) VALUES ($1)";
+
+/// The statement that settles a one-phase commit whose answer was lost (or that a
+/// restarted process no longer knows): it inserts a *fence* (a row with `fenced` set) under
+/// the gid unless a row is there, and returns the row's `fenced`. `false`: the commit's
+/// marker is there, so it committed. `true`: it did not commit, and now never will — a
+/// commit still on its way (its statements and `COMMIT` sent on a connection whose answer
+/// was lost) fails on the fence when it inserts its marker. A commit that inserted its
+/// marker but has not ended yet holds the gid's index entry: the fence waits for its end
+/// and then sees its marker (committed) or takes the place (rolled back).
+pub(crate) const ONE_PHASE_FENCE: &str = "INSERT INTO twopc_one_phase (gid, fenced) \
+    VALUES ($1, true) ON CONFLICT (gid) DO UPDATE SET fenced = twopc_one_phase.fenced \
+    RETURNING fenced";
 
 /// The statement [`crate::PgBranch::publish`] runs on the branch's connection.
 pub(crate) const OUTBOX_INSERT: &str = "INSERT INTO twopc_outbox \

@@ -11,11 +11,14 @@
 //! | prepare       | `SELECT txid_current_if_assigned(); PREPARE TRANSACTION '<gid>'` on the branch's connection (one round trip), then the connection goes back to the pool |
 //! | commit        | `COMMIT PREPARED '<gid>'` on any pooled connection; SQLSTATE 42704 (no such gid) means already committed |
 //! | abort         | `ROLLBACK` on the branch's connection if still open, else `ROLLBACK PREPARED '<gid>'` (42704: nothing left to abort; with the outbox, a branch unknown here is then looked up in `twopc_one_phase`) |
-//! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection (just `COMMIT` when an outbox insert already returned the transaction id and no statement failed or was cancelled) |
+//! | one phase     | `SELECT txid_current_if_assigned()` then `COMMIT` on the branch's connection (just `COMMIT` — with the deferred statements, the outbox rows, the marker and, if no statement ran yet, `BEGIN` in front, in one round trip — when no statement failed or was cancelled and either an outbox insert already returned the transaction id or the outbox's marker settles a lost answer) |
 //! | in doubt      | `SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%' AND database = current_database()` |
 //!
 //! The application's statements are prepared once per connection (at most 256 kept per
-//! connection), so running the same SQL again is one round trip. [`PgBranch::publish`]
+//! connection), so running the same SQL again is one round trip. A statement whose answer
+//! the application does not need before the commit can be queued with
+//! [`PgBranch::defer`]: it goes out with the branch's next statement, prepare or commit,
+//! so a local transaction that defers its writes commits in one round trip. [`PgBranch::publish`]
 //! stages a message in the branch's own transaction instead of enlisting a broker branch
 //! (see [`crate::outbox`]).
 //!
@@ -42,8 +45,12 @@
 //!   returned to the pool; closing it rolls back whatever was open on it.
 //! * Losing the connection during `PREPARE TRANSACTION` votes no; a later abort then
 //!   issues `ROLLBACK PREPARED` in case the prepare did happen (and recovery finds such a
-//!   gid anyway). Losing it during a one-phase `COMMIT` is resolved with
-//!   `txid_status(xid)`; while PostgreSQL cannot tell yet, the commit answers "retry".
+//!   gid anyway). Losing it during a one-phase `COMMIT` is resolved, with the outbox, by
+//!   the commit's marker: a *fence* row inserted under the gid unless the marker is there
+//!   (waiting for a commit that inserted its marker but has not ended) answers "committed"
+//!   or "refused" for good — a `COMMIT` still on its way fails on the fence. Without the
+//!   outbox, with `txid_status(xid)`. While PostgreSQL cannot tell yet, the commit answers
+//!   "retry".
 //! * Connection failures at commit / abort / in-doubt listing are `Err(Retry)`: the
 //!   coordinator (or recovery) tries again.
 //!
@@ -52,8 +59,9 @@
 //!   before the coordinator retries is answered "refused" (the branch is unknown after
 //!   the restart) — unless the resource has the outbox ([`PgResource::enable_outbox`]):
 //!   then every one-phase `COMMIT` is preceded, in the same transaction, by a marker row
-//!   in `twopc_one_phase`, and the repeated commit finds it and answers "committed". The
-//!   marker is deleted once the transaction's owner in this process knows that the
+//!   in `twopc_one_phase`, and the repeated commit finds it and answers "committed" (or,
+//!   without it, fences the gid and answers "refused": a `COMMIT` the old process sent
+//!   that PostgreSQL has not run yet then fails). The marker is deleted once the transaction's owner in this process knows that the
 //!   coordinator holds the outcome durably (its Commit answer, followed — when the
 //!   coordinator answered before its record was durable — by a `Barrier` of the same
 //!   coordinator epoch; see [`crate::client`]), or after
@@ -93,7 +101,8 @@ use crate::client::{validate_name, Transaction};
 use crate::error::{Error, Result};
 use crate::lock;
 use crate::outbox::{
-    encode_headers, OutboxOptions, Pending, Relay, ONE_PHASE_MARK, OUTBOX_DDL, OUTBOX_INSERT,
+    encode_headers, OutboxOptions, Pending, Relay, ONE_PHASE_FENCE, ONE_PHASE_MARK, OUTBOX_DDL,
+    OUTBOX_INSERT,
 };
 use crate::resource::{AbortOutcome, BranchKind, OnePhase, Resource, Retry, Vote};
 use crate::staging::StagedMessage;
@@ -189,6 +198,10 @@ enum State {
         /// The branch belongs to a local transaction (it will commit in one phase): its
         /// block learns the xid as it begins, so the commit needs no query for it.
         learn_xid: bool,
+        /// Statements [`PgBranch::defer`] queued, not sent yet: they go out in front of
+        /// the branch's next statement, or with its commit or prepare, in the same round
+        /// trip.
+        deferred: Vec<Deferred>,
     },
     /// `PREPARE TRANSACTION` succeeded; waiting for phase two.
     Prepared,
@@ -206,11 +219,22 @@ enum State {
     OnePhaseCommitted,
     /// One-phase commit refused (rolled back).
     OnePhaseRefused(String),
-    /// The connection was lost during a one-phase `COMMIT`; `xid` tells the outcome
-    /// once PostgreSQL knows it.
-    OnePhaseUnknown { xid: i64 },
+    /// The connection was lost during a one-phase `COMMIT`. With the outbox its marker
+    /// (or a fence, see [`ONE_PHASE_FENCE`]) settles the outcome; without it, `xid`
+    /// does once PostgreSQL knows it (`None`: the branch wrote nothing).
+    OnePhaseUnknown { xid: Option<i64> },
     /// Rolled back.
     Aborted,
+}
+
+/// The parameters of a statement [`PgBranch::defer`] queued: owned, since the statement
+/// runs after the call returns.
+pub type DeferredParams = Vec<Box<dyn ToSql + Send + Sync>>;
+
+/// A statement [`PgBranch::defer`] queued.
+struct Deferred {
+    sql: String,
+    params: DeferredParams,
 }
 
 /// A message [`PgBranch::publish`] staged, whose row is not written yet.
@@ -528,6 +552,7 @@ impl PgResource {
                     begun: false,
                     unwritten: Vec::new(),
                     learn_xid: tx.is_local(),
+                    deferred: Vec::new(),
                 };
                 return Ok(PgBranch {
                     inner: self.inner.clone(),
@@ -645,6 +670,32 @@ impl PgBranch {
         }
     }
 
+    /// Queues a statement whose answer the application does not need before the commit
+    /// (an `INSERT`, an `UPDATE` whose row count does not matter): it goes out in front of
+    /// the branch's next statement, or with its commit or prepare, in the same round trip
+    /// — so a local transaction whose writes are all deferred commits in **one** round
+    /// trip to PostgreSQL (`BEGIN`, the statements, the outbox rows, the one-phase marker
+    /// and `COMMIT`). Deferred statements run in the order they were queued, in front of
+    /// messages published since the last statement.
+    ///
+    /// A deferred statement that fails fails what it went out with: the next statement
+    /// (with the deferred statement's error), or the commit (refused, nothing committed:
+    /// [`Error::Aborted`] with the reason), or the prepare (a no
+    /// vote). Errors only when the branch is no longer open or the statement would end
+    /// the transaction block.
+    pub async fn defer(&self, sql: &str, params: DeferredParams) -> Result<()> {
+        check_statement(sql)?;
+        let mut state = self.slot.state.lock().await;
+        let State::Open { deferred, .. } = &mut *state else {
+            return Err(self.not_open(&state));
+        };
+        deferred.push(Deferred {
+            sql: sql.to_string(),
+            params,
+        });
+        Ok(())
+    }
+
     /// Runs one query; returns its rows.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         match self.run(sql, params, Kind::Query).await? {
@@ -683,6 +734,7 @@ impl PgBranch {
             xid,
             unwritten,
             learn_xid,
+            deferred,
         } = &mut *state
         else {
             return Err(self.not_open(&state));
@@ -696,13 +748,15 @@ impl PgBranch {
                 true => Some(prepared(conn, TXID_CURRENT).await?),
                 false => None,
             };
-            Ok::<_, tokio_postgres::Error>((txid, insert_for(conn, unwritten).await?))
+            let later = prepare_deferred(conn, deferred).await?;
+            Ok::<_, tokio_postgres::Error>((txid, later, insert_for(conn, unwritten).await?))
         };
-        let (txid, insert) = match ready.await {
+        let (txid, later, insert) = match ready.await {
             Ok(stmts) => stmts,
             Err(e) => return self.finish(&mut state, before, Err(e)),
         };
         let writes = std::mem::take(unwritten);
+        let queued = std::mem::take(deferred);
         let statement = async {
             let stmt = prepared(conn, sql).await?;
             Ok(match kind {
@@ -711,11 +765,12 @@ impl PgBranch {
                 Kind::QueryOne => Out::Row(conn.query_one(&stmt, params).await?),
             })
         };
-        // The xid query, the rows, then the statement: `join3` polls them in that order,
-        // and each is queued when first polled.
+        // The xid query, the deferred statements, the rows, then the statement: `join4`
+        // polls them in that order, and each is queued when first polled.
         let all = async {
-            Ok(futures::future::join3(
+            Ok(futures::future::join4(
                 learn_xid_of(conn, txid.as_ref()),
+                run_deferred(conn, &later, &queued),
                 write_rows(conn, insert.as_ref(), &self.slot.gid, &writes),
                 statement,
             )
@@ -723,15 +778,19 @@ impl PgBranch {
         };
         let res = match in_block(conn, begun, all).await {
             Err(e) => Err(e),
-            Ok((learned, written, out)) => match take_written(&self.slot, writes, written) {
-                Ok(wrote) => {
-                    if let Some(x) = wrote.or(learned) {
-                        *xid = Some(x);
+            // The deferred statement's error, not the "transaction is aborted" it caused.
+            Ok((_, Err(e), _, _)) => Err(e),
+            Ok((learned, Ok(()), written, out)) => {
+                match take_written(&self.slot, writes, written) {
+                    Ok(wrote) => {
+                        if let Some(x) = wrote.or(learned) {
+                            *xid = Some(x);
+                        }
+                        out
                     }
-                    out
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
         };
         let out = self.finish(&mut state, before, res)?;
         if rolls_back_to_savepoint(sql) {
@@ -894,6 +953,15 @@ struct Open {
     known: Option<i64>,
     begun: bool,
     unwritten: Vec<Unwritten>,
+    deferred: Vec<Deferred>,
+}
+
+/// What failed in front of `PREPARE TRANSACTION`.
+enum Failed {
+    /// A deferred statement.
+    Deferred(tokio_postgres::Error),
+    /// `BEGIN`, or an outbox row.
+    Rows(tokio_postgres::Error),
 }
 
 /// How a one-phase `COMMIT` that did not succeed ended.
@@ -1144,6 +1212,57 @@ async fn write_rows(
     out
 }
 
+/// The deferred statements of `items`, each prepared on `conn` (once per connection).
+/// Prepared before anything else is queued, so that they go out in order.
+async fn prepare_deferred(
+    conn: &Object,
+    items: &[Deferred],
+) -> Result<Vec<Statement>, tokio_postgres::Error> {
+    let mut stmts = Vec::with_capacity(items.len());
+    for d in items {
+        stmts.push(prepared(conn, &d.sql).await?);
+    }
+    Ok(stmts)
+}
+
+/// Runs the deferred statements `items` (prepared as `stmts`): every one is queued, in
+/// order, when this future is first polled, so that what the caller queues after it
+/// follows in the same round trip. The first failure, if any.
+async fn run_deferred(
+    conn: &Object,
+    stmts: &[Statement],
+    items: &[Deferred],
+) -> Result<(), tokio_postgres::Error> {
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = items
+        .iter()
+        .map(|d| {
+            d.params
+                .iter()
+                .map(|p| &**p as &(dyn ToSql + Sync))
+                .collect()
+        })
+        .collect();
+    let mut runs: Vec<_> = stmts
+        .iter()
+        .zip(&params)
+        .map(|(stmt, p)| Box::pin(futures::future::maybe_done(conn.execute(stmt, p))))
+        .collect();
+    for run in runs.iter_mut() {
+        // The first poll queues the statement (its answer cannot be there yet).
+        let _ = futures::poll!(run.as_mut());
+    }
+    let mut first = Ok(());
+    for mut run in runs {
+        run.as_mut().await;
+        if let Some(Err(e)) = run.as_mut().take_output() {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
+}
+
 /// Most statements prepared and kept per connection (beyond, the cache starts over).
 const STATEMENT_CACHE: usize = 256;
 
@@ -1195,14 +1314,35 @@ impl Inner {
         lock(&self.branches).map.get(key).cloned()
     }
 
-    /// Whether a one-phase commit of `gid` left its marker.
-    async fn one_phase_marked(&self, gid: &str) -> Result<bool, Retry> {
+    /// Whether a one-phase commit of `gid` happened (its marker is there), making sure
+    /// that if it did not, it never will: the fence of [`ONE_PHASE_FENCE`] takes the
+    /// gid's place, and waits for a commit that inserted its marker but has not ended.
+    /// `Err` when PostgreSQL cannot tell now (unreachable, or that commit still running
+    /// after [`OP_TIMEOUT`]): the caller retries.
+    async fn settle_one_phase(&self, gid: &str) -> Result<bool, Retry> {
         let conn = get_conn(&self.pool).await.map_err(Retry)?;
-        let rows = conn
-            .query("SELECT 1 FROM twopc_one_phase WHERE gid = $1", &[&gid])
-            .await
-            .map_err(|e| Retry(format!("looking up a one-phase commit: {}", describe(&e))))?;
-        Ok(!rows.is_empty())
+        let fence = async {
+            let stmt = prepared(&conn, ONE_PHASE_FENCE).await?;
+            conn.query_one(&stmt, &[&gid]).await?.try_get::<_, bool>(0)
+        };
+        match tokio::time::timeout(OP_TIMEOUT, fence).await {
+            Ok(Ok(fenced)) => Ok(!fenced),
+            Ok(Err(e)) => {
+                discard(conn);
+                Err(Retry(format!(
+                    "settling a one-phase commit: {}",
+                    describe(&e)
+                )))
+            }
+            Err(_) => {
+                // The fence may still go in once the commit it waits for ends: either way
+                // the next attempt reads the same outcome.
+                discard(conn);
+                Err(Retry(format!(
+                    "settling a one-phase commit: its COMMIT is still running after {OP_TIMEOUT:?}"
+                )))
+            }
+        }
     }
 
     /// Waits (up to the outbox's `publish_wait`) for the publishing of the messages of a
@@ -1344,24 +1484,41 @@ impl Inner {
         slot: &Slot,
         conn: &Object,
         begun: &mut bool,
+        deferred: Vec<Deferred>,
         unwritten: Vec<Unwritten>,
     ) -> Result<(), String> {
-        if unwritten.is_empty() {
+        if unwritten.is_empty() && deferred.is_empty() {
             return Ok(());
         }
         let write = async {
-            let stmt = insert_for(conn, &unwritten).await?;
-            let written = in_block(conn, begun, async {
-                Ok(write_rows(conn, stmt.as_ref(), &slot.gid, &unwritten).await)
+            let later = prepare_deferred(conn, &deferred)
+                .await
+                .map_err(Failed::Deferred)?;
+            let stmt = insert_for(conn, &unwritten).await.map_err(Failed::Rows)?;
+            let (ran, written) = in_block(conn, begun, async {
+                Ok(futures::future::join(
+                    run_deferred(conn, &later, &deferred),
+                    write_rows(conn, stmt.as_ref(), &slot.gid, &unwritten),
+                )
+                .await)
             })
-            .await?;
-            take_written(slot, unwritten, written).map(drop)
+            .await
+            .map_err(Failed::Rows)?;
+            ran.map_err(Failed::Deferred)?;
+            take_written(slot, unwritten, written)
+                .map(drop)
+                .map_err(Failed::Rows)
         };
         match tokio::time::timeout(OP_TIMEOUT, write).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("writing the outbox rows failed: {}", describe(&e))),
+            Ok(Err(Failed::Deferred(e))) => {
+                Err(format!("a deferred statement failed: {}", describe(&e)))
+            }
+            Ok(Err(Failed::Rows(e))) => {
+                Err(format!("writing the outbox rows failed: {}", describe(&e)))
+            }
             Err(_) => Err(format!(
-                "writing the outbox rows: no answer from PostgreSQL within {OP_TIMEOUT:?}"
+                "writing before PREPARE TRANSACTION: no answer from PostgreSQL within {OP_TIMEOUT:?}"
             )),
         }
     }
@@ -1390,13 +1547,15 @@ impl Inner {
                 last_error,
                 mut begun,
                 unwritten,
+                deferred,
                 ..
             } => {
                 let conn = conn.into_inner();
-                // Rows of messages published since the last statement first (a round trip
-                // of their own: PREPARE TRANSACTION goes out as a simple query).
+                // Deferred statements and rows of messages published since the last
+                // statement first (a round trip of their own: PREPARE TRANSACTION goes out
+                // as a simple query).
                 if let Err(reason) = self
-                    .write_before_prepare(&slot, &conn, &mut begun, unwritten)
+                    .write_before_prepare(&slot, &conn, &mut begun, deferred, unwritten)
                     .await
                 {
                     discard(conn);
@@ -1518,14 +1677,22 @@ impl Inner {
                 Ok(())
             }
             State::Committed | State::OnePhaseCommitted | State::ReadOnly => Ok(()),
-            State::OnePhaseUnknown { xid } => match self.xid_outcome(*xid).await {
-                XidOutcome::Committed => {
-                    self.set(&slot, &mut state, State::OnePhaseCommitted);
-                    Ok(())
+            State::OnePhaseUnknown { xid } => {
+                let xid = *xid;
+                match self.resolve_one_phase(xid, &slot.gid).await {
+                    (new, Ok(OnePhase::Committed)) => {
+                        self.set(&slot, &mut state, new);
+                        Ok(())
+                    }
+                    (new, Ok(OnePhase::Refused(_))) => {
+                        self.set(&slot, &mut state, new);
+                        Err(Retry(format!(
+                            "branch {branch_id} of {tx_id} was rolled back: cannot commit"
+                        )))
+                    }
+                    (_, Err(e)) => Err(e),
                 }
-                XidOutcome::Aborted => Err(Retry(format!("branch {branch_id} of {tx_id} was rolled back: cannot commit"))),
-                XidOutcome::Unknown(m) => Err(Retry(m)),
-            },
+            }
             other => Err(Retry(format!(
                 "branch {branch_id} of transaction {tx_id} is {} and was never prepared: cannot commit it",
                 other.describe()
@@ -1543,7 +1710,7 @@ impl Inner {
             // its marker (see `one_phase_open`) if it happened.
             if self.outbox.get().is_some() {
                 if let Ok(gid) = gid_for(&tx_id, &branch_id) {
-                    if self.one_phase_marked(&gid).await? {
+                    if self.settle_one_phase(&gid).await? {
                         return Ok(OnePhase::Committed);
                     }
                 }
@@ -1561,6 +1728,7 @@ impl Inner {
                 xid,
                 begun,
                 unwritten,
+                deferred,
                 ..
             } => {
                 let open = Open {
@@ -1569,6 +1737,7 @@ impl Inner {
                     known: xid,
                     begun,
                     unwritten,
+                    deferred,
                 };
                 let (new, answer) = self.one_phase_open(&slot, open).await;
                 let mut st = State::Opening;
@@ -1609,19 +1778,25 @@ impl Inner {
 
     /// One-phase commit of an open branch: learn its xid, then `COMMIT`. The query that
     /// learns it also tells whether the block is aborted (where PostgreSQL would answer
-    /// `COMMIT` with a silent rollback); it is skipped only when the xid is `known` and
-    /// no statement of the branch failed (then the block cannot be aborted). A branch
-    /// that ran no statement (`begun` false) opens its block in that query. The rows of
-    /// messages not written yet go out with `COMMIT`, in the same round trip.
+    /// `COMMIT` with a silent rollback); it is skipped when no statement of the branch
+    /// failed (then the block cannot be aborted) and either the xid is `known` or, with
+    /// the outbox, the commit's marker will settle a lost answer
+    /// ([`Inner::settle_one_phase`]). A branch that ran no statement (`begun` false) opens
+    /// its block in that query, or — when it is skipped — with `BEGIN` in front of the
+    /// rest. The deferred statements and the rows of messages not written yet go out with
+    /// `COMMIT`, in the same round trip: a local transaction whose writes were all
+    /// deferred commits in one round trip.
     async fn one_phase_open(&self, slot: &Slot, open: Open) -> (State, Result<OnePhase, Retry>) {
         let Open {
             conn,
             last_error,
             known,
-            begun,
+            mut begun,
             unwritten,
+            deferred,
         } = open;
         let gid = slot.gid.as_str();
+        let marked = self.outbox.get().is_some();
         let refused = |conn: Object, reason: String| {
             discard(conn);
             (
@@ -1629,12 +1804,15 @@ impl Inner {
                 Ok(OnePhase::Refused(reason)),
             )
         };
+        let nothing_to_write = unwritten.is_empty() && deferred.is_empty();
         let xid = match known.filter(|_| last_error.is_none() && begun) {
             Some(xid) => Some(xid),
+            // The marker settles a lost answer; `BEGIN` goes out with the rest.
+            None if marked && last_error.is_none() => None,
             // Rows still to write need an xid now: the commit's answer may be lost.
             None => match tokio::time::timeout(
                 OP_TIMEOUT,
-                conn.simple_query(match (begun, unwritten.is_empty()) {
+                conn.simple_query(match (begun, nothing_to_write) {
                     (true, true) => "SELECT txid_current_if_assigned()",
                     (false, true) => "BEGIN; SELECT txid_current_if_assigned()",
                     (true, false) => "SELECT txid_current()",
@@ -1643,9 +1821,12 @@ impl Inner {
             )
             .await
             {
-                Ok(Ok(msgs)) => first_cell(&msgs)
-                    .flatten()
-                    .and_then(|s| s.parse::<i64>().ok()),
+                Ok(Ok(msgs)) => {
+                    begun = true;
+                    first_cell(&msgs)
+                        .flatten()
+                        .and_then(|s| s.parse::<i64>().ok())
+                }
                 Ok(Err(e)) => {
                     let reason = match (
                         e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
@@ -1669,13 +1850,14 @@ impl Inner {
         // prepared statement (no parse or plan per commit). Both statements are prepared
         // before anything is queued, so that `COMMIT` can only follow them.
         let ready = async {
-            let marker = match self.outbox.get() {
-                Some(_) => Some(prepared(&conn, ONE_PHASE_MARK).await?),
-                None => None,
+            let marker = match marked {
+                true => Some(prepared(&conn, ONE_PHASE_MARK).await?),
+                false => None,
             };
-            Ok::<_, tokio_postgres::Error>((marker, insert_for(&conn, &unwritten).await?))
+            let later = prepare_deferred(&conn, &deferred).await?;
+            Ok::<_, tokio_postgres::Error>((marker, later, insert_for(&conn, &unwritten).await?))
         };
-        let (marker, insert) = match tokio::time::timeout(OP_TIMEOUT, ready).await {
+        let (marker, later, insert) = match tokio::time::timeout(OP_TIMEOUT, ready).await {
             Ok(Ok(stmts)) => stmts,
             // Nothing was sent to commit: the block rolls back with the connection.
             Ok(Err(e)) => return refused(conn, format!("COMMIT failed: {}", describe(&e))),
@@ -1686,22 +1868,44 @@ impl Inner {
             }
         };
         let commit = async {
-            // The rows, the marker, then `COMMIT`, in one round trip (`join3` polls in
-            // order; each is queued when first polled). If a row or the marker fails,
+            // `BEGIN` if the block is not open yet, the deferred statements, the rows, the
+            // marker, then `COMMIT`, in one round trip (`join` polls in order; each is
+            // queued when first polled). If a statement, a row or the marker fails,
             // PostgreSQL answers the aborted block's COMMIT with a rollback, not an error.
-            let (written, marked, committed) = futures::future::join3(
-                write_rows(&conn, insert.as_ref(), gid, &unwritten),
-                async {
-                    match &marker {
-                        Some(stmt) => Some(conn.execute(stmt, &[&gid]).await),
-                        None => None,
-                    }
-                },
-                conn.batch_execute("COMMIT"),
+            let begin = async {
+                match begun {
+                    true => Ok(()),
+                    false => conn.batch_execute("BEGIN").await,
+                }
+            };
+            let ((began, ran), (written, marked, committed)) = futures::future::join(
+                futures::future::join(begin, run_deferred(&conn, &later, &deferred)),
+                futures::future::join3(
+                    write_rows(&conn, insert.as_ref(), gid, &unwritten),
+                    async {
+                        match &marker {
+                            Some(stmt) => Some(conn.execute(stmt, &[&gid]).await),
+                            None => None,
+                        }
+                    },
+                    conn.batch_execute("COMMIT"),
+                ),
             )
             .await;
             let lost_rows = written.len() < unwritten.len() || written.iter().any(|r| r.is_err());
             let failed = take_written(slot, unwritten, written).err();
+            if let Err(e) = began {
+                // Not a refusal: a `BEGIN` on a pooled connection fails only when the
+                // connection is lost, and then everything after it is lost with it.
+                debug!(gid, error = %describe(&e), "BEGIN of a one-phase commit failed");
+                return (Err(Ended::Lost), lost_rows);
+            }
+            if let Err(e) = ran.as_ref() {
+                if e.as_db_error().is_some() {
+                    let reason = format!("COMMIT failed: a deferred statement: {}", describe(e));
+                    return (Err(Ended::Refused(reason)), lost_rows);
+                }
+            }
             let ended = match (failed, marked, committed) {
                 (Some(e), _, _) if e.as_db_error().is_some() => Err(Ended::Refused(format!(
                     "COMMIT failed: outbox row: {}",
@@ -1714,7 +1918,7 @@ impl Inner {
                 (_, _, Err(e)) if e.as_db_error().is_some() => {
                     Err(Ended::Refused(format!("COMMIT failed: {}", describe(&e))))
                 }
-                (None, None | Some(Ok(_)), Ok(())) => Ok(()),
+                (None, None | Some(Ok(_)), Ok(())) if ran.is_ok() => Ok(()),
                 _ => Err(Ended::Lost),
             };
             (ended, lost_rows)
@@ -1727,10 +1931,11 @@ impl Inner {
                 // the sweep publishes them.
                 let unknown_rows = !matches!(outcome, Ok((_, false)));
                 discard(conn);
-                let (state, answer) = match xid {
+                let (state, answer) = if marked || xid.is_some() {
+                    self.resolve_one_phase(xid, gid).await
+                } else {
                     // Nothing written: committed or not, there is nothing to lose.
-                    None => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
-                    Some(xid) => self.resolve_one_phase(xid, gid).await,
+                    (State::OnePhaseCommitted, Ok(OnePhase::Committed))
                 };
                 if unknown_rows && matches!(state, State::OnePhaseCommitted) {
                     if let Some(relay) = self.outbox.get() {
@@ -1743,23 +1948,25 @@ impl Inner {
     }
 
     /// The outcome of a one-phase `COMMIT` whose answer was lost. With the outbox, the
-    /// commit's marker settles it: present, committed; absent once PostgreSQL no longer
-    /// reports the xid in progress, rolled back. (The xid alone is not enough after a
-    /// crash of PostgreSQL: an xid that never reached its WAL is handed out again, and
-    /// `txid_status` then reports another transaction.)
-    async fn resolve_one_phase(&self, xid: i64, gid: &str) -> (State, Result<OnePhase, Retry>) {
-        let outcome = if self.outbox.get().is_none() {
-            self.xid_outcome(xid).await
-        } else {
-            match self.one_phase_marked(gid).await {
+    /// commit's marker settles it ([`Inner::settle_one_phase`]): present, committed;
+    /// absent, rolled back — and fenced, so a `COMMIT` still on its way fails. (The xid
+    /// alone is not enough after a crash of PostgreSQL: an xid that never reached its WAL
+    /// is handed out again, and `txid_status` then reports another transaction.) Without
+    /// the outbox, `txid_status(xid)`; no xid: the branch wrote nothing, so there is
+    /// nothing to lose either way.
+    async fn resolve_one_phase(
+        &self,
+        xid: Option<i64>,
+        gid: &str,
+    ) -> (State, Result<OnePhase, Retry>) {
+        let outcome = match (self.outbox.get(), xid) {
+            (Some(_), _) => match self.settle_one_phase(gid).await {
                 Ok(true) => XidOutcome::Committed,
+                Ok(false) => XidOutcome::Aborted,
                 Err(Retry(m)) => XidOutcome::Unknown(m),
-                // No marker: rolled back, unless the COMMIT may still be running.
-                Ok(false) => match self.xid_outcome(xid).await {
-                    XidOutcome::Unknown(m) => XidOutcome::Unknown(m),
-                    _ => XidOutcome::Aborted,
-                },
-            }
+            },
+            (None, Some(xid)) => self.xid_outcome(xid).await,
+            (None, None) => XidOutcome::Committed,
         };
         match outcome {
             XidOutcome::Committed => (State::OnePhaseCommitted, Ok(OnePhase::Committed)),
@@ -1882,7 +2089,7 @@ impl Inner {
         rollback: &str,
     ) -> Result<AbortOutcome, Retry> {
         let was_prepared = self.on_pooled(rollback).await?;
-        if !was_prepared && self.outbox.get().is_some() && self.one_phase_marked(&gid).await? {
+        if !was_prepared && self.outbox.get().is_some() && self.settle_one_phase(&gid).await? {
             warn!(
                 tx_id,
                 branch_id, "abort of a branch already committed in one phase (its marker is there)"
@@ -1903,23 +2110,36 @@ impl Inner {
         older_than: Duration,
     ) -> Result<Vec<(String, String)>, Retry> {
         let conn = get_conn(&self.pool).await.map_err(Retry)?;
+        // Fences (see `ONE_PHASE_FENCE`) are not commits.
+        let mut not_fenced = "NOT fenced AND";
         if self.outbox.get().is_none() {
-            // With the outbox the table exists (`enable_outbox` made it). Without, it is
-            // looked up first: no outbox was ever enabled on a database without it (so
-            // there is no marker), and querying it would log an error each pass.
-            let exists = conn
-                .query_one("SELECT to_regclass('twopc_one_phase') IS NOT NULL", &[])
+            // With the outbox the table exists (`enable_outbox` made it, with its `fenced`
+            // column). Without, it is looked up first: no outbox was ever enabled on a
+            // database without it (so there is no marker), and querying it would log an
+            // error each pass; a table of an earlier version has no column and no fence.
+            let found = conn
+                .query_one(
+                    "SELECT to_regclass('twopc_one_phase') IS NOT NULL, EXISTS (SELECT 1 FROM \
+                     information_schema.columns WHERE table_schema = current_schema() \
+                     AND table_name = 'twopc_one_phase' AND column_name = 'fenced')",
+                    &[],
+                )
                 .await
                 .map_err(|e| Retry(format!("looking for one-phase markers: {}", describe(&e))))?;
-            if !exists.try_get::<_, bool>(0).unwrap_or(false) {
+            if !found.try_get::<_, bool>(0).unwrap_or(false) {
                 return Ok(Vec::new());
+            }
+            if !found.try_get::<_, bool>(1).unwrap_or(false) {
+                not_fenced = "";
             }
         }
         let rows = conn
             .query(
-                "SELECT gid FROM twopc_one_phase \
-                 WHERE committed_at <= clock_timestamp() - make_interval(secs => $1) \
-                 ORDER BY committed_at LIMIT $2",
+                &format!(
+                    "SELECT gid FROM twopc_one_phase \
+                     WHERE {not_fenced} committed_at <= clock_timestamp() - make_interval(secs => $1) \
+                     ORDER BY committed_at LIMIT $2"
+                ),
                 &[&older_than.as_secs_f64(), &REMEMBERED_BATCH],
             )
             .await

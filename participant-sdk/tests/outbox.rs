@@ -1655,6 +1655,260 @@ async fn a_one_phase_commit_whose_marker_fails_is_refused_and_rolled_back() {
     .await;
 }
 
+/// Backends of the test's database inside a transaction block (`BEGIN` sent).
+async fn in_transaction(url: &str) -> i64 {
+    count(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND state LIKE 'idle in transaction%'",
+    )
+    .await
+}
+
+/// `PgBranch::defer`: nothing reaches PostgreSQL before the commit (no block is open),
+/// then the deferred rows, the event's row, the marker and `COMMIT` go out together and
+/// commit; a statement run after a deferred one sees its row (deferred statements go out
+/// in front of the next statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_writes_go_out_with_the_commit_and_commit() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_defer", "obdefer", ORDERS, slow_sweep(), false).await;
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        for (id, item) in [(1, "one"), (2, "two")] {
+            pg.defer(
+                "INSERT INTO orders VALUES ($1, $2)",
+                vec![Box::new(id), Box::new(item.to_string())],
+            )
+            .await
+            .expect("defer");
+        }
+        pg.publish(&*w.rabbit, &w.queue, b"deferred".to_vec())
+            .await
+            .expect("publish");
+        assert_eq!(
+            in_transaction(&w.url).await,
+            0,
+            "nothing may be sent before the commit"
+        );
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 2);
+        let got = w.probe.take(&w.queue, 1).await;
+        assert_eq!(got[0].payload, b"deferred".to_vec());
+
+        // A deferred row is there for the next statement of the same branch.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.defer(
+            "INSERT INTO orders VALUES ($1, $2)",
+            vec![Box::new(3), Box::new("three".to_string())],
+        )
+        .await
+        .expect("defer");
+        let seen: i64 = pg
+            .query_one("SELECT count(*) FROM orders WHERE id = 3", &[])
+            .await
+            .expect("select")
+            .get(0);
+        assert_eq!(
+            seen, 1,
+            "the deferred INSERT runs in front of the next statement"
+        );
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 3);
+        w.stop().await;
+    })
+    .await;
+}
+
+/// A deferred statement the database refuses refuses the commit it went out with (one
+/// phase) or makes the prepare vote no (two phases): nothing committed, nothing
+/// published, and the reason names the deferred statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_statement_that_fails_refuses_the_commit_or_the_prepare() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start(
+            "outbox_deferfail",
+            "obdeferfail",
+            ORDERS,
+            slow_sweep(),
+            false,
+        )
+        .await;
+        // One phase: the local transaction's commit is refused.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        for _ in 0..2 {
+            pg.defer(
+                "INSERT INTO orders VALUES ($1, $2)",
+                vec![Box::new(7), Box::new("dup".to_string())],
+            )
+            .await
+            .expect("defer");
+        }
+        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
+            .await
+            .expect("publish");
+        match tx.commit().await {
+            Err(Error::Aborted(why)) => {
+                assert!(
+                    why.contains("deferred statement") && why.contains("23505"),
+                    "{why}"
+                )
+            }
+            other => panic!("the commit must be refused, got {other:?}"),
+        }
+
+        // Two phases: the prepare votes no.
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        for _ in 0..2 {
+            pg.defer(
+                "INSERT INTO orders VALUES ($1, $2)",
+                vec![Box::new(8), Box::new("dup".to_string())],
+            )
+            .await
+            .expect("defer");
+        }
+        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
+            .await
+            .expect("publish");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        match w.db.prepare(&tx_id, &branch_id).await {
+            Vote::No(why) => {
+                assert!(
+                    why.contains("deferred statement") && why.contains("23505"),
+                    "{why}"
+                )
+            }
+            other => panic!("the prepare must vote no, got {other:?}"),
+        }
+        let _ = tx.abort("test").await;
+
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(outbox_rows(&w.url).await, 0);
+        assert_eq!(prepared_gids(&w.url).await, 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = w.probe.drain(&w.queue).await;
+        assert!(got.is_empty(), "{got:?}");
+        w.stop().await;
+    })
+    .await;
+}
+
+/// Deferred statements and a two-phase commit: they go out in front of `PREPARE
+/// TRANSACTION` and commit with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_writes_go_out_before_prepare_and_commit_in_phase_two() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_defer2pc", "obdefer2pc", ORDERS, slow_sweep(), false).await;
+        let tx = w.sdk.begin().await.expect("begin");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.defer(
+            "INSERT INTO orders VALUES ($1, $2)",
+            vec![Box::new(1), Box::new("one".to_string())],
+        )
+        .await
+        .expect("defer");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        assert_eq!(w.db.prepare(&tx_id, &branch_id).await, Vote::Yes);
+        assert_eq!(prepared_gids(&w.url).await, 1);
+        w.db.commit(&tx_id, &branch_id)
+            .await
+            .expect("commit prepared");
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        let _ = tx.abort("test").await;
+        w.stop().await;
+    })
+    .await;
+}
+
+/// The fence that settles a one-phase commit whose answer was lost. A commit that
+/// inserted its marker but has not ended holds the gid: settling waits for it and answers
+/// from its end (committed: "committed"; rolled back: "refused", and the fence stays). A
+/// commit that comes after the fence fails on it: nothing committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_waits_for_a_commit_in_flight_and_stops_a_late_one() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_fence", "obfence", ORDERS, slow_sweep(), false).await;
+        // "Restarted": a resource that knows none of the branches below.
+        let again = resource("db", &w.url).await;
+        again
+            .enable_outbox(w.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        let fence_of = |gid: String| {
+            let url = w.url.clone();
+            async move {
+                count(
+                    &url,
+                    &format!("SELECT count(*) FROM twopc_one_phase WHERE fenced AND gid = '{gid}'"),
+                )
+                .await
+            }
+        };
+        for (n, ends_with) in [(1, "COMMIT"), (2, "ROLLBACK")] {
+            let (tx_id, branch_id) = (format!("feedbeef-{n}-1"), "svc:db".to_string());
+            let gid = format!("twopc:{tx_id}:{branch_id}");
+            // A commit in flight: its marker inserted, its block not ended yet.
+            let inflight = connect(&w.url).await;
+            inflight.batch_execute("BEGIN").await.expect("begin");
+            inflight
+                .execute("INSERT INTO twopc_one_phase (gid) VALUES ($1)", &[&gid])
+                .await
+                .expect("marker");
+            let settle = {
+                let again = again.clone();
+                let (tx_id, branch_id) = (tx_id.clone(), branch_id.clone());
+                tokio::spawn(async move { again.commit_one_phase(&tx_id, &branch_id).await })
+            };
+            eventually(WAIT, "the settling waits on the marker's gid", || async {
+                count(
+                    &w.url,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock'",
+                )
+                .await
+                    == 1
+            })
+            .await;
+            assert!(
+                !settle.is_finished(),
+                "it must wait for the commit in flight"
+            );
+            inflight.batch_execute(ends_with).await.expect("end");
+            let answer = settle.await.expect("join");
+            if ends_with == "COMMIT" {
+                assert_eq!(answer, Ok(OnePhase::Committed));
+                assert_eq!(fence_of(gid.clone()).await, 0);
+            } else {
+                assert!(matches!(answer, Ok(OnePhase::Refused(_))), "{answer:?}");
+                assert_eq!(fence_of(gid.clone()).await, 1, "the fence stays");
+            }
+        }
+
+        // A commit that comes after its fence fails on it.
+        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
+        let pg = tx.postgres(&w.db).await.expect("branch");
+        pg.defer(
+            "INSERT INTO orders VALUES ($1, $2)",
+            vec![Box::new(1), Box::new("late".to_string())],
+        )
+        .await
+        .expect("defer");
+        let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
+        assert!(matches!(
+            again.commit_one_phase(&tx_id, &branch_id).await,
+            Ok(OnePhase::Refused(_))
+        ));
+        assert_eq!(fence_of(pg.gid().to_string()).await, 1);
+        assert!(matches!(tx.commit().await, Err(Error::Aborted(_))));
+        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        w.stop().await;
+    })
+    .await;
+}
+
 /// A one-phase commit whose answer was lost, repeated by the coordinator after the
 /// participant restarted: the commit's marker says it happened (before the marker, the
 /// unknown branch was refused and the coordinator recorded the committed transaction as
@@ -1668,7 +1922,7 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
         // The coordinator's one-phase commit, as the participant server would run it.
         let (tx, tx_id, branch_id) = w.order_committed_in_one_phase().await;
         let marker_sql =
-            format!("SELECT count(*) FROM twopc_one_phase WHERE gid = 'twopc:{tx_id}:{branch_id}'");
+            format!("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced AND gid = 'twopc:{tx_id}:{branch_id}'");
         let marked = || count(&w.url, &marker_sql);
         assert_eq!(marked().await, 1, "the commit left its marker");
 
@@ -1739,7 +1993,12 @@ async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
             tx.commit().await.expect("commit");
         }
         eventually(WAIT, "every marker is deleted", || async {
-            count(&w.url, "SELECT count(*) FROM twopc_one_phase").await == 0
+            count(
+                &w.url,
+                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced",
+            )
+            .await
+                == 0
         })
         .await;
         assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 5);
@@ -1964,7 +2223,12 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
         })
         .await;
         eventually(WAIT, "the marker is forgotten after a Barrier", || async {
-            count(&w.url, "SELECT count(*) FROM twopc_one_phase").await == 0
+            count(
+                &w.url,
+                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced",
+            )
+            .await
+                == 0
         })
         .await;
 
