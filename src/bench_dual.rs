@@ -82,6 +82,11 @@ pub struct DualWriteBench {
     /// naive, outbox, twopc, twopc-2pc). One mode alone is what a profiler should watch.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = MODES)]
     pub modes: Vec<Mode>,
+    /// Connections of the pool every mode shares (default: two per client and four for the
+    /// relays). Fewer than the clients bounds how many orders PostgreSQL works on at once;
+    /// the others wait for a connection.
+    #[arg(long)]
+    pub db_connections: Option<usize>,
     /// PostgreSQL and the brokers.
     #[command(flatten)]
     pub services: ServiceUrls,
@@ -270,6 +275,11 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
         args.publish_wait_ms <= 60_000,
         "--publish-wait-ms must be at most 60000"
     );
+    let connections = args.db_connections.unwrap_or(2 * args.clients + 4);
+    anyhow::ensure!(
+        (2..=4096).contains(&connections),
+        "--db-connections must be between 2 and 4096 (the clients and the relays share the pool), got {connections}"
+    );
     let mut modes = args.modes.clone();
     modes.sort_unstable();
     modes.dedup();
@@ -283,7 +293,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let db_url = demo::with_dbname(&pg_url, &db_name);
     // Every client may hold a connection for a whole transaction (a twopc branch keeps
     // its own until the commit), and the relays need one besides.
-    let pool = demo::pool(&db_url, 2 * args.clients + 4)?;
+    let pool = demo::pool(&db_url, connections)?;
     {
         let c = pool.get().await?;
         c.batch_execute(ORDER_SCHEMA).await?;
@@ -657,12 +667,14 @@ async fn one_order<B: Broker>(
     };
     match mode {
         Mode::Naive => {
-            let c = pool.get().await?;
-            c.execute(
-                "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
-                &[&order.id, &order.customer, &order.item, &order.quantity],
-            )
-            .await?;
+            // The connection goes back to the pool before the publish, as a service would.
+            pool.get()
+                .await?
+                .execute(
+                    "INSERT INTO orders (id, customer, item, quantity) VALUES ($1, $2, $3, $4)",
+                    &[&order.id, &order.customer, &order.item, &order.quantity],
+                )
+                .await?;
             mark(s)?;
             publisher.publish(destination, &order.id, payload).await?;
         }

@@ -120,6 +120,7 @@ fn bad_flags_are_refused_by_name() {
             "--relay-interval-ms",
         ),
         ("dual-write", ["--modes", "bogus"], "--modes"),
+        ("dual-write", ["--db-connections", "1"], "--db-connections"),
     ] {
         let out = bench_of(which, &args, None);
         assert!(!out.status.success(), "{args:?} was accepted");
