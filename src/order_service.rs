@@ -10,7 +10,7 @@
 //! tx.commit().await?                                 // both or neither
 //! ```
 //!
-//! [`InventoryConsumer`] reads the events straight from the broker and, in one database
+//! The Inventory consumer ([`apply_event`]) reads the events straight from the broker and, in one database
 //! transaction of its own, records the message id (deduplication) and the event; it
 //! acknowledges the delivery only after that transaction committed.
 //!
@@ -114,10 +114,13 @@ pub struct OrderService<B: Broker> {
 pub struct Phases {
     /// Begin: a transaction id (from the pool of ids begun ahead, or a Begin call).
     pub begin: Duration,
-    /// Opening the database branch, the INSERT and staging the event.
+    /// Opening the database branch, queueing the INSERT ([`PgBranch::defer`]: it is sent
+    /// with the commit or the prepare) and staging the event.
+    ///
+    /// [`PgBranch::defer`]: twopc_participant::PgBranch::defer
     pub statements: Duration,
-    /// Commit: the database commit (and, past the relay's window, the wait for the
-    /// broker), or the coordinator's two phases.
+    /// Commit: the database commit with the INSERT (and, past the relay's window, the wait
+    /// for the broker), or the coordinator's two phases.
     pub commit: Duration,
 }
 
