@@ -1194,19 +1194,27 @@ async fn write_rows(
             ]
         })
         .collect();
-    let mut inserts: Vec<_> = params
-        .iter()
-        .map(|p| Box::pin(futures::future::maybe_done(conn.query_one(stmt, p))))
+    queue_all(params.iter().map(|p| conn.query_one(stmt, p))).await
+}
+
+/// Runs `requests` (each a request on the same connection), queueing every one, in
+/// order, before awaiting any answer: tokio-postgres queues a request when it is first
+/// polled, so they go out together, and what the caller queues after this future was
+/// first polled follows in the same round trip. Their answers, in order.
+async fn queue_all<F: Future>(requests: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut all: Vec<_> = requests
+        .into_iter()
+        .map(|r| Box::pin(futures::future::maybe_done(r)))
         .collect();
-    for insert in inserts.iter_mut() {
-        // The first poll queues the INSERT (its answer cannot be there yet).
-        let _ = futures::poll!(insert.as_mut());
+    for r in all.iter_mut() {
+        // The first poll queues the request (its answer cannot be there yet).
+        let _ = futures::poll!(r.as_mut());
     }
-    let mut out = Vec::with_capacity(inserts.len());
-    for mut insert in inserts {
-        insert.as_mut().await;
-        if let Some(res) = insert.as_mut().take_output() {
-            out.push(res);
+    let mut out = Vec::with_capacity(all.len());
+    for mut r in all {
+        r.as_mut().await;
+        if let Some(answer) = r.as_mut().take_output() {
+            out.push(answer);
         }
     }
     out
@@ -1242,25 +1250,16 @@ async fn run_deferred(
                 .collect()
         })
         .collect();
-    let mut runs: Vec<_> = stmts
-        .iter()
-        .zip(&params)
-        .map(|(stmt, p)| Box::pin(futures::future::maybe_done(conn.execute(stmt, p))))
-        .collect();
-    for run in runs.iter_mut() {
-        // The first poll queues the statement (its answer cannot be there yet).
-        let _ = futures::poll!(run.as_mut());
+    let answers = queue_all(
+        stmts
+            .iter()
+            .zip(&params)
+            .map(|(stmt, p)| conn.execute(stmt, p)),
+    );
+    match answers.await.into_iter().find_map(Result::err) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let mut first = Ok(());
-    for mut run in runs {
-        run.as_mut().await;
-        if let Some(Err(e)) = run.as_mut().take_output() {
-            if first.is_ok() {
-                first = Err(e);
-            }
-        }
-    }
-    first
 }
 
 /// Most statements prepared and kept per connection (beyond, the cache starts over).
@@ -1869,18 +1868,12 @@ impl Inner {
         };
         let commit = async {
             // `BEGIN` if the block is not open yet, the deferred statements, the rows, the
-            // marker, then `COMMIT`, in one round trip (`join` polls in order; each is
+            // marker, then `COMMIT`, in one round trip (`join4` polls in order; each is
             // queued when first polled). If a statement, a row or the marker fails,
             // PostgreSQL answers the aborted block's COMMIT with a rollback, not an error.
-            let begin = async {
-                match begun {
-                    true => Ok(()),
-                    false => conn.batch_execute("BEGIN").await,
-                }
-            };
-            let ((began, ran), (written, marked, committed)) = futures::future::join(
-                futures::future::join(begin, run_deferred(&conn, &later, &deferred)),
-                futures::future::join3(
+            let all = async {
+                Ok(futures::future::join4(
+                    run_deferred(&conn, &later, &deferred),
                     write_rows(&conn, insert.as_ref(), gid, &unwritten),
                     async {
                         match &marker {
@@ -1889,17 +1882,20 @@ impl Inner {
                         }
                     },
                     conn.batch_execute("COMMIT"),
-                ),
-            )
-            .await;
+                )
+                .await)
+            };
+            let (ran, written, marked, committed) = match in_block(&conn, &mut begun, all).await {
+                Ok(answers) => answers,
+                Err(e) => {
+                    // Not a refusal: `BEGIN` on a pooled connection fails only when the
+                    // connection is lost, and then everything after it is lost with it.
+                    debug!(gid, error = %describe(&e), "BEGIN of a one-phase commit failed");
+                    return (Err(Ended::Lost), true);
+                }
+            };
             let lost_rows = written.len() < unwritten.len() || written.iter().any(|r| r.is_err());
             let failed = take_written(slot, unwritten, written).err();
-            if let Err(e) = began {
-                // Not a refusal: a `BEGIN` on a pooled connection fails only when the
-                // connection is lost, and then everything after it is lost with it.
-                debug!(gid, error = %describe(&e), "BEGIN of a one-phase commit failed");
-                return (Err(Ended::Lost), lost_rows);
-            }
             if let Err(e) = ran.as_ref() {
                 if e.as_db_error().is_some() {
                     let reason = format!("COMMIT failed: a deferred statement: {}", describe(e));

@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use twopc_coordinator::server::ServeConfig;
 use twopc_participant::{
-    AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgResource,
-    PublishOptions, RabbitResource, Resource, StagingStore, Transaction, TwoPc, Vote,
+    AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgBranch,
+    PgResource, PublishOptions, RabbitResource, Resource, StagingStore, Transaction, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::participant_client::ParticipantClient;
@@ -1655,14 +1655,14 @@ async fn a_one_phase_commit_whose_marker_fails_is_refused_and_rolled_back() {
     .await;
 }
 
-/// Backends of the test's database inside a transaction block (`BEGIN` sent).
-async fn in_transaction(url: &str) -> i64 {
-    count(
-        url,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND state LIKE 'idle in transaction%'",
+/// Queues order `id` (`item`) on `pg` with `PgBranch::defer`.
+async fn defer_order(pg: &PgBranch, id: i32, item: &str) {
+    pg.defer(
+        "INSERT INTO orders VALUES ($1, $2)",
+        vec![Box::new(id), Box::new(item.to_string())],
     )
     .await
+    .expect("defer");
 }
 
 /// `PgBranch::defer`: nothing reaches PostgreSQL before the commit (no block is open),
@@ -1676,18 +1676,13 @@ async fn deferred_writes_go_out_with_the_commit_and_commit() {
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
         let pg = tx.postgres(&w.db).await.expect("branch");
         for (id, item) in [(1, "one"), (2, "two")] {
-            pg.defer(
-                "INSERT INTO orders VALUES ($1, $2)",
-                vec![Box::new(id), Box::new(item.to_string())],
-            )
-            .await
-            .expect("defer");
+            defer_order(&pg, id, item).await;
         }
         pg.publish(&*w.rabbit, &w.queue, b"deferred".to_vec())
             .await
             .expect("publish");
         assert_eq!(
-            in_transaction(&w.url).await,
+            count(&w.url, support::OPEN_TRANSACTIONS_SQL).await,
             0,
             "nothing may be sent before the commit"
         );
@@ -1699,12 +1694,7 @@ async fn deferred_writes_go_out_with_the_commit_and_commit() {
         // A deferred row is there for the next statement of the same branch.
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
         let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.defer(
-            "INSERT INTO orders VALUES ($1, $2)",
-            vec![Box::new(3), Box::new("three".to_string())],
-        )
-        .await
-        .expect("defer");
+        defer_order(&pg, 3, "three").await;
         let seen: i64 = pg
             .query_one("SELECT count(*) FROM orders WHERE id = 3", &[])
             .await
@@ -1739,12 +1729,7 @@ async fn a_deferred_statement_that_fails_refuses_the_commit_or_the_prepare() {
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
         let pg = tx.postgres(&w.db).await.expect("branch");
         for _ in 0..2 {
-            pg.defer(
-                "INSERT INTO orders VALUES ($1, $2)",
-                vec![Box::new(7), Box::new("dup".to_string())],
-            )
-            .await
-            .expect("defer");
+            defer_order(&pg, 7, "dup").await;
         }
         pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
             .await
@@ -1763,12 +1748,7 @@ async fn a_deferred_statement_that_fails_refuses_the_commit_or_the_prepare() {
         let tx = w.sdk.begin().await.expect("begin");
         let pg = tx.postgres(&w.db).await.expect("branch");
         for _ in 0..2 {
-            pg.defer(
-                "INSERT INTO orders VALUES ($1, $2)",
-                vec![Box::new(8), Box::new("dup".to_string())],
-            )
-            .await
-            .expect("defer");
+            defer_order(&pg, 8, "dup").await;
         }
         pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
             .await
@@ -1804,12 +1784,7 @@ async fn deferred_writes_go_out_before_prepare_and_commit_in_phase_two() {
         let w = World::start("outbox_defer2pc", "obdefer2pc", ORDERS, slow_sweep(), false).await;
         let tx = w.sdk.begin().await.expect("begin");
         let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.defer(
-            "INSERT INTO orders VALUES ($1, $2)",
-            vec![Box::new(1), Box::new("one".to_string())],
-        )
-        .await
-        .expect("defer");
+        defer_order(&pg, 1, "one").await;
         let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
         assert_eq!(w.db.prepare(&tx_id, &branch_id).await, Vote::Yes);
         assert_eq!(prepared_gids(&w.url).await, 1);
@@ -1890,12 +1865,7 @@ async fn the_fence_waits_for_a_commit_in_flight_and_stops_a_late_one() {
         // A commit that comes after its fence fails on it.
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
         let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.defer(
-            "INSERT INTO orders VALUES ($1, $2)",
-            vec![Box::new(1), Box::new("late".to_string())],
-        )
-        .await
-        .expect("defer");
+        defer_order(&pg, 1, "late").await;
         let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
         assert!(matches!(
             again.commit_one_phase(&tx_id, &branch_id).await,

@@ -111,12 +111,7 @@ async fn prepared_gids(url: &str) -> i64 {
 
 /// Sessions holding an open transaction block in the database (an open branch).
 async fn open_transactions(url: &str) -> i64 {
-    count(
-        url,
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-    )
-    .await
+    count(url, support::OPEN_TRANSACTIONS_SQL).await
 }
 
 async fn on_hand(url: &str, item: &str) -> i32 {

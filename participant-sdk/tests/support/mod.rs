@@ -258,6 +258,11 @@ pub async fn count(url: &str, sql: &str) -> i64 {
     count_within(PG_CONNECT_TIMEOUT, url, sql).await
 }
 
+/// Counts the sessions holding an open transaction block in the database (an open
+/// branch: `BEGIN` sent, `COMMIT` not yet).
+pub const OPEN_TRANSACTIONS_SQL: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND state LIKE 'idle in transaction%'";
+
 /// Counts the prepared transactions (of any kind) left in the database.
 pub const PREPARED_GIDS_SQL: &str =
     "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
