@@ -1927,12 +1927,7 @@ impl Inner {
                 // the sweep publishes them.
                 let unknown_rows = !matches!(outcome, Ok((_, false)));
                 discard(conn);
-                let (state, answer) = if marked || xid.is_some() {
-                    self.resolve_one_phase(xid, gid).await
-                } else {
-                    // Nothing written: committed or not, there is nothing to lose.
-                    (State::OnePhaseCommitted, Ok(OnePhase::Committed))
-                };
+                let (state, answer) = self.resolve_one_phase(xid, gid).await;
                 if unknown_rows && matches!(state, State::OnePhaseCommitted) {
                     if let Some(relay) = self.outbox.get() {
                         relay.sweep_gid(gid.to_string());
