@@ -664,7 +664,8 @@ impl TwoPc {
     /// Registers a resource so the participant server can route its branches. Returns it
     /// back for convenience. Registering two resources with one name is an error. The
     /// first periodic recovery pass over it also reports every one-phase commit it
-    /// remembers (one a previous process made but could not report).
+    /// remembers from before this handle started (one a previous process made but could
+    /// not report).
     pub fn register<R: Resource>(&self, resource: Arc<R>) -> Result<Arc<R>> {
         let mut reg = self
             .inner

@@ -6,16 +6,17 @@
 //! One-phase commits a resource still remembers ([`Resource::remembered_commits`]: its
 //! process died before the coordinator's record of them was durable, or before a local
 //! commit was reported) are reported to the coordinator as committed, answered once the
-//! record is durable, and then forgotten. The first periodic pass over each resource (a
-//! resource is registered after the handle started, so usually not the pass at start)
-//! and [`pass`] run on demand report every one; later periodic passes only those older
-//! than [`REMEMBERED_AFTER`], so they never race the forgetter for the commits of the
-//! moment.
+//! record is durable, and then forgotten. [`pass`] run on demand reports every one. The
+//! first periodic pass over each resource (a resource is registered after the handle
+//! started, so usually not the pass at start) reports every one committed before the
+//! loop started (an earlier process's); later periodic passes only those older than
+//! [`REMEMBERED_AFTER`]. So periodic passes never race this process's reporter and
+//! forgetter for the commits of the moment.
 
 use crate::Resource;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -32,9 +33,14 @@ pub(crate) async fn run_loop(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let started = Instant::now();
     let mut passed = HashSet::new();
     loop {
-        pass(&coordinator, &registry, Markers::Periodic(&mut passed)).await;
+        let periodic = Markers::Periodic {
+            started,
+            passed: &mut passed,
+        };
+        pass(&coordinator, &registry, periodic).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -46,9 +52,14 @@ pub(crate) async fn run_loop(
 pub(crate) enum Markers<'a> {
     /// Every one (a pass run on demand).
     All,
-    /// Every one of a resource not in the set (its first pass: the set takes it), only
-    /// those older than [`REMEMBERED_AFTER`] of the others.
-    Periodic(&'a mut HashSet<String>),
+    /// Of a resource not in `passed` (its first pass: the set takes it), every one
+    /// committed before `started` (when this process's loop started: an earlier
+    /// process's); of the others, those older than [`REMEMBERED_AFTER`]. This process's
+    /// own commits are its reporter's and forgetter's.
+    Periodic {
+        started: Instant,
+        passed: &'a mut HashSet<String>,
+    },
 }
 
 impl Markers<'_> {
@@ -56,9 +67,9 @@ impl Markers<'_> {
     fn min_age(&mut self, resource: &str) -> Duration {
         match self {
             Markers::All => Duration::ZERO,
-            Markers::Periodic(passed) => {
+            Markers::Periodic { started, passed } => {
                 if passed.insert(resource.to_string()) {
-                    Duration::ZERO
+                    started.elapsed()
                 } else {
                     REMEMBERED_AFTER
                 }
@@ -72,7 +83,7 @@ impl Markers<'_> {
 static PASS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How old a remembered one-phase commit must be before a periodic pass reports it (but
-/// the first pass over its resource).
+/// the first pass over its resource, which reports those made before the loop started).
 pub(crate) const REMEMBERED_AFTER: Duration = Duration::from_secs(60);
 
 /// One recovery pass over every registered resource, reporting the remembered one-phase

@@ -2245,21 +2245,10 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
 async fn a_local_commit_its_process_never_reported_is_reported_by_the_next_process() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start("outbox_unreported", "obunrep", ORDERS, slow_sweep(), false).await;
-        let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
-        let tx_id = tx.id().to_string();
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'unreported')", &[])
-            .await
-            .expect("insert");
-        let branch_id = pg.branch_id().to_string();
-        // The database commit of `Transaction::commit`, without its report.
-        assert_eq!(
-            w.db.commit_one_phase(&tx_id, &branch_id).await,
-            Ok(OnePhase::Committed)
-        );
+        let (tx_id, keep) = unreported_local_commit(&w.sdk, &w.db, 1).await;
         // The process "dies".
         w.sdk.shutdown().await;
-        drop((pg, tx));
+        drop(keep);
         assert_eq!(
             get_tx(&w.sdk, &tx_id).await.state,
             pb::TxState::Preparing as i32,
@@ -2289,6 +2278,92 @@ async fn a_local_commit_its_process_never_reported_is_reported_by_the_next_proce
         w.coord.stop().await;
     })
     .await;
+}
+
+/// Test: the first periodic recovery pass over a resource reports the one-phase commits
+/// an earlier process left unreported, but not those of this process (its reporter's,
+/// which may be on their way: a pass that reported them too raced it, and forgot the
+/// marker under a report about to be sent). Resource "a" (visited first) holds a commit
+/// of this process made before the pass; "db" holds an earlier process's: once that one
+/// is COMMITTED the pass has been over "a", and this process's commit is still
+/// unreported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_periodic_pass_reports_only_an_earlier_processs_local_commits() {
+    bounded(TEST_TIMEOUT, async {
+        let w = World::start("outbox_ownfirst", "obownfirst", ORDERS, slow_sweep(), false).await;
+        // The earlier process: commits locally on "db", never reports, dies.
+        let (earlier, _) = unreported_local_commit(&w.sdk, &w.db, 1).await;
+        w.sdk.shutdown().await;
+
+        // This process: a first periodic pass 2 s after start (the pass at start runs
+        // before anything is registered).
+        let sdk2 = TwoPc::builder(w.coord.url.clone())
+            .service("svc")
+            .recovery_interval(Duration::from_secs(2))
+            .start()
+            .await
+            .expect("start the second SDK");
+        let url_a = database("obownfirst_a", ORDERS).await;
+        let a = sdk2
+            .register(resource("a", &url_a).await)
+            .expect("register a");
+        a.enable_outbox(w.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox on a");
+        let db2 = sdk2
+            .register(resource("db", &w.url).await)
+            .expect("register db again");
+        db2.enable_outbox(w.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox again");
+        let (own, _keep) = unreported_local_commit(&sdk2, &a, 2).await;
+
+        eventually(WAIT, "the earlier process's commit is reported", || async {
+            outcome(&sdk2, &earlier).await == pb::Outcome::Committed as i32
+        })
+        .await;
+        assert_eq!(
+            get_tx(&sdk2, &own).await.state,
+            pb::TxState::Preparing as i32,
+            "the pass reported a commit of this process"
+        );
+        assert_eq!(
+            count(
+                &url_a,
+                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced"
+            )
+            .await,
+            1,
+            "this process's marker stays for its reporter"
+        );
+
+        w.probe.delete(&w.queue).await;
+        sdk2.shutdown().await;
+        w.coord.stop().await;
+    })
+    .await;
+}
+
+/// Commits order `id` locally on `db` (row and marker in one database commit) the way
+/// `Transaction::commit` does, without its report to the coordinator. Returns the
+/// transaction id and what must live as long as the commit is to stay unreported.
+async fn unreported_local_commit(
+    sdk: &TwoPc,
+    db: &Arc<PgResource>,
+    id: i32,
+) -> (String, (PgBranch, Transaction)) {
+    let tx = sdk.begin_local(&**db).await.expect("begin_local");
+    let tx_id = tx.id().to_string();
+    let pg = tx.postgres(db).await.expect("branch");
+    pg.execute("INSERT INTO orders VALUES ($1, 'unreported')", &[&id])
+        .await
+        .expect("insert");
+    let branch_id = pg.branch_id().to_string();
+    assert_eq!(
+        db.commit_one_phase(&tx_id, &branch_id).await,
+        Ok(OnePhase::Committed)
+    );
+    (tx_id, (pg, tx))
 }
 
 /// Test: a resource lists its database's one-phase markers whether or not this process
