@@ -54,8 +54,9 @@ pub(crate) enum Markers<'a> {
     All,
     /// Of a resource not in `passed` (its first pass: the set takes it), every one
     /// committed before `started` (when this process's loop started: an earlier
-    /// process's); of the others, those older than [`REMEMBERED_AFTER`]. This process's
-    /// own commits are its reporter's and forgetter's.
+    /// process's) or older than [`REMEMBERED_AFTER`]; of the others, those older than
+    /// [`REMEMBERED_AFTER`]. This process's commits of the moment are its reporter's
+    /// and forgetter's.
     Periodic {
         started: Instant,
         passed: &'a mut HashSet<String>,
@@ -69,7 +70,8 @@ impl Markers<'_> {
             Markers::All => Duration::ZERO,
             Markers::Periodic { started, passed } => {
                 if passed.insert(resource.to_string()) {
-                    started.elapsed()
+                    // Older than REMEMBERED_AFTER is any later pass's anyway.
+                    started.elapsed().min(REMEMBERED_AFTER)
                 } else {
                     REMEMBERED_AFTER
                 }
