@@ -1192,10 +1192,7 @@ async fn check(
     let deadline = Instant::now() + MARKER_WAIT;
     let markers: Vec<String> = loop {
         let markers: Vec<String> = c
-            .query(
-                "SELECT gid FROM twopc_one_phase WHERE NOT fenced ORDER BY gid",
-                &[],
-            )
+            .query(MARKERS_SQL, &[])
             .await?
             .into_iter()
             .map(|r| r.get(0))
@@ -1283,16 +1280,17 @@ async fn check(
     })
 }
 
-/// The gids of the one-phase markers in `twopc_one_phase` (not the fences).
+/// The gids of the one-phase markers in `twopc_one_phase` (not the fences), in order.
+const MARKERS_SQL: &str = "SELECT gid FROM twopc_one_phase WHERE NOT fenced ORDER BY gid";
+
+/// The gids of the one-phase markers ([`MARKERS_SQL`]).
 async fn marker_gids(pool: &deadpool_postgres::Pool) -> anyhow::Result<Vec<String>> {
     let c = pool.get().await?;
-    Ok(
-        c.query("SELECT gid FROM twopc_one_phase WHERE NOT fenced", &[])
-            .await?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect(),
-    )
+    Ok(c.query(MARKERS_SQL, &[])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 async fn declare_queue(amqp_url: &str, queue: &str) -> anyhow::Result<()> {

@@ -49,6 +49,9 @@ use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
 /// Budget of one wait for a process or for something asynchronous to happen.
 const WAIT: Duration = Duration::from_secs(15);
+/// Counts the one-phase markers left in the database (fences, which settle a lost answer
+/// as "not committed", are not markers).
+const MARKERS_SQL: &str = "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced";
 /// How long a coordinator may take to print its listening line.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -1309,8 +1312,7 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
             .expect("answered before the outcome is durable");
         w.coord.wait_for_crash("aborting the process").await;
         assert_eq!(
-            w.count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
-                .await,
+            w.count(MARKERS_SQL).await,
             1,
             "the marker stays until a Barrier succeeds"
         );
@@ -1357,8 +1359,7 @@ async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() 
         w.coord.wait_for_crash("aborting the process").await;
         assert_eq!(w.count("SELECT count(*) FROM orders").await, 1);
         assert_eq!(
-            w.count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
-                .await,
+            w.count(MARKERS_SQL).await,
             1,
             "the marker stays until the coordinator has the outcome durably"
         );
@@ -1375,11 +1376,7 @@ async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() 
             "exactly one event"
         );
         let deadline = Instant::now() + WAIT;
-        while w
-            .count("SELECT count(*) FROM twopc_one_phase WHERE NOT fenced")
-            .await
-            != 0
-        {
+        while w.count(MARKERS_SQL).await != 0 {
             assert!(
                 Instant::now() < deadline,
                 "the marker is not forgotten after the restart"

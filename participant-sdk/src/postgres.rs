@@ -1846,8 +1846,9 @@ impl Inner {
         // With the outbox, the commit leaves a marker in the same transaction, so that a
         // repeated one-phase commit after a restart (its first answer lost) learns that it
         // happened instead of refusing an unknown branch. The marker's INSERT is a
-        // prepared statement (no parse or plan per commit). Both statements are prepared
-        // before anything is queued, so that `COMMIT` can only follow them.
+        // prepared statement (no parse or plan per commit). The marker, the deferred
+        // statements and the rows' INSERT are prepared before anything is queued, so that
+        // `COMMIT` can only follow them.
         let ready = async {
             let marker = match marked {
                 true => Some(prepared(&conn, ONE_PHASE_MARK).await?),
