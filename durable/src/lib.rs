@@ -13,8 +13,9 @@
 //! [`Syncer`] does exactly that; [`Syncer::sync_at_open`] also syncs sled's `conf`, which
 //! sled writes without syncing, and both directories unconditionally. [`take_lock`] takes
 //! the exclusive `LOCK` file of a data directory (one process per directory), and
-//! [`open_sled`] opens sled while a just-dropped instance of this process still lets go of
-//! sled's own lock.
+//! [`open_sled`] opens sled: it first puts right what a kill can leave half-written in
+//! sled's directory (see [`repair`]: a torn snapshot bricked the store for good), then
+//! waits while a just-dropped instance of this process still lets go of sled's own lock.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -24,6 +25,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub mod repair;
+
+pub use repair::Repair;
 
 /// An `io::Error` mapper that says what failed on which path.
 pub fn ctx<'a>(what: &str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
@@ -251,9 +256,42 @@ pub fn take_lock(dir: &Path, file: &str, others: &str) -> Result<File, LockError
     Ok(lock)
 }
 
-/// Opens sled, retrying briefly while its own file lock is still held by the background
-/// threads of a just-dropped instance of this process (our `LOCK` excludes everyone else).
-pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+/// Why [`open_sled`] failed.
+#[derive(Debug, Clone)]
+pub struct OpenError {
+    /// What went wrong, in words.
+    pub detail: String,
+    /// The file sled most likely could not read, where sled found its data corrupt
+    /// (see [`repair::diagnose`]); `None` for I/O and lock errors.
+    pub file: Option<PathBuf>,
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)?;
+        if let Some(file) = &self.file {
+            write!(f, " (the file it could not read: {})", file.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens the sled store in `sled_dir` with `config` (its path is set here).
+///
+/// First puts right what a kill can have left half-written there
+/// ([`repair::repair_interrupted_writes`], each change logged as a warning), then opens
+/// sled, retrying briefly while its own file lock is still held by the background threads
+/// of a just-dropped instance of this process (the caller's `LOCK` excludes everyone
+/// else).
+pub fn open_sled(sled_dir: &Path, config: sled::Config) -> Result<sled::Db, OpenError> {
+    let repairs = repair::repair_interrupted_writes(sled_dir).map_err(|e| OpenError {
+        detail: format!("cannot put right what a crash left half-written: {e}"),
+        file: None,
+    })?;
+    for repair in repairs {
+        tracing::warn!(dir = %sled_dir.display(), "{repair}");
+    }
+    let config = config.path(sled_dir);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match config.open() {
@@ -263,7 +301,19 @@ pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            other => return other,
+            Ok(db) => return Ok(db),
+            Err(e @ sled::Error::Corruption { .. }) => {
+                return Err(OpenError {
+                    detail: format!("sled: {e}"),
+                    file: Some(repair::diagnose(sled_dir)),
+                })
+            }
+            Err(e) => {
+                return Err(OpenError {
+                    detail: format!("sled: {e}"),
+                    file: None,
+                })
+            }
         }
     }
 }
@@ -290,7 +340,7 @@ mod tests {
     fn syncs_count_and_injected_failures_name_the_switch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sled_dir = dir.path().join("sled");
-        let db = open_sled(&sled::Config::new().path(&sled_dir)).expect("open sled");
+        let db = open_sled(&sled_dir, sled::Config::new()).expect("open sled");
         let fail = Arc::new(AtomicBool::new(false));
         let mut s = Syncer::new(sled_dir, Some(fail.clone()), "Opts::fail_syncs").expect("syncer");
         s.sync_at_open().expect("sync at open");
@@ -301,5 +351,98 @@ mod tests {
         fail.store(true, Ordering::SeqCst);
         let e = s.sync().expect_err("injected failure");
         assert!(e.to_string().contains("Opts::fail_syncs is set"), "{e}");
+    }
+
+    fn snapshots(sled_dir: &Path) -> Vec<String> {
+        sorted_listing(sled_dir)
+            .expect("list")
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .filter(|n| n.starts_with("snap."))
+            .collect()
+    }
+
+    /// A store with history: three opens, each writing keys, so sled has written snapshots.
+    fn store_with_history(sled_dir: &Path) {
+        for round in 0u32..3 {
+            let db = open_sled(sled_dir, sled::Config::new()).expect("open sled");
+            for i in 0u32..50 {
+                db.insert(format!("{round}-{i}"), i.to_be_bytes().to_vec())
+                    .expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+    }
+
+    fn assert_history(db: &sled::Db) {
+        for round in 0u32..3 {
+            for i in 0u32..50 {
+                let v = db.get(format!("{round}-{i}")).expect("get");
+                assert_eq!(v.as_deref(), Some(&i.to_be_bytes()[..]), "key {round}-{i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_torn_snapshot_left_by_a_kill_no_longer_bricks_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled_dir = dir.path().join("sled");
+        store_with_history(&sled_dir);
+        let newest = snapshots(&sled_dir).pop().expect("sled wrote a snapshot");
+        // A kill while the next open wrote its snapshot: an empty file with a higher lsn.
+        let lsn = u64::from_str_radix(newest.trim_start_matches("snap."), 16).expect("lsn");
+        let torn = sled_dir.join(format!("snap.{:016X}.generating", lsn + 4096));
+        fs::write(&torn, b"").expect("write torn snapshot");
+        // sled alone takes it for the newest snapshot and refuses to start.
+        let refused = sled::Config::new().path(&sled_dir).open();
+        assert!(
+            matches!(refused, Err(sled::Error::Corruption { .. })),
+            "sled opened a store with a torn snapshot: {refused:?}"
+        );
+        let db = open_sled(&sled_dir, sled::Config::new()).expect("open after a torn snapshot");
+        assert_history(&db);
+        assert!(!torn.exists(), "the torn snapshot is removed");
+    }
+
+    #[test]
+    fn a_complete_snapshot_a_kill_kept_from_its_rename_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled_dir = dir.path().join("sled");
+        store_with_history(&sled_dir);
+        // A kill after the sync and before the rename: only the `.generating` name is left
+        // of the newest snapshot (and, after a power loss, perhaps of any).
+        for name in snapshots(&sled_dir) {
+            fs::rename(
+                sled_dir.join(&name),
+                sled_dir.join(format!("{name}.generating")),
+            )
+            .expect("rename");
+        }
+        let db = open_sled(&sled_dir, sled::Config::new()).expect("open");
+        assert_history(&db);
+        assert!(
+            snapshots(&sled_dir)
+                .iter()
+                .all(|n| !n.ends_with(".generating")),
+            "{:?}",
+            snapshots(&sled_dir)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_named_in_the_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled_dir = dir.path().join("sled");
+        store_with_history(&sled_dir);
+        let newest = sled_dir.join(snapshots(&sled_dir).pop().expect("snapshot"));
+        // Not something a kill leaves (a renamed snapshot was synced first): left as it is.
+        fs::write(&newest, b"garbage that is not a snapshot").expect("write");
+        let err = open_sled(&sled_dir, sled::Config::new()).expect_err("corrupt snapshot");
+        assert_eq!(err.file.as_deref(), Some(newest.as_path()), "{err}");
+        assert!(
+            err.to_string().contains("the file it could not read"),
+            "{err}"
+        );
+        assert!(newest.exists(), "a corrupt final snapshot is never removed");
     }
 }

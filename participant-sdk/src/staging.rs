@@ -114,6 +114,14 @@ pub enum StagingError {
     /// An I/O, sled or sync error, or a corrupt record.
     #[error("staging store: {0}")]
     Failed(String),
+    /// The store could not be opened (nothing was written; the data is as it was).
+    #[error("cannot open the staging store in {dir}: {detail}")]
+    Open {
+        /// The staging directory.
+        dir: String,
+        /// What failed, and where the data is corrupt, which file and what to do.
+        detail: String,
+    },
 }
 
 /// Settings of a [`StagingStore`].
@@ -291,10 +299,26 @@ impl std::fmt::Debug for StagingStore {
 }
 
 fn open_failed(dir: &Path, what: impl std::fmt::Display) -> StagingError {
-    StagingError::Failed(format!(
-        "cannot open staging store in {}: {what}",
-        dir.display()
-    ))
+    StagingError::Open {
+        dir: dir.display().to_string(),
+        detail: what.to_string(),
+    }
+}
+
+/// [`open_failed`] for sled's own failure; where sled found its data corrupt, the message
+/// says which file and what to do (and what never to do).
+fn sled_open_failed(dir: &Path, e: twopc_durable::OpenError) -> StagingError {
+    if e.file.is_none() {
+        return open_failed(dir, e);
+    }
+    open_failed(
+        dir,
+        format!(
+            "{e}. Keep this directory as it is: it holds the messages of branches that \
+             voted yes, and deleting it loses the events of committed transactions. Copy \
+             it aside and follow \"A store that does not open\" in docs/operations.md"
+        ),
+    )
 }
 
 /// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
@@ -337,10 +361,8 @@ impl StagingStore {
         let lock_file = take_lock(&dir)?;
 
         let sled_dir = dir.join(SLED_DIR);
-        let config = sled::Config::new()
-            .path(&sled_dir)
-            .flush_every_ms(Some(500));
-        let db = open_sled(&config).map_err(|e| open_failed(&dir, format!("sled: {e}")))?;
+        let config = sled::Config::new().flush_every_ms(Some(500));
+        let db = open_sled(&sled_dir, config).map_err(|e| sled_open_failed(&dir, e))?;
         let tree = db
             .open_tree(TREE)
             .map_err(|e| open_failed(&dir, format!("sled: {e}")))?;

@@ -217,6 +217,14 @@ pub enum LogError {
     /// A write or sync failed; the log accepts nothing more (fail-stop).
     #[error("decision log failed and stopped accepting writes: {0}")]
     Failed(String),
+    /// The log could not be opened (nothing was written; the data is as it was).
+    #[error("cannot open the decision log in {dir}: {detail}")]
+    Open {
+        /// The data directory.
+        dir: String,
+        /// What failed, and where the data is corrupt, which file and what to do.
+        detail: String,
+    },
 }
 
 /// A durable, write-once store of COMMIT decisions. See the module docs for the contract.

@@ -1041,10 +1041,27 @@ fn now_ms() -> u64 {
 }
 
 fn open_failed(dir: &Path, what: impl std::fmt::Display) -> LogError {
-    LogError::Failed(format!(
-        "cannot open decision log in {}: {what}",
-        dir.display()
-    ))
+    LogError::Open {
+        dir: dir.display().to_string(),
+        detail: what.to_string(),
+    }
+}
+
+/// [`open_failed`] for sled's own failure; where sled found its data corrupt, the message
+/// says which file and what to do (and what never to do).
+fn sled_open_failed(dir: &Path, e: twopc_durable::OpenError) -> LogError {
+    if e.file.is_none() {
+        return open_failed(dir, e);
+    }
+    open_failed(
+        dir,
+        format!(
+            "{e}. Keep this directory as it is: it holds the COMMIT decisions of \
+             transactions whose branches may still wait for them, and deleting it turns \
+             them into aborts. Copy it aside and follow \"A store that does not open\" in \
+             docs/operations.md"
+        ),
+    )
 }
 
 /// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
@@ -1069,8 +1086,9 @@ impl SledLog {
     /// of it durable before returning.
     ///
     /// Fails with [`LogError::Locked`] at once if the directory is locked (by another
-    /// process or another open `SledLog` of this process), and with [`LogError::Failed`]
-    /// for any I/O, sled or sync error.
+    /// process or another open `SledLog` of this process), and with [`LogError::Open`]
+    /// for any I/O, sled or sync error. What a kill can leave half-written in sled's
+    /// directory is put right first (see [`twopc_durable::repair`]).
     pub fn open(dir: &Path, opts: SledLogOptions) -> Result<SledLog, LogError> {
         let existed = dir.exists();
         fs::create_dir_all(dir).map_err(|e| open_failed(dir, format!("cannot create it: {e}")))?;
@@ -1078,14 +1096,13 @@ impl SledLog {
 
         let sled_dir = dir.join(SLED_DIR);
         let config = sled::Config::new()
-            .path(&sled_dir)
             .cache_capacity(opts.cache_capacity_bytes)
             .flush_every_ms(if opts.flush_every_ms == 0 {
                 None
             } else {
                 Some(opts.flush_every_ms)
             });
-        let db = open_sled(&config).map_err(|e| open_failed(dir, format!("sled: {e}")))?;
+        let db = open_sled(&sled_dir, config).map_err(|e| sled_open_failed(dir, e))?;
         let sled_err = |e: sled::Error| open_failed(dir, format!("sled: {e}"));
         let commits = db.open_tree(COMMITS_TREE).map_err(sled_err)?;
         let preparing = db.open_tree(PREPARING_TREE).map_err(sled_err)?;
@@ -1898,7 +1915,7 @@ mod tests {
         };
         let err = SledLog::open(&dir, opts).expect_err("open must fail");
         assert!(
-            matches!(&err, LogError::Failed(m) if m.contains("sync")),
+            matches!(&err, LogError::Open { detail, .. } if detail.contains("sync")),
             "{err:?}"
         );
         // The lock was released and nothing was reported durable.
