@@ -1,10 +1,13 @@
 //! `twopc campaign`: a seeded, randomized fault campaign with a checker.
 //!
 //! Each cycle places a few orders (row + OrderCreated, through the SDK) while one random
-//! fault strikes: the coordinator process killed with SIGKILL or paused with SIGSTOP, the
-//! coordinator↔participant link blackholed, delayed or reset in either direction,
-//! PostgreSQL killed, the broker cut off, or the participant restarted (after the load, or
-//! during it while its replies are lost). Every operation is recorded as invoked → ok /
+//! fault strikes: the coordinator process killed with SIGKILL (during the load, or again
+//! and again while it starts again) or paused with SIGSTOP, the coordinator↔participant
+//! link blackholed, delayed or reset in either direction, PostgreSQL killed, the broker
+//! cut off, the participant restarted (after the load, or during it while its replies are
+//! lost), or a real `twopc order-service` process of the same service, on the same data
+//! directory, database and port, killed again and again while it starts, between two
+//! lives of the participant. Every operation is recorded as invoked → ok /
 //! aborted / unknown. Then faults stop, recovery gets a bounded time, and the checker reads
 //! PostgreSQL and drains the broker directly to assert:
 //!
@@ -12,7 +15,7 @@
 //! - every ABORTED order has neither; an unknown one has both or neither;
 //! - no event without a row, no row without an event (duplicates counted, removed by id);
 //! - every event carries its transaction's message id (`<tx_id>:orders:events:0` for a
-//!   broker-staged order, `<tx_id>:orders:db:0` for a database-staged one);
+//!   broker-staged order, `<tx_id>:orders:orders-db:0` for a database-staged one);
 //! - the coordinator's outcome for every transaction matches its branches;
 //! - no prepared gid, no staged message and (after a bounded drain that gives the outbox
 //!   sweep its time) no `twopc_outbox` row is left;
@@ -56,14 +59,16 @@ use twopc_proto::v1 as pb;
 use twopc_testkit::proxy::{Direction, Fault, FaultProxy};
 use twopc_testkit::PgCluster;
 
-use crate::order_service::{EventStaging, Order, OrderCreated, ORDER_SCHEMA};
+use crate::order_service::{
+    EventStaging, Order, OrderCreated, BROKER_RESOURCE, DB_RESOURCE, ORDER_SCHEMA,
+};
 
-/// The service name of the in-process order service (prefixes its branch ids).
+/// The service name of the in-process order service (prefixes its branch ids); the same
+/// resources as `twopc order-service`, so a real process of it is the same participant.
 const SERVICE: &str = "orders";
-/// Its PostgreSQL resource.
-const DB_RESOURCE: &str = "db";
-/// Its RabbitMQ resource.
-const BROKER_RESOURCE: &str = "events";
+/// A fault that kills a process while it starts kills it this many times in a row at
+/// most (at least once).
+const START_KILLS_MAX: u32 = 4;
 /// With `--one-phase alternate`, the coordinator's one-phase optimisation is on for this
 /// many cycles, then off for as many, and so on.
 const ONE_PHASE_BLOCK: u32 = 10;
@@ -141,6 +146,10 @@ pub enum FaultKind {
     None,
     /// SIGKILL the coordinator during the load; restart it afterwards.
     KillCoordinator,
+    /// SIGKILL the coordinator during the load, then start it and SIGKILL it at a random
+    /// moment of its start, one to four times (its decision log opening, recovering);
+    /// restart it afterwards.
+    KillCoordinatorAtStart,
     /// SIGSTOP the coordinator past its timeouts, then SIGCONT.
     PauseCoordinator,
     /// Blackhole coordinator → participant.
@@ -161,11 +170,17 @@ pub enum FaultKind {
     /// lost: the coordinator asks the restarted participant again (for a one-phase commit
     /// that happened, the `twopc_one_phase` marker must answer "committed").
     RestartParticipantMidLoad,
+    /// After the load, stop the participant, start a real `twopc order-service` process
+    /// of the same service (data directory, database, broker, port) and SIGKILL it at a
+    /// random moment of its start (its staging store opening, its recovery), one to four
+    /// times; then the participant starts again.
+    KillOrderServiceAtStart,
 }
 
-const ALL_FAULTS: [FaultKind; 11] = [
+const ALL_FAULTS: [FaultKind; 13] = [
     FaultKind::None,
     FaultKind::KillCoordinator,
+    FaultKind::KillCoordinatorAtStart,
     FaultKind::PauseCoordinator,
     FaultKind::DropRequests,
     FaultKind::DropReplies,
@@ -175,6 +190,7 @@ const ALL_FAULTS: [FaultKind; 11] = [
     FaultKind::CutBroker,
     FaultKind::RestartParticipant,
     FaultKind::RestartParticipantMidLoad,
+    FaultKind::KillOrderServiceAtStart,
 ];
 
 /// What the client saw of one order.
@@ -262,10 +278,50 @@ struct CoordinatorProc {
     /// `--one-phase` of the next start.
     one_phase: bool,
     child: Option<Child>,
+    /// How long the last full start took to listen (kills while it starts spread over it).
+    start_took: Duration,
 }
 
 impl CoordinatorProc {
+    /// Starts it and waits until it listens.
     fn start(&mut self) -> anyhow::Result<()> {
+        let spawned = Instant::now();
+        self.spawn()?;
+        // Ready when the port answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "the coordinator did not listen on {} within 20 s (see {})",
+                    self.addr,
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.start_took = spawned.elapsed();
+        Ok(())
+    }
+
+    /// Starts it and SIGKILLs it after each of `at` (fractions of a full start's time),
+    /// leaving it dead. Returns the kills that struck before it listened.
+    async fn kill_while_starting(&mut self, at: &[f64]) -> anyhow::Result<usize> {
+        let mut landed = 0;
+        for fraction in at {
+            self.kill9();
+            self.spawn()?;
+            tokio::time::sleep(self.start_took.mul_f64(*fraction)).await;
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(1)).is_err() {
+                landed += 1;
+            }
+            self.kill9();
+        }
+        Ok(landed)
+    }
+
+    /// Starts the process (without waiting for it to listen).
+    fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -301,19 +357,6 @@ impl CoordinatorProc {
             cmd.env("TWOPC_UNSAFE_COMMIT_BEFORE_DURABLE", "1");
         }
         self.child = Some(cmd.spawn().context("spawn twopc serve")?);
-        // Ready when the port answers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_err()
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "the coordinator did not listen on {} within 20 s (see {})",
-                    self.addr,
-                    self.log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Ok(())
     }
 
@@ -383,6 +426,130 @@ struct Env {
     data_dir: PathBuf,
     pool: deadpool_postgres::Pool,
     queue: String,
+    /// The orders database, for a real `twopc order-service` process.
+    db_url: String,
+    /// This binary (it runs `order-service`).
+    exe: PathBuf,
+    /// Where the stderr of the real order-service processes goes.
+    order_service_log: PathBuf,
+}
+
+/// Kills a real `twopc order-service` process of the campaign's participant (same service,
+/// data directory, database, broker and port) while it starts, once after each of `at`
+/// (fractions of a full start's time). The first call makes one full start (until it says
+/// it is ready) to learn that time. The participant must be stopped. Returns the kills
+/// that struck before the process was ready; fails if a process exits by itself (it
+/// could not start: a store a kill bricked, say).
+async fn kill_order_service_while_starting(
+    env: &Env,
+    start_took: &mut Option<Duration>,
+    at: &[f64],
+) -> anyhow::Result<usize> {
+    // The participant just let go of its staging store; the process needs its lock.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match StagingStore::open(&env.data_dir) {
+            Ok(store) => break drop(store),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let spawn = || -> anyhow::Result<(Child, std::sync::mpsc::Receiver<String>)> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&env.order_service_log)?;
+        let mut child = Command::new(&env.exe)
+            .arg("order-service")
+            .args(["--coordinator", &env.coordinator_url])
+            .args(["--listen", &env.participant_addr.to_string()])
+            .arg("--data-dir")
+            .arg(&env.data_dir)
+            .args(["--postgres-url", &env.db_url])
+            .args(["--amqp-url", &env.broker_url])
+            .args(["--queue", &env.queue, "--service", SERVICE])
+            .args([
+                "--stage-events",
+                "database",
+                "--recovery-interval-ms",
+                "300",
+            ])
+            .args(["--outbox-sweep-interval-ms", "200"])
+            .args(["--outbox-sweep-after-ms", "500"])
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawn twopc order-service")?;
+        let stdout = child.stdout.take().context("order-service stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((child, lines))
+    };
+    let kill = |mut child: Child| -> anyhow::Result<()> {
+        let exited = child.try_wait()?;
+        let _ = child.kill();
+        let _ = child.wait();
+        match exited {
+            Some(status) => bail!(
+                "twopc order-service exited by itself while it started ({status}; see {})",
+                env.order_service_log.display()
+            ),
+            None => Ok(()),
+        }
+    };
+    let full_start = match *start_took {
+        Some(took) => took,
+        None => {
+            let spawned = Instant::now();
+            let (child, lines) = spawn()?;
+            let ready = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while let Ok(line) =
+                    lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    if line.starts_with("order-service ready") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await?;
+            let took = spawned.elapsed();
+            kill(child)?;
+            if !ready {
+                bail!(
+                    "twopc order-service did not say it was ready within 20 s (see {})",
+                    env.order_service_log.display()
+                );
+            }
+            *start_took = Some(took);
+            took
+        }
+    };
+    let mut landed = 0;
+    for fraction in at {
+        let (child, lines) = spawn()?;
+        tokio::time::sleep(full_start.mul_f64(*fraction)).await;
+        if !lines
+            .try_iter()
+            .any(|l| l.starts_with("order-service ready"))
+        {
+            landed += 1;
+        }
+        kill(child)?;
+    }
+    Ok(landed)
 }
 
 /// Starts the order service: a new SDK handle on the fixed port and data directory, new
@@ -613,6 +780,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         broken: args.broken,
         one_phase: args.one_phase.on_in(0),
         child: None,
+        start_took: Duration::ZERO,
     };
     coordinator.start()?;
     let participant_addr: SocketAddr =
@@ -626,6 +794,9 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         data_dir: work.join("order-service"),
         pool: pool.clone(),
         queue: queue.clone(),
+        db_url: db_url.clone(),
+        exe: std::env::current_exe().context("locate the twopc binary")?,
+        order_service_log: work.join("order-service.log"),
     };
     let mut participant = start_participant(&env, None).await?;
     declare_queue(&args.amqp_url, &queue).await?;
@@ -639,6 +810,9 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     // When the coordinator was SIGKILLed, and the cycles in which it exited by itself.
     // One-phase markers of commits whose answer was lost when the participant restarted.
     let mut markers_at_restart = 0usize;
+    // Kills of a process while it started that struck before it was ready.
+    let (mut coordinator_start_kills, mut order_service_start_kills) = (0usize, 0usize);
+    let mut order_service_start: Option<Duration> = None;
     let started = Instant::now();
     for cycle in 0..args.cycles {
         let fault = faults[rng.random_range(0..faults.len())];
@@ -650,6 +824,11 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         tracing::info!(cycle, ?fault, one_phase, "campaign cycle");
         let delay_ms: u64 = rng.random_range(0..40);
         let hold_ms: u64 = rng.random_range(100..900);
+        // For the faults that kill a process while it starts: when, as fractions of the
+        // time a full start takes (a little beyond it too).
+        let start_kill_at: Vec<f64> = (0..rng.random_range(1..=START_KILLS_MAX))
+            .map(|_| rng.random_range(0.0..1.2))
+            .collect();
         let orders: Vec<(Order, EventStaging)> = (0..args.orders_per_cycle)
             .map(|_| {
                 order_seq += 1;
@@ -691,6 +870,11 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
             match fault {
                 FaultKind::None => {}
                 FaultKind::KillCoordinator => coordinator.kill9(),
+                FaultKind::KillCoordinatorAtStart => {
+                    coordinator.kill9();
+                    coordinator_start_kills +=
+                        coordinator.kill_while_starting(&start_kill_at).await?;
+                }
                 FaultKind::PauseCoordinator => {
                     coordinator.signal(libc::SIGSTOP);
                     tokio::time::sleep(Duration::from_millis(hold_ms + 1000)).await;
@@ -729,7 +913,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(hold_ms)).await;
                     broker_proxy.restore();
                 }
-                FaultKind::RestartParticipant => {}
+                FaultKind::RestartParticipant | FaultKind::KillOrderServiceAtStart => {}
                 FaultKind::RestartParticipantMidLoad => {
                     // Phase-one / one-phase answers get lost; the participant restarts
                     // before the coordinator's retries get through. The orders in flight
@@ -792,12 +976,28 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
             drop(participant);
             participant = start_participant(&env, None).await?;
         }
+        if fault == FaultKind::KillOrderServiceAtStart {
+            participant.sdk.shutdown().await;
+            drop(participant);
+            let killed =
+                kill_order_service_while_starting(&env, &mut order_service_start, &start_kill_at)
+                    .await;
+            match killed {
+                Ok(n) => order_service_start_kills += n,
+                Err(e) => violations.push(format!("cycle {cycle} ({fault:?}): {e:#}")),
+            }
+            participant = start_participant(&env, None).await?;
+        }
 
         // Faults stop; recovery gets a bounded time.
         env.participant_proxy.restore();
         broker_proxy.restore();
         coordinator.signal(libc::SIGCONT);
-        if coordinator.ensure_running()? && fault != FaultKind::KillCoordinator {
+        let killed_it = matches!(
+            fault,
+            FaultKind::KillCoordinator | FaultKind::KillCoordinatorAtStart
+        );
+        if coordinator.ensure_running()? && !killed_it {
             eprintln!("campaign: cycle {cycle} ({fault:?}): the coordinator had exited by itself; restarted");
         }
         if !cluster.is_running() {
@@ -891,6 +1091,10 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         "one_phase_markers_at_restart": markers_at_restart,
         "one_phase_markers_left": check.markers_left,
         "one_phase_markers_leaked": check.markers_leaked,
+        "kills_while_starting": {
+            "coordinator": coordinator_start_kills,
+            "order_service": order_service_start_kills,
+        },
         "seed": seed,
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "fault_counts": fault_counts.iter().map(|(k, v)| (format!("{k:?}"), *v)).collect::<BTreeMap<_, _>>(),
@@ -1238,7 +1442,9 @@ async fn check(
             OpResult::Ok
                 if matches!(
                     op.fault,
-                    FaultKind::KillCoordinator | FaultKind::RestartParticipantMidLoad
+                    FaultKind::KillCoordinator
+                        | FaultKind::KillCoordinatorAtStart
+                        | FaultKind::RestartParticipantMidLoad
                 ) =>
             {
                 markers_leaked += 1;

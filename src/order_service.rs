@@ -153,7 +153,7 @@ impl<B: Broker> OrderService<B> {
             EventStaging::Broker => self.sdk.begin_with(&[db, broker]).await,
             EventStaging::Database => self.sdk.begin_local(db).await,
         }
-        .context("begin")?;
+        .with_context(|| format!("begin (coordinator {})", self.sdk.coordinator_url()))?;
         phases.begin = started.elapsed();
         let writing = Instant::now();
         let db = tx
@@ -257,7 +257,9 @@ pub const BROKER_RESOURCE: &str = "events";
 /// The process connects to the coordinator, PostgreSQL and RabbitMQ, starts its
 /// participant server on `--listen` and prints `order-service ready on ADDR`. Then:
 /// with `--recover`, it finishes every branch of this service left in doubt by an earlier
-/// run (prints `in doubt TX BRANCH` for each one found at start, then `recovered N`);
+/// run (prints `in doubt TX BRANCH` for each one found at start, `committed in one phase,
+/// not reported TX BRANCH` for each local commit the coordinator has not heard of, then
+/// `recovered N`, counting both);
 /// with `--place`, it places one order (prints `placed ID committed` or
 /// `placed ID aborted: REASON`); with both, recovery runs first; with neither, it serves
 /// the coordinator (and recovers periodically) until SIGTERM or Ctrl-C.
@@ -487,12 +489,7 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
     let staging = tokio::task::spawn_blocking(move || StagingStore::open(&data_dir))
         .await
         .context("the staging store task failed")?
-        .with_context(|| {
-            format!(
-                "cannot open the staging store in {} (--data-dir)",
-                args.data_dir.display()
-            )
-        })?;
+        .with_context(|| format!("--data-dir {} is not usable", args.data_dir.display()))?;
     let staging = Arc::new(staging);
     let pg_config: tokio_postgres::Config = args
         .postgres_url
@@ -684,7 +681,8 @@ async fn in_doubt(
 
 /// Recovery passes until no branch of `service` is in doubt (bounded by `timeout`), then
 /// waits (same bound) until the coordinator has finished their transactions. Returns how
-/// many branches were finished (by these passes or by the coordinator's retries).
+/// many branches were finished (by these passes or by the coordinator's retries), one-phase
+/// commits that an earlier run never reported included.
 async fn recover(
     sdk: &TwoPc,
     service: &str,
@@ -698,6 +696,15 @@ async fn recover(
         println!("in doubt {tx_id} {branch_id}");
     }
     let mut seen: BTreeSet<(String, String)> = at_start.into_iter().collect();
+    // One-phase commits of an earlier run that never reached the coordinator: the pass
+    // below reports them, and they count as recovered.
+    let prefix = format!("{service}:");
+    for (tx_id, branch_id) in Resource::remembered_commits(db, Duration::ZERO).await {
+        if branch_id.starts_with(&prefix) {
+            println!("committed in one phase, not reported {tx_id} {branch_id}");
+            seen.insert((tx_id, branch_id));
+        }
+    }
     // One pass even when nothing is in doubt: it reports the one-phase commits the
     // database remembers (a process that died before reporting its local commit).
     sdk.recover_now().await;

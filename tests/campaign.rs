@@ -1,7 +1,8 @@
 //! The randomized fault campaign, run by CI: `twopc campaign` places orders through the
-//! SDK while seeded random faults strike (coordinator SIGKILL/SIGSTOP, dropped, delayed
-//! and reset links in each direction, PostgreSQL SIGKILL, broker cut off, participant
-//! restart after or during the load), lets recovery finish, and checks every invariant
+//! SDK while seeded random faults strike (coordinator SIGKILL/SIGSTOP, during the load or
+//! while it starts, dropped, delayed and reset links in each direction, PostgreSQL
+//! SIGKILL, broker cut off, participant restart after or during the load, a real order
+//! service process killed while it starts), lets recovery finish, and checks every invariant
 //! from PostgreSQL and the broker directly. Each order stages its event in a broker branch
 //! or in the database branch's outbox table (drawn from the seed), and the coordinator's
 //! one-phase optimisation alternates every ten cycles, so database-staged orders commit in
@@ -75,6 +76,44 @@ fn randomized_fault_campaign_finds_no_violation() {
             "no database-staged order committed with one-phase off: {stdout}"
         );
     }
+}
+
+/// The faults that kill a process while it starts: the coordinator (its decision log
+/// opening, its recovery) and a real `twopc order-service` process of the campaign's
+/// participant (its staging store opening, its recovery), one to four times in a row.
+/// Every later start must work and every invariant hold.
+#[test]
+fn campaign_kills_the_coordinator_and_the_order_service_while_they_start() {
+    let (ok, stdout, stderr) = campaign(&[
+        "--faults",
+        "kill-coordinator-at-start,kill-order-service-at-start",
+        "--cycles",
+        "16",
+    ]);
+    println!("{stdout}");
+    let s = summary(&stdout);
+    assert!(ok, "campaign failed:\n{stdout}\n{stderr}");
+    assert_eq!(s["violations"], 0, "{stdout}");
+    let counts = &s["fault_counts"];
+    for fault in ["KillCoordinatorAtStart", "KillOrderServiceAtStart"] {
+        assert!(
+            counts[fault].as_u64().unwrap_or(0) > 0,
+            "no {fault}: {stdout}"
+        );
+    }
+    let kills = &s["kills_while_starting"];
+    assert!(
+        kills["coordinator"].as_u64().unwrap_or(0) > 0,
+        "no kill struck a starting coordinator: {stdout}"
+    );
+    assert!(
+        kills["order_service"].as_u64().unwrap_or(0) > 0,
+        "no kill struck a starting order service: {stdout}"
+    );
+    assert!(
+        s["ok"].as_u64().unwrap_or(0) > 0,
+        "nothing committed: {stdout}"
+    );
 }
 
 /// The checker is not blind: a coordinator that sends commits before its decision is

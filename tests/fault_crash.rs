@@ -2050,6 +2050,52 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
     .await;
 }
 
+/// `order-service --recover` after a kill right after a local commit: the commit its
+/// one-phase marker remembers is listed, reported (the coordinator records COMMITTED) and
+/// counted in `recovered N`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_service_recover_reports_and_counts_an_unreported_local_commit() {
+    with_deadline(TEST_DEADLINE, async {
+        // A long transaction timeout: only the recovery run can tell the coordinator.
+        let mut w = OrderWorld::start_with(
+            "local-commit-recover",
+            &[],
+            &[("--one-phase", "true"), ("--tx-timeout-ms", "60000")],
+        )
+        .await;
+        let point = "participant::after_local_commit_before_report";
+        let run = w
+            .run(
+                &["--place", "o1", "--stage-events", "database"],
+                &format!("{point}=return(abort)"),
+            )
+            .await;
+        assert_eq!(run.status.signal(), Some(libc::SIGABRT), "{:?}", run.stderr);
+        let run = w
+            .run(&["--recover", "--stage-events", "database"], "")
+            .await;
+        assert!(run.status.success(), "stderr:\n{}", run.stderr);
+        let reported: Vec<&String> = run
+            .stdout
+            .iter()
+            .filter(|l| l.starts_with("committed in one phase, not reported "))
+            .collect();
+        assert_eq!(reported.len(), 1, "{:?}", run.stdout);
+        let tx_id = reported[0]
+            .strip_prefix("committed in one phase, not reported ")
+            .and_then(|rest| rest.strip_suffix(&format!(" {DB_BRANCH}")))
+            .unwrap_or_else(|| panic!("unexpected line {:?}", reported[0]))
+            .to_string();
+        assert_eq!(run.stdout.last().map(String::as_str), Some("recovered 1"));
+        let mut c = w.coord.client().await;
+        let r = get_tx(&mut c, &tx_id).await.expect("GetTransaction");
+        assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");
+        assert!(w.order_row("o1").await.is_some());
+        w.cleanup().await;
+    })
+    .await;
+}
+
 /// The order service commits an order with its event staged in the database
 /// (`--stage-events database`: `begin_local`, the one-phase commit runs in the service)
 /// and dies right after the commit, before reporting it to the coordinator, which holds

@@ -464,6 +464,7 @@ impl TwoPcBuilder {
         let inner = Arc::new(Inner {
             pipeline: mux::Pipeline::new(open, PIPELINE_TIMEOUT),
             coordinator,
+            coordinator_url: self.coordinator,
             service: self.service,
             endpoint: advertised,
             registry,
@@ -609,6 +610,8 @@ pub struct TwoPc {
 struct Inner {
     /// Client of the coordinator's API (stamps the bearer token, if any).
     coordinator: CoordinatorClient<CoordinatorChannel>,
+    /// The coordinator's URL as given to the builder, for messages that name it.
+    coordinator_url: String,
     /// Begin / Enlist / Commit / Abort of every transaction of this handle over one
     /// `Pipeline` stream (unary calls against a coordinator that does not serve it).
     pipeline: mux::Pipeline,
@@ -831,6 +834,11 @@ impl TwoPc {
     /// This service's name.
     pub fn service(&self) -> &str {
         &self.inner.service
+    }
+
+    /// The coordinator's URL, as given to [`TwoPc::builder`] (for messages that name it).
+    pub fn coordinator_url(&self) -> &str {
+        &self.inner.coordinator_url
     }
 
     /// The participant-side data directory, if configured.
