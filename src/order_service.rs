@@ -375,6 +375,16 @@ pub struct OrderServiceArgs {
         default_value_t = 5_000
     )]
     pub recovery_interval_ms: u64,
+    /// The longest a call to the coordinator waits for its answer, in milliseconds (a
+    /// commit waits for phase two on top); a paused or unreachable coordinator then fails
+    /// the order with DEADLINE_EXCEEDED instead of holding it.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "TWOPC_ORDERS_CALL_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub call_timeout_ms: u64,
     /// Bearer token sent with every call to the coordinator (its `--client-token`).
     #[arg(
         long,
@@ -524,7 +534,8 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
         .service(&args.service)
         .listen(args.listen)
         .data_dir(&args.data_dir)
-        .recovery_interval(Duration::from_millis(args.recovery_interval_ms));
+        .recovery_interval(Duration::from_millis(args.recovery_interval_ms))
+        .call_timeout(Duration::from_millis(args.call_timeout_ms));
     let sdk = secure(&args, builder)?.start().await.with_context(|| {
         format!(
             "cannot start the participant server (--listen {}, --coordinator {})",
@@ -640,6 +651,10 @@ fn validate(args: &OrderServiceArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.recovery_interval_ms),
         "--recovery-interval-ms must be between 10 and 3600000"
+    );
+    anyhow::ensure!(
+        (1..=3_600_000).contains(&args.call_timeout_ms),
+        "--call-timeout-ms must be between 1 and 3600000"
     );
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.outbox_sweep_interval_ms),

@@ -171,6 +171,8 @@ pub struct TwoPcBuilder {
     recovery_interval: Duration,
     commit_wait: Option<Duration>,
     begin_ahead: u32,
+    /// The longest a client call waits for the coordinator (see `call_timeout`).
+    call_timeout: Duration,
     /// CA (PEM) of the coordinator's certificate: dial it over TLS.
     coordinator_ca: Option<Vec<u8>>,
     /// Client certificate for a coordinator that requires one (mutual TLS).
@@ -196,6 +198,7 @@ impl std::fmt::Debug for TwoPcBuilder {
             .field("recovery_interval", &self.recovery_interval)
             .field("commit_wait", &self.commit_wait)
             .field("begin_ahead", &self.begin_ahead)
+            .field("call_timeout", &self.call_timeout)
             .field("coordinator_tls", &self.coordinator_ca.is_some())
             .field("coordinator_identity", &self.coordinator_identity.is_some())
             .field("coordinator_domain", &self.coordinator_domain)
@@ -257,6 +260,20 @@ impl TwoPcBuilder {
     /// (default: the coordinator's own default).
     pub fn commit_wait(mut self, wait: Duration) -> Self {
         self.commit_wait = Some(wait);
+        self
+    }
+
+    /// The longest a client call (Begin, Enlist, Commit, Abort) waits for the
+    /// coordinator's answer; a Commit waits its `commit_wait` on top (without one, the
+    /// coordinator's own phase-two wait must fit in this). A coordinator that
+    /// is paused, overloaded or cut off makes the call fail with `DEADLINE_EXCEEDED`
+    /// (naming the coordinator and this setting) instead of holding the caller. The
+    /// outcome of a Commit that timed out is unknown to the caller (the coordinator may
+    /// still decide it; recovery finishes the branches either way). Between 1 ms and
+    /// 1 hour; default 30 s, which covers the coordinator's prepare round at its default
+    /// timeouts.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
         self
     }
 
@@ -393,6 +410,12 @@ impl TwoPcBuilder {
     /// Connects to the coordinator, starts the participant server and recovery.
     pub async fn start(self) -> Result<TwoPc> {
         validate_name("service", &self.service, 32)?;
+        if !(Duration::from_millis(1)..=MAX_CALL_TIMEOUT).contains(&self.call_timeout) {
+            return Err(Error::Usage(format!(
+                "call_timeout is {:?}; it must be between 1 ms and {MAX_CALL_TIMEOUT:?}",
+                self.call_timeout
+            )));
+        }
         if self.begin_ahead > ahead::MAX_BEGIN_AHEAD {
             return Err(Error::Usage(format!(
                 "begin_ahead is {}; at most {} local transactions can be begun at once",
@@ -462,9 +485,11 @@ impl TwoPcBuilder {
             stop_rx.clone(),
         ));
         let inner = Arc::new(Inner {
-            pipeline: mux::Pipeline::new(open, PIPELINE_TIMEOUT),
+            // A backstop only: `Inner::call` bounds every call by `call_timeout` first.
+            pipeline: mux::Pipeline::new(open, self.call_timeout + PIPELINE_BACKSTOP),
             coordinator,
             coordinator_url: self.coordinator,
+            call_timeout: self.call_timeout,
             service: self.service,
             endpoint: advertised,
             registry,
@@ -520,19 +545,24 @@ pub(crate) fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
     }
 }
 
-/// Longest wait for a Begin / Enlist / Abort result on the `Pipeline` stream (Commit adds
-/// the phase-two wait it asks for); the unary calls it replaces had no bound of their own
-/// beyond the connection's.
-const PIPELINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`TwoPcBuilder::call_timeout`].
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest accepted [`TwoPcBuilder::call_timeout`].
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The `Pipeline` stream's own bound on a call is `call_timeout` plus this, so the
+/// caller's deadline (which names the setting) always comes first.
+const PIPELINE_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// The client API calls: over the pipeline, or unary when the coordinator does not serve
 /// it.
 impl Inner {
     /// One call: over the pipeline, or as the unary call when the coordinator does not
-    /// serve it.
+    /// serve it; at most `call_timeout` plus `wait` (the phase-two wait a Commit asks
+    /// for), then `DEADLINE_EXCEEDED`.
     async fn call<'a, Req, Resp, PF, UF>(
         &'a self,
         req: Req,
+        wait: Duration,
         piped: impl FnOnce(&'a mux::Pipeline, Req) -> PF,
         unary: impl FnOnce(CoordinatorClient<CoordinatorChannel>, Req) -> UF,
     ) -> std::result::Result<Resp, tonic::Status>
@@ -541,11 +571,28 @@ impl Inner {
         PF: std::future::Future<Output = std::result::Result<Resp, mux::PipelineError>>,
         UF: std::future::Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        match piped(&self.pipeline, req.clone()).await {
-            Err(mux::PipelineError::Unsupported) => {
-                Ok(unary(self.coordinator.clone(), req).await?.into_inner())
+        let within = self.call_timeout + wait;
+        let call = async {
+            match piped(&self.pipeline, req.clone()).await {
+                Err(mux::PipelineError::Unsupported) => {
+                    Ok(unary(self.coordinator.clone(), req).await?.into_inner())
+                }
+                other => Ok(other?),
             }
-            other => Ok(other?),
+        };
+        match tokio::time::timeout(within, call).await {
+            Ok(result) => result,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer from the coordinator at {} within {} ms (call_timeout {} ms{})",
+                self.coordinator_url,
+                within.as_millis(),
+                self.call_timeout.as_millis(),
+                if wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" + commit wait {} ms", wait.as_millis())
+                }
+            ))),
         }
     }
 
@@ -555,6 +602,7 @@ impl Inner {
     ) -> std::result::Result<pb::BeginResponse, tonic::Status> {
         self.call(
             req,
+            Duration::ZERO,
             |p, r| p.begin(r),
             |mut c, r| async move { c.begin(r).await },
         )
@@ -567,6 +615,7 @@ impl Inner {
     ) -> std::result::Result<pb::EnlistResponse, tonic::Status> {
         self.call(
             req,
+            Duration::ZERO,
             |p, r| p.enlist(r),
             |mut c, r| async move { c.enlist(r).await },
         )
@@ -577,8 +626,10 @@ impl Inner {
         &self,
         req: pb::CommitRequest,
     ) -> std::result::Result<pb::CommitResponse, tonic::Status> {
+        let wait = Duration::from_millis(req.phase_two_wait_ms);
         self.call(
             req,
+            wait,
             |p, r| p.commit(r),
             |mut c, r| async move { c.commit(r).await },
         )
@@ -591,6 +642,7 @@ impl Inner {
     ) -> std::result::Result<pb::AbortResponse, tonic::Status> {
         self.call(
             req,
+            Duration::ZERO,
             |p, r| p.abort(r),
             |mut c, r| async move { c.abort(r).await },
         )
@@ -612,6 +664,8 @@ struct Inner {
     coordinator: CoordinatorClient<CoordinatorChannel>,
     /// The coordinator's URL as given to the builder, for messages that name it.
     coordinator_url: String,
+    /// The longest a client call waits (the builder's `call_timeout`).
+    call_timeout: Duration,
     /// Begin / Enlist / Commit / Abort of every transaction of this handle over one
     /// `Pipeline` stream (unary calls against a coordinator that does not serve it).
     pipeline: mux::Pipeline,
@@ -655,6 +709,7 @@ impl TwoPc {
             recovery_interval: Duration::from_secs(5),
             commit_wait: None,
             begin_ahead: ahead::DEFAULT_BEGIN_AHEAD,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             coordinator_ca: None,
             coordinator_identity: None,
             coordinator_domain: None,

@@ -34,7 +34,10 @@ pub mod staging;
 
 pub use ahead::{DEFAULT_BEGIN_AHEAD, MAX_BEGIN_AHEAD};
 pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
-pub use client::{BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder};
+pub use client::{
+    BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder,
+    DEFAULT_CALL_TIMEOUT,
+};
 pub use error::{Error, Result};
 pub use nats::NatsResource;
 pub use outbox::OutboxOptions;

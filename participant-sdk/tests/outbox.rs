@@ -2642,3 +2642,55 @@ async fn a_commit_beyond_the_window_waits_at_most_publish_wait() {
     })
     .await;
 }
+
+/// Markers and fences (rows that settle a lost one-phase answer as "not committed") both
+/// go once older than `marker_retention`, and not before: the table does not grow with
+/// every answer ever lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_and_markers_expire_after_marker_retention() {
+    bounded(TEST_TIMEOUT, async {
+        let options = OutboxOptions {
+            marker_retention: Duration::from_secs(30),
+            ..fast_sweep()
+        };
+        let w = World::start("outbox_expire", "obexp", ORDERS, options, false).await;
+        let c = connect(&w.url).await;
+        for (gid, fenced, age_s) in [
+            ("twopc:00000001-1-1:svc:db", true, 60.0),
+            ("twopc:00000001-1-2:svc:db", false, 60.0),
+            ("twopc:00000001-1-3:svc:db", true, 0.0),
+            ("twopc:00000001-1-4:svc:db", false, 0.0),
+        ] {
+            c.execute(
+                "INSERT INTO twopc_one_phase (gid, fenced, committed_at) \
+                 VALUES ($1, $2, clock_timestamp() - make_interval(secs => $3))",
+                &[&gid, &fenced, &age_s],
+            )
+            .await
+            .expect("insert a marker or fence by hand");
+        }
+        let left = || async {
+            let rows = c
+                .query("SELECT gid FROM twopc_one_phase ORDER BY gid", &[])
+                .await
+                .expect("list");
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        };
+        eventually(WAIT, "the old fence and marker expire", || async {
+            left().await.len() == 2
+        })
+        .await;
+        assert_eq!(
+            left().await,
+            vec![
+                "twopc:00000001-1-3:svc:db".to_string(),
+                "twopc:00000001-1-4:svc:db".to_string()
+            ],
+            "only rows older than marker_retention go"
+        );
+        w.stop().await;
+    })
+    .await;
+}
