@@ -1705,7 +1705,12 @@ fn real_engine_keeps_two_phase_commit_safe_and_live() {
     checker.assert_properties();
     // Pinned: a change in the engine's behaviour (or in the model) must show up here. If it
     // is intended, run this test, check that the properties still hold, and update the count.
-    assert_eq!(checker.unique_state_count(), 516_311);
+    // The two-phase counts fell (516,311 to 515,909 here, and so in the tests below) when a
+    // transaction's log state became one enum: a two-phase transaction no longer remembers
+    // whether the moot one-phase intent of its first branch had been synced before its
+    // PREPARING record replaced it, so states differing only in that are one state now
+    // (checked: with that bit kept, the old counts come back).
+    assert_eq!(checker.unique_state_count(), 515_909);
 }
 
 /// Late and duplicated requests (a participant sees a message twice, or after the RPC that
@@ -1732,7 +1737,7 @@ fn real_engine_survives_late_and_duplicate_deliveries() {
             "a participant's recovery finishes its branch",
         ],
     );
-    assert_eq!(checker.unique_state_count(), 620_444);
+    assert_eq!(checker.unique_state_count(), 619_222);
 }
 
 /// Lost requests: a participant never sees a prepare, a commit or an abort, and the RPC that
@@ -1759,7 +1764,7 @@ fn real_engine_survives_lost_requests() {
             "a participant's recovery finishes its branch",
         ],
     );
-    assert_eq!(checker.unique_state_count(), 256_229);
+    assert_eq!(checker.unique_state_count(), 255_745);
 }
 
 /// The checker is not vacuous: a runtime that reports a COMMIT durable before its sync and
@@ -1800,7 +1805,7 @@ fn client_abort_while_deciding_is_safe() {
     };
     let checker = check(model, HasDiscoveries::AnyFailures);
     checker.assert_properties();
-    assert_eq!(checker.unique_state_count(), 1_181_643);
+    assert_eq!(checker.unique_state_count(), 1_180_839);
 }
 
 /// What the one-branch runs must reach: commits and aborts decided by the participant,

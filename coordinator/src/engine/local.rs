@@ -1,0 +1,103 @@
+//! Local transactions (`commit_locally`): the participant commits its single branch in
+//! one phase by itself and reports it; an id may come back unused; an abort or a timeout
+//! settles the branch by asking it with an abort.
+
+use super::*;
+
+impl Engine {
+    /// A local transaction's id comes back unused: aborted like by its client (asking the
+    /// branch), but only a local transaction's id can come back.
+    pub(super) fn on_release(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+        if let Some(entry) = self.txs.get(&tx).filter(|e| !e.is_local()) {
+            let reply = Err(TxError::FailedPrecondition(format!(
+                "transaction {tx} was not begun with commit_locally (it is {}): only a local \
+                 transaction's id can be returned unused; abort it instead",
+                entry.state.name()
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        let reason = "its id was returned unused by its participant".to_string();
+        self.on_abort(req, tx, reason, SettleCause::Unused, out);
+    }
+
+    /// A local transaction is to be aborted (`why`): its participant may have committed
+    /// by itself, so it is asked with an abort whose answer decides (as for a recovered
+    /// intent).
+    pub(super) fn settle_local(
+        &mut self,
+        tx: TxId,
+        cause: SettleCause,
+        why: String,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let Protocol::Local { settling: None } = entry.protocol else {
+            return; // already settling (or not local)
+        };
+        entry.protocol = Protocol::Local {
+            settling: Some(cause),
+        };
+        entry.abort_reason = Some(why);
+        if let Some(b) = entry.branches.first_mut() {
+            if b.state == BranchState::Preparing && !b.in_flight {
+                send(out, tx, 0, b, Message::Abort, None);
+            }
+        }
+    }
+
+    /// The participant of a local transaction (or of a recovered intent) reports that it
+    /// committed the branch in one phase: the outcome is recorded as for a commit the
+    /// coordinator sent, and the report answered once it is written.
+    pub(super) fn on_committed_locally(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "record the commit of"),
+            });
+            return;
+        };
+        if !matches!(entry.protocol, Protocol::Local { .. } | Protocol::Recovered) {
+            let reply = Err(TxError::FailedPrecondition(format!(
+                "transaction {tx} was not begun with commit_locally: the coordinator commits \
+                 it (call Commit without committed_locally)"
+            )));
+            out.push(Command::Reply { req, reply });
+            return;
+        }
+        match entry.state {
+            TxState::Preparing => {
+                entry.waiters.push(req);
+                if let Some(b) = entry.branches.first_mut() {
+                    // An abort or commit still on its way is answered by the same fact.
+                    b.in_flight = false;
+                }
+                self.one_phase_committed(tx, out);
+            }
+            TxState::Committing => entry.waiters.push(req),
+            TxState::Aborting => {
+                let reply = Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} is recorded ABORTED (its participant answered the \
+                     coordinator's abort with ABORTED); a report that it committed \
+                     contradicts that"
+                )));
+                out.push(Command::Reply { req, reply });
+            }
+            TxState::InDoubt => out.push(Command::Reply {
+                req,
+                reply: Err(in_doubt_error(&tx)),
+            }),
+            TxState::Active | TxState::Deciding => {
+                // Unreachable for a transaction with one branch in its participant's
+                // hands; answered rather than trusted.
+                let reply = Err(TxError::FailedPrecondition(format!(
+                    "transaction {tx} is {}: its participant cannot have committed it",
+                    entry.state.name()
+                )));
+                out.push(Command::Reply { req, reply });
+            }
+        }
+    }
+}

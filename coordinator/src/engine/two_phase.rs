@@ -1,0 +1,581 @@
+//! Two-phase commit with presumed abort: Commit and Abort requests, votes, the forced
+//! COMMIT decision, phase two tier by tier, aborts, and the timers that drive them. The
+//! one-phase and local paths branch off from here to their own modules.
+
+use super::one_phase::{send_one_phase_commit, start_one_phase};
+use super::state::Logged;
+use super::*;
+
+impl Engine {
+    pub(super) fn on_commit(&mut self, req: ReqId, tx: TxId, early: bool, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "commit"),
+            });
+            return;
+        };
+        if !early {
+            entry.answer = AnswerWhen::Durable;
+        }
+        match entry.state {
+            TxState::Active => {}
+            TxState::Preparing if entry.is_local() => {
+                // A plain Commit of a local transaction: the coordinator asks the
+                // participant to commit (it answers a repeat from its own state).
+                entry.waiters.push(req);
+                send_one_phase_commit(tx, entry, out);
+                return;
+            }
+            TxState::Preparing | TxState::Deciding => {
+                entry.waiters.push(req);
+                return;
+            }
+            TxState::Committing if entry.protocol.is_one_phase() => {
+                // Committed by its branch; answered once the outcome is durable.
+                entry.waiters.push(req);
+                return;
+            }
+            TxState::Committing => {
+                out.push(Command::Reply {
+                    req,
+                    reply: Ok(ReplyOk::Committed),
+                });
+                return;
+            }
+            TxState::Aborting => {
+                let reply = Err(TxError::Aborted(abort_message(&tx, entry)));
+                out.push(Command::Reply { req, reply });
+                return;
+            }
+            TxState::InDoubt => {
+                out.push(Command::Reply {
+                    req,
+                    reply: Err(in_doubt_error(&tx)),
+                });
+                return;
+            }
+        }
+        entry.waiters.push(req);
+        match entry.branches.len() {
+            0 => {
+                // Nothing to commit anywhere.
+                let waiters = std::mem::take(&mut entry.waiters);
+                reply_all(out, waiters, Ok(ReplyOk::Committed));
+                self.txs.remove(&tx);
+                out.push(Command::Finished {
+                    tx,
+                    outcome: Outcome::Committed,
+                });
+            }
+            1 if self.cfg.one_phase => start_one_phase(tx, entry, out),
+            _ => start_prepare(&self.cfg, tx, entry, out),
+        }
+    }
+
+    pub(super) fn on_abort(
+        &mut self,
+        req: ReqId,
+        tx: TxId,
+        reason: String,
+        cause: SettleCause,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            out.push(Command::Reply {
+                req,
+                reply: self.not_live(&tx, "abort"),
+            });
+            return;
+        };
+        let why = match cause {
+            SettleCause::Unused => reason,
+            _ if reason.is_empty() => "aborted by the client".to_string(),
+            _ => format!("aborted by the client: {reason}"),
+        };
+        match entry.state {
+            TxState::Preparing if entry.is_local() => {
+                // The participant may have committed by itself: ask it with an abort.
+                entry.abort_waiters.push(req);
+                self.settle_local(tx, cause, why, out);
+            }
+            TxState::Preparing if entry.protocol.is_one_phase() => {
+                // A one-phase commit is in the participant's hands; its answer decides.
+                entry.abort_waiters.push(req);
+            }
+            TxState::Active | TxState::Preparing => {
+                self.decide_abort(tx, why, out);
+                out.push(Command::Reply {
+                    req,
+                    reply: Ok(ReplyOk::Aborted),
+                });
+            }
+            TxState::Aborting => out.push(Command::Reply {
+                req,
+                reply: Ok(ReplyOk::Aborted),
+            }),
+            TxState::Deciding => {
+                // The COMMIT is being written but is not durable yet: a crash now would
+                // make it an abort. Answer once the log has spoken.
+                entry.abort_waiters.push(req);
+            }
+            TxState::Committing if entry.protocol.is_one_phase() => entry.abort_waiters.push(req),
+            TxState::Committing => out.push(Command::Reply {
+                req,
+                reply: Err(committed_error(&tx)),
+            }),
+            TxState::InDoubt => out.push(Command::Reply {
+                req,
+                reply: Err(in_doubt_error(&tx)),
+            }),
+        }
+    }
+
+    pub(super) fn on_vote(
+        &mut self,
+        tx: TxId,
+        i: usize,
+        vote: RpcResult<Vote>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if b.state != BranchState::Preparing || entry.state == TxState::Active {
+            return; // late or duplicate
+        }
+        b.in_flight = false;
+        if entry.state != TxState::Preparing {
+            // Already decided (abort): this branch's answer only tells whether an abort
+            // must still reach it.
+            if entry.state == TxState::Aborting {
+                match vote {
+                    Ok(Vote::Yes) | Err(_) => send_abort_if_idle(out, tx, i, b),
+                    Ok(Vote::No(r)) => {
+                        b.state = BranchState::VotedNo;
+                        b.last_error = Some(r);
+                        self.finish_abort_if_done(tx, out);
+                    }
+                    Ok(Vote::ReadOnly) => {
+                        b.state = BranchState::ReadOnly;
+                        self.finish_abort_if_done(tx, out);
+                    }
+                }
+            }
+            return;
+        }
+        match vote {
+            Ok(Vote::Yes) => b.state = BranchState::Prepared,
+            Ok(Vote::ReadOnly) => b.state = BranchState::ReadOnly,
+            Ok(Vote::No(reason)) => {
+                b.state = BranchState::VotedNo;
+                b.last_error = Some(reason.clone());
+                let why = format!("branch {} voted no: {reason}", b.spec.branch_id);
+                self.decide_abort(tx, why, out);
+                return;
+            }
+            Err(e) => {
+                // Unknown whether it prepared: it stays Preparing so the abort is retried.
+                b.last_error = Some(e.clone());
+                let why = format!("prepare of branch {} failed: {e}", b.spec.branch_id);
+                self.decide_abort(tx, why, out);
+                return;
+            }
+        }
+        if entry
+            .branches
+            .iter()
+            .any(|b| b.state == BranchState::Preparing)
+        {
+            return;
+        }
+        // Every vote is in and none is no.
+        let yes: Vec<BranchSpec> = entry
+            .branches
+            .iter()
+            .filter(|b| b.state == BranchState::Prepared)
+            .map(|b| b.spec.clone())
+            .collect();
+        if yes.is_empty() {
+            // All read-only: nothing to commit, nothing to log.
+            let waiters = std::mem::take(&mut entry.waiters);
+            let logged = entry.logged != Logged::Nothing;
+            reply_all(out, waiters, Ok(ReplyOk::Committed));
+            self.txs.remove(&tx);
+            if logged {
+                out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
+            }
+            out.push(Command::Finished {
+                tx,
+                outcome: Outcome::Committed,
+            });
+            return;
+        }
+        // COMMIT only with every vote in, none of them no, under two-phase commit.
+        assert!(
+            entry.state == TxState::Preparing
+                && !entry.protocol.is_one_phase()
+                && entry
+                    .branches
+                    .iter()
+                    .all(|b| matches!(b.state, BranchState::Prepared | BranchState::ReadOnly)),
+            "COMMIT about to be forced for transaction {tx} without every yes vote: {entry:?}"
+        );
+        entry.state = TxState::Deciding;
+        out.push(Command::ForceCommit(CommitRecord {
+            tx,
+            branches: yes,
+            decided_at_ms: 0,
+        }));
+    }
+
+    pub(super) fn on_durable(&mut self, tx: TxId, lsn: Lsn, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Deciding {
+            return;
+        }
+        entry.state = TxState::Committing;
+        entry.decision_lsn = Some(lsn);
+        let waiters = std::mem::take(&mut entry.waiters);
+        reply_all(out, waiters, Ok(ReplyOk::Committed));
+        let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+        reply_all(out, abort_waiters, Err(committed_error(&tx)));
+        self.drive_commit(tx, out);
+    }
+
+    pub(super) fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+        self.halt(&error, out);
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Deciding {
+            return;
+        }
+        // The record may or may not be on disk: only a restart can tell. Never guess.
+        entry.state = TxState::InDoubt;
+        let mut waiters = std::mem::take(&mut entry.waiters);
+        waiters.append(&mut entry.abort_waiters);
+        reply_all(out, waiters, Err(in_doubt_error(&tx)));
+    }
+
+    /// Sends phase-two commits to the lowest tier that still has unacknowledged branches;
+    /// finishes the transaction when none are left.
+    pub(super) fn drive_commit(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        // Phase two only of a durable COMMIT (a recovered one was read back from the log).
+        assert!(
+            entry.state == TxState::Committing,
+            "phase two driven for transaction {tx} in state {}",
+            entry.state.name()
+        );
+        let lsn = entry.decision_lsn;
+        let tier = entry.lowest_open_tier();
+        let Some(tier) = tier else {
+            self.txs.remove(&tx);
+            out.push(Command::LogLazy(LazyRecord::Done { tx }));
+            out.push(Command::Finished {
+                tx,
+                outcome: Outcome::Committed,
+            });
+            return;
+        };
+        for (i, b) in entry.branches.iter_mut().enumerate() {
+            if b.state == BranchState::Prepared && b.spec.commit_order == tier && !b.in_flight {
+                send(out, tx, i, b, Message::Commit { one_phase: false }, lsn);
+            }
+        }
+    }
+
+    pub(super) fn on_commit_ack(
+        &mut self,
+        tx: TxId,
+        i: usize,
+        ack: RpcResult<CommitAck>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let one_phase = entry.protocol.is_one_phase();
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if !b.in_flight {
+            return; // duplicate
+        }
+        b.in_flight = false;
+        if one_phase {
+            if entry.state != TxState::Preparing {
+                return;
+            }
+            match ack {
+                Ok(CommitAck::Committed) => self.one_phase_committed(tx, out),
+                Ok(CommitAck::Refused(reason)) => {
+                    b.state = BranchState::Aborted;
+                    b.last_error = Some(reason.clone());
+                    let why = format!("branch {} refused to commit: {reason}", b.spec.branch_id);
+                    self.decide_abort(tx, why, out);
+                }
+                Err(e) => {
+                    // Whether it committed is unknown; ask again (the participant answers
+                    // a repeated one-phase commit from its own state).
+                    retry_later(&self.cfg, out, tx, i, b, e);
+                }
+            }
+            return;
+        }
+        if entry.state != TxState::Committing || b.state != BranchState::Prepared {
+            return;
+        }
+        match ack {
+            Ok(_) => {
+                b.state = BranchState::Committed;
+                b.last_error = None;
+                b.failures = 0;
+                // Next tier once this one is fully acknowledged.
+                let tier = b.spec.commit_order;
+                let tier_open = entry
+                    .branches
+                    .iter()
+                    .any(|o| o.state == BranchState::Prepared && o.spec.commit_order == tier);
+                if !tier_open {
+                    self.drive_commit(tx, out);
+                }
+            }
+            Err(e) => {
+                retry_later(&self.cfg, out, tx, i, b, e);
+            }
+        }
+    }
+
+    pub(super) fn on_abort_ack(
+        &mut self,
+        tx: TxId,
+        i: usize,
+        ack: RpcResult<AbortAck>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        let settling = entry.protocol.settles_by_abort() && entry.state == TxState::Preparing;
+        let Some(b) = entry.branches.get_mut(i) else {
+            return;
+        };
+        if !b.in_flight || !(settling || entry.state == TxState::Aborting) {
+            return;
+        }
+        b.in_flight = false;
+        if settling {
+            // A recovered one-phase intent: the branch's answer is the outcome.
+            match ack {
+                Ok(AbortAck::AlreadyCommitted) => {
+                    let _ = b;
+                    self.one_phase_committed(tx, out)
+                }
+                Ok(AbortAck::Aborted) => {
+                    b.state = BranchState::Aborted;
+                    b.last_error = None;
+                    // A local transaction aborted or timed out says why; a recovered
+                    // intent has no other reason.
+                    let why = entry.abort_reason.clone().unwrap_or_else(|| {
+                        format!(
+                            "the coordinator restarted before the one-phase commit was \
+                             confirmed, and branch {} reports it rolled back",
+                            b.spec.branch_id
+                        )
+                    });
+                    self.decide_abort(tx, why, out);
+                }
+                Ok(AbortAck::Unreported) => {
+                    let why = "the participant does not report whether it had committed the \
+                               branch in one phase (it predates that answer); resolve the \
+                               transaction once you know";
+                    retry_later(&self.cfg, out, tx, i, b, why.to_string());
+                }
+                Err(e) => retry_later(&self.cfg, out, tx, i, b, e),
+            }
+            return;
+        }
+        match ack {
+            Ok(_) => {
+                b.state = BranchState::Aborted;
+                b.last_error = None;
+            }
+            Err(e) if b.abort_must_ack => {
+                retry_later(&self.cfg, out, tx, i, b, e);
+                return;
+            }
+            Err(e) => {
+                // A courtesy abort to a branch that never saw a prepare: once is enough.
+                b.state = BranchState::Aborted;
+                b.last_error = Some(e);
+            }
+        }
+        self.finish_abort_if_done(tx, out);
+    }
+
+    pub(super) fn on_timer(&mut self, tx: TxId, timer: Timer, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        match timer {
+            Timer::TxTimeout => {
+                if entry.state == TxState::Active {
+                    self.decide_abort(tx, "transaction timed out while active".into(), out);
+                } else if entry.state == TxState::Preparing && entry.is_local() {
+                    let why = "transaction timed out before its participant reported the commit";
+                    self.settle_local(tx, SettleCause::Timeout, why.into(), out);
+                }
+            }
+            Timer::PrepareTimeout => {
+                if entry.state == TxState::Preparing && !entry.protocol.is_one_phase() {
+                    let slow: Vec<&str> = entry
+                        .branches
+                        .iter()
+                        .filter(|b| b.state == BranchState::Preparing)
+                        .map(|b| b.spec.branch_id.as_str())
+                        .collect();
+                    let why = format!(
+                        "prepare timed out after {} ms waiting for branch(es) {}",
+                        self.cfg.prepare_timeout_ms,
+                        slow.join(", ")
+                    );
+                    self.decide_abort(tx, why, out);
+                }
+            }
+            Timer::Retry { branch } => {
+                let lsn = entry.decision_lsn;
+                let state = entry.state;
+                // A one-phase commit waits for its intent to be durable; a recovered one
+                // is settled by an Abort.
+                let settling = entry.protocol.settles_by_abort();
+                let one_phase =
+                    entry.protocol.is_one_phase() && entry.sync == SyncState::Idle && !settling;
+                let Some(b) = entry.branches.get_mut(branch) else {
+                    return;
+                };
+                if b.in_flight {
+                    return;
+                }
+                match state {
+                    TxState::Committing if b.state == BranchState::Prepared => send(
+                        out,
+                        tx,
+                        branch,
+                        b,
+                        Message::Commit { one_phase: false },
+                        lsn,
+                    ),
+                    TxState::Preparing if one_phase && b.state == BranchState::Preparing => send(
+                        out,
+                        tx,
+                        branch,
+                        b,
+                        Message::Commit { one_phase: true },
+                        None,
+                    ),
+                    TxState::Preparing if settling && b.state == BranchState::Preparing => {
+                        send(out, tx, branch, b, Message::Abort, None)
+                    }
+                    TxState::Aborting
+                        if matches!(b.state, BranchState::Preparing | BranchState::Prepared) =>
+                    {
+                        send(out, tx, branch, b, Message::Abort, None)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Decides ABORT (no log write: presumed abort) and sends aborts.
+    pub(super) fn decide_abort(&mut self, tx: TxId, why: String, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
+        // Only an undecided transaction can be aborted; kept in release builds: a broken
+        // invariant stops the coordinator rather than let it decide twice.
+        assert!(
+            matches!(entry.state, TxState::Active | TxState::Preparing),
+            "ABORT decided for transaction {tx} in state {}",
+            entry.state.name()
+        );
+        entry.state = TxState::Aborting;
+        entry.abort_reason = Some(why);
+        let msg = abort_message(&tx, entry);
+        let waiters = std::mem::take(&mut entry.waiters);
+        reply_all(out, waiters, Err(TxError::Aborted(msg)));
+        let abort_waiters = std::mem::take(&mut entry.abort_waiters);
+        reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+        for (i, b) in entry.branches.iter_mut().enumerate() {
+            match b.state {
+                BranchState::Enlisted | BranchState::VotedNo => {
+                    // Never prepared: one courtesy abort so the participant can drop its
+                    // open work now rather than at its own timeout.
+                    b.abort_must_ack = false;
+                    b.state = BranchState::Preparing;
+                    send_abort_if_idle(out, tx, i, b);
+                }
+                BranchState::Preparing | BranchState::Prepared => send_abort_if_idle(out, tx, i, b),
+                BranchState::ReadOnly | BranchState::Committed | BranchState::Aborted => {}
+            }
+        }
+        self.finish_abort_if_done(tx, out);
+    }
+
+    pub(super) fn finish_abort_if_done(&mut self, tx: TxId, out: &mut Vec<Command>) {
+        let Some(entry) = self.txs.get(&tx) else {
+            return;
+        };
+        if entry.state != TxState::Aborting {
+            return;
+        }
+        let open = entry.branches.iter().any(|b| {
+            b.in_flight
+                || (b.abort_must_ack
+                    && matches!(b.state, BranchState::Preparing | BranchState::Prepared))
+        });
+        if open {
+            return;
+        }
+        let logged = entry.logged != Logged::Nothing;
+        self.txs.remove(&tx);
+        if logged {
+            out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
+        }
+        out.push(Command::Finished {
+            tx,
+            outcome: Outcome::Aborted,
+        });
+    }
+}
+
+/// Phase one of a Commit with two or more branches: the PREPARING record (lazy) and a
+/// prepare to every branch at once, bounded by the prepare timeout.
+fn start_prepare(cfg: &EngineConfig, tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+    entry.state = TxState::Preparing;
+    entry.logged = Logged::Preparing;
+    let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
+    out.push(Command::LogLazy(LazyRecord::Preparing {
+        tx,
+        branches: specs,
+    }));
+    for (i, b) in entry.branches.iter_mut().enumerate() {
+        b.state = BranchState::Preparing;
+        b.abort_must_ack = true;
+        send(out, tx, i, b, Message::Prepare, None);
+    }
+    out.push(Command::ArmTimer {
+        tx,
+        timer: Timer::PrepareTimeout,
+        after_ms: cfg.prepare_timeout_ms,
+    });
+}
