@@ -2,12 +2,13 @@
 //!
 //! [`Metrics`] is a registry of its own (not the process-global default one) that the
 //! [`Runtime`](crate::runtime::Runtime) records into while events pass through its
-//! dispatcher; the [engine](crate::engine) stays pure and knows nothing of it. Around every
-//! event the runtime calls [`Metrics::before`] (a few reads of the engine, no allocation)
-//! and [`Metrics::after`] with the commands the engine returned; from the change of the
-//! transaction's state and those commands the metrics derive decisions, abort reasons,
-//! retries, ignored answers and phase latencies. Recording is atomics plus, for
-//! transactions in the commit protocol, one small entry in a map of phase start times.
+//! dispatcher; the [engine](crate::engine) stays pure and knows nothing of it. The engine
+//! says what happened as data ([`Note`]: a decision with its cause, an answer ignored as
+//! late or duplicate, a re-send, a phase boundary); the runtime hands the event to
+//! [`Metrics::before`] and the commands and notes the engine returned to
+//! [`Metrics::after`], which count them. Nothing here reads or compares the engine's
+//! state. Recording is atomics plus, for transactions in the commit protocol, one small
+//! entry in a map of phase start times.
 //!
 //! Gauges about what is live (transactions in doubt, the oldest one's age, recovery
 //! progress, halted) and the decision log's counters are computed when scraped, by
@@ -68,10 +69,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 
-use crate::engine::{
-    BranchState, Command, Engine, Event, Message, Outcome, ReplyOk, ReqId, SettleCause, Timer,
-    TxState,
-};
+use crate::engine::{Command, Engine, Event, Message, Note, Outcome, ReplyOk, ReqId, TxState};
 use crate::log::LogStats;
 use crate::types::{HeuristicDecision, TxId};
 
@@ -86,18 +84,9 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
-/// Why a transaction aborted, as a label value of `twopc_transactions_aborted_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AbortReason {
-    VoteNo,
-    PrepareTimeout,
-    TxTimeout,
-    Client,
-    Recovery,
-    Operator,
-    Unused,
-    Other,
-}
+/// Why a transaction aborted (the engine notes it), as a label value of
+/// `twopc_transactions_aborted_total`.
+use crate::engine::AbortCause as AbortReason;
 
 impl AbortReason {
     const ALL: [AbortReason; 8] = [
@@ -125,27 +114,6 @@ impl AbortReason {
     }
 }
 
-/// The kind of event the runtime is about to hand to the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Commit,
-    Abort,
-    /// A local transaction's id returned unused.
-    Release,
-    Vote,
-    CommitAck,
-    AbortAck,
-    TxTimeout,
-    PrepareTimeout,
-    Retry,
-    Durable,
-    /// An operator resolution judged (an undecided transaction may abort here).
-    Resolve,
-    /// An operator resolution's audit record is durable (it takes effect here).
-    Audit,
-    Other,
-}
-
 /// Index into [`Metrics::ignored`] (answer kinds).
 const ANSWERS: [&str; 3] = ["vote", "commit", "abort"];
 
@@ -154,30 +122,12 @@ const ANSWERS: [&str; 3] = ["vote", "commit", "abort"];
 const RESOLUTION_RESULTS: [&str; 3] = ["accepted", "contradicting", "refused"];
 
 /// An operator resolution whose audit record is being forced: the audit events name only
-/// the request, so this is how their transaction and the record's verdict are found.
+/// the request, so this is how the record's verdict is found.
 #[derive(Clone, Copy, Debug)]
 struct PendingAudit {
-    tx: TxId,
     decision: HeuristicDecision,
     /// Index into [`RESOLUTION_RESULTS`].
     result: usize,
-}
-
-/// A transaction's state and one branch's, to tell whether an answer changed anything.
-type BranchSnapshot = Option<(TxState, BranchState, u32)>;
-
-/// What [`Metrics::before`] saw of an event and of the engine before the event.
-#[derive(Clone, Copy, Debug)]
-pub struct Probe {
-    kind: Kind,
-    tx: Option<TxId>,
-    /// The transaction's state before the event (`None`: not live).
-    before: Option<TxState>,
-    /// For participant answers: which answer kind, which branch, and its snapshot.
-    answer: Option<(usize, usize, BranchSnapshot)>,
-    /// For a local transaction being settled with an abort: why (its abort is decided
-    /// by the participant's answer).
-    settle: Option<SettleCause>,
 }
 
 /// When a transaction in the commit protocol passed each phase boundary.
@@ -454,32 +404,10 @@ impl Metrics {
         self.aborted[reason as usize].inc();
     }
 
-    /// Called with the engine (locked) just before it handles `event`.
-    pub fn before(&self, engine: &Engine, event: &Event) -> Probe {
-        let (kind, tx, answer) = match event {
-            Event::Commit { tx, .. } => (Kind::Commit, Some(*tx), None),
-            // Seen through its transaction: the report decides a local commit.
-            Event::CommittedLocally { tx, .. } => (Kind::Other, Some(*tx), None),
-            Event::Abort { tx, .. } => (Kind::Abort, Some(*tx), None),
-            Event::Release { tx, .. } => (Kind::Release, Some(*tx), None),
-            Event::Voted { tx, branch, .. } => (Kind::Vote, Some(*tx), Some((0, *branch))),
-            Event::CommitAcked { tx, branch, .. } => {
-                (Kind::CommitAck, Some(*tx), Some((1, *branch)))
-            }
-            Event::AbortAcked { tx, branch, .. } => (Kind::AbortAck, Some(*tx), Some((2, *branch))),
-            Event::Timer { tx, timer } => {
-                let kind = match timer {
-                    Timer::TxTimeout => Kind::TxTimeout,
-                    Timer::PrepareTimeout => Kind::PrepareTimeout,
-                    Timer::Retry { .. } => Kind::Retry,
-                };
-                (kind, Some(*tx), None)
-            }
-            Event::LogDurable { tx, .. } => (Kind::Durable, Some(*tx), None),
-            Event::LogFailed { tx, .. } | Event::Synced { tx } | Event::SyncFailed { tx, .. } => {
-                (Kind::Other, Some(*tx), None)
-            }
-            Event::Resolve { tx, .. } => (Kind::Resolve, Some(*tx), None),
+    /// Called with the event the engine (locked) is about to handle: what the event
+    /// itself says (recovery's findings, a resolution's audit record made durable).
+    pub fn before(&self, event: &Event) {
+        match event {
             Event::AuditDurable { req, .. } | Event::AuditFailed { req, .. } => {
                 let pending = lock(&self.pending_audits).remove(req);
                 if let (Some(p), Event::AuditDurable { .. }) = (pending, event) {
@@ -489,96 +417,70 @@ impl Metrics {
                     };
                     self.resolutions[decision][p.result].inc();
                 }
-                // Seen through its transaction: a one-phase commit the operator's word
-                // finishes is decided here.
-                (Kind::Audit, pending.map(|p| p.tx), None)
             }
             Event::Recovered(rec) => {
                 let commits: Vec<TxId> = rec.commits.iter().map(|c| c.tx).collect();
                 let aborts: Vec<TxId> = rec.undecided.iter().map(|(tx, _)| *tx).collect();
+                let one_phase: Vec<TxId> = rec.one_phase.iter().map(|(tx, _)| *tx).collect();
                 self.recovery_commits.set(commits.len() as i64);
                 self.recovery_aborts.set(aborts.len() as i64);
+                self.recovery_one_phase.set(one_phase.len() as i64);
                 self.remaining_commits.set(commits.len() as i64);
                 self.remaining_aborts.set(aborts.len() as i64);
-                let one_phase: Vec<TxId> = rec.one_phase.iter().map(|(tx, _)| *tx).collect();
-                self.recovery_one_phase.set(one_phase.len() as i64);
                 self.remaining_one_phase.set(one_phase.len() as i64);
-                // Presumed abort, decided now: every undecided transaction aborts.
-                let new_aborts = aborts.iter().filter(|tx| engine.tx(tx).is_none()).count();
-                for _ in 0..new_aborts {
-                    self.aborted(AbortReason::Recovery);
-                }
                 let mut left = lock(&self.recovery);
                 left.commits.extend(commits);
                 left.aborts.extend(aborts);
                 left.one_phase.extend(one_phase);
-                (Kind::Other, None, None)
             }
-            _ => (Kind::Other, None, None),
-        };
-        let entry = tx.and_then(|tx| engine.tx(&tx));
-        let before = entry.map(|e| e.state);
-        let settle = entry.and_then(|e| e.settle_cause());
-        let answer = match (tx, answer) {
-            (Some(tx), Some((which, branch))) => {
-                Some((which, branch, branch_snapshot(engine, &tx, branch)))
-            }
-            _ => None,
-        };
-        Probe {
-            kind,
-            tx,
-            before,
-            answer,
-            settle,
+            _ => {}
         }
     }
 
-    /// Called with the engine (still locked) right after it handled the event of `probe`
-    /// and returned `cmds`.
-    pub fn after(&self, engine: &Engine, probe: Probe, cmds: &[Command]) {
+    /// Called (the engine still locked) with what it returned for the event: the
+    /// commands, and its notes of what happened. Nothing here looks at the engine.
+    pub fn after(&self, cmds: &[Command], notes: &[Note]) {
         let mut now_cell: Option<Instant> = None;
         let mut now = || *now_cell.get_or_insert_with(Instant::now);
-        let after = probe.tx.and_then(|tx| engine.tx(&tx)).map(|e| e.state);
-
-        if let (Some(tx), Some((which, branch, snap))) = (probe.tx, probe.answer) {
-            if cmds.is_empty() && snap == branch_snapshot(engine, &tx, branch) {
-                self.ignored[which].inc();
-            }
-        }
-
-        if let Some(tx) = probe.tx {
-            // A Commit request took an active transaction into the protocol.
-            if probe.kind == Kind::Commit
-                && probe.before == Some(TxState::Active)
-                && after != Some(TxState::Active)
-            {
-                let times = PhaseTimes {
-                    commit: now(),
-                    force: None,
-                    durable: None,
-                };
-                lock(&self.phases).insert(tx, times);
-            }
-            // The COMMIT decision became durable.
-            if probe.kind == Kind::Durable
-                && probe.before == Some(TxState::Deciding)
-                && after == Some(TxState::Committing)
-            {
-                let t = now();
-                if let Some(times) = lock(&self.phases).get_mut(&tx) {
-                    if let Some(force) = times.force {
-                        self.decision_force.observe(secs(t - force));
-                    }
-                    times.durable = Some(t);
+        for note in notes {
+            match *note {
+                Note::CommitRequested { tx } => {
+                    let times = PhaseTimes {
+                        commit: now(),
+                        force: None,
+                        durable: None,
+                    };
+                    lock(&self.phases).insert(tx, times);
                 }
-            }
-            if after == Some(TxState::InDoubt) && probe.before != Some(TxState::InDoubt) {
-                lock(&self.phases).remove(&tx);
+                Note::Decided {
+                    outcome: Outcome::Committed,
+                    ..
+                } => self.committed.inc(),
+                Note::Decided {
+                    outcome: Outcome::Aborted,
+                    cause,
+                    ..
+                } => self.aborted(cause.unwrap_or(AbortReason::Other)),
+                Note::CommitDurable { tx } => {
+                    let t = now();
+                    if let Some(times) = lock(&self.phases).get_mut(&tx) {
+                        if let Some(force) = times.force {
+                            self.decision_force.observe(secs(t - force));
+                        }
+                        times.durable = Some(t);
+                    }
+                }
+                Note::InDoubt { tx } => {
+                    lock(&self.phases).remove(&tx);
+                }
+                Note::Resent { message } => match message {
+                    Message::Commit { .. } => self.retries_commit.inc(),
+                    Message::Abort => self.retries_abort.inc(),
+                    Message::Prepare => {}
+                },
+                Note::Ignored { answer } => self.ignored[answer as usize].inc(),
             }
         }
-
-        let mut finished = None;
         for cmd in cmds {
             match cmd {
                 Command::Reply {
@@ -589,11 +491,6 @@ impl Metrics {
                     reply: Ok(ReplyOk::BegunLocal(txs)),
                     ..
                 } => self.begun.inc_by(txs.len() as u64),
-                Command::Send { message, .. } if probe.kind == Kind::Retry => match message {
-                    Message::Commit { .. } => self.retries_commit.inc(),
-                    Message::Abort => self.retries_abort.inc(),
-                    Message::Prepare => {}
-                },
                 Command::ForceAudit { req, record } => {
                     let result = match (record.accepted, record.contradicts) {
                         (false, _) => 2,
@@ -601,7 +498,6 @@ impl Metrics {
                         (true, false) => 0,
                     };
                     let pending = PendingAudit {
-                        tx: record.tx,
                         decision: record.decision,
                         result,
                     };
@@ -615,9 +511,6 @@ impl Metrics {
                     }
                 }
                 Command::Finished { tx, outcome } => {
-                    if probe.tx == Some(*tx) {
-                        finished = Some(*outcome);
-                    }
                     let times = lock(&self.phases).remove(tx);
                     if let (Some(times), Outcome::Committed) = (times, outcome) {
                         let t = now();
@@ -628,43 +521,6 @@ impl Metrics {
                     }
                 }
                 _ => {}
-            }
-        }
-
-        // However the transaction left the engine, forget its phase times.
-        if let (Some(tx), Some(_), None) = (probe.tx, probe.before, after) {
-            if finished.is_none() {
-                lock(&self.phases).remove(&tx);
-            }
-        }
-
-        // Decisions: the transaction left an undecided state for a decided one (or
-        // finished outright).
-        if let Some(before) = probe.before {
-            let undecided = matches!(
-                before,
-                TxState::Active | TxState::Preparing | TxState::Deciding
-            );
-            if undecided {
-                if after == Some(TxState::Committing) || finished == Some(Outcome::Committed) {
-                    self.committed.inc();
-                } else if after == Some(TxState::Aborting) || finished == Some(Outcome::Aborted) {
-                    self.aborted(match (probe.kind, probe.settle) {
-                        (Kind::Abort, _) | (Kind::AbortAck, Some(SettleCause::Client)) => {
-                            AbortReason::Client
-                        }
-                        (Kind::TxTimeout, _) | (Kind::AbortAck, Some(SettleCause::Timeout)) => {
-                            AbortReason::TxTimeout
-                        }
-                        (Kind::Release, _) | (Kind::AbortAck, Some(SettleCause::Unused)) => {
-                            AbortReason::Unused
-                        }
-                        (Kind::Vote | Kind::CommitAck, _) => AbortReason::VoteNo,
-                        (Kind::PrepareTimeout, _) => AbortReason::PrepareTimeout,
-                        (Kind::Resolve | Kind::Audit, _) => AbortReason::Operator,
-                        _ => AbortReason::Other,
-                    });
-                }
             }
         }
     }
@@ -721,12 +577,6 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
-}
-
-fn branch_snapshot(engine: &Engine, tx: &TxId, branch: usize) -> BranchSnapshot {
-    let e = engine.tx(tx)?;
-    let b = e.branches.get(branch)?;
-    Some((e.state, b.state, b.attempts))
 }
 
 /// The running metrics endpoint; stops serving (and drops open connections) when dropped.
@@ -831,7 +681,7 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{AbortAck, CommitAck, EngineConfig, Vote};
+    use crate::engine::{AbortAck, CommitAck, EngineConfig, Timer, Vote};
     use crate::log::Recovered;
     use crate::types::{BranchKind, BranchSpec};
 
@@ -846,9 +696,9 @@ mod tests {
 
     /// Feeds one event through the engine the way the runtime does.
     fn step(e: &mut Engine, m: &Metrics, now_ms: u64, ev: Event) -> Vec<Command> {
-        let probe = m.before(e, &ev);
-        let cmds = e.handle(now_ms, ev);
-        m.after(e, probe, &cmds);
+        m.before(&ev);
+        let (cmds, notes) = e.handle_noted(now_ms, ev);
+        m.after(&cmds, &notes);
         cmds
     }
 

@@ -520,9 +520,9 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
         let mut deferred = Vec::new();
         {
             let mut engine = lock(&self.engine);
-            let probe = self.metrics.before(&engine, &event);
-            let cmds = engine.handle(self.now_ms(), event);
-            self.metrics.after(&engine, probe, &cmds);
+            self.metrics.before(&event);
+            let (cmds, notes) = engine.handle_noted(self.now_ms(), event);
+            self.metrics.after(&cmds, &notes);
             let epoch = engine.epoch();
             for cmd in cmds {
                 match cmd {

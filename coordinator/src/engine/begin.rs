@@ -14,7 +14,7 @@ impl Engine {
         branches: Vec<BranchSpec>,
         local: bool,
         count: u32,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
         if let Err(e) = self.check_begin(timeout_ms, &branches, local, count) {
             out.push(Command::Reply { req, reply: Err(e) });
@@ -76,7 +76,7 @@ impl Engine {
         timeout_ms: u64,
         branches: &[BranchSpec],
         local: bool,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) -> TxId {
         let tx = TxId {
             node: self.node,
@@ -158,7 +158,7 @@ impl Engine {
         &mut self,
         tx: TxId,
         spec: BranchSpec,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) -> Result<ReplyOk, TxError> {
         let Some(entry) = self.txs.get(&tx) else {
             return Err(self.gone(&tx, "enlist in"));
@@ -192,7 +192,7 @@ impl Engine {
     /// the background, so that it is usually durable by the time the client (done with its
     /// work on the branch) calls Commit. A second branch makes it a two-phase commit, whose
     /// PREPARING record replaces the intent.
-    pub(super) fn start_intent(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn start_intent(&mut self, tx: TxId, out: &mut Out) {
         if !self.cfg.one_phase {
             return;
         }

@@ -7,7 +7,7 @@ use super::*;
 impl Engine {
     /// A local transaction's id comes back unused: aborted like by its client (asking the
     /// branch), but only a local transaction's id can come back.
-    pub(super) fn on_release(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn on_release(&mut self, req: ReqId, tx: TxId, out: &mut Out) {
         if let Some(entry) = self.txs.get(&tx).filter(|e| !e.is_local()) {
             let reply = Err(TxError::FailedPrecondition(format!(
                 "transaction {tx} was not begun with commit_locally (it is {}): only a local \
@@ -29,7 +29,7 @@ impl Engine {
         tx: TxId,
         cause: SettleCause,
         why: String,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
@@ -51,7 +51,7 @@ impl Engine {
     /// The participant of a local transaction (or of a recovered intent) reports that it
     /// committed the branch in one phase: the outcome is recorded as for a commit the
     /// coordinator sent, and the report answered once it is written.
-    pub(super) fn on_committed_locally(&mut self, req: ReqId, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn on_committed_locally(&mut self, req: ReqId, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
                 req,

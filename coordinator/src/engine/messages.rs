@@ -3,7 +3,7 @@
 //! errors, timers).
 
 use super::ReqId;
-use super::{Outcome, TxState};
+use super::{Outcome, SettleCause, TxState};
 use crate::log::{AuditRecord, CommitRecord, LazyRecord, Lsn, Recovered};
 use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
@@ -378,4 +378,89 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+}
+
+/// What happened while the engine handled an event, reported as data by
+/// [`Engine::handle_noted`](super::Engine::handle_noted): the metrics count these instead
+/// of re-deriving them from the engine's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// A Commit request took an active transaction into the commit protocol.
+    CommitRequested {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// The transaction was decided by this process (a COMMIT decision recovered from the
+    /// log was taken by an earlier one and is not noted again).
+    Decided {
+        /// The transaction.
+        tx: TxId,
+        /// The decision.
+        outcome: Outcome,
+        /// What decided an abort (`None` for a commit).
+        cause: Option<AbortCause>,
+    },
+    /// Its COMMIT decision became durable.
+    CommitDurable {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// The log failed while recording its outcome: in doubt until a restart.
+    InDoubt {
+        /// The transaction.
+        tx: TxId,
+    },
+    /// A phase-two message was sent again after a failed delivery.
+    Resent {
+        /// What was sent.
+        message: Message,
+    },
+    /// A participant's answer changed nothing: it came late, twice, or for a transaction
+    /// (or branch) the engine no longer holds.
+    Ignored {
+        /// Which kind of answer.
+        answer: Answer,
+    },
+}
+
+/// What decided an abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AbortCause {
+    /// A no vote, a failed prepare, or a refused one-phase commit.
+    VoteNo,
+    /// Votes took longer than the prepare timeout.
+    PrepareTimeout,
+    /// The transaction stayed active (or its local commit unreported) too long.
+    TxTimeout,
+    /// Its client asked.
+    Client,
+    /// Undecided when the coordinator restarted.
+    Recovery,
+    /// An operator's resolution.
+    Operator,
+    /// A local transaction's id came back unused.
+    Unused,
+    /// A recovered one-phase intent whose branch reports it rolled back.
+    Other,
+}
+
+impl From<SettleCause> for AbortCause {
+    fn from(cause: SettleCause) -> Self {
+        match cause {
+            SettleCause::Client => AbortCause::Client,
+            SettleCause::Timeout => AbortCause::TxTimeout,
+            SettleCause::Unused => AbortCause::Unused,
+        }
+    }
+}
+
+/// A kind of participant answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Answer {
+    /// To a prepare.
+    Vote,
+    /// To a commit.
+    Commit,
+    /// To an abort.
+    Abort,
 }

@@ -144,6 +144,24 @@ pub struct Engine {
     resolutions: BTreeMap<ReqId, PendingResolution>,
 }
 
+/// What handling one event produced: the commands to carry out, in order, and notes of
+/// what happened.
+#[derive(Debug, Default)]
+struct Out {
+    cmds: Vec<Command>,
+    notes: Vec<Note>,
+}
+
+impl Out {
+    fn push(&mut self, cmd: Command) {
+        self.cmds.push(cmd);
+    }
+
+    fn note(&mut self, note: Note) {
+        self.notes.push(note);
+    }
+}
+
 impl Engine {
     /// A fresh engine for `epoch` of `node`.
     pub fn new(cfg: EngineConfig, node: u32, epoch: u64) -> Self {
@@ -218,8 +236,15 @@ impl Engine {
 
     /// Handles one event at time `now_ms` and returns what to do, in order.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Command> {
+        self.handle_noted(now_ms, event).0
+    }
+
+    /// [`Engine::handle`], and what happened as [`Note`]s (decisions with their cause,
+    /// answers ignored as late or duplicate, re-sends, phase boundaries): the metrics
+    /// count these instead of re-deriving them from the engine's state.
+    pub fn handle_noted(&mut self, now_ms: u64, event: Event) -> (Vec<Command>, Vec<Note>) {
         self.now_ms = self.now_ms.max(now_ms);
-        let mut out = Vec::new();
+        let mut out = Out::default();
         match event {
             Event::Begin {
                 req,
@@ -263,7 +288,7 @@ impl Engine {
             Event::AuditFailed { req, error } => self.on_audit_failed(req, error, &mut out),
         }
         // Remember when each branch was last tried (for operators).
-        for cmd in &out {
+        for cmd in &out.cmds {
             if let Command::Send { tx, branch, .. } = cmd {
                 if let Some(b) = self
                     .txs
@@ -274,7 +299,7 @@ impl Engine {
                 }
             }
         }
-        out
+        (out.cmds, out.notes)
     }
 
     /// The error for an operation on a transaction not held in memory. The runtime answers
@@ -301,7 +326,7 @@ impl Engine {
     }
 
     /// The decision log failed: no new work from now on (once).
-    fn halt(&mut self, error: &str, out: &mut Vec<Command>) {
+    fn halt(&mut self, error: &str, out: &mut Out) {
         if self.halted.is_none() {
             let reason = format!("decision log failed: {error}");
             self.halted = Some(reason.clone());
@@ -324,7 +349,7 @@ fn new_branch(spec: BranchSpec) -> BranchEntry {
 }
 
 fn send(
-    out: &mut Vec<Command>,
+    out: &mut Out,
     tx: TxId,
     i: usize,
     b: &mut BranchEntry,
@@ -347,7 +372,7 @@ fn send(
 /// backoff of its consecutive failures.
 fn retry_later(
     cfg: &EngineConfig,
-    out: &mut Vec<Command>,
+    out: &mut Out,
     tx: TxId,
     i: usize,
     b: &mut BranchEntry,
@@ -362,13 +387,13 @@ fn retry_later(
     });
 }
 
-fn send_abort_if_idle(out: &mut Vec<Command>, tx: TxId, i: usize, b: &mut BranchEntry) {
+fn send_abort_if_idle(out: &mut Out, tx: TxId, i: usize, b: &mut BranchEntry) {
     if !b.in_flight {
         send(out, tx, i, b, Message::Abort, None);
     }
 }
 
-fn reply_all(out: &mut Vec<Command>, reqs: Vec<ReqId>, reply: Result<ReplyOk, TxError>) {
+fn reply_all(out: &mut Out, reqs: Vec<ReqId>, reply: Result<ReplyOk, TxError>) {
     for req in reqs {
         out.push(Command::Reply {
             req,

@@ -22,7 +22,7 @@ impl Engine {
 
     /// A one-phase intent is durable (send the commit, if the client asked for it) or a
     /// one-phase outcome is (answer).
-    pub(super) fn on_synced(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn on_synced(&mut self, tx: TxId, out: &mut Out) {
         let Some((entry, again)) = self.take_sync(tx) else {
             return;
         };
@@ -53,7 +53,7 @@ impl Engine {
 
     /// Answers the callers of a one-phase commit whose outcome record is written (and
     /// durable, where one of them needs that) and forgets the transaction.
-    pub(super) fn finish_one_phase(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn finish_one_phase(&mut self, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.remove(&tx) else {
             return;
         };
@@ -67,7 +67,7 @@ impl Engine {
 
     /// The branch of a one-phase commit has committed: write the outcome, then answer at
     /// once, or after its sync when a caller needs it durable (see [`AnswerWhen`]).
-    pub(super) fn one_phase_committed(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn one_phase_committed(&mut self, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -83,6 +83,11 @@ impl Engine {
         b.last_error = None;
         let specs = vec![b.spec.clone()];
         entry.state = TxState::Committing;
+        out.note(Note::Decided {
+            tx,
+            outcome: Outcome::Committed,
+            cause: None,
+        });
         out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
             tx,
             branches: specs,
@@ -105,7 +110,7 @@ impl Engine {
 
     /// A sync a one-phase commit waited for failed: the log is failed, and whether the
     /// record reached the disk only a restart can tell.
-    pub(super) fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+    pub(super) fn on_sync_failed(&mut self, tx: TxId, error: String, out: &mut Out) {
         self.halt(&error, out);
         let Some((entry, _)) = self.take_sync(tx) else {
             return;
@@ -117,6 +122,7 @@ impl Engine {
             return;
         }
         entry.state = TxState::InDoubt;
+        out.note(Note::InDoubt { tx });
         let mut waiters = std::mem::take(&mut entry.waiters);
         waiters.append(&mut entry.abort_waiters);
         reply_all(out, waiters, Err(in_doubt_error(&tx)));
@@ -132,7 +138,7 @@ pub(super) fn mark_intent_durable(entry: &mut TxEntry) {
 
 /// Sends the one-phase commit of the single branch once its intent is durable, unless an
 /// abort is asking (a recovered or settling transaction) or one is already on its way.
-pub(super) fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+pub(super) fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
     if !entry.may_send_one_phase_commit() {
         return;
     }
@@ -146,7 +152,7 @@ pub(super) fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Vec
 /// A Commit of a transaction with a single branch: it commits in one phase. The commit
 /// goes out once the intent is durable: now, or when its sync (started at enlist)
 /// returns (`on_synced`).
-pub(super) fn start_one_phase(tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+pub(super) fn start_one_phase(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
     entry.state = TxState::Preparing;
     entry.protocol = Protocol::OnePhase;
     let intent_durable = entry.logged == (Logged::Intent { durable: true });

@@ -5,7 +5,7 @@ use super::state::Logged;
 use super::*;
 
 impl Engine {
-    pub(super) fn on_recovered(&mut self, rec: Recovered, out: &mut Vec<Command>) {
+    pub(super) fn on_recovered(&mut self, rec: Recovered, out: &mut Out) {
         for c in rec.commits {
             let tx = c.tx;
             if self.txs.contains_key(&tx) {
@@ -27,6 +27,12 @@ impl Engine {
             let mut entry = recovered_entry(self.now_ms, branches, TxState::Aborting);
             entry.logged = Logged::Preparing;
             entry.abort_reason = Some("coordinator restarted before deciding".into());
+            // Presumed abort, decided now.
+            out.note(Note::Decided {
+                tx,
+                outcome: Outcome::Aborted,
+                cause: Some(AbortCause::Recovery),
+            });
             for (i, b) in entry.branches.iter_mut().enumerate() {
                 b.state = BranchState::Preparing;
                 b.abort_must_ack = true;

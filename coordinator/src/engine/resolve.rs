@@ -23,7 +23,7 @@ impl Engine {
         tx: TxId,
         request: ResolveRequest,
         logged: Option<Outcome>,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
         let valid = crate::types::validate_resolve_reason(&request.reason)
             .and_then(|()| crate::types::validate_operator(&request.operator));
@@ -93,7 +93,7 @@ impl Engine {
 
     /// Judges a resolution of a transaction held in memory. An accepted ABORT of an
     /// undecided transaction decides the abort here and now.
-    fn judge_live(&mut self, tx: TxId, request: &ResolveRequest, out: &mut Vec<Command>) -> Judged {
+    fn judge_live(&mut self, tx: TxId, request: &ResolveRequest, out: &mut Out) -> Judged {
         let entry = self.txs.get(&tx).expect("caller checked it is live");
         let state = entry.state;
         let prior_state = state.name().to_string();
@@ -189,13 +189,13 @@ impl Engine {
         tx: TxId,
         request: &ResolveRequest,
         prior_state: &str,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) -> Judged {
         let why = format!(
             "resolved to ABORT by operator {}: {}",
             request.operator, request.reason
         );
-        self.decide_abort(tx, why, out);
+        self.decide_abort(tx, why, AbortCause::Operator, out);
         let branches = self.txs.get(&tx).map(pending_ids).unwrap_or_default();
         Judged {
             outcome: Some(Outcome::Aborted),
@@ -211,13 +211,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_audit_durable(
-        &mut self,
-        req: ReqId,
-        _lsn: Lsn,
-        at_ms: u64,
-        out: &mut Vec<Command>,
-    ) {
+    pub(super) fn on_audit_durable(&mut self, req: ReqId, _lsn: Lsn, at_ms: u64, out: &mut Out) {
         let Some(pending) = self.resolutions.remove(&req) else {
             return;
         };
@@ -248,7 +242,7 @@ impl Engine {
         });
     }
 
-    pub(super) fn on_audit_failed(&mut self, req: ReqId, error: String, out: &mut Vec<Command>) {
+    pub(super) fn on_audit_failed(&mut self, req: ReqId, error: String, out: &mut Out) {
         self.halt(&error, out);
         if let Some(pending) = self.resolutions.remove(&req) {
             let reply = Err(TxError::Unavailable(format!(
@@ -267,7 +261,7 @@ impl Engine {
         &mut self,
         tx: TxId,
         decision: HeuristicDecision,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) -> (Vec<String>, Option<Outcome>) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return (Vec::new(), None); // finished on its own meanwhile
@@ -340,7 +334,7 @@ fn declare_one_phase(
     tx: TxId,
     entry: &mut TxEntry,
     decision: HeuristicDecision,
-    out: &mut Vec<Command>,
+    out: &mut Out,
 ) -> (Vec<String>, Outcome) {
     let declared = match decision {
         HeuristicDecision::Commit => BranchState::Committed,
@@ -356,6 +350,11 @@ fn declare_one_phase(
     let abort_waiters = std::mem::take(&mut entry.abort_waiters);
     let outcome = match decision {
         HeuristicDecision::Commit => {
+            out.note(Note::Decided {
+                tx,
+                outcome: Outcome::Committed,
+                cause: None,
+            });
             reply_all(out, waiters, Ok(ReplyOk::Committed));
             reply_all(out, abort_waiters, Err(committed_error(&tx)));
             let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
@@ -366,6 +365,11 @@ fn declare_one_phase(
             Outcome::Committed
         }
         HeuristicDecision::Abort => {
+            out.note(Note::Decided {
+                tx,
+                outcome: Outcome::Aborted,
+                cause: Some(AbortCause::Operator),
+            });
             entry.state = TxState::Aborting;
             entry.abort_reason = Some("one-phase commit resolved to ABORT by an operator".into());
             let msg = abort_message(&tx, entry);

@@ -7,7 +7,7 @@ use super::state::Logged;
 use super::*;
 
 impl Engine {
-    pub(super) fn on_commit(&mut self, req: ReqId, tx: TxId, early: bool, out: &mut Vec<Command>) {
+    pub(super) fn on_commit(&mut self, req: ReqId, tx: TxId, early: bool, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
                 req,
@@ -57,9 +57,15 @@ impl Engine {
             }
         }
         entry.waiters.push(req);
+        out.note(Note::CommitRequested { tx });
         match entry.branches.len() {
             0 => {
                 // Nothing to commit anywhere.
+                out.note(Note::Decided {
+                    tx,
+                    outcome: Outcome::Committed,
+                    cause: None,
+                });
                 let waiters = std::mem::take(&mut entry.waiters);
                 reply_all(out, waiters, Ok(ReplyOk::Committed));
                 self.txs.remove(&tx);
@@ -79,7 +85,7 @@ impl Engine {
         tx: TxId,
         reason: String,
         cause: SettleCause,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
@@ -104,7 +110,7 @@ impl Engine {
                 entry.abort_waiters.push(req);
             }
             TxState::Active | TxState::Preparing => {
-                self.decide_abort(tx, why, out);
+                self.decide_abort(tx, why, cause.into(), out);
                 out.push(Command::Reply {
                     req,
                     reply: Ok(ReplyOk::Aborted),
@@ -131,21 +137,18 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_vote(
-        &mut self,
-        tx: TxId,
-        i: usize,
-        vote: RpcResult<Vote>,
-        out: &mut Vec<Command>,
-    ) {
+    pub(super) fn on_vote(&mut self, tx: TxId, i: usize, vote: RpcResult<Vote>, out: &mut Out) {
+        let ignored = Note::Ignored {
+            answer: Answer::Vote,
+        };
         let Some(entry) = self.txs.get_mut(&tx) else {
-            return;
+            return out.note(ignored);
         };
         let Some(b) = entry.branches.get_mut(i) else {
-            return;
+            return out.note(ignored);
         };
         if b.state != BranchState::Preparing || entry.state == TxState::Active {
-            return; // late or duplicate
+            return out.note(ignored); // late or duplicate
         }
         b.in_flight = false;
         if entry.state != TxState::Preparing {
@@ -174,14 +177,14 @@ impl Engine {
                 b.state = BranchState::VotedNo;
                 b.last_error = Some(reason.clone());
                 let why = format!("branch {} voted no: {reason}", b.spec.branch_id);
-                self.decide_abort(tx, why, out);
+                self.decide_abort(tx, why, AbortCause::VoteNo, out);
                 return;
             }
             Err(e) => {
                 // Unknown whether it prepared: it stays Preparing so the abort is retried.
                 b.last_error = Some(e.clone());
                 let why = format!("prepare of branch {} failed: {e}", b.spec.branch_id);
-                self.decide_abort(tx, why, out);
+                self.decide_abort(tx, why, AbortCause::VoteNo, out);
                 return;
             }
         }
@@ -201,6 +204,11 @@ impl Engine {
             .collect();
         if yes.is_empty() {
             // All read-only: nothing to commit, nothing to log.
+            out.note(Note::Decided {
+                tx,
+                outcome: Outcome::Committed,
+                cause: None,
+            });
             let waiters = std::mem::take(&mut entry.waiters);
             let logged = entry.logged != Logged::Nothing;
             reply_all(out, waiters, Ok(ReplyOk::Committed));
@@ -232,7 +240,7 @@ impl Engine {
         }));
     }
 
-    pub(super) fn on_durable(&mut self, tx: TxId, lsn: Lsn, out: &mut Vec<Command>) {
+    pub(super) fn on_durable(&mut self, tx: TxId, lsn: Lsn, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -241,6 +249,12 @@ impl Engine {
         }
         entry.state = TxState::Committing;
         entry.decision_lsn = Some(lsn);
+        out.note(Note::Decided {
+            tx,
+            outcome: Outcome::Committed,
+            cause: None,
+        });
+        out.note(Note::CommitDurable { tx });
         let waiters = std::mem::take(&mut entry.waiters);
         reply_all(out, waiters, Ok(ReplyOk::Committed));
         let abort_waiters = std::mem::take(&mut entry.abort_waiters);
@@ -248,7 +262,7 @@ impl Engine {
         self.drive_commit(tx, out);
     }
 
-    pub(super) fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Vec<Command>) {
+    pub(super) fn on_log_failed(&mut self, tx: TxId, error: String, out: &mut Out) {
         self.halt(&error, out);
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
@@ -258,6 +272,7 @@ impl Engine {
         }
         // The record may or may not be on disk: only a restart can tell. Never guess.
         entry.state = TxState::InDoubt;
+        out.note(Note::InDoubt { tx });
         let mut waiters = std::mem::take(&mut entry.waiters);
         waiters.append(&mut entry.abort_waiters);
         reply_all(out, waiters, Err(in_doubt_error(&tx)));
@@ -265,7 +280,7 @@ impl Engine {
 
     /// Sends phase-two commits to the lowest tier that still has unacknowledged branches;
     /// finishes the transaction when none are left.
-    pub(super) fn drive_commit(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn drive_commit(&mut self, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -298,22 +313,25 @@ impl Engine {
         tx: TxId,
         i: usize,
         ack: RpcResult<CommitAck>,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
+        let ignored = Note::Ignored {
+            answer: Answer::Commit,
+        };
         let Some(entry) = self.txs.get_mut(&tx) else {
-            return;
+            return out.note(ignored);
         };
         let one_phase = entry.protocol.is_one_phase();
         let Some(b) = entry.branches.get_mut(i) else {
-            return;
+            return out.note(ignored);
         };
         if !b.in_flight {
-            return; // duplicate
+            return out.note(ignored); // duplicate
         }
         b.in_flight = false;
         if one_phase {
             if entry.state != TxState::Preparing {
-                return;
+                return out.note(ignored);
             }
             match ack {
                 Ok(CommitAck::Committed) => self.one_phase_committed(tx, out),
@@ -321,7 +339,7 @@ impl Engine {
                     b.state = BranchState::Aborted;
                     b.last_error = Some(reason.clone());
                     let why = format!("branch {} refused to commit: {reason}", b.spec.branch_id);
-                    self.decide_abort(tx, why, out);
+                    self.decide_abort(tx, why, AbortCause::VoteNo, out);
                 }
                 Err(e) => {
                     // Whether it committed is unknown; ask again (the participant answers
@@ -332,7 +350,7 @@ impl Engine {
             return;
         }
         if entry.state != TxState::Committing || b.state != BranchState::Prepared {
-            return;
+            return out.note(ignored);
         }
         match ack {
             Ok(_) => {
@@ -360,17 +378,20 @@ impl Engine {
         tx: TxId,
         i: usize,
         ack: RpcResult<AbortAck>,
-        out: &mut Vec<Command>,
+        out: &mut Out,
     ) {
+        let ignored = Note::Ignored {
+            answer: Answer::Abort,
+        };
         let Some(entry) = self.txs.get_mut(&tx) else {
-            return;
+            return out.note(ignored);
         };
         let settling = entry.protocol.settles_by_abort() && entry.state == TxState::Preparing;
         let Some(b) = entry.branches.get_mut(i) else {
-            return;
+            return out.note(ignored);
         };
         if !b.in_flight || !(settling || entry.state == TxState::Aborting) {
-            return;
+            return out.note(ignored);
         }
         b.in_flight = false;
         if settling {
@@ -392,7 +413,13 @@ impl Engine {
                             b.spec.branch_id
                         )
                     });
-                    self.decide_abort(tx, why, out);
+                    let cause = match entry.protocol {
+                        Protocol::Local {
+                            settling: Some(cause),
+                        } => cause.into(),
+                        _ => AbortCause::Other,
+                    };
+                    self.decide_abort(tx, why, cause, out);
                 }
                 Ok(AbortAck::Unreported) => {
                     let why = "the participant does not report whether it had committed the \
@@ -422,14 +449,15 @@ impl Engine {
         self.finish_abort_if_done(tx, out);
     }
 
-    pub(super) fn on_timer(&mut self, tx: TxId, timer: Timer, out: &mut Vec<Command>) {
+    pub(super) fn on_timer(&mut self, tx: TxId, timer: Timer, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
         match timer {
             Timer::TxTimeout => {
                 if entry.state == TxState::Active {
-                    self.decide_abort(tx, "transaction timed out while active".into(), out);
+                    let why = "transaction timed out while active".into();
+                    self.decide_abort(tx, why, AbortCause::TxTimeout, out);
                 } else if entry.state == TxState::Preparing && entry.is_local() {
                     let why = "transaction timed out before its participant reported the commit";
                     self.settle_local(tx, SettleCause::Timeout, why.into(), out);
@@ -448,7 +476,7 @@ impl Engine {
                         self.cfg.prepare_timeout_ms,
                         slow.join(", ")
                     );
-                    self.decide_abort(tx, why, out);
+                    self.decide_abort(tx, why, AbortCause::PrepareTimeout, out);
                 }
             }
             Timer::Retry { branch } => {
@@ -465,39 +493,36 @@ impl Engine {
                 if b.in_flight {
                     return;
                 }
-                match state {
-                    TxState::Committing if b.state == BranchState::Prepared => send(
-                        out,
-                        tx,
-                        branch,
-                        b,
-                        Message::Commit { one_phase: false },
-                        lsn,
-                    ),
-                    TxState::Preparing if one_phase && b.state == BranchState::Preparing => send(
-                        out,
-                        tx,
-                        branch,
-                        b,
-                        Message::Commit { one_phase: true },
-                        None,
-                    ),
+                let message = match state {
+                    TxState::Committing if b.state == BranchState::Prepared => {
+                        Message::Commit { one_phase: false }
+                    }
+                    TxState::Preparing if one_phase && b.state == BranchState::Preparing => {
+                        Message::Commit { one_phase: true }
+                    }
                     TxState::Preparing if settling && b.state == BranchState::Preparing => {
-                        send(out, tx, branch, b, Message::Abort, None)
+                        Message::Abort
                     }
                     TxState::Aborting
                         if matches!(b.state, BranchState::Preparing | BranchState::Prepared) =>
                     {
-                        send(out, tx, branch, b, Message::Abort, None)
+                        Message::Abort
                     }
-                    _ => {}
-                }
+                    _ => return,
+                };
+                // Only the commit of a two-phase COMMIT depends on the log.
+                let requires = match message {
+                    Message::Commit { one_phase: false } => lsn,
+                    _ => None,
+                };
+                send(out, tx, branch, b, message, requires);
+                out.note(Note::Resent { message });
             }
         }
     }
 
     /// Decides ABORT (no log write: presumed abort) and sends aborts.
-    pub(super) fn decide_abort(&mut self, tx: TxId, why: String, out: &mut Vec<Command>) {
+    pub(super) fn decide_abort(&mut self, tx: TxId, why: String, cause: AbortCause, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             return;
         };
@@ -510,6 +535,11 @@ impl Engine {
         );
         entry.state = TxState::Aborting;
         entry.abort_reason = Some(why);
+        out.note(Note::Decided {
+            tx,
+            outcome: Outcome::Aborted,
+            cause: Some(cause),
+        });
         let msg = abort_message(&tx, entry);
         let waiters = std::mem::take(&mut entry.waiters);
         reply_all(out, waiters, Err(TxError::Aborted(msg)));
@@ -531,7 +561,7 @@ impl Engine {
         self.finish_abort_if_done(tx, out);
     }
 
-    pub(super) fn finish_abort_if_done(&mut self, tx: TxId, out: &mut Vec<Command>) {
+    pub(super) fn finish_abort_if_done(&mut self, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.get(&tx) else {
             return;
         };
@@ -560,7 +590,7 @@ impl Engine {
 
 /// Phase one of a Commit with two or more branches: the PREPARING record (lazy) and a
 /// prepare to every branch at once, bounded by the prepare timeout.
-fn start_prepare(cfg: &EngineConfig, tx: TxId, entry: &mut TxEntry, out: &mut Vec<Command>) {
+fn start_prepare(cfg: &EngineConfig, tx: TxId, entry: &mut TxEntry, out: &mut Out) {
     entry.state = TxState::Preparing;
     entry.logged = Logged::Preparing;
     let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
