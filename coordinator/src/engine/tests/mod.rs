@@ -1,0 +1,373 @@
+//! Unit tests of the engine: the exact commands for every path, including duplicate and
+//! late messages. One file per handler module; the helpers they share are here.
+
+use super::*;
+use crate::types::BranchKind;
+
+const NODE: u32 = 0xabc;
+const EPOCH: u64 = 3;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        prepare_timeout_ms: 1_000,
+        tx_timeout_ms: 5_000,
+        max_tx_timeout_ms: 10_000,
+        max_branches: 4,
+        retry_initial_ms: 10,
+        retry_max_ms: 80,
+        one_phase: true,
+    }
+}
+
+fn spec(id: &str, order: u32) -> BranchSpec {
+    BranchSpec {
+        branch_id: id.into(),
+        endpoint: format!("http://127.0.0.1:{}", 7000 + order),
+        commit_order: order,
+        kind: if order == 0 {
+            BranchKind::Database
+        } else {
+            BranchKind::Broker
+        },
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(cfg(), NODE, EPOCH)
+}
+
+fn tx(seq: u64) -> TxId {
+    TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq,
+    }
+}
+
+fn send(
+    t: TxId,
+    i: usize,
+    b: &BranchSpec,
+    message: Message,
+    requires_durable: Option<Lsn>,
+) -> Command {
+    Command::Send {
+        tx: t,
+        branch: i,
+        endpoint: b.endpoint.clone(),
+        branch_id: b.branch_id.clone(),
+        message,
+        requires_durable,
+    }
+}
+
+fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
+    Command::Reply { req, reply: r }
+}
+
+/// The id a Begin answered with (its reply comes last).
+fn begun(cmds: &[Command]) -> TxId {
+    match cmds.last() {
+        Some(Command::Reply {
+            reply: Ok(ReplyOk::Begun(t)),
+            ..
+        }) => *t,
+        Some(Command::Reply {
+            reply: Ok(ReplyOk::BegunLocal(ts)),
+            ..
+        }) if ts.len() == 1 => ts[0],
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Begins a transaction with `branches` enlisted through Begin.
+fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
+    let cmds = e.handle(
+        0,
+        Event::Begin {
+            req: 1,
+            timeout_ms: 0,
+            branches: branches.to_vec(),
+        },
+    );
+    let t = begun(&cmds);
+    assert_eq!(
+        cmds[0],
+        Command::ArmTimer {
+            tx: t,
+            timer: Timer::TxTimeout,
+            after_ms: 5_000
+        }
+    );
+    let rest = &cmds[1..cmds.len() - 1];
+    if e.config().one_phase && branches.len() == 1 {
+        assert_eq!(
+            rest,
+            &[
+                Command::LogLazy(LazyRecord::OnePhase {
+                    tx: t,
+                    branch: branches[0].clone()
+                }),
+                Command::Sync { tx: t }
+            ],
+            "the first branch's one-phase intent is written and synced in the background"
+        );
+    } else {
+        assert_eq!(rest, &[]);
+    }
+    t
+}
+
+/// Commits a two-branch transaction up to the force of its decision.
+fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
+    let t = begin(e, &[a.clone(), b.clone()]);
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
+    assert!(e
+        .handle(
+            2,
+            Event::Voted {
+                tx: t,
+                branch: 0,
+                vote: Ok(Vote::Yes)
+            }
+        )
+        .is_empty());
+    let cmds = e.handle(
+        3,
+        Event::Voted {
+            tx: t,
+            branch: 1,
+            vote: Ok(Vote::Yes),
+        },
+    );
+    assert!(
+        matches!(cmds.as_slice(), [Command::ForceCommit(_)]),
+        "{cmds:?}"
+    );
+    t
+}
+
+/// Commit of a single-branch transaction (begun with its branch) up to the one-phase
+/// commit going out: the intent written at Begin becomes durable while the transaction is
+/// active, so the commit goes out at once.
+fn one_phase_commit_sent(e: &mut Engine, now: u64, req: ReqId, t: TxId, a: &BranchSpec) {
+    one_phase_commit_sent_as(e, now, req, t, a, false)
+}
+
+/// [`one_phase_commit_sent`] for a Commit with `early` as given.
+fn one_phase_commit_sent_as(
+    e: &mut Engine,
+    now: u64,
+    req: ReqId,
+    t: TxId,
+    a: &BranchSpec,
+    early: bool,
+) {
+    assert_eq!(
+        e.handle(now, Event::Synced { tx: t }),
+        vec![],
+        "the intent became durable while the transaction was active"
+    );
+    assert_eq!(
+        e.handle(now, Event::Commit { req, tx: t, early }),
+        vec![send(t, 0, a, Message::Commit { one_phase: true }, None)],
+        "the intent is durable: the one-phase commit goes out at once"
+    );
+}
+
+/// Feeds recovery one one-phase intent (`tx`, `a`) and checks that the branch is asked
+/// with an abort: the client may never have asked to commit, and the answer says what the
+/// branch did.
+fn recover_intent(e: &mut Engine, now: u64, tx: TxId, a: &BranchSpec) {
+    let cmds = e.handle(
+        now,
+        Event::Recovered(Recovered {
+            one_phase: vec![(tx, a.clone())],
+            ..Recovered::default()
+        }),
+    );
+    assert_eq!(cmds, vec![send(tx, 0, a, Message::Abort, None)]);
+    assert_eq!(
+        e.outcome_of(&tx, false),
+        Ok(None),
+        "undecided until the branch answers"
+    );
+}
+
+fn ask(decision: HeuristicDecision, force: bool) -> ResolveRequest {
+    ResolveRequest {
+        decision,
+        operator: "alice".into(),
+        reason: "participant host decommissioned".into(),
+        force,
+    }
+}
+
+fn resolve_ev(req: ReqId, t: TxId, decision: HeuristicDecision, force: bool) -> Event {
+    Event::Resolve {
+        req,
+        tx: t,
+        request: ask(decision, force),
+        logged: None,
+    }
+}
+
+/// The audit record the engine must force for a resolution.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    t: TxId,
+    decision: HeuristicDecision,
+    force: bool,
+    prior: &str,
+    accepted: bool,
+    contradicts: bool,
+    branches: &[&str],
+    detail: &str,
+) -> AuditRecord {
+    AuditRecord {
+        tx: t,
+        decision,
+        operator: "alice".into(),
+        reason: "participant host decommissioned".into(),
+        force,
+        at_ms: 0,
+        prior_state: prior.into(),
+        accepted,
+        contradicts,
+        branches: branches.iter().map(|b| b.to_string()).collect(),
+        detail: detail.into(),
+    }
+}
+
+/// The single ForceAudit of `cmds` (which must hold nothing else unless `others`).
+#[track_caller]
+fn forced_audit(cmds: &[Command], req: ReqId) -> AuditRecord {
+    let audits: Vec<&AuditRecord> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::ForceAudit { req: r, record } if *r == req => Some(record),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audits.len(), 1, "want one ForceAudit for {req}: {cmds:?}");
+    audits[0].clone()
+}
+
+/// A two-branch transaction in phase two: `a` acknowledged, `b` failing (one retry armed).
+fn committing_with_stuck_branch(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
+    let t = prepared_pair(e, a, b);
+    e.handle(5, Event::LogDurable { tx: t, lsn: 3 });
+    e.handle(
+        6,
+        Event::CommitAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(
+        e.handle(
+            7,
+            Event::CommitAcked {
+                tx: t,
+                branch: 1,
+                ack: Err("connection refused".into()),
+            },
+        ),
+        vec![Command::ArmTimer {
+            tx: t,
+            timer: Timer::Retry { branch: 1 },
+            after_ms: 10
+        }]
+    );
+    t
+}
+
+/// Begins a local transaction (`commit_locally`) of branch `a` as request `req`: answered
+/// at once, its intent written and synced in the background.
+fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
+    let cmds = e.handle(
+        now,
+        Event::BeginLocal {
+            req,
+            timeout_ms: 0,
+            branch: a.clone(),
+            count: 1,
+        },
+    );
+    let t = begun(&cmds);
+    assert_eq!(
+        cmds,
+        vec![
+            Command::ArmTimer {
+                tx: t,
+                timer: Timer::TxTimeout,
+                after_ms: 5_000
+            },
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t },
+            reply(req, Ok(ReplyOk::BegunLocal(vec![t]))),
+        ],
+        "answered before the intent is durable (the participant waits for a Barrier)"
+    );
+    let entry = e.tx(&t).expect("held");
+    assert_eq!(
+        entry.state,
+        TxState::Preparing,
+        "in its participant's hands"
+    );
+    assert_eq!(
+        entry
+            .pending_branches()
+            .iter()
+            .map(|b| b.spec.branch_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    t
+}
+
+/// The answer, record and end of a local transaction its participant answered ABORTED
+/// (asked with an abort for the caller `req`).
+fn aborted_by_its_branch(t: TxId, req: ReqId) -> Vec<Command> {
+    vec![
+        reply(req, Ok(ReplyOk::Aborted)),
+        Command::LogLazy(LazyRecord::Aborted { tx: t }),
+        Command::Finished {
+            tx: t,
+            outcome: Outcome::Aborted,
+        },
+    ]
+}
+
+/// The outcome record and answers of a one-phase commit finished without a sync.
+fn committed_at_once(t: TxId, a: &BranchSpec, req: ReqId) -> Vec<Command> {
+    vec![
+        Command::LogLazy(LazyRecord::OnePhaseCommitted {
+            tx: t,
+            branches: vec![a.clone()],
+        }),
+        reply(req, Ok(ReplyOk::Committed)),
+        Command::Finished {
+            tx: t,
+            outcome: Outcome::Committed,
+        },
+    ]
+}
+
+mod begin;
+mod local;
+mod one_phase;
+mod recover;
+mod resolve;
+mod two_phase;

@@ -1,0 +1,395 @@
+//! One-phase commit of a single branch: its intent and outcome syncs, early answers, failed syncs, the switch.
+
+use super::*;
+
+#[test]
+fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent(&mut e, 1, 10, t, &a);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: t,
+                branches: vec![a.clone()]
+            }),
+            Command::Sync { tx: t },
+        ],
+        "the client hears nothing before the outcome is durable"
+    );
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
+    // A repeated Commit (and an Abort) waits for the same sync.
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Commit {
+                req: 14,
+                tx: t,
+                early: false
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Abort {
+                req: 15,
+                tx: t,
+                reason: String::new()
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(3, Event::Synced { tx: t }),
+        vec![
+            reply(10, Ok(ReplyOk::Committed)),
+            reply(14, Ok(ReplyOk::Committed)),
+            reply(
+                15,
+                Err(TxError::FailedPrecondition(format!(
+                    "transaction {t} cannot be aborted: its outcome is COMMITTED"
+                )))
+            ),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+    // Refused one-phase commit: aborted, the intent dropped, nothing left to send.
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent(&mut e, 3, 11, t2, &a);
+    assert_eq!(
+        e.handle(
+            4,
+            Event::CommitAcked {
+                tx: t2,
+                branch: 0,
+                ack: Ok(CommitAck::Refused("check violation".into()))
+            }
+        ),
+        vec![
+            reply(
+                11,
+                Err(TxError::Aborted(format!(
+                    "transaction {t2} aborted: branch a refused to commit: check violation"
+                )))
+            ),
+            Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
+            Command::Finished {
+                tx: t2,
+                outcome: Outcome::Aborted
+            },
+        ]
+    );
+    // Lost answer: the one-phase commit is asked again until the participant answers.
+    let t3 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent(&mut e, 5, 12, t3, &a);
+    assert_eq!(
+        e.handle(
+            6,
+            Event::CommitAcked {
+                tx: t3,
+                branch: 0,
+                ack: Err("timeout".into())
+            }
+        ),
+        vec![Command::ArmTimer {
+            tx: t3,
+            timer: Timer::Retry { branch: 0 },
+            after_ms: 10
+        }]
+    );
+    assert_eq!(
+        e.handle(
+            16,
+            Event::Timer {
+                tx: t3,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![send(t3, 0, &a, Message::Commit { one_phase: true }, None)]
+    );
+    // An Abort during a one-phase commit waits for the participant's answer.
+    assert_eq!(
+        e.handle(
+            17,
+            Event::Abort {
+                req: 13,
+                tx: t3,
+                reason: String::new()
+            }
+        ),
+        vec![]
+    );
+    e.handle(
+        18,
+        Event::CommitAcked {
+            tx: t3,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    let cmds = e.handle(19, Event::Synced { tx: t3 });
+    assert_eq!(cmds[0], reply(12, Ok(ReplyOk::Committed)));
+    assert_eq!(
+        cmds[1],
+        reply(
+            13,
+            Err(TxError::FailedPrecondition(format!(
+                "transaction {t3} cannot be aborted: its outcome is COMMITTED"
+            )))
+        )
+    );
+}
+
+#[test]
+fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    assert_eq!(
+        e.handle(
+            1,
+            Event::Commit {
+                req: 10,
+                tx: t,
+                early: false
+            }
+        ),
+        vec![],
+        "the intent's sync (started at Begin) is still running"
+    );
+    assert_eq!(
+        e.handle(
+            2,
+            Event::Timer {
+                tx: t,
+                timer: Timer::Retry { branch: 0 }
+            }
+        ),
+        vec![],
+        "nothing goes to the branch before the intent is durable"
+    );
+    assert_eq!(
+        e.handle(3, Event::Synced { tx: t }),
+        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
+    );
+    // A stale Synced for a finished or unknown transaction does nothing.
+    let other = TxId {
+        node: NODE,
+        epoch: EPOCH,
+        seq: 999,
+    };
+    assert_eq!(e.handle(2, Event::Synced { tx: other }), vec![]);
+}
+
+#[test]
+fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    // The intent's sync fails: nothing was sent, the restart decides.
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
+    let cmds = e.handle(
+        2,
+        Event::SyncFailed {
+            tx: t,
+            error: "disk gone".into(),
+        },
+    );
+    assert!(matches!(&cmds[0], Command::Halt { reason } if reason.contains("disk gone")));
+    assert!(
+        matches!(&cmds[1], Command::Reply { req: 10, reply: Err(TxError::Unavailable(m)) } if m.contains("restarts")),
+        "{cmds:?}"
+    );
+    assert_eq!(cmds.len(), 2, "nothing is sent: {cmds:?}");
+    assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::InDoubt));
+}
+
+#[test]
+fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 1, 10, t, &a, true);
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: t,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: t,
+                branches: vec![a.clone()]
+            }),
+            reply(10, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: t,
+                outcome: Outcome::Committed
+            },
+        ],
+        "answered with the outcome written but not synced (the caller's Barrier syncs it)"
+    );
+    // An Abort waiting as well is told COMMITTED only once that is durable.
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 3, 11, t2, &a, true);
+    e.handle(
+        3,
+        Event::Abort {
+            req: 12,
+            tx: t2,
+            reason: String::new(),
+        },
+    );
+    let cmds = e.handle(
+        4,
+        Event::CommitAcked {
+            tx: t2,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(cmds.last(), Some(&Command::Sync { tx: t2 }), "{cmds:?}");
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    // So is a second Commit that did not ask for an early answer.
+    let t3 = begin(&mut e, std::slice::from_ref(&a));
+    one_phase_commit_sent_as(&mut e, 5, 13, t3, &a, true);
+    assert_eq!(
+        e.handle(
+            5,
+            Event::Commit {
+                req: 14,
+                tx: t3,
+                early: false
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        6,
+        Event::CommitAcked {
+            tx: t3,
+            branch: 0,
+            ack: Ok(CommitAck::Committed),
+        },
+    );
+    assert_eq!(cmds.last(), Some(&Command::Sync { tx: t3 }), "{cmds:?}");
+    assert_eq!(
+        e.handle(7, Event::Synced { tx: t3 }),
+        vec![
+            reply(13, Ok(ReplyOk::Committed)),
+            reply(14, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: t3,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+}
+
+#[test]
+fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_failed_sync() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    // Aborted while its intent syncs: the intent is removed; the late Synced does nothing.
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    e.handle(
+        1,
+        Event::Abort {
+            req: 10,
+            tx: t,
+            reason: String::new(),
+        },
+    );
+    let cmds = e.handle(
+        1,
+        Event::AbortAcked {
+            tx: t,
+            branch: 0,
+            ack: Ok(AbortAck::Aborted),
+        },
+    );
+    assert!(
+        cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: t })),
+        "{cmds:?}"
+    );
+    assert_eq!(e.handle(2, Event::Synced { tx: t }), vec![]);
+    // The background sync fails: the log is failed, nothing else happens yet...
+    let t2 = begin(&mut e, std::slice::from_ref(&a));
+    let cmds = e.handle(
+        3,
+        Event::SyncFailed {
+            tx: t2,
+            error: "disk gone".into(),
+        },
+    );
+    assert!(
+        matches!(cmds.as_slice(), [Command::Halt { .. }]),
+        "{cmds:?}"
+    );
+    assert_eq!(e.tx(&t2).map(|x| x.state), Some(TxState::Active));
+    // ...and a Commit does not send anything before the intent is durable.
+    assert_eq!(
+        e.handle(
+            4,
+            Event::Commit {
+                req: 11,
+                tx: t2,
+                early: true
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhase {
+                tx: t2,
+                branch: a.clone()
+            }),
+            Command::Sync { tx: t2 },
+        ]
+    );
+}
+
+#[test]
+fn one_phase_can_be_switched_off() {
+    let mut e = Engine::new(
+        EngineConfig {
+            one_phase: false,
+            ..cfg()
+        },
+        NODE,
+        EPOCH,
+    );
+    let a = spec("a", 0);
+    let t = begin(&mut e, std::slice::from_ref(&a));
+    let cmds = e.handle(
+        1,
+        Event::Commit {
+            req: 10,
+            tx: t,
+            early: false,
+        },
+    );
+    assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));
+}

@@ -1,0 +1,265 @@
+//! Recovery at start: COMMIT records re-driven, undecided transactions aborted, one-phase intents settled by asking the branch.
+
+use super::*;
+
+#[test]
+fn recovered_one_phase_intents_ask_their_branch_again() {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let old = TxId {
+        node: NODE,
+        epoch: EPOCH - 1,
+        seq: 7,
+    };
+    recover_intent(&mut e, 0, old, &a);
+    // An answer that does not say, or none: asked again (with an abort, never a commit).
+    for (now, ack) in [
+        (1, Ok(AbortAck::Unreported)),
+        (30, Err("connection refused".to_string())),
+    ] {
+        assert_eq!(
+            e.handle(
+                now,
+                Event::AbortAcked {
+                    tx: old,
+                    branch: 0,
+                    ack
+                }
+            ),
+            vec![Command::ArmTimer {
+                tx: old,
+                timer: Timer::Retry { branch: 0 },
+                after_ms: if now == 1 { 10 } else { 20 }
+            }]
+        );
+        assert_eq!(
+            e.handle(
+                now + 20,
+                Event::Timer {
+                    tx: old,
+                    timer: Timer::Retry { branch: 0 }
+                }
+            ),
+            vec![send(old, 0, &a, Message::Abort, None)]
+        );
+    }
+    let last_error = e.tx(&old).and_then(|x| x.branches[0].last_error.clone());
+    assert_eq!(last_error.as_deref(), Some("connection refused"));
+    // A client that asks meanwhile waits for the branch's answer.
+    assert_eq!(
+        e.handle(
+            55,
+            Event::Commit {
+                req: 9,
+                tx: old,
+                early: false
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(
+        e.handle(
+            60,
+            Event::AbortAcked {
+                tx: old,
+                branch: 0,
+                ack: Ok(AbortAck::AlreadyCommitted),
+            },
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: old,
+                branches: vec![a.clone()]
+            }),
+            Command::Sync { tx: old },
+        ],
+        "committed in one phase: the outcome is written, and synced for the waiting client"
+    );
+    assert_eq!(e.outcome_of(&old, false), Ok(Some(Outcome::Committed)));
+    assert_eq!(
+        e.handle(61, Event::Synced { tx: old }),
+        vec![
+            reply(9, Ok(ReplyOk::Committed)),
+            Command::Finished {
+                tx: old,
+                outcome: Outcome::Committed
+            }
+        ]
+    );
+    // Nobody waiting: the outcome is written and the transaction finished at once.
+    let old1 = TxId { seq: 9, ..old };
+    recover_intent(&mut e, 62, old1, &a);
+    assert_eq!(
+        e.handle(
+            63,
+            Event::AbortAcked {
+                tx: old1,
+                branch: 0,
+                ack: Ok(AbortAck::AlreadyCommitted),
+            },
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::OnePhaseCommitted {
+                tx: old1,
+                branches: vec![a.clone()]
+            }),
+            Command::Finished {
+                tx: old1,
+                outcome: Outcome::Committed
+            }
+        ]
+    );
+    // A branch that reports it aborted (or never had it): aborted, the intent dropped.
+    let old2 = TxId { seq: 8, ..old };
+    recover_intent(&mut e, 70, old2, &a);
+    assert_eq!(
+        e.handle(
+            71,
+            Event::Commit {
+                req: 10,
+                tx: old2,
+                early: true
+            }
+        ),
+        vec![]
+    );
+    let cmds = e.handle(
+        72,
+        Event::AbortAcked {
+            tx: old2,
+            branch: 0,
+            ack: Ok(AbortAck::Aborted),
+        },
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            reply(
+                10,
+                Err(TxError::Aborted(format!(
+                    "transaction {old2} aborted: the coordinator restarted before the one-phase \
+                     commit was confirmed, and branch a reports it rolled back"
+                )))
+            ),
+            Command::LogLazy(LazyRecord::Aborted { tx: old2 }),
+            Command::Finished {
+                tx: old2,
+                outcome: Outcome::Aborted
+            }
+        ]
+    );
+}
+
+#[test]
+fn recovery_redrives_commits_and_aborts_undecided_transactions() {
+    let mut e = engine();
+    let (db, mq) = (spec("db", 0), spec("mq", 10));
+    let old_commit = TxId {
+        node: NODE,
+        epoch: 2,
+        seq: 4,
+    };
+    let old_undecided = TxId {
+        node: NODE,
+        epoch: 2,
+        seq: 5,
+    };
+    let cmds = e.handle(
+        0,
+        Event::Recovered(Recovered {
+            commits: vec![CommitRecord {
+                tx: old_commit,
+                branches: vec![db.clone(), mq.clone()],
+                decided_at_ms: 1,
+            }],
+            undecided: vec![(old_undecided, vec![db.clone()])],
+            one_phase: vec![],
+        }),
+    );
+    assert_eq!(
+        cmds,
+        vec![
+            send(
+                old_commit,
+                0,
+                &db,
+                Message::Commit { one_phase: false },
+                None
+            ),
+            send(old_undecided, 0, &db, Message::Abort, None),
+        ]
+    );
+    assert_eq!(
+        e.tx(&old_commit).map(|x| x.state),
+        Some(TxState::Committing)
+    );
+    // A participant asking meanwhile hears COMMITTED; Abort is refused.
+    assert!(matches!(
+        e.handle(
+            1,
+            Event::Abort {
+                req: 1,
+                tx: old_commit,
+                reason: String::new()
+            }
+        )
+        .as_slice(),
+        [Command::Reply {
+            reply: Err(TxError::FailedPrecondition(_)),
+            ..
+        }]
+    ));
+    assert_eq!(
+        e.handle(
+            2,
+            Event::CommitAcked {
+                tx: old_commit,
+                branch: 0,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![send(
+            old_commit,
+            1,
+            &mq,
+            Message::Commit { one_phase: false },
+            None
+        )]
+    );
+    assert_eq!(
+        e.handle(
+            3,
+            Event::CommitAcked {
+                tx: old_commit,
+                branch: 1,
+                ack: Ok(CommitAck::Committed)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Done { tx: old_commit }),
+            Command::Finished {
+                tx: old_commit,
+                outcome: Outcome::Committed
+            },
+        ]
+    );
+    assert_eq!(
+        e.handle(
+            4,
+            Event::AbortAcked {
+                tx: old_undecided,
+                branch: 0,
+                ack: Ok(AbortAck::Aborted)
+            }
+        ),
+        vec![
+            Command::LogLazy(LazyRecord::Aborted { tx: old_undecided }),
+            Command::Finished {
+                tx: old_undecided,
+                outcome: Outcome::Aborted
+            },
+        ]
+    );
+    // New ids start over in the new epoch.
+    assert_eq!(begin(&mut e, &[]), tx(1));
+}
