@@ -2050,6 +2050,34 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
     .await;
 }
 
+/// An order-service world (one-phase on, transaction timeout `tx_timeout_ms`) whose
+/// service placed order o1 with its event staged in the database and died right after
+/// its local commit, before reporting it (a fail point aborts it there).
+async fn killed_after_its_local_commit(name: &str, tx_timeout_ms: &str) -> OrderWorld {
+    let mut w = OrderWorld::start_with(
+        name,
+        &[],
+        &[("--one-phase", "true"), ("--tx-timeout-ms", tx_timeout_ms)],
+    )
+    .await;
+    let point = "participant::after_local_commit_before_report";
+    let run = w
+        .run(
+            &["--place", "o1", "--stage-events", "database"],
+            &format!("{point}=return(abort)"),
+        )
+        .await;
+    assert_eq!(
+        run.status.signal(),
+        Some(libc::SIGABRT),
+        "the order service should die at {point}: {:?}; stdout {:?}; stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    w
+}
+
 /// `order-service --recover` after a kill right after a local commit: the commit its
 /// one-phase marker remembers is listed, reported (the coordinator records COMMITTED) and
 /// counted in `recovered N`.
@@ -2057,20 +2085,7 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
 async fn order_service_recover_reports_and_counts_an_unreported_local_commit() {
     with_deadline(TEST_DEADLINE, async {
         // A long transaction timeout: only the recovery run can tell the coordinator.
-        let mut w = OrderWorld::start_with(
-            "local-commit-recover",
-            &[],
-            &[("--one-phase", "true"), ("--tx-timeout-ms", "60000")],
-        )
-        .await;
-        let point = "participant::after_local_commit_before_report";
-        let run = w
-            .run(
-                &["--place", "o1", "--stage-events", "database"],
-                &format!("{point}=return(abort)"),
-            )
-            .await;
-        assert_eq!(run.status.signal(), Some(libc::SIGABRT), "{:?}", run.stderr);
+        let mut w = killed_after_its_local_commit("local-commit-recover", "60000").await;
         let run = w
             .run(&["--recover", "--stage-events", "database"], "")
             .await;
@@ -2107,27 +2122,7 @@ async fn order_service_recover_reports_and_counts_an_unreported_local_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_service_killed_after_its_local_commit_is_reported_committed() {
     with_deadline(TEST_DEADLINE, async {
-        let mut w = OrderWorld::start_with(
-            "local-commit-crash",
-            &[],
-            &[("--one-phase", "true"), ("--tx-timeout-ms", "1000")],
-        )
-        .await;
-        let point = "participant::after_local_commit_before_report";
-        let run = w
-            .run(
-                &["--place", "o1", "--stage-events", "database"],
-                &format!("{point}=return(abort)"),
-            )
-            .await;
-        assert_eq!(
-            run.status.signal(),
-            Some(libc::SIGABRT),
-            "the order service should die at {point}: {:?}; stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
+        let mut w = killed_after_its_local_commit("local-commit-crash", "1000").await;
         assert!(
             w.order_row("o1").await.is_some(),
             "committed before the crash"
