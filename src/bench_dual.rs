@@ -287,7 +287,13 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir_in(".").context("cannot create the benchmark directory")?;
     let tag = format!("{}_{}", std::process::id(), demo::chrono_like_stamp());
 
-    let (pg_url, cluster) = demo::postgres_for_demo(&args.services.postgres_url).await?;
+    // A private cluster syncs its writes like the servers users run (the test clusters
+    // do not), so no mode looks cheaper than it is.
+    let durable = twopc_testkit::PgClusterOptions {
+        settings: vec![("fsync".into(), "on".into())],
+        ..Default::default()
+    };
+    let (pg_url, cluster) = demo::postgres_for_demo(&args.services.postgres_url, durable).await?;
     let db_name = format!("twopc_bench_{tag}");
     demo::create_database(&pg_url, &db_name).await?;
     let db_url = demo::with_dbname(&pg_url, &db_name);

@@ -28,7 +28,7 @@ use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;
 use twopc_participant::staging::StagingStore;
 use twopc_participant::{OutboxOptions, TwoPc};
-use twopc_testkit::PgCluster;
+use twopc_testkit::{PgCluster, PgClusterOptions};
 
 use crate::order_service::{
     apply_event, ConsumerStats, EventStaging, Order, OrderService, Placed, INVENTORY_SCHEMA,
@@ -141,7 +141,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tag = format!("{}_{}", std::process::id(), chrono_like_stamp());
 
     // PostgreSQL: the given one if it can prepare transactions, else a private cluster.
-    let (pg_url, _cluster) = postgres_for_demo(&args.services.postgres_url).await?;
+    let (pg_url, _cluster) =
+        postgres_for_demo(&args.services.postgres_url, PgClusterOptions::default()).await?;
     let db_name = format!("twopc_demo_{tag}");
     create_database(&pg_url, &db_name).await?;
     let db_url = with_dbname(&pg_url, &db_name);
@@ -518,7 +519,13 @@ fn print_report(r: &Report) {
 
 /// The PostgreSQL URL to use, and the private cluster backing it (kept alive by the
 /// caller) when the given one cannot prepare transactions.
-pub(crate) async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Option<PgCluster>)> {
+/// The PostgreSQL at `url` if it has prepared transactions enabled, else a private
+/// throwaway cluster started with `options` (and the private cluster, kept alive by the
+/// caller).
+pub(crate) async fn postgres_for_demo(
+    url: &str,
+    options: PgClusterOptions,
+) -> anyhow::Result<(String, Option<PgCluster>)> {
     match twopc_testkit::prepared_transactions_enabled(url).await {
         Ok(true) => return Ok((url.to_string(), None)),
         Ok(false) => eprintln!(
@@ -527,7 +534,7 @@ pub(crate) async fn postgres_for_demo(url: &str) -> anyhow::Result<(String, Opti
         ),
         Err(e) => eprintln!("note: PostgreSQL at {} is not usable ({e}); starting a private cluster", redact(url)),
     }
-    let cluster = PgCluster::start().await.context(
+    let cluster = PgCluster::start_with(options).await.context(
         "could not start a private PostgreSQL cluster: install PostgreSQL (Debian: apt-get install postgresql) \
          or pass --postgres-url of a server with max_prepared_transactions > 0",
     )?;
