@@ -829,7 +829,7 @@ mod tests {
             Event::Commit {
                 req: 2,
                 tx: t2,
-                early: false,
+                answer_before_durable: false,
             },
         );
         let ev = Event::Timer {
@@ -847,7 +847,7 @@ mod tests {
             Event::Commit {
                 req: 3,
                 tx: t3,
-                early: false,
+                answer_before_durable: false,
             },
         );
         step(&mut e, &m, 10, Event::Synced { tx: t3 });
@@ -958,7 +958,7 @@ mod tests {
             Event::Commit {
                 req: 2,
                 tx: t1,
-                early: false,
+                answer_before_durable: false,
             },
         );
         resolve(&mut e, &m, 3, t1, true, false);
@@ -991,7 +991,7 @@ mod tests {
             Event::Commit {
                 req: 5,
                 tx: t2,
-                early: false,
+                answer_before_durable: false,
             },
         );
         resolve(&mut e, &m, 6, t2, false, false);
@@ -1004,7 +1004,7 @@ mod tests {
             Event::Commit {
                 req: 8,
                 tx: t3,
-                early: false,
+                answer_before_durable: false,
             },
         );
         resolve(&mut e, &m, 9, t3, true, false);
@@ -1027,7 +1027,7 @@ mod tests {
             Event::Commit {
                 req: 11,
                 tx: t4,
-                early: false,
+                answer_before_durable: false,
             },
         );
         for branch in [0, 1] {
@@ -1073,7 +1073,7 @@ mod tests {
             Event::Commit {
                 req: 2,
                 tx: t,
-                early: false,
+                answer_before_durable: false,
             },
         );
         let yes = |branch| Event::Voted {
@@ -1145,7 +1145,7 @@ mod tests {
             Event::Commit {
                 req: 9,
                 tx: t,
-                early: false,
+                answer_before_durable: false,
             },
         );
         let stats = LogStats {

@@ -271,8 +271,12 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     }
 
     /// Commit RPC with `committed_locally`: the participant of a local transaction reports
-    /// that it committed; recorded as COMMITTED (synced before the answer unless `early`).
-    pub async fn committed_locally(&self, tx: TxId, early: bool) -> Result<CommitResult, TxError> {
+    /// that it committed; recorded as COMMITTED (synced before the answer unless `answer_before_durable`).
+    pub async fn committed_locally(
+        &self,
+        tx: TxId,
+        answer_before_durable: bool,
+    ) -> Result<CommitResult, TxError> {
         let epoch = self.inner.log.epoch();
         named_crash_point("coordinator::before_local_commit_record");
         match self
@@ -281,7 +285,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         {
             ReplyOk::Committed => {
                 // The outcome record is written (before the reply left the engine).
-                if !early {
+                if !answer_before_durable {
                     self.sync_log().await?;
                 }
                 Ok(CommitResult {
@@ -289,7 +293,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                     epoch,
                 })
             }
-            ReplyOk::NotLive => self.answer_finished(tx, early, epoch).await,
+            ReplyOk::NotLive => self.answer_finished(tx, answer_before_durable, epoch).await,
             other => Err(unexpected(other)),
         }
     }
@@ -309,12 +313,21 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         &self,
         tx: TxId,
         wait: Option<Duration>,
-        early: bool,
+        answer_before_durable: bool,
     ) -> Result<CommitResult, TxError> {
         let epoch = self.inner.log.epoch();
-        match self.request(|req| Event::Commit { req, tx, early }).await? {
+        match self
+            .request(|req| Event::Commit {
+                req,
+                tx,
+                answer_before_durable,
+            })
+            .await?
+        {
             ReplyOk::Committed => {}
-            ReplyOk::NotLive => return self.answer_finished(tx, early, epoch).await,
+            ReplyOk::NotLive => {
+                return self.answer_finished(tx, answer_before_durable, epoch).await
+            }
             other => return Err(unexpected(other)),
         }
         let wait = wait.unwrap_or(self.inner.opts.commit_wait);
@@ -336,14 +349,14 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     async fn answer_finished(
         &self,
         tx: TxId,
-        early: bool,
+        answer_before_durable: bool,
         epoch: u64,
     ) -> Result<CommitResult, TxError> {
         match self.resolve(&tx)?.outcome {
             Outcome::Committed => {
                 // The record may be a one-phase outcome answered early to an earlier call
                 // and not synced yet.
-                if !early {
+                if !answer_before_durable {
                     self.sync_log().await?;
                 }
                 Ok(CommitResult {

@@ -365,7 +365,7 @@ async fn report_local_commits<L: DecisionLog, T: Transport>(
     rt: &Runtime<L, T>,
     first: TxId,
     more: Vec<String>,
-    early: bool,
+    answer_before_durable: bool,
 ) -> Result<pb::CommitResponse, Status> {
     if more.len() > MAX_MORE_REPORTS {
         return Err(Status::invalid_argument(format!(
@@ -380,7 +380,7 @@ async fn report_local_commits<L: DecisionLog, T: Transport>(
     let reports = txs.iter().map(|&tx| {
         let span = info_span!("committed_locally", tx_id = %tx);
         async move {
-            rt.committed_locally(tx, early)
+            rt.committed_locally(tx, answer_before_durable)
                 .instrument(span)
                 .await
                 .map_err(|e| (tx, e))

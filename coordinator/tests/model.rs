@@ -981,8 +981,15 @@ impl TwoPcModel {
                 let req = COMMIT_REQ + s.client.commits as ReqId;
                 s.client.commits += 1;
                 s.client.commit_waiting = Some(req);
-                let early = self.early_answer;
-                self.dispatch(s, Event::Commit { req, tx, early });
+                let answer_before_durable = self.early_answer;
+                self.dispatch(
+                    s,
+                    Event::Commit {
+                        req,
+                        tx,
+                        answer_before_durable,
+                    },
+                );
             }
             Action::ClientAbort => {
                 let req = ABORT_REQ + s.client.aborts as ReqId;

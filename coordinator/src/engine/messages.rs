@@ -129,7 +129,7 @@ pub enum Event {
         /// The caller may hear COMMITTED of a one-phase commit before its outcome is
         /// durable (`CommitRequest.answer_before_durable`: it calls Barrier before its
         /// participant forgets the branch).
-        early: bool,
+        answer_before_durable: bool,
     },
     /// Commit RPC with `committed_locally`: the participant of a [`Event::BeginLocal`]
     /// transaction reports that it committed the branch. Answered once the outcome is

@@ -42,7 +42,7 @@
 //! commit, so it sends the branch an abort, whose answer ([`AbortAck`]) says whether the
 //! branch had already committed. The [`LazyRecord::OnePhaseCommitted`] outcome is synced
 //! before a caller hears "committed", unless every caller asked for an early answer
-//! ([`Event::Commit::early`]): such a caller promises that its participant keeps what
+//! ([`Event::Commit::answer_before_durable`]): such a caller promises that its participant keeps what
 //! answers for the commit until a Barrier made the outcome durable. All syncs are shared
 //! with every other write of the moment (group commit).
 //!
@@ -261,7 +261,11 @@ impl Engine {
                 let reply = self.on_enlist(tx, branch, &mut out);
                 out.push(Command::Reply { req, reply });
             }
-            Event::Commit { req, tx, early } => self.on_commit(req, tx, early, &mut out),
+            Event::Commit {
+                req,
+                tx,
+                answer_before_durable,
+            } => self.on_commit(req, tx, answer_before_durable, &mut out),
             Event::CommittedLocally { req, tx } => self.on_committed_locally(req, tx, &mut out),
             Event::Abort { req, tx, reason } => {
                 self.on_abort(req, tx, reason, SettleCause::Client, &mut out)

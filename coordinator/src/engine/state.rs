@@ -193,9 +193,9 @@ pub(super) enum SyncState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum AnswerWhen {
     /// As soon as the outcome is written: every Commit asked for an early answer
-    /// (`early`: its participant keeps the commit's memory until a Barrier).
+    /// (`answer_before_durable`: its participant keeps the commit's memory until a Barrier).
     Written,
-    /// Once the outcome is durable: a Commit without `early` (or an Abort) waits.
+    /// Once the outcome is durable: a Commit without `answer_before_durable` (or an Abort) waits.
     Durable,
 }
 

@@ -7,7 +7,13 @@ use super::state::Logged;
 use super::*;
 
 impl Engine {
-    pub(super) fn on_commit(&mut self, req: ReqId, tx: TxId, early: bool, out: &mut Out) {
+    pub(super) fn on_commit(
+        &mut self,
+        req: ReqId,
+        tx: TxId,
+        answer_before_durable: bool,
+        out: &mut Out,
+    ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
             out.push(Command::Reply {
                 req,
@@ -15,7 +21,7 @@ impl Engine {
             });
             return;
         };
-        if !early {
+        if !answer_before_durable {
             entry.answer = AnswerWhen::Durable;
         }
         match entry.state {

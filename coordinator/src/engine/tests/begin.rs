@@ -161,7 +161,7 @@ fn enlist_validates_and_is_idempotent() {
         Event::Commit {
             req: 9,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     let late = enlist(&mut e, spec("late", 0));
@@ -206,7 +206,7 @@ fn empty_transaction_commits_trivially() {
             Event::Commit {
                 req: 2,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![

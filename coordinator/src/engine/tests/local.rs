@@ -239,7 +239,7 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
             Event::Commit {
                 req: 2,
                 tx: t,
-                early: true
+                answer_before_durable: true
             }
         ),
         vec![],

@@ -126,7 +126,7 @@ fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     assert!(e
@@ -161,14 +161,14 @@ fn one_phase_commit_sent(e: &mut Engine, now: u64, req: ReqId, t: TxId, a: &Bran
     one_phase_commit_sent_as(e, now, req, t, a, false)
 }
 
-/// [`one_phase_commit_sent`] for a Commit with `early` as given.
+/// [`one_phase_commit_sent`] for a Commit with `answer_before_durable` as given.
 fn one_phase_commit_sent_as(
     e: &mut Engine,
     now: u64,
     req: ReqId,
     t: TxId,
     a: &BranchSpec,
-    early: bool,
+    answer_before_durable: bool,
 ) {
     assert_eq!(
         e.handle(now, Event::Synced { tx: t }),
@@ -176,7 +176,14 @@ fn one_phase_commit_sent_as(
         "the intent became durable while the transaction was active"
     );
     assert_eq!(
-        e.handle(now, Event::Commit { req, tx: t, early }),
+        e.handle(
+            now,
+            Event::Commit {
+                req,
+                tx: t,
+                answer_before_durable
+            }
+        ),
         vec![send(t, 0, a, Message::Commit { one_phase: true }, None)],
         "the intent is durable: the one-phase commit goes out at once"
     );

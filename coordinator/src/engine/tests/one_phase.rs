@@ -34,7 +34,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
             Event::Commit {
                 req: 14,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![]
@@ -165,7 +165,7 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
             Event::Commit {
                 req: 10,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![],
@@ -206,7 +206,7 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     let cmds = e.handle(
@@ -283,7 +283,7 @@ fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable
             Event::Commit {
                 req: 14,
                 tx: t3,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![]
@@ -358,7 +358,7 @@ fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_
             Event::Commit {
                 req: 11,
                 tx: t2,
-                early: true
+                answer_before_durable: true
             }
         ),
         vec![
@@ -388,7 +388,7 @@ fn one_phase_can_be_switched_off() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));

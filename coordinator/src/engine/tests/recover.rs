@@ -52,7 +52,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
             Event::Commit {
                 req: 9,
                 tx: old,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![]
@@ -118,7 +118,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
             Event::Commit {
                 req: 10,
                 tx: old2,
-                early: true
+                answer_before_durable: true
             }
         ),
         vec![]

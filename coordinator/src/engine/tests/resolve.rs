@@ -248,7 +248,7 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -398,7 +398,7 @@ fn resolve_an_aborting_transaction() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -478,7 +478,7 @@ fn resolve_an_aborting_transaction() {
         Event::Commit {
             req: 11,
             tx: t2,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -574,7 +574,7 @@ fn resolve_a_finished_transaction_asks_the_log_then_only_records() {
         Event::Commit {
             req: 2,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     assert!(e.tx(&t).is_none());

@@ -43,7 +43,7 @@ fn two_phase_commit_exact_commands() {
             Event::Commit {
                 req: 4,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![
@@ -149,7 +149,7 @@ fn two_phase_commit_exact_commands() {
             Event::Commit {
                 req: 9,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![reply(9, Ok(ReplyOk::NotLive))]
@@ -304,7 +304,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     assert_eq!(
@@ -425,7 +425,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
             Event::Commit {
                 req: 11,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![reply(11, Ok(ReplyOk::NotLive))]
@@ -442,7 +442,7 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -533,7 +533,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -573,7 +573,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
         Event::Commit {
             req: 11,
             tx: t2,
-            early: false,
+            answer_before_durable: false,
         },
     );
     e.handle(
@@ -614,7 +614,7 @@ fn duplicate_and_late_messages_change_nothing() {
         Event::Commit {
             req: 10,
             tx: t,
-            early: false,
+            answer_before_durable: false,
         },
     );
     // A second Commit while preparing joins the first: no new prepares.
@@ -624,7 +624,7 @@ fn duplicate_and_late_messages_change_nothing() {
             Event::Commit {
                 req: 11,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![]
@@ -725,7 +725,7 @@ fn duplicate_and_late_messages_change_nothing() {
             Event::Commit {
                 req: 12,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![reply(12, Ok(ReplyOk::Committed))]
@@ -830,7 +830,7 @@ fn abort_requests() {
             Event::Commit {
                 req: 22,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![reply(
@@ -993,7 +993,7 @@ fn transaction_timeout_aborts_only_active_transactions() {
             Event::Commit {
                 req: 3,
                 tx: t,
-                early: false
+                answer_before_durable: false
             }
         ),
         vec![reply(
