@@ -276,6 +276,20 @@ impl std::fmt::Display for OpenError {
     }
 }
 
+impl OpenError {
+    /// What to tell the operator: the error and, where sled found the data corrupt, what
+    /// to do and never to do with a directory that `holds` (what would be lost with it).
+    pub fn explained(&self, holds: &str) -> String {
+        if self.file.is_none() {
+            return self.to_string();
+        }
+        format!(
+            "{self}. Keep this directory as it is: it holds {holds}. Copy it aside and follow \
+             \"A store that does not open\" in docs/operations.md"
+        )
+    }
+}
+
 /// Opens the sled store in `sled_dir` with `config` (its path is set here).
 ///
 /// First puts right what a kill can have left half-written there
@@ -442,6 +456,11 @@ mod tests {
         assert!(
             err.to_string().contains("the file it could not read"),
             "{err}"
+        );
+        let told = err.explained("everything");
+        assert!(
+            told.contains("Keep this directory as it is: it holds everything"),
+            "{told}"
         );
         assert!(newest.exists(), "a corrupt final snapshot is never removed");
     }

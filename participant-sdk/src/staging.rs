@@ -298,27 +298,14 @@ impl std::fmt::Debug for StagingStore {
     }
 }
 
+/// What a store that does not open holds, for its error message.
+const HOLDS: &str = "the messages of branches that voted yes, and deleting it loses the events of committed transactions";
+
 fn open_failed(dir: &Path, what: impl std::fmt::Display) -> StagingError {
     StagingError::Open {
         dir: dir.display().to_string(),
         detail: what.to_string(),
     }
-}
-
-/// [`open_failed`] for sled's own failure; where sled found its data corrupt, the message
-/// says which file and what to do (and what never to do).
-fn sled_open_failed(dir: &Path, e: twopc_durable::OpenError) -> StagingError {
-    if e.file.is_none() {
-        return open_failed(dir, e);
-    }
-    open_failed(
-        dir,
-        format!(
-            "{e}. Keep this directory as it is: it holds the messages of branches that \
-             voted yes, and deleting it loses the events of committed transactions. Copy \
-             it aside and follow \"A store that does not open\" in docs/operations.md"
-        ),
-    )
 }
 
 /// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
@@ -362,7 +349,7 @@ impl StagingStore {
 
         let sled_dir = dir.join(SLED_DIR);
         let config = sled::Config::new().flush_every_ms(Some(500));
-        let db = open_sled(&sled_dir, config).map_err(|e| sled_open_failed(&dir, e))?;
+        let db = open_sled(&sled_dir, config).map_err(|e| open_failed(&dir, e.explained(HOLDS)))?;
         let tree = db
             .open_tree(TREE)
             .map_err(|e| open_failed(&dir, format!("sled: {e}")))?;

@@ -397,6 +397,17 @@ fn send_abort_if_idle(out: &mut Out, tx: TxId, i: usize, b: &mut BranchEntry) {
     }
 }
 
+/// The log failed while recording `tx`'s outcome: whether the record reached the disk
+/// only a restart can tell, so the transaction is in doubt and every caller waiting on it
+/// is told so. Never a guess.
+fn mark_in_doubt(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
+    entry.state = TxState::InDoubt;
+    out.note(Note::InDoubt { tx });
+    let mut waiters = std::mem::take(&mut entry.waiters);
+    waiters.append(&mut entry.abort_waiters);
+    reply_all(out, waiters, Err(in_doubt_error(&tx)));
+}
+
 fn reply_all(out: &mut Out, reqs: Vec<ReqId>, reply: Result<ReplyOk, TxError>) {
     for req in reqs {
         out.push(Command::Reply {

@@ -121,11 +121,7 @@ impl Engine {
         {
             return;
         }
-        entry.state = TxState::InDoubt;
-        out.note(Note::InDoubt { tx });
-        let mut waiters = std::mem::take(&mut entry.waiters);
-        waiters.append(&mut entry.abort_waiters);
-        reply_all(out, waiters, Err(in_doubt_error(&tx)));
+        mark_in_doubt(tx, entry, out);
     }
 }
 

@@ -277,11 +277,7 @@ impl Engine {
             return;
         }
         // The record may or may not be on disk: only a restart can tell. Never guess.
-        entry.state = TxState::InDoubt;
-        out.note(Note::InDoubt { tx });
-        let mut waiters = std::mem::take(&mut entry.waiters);
-        waiters.append(&mut entry.abort_waiters);
-        reply_all(out, waiters, Err(in_doubt_error(&tx)));
+        mark_in_doubt(tx, entry, out);
     }
 
     /// Sends phase-two commits to the lowest tier that still has unacknowledged branches;

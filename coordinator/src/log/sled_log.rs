@@ -1040,28 +1040,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a store that does not open holds, for its error message.
+const HOLDS: &str = "the COMMIT decisions of transactions whose branches may still wait for them, and deleting it turns them into aborts";
+
 fn open_failed(dir: &Path, what: impl std::fmt::Display) -> LogError {
     LogError::Open {
         dir: dir.display().to_string(),
         detail: what.to_string(),
     }
-}
-
-/// [`open_failed`] for sled's own failure; where sled found its data corrupt, the message
-/// says which file and what to do (and what never to do).
-fn sled_open_failed(dir: &Path, e: twopc_durable::OpenError) -> LogError {
-    if e.file.is_none() {
-        return open_failed(dir, e);
-    }
-    open_failed(
-        dir,
-        format!(
-            "{e}. Keep this directory as it is: it holds the COMMIT decisions of \
-             transactions whose branches may still wait for them, and deleting it turns \
-             them into aborts. Copy it aside and follow \"A store that does not open\" in \
-             docs/operations.md"
-        ),
-    )
 }
 
 /// Takes the exclusive lock on `<dir>/LOCK` (see [`twopc_durable::take_lock`]).
@@ -1102,7 +1088,7 @@ impl SledLog {
             } else {
                 Some(opts.flush_every_ms)
             });
-        let db = open_sled(&sled_dir, config).map_err(|e| sled_open_failed(dir, e))?;
+        let db = open_sled(&sled_dir, config).map_err(|e| open_failed(dir, e.explained(HOLDS)))?;
         let sled_err = |e: sled::Error| open_failed(dir, format!("sled: {e}"));
         let commits = db.open_tree(COMMITS_TREE).map_err(sled_err)?;
         let preparing = db.open_tree(PREPARING_TREE).map_err(sled_err)?;
