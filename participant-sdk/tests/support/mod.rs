@@ -259,9 +259,13 @@ pub async fn count(url: &str, sql: &str) -> i64 {
 }
 
 /// Counts the sessions holding an open transaction block in the database (an open
-/// branch: `BEGIN` sent, `COMMIT` not yet).
+/// branch: `BEGIN` sent, `COMMIT` not yet). The outbox sweep's own short block (its
+/// `FOR UPDATE SKIP LOCKED` select, then the `DELETE` of what it published) is not
+/// counted: it opens and closes on the sweep's schedule, not the branch's.
 pub const OPEN_TRANSACTIONS_SQL: &str = "SELECT count(*) FROM pg_stat_activity \
-     WHERE datname = current_database() AND state LIKE 'idle in transaction%'";
+     WHERE datname = current_database() AND state LIKE 'idle in transaction%' \
+     AND query NOT LIKE '%FOR UPDATE SKIP LOCKED%' \
+     AND query NOT LIKE 'DELETE FROM twopc\\_outbox WHERE id = ANY%'";
 
 /// Counts the prepared transactions (of any kind) left in the database.
 pub const PREPARED_GIDS_SQL: &str =
