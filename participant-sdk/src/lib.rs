@@ -19,6 +19,7 @@
 
 mod ahead;
 pub mod broker;
+mod channel;
 pub mod client;
 pub mod dedup;
 pub mod error;
@@ -34,10 +35,8 @@ pub mod staging;
 
 pub use ahead::{DEFAULT_BEGIN_AHEAD, MAX_BEGIN_AHEAD};
 pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
-pub use client::{
-    BearerToken, Committed, CoordinatorChannel, Transaction, TwoPc, TwoPcBuilder,
-    DEFAULT_CALL_TIMEOUT,
-};
+pub use channel::{BearerToken, CoordinatorChannel};
+pub use client::{Committed, Transaction, TwoPc, TwoPcBuilder, DEFAULT_CALL_TIMEOUT};
 pub use error::{Error, Result};
 pub use nats::NatsResource;
 pub use outbox::OutboxOptions;

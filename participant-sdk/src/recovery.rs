@@ -23,8 +23,9 @@ use tracing::{debug, error, info, warn};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
-use crate::client::{CoordinatorChannel, Registry};
+use crate::channel::CoordinatorChannel;
 use crate::resource::AbortOutcome;
+use crate::resource::Registry;
 
 /// Runs a pass now and then every `every` until `stop` turns true.
 pub(crate) async fn run_loop(
@@ -103,7 +104,12 @@ pub(crate) async fn pass(
         Ok(r) => r.values().cloned().collect(),
         Err(_) => return 0,
     };
-    resources.sort_by_key(|r| (crate::client::commit_order(r.kind()), r.name().to_string()));
+    resources.sort_by_key(|r| {
+        (
+            crate::resource::commit_order(r.kind()),
+            r.name().to_string(),
+        )
+    });
     let mut finished = 0;
     for resource in &resources {
         let in_doubt = match resource.in_doubt().await {

@@ -28,7 +28,9 @@
 //! * `in_doubt` lists branches that voted yes and are not finished, from durable state
 //!   (prepared gids, staged messages), so recovery works after a restart.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 /// Vote of a branch at prepare.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,5 +130,18 @@ pub trait Resource: Send + Sync + 'static {
     async fn remembered_commits(&self, older_than: std::time::Duration) -> Vec<(String, String)> {
         let _ = older_than;
         Vec::new()
+    }
+}
+
+/// Resources by name, shared with the participant server and recovery.
+pub(crate) type Registry = Arc<RwLock<HashMap<String, Arc<dyn Resource>>>>;
+
+/// The commit tier of a branch kind: databases (0) before other resources (5) before
+/// brokers (10), so a consumer that receives an event finds its row.
+pub(crate) fn commit_order(kind: BranchKind) -> u32 {
+    match kind {
+        BranchKind::Database => 0,
+        BranchKind::Broker => 10,
+        _ => 5,
     }
 }

@@ -43,7 +43,7 @@ use twopc_proto::v1::participant_exchange_server::{
 };
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
-use crate::client::Registry;
+use crate::resource::Registry;
 use crate::resource::{AbortOutcome, OnePhase, Resource, Vote};
 
 /// Serves the participant API on `listener` until `stop` turns true. `server` carries the
