@@ -1,0 +1,284 @@
+//! The sled trees of the decision log and the lazy records written to them: the queue
+//! the writer thread (or a reader) writes in order, leaving out inserts that a COMMIT of
+//! the same batch or a later record of the same queue makes unneeded.
+
+use std::collections::{HashMap, HashSet};
+
+use super::codec::{decode_commit, encode_commit, encode_preparing, tx_key};
+use super::{lock, Shared};
+use crate::log::{CommitRecord, LazyRecord, LogError};
+use crate::types::TxId;
+
+/// The sled trees lazy records go to.
+#[derive(Clone)]
+pub(super) struct Trees {
+    pub(super) commits: sled::Tree,
+    pub(super) preparing: sled::Tree,
+}
+
+pub(super) fn sled_error(shared: &Shared, what: &str, e: sled::Error) -> LogError {
+    shared.poison(format!("{what}: {e}"))
+}
+
+/// Which queued records need not be written: a `Preparing` record whose transaction's
+/// COMMIT is written in the same batch (`committing`: the COMMIT record carries the
+/// branches and makes the transaction decided), and a `Preparing` record or one-phase
+/// intent that a later record of the same queue removes again (`Aborted`, `Done`,
+/// `OnePhaseCommitted`). No sync came between the two (a sync writes the queue), so the
+/// insert was never promised durable. The removals still run (removing an absent key
+/// writes nothing), so a record written by an earlier queue goes too.
+fn skipped_inserts(records: &[LazyRecord], committing: &HashSet<TxId>) -> Vec<bool> {
+    let mut skip = vec![false; records.len()];
+    let mut pending: HashMap<TxId, Vec<usize>> = HashMap::new();
+    for (i, record) in records.iter().enumerate() {
+        match record {
+            LazyRecord::Preparing { tx, .. } if committing.contains(tx) => skip[i] = true,
+            LazyRecord::Preparing { tx, .. } | LazyRecord::OnePhase { tx, .. } => {
+                pending.entry(*tx).or_default().push(i)
+            }
+            LazyRecord::Aborted { tx }
+            | LazyRecord::Done { tx }
+            | LazyRecord::OnePhaseCommitted { tx, .. } => {
+                for j in pending.remove(tx).unwrap_or_default() {
+                    skip[j] = true;
+                }
+            }
+        }
+    }
+    skip
+}
+
+impl Trees {
+    /// Writes the queued lazy records, oldest first, leaving out the inserts
+    /// [`skipped_inserts`] finds unneeded. A sled failure poisons the log; the records
+    /// not yet written are dropped with it (a poisoned log writes nothing more).
+    pub(super) fn apply_queued(
+        &self,
+        shared: &Shared,
+        committing: &HashSet<TxId>,
+    ) -> Result<(), LogError> {
+        let _applying = lock(&shared.applying);
+        let records = std::mem::take(&mut *lock(&shared.queued));
+        if records.is_empty() {
+            return Ok(());
+        }
+        let skip = skipped_inserts(&records, committing);
+        for (record, skip) in records.into_iter().zip(skip) {
+            if !skip {
+                self.write_lazy(shared, record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one lazy record to sled.
+    fn write_lazy(&self, shared: &Shared, record: LazyRecord) -> Result<(), LogError> {
+        match record {
+            LazyRecord::Preparing { tx, branches } => {
+                self.preparing
+                    .insert(tx_key(&tx), encode_preparing(&tx, &branches, false))
+                    .map_err(|e| sled_error(shared, "sled write of a preparing record", e))?;
+            }
+            LazyRecord::OnePhase { tx, branch } => {
+                self.preparing
+                    .insert(tx_key(&tx), encode_preparing(&tx, &[branch], true))
+                    .map_err(|e| sled_error(shared, "sled write of a one-phase intent", e))?;
+            }
+            LazyRecord::Aborted { tx } => {
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+            LazyRecord::Done { tx } => {
+                let mut corrupt: Option<String> = None;
+                self.commits
+                    .fetch_and_update(tx_key(&tx), |old| {
+                        let old = old?;
+                        match decode_commit(old) {
+                            Ok(stored) if stored.done => Some(old.to_vec()),
+                            Ok(stored) => Some(encode_commit(
+                                &stored.record,
+                                stored.lsn,
+                                true,
+                                stored.one_phase,
+                            )),
+                            Err(m) => {
+                                corrupt = Some(m);
+                                Some(old.to_vec())
+                            }
+                        }
+                    })
+                    .map_err(|e| sled_error(shared, "sled update of a commit record", e))?;
+                if let Some(m) = corrupt {
+                    return Err(shared.poison(format!("commit {tx}: {m}")));
+                }
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+            LazyRecord::OnePhaseCommitted { tx, branches } => {
+                let record = CommitRecord {
+                    tx,
+                    branches,
+                    decided_at_ms: now_ms(),
+                };
+                let value = encode_commit(&record, 0, true, true);
+                // Insert only if absent: never overwrite an existing decision.
+                let _ = self
+                    .commits
+                    .compare_and_swap(tx_key(&tx), None as Option<&[u8]>, Some(value))
+                    .map_err(|e| sled_error(shared, "sled write of a one-phase record", e))?;
+                self.preparing
+                    .remove(tx_key(&tx))
+                    .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::conformance::{branches, commit, tx_of};
+    use crate::log::{DecisionLog, SledLog, SledLogOptions};
+    use std::time::Duration;
+
+    #[test]
+    fn queued_inserts_that_cancel_out_are_skipped_and_removals_always_run() {
+        let t = |seq| TxId {
+            node: 1,
+            epoch: 1,
+            seq,
+        };
+        let preparing = |seq| LazyRecord::Preparing {
+            tx: t(seq),
+            branches: branches(2, "q"),
+        };
+        let records = vec![
+            preparing(1),                     // 0: its COMMIT is in the batch
+            preparing(2),                     // 1: aborted below
+            preparing(3),                     // 2: done below
+            preparing(4),                     // 3: stays
+            preparing(5),                     // 4: written twice, then aborted
+            LazyRecord::Aborted { tx: t(2) }, // 5
+            LazyRecord::Done { tx: t(3) },    // 6
+            preparing(5),                     // 7
+            LazyRecord::Aborted { tx: t(5) }, // 8
+            LazyRecord::OnePhase {
+                tx: t(6),
+                branch: branches(1, "q").remove(0),
+            }, // 9: aborted below
+            LazyRecord::Aborted { tx: t(6) }, // 10
+            LazyRecord::Done { tx: t(7) },    // 11: nothing queued to cancel
+            LazyRecord::OnePhase {
+                tx: t(8),
+                branch: branches(1, "q").remove(0),
+            }, // 12: its outcome follows
+            LazyRecord::OnePhaseCommitted {
+                tx: t(8),
+                branches: branches(1, "q"),
+            }, // 13: written
+            LazyRecord::OnePhase {
+                tx: t(9),
+                branch: branches(1, "q").remove(0),
+            }, // 14: stays
+        ];
+        let committing: HashSet<TxId> = [t(1)].into_iter().collect();
+        assert_eq!(
+            skipped_inserts(&records, &committing),
+            vec![
+                true, true, true, false, true, false, false, true, false, true, false, false, true,
+                false, false
+            ]
+        );
+        // Without a COMMIT in the batch the first one is written.
+        assert!(!skipped_inserts(&records, &HashSet::new())[0]);
+    }
+
+    #[tokio::test]
+    async fn queued_records_reach_sled_before_the_batch_that_follows_them_and_when_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SledLog::open(dir.path(), SledLogOptions::default()).expect("open");
+        let epoch = log.epoch();
+        let (t1, t2, t3) = (tx_of(&log, 1), tx_of(&log, 2), tx_of(&log, 3));
+        let present = |log: &SledLog, tx: &TxId| {
+            log.trees
+                .preparing
+                .get(tx_key(tx))
+                .expect("read preparing")
+                .is_some()
+        };
+        for tx in [t1, t2] {
+            log.record_lazy(
+                epoch,
+                LazyRecord::Preparing {
+                    tx,
+                    branches: branches(2, "q"),
+                },
+            )
+            .expect("lazy");
+        }
+        // t1's COMMIT goes in the batch after its Preparing record: that record is never
+        // written (the COMMIT carries its branches); t2's is.
+        log.force_commit(epoch, commit(t1, branches(2, "q"), 1))
+            .await
+            .expect("force");
+        assert!(
+            !present(&log, &t1),
+            "a decided transaction's Preparing record was written"
+        );
+        assert!(
+            present(&log, &t2),
+            "the batch did not write what was queued before it"
+        );
+        let recovered = log.recover().expect("recover");
+        assert_eq!(recovered.commits.len(), 1);
+        assert_eq!(recovered.undecided, vec![(t2, branches(2, "q"))]);
+
+        // Done and Aborted are applied before a read that could see them...
+        log.record_lazy(epoch, LazyRecord::Done { tx: t1 })
+            .expect("lazy");
+        log.record_lazy(epoch, LazyRecord::Aborted { tx: t2 })
+            .expect("lazy");
+        assert!(log.decision(&t1).expect("decision").expect("t1").done);
+        assert!(!present(&log, &t2));
+
+        // ...and by the idle writer without any other call.
+        log.record_lazy(
+            epoch,
+            LazyRecord::Preparing {
+                tx: t3,
+                branches: branches(1, "q"),
+            },
+        )
+        .expect("lazy");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !present(&log, &t3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle writer left a queued record unwritten"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // And a sync covers what was queued before it, across a reopen.
+        log.record_lazy(epoch, LazyRecord::Aborted { tx: t3 })
+            .expect("lazy");
+        log.sync(epoch).await.expect("sync");
+        assert!(!present(&log, &t3));
+        drop(log);
+        let log = SledLog::open(dir.path(), SledLogOptions::default()).expect("open");
+        let recovered = log.recover().expect("recover");
+        assert!(recovered.commits.is_empty(), "t1 was marked done");
+        assert!(recovered.undecided.is_empty());
+    }
+}
