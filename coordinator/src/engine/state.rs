@@ -112,7 +112,7 @@ pub struct TxEntry {
     pub(super) protocol: Protocol,
     /// What the log holds of it before any decision (an abort cleans it up).
     pub(super) logged: Logged,
-    /// The [`Command::Sync`] it waits for, if any.
+    /// The [`Command::Sync`](super::Command::Sync) it waits for, if any.
     pub(super) sync: SyncState,
     /// When the callers of a one-phase commit may hear COMMITTED.
     pub(super) answer: AnswerWhen,
@@ -161,7 +161,7 @@ impl Protocol {
 }
 
 /// What the log holds of an undecided transaction (lazily written): an abort writes an
-/// [`LazyRecord::Aborted`] to clean it up.
+/// [`LazyRecord::Aborted`](crate::log::LazyRecord::Aborted) to clean it up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Logged {
     /// Nothing.
@@ -175,7 +175,7 @@ pub(super) enum Logged {
     Preparing,
 }
 
-/// The [`Command::Sync`] a transaction waits for: of its one-phase intent (a one-phase
+/// The [`Command::Sync`](super::Command::Sync) a transaction waits for: of its one-phase intent (a one-phase
 /// commit goes out once it is done) or of its one-phase outcome (while `Committing`:
 /// the callers hear COMMITTED when it is done).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
