@@ -62,13 +62,13 @@ if [ "${TWOPC_SKIP_LINT:-0}" != 1 ]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy (all targets, warnings are errors)"
-  cargo clippy --workspace --all-targets --features failpoints -- -D warnings
+  cargo clippy --workspace --all-targets --features failpoints,lab -- -D warnings
 fi
 
 log "cargo test (workspace, failpoints compiled in)"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-cargo test --workspace --all-targets --features failpoints -- --test-threads=4 2>&1 | tee "$out"
+cargo test --workspace --all-targets --features failpoints,lab -- --test-threads=4 2>&1 | tee "$out"
 
 # One closing line for the whole run: cargo prints a summary per test binary.
 read -r passed failed < <(awk '/^test result:/ {

@@ -31,7 +31,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use twopc_coordinator::types::TxId;
-use twopc_participant::BearerToken;
+use twopc_proto::auth::BearerToken;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::admin_client::AdminClient;
 

@@ -1,18 +1,17 @@
-//! `twopc`: the command-line entry point.
+//! `twopc`: the coordinator's command-line entry point.
 //!
 //! - `twopc serve`: runs the coordinator (gRPC on `--listen`, decision log in `--data-dir`,
 //!   Prometheus metrics on `--metrics-listen` if given).
-//! - `twopc demo`: the order service scenario end to end (row + event, both or neither).
-//! - `twopc bench coordinator`: measures the coordinator alone against the disk's ceiling.
-//! - `twopc order-service`: the order service as a process of its own (participant server
-//!   on a fixed `--listen`, `--place` one order, `--recover` what an earlier run left in
-//!   doubt).
 //! - `twopc tx list|show|resolve`: the operator's view of unfinished transactions and
 //!   heuristic resolution of stuck ones, over the coordinator's Admin service.
 //!
-//! Built with the `failpoints` feature, the fail points of the coordinator and of the
-//! participant SDK are configured from the `FAILPOINTS` environment variable at start
-//! (e.g. `FAILPOINTS="participant::before_commit=return(abort)"`).
+//! The demo, the order service, the benchmarks and the fault campaign are the lab's
+//! (`lab/`, binary `twopc-lab`, built with `--features lab`): this binary links neither
+//! the participant SDK nor a broker or database client.
+//!
+//! Built with the `failpoints` feature, the coordinator's fail points are configured from
+//! the `FAILPOINTS` environment variable at start
+//! (e.g. `FAILPOINTS="coordinator::before_log_decision=return(abort)"`).
 //!
 //! Every flag also reads an environment variable (shown by `--help`); `twopc serve` also
 //! reads a TOML file (`--config`; precedence flag > env > file > default, see
@@ -22,11 +21,6 @@
 //! unchanged by it.
 
 mod admin_cli;
-mod bench;
-mod bench_dual;
-mod campaign;
-mod demo;
-mod order_service;
 mod otel;
 
 /// mimalloc instead of the system allocator: gRPC and protobuf allocate and free many
@@ -60,6 +54,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and moved into its command: the size of the largest variant costs
+// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the coordinator: a gRPC server with a durable decision log.
@@ -67,26 +64,8 @@ enum Command {
     /// Configuration precedence: flag > environment variable > `--config` TOML file >
     /// built-in default; `--print-config` shows the result and where each value came from.
     Serve(ServeArgs),
-    /// The seed scenario: coordinator + order service + inventory consumer, N orders.
-    Demo(demo::DemoArgs),
-    /// Seeded randomized fault campaign with an invariant checker.
-    Campaign(campaign::CampaignArgs),
-    /// Benchmarks (see docs/performance.md).
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// The order service as a process: places an order (row + OrderCreated, both or
-    /// neither) and recovers what an earlier run left in doubt.
-    OrderService(order_service::OrderServiceArgs),
     /// Operators: list unfinished transactions, show one, resolve a stuck one by hand.
     Tx(admin_cli::TxArgs),
-}
-
-#[derive(Subcommand, Debug)]
-enum BenchCommand {
-    /// The coordinator alone: real gRPC, real sled log and syncs, null participants.
-    Coordinator(bench::CoordinatorBench),
-    /// The order-service workload: naive dual write vs transactional outbox vs twopc.
-    DualWrite(bench_dual::DualWriteBench),
 }
 
 fn main() -> ExitCode {
@@ -109,13 +88,9 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    // The demo and benchmarks print their own reports; library logs are noise unless asked for.
+    // The operator's commands print their own reports; library logs are noise unless asked for.
     let filter = match (&cli.command, std::env::var_os("RUST_LOG")) {
-        (Command::Demo(_) | Command::Bench(_) | Command::Campaign(_) | Command::Tx(_), None)
-            if cli.log == "info" =>
-        {
-            "warn".to_string()
-        }
+        (Command::Tx(_), None) if cli.log == "info" => "warn".to_string(),
         _ => cli.log.clone(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -199,11 +174,6 @@ async fn dispatch(command: Command, serve_config: Option<Effective>) -> anyhow::
             }
             serve(effective.config).await
         }
-        Command::Demo(args) => demo::run(args).await,
-        Command::Campaign(args) => campaign::run(args).await,
-        Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
-        Command::Bench(BenchCommand::DualWrite(args)) => bench_dual::run(args).await,
-        Command::OrderService(args) => order_service::run_process(args).await,
         Command::Tx(args) => admin_cli::run(args).await,
     }
 }
@@ -238,29 +208,13 @@ async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
             .context("cannot read the bound metrics address")?;
         println!("twopc metrics on {addr}");
     }
-    server::run_with_listeners(cfg, log, listener, metrics, shutdown_signal()).await?;
+    server::run_with_listeners(
+        cfg,
+        log,
+        listener,
+        metrics,
+        twopc_coordinator::signal::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-/// Completes on SIGTERM or Ctrl-C (`twopc serve` and `twopc order-service`).
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
 }

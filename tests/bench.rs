@@ -1,4 +1,4 @@
-//! `twopc bench coordinator` and `twopc bench dual-write` (against the real PostgreSQL
+//! `twopc-lab bench coordinator` and `twopc-lab bench dual-write` (against the real PostgreSQL
 //! and RabbitMQ) on the real binary, briefly: the JSON report has one object per mode with
 //! the fields the benchmark documents (the CPU per transaction included), and bad flags
 //! are refused with an error that names them. The numbers themselves are not judged
@@ -10,9 +10,9 @@ fn bench(args: &[&str]) -> Output {
     bench_of("coordinator", args, None)
 }
 
-/// `twopc bench <which> <args>`, in `dir` if given.
+/// `twopc-lab bench <which> <args>`, in `dir` if given.
 fn bench_of(which: &str, args: &[&str], dir: Option<&std::path::Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc-lab"));
     if let Some(dir) = dir {
         cmd.current_dir(dir);
     }
@@ -23,7 +23,7 @@ fn bench_of(which: &str, args: &[&str], dir: Option<&std::path::Path>) -> Output
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run twopc bench {which}: {e}"))
+        .unwrap_or_else(|e| panic!("run twopc-lab bench {which}: {e}"))
 }
 
 /// The lines of a successful run's stdout, each a JSON object (notes go to stderr).

@@ -1,4 +1,4 @@
-//! The randomized fault campaign, run by CI: `twopc campaign` places orders through the
+//! The randomized fault campaign, run by CI: `twopc-lab campaign` places orders through the
 //! SDK while seeded random faults strike (coordinator SIGKILL/SIGSTOP, during the load or
 //! while it starts, dropped, delayed and reset links in each direction, PostgreSQL
 //! SIGKILL, broker cut off, participant restart after or during the load, a real order
@@ -24,12 +24,13 @@ fn summary(stdout: &str) -> serde_json::Value {
 }
 
 fn campaign(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc-lab"))
         .arg("campaign")
         .args(args)
         .env_remove("RUST_LOG")
+        .env("TWOPC_BIN", env!("CARGO_BIN_EXE_twopc"))
         .output()
-        .expect("run twopc campaign");
+        .expect("run twopc-lab campaign");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -79,7 +80,7 @@ fn randomized_fault_campaign_finds_no_violation() {
 }
 
 /// The faults that kill a process while it starts: the coordinator (its decision log
-/// opening, its recovery) and a real `twopc order-service` process of the campaign's
+/// opening, its recovery) and a real `twopc-lab order-service` process of the campaign's
 /// participant (its staging store opening, its recovery), one to four times in a row.
 /// Every later start must work and every invariant hold.
 #[test]

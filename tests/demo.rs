@@ -1,4 +1,4 @@
-//! `twopc demo` end to end, as a newcomer runs it: the real binary against the machine's
+//! `twopc-lab demo` end to end, as a newcomer runs it: the real binary against the machine's
 //! PostgreSQL (or the private cluster it starts when prepared transactions are off),
 //! RabbitMQ and NATS. The demo checks its own invariants from the outside and exits
 //! non-zero if any is broken; this test also reads its table.
@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 fn run_demo(broker: &str, stage_events: &str) -> String {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc-lab"))
         .args(["demo", "--orders", "12", "--broker", broker])
         .args(["--stage-events", stage_events])
         .env_remove("RUST_LOG")
         .output()
-        .expect("run twopc demo");
+        .expect("run twopc-lab demo");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(

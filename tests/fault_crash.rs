@@ -7,7 +7,7 @@
 //! and the outcome is checked from the outside: the coordinator's answer, every
 //! participant's resource state, the database, the queue and the staging store.
 //!
-//! Needs the `failpoints` feature (`cargo test --features failpoints --test
+//! Needs the `failpoints` feature (`cargo test --features failpoints,lab --test
 //! fault_crash`); without it this file is empty. The order-service scenarios need
 //! RabbitMQ on 127.0.0.1:5672; the PostgreSQL ones start their own clusters.
 //!
@@ -88,7 +88,16 @@ fn no_core_dumps(cmd: &mut Command) {
 /// A command for the `twopc` binary with a clean environment: no `TWOPC_*` variable of
 /// the test run, and `FAILPOINTS` exactly as given (none if empty).
 fn twopc_command(failpoints: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+    clean_command(env!("CARGO_BIN_EXE_twopc"), failpoints)
+}
+
+/// [`twopc_command`] for the lab's binary (`twopc-lab order-service`).
+fn lab_command(failpoints: &str) -> Command {
+    clean_command(env!("CARGO_BIN_EXE_twopc-lab"), failpoints)
+}
+
+fn clean_command(exe: &str, failpoints: &str) -> Command {
+    let mut cmd = Command::new(exe);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("TWOPC_") {
             cmd.env_remove(k);
@@ -1652,12 +1661,12 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
 // The order-service process
 // ---------------------------------------------------------------------------------------
 
-/// The order service's tables, exactly as `twopc order-service` expects them.
-const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
+/// The order service's tables, exactly as `twopc-lab order-service` expects them.
+const ORDER_SCHEMA: &str = include_str!("../lab/src/order_schema.sql");
 const DB_BRANCH: &str = "orders:orders-db";
 const EVENTS_BRANCH: &str = "orders:events";
 
-/// One finished run of `twopc order-service`.
+/// One finished run of `twopc-lab order-service`.
 struct Run {
     status: ExitStatus,
     stdout: Vec<String>,
@@ -1729,7 +1738,7 @@ impl OrderWorld {
         self.root.path().join("data")
     }
 
-    /// `twopc order-service ARGS` with `FAILPOINTS=failpoints`, on the world's fixed port
+    /// `twopc-lab order-service ARGS` with `FAILPOINTS=failpoints`, on the world's fixed port
     /// and data directory, its stderr going to a new log file (returned).
     fn command(&mut self, args: &[&str], failpoints: &str) -> (Command, PathBuf) {
         let log_path = self
@@ -1739,7 +1748,7 @@ impl OrderWorld {
         let log = File::create(&log_path).expect("create log file");
         self.logs.push(log_path.clone());
         let listen = format!("127.0.0.1:{}", self.port);
-        let mut cmd = twopc_command(failpoints);
+        let mut cmd = lab_command(failpoints);
         cmd.env("RUST_LOG", "info,twopc_participant=debug")
             .arg("order-service")
             .args(["--coordinator", &self.coord.url()])
@@ -1757,22 +1766,22 @@ impl OrderWorld {
         (cmd, log_path)
     }
 
-    /// Starts `twopc order-service ARGS` serving (no `--place`, no `--recover`) until the
+    /// Starts `twopc-lab order-service ARGS` serving (no `--place`, no `--recover`) until the
     /// returned process is stopped.
     fn serve(&mut self, args: &[&str]) -> Child {
         let (mut cmd, _) = self.command(args, "");
         cmd.stdout(Stdio::null())
             .spawn()
-            .expect("spawn twopc order-service")
+            .expect("spawn twopc-lab order-service")
     }
 
-    /// Runs `twopc order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
+    /// Runs `twopc-lab order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
     /// own (bounded), and checks that it announced itself on its fixed port.
     async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
         let listen = format!("127.0.0.1:{}", self.port);
         let (mut cmd, log_path) = self.command(args, failpoints);
         cmd.stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn twopc order-service");
+        let mut child = cmd.spawn().expect("spawn twopc-lab order-service");
         let stdout = child.stdout.take().expect("piped stdout");
         let reader = std::thread::spawn(move || {
             BufReader::new(stdout)
@@ -1789,7 +1798,7 @@ impl OrderWorld {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "twopc order-service {args:?} did not exit within {WAIT:?}; stderr:\n{}",
+                    "twopc-lab order-service {args:?} did not exit within {WAIT:?}; stderr:\n{}",
                     read(&log_path)
                 );
             }
@@ -1803,7 +1812,7 @@ impl OrderWorld {
         assert_eq!(
             run.stdout.first().map(String::as_str),
             Some(format!("order-service ready on {listen}").as_str()),
-            "first stdout line of twopc order-service {args:?} ({:?}); stdout {:?}; stderr:\n{}",
+            "first stdout line of twopc-lab order-service {args:?} ({:?}); stdout {:?}; stderr:\n{}",
             run.status,
             run.stdout,
             run.stderr

@@ -1,10 +1,10 @@
 //! The order-service PROCESS killed in the middle of a transaction finishes it after it
-//! restarts: real `twopc serve` and `twopc order-service` processes, a private PostgreSQL
+//! restarts: real `twopc serve` and `twopc-lab order-service` processes, a private PostgreSQL
 //! cluster (prepared transactions on) and the machine's RabbitMQ (127.0.0.1:5672).
 //!
 //! The order service is killed by the participant SDK's fail points (`return(abort)`:
 //! SIGABRT on the spot, nothing cleaned up), so this file needs the `failpoints` feature
-//! (`cargo test --features failpoints --test order_service_crash`); without it, it is
+//! (`cargo test --features failpoints,lab --test order_service_crash`); without it, it is
 //! empty.
 //!
 //! Every scenario has its own coordinator, database, queue, participant port and data
@@ -30,8 +30,8 @@ use twopc_participant::staging::StagingStore;
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name, PgCluster};
 
-/// The order service's tables, exactly as `twopc order-service` expects them.
-const ORDER_SCHEMA: &str = include_str!("../src/order_schema.sql");
+/// The order service's tables, exactly as `twopc-lab order-service` expects them.
+const ORDER_SCHEMA: &str = include_str!("../lab/src/order_schema.sql");
 /// Branch ids of the order service (`--service orders`).
 const DB_BRANCH: &str = "orders:orders-db";
 const EVENTS_BRANCH: &str = "orders:events";
@@ -58,7 +58,7 @@ async fn cluster() -> &'static PgCluster {
 // The order-service process
 // ---------------------------------------------------------------------------------------
 
-/// Runs of `twopc order-service` of one scenario, all on one port and data directory;
+/// Runs of `twopc-lab order-service` of one scenario, all on one port and data directory;
 /// their stderr is kept in files and printed if the scenario fails.
 struct OrderService {
     root: tempfile::TempDir,
@@ -95,7 +95,7 @@ impl OrderService {
         self.root.path().join("data")
     }
 
-    /// Runs `twopc order-service ARGS` with `failpoints` in FAILPOINTS (none if empty)
+    /// Runs `twopc-lab order-service ARGS` with `failpoints` in FAILPOINTS (none if empty)
     /// and waits (bounded) until it exits on its own. Checks that it announced itself
     /// on the fixed port.
     async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
@@ -104,7 +104,7 @@ impl OrderService {
         assert_eq!(
             run.stdout.first().map(String::as_str),
             Some(format!("order-service ready on {listen}").as_str()),
-            "first stdout line of twopc order-service {args:?} (status {:?}); stdout {:?}; stderr:\n{}",
+            "first stdout line of twopc-lab order-service {args:?} (status {:?}); stdout {:?}; stderr:\n{}",
             run.status,
             run.stdout,
             run.stderr
@@ -121,7 +121,7 @@ impl OrderService {
             .join(format!("order-service-{}.stderr.log", self.logs.len() + 1));
         let log = File::create(&log_path).expect("create log file");
         self.logs.push(log_path.clone());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc-lab"));
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("TWOPC_") {
                 cmd.env_remove(k);
@@ -162,7 +162,7 @@ impl OrderService {
                 Ok(())
             });
         }
-        let mut child: Child = cmd.spawn().expect("spawn twopc order-service");
+        let mut child: Child = cmd.spawn().expect("spawn twopc-lab order-service");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {
@@ -181,7 +181,7 @@ impl OrderService {
                 let _ = child.wait();
                 let lines: Vec<String> = rx.try_iter().collect();
                 panic!(
-                    "twopc order-service {args:?} did not exit within {WAIT:?}; stdout {lines:?}; stderr:\n{}",
+                    "twopc-lab order-service {args:?} did not exit within {WAIT:?}; stdout {lines:?}; stderr:\n{}",
                     read(&log_path)
                 );
             }

@@ -18,6 +18,7 @@
 //!   file > defaults), `--print-config`.
 //! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
 //!   reflection.
+//! - [`signal`]: the SIGTERM / Ctrl-C a graceful stop waits for.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
 //! - [`auth`]: bearer tokens of the Coordinator and Admin services, checked before any
 //!   handler runs; [`tls`]: certificates of the gRPC port and towards participants.
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod signal;
 pub mod tls;
 pub mod transport;
 pub mod types;

@@ -1,88 +1,22 @@
 //! The channel to the coordinator: [`CoordinatorChannel`] stamps the bearer token
-//! ([`BearerToken`]) on every call, the client API's and recovery's alike; the token is
-//! never printed.
+//! ([`BearerToken`], shared with every client of the coordinator) on every call, the
+//! client API's and recovery's alike; the token is never printed.
 
-use crate::error::Result;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-use crate::error::Error;
+pub use twopc_proto::auth::BearerToken;
 
-/// Adds `authorization: Bearer <token>` to every call it intercepts (nothing without a
-/// token). The coordinator checks it before the call reaches any handler.
-#[derive(Clone, Default)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl BearerToken {
-    /// An interceptor sending `token` (`None`: sends nothing). Fails when the token is
-    /// empty or is not visible ASCII (it travels as a header).
-    pub fn new(token: Option<&str>) -> Result<BearerToken> {
-        let Some(token) = token else {
-            return Ok(BearerToken(None));
-        };
-        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::Usage(
-                "the bearer token must be visible ASCII characters, without spaces".into(),
-            ));
-        }
-        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Error::Usage("the bearer token is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        Ok(BearerToken(Some(value)))
-    }
-}
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "BearerToken(<redacted>)"
-        } else {
-            "BearerToken(none)"
-        })
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// The channel of [`TwoPc::coordinator`](crate::TwoPc::coordinator): a tonic [`Channel`] that stamps the bearer
-/// token (if any) on every call.
+/// The channel of [`TwoPc::coordinator`](crate::TwoPc::coordinator): a tonic [`Channel`]
+/// that stamps the bearer token (if any) on every call.
 pub type CoordinatorChannel = InterceptedService<Channel, BearerToken>;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::TwoPc;
-    use tonic::service::Interceptor;
 
     #[test]
-    fn bearer_tokens_are_sent_but_never_printed() {
-        let mut t = BearerToken::new(Some("secret-token-0123456789")).expect("valid");
-        assert!(!format!("{t:?}").contains("secret"));
-        let req = t.call(tonic::Request::new(())).expect("intercepted");
-        assert_eq!(
-            req.metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok()),
-            Some("Bearer secret-token-0123456789")
-        );
-        let mut none = BearerToken::new(None).expect("no token");
-        let req = none.call(tonic::Request::new(())).expect("intercepted");
-        assert!(req.metadata().get("authorization").is_none());
+    fn the_builder_never_prints_its_token() {
         let b = TwoPc::builder("http://x").token("secret-token-0123456789");
         assert!(!format!("{b:?}").contains("secret"));
     }

@@ -37,4 +37,5 @@ pub mod example {
     }
 }
 
+pub mod auth;
 pub mod mux;

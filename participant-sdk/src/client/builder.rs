@@ -314,7 +314,8 @@ impl TwoPcBuilder {
             }
         }
         let endpoint = self.coordinator_endpoint()?;
-        let auth = BearerToken::new(self.token.as_deref())?;
+        let auth =
+            BearerToken::new(self.token.as_deref()).map_err(|e| Error::Usage(e.to_string()))?;
         let server = self.participant_server()?;
         let channel = endpoint.connect_lazy();
         let listener = TcpListener::bind(self.listen).await.map_err(|e| {

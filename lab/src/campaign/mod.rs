@@ -1,11 +1,11 @@
-//! `twopc campaign`: a seeded, randomized fault campaign with a checker.
+//! `twopc-lab campaign`: a seeded, randomized fault campaign with a checker.
 //!
 //! Each cycle places a few orders (row + OrderCreated, through the SDK) while one random
 //! fault strikes: the coordinator process killed with SIGKILL (during the load, or again
 //! and again while it starts again) or paused with SIGSTOP, the coordinator↔participant
 //! link blackholed, delayed or reset in either direction, PostgreSQL killed, the broker
 //! cut off, the participant restarted (after the load, or during it while its replies are
-//! lost), or a real `twopc order-service` process of the same service, on the same data
+//! lost), or a real `twopc-lab order-service` process of the same service, on the same data
 //! directory, database and port, killed again and again while it starts, between two
 //! lives of the participant. Every operation is recorded as invoked → ok /
 //! aborted / unknown. Then faults stop, recovery gets a bounded time, and the checker reads
@@ -69,7 +69,7 @@ use crate::order_service::{
 };
 
 /// The service name of the in-process order service (prefixes its branch ids); the same
-/// resources as `twopc order-service`, so a real process of it is the same participant.
+/// resources as `twopc-lab order-service`, so a real process of it is the same participant.
 const SERVICE: &str = "orders";
 /// A fault that kills a process while it starts kills it this many times in a row at
 /// most (at least once).
@@ -78,7 +78,7 @@ const START_KILLS_MAX: u32 = 4;
 /// many cycles, then off for as many, and so on.
 const ONE_PHASE_BLOCK: u32 = 10;
 
-/// Flags of `twopc campaign`.
+/// Flags of `twopc-lab campaign`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CampaignArgs {
     /// Fault cycles to run.
@@ -120,6 +120,28 @@ pub struct CampaignArgs {
     /// ten cycles (restarting the coordinator between two cycles), starting with on.
     #[arg(long, value_enum, default_value_t = OnePhaseMode::Alternate)]
     pub one_phase: OnePhaseMode,
+    /// The `twopc` binary the campaign runs as its coordinator (`twopc serve`); default:
+    /// the `twopc` next to this binary (both are built into the same target directory).
+    #[arg(long, env = "TWOPC_BIN", value_name = "PATH")]
+    pub twopc_bin: Option<PathBuf>,
+}
+
+/// The `twopc` server binary: `--twopc-bin`, or the one next to this binary.
+fn twopc_binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locate this binary (to find twopc next to it)")?
+            .with_file_name(format!("twopc{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if !path.is_file() {
+        bail!(
+            "no twopc binary at {} (--twopc-bin / TWOPC_BIN): build it with `cargo build --bin twopc` \
+             (with the same profile and features as this one)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// How the coordinator's one-phase optimisation is set during the campaign.
@@ -175,7 +197,7 @@ pub enum FaultKind {
     /// lost: the coordinator asks the restarted participant again (for a one-phase commit
     /// that happened, the `twopc_one_phase` marker must answer "committed").
     RestartParticipantMidLoad,
-    /// After the load, stop the participant, start a real `twopc order-service` process
+    /// After the load, stop the participant, start a real `twopc-lab order-service` process
     /// of the same service (data directory, database, broker, port) and SIGKILL it at a
     /// random moment of its start (its staging store opening, its recovery), one to four
     /// times; then the participant starts again.
@@ -290,7 +312,7 @@ struct Env {
     data_dir: PathBuf,
     pool: deadpool_postgres::Pool,
     queue: String,
-    /// The orders database, for a real `twopc order-service` process.
+    /// The orders database, for a real `twopc-lab order-service` process.
     db_url: String,
     /// This binary (it runs `order-service`).
     exe: PathBuf,
@@ -448,7 +470,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     };
     println!("seed {seed}");
     println!(
-        "reproduce: cargo run --features failpoints -- campaign --seed {seed} --cycles {} --orders-per-cycle {} --faults {} --stage-events {} --one-phase {}{}",
+        "reproduce: cargo run --features failpoints,lab --bin twopc-lab -- campaign --seed {seed} --cycles {} --orders-per-cycle {} --faults {} --stage-events {} --one-phase {}{}",
         args.cycles,
         args.orders_per_cycle,
         flag_values(&faults),
@@ -515,7 +537,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     );
     let queue = format!("twopc-campaign-{tag}");
 
-    let exe = std::env::current_exe().context("locate the twopc binary")?;
+    let exe = twopc_binary(args.twopc_bin.as_ref())?;
     let coordinator_addr: SocketAddr =
         format!("127.0.0.1:{}", twopc_testkit::free_port()).parse()?;
     let mut coordinator = CoordinatorProc {
@@ -541,7 +563,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         pool: pool.clone(),
         queue: queue.clone(),
         db_url: db_url.clone(),
-        exe: std::env::current_exe().context("locate the twopc binary")?,
+        exe: std::env::current_exe().context("locate the twopc-lab binary")?,
         order_service_log: work.join("order-service.log"),
     };
     let mut participant = start_participant(&env, None).await?;

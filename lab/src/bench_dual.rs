@@ -1,4 +1,4 @@
-//! `twopc bench dual-write`: the order-service workload four ways, side by side.
+//! `twopc-lab bench dual-write`: the order-service workload four ways, side by side.
 //!
 //! - **naive**: `INSERT` (autocommit), then publish with a broker confirmation. Fast and
 //!   wrong: a crash between the two leaves a row without its event.
@@ -52,7 +52,7 @@ use twopc_participant::{OutboxOptions, TwoPc};
 use crate::demo::{self, BrokerKind, ServiceUrls};
 use crate::order_service::{EventStaging, Order, OrderService, Phases, Placed, ORDER_SCHEMA};
 
-/// Flags of `twopc bench dual-write`.
+/// Flags of `twopc-lab bench dual-write`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DualWriteBench {
     /// Concurrent clients per mode.

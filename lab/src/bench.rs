@@ -1,4 +1,4 @@
-//! `twopc bench coordinator`: the coordinator alone, measured end to end.
+//! `twopc-lab bench coordinator`: the coordinator alone, measured end to end.
 //!
 //! Real gRPC (client → coordinator → participants), the real sled decision log with real
 //! syncs, and two in-process null participants per transaction that vote yes at once, so
@@ -36,7 +36,7 @@ use twopc_proto::v1::participant_exchange_server::{
 };
 use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
 
-/// Flags of `twopc bench coordinator`.
+/// Flags of `twopc-lab bench coordinator`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CoordinatorBench {
     /// Concurrent clients.

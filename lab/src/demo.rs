@@ -1,4 +1,4 @@
-//! `twopc demo`: the seed scenario end to end on this machine.
+//! `twopc-lab demo`: the seed scenario end to end on this machine.
 //!
 //! Starts the coordinator in-process on its embedded sled store, the order service (a
 //! PostgreSQL branch + a broker branch per order) and the inventory consumer, places N
@@ -71,7 +71,7 @@ pub struct ServiceUrls {
     pub nats_url: String,
 }
 
-/// Flags of `twopc demo`.
+/// Flags of `twopc-lab demo`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     /// How many orders to place (every few is designed to fail).

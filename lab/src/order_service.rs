@@ -14,7 +14,7 @@
 //! transaction of its own, records the message id (deduplication) and the event; it
 //! acknowledges the delivery only after that transaction committed.
 //!
-//! [`run_process`] is `twopc order-service`: the order service as a process of its own,
+//! [`run_process`] is `twopc-lab order-service`: the order service as a process of its own,
 //! on a fixed participant address and data directory, so that it can be killed and
 //! restarted and finish (`--recover`) what it left in doubt.
 
@@ -244,7 +244,7 @@ pub async fn apply_event(
 }
 
 // ---------------------------------------------------------------------------------------
-// `twopc order-service`: the order service as a process of its own
+// `twopc-lab order-service`: the order service as a process of its own
 // ---------------------------------------------------------------------------------------
 
 /// Name of the PostgreSQL resource (branch id `<service>:orders-db`).
@@ -252,7 +252,7 @@ pub const DB_RESOURCE: &str = "orders-db";
 /// Name of the RabbitMQ resource (branch id `<service>:events`).
 pub const BROKER_RESOURCE: &str = "events";
 
-/// Flags of `twopc order-service`.
+/// Flags of `twopc-lab order-service`.
 ///
 /// The process connects to the coordinator, PostgreSQL and RabbitMQ, starts its
 /// participant server on `--listen` and prints `order-service ready on ADDR`. Then:
@@ -488,7 +488,7 @@ fn secure(args: &OrderServiceArgs, mut b: TwoPcBuilder) -> anyhow::Result<TwoPcB
     Ok(b)
 }
 
-/// Runs `twopc order-service` (see [`OrderServiceArgs`]).
+/// Runs `twopc-lab order-service` (see [`OrderServiceArgs`]).
 pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
     validate(&args)?;
     let timeout = Duration::from_millis(args.timeout_ms);
@@ -597,7 +597,7 @@ pub async fn run_process(args: OrderServiceArgs) -> anyhow::Result<()> {
             }
         }
         if !args.recover && args.place.is_none() {
-            crate::shutdown_signal().await;
+            twopc_coordinator::signal::shutdown_signal().await;
         }
         if args.stage_events == EventStaging::Database {
             // Leave no committed event unpublished behind (bounded: a broker that stays

@@ -1,5 +1,5 @@
 //! The campaign's processes: the coordinator (`twopc serve`) as a child on a fixed port and
-//! data directory, killed, paused and restarted; and a real `twopc order-service` process
+//! data directory, killed, paused and restarted; and a real `twopc-lab order-service` process
 //! of the campaign's participant, killed again and again while it starts.
 
 use std::net::SocketAddr;
@@ -153,7 +153,7 @@ impl Drop for CoordinatorProc {
     }
 }
 
-/// Kills a real `twopc order-service` process of the campaign's participant (same service,
+/// Kills a real `twopc-lab order-service` process of the campaign's participant (same service,
 /// data directory, database, broker and port) while it starts, once after each of `at`
 /// (fractions of a full start's time). The first call makes one full start (until it says
 /// it is ready) to learn that time. The participant must be stopped. Returns the kills
@@ -201,7 +201,7 @@ pub(super) async fn kill_order_service_while_starting(
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
-            .context("spawn twopc order-service")?;
+            .context("spawn twopc-lab order-service")?;
         let stdout = child.stdout.take().context("order-service stdout")?;
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -221,7 +221,7 @@ pub(super) async fn kill_order_service_while_starting(
         let _ = child.wait();
         match exited {
             Some(status) => bail!(
-                "twopc order-service exited by itself while it started ({status}; see {})",
+                "twopc-lab order-service exited by itself while it started ({status}; see {})",
                 env.order_service_log.display()
             ),
             None => Ok(()),
@@ -248,7 +248,7 @@ pub(super) async fn kill_order_service_while_starting(
             kill(child)?;
             if !ready {
                 bail!(
-                    "twopc order-service did not say it was ready within 20 s (see {})",
+                    "twopc-lab order-service did not say it was ready within 20 s (see {})",
                     env.order_service_log.display()
                 );
             }
