@@ -14,13 +14,13 @@
 //! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
 //! - [`admin`]: the tonic `Admin` service: list and show unfinished transactions, and
 //!   resolve stuck ones by hand (heuristic decisions, recorded in the decision log).
-//! - [`config`]: where `twopc serve` takes its configuration from (flags > env > TOML
-//!   file > defaults), `--print-config`.
-//! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
-//!   reflection.
+//! - [`config`]: the configuration of `twopc serve` ([`config::ServeConfig`]), where it
+//!   comes from (flags > env > TOML file > defaults), `--print-config`.
+//! - [`server`]: `run(config, listener, shutdown)`, with health and reflection.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
 //! - [`auth`]: bearer tokens of the Coordinator and Admin services, checked before any
 //!   handler runs; [`tls`]: certificates of the gRPC port and towards participants.
+//!   Both read their settings from [`config`]; [`server`] uses all three.
 //!
 //! The split keeps every decision in [`engine`] and every side effect in [`runtime`]: the
 //! same engine runs under the real server, in unit tests and inside the model checker.

@@ -1,5 +1,9 @@
-//! Where `twopc serve` takes its configuration from: flags, environment variables and a
-//! TOML file, merged with a fixed precedence.
+//! The configuration of `twopc serve`: [`ServeConfig`] (in `settings`), secret values
+//! (`secret`), and where the values come from: flags, environment variables and a TOML
+//! file, merged with a fixed precedence.
+//!
+//! This module depends on nothing that serves: [`crate::auth`] and [`crate::tls`] read
+//! their settings from here, and [`crate::server`] uses all three.
 //!
 //! **Precedence** (highest first): command-line flag > environment variable (`TWOPC_*`) >
 //! config file (`--config FILE` / `TWOPC_CONFIG`) > built-in default
@@ -30,8 +34,23 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 
-use crate::auth::Secret;
-use crate::server::{limits, ConfigError, ServeConfig};
+mod secret;
+mod settings;
+
+pub use secret::{check_token, Secret, TOKEN_MAX_LEN, TOKEN_MIN_LEN};
+pub use settings::{limits, ServeConfig, DEFAULT_OTLP_SERVICE_NAME, LIMITS};
+
+/// A configuration value out of range, or at odds with another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field} = {value}: {allowed}")]
+pub struct ConfigError {
+    /// The flag's name (as on the command line, without dashes).
+    pub field: &'static str,
+    /// The value given (`<redacted>` for a secret).
+    pub value: String,
+    /// What is allowed.
+    pub allowed: String,
+}
 
 /// The keys of the config file, in the order of [`ServeConfig`]'s fields (each is the
 /// flag's name with `_` for `-`, and the clap id of the field).
@@ -227,8 +246,7 @@ pub fn allowed(key: &str) -> String {
         }
         "client_token" | "admin_token" => format!(
             "a string of {} to {} visible ASCII characters",
-            crate::auth::TOKEN_MIN_LEN,
-            crate::auth::TOKEN_MAX_LEN
+            TOKEN_MIN_LEN, TOKEN_MAX_LEN
         ),
         "one_phase" => "true or false".into(),
         "otlp_endpoint" => {
@@ -927,5 +945,20 @@ mod tests {
             let again = merge(&ServeConfig::default(), |_| None, Some((path(), &file)));
             assert_eq!(again.config, cli, "{text}");
         }
+    }
+
+    #[test]
+    fn token_form_is_checked_without_showing_it() {
+        assert!(check_token("client-token", &Secret::new("client-token-0123456789")).is_ok());
+        for bad in ["short", "has a space in it 12345", "tab\there-0123456789"] {
+            let e = check_token("client-token", &Secret::new(bad)).expect_err(bad);
+            assert_eq!(e.field, "client-token");
+            assert_eq!(e.value, "<redacted>");
+            assert!(!e.to_string().contains(bad), "{e}");
+        }
+        assert_eq!(
+            format!("{:?}", Secret::new("client-token-0123")),
+            "<redacted>"
+        );
     }
 }
