@@ -14,8 +14,10 @@
 //! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
 //! - [`admin`]: the tonic `Admin` service: list and show unfinished transactions, and
 //!   resolve stuck ones by hand (heuristic decisions, recorded in the decision log).
-//! - [`config`]: the configuration of `twopc serve` ([`config::ServeConfig`]), where it
-//!   comes from (flags > env > TOML file > defaults), `--print-config`.
+//! - [`config`]: the settings of `twopc serve`, each declared once ([`config::ServeConfig`]:
+//!   flag, environment variable, file key, default, range), where their values come from
+//!   (flags > env > TOML file > defaults), `--print-config`, and the engine's, runtime's
+//!   and transport's options derived from them.
 //! - [`server`]: `run(config, listener, shutdown)`, with health and reflection.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
 //! - [`auth`]: bearer tokens of the Coordinator and Admin services, checked before any

@@ -20,7 +20,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -33,10 +32,10 @@ use crate::admin::AdminService;
 use crate::auth::{read_token_file, Api, AuthInterceptor, TokenFileError, Tokens};
 use crate::config::{ConfigError, Secret, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
-use crate::runtime::{Runtime, RuntimeOptions};
+use crate::runtime::Runtime;
 use crate::service::CoordinatorService;
 use crate::tls::{TlsFileError, TlsSettings};
-use crate::transport::{GrpcTransport, GrpcTransportOptions};
+use crate::transport::GrpcTransport;
 
 /// The gRPC service name health reports on (besides the overall "" entry).
 pub const SERVICE_NAME: &str = "twopc.v1.Coordinator";
@@ -168,18 +167,11 @@ pub async fn run_with_listeners<L: DecisionLog>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let security = Security::load(&cfg)?;
-    let mut transport = GrpcTransport::new(GrpcTransportOptions {
-        connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
-        rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
-    });
+    let mut transport = GrpcTransport::new(cfg.transport_options());
     if let Some(tls) = security.tls.participants.clone() {
         transport = transport.with_tls(tls);
     }
-    let opts = RuntimeOptions {
-        engine: cfg.engine(),
-        commit_wait: Duration::from_millis(cfg.commit_wait_ms),
-    };
-    let rt = Runtime::new(opts, log, transport);
+    let rt = Runtime::new(cfg.runtime_options(), log, transport);
     // Served until this function returns (the handle stops it when dropped).
     let _metrics = metrics.map(|l| {
         info!(addr = ?l.local_addr().ok(), "metrics endpoint on /metrics");

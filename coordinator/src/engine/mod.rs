@@ -109,7 +109,8 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// The defaults, as a constant so that other constants can name them.
+    /// The defaults, also those of `twopc serve`'s settings
+    /// ([`crate::config::ServeConfig`] takes them from here).
     pub const DEFAULT: EngineConfig = EngineConfig {
         prepare_timeout_ms: 10_000,
         tx_timeout_ms: 60_000,
