@@ -178,7 +178,7 @@ async fn dispatch(command: Command, serve_config: Option<Effective>) -> anyhow::
     }
 }
 
-async fn serve(cfg: server::ServeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: config::ServeConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     // Certificate, key and token files are checked before anything else, so a bad one
     // stops the start before the log is opened or the port is bound.

@@ -24,13 +24,15 @@
 //! open; with only the client token set, the Admin service is open (the server warns about
 //! it at start).
 //!
+//! A token is a setting first: its type ([`Secret`]) and the form it must have
+//! ([`check_token`]) live in [`crate::config`], which this module reads from.
+//!
 //! Messages say what was missing or wrong and never echo a token. Tokens are compared in
 //! constant time ([`subtle`]), so the time of a refusal does not tell how much of a guess
 //! was right. Health (`grpc.health.v1.Health`) and reflection are not wrapped: load
 //! balancers and tools probe them without credentials, and neither reveals or changes a
 //! transaction.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,79 +41,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::debug;
 
-use crate::server::ConfigError;
-
-/// Shortest token accepted: anything shorter is guessable.
-pub const TOKEN_MIN_LEN: usize = 16;
-/// Longest token accepted (it travels in every call's metadata).
-pub const TOKEN_MAX_LEN: usize = 4096;
-
-/// A secret value (a bearer token). `Debug` and `Display` print `<redacted>`, so a secret
-/// never reaches a log line, an error message or `--print-config` by accident.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps `value`.
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The secret itself: only for the places that must send or compare it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// Never fails, so clap never echoes a bad token in its own error; [`check_token`] says
-/// what is wrong without showing the value.
-impl From<String> for Secret {
-    fn from(value: String) -> Secret {
-        Secret(value)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
-        String::deserialize(d).map(Secret)
-    }
-}
-
-/// Checks the form of a token: [`TOKEN_MIN_LEN`]..=[`TOKEN_MAX_LEN`] visible ASCII
-/// characters (no spaces), so it fits a header as is. `field` is the flag's name for the
-/// error, whose value is shown as `<redacted>`.
-pub fn check_token(field: &'static str, token: &Secret) -> Result<(), ConfigError> {
-    let t = token.expose();
-    let bad = |allowed: String| ConfigError {
-        field,
-        value: "<redacted>".into(),
-        allowed,
-    };
-    if t.len() < TOKEN_MIN_LEN || t.len() > TOKEN_MAX_LEN {
-        return Err(bad(format!(
-            "must be {TOKEN_MIN_LEN} to {TOKEN_MAX_LEN} characters long (this one has {})",
-            t.len()
-        )));
-    }
-    if !t.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad(
-            "must be visible ASCII characters only (no spaces or control characters)".into(),
-        ));
-    }
-    Ok(())
-}
+use crate::config::{check_token, Secret};
 
 /// A token file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -332,17 +262,5 @@ mod tests {
         assert!(AuthInterceptor::new(admin_only, Api::Admin)
             .check(Some(&format!("Bearer {ADMIN}")))
             .is_ok());
-    }
-
-    #[test]
-    fn auth_token_form_is_checked_without_showing_it() {
-        assert!(check_token("client-token", &Secret::new(CLIENT)).is_ok());
-        for bad in ["short", "has a space in it 12345", "tab\there-0123456789"] {
-            let e = check_token("client-token", &Secret::new(bad)).expect_err(bad);
-            assert_eq!(e.field, "client-token");
-            assert_eq!(e.value, "<redacted>");
-            assert!(!e.to_string().contains(bad), "{e}");
-        }
-        assert_eq!(format!("{:?}", Secret::new(CLIENT)), "<redacted>");
     }
 }

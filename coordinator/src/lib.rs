@@ -14,14 +14,16 @@
 //! - [`service`]: the tonic `Coordinator` service; the one place errors become statuses.
 //! - [`admin`]: the tonic `Admin` service: list and show unfinished transactions, and
 //!   resolve stuck ones by hand (heuristic decisions, recorded in the decision log).
-//! - [`config`]: where `twopc serve` takes its configuration from (flags > env > TOML
-//!   file > defaults), `--print-config`.
-//! - [`server`]: configuration and `run(config, listener, shutdown)`, with health and
-//!   reflection.
+//! - [`config`]: the settings of `twopc serve`, each declared once ([`config::ServeConfig`]:
+//!   flag, environment variable, file key, default, range), where their values come from
+//!   (flags > env > TOML file > defaults), `--print-config`, and the engine's, runtime's
+//!   and transport's options derived from them.
+//! - [`server`]: `run(config, listener, shutdown)`, with health and reflection.
 //! - [`signal`]: the SIGTERM / Ctrl-C a graceful stop waits for.
 //! - [`metrics`]: Prometheus metrics the runtime records, and their `/metrics` endpoint.
 //! - [`auth`]: bearer tokens of the Coordinator and Admin services, checked before any
 //!   handler runs; [`tls`]: certificates of the gRPC port and towards participants.
+//!   Both read their settings from [`config`]; [`server`] uses all three.
 //!
 //! The split keeps every decision in [`engine`] and every side effect in [`runtime`]: the
 //! same engine runs under the real server, in unit tests and inside the model checker.

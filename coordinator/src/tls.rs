@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
-use crate::server::ServeConfig;
+use crate::config::ServeConfig;
 
 /// A certificate or key file that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use twopc_coordinator::auth::Secret;
+use twopc_coordinator::config::Secret;
 use twopc_participant::broker::Broker;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::rabbitmq::RabbitResource;

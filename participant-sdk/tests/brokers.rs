@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
     AbortOutcome, Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use support::{bounded, Coordinator};
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::{Error, TwoPc};
 use twopc_testkit::proxy::{Direction, Fault, FaultProxy};
 

@@ -47,7 +47,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::{
     AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, OutboxOptions, PgBranch,
     PgResource, PublishOptions, RabbitResource, Resource, StagingStore, Transaction, TwoPc, Vote,

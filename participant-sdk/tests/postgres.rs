@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::{dedup, AbortOutcome, Error, OnePhase, PgResource, Resource, TwoPc, Vote};
 use twopc_testkit::PgCluster;
 

@@ -35,7 +35,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::propagation::{self, PropagatedTx, TxIdLayer, TxInterceptor};
 use twopc_participant::{
     Broker, Error, PgResource, PublishOptions, RabbitResource, StagingStore, Transaction, TwoPc,

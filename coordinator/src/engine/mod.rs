@@ -108,17 +108,23 @@ pub struct EngineConfig {
     pub one_phase: bool,
 }
 
+impl EngineConfig {
+    /// The defaults, also those of `twopc serve`'s settings
+    /// ([`crate::config::ServeConfig`] takes them from here).
+    pub const DEFAULT: EngineConfig = EngineConfig {
+        prepare_timeout_ms: 10_000,
+        tx_timeout_ms: 60_000,
+        max_tx_timeout_ms: 24 * 3600 * 1000,
+        max_branches: 64,
+        retry_initial_ms: 50,
+        retry_max_ms: 5_000,
+        one_phase: true,
+    };
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig {
-            prepare_timeout_ms: 10_000,
-            tx_timeout_ms: 60_000,
-            max_tx_timeout_ms: 24 * 3600 * 1000,
-            max_branches: 64,
-            retry_initial_ms: 50,
-            retry_max_ms: 5_000,
-            one_phase: true,
-        }
+        EngineConfig::DEFAULT
     }
 }
 

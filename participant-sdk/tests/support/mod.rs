@@ -31,7 +31,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use twopc_coordinator::server::{run, ServeConfig};
+use twopc_coordinator::config::ServeConfig;
+use twopc_coordinator::server::run;
 use twopc_participant::{
     AbortOutcome, OnePhase, PgResource, Resource, Retry, StagingStore, TwoPc, Vote,
 };
