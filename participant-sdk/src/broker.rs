@@ -787,7 +787,7 @@ impl Transaction {
         broker.check_destination(destination).map_err(|e| {
             Error::resource(broker.name(), format!("destination {destination:?}: {e}"))
         })?;
-        let branch_id = self.enlist(broker).await?;
+        let branch_id = self.enlist(broker).await?.branch_id;
         broker
             .core()
             .buffer(self.id(), &branch_id, destination, payload.into(), options)

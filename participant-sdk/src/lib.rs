@@ -36,7 +36,9 @@ pub mod staging;
 pub use ahead::{DEFAULT_BEGIN_AHEAD, MAX_BEGIN_AHEAD};
 pub use broker::{Broker, BrokerCore, BrokerOptions, PublishOptions, PublishOutcome};
 pub use channel::{BearerToken, CoordinatorChannel};
-pub use client::{Committed, Transaction, TwoPc, TwoPcBuilder, DEFAULT_CALL_TIMEOUT};
+pub use client::{
+    BranchCommit, Committed, Enlisted, Transaction, TwoPc, TwoPcBuilder, DEFAULT_CALL_TIMEOUT,
+};
 pub use error::{Error, Result};
 pub use nats::NatsResource;
 pub use outbox::OutboxOptions;

@@ -69,7 +69,7 @@ mod local;
 mod transaction;
 
 pub use builder::TwoPcBuilder;
-pub use transaction::{Committed, Transaction};
+pub use transaction::{BranchCommit, Committed, Enlisted, Transaction};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -39,6 +39,29 @@ pub(super) struct Local {
     pub(super) durable: Durable,
 }
 
+/// What enlisting a resource tells it ([`Transaction::enlist`]): its branch id and how
+/// the branch will commit, so a resource can prepare for its commit from the start
+/// without asking the transaction what kind it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enlisted {
+    /// The branch id (`<service>:<resource>`).
+    pub branch_id: String,
+    /// How the branch will commit.
+    pub commit: BranchCommit,
+}
+
+/// How an enlisted branch will commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchCommit {
+    /// It is the only branch of a transaction begun with [`TwoPc::begin_local`]: this
+    /// process commits it in one phase ([`Resource::commit_one_phase`]). (PostgreSQL
+    /// then learns the transaction id with `BEGIN`, so the commit needs no query for it.)
+    HereInOnePhase,
+    /// As the coordinator decides: in two phases, or in one phase when it turns out to be
+    /// the transaction's only branch.
+    ByTheCoordinator,
+}
+
 /// What [`Transaction::commit`] learned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
@@ -52,12 +75,6 @@ impl Transaction {
         &self.id
     }
 
-    /// Begun with [`TwoPc::begin_local`] and not committed yet: its one branch will commit
-    /// in one phase.
-    pub(crate) fn is_local(&self) -> bool {
-        self.local.is_some()
-    }
-
     /// The SDK handle this transaction belongs to.
     pub fn sdk(&self) -> &TwoPc {
         &self.sdk
@@ -68,17 +85,23 @@ impl Transaction {
         format!("{}:{}", self.sdk.inner.service, resource.name())
     }
 
-    /// Enlists `resource` (once per transaction; later calls are free) and returns the
-    /// branch id. Resources call this when they open a branch.
-    pub async fn enlist(&self, resource: &dyn Resource) -> Result<String> {
+    /// Enlists `resource` (once per transaction; later calls are free) and returns its
+    /// branch id and how the branch will commit. Resources call this when they open a
+    /// branch.
+    pub async fn enlist(&self, resource: &dyn Resource) -> Result<Enlisted> {
         let branch_id = self.branch_id(resource);
+        let commit = if self.local.is_some() {
+            BranchCommit::HereInOnePhase
+        } else {
+            BranchCommit::ByTheCoordinator
+        };
         if self
             .enlisted
             .lock()
             .map(|s| s.contains(&branch_id))
             .unwrap_or(false)
         {
-            return Ok(branch_id);
+            return Ok(Enlisted { branch_id, commit });
         }
         if self.local.is_some() {
             return Err(Error::Usage(format!(
@@ -99,7 +122,7 @@ impl Transaction {
         if let Ok(mut s) = self.enlisted.lock() {
             s.insert(branch_id.clone());
         }
-        Ok(branch_id)
+        Ok(Enlisted { branch_id, commit })
     }
 
     /// Commits: every branch of every service in the transaction, or none. `Ok` means

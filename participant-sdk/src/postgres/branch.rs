@@ -63,7 +63,8 @@ pub(super) enum State {
         /// Messages published but not written yet: their rows go out with the branch's
         /// next statement, or with its commit or prepare, in the same round trip.
         unwritten: Vec<Unwritten>,
-        /// The branch belongs to a local transaction (it will commit in one phase): its
+        /// Enlisting said this process commits the branch in one phase
+        /// ([`BranchCommit::HereInOnePhase`](crate::BranchCommit::HereInOnePhase)): its
         /// block learns the xid as it begins, so the commit needs no query for it.
         learn_xid: bool,
         /// Statements [`PgBranch::defer`] queued, not sent yet: they go out in front of

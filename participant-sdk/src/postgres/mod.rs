@@ -105,7 +105,7 @@ use tokio_postgres::NoTls;
 use tracing::debug;
 
 use crate::broker::Broker;
-use crate::client::{validate_name, Transaction};
+use crate::client::{validate_name, BranchCommit, Transaction};
 use crate::error::{Error, Result};
 use crate::lock;
 use crate::outbox::{OutboxOptions, Relay, OUTBOX_DDL};
@@ -398,14 +398,14 @@ impl PgResource {
         };
         let (enlisted, opened) = tokio::join!(tx.enlist(self), opened);
         let failure = match (enlisted, opened) {
-            (Ok(_), Ok(conn)) => {
+            (Ok(enlisted), Ok(conn)) => {
                 *guard = State::Open {
                     conn,
                     last_error: None,
                     xid: None,
                     begun: false,
                     unwritten: Vec::new(),
-                    learn_xid: tx.is_local(),
+                    learn_xid: enlisted.commit == BranchCommit::HereInOnePhase,
                     deferred: Vec::new(),
                 };
                 return Ok(PgBranch {
