@@ -1,5 +1,5 @@
 //! Set-up shared by the participant SDK's integration tests (`brokers`, `client_deadline`,
-//! `outbox`, `postgres`, `propagation`; each includes it with `mod support;`):
+//! `conformance`, `outbox`, `postgres`, `propagation`; each includes it with `mod support;`):
 //!
 //! * bounds and polling: [`bounded`], [`timed`], [`eventually`] (each test binary passes
 //!   its own limits, so their values stay with the tests);
@@ -10,7 +10,9 @@
 //!   ([`CrashesAfterPrepare`]);
 //! * brokers: staging stores ([`staging`], [`reopen_staging`]), the RabbitMQ consumer side
 //!   ([`RabbitProbe`]), a NATS resource on its own stream ([`nats_on`]) and the NATS
-//!   JetStream consumer side ([`stream_messages`], [`delete_stream`]).
+//!   JetStream consumer side ([`stream_messages`], [`delete_stream`]);
+//! * [`conformance`]: the suite every [`Resource`] adapter runs (the `conformance` test
+//!   binary stamps its checks for each adapter).
 //!
 //! The real services are the ones the tests name: the system RabbitMQ at
 //! [`RABBIT_URL`], the system NATS at [`NATS_URL`] and a private PostgreSQL cluster
@@ -20,6 +22,8 @@
 // one binary leaves unused would be a dead-code warning there (an error under
 // `clippy -D warnings`).
 #![allow(dead_code)]
+
+pub mod conformance;
 
 use std::future::Future;
 use std::path::Path;
