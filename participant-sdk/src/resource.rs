@@ -27,6 +27,9 @@
 //!   [`Resource::outcome_known`] (or answer `Err(Retry)` while it cannot tell).
 //! * `in_doubt` lists branches that voted yes and are not finished, from durable state
 //!   (prepared gids, staged messages), so recovery works after a restart.
+//!
+//! The conformance suite in `participant-sdk/tests/conformance.rs` checks this contract for
+//! every adapter.
 
 use std::collections::HashMap;
 use std::fmt;

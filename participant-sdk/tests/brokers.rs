@@ -15,7 +15,6 @@
 
 use std::collections::HashSet;
 use std::net::{Shutdown, SocketAddr};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,15 +26,15 @@ use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
     AbortOutcome, Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource,
-    Retry, StagingError, StagingOptions, StagingStore, Vote,
+    Retry, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name};
 
 mod support;
 use support::{
-    bounded, delete_stream, eventually, get_tx, sdk, staging, Coordinator, RabbitProbe, Wait,
-    NATS_URL, RABBIT_URL,
+    bounded, delete_stream, eventually, get_tx, nats_on, reopen_staging, sdk, staging, Coordinator,
+    RabbitProbe, Wait, NATS_URL, RABBIT_URL,
 };
 
 const RABBIT_ADDR: &str = "127.0.0.1:5672";
@@ -60,20 +59,6 @@ async fn coordinator() -> Coordinator {
         ..Default::default()
     })
     .await
-}
-
-/// Opens the store in `dir`, waiting while an earlier open of it is still being dropped.
-async fn reopen_staging(dir: &Path) -> Arc<StagingStore> {
-    let deadline = Instant::now() + WAIT.limit;
-    loop {
-        match StagingStore::open(dir) {
-            Ok(s) => return Arc::new(s),
-            Err(StagingError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("reopen the staging store: {e}"),
-        }
-    }
 }
 
 /// A trivial resource: votes as told, commits and aborts always succeed (an abort of a
@@ -344,20 +329,6 @@ fn ids(tx_id: &str, branch: &str, n: usize) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
-
-/// A NATS resource named "nats" on its own `stream` (subjects `<stream>.>`), staging in
-/// `store`.
-async fn nats_on(stream: &str, store: &Arc<StagingStore>) -> NatsResource {
-    NatsResource::connect(
-        "nats",
-        NATS_URL,
-        stream.to_string(),
-        vec![format!("{stream}.>")],
-        store.clone(),
-    )
-    .await
-    .expect("connect to NATS")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
@@ -938,7 +909,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         // (on another port: the coordinator cannot reach it, only recovery can finish).
         server.restart();
         proxy.restore().await;
-        let store = reopen_staging(dir.path()).await;
+        let store = reopen_staging(dir.path(), WAIT.limit).await;
         assert_eq!(store.len(), 2, "staged batches survive the restart");
         let sdk = sdk(&coord, Duration::from_millis(1000)).await;
         let rabbit = RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())

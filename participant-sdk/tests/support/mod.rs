@@ -1,5 +1,5 @@
-//! Set-up shared by the participant SDK's integration tests (`brokers`, `outbox`,
-//! `postgres`, `propagation`; each includes it with `mod support;`):
+//! Set-up shared by the participant SDK's integration tests (`brokers`, `client_deadline`,
+//! `conformance`, `outbox`, `postgres`, `propagation`; each includes it with `mod support;`):
 //!
 //! * bounds and polling: [`bounded`], [`timed`], [`eventually`] (each test binary passes
 //!   its own limits, so their values stay with the tests);
@@ -8,8 +8,11 @@
 //!   ([`database`]), test-side queries ([`connect`], [`count`], [`prepared_gids`]), the
 //!   [`resource`] over a database and a participant that crashes after prepare
 //!   ([`CrashesAfterPrepare`]);
-//! * brokers: staging stores ([`staging`]), the RabbitMQ consumer side ([`RabbitProbe`])
-//!   and the NATS JetStream consumer side ([`stream_messages`], [`delete_stream`]).
+//! * brokers: staging stores ([`staging`], [`reopen_staging`]), the RabbitMQ consumer side
+//!   ([`RabbitProbe`]), a NATS resource on its own stream ([`nats_on`]) and the NATS
+//!   JetStream consumer side ([`stream_messages`], [`delete_stream`]);
+//! * [`conformance`]: the suite every [`Resource`] adapter runs (the `conformance` test
+//!   binary stamps its checks for each adapter).
 //!
 //! The real services are the ones the tests name: the system RabbitMQ at
 //! [`RABBIT_URL`], the system NATS at [`NATS_URL`] and a private PostgreSQL cluster
@@ -19,6 +22,8 @@
 // one binary leaves unused would be a dead-code warning there (an error under
 // `clippy -D warnings`).
 #![allow(dead_code)]
+
+pub mod conformance;
 
 use std::future::Future;
 use std::path::Path;
@@ -34,7 +39,8 @@ use tokio::task::JoinHandle;
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::server::run;
 use twopc_participant::{
-    AbortOutcome, OnePhase, PgResource, Resource, Retry, StagingStore, TwoPc, Vote,
+    AbortOutcome, NatsResource, OnePhase, PgResource, Resource, Retry, StagingError, StagingStore,
+    TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{unique_name, PgCluster};
@@ -322,6 +328,21 @@ pub fn staging(dir: &Path) -> Arc<StagingStore> {
     Arc::new(StagingStore::open(dir).expect("open the staging store"))
 }
 
+/// Opens the store in `dir` again, as a restarted process would, waiting (at most `limit`)
+/// while an earlier open of it is still being dropped.
+pub async fn reopen_staging(dir: &Path, limit: Duration) -> Arc<StagingStore> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match StagingStore::open(dir) {
+            Ok(s) => return Arc::new(s),
+            Err(StagingError::Locked { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen the staging store: {e}"),
+        }
+    }
+}
+
 /// One message as found in a queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Got {
@@ -494,6 +515,20 @@ pub async fn stream_messages(url: &str, stream: &str) -> Vec<Stored> {
         }
     }
     out
+}
+
+/// A NATS resource named "nats" on the system server ([`NATS_URL`]) with its own `stream`
+/// (subjects `<stream>.>`, created if missing), staging in `store`.
+pub async fn nats_on(stream: &str, store: &Arc<StagingStore>) -> NatsResource {
+    NatsResource::connect(
+        "nats",
+        NATS_URL,
+        stream.to_string(),
+        vec![format!("{stream}.>")],
+        store.clone(),
+    )
+    .await
+    .expect("connect to NATS")
 }
 
 /// Deletes `stream` of the NATS server at `url` (errors ignored: clean-up only).
