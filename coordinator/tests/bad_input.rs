@@ -43,7 +43,6 @@ use prost::bytes::{Buf, BufMut};
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::Body as HttpBody;
 use tonic::codegen::Service as _;
@@ -54,7 +53,7 @@ use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{AlwaysYes, Services, TestParticipant};
 
 type Client = CoordinatorClient<Channel>;
 type Fallible<T> = Result<T, TestCaseError>;
@@ -371,41 +370,6 @@ enum Target {
 // The server under test
 // ---------------------------------------------------------------------------------------
 
-/// A participant that votes yes, commits and aborts.
-struct Yes;
-
-#[tonic::async_trait]
-impl Participant for Yes {
-    async fn prepare(
-        &self,
-        _: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        Ok(Response::new(pb::PrepareResponse {
-            vote: pb::Vote::Yes as i32,
-            reason: String::new(),
-        }))
-    }
-
-    async fn commit(
-        &self,
-        _: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        Ok(Response::new(pb::CommitBranchResponse {
-            committed: true,
-            reason: String::new(),
-        }))
-    }
-
-    async fn abort(
-        &self,
-        _: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {
-            result: pb::AbortResult::Aborted as i32,
-        }))
-    }
-}
-
 /// GetTransaction without what changes by itself.
 fn stable(mut v: pb::GetTransactionResponse) -> pb::GetTransactionResponse {
     v.age_ms = 0;
@@ -415,6 +379,8 @@ fn stable(mut v: pb::GetTransactionResponse) -> pb::GetTransactionResponse {
 /// One coordinator with its reference transactions, shared by all cases of a property.
 struct Harness {
     stop: Vec<oneshot::Sender<()>>,
+    /// The participant of every branch: votes yes, commits, aborts.
+    _yes: TestParticipant,
     threads: String,
     client: Client,
     channel: Channel,
@@ -507,24 +473,15 @@ impl Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_path_buf();
         let mut stop = Vec::new();
-        let (log, addr, channel, participant_port) = rt.block_on(async {
+        let (log, addr, channel, yes) = rt.block_on(async {
             // A first start on the data directory, so that epoch - 1 is a real earlier
             // epoch (with nothing decided in it).
             drop(SledLog::open(&path, SledLogOptions::default()).expect("first open"));
             let log = Arc::new(SledLog::open(&path, SledLogOptions::default()).expect("open"));
 
-            let p_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let p_port = p_listener.local_addr().expect("addr").port();
-            let (p_stop, p_stopped) = oneshot::channel::<()>();
-            tokio::spawn(async move {
-                let _ = tonic::transport::Server::builder()
-                    .add_service(ParticipantServer::new(Yes))
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(p_listener), async {
-                        let _ = p_stopped.await;
-                    })
-                    .await;
-            });
-            stop.push(p_stop);
+            let yes = TestParticipant::start(Arc::new(AlwaysYes), Services::UnaryOnly)
+                .await
+                .expect("start the participant");
 
             let c_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = format!("http://{}", c_listener.local_addr().expect("addr"));
@@ -546,9 +503,10 @@ impl Harness {
             });
             stop.push(c_stop);
             let channel = connect(&addr).await;
-            (log, addr, channel, p_port)
+            (log, addr, channel, yes)
         });
-        let participant = format!("http://127.0.0.1:{participant_port}");
+        let participant_port = yes.addr.port();
+        let participant = yes.endpoint.clone();
         let mut c = CoordinatorClient::new(channel.clone());
         let p = participant.clone();
         let (
@@ -658,6 +616,7 @@ impl Harness {
         );
         Harness {
             stop,
+            _yes: yes,
             threads,
             client: CoordinatorClient::new(channel.clone()),
             channel,

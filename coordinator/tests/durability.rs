@@ -14,15 +14,14 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server;
 use twopc_coordinator::types::TxId;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{Behaviour, Services, TestParticipant};
 
 /// What the participant saw when a commit arrived.
 #[derive(Debug, Clone)]
@@ -37,51 +36,27 @@ struct CommitSeen {
 /// A participant that votes yes and, on every commit, reads the coordinator's log.
 struct Spy {
     log: Arc<SledLog>,
-    commits: Arc<Mutex<Vec<CommitSeen>>>,
+    commits: Mutex<Vec<CommitSeen>>,
 }
 
-#[tonic::async_trait]
-impl Participant for Spy {
-    async fn prepare(
-        &self,
-        _: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        Ok(Response::new(pb::PrepareResponse {
-            vote: pb::Vote::Yes as i32,
-            reason: String::new(),
-        }))
-    }
-
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let req = request.into_inner();
+impl Behaviour for Spy {
+    fn commit(&self, req: &pb::CommitBranchRequest) -> Result<pb::CommitBranchResponse, Status> {
         let tx: TxId = req
             .tx_id
             .parse()
             .map_err(|_| Status::invalid_argument("bad tx id"))?;
         let seen = CommitSeen {
-            tx_id: req.tx_id,
-            branch_id: req.branch_id,
+            tx_id: req.tx_id.clone(),
+            branch_id: req.branch_id.clone(),
             syncs: self.log.stats().syncs,
             durable_lsn: self.log.durable_lsn(),
             decision_readable: matches!(self.log.decision(&tx), Ok(Some(_))),
         };
         self.commits.lock().expect("lock").push(seen);
-        Ok(Response::new(pb::CommitBranchResponse {
+        Ok(pb::CommitBranchResponse {
             committed: true,
             reason: String::new(),
-        }))
-    }
-
-    async fn abort(
-        &self,
-        _: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {
-            result: pb::AbortResult::Aborted as i32,
-        }))
+        })
     }
 }
 
@@ -89,8 +64,9 @@ struct Setup {
     client: CoordinatorClient<tonic::transport::Channel>,
     endpoint: String,
     coordinator_addr: String,
-    commits: Arc<Mutex<Vec<CommitSeen>>>,
-    _stop: Vec<oneshot::Sender<()>>,
+    spy: Arc<Spy>,
+    _participant: TestParticipant,
+    _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
 
@@ -101,25 +77,14 @@ async fn setup(fail_syncs: Option<Arc<AtomicBool>>) -> (Setup, Arc<SledLog>) {
         ..SledLogOptions::default()
     };
     let log = Arc::new(SledLog::open(dir.path(), opts).expect("open log"));
-    let commits = Arc::new(Mutex::new(Vec::new()));
-
-    let p_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind participant");
-    let endpoint = format!("http://{}", p_listener.local_addr().expect("addr"));
-    let (p_stop, p_stopped) = oneshot::channel::<()>();
-    let spy = Spy {
+    let spy = Arc::new(Spy {
         log: log.clone(),
-        commits: commits.clone(),
-    };
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(ParticipantServer::new(spy))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(p_listener), async {
-                let _ = p_stopped.await;
-            })
-            .await;
+        commits: Mutex::new(Vec::new()),
     });
+    let participant = TestParticipant::start(spy.clone(), Services::UnaryOnly)
+        .await
+        .expect("start the participant");
+    let endpoint = participant.endpoint.clone();
 
     let c_listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -146,8 +111,9 @@ async fn setup(fail_syncs: Option<Arc<AtomicBool>>) -> (Setup, Arc<SledLog>) {
         client,
         endpoint,
         coordinator_addr,
-        commits,
-        _stop: vec![p_stop, c_stop],
+        spy,
+        _participant: participant,
+        _stop: c_stop,
         _dir: dir,
     };
     (s, log)
@@ -209,7 +175,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
         assert!(resp.pending_branches.is_empty(), "{resp:?}");
         tx_ids.push(tx_id);
     }
-    let commits = s.commits.lock().expect("lock").clone();
+    let commits = s.spy.commits.lock().expect("lock").clone();
     assert_eq!(
         commits.len(),
         40,
@@ -283,7 +249,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
         err.message()
     );
     assert!(
-        s.commits.lock().expect("lock").is_empty(),
+        s.spy.commits.lock().expect("lock").is_empty(),
         "a commit was sent although the sync failed"
     );
     assert!(log.is_failed());
@@ -339,5 +305,5 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
         .await
         .expect_err("in doubt");
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(s.commits.lock().expect("lock").is_empty());
+    assert!(s.spy.commits.lock().expect("lock").is_empty());
 }

@@ -14,10 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server;
@@ -25,28 +24,31 @@ use twopc_coordinator::types::TxId;
 use twopc_proto::mux::{self, Pipeline};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_proto::v1::participant_exchange_server::{
-    ParticipantExchange, ParticipantExchangeServer,
-};
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{Behaviour, Services, TestParticipant, Via};
 
 /// Bound on anything a test waits for.
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Counts what arrived how; votes yes and commits. On every commit it checks the
 /// coordinator's log: the decision must already be durable.
-#[derive(Clone)]
 struct Counting {
     log: Arc<SledLog>,
-    unary: Arc<AtomicU64>,
-    streamed: Arc<AtomicU64>,
-    early_commits: Arc<AtomicU64>,
-    stopping: watch::Receiver<bool>,
+    unary: AtomicU64,
+    streamed: AtomicU64,
+    early_commits: AtomicU64,
 }
 
-impl Counting {
-    fn check_commit(&self, tx_id: &str) {
-        let durable = tx_id
+impl Behaviour for Counting {
+    fn arrived(&self, via: Via) {
+        match via {
+            Via::Unary => self.unary.fetch_add(1, Ordering::SeqCst),
+            Via::Stream => self.streamed.fetch_add(1, Ordering::SeqCst),
+        };
+    }
+
+    fn commit(&self, req: &pb::CommitBranchRequest) -> Result<pb::CommitBranchResponse, Status> {
+        let durable = req
+            .tx_id
             .parse::<TxId>()
             .ok()
             .map(|tx| matches!(self.log.decision(&tx), Ok(Some(_))) && self.log.stats().syncs > 0)
@@ -54,136 +56,41 @@ impl Counting {
         if !durable {
             self.early_commits.fetch_add(1, Ordering::SeqCst);
         }
-    }
-}
-
-#[tonic::async_trait]
-impl Participant for Counting {
-    async fn prepare(
-        &self,
-        _: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        self.unary.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(pb::PrepareResponse {
-            vote: pb::Vote::Yes as i32,
-            reason: String::new(),
-        }))
-    }
-
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        self.unary.fetch_add(1, Ordering::SeqCst);
-        self.check_commit(&request.into_inner().tx_id);
-        Ok(Response::new(pb::CommitBranchResponse {
+        Ok(pb::CommitBranchResponse {
             committed: true,
             reason: String::new(),
-        }))
-    }
-
-    async fn abort(
-        &self,
-        _: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        self.unary.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(pb::AbortBranchResponse {
-            result: pb::AbortResult::Aborted as i32,
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl ParticipantExchange for Counting {
-    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
-
-    async fn exchange(
-        &self,
-        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
-    ) -> Result<Response<Self::ExchangeStream>, Status> {
-        use pb::participant_call::Call;
-        use pb::participant_result::Result as R;
-        let me = self.clone();
-        let mut stopping = self.stopping.clone();
-        Ok(Response::new(mux::serve(
-            request.into_inner(),
-            move |call: pb::ParticipantCall| {
-                let me = me.clone();
-                async move {
-                    me.streamed.fetch_add(1, Ordering::SeqCst);
-                    let result = match call.call {
-                        Some(Call::Prepare(_)) => R::Prepare(pb::PrepareResponse {
-                            vote: pb::Vote::Yes as i32,
-                            reason: String::new(),
-                        }),
-                        Some(Call::Commit(c)) => {
-                            me.check_commit(&c.tx_id);
-                            R::Commit(pb::CommitBranchResponse {
-                                committed: true,
-                                reason: String::new(),
-                            })
-                        }
-                        Some(Call::Abort(_)) => R::Abort(pb::AbortBranchResponse {
-                            result: pb::AbortResult::Aborted as i32,
-                        }),
-                        None => R::Error(pb::CallError {
-                            code: Code::InvalidArgument as i32,
-                            message: "call is missing".into(),
-                        }),
-                    };
-                    pb::ParticipantResult {
-                        call_id: call.call_id,
-                        result: Some(result),
-                    }
-                }
-            },
-            async move {
-                let _ = stopping.wait_for(|s| *s).await;
-            },
-        )))
+        })
     }
 }
 
 struct Setup {
-    participant: Counting,
+    participant: Arc<Counting>,
     endpoint: String,
     channel: Channel,
     coordinator_stop: Option<oneshot::Sender<()>>,
     coordinator: tokio::task::JoinHandle<()>,
-    participant_stop: Option<oneshot::Sender<()>>,
-    participant_server: tokio::task::JoinHandle<()>,
+    participant_server: Option<TestParticipant>,
     _dir: tempfile::TempDir,
 }
 
 async fn setup(serve_stream: bool) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Arc::new(SledLog::open(dir.path(), SledLogOptions::default()).expect("open log"));
-    let (stop_streams, stopping) = watch::channel(false);
-    let participant = Counting {
+    let participant = Arc::new(Counting {
         log: log.clone(),
-        unary: Arc::default(),
-        streamed: Arc::default(),
-        early_commits: Arc::default(),
-        stopping,
-    };
-    let p_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", p_listener.local_addr().expect("addr"));
-    let (participant_stop, p_stopped) = oneshot::channel::<()>();
-    let svc = participant.clone();
-    let participant_server = tokio::spawn(async move {
-        let exchange = serve_stream.then(|| ParticipantExchangeServer::new(svc.clone()));
-        let _ = tonic::transport::Server::builder()
-            .add_service(ParticipantServer::new(svc))
-            .add_optional_service(exchange)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(p_listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = p_stopped.await;
-                    let _ = stop_streams.send(true);
-                },
-            )
-            .await;
+        unary: AtomicU64::new(0),
+        streamed: AtomicU64::new(0),
+        early_commits: AtomicU64::new(0),
     });
+    let services = if serve_stream {
+        Services::UnaryAndStream
+    } else {
+        Services::UnaryOnly
+    };
+    let participant_server = TestParticipant::start(participant.clone(), services)
+        .await
+        .expect("start the participant");
+    let endpoint = participant_server.endpoint.clone();
 
     let c_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", c_listener.local_addr().expect("addr"));
@@ -211,8 +118,7 @@ async fn setup(serve_stream: bool) -> Setup {
         channel,
         coordinator_stop: Some(coordinator_stop),
         coordinator,
-        participant_stop: Some(participant_stop),
-        participant_server,
+        participant_server: Some(participant_server),
         _dir: dir,
     }
 }
@@ -384,11 +290,13 @@ async fn shutdowns_are_not_held_up_by_open_streams() {
     commit_many(&p, &s.endpoint, 8).await;
     // Both streams are open now (the pipeline and the coordinator's exchange). A
     // participant shutdown ends the exchange stream at once.
-    let _ = s.participant_stop.take().map(|t| t.send(()));
-    tokio::time::timeout(LIMIT, &mut s.participant_server)
+    let server = s
+        .participant_server
+        .take()
+        .expect("the participant is running");
+    tokio::time::timeout(LIMIT, server.stop())
         .await
-        .expect("the participant server waited for the coordinator's stream")
-        .expect("participant task");
+        .expect("the participant server waited for the coordinator's stream");
     let _ = s.coordinator_stop.take().map(|t| t.send(()));
     tokio::time::timeout(LIMIT, &mut s.coordinator)
         .await

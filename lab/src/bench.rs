@@ -22,20 +22,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, DEFAULT_GROUP_COMMIT_DELAY_US};
 use twopc_coordinator::server;
 use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_proto::v1::participant_exchange_server::{
-    ParticipantExchange, ParticipantExchangeServer,
-};
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{AlwaysYes, Services, TestParticipant};
 
 /// Flags of `twopc-lab bench coordinator`.
 #[derive(Clone, Debug, clap::Args)]
@@ -136,93 +132,6 @@ pub(crate) fn machine_cpu() -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
 }
 
-/// A participant that answers everything at once. `stopping` ends its batched streams
-/// when its server shuts down.
-#[derive(Clone)]
-struct NullParticipant {
-    stopping: watch::Receiver<bool>,
-}
-
-#[tonic::async_trait]
-impl Participant for NullParticipant {
-    async fn prepare(
-        &self,
-        _: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        Ok(Response::new(pb::PrepareResponse {
-            vote: pb::Vote::Yes as i32,
-            reason: String::new(),
-        }))
-    }
-    async fn commit(
-        &self,
-        _: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        Ok(Response::new(pb::CommitBranchResponse {
-            committed: true,
-            reason: String::new(),
-        }))
-    }
-    async fn abort(
-        &self,
-        _: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        Ok(Response::new(pb::AbortBranchResponse {
-            result: pb::AbortResult::Aborted as i32,
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl ParticipantExchange for NullParticipant {
-    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
-
-    async fn exchange(
-        &self,
-        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
-    ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let mut stopping = self.stopping.clone();
-        Ok(Response::new(mux::serve_exchange(
-            self.clone(),
-            request.into_inner(),
-            async move {
-                let _ = stopping.wait_for(|s| *s).await;
-            },
-        )))
-    }
-}
-
-async fn start_null_participant(
-    stop: oneshot::Receiver<()>,
-    batched: bool,
-) -> anyhow::Result<String> {
-    let (stop_streams, stopping) = watch::channel(false);
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("bind a null participant")?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        let exchange = batched.then(|| {
-            ParticipantExchangeServer::new(NullParticipant {
-                stopping: stopping.clone(),
-            })
-        });
-        let _ = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(ParticipantServer::new(NullParticipant { stopping }))
-            .add_optional_service(exchange)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.await;
-                    let _ = stop_streams.send(true);
-                },
-            )
-            .await;
-    });
-    Ok(endpoint)
-}
-
 /// A coordinator in this process on `127.0.0.1:<free port>`, its sled log in `dir` (the
 /// benchmarks read the log's counters directly).
 pub(crate) struct LocalCoordinator {
@@ -295,12 +204,17 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
         LocalCoordinator::start(&base.path().join("coordinator"), args.group_commit_delay_us)
             .await?;
     let log = coordinator.log.clone();
-    let (p1_stop, p1_rx) = oneshot::channel::<()>();
-    let (p2_stop, p2_rx) = oneshot::channel::<()>();
-    let endpoints = [
-        start_null_participant(p1_rx, !args.unary).await?,
-        start_null_participant(p2_rx, !args.unary).await?,
+    // Two participants that answer everything at once.
+    let services = if args.unary {
+        Services::UnaryOnly
+    } else {
+        Services::UnaryAndStream
+    };
+    let participants = [
+        TestParticipant::start(Arc::new(AlwaysYes), services).await?,
+        TestParticipant::start(Arc::new(AlwaysYes), services).await?,
     ];
+    let endpoints = participants.each_ref().map(|p| p.endpoint.clone());
     let channel = tonic::transport::Endpoint::from_shared(coordinator.url.clone())?
         .tcp_nodelay(true)
         .connect()
@@ -343,8 +257,9 @@ pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
         r.ratio_to_disk_ceiling = Some(r.tx_per_s / ceiling.tx_per_s.max(1e-9));
         results.push(r);
     }
-    let _ = p1_stop.send(());
-    let _ = p2_stop.send(());
+    for p in participants {
+        p.stop().await;
+    }
     coordinator.stop().await?;
 
     if args.json {

@@ -8,6 +8,9 @@
 //!   transactions. Dropping it stops the server and removes the directory; a watchdog
 //!   process does the same if the test process dies without dropping it (a `static`
 //!   cluster shared by a test binary, a panic=abort, a SIGKILL).
+//! * [`participant::TestParticipant`]: a participant without the SDK (unary and batched
+//!   calls) whose answers a [`participant::Behaviour`] gives, for tests and benchmarks of
+//!   the coordinator alone.
 //! * [`free_port`]: a TCP port below 32768 that nothing listens on.
 //! * [`unique_name`]: a name no other test (in this or another process) uses, for
 //!   per-test databases, queues and streams.
@@ -18,6 +21,7 @@
 //! missing and how to get it ("initdb not found at ...; install postgresql").
 
 pub mod nats;
+pub mod participant;
 mod pg;
 pub mod proxy;
 mod watchdog;
