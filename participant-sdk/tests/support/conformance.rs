@@ -63,7 +63,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use twopc_coordinator::server::ServeConfig;
+use twopc_coordinator::config::ServeConfig;
 use twopc_participant::{AbortOutcome, OnePhase, Resource, Transaction, TwoPc, Vote};
 
 use super::{bounded, eventually, sdk_of, Coordinator, Wait};
