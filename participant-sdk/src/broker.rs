@@ -18,10 +18,12 @@
 //!   removes the staged copy. If the broker is down it answers `Err(Retry)` and the
 //!   coordinator retries until it works: the commit is late, not lost. Messages confirmed
 //!   by an earlier attempt are not published again by a retry of this process. A commit
-//!   of a branch with nothing staged (already published and removed) is `Ok`.
+//!   of a branch with nothing staged (already published and removed) is `Ok`. A branch
+//!   this process committed is remembered (among the last `remembered_outcomes`): a late
+//!   prepare votes `Yes` again and a late abort answers `AlreadyCommitted`.
 //! * **Abort**: drops the buffer and the staged copy, and answers `Aborted`. A branch
-//!   committed in one phase (remembered among the last `remembered_outcomes`) answers
-//!   `AlreadyCommitted` instead, and so does a one-phase commit still in progress: the
+//!   committed (in one phase or two, remembered among the last `remembered_outcomes`)
+//!   answers `AlreadyCommitted` instead, and so does a one-phase commit still in progress: the
 //!   abort (how a restarted coordinator settles it) first finishes it as a repeated
 //!   one-phase commit would — publishing what is left, or refusing if nothing can have
 //!   been published — and answers from that (`Err(Retry)` while it cannot finish).
@@ -133,8 +135,9 @@ pub struct BrokerOptions {
     /// Bound on publishing one batch and collecting its confirmations. When it runs out,
     /// the unconfirmed messages count as failed and the commit is retried. Default 4 s.
     pub publish_timeout: Duration,
-    /// How many finished one-phase outcomes are remembered, so that a repeated one-phase
-    /// commit (its first answer was lost) gets the same answer. Default 4096.
+    /// How many finished outcomes (one-phase answers, two-phase commits) are remembered,
+    /// so that a repeated or late call (its first answer was lost) gets the same answer.
+    /// Default 4096.
     pub remembered_outcomes: usize,
 }
 
@@ -205,6 +208,15 @@ pub trait Broker: Resource {
 
 type Key = (String, String);
 
+/// How a finished branch ended, remembered so a repeated or late call gets the same answer.
+#[derive(Clone, Debug)]
+enum Ended {
+    /// A one-phase commit answered this.
+    OnePhase(OnePhase),
+    /// Committed in two phases (it had voted yes; its messages are published).
+    Committed,
+}
+
 /// In-memory state of one branch.
 #[derive(Debug)]
 enum BranchState {
@@ -240,8 +252,8 @@ pub struct BrokerCore {
     confirmed: Mutex<HashMap<Key, HashSet<String>>>,
     /// Per-branch async locks serializing prepare / commit / abort.
     locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
-    /// Recently finished one-phase commits (bounded, oldest first).
-    finished: Mutex<(HashMap<Key, OnePhase>, VecDeque<Key>)>,
+    /// Recently finished branches and how they ended (bounded, oldest first).
+    finished: Mutex<(HashMap<Key, Ended>, VecDeque<Key>)>,
 }
 
 impl std::fmt::Debug for BrokerCore {
@@ -345,13 +357,13 @@ impl BrokerCore {
         lock(&self.confirmed).remove(k);
     }
 
-    fn remember_one_phase(&self, k: &Key, outcome: &OnePhase) {
+    fn remember(&self, k: &Key, ended: Ended) {
         if self.options.remembered_outcomes == 0 {
             return;
         }
         let mut guard = lock(&self.finished);
         let (map, order) = &mut *guard;
-        if map.insert(k.clone(), outcome.clone()).is_none() {
+        if map.insert(k.clone(), ended).is_none() {
             order.push_back(k.clone());
         }
         while order.len() > self.options.remembered_outcomes {
@@ -412,6 +424,10 @@ impl BrokerCore {
                     Some(messages)
                 }
                 Some(BranchState::Voted(vote)) => return vote.clone(),
+                _ if matches!(lock(&self.finished).0.get(&k), Some(Ended::Committed)) => {
+                    // Committed in two phases by this process: it had voted yes.
+                    return Vote::Yes;
+                }
                 Some(BranchState::OnePhase { .. }) => {
                     return Vote::No("the branch is being committed in one phase".into());
                 }
@@ -599,6 +615,7 @@ impl BrokerCore {
                     warn!(resource = %self.name, tx_id, branch_id, error = %e, "commit: published, but removing the staged copy failed");
                 }
                 self.forget(&k);
+                self.remember(&k, Ended::Committed);
                 info!(resource = %self.name, tx_id, branch_id, messages = messages.len(), "commit: published");
                 Ok(())
             }
@@ -630,8 +647,15 @@ impl BrokerCore {
         branch_id: &str,
     ) -> std::result::Result<OnePhase, Retry> {
         let k = k.clone();
-        if let Some(outcome) = lock(&self.finished).0.get(&k) {
-            return Ok(outcome.clone());
+        match lock(&self.finished).0.get(&k) {
+            Some(Ended::OnePhase(outcome)) => return Ok(outcome.clone()),
+            Some(Ended::Committed) => {
+                return Ok(OnePhase::Refused(format!(
+                    "{}: the branch was prepared and committed in two phases; a one-phase commit is refused",
+                    self.name
+                )))
+            }
+            None => {}
         }
         let taken = {
             let mut state = lock(&self.state);
@@ -669,7 +693,7 @@ impl BrokerCore {
         };
         let finish = |outcome: OnePhase| {
             self.forget(&k);
-            self.remember_one_phase(&k, &outcome);
+            self.remember(&k, Ended::OnePhase(outcome.clone()));
             Ok(outcome)
         };
         if messages.is_empty() {
@@ -717,12 +741,12 @@ impl BrokerCore {
         let k = key(tx_id, branch_id);
         let _guard = self.lock_branch(&k).await;
         let one_phase = match lock(&self.finished).0.get(&k) {
-            Some(OnePhase::Committed) => Some(true),
-            Some(OnePhase::Refused(_)) => Some(false),
+            Some(Ended::OnePhase(OnePhase::Committed)) | Some(Ended::Committed) => Some(true),
+            Some(Ended::OnePhase(OnePhase::Refused(_))) => Some(false),
             None => None,
         };
         if one_phase == Some(true) {
-            warn!(resource = %self.name, tx_id, branch_id, "abort of a branch already committed in one phase: nothing to undo");
+            warn!(resource = %self.name, tx_id, branch_id, "abort of a branch already committed: nothing to undo");
             return Ok(AbortOutcome::AlreadyCommitted);
         }
         let in_progress = matches!(

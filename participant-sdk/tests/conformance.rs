@@ -87,9 +87,6 @@ impl<const OUTBOX: bool> Fixture for Postgres<OUTBOX> {
     const PROMISES: Promises = Promises {
         // postgres/mod.rs, "Votes": read-only when no transaction id was assigned.
         empty_branch: EmptyBranch::ReadOnly,
-        // Finished branches are remembered (the last 10 000): a committed branch votes yes
-        // again and its abort is AlreadyCommitted ("Limits").
-        remembers_two_phase_commits: true,
         // "Limits": only the outbox's marker tells a fresh resource about a one-phase
         // commit; without it an abort after a restart answers Aborted.
         one_phase_survives_restart: OUTBOX,
@@ -188,9 +185,6 @@ impl Fixture for Rabbit {
     const PROMISES: Promises = Promises {
         // broker.rs, "Known limits": a branch enlisted without a message votes no.
         empty_branch: EmptyBranch::VotesNo,
-        // broker.rs, "Commit": the staged copy is removed once published and the branch
-        // forgotten; only one-phase outcomes are remembered.
-        remembers_two_phase_commits: false,
         // broker.rs: one-phase outcomes are remembered in memory only.
         one_phase_survives_restart: false,
     };

@@ -38,14 +38,12 @@
 //!
 //! # Where adapters differ
 //!
-//! Three answers differ between adapters; each fixture states them in
-//! [`Fixture::PROMISES`] (see [`Promises`]), citing the adapter module's docs. Two are
-//! choices the contract leaves open (what an empty branch votes; whether a one-phase
-//! commit is remembered durably). The third, whether a branch committed in two phases is
-//! remembered, is narrower in the broker adapters than the wording of the contract's
-//! `abort` clause (see [`Promises::remembers_two_phase_commits`]). Everything else is
-//! checked the same way for every adapter, and what must hold whatever the answer (no
-//! write undone, repeated or made visible late) is checked for all of them.
+//! Two answers differ between adapters, both choices the contract leaves open (what an
+//! empty branch votes; whether a one-phase commit is remembered durably); each fixture
+//! states them in [`Fixture::PROMISES`] (see [`Promises`]), citing the adapter module's
+//! docs. Everything else is checked the same way for every adapter, and what must hold
+//! whatever the answer (no write undone, repeated or made visible late) is checked for
+//! all of them.
 //!
 //! # Plugging in an adapter
 //!
@@ -119,19 +117,6 @@ pub enum EmptyBranch {
 pub struct Promises {
     /// What a branch that wrote nothing votes.
     pub empty_branch: EmptyBranch,
-    /// Whether the resource remembers a branch it committed in two phases (in this
-    /// process), so that a late prepare answers the same `Yes` and a late abort answers
-    /// `AlreadyCommitted`. When `false`, it forgets the branch once committed and answers
-    /// as for an unknown branch (a prepare votes no, an abort is `Aborted`); either way
-    /// nothing may be undone or applied again, and that is checked for every adapter.
-    ///
-    /// The contract's `abort` clause names "a committed branch" among those answered
-    /// `AlreadyCommitted`, but what it requires ("must not answer `Aborted` for a branch
-    /// it knows to have committed; it must remember a one-phase commit") binds only
-    /// one-phase commits: a correct coordinator never prepares or aborts a branch after
-    /// its commit decision. The broker adapters forget a two-phase branch as soon as it
-    /// is published, so they set `false`.
-    pub remembers_two_phase_commits: bool,
     /// Whether a one-phase commit is remembered across a restart (durably), so that an
     /// abort on a fresh resource answers `AlreadyCommitted` and a repeated one-phase commit
     /// `Committed`. When `false`, the fresh resource cannot tell (the documented hazard of
@@ -314,14 +299,14 @@ pub async fn commit_after_a_yes_vote_is_visible_exactly_once<F: Fixture>() {
 
         let late_prepare = prepare(&*r, &b).await;
         let late_abort = abort(&*r, &b).await.expect("an abort after the commit");
-        if F::PROMISES.remembers_two_phase_commits {
-            assert_eq!(late_prepare, Vote::Yes, "a prepare after the commit");
-            assert_eq!(
-                late_abort,
-                AbortOutcome::AlreadyCommitted,
-                "an abort after the commit"
-            );
-        }
+        // A branch committed in two phases is remembered: a late call gets the answer
+        // its first one would have.
+        assert_eq!(late_prepare, Vote::Yes, "a prepare after the commit");
+        assert_eq!(
+            late_abort,
+            AbortOutcome::AlreadyCommitted,
+            "an abort after the commit"
+        );
         assert_eq!(
             w.effects(&b).await,
             1,
