@@ -27,7 +27,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::Connection;
 use support::{
     begin, commit, declare_durable, expect_status, get_tx, rabbitmq, wait_until,
@@ -43,6 +43,7 @@ use twopc_participant::staging::StagingStore;
 use twopc_participant::{OutboxOptions, RabbitResource, Transaction, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_testkit::amqp::take_all;
 use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
 
 /// Overall budget of one scenario.
@@ -1267,20 +1268,10 @@ impl OnePhaseWorld {
         let mut events = Vec::new();
         while events.is_empty() {
             assert!(Instant::now() < deadline, "no OrderCreated within {WAIT:?}");
-            while let Some(m) = self
-                .channel
-                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            let taken = take_all(&self.channel, &self.queue)
                 .await
-                .expect("basic.get")
-            {
-                let id = m
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string());
-                events.push(id.unwrap_or_default());
-            }
+                .expect("basic.get");
+            events.extend(taken.into_iter().map(|m| m.message_id));
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         events
@@ -1838,23 +1829,12 @@ impl OrderWorld {
     /// Takes every message in the queue (declared durable, as the SDK does).
     async fn drain(&self) -> Vec<(String, Vec<u8>)> {
         declare_durable(&self.channel, &self.queue).await;
-        let mut out = Vec::new();
-        while let Some(m) = self
-            .channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+        take_all(&self.channel, &self.queue)
             .await
             .expect("basic.get")
-        {
-            let id = m
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            out.push((id, m.delivery.data.clone()));
-        }
-        out
+            .into_iter()
+            .map(|m| (m.message_id, m.payload))
+            .collect()
     }
 
     /// Staged batches in the order service's data directory (only while no order-service

@@ -23,11 +23,12 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::Connection;
 use support::{declare_durable, eventually, rabbitmq, with_deadline, Coordinator, AMQP_URL};
 use twopc_participant::staging::StagingStore;
 use twopc_proto::v1 as pb;
+use twopc_testkit::amqp::take_all;
 use twopc_testkit::{free_port, unique_name, PgCluster};
 
 /// The order service's tables, exactly as `twopc-lab order-service` expects them.
@@ -498,23 +499,12 @@ impl World {
     /// Takes every message in the queue, as `(message id, payload)`.
     async fn drain(&self) -> Vec<(String, Vec<u8>)> {
         self.queue_len().await;
-        let mut out = Vec::new();
-        while let Some(m) = self
-            .channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+        take_all(&self.channel, &self.queue)
             .await
             .expect("basic.get")
-        {
-            let id = m
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            out.push((id, m.delivery.data.clone()));
-        }
-        out
+            .into_iter()
+            .map(|m| (m.message_id, m.payload))
+            .collect()
     }
 
     /// Staged batches left in the order service's data directory (run it only while no

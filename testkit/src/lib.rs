@@ -11,6 +11,7 @@
 //! * [`participant::TestParticipant`]: a participant without the SDK (unary and batched
 //!   calls) whose answers a [`participant::Behaviour`] gives, for tests and benchmarks of
 //!   the coordinator alone.
+//! * [`amqp::take_all`]: every message a RabbitMQ queue holds, with its message id.
 //! * [`free_port`]: a TCP port below 32768 that nothing listens on.
 //! * [`unique_name`]: a name no other test (in this or another process) uses, for
 //!   per-test databases, queues and streams.
@@ -20,6 +21,7 @@
 //! Everything here reports failures as [`TestkitError`], whose messages name what is
 //! missing and how to get it ("initdb not found at ...; install postgresql").
 
+pub mod amqp;
 pub mod nats;
 pub mod participant;
 mod pg;

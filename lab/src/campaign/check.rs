@@ -309,21 +309,8 @@ async fn drain_queue(
     let ch = conn.create_channel().await?;
     let mut seen = BTreeMap::new();
     let mut duplicates = 0;
-    while let Some(m) = ch
-        .basic_get(
-            queue.into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await?
-    {
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        if seen.insert(id, m.delivery.data.clone()).is_some() {
+    for m in twopc_testkit::amqp::take_all(&ch, queue).await? {
+        if seen.insert(m.message_id, m.payload).is_some() {
             duplicates += 1;
         }
     }
