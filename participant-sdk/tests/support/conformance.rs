@@ -744,60 +744,31 @@ pub async fn a_prepared_branch_aborts_after_a_restart<F: Fixture>() {
 #[macro_export]
 macro_rules! conformance_tests {
     ($adapter:ident, $fixture:ty) => {
+        conformance_tests!(@each $adapter, $fixture, [
+            commit_after_a_yes_vote_is_visible_exactly_once,
+            abort_after_a_yes_vote_leaves_no_effect,
+            abort_of_an_open_branch_leaves_no_effect,
+            prepare_repeated_gives_the_same_vote,
+            an_unknown_branch_is_presumed_aborted,
+            one_phase_commit_is_visible_once_and_remembered,
+            one_phase_commit_is_not_undone_after_a_restart,
+            a_branch_without_work_votes_as_promised,
+            a_prepared_branch_commits_once_after_a_restart,
+            a_prepared_branch_aborts_after_a_restart,
+        ]);
+    };
+    (@each $adapter:ident, $fixture:ty, [$($test:ident),* $(,)?]) => {
         mod $adapter {
             #[allow(unused_imports)]
             use super::*;
             use $crate::support::conformance as suite;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn commit_after_a_yes_vote_is_visible_exactly_once() {
-                suite::commit_after_a_yes_vote_is_visible_exactly_once::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn abort_after_a_yes_vote_leaves_no_effect() {
-                suite::abort_after_a_yes_vote_leaves_no_effect::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn abort_of_an_open_branch_leaves_no_effect() {
-                suite::abort_of_an_open_branch_leaves_no_effect::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn prepare_repeated_gives_the_same_vote() {
-                suite::prepare_repeated_gives_the_same_vote::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn an_unknown_branch_is_presumed_aborted() {
-                suite::an_unknown_branch_is_presumed_aborted::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn one_phase_commit_is_visible_once_and_remembered() {
-                suite::one_phase_commit_is_visible_once_and_remembered::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn one_phase_commit_is_not_undone_after_a_restart() {
-                suite::one_phase_commit_is_not_undone_after_a_restart::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_branch_without_work_votes_as_promised() {
-                suite::a_branch_without_work_votes_as_promised::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_prepared_branch_commits_once_after_a_restart() {
-                suite::a_prepared_branch_commits_once_after_a_restart::<$fixture>().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_prepared_branch_aborts_after_a_restart() {
-                suite::a_prepared_branch_aborts_after_a_restart::<$fixture>().await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    suite::$test::<$fixture>().await;
+                }
+            )*
         }
     };
 }
