@@ -14,14 +14,10 @@
 //! bounded polls ([`eventually`]); every test runs under an overall timeout.
 
 use std::collections::HashSet;
-use std::net::{Shutdown, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
@@ -29,7 +25,7 @@ use twopc_participant::{
     Retry, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
-use twopc_testkit::{free_port, unique_name};
+use twopc_testkit::{free_port, unique_name, FaultProxy, NatsServer};
 
 mod support;
 use support::{
@@ -155,166 +151,32 @@ async fn stream_messages(url: &str, stream: &str) -> Vec<(String, String, Vec<u8
         .collect()
 }
 
-// --- A private, killable nats-server ----------------------------------------------------
-
-struct NatsServer {
-    port: u16,
-    store: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
+/// A private nats-server (JetStream, its own port and store), killable.
+async fn nats_server() -> Arc<NatsServer> {
+    Arc::new(
+        NatsServer::start()
+            .await
+            .expect("start a private nats-server"),
+    )
 }
 
-impl NatsServer {
-    fn start() -> Arc<NatsServer> {
-        let server = Arc::new(NatsServer {
-            port: free_port(),
-            store: tempfile::tempdir().expect("temp dir"),
-            child: Mutex::new(None),
-        });
-        server.spawn();
-        server
+/// SIGKILL (if it still runs) and start again on the same port and store.
+fn restart(server: &NatsServer) {
+    if server.is_running() {
+        server.kill9().expect("kill nats-server");
     }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server (is it on PATH?)");
-        *self.child.lock().expect("child lock") = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on port {} within 10 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL, and wait for the process to be gone.
-    fn kill(&self) {
-        if let Some(mut child) = self.child.lock().expect("child lock").take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&self) {
-        self.kill();
-        self.spawn();
-    }
+    server.start_again().expect("start nats-server again");
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A proxy in front of the machine's RabbitMQ that can be cut.
+async fn rabbit_proxy() -> Arc<FaultProxy> {
+    let upstream = RABBIT_ADDR.parse().expect("RabbitMQ address");
+    Arc::new(FaultProxy::start(upstream).await.expect("start a proxy"))
 }
 
-// --- A TCP proxy that can be cut --------------------------------------------------------
-
-/// Forwards 127.0.0.1:`port` to `upstream`. `cut` shuts down every forwarded connection
-/// (synchronously: nothing passes once it returns) and closes the port; `restore` opens
-/// the same port again.
-struct Proxy {
-    port: u16,
-    upstream: SocketAddr,
-    /// Both sockets of every forwarded connection, for `cut`.
-    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
-    accept: Mutex<Option<JoinHandle<()>>>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    async fn start(upstream: &str) -> Arc<Proxy> {
-        let proxy = Arc::new(Proxy {
-            port: free_port(),
-            upstream: upstream.parse().expect("upstream address"),
-            sockets: Arc::new(Mutex::new(Vec::new())),
-            accept: Mutex::new(None),
-            cut: Arc::new(AtomicBool::new(false)),
-        });
-        proxy.restore().await;
-        proxy
-    }
-
-    fn rabbit_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    async fn restore(&self) {
-        // The listener of a cut proxy is dropped asynchronously: retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)).await {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("bind the proxy port {} again: {e}", self.port),
-            }
-        };
-        self.cut.store(false, Ordering::SeqCst);
-        let upstream = self.upstream;
-        let sockets = self.sockets.clone();
-        let cut = self.cut.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let (Ok(a), Ok(b)) = (inbound.into_std(), outbound.into_std()) else {
-                    continue;
-                };
-                {
-                    let mut s = sockets.lock().expect("sockets lock");
-                    if cut.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
-                        continue;
-                    };
-                    s.push(a2);
-                    s.push(b2);
-                }
-                let (Ok(mut a), Ok(mut b)) = (TcpStream::from_std(a), TcpStream::from_std(b))
-                else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                });
-            }
-        });
-        *self.accept.lock().expect("accept lock") = Some(task);
-    }
-
-    fn cut(&self) {
-        {
-            let mut s = self.sockets.lock().expect("sockets lock");
-            self.cut.store(true, Ordering::SeqCst);
-            for socket in s.drain(..) {
-                let _ = socket.shutdown(Shutdown::Both);
-            }
-        }
-        if let Some(task) = self.accept.lock().expect("accept lock").take() {
-            task.abort();
-        }
-    }
+/// The AMQP URL through `proxy`.
+fn via(proxy: &FaultProxy) -> String {
+    format!("amqp://guest:guest@{}/%2f", proxy.listen_addr())
 }
 
 /// A URL of a port nothing listens on.
@@ -635,7 +497,7 @@ async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
     bounded(TEST_TIMEOUT, async {
-        let server = NatsServer::start();
+        let server = nats_server().await;
         let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
@@ -655,7 +517,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
             .register(TestResource::new("db", Vote::Yes))
             .expect("register");
 
-        server.kill();
+        server.kill9().expect("kill nats-server");
         eventually(WAIT, "the client notices", || async {
             nats.client().connection_state() != async_nats::connection::State::Connected
         })
@@ -683,7 +545,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
         .await;
 
         // Back up: the next transaction goes through, and nothing of the first shows up.
-        server.restart();
+        restart(&server);
         eventually(WAIT, "the client reconnects", || async {
             nats.client().connection_state() == async_nats::connection::State::Connected
         })
@@ -709,7 +571,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
     bounded(TEST_TIMEOUT, async {
-        let server = NatsServer::start();
+        let server = nats_server().await;
         let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
@@ -728,7 +590,9 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
         // The database tier commits first: its hook kills NATS after every prepare.
         let killer = server.clone();
         let db = sdk
-            .register(TestResource::with_hook("db", move || killer.kill()))
+            .register(TestResource::with_hook("db", move || {
+                let _ = killer.kill9();
+            }))
             .expect("register");
 
         let tx = sdk.begin().await.expect("begin");
@@ -749,7 +613,7 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
             vec![(tx_id.clone(), "svc:nats".to_string())]
         );
 
-        server.restart();
+        restart(&server);
         eventually(
             WAIT,
             "the staged batch is published and removed",
@@ -778,7 +642,7 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
     bounded(TEST_TIMEOUT, async {
-        let proxy = Proxy::start(RABBIT_ADDR).await;
+        let proxy = rabbit_proxy().await;
         let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
@@ -788,7 +652,7 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
 
         let rabbit = sdk
             .register(Arc::new(
-                RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+                RabbitResource::connect("rabbit", via(&proxy), store.clone())
                     .await
                     .expect("connect"),
             ))
@@ -817,7 +681,7 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
             "nothing may pass while the broker is cut off"
         );
 
-        proxy.restore().await;
+        proxy.restore();
         eventually(
             WAIT,
             "the staged batch is published and removed",
@@ -846,8 +710,8 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_them() {
     bounded(TEST_TIMEOUT, async {
-        let server = NatsServer::start();
-        let proxy = Proxy::start(RABBIT_ADDR).await;
+        let server = nats_server().await;
+        let proxy = rabbit_proxy().await;
         let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let queue = unique_name("orders");
@@ -857,7 +721,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         let (tx_id, rabbit_id, nats_id) = {
             let store = staging(dir.path());
             let sdk = sdk(&coord, Duration::from_millis(1000)).await;
-            let rabbit = RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+            let rabbit = RabbitResource::connect("rabbit", via(&proxy), store.clone())
                 .await
                 .expect("connect");
             let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
@@ -874,7 +738,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
             let (s, p) = (server.clone(), proxy.clone());
             let db = sdk
                 .register(TestResource::with_hook("db", move || {
-                    s.kill();
+                    let _ = s.kill9();
                     p.cut();
                 }))
                 .expect("register");
@@ -907,12 +771,12 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
 
         // The brokers come back, the participant starts again on the same data directory
         // (on another port: the coordinator cannot reach it, only recovery can finish).
-        server.restart();
-        proxy.restore().await;
+        restart(&server);
+        proxy.restore();
         let store = reopen_staging(dir.path(), WAIT.limit).await;
         assert_eq!(store.len(), 2, "staged batches survive the restart");
         let sdk = sdk(&coord, Duration::from_millis(1000)).await;
-        let rabbit = RabbitResource::connect("rabbit", proxy.rabbit_url(), store.clone())
+        let rabbit = RabbitResource::connect("rabbit", via(&proxy), store.clone())
             .await
             .expect("connect");
         let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
