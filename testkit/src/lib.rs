@@ -12,6 +12,7 @@
 //!   calls) whose answers a [`participant::Behaviour`] gives, for tests and benchmarks of
 //!   the coordinator alone.
 //! * [`amqp::take_all`]: every message a RabbitMQ queue holds, with its message id.
+//! * [`wait::eventually`]: a condition awaited, bounded, failing with what it waited for.
 //! * [`free_port`]: a TCP port below 32768 that nothing listens on.
 //! * [`unique_name`]: a name no other test (in this or another process) uses, for
 //!   per-test databases, queues and streams.
@@ -26,6 +27,7 @@ pub mod nats;
 pub mod participant;
 mod pg;
 pub mod proxy;
+pub mod wait;
 mod watchdog;
 
 use std::collections::hash_map::RandomState;

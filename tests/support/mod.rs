@@ -93,23 +93,10 @@ pub async fn wait_until_or_tell(
     }
 }
 
-/// Like [`wait_until`] for a condition that must await (an RPC, say).
-pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if cond().await {
-            return;
-        }
-        if Instant::now() >= end {
-            panic!("timed out after {deadline:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// Like [`wait_until`] for a condition that must await (an RPC, say). (Not every test
+/// binary that includes this module uses it.)
+#[allow(unused_imports)]
+pub use twopc_testkit::wait::eventually;
 
 /// Runs a test body with an overall deadline, so a hang fails the test instead of the run.
 pub async fn with_deadline<T>(deadline: Duration, body: impl Future<Output = T>) -> T {

@@ -69,32 +69,7 @@ pub async fn timed<T>(limit: Duration, what: &str, fut: impl Future<Output = T>)
     }
 }
 
-/// How [`eventually`] waits: for at most `limit`, checking every `every`.
-#[derive(Debug, Clone, Copy)]
-pub struct Wait {
-    /// How long the condition may take to hold.
-    pub limit: Duration,
-    /// The pause between two checks.
-    pub every: Duration,
-}
-
-/// Polls `check` (every `wait.every`) until it returns true; panics naming `what` once
-/// `wait.limit` has passed.
-pub async fn eventually<F, Fut>(wait: Wait, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + wait.limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {:?} waiting for: {what}",
-            wait.limit
-        );
-        tokio::time::sleep(wait.every).await;
-    }
-}
+pub use twopc_testkit::wait::{eventually, Wait};
 
 // ---------------------------------------------------------------------------------------
 // Coordinator and SDK
