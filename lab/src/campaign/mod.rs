@@ -62,7 +62,7 @@ mod check;
 mod processes;
 
 use check::{check, coordinator_answers, marker_gids, settle};
-use processes::{kill_order_service_while_starting, CoordinatorProc};
+use processes::{kill_order_service_while_starting, twopc_binary, CoordinatorProc};
 
 use crate::order_service::{
     EventStaging, Order, OrderCreated, BROKER_RESOURCE, DB_RESOURCE, ORDER_SCHEMA,
@@ -124,24 +124,6 @@ pub struct CampaignArgs {
     /// the `twopc` next to this binary (both are built into the same target directory).
     #[arg(long, env = "TWOPC_BIN", value_name = "PATH")]
     pub twopc_bin: Option<PathBuf>,
-}
-
-/// The `twopc` server binary: `--twopc-bin`, or the one next to this binary.
-fn twopc_binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = match given {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locate this binary (to find twopc next to it)")?
-            .with_file_name(format!("twopc{}", std::env::consts::EXE_SUFFIX)),
-    };
-    if !path.is_file() {
-        bail!(
-            "no twopc binary at {} (--twopc-bin / TWOPC_BIN): build it with `cargo build --bin twopc` \
-             (with the same profile and features as this one)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// How the coordinator's one-phase optimisation is set during the campaign.

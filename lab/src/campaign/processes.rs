@@ -270,3 +270,21 @@ pub(super) async fn kill_order_service_while_starting(
     }
     Ok(landed)
 }
+
+/// The `twopc` server binary: `--twopc-bin`, or the one next to this binary.
+pub(super) fn twopc_binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locate this binary (to find twopc next to it)")?
+            .with_file_name(format!("twopc{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if !path.is_file() {
+        bail!(
+            "no twopc binary at {} (--twopc-bin / TWOPC_BIN): build it with `cargo build --bin twopc` \
+             (with the same profile and features as this one)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
