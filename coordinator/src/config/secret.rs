@@ -2,7 +2,7 @@
 //! form a token must have.
 //!
 //! It lives with the configuration, not with [`crate::auth`], because a token is first a
-//! setting: [`ServeConfig`](super::ServeConfig) holds it, [`ServeConfig::validate`]
+//! setting: [`ServeConfig`](super::ServeConfig) holds it, [`ServeConfig::validate`](super::ServeConfig::validate)
 //! checks its form and `--print-config` must not show it. `auth` uses both to check
 //! calls, so the dependency runs one way: `auth` → `config`.
 

@@ -1,5 +1,5 @@
 //! What the settings table is made of: a [`Setting`] per field of
-//! [`ServeConfig`](super::ServeConfig) (its key, its [`Spec`], and how its field is read
+//! [`ServeConfig`] (its key, its [`Spec`], and how its field is read
 //! from a file, printed and checked), the [`Value`] trait that gives each field type its
 //! file and printed form, and the `settings!` macro that writes the struct and the table
 //! from one declaration.
@@ -8,7 +8,7 @@
 //! environment variable, default and help. The rest (its file key, its range, whether it
 //! is secret, how it prints) has to come from the same declaration or it drifts: the
 //! macro takes the struct with each field's [`Spec`] after `=>` and writes both the
-//! struct and [`SETTINGS`](super::SETTINGS), so there is no second list to keep in the
+//! struct and [`SETTINGS`], so there is no second list to keep in the
 //! struct's order. The key is the field's name (also clap's id), the flag that name with
 //! `-` for `_`; whether a value is secret follows from its type ([`Secret`]).
 
