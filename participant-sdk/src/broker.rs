@@ -135,9 +135,9 @@ pub struct BrokerOptions {
     /// Bound on publishing one batch and collecting its confirmations. When it runs out,
     /// the unconfirmed messages count as failed and the commit is retried. Default 4 s.
     pub publish_timeout: Duration,
-    /// How many finished outcomes (one-phase answers, two-phase commits) are remembered,
-    /// so that a repeated or late call (its first answer was lost) gets the same answer.
-    /// Default 4096.
+    /// How many finished one-phase answers, and separately how many two-phase commits,
+    /// are remembered, so that a repeated or late call (its first answer was lost) gets
+    /// the same answer. Default 4096.
     pub remembered_outcomes: usize,
 }
 
@@ -208,13 +208,41 @@ pub trait Broker: Resource {
 
 type Key = (String, String);
 
-/// How a finished branch ended, remembered so a repeated or late call gets the same answer.
-#[derive(Clone, Debug)]
-enum Ended {
-    /// A one-phase commit answered this.
-    OnePhase(OnePhase),
-    /// Committed in two phases (it had voted yes; its messages are published).
-    Committed,
+/// Finished branches remembered so a repeated or late call gets the same answer: at most
+/// `cap` of them, the oldest forgotten first.
+#[derive(Debug)]
+struct Remembered<V> {
+    map: HashMap<Key, V>,
+    order: VecDeque<Key>,
+    cap: usize,
+}
+
+impl<V> Remembered<V> {
+    fn new(cap: usize) -> Self {
+        Remembered {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn insert(&mut self, k: &Key, v: V) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k.clone());
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, k: &Key) -> Option<&V> {
+        self.map.get(k)
+    }
 }
 
 /// In-memory state of one branch.
@@ -252,8 +280,12 @@ pub struct BrokerCore {
     confirmed: Mutex<HashMap<Key, HashSet<String>>>,
     /// Per-branch async locks serializing prepare / commit / abort.
     locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
-    /// Recently finished branches and how they ended (bounded, oldest first).
-    finished: Mutex<(HashMap<Key, Ended>, VecDeque<Key>)>,
+    /// Recently finished one-phase commits and their answers (bounded). Kept apart from
+    /// `committed`, so ordinary commits never push out an outcome a restarted
+    /// coordinator may still ask for with an abort.
+    one_phase: Mutex<Remembered<OnePhase>>,
+    /// Branches recently committed in two phases by this process (bounded).
+    committed: Mutex<Remembered<()>>,
 }
 
 impl std::fmt::Debug for BrokerCore {
@@ -296,6 +328,7 @@ impl BrokerCore {
         staging: Arc<StagingStore>,
         options: BrokerOptions,
     ) -> BrokerCore {
+        let remembered = options.remembered_outcomes;
         BrokerCore {
             name: name.into(),
             staging,
@@ -303,7 +336,8 @@ impl BrokerCore {
             state: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            finished: Mutex::new((HashMap::new(), VecDeque::new())),
+            one_phase: Mutex::new(Remembered::new(remembered)),
+            committed: Mutex::new(Remembered::new(remembered)),
         }
     }
 
@@ -324,6 +358,8 @@ impl BrokerCore {
 
     /// Replaces the timeouts.
     pub fn set_options(&mut self, options: BrokerOptions) {
+        lock(&self.one_phase).cap = options.remembered_outcomes;
+        lock(&self.committed).cap = options.remembered_outcomes;
         self.options = options;
     }
 
@@ -355,22 +391,6 @@ impl BrokerCore {
     fn forget(&self, k: &Key) {
         lock(&self.state).remove(k);
         lock(&self.confirmed).remove(k);
-    }
-
-    fn remember(&self, k: &Key, ended: Ended) {
-        if self.options.remembered_outcomes == 0 {
-            return;
-        }
-        let mut guard = lock(&self.finished);
-        let (map, order) = &mut *guard;
-        if map.insert(k.clone(), ended).is_none() {
-            order.push_back(k.clone());
-        }
-        while order.len() > self.options.remembered_outcomes {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
-        }
     }
 
     /// Buffers a message in `(tx_id, branch_id)` and returns its message id. The branch
@@ -415,6 +435,17 @@ impl BrokerCore {
     ) -> Vote {
         let k = key(tx_id, branch_id);
         let _guard = self.lock_branch(&k).await;
+        if lock(&self.committed).get(&k).is_some() {
+            // Committed in two phases by this process: it had voted yes. Anything
+            // buffered since can never be part of the transaction (as at commit).
+            if let Some(BranchState::Open(late)) = lock(&self.state).remove(&k) {
+                warn!(
+                    resource = %self.name, tx_id, branch_id, dropped = late.len(),
+                    "prepare: dropping messages published into the branch after it committed"
+                );
+            }
+            return Vote::Yes;
+        }
         let taken = {
             let mut state = lock(&self.state);
             match state.get_mut(&k) {
@@ -424,10 +455,6 @@ impl BrokerCore {
                     Some(messages)
                 }
                 Some(BranchState::Voted(vote)) => return vote.clone(),
-                _ if matches!(lock(&self.finished).0.get(&k), Some(Ended::Committed)) => {
-                    // Committed in two phases by this process: it had voted yes.
-                    return Vote::Yes;
-                }
                 Some(BranchState::OnePhase { .. }) => {
                     return Vote::No("the branch is being committed in one phase".into());
                 }
@@ -615,7 +642,7 @@ impl BrokerCore {
                     warn!(resource = %self.name, tx_id, branch_id, error = %e, "commit: published, but removing the staged copy failed");
                 }
                 self.forget(&k);
-                self.remember(&k, Ended::Committed);
+                lock(&self.committed).insert(&k, ());
                 info!(resource = %self.name, tx_id, branch_id, messages = messages.len(), "commit: published");
                 Ok(())
             }
@@ -647,15 +674,12 @@ impl BrokerCore {
         branch_id: &str,
     ) -> std::result::Result<OnePhase, Retry> {
         let k = k.clone();
-        match lock(&self.finished).0.get(&k) {
-            Some(Ended::OnePhase(outcome)) => return Ok(outcome.clone()),
-            Some(Ended::Committed) => {
-                return Ok(OnePhase::Refused(format!(
-                    "{}: the branch was prepared and committed in two phases; a one-phase commit is refused",
-                    self.name
-                )))
-            }
-            None => {}
+        if lock(&self.committed).get(&k).is_some() {
+            // Committed in two phases by this process: its messages are published.
+            return Ok(OnePhase::Committed);
+        }
+        if let Some(outcome) = lock(&self.one_phase).get(&k) {
+            return Ok(outcome.clone());
         }
         let taken = {
             let mut state = lock(&self.state);
@@ -693,7 +717,7 @@ impl BrokerCore {
         };
         let finish = |outcome: OnePhase| {
             self.forget(&k);
-            self.remember(&k, Ended::OnePhase(outcome.clone()));
+            lock(&self.one_phase).insert(&k, outcome.clone());
             Ok(outcome)
         };
         if messages.is_empty() {
@@ -731,7 +755,8 @@ impl BrokerCore {
     }
 
     /// Abort: drops the buffer and the staged copy; see the module docs for what it
-    /// answers (a one-phase commit already made, or in progress, is `AlreadyCommitted`).
+    /// answers (a branch committed, in two phases or in one, or a one-phase commit in
+    /// progress, is `AlreadyCommitted`).
     pub async fn abort<B: Broker + ?Sized>(
         &self,
         broker: &B,
@@ -740,12 +765,13 @@ impl BrokerCore {
     ) -> std::result::Result<AbortOutcome, Retry> {
         let k = key(tx_id, branch_id);
         let _guard = self.lock_branch(&k).await;
-        let one_phase = match lock(&self.finished).0.get(&k) {
-            Some(Ended::OnePhase(OnePhase::Committed)) | Some(Ended::Committed) => Some(true),
-            Some(Ended::OnePhase(OnePhase::Refused(_))) => Some(false),
+        let committed_here = lock(&self.committed).get(&k).is_some();
+        let one_phase = match lock(&self.one_phase).get(&k) {
+            Some(OnePhase::Committed) => Some(true),
+            Some(OnePhase::Refused(_)) => Some(false),
             None => None,
         };
-        if one_phase == Some(true) {
+        if committed_here || one_phase == Some(true) {
             warn!(resource = %self.name, tx_id, branch_id, "abort of a branch already committed: nothing to undo");
             return Ok(AbortOutcome::AlreadyCommitted);
         }

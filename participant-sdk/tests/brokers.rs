@@ -21,8 +21,8 @@ use std::time::Duration;
 use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
-    AbortOutcome, Broker, Error, NatsResource, OnePhase, PublishOptions, RabbitResource, Resource,
-    Retry, StagingOptions, StagingStore, Vote,
+    AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, PublishOptions,
+    RabbitResource, Resource, Retry, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name, FaultProxy, NatsServer};
@@ -1085,6 +1085,66 @@ async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
                 b"tx-1".to_vec()
             )],
             "only the one-phase commit published"
+        );
+        delete_stream(NATS_URL, &stream).await;
+    })
+    .await;
+}
+
+/// A branch committed in two phases is remembered too (a late prepare votes yes, a late
+/// abort answers AlreadyCommitted), but apart from the one-phase outcomes: ordinary
+/// commits never push out the outcome a restarted coordinator may still ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_commits_are_remembered_without_pushing_out_one_phase_outcomes() {
+    bounded(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = staging(dir.path());
+        let stream = unique_name("remember");
+        let nats = nats_on(&stream, &store).await.with_options(BrokerOptions {
+            remembered_outcomes: 1,
+            ..BrokerOptions::default()
+        });
+        let core = nats.core();
+        let subject = format!("{stream}.x");
+        let buffer = |tx: &str| {
+            core.buffer(
+                tx,
+                "svc:nats",
+                &subject,
+                tx.as_bytes().to_vec(),
+                PublishOptions::default(),
+            )
+            .expect("buffer")
+        };
+
+        buffer("one");
+        assert_eq!(
+            nats.commit_one_phase("one", "svc:nats").await,
+            Ok(OnePhase::Committed)
+        );
+        for tx in ["two-a", "two-b"] {
+            buffer(tx);
+            assert_eq!(nats.prepare(tx, "svc:nats").await, Vote::Yes);
+            assert_eq!(nats.commit(tx, "svc:nats").await, Ok(()));
+        }
+        assert_eq!(
+            nats.abort("one", "svc:nats").await,
+            Ok(AbortOutcome::AlreadyCommitted),
+            "two later two-phase commits pushed out the one-phase outcome"
+        );
+        assert_eq!(nats.prepare("two-b", "svc:nats").await, Vote::Yes);
+        assert_eq!(
+            nats.abort("two-b", "svc:nats").await,
+            Ok(AbortOutcome::AlreadyCommitted)
+        );
+        // A message published into a committed branch is dropped by a late prepare.
+        buffer("two-b");
+        assert_eq!(nats.prepare("two-b", "svc:nats").await, Vote::Yes);
+        assert!(store.is_empty(), "nothing staged after the late prepare");
+        assert_eq!(
+            stream_messages(NATS_URL, &stream).await.len(),
+            3,
+            "one message per commit, none from the late prepare"
         );
         delete_stream(NATS_URL, &stream).await;
     })
