@@ -452,7 +452,7 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     };
     println!("seed {seed}");
     println!(
-        "reproduce: cargo run --features failpoints,lab --bin twopc-lab -- campaign --seed {seed} --cycles {} --orders-per-cycle {} --faults {} --stage-events {} --one-phase {}{}",
+        "reproduce: cargo build --features failpoints,lab --bins && target/debug/twopc-lab campaign --seed {seed} --cycles {} --orders-per-cycle {} --faults {} --stage-events {} --one-phase {}{}",
         args.cycles,
         args.orders_per_cycle,
         flag_values(&faults),
