@@ -21,7 +21,7 @@ use std::time::Duration;
 use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
-    AbortOutcome, Broker, BrokerOptions, Error, NatsResource, OnePhase, PublishOptions,
+    AbortOutcome, Broker, BrokerCore, BrokerOptions, Error, NatsResource, OnePhase, PublishOptions,
     RabbitResource, Resource, Retry, StagingOptions, StagingStore, Vote,
 };
 use twopc_proto::v1 as pb;
@@ -1030,16 +1030,7 @@ async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
         let nats = nats_on(&stream, &store).await;
         let core = nats.core();
         let subject = format!("{stream}.x");
-        let buffer = |tx: &str| {
-            core.buffer(
-                tx,
-                "svc:nats",
-                &subject,
-                tx.as_bytes().to_vec(),
-                PublishOptions::default(),
-            )
-            .expect("buffer")
-        };
+        let buffer = |tx: &str| buffer_in(core, &subject, tx);
 
         buffer("tx-1");
         assert_eq!(
@@ -1091,6 +1082,18 @@ async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
     .await;
 }
 
+/// Buffers one message (its payload the transaction id) in branch `svc:nats` of `tx`.
+fn buffer_in(core: &BrokerCore, subject: &str, tx: &str) {
+    core.buffer(
+        tx,
+        "svc:nats",
+        subject,
+        tx.as_bytes().to_vec(),
+        PublishOptions::default(),
+    )
+    .expect("buffer");
+}
+
 /// A branch committed in two phases is remembered too (a late prepare votes yes, a late
 /// abort answers AlreadyCommitted), but apart from the one-phase outcomes: ordinary
 /// commits never push out the outcome a restarted coordinator may still ask for.
@@ -1106,16 +1109,7 @@ async fn two_phase_commits_are_remembered_without_pushing_out_one_phase_outcomes
         });
         let core = nats.core();
         let subject = format!("{stream}.x");
-        let buffer = |tx: &str| {
-            core.buffer(
-                tx,
-                "svc:nats",
-                &subject,
-                tx.as_bytes().to_vec(),
-                PublishOptions::default(),
-            )
-            .expect("buffer")
-        };
+        let buffer = |tx: &str| buffer_in(core, &subject, tx);
 
         buffer("one");
         assert_eq!(

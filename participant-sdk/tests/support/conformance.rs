@@ -204,6 +204,21 @@ impl<F: Fixture> World<F> {
         self.fixture.effects(b).await
     }
 
+    /// Checks that the write of `b` is visible `times` times (else fails with
+    /// `wrong_count`) and that `r` holds nothing in doubt (else fails with `in_doubt`).
+    pub async fn settled(
+        &self,
+        r: &dyn Resource,
+        b: &Branch,
+        times: usize,
+        wrong_count: &str,
+        left_in_doubt: &str,
+    ) {
+        assert_eq!(self.effects(b).await, times, "{wrong_count}");
+        let held = in_doubt(r).await;
+        assert!(held.is_empty(), "{left_in_doubt}: {held:?}");
+    }
+
     /// Waits until the write of `b` is visible, then checks that it is visible once.
     pub async fn visible_once(&self, b: &Branch, when: &str) {
         eventually(VISIBLE, &format!("the write is visible {when}"), || async {
@@ -287,15 +302,14 @@ pub async fn commit_after_a_yes_vote_is_visible_exactly_once<F: Fixture>() {
         racing.expect("a commit racing the first one");
         w.visible_once(&b, "after the commit").await;
         commit(&*r, &b).await.expect("a repeated commit is Ok");
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             1,
-            "a repeated commit applied the write again"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a committed branch is still in doubt"
-        );
+            "a repeated commit applied the write again",
+            "a committed branch is still in doubt",
+        )
+        .await;
 
         let late_prepare = prepare(&*r, &b).await;
         let late_abort = abort(&*r, &b).await.expect("an abort after the commit");
@@ -307,15 +321,14 @@ pub async fn commit_after_a_yes_vote_is_visible_exactly_once<F: Fixture>() {
             AbortOutcome::AlreadyCommitted,
             "an abort after the commit"
         );
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             1,
-            "a late prepare / abort undid or repeated the committed write"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a late prepare put the committed branch in doubt again"
-        );
+            "a late prepare / abort undid or repeated the committed write",
+            "a late prepare put the committed branch in doubt again",
+        )
+        .await;
         drop((r, tx));
         w.finish().await;
     })
@@ -359,15 +372,14 @@ pub async fn abort_after_a_yes_vote_leaves_no_effect<F: Fixture>() {
             Ok(AbortOutcome::Aborted),
             "an abort after the late calls"
         );
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             0,
-            "a late commit / prepare after the abort made the write visible"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a late call put the aborted branch in doubt"
-        );
+            "a late commit / prepare after the abort made the write visible",
+            "a late call put the aborted branch in doubt",
+        )
+        .await;
         drop((r, tx));
         w.finish().await;
     })
@@ -398,15 +410,14 @@ pub async fn abort_of_an_open_branch_leaves_no_effect<F: Fixture>() {
             !matches!(late, Ok(OnePhase::Committed)),
             "a one-phase commit after the abort must not commit"
         );
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             0,
-            "an aborted branch's write is visible"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "an aborted branch is in doubt"
-        );
+            "an aborted branch's write is visible",
+            "an aborted branch is in doubt",
+        )
+        .await;
         drop((r, tx));
         w.finish().await;
     })
@@ -528,15 +539,14 @@ pub async fn one_phase_commit_is_visible_once_and_remembered<F: Fixture>() {
             Ok(OnePhase::Committed),
             "a one-phase commit after the aborts"
         );
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             1,
-            "the repeats or the aborts changed the write"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a one-phase commit is in doubt"
-        );
+            "the repeats or the aborts changed the write",
+            "a one-phase commit is in doubt",
+        )
+        .await;
         drop((r, tx));
         w.finish().await;
     })
@@ -581,15 +591,14 @@ pub async fn one_phase_commit_is_not_undone_after_a_restart<F: Fixture>() {
                 "a repeated one-phase commit after the restart"
             );
         }
-        assert_eq!(
-            w.effects(&b).await,
+        w.settled(
+            &*r,
+            &b,
             1,
-            "an abort after the restart changed the one-phase commit's write"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a one-phase commit is in doubt after the restart"
-        );
+            "an abort after the restart changed the one-phase commit's write",
+            "a one-phase commit is in doubt after the restart",
+        )
+        .await;
         drop(r);
         w.finish().await;
     })
