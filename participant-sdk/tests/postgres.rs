@@ -52,18 +52,46 @@ async fn sdk(coord: &Coordinator) -> TwoPc {
 // Tests
 // ---------------------------------------------------------------------------------------
 
+/// Two databases (`pga` set up with `setup_a`, `pgb` with `setup_b`) registered as
+/// resources `db-a` and `db-b` of `sdk`: their URLs and resources.
+async fn two_databases(
+    sdk: &TwoPc,
+    setup_a: &str,
+    setup_b: &str,
+) -> (String, String, Arc<PgResource>, Arc<PgResource>) {
+    let (url_a, url_b) = (
+        database("pga", setup_a).await,
+        database("pgb", setup_b).await,
+    );
+    let a = sdk
+        .register(resource("db-a", &url_a).await)
+        .expect("register db-a");
+    let b = sdk
+        .register(resource("db-b", &url_b).await)
+        .expect("register db-b");
+    (url_a, url_b, a, b)
+}
+
+/// `err` is the abort of a two-database transaction whose message names every needle,
+/// and the other database's prepared branch (at `url_b`) is rolled back.
+async fn aborted_and_rolled_back(err: Error, needles: &[&str], url_b: &str) {
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Aborted(_)), "{msg}");
+    for needle in needles {
+        assert!(msg.contains(needle), "{needle:?} not in {msg}");
+    }
+    eventually(WAIT, "b's prepared branch is rolled back", || async {
+        prepared_gids(url_b).await == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_two_branch_transaction_commits_both_and_leaves_no_prepared_gid() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
-        let a = sdk
-            .register(resource("db-a", &url_a).await)
-            .expect("register a");
-        let b = sdk
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, ORDERS, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         let branch_a = tx.postgres(&a).await.expect("branch a");
@@ -131,9 +159,7 @@ async fn a_failed_insert_reaches_the_app_and_its_abort_commits_nothing() {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
-        let (url_a, url_b) = (database("pga", &setup_a).await, database("pgb", ORDERS).await);
-        let a = sdk.register(resource("db-a", &url_a).await).expect("register a");
-        let b = sdk.register(resource("db-b", &url_b).await).expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, &setup_a, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         let branch_b = tx.postgres(&b).await.expect("branch b");
@@ -165,16 +191,7 @@ async fn committing_after_a_failed_statement_aborts_with_its_message() {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = format!("{ORDERS}; INSERT INTO orders VALUES (1, 'existing')");
-        let (url_a, url_b) = (
-            database("pga", &setup_a).await,
-            database("pgb", ORDERS).await,
-        );
-        let a = sdk
-            .register(resource("db-a", &url_a).await)
-            .expect("register a");
-        let b = sdk
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, &setup_a, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         tx.postgres(&b)
@@ -190,16 +207,7 @@ async fn committing_after_a_failed_statement_aborts_with_its_message() {
             .is_err());
         // The application ignores the error and commits anyway: the branch votes no.
         let err = tx.commit().await.expect_err("aborted");
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Aborted(_)), "{msg}");
-        assert!(
-            msg.contains("duplicate key") && msg.contains("23505"),
-            "{msg}"
-        );
-        eventually(WAIT, "b's prepared branch is rolled back", || async {
-            prepared_gids(&url_b).await == 0
-        })
-        .await;
+        aborted_and_rolled_back(err, &["duplicate key", "23505"], &url_b).await;
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
         assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 1);
         sdk.shutdown().await;
@@ -213,9 +221,7 @@ async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything()
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
         let setup_a = "CREATE TABLE codes (code text, CONSTRAINT codes_unique UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)";
-        let (url_a, url_b) = (database("pga", setup_a).await, database("pgb", ORDERS).await);
-        let a = sdk.register(resource("db-a", &url_a).await).expect("register a");
-        let b = sdk.register(resource("db-b", &url_b).await).expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, setup_a, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         let branch_a = tx.postgres(&a).await.expect("branch a");
@@ -225,13 +231,7 @@ async fn a_deferred_constraint_violation_refuses_prepare_and_aborts_everything()
         tx.postgres(&b).await.expect("branch b").execute("INSERT INTO orders VALUES (1, 'x')", &[]).await.expect("b");
 
         let err = tx.commit().await.expect_err("PREPARE refused");
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Aborted(_)), "{msg}");
-        assert!(msg.contains("orders:db-a") && msg.contains("codes_unique") && msg.contains("23505"), "{msg}");
-        eventually(WAIT, "b's prepared branch is rolled back", || async {
-            prepared_gids(&url_b).await == 0
-        })
-        .await;
+        aborted_and_rolled_back(err, &["orders:db-a", "codes_unique", "23505"], &url_b).await;
         assert_eq!(count(&url_a, "SELECT count(*) FROM codes").await, 0);
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
         assert_eq!(prepared_gids(&url_a).await, 0);
@@ -245,13 +245,7 @@ async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
-        let a = sdk
-            .register(resource("db-a", &url_a).await)
-            .expect("register a");
-        let b = sdk
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, ORDERS, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         let branch_a = tx.postgres(&a).await.expect("branch a");
@@ -271,16 +265,7 @@ async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
             .expect("b");
 
         let err = tx.commit().await.expect_err("PREPARE refused");
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Aborted(_)), "{msg}");
-        assert!(
-            msg.contains("temporary objects") && msg.contains("0A000"),
-            "{msg}"
-        );
-        eventually(WAIT, "b's prepared branch is rolled back", || async {
-            prepared_gids(&url_b).await == 0
-        })
-        .await;
+        aborted_and_rolled_back(err, &["temporary objects", "0A000"], &url_b).await;
         assert_eq!(count(&url_a, "SELECT count(*) FROM orders").await, 0);
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 0);
         sdk.shutdown().await;
@@ -463,13 +448,7 @@ async fn a_read_only_branch_takes_no_part_in_phase_two() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
-        let a = sdk
-            .register(resource("db-a", &url_a).await)
-            .expect("register a");
-        let b = sdk
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, ORDERS, ORDERS).await;
 
         let tx = sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
