@@ -156,14 +156,7 @@ fn enlist_validates_and_is_idempotent() {
         }]
     ));
     // Not active any more.
-    e.handle(
-        2,
-        Event::Commit {
-            req: 9,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
+    e.handle(2, commit_ev(9, t));
     let late = enlist(&mut e, spec("late", 0));
     assert_eq!(
         late,
@@ -201,14 +194,7 @@ fn empty_transaction_commits_trivially() {
     let mut e = engine();
     let t = begin(&mut e, &[]);
     assert_eq!(
-        e.handle(
-            1,
-            Event::Commit {
-                req: 2,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(1, commit_ev(2, t)),
         vec![
             reply(2, Ok(ReplyOk::Committed)),
             Command::Finished {

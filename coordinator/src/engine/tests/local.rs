@@ -98,14 +98,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         vec![send(t, 0, &a, Message::Abort, None)]
     );
     assert_eq!(
-        e.handle(
-            3,
-            Event::AbortAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(3, abort_acked(t, 0, Ok(AbortAck::Aborted))),
         aborted_by_its_branch(t, 2)
     );
 
@@ -122,14 +115,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         ),
         vec![send(t2, 0, &a, Message::Abort, None)]
     );
-    let cmds = e.handle(
-        5_011,
-        Event::AbortAcked {
-            tx: t2,
-            branch: 0,
-            ack: Ok(AbortAck::AlreadyCommitted),
-        },
-    );
+    let cmds = e.handle(5_011, abort_acked(t2, 0, Ok(AbortAck::AlreadyCommitted)));
     assert_eq!(
         cmds,
         vec![
@@ -179,14 +165,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         ]
     );
     assert_eq!(
-        e.handle(
-            25,
-            Event::AbortAcked {
-                tx: t3,
-                branch: 0,
-                ack: Ok(AbortAck::AlreadyCommitted)
-            }
-        ),
+        e.handle(25, abort_acked(t3, 0, Ok(AbortAck::AlreadyCommitted))),
         vec![]
     );
 
@@ -250,14 +229,7 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
         vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
     );
     assert_eq!(
-        e.handle(
-            3,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(3, commit_acked(t, 0, Ok(CommitAck::Committed))),
         committed_at_once(t, &a, 2)
     );
 }
@@ -277,14 +249,7 @@ fn a_recovered_intent_takes_its_participants_report() {
         committed_at_once(old, &a, 1)
     );
     assert_eq!(
-        e.handle(
-            2,
-            Event::AbortAcked {
-                tx: old,
-                branch: 0,
-                ack: Ok(AbortAck::AlreadyCommitted)
-            }
-        ),
+        e.handle(2, abort_acked(old, 0, Ok(AbortAck::AlreadyCommitted))),
         vec![]
     );
 }
@@ -389,14 +354,7 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
         e.tx(&t).and_then(|x| x.settle_cause()),
         Some(SettleCause::Unused)
     );
-    let cmds = e.handle(
-        3,
-        Event::AbortAcked {
-            tx: t,
-            branch: 0,
-            ack: Ok(AbortAck::Aborted),
-        },
-    );
+    let cmds = e.handle(3, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert_eq!(cmds, aborted_by_its_branch(t, 2));
     // An ordinary transaction's id cannot come back unused.
     let t2 = begin(&mut e, std::slice::from_ref(&a));

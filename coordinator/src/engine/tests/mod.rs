@@ -61,6 +61,42 @@ fn send(
     }
 }
 
+/// A vote of branch `i` of `t`.
+fn voted(t: TxId, i: usize, vote: RpcResult<Vote>) -> Event {
+    Event::Voted {
+        tx: t,
+        branch: i,
+        vote,
+    }
+}
+
+/// A client's Commit of `t` (answered once its outcome is durable).
+fn commit_ev(req: ReqId, t: TxId) -> Event {
+    Event::Commit {
+        req,
+        tx: t,
+        answer_before_durable: false,
+    }
+}
+
+/// Branch `i`'s answer to a commit of `t`.
+fn commit_acked(t: TxId, i: usize, ack: RpcResult<CommitAck>) -> Event {
+    Event::CommitAcked {
+        tx: t,
+        branch: i,
+        ack,
+    }
+}
+
+/// Branch `i`'s answer to an abort of `t`.
+fn abort_acked(t: TxId, i: usize, ack: RpcResult<AbortAck>) -> Event {
+    Event::AbortAcked {
+        tx: t,
+        branch: i,
+        ack,
+    }
+}
+
 fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
     Command::Reply { req, reply: r }
 }
@@ -121,32 +157,9 @@ fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
 /// Commits a two-branch transaction up to the force of its decision.
 fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
     let t = begin(e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    assert!(e
-        .handle(
-            2,
-            Event::Voted {
-                tx: t,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        )
-        .is_empty());
-    let cmds = e.handle(
-        3,
-        Event::Voted {
-            tx: t,
-            branch: 1,
-            vote: Ok(Vote::Yes),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    assert!(e.handle(2, voted(t, 0, Ok(Vote::Yes))).is_empty());
+    let cmds = e.handle(3, voted(t, 1, Ok(Vote::Yes)));
     assert!(
         matches!(cmds.as_slice(), [Command::ForceCommit(_)]),
         "{cmds:?}"
@@ -271,23 +284,9 @@ fn forced_audit(cmds: &[Command], req: ReqId) -> AuditRecord {
 fn committing_with_stuck_branch(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
     let t = prepared_pair(e, a, b);
     e.handle(5, Event::LogDurable { tx: t, lsn: 3 });
-    e.handle(
-        6,
-        Event::CommitAcked {
-            tx: t,
-            branch: 0,
-            ack: Ok(CommitAck::Committed),
-        },
-    );
+    e.handle(6, commit_acked(t, 0, Ok(CommitAck::Committed)));
     assert_eq!(
-        e.handle(
-            7,
-            Event::CommitAcked {
-                tx: t,
-                branch: 1,
-                ack: Err("connection refused".into()),
-            },
-        ),
+        e.handle(7, commit_acked(t, 1, Err("connection refused".into())),),
         vec![Command::ArmTimer {
             tx: t,
             timer: Timer::Retry { branch: 1 },

@@ -9,14 +9,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     let t = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent(&mut e, 1, 10, t, &a);
     assert_eq!(
-        e.handle(
-            2,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(2, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![
             Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx: t,
@@ -28,17 +21,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
     // A repeated Commit (and an Abort) waits for the same sync.
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Commit {
-                req: 14,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(2, commit_ev(14, t)), vec![]);
     assert_eq!(
         e.handle(
             2,
@@ -73,11 +56,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     assert_eq!(
         e.handle(
             4,
-            Event::CommitAcked {
-                tx: t2,
-                branch: 0,
-                ack: Ok(CommitAck::Refused("check violation".into()))
-            }
+            commit_acked(t2, 0, Ok(CommitAck::Refused("check violation".into())))
         ),
         vec![
             reply(
@@ -97,14 +76,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     let t3 = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent(&mut e, 5, 12, t3, &a);
     assert_eq!(
-        e.handle(
-            6,
-            Event::CommitAcked {
-                tx: t3,
-                branch: 0,
-                ack: Err("timeout".into())
-            }
-        ),
+        e.handle(6, commit_acked(t3, 0, Err("timeout".into()))),
         vec![Command::ArmTimer {
             tx: t3,
             timer: Timer::Retry { branch: 0 },
@@ -133,14 +105,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
         ),
         vec![]
     );
-    e.handle(
-        18,
-        Event::CommitAcked {
-            tx: t3,
-            branch: 0,
-            ack: Ok(CommitAck::Committed),
-        },
-    );
+    e.handle(18, commit_acked(t3, 0, Ok(CommitAck::Committed)));
     let cmds = e.handle(19, Event::Synced { tx: t3 });
     assert_eq!(cmds[0], reply(12, Ok(ReplyOk::Committed)));
     assert_eq!(
@@ -160,14 +125,7 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
     assert_eq!(
-        e.handle(
-            1,
-            Event::Commit {
-                req: 10,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(1, commit_ev(10, t)),
         vec![],
         "the intent's sync (started at Begin) is still running"
     );
@@ -201,14 +159,7 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
     let a = spec("a", 0);
     // The intent's sync fails: nothing was sent, the restart decides.
     let t = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
+    e.handle(1, commit_ev(10, t));
     let cmds = e.handle(
         2,
         Event::SyncFailed {
@@ -232,14 +183,7 @@ fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable
     let t = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent_as(&mut e, 1, 10, t, &a, true);
     assert_eq!(
-        e.handle(
-            2,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(2, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![
             Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx: t,
@@ -264,38 +208,14 @@ fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable
             reason: String::new(),
         },
     );
-    let cmds = e.handle(
-        4,
-        Event::CommitAcked {
-            tx: t2,
-            branch: 0,
-            ack: Ok(CommitAck::Committed),
-        },
-    );
+    let cmds = e.handle(4, commit_acked(t2, 0, Ok(CommitAck::Committed)));
     assert_eq!(cmds.last(), Some(&Command::Sync { tx: t2 }), "{cmds:?}");
     assert_eq!(cmds.len(), 2, "{cmds:?}");
     // So is a second Commit that did not ask for an early answer.
     let t3 = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent_as(&mut e, 5, 13, t3, &a, true);
-    assert_eq!(
-        e.handle(
-            5,
-            Event::Commit {
-                req: 14,
-                tx: t3,
-                answer_before_durable: false
-            }
-        ),
-        vec![]
-    );
-    let cmds = e.handle(
-        6,
-        Event::CommitAcked {
-            tx: t3,
-            branch: 0,
-            ack: Ok(CommitAck::Committed),
-        },
-    );
+    assert_eq!(e.handle(5, commit_ev(14, t3)), vec![]);
+    let cmds = e.handle(6, commit_acked(t3, 0, Ok(CommitAck::Committed)));
     assert_eq!(cmds.last(), Some(&Command::Sync { tx: t3 }), "{cmds:?}");
     assert_eq!(
         e.handle(7, Event::Synced { tx: t3 }),
@@ -324,14 +244,7 @@ fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_
             reason: String::new(),
         },
     );
-    let cmds = e.handle(
-        1,
-        Event::AbortAcked {
-            tx: t,
-            branch: 0,
-            ack: Ok(AbortAck::Aborted),
-        },
-    );
+    let cmds = e.handle(1, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert!(
         cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: t })),
         "{cmds:?}"
@@ -383,13 +296,6 @@ fn one_phase_can_be_switched_off() {
     );
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
-    let cmds = e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
+    let cmds = e.handle(1, commit_ev(10, t));
     assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));
 }

@@ -46,26 +46,9 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     let last_error = e.tx(&old).and_then(|x| x.branches[0].last_error.clone());
     assert_eq!(last_error.as_deref(), Some("connection refused"));
     // A client that asks meanwhile waits for the branch's answer.
+    assert_eq!(e.handle(55, commit_ev(9, old)), vec![]);
     assert_eq!(
-        e.handle(
-            55,
-            Event::Commit {
-                req: 9,
-                tx: old,
-                answer_before_durable: false
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            60,
-            Event::AbortAcked {
-                tx: old,
-                branch: 0,
-                ack: Ok(AbortAck::AlreadyCommitted),
-            },
-        ),
+        e.handle(60, abort_acked(old, 0, Ok(AbortAck::AlreadyCommitted)),),
         vec![
             Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx: old,
@@ -90,14 +73,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     let old1 = TxId { seq: 9, ..old };
     recover_intent(&mut e, 62, old1, &a);
     assert_eq!(
-        e.handle(
-            63,
-            Event::AbortAcked {
-                tx: old1,
-                branch: 0,
-                ack: Ok(AbortAck::AlreadyCommitted),
-            },
-        ),
+        e.handle(63, abort_acked(old1, 0, Ok(AbortAck::AlreadyCommitted)),),
         vec![
             Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx: old1,
@@ -123,14 +99,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
         ),
         vec![]
     );
-    let cmds = e.handle(
-        72,
-        Event::AbortAcked {
-            tx: old2,
-            branch: 0,
-            ack: Ok(AbortAck::Aborted),
-        },
-    );
+    let cmds = e.handle(72, abort_acked(old2, 0, Ok(AbortAck::Aborted)));
     assert_eq!(
         cmds,
         vec![
@@ -210,14 +179,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
         }]
     ));
     assert_eq!(
-        e.handle(
-            2,
-            Event::CommitAcked {
-                tx: old_commit,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(2, commit_acked(old_commit, 0, Ok(CommitAck::Committed))),
         vec![send(
             old_commit,
             1,
@@ -227,14 +189,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
         )]
     );
     assert_eq!(
-        e.handle(
-            3,
-            Event::CommitAcked {
-                tx: old_commit,
-                branch: 1,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(3, commit_acked(old_commit, 1, Ok(CommitAck::Committed))),
         vec![
             Command::LogLazy(LazyRecord::Done { tx: old_commit }),
             Command::Finished {
@@ -244,14 +199,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
         ]
     );
     assert_eq!(
-        e.handle(
-            4,
-            Event::AbortAcked {
-                tx: old_undecided,
-                branch: 0,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(4, abort_acked(old_undecided, 0, Ok(AbortAck::Aborted))),
         vec![
             Command::LogLazy(LazyRecord::Aborted { tx: old_undecided }),
             Command::Finished {

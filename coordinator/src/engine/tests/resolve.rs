@@ -82,14 +82,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
     assert!(e.tx(&t).is_none());
     // The in-flight commit's late answer and a late timer change nothing.
     assert!(e
-        .handle(
-            23,
-            Event::CommitAcked {
-                tx: t,
-                branch: 1,
-                ack: Err("still down".into())
-            }
-        )
+        .handle(23, commit_acked(t, 1, Err("still down".into())))
         .is_empty());
     assert!(e
         .handle(
@@ -195,14 +188,7 @@ fn resolve_commit_gives_a_never_reached_tier_one_best_effort_commit() {
     let (db, mq) = (spec("db", 0), spec("mq", 10));
     let t = prepared_pair(&mut e, &db, &mq);
     e.handle(5, Event::LogDurable { tx: t, lsn: 2 });
-    e.handle(
-        6,
-        Event::CommitAcked {
-            tx: t,
-            branch: 0,
-            ack: Err("db down".into()),
-        },
-    );
+    e.handle(6, commit_acked(t, 0, Err("db down".into())));
     let cmds = e.handle(7, resolve_ev(60, t, HeuristicDecision::Commit, false));
     let rec = forced_audit(&cmds, 60);
     assert_eq!(rec.branches, vec!["db".to_string(), "mq".to_string()]);
@@ -227,14 +213,7 @@ fn resolve_commit_gives_a_never_reached_tier_one_best_effort_commit() {
     );
     // Its answer comes after the transaction is finished: ignored.
     assert!(e
-        .handle(
-            9,
-            Event::CommitAcked {
-                tx: t,
-                branch: 1,
-                ack: Ok(CommitAck::Committed)
-            }
-        )
+        .handle(9, commit_acked(t, 1, Ok(CommitAck::Committed)))
         .is_empty());
 }
 
@@ -243,22 +222,8 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    e.handle(
-        2,
-        Event::Voted {
-            tx: t,
-            branch: 0,
-            vote: Ok(Vote::Yes),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    e.handle(2, voted(t, 0, Ok(Vote::Yes)));
     // b's prepare hangs. The abort is decided now: the Commit caller is told ABORTED and
     // a (idle) gets its abort; b gets one when its prepare returns.
     let cmds = e.handle(3, resolve_ev(70, t, HeuristicDecision::Abort, false));
@@ -278,25 +243,11 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
     // While it is being forced no COMMIT can happen: a late yes only gets an abort.
     assert_eq!(
-        e.handle(
-            4,
-            Event::Voted {
-                tx: t,
-                branch: 1,
-                vote: Ok(Vote::Yes)
-            }
-        ),
+        e.handle(4, voted(t, 1, Ok(Vote::Yes))),
         vec![send(t, 1, &b, Message::Abort, None)]
     );
     assert!(e
-        .handle(
-            5,
-            Event::AbortAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(AbortAck::Aborted)
-            }
-        )
+        .handle(5, abort_acked(t, 0, Ok(AbortAck::Aborted)))
         .is_empty());
     // Durable: b never acknowledged, so it is heuristically aborted and the tx finishes.
     let cmds = e.handle(
@@ -393,39 +344,11 @@ fn resolve_an_aborting_transaction() {
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    e.handle(
-        2,
-        Event::Voted {
-            tx: t,
-            branch: 0,
-            vote: Ok(Vote::No("constraint".into())),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    e.handle(2, voted(t, 0, Ok(Vote::No("constraint".into()))));
     // b voted yes late: it owes an abort acknowledgement and its participant is down.
-    e.handle(
-        3,
-        Event::Voted {
-            tx: t,
-            branch: 1,
-            vote: Ok(Vote::Yes),
-        },
-    );
-    e.handle(
-        4,
-        Event::AbortAcked {
-            tx: t,
-            branch: 1,
-            ack: Err("down".into()),
-        },
-    );
+    e.handle(3, voted(t, 1, Ok(Vote::Yes)));
+    e.handle(4, abort_acked(t, 1, Err("down".into())));
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
 
     // COMMIT contradicts the abort: refused without force.
@@ -473,14 +396,7 @@ fn resolve_an_aborting_transaction() {
 
     // Forced COMMIT of another aborting one: contradicting, recorded, outcome stays ABORTED.
     let t2 = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        10,
-        Event::Commit {
-            req: 11,
-            tx: t2,
-            answer_before_durable: false,
-        },
-    );
+    e.handle(10, commit_ev(11, t2));
     e.handle(
         11,
         Event::Abort {
@@ -518,14 +434,7 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
         let a = spec("db", 0);
         let t = begin(&mut e, std::slice::from_ref(&a));
         one_phase_commit_sent(&mut e, 1, 10, t, &a);
-        e.handle(
-            2,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Err("unreachable".into()),
-            },
-        );
+        e.handle(2, commit_acked(t, 0, Err("unreachable".into())));
         let cmds = e.handle(3, resolve_ev(95, t, decision, false));
         let rec = forced_audit(&cmds, 95);
         assert!(rec.accepted && !rec.contradicts, "{rec:?}");
@@ -569,14 +478,7 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
 fn resolve_a_finished_transaction_asks_the_log_then_only_records() {
     let mut e = engine();
     let t = begin(&mut e, &[]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 2,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
+    e.handle(1, commit_ev(2, t));
     assert!(e.tx(&t).is_none());
     // First: not live, ask the log.
     assert_eq!(

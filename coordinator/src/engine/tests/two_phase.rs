@@ -38,14 +38,7 @@ fn two_phase_commit_exact_commands() {
         vec![reply(3, Ok(ReplyOk::Enlisted))]
     );
     assert_eq!(
-        e.handle(
-            2,
-            Event::Commit {
-                req: 4,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(2, commit_ev(4, t)),
         vec![
             Command::LogLazy(LazyRecord::Preparing {
                 tx: t,
@@ -65,26 +58,9 @@ fn two_phase_commit_exact_commands() {
         vec![],
         "the intent's sync is moot for a two-phase commit (its PREPARING record replaced it)"
     );
+    assert_eq!(e.handle(3, voted(t, 1, Ok(Vote::Yes))), vec![]);
     assert_eq!(
-        e.handle(
-            3,
-            Event::Voted {
-                tx: t,
-                branch: 1,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            4,
-            Event::Voted {
-                tx: t,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        ),
+        e.handle(4, voted(t, 0, Ok(Vote::Yes))),
         vec![Command::ForceCommit(CommitRecord {
             tx: t,
             branches: vec![a.clone(), b.clone()],
@@ -102,25 +78,11 @@ fn two_phase_commit_exact_commands() {
         ]
     );
     assert_eq!(
-        e.handle(
-            6,
-            Event::CommitAcked {
-                tx: t,
-                branch: 1,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(6, commit_acked(t, 1, Ok(CommitAck::Committed))),
         vec![]
     );
     assert_eq!(
-        e.handle(
-            7,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(7, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![
             Command::LogLazy(LazyRecord::Done { tx: t }),
             Command::Finished {
@@ -133,25 +95,11 @@ fn two_phase_commit_exact_commands() {
     assert_eq!(e.provenance(&t), Provenance::FinishedThisEpoch);
     // A late duplicate ack, and a repeated Commit, after the engine forgot the transaction.
     assert_eq!(
-        e.handle(
-            8,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(8, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![]
     );
     assert_eq!(
-        e.handle(
-            8,
-            Event::Commit {
-                req: 9,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(8, commit_ev(9, t)),
         vec![reply(9, Ok(ReplyOk::NotLive))]
     );
 }
@@ -171,14 +119,7 @@ fn phase_two_goes_tier_by_tier() {
     );
     // A failed database commit is retried, and the broker still waits.
     assert_eq!(
-        e.handle(
-            6,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Err("down".into())
-            }
-        ),
+        e.handle(6, commit_acked(t, 0, Err("down".into()))),
         vec![Command::ArmTimer {
             tx: t,
             timer: Timer::Retry { branch: 0 },
@@ -202,14 +143,7 @@ fn phase_two_goes_tier_by_tier() {
         )]
     );
     assert_eq!(
-        e.handle(
-            17,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(17, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![send(
             t,
             1,
@@ -219,14 +153,7 @@ fn phase_two_goes_tier_by_tier() {
         )]
     );
     assert_eq!(
-        e.handle(
-            18,
-            Event::CommitAcked {
-                tx: t,
-                branch: 1,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(18, commit_acked(t, 1, Ok(CommitAck::Committed))),
         vec![
             Command::LogLazy(LazyRecord::Done { tx: t }),
             Command::Finished {
@@ -243,24 +170,10 @@ fn retries_back_off_exponentially_up_to_the_cap_and_never_stop() {
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = prepared_pair(&mut e, &a, &b);
     e.handle(5, Event::LogDurable { tx: t, lsn: 1 });
-    e.handle(
-        5,
-        Event::CommitAcked {
-            tx: t,
-            branch: 1,
-            ack: Ok(CommitAck::Committed),
-        },
-    );
+    e.handle(5, commit_acked(t, 1, Ok(CommitAck::Committed)));
     let mut delays = Vec::new();
     for i in 0..40u64 {
-        let cmds = e.handle(
-            10 + i,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Err("unreachable".into()),
-            },
-        );
+        let cmds = e.handle(10 + i, commit_acked(t, 0, Err("unreachable".into())));
         match cmds.as_slice() {
             [Command::ArmTimer {
                 timer: Timer::Retry { branch: 0 },
@@ -299,33 +212,9 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     let mut e = engine();
     let (a, b, c) = (spec("a", 0), spec("b", 0), spec("c", 10));
     let t = begin(&mut e, &[a.clone(), b.clone(), c.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Voted {
-                tx: t,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
-    let cmds = e.handle(
-        3,
-        Event::Voted {
-            tx: t,
-            branch: 1,
-            vote: Ok(Vote::No("duplicate key".into())),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    assert_eq!(e.handle(2, voted(t, 0, Ok(Vote::Yes))), vec![]);
+    let cmds = e.handle(3, voted(t, 1, Ok(Vote::No("duplicate key".into()))));
     assert_eq!(
         cmds,
         vec![
@@ -343,52 +232,21 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     );
     // The late yes from c gets its abort now.
     assert_eq!(
-        e.handle(
-            4,
-            Event::Voted {
-                tx: t,
-                branch: 2,
-                vote: Ok(Vote::Yes)
-            }
-        ),
+        e.handle(4, voted(t, 2, Ok(Vote::Yes))),
         vec![send(t, 2, &c, Message::Abort, None)]
     );
     // A failed abort to a prepared branch is retried; a failed courtesy abort is not.
     assert_eq!(
-        e.handle(
-            5,
-            Event::AbortAcked {
-                tx: t,
-                branch: 0,
-                ack: Err("down".into())
-            }
-        ),
+        e.handle(5, abort_acked(t, 0, Err("down".into()))),
         vec![Command::ArmTimer {
             tx: t,
             timer: Timer::Retry { branch: 0 },
             after_ms: 10
         }]
     );
+    assert_eq!(e.handle(5, abort_acked(t, 1, Err("down".into()))), vec![]);
     assert_eq!(
-        e.handle(
-            5,
-            Event::AbortAcked {
-                tx: t,
-                branch: 1,
-                ack: Err("down".into())
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            6,
-            Event::AbortAcked {
-                tx: t,
-                branch: 2,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(6, abort_acked(t, 2, Ok(AbortAck::Aborted))),
         vec![]
     );
     assert_eq!(
@@ -402,14 +260,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
         vec![send(t, 0, &a, Message::Abort, None)]
     );
     assert_eq!(
-        e.handle(
-            26,
-            Event::AbortAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(26, abort_acked(t, 0, Ok(AbortAck::Aborted))),
         vec![
             Command::LogLazy(LazyRecord::Aborted { tx: t }),
             Command::Finished {
@@ -420,14 +271,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     );
     // Commit after the abort: the engine no longer holds it; presumed abort answers.
     assert_eq!(
-        e.handle(
-            27,
-            Event::Commit {
-                req: 11,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(27, commit_ev(11, t)),
         vec![reply(11, Ok(ReplyOk::NotLive))]
     );
 }
@@ -437,22 +281,8 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    e.handle(
-        2,
-        Event::Voted {
-            tx: t,
-            branch: 0,
-            vote: Ok(Vote::Yes),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    e.handle(2, voted(t, 0, Ok(Vote::Yes)));
     let cmds = e.handle(
         1001,
         Event::Timer {
@@ -475,33 +305,12 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     // The transport gives up on b's prepare: whether it prepared is unknown, so it gets an
     // abort that is retried until acknowledged.
     assert_eq!(
-        e.handle(
-            1002,
-            Event::Voted {
-                tx: t,
-                branch: 1,
-                vote: Err("deadline".into())
-            }
-        ),
+        e.handle(1002, voted(t, 1, Err("deadline".into()))),
         vec![send(t, 1, &b, Message::Abort, None)]
     );
-    e.handle(
-        1003,
-        Event::AbortAcked {
-            tx: t,
-            branch: 0,
-            ack: Ok(AbortAck::Aborted),
-        },
-    );
+    e.handle(1003, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert_eq!(
-        e.handle(
-            1004,
-            Event::AbortAcked {
-                tx: t,
-                branch: 1,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(1004, abort_acked(t, 1, Ok(AbortAck::Aborted))),
         vec![
             Command::LogLazy(LazyRecord::Aborted { tx: t }),
             Command::Finished {
@@ -528,31 +337,10 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
-    e.handle(
-        2,
-        Event::Voted {
-            tx: t,
-            branch: 0,
-            vote: Ok(Vote::ReadOnly),
-        },
-    );
+    e.handle(1, commit_ev(10, t));
+    e.handle(2, voted(t, 0, Ok(Vote::ReadOnly)));
     assert_eq!(
-        e.handle(
-            3,
-            Event::Voted {
-                tx: t,
-                branch: 1,
-                vote: Ok(Vote::Yes)
-            }
-        ),
+        e.handle(3, voted(t, 1, Ok(Vote::Yes))),
         vec![Command::ForceCommit(CommitRecord {
             tx: t,
             branches: vec![b.clone()],
@@ -568,31 +356,10 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     );
 
     let t2 = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        5,
-        Event::Commit {
-            req: 11,
-            tx: t2,
-            answer_before_durable: false,
-        },
-    );
-    e.handle(
-        6,
-        Event::Voted {
-            tx: t2,
-            branch: 0,
-            vote: Ok(Vote::ReadOnly),
-        },
-    );
+    e.handle(5, commit_ev(11, t2));
+    e.handle(6, voted(t2, 0, Ok(Vote::ReadOnly)));
     assert_eq!(
-        e.handle(
-            7,
-            Event::Voted {
-                tx: t2,
-                branch: 1,
-                vote: Ok(Vote::ReadOnly)
-            }
-        ),
+        e.handle(7, voted(t2, 1, Ok(Vote::ReadOnly))),
         vec![
             reply(11, Ok(ReplyOk::Committed)),
             Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
@@ -609,94 +376,26 @@ fn duplicate_and_late_messages_change_nothing() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(
-        1,
-        Event::Commit {
-            req: 10,
-            tx: t,
-            answer_before_durable: false,
-        },
-    );
+    e.handle(1, commit_ev(10, t));
     // A second Commit while preparing joins the first: no new prepares.
-    assert_eq!(
-        e.handle(
-            1,
-            Event::Commit {
-                req: 11,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Voted {
-                tx: t,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(1, commit_ev(11, t)), vec![]);
+    assert_eq!(e.handle(2, voted(t, 0, Ok(Vote::Yes))), vec![]);
     // The same vote twice, and a vote for a branch index that does not exist.
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Voted {
-                tx: t,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Voted {
-                tx: t,
-                branch: 9,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(2, voted(t, 0, Ok(Vote::Yes))), vec![]);
+    assert_eq!(e.handle(2, voted(t, 9, Ok(Vote::Yes))), vec![]);
     let before = e.clone();
     // Phase-two answers before there is a decision are ignored.
     assert_eq!(
-        e.handle(
-            2,
-            Event::CommitAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(CommitAck::Committed)
-            }
-        ),
+        e.handle(2, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![]
     );
     assert_eq!(
-        e.handle(
-            2,
-            Event::AbortAcked {
-                tx: t,
-                branch: 0,
-                ack: Ok(AbortAck::Aborted)
-            }
-        ),
+        e.handle(2, abort_acked(t, 0, Ok(AbortAck::Aborted))),
         vec![]
     );
     assert_eq!(e.handle(2, Event::LogDurable { tx: t, lsn: 4 }), vec![]);
     assert_eq!(e.tx(&t), before.tx(&t));
-    e.handle(
-        3,
-        Event::Voted {
-            tx: t,
-            branch: 1,
-            vote: Ok(Vote::Yes),
-        },
-    );
+    e.handle(3, voted(t, 1, Ok(Vote::Yes)));
     let cmds = e.handle(4, Event::LogDurable { tx: t, lsn: 4 });
     assert_eq!(
         &cmds[..2],
@@ -708,26 +407,12 @@ fn duplicate_and_late_messages_change_nothing() {
     // A second durable notice, and a vote arriving after the decision.
     assert_eq!(e.handle(5, Event::LogDurable { tx: t, lsn: 4 }), vec![]);
     assert_eq!(
-        e.handle(
-            5,
-            Event::Voted {
-                tx: t,
-                branch: 1,
-                vote: Ok(Vote::No("late".into()))
-            }
-        ),
+        e.handle(5, voted(t, 1, Ok(Vote::No("late".into())))),
         vec![]
     );
     // Commit again after the decision answers at once.
     assert_eq!(
-        e.handle(
-            6,
-            Event::Commit {
-                req: 12,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(6, commit_ev(12, t)),
         vec![reply(12, Ok(ReplyOk::Committed))]
     );
     // Timers for other phases do nothing.
@@ -768,17 +453,7 @@ fn duplicate_and_late_messages_change_nothing() {
         epoch: 1,
         seq: 1,
     };
-    assert_eq!(
-        e.handle(
-            8,
-            Event::Voted {
-                tx: stranger,
-                branch: 0,
-                vote: Ok(Vote::Yes)
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(8, voted(stranger, 0, Ok(Vote::Yes))), vec![]);
     assert_eq!(
         e.handle(
             8,
@@ -825,14 +500,7 @@ fn abort_requests() {
         vec![reply(21, Ok(ReplyOk::Aborted))]
     );
     assert_eq!(
-        e.handle(
-            1,
-            Event::Commit {
-                req: 22,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(1, commit_ev(22, t)),
         vec![reply(
             22,
             Err(TxError::Aborted(format!(
@@ -840,23 +508,9 @@ fn abort_requests() {
             )))
         )]
     );
-    e.handle(
-        2,
-        Event::AbortAcked {
-            tx: t,
-            branch: 0,
-            ack: Ok(AbortAck::Aborted),
-        },
-    );
+    e.handle(2, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert_eq!(
-        e.handle(
-            2,
-            Event::AbortAcked {
-                tx: t,
-                branch: 1,
-                ack: Err("gone".into())
-            }
-        ),
+        e.handle(2, abort_acked(t, 1, Err("gone".into()))),
         vec![Command::Finished {
             tx: t,
             outcome: Outcome::Aborted
@@ -988,14 +642,7 @@ fn transaction_timeout_aborts_only_active_transactions() {
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
     assert_eq!(
-        e.handle(
-            5_001,
-            Event::Commit {
-                req: 3,
-                tx: t,
-                answer_before_durable: false
-            }
-        ),
+        e.handle(5_001, commit_ev(3, t)),
         vec![reply(
             3,
             Err(TxError::Aborted(format!(
