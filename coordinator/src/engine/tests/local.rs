@@ -106,13 +106,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     let t2 = begin_local(&mut e, 10, 3, &a);
     e.handle(11, Event::Synced { tx: t2 });
     assert_eq!(
-        e.handle(
-            5_010,
-            Event::Timer {
-                tx: t2,
-                timer: Timer::TxTimeout
-            }
-        ),
+        e.handle(5_010, timer(t2, Timer::TxTimeout)),
         vec![send(t2, 0, &a, Message::Abort, None)]
     );
     let cmds = e.handle(5_011, abort_acked(t2, 0, Ok(AbortAck::AlreadyCommitted)));

@@ -97,6 +97,35 @@ fn abort_acked(t: TxId, i: usize, ack: RpcResult<AbortAck>) -> Event {
     }
 }
 
+/// The timer `timer` of `t` fired.
+fn timer(t: TxId, timer: Timer) -> Event {
+    Event::Timer { tx: t, timer }
+}
+
+/// What the last abort acknowledgement of `t` emits: its lazy ABORTED record, then
+/// `Finished`.
+fn aborted_and_finished(t: TxId) -> Vec<Command> {
+    vec![
+        Command::LogLazy(LazyRecord::Aborted { tx: t }),
+        Command::Finished {
+            tx: t,
+            outcome: Outcome::Aborted,
+        },
+    ]
+}
+
+/// What the last commit acknowledgement of `t` emits: its lazy DONE record, then
+/// `Finished`.
+fn done_and_finished(t: TxId) -> Vec<Command> {
+    vec![
+        Command::LogLazy(LazyRecord::Done { tx: t }),
+        Command::Finished {
+            tx: t,
+            outcome: Outcome::Committed,
+        },
+    ]
+}
+
 fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
     Command::Reply { req, reply: r }
 }

@@ -84,13 +84,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
         }]
     );
     assert_eq!(
-        e.handle(
-            16,
-            Event::Timer {
-                tx: t3,
-                timer: Timer::Retry { branch: 0 }
-            }
-        ),
+        e.handle(16, timer(t3, Timer::Retry { branch: 0 })),
         vec![send(t3, 0, &a, Message::Commit { one_phase: true }, None)]
     );
     // An Abort during a one-phase commit waits for the participant's answer.
@@ -130,13 +124,7 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
         "the intent's sync (started at Begin) is still running"
     );
     assert_eq!(
-        e.handle(
-            2,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 0 }
-            }
-        ),
+        e.handle(2, timer(t, Timer::Retry { branch: 0 })),
         vec![],
         "nothing goes to the branch before the intent is durable"
     );

@@ -33,13 +33,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
             }]
         );
         assert_eq!(
-            e.handle(
-                now + 20,
-                Event::Timer {
-                    tx: old,
-                    timer: Timer::Retry { branch: 0 }
-                }
-            ),
+            e.handle(now + 20, timer(old, Timer::Retry { branch: 0 })),
             vec![send(old, 0, &a, Message::Abort, None)]
         );
     }
@@ -190,23 +184,11 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     );
     assert_eq!(
         e.handle(3, commit_acked(old_commit, 1, Ok(CommitAck::Committed))),
-        vec![
-            Command::LogLazy(LazyRecord::Done { tx: old_commit }),
-            Command::Finished {
-                tx: old_commit,
-                outcome: Outcome::Committed
-            },
-        ]
+        done_and_finished(old_commit)
     );
     assert_eq!(
         e.handle(4, abort_acked(old_undecided, 0, Ok(AbortAck::Aborted))),
-        vec![
-            Command::LogLazy(LazyRecord::Aborted { tx: old_undecided }),
-            Command::Finished {
-                tx: old_undecided,
-                outcome: Outcome::Aborted
-            },
-        ]
+        aborted_and_finished(old_undecided)
     );
     // New ids start over in the new epoch.
     assert_eq!(begin(&mut e, &[]), tx(1));

@@ -35,13 +35,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
     assert!(rec.detail.contains("heuristically committed"), "{rec:?}");
     // Nothing changed yet: the retry still goes out while the record is being forced.
     assert_eq!(
-        e.handle(
-            21,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 1 }
-            }
-        ),
+        e.handle(21, timer(t, Timer::Retry { branch: 1 })),
         vec![send(
             t,
             1,
@@ -85,13 +79,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
         .handle(23, commit_acked(t, 1, Err("still down".into())))
         .is_empty());
     assert!(e
-        .handle(
-            24,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 1 }
-            }
-        )
+        .handle(24, timer(t, Timer::Retry { branch: 1 }))
         .is_empty());
     // The outcome participants are told is the logged one.
     assert_eq!(e.outcome_of(&t, true), Ok(Some(Outcome::Committed)));

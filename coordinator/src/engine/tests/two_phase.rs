@@ -83,13 +83,7 @@ fn two_phase_commit_exact_commands() {
     );
     assert_eq!(
         e.handle(7, commit_acked(t, 0, Ok(CommitAck::Committed))),
-        vec![
-            Command::LogLazy(LazyRecord::Done { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            },
-        ]
+        done_and_finished(t)
     );
     assert!(e.tx(&t).is_none());
     assert_eq!(e.provenance(&t), Provenance::FinishedThisEpoch);
@@ -127,13 +121,7 @@ fn phase_two_goes_tier_by_tier() {
         }]
     );
     assert_eq!(
-        e.handle(
-            16,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 0 }
-            }
-        ),
+        e.handle(16, timer(t, Timer::Retry { branch: 0 })),
         vec![send(
             t,
             0,
@@ -154,13 +142,7 @@ fn phase_two_goes_tier_by_tier() {
     );
     assert_eq!(
         e.handle(18, commit_acked(t, 1, Ok(CommitAck::Committed))),
-        vec![
-            Command::LogLazy(LazyRecord::Done { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            }
-        ]
+        done_and_finished(t)
     );
 }
 
@@ -182,13 +164,7 @@ fn retries_back_off_exponentially_up_to_the_cap_and_never_stop() {
             }] => delays.push(*after_ms),
             other => panic!("{other:?}"),
         }
-        let resend = e.handle(
-            10 + i,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 0 },
-            },
-        );
+        let resend = e.handle(10 + i, timer(t, Timer::Retry { branch: 0 }));
         assert_eq!(
             resend,
             vec![send(
@@ -250,24 +226,12 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
         vec![]
     );
     assert_eq!(
-        e.handle(
-            15,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 0 }
-            }
-        ),
+        e.handle(15, timer(t, Timer::Retry { branch: 0 })),
         vec![send(t, 0, &a, Message::Abort, None)]
     );
     assert_eq!(
         e.handle(26, abort_acked(t, 0, Ok(AbortAck::Aborted))),
-        vec![
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            }
-        ]
+        aborted_and_finished(t)
     );
     // Commit after the abort: the engine no longer holds it; presumed abort answers.
     assert_eq!(
@@ -283,13 +247,7 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     let t = begin(&mut e, &[a.clone(), b.clone()]);
     e.handle(1, commit_ev(10, t));
     e.handle(2, voted(t, 0, Ok(Vote::Yes)));
-    let cmds = e.handle(
-        1001,
-        Event::Timer {
-            tx: t,
-            timer: Timer::PrepareTimeout,
-        },
-    );
+    let cmds = e.handle(1001, timer(t, Timer::PrepareTimeout));
     assert_eq!(
         cmds,
         vec![
@@ -311,25 +269,10 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     e.handle(1003, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert_eq!(
         e.handle(1004, abort_acked(t, 1, Ok(AbortAck::Aborted))),
-        vec![
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            }
-        ]
+        aborted_and_finished(t)
     );
     // The prepare timer of a decided transaction does nothing.
-    assert_eq!(
-        e.handle(
-            2000,
-            Event::Timer {
-                tx: t,
-                timer: Timer::PrepareTimeout
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(2000, timer(t, Timer::PrepareTimeout)), vec![]);
 }
 
 #[test]
@@ -416,37 +359,10 @@ fn duplicate_and_late_messages_change_nothing() {
         vec![reply(12, Ok(ReplyOk::Committed))]
     );
     // Timers for other phases do nothing.
-    assert_eq!(
-        e.handle(
-            7,
-            Event::Timer {
-                tx: t,
-                timer: Timer::TxTimeout
-            }
-        ),
-        vec![]
-    );
-    assert_eq!(
-        e.handle(
-            7,
-            Event::Timer {
-                tx: t,
-                timer: Timer::PrepareTimeout
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(7, timer(t, Timer::TxTimeout)), vec![]);
+    assert_eq!(e.handle(7, timer(t, Timer::PrepareTimeout)), vec![]);
     // A retry timer while the commit is still in flight sends nothing twice.
-    assert_eq!(
-        e.handle(
-            7,
-            Event::Timer {
-                tx: t,
-                timer: Timer::Retry { branch: 0 }
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(7, timer(t, Timer::Retry { branch: 0 })), vec![]);
     // Events for unknown transactions are ignored.
     let stranger = TxId {
         node: 1,
@@ -454,16 +370,7 @@ fn duplicate_and_late_messages_change_nothing() {
         seq: 1,
     };
     assert_eq!(e.handle(8, voted(stranger, 0, Ok(Vote::Yes))), vec![]);
-    assert_eq!(
-        e.handle(
-            8,
-            Event::Timer {
-                tx: stranger,
-                timer: Timer::TxTimeout
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(8, timer(stranger, Timer::TxTimeout)), vec![]);
 }
 
 #[test]
@@ -631,13 +538,7 @@ fn transaction_timeout_aborts_only_active_transactions() {
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
     assert_eq!(
-        e.handle(
-            5_000,
-            Event::Timer {
-                tx: t,
-                timer: Timer::TxTimeout
-            }
-        ),
+        e.handle(5_000, timer(t, Timer::TxTimeout)),
         vec![send(t, 0, &a, Message::Abort, None)]
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
