@@ -696,3 +696,120 @@ fn token_form_is_checked_without_showing_it() {
         "<redacted>"
     );
 }
+
+/// Every rule `validate` writes out by hand (addresses, data directory, OTLP, TLS pairs,
+/// tokens) names a field that is a flag of the settings table, so `--config` errors
+/// blame the right key (they are mapped back through `Setting::by_flag`) and a renamed
+/// setting cannot leave a rule naming a flag that no longer exists.
+#[test]
+fn every_written_out_rule_names_a_setting() {
+    let path = || Some(PathBuf::from("x.pem"));
+    let token = |t: &str| Some(Secret::new(t));
+    let base = ServeConfig::default;
+    let cases: Vec<(&str, ServeConfig)> = vec![
+        (
+            "metrics-listen",
+            ServeConfig {
+                metrics_listen: Some(base().listen),
+                ..base()
+            },
+        ),
+        (
+            "data-dir",
+            ServeConfig {
+                data_dir: PathBuf::new(),
+                ..base()
+            },
+        ),
+        (
+            "otlp-endpoint",
+            ServeConfig {
+                otlp_endpoint: Some("not a url".into()),
+                ..base()
+            },
+        ),
+        (
+            "otlp-service-name",
+            ServeConfig {
+                otlp_service_name: " ".into(),
+                ..base()
+            },
+        ),
+        (
+            "tls-key",
+            ServeConfig {
+                tls_cert: path(),
+                ..base()
+            },
+        ),
+        (
+            "tls-cert",
+            ServeConfig {
+                tls_key: path(),
+                ..base()
+            },
+        ),
+        (
+            "tls-client-ca",
+            ServeConfig {
+                tls_client_ca: path(),
+                ..base()
+            },
+        ),
+        (
+            "participant-key",
+            ServeConfig {
+                participant_cert: path(),
+                ..base()
+            },
+        ),
+        (
+            "participant-cert",
+            ServeConfig {
+                participant_cert: path(),
+                participant_key: path(),
+                ..base()
+            },
+        ),
+        (
+            "client-token-file",
+            ServeConfig {
+                client_token: token("client-token-0123456789"),
+                client_token_file: path(),
+                ..base()
+            },
+        ),
+        (
+            "admin-token-file",
+            ServeConfig {
+                admin_token: token("admin-token-0123456789"),
+                admin_token_file: path(),
+                ..base()
+            },
+        ),
+        (
+            "admin-token",
+            ServeConfig {
+                client_token: token("same-token-0123456789"),
+                admin_token: token("same-token-0123456789"),
+                ..base()
+            },
+        ),
+        (
+            "client-token",
+            ServeConfig {
+                client_token: token("short"),
+                ..base()
+            },
+        ),
+    ];
+    for (field, config) in cases {
+        let e = config.validate().expect_err(field);
+        assert_eq!(e.field, field, "{e}");
+        assert!(
+            Setting::by_flag(e.field).is_some(),
+            "the rule names --{}, which is no setting",
+            e.field
+        );
+    }
+}
