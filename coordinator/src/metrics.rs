@@ -850,7 +850,7 @@ mod tests {
                 answer_before_durable: false,
             },
         );
-        step(&mut e, &m, 10, Event::Synced { tx: t3 });
+        step(&mut e, &m, 10, Event::Synced { tx: t3, lsn: 1 });
         let ev = Event::CommitAcked {
             tx: t3,
             branch: 0,
@@ -898,7 +898,7 @@ mod tests {
             ack: Ok(CommitAck::Committed),
         };
         step(&mut e, &m, 41, ev);
-        step(&mut e, &m, 42, Event::Synced { tx: old });
+        step(&mut e, &m, 42, Event::Synced { tx: old, lsn: 1 });
         m.refresh(&e, 42, LogStats::default(), false);
         assert_eq!(m.remaining_one_phase.get(), 0);
         assert_eq!(m.committed.get(), 1);

@@ -9,8 +9,10 @@
 //!   the engine forget a transaction before the log holds what answers for it;
 //! * forced decisions go to the log's group-commit writer, and their durability comes back
 //!   as [`Event::LogDurable`];
-//! * sends are checked against their [`Command::Send::requires_durable`] condition (a
-//!   commit before its decision is durable stops the process) and run as tasks;
+//! * sends and replies are checked, in one place, against the log position they depend
+//!   on ([`Command::Send::requires_durable`], [`Command::Reply::requires_durable`]: a
+//!   commit or an answer before the record behind it is durable stops the process);
+//!   sends run as tasks;
 //! * timers live in one task with a delay queue (cheap for millions of pending timeouts);
 //!   retry timers get jitter here, keeping the engine deterministic;
 //! * replies complete the oneshot of the waiting RPC;
@@ -59,7 +61,7 @@ use crate::engine::{
     Command, Engine, EngineConfig, Event, Message, Outcome, Provenance, ReplyOk, Timer, TxEntry,
     TxError, TxState,
 };
-use crate::log::{DecisionLog, LogError};
+use crate::log::{DecisionLog, LogError, Lsn};
 use crate::metrics::Metrics;
 use crate::transport::Transport;
 use crate::types::{BranchSpec, HeuristicDecision, TxId};
@@ -390,6 +392,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             .log
             .sync(epoch)
             .await
+            .map(|_| ())
             .map_err(|e| TxError::Unavailable(format!("could not sync the decision log: {e}")))
     }
 
@@ -580,7 +583,7 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
             let result = me.log.sync(epoch).await;
             for tx in txs {
                 let ev = match &result {
-                    Ok(()) => Event::Synced { tx },
+                    Ok(lsn) => Event::Synced { tx, lsn: *lsn },
                     Err(e) => {
                         error!(%tx, error = %e, "could not sync a one-phase commit's record");
                         Event::SyncFailed {
@@ -592,6 +595,27 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                 me.dispatch(ev);
             }
         });
+    }
+
+    /// Ordering is data: a command stamped with the log position it depends on
+    /// ([`Command::Send::requires_durable`], [`Command::Reply::requires_durable`]) goes out
+    /// only if the log is durable that far. The engine emits such commands only after the
+    /// log said so, so a miss is a bug: the process stops rather than send a commit, or
+    /// give an answer, the log cannot back.
+    fn assert_durable(&self, requires_durable: Option<Lsn>, what: impl FnOnce() -> String) {
+        let Some(lsn) = requires_durable else {
+            return;
+        };
+        let durable = self.log.durable_lsn();
+        if durable < lsn {
+            error!(
+                lsn,
+                durable,
+                "BUG: {} about to go out before the log is durable at the LSN it depends on",
+                what()
+            );
+            std::process::abort();
+        }
     }
 
     fn execute(self: &Arc<Self>, cmd: Command) {
@@ -651,14 +675,7 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                 message,
                 requires_durable,
             } => {
-                if let Some(lsn) = requires_durable {
-                    let durable = self.log.durable_lsn();
-                    if durable < lsn {
-                        // Ordering is data: this would send a commit the log cannot back.
-                        error!(%tx, lsn, durable, "BUG: commit about to be sent before its decision is durable");
-                        std::process::abort();
-                    }
-                }
+                self.assert_durable(requires_durable, || format!("{message:?} to {tx}"));
                 // Prepares of a transaction are sent once, in branch order: branch 0's is
                 // the first one.
                 if message == Message::Prepare && branch == 0 {
@@ -696,7 +713,12 @@ impl<L: DecisionLog, T: Transport> Inner<L, T> {
                     me.dispatch(ev);
                 });
             }
-            Command::Reply { req, reply } => {
+            Command::Reply {
+                req,
+                reply,
+                requires_durable,
+            } => {
+                self.assert_durable(requires_durable, || format!("the answer {reply:?}"));
                 if let Some(sender) = lock(&self.pending).remove(&req) {
                     let _ = sender.send(reply);
                 }

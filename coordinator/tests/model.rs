@@ -540,9 +540,9 @@ struct State {
     timeouts_left: u8,
     duplicates_left: u8,
     losses_left: u8,
-    /// A phase-two commit was sent before its decision was durable (the runtime would have
-    /// aborted the process), or a one-phase commit before its intent was synced: the
-    /// "ordering is data" invariant.
+    /// A phase-two commit was sent, or a caller answered, before the record it depends on
+    /// was durable (the runtime would have aborted the process), or a one-phase commit
+    /// before its intent was synced: the "ordering is data" invariant.
     premature_commit: bool,
     /// Some branch was finished by its participant asking the coordinator.
     asked_and_finished: bool,
@@ -841,7 +841,8 @@ impl TwoPcModel {
                     EarlySync::Outcome => state == Some(TxState::Committing),
                 };
                 if early {
-                    queue.push_back(Event::Synced { tx });
+                    let lsn = s.log.durable_lsn();
+                    queue.push_back(Event::Synced { tx, lsn });
                 } else {
                     assert!(!s.sync_pending, "a second sync while one is running");
                     s.sync_pending = true;
@@ -880,8 +881,8 @@ impl TwoPcModel {
                     // The branch may commit on receipt: a restart must find the intent
                     // (and so ask the branch again rather than presume abort).
                     Msg::OnePhaseCommit => {
-                        assert_eq!(requires_durable, None, "a one-phase commit has no LSN");
                         s.log.synced.intent
+                            && requires_durable.is_some_and(|lsn| lsn <= s.log.durable_lsn())
                     }
                     Msg::Prepare | Msg::Abort => true,
                 };
@@ -896,7 +897,17 @@ impl TwoPcModel {
                 s.awaiting[branch] = Some(msg);
                 s.requests.insert((branch, msg));
             }
-            Command::Reply { req, reply } => self.client_reply(s, req, reply),
+            Command::Reply {
+                req,
+                reply,
+                requires_durable,
+            } => {
+                // The runtime checks a reply's LSN like a send's (it stops the process).
+                if requires_durable.is_some_and(|lsn| lsn > s.log.durable_lsn()) {
+                    s.premature_commit = true;
+                }
+                self.client_reply(s, req, reply)
+            }
             Command::ArmTimer { tx, timer, .. } => {
                 assert_eq!(tx, the_tx());
                 s.timers.insert(TimerKey::from_engine(timer));
@@ -1054,7 +1065,8 @@ impl TwoPcModel {
                     self.dispatch(s, Event::LogDurable { tx, lsn });
                 }
                 if synced {
-                    self.dispatch(s, Event::Synced { tx });
+                    let lsn = s.log.durable_lsn();
+                    self.dispatch(s, Event::Synced { tx, lsn });
                 }
             }
             Action::CrashCoordinator { lazy_kept } => {
@@ -1561,9 +1573,10 @@ impl Model for TwoPcModel {
                 "every reported outcome matches the branches",
                 |m: &TwoPcModel, s: &State| m.reports_agree(s),
             ),
-            Property::always("commits are sent only once durable", |_, s: &State| {
-                !s.premature_commit
-            }),
+            Property::always(
+                "commits are sent and answered only once durable",
+                |_, s: &State| !s.premature_commit,
+            ),
             Property::always("nothing blocks once crashes stop", |m, s| m.completes(s)),
             Property::always("bounded retries", |_, s: &State| {
                 max_attempts(s) < ATTEMPT_CAP
@@ -1792,7 +1805,7 @@ fn checker_catches_a_runtime_that_sends_commits_before_the_decision_is_durable()
     };
     let expected = [
         "all branches agree",
-        "commits are sent only once durable",
+        "commits are sent and answered only once durable",
         "nothing blocks once crashes stop",
     ];
     assert_caught(model, &expected, "the broken runtime");
@@ -1929,7 +1942,7 @@ fn checker_catches_a_one_phase_commit_sent_before_its_intent_is_durable() {
     let expected = [
         "every reported outcome matches the branches",
         "the client is told what the branches do",
-        "commits are sent only once durable",
+        "commits are sent and answered only once durable",
     ];
     expect_caught(EarlySync::Intent, &expected);
 }

@@ -17,7 +17,7 @@ impl Engine {
         out: &mut Out,
     ) {
         if let Err(e) = self.check_begin(timeout_ms, &branches, local, count) {
-            out.push(Command::Reply { req, reply: Err(e) });
+            out.reply(req, Err(e));
             return;
         }
         let reply = if local {
@@ -28,10 +28,7 @@ impl Engine {
         } else {
             ReplyOk::Begun(self.begin_one(timeout_ms, &branches, false, out))
         };
-        out.push(Command::Reply {
-            req,
-            reply: Ok(reply),
-        });
+        out.reply(req, Ok(reply));
     }
 
     /// Why a Begin cannot be honoured, if it cannot.
@@ -205,7 +202,7 @@ impl Engine {
         {
             return;
         }
-        entry.logged = Logged::Intent { durable: false };
+        entry.logged = Logged::Intent { durable_at: None };
         entry.sync = SyncState::Pending;
         out.push(Command::LogLazy(LazyRecord::OnePhase {
             tx,

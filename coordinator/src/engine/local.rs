@@ -14,7 +14,7 @@ impl Engine {
                  transaction's id can be returned unused; abort it instead",
                 entry.state.name()
             )));
-            out.push(Command::Reply { req, reply });
+            out.reply(req, reply);
             return;
         }
         let reason = "its id was returned unused by its participant".to_string();
@@ -53,10 +53,7 @@ impl Engine {
     /// coordinator sent, and the report answered once it is written.
     pub(super) fn on_committed_locally(&mut self, req: ReqId, tx: TxId, out: &mut Out) {
         let Some(entry) = self.txs.get_mut(&tx) else {
-            out.push(Command::Reply {
-                req,
-                reply: self.not_live(&tx, "record the commit of"),
-            });
+            out.reply(req, self.not_live(&tx, "record the commit of"));
             return;
         };
         if !matches!(entry.protocol, Protocol::Local { .. } | Protocol::Recovered) {
@@ -64,7 +61,7 @@ impl Engine {
                 "transaction {tx} was not begun with commit_locally: the coordinator commits \
                  it (call Commit without committed_locally)"
             )));
-            out.push(Command::Reply { req, reply });
+            out.reply(req, reply);
             return;
         }
         match entry.state {
@@ -83,12 +80,9 @@ impl Engine {
                      coordinator's abort with ABORTED); a report that it committed \
                      contradicts that"
                 )));
-                out.push(Command::Reply { req, reply });
+                out.reply(req, reply);
             }
-            TxState::InDoubt => out.push(Command::Reply {
-                req,
-                reply: Err(in_doubt_error(&tx)),
-            }),
+            TxState::InDoubt => out.reply(req, Err(in_doubt_error(&tx))),
             TxState::Active | TxState::Deciding => {
                 // Unreachable for a transaction with one branch in its participant's
                 // hands; answered rather than trusted.
@@ -96,7 +90,7 @@ impl Engine {
                     "transaction {tx} is {}: its participant cannot have committed it",
                     entry.state.name()
                 )));
-                out.push(Command::Reply { req, reply });
+                out.reply(req, reply);
             }
         }
     }

@@ -206,10 +206,13 @@ pub enum Event {
         /// What went wrong.
         error: String,
     },
-    /// The [`Command::Sync`] of `tx` finished: everything it covers is durable.
+    /// The [`Command::Sync`] of `tx` finished: everything it covers is durable, up to
+    /// `lsn`.
     Synced {
         /// The transaction.
         tx: TxId,
+        /// The log's durable LSN that covers every record written before the sync.
+        lsn: Lsn,
     },
     /// The [`Command::Sync`] of `tx` failed. The log is now failed.
     SyncFailed {
@@ -354,6 +357,9 @@ pub enum Command {
         req: ReqId,
         /// The answer.
         reply: Result<ReplyOk, TxError>,
+        /// Must not be answered before the log's durable LSN reaches this: the record the
+        /// answer reports (a COMMIT decision, a one-phase outcome, an audit record).
+        requires_durable: Option<Lsn>,
     },
     /// Fire [`Event::Timer`] after `after_ms` (retry timers may be jittered by the runtime,
     /// within `[after_ms / 2, after_ms]`).

@@ -17,10 +17,15 @@
 //! resolutions) are the handlers. [`Engine::handle`] dispatches.
 //!
 //! # Ordering is data
-//! A commit may only be sent once the COMMIT decision is durable. The engine emits
-//! [`Command::Send`] with [`Message::Commit`] only after [`Event::LogDurable`], and stamps it
-//! with the LSN it depends on ([`Command::Send::requires_durable`]); the runtime checks that
-//! LSN against the log's durable LSN and stops the process if it is not, rather than guess.
+//! A commit may only be sent once the record behind it is durable: the COMMIT decision
+//! for a phase-two commit, the one-phase intent for a one-phase commit. A caller may only
+//! hear COMMITTED once the decision (or the one-phase outcome) is, unless it asked for an
+//! early answer; an operator only hears of a resolution once its audit record is. The
+//! engine emits such commands only after the log said so ([`Event::LogDurable`],
+//! [`Event::Synced`], [`Event::AuditDurable`], each with the LSN it reached) and stamps each
+//! with that LSN ([`Command::Send::requires_durable`], [`Command::Reply::requires_durable`]);
+//! the runtime checks the stamp against the log's durable LSN in one place and stops the
+//! process if it is not, rather than guess.
 //!
 //! # Life of a transaction
 //! `Active` (branches enlist) → `Preparing` (prepares fan out in parallel) → all yes →
@@ -166,6 +171,28 @@ impl Out {
     fn note(&mut self, note: Note) {
         self.notes.push(note);
     }
+
+    /// Answers `req` with something that needs nothing durable (an id, an error, an
+    /// abort: presumed abort needs no record).
+    fn reply(&mut self, req: ReqId, reply: Result<ReplyOk, TxError>) {
+        self.reply_once_durable(req, reply, None);
+    }
+
+    /// Answers `req` once the log is durable up to `requires_durable`: the answer reports
+    /// a record (a COMMIT, a one-phase outcome, an audit record) the runtime must not
+    /// answer for before the log backs it.
+    fn reply_once_durable(
+        &mut self,
+        req: ReqId,
+        reply: Result<ReplyOk, TxError>,
+        requires_durable: Option<Lsn>,
+    ) {
+        self.cmds.push(Command::Reply {
+            req,
+            reply,
+            requires_durable,
+        });
+    }
 }
 
 impl Engine {
@@ -265,7 +292,7 @@ impl Engine {
             } => self.on_begin(req, timeout_ms, vec![branch], true, count, &mut out),
             Event::Enlist { req, tx, branch } => {
                 let reply = self.on_enlist(tx, branch, &mut out);
-                out.push(Command::Reply { req, reply });
+                out.reply(req, reply);
             }
             Event::Commit {
                 req,
@@ -283,7 +310,7 @@ impl Engine {
             Event::Timer { tx, timer } => self.on_timer(tx, timer, &mut out),
             Event::LogDurable { tx, lsn } => self.on_durable(tx, lsn, &mut out),
             Event::LogFailed { tx, error } => self.on_log_failed(tx, error, &mut out),
-            Event::Synced { tx } => self.on_synced(tx, &mut out),
+            Event::Synced { tx, lsn } => self.on_synced(tx, lsn, &mut out),
             Event::SyncFailed { tx, error } => self.on_sync_failed(tx, error, &mut out),
             Event::Recovered(rec) => self.on_recovered(rec, &mut out),
             Event::Resolve {
@@ -411,15 +438,19 @@ fn mark_in_doubt(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
     out.note(Note::InDoubt { tx });
     let mut waiters = std::mem::take(&mut entry.waiters);
     waiters.append(&mut entry.abort_waiters);
-    reply_all(out, waiters, Err(in_doubt_error(&tx)));
+    reply_all(out, waiters, Err(in_doubt_error(&tx)), None);
 }
 
-fn reply_all(out: &mut Out, reqs: Vec<ReqId>, reply: Result<ReplyOk, TxError>) {
+/// Answers every one of `reqs` with `reply`, once the log is durable up to
+/// `requires_durable` (see [`Out::reply_once_durable`]).
+fn reply_all(
+    out: &mut Out,
+    reqs: Vec<ReqId>,
+    reply: Result<ReplyOk, TxError>,
+    requires_durable: Option<Lsn>,
+) {
     for req in reqs {
-        out.push(Command::Reply {
-            req,
-            reply: reply.clone(),
-        });
+        out.reply_once_durable(req, reply.clone(), requires_durable);
     }
 }
 

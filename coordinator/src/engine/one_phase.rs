@@ -22,22 +22,22 @@ impl Engine {
 
     /// A one-phase intent is durable (send the commit, if the client asked for it) or a
     /// one-phase outcome is (answer).
-    pub(super) fn on_synced(&mut self, tx: TxId, out: &mut Out) {
+    pub(super) fn on_synced(&mut self, tx: TxId, lsn: Lsn, out: &mut Out) {
         let Some((entry, again)) = self.take_sync(tx) else {
             return;
         };
         let one_phase = entry.protocol.is_one_phase();
         match entry.state {
-            TxState::Active => mark_intent_durable(entry),
+            TxState::Active => mark_intent_durable(entry, lsn),
             TxState::Preparing if entry.is_local() => {
-                mark_intent_durable(entry);
+                mark_intent_durable(entry, lsn);
                 // A plain Commit that came before the intent was durable.
                 if !entry.waiters.is_empty() {
                     send_one_phase_commit(tx, entry, out);
                 }
             }
             TxState::Preparing if one_phase => {
-                mark_intent_durable(entry);
+                mark_intent_durable(entry, lsn);
                 send_one_phase_commit(tx, entry, out);
             }
             TxState::Committing if one_phase && again => {
@@ -45,20 +45,25 @@ impl Engine {
                 entry.sync = SyncState::Pending;
                 out.push(Command::Sync { tx });
             }
-            TxState::Committing if one_phase => self.finish_one_phase(tx, out),
+            TxState::Committing if one_phase => self.finish_one_phase(tx, Some(lsn), out),
             // A second branch made it a two-phase commit meanwhile: the intent is moot.
             _ => {}
         }
     }
 
     /// Answers the callers of a one-phase commit whose outcome record is written (and
-    /// durable, where one of them needs that) and forgets the transaction.
-    pub(super) fn finish_one_phase(&mut self, tx: TxId, out: &mut Out) {
+    /// durable at `durable_at`, where one of them needs that) and forgets the transaction.
+    pub(super) fn finish_one_phase(&mut self, tx: TxId, durable_at: Option<Lsn>, out: &mut Out) {
         let Some(entry) = self.txs.remove(&tx) else {
             return;
         };
-        reply_all(out, entry.waiters, Ok(ReplyOk::Committed));
-        reply_all(out, entry.abort_waiters, Err(committed_error(&tx)));
+        reply_all(out, entry.waiters, Ok(ReplyOk::Committed), durable_at);
+        reply_all(
+            out,
+            entry.abort_waiters,
+            Err(committed_error(&tx)),
+            durable_at,
+        );
         out.push(Command::Finished {
             tx,
             outcome: Outcome::Committed,
@@ -104,7 +109,7 @@ impl Engine {
         } else {
             // The callers' participants keep their memory of the commit until a Barrier
             // shows this record durable; a restart before that asks them again.
-            self.finish_one_phase(tx, out);
+            self.finish_one_phase(tx, None, out);
         }
     }
 
@@ -125,22 +130,23 @@ impl Engine {
     }
 }
 
-/// The intent's sync returned: it is durable (if the transaction still has one).
-pub(super) fn mark_intent_durable(entry: &mut TxEntry) {
-    if let Logged::Intent { durable } = &mut entry.logged {
-        *durable = true;
+/// The intent's sync returned: it is durable at `lsn` (if the transaction still has one).
+pub(super) fn mark_intent_durable(entry: &mut TxEntry, lsn: Lsn) {
+    if let Logged::Intent { durable_at } = &mut entry.logged {
+        *durable_at = Some(lsn);
     }
 }
 
 /// Sends the one-phase commit of the single branch once its intent is durable, unless an
 /// abort is asking (a recovered or settling transaction) or one is already on its way.
 pub(super) fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
-    if !entry.may_send_one_phase_commit() {
+    let Some(intent_lsn) = entry.may_send_one_phase_commit() else {
         return;
-    }
+    };
     if let Some(b) = entry.branches.first_mut() {
         if b.state == BranchState::Preparing && !b.in_flight {
-            send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+            let commit = Message::Commit { one_phase: true };
+            send(out, tx, 0, b, commit, Some(intent_lsn));
         }
     }
 }
@@ -151,15 +157,22 @@ pub(super) fn send_one_phase_commit(tx: TxId, entry: &mut TxEntry, out: &mut Out
 pub(super) fn start_one_phase(tx: TxId, entry: &mut TxEntry, out: &mut Out) {
     entry.state = TxState::Preparing;
     entry.protocol = Protocol::OnePhase;
-    let intent_durable = entry.logged == (Logged::Intent { durable: true });
+    let intent_durable_at = entry.intent_durable_at();
     let b = &mut entry.branches[0];
     b.state = BranchState::Preparing;
     b.abort_must_ack = true;
-    if intent_durable {
-        send(out, tx, 0, b, Message::Commit { one_phase: true }, None);
+    if let Some(lsn) = intent_durable_at {
+        send(
+            out,
+            tx,
+            0,
+            b,
+            Message::Commit { one_phase: true },
+            Some(lsn),
+        );
     } else if entry.sync == SyncState::Idle {
         // Its first sync failed (the log is failed): try once more.
-        entry.logged = Logged::Intent { durable: false };
+        entry.logged = Logged::Intent { durable_at: None };
         entry.sync = SyncState::Pending;
         out.push(Command::LogLazy(LazyRecord::OnePhase {
             tx,

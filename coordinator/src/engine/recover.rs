@@ -49,7 +49,9 @@ impl Engine {
             // for it: abort, and the branch answers whether it had committed.
             let mut entry = recovered_entry(self.now_ms, vec![branch], TxState::Preparing);
             entry.protocol = Protocol::Recovered;
-            entry.logged = Logged::Intent { durable: true };
+            entry.logged = Logged::Intent {
+                durable_at: Some(0),
+            };
             if let Some(b) = entry.branches.first_mut() {
                 b.state = BranchState::Preparing;
                 b.abort_must_ack = true;

@@ -29,7 +29,7 @@ impl Engine {
             .and_then(|()| crate::types::validate_operator(&request.operator));
         if let Err(msg) = valid {
             let reply = Err(TxError::InvalidArgument(msg));
-            out.push(Command::Reply { req, reply });
+            out.reply(req, reply);
             return;
         }
         if let Some(why) = &self.halted {
@@ -38,7 +38,7 @@ impl Engine {
                 "cannot record a resolution of transaction {tx}: the coordinator halted ({why}); \
                  restart it, and the decision log settles the outcome"
             )));
-            out.push(Command::Reply { req, reply });
+            out.reply(req, reply);
             return;
         }
         let judged = match self.txs.get(&tx) {
@@ -46,14 +46,11 @@ impl Engine {
             None => match (self.provenance(&tx), logged) {
                 (Provenance::Unknown | Provenance::Live, _) => {
                     let reply = Err(self.gone(&tx, "resolve"));
-                    out.push(Command::Reply { req, reply });
+                    out.reply(req, reply);
                     return;
                 }
                 (_, None) => {
-                    out.push(Command::Reply {
-                        req,
-                        reply: Ok(ReplyOk::NotLive),
-                    });
+                    out.reply(req, Ok(ReplyOk::NotLive));
                     return;
                 }
                 (_, Some(outcome)) => judge_finished(tx, &request, outcome),
@@ -211,21 +208,20 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_audit_durable(&mut self, req: ReqId, _lsn: Lsn, at_ms: u64, out: &mut Out) {
+    pub(super) fn on_audit_durable(&mut self, req: ReqId, lsn: Lsn, at_ms: u64, out: &mut Out) {
         let Some(pending) = self.resolutions.remove(&req) else {
             return;
         };
         let mut record = pending.record;
         record.at_ms = at_ms;
+        // The caller hears of the resolution, accepted or refused, once its record is
+        // durable.
         if let Some(refusal) = pending.refusal {
-            out.push(Command::Reply {
-                req,
-                reply: Err(refusal),
-            });
+            out.reply_once_durable(req, Err(refusal), Some(lsn));
             return;
         }
         let tx = record.tx;
-        let (heuristic_branches, finished) = self.apply_resolution(tx, record.decision, out);
+        let (heuristic_branches, finished) = self.apply_resolution(tx, record.decision, lsn, out);
         let (state, outcome) = match self.txs.get(&tx) {
             Some(e) => (Some(e.state), e.outcome()),
             None => (None, finished.or(pending.outcome)),
@@ -236,10 +232,7 @@ impl Engine {
             outcome,
             heuristic_branches,
         };
-        out.push(Command::Reply {
-            req,
-            reply: Ok(ReplyOk::Resolved(report)),
-        });
+        out.reply_once_durable(req, Ok(ReplyOk::Resolved(report)), Some(lsn));
     }
 
     pub(super) fn on_audit_failed(&mut self, req: ReqId, error: String, out: &mut Out) {
@@ -250,7 +243,7 @@ impl Engine {
                  was marked heuristic; the coordinator takes no new work until restarted",
                 pending.record.tx
             )));
-            out.push(Command::Reply { req, reply });
+            out.reply(req, reply);
         }
     }
 
@@ -261,6 +254,7 @@ impl Engine {
         &mut self,
         tx: TxId,
         decision: HeuristicDecision,
+        audit_lsn: Lsn,
         out: &mut Out,
     ) -> (Vec<String>, Option<Outcome>) {
         let Some(entry) = self.txs.get_mut(&tx) else {
@@ -313,7 +307,7 @@ impl Engine {
                 (marked, Some(Outcome::Aborted))
             }
             TxState::Preparing if entry.protocol.is_one_phase() => {
-                let (marked, outcome) = declare_one_phase(tx, entry, decision, out);
+                let (marked, outcome) = declare_one_phase(tx, entry, decision, audit_lsn, out);
                 self.txs.remove(&tx);
                 out.push(Command::Finished { tx, outcome });
                 (marked, Some(outcome))
@@ -328,12 +322,13 @@ impl Engine {
 /// A one-phase commit (in its participant's hands) resolved by an operator: the branch
 /// is declared as `decision` says, the callers answered, and the operator's word replaces
 /// the intent on disk (so a restart does not ask the branch again; best effort: the audit
-/// record is durable already). Returns the declared branches and the outcome; the caller
-/// forgets the transaction.
+/// record is durable already, at `audit_lsn`: the callers told COMMITTED wait for it).
+/// Returns the declared branches and the outcome; the caller forgets the transaction.
 fn declare_one_phase(
     tx: TxId,
     entry: &mut TxEntry,
     decision: HeuristicDecision,
+    audit_lsn: Lsn,
     out: &mut Out,
 ) -> (Vec<String>, Outcome) {
     let declared = match decision {
@@ -355,8 +350,9 @@ fn declare_one_phase(
                 outcome: Outcome::Committed,
                 cause: None,
             });
-            reply_all(out, waiters, Ok(ReplyOk::Committed));
-            reply_all(out, abort_waiters, Err(committed_error(&tx)));
+            let durable = Some(audit_lsn);
+            reply_all(out, waiters, Ok(ReplyOk::Committed), durable);
+            reply_all(out, abort_waiters, Err(committed_error(&tx)), durable);
             let specs = entry.branches.iter().map(|b| b.spec.clone()).collect();
             out.push(Command::LogLazy(LazyRecord::OnePhaseCommitted {
                 tx,
@@ -373,8 +369,8 @@ fn declare_one_phase(
             entry.state = TxState::Aborting;
             entry.abort_reason = Some("one-phase commit resolved to ABORT by an operator".into());
             let msg = abort_message(&tx, entry);
-            reply_all(out, waiters, Err(TxError::Aborted(msg)));
-            reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+            reply_all(out, waiters, Err(TxError::Aborted(msg)), None);
+            reply_all(out, abort_waiters, Ok(ReplyOk::Aborted), None);
             out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
             Outcome::Aborted
         }

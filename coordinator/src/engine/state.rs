@@ -168,8 +168,10 @@ pub(super) enum Logged {
     Nothing,
     /// The one-phase intent naming its first branch (written when that branch enlisted).
     Intent {
-        /// Its sync returned: a one-phase commit may go out.
-        durable: bool,
+        /// The durable LSN its sync returned (a one-phase commit may go out, stamped with
+        /// it); `None` while the sync runs. An intent recovered from the log is durable
+        /// before this start: LSN 0.
+        durable_at: Option<Lsn>,
     },
     /// The PREPARING record of a two-phase commit (it replaces an intent).
     Preparing,
@@ -218,10 +220,19 @@ impl TxEntry {
         }
     }
 
-    /// The one-phase intent is durable and no abort is asking: the one-phase commit may
-    /// be sent.
-    pub(super) fn may_send_one_phase_commit(&self) -> bool {
-        self.logged == (Logged::Intent { durable: true }) && !self.protocol.settles_by_abort()
+    /// The LSN at which the one-phase intent became durable, if it is.
+    pub(super) fn intent_durable_at(&self) -> Option<Lsn> {
+        match self.logged {
+            Logged::Intent { durable_at } => durable_at,
+            Logged::Nothing | Logged::Preparing => None,
+        }
+    }
+
+    /// The one-phase commit may be sent (the intent is durable, at the LSN returned, and
+    /// no abort is asking).
+    pub(super) fn may_send_one_phase_commit(&self) -> Option<Lsn> {
+        self.intent_durable_at()
+            .filter(|_| !self.protocol.settles_by_abort())
     }
 
     /// A new entry in `state` with `branches`, nothing logged, nothing waiting.

@@ -15,10 +15,7 @@ impl Engine {
         out: &mut Out,
     ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
-            out.push(Command::Reply {
-                req,
-                reply: self.not_live(&tx, "commit"),
-            });
+            out.reply(req, self.not_live(&tx, "commit"));
             return;
         };
         if !answer_before_durable {
@@ -43,22 +40,16 @@ impl Engine {
                 return;
             }
             TxState::Committing => {
-                out.push(Command::Reply {
-                    req,
-                    reply: Ok(ReplyOk::Committed),
-                });
+                out.reply_once_durable(req, Ok(ReplyOk::Committed), entry.decision_lsn);
                 return;
             }
             TxState::Aborting => {
                 let reply = Err(TxError::Aborted(abort_message(&tx, entry)));
-                out.push(Command::Reply { req, reply });
+                out.reply(req, reply);
                 return;
             }
             TxState::InDoubt => {
-                out.push(Command::Reply {
-                    req,
-                    reply: Err(in_doubt_error(&tx)),
-                });
+                out.reply(req, Err(in_doubt_error(&tx)));
                 return;
             }
         }
@@ -73,7 +64,8 @@ impl Engine {
                     cause: None,
                 });
                 let waiters = std::mem::take(&mut entry.waiters);
-                reply_all(out, waiters, Ok(ReplyOk::Committed));
+                // Nothing was written: nothing to wait for.
+                reply_all(out, waiters, Ok(ReplyOk::Committed), None);
                 self.txs.remove(&tx);
                 out.push(Command::Finished {
                     tx,
@@ -94,10 +86,7 @@ impl Engine {
         out: &mut Out,
     ) {
         let Some(entry) = self.txs.get_mut(&tx) else {
-            out.push(Command::Reply {
-                req,
-                reply: self.not_live(&tx, "abort"),
-            });
+            out.reply(req, self.not_live(&tx, "abort"));
             return;
         };
         let why = match cause {
@@ -117,29 +106,19 @@ impl Engine {
             }
             TxState::Active | TxState::Preparing => {
                 self.decide_abort(tx, why, cause.into(), out);
-                out.push(Command::Reply {
-                    req,
-                    reply: Ok(ReplyOk::Aborted),
-                });
+                out.reply(req, Ok(ReplyOk::Aborted));
             }
-            TxState::Aborting => out.push(Command::Reply {
-                req,
-                reply: Ok(ReplyOk::Aborted),
-            }),
+            TxState::Aborting => out.reply(req, Ok(ReplyOk::Aborted)),
             TxState::Deciding => {
                 // The COMMIT is being written but is not durable yet: a crash now would
                 // make it an abort. Answer once the log has spoken.
                 entry.abort_waiters.push(req);
             }
             TxState::Committing if entry.protocol.is_one_phase() => entry.abort_waiters.push(req),
-            TxState::Committing => out.push(Command::Reply {
-                req,
-                reply: Err(committed_error(&tx)),
-            }),
-            TxState::InDoubt => out.push(Command::Reply {
-                req,
-                reply: Err(in_doubt_error(&tx)),
-            }),
+            TxState::Committing => {
+                out.reply_once_durable(req, Err(committed_error(&tx)), entry.decision_lsn)
+            }
+            TxState::InDoubt => out.reply(req, Err(in_doubt_error(&tx))),
         }
     }
 
@@ -201,7 +180,15 @@ impl Engine {
         {
             return;
         }
-        // Every vote is in and none is no.
+        self.decide_on_votes(tx, out);
+    }
+
+    /// Every vote of `tx` is in and none is no: COMMIT is forced (or, with only read-only
+    /// branches, nothing is left to commit).
+    fn decide_on_votes(&mut self, tx: TxId, out: &mut Out) {
+        let Some(entry) = self.txs.get_mut(&tx) else {
+            return;
+        };
         let yes: Vec<BranchSpec> = entry
             .branches
             .iter()
@@ -217,7 +204,7 @@ impl Engine {
             });
             let waiters = std::mem::take(&mut entry.waiters);
             let logged = entry.logged != Logged::Nothing;
-            reply_all(out, waiters, Ok(ReplyOk::Committed));
+            reply_all(out, waiters, Ok(ReplyOk::Committed), None);
             self.txs.remove(&tx);
             if logged {
                 out.push(Command::LogLazy(LazyRecord::Aborted { tx }));
@@ -262,9 +249,9 @@ impl Engine {
         });
         out.note(Note::CommitDurable { tx });
         let waiters = std::mem::take(&mut entry.waiters);
-        reply_all(out, waiters, Ok(ReplyOk::Committed));
+        reply_all(out, waiters, Ok(ReplyOk::Committed), Some(lsn));
         let abort_waiters = std::mem::take(&mut entry.abort_waiters);
-        reply_all(out, abort_waiters, Err(committed_error(&tx)));
+        reply_all(out, abort_waiters, Err(committed_error(&tx)), Some(lsn));
         self.drive_commit(tx, out);
     }
 
@@ -484,11 +471,12 @@ impl Engine {
             Timer::Retry { branch } => {
                 let lsn = entry.decision_lsn;
                 let state = entry.state;
-                // A one-phase commit waits for its intent to be durable; a recovered one
-                // is settled by an Abort.
+                // A one-phase commit goes again only with its intent durable (stamped with
+                // the intent's LSN); a recovered or settling one is settled by an Abort.
                 let settling = entry.protocol.settles_by_abort();
-                let one_phase =
-                    entry.protocol.is_one_phase() && entry.sync == SyncState::Idle && !settling;
+                let intent_lsn = entry
+                    .may_send_one_phase_commit()
+                    .filter(|_| entry.protocol.is_one_phase() && entry.sync == SyncState::Idle);
                 let Some(b) = entry.branches.get_mut(branch) else {
                     return;
                 };
@@ -499,7 +487,9 @@ impl Engine {
                     TxState::Committing if b.state == BranchState::Prepared => {
                         Message::Commit { one_phase: false }
                     }
-                    TxState::Preparing if one_phase && b.state == BranchState::Preparing => {
+                    TxState::Preparing
+                        if intent_lsn.is_some() && b.state == BranchState::Preparing =>
+                    {
                         Message::Commit { one_phase: true }
                     }
                     TxState::Preparing if settling && b.state == BranchState::Preparing => {
@@ -512,10 +502,11 @@ impl Engine {
                     }
                     _ => return,
                 };
-                // Only the commit of a two-phase COMMIT depends on the log.
+                // A commit depends on the log: on the COMMIT decision, or on the intent.
                 let requires = match message {
                     Message::Commit { one_phase: false } => lsn,
-                    _ => None,
+                    Message::Commit { one_phase: true } => intent_lsn,
+                    Message::Prepare | Message::Abort => None,
                 };
                 send(out, tx, branch, b, message, requires);
                 out.note(Note::Resent { message });
@@ -544,9 +535,9 @@ impl Engine {
         });
         let msg = abort_message(&tx, entry);
         let waiters = std::mem::take(&mut entry.waiters);
-        reply_all(out, waiters, Err(TxError::Aborted(msg)));
+        reply_all(out, waiters, Err(TxError::Aborted(msg)), None);
         let abort_waiters = std::mem::take(&mut entry.abort_waiters);
-        reply_all(out, abort_waiters, Ok(ReplyOk::Aborted));
+        reply_all(out, abort_waiters, Ok(ReplyOk::Aborted), None);
         for (i, b) in entry.branches.iter_mut().enumerate() {
             match b.state {
                 BranchState::Enlisted | BranchState::VotedNo => {

@@ -367,16 +367,18 @@ impl DecisionLog for MemoryLog {
         self.failed.load(Ordering::Acquire)
     }
 
-    async fn sync(&self, epoch: u64) -> Result<(), LogError> {
+    async fn sync(&self, epoch: u64) -> Result<Lsn, LogError> {
         let mut storage = lock(&self.storage);
         self.check_write(epoch, &storage)?;
         if self.fail_syncs.load(Ordering::SeqCst) {
             return Err(self.poison("injected sync failure (MemoryLog::set_fail_syncs)"));
         }
         storage.durable = storage.current.clone();
+        let lsn = storage.durable.last_lsn;
+        self.durable_lsn.fetch_max(lsn, Ordering::AcqRel);
         drop(storage);
         lock(&self.stats).syncs += 1;
-        Ok(())
+        Ok(lsn)
     }
 
     async fn force_audit(&self, epoch: u64, record: AuditRecord) -> Result<Lsn, LogError> {

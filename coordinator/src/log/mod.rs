@@ -246,9 +246,10 @@ pub trait DecisionLog: Send + Sync + 'static {
     fn record_lazy(&self, epoch: u64, record: LazyRecord) -> Result<(), LogError>;
 
     /// Resolves once every record written before the call (lazy ones included) is
-    /// durable, sharing a group-commit sync with concurrent forced writes. Fenced and
-    /// poisoned like a write.
-    fn sync(&self, epoch: u64) -> impl Future<Output = Result<(), LogError>> + Send;
+    /// durable, sharing a group-commit sync with concurrent forced writes, with an LSN
+    /// `<=` [`DecisionLog::durable_lsn`] that covers them: what waits for the sync is
+    /// stamped with it. Fenced and poisoned like a write.
+    fn sync(&self, epoch: u64) -> impl Future<Output = Result<Lsn, LogError>> + Send;
 
     /// The COMMIT decision for `tx`, if one was made durable.
     fn decision(&self, tx: &TxId) -> Result<Option<StoredDecision>, LogError>;

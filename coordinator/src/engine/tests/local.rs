@@ -22,7 +22,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
             if m.contains("commit_locally")),
         "{refused:?}"
     );
-    assert_eq!(e.handle(2, Event::Synced { tx: t }), vec![]);
+    assert_eq!(e.handle(2, synced(t)), vec![]);
     // The report is answered once its record is written; nothing goes to the branch.
     assert_eq!(
         e.handle(3, Event::CommittedLocally { req: 3, tx: t }),
@@ -42,13 +42,13 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
         e.handle(6, Event::CommittedLocally { req: 6, tx: t2 }),
         committed_at_once(t2, &a, 6)
     );
-    assert_eq!(e.handle(7, Event::Synced { tx: t2 }), vec![]);
+    assert_eq!(e.handle(7, synced(t2)), vec![]);
 
     // A report for a transaction the coordinator commits itself is refused.
     let t3 = begin(&mut e, std::slice::from_ref(&a));
     let refused = e.handle(8, Event::CommittedLocally { req: 7, tx: t3 });
     assert!(
-        matches!(&refused[..], [Command::Reply { req: 7, reply: Err(TxError::FailedPrecondition(m)) }]
+        matches!(&refused[..], [Command::Reply { req: 7, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
             if m.contains("not begun with commit_locally")),
         "{refused:?}"
     );
@@ -73,7 +73,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
         },
     );
     assert!(
-        matches!(&refused[..], [Command::Reply { req: 1, reply: Err(TxError::FailedPrecondition(m)) }]
+        matches!(&refused[..], [Command::Reply { req: 1, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
             if m.contains("one_phase = false")),
         "{refused:?}"
     );
@@ -85,7 +85,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     let a = spec("a", 0);
     // Aborted by its owner: the participant rolls back and says so.
     let t = begin_local(&mut e, 0, 1, &a);
-    e.handle(1, Event::Synced { tx: t });
+    e.handle(1, synced(t));
     assert_eq!(
         e.handle(
             2,
@@ -104,7 +104,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
 
     // Timed out, but the participant had committed (its report is late): COMMITTED.
     let t2 = begin_local(&mut e, 10, 3, &a);
-    e.handle(11, Event::Synced { tx: t2 });
+    e.handle(11, synced(t2));
     assert_eq!(
         e.handle(5_010, timer(t2, Timer::TxTimeout)),
         vec![send(t2, 0, &a, Message::Abort, None)]
@@ -128,7 +128,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     // Abort caller hears COMMITTED once that is durable, and the abort's late answer
     // changes nothing.
     let t3 = begin_local(&mut e, 20, 4, &a);
-    e.handle(21, Event::Synced { tx: t3 });
+    e.handle(21, synced(t3));
     e.handle(
         22,
         Event::Abort {
@@ -148,10 +148,10 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         ]
     );
     assert_eq!(
-        e.handle(24, Event::Synced { tx: t3 }),
+        e.handle(24, synced(t3)),
         vec![
-            reply(6, Ok(ReplyOk::Committed)),
-            reply(5, Err(committed_error(&t3))),
+            reply_once_durable(6, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+            reply_once_durable(5, Err(committed_error(&t3)), Some(SYNCED_LSN)),
             Command::Finished {
                 tx: t3,
                 outcome: Outcome::Committed,
@@ -184,15 +184,12 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
             branches: vec![a.clone()],
         })]
     );
+    assert_eq!(e.handle(33, synced(t4)), vec![Command::Sync { tx: t4 }]);
     assert_eq!(
-        e.handle(33, Event::Synced { tx: t4 }),
-        vec![Command::Sync { tx: t4 }]
-    );
-    assert_eq!(
-        e.handle(34, Event::Synced { tx: t4 }),
+        e.handle(34, synced(t4)),
         vec![
-            reply(9, Ok(ReplyOk::Committed)),
-            reply(8, Err(committed_error(&t4))),
+            reply_once_durable(9, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+            reply_once_durable(8, Err(committed_error(&t4)), Some(SYNCED_LSN)),
             Command::Finished {
                 tx: t4,
                 outcome: Outcome::Committed,
@@ -219,8 +216,14 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
         "waits for the intent"
     );
     assert_eq!(
-        e.handle(2, Event::Synced { tx: t }),
-        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
+        e.handle(2, synced(t)),
+        vec![send(
+            t,
+            0,
+            &a,
+            Message::Commit { one_phase: true },
+            Some(SYNCED_LSN)
+        )]
     );
     assert_eq!(
         e.handle(3, commit_acked(t, 0, Ok(CommitAck::Committed))),
@@ -264,6 +267,7 @@ fn local_transactions_are_begun_many_at_once_each_with_its_own_intent() {
     let Some(Command::Reply {
         req: 1,
         reply: Ok(ReplyOk::BegunLocal(txs)),
+        requires_durable: None,
     }) = cmds.last()
     else {
         panic!("unexpected {cmds:?}");
@@ -326,7 +330,7 @@ fn local_transactions_are_begun_many_at_once_each_with_its_own_intent() {
         },
     );
     assert!(
-        matches!(&refused[..], [Command::Reply { req: 4, reply: Err(TxError::InvalidArgument(m)) }]
+        matches!(&refused[..], [Command::Reply { req: 4, reply: Err(TxError::InvalidArgument(m)), requires_durable: None }]
             if m.contains("at most 256")),
         "{refused:?}"
     );
@@ -338,7 +342,7 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
     let mut e = engine();
     let a = spec("a", 0);
     let t = begin_local(&mut e, 0, 1, &a);
-    e.handle(1, Event::Synced { tx: t });
+    e.handle(1, synced(t));
     // The branch is still asked: its answer decides.
     assert_eq!(
         e.handle(2, Event::Release { req: 2, tx: t }),
@@ -354,7 +358,7 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
     let t2 = begin(&mut e, std::slice::from_ref(&a));
     let refused = e.handle(4, Event::Release { req: 3, tx: t2 });
     assert!(
-        matches!(&refused[..], [Command::Reply { req: 3, reply: Err(TxError::FailedPrecondition(m)) }]
+        matches!(&refused[..], [Command::Reply { req: 3, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
             if m.contains("not begun with commit_locally")),
         "{refused:?}"
     );

@@ -126,8 +126,33 @@ fn done_and_finished(t: TxId) -> Vec<Command> {
     ]
 }
 
+/// The log position every sync of these tests returns ([`synced`]).
+const SYNCED_LSN: Lsn = 7;
+
+/// The sync of `t` returned, durable at [`SYNCED_LSN`].
+fn synced(t: TxId) -> Event {
+    Event::Synced {
+        tx: t,
+        lsn: SYNCED_LSN,
+    }
+}
+
+/// An answer that needs nothing durable.
 fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
-    Command::Reply { req, reply: r }
+    reply_once_durable(req, r, None)
+}
+
+/// An answer that must wait for the log to be durable at `requires_durable`.
+fn reply_once_durable(
+    req: ReqId,
+    r: Result<ReplyOk, TxError>,
+    requires_durable: Option<Lsn>,
+) -> Command {
+    Command::Reply {
+        req,
+        reply: r,
+        requires_durable,
+    }
 }
 
 /// The id a Begin answered with (its reply comes last).
@@ -213,7 +238,7 @@ fn one_phase_commit_sent_as(
     answer_before_durable: bool,
 ) {
     assert_eq!(
-        e.handle(now, Event::Synced { tx: t }),
+        e.handle(now, synced(t)),
         vec![],
         "the intent became durable while the transaction was active"
     );
@@ -226,7 +251,13 @@ fn one_phase_commit_sent_as(
                 answer_before_durable
             }
         ),
-        vec![send(t, 0, a, Message::Commit { one_phase: true }, None)],
+        vec![send(
+            t,
+            0,
+            a,
+            Message::Commit { one_phase: true },
+            Some(SYNCED_LSN)
+        )],
         "the intent is durable: the one-phase commit goes out at once"
     );
 }

@@ -34,15 +34,16 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
         vec![]
     );
     assert_eq!(
-        e.handle(3, Event::Synced { tx: t }),
+        e.handle(3, synced(t)),
         vec![
-            reply(10, Ok(ReplyOk::Committed)),
-            reply(14, Ok(ReplyOk::Committed)),
-            reply(
+            reply_once_durable(10, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+            reply_once_durable(14, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+            reply_once_durable(
                 15,
                 Err(TxError::FailedPrecondition(format!(
                     "transaction {t} cannot be aborted: its outcome is COMMITTED"
-                )))
+                ))),
+                Some(SYNCED_LSN)
             ),
             Command::Finished {
                 tx: t,
@@ -85,7 +86,13 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     );
     assert_eq!(
         e.handle(16, timer(t3, Timer::Retry { branch: 0 })),
-        vec![send(t3, 0, &a, Message::Commit { one_phase: true }, None)]
+        vec![send(
+            t3,
+            0,
+            &a,
+            Message::Commit { one_phase: true },
+            Some(SYNCED_LSN)
+        )]
     );
     // An Abort during a one-phase commit waits for the participant's answer.
     assert_eq!(
@@ -100,15 +107,19 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
         vec![]
     );
     e.handle(18, commit_acked(t3, 0, Ok(CommitAck::Committed)));
-    let cmds = e.handle(19, Event::Synced { tx: t3 });
-    assert_eq!(cmds[0], reply(12, Ok(ReplyOk::Committed)));
+    let cmds = e.handle(19, synced(t3));
+    assert_eq!(
+        cmds[0],
+        reply_once_durable(12, Ok(ReplyOk::Committed), Some(SYNCED_LSN))
+    );
     assert_eq!(
         cmds[1],
-        reply(
+        reply_once_durable(
             13,
             Err(TxError::FailedPrecondition(format!(
                 "transaction {t3} cannot be aborted: its outcome is COMMITTED"
-            )))
+            ))),
+            Some(SYNCED_LSN)
         )
     );
 }
@@ -129,8 +140,14 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
         "nothing goes to the branch before the intent is durable"
     );
     assert_eq!(
-        e.handle(3, Event::Synced { tx: t }),
-        vec![send(t, 0, &a, Message::Commit { one_phase: true }, None)]
+        e.handle(3, synced(t)),
+        vec![send(
+            t,
+            0,
+            &a,
+            Message::Commit { one_phase: true },
+            Some(SYNCED_LSN)
+        )]
     );
     // A stale Synced for a finished or unknown transaction does nothing.
     let other = TxId {
@@ -138,7 +155,7 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
         epoch: EPOCH,
         seq: 999,
     };
-    assert_eq!(e.handle(2, Event::Synced { tx: other }), vec![]);
+    assert_eq!(e.handle(2, synced(other)), vec![]);
 }
 
 #[test]
@@ -157,7 +174,7 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
     );
     assert!(matches!(&cmds[0], Command::Halt { reason } if reason.contains("disk gone")));
     assert!(
-        matches!(&cmds[1], Command::Reply { req: 10, reply: Err(TxError::Unavailable(m)) } if m.contains("restarts")),
+        matches!(&cmds[1], Command::Reply { req: 10, reply: Err(TxError::Unavailable(m)), requires_durable: None } if m.contains("restarts")),
         "{cmds:?}"
     );
     assert_eq!(cmds.len(), 2, "nothing is sent: {cmds:?}");
@@ -206,10 +223,10 @@ fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable
     let cmds = e.handle(6, commit_acked(t3, 0, Ok(CommitAck::Committed)));
     assert_eq!(cmds.last(), Some(&Command::Sync { tx: t3 }), "{cmds:?}");
     assert_eq!(
-        e.handle(7, Event::Synced { tx: t3 }),
+        e.handle(7, synced(t3)),
         vec![
-            reply(13, Ok(ReplyOk::Committed)),
-            reply(14, Ok(ReplyOk::Committed)),
+            reply_once_durable(13, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+            reply_once_durable(14, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
             Command::Finished {
                 tx: t3,
                 outcome: Outcome::Committed
@@ -237,7 +254,7 @@ fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_
         cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: t })),
         "{cmds:?}"
     );
-    assert_eq!(e.handle(2, Event::Synced { tx: t }), vec![]);
+    assert_eq!(e.handle(2, synced(t)), vec![]);
     // The background sync fails: the log is failed, nothing else happens yet...
     let t2 = begin(&mut e, std::slice::from_ref(&a));
     let cmds = e.handle(

@@ -54,9 +54,9 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     );
     assert_eq!(e.outcome_of(&old, false), Ok(Some(Outcome::Committed)));
     assert_eq!(
-        e.handle(61, Event::Synced { tx: old }),
+        e.handle(61, synced(old)),
         vec![
-            reply(9, Ok(ReplyOk::Committed)),
+            reply_once_durable(9, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
             Command::Finished {
                 tx: old,
                 outcome: Outcome::Committed

@@ -70,7 +70,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
                 tx: t,
                 outcome: Outcome::Committed
             },
-            reply(50, Ok(ReplyOk::Resolved(report))),
+            reply_once_durable(50, Ok(ReplyOk::Resolved(report)), Some(4)),
         ]
     );
     assert!(e.tx(&t).is_none());
@@ -120,6 +120,7 @@ fn resolve_abort_of_a_committing_transaction_is_refused_unless_forced_and_record
         [Command::Reply {
             req: 51,
             reply: Err(TxError::FailedPrecondition(m)),
+            requires_durable: Some(4),
         }] => assert!(m.contains("COMMITTED") && m.contains("force"), "{m}"),
         other => panic!("want a FAILED_PRECONDITION reply, got {other:?}"),
     }
@@ -161,6 +162,7 @@ fn resolve_abort_of_a_committing_transaction_is_refused_unless_forced_and_record
         Command::Reply {
             req: 52,
             reply: Ok(ReplyOk::Resolved(r)),
+            requires_durable: Some(5),
         } => {
             assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
             assert_eq!(r.outcome, Some(Outcome::Committed));
@@ -220,6 +222,7 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
         Command::Reply {
             req: 10,
             reply: Err(TxError::Aborted(m)),
+            requires_durable: None,
         } => assert!(m.contains("resolved to ABORT by operator alice"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -260,6 +263,7 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
         Command::Reply {
             req: 70,
             reply: Ok(ReplyOk::Resolved(r)),
+            requires_durable: Some(1),
         } => {
             assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
             assert_eq!((r.state, r.outcome), (None, Some(Outcome::Aborted)));
@@ -292,7 +296,8 @@ fn resolve_commit_of_an_undecided_or_deciding_transaction_is_refused() {
                 cmds.as_slice(),
                 [Command::Reply {
                     req: 80,
-                    reply: Err(TxError::FailedPrecondition(_))
+                    reply: Err(TxError::FailedPrecondition(_)),
+                    requires_durable: Some(1),
                 }]
             ),
             "{cmds:?}"
@@ -379,6 +384,7 @@ fn resolve_an_aborting_transaction() {
         Command::Reply {
             req: 91,
             reply: Ok(ReplyOk::Resolved(r)),
+            requires_durable: Some(2),
         } if r.heuristic_branches == ["mq"]
     ));
 
@@ -407,7 +413,7 @@ fn resolve_an_aborting_transaction() {
     assert!(
         matches!(
             cmds.last(),
-            Some(Command::Reply { req: 92, reply: Ok(ReplyOk::Resolved(r)) })
+            Some(Command::Reply { req: 92, reply: Ok(ReplyOk::Resolved(r)), requires_durable: Some(3) })
                 if r.outcome == Some(Outcome::Aborted) && r.heuristic_branches == ["db", "mq"]
         ),
         "{cmds:?}"
@@ -435,9 +441,10 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
                 at_ms: 1,
             },
         );
+        // A caller told COMMITTED waits for the audit record (LSN 1); an abort needs none.
         let (caller, lazy, outcome) = match decision {
             HeuristicDecision::Commit => (
-                Ok(ReplyOk::Committed),
+                reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
                 vec![Command::LogLazy(LazyRecord::OnePhaseCommitted {
                     tx: t,
                     branches: vec![a.clone()],
@@ -445,14 +452,17 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
                 Outcome::Committed,
             ),
             HeuristicDecision::Abort => (
-                Err(TxError::Aborted(format!(
-                    "transaction {t} aborted: one-phase commit resolved to ABORT by an operator"
-                ))),
+                reply(
+                    10,
+                    Err(TxError::Aborted(format!(
+                        "transaction {t} aborted: one-phase commit resolved to ABORT by an operator"
+                    ))),
+                ),
                 vec![Command::LogLazy(LazyRecord::Aborted { tx: t })],
                 Outcome::Aborted,
             ),
         };
-        let mut want = vec![reply(10, caller)];
+        let mut want = vec![caller];
         want.extend(lazy);
         // The operator's word replaces the intent on disk.
         want.push(Command::Sync { tx: t });
@@ -625,7 +635,7 @@ fn resolve_validates_and_needs_a_working_log() {
     assert!(matches!(&cmds[0], Command::Halt { .. }), "{cmds:?}");
     assert!(matches!(
         &cmds[1],
-        Command::Reply { req: 3, reply: Err(TxError::Unavailable(m)) } if m.contains("disk gone")
+        Command::Reply { req: 3, reply: Err(TxError::Unavailable(m)), requires_durable: None } if m.contains("disk gone")
     ));
     assert!(e.halted().is_some());
     // Halted: nothing more can be recorded.

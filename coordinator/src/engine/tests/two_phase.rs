@@ -54,7 +54,7 @@ fn two_phase_commit_exact_commands() {
         ]
     );
     assert_eq!(
-        e.handle(2, Event::Synced { tx: t }),
+        e.handle(2, synced(t)),
         vec![],
         "the intent's sync is moot for a two-phase commit (its PREPARING record replaced it)"
     );
@@ -72,7 +72,7 @@ fn two_phase_commit_exact_commands() {
     assert_eq!(
         e.handle(5, Event::LogDurable { tx: t, lsn: 7 }),
         vec![
-            reply(4, Ok(ReplyOk::Committed)),
+            reply_once_durable(4, Ok(ReplyOk::Committed), Some(7)),
             send(t, 0, &a, Message::Commit { one_phase: false }, Some(7)),
             send(t, 1, &b, Message::Commit { one_phase: false }, Some(7)),
         ]
@@ -107,7 +107,7 @@ fn phase_two_goes_tier_by_tier() {
     assert_eq!(
         e.handle(5, Event::LogDurable { tx: t, lsn: 1 }),
         vec![
-            reply(10, Ok(ReplyOk::Committed)),
+            reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
             send(t, 0, &db, Message::Commit { one_phase: false }, Some(1))
         ]
     );
@@ -293,7 +293,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     assert_eq!(
         e.handle(4, Event::LogDurable { tx: t, lsn: 2 }),
         vec![
-            reply(10, Ok(ReplyOk::Committed)),
+            reply_once_durable(10, Ok(ReplyOk::Committed), Some(2)),
             send(t, 1, &b, Message::Commit { one_phase: false }, Some(2))
         ]
     );
@@ -343,8 +343,8 @@ fn duplicate_and_late_messages_change_nothing() {
     assert_eq!(
         &cmds[..2],
         &[
-            reply(10, Ok(ReplyOk::Committed)),
-            reply(11, Ok(ReplyOk::Committed))
+            reply_once_durable(10, Ok(ReplyOk::Committed), Some(4)),
+            reply_once_durable(11, Ok(ReplyOk::Committed), Some(4))
         ]
     );
     // A second durable notice, and a vote arriving after the decision.
@@ -356,7 +356,7 @@ fn duplicate_and_late_messages_change_nothing() {
     // Commit again after the decision answers at once.
     assert_eq!(
         e.handle(6, commit_ev(12, t)),
-        vec![reply(12, Ok(ReplyOk::Committed))]
+        vec![reply_once_durable(12, Ok(ReplyOk::Committed), Some(4))]
     );
     // Timers for other phases do nothing.
     assert_eq!(e.handle(7, timer(t, Timer::TxTimeout)), vec![]);
@@ -446,8 +446,8 @@ fn abort_requests() {
     assert_eq!(
         &cmds[..2],
         &[
-            reply(10, Ok(ReplyOk::Committed)),
-            reply(23, refused.clone())
+            reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
+            reply_once_durable(23, refused.clone(), Some(1))
         ]
     );
     assert_eq!(
@@ -459,7 +459,7 @@ fn abort_requests() {
                 reason: String::new()
             }
         ),
-        vec![reply(24, refused)]
+        vec![reply_once_durable(24, refused, Some(1))]
     );
     // If the force fails instead, the waiting Abort hears that the outcome is in doubt.
     let t3 = prepared_pair(&mut e, &a, &b);
@@ -486,7 +486,8 @@ fn abort_requests() {
             &cmds[2],
             Command::Reply {
                 req: 25,
-                reply: Err(TxError::Unavailable(_))
+                reply: Err(TxError::Unavailable(_)),
+                requires_durable: None,
             }
         ),
         "{cmds:?}"
@@ -609,7 +610,8 @@ fn a_failed_decision_write_halts_and_leaves_the_outcome_to_restart() {
         &cmds[1],
         Command::Reply {
             req: 10,
-            reply: Err(TxError::Unavailable(_))
+            reply: Err(TxError::Unavailable(_)),
+            requires_durable: None,
         }
     ));
     assert_eq!(cmds.len(), 2, "nothing is sent to any branch: {cmds:?}");

@@ -479,8 +479,8 @@ impl DecisionLog for SledLog {
         self.force(epoch, Item::Audit(record)).await
     }
 
-    async fn sync(&self, epoch: u64) -> Result<(), LogError> {
-        self.force(epoch, Item::Sync).await.map(|_| ())
+    async fn sync(&self, epoch: u64) -> Result<Lsn, LogError> {
+        self.force(epoch, Item::Sync).await
     }
 
     fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError> {
