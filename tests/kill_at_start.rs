@@ -10,8 +10,10 @@
 //! promise a COMMIT decision or a yes vote rests on). The parent SIGKILLs it at a random
 //! moment (two kills in three within 20 ms of the spawn, the rest later, some after the
 //! child finished and closed the store), and every few kills opens the store itself and
-//! checks every acknowledged record, byte for byte. A child that cannot open the store
-//! fails the test with its stderr.
+//! checks every acknowledged record, byte for byte. The decision log's child also marks
+//! half of its decisions done and collects finished ones as it goes: such a record may be
+//! gone, but then its id must be below the low-water mark (forgotten, not unknown). A
+//! child that cannot open the store fails the test with its stderr.
 //!
 //! `TWOPC_KILLS=N` sets the kills per test (default 200); `TWOPC_KILL_SEED=S` replays a
 //! run (the seed is printed).
@@ -28,7 +30,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::Coordinator;
 use twopc_coordinator::log::conformance::{branches, commit, tx_of};
-use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
+use twopc_coordinator::log::{DecisionLog, LazyRecord, SledLog, SledLogOptions};
 use twopc_coordinator::types::TxId;
 use twopc_participant::staging::{StagedMessage, StagingStore};
 use twopc_proto::v1 as pb;
@@ -166,7 +168,21 @@ async fn write_decisions(dir: &Path) {
             res.expect("force_commit");
         }
         ack(&records.iter().map(|r| r.tx.to_string()).collect::<Vec<_>>());
+        // Phase two of the even ones finishes (their records move to the finished
+        // ones), and the finished records of earlier batches are collected: kills land
+        // in both too.
+        for r in records.iter().filter(|r| collectable(&r.tx)) {
+            log.record_lazy(epoch, LazyRecord::Done { tx: r.tx })
+                .expect("Done");
+        }
+        let cutoff = decision(tx_of(&log, start as u64)).decided_at_ms;
+        log.collect(cutoff, CONCURRENT).expect("collect");
     }
+}
+
+/// Whether the child marks `tx`'s decision done, so collection may delete it.
+fn collectable(tx: &TxId) -> bool {
+    tx.seq.is_multiple_of(2)
 }
 
 /// The COMMIT record every child writes for `tx` (the parent checks it byte for byte).
@@ -369,6 +385,14 @@ fn decision_log_keeps_every_decision_across_kills_at_start_and_under_load() {
             for id in acked {
                 let tx: TxId = id.parse().expect("tx id");
                 let found = log.decision(&tx).expect("read a decision");
+                // Collected (only ever a finished one): forgotten, never unknown.
+                if found.is_none() && collectable(&tx) {
+                    assert!(
+                        log.collected(&tx).expect("collected()"),
+                        "acknowledged decision {id} is gone but not below the low-water mark"
+                    );
+                    continue;
+                }
                 assert_eq!(
                     found.map(|d| d.record),
                     Some(decision(tx)),

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    AuditRecord, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered,
-    StoredDecision,
+    AuditRecord, Collected, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn,
+    Recovered, StoredDecision,
 };
 use crate::types::{BranchSpec, TxId};
 
@@ -42,6 +42,9 @@ struct Image {
     preparing: BTreeMap<TxId, (Vec<BranchSpec>, bool)>,
     /// Audit records per transaction with their LSNs, in the order forced (append-only).
     audits: BTreeMap<TxId, Vec<(Lsn, AuditRecord)>>,
+    /// Low-water marks of collection: per epoch, the highest sequence number whose record
+    /// was collected. Changed with the removals, in the same image.
+    collected: BTreeMap<u64, u64>,
     last_lsn: Lsn,
 }
 
@@ -298,7 +301,11 @@ impl DecisionLog for MemoryLog {
                     record: CommitRecord {
                         tx,
                         branches,
-                        decided_at_ms: 0,
+                        // Stamped when written, as the sled log does.
+                        decided_at_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                            .unwrap_or(0),
                     },
                     lsn: 0,
                     done: true,
@@ -402,6 +409,41 @@ impl DecisionLog for MemoryLog {
             })
             .unwrap_or_default())
     }
+
+    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError> {
+        self.check_read()?;
+        let mut storage = lock(&self.storage);
+        let image = &mut storage.current;
+        let old: Vec<TxId> = image
+            .commits
+            .iter()
+            .filter(|(_, e)| e.done && e.record.decided_at_ms < decided_before_ms)
+            .map(|(tx, _)| *tx)
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = old.len() > limit;
+        let mut collected = Collected { records: 0, more };
+        for tx in old.into_iter().take(limit) {
+            image.commits.remove(&tx);
+            collected.records += 1;
+            let mark = image.collected.entry(tx.epoch).or_insert(0);
+            *mark = (*mark).max(tx.seq);
+        }
+        Ok(collected)
+    }
+
+    fn collected(&self, tx: &TxId) -> Result<bool, LogError> {
+        self.check_read()?;
+        let storage = lock(&self.storage);
+        if tx.node != storage.node_id {
+            return Ok(false);
+        }
+        Ok(storage
+            .current
+            .collected
+            .get(&tx.epoch)
+            .is_some_and(|mark| tx.seq <= *mark))
+    }
 }
 
 #[cfg(test)]
@@ -437,6 +479,37 @@ mod tests {
             },
         )
         .await;
+    }
+
+    /// A crash undoes a collection not yet synced whole: its records are back and its
+    /// low-water mark with them; once synced, both stay.
+    #[tokio::test]
+    async fn a_crash_keeps_a_collection_whole_or_not_at_all() {
+        let log = MemoryLog::new();
+        let e = log.epoch();
+        let tx = TxId {
+            node: log.node_id(),
+            epoch: e,
+            seq: 1,
+        };
+        let record = CommitRecord {
+            tx,
+            branches: vec![branch("c")],
+            decided_at_ms: 10,
+        };
+        log.force_commit(e, record).await.expect("force");
+        log.record_lazy(e, LazyRecord::Done { tx }).expect("done");
+        log.sync(e).await.expect("sync");
+        assert_eq!(log.collect(20, 10).expect("collect").records, 1);
+        let crashed = log.reopen();
+        assert!(crashed.decision(&tx).expect("decision").is_some());
+        assert!(!crashed.collected(&tx).expect("collected"));
+        let e = crashed.epoch();
+        assert_eq!(crashed.collect(20, 10).expect("collect").records, 1);
+        crashed.sync(e).await.expect("sync");
+        let restarted = crashed.reopen();
+        assert_eq!(restarted.decision(&tx).expect("decision"), None);
+        assert!(restarted.collected(&tx).expect("collected"));
     }
 
     #[tokio::test]

@@ -39,6 +39,14 @@
 //! * **Recovery** ([`DecisionLog::recover`]) returns every COMMIT not marked done, every
 //!   `Preparing` record without a decision, and every [`LazyRecord::OnePhase`] intent
 //!   without an outcome, oldest first.
+//! * **Collection.** [`DecisionLog::collect`] deletes finished records (COMMIT records
+//!   marked done, one-phase outcomes) decided before a given time, and raises the
+//!   low-water mark of each epoch it collected from over them, atomically with the
+//!   deletion: a crash keeps both or neither. It never deletes an unfinished record, an
+//!   audit record or anything [`DecisionLog::recover`] returns. An id at or below its
+//!   epoch's mark whose record [`DecisionLog::decision`] no longer finds is *forgotten*
+//!   ([`DecisionLog::collected`]): finished, outcome no longer kept, never to be taken
+//!   for a presumed abort.
 //! * **Exclusive.** Opening a file-backed log takes an exclusive lock on its directory; a
 //!   second opener fails at once with [`LogError::Locked`] naming the directory. Every
 //!   open increments the epoch durably before returning.
@@ -152,6 +160,15 @@ pub struct AuditRecord {
     pub branches: Vec<String>,
     /// What was done, or why it was refused.
     pub detail: String,
+}
+
+/// What one [`DecisionLog::collect`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Finished records deleted.
+    pub records: u64,
+    /// Whether it stopped at its limit (more may be ready: call again).
+    pub more: bool,
 }
 
 /// What the log knows about one transaction's decision.
@@ -275,4 +292,15 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     /// The durable audit records of `tx`, oldest first (empty if none).
     fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError>;
+
+    /// Deletes at most `limit` finished records decided before `decided_before_ms`
+    /// (wall clock, ms since the Unix epoch), oldest ids first, and raises the low-water
+    /// marks over them in the same atomic write (see the module docs). Not forced: a
+    /// crash may undo a collection, never half of one. Refused on a poisoned log.
+    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError>;
+
+    /// Whether `tx` is at or below the low-water mark of its epoch: if
+    /// [`DecisionLog::decision`] finds no record for it, its record (if it had one) was
+    /// collected, and its outcome is no longer known. Ask `decision` first.
+    fn collected(&self, tx: &TxId) -> Result<bool, LogError>;
 }

@@ -19,7 +19,8 @@
 //! "Same branches" means equal branch lists, order included.
 //!
 //! `decisions` holds the checks of decisions, lazy records, fencing, group commit and
-//! poisoning; `audits` those of the audit records of heuristic resolutions.
+//! poisoning; `audits` those of the audit records of heuristic resolutions; `collection`
+//! those of collecting finished records.
 
 use std::any::Any;
 use std::future::{poll_fn, Future};
@@ -30,9 +31,11 @@ use super::{AuditRecord, CommitRecord, DecisionLog, LogStats};
 use crate::types::{BranchKind, BranchSpec, HeuristicDecision, TxId};
 
 mod audits;
+mod collection;
 mod decisions;
 
 pub use audits::{check_audit_poisoning, check_audits};
+pub use collection::check_collection;
 pub use decisions::{
     check_fencing, check_force_and_read, check_group_commit, check_lazy_records, check_one_phase,
     check_one_phase_intent, check_poisoning, check_recover_order, check_sync_poisoning,
@@ -128,6 +131,9 @@ pub async fn run_all<L: DecisionLog>(mut make: impl FnMut() -> Subject<L>, opts:
     drop(s);
     let s = make();
     check_audit_poisoning(&s.log, &|| s.break_syncs()).await;
+    drop(s);
+    let s = make();
+    check_collection(&s.log).await;
     drop(s);
 }
 

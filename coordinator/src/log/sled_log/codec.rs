@@ -32,7 +32,19 @@ pub const LAST_LSN_KEY: &[u8] = b"~last_lsn";
 pub(super) const META_KEY: &[u8] = b"meta";
 pub(super) const COMMITS_TREE: &str = "commits";
 pub(super) const PREPARING_TREE: &str = "preparing";
+/// Finished records (COMMIT records whose phase two is done, one-phase outcomes), apart
+/// from the open ones in `commits`, so recovery reads only what is unfinished and
+/// collection reads only what is finished.
+pub(super) const DONE_TREE: &str = "done";
 pub(super) const TX_KEY_LEN: usize = 20;
+
+/// Start of the key, in the `done` tree, of an epoch's low-water mark: the highest
+/// sequence number of that epoch whose record was collected (its length, not 20 bytes,
+/// tells it apart from transaction keys; it is written in the same atomic sled batch as
+/// the removals it covers).
+const COLLECTED_PREFIX: &[u8] = b"~collected/";
+/// Length of a low-water mark's key: [`COLLECTED_PREFIX`] and a big-endian epoch.
+const COLLECTED_KEY_LEN: usize = COLLECTED_PREFIX.len() + 8;
 
 /// Byte after a transaction's key that starts the key of one of its audit records.
 pub const AUDIT_TAG: u8 = b'A';
@@ -343,6 +355,26 @@ pub(super) fn encode_preparing(tx: &TxId, branches: &[BranchSpec], one_phase: bo
         one_phase,
     }
     .encode_to_vec()
+}
+
+/// Key of the low-water mark of `epoch` (see [`COLLECTED_PREFIX`]).
+pub(super) fn collected_key(epoch: u64) -> [u8; COLLECTED_KEY_LEN] {
+    let mut key = [0u8; COLLECTED_KEY_LEN];
+    key[..COLLECTED_PREFIX.len()].copy_from_slice(COLLECTED_PREFIX);
+    key[COLLECTED_PREFIX.len()..].copy_from_slice(&epoch.to_be_bytes());
+    key
+}
+
+/// A low-water mark's value: the sequence number, big-endian.
+pub(super) fn encode_collected(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(super) fn decode_collected(bytes: &[u8]) -> Result<u64, String> {
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| format!("corrupt low-water mark: {} bytes, not 8", bytes.len()))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 pub(super) fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {

@@ -11,8 +11,12 @@
 //!
 //! sled trees: the default tree holds one `meta` record (node id, epoch); `commits` maps a
 //! [`TxId`] key (node, epoch, seq as big-endian bytes, so iteration is in transaction
-//! order) to a COMMIT record, plus one counter record under [`LAST_LSN_KEY`] written in
-//! the same atomic batch as the commits it numbers; `preparing` maps a [`TxId`] key to
+//! order) to an open COMMIT record (phase two not done), plus one counter record under
+//! [`LAST_LSN_KEY`] written in the same atomic batch as the commits it numbers; `done`
+//! maps the same keys to finished records (a COMMIT record moves there, in one sled
+//! transaction, when its phase two is done; a one-phase outcome is written there) and
+//! holds the low-water mark of each epoch collection deleted records of, so recovery
+//! reads only `commits` and `preparing`; `preparing` maps a [`TxId`] key to
 //! the branches of a transaction being prepared (or, flagged `one_phase`, the one branch a
 //! one-phase commit goes to). Audit records (operator resolutions) live
 //! in `commits` too, under the transaction's key followed by [`AUDIT_TAG`] and a
@@ -91,7 +95,7 @@
 //! Each file holds the unit tests of what it defines; the tests of a whole [`SledLog`]
 //! (reopen, locking, sync failures, sled's files) are in this file.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -104,8 +108,8 @@ use tokio::sync::oneshot;
 use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
 use super::{
-    AuditRecord, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn, Recovered,
-    StoredDecision,
+    AuditRecord, Collected, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn,
+    Recovered, StoredDecision,
 };
 use crate::types::TxId;
 
@@ -114,9 +118,9 @@ mod trees;
 mod writer;
 
 use codec::{
-    audit_prefix, check_format, decode_audit, decode_commit, decode_last_lsn, decode_preparing,
-    tx_key, MetaPb, StoredCommit, AUDIT_KEY_LEN, BASE_FORMAT, COMMITS_TREE, META_KEY,
-    PREPARING_TREE, TX_KEY_LEN,
+    audit_prefix, check_format, collected_key, decode_audit, decode_collected, decode_commit,
+    decode_last_lsn, decode_preparing, encode_collected, tx_key, MetaPb, StoredCommit,
+    AUDIT_KEY_LEN, BASE_FORMAT, COMMITS_TREE, DONE_TREE, META_KEY, PREPARING_TREE, TX_KEY_LEN,
 };
 pub use codec::{AUDIT_TAG, FORMAT_VERSION, LAST_LSN_KEY};
 use trees::{sled_error, Trees};
@@ -124,6 +128,10 @@ pub use writer::GROUP_COMMIT_SIBLINGS;
 use writer::{Item, Request, Writer};
 
 const LOCK_FILE: &str = "LOCK";
+
+/// [`DecisionLog::collect`] stops scanning after this many finished records too young to
+/// collect: ids are issued in order, so past the old ones the rest are young too.
+const YOUNG_RECORDS_END_A_SCAN: usize = 1024;
 const SLED_DIR: &str = "sled";
 
 /// Settings of a [`SledLog`].
@@ -302,6 +310,7 @@ impl SledLog {
         let sled_err = |e: sled::Error| open_failed(dir, format!("sled: {e}"));
         let commits = db.open_tree(COMMITS_TREE).map_err(sled_err)?;
         let preparing = db.open_tree(PREPARING_TREE).map_err(sled_err)?;
+        let done = db.open_tree(DONE_TREE).map_err(sled_err)?;
 
         let meta = match db.get(META_KEY).map_err(sled_err)? {
             Some(bytes) => {
@@ -366,7 +375,17 @@ impl SledLog {
         let trees = Trees {
             commits: commits.clone(),
             preparing: preparing.clone(),
+            done,
         };
+        // Finished records a build that kept them in `commits` left there (before the
+        // writer starts, so nothing else writes meanwhile).
+        let moved = trees
+            .move_finished(&shared)
+            .map_err(|e| open_failed(dir, e))?;
+        if moved > 0 {
+            db.flush().map_err(sled_err)?;
+            tracing::info!(dir = %dir.display(), moved, "finished records moved out of the open ones");
+        }
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
@@ -455,6 +474,20 @@ impl SledLog {
         sled_error(&self.shared, what, e)
     }
 
+    /// The low-water mark of `epoch`: the highest sequence number of it whose record was
+    /// collected (0: none).
+    fn low_water_mark(&self, epoch: u64) -> Result<u64, LogError> {
+        match self
+            .trees
+            .done
+            .get(collected_key(epoch))
+            .map_err(|e| self.sled_error("sled read of a low-water mark", e))?
+        {
+            Some(bytes) => decode_collected(&bytes).map_err(|m| self.shared.poison(m)),
+            None => Ok(0),
+        }
+    }
+
     /// Blob files synced by the writer so far (tests).
     #[cfg(test)]
     fn blob_syncs(&self) -> u64 {
@@ -518,8 +551,7 @@ impl DecisionLog for SledLog {
         self.trees.apply_queued(&self.shared, &HashSet::new())?;
         let Some(bytes) = self
             .trees
-            .commits
-            .get(tx_key(tx))
+            .find_commit(&tx_key(tx))
             .map_err(|e| self.sled_error("sled read of a commit record", e))?
         else {
             return Ok(None);
@@ -559,8 +591,7 @@ impl DecisionLog for SledLog {
             let (key, value) = item.map_err(|e| self.sled_error("sled scan of preparing", e))?;
             let decided = match self
                 .trees
-                .commits
-                .get(&key)
+                .find_commit(&key)
                 .map_err(|e| self.sled_error("sled read of a commit record", e))?
             {
                 Some(bytes) => self.decode_or_poison(&bytes)?.lsn <= durable,
@@ -584,6 +615,63 @@ impl DecisionLog for SledLog {
 
     fn durable_lsn(&self) -> Lsn {
         self.shared.durable_lsn.load(Ordering::Acquire)
+    }
+
+    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError> {
+        self.check_read()?;
+        let mut batch = sled::Batch::default();
+        let mut marks: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut collected = Collected::default();
+        let mut young = 0usize;
+        // Ids are issued in order, so decisions are roughly too: past the old records,
+        // a run of young ones ends the scan (it must not read the whole tree each time).
+        for item in self.trees.done.iter() {
+            let (key, value) =
+                item.map_err(|e| self.sled_error("sled scan of finished records", e))?;
+            if key.len() != TX_KEY_LEN {
+                continue; // a low-water mark
+            }
+            let stored = self.decode_or_poison(&value)?;
+            assert!(
+                stored.done,
+                "an unfinished record in the finished ones: {:?}",
+                stored.record.tx
+            );
+            if stored.record.decided_at_ms >= decided_before_ms {
+                young += 1;
+                if young >= YOUNG_RECORDS_END_A_SCAN {
+                    break;
+                }
+                continue;
+            }
+            if collected.records as usize >= limit {
+                collected.more = true;
+                break;
+            }
+            let tx = stored.record.tx;
+            batch.remove(key);
+            collected.records += 1;
+            let mark = marks.entry(tx.epoch).or_insert(0);
+            *mark = (*mark).max(tx.seq);
+        }
+        for (epoch, seq) in marks {
+            if seq > self.low_water_mark(epoch)? {
+                batch.insert(&collected_key(epoch)[..], &encode_collected(seq)[..]);
+            }
+        }
+        self.trees
+            .done
+            .apply_batch(batch)
+            .map_err(|e| self.sled_error("sled removal of finished records", e))?;
+        Ok(collected)
+    }
+
+    fn collected(&self, tx: &TxId) -> Result<bool, LogError> {
+        self.check_read()?;
+        if tx.node != self.node_id {
+            return Ok(false);
+        }
+        Ok(tx.seq <= self.low_water_mark(tx.epoch)?)
     }
 
     fn stats(&self) -> LogStats {

@@ -1,8 +1,13 @@
 //! The sled trees of the decision log and the lazy records written to them: the queue
 //! the writer thread (or a reader) writes in order, leaving out inserts that a COMMIT of
-//! the same batch or a later record of the same queue makes unneeded.
+//! the same batch or a later record of the same queue makes unneeded. A COMMIT record
+//! whose phase two is done moves from `commits` to `done` (in one sled transaction), so
+//! `commits` holds only what recovery must finish.
 
 use std::collections::{HashMap, HashSet};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
 
 use super::codec::{decode_commit, encode_commit, encode_preparing, tx_key};
 use super::{lock, Shared};
@@ -12,8 +17,12 @@ use crate::types::TxId;
 /// The sled trees lazy records go to.
 #[derive(Clone)]
 pub(super) struct Trees {
+    /// Open COMMIT records (phase two not done), the LSN counter and audit records.
     pub(super) commits: sled::Tree,
+    /// Preparing records and one-phase intents.
     pub(super) preparing: sled::Tree,
+    /// Finished records and the low-water marks of collection.
+    pub(super) done: sled::Tree,
 }
 
 pub(super) fn sled_error(shared: &Shared, what: &str, e: sled::Error) -> LogError {
@@ -49,6 +58,46 @@ fn skipped_inserts(records: &[LazyRecord], committing: &HashSet<TxId>) -> Vec<bo
 }
 
 impl Trees {
+    /// The stored COMMIT record under `key`, open or finished.
+    pub(super) fn find_commit(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        match self.commits.get(key)? {
+            Some(v) => Ok(Some(v)),
+            None => self.done.get(key),
+        }
+    }
+
+    /// Moves the COMMIT record under `key` (decoded as `stored`) to the `done` tree,
+    /// marked done, in one sled transaction: a crash leaves it in one tree or the other,
+    /// never in neither.
+    fn move_to_done(&self, key: &[u8], value: Vec<u8>) -> Result<(), TransactionError> {
+        (&self.commits, &self.done).transaction(|(commits, done)| {
+            done.insert(key, value.clone())?;
+            commits.remove(key)?;
+            Ok::<(), ConflictableTransactionError>(())
+        })
+    }
+
+    /// Moves every record of `commits` already marked done (written by a build that
+    /// kept finished records there) to the `done` tree. Returns how many moved.
+    pub(super) fn move_finished(&self, shared: &Shared) -> Result<u64, LogError> {
+        let mut moved = 0;
+        for item in self.commits.iter() {
+            let (key, value) =
+                item.map_err(|e| sled_error(shared, "sled scan of commit records", e))?;
+            if key.len() != super::codec::TX_KEY_LEN {
+                continue;
+            }
+            let stored = decode_commit(&value).map_err(|m| shared.poison(m))?;
+            if stored.done {
+                self.move_to_done(&key, value.to_vec()).map_err(|e| {
+                    shared.poison(format!("sled move of a finished record failed: {e}"))
+                })?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
     /// Writes the queued lazy records, oldest first, leaving out the inserts
     /// [`skipped_inserts`] finds unneeded. A sled failure poisons the log; the records
     /// not yet written are dropped with it (a poisoned log writes nothing more).
@@ -90,27 +139,19 @@ impl Trees {
                     .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
             }
             LazyRecord::Done { tx } => {
-                let mut corrupt: Option<String> = None;
-                self.commits
-                    .fetch_and_update(tx_key(&tx), |old| {
-                        let old = old?;
-                        match decode_commit(old) {
-                            Ok(stored) if stored.done => Some(old.to_vec()),
-                            Ok(stored) => Some(encode_commit(
-                                &stored.record,
-                                stored.lsn,
-                                true,
-                                stored.one_phase,
-                            )),
-                            Err(m) => {
-                                corrupt = Some(m);
-                                Some(old.to_vec())
-                            }
-                        }
-                    })
-                    .map_err(|e| sled_error(shared, "sled update of a commit record", e))?;
-                if let Some(m) = corrupt {
-                    return Err(shared.poison(format!("commit {tx}: {m}")));
+                let key = tx_key(&tx);
+                let open = self
+                    .commits
+                    .get(key)
+                    .map_err(|e| sled_error(shared, "sled read of a commit record", e))?;
+                // Absent: already moved (a repeated Done), or never written.
+                if let Some(old) = open {
+                    let stored = decode_commit(&old)
+                        .map_err(|m| shared.poison(format!("commit {tx}: {m}")))?;
+                    let value = encode_commit(&stored.record, stored.lsn, true, stored.one_phase);
+                    self.move_to_done(&key, value).map_err(|e| {
+                        shared.poison(format!("sled move of finished commit {tx} failed: {e}"))
+                    })?;
                 }
                 self.preparing
                     .remove(tx_key(&tx))
@@ -123,11 +164,19 @@ impl Trees {
                     decided_at_ms: now_ms(),
                 };
                 let value = encode_commit(&record, 0, true, true);
-                // Insert only if absent: never overwrite an existing decision.
-                let _ = self
+                // Insert only if absent: never overwrite an existing decision. Finished
+                // at once: it goes to the `done` tree.
+                let key = tx_key(&tx);
+                let open = self
                     .commits
-                    .compare_and_swap(tx_key(&tx), None as Option<&[u8]>, Some(value))
-                    .map_err(|e| sled_error(shared, "sled write of a one-phase record", e))?;
+                    .contains_key(key)
+                    .map_err(|e| sled_error(shared, "sled read of a commit record", e))?;
+                if !open {
+                    let _ = self
+                        .done
+                        .compare_and_swap(key, None as Option<&[u8]>, Some(value))
+                        .map_err(|e| sled_error(shared, "sled write of a one-phase record", e))?;
+                }
                 self.preparing
                     .remove(tx_key(&tx))
                     .map_err(|e| sled_error(shared, "sled removal of a preparing record", e))?;
@@ -149,8 +198,98 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
     use crate::log::conformance::{branches, commit, tx_of};
-    use crate::log::{DecisionLog, SledLog, SledLogOptions};
+    use crate::log::{Collected, DecisionLog, SledLog, SledLogOptions, StoredDecision};
     use std::time::Duration;
+
+    fn open(dir: &std::path::Path) -> SledLog {
+        SledLog::open(dir, SledLogOptions::default()).expect("open")
+    }
+
+    /// Recovery reads only `commits`: a finished record leaves it for `done`, where
+    /// collection finds it; a collection and its low-water mark survive a reopen.
+    #[tokio::test]
+    async fn finished_records_leave_the_open_ones_and_collection_survives_a_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let e = log.epoch();
+        let (finished, open_one) = (tx_of(&log, 1), tx_of(&log, 2));
+        for tx in [finished, open_one] {
+            log.force_commit(e, commit(tx, branches(2, "f"), 10))
+                .await
+                .expect("force");
+        }
+        log.record_lazy(e, LazyRecord::Done { tx: finished })
+            .expect("done");
+        log.sync(e).await.expect("sync");
+        let key = |tx: &TxId| tx_key(tx);
+        assert!(log
+            .trees
+            .commits
+            .get(key(&finished))
+            .expect("get")
+            .is_none());
+        assert!(log.trees.done.get(key(&finished)).expect("get").is_some());
+        assert!(log
+            .trees
+            .commits
+            .get(key(&open_one))
+            .expect("get")
+            .is_some());
+        assert_eq!(
+            log.collect(20, 10).expect("collect"),
+            Collected {
+                records: 1,
+                more: false
+            }
+        );
+        drop(log);
+
+        let log = open(&dir);
+        assert_eq!(log.decision(&finished).expect("decision"), None);
+        assert!(log.collected(&finished).expect("collected"));
+        assert!(log.decision(&open_one).expect("decision").is_some());
+        assert_eq!(
+            log.recover().expect("recover").commits.len(),
+            1,
+            "the open record is still recovered"
+        );
+    }
+
+    /// A data directory that kept finished records among the open ones (marked done)
+    /// has them moved to `done` at open, where reads and collection find them.
+    #[tokio::test]
+    async fn finished_records_kept_among_the_open_ones_move_at_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let log = open(&dir);
+        let e = log.epoch();
+        let old = commit(tx_of(&log, 1), branches(2, "m"), 10);
+        let lsn = log.force_commit(e, old.clone()).await.expect("force");
+        // As such a build wrote it: the done flag set in place.
+        log.trees
+            .commits
+            .insert(tx_key(&old.tx), encode_commit(&old, lsn, true, false))
+            .expect("insert");
+        drop(log);
+
+        let log = open(&dir);
+        assert!(log
+            .trees
+            .commits
+            .get(tx_key(&old.tx))
+            .expect("get")
+            .is_none());
+        assert_eq!(
+            log.decision(&old.tx).expect("decision"),
+            Some(StoredDecision {
+                record: old.clone(),
+                done: true
+            })
+        );
+        assert!(log.recover().expect("recover").commits.is_empty());
+        assert_eq!(log.collect(u64::MAX, 10).expect("collect").records, 1);
+    }
 
     #[test]
     fn queued_inserts_that_cancel_out_are_skipped_and_removals_always_run() {

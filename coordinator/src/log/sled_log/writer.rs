@@ -261,7 +261,7 @@ impl Writer {
                 continue;
             }
             let key = tx_key(&tx);
-            let existing = match self.trees.commits.get(key) {
+            let existing = match self.trees.find_commit(&key) {
                 Ok(v) => v,
                 Err(e) => {
                     let rest = std::iter::once(req.reply).chain(requests.map(|r| r.reply));
