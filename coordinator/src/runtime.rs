@@ -274,8 +274,9 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
-    /// ReportLocalCommits RPC, for one transaction: the participant of a local transaction reports
-    /// that it committed; recorded as COMMITTED (synced before the answer unless `answer_before_durable`).
+    /// ReportLocalCommits RPC, for one transaction: the participant of a local transaction
+    /// reports that it committed; recorded as COMMITTED (synced before the answer unless
+    /// `answer_before_durable`).
     pub async fn committed_locally(
         &self,
         tx: TxId,
