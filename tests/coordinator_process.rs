@@ -473,7 +473,6 @@ async fn sigkill_before_the_decision_is_durable_aborts() {
         c.abort(pb::AbortRequest {
             tx_id: tx.clone(),
             reason: String::new(),
-            unused: false,
         })
         .await
         .expect("Abort of an aborted transaction is an idempotent success");
@@ -541,7 +540,6 @@ async fn sigkill_after_the_decision_is_durable_commits_after_restart() {
             c.abort(pb::AbortRequest {
                 tx_id: tx.clone(),
                 reason: "too late".into(),
-                unused: false,
             })
             .await,
             Code::FailedPrecondition,
@@ -641,7 +639,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 c.abort(pb::AbortRequest {
                     tx_id: id.clone(),
                     reason: String::new(),
-                    unused: false,
                 })
                 .await,
                 Code::InvalidArgument,
@@ -678,7 +675,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
                 c.abort(pb::AbortRequest {
                     tx_id: id.clone(),
                     reason: String::new(),
-                    unused: false,
                 })
                 .await,
                 Code::NotFound,
@@ -700,7 +696,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
             c.abort(pb::AbortRequest {
                 tx_id: done.clone(),
                 reason: "changed my mind".into(),
-                unused: false,
             })
             .await,
             Code::FailedPrecondition,
@@ -736,10 +731,8 @@ async fn bad_input_is_refused_with_the_right_codes() {
         dup.commit_order = 3;
         expect_status(
             c.begin(pb::BeginRequest {
-                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![p.branch("x"), dup],
-                count: 0,
             })
             .await,
             Code::AlreadyExists,
@@ -778,10 +771,8 @@ async fn bad_input_is_refused_with_the_right_codes() {
             );
             expect_status(
                 c.begin(pb::BeginRequest {
-                    commit_locally: false,
                     timeout_ms: 0,
                     branches: vec![b],
-                    count: 0,
                 })
                 .await,
                 Code::InvalidArgument,
@@ -829,7 +820,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
         // More than --max-branches (3).
         expect_status(
             c.begin(pb::BeginRequest {
-                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![
                     p.branch("m1"),
@@ -837,7 +827,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
                     p.branch("m3"),
                     p.branch("m4"),
                 ],
-                count: 0,
             })
             .await,
             Code::InvalidArgument,
@@ -862,13 +851,10 @@ async fn bad_input_is_refused_with_the_right_codes() {
         // Out-of-range request fields.
         expect_status(
             c.commit(pb::CommitRequest {
-                committed_locally: false,
                 tx_id: active.clone(),
-                phase_two_wait_ms: 600_001,
-                no_wait: false,
+                phase_two_wait_ms: Some(600_001),
                 branches: Vec::new(),
                 answer_before_durable: false,
-                more_tx_ids: Vec::new(),
             })
             .await,
             Code::InvalidArgument,
@@ -878,7 +864,6 @@ async fn bad_input_is_refused_with_the_right_codes() {
             c.abort(pb::AbortRequest {
                 tx_id: active.clone(),
                 reason: "r".repeat(1025),
-                unused: false,
             })
             .await,
             Code::InvalidArgument,
@@ -886,10 +871,8 @@ async fn bad_input_is_refused_with_the_right_codes() {
         );
         expect_status(
             c.begin(pb::BeginRequest {
-                commit_locally: false,
                 timeout_ms: 24 * 3600 * 1000 + 1,
                 branches: vec![],
-                count: 0,
             })
             .await,
             Code::InvalidArgument,

@@ -924,10 +924,8 @@ async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction
         }
         expect_status(
             c.begin(pb::BeginRequest {
-                commit_locally: false,
                 timeout_ms: 0,
                 branches: vec![p1.branch("c")],
-                count: 0,
             })
             .await,
             Code::Unavailable,
@@ -1483,7 +1481,6 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
         c.abort(pb::AbortRequest {
             tx_id: tx2.clone(),
             reason: "the application gave up".into(),
-            unused: false,
         })
         .await
         .expect("Abort");

@@ -619,7 +619,6 @@ async fn abort_survives(dir: Direction) {
         .abort(pb::AbortRequest {
             tx_id: tx.clone(),
             reason: "network test".into(),
-            unused: false,
         })
         .await
         .expect("Abort while preparing");

@@ -399,7 +399,6 @@ async fn metrics_count_outcomes_phases_and_in_doubt_transactions() {
         c.abort(pb::AbortRequest {
             tx_id: tx.clone(),
             reason: "changed my mind".into(),
-            unused: false,
         })
         .await
         .expect("Abort");

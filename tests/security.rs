@@ -199,22 +199,17 @@ fn admin_client(ch: &Channel, token: Option<&str>) -> AdminClient<Authed> {
 
 fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
     pb::BeginRequest {
-        commit_locally: false,
         timeout_ms: 0,
         branches,
-        count: 0,
     }
 }
 
 fn commit_req(tx_id: &str) -> pb::CommitRequest {
     pb::CommitRequest {
-        committed_locally: false,
         tx_id: tx_id.to_string(),
-        phase_two_wait_ms: 5_000,
-        no_wait: false,
+        phase_two_wait_ms: Some(5_000),
         branches: Vec::new(),
         answer_before_durable: false,
-        more_tx_ids: Vec::new(),
     }
 }
 
@@ -437,7 +432,6 @@ async fn tokens_refuse_calls_and_refused_calls_change_nothing() {
                     .abort(pb::AbortRequest {
                         tx_id: id.clone(),
                         reason: "refused".into(),
-                        unused: false,
                     })
                     .await,
                 Code::Unauthenticated,

@@ -244,19 +244,23 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
-    /// Begin RPC with `commit_locally`: begins `count` local transactions (0 counts as
-    /// one) whose one-phase intents naming `branch` are written and synced in the
-    /// background; its participant commits each by itself once a Barrier of this epoch
-    /// returned, and reports it ([`Runtime::committed_locally`]). With one-phase commits
-    /// turned off it begins one ordinary transaction instead; the flag says which.
+    /// BeginLocal RPC: begins `count` local transactions (0 counts as one) whose
+    /// one-phase intents naming `branch` are written and synced in the background; its
+    /// participant commits each by itself once a Barrier of this epoch returned, and
+    /// reports it ([`Runtime::committed_locally`]). Refused with one-phase commits turned
+    /// off.
     pub async fn begin_local(
         &self,
         timeout_ms: u64,
         branch: BranchSpec,
         count: u32,
-    ) -> Result<(Vec<TxId>, bool), TxError> {
+    ) -> Result<Vec<TxId>, TxError> {
         if !self.inner.config.one_phase {
-            return Ok((vec![self.begin(timeout_ms, vec![branch]).await?], false));
+            return Err(TxError::FailedPrecondition(
+                "local commits need one-phase commits, which this coordinator runs with off \
+                 (--one-phase false); begin an ordinary transaction instead"
+                    .into(),
+            ));
         }
         match self
             .request(|req| Event::BeginLocal {
@@ -267,13 +271,14 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             })
             .await?
         {
-            ReplyOk::BegunLocal(txs) => Ok((txs, true)),
+            ReplyOk::BegunLocal(txs) => Ok(txs),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Commit RPC with `committed_locally`: the participant of a local transaction reports
-    /// that it committed; recorded as COMMITTED (synced before the answer unless `answer_before_durable`).
+    /// ReportLocalCommits RPC, for one transaction: the participant of a local transaction
+    /// reports that it committed; recorded as COMMITTED (synced before the answer unless
+    /// `answer_before_durable`).
     pub async fn committed_locally(
         &self,
         tx: TxId,
@@ -402,8 +407,8 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             .await
     }
 
-    /// Abort RPC with `unused`: the participant returns a local transaction's id it did
-    /// not use; settled like an abort, counted apart.
+    /// ReleaseUnused RPC: the participant returns a local transaction's id it did not
+    /// use; settled like an abort, counted apart.
     pub async fn release(&self, tx: TxId) -> Result<(), TxError> {
         self.aborted(tx, |req| Event::Release { req, tx }).await
     }

@@ -24,9 +24,9 @@ use crate::types::{BranchKind, BranchSpec, TxId};
 pub const MAX_REASON_LEN: usize = 1024;
 /// Longest phase-two wait a caller may ask for.
 pub const MAX_COMMIT_WAIT_MS: u64 = 10 * 60 * 1000;
-/// Most further transactions one report of local commits may carry
-/// (`CommitRequest.more_tx_ids`).
-pub const MAX_MORE_REPORTS: usize = 1024;
+/// Most transactions one report of local commits may carry
+/// (`ReportLocalCommitsRequest.tx_ids`).
+pub const MAX_LOCAL_REPORTS: usize = 1024;
 /// Most transactions one ListTransactions returns.
 pub const MAX_LIST_LIMIT: u32 = 10_000;
 /// How many transactions a list returns when the request says 0.
@@ -219,6 +219,14 @@ fn view_to_pb(v: TxView) -> pb::GetTransactionResponse {
     }
 }
 
+/// The transactions' timeout as answered: the request's, or the coordinator's default.
+fn timeout_of<L: DecisionLog, T: Transport>(rt: &Runtime<L, T>, timeout_ms: u64) -> u64 {
+    match timeout_ms {
+        0 => rt.default_tx_timeout_ms(),
+        t => t,
+    }
+}
+
 async fn begin<L: DecisionLog, T: Transport>(
     rt: &Runtime<L, T>,
     req: pb::BeginRequest,
@@ -228,41 +236,38 @@ async fn begin<L: DecisionLog, T: Transport>(
         .into_iter()
         .map(branch_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
-    if req.count > 1 && !req.commit_locally {
-        return Err(Status::invalid_argument(format!(
-            "count is {}; more than one transaction per Begin needs commit_locally",
-            req.count
-        )));
-    }
-    let (txs, local) = if req.commit_locally {
-        let [branch] = <[BranchSpec; 1]>::try_from(branches).map_err(|b| {
-            Status::invalid_argument(format!(
-                "commit_locally needs exactly one branch in branches (got {})",
-                b.len()
-            ))
-        })?;
-        rt.begin_local(req.timeout_ms, branch, req.count).await
-    } else {
-        rt.begin(req.timeout_ms, branches)
-            .await
-            .map(|tx| (vec![tx], false))
-    }
-    .map_err(status_of)?;
-    let mut ids = txs.iter().map(|tx| tx.to_string());
-    let tx_id = ids
-        .next()
-        .ok_or_else(|| Status::internal("Begin issued no transaction"))?;
-    tracing::debug!(tx_id = %tx_id, count = txs.len(), local, "begun");
-    let timeout_ms = match req.timeout_ms {
-        0 => rt.default_tx_timeout_ms(),
-        t => t,
-    };
+    let tx = rt
+        .begin(req.timeout_ms, branches)
+        .await
+        .map_err(status_of)?;
+    tracing::debug!(tx_id = %tx, "begun");
     Ok(pb::BeginResponse {
-        tx_id,
-        commit_locally: local,
+        tx_id: tx.to_string(),
         epoch: rt.log().epoch(),
-        more_tx_ids: ids.collect(),
-        timeout_ms,
+        timeout_ms: timeout_of(rt, req.timeout_ms),
+    })
+}
+
+async fn begin_local<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::BeginLocalRequest,
+) -> Result<pb::BeginLocalResponse, Status> {
+    let branch = req
+        .branch
+        .ok_or_else(|| Status::invalid_argument("branch is missing"))?;
+    let branch = branch_from_pb(branch)?;
+    let txs = rt
+        .begin_local(req.timeout_ms, branch, req.count)
+        .await
+        .map_err(status_of)?;
+    if txs.is_empty() {
+        return Err(Status::internal("BeginLocal issued no transaction"));
+    }
+    tracing::debug!(first = %txs[0], count = txs.len(), "begun local");
+    Ok(pb::BeginLocalResponse {
+        tx_ids: txs.iter().map(|tx| tx.to_string()).collect(),
+        epoch: rt.log().epoch(),
+        timeout_ms: timeout_of(rt, req.timeout_ms),
     })
 }
 
@@ -288,38 +293,21 @@ async fn commit<L: DecisionLog, T: Transport>(
     req: pb::CommitRequest,
 ) -> Result<pb::CommitResponse, Status> {
     let tx = parse_tx(&req.tx_id)?;
-    if req.phase_two_wait_ms > MAX_COMMIT_WAIT_MS {
-        return Err(Status::invalid_argument(format!(
-            "phase_two_wait_ms is {}; at most {MAX_COMMIT_WAIT_MS} is allowed",
-            req.phase_two_wait_ms
-        )));
-    }
-    if req.committed_locally {
-        if !req.branches.is_empty() {
-            return Err(Status::invalid_argument(
-                "branches must be empty in a Commit that reports committed_locally",
-            ));
+    let wait = match req.phase_two_wait_ms {
+        Some(ms) if ms > MAX_COMMIT_WAIT_MS => {
+            return Err(Status::invalid_argument(format!(
+                "phase_two_wait_ms is {ms}; at most {MAX_COMMIT_WAIT_MS} is allowed"
+            )));
         }
-        return report_local_commits(rt, tx, req.more_tx_ids, req.answer_before_durable).await;
-    }
-    if !req.more_tx_ids.is_empty() {
-        return Err(Status::invalid_argument(
-            "more_tx_ids is only for a Commit that reports committed_locally",
-        ));
-    }
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => None,
+    };
     // Every branch is checked before any is enlisted: a bad one changes nothing.
     let branches = req
         .branches
         .into_iter()
         .map(branch_from_pb)
         .collect::<Result<Vec<_>, _>>()?;
-    let wait = if req.no_wait {
-        Some(Duration::ZERO)
-    } else if req.phase_two_wait_ms > 0 {
-        Some(Duration::from_millis(req.phase_two_wait_ms))
-    } else {
-        None
-    };
     let span = info_span!("commit", tx_id = %tx);
     async move {
         // Branches the transaction no longer takes because it is past ACTIVE (a repeated
@@ -352,33 +340,42 @@ async fn commit<L: DecisionLog, T: Transport>(
             outcome: pb::Outcome::Committed as i32,
             pending_branches: res.pending,
             epoch: res.epoch,
-            recorded: 0,
         })
     }
     .instrument(span)
     .await
 }
 
-/// A report of local commits: `first` and `more`, each recorded as if reported alone;
-/// every id is checked before any is recorded. OK once all are, else the first failure.
+/// A report of local commits: each transaction recorded as if reported alone; every id is
+/// checked before any is recorded. OK once all are, else the first failure (named by its
+/// transaction when the report holds several).
 async fn report_local_commits<L: DecisionLog, T: Transport>(
     rt: &Runtime<L, T>,
-    first: TxId,
-    more: Vec<String>,
-    answer_before_durable: bool,
-) -> Result<pb::CommitResponse, Status> {
-    if more.len() > MAX_MORE_REPORTS {
+    req: pb::ReportLocalCommitsRequest,
+) -> Result<pb::ReportLocalCommitsResponse, Status> {
+    if req.tx_ids.is_empty() {
+        return Err(Status::invalid_argument(
+            "tx_ids is empty; a report names 1 or more local transactions",
+        ));
+    }
+    if req.tx_ids.len() > MAX_LOCAL_REPORTS {
         return Err(Status::invalid_argument(format!(
-            "more_tx_ids holds {} ids; at most {MAX_MORE_REPORTS} are allowed",
-            more.len()
+            "tx_ids holds {} ids; at most {MAX_LOCAL_REPORTS} are allowed",
+            req.tx_ids.len()
         )));
     }
-    let mut txs = vec![first];
-    for id in &more {
-        txs.push(parse_tx(id)?);
-    }
+    let txs = req
+        .tx_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            id.parse::<TxId>()
+                .map_err(|e| Status::invalid_argument(format!("tx_ids[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let answer_before_durable = req.answer_before_durable;
     let reports = txs.iter().map(|&tx| {
-        let span = info_span!("committed_locally", tx_id = %tx);
+        let span = info_span!("report_local_commit", tx_id = %tx);
         async move {
             rt.committed_locally(tx, answer_before_durable)
                 .instrument(span)
@@ -386,7 +383,7 @@ async fn report_local_commits<L: DecisionLog, T: Transport>(
                 .map_err(|e| (tx, e))
         }
     });
-    let mut epoch = 0;
+    let mut epoch = rt.log().epoch();
     for res in futures::future::join_all(reports).await {
         match res {
             Ok(r) => epoch = r.epoch,
@@ -400,12 +397,21 @@ async fn report_local_commits<L: DecisionLog, T: Transport>(
             Err((_, e)) => return Err(status_of(e)),
         }
     }
-    Ok(pb::CommitResponse {
-        outcome: pb::Outcome::Committed as i32,
-        pending_branches: Vec::new(),
-        epoch,
+    Ok(pb::ReportLocalCommitsResponse {
         recorded: txs.len() as u32,
+        epoch,
     })
+}
+
+/// Checks an abort reason's length.
+fn check_reason(reason: &str) -> Result<(), Status> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(Status::invalid_argument(format!(
+            "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
+            reason.len()
+        )));
+    }
+    Ok(())
 }
 
 async fn abort<L: DecisionLog, T: Transport>(
@@ -413,20 +419,25 @@ async fn abort<L: DecisionLog, T: Transport>(
     req: pb::AbortRequest,
 ) -> Result<pb::AbortResponse, Status> {
     let tx = parse_tx(&req.tx_id)?;
-    if req.reason.len() > MAX_REASON_LEN {
-        return Err(Status::invalid_argument(format!(
-            "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
-            req.reason.len()
-        )));
-    }
-    let span = info_span!("abort", tx_id = %tx, unused = req.unused);
-    if req.unused {
-        rt.release(tx).instrument(span).await
-    } else {
-        rt.abort(tx, req.reason).instrument(span).await
-    }
-    .map_err(status_of)?;
+    check_reason(&req.reason)?;
+    let span = info_span!("abort", tx_id = %tx);
+    rt.abort(tx, req.reason)
+        .instrument(span)
+        .await
+        .map_err(status_of)?;
     Ok(pb::AbortResponse {
+        outcome: pb::Outcome::Aborted as i32,
+    })
+}
+
+async fn release_unused<L: DecisionLog, T: Transport>(
+    rt: &Runtime<L, T>,
+    req: pb::ReleaseUnusedRequest,
+) -> Result<pb::ReleaseUnusedResponse, Status> {
+    let tx = parse_tx(&req.tx_id)?;
+    let span = info_span!("release_unused", tx_id = %tx);
+    rt.release(tx).instrument(span).await.map_err(status_of)?;
+    Ok(pb::ReleaseUnusedResponse {
         outcome: pb::Outcome::Aborted as i32,
     })
 }
@@ -443,8 +454,14 @@ async fn pipeline_call<L: DecisionLog, T: Transport>(
         Some(Call::Enlist(req)) => enlist(&rt, req).await.map(R::Enlist),
         Some(Call::Commit(req)) => commit(&rt, req).await.map(R::Commit),
         Some(Call::Abort(req)) => abort(&rt, req).await.map(R::Abort),
+        Some(Call::BeginLocal(req)) => begin_local(&rt, req).await.map(R::BeginLocal),
+        Some(Call::ReportLocalCommits(req)) => report_local_commits(&rt, req)
+            .await
+            .map(R::ReportLocalCommits),
+        Some(Call::ReleaseUnused(req)) => release_unused(&rt, req).await.map(R::ReleaseUnused),
         None => Err(Status::invalid_argument(
-            "call is missing: set one of begin, enlist, commit, abort",
+            "call is missing: set one of begin, begin_local, enlist, commit, \
+             report_local_commits, abort, release_unused",
         )),
     };
     pb::ClientResult {
@@ -462,6 +479,15 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
         request: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
         begin(&self.rt, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn begin_local(
+        &self,
+        request: Request<pb::BeginLocalRequest>,
+    ) -> Result<Response<pb::BeginLocalResponse>, Status> {
+        begin_local(&self.rt, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -489,6 +515,24 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
         abort(&self.rt, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn report_local_commits(
+        &self,
+        request: Request<pb::ReportLocalCommitsRequest>,
+    ) -> Result<Response<pb::ReportLocalCommitsResponse>, Status> {
+        report_local_commits(&self.rt, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn release_unused(
+        &self,
+        request: Request<pb::ReleaseUnusedRequest>,
+    ) -> Result<Response<pb::ReleaseUnusedResponse>, Status> {
+        release_unused(&self.rt, request.into_inner())
             .await
             .map(Response::new)
     }

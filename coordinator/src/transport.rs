@@ -268,16 +268,24 @@ impl Transport for GrpcTransport {
             |mut c| async move { c.abort(req).await },
         )
         .await
-        .map(|resp| abort_ack(resp.result))
+        .and_then(|resp| abort_ack(endpoint, branch_id, resp.result))
     }
 }
 
-/// The engine's reading of `AbortBranchResponse.result` (unknown values count as not
-/// reported).
-pub fn abort_ack(result: i32) -> AbortAck {
+/// The engine's reading of `AbortBranchResponse.result` from the participant at
+/// `endpoint`: an answer without a result (ABORT_RESULT_UNSPECIFIED, or a value that is
+/// not an AbortResult) is a failed delivery, asked again like any failed abort.
+pub fn abort_ack(endpoint: &str, branch_id: &str, result: i32) -> RpcResult<AbortAck> {
     match pb::AbortResult::try_from(result) {
-        Ok(pb::AbortResult::Aborted) => AbortAck::Aborted,
-        Ok(pb::AbortResult::AlreadyCommitted) => AbortAck::AlreadyCommitted,
-        Ok(pb::AbortResult::Unspecified) | Err(_) => AbortAck::Unreported,
+        Ok(pb::AbortResult::Aborted) => Ok(AbortAck::Aborted),
+        Ok(pb::AbortResult::AlreadyCommitted) => Ok(AbortAck::AlreadyCommitted),
+        Ok(pb::AbortResult::Unspecified) => Err(format!(
+            "{endpoint}: participant answered the abort of branch {branch_id} without a \
+             result (AbortBranchResponse.result is ABORT_RESULT_UNSPECIFIED)"
+        )),
+        Err(_) => Err(format!(
+            "{endpoint}: participant answered the abort of branch {branch_id} with result \
+             {result}, which is not an AbortResult (AbortBranchResponse.result)"
+        )),
     }
 }

@@ -11,6 +11,9 @@
 //!   the offending field or value. The expectations come from an oracle written from the
 //!   proto's rules (`branch_id_problem`, `parse_canonical`, `join`, ...), not from the
 //!   coordinator's own validation code;
+//! - BeginLocal, ReportLocalCommits and ReleaseUnused refuse what only a local
+//!   transaction takes, and a coordinator with one-phase commits off refuses BeginLocal
+//!   naming the setting;
 //! - after every case the reference transactions read back exactly as before (their age
 //!   aside), ListTransactions still answers, and the log holds no new COMMIT decision.
 //!
@@ -23,6 +26,10 @@
 //!
 //! A failure names its seed: `PROPTEST_RNG_SEED=<seed>` replays it, `PROPTEST_CASES=<n>`
 //! changes the number of cases. Failures are not persisted to any file.
+//!
+//! One participant answer is bad input too: an abort answered without a result
+//! (`ABORT_RESULT_UNSPECIFIED`) is a failed delivery, asked again, never an abort
+//! (`an_abort_answered_without_a_result_is_asked_again`).
 //!
 //! Endpoints that a transaction accepted here may be contacted (the courtesy abort of an
 //! aborted transaction): those all point at this test's own participant on 127.0.0.1 (or at
@@ -53,7 +60,7 @@ use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_coordinator::server;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_testkit::participant::{AlwaysYes, Services, TestParticipant};
+use twopc_testkit::participant::{AlwaysYes, Behaviour, Services, TestParticipant};
 
 type Client = CoordinatorClient<Channel>;
 type Fallible<T> = Result<T, TestCaseError>;
@@ -62,6 +69,10 @@ type Fallible<T> = Result<T, TestCaseError>;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Longest phase-two wait (coordinator's documented maximum).
 const MAX_WAIT_MS: u64 = 600_000;
+/// Most local transactions one BeginLocal begins.
+const MAX_LOCAL_BEGIN: u32 = 256;
+/// Most transactions one ReportLocalCommits carries.
+const MAX_LOCAL_REPORTS: usize = 1024;
 /// Longest abort reason, in bytes.
 const MAX_REASON: usize = 1024;
 /// Largest ListTransactions limit.
@@ -462,6 +473,11 @@ fn local_branch(id: &str, endpoint: &str, order: u32, kind: pb::BranchKind) -> p
 
 impl Harness {
     fn start(name: &str) -> Harness {
+        Harness::start_with(name, true)
+    }
+
+    /// A harness whose coordinator runs with one-phase commits on or off (`--one-phase`).
+    fn start_with(name: &str, one_phase: bool) -> Harness {
         install_panic_recorder();
         let threads = format!("bad-input-{name}");
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -489,6 +505,7 @@ impl Harness {
             let cfg = ServeConfig {
                 retry_initial_ms: 10,
                 retry_max_ms: 50,
+                one_phase,
                 ..ServeConfig::default()
             };
             let server_log = log.clone();
@@ -523,10 +540,8 @@ impl Harness {
                 let mut c = c.clone();
                 async move {
                     c.begin(pb::BeginRequest {
-                        commit_locally: false,
                         timeout_ms,
                         branches,
-                        count: 0,
                     })
                     .await
                     .expect("Begin")
@@ -545,13 +560,10 @@ impl Harness {
             .await;
             let r = c
                 .commit(pb::CommitRequest {
-                    committed_locally: false,
                     tx_id: committed.clone(),
-                    phase_two_wait_ms: 5_000,
-                    no_wait: false,
+                    phase_two_wait_ms: Some(5_000),
                     branches: Vec::new(),
                     answer_before_durable: false,
-                    more_tx_ids: Vec::new(),
                 })
                 .await
                 .expect("Commit")
@@ -568,7 +580,6 @@ impl Harness {
             c.abort(pb::AbortRequest {
                 tx_id: aborted.clone(),
                 reason: "set-up".into(),
-                unused: false,
             })
             .await
             .expect("Abort");
@@ -670,7 +681,6 @@ impl Harness {
         let req = pb::AbortRequest {
             tx_id: tx_id.to_string(),
             reason: reason.to_string(),
-            unused: false,
         };
         self.call("Abort", |mut c| async move { c.abort(req).await })
     }
@@ -687,10 +697,8 @@ impl Harness {
     /// Begins an ACTIVE transaction for one case.
     fn begin_scratch(&self, branches: &[pb::Branch]) -> Fallible<String> {
         let req = pb::BeginRequest {
-            commit_locally: false,
             timeout_ms: DAY_MS,
             branches: branches.to_vec(),
-            count: 0,
         };
         let r = self.call("Begin (scratch)", |mut c| async move { c.begin(req).await })?;
         let tx = r
@@ -1145,18 +1153,24 @@ fn long_reason() -> BoxedStrategy<String> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Method {
     Begin,
+    BeginLocal,
     Enlist,
     Commit,
+    ReportLocalCommits,
     Abort,
+    ReleaseUnused,
     GetTransaction,
     ListTransactions,
 }
 
-const METHODS: [Method; 6] = [
+const METHODS: [Method; 9] = [
     Method::Begin,
+    Method::BeginLocal,
     Method::Enlist,
     Method::Commit,
+    Method::ReportLocalCommits,
     Method::Abort,
+    Method::ReleaseUnused,
     Method::GetTransaction,
     Method::ListTransactions,
 ];
@@ -1165,27 +1179,39 @@ impl Method {
     fn path(self) -> &'static str {
         match self {
             Method::Begin => "/twopc.v1.Coordinator/Begin",
+            Method::BeginLocal => "/twopc.v1.Coordinator/BeginLocal",
             Method::Enlist => "/twopc.v1.Coordinator/Enlist",
             Method::Commit => "/twopc.v1.Coordinator/Commit",
+            Method::ReportLocalCommits => "/twopc.v1.Coordinator/ReportLocalCommits",
             Method::Abort => "/twopc.v1.Coordinator/Abort",
+            Method::ReleaseUnused => "/twopc.v1.Coordinator/ReleaseUnused",
             Method::GetTransaction => "/twopc.v1.Coordinator/GetTransaction",
             Method::ListTransactions => "/twopc.v1.Coordinator/ListTransactions",
         }
     }
 
-    /// Whether `bytes` decode as this method's request, and the tx id it names if any.
-    fn decode(self, bytes: &[u8]) -> Option<Option<String>> {
+    /// Whether `bytes` decode as this method's request, and the tx ids it names.
+    fn decode(self, bytes: &[u8]) -> Option<Vec<String>> {
         match self {
-            Method::Begin => pb::BeginRequest::decode(bytes).ok().map(|_| None),
-            Method::Enlist => pb::EnlistRequest::decode(bytes).ok().map(|r| Some(r.tx_id)),
-            Method::Commit => pb::CommitRequest::decode(bytes).ok().map(|r| Some(r.tx_id)),
-            Method::Abort => pb::AbortRequest::decode(bytes).ok().map(|r| Some(r.tx_id)),
+            Method::Begin => pb::BeginRequest::decode(bytes).ok().map(|_| Vec::new()),
+            Method::BeginLocal => pb::BeginLocalRequest::decode(bytes)
+                .ok()
+                .map(|_| Vec::new()),
+            Method::Enlist => pb::EnlistRequest::decode(bytes).ok().map(|r| vec![r.tx_id]),
+            Method::Commit => pb::CommitRequest::decode(bytes).ok().map(|r| vec![r.tx_id]),
+            Method::ReportLocalCommits => pb::ReportLocalCommitsRequest::decode(bytes)
+                .ok()
+                .map(|r| r.tx_ids),
+            Method::Abort => pb::AbortRequest::decode(bytes).ok().map(|r| vec![r.tx_id]),
+            Method::ReleaseUnused => pb::ReleaseUnusedRequest::decode(bytes)
+                .ok()
+                .map(|r| vec![r.tx_id]),
             Method::GetTransaction => pb::GetTransactionRequest::decode(bytes)
                 .ok()
-                .map(|r| Some(r.tx_id)),
+                .map(|r| vec![r.tx_id]),
             Method::ListTransactions => pb::ListTransactionsRequest::decode(bytes)
                 .ok()
-                .map(|_| None),
+                .map(|_| Vec::new()),
         }
     }
 }
@@ -1307,10 +1333,8 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
     );
     vec![
         pb::BeginRequest {
-            commit_locally: false,
             timeout_ms: 0,
             branches: vec![b.clone()],
-            count: 0,
         }
         .encode_to_vec(),
         pb::EnlistRequest {
@@ -1319,19 +1343,35 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
         }
         .encode_to_vec(),
         pb::CommitRequest {
-            committed_locally: false,
             tx_id: "0badc0de-1-2".into(),
-            phase_two_wait_ms: 10,
-            no_wait: true,
+            phase_two_wait_ms: Some(10),
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
+        }
+        .encode_to_vec(),
+        pb::BeginLocalRequest {
+            branch: Some(local_branch(
+                "g2",
+                &format!("http://127.0.0.1:{port}"),
+                0,
+                pb::BranchKind::Database,
+            )),
+            timeout_ms: 0,
+            count: 2,
+        }
+        .encode_to_vec(),
+        pb::ReportLocalCommitsRequest {
+            tx_ids: vec!["0badc0de-1-4".into(), "0badc0de-1-5".into()],
+            answer_before_durable: true,
+        }
+        .encode_to_vec(),
+        pb::ReleaseUnusedRequest {
+            tx_id: "0badc0de-1-6".into(),
         }
         .encode_to_vec(),
         pb::AbortRequest {
             tx_id: "0badc0de-1-3".into(),
             reason: "because".into(),
-            unused: false,
         }
         .encode_to_vec(),
         pb::ListTransactionsRequest {
@@ -1506,15 +1546,33 @@ impl Harness {
         })
     }
 
-    /// A Begin that went through with garbage: note and abort the transaction.
-    fn begun_by_garbage(&self, response: &[u8]) -> Fallible<()> {
-        let r = pb::BeginResponse::decode(response).map_err(|e| {
-            fail(format!(
-                "Begin answered OK with an undecodable response: {e}"
-            ))
-        })?;
-        self.note_begun(&r.tx_id);
-        self.clean_up(&r.tx_id)
+    /// A call of `m` went through with garbage: a Begin's transaction is noted and
+    /// aborted; a BeginLocal's transactions are noted and left to their timeout (their
+    /// branch may name a participant that is not there to settle them now).
+    fn begun_by_garbage(&self, m: Method, response: &[u8]) -> Fallible<()> {
+        match m {
+            Method::Begin => {
+                let r = pb::BeginResponse::decode(response).map_err(|e| {
+                    fail(format!(
+                        "Begin answered OK with an undecodable response: {e}"
+                    ))
+                })?;
+                self.note_begun(&r.tx_id);
+                self.clean_up(&r.tx_id)
+            }
+            Method::BeginLocal => {
+                let r = pb::BeginLocalResponse::decode(response).map_err(|e| {
+                    fail(format!(
+                        "BeginLocal answered OK with an undecodable response: {e}"
+                    ))
+                })?;
+                for tx in &r.tx_ids {
+                    self.note_begun(tx);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1539,10 +1597,8 @@ impl Harness {
             join(&[], branches.iter().map(|g| g.branch.clone()))
         })();
         let req = pb::BeginRequest {
-            commit_locally: false,
             timeout_ms,
             branches: branches.iter().map(|g| g.branch.clone()).collect(),
-            count: 0,
         };
         let next = self.next_seq.get();
         let got = self.call("Begin", |mut c| async move { c.begin(req).await })?;
@@ -1645,30 +1701,30 @@ impl Harness {
         self.probe()
     }
 
-    fn commit_case(&self, target: Target, wait: u64, no_wait: bool) -> Fallible<()> {
+    fn commit_case(&self, target: Target, wait: Option<u64>) -> Fallible<()> {
         let tx = self.target_id(&target, None);
         let class = self.classify(&tx, None);
-        let expected = match &class {
-            TxClass::Invalid(n) => Want::Err(Code::InvalidArgument, n.clone()),
-            _ if wait > MAX_WAIT_MS => want(
+        let expected = match (&class, wait) {
+            (TxClass::Invalid(n), _) => Want::Err(Code::InvalidArgument, n.clone()),
+            (_, Some(w)) if w > MAX_WAIT_MS => want(
                 Code::InvalidArgument,
-                &["phase_two_wait_ms", &wait.to_string()],
+                &["phase_two_wait_ms", &w.to_string()],
             ),
-            TxClass::Unknown => want(Code::NotFound, &[&tx]),
-            TxClass::Earlier | TxClass::Aborted => want(Code::Aborted, &[&tx]),
-            TxClass::Committed => Want::Ok,
-            TxClass::Canary | TxClass::Scratch => {
-                return Err(TestCaseError::reject("would commit the canary"))
-            }
+            (class, _) => match class {
+                TxClass::Unknown => want(Code::NotFound, &[&tx]),
+                TxClass::Earlier | TxClass::Aborted => want(Code::Aborted, &[&tx]),
+                TxClass::Committed => Want::Ok,
+                TxClass::Canary | TxClass::Scratch => {
+                    return Err(TestCaseError::reject("would commit the canary"))
+                }
+                TxClass::Invalid(_) => unreachable!("handled above"),
+            },
         };
         let req = pb::CommitRequest {
-            committed_locally: false,
             tx_id: tx,
             phase_two_wait_ms: wait,
-            no_wait,
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         };
         let got = self.call("Commit", |mut c| async move { c.commit(req).await })?;
         check("Commit", &got, &expected)?;
@@ -1701,7 +1757,6 @@ impl Harness {
         let req = pb::AbortRequest {
             tx_id: tx,
             reason: reason.clone(),
-            unused: false,
         };
         let got = self.call("Abort", |mut c| async move { c.abort(req).await })?;
         let checked = check("Abort", &got, &expected);
@@ -1734,6 +1789,197 @@ impl Harness {
         if let Ok(r) = &got {
             if r.outcome != pb::Outcome::Aborted as i32 {
                 return Err(fail(format!("Abort answered {r:?}")));
+            }
+        }
+        checked?;
+        self.probe()
+    }
+
+    fn begin_local_case(
+        &self,
+        branch: Option<GenBranch>,
+        timeout_ms: u64,
+        count: u32,
+    ) -> Fallible<()> {
+        let expected = match &branch {
+            None => want(Code::InvalidArgument, &["branch is missing"]),
+            Some(g) => match branch_problem(g) {
+                Some(n) => Want::Err(Code::InvalidArgument, n),
+                None if timeout_ms > DAY_MS => want(
+                    Code::InvalidArgument,
+                    &["timeout_ms", &timeout_ms.to_string()],
+                ),
+                None if count > MAX_LOCAL_BEGIN => {
+                    want(Code::InvalidArgument, &[&format!("count is {count}")])
+                }
+                None => Want::Ok,
+            },
+        };
+        let req = pb::BeginLocalRequest {
+            branch: branch.map(|g| g.branch),
+            timeout_ms,
+            count,
+        };
+        let got = self.call(
+            "BeginLocal",
+            |mut c| async move { c.begin_local(req).await },
+        )?;
+        check("BeginLocal", &got, &expected)?;
+        if let Ok(r) = &got {
+            // Left to their timeout: the branch may name a participant that is not there.
+            for tx in &r.tx_ids {
+                self.note_begun(tx);
+            }
+            let timeout = match timeout_ms {
+                0 => ServeConfig::default().tx_timeout_ms,
+                t => t,
+            };
+            let distinct: std::collections::HashSet<&String> = r.tx_ids.iter().collect();
+            if r.tx_ids.len() != count.max(1) as usize
+                || distinct.len() != r.tx_ids.len()
+                || r.epoch != self.epoch
+                || r.timeout_ms != timeout
+            {
+                return Err(fail(format!(
+                    "BeginLocal of {count} with timeout_ms {timeout_ms} answered {r:?}"
+                )));
+            }
+        }
+        self.probe()
+    }
+
+    /// What reporting the local commit of `tx` (alone) answers.
+    fn report_expected(&self, tx: &str) -> Want {
+        match self.classify(tx, None) {
+            TxClass::Invalid(n) => Want::Err(Code::InvalidArgument, n),
+            TxClass::Unknown => want(Code::NotFound, &[tx]),
+            TxClass::Earlier | TxClass::Aborted => want(Code::Aborted, &[tx]),
+            // Finished COMMITTED: the report is answered from the outcome.
+            TxClass::Committed => Want::Ok,
+            TxClass::Canary | TxClass::Scratch => {
+                want(Code::FailedPrecondition, &[tx, "not begun"])
+            }
+        }
+    }
+
+    fn report_case(&self, targets: Vec<Target>, answer_before_durable: bool) -> Fallible<()> {
+        let txs: Vec<String> = targets.iter().map(|t| self.target_id(t, None)).collect();
+        let invalid = txs
+            .iter()
+            .enumerate()
+            .find_map(|(i, tx)| match self.classify(tx, None) {
+                TxClass::Invalid(n) => Some((i, n)),
+                _ => None,
+            });
+        let expected = if txs.is_empty() {
+            want(Code::InvalidArgument, &["tx_ids is empty"])
+        } else if txs.len() > MAX_LOCAL_REPORTS {
+            want(
+                Code::InvalidArgument,
+                &["tx_ids holds", &format!("{} ids", txs.len())],
+            )
+        } else if let Some((i, mut n)) = invalid {
+            n.push(format!("tx_ids[{i}]"));
+            Want::Err(Code::InvalidArgument, n)
+        } else {
+            // The first failure in the order of the ids, named by its transaction when
+            // the report holds several.
+            txs.iter()
+                .map(|tx| (tx, self.report_expected(tx)))
+                .find(|(_, w)| !matches!(w, Want::Ok))
+                .map_or(Want::Ok, |(tx, w)| match w {
+                    Want::Err(code, mut n) if txs.len() > 1 => {
+                        n.push(format!("transaction {tx}: "));
+                        Want::Err(code, n)
+                    }
+                    w => w,
+                })
+        };
+        let req = pb::ReportLocalCommitsRequest {
+            tx_ids: txs.clone(),
+            answer_before_durable,
+        };
+        let got = self.call("ReportLocalCommits", |mut c| async move {
+            c.report_local_commits(req).await
+        })?;
+        check("ReportLocalCommits", &got, &expected)?;
+        if let Ok(r) = &got {
+            if r.recorded as usize != txs.len() || r.epoch != self.epoch {
+                return Err(fail(format!(
+                    "a report of {} transactions answered {r:?}",
+                    txs.len()
+                )));
+            }
+        }
+        self.probe()
+    }
+
+    /// ReleaseUnused of `target`, or (`local`) of a local transaction begun for the case.
+    fn release_case(&self, target: Target, local: bool) -> Fallible<()> {
+        let scratch = match &target {
+            _ if local => {
+                let req = pb::BeginLocalRequest {
+                    branch: Some(local_branch(
+                        "l1",
+                        &self.participant,
+                        0,
+                        pb::BranchKind::Database,
+                    )),
+                    timeout_ms: DAY_MS,
+                    count: 1,
+                };
+                let r = self.call("BeginLocal (scratch)", |mut c| async move {
+                    c.begin_local(req).await
+                })?;
+                let r = r.map_err(|s| fail(format!("BeginLocal of a scratch tx failed: {s:?}")))?;
+                let tx = r.tx_ids.first().cloned().unwrap_or_default();
+                self.note_begun(&tx);
+                Some(tx)
+            }
+            Target::Scratch(b) => Some(self.begin_scratch(b)?),
+            _ => None,
+        };
+        let tx = match &scratch {
+            Some(id) if local => id.clone(),
+            _ => self.target_id(&target, scratch.as_deref()),
+        };
+        let expected = match self.classify(&tx, scratch.as_deref()) {
+            TxClass::Scratch if local => Want::Ok,
+            TxClass::Invalid(n) => Want::Err(Code::InvalidArgument, n),
+            TxClass::Unknown => want(Code::NotFound, &[&tx]),
+            TxClass::Earlier | TxClass::Aborted => Want::Ok,
+            TxClass::Committed => want(Code::FailedPrecondition, &[&tx, "COMMITTED"]),
+            TxClass::Canary | TxClass::Scratch => {
+                want(Code::FailedPrecondition, &[&tx, "not begun"])
+            }
+        };
+        let req = pb::ReleaseUnusedRequest { tx_id: tx.clone() };
+        let got = self.call("ReleaseUnused", |mut c| async move {
+            c.release_unused(req).await
+        })?;
+        let checked = check("ReleaseUnused", &got, &expected);
+        if let Some(id) = &scratch {
+            let v = self
+                .get(id)?
+                .map_err(|s| fail(format!("GetTransaction of the scratch tx: {s:?}")))?;
+            if local {
+                if v.outcome != pb::Outcome::Aborted as i32 {
+                    return Err(fail(format!(
+                        "after ReleaseUnused the local scratch tx reads {v:?}; expected ABORTED"
+                    )));
+                }
+            } else {
+                if v.state != pb::TxState::Active as i32 {
+                    return Err(fail(format!(
+                        "a refused ReleaseUnused changed the scratch tx: {v:?}"
+                    )));
+                }
+                self.clean_up(id)?;
+            }
+        }
+        if let Ok(r) = &got {
+            if r.outcome != pb::Outcome::Aborted as i32 {
+                return Err(fail(format!("ReleaseUnused answered {r:?}")));
             }
         }
         checked?;
@@ -1815,8 +2061,8 @@ impl Harness {
 
     fn garbage_case(&self, m: Method, bytes: Vec<u8>) -> Fallible<()> {
         let decoded = m.decode(&bytes);
-        if let Some(Some(tx)) = &decoded {
-            if *tx == self.canary && m != Method::GetTransaction {
+        if let Some(txs) = &decoded {
+            if txs.contains(&self.canary) && m != Method::GetTransaction {
                 return Err(TestCaseError::reject("names the canary"));
             }
         }
@@ -1848,11 +2094,7 @@ impl Harness {
                 }
             }
             (Some(_), Err(s)) => clean_status(&what, s, DOCUMENTED)?,
-            (Some(_), Ok(r)) => {
-                if m == Method::Begin {
-                    self.begun_by_garbage(r)?;
-                }
-            }
+            (Some(_), Ok(r)) => self.begun_by_garbage(m, r)?,
         }
         self.probe()
     }
@@ -1870,9 +2112,9 @@ impl Harness {
         if s.code() != Code::Ok {
             let allowed: Vec<Code> = DOCUMENTED.iter().chain(DECODE_CODES).copied().collect();
             clean_status(&what, s, &allowed)?;
-        } else if m == Method::Begin {
+        } else {
             let payload = a.data.get(5..).unwrap_or_default();
-            self.begun_by_garbage(payload)?;
+            self.begun_by_garbage(m, payload)?;
         }
         self.probe()
     }
@@ -1951,19 +2193,18 @@ fn enlist_with_random_input_is_answered_cleanly() {
 fn commit_with_random_input_is_answered_cleanly() {
     let h = Harness::start("commit");
     let waits = prop_oneof![
-        2 => Just(0u64),
-        2 => 1u64..=MAX_WAIT_MS,
-        1 => Just(MAX_WAIT_MS),
-        1 => Just(MAX_WAIT_MS + 1),
-        1 => MAX_WAIT_MS + 1..,
+        2 => Just(None),
+        1 => Just(Some(0u64)),
+        2 => (1u64..=MAX_WAIT_MS).prop_map(Some),
+        1 => Just(Some(MAX_WAIT_MS)),
+        1 => Just(Some(MAX_WAIT_MS + 1)),
+        1 => (MAX_WAIT_MS + 1..).prop_map(Some),
     ];
     let strategy = prop_oneof![
-        1 => (Just(Target::Canary), MAX_WAIT_MS + 1.., any::<bool>()),
-        5 => (target(&h, false), waits, any::<bool>()),
+        1 => (Just(Target::Canary), (MAX_WAIT_MS + 1..).prop_map(Some)),
+        5 => (target(&h, false), waits),
     ];
-    check_property("Commit", CASES, strategy, |(t, w, n)| {
-        h.commit_case(t, w, n)
-    });
+    check_property("Commit", CASES, strategy, |(t, w)| h.commit_case(t, w));
 }
 
 #[test]
@@ -1974,6 +2215,60 @@ fn abort_with_random_input_is_answered_cleanly() {
         5 => (target(&h, true), reason()),
     ];
     check_property("Abort", CASES, strategy, |(t, r)| h.abort_case(t, r));
+}
+
+#[test]
+fn begin_local_with_random_input_is_answered_cleanly() {
+    let h = Harness::start("begin-local");
+    let port = h.participant_port;
+    let branch = prop_oneof![
+        1 => Just(None),
+        6 => gen_branch(port, branch_id()).prop_map(Some),
+    ];
+    let counts = prop_oneof![
+        6 => 0u32..=4,
+        1 => 5u32..=MAX_LOCAL_BEGIN,
+        1 => Just(MAX_LOCAL_BEGIN + 1),
+        1 => MAX_LOCAL_BEGIN + 1..,
+    ];
+    let strategy = (branch, timeout_ms(), counts);
+    check_property("BeginLocal", CASES, strategy, |(b, t, n)| {
+        h.begin_local_case(b, t, n)
+    });
+}
+
+#[test]
+fn report_local_commits_with_random_ids_is_answered_cleanly() {
+    let h = Harness::start("report");
+    let one = prop_oneof![
+        1 => Just(Target::Canary),
+        6 => target(&h, false),
+    ];
+    let strategy = prop_oneof![
+        1 => Just(Vec::new()),
+        6 => vec(one, 1..5),
+        1 => (MAX_LOCAL_REPORTS - 1..MAX_LOCAL_REPORTS + 40)
+            .prop_map(|n| vec![Target::Committed; n]),
+    ];
+    check_property(
+        "ReportLocalCommits",
+        CASES,
+        (strategy, any::<bool>()),
+        |(t, before_durable)| h.report_case(t, before_durable),
+    );
+}
+
+#[test]
+fn release_unused_with_random_ids_is_answered_cleanly() {
+    let h = Harness::start("release");
+    let strategy = prop_oneof![
+        1 => (Just(Target::Canary), Just(false)),
+        2 => (Just(Target::Committed), Just(true)),
+        5 => (target(&h, true), Just(false)),
+    ];
+    check_property("ReleaseUnused", CASES, strategy, |(t, l)| {
+        h.release_case(t, l)
+    });
 }
 
 #[test]
@@ -2059,10 +2354,8 @@ impl Harness {
         branches: Vec<pb::Branch>,
     ) -> Fallible<Result<pb::BeginResponse, Status>> {
         let req = pb::BeginRequest {
-            commit_locally: false,
             timeout_ms,
             branches,
-            count: 0,
         };
         let r = self.call("Begin", |mut c| async move { c.begin(req).await })?;
         if let Ok(b) = &r {
@@ -2086,15 +2379,56 @@ impl Harness {
 
     fn commit_req(&self, tx: &str, wait: u64) -> Fallible<Result<pb::CommitResponse, Status>> {
         let req = pb::CommitRequest {
-            committed_locally: false,
             tx_id: tx.to_string(),
-            phase_two_wait_ms: wait,
-            no_wait: false,
+            phase_two_wait_ms: Some(wait),
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         };
         self.call("Commit", |mut c| async move { c.commit(req).await })
+    }
+
+    fn begin_local_req(
+        &self,
+        branch: Option<pb::Branch>,
+        timeout_ms: u64,
+        count: u32,
+    ) -> Fallible<Result<pb::BeginLocalResponse, Status>> {
+        let req = pb::BeginLocalRequest {
+            branch,
+            timeout_ms,
+            count,
+        };
+        let r = self.call(
+            "BeginLocal",
+            |mut c| async move { c.begin_local(req).await },
+        )?;
+        if let Ok(b) = &r {
+            for tx in &b.tx_ids {
+                self.note_begun(tx);
+                self.release_req(tx)?
+                    .map_err(|s| fail(format!("ReleaseUnused of {tx} (clean-up): {s:?}")))?;
+            }
+        }
+        Ok(r)
+    }
+
+    fn report_req(&self, txs: &[&str]) -> Fallible<Result<pb::ReportLocalCommitsResponse, Status>> {
+        let req = pb::ReportLocalCommitsRequest {
+            tx_ids: txs.iter().map(|t| t.to_string()).collect(),
+            answer_before_durable: false,
+        };
+        self.call("ReportLocalCommits", |mut c| async move {
+            c.report_local_commits(req).await
+        })
+    }
+
+    fn release_req(&self, tx: &str) -> Fallible<Result<pb::ReleaseUnusedResponse, Status>> {
+        let req = pb::ReleaseUnusedRequest {
+            tx_id: tx.to_string(),
+        };
+        self.call("ReleaseUnused", |mut c| async move {
+            c.release_unused(req).await
+        })
     }
 
     fn list_req(
@@ -2428,6 +2762,106 @@ fn malformed_requests_get_the_documented_code() {
         Err(e) => t.failures.push(format!("Begin of a scratch tx: {e}")),
     }
 
+    // BeginLocal.
+    t.expect(
+        "BeginLocal without a branch",
+        h.begin_local_req(None, 0, 1),
+        inv(&["branch is missing"]),
+    );
+    t.expect(
+        "BeginLocal with a bad branch id",
+        h.begin_local_req(Some(ok_branch("a b")), 0, 1),
+        inv(&["branch_id", "\"a b\""]),
+    );
+    t.expect(
+        "BeginLocal with a bad endpoint",
+        h.begin_local_req(Some(with_endpoint("ftp://127.0.0.1:21")), 0, 1),
+        inv_ep("scheme"),
+    );
+    t.expect(
+        "BeginLocal with timeout_ms over 24 h",
+        h.begin_local_req(Some(ok_branch("l")), DAY_MS + 1, 1),
+        inv(&["timeout_ms", &(DAY_MS + 1).to_string()]),
+    );
+    t.expect(
+        "BeginLocal of 257",
+        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN + 1),
+        inv(&["count is 257", "at most 256"]),
+    );
+    t.expect(
+        "BeginLocal of 256",
+        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN),
+        Want::Ok,
+    );
+
+    // ReportLocalCommits.
+    t.expect(
+        "ReportLocalCommits of no ids",
+        h.report_req(&[]),
+        inv(&["tx_ids is empty"]),
+    );
+    let many_ids = vec![h.committed.as_str(); MAX_LOCAL_REPORTS + 1];
+    t.expect(
+        "ReportLocalCommits of 1025 ids",
+        h.report_req(&many_ids),
+        inv(&["tx_ids holds 1025 ids", "at most 1024"]),
+    );
+    t.expect(
+        "ReportLocalCommits of 1024 ids (the committed tx)",
+        h.report_req(&many_ids[1..]),
+        Want::Ok,
+    );
+    t.expect(
+        "ReportLocalCommits with an invalid second id (nothing recorded)",
+        h.report_req(&[h.committed.as_str(), ".."]),
+        inv(&["tx_ids[1]", "\"..\""]),
+    );
+    t.expect(
+        "ReportLocalCommits of an ordinary transaction",
+        h.report_req(&[h.canary.as_str()]),
+        want(FailedPrecondition, &[&h.canary, "not begun"]),
+    );
+    t.expect(
+        "ReportLocalCommits naming an ordinary transaction second",
+        h.report_req(&[h.committed.as_str(), h.canary.as_str()]),
+        want(
+            FailedPrecondition,
+            &[&format!("transaction {}: ", h.canary)],
+        ),
+    );
+    t.expect(
+        "ReportLocalCommits of an unknown id",
+        h.report_req(&[unknown.as_str()]),
+        want(NotFound, &[&unknown]),
+    );
+    t.expect(
+        "ReportLocalCommits of an aborted tx",
+        h.report_req(&[h.aborted.as_str()]),
+        want(Aborted, &[&h.aborted]),
+    );
+
+    // ReleaseUnused.
+    t.expect(
+        "ReleaseUnused of an empty id",
+        h.release_req(""),
+        inv(&["tx_id", "empty"]),
+    );
+    t.expect(
+        "ReleaseUnused of an ordinary transaction",
+        h.release_req(&h.canary),
+        want(FailedPrecondition, &[&h.canary, "not begun"]),
+    );
+    t.expect(
+        "ReleaseUnused of a committed tx",
+        h.release_req(&h.committed),
+        want(FailedPrecondition, &[&h.committed, "COMMITTED"]),
+    );
+    t.expect(
+        "ReleaseUnused of an unknown id",
+        h.release_req(&unknown),
+        want(NotFound, &[&unknown]),
+    );
+
     t.note(h.probe());
     assert!(
         t.failures.is_empty(),
@@ -2435,4 +2869,183 @@ fn malformed_requests_get_the_documented_code() {
         t.failures.len(),
         t.failures.join("\n")
     );
+}
+
+/// A coordinator running with one-phase commits off refuses BeginLocal, naming the
+/// setting; everything else answers as usual.
+#[test]
+fn local_begins_name_the_setting_when_one_phase_commits_are_off() {
+    let h = Harness::start_with("one-phase-off", false);
+    let mut t = Table::default();
+    let branch = local_branch("l", &h.participant, 0, pb::BranchKind::Database);
+    for count in [0, 1, 5] {
+        t.expect(
+            &format!("BeginLocal of {count} with one-phase commits off"),
+            h.begin_local_req(Some(branch.clone()), 0, count),
+            want(
+                Code::FailedPrecondition,
+                &["local commits need one-phase commits", "--one-phase"],
+            ),
+        );
+    }
+    // Input is still checked first.
+    t.expect(
+        "BeginLocal without a branch, one-phase commits off",
+        h.begin_local_req(None, 0, 1),
+        want(Code::InvalidArgument, &["branch is missing"]),
+    );
+    t.expect(
+        "Begin of the same branch, one-phase commits off",
+        h.begin_req(0, vec![branch]),
+        Want::Ok,
+    );
+    t.expect(
+        "ReportLocalCommits of an ordinary transaction, one-phase commits off",
+        h.report_req(&[h.canary.as_str()]),
+        want(Code::FailedPrecondition, &[&h.canary, "not begun"]),
+    );
+    t.note(h.probe());
+    assert!(
+        t.failures.is_empty(),
+        "{} failures:\n{}",
+        t.failures.len(),
+        t.failures.join("\n")
+    );
+}
+
+/// Votes yes on branch "a" and no on branch "b"; answers aborts without a result while
+/// `silent`, then with ABORTED.
+struct SilentAborts {
+    silent: std::sync::atomic::AtomicBool,
+    aborts: std::sync::atomic::AtomicU64,
+}
+
+impl Behaviour for SilentAborts {
+    fn prepare(&self, req: &pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
+        let vote = if req.branch_id == "b" {
+            pb::Vote::No
+        } else {
+            pb::Vote::Yes
+        };
+        Ok(pb::PrepareResponse {
+            vote: vote as i32,
+            reason: "no, for the test".into(),
+        })
+    }
+
+    fn abort(&self, _req: &pb::AbortBranchRequest) -> Result<pb::AbortBranchResponse, Status> {
+        use std::sync::atomic::Ordering;
+        self.aborts.fetch_add(1, Ordering::SeqCst);
+        let result = if self.silent.load(Ordering::SeqCst) {
+            pb::AbortResult::Unspecified
+        } else {
+            pb::AbortResult::Aborted
+        };
+        Ok(pb::AbortBranchResponse {
+            result: result as i32,
+        })
+    }
+}
+
+/// A prepared branch whose participant answers its abort without a result has not been
+/// aborted: the coordinator records the failed delivery (naming the participant and the
+/// field), keeps the transaction ABORTING and asks again, and finishes it only once the
+/// participant answers ABORTED.
+#[test]
+fn an_abort_answered_without_a_result_is_asked_again() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    rt.block_on(async {
+        let behaviour = Arc::new(SilentAborts {
+            silent: AtomicBool::new(true),
+            aborts: AtomicU64::new(0),
+        });
+        let participant = TestParticipant::start(behaviour.clone(), Services::UnaryOnly)
+            .await
+            .expect("start the participant");
+        let log = Arc::new(SledLog::open(dir.path(), SledLogOptions::default()).expect("open"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let cfg = ServeConfig {
+            retry_initial_ms: 10,
+            retry_max_ms: 50,
+            ..ServeConfig::default()
+        };
+        let server = tokio::spawn(async move {
+            let _ = server::run_with_log(cfg, log, listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        let mut c = CoordinatorClient::new(connect(&addr).await);
+        let endpoint = participant.endpoint.clone();
+        let tx_id = c
+            .begin(pb::BeginRequest {
+                timeout_ms: 0,
+                branches: vec![
+                    local_branch("a", &endpoint, 0, pb::BranchKind::Database),
+                    local_branch("b", &endpoint, 0, pb::BranchKind::Database),
+                ],
+            })
+            .await
+            .expect("Begin")
+            .into_inner()
+            .tx_id;
+        let e = c
+            .commit(pb::CommitRequest {
+                tx_id: tx_id.clone(),
+                phase_two_wait_ms: None,
+                branches: Vec::new(),
+                answer_before_durable: false,
+            })
+            .await
+            .expect_err("branch b votes no");
+        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        // Answered without a result, again and again: the prepared branch is not aborted.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = c
+                .get_transaction(pb::GetTransactionRequest {
+                    tx_id: tx_id.clone(),
+                })
+                .await
+                .expect("GetTransaction")
+                .into_inner();
+            assert_eq!(v.state, pb::TxState::Aborting as i32, "{v:?}");
+            let a = v
+                .branches
+                .iter()
+                .find(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "a"))
+                .expect("branch a is still held");
+            assert_ne!(a.state, pb::BranchState::Aborted as i32, "{v:?}");
+            if a.attempts >= 3 && behaviour.aborts.load(Ordering::SeqCst) >= 3 {
+                for needle in [
+                    endpoint.as_str(),
+                    "AbortBranchResponse.result",
+                    "without a result",
+                ] {
+                    assert!(a.last_error.contains(needle), "{needle:?} in {a:?}");
+                }
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the abort was not asked again: {v:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Once the participant says ABORTED, the transaction finishes.
+        behaviour.silent.store(false, Ordering::SeqCst);
+        let v = get_until(&mut c, &tx_id, pb::TxState::Aborted).await;
+        assert_eq!(v.outcome, pb::Outcome::Aborted as i32, "{v:?}");
+        let _ = stop.send(());
+        let _ = server.await;
+        drop(participant);
+    });
 }

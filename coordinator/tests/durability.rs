@@ -150,23 +150,18 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
         let begin = s
             .client
             .begin(pb::BeginRequest {
-                commit_locally: false,
                 timeout_ms: 0,
                 branches: branches(&s.endpoint, 2),
-                count: 0,
             })
             .await;
         let tx_id = begin.expect("begin").into_inner().tx_id;
         let resp = s
             .client
             .commit(pb::CommitRequest {
-                committed_locally: false,
                 tx_id: tx_id.clone(),
-                phase_two_wait_ms: 0,
-                no_wait: false,
+                phase_two_wait_ms: None,
                 branches: Vec::new(),
                 answer_before_durable: false,
-                more_tx_ids: Vec::new(),
             })
             .await
             .expect("commit")
@@ -219,10 +214,8 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let tx_id = s
         .client
         .begin(pb::BeginRequest {
-            commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint, 2),
-            count: 0,
         })
         .await
         .expect("begin")
@@ -232,13 +225,10 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let err = s
         .client
         .commit(pb::CommitRequest {
-            committed_locally: false,
             tx_id: tx_id.clone(),
-            phase_two_wait_ms: 0,
-            no_wait: false,
+            phase_two_wait_ms: None,
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         })
         .await
         .expect_err("commit must fail when the decision cannot be synced");
@@ -294,13 +284,10 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     let err = s
         .client
         .commit(pb::CommitRequest {
-            committed_locally: false,
             tx_id,
-            phase_two_wait_ms: 0,
-            no_wait: false,
+            phase_two_wait_ms: None,
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         })
         .await
         .expect_err("in doubt");

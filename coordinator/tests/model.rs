@@ -11,10 +11,10 @@
 //!   (`Command::Sync`) before the commit goes out; the participant decides (commits, or
 //!   refuses and rolls back); the engine writes `OnePhaseCommitted` and syncs it before the
 //!   client hears "committed" — or, for a client that asks for an early answer
-//!   ([`TwoPcModel::early_answer`], what the SDK does), answers at once and leaves the sync
+//!   ([`TwoPcModel::answer_before_durable`], what the SDK does), answers at once and leaves the sync
 //!   to the client's `Barrier` ([`Action::Barrier`]); a restart that finds a synced intent
 //!   without an outcome sends the branch an abort, which it answers with what it did.
-//!   With [`TwoPcModel::local_commit`] the transaction is begun with `commit_locally` (the
+//!   With [`TwoPcModel::local_commit`] the transaction is begun with BeginLocal (the
 //!   SDK's `begin_local`): the client's own participant commits once a Barrier of the
 //!   Begin's epoch returned, and reports it (`Event::CommittedLocally`); an Abort or the
 //!   transaction timeout makes the engine ask the participant.
@@ -657,8 +657,8 @@ struct TwoPcModel {
     client_abort: bool,
     /// The client's Commit asks for an early answer (`CommitRequest.answer_before_durable`,
     /// as the SDK does): its participant forgets the branch only after a Barrier.
-    early_answer: bool,
-    /// One branch begun with `commit_locally` (the SDK's `begin_local`): the client's own
+    answer_before_durable: bool,
+    /// One branch begun with BeginLocal (the SDK's `begin_local`): the client's own
     /// participant commits after a Barrier of the Begin's epoch and reports it; a plain
     /// Commit only after a Barrier of another epoch (the SDK's fallback). Implies early
     /// answers.
@@ -702,7 +702,7 @@ impl Default for TwoPcModel {
             bounds: Bounds::default(),
             completions: Arc::default(),
             client_abort: false,
-            early_answer: false,
+            answer_before_durable: false,
             local_commit: false,
             broken_local_commit_without_barrier: false,
             broken_forget_without_barrier: false,
@@ -965,7 +965,8 @@ impl TwoPcModel {
                     .outcome_of(&the_tx(), s.log.has_commit())
                     .ok()
                     .flatten();
-                if outcome == Some(Outcome::Committed) && (is_abort || !self.early_answer) {
+                if outcome == Some(Outcome::Committed) && (is_abort || !self.answer_before_durable)
+                {
                     s.log.sync();
                 }
                 outcome
@@ -992,7 +993,7 @@ impl TwoPcModel {
                 let req = COMMIT_REQ + s.client.commits as ReqId;
                 s.client.commits += 1;
                 s.client.commit_waiting = Some(req);
-                let answer_before_durable = self.early_answer;
+                let answer_before_durable = self.answer_before_durable;
                 self.dispatch(
                     s,
                     Event::Commit {
@@ -1159,7 +1160,7 @@ impl TwoPcModel {
     fn may_forget(&self, s: &State, i: usize) -> bool {
         let p = &s.participants[i];
         self.branches == 1
-            && (!self.early_answer || self.broken_forget_without_barrier)
+            && (!self.answer_before_durable || self.broken_forget_without_barrier)
             && p.state == PState::Committed
             && !p.forgot
             && s.client.told_committed
@@ -1168,7 +1169,7 @@ impl TwoPcModel {
     /// Whether the client may call Barrier now: it was told COMMITTED early, its participant
     /// still remembers the branch, and the coordinator is up.
     fn may_barrier(&self, s: &State) -> bool {
-        self.early_answer
+        self.answer_before_durable
             && s.engine.is_some()
             && s.client.told_committed
             && s.participants
@@ -1556,7 +1557,7 @@ impl Model for TwoPcModel {
                 let told_one = !(s.client.told_committed && s.client.told_aborted);
                 let told_durably = !s.client.told_committed
                     || s.log.commit_durable()
-                    || (m.early_answer && s.participants.iter().all(|p| !p.forgot));
+                    || (m.answer_before_durable && s.participants.iter().all(|p| !p.forgot));
                 let log = !s.log.commit_written()
                     || s.participants
                         .iter()
@@ -1881,7 +1882,7 @@ fn one_phase_commit_survives_repeated_crashes_and_network_faults() {
 /// COMMITTED before the outcome is durable, and its participant forgets the branch only
 /// after a Barrier from the same epoch. Every fault of the repeated-crash run.
 #[test]
-fn one_phase_commit_with_early_answers_and_barriers_is_safe_and_live() {
+fn one_phase_commit_answered_before_durable_with_barriers_is_safe_and_live() {
     let model = TwoPcModel {
         branches: 1,
         bounds: Bounds {
@@ -1893,7 +1894,7 @@ fn one_phase_commit_with_early_answers_and_barriers_is_safe_and_live() {
             client_commits: 3,
         },
         client_abort: true,
-        early_answer: true,
+        answer_before_durable: true,
         ..Default::default()
     };
     let checker = check(model, HasDiscoveries::All);
@@ -1907,7 +1908,7 @@ fn one_phase_commit_with_early_answers_and_barriers_is_safe_and_live() {
 /// makes a restarted coordinator's abort find nothing: the transaction is reported ABORTED
 /// though the branch committed.
 #[test]
-fn checker_catches_forgetting_an_early_answer_before_its_barrier() {
+fn checker_catches_forgetting_a_commit_answered_before_durable_before_its_barrier() {
     for (without_barrier, any_epoch) in [(true, false), (false, true)] {
         let model = TwoPcModel {
             branches: 1,
@@ -1919,7 +1920,7 @@ fn checker_catches_forgetting_an_early_answer_before_its_barrier() {
                 losses: 0,
                 client_commits: 2,
             },
-            early_answer: true,
+            answer_before_durable: true,
             broken_forget_without_barrier: without_barrier,
             broken_barrier_any_epoch: any_epoch,
             ..Default::default()
@@ -1989,7 +1990,7 @@ const LOCAL_EXAMPLES: [&str; 6] = [
     "a local commit is reported",
 ];
 
-/// One branch begun with `commit_locally` (the SDK's `begin_local`): the client's own
+/// One branch begun with BeginLocal (the SDK's `begin_local`): the client's own
 /// participant commits after a Barrier of the Begin's epoch and reports it, races a client
 /// Abort and the transaction timeout (each answered by asking the participant), and a
 /// coordinator that restarts before the Barrier makes the client commit through it
@@ -2008,7 +2009,7 @@ fn local_one_phase_commit_is_safe_and_live() {
             client_commits: 1,
         },
         client_abort: true,
-        early_answer: true,
+        answer_before_durable: true,
         local_commit: true,
         ..Default::default()
     };
@@ -2032,7 +2033,7 @@ fn checker_catches_a_local_commit_before_its_barrier() {
             losses: 0,
             client_commits: 1,
         },
-        early_answer: true,
+        answer_before_durable: true,
         local_commit: true,
         broken_local_commit_without_barrier: true,
         ..Default::default()

@@ -153,21 +153,16 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
         tasks.push(tokio::spawn(async move {
             let begun = p
                 .begin(pb::BeginRequest {
-                    commit_locally: false,
                     timeout_ms: 0,
                     branches,
-                    count: 0,
                 })
                 .await
                 .map_err(Status::from)?;
             p.commit(pb::CommitRequest {
-                committed_locally: false,
                 tx_id: begun.tx_id,
-                phase_two_wait_ms: 0,
-                no_wait: false,
+                phase_two_wait_ms: None,
                 branches: Vec::new(),
                 answer_before_durable: false,
-                more_tx_ids: Vec::new(),
             })
             .await
             .map_err(Status::from)
@@ -218,13 +213,10 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     ];
     for tx_id in cases {
         let req = pb::CommitRequest {
-            committed_locally: false,
             tx_id: tx_id.clone(),
-            phase_two_wait_ms: 0,
-            no_wait: false,
+            phase_two_wait_ms: None,
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         };
         let piped = p.commit(req.clone()).await.map_err(Status::from);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
@@ -240,7 +232,6 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     let too_long_reason = pb::AbortRequest {
         tx_id: "x".into(),
         reason: "r".repeat(5000),
-        unused: false,
     };
     let e = p
         .abort(too_long_reason)
@@ -251,10 +242,8 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
     // A transaction begun over the pipeline is the same transaction for unary calls.
     let begun = p
         .begin(pb::BeginRequest {
-            commit_locally: false,
             timeout_ms: 0,
             branches: branches(&s.endpoint),
-            count: 0,
         })
         .await
         .map_err(Status::from)
@@ -263,19 +252,15 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         .abort(pb::AbortRequest {
             tx_id: begun.tx_id.clone(),
             reason: "changed my mind".into(),
-            unused: false,
         })
         .await
         .expect("abort");
     let e = p
         .commit(pb::CommitRequest {
-            committed_locally: false,
             tx_id: begun.tx_id,
-            phase_two_wait_ms: 0,
-            no_wait: false,
+            phase_two_wait_ms: None,
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         })
         .await
         .map_err(Status::from)
@@ -324,13 +309,10 @@ async fn commit_enlists_the_branches_it_carries() {
         .map_err(Status::from)
         .expect("begin");
     let commit = pb::CommitRequest {
-        committed_locally: false,
         tx_id: begun.tx_id.clone(),
-        phase_two_wait_ms: 0,
-        no_wait: false,
+        phase_two_wait_ms: None,
         branches: branches(&s.endpoint),
         answer_before_durable: false,
-        more_tx_ids: Vec::new(),
     };
     let resp = p
         .commit(commit.clone())
@@ -365,13 +347,10 @@ async fn commit_enlists_the_branches_it_carries() {
     bad[1].participant_endpoint = "not a url".into();
     let e = unary
         .commit(pb::CommitRequest {
-            committed_locally: false,
             tx_id: begun.tx_id.clone(),
-            phase_two_wait_ms: 0,
-            no_wait: false,
+            phase_two_wait_ms: None,
             branches: bad,
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -386,13 +365,18 @@ async fn commit_enlists_the_branches_it_carries() {
     assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
 }
 
-/// `e` refuses a call that only a local transaction (begun with `commit_locally`) takes.
+/// `e` refuses a call that only a local transaction (begun with BeginLocal) takes.
 fn assert_refused_as_not_local(e: &Status) {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains("not begun with commit_locally"),
-        "{e:?}"
-    );
+    assert!(e.message().contains("not begun"), "{e:?}");
+}
+
+/// A report of the local commits of `tx_ids`, answered before the outcomes are durable.
+fn report(tx_ids: &[String]) -> pb::ReportLocalCommitsRequest {
+    pb::ReportLocalCommitsRequest {
+        tx_ids: tx_ids.to_vec(),
+        answer_before_durable: true,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,86 +385,66 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
     let p = pipeline(&s.channel);
     let mut unary = CoordinatorClient::new(s.channel.clone());
     let two = branches(&s.endpoint);
-    let one = vec![two[0].clone()];
-    // commit_locally needs exactly one branch.
-    for bad in [Vec::new(), two.clone()] {
-        let req = pb::BeginRequest {
-            timeout_ms: 0,
-            branches: bad.clone(),
-            commit_locally: true,
-            count: 0,
-        };
-        let e = p.begin(req).await.map_err(Status::from).unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        assert!(
-            e.message().contains(&format!(
-                "exactly one branch in branches (got {})",
-                bad.len()
-            )),
-            "{e:?}"
-        );
-    }
+    // BeginLocal needs its branch.
+    let e = p
+        .begin_local(pb::BeginLocalRequest::default())
+        .await
+        .map_err(Status::from)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("branch is missing"), "{e:?}");
     let local = p
-        .begin(pb::BeginRequest {
+        .begin_local(pb::BeginLocalRequest {
+            branch: Some(two[0].clone()),
             timeout_ms: 0,
-            branches: one,
-            commit_locally: true,
             count: 0,
         })
         .await
         .map_err(Status::from)
         .expect("begin local");
-    assert!(local.commit_locally && local.epoch > 0, "{local:?}");
+    assert!(local.tx_ids.len() == 1 && local.epoch > 0, "{local:?}");
+    let tx_id = local.tx_ids[0].clone();
     // No other branch can join it.
     let e = unary
         .enlist(pb::EnlistRequest {
-            tx_id: local.tx_id.clone(),
+            tx_id: tx_id.clone(),
             branch: Some(two[1].clone()),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("commit_locally"), "{e:?}");
-    let report = |tx_id: &str, branches: Vec<pb::Branch>| pb::CommitRequest {
-        tx_id: tx_id.to_string(),
-        branches,
-        committed_locally: true,
-        answer_before_durable: true,
-        ..Default::default()
-    };
-    // A report carries no branches, and only a local transaction takes one.
+    // A report names at least one transaction, and only a local transaction takes one.
     let e = p
-        .commit(report(&local.tx_id, two.clone()))
+        .report_local_commits(report(&[]))
         .await
         .map_err(Status::from)
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("tx_ids is empty"), "{e:?}");
     let plain = p
         .begin(pb::BeginRequest {
             timeout_ms: 0,
             branches: two,
-            commit_locally: false,
-            count: 0,
         })
         .await
         .map_err(Status::from)
         .expect("begin");
     let e = unary
-        .commit(report(&plain.tx_id, Vec::new()))
+        .report_local_commits(report(std::slice::from_ref(&plain.tx_id)))
         .await
         .unwrap_err();
     assert_refused_as_not_local(&e);
     // The report records the outcome; the participant heard nothing of the transaction.
     let r = p
-        .commit(report(&local.tx_id, Vec::new()))
+        .report_local_commits(report(std::slice::from_ref(&tx_id)))
         .await
         .map_err(Status::from)
         .expect("report");
-    assert_eq!(r.outcome, pb::Outcome::Committed as i32);
+    assert_eq!(r.recorded, 1, "{r:?}");
     assert_eq!(r.epoch, local.epoch);
     let got = unary
         .get_transaction(pb::GetTransactionRequest {
-            tx_id: local.tx_id.clone(),
+            tx_id: tx_id.clone(),
         })
         .await
         .expect("get")
@@ -488,11 +452,11 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
     assert_eq!(got.outcome, pb::Outcome::Committed as i32, "{got:?}");
     // Repeated: answered from the log, the same.
     let again = unary
-        .commit(report(&local.tx_id, Vec::new()))
+        .report_local_commits(report(std::slice::from_ref(&tx_id)))
         .await
         .expect("repeated report")
         .into_inner();
-    assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+    assert_eq!(again.recorded, 1, "{again:?}");
     assert_eq!(
         s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst),
         0,
@@ -506,34 +470,25 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
     let p = pipeline(&s.channel);
     let mut unary = CoordinatorClient::new(s.channel.clone());
     let two = branches(&s.endpoint);
-    let one = vec![two[0].clone()];
-    let begin = |branches: Vec<pb::Branch>, commit_locally: bool, count: u32| pb::BeginRequest {
+    let begin_local = |count: u32| pb::BeginLocalRequest {
+        branch: Some(two[0].clone()),
         timeout_ms: 0,
-        branches,
-        commit_locally,
         count,
     };
-    // Several at once only for local transactions, and at most 256.
-    for (req, what) in [
-        (begin(two.clone(), false, 2), "needs commit_locally"),
-        (begin(one.clone(), true, 257), "at most 256"),
-    ] {
-        let e = unary.begin(req).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains(what), "{e:?}");
-        assert!(e.message().contains("count is"), "{e:?}");
-    }
+    // At most 256 at once.
+    let e = unary.begin_local(begin_local(257)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("count is 257"), "{e:?}");
+    assert!(e.message().contains("at most 256"), "{e:?}");
     let ahead = p
-        .begin(begin(one.clone(), true, 5))
+        .begin_local(begin_local(5))
         .await
         .map_err(Status::from)
         .expect("begin ahead");
-    assert!(ahead.commit_locally && ahead.epoch > 0, "{ahead:?}");
-    assert_eq!(ahead.more_tx_ids.len(), 4, "{ahead:?}");
+    assert!(ahead.epoch > 0, "{ahead:?}");
+    assert_eq!(ahead.tx_ids.len(), 5, "{ahead:?}");
     assert_eq!(ahead.timeout_ms, 60_000, "the default timeout: {ahead:?}");
-    let mut ids: Vec<String> = std::iter::once(ahead.tx_id.clone())
-        .chain(ahead.more_tx_ids.clone())
-        .collect();
+    let mut ids = ahead.tx_ids.clone();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 5, "distinct ids");
@@ -546,14 +501,7 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         assert_eq!(got.branches.len(), 1, "{got:?}");
     }
     // Reports of local commits travel together: ids are checked before any is recorded,
-    // only a report carries more, and at most 1 + 1024 go in one call.
-    let report = |first: &str, more: &[String]| pb::CommitRequest {
-        tx_id: first.to_string(),
-        more_tx_ids: more.to_vec(),
-        committed_locally: true,
-        answer_before_durable: true,
-        ..Default::default()
-    };
+    // and at most 1024 go in one call.
     let reader = unary.clone();
     let outcome = |id: String| {
         let mut c = reader.clone();
@@ -566,32 +514,24 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         }
     };
     let e = unary
-        .commit(report(&ids[3], &["not-an-id".to_string()]))
+        .report_local_commits(report(&[ids[3].clone(), "not-an-id".to_string()]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("tx_ids[1]"), "{e:?}");
     assert_eq!(
         outcome(ids[3].clone()).await,
         pb::Outcome::Unspecified as i32,
         "nothing recorded"
     );
     let e = unary
-        .commit(pb::CommitRequest {
-            committed_locally: false,
-            ..report(&ids[3], &ids[4..])
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("more_tx_ids"), "{e:?}");
-    let e = unary
-        .commit(report(&ids[3], &vec![ids[4].clone(); 1025]))
+        .report_local_commits(report(&vec![ids[4].clone(); 1025]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("at most 1024"), "{e:?}");
     let r = p
-        .commit(report(&ids[3], &ids[4..]))
+        .report_local_commits(report(&ids[3..]))
         .await
         .map_err(Status::from)
         .expect("batched report");
@@ -607,14 +547,14 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
     // An unused one goes back: settled by asking the participant, which says aborted.
     let asked =
         s.participant.unary.load(Ordering::SeqCst) + s.participant.streamed.load(Ordering::SeqCst);
-    unary
-        .abort(pb::AbortRequest {
+    let released = p
+        .release_unused(pb::ReleaseUnusedRequest {
             tx_id: ids[0].clone(),
-            reason: String::new(),
-            unused: true,
         })
         .await
+        .map_err(Status::from)
         .expect("given back");
+    assert_eq!(released.outcome, pb::Outcome::Aborted as i32);
     let got = unary
         .get_transaction(pb::GetTransactionRequest {
             tx_id: ids[0].clone(),
@@ -628,24 +568,33 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         asked + 1,
         "the participant was asked"
     );
-    // An ordinary transaction's id cannot go back unused.
+    // An ordinary transaction's id cannot go back unused, and a bad id is named.
     let plain = p
-        .begin(begin(two, false, 0))
+        .begin(pb::BeginRequest {
+            timeout_ms: 0,
+            branches: two.clone(),
+        })
         .await
         .map_err(Status::from)
         .expect("begin");
     let e = unary
-        .abort(pb::AbortRequest {
+        .release_unused(pb::ReleaseUnusedRequest {
             tx_id: plain.tx_id.clone(),
-            reason: String::new(),
-            unused: true,
         })
         .await
         .unwrap_err();
     assert_refused_as_not_local(&e);
+    let e = unary
+        .release_unused(pb::ReleaseUnusedRequest {
+            tx_id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("tx_id"), "{e:?}");
     // A report naming a transaction the coordinator commits itself fails, naming it.
     let e = unary
-        .commit(report(&ids[1], std::slice::from_ref(&plain.tx_id)))
+        .report_local_commits(report(&[ids[1].clone(), plain.tx_id.clone()]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");

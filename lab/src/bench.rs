@@ -348,11 +348,11 @@ async fn drive(
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let early = branches.len() == 1;
+    let answer_before_durable = branches.len() == 1;
     let mut tasks = Vec::new();
     let started = Instant::now();
     let cpu_before = process_cpu();
-    let barriers = early.then(|| {
+    let barriers = answer_before_durable.then(|| {
         let mut unary = client.unary.clone();
         let (stop, done) = (stop.clone(), done.clone());
         tokio::spawn(async move {
@@ -380,22 +380,17 @@ async fn drive(
                 let t0 = Instant::now();
                 let begin = client
                     .begin(pb::BeginRequest {
-                        commit_locally: false,
                         timeout_ms: 0,
                         branches: branches.clone(),
-                        count: 0,
                     })
                     .await?;
                 let tx_id = begin.tx_id;
                 client
                     .commit(pb::CommitRequest {
-                        committed_locally: false,
                         tx_id,
-                        phase_two_wait_ms: 0,
-                        no_wait: false,
+                        phase_two_wait_ms: None,
                         branches: Vec::new(),
-                        answer_before_durable: early,
-                        more_tx_ids: Vec::new(),
+                        answer_before_durable,
                     })
                     .await?;
                 lat.push(t0.elapsed().as_micros() as u64);

@@ -4,15 +4,15 @@
 //! the coordinator's intent (which branch decides) durable before the branch commits. A
 //! service committing thousands of local transactions a second would pay one Begin round
 //! trip each. Instead the handle keeps, per resource, a small pool of ids begun ahead by
-//! one Begin (`BeginRequest.count`), sized to the recent demand: about
+//! one BeginLocal (`BeginLocalRequest.count`), sized to the recent demand: about
 //! [`LOOKAHEAD`] worth of the rate of the last [`WINDOW`], at most the handle's
 //! `begin_ahead` setting. Each id is a transaction of its own at the coordinator (its
-//! intent written and synced like any local Begin's), usable once the one Barrier asked
-//! after that Begin reports the Begin's epoch.
+//! intent written and synced like any BeginLocal's), usable once the one Barrier asked
+//! after that BeginLocal reports its epoch.
 //!
 //! Under light load (a batch of one) nothing is taken ahead: each `begin_local` makes its
-//! own Begin. When the pool holds less than one batch a refill runs in the background (one
-//! at a time per resource), so that its Begin and Barrier are answered before the pool
+//! own BeginLocal. When the pool holds less than one batch a refill runs in the background (one
+//! at a time per resource), so that its BeginLocal and Barrier are answered before the pool
 //! runs dry (refilling at half a batch, ids were taken before their Barrier answered and
 //! ~3% of the benchmark's commits waited for it); a caller that finds the pool empty
 //! begins its own id (a batch when no refill runs, else just one) rather than waiting for
@@ -20,7 +20,7 @@
 //!
 //! An id waits at most [`MAX_AGE`] in the pool (a quarter of its transaction timeout when
 //! that is shorter, see [`max_age`]). Older ones, and those left when the handle
-//! shuts down, go back with an Abort that sets `unused`: the coordinator still asks the
+//! shuts down, go back with ReleaseUnused: the coordinator still asks the
 //! branch (which never saw the id and answers aborted) and counts them apart
 //! (`twopc_transactions_aborted_total{reason="unused"}`). An id is released only after it
 //! left the pool, so no transaction ever uses an id that went back.
@@ -58,11 +58,11 @@ pub(crate) type Durable = Shared<oneshot::Receiver<std::result::Result<u64, Stri
 pub(crate) struct Ahead {
     /// Its id.
     pub(crate) tx_id: String,
-    /// The coordinator epoch of the Begin answer.
+    /// The coordinator epoch of the BeginLocal answer.
     pub(crate) epoch: u64,
-    /// The Barrier after the Begin: the intent is durable when it returns `epoch`.
+    /// The Barrier after the BeginLocal: the intent is durable when it returns `epoch`.
     pub(crate) durable: Durable,
-    /// When the Begin answered.
+    /// When the BeginLocal answered.
     pub(crate) begun: Instant,
     /// How long it may wait in the pool: [`MAX_AGE`], or a quarter of its timeout when
     /// that is shorter ([`max_age`]).
@@ -107,8 +107,8 @@ pub(crate) struct Pools {
 struct Pool {
     ids: VecDeque<Ahead>,
     refilling: bool,
-    /// The coordinator did not begin a local transaction when asked (one-phase commits
-    /// off, or a coordinator that predates them): take nothing ahead for this resource.
+    /// The coordinator did not begin a local transaction when asked (it runs with
+    /// one-phase commits off): take nothing ahead for this resource.
     off: bool,
     demand: Demand,
 }

@@ -187,14 +187,12 @@ async fn reported(
     for resource in resources {
         let older_than = markers.min_age(resource.name());
         for (tx_id, branch_id) in resource.remembered_commits(older_than).await {
-            let req = pb::CommitRequest {
-                tx_id: tx_id.clone(),
-                committed_locally: true,
+            let req = pb::ReportLocalCommitsRequest {
+                tx_ids: vec![tx_id.clone()],
                 // Answered once the record is durable: the marker may go right after.
                 answer_before_durable: false,
-                ..Default::default()
             };
-            match coordinator.clone().commit(req).await {
+            match coordinator.clone().report_local_commits(req).await {
                 Ok(_) => {
                     resource.outcome_known(&tx_id, &branch_id);
                     info!(

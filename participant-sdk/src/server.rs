@@ -6,10 +6,9 @@
 //! An Abort answers the resource's [`AbortOutcome`](crate::resource::AbortOutcome) as
 //! `ABORT_RESULT_ABORTED` or `ABORT_RESULT_ALREADY_COMMITTED` (a restarted coordinator
 //! settles a one-phase commit by it). An Abort for a resource name not registered here
-//! undoes nothing and answers `ABORT_RESULT_UNSPECIFIED` ("not reported"): enough for an
-//! ordinary abort, while a coordinator settling a one-phase commit asks again — the
+//! undoes nothing and fails with UNAVAILABLE, so the coordinator asks again — the
 //! resource may only not be registered *yet* (the server starts before the application
-//! registers its resources) and may hold a committed branch.
+//! registers its resources) and may hold a prepared or committed branch.
 //!
 //! # Fail points
 //!
@@ -172,15 +171,19 @@ impl ParticipantService {
             Ok(r) => r,
             // No resource of that name is registered here *now*. That does not prove it
             // never held the branch: after a restart the server answers before the
-            // application registered its resources again, and the branch may have
-            // committed in one phase before the restart. So nothing is undone and nothing
-            // is claimed: "not reported" completes an ordinary abort, while a restarted
-            // coordinator settling a one-phase commit keeps asking (and gets the
-            // resource's own answer once it is registered).
+            // application registered its resources again, and the branch may have been
+            // prepared, or committed in one phase, before the restart. So nothing is
+            // undone and nothing is claimed: the abort fails (UNAVAILABLE) and the
+            // coordinator asks again, getting the resource's own answer once it is
+            // registered.
             Err(s) if s.code() == tonic::Code::NotFound => {
-                return Ok(pb::AbortBranchResponse {
-                    result: pb::AbortResult::Unspecified as i32,
-                })
+                return Err(Status::unavailable(format!(
+                    "{}; cannot tell whether branch {} of transaction {} committed, ask again \
+                     once it is registered",
+                    s.message(),
+                    req.branch_id,
+                    req.tx_id
+                )))
             }
             Err(s) => return Err(s),
         };

@@ -1978,8 +1978,13 @@ async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
 }
 
 /// The answer of an abort for one branch through the participant server, unary or over
-/// the `Exchange` stream.
-async fn abort_via_server(endpoint: &str, tx_id: &str, branch_id: &str, streamed: bool) -> i32 {
+/// the `Exchange` stream: its `AbortResult`, or the status it failed with.
+async fn abort_via_server(
+    endpoint: &str,
+    tx_id: &str,
+    branch_id: &str,
+    streamed: bool,
+) -> Result<i32, tonic::Status> {
     let req = pb::AbortBranchRequest {
         tx_id: tx_id.to_string(),
         branch_id: branch_id.to_string(),
@@ -1988,7 +1993,7 @@ async fn abort_via_server(endpoint: &str, tx_id: &str, branch_id: &str, streamed
         let mut c = ParticipantClient::connect(endpoint.to_string())
             .await
             .expect("connect to the participant server");
-        return c.abort(req).await.expect("Abort").into_inner().result;
+        return c.abort(req).await.map(|r| r.into_inner().result);
     }
     let mut c = ParticipantExchangeClient::connect(endpoint.to_string())
         .await
@@ -2020,7 +2025,10 @@ async fn abort_via_server(endpoint: &str, tx_id: &str, branch_id: &str, streamed
         .find(|r| r.call_id == 7)
         .and_then(|r| r.result);
     match result {
-        Some(pb::participant_result::Result::Abort(a)) => a.result,
+        Some(pb::participant_result::Result::Abort(a)) => Ok(a.result),
+        Some(pb::participant_result::Result::Error(e)) => {
+            Err(tonic::Status::new(tonic::Code::from(e.code), e.message))
+        }
         other => panic!("expected an abort answer, got {other:?}"),
     }
 }
@@ -2031,8 +2039,8 @@ async fn abort_via_server(endpoint: &str, tx_id: &str, branch_id: &str, streamed
 /// undone) also after the participant "restarted" (a new resource: no slot, but the
 /// commit's marker), through the resource and through the participant server (unary and
 /// `Exchange`); an open branch is `Aborted` and rolled back, messages included; a
-/// prepared branch after the restart and an unknown branch are `Aborted`; a branch of a
-/// resource not registered (yet) is "not reported", never a claim.
+/// prepared branch after the restart and an unknown branch are `Aborted`; the abort of a
+/// branch of a resource not registered (yet) fails, never a claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
     bounded(TEST_TIMEOUT, async {
@@ -2047,11 +2055,15 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
         );
         let ok = pb::AbortResult::AlreadyCommitted as i32;
         assert_eq!(
-            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, false).await,
+            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, false)
+                .await
+                .expect("abort"),
             ok
         );
         assert_eq!(
-            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, true).await,
+            abort_via_server(w.sdk.endpoint(), &tx_id, &branch_id, true)
+                .await
+                .expect("abort"),
             ok
         );
 
@@ -2115,16 +2127,22 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
             Err(Error::Usage(ref m)) if m.contains("aborted")
         ));
 
-        // Through the server: an unknown branch of a registered resource is aborted; a
-        // resource not registered here is not reported on.
+        // Through the server: an unknown branch of a registered resource is aborted; the
+        // abort of a resource not registered here fails (UNAVAILABLE, to be asked again)
+        // rather than claim anything.
         assert_eq!(
-            abort_via_server(w.sdk.endpoint(), "0000feed-1-2", &branch_id, false).await,
+            abort_via_server(w.sdk.endpoint(), "0000feed-1-2", &branch_id, false)
+                .await
+                .expect("abort"),
             pb::AbortResult::Aborted as i32
         );
-        assert_eq!(
-            abort_via_server(w.sdk.endpoint(), "0000feed-1-3", "svc:nope", true).await,
-            pb::AbortResult::Unspecified as i32
-        );
+        for streamed in [false, true] {
+            let e = abort_via_server(w.sdk.endpoint(), "0000feed-1-3", "svc:nope", streamed)
+                .await
+                .expect_err("a resource not registered here");
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("\"nope\""), "{e:?}");
+        }
 
         assert_eq!(
             orders().await,

@@ -15,7 +15,8 @@
 //! * [`serve`] is the serving side: every call of every inbound batch runs as its own task
 //!   (a slow call never holds up the others), at most [`MAX_IN_FLIGHT`] per stream, and
 //!   results go back in batches as they complete.
-//! * [`Pipeline`] is the client API (Begin / Enlist / Commit / Abort) over a [`Session`];
+//! * [`Pipeline`] is the client API (Begin / BeginLocal / Enlist / Commit /
+//!   ReportLocalCommits / Abort / ReleaseUnused) over a [`Session`];
 //!   [`serve_exchange`] serves a participant's stream through its unary handlers.
 
 use std::collections::HashMap;
@@ -307,8 +308,8 @@ impl From<PipelineError> for Status {
     }
 }
 
-/// The client API over one `Pipeline` stream: Begin / Enlist / Commit / Abort with the
-/// unary calls' meaning, many transactions' calls per frame.
+/// The client API over one `Pipeline` stream: Begin / BeginLocal / Enlist / Commit /
+/// ReportLocalCommits / Abort / ReleaseUnused with the unary calls' meaning, many transactions' calls per frame.
 pub struct Pipeline {
     session: Session<pb::PipelineRequest, pb::PipelineResponse>,
     timeout: Duration,
@@ -328,6 +329,18 @@ impl Pipeline {
     pub async fn begin(&self, req: pb::BeginRequest) -> Result<pb::BeginResponse, PipelineError> {
         self.run(pb::client_call::Call::Begin(req), |r| match r {
             pb::client_result::Result::Begin(v) => Some(v),
+            _ => None,
+        })
+        .await
+    }
+
+    /// `Coordinator.BeginLocal`.
+    pub async fn begin_local(
+        &self,
+        req: pb::BeginLocalRequest,
+    ) -> Result<pb::BeginLocalResponse, PipelineError> {
+        self.run(pb::client_call::Call::BeginLocal(req), |r| match r {
+            pb::client_result::Result::BeginLocal(v) => Some(v),
             _ => None,
         })
         .await
@@ -357,10 +370,37 @@ impl Pipeline {
         .await
     }
 
+    /// `Coordinator.ReportLocalCommits`.
+    pub async fn report_local_commits(
+        &self,
+        req: pb::ReportLocalCommitsRequest,
+    ) -> Result<pb::ReportLocalCommitsResponse, PipelineError> {
+        self.run(
+            pb::client_call::Call::ReportLocalCommits(req),
+            |r| match r {
+                pb::client_result::Result::ReportLocalCommits(v) => Some(v),
+                _ => None,
+            },
+        )
+        .await
+    }
+
     /// `Coordinator.Abort`.
     pub async fn abort(&self, req: pb::AbortRequest) -> Result<pb::AbortResponse, PipelineError> {
         self.run(pb::client_call::Call::Abort(req), |r| match r {
             pb::client_result::Result::Abort(v) => Some(v),
+            _ => None,
+        })
+        .await
+    }
+
+    /// `Coordinator.ReleaseUnused`.
+    pub async fn release_unused(
+        &self,
+        req: pb::ReleaseUnusedRequest,
+    ) -> Result<pb::ReleaseUnusedResponse, PipelineError> {
+        self.run(pb::client_call::Call::ReleaseUnused(req), |r| match r {
+            pb::client_result::Result::ReleaseUnused(v) => Some(v),
             _ => None,
         })
         .await
@@ -373,7 +413,7 @@ impl Pipeline {
     ) -> Result<T, PipelineError> {
         let timeout = match &call {
             pb::client_call::Call::Commit(c) => {
-                self.timeout + Duration::from_millis(c.phase_two_wait_ms)
+                self.timeout + Duration::from_millis(c.phase_two_wait_ms.unwrap_or(0))
             }
             _ => self.timeout,
         };

@@ -1200,10 +1200,8 @@ impl Drop for TestParticipant {
 pub async fn begin(client: &mut CoordinatorClient<Channel>, branches: Vec<pb::Branch>) -> String {
     client
         .begin(pb::BeginRequest {
-            commit_locally: false,
             timeout_ms: 0,
             branches,
-            count: 0,
         })
         .await
         .expect("Begin")
@@ -1211,7 +1209,7 @@ pub async fn begin(client: &mut CoordinatorClient<Channel>, branches: Vec<pb::Br
         .tx_id
 }
 
-/// Commit waiting up to `wait_ms` for phase two.
+/// Commit waiting up to `wait_ms` for phase two (0: the coordinator's default wait).
 pub async fn commit(
     client: &mut CoordinatorClient<Channel>,
     tx_id: &str,
@@ -1219,13 +1217,10 @@ pub async fn commit(
 ) -> Result<pb::CommitResponse, Status> {
     client
         .commit(pb::CommitRequest {
-            committed_locally: false,
             tx_id: tx_id.to_string(),
-            phase_two_wait_ms: wait_ms,
-            no_wait: false,
+            phase_two_wait_ms: (wait_ms > 0).then_some(wait_ms),
             branches: Vec::new(),
             answer_before_durable: false,
-            more_tx_ids: Vec::new(),
         })
         .await
         .map(Response::into_inner)

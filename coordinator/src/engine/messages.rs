@@ -48,9 +48,6 @@ pub enum AbortAck {
     Aborted,
     /// The branch had already committed (in one phase): nothing was undone.
     AlreadyCommitted,
-    /// The participant did not say (it predates the answer). Enough for an ordinary
-    /// abort; not for settling a one-phase commit after a restart.
-    Unreported,
 }
 
 /// The result of one RPC to a participant: `Err` carries a transport error or timeout.

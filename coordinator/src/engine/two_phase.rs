@@ -410,12 +410,6 @@ impl Engine {
                     };
                     self.decide_abort(tx, why, cause, out);
                 }
-                Ok(AbortAck::Unreported) => {
-                    let why = "the participant does not report whether it had committed the \
-                               branch in one phase (it predates that answer); resolve the \
-                               transaction once you know";
-                    retry_later(&self.cfg, out, tx, i, b, why.to_string());
-                }
                 Err(e) => retry_later(&self.cfg, out, tx, i, b, e),
             }
             return;

@@ -120,17 +120,18 @@ impl TwoPcBuilder {
         self
     }
 
-    /// At most how many local transactions one Begin takes ahead for a resource
+    /// At most how many local transactions one BeginLocal takes ahead for a resource
     /// (default [`crate::DEFAULT_BEGIN_AHEAD`], at most [`crate::MAX_BEGIN_AHEAD`]; 0 or 1
     /// takes none ahead). The pool follows the demand: under light load each
-    /// [`TwoPc::begin_local`] makes its own Begin (see `ahead` in the crate docs).
+    /// [`TwoPc::begin_local`] makes its own BeginLocal (see `ahead` in the crate docs).
     pub fn begin_ahead(mut self, max: u32) -> Self {
         self.begin_ahead = max;
         self
     }
 
     /// How long [`Transaction::commit`](crate::Transaction::commit) lets the coordinator wait for phase two
-    /// (default: the coordinator's own default).
+    /// (default: the coordinator's own default; zero: answer as soon as the decision is
+    /// durable).
     pub fn commit_wait(mut self, wait: Duration) -> Self {
         self.commit_wait = Some(wait);
         self

@@ -1,4 +1,5 @@
-//! The client API calls (Begin, Enlist, Commit, Abort) of one handle: over the shared
+//! The client API calls (Begin, BeginLocal, Enlist, Commit, ReportLocalCommits, Abort,
+//! ReleaseUnused) of one handle: over the shared
 //! `Pipeline` stream, or unary against a coordinator that does not serve it, each bounded
 //! by the handle's `call_timeout` (plus the phase-two wait a Commit asks for).
 
@@ -67,6 +68,19 @@ impl Inner {
         .await
     }
 
+    pub(super) async fn begin_local(
+        &self,
+        req: pb::BeginLocalRequest,
+    ) -> std::result::Result<pb::BeginLocalResponse, tonic::Status> {
+        self.call(
+            req,
+            Duration::ZERO,
+            |p, r| p.begin_local(r),
+            |mut c, r| async move { c.begin_local(r).await },
+        )
+        .await
+    }
+
     pub(super) async fn enlist(
         &self,
         req: pb::EnlistRequest,
@@ -84,12 +98,25 @@ impl Inner {
         &self,
         req: pb::CommitRequest,
     ) -> std::result::Result<pb::CommitResponse, tonic::Status> {
-        let wait = Duration::from_millis(req.phase_two_wait_ms);
+        let wait = Duration::from_millis(req.phase_two_wait_ms.unwrap_or(0));
         self.call(
             req,
             wait,
             |p, r| p.commit(r),
             |mut c, r| async move { c.commit(r).await },
+        )
+        .await
+    }
+
+    pub(super) async fn report_local_commits(
+        &self,
+        req: pb::ReportLocalCommitsRequest,
+    ) -> std::result::Result<pb::ReportLocalCommitsResponse, tonic::Status> {
+        self.call(
+            req,
+            Duration::ZERO,
+            |p, r| p.report_local_commits(r),
+            |mut c, r| async move { c.report_local_commits(r).await },
         )
         .await
     }
@@ -103,6 +130,19 @@ impl Inner {
             Duration::ZERO,
             |p, r| p.abort(r),
             |mut c, r| async move { c.abort(r).await },
+        )
+        .await
+    }
+
+    pub(super) async fn release_unused(
+        &self,
+        req: pb::ReleaseUnusedRequest,
+    ) -> std::result::Result<pb::ReleaseUnusedResponse, tonic::Status> {
+        self.call(
+            req,
+            Duration::ZERO,
+            |p, r| p.release_unused(r),
+            |mut c, r| async move { c.release_unused(r).await },
         )
         .await
     }

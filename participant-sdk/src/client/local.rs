@@ -14,38 +14,48 @@ use twopc_proto::v1 as pb;
 
 use super::calls::retryable;
 use super::forget::{barrier, Unforgotten, BARRIER_RETRY_MAX, BARRIER_RETRY_MIN, BARRIER_TIMEOUT};
-use super::transaction::tell_outcome_known;
 use super::Inner;
 use crate::ahead::{self, Ahead};
 
-/// What a Begin with `commit_locally` gave.
+/// What a BeginLocal gave.
 pub(super) enum Begun {
     /// Local transactions (the first and the rest of as many as the coordinator began),
     /// each usable once the Barrier asked after the answer reports its epoch.
     Local(Ahead, Vec<Ahead>),
-    /// An ordinary transaction with the branch enlisted (the coordinator runs without
-    /// one-phase commits, or predates local ones).
-    Plain(String),
+    /// None: the coordinator runs with one-phase commits off (it answered
+    /// FAILED_PRECONDITION), so its transactions commit through Commit.
+    Off,
 }
 
-/// Begins `count` local transactions of `branch` in one call, and asks for the Barrier
-/// that shows their intents durable.
+/// Begins `count` local transactions of `branch` in one call (BeginLocal), and asks for
+/// the Barrier that shows their intents durable.
 pub(super) async fn begin_ahead(
     inner: &Arc<Inner>,
     branch: pb::Branch,
     count: u32,
 ) -> Result<Begun> {
-    let resp = inner
-        .begin(pb::BeginRequest {
+    let resp = match inner
+        .begin_local(pb::BeginLocalRequest {
+            branch: Some(branch),
             timeout_ms: 0,
-            branches: vec![branch],
-            commit_locally: true,
             count,
         })
-        .await?;
-    if !resp.commit_locally || resp.epoch == 0 {
-        return Ok(Begun::Plain(resp.tx_id));
-    }
+        .await
+    {
+        Ok(resp) => resp,
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            debug!(
+                error = s.message(),
+                "the coordinator does not begin local transactions"
+            );
+            return Ok(Begun::Off);
+        }
+        Err(s) => return Err(s.into()),
+    };
+    let mut ids = resp.tx_ids.into_iter();
+    let Some(first) = ids.next() else {
+        return Err(tonic::Status::internal("BeginLocal answered without a transaction id").into());
+    };
     // The intents were written before the answer; a Barrier called from now on returns
     // once they are durable. It runs while the application does its work.
     let durable = barrier_after_now(inner).shared();
@@ -58,8 +68,8 @@ pub(super) async fn begin_ahead(
         begun,
         max_age,
     };
-    let rest = resp.more_tx_ids.iter().cloned().map(ahead).collect();
-    Ok(Begun::Local(ahead(resp.tx_id.clone()), rest))
+    let first = ahead(first);
+    Ok(Begun::Local(first, ids.map(ahead).collect()))
 }
 
 /// Refills the pool of resource `name` with `count` local transactions of `branch`, in
@@ -73,17 +83,13 @@ pub(super) fn refill(inner: &Arc<Inner>, branch: pb::Branch, name: &str, count: 
                 rest.insert(0, first);
                 inner.ahead.put(&name, rest);
             }
-            Ok(Begun::Plain(tx_id)) => {
-                inner.ahead.turn_off(&name);
-                release_plain(&inner, tx_id);
-            }
+            Ok(Begun::Off) => inner.ahead.turn_off(&name),
             Err(e) => debug!(error = %e, "could not begin local transactions ahead"),
         }
     });
 }
 
-/// Gives local transactions begun ahead back unused (Abort with `unused`), in the
-/// background.
+/// Gives local transactions begun ahead back unused (ReleaseUnused), in the background.
 pub(super) fn release_unused(inner: &Arc<Inner>, ids: Vec<Ahead>) {
     if ids.is_empty() {
         return;
@@ -95,31 +101,15 @@ pub(super) fn release_unused(inner: &Arc<Inner>, ids: Vec<Ahead>) {
 /// Gives local transactions begun ahead back unused, and waits for the answers.
 pub(super) async fn release_now(inner: &Inner, ids: Vec<Ahead>) {
     let calls = ids.into_iter().map(|a| async move {
-        let req = pb::AbortRequest {
+        let req = pb::ReleaseUnusedRequest {
             tx_id: a.tx_id.clone(),
-            reason: String::new(),
-            unused: true,
         };
-        if let Err(s) = inner.abort(req).await {
+        if let Err(s) = inner.release_unused(req).await {
             debug!(tx_id = %a.tx_id, error = %s,
                 "could not give back an unused transaction id; the coordinator settles it at its timeout");
         }
     });
     futures::future::join_all(calls).await;
-}
-
-/// Aborts an ordinary transaction a background refill began (the coordinator did not
-/// begin local ones), in the background.
-pub(super) fn release_plain(inner: &Arc<Inner>, tx_id: String) {
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        let req = pb::AbortRequest {
-            tx_id,
-            reason: "begun ahead, not used".into(),
-            unused: false,
-        };
-        let _ = inner.abort(req).await;
-    });
 }
 
 /// Callers waiting for a `Barrier` that starts after they asked, and whether one is
@@ -169,25 +159,21 @@ pub(super) fn barrier_after_now(
 /// branch, which answers that it committed.
 pub(super) const REPORT_ATTEMPTS: u32 = 20;
 
-/// Most local commits one report carries (the coordinator takes 1 + 1024).
-pub(super) const REPORT_BATCH: usize = 1025;
+/// Most local commits one report carries (the coordinator takes 1024).
+pub(super) const REPORT_BATCH: usize = 1024;
 
 /// Local commits waiting to be reported, and whether a reporter runs.
 #[derive(Default)]
 pub(super) struct Reports {
     pub(super) running: bool,
-    /// A coordinator that recorded only the first of a batch (it predates batched
-    /// reports): every report goes alone from then on.
-    pub(super) alone: bool,
     /// `(tx_id, branch_id)`.
     pub(super) queued: Vec<(String, String)>,
 }
 
 /// Reports the local commit of `tx_id` to the coordinator in the background: queued for
-/// the reporter, which sends everything queued in one call (`committed_locally` with
-/// `more_tx_ids`, answered early) and queues the branches for the forgetter with the
-/// answer's epoch. A batch that fails, or that a coordinator predating batches answered
-/// for its first transaction only, is reported one by one ([`report_alone`]).
+/// the reporter, which sends everything queued in one call (ReportLocalCommits, answered
+/// early) and queues the branches for the forgetter with the answer's epoch. A batch
+/// that fails is reported one by one ([`report_alone`]).
 pub(super) fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: String) {
     let start = {
         let mut r = crate::lock(&inner.reports);
@@ -199,41 +185,30 @@ pub(super) fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: S
     }
     tokio::spawn(async move {
         loop {
-            let (batch, alone) = {
+            let batch = {
                 let mut r = crate::lock(&inner.reports);
                 if r.queued.is_empty() {
                     r.running = false;
                     return;
                 }
                 let n = r.queued.len().min(REPORT_BATCH);
-                (r.queued.drain(..n).collect::<Vec<_>>(), r.alone)
+                r.queued.drain(..n).collect::<Vec<_>>()
             };
             crate::crash_point("participant::after_local_commit_before_report");
-            if alone || batch.len() == 1 {
+            if batch.len() == 1 {
                 for (tx_id, branch_id) in batch {
                     tokio::spawn(report_alone(inner.clone(), tx_id, branch_id));
                 }
                 continue;
             }
-            let req = pb::CommitRequest {
-                tx_id: batch[0].0.clone(),
-                more_tx_ids: batch[1..].iter().map(|(t, _)| t.clone()).collect(),
+            let req = pb::ReportLocalCommitsRequest {
+                tx_ids: batch.iter().map(|(t, _)| t.clone()).collect(),
                 answer_before_durable: true,
-                committed_locally: true,
-                ..Default::default()
             };
-            let rest = match inner.commit(req).await {
-                Ok(resp) if resp.recorded as usize == batch.len() => {
+            let rest = match inner.report_local_commits(req).await {
+                Ok(resp) => {
                     recorded_locally(&inner, batch, resp.epoch);
                     Vec::new()
-                }
-                Ok(resp) => {
-                    // Only the first was recorded: the coordinator predates batches.
-                    crate::lock(&inner.reports).alone = true;
-                    let mut first = batch;
-                    let rest = first.split_off(1);
-                    recorded_locally(&inner, first, resp.epoch);
-                    rest
                 }
                 Err(s) => {
                     debug!(error = %s, count = batch.len(),
@@ -248,19 +223,17 @@ pub(super) fn report_local_commit(inner: Arc<Inner>, tx_id: String, branch_id: S
     });
 }
 
-/// Reports the local commit of `tx_id` alone (`committed_locally`, answered early, up to
+/// Reports the local commit of `tx_id` alone (ReportLocalCommits, answered early, up to
 /// [`REPORT_ATTEMPTS`] attempts), then queues the branch for the forgetter with the
 /// answer's epoch.
 pub(super) async fn report_alone(inner: Arc<Inner>, tx_id: String, branch_id: String) {
-    let req = pb::CommitRequest {
-        tx_id: tx_id.clone(),
+    let req = pb::ReportLocalCommitsRequest {
+        tx_ids: vec![tx_id.clone()],
         answer_before_durable: true,
-        committed_locally: true,
-        ..Default::default()
     };
     let mut retry = BARRIER_RETRY_MIN;
     for attempt in 1..=REPORT_ATTEMPTS {
-        match inner.commit(req.clone()).await {
+        match inner.report_local_commits(req.clone()).await {
             Ok(resp) => {
                 recorded_locally(&inner, vec![(tx_id, branch_id)], resp.epoch);
                 return;
@@ -282,19 +255,14 @@ pub(super) async fn report_alone(inner: Arc<Inner>, tx_id: String, branch_id: St
 }
 
 /// Local commits the coordinator recorded, answered with `epoch`: their branches are
-/// queued for the forgetter (or, from a coordinator that predates the epoch and answered
-/// once the outcome was durable, forgotten at once).
+/// queued for the forgetter.
 pub(super) fn recorded_locally(inner: &Inner, commits: Vec<(String, String)>, epoch: u64) {
     for (tx_id, branch_id) in commits {
-        if epoch == 0 {
-            tell_outcome_known(&inner.registry, &tx_id, &[branch_id]);
-        } else {
-            inner.forget.push(Unforgotten {
-                tx_id,
-                branch_ids: vec![branch_id],
-                epoch,
-            });
-        }
+        inner.forget.push(Unforgotten {
+            tx_id,
+            branch_ids: vec![branch_id],
+            epoch,
+        });
     }
 }
 
@@ -306,7 +274,6 @@ pub(super) fn report_local_abort(inner: Arc<Inner>, tx_id: String, reason: Strin
         let req = pb::AbortRequest {
             tx_id: tx_id.clone(),
             reason,
-            unused: false,
         };
         if let Err(s) = inner.abort(req).await {
             debug!(tx_id = %tx_id, error = %s,

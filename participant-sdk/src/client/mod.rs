@@ -21,8 +21,7 @@
 //! coordinator restarted in between) are dropped: recovery reports their markers once
 //! they are a minute old (see below). A failed Barrier is tried again (backoff 100 ms to
 //! 2 s). The queue holds at most 100 000 transactions (beyond, the oldest are dropped the
-//! same way). A coordinator that predates the epoch (answers epoch 0) answers only once the
-//! outcome is durable: the branches are then forgotten at once, as before. The forgetter
+//! same way). The forgetter
 //! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
 //! the markers a process leaves behind (it died, or the coordinator restarted between the
 //! answer and the Barrier) are reported by the recovery loop — after the next start (its
@@ -33,17 +32,17 @@
 //!
 //! [`TwoPc::begin_local`] begins a transaction whose only branch is this process's own
 //! (e.g. the order row with its event staged in the same database transaction). The
-//! coordinator answers the Begin at once, having written its intent (which branch
+//! coordinator answers its `BeginLocal` at once, having written its intent (which branch
 //! decides) and started syncing it; the handle then asks for a `Barrier` (one call in
 //! flight, shared by every transaction waiting) while the application runs its
 //! statements. Under load the ids come from a pool of local transactions begun ahead, many
-//! per Begin and one Barrier for them all, so most `begin_local` calls make no coordinator
-//! call at all (module `ahead`; [`TwoPcBuilder::begin_ahead`] caps the batch). [`Transaction::commit`] waits for that Barrier — an answer of the Begin's
+//! per `BeginLocal` and one Barrier for them all, so most `begin_local` calls make no coordinator
+//! call at all (module `ahead`; [`TwoPcBuilder::begin_ahead`] caps the batch). [`Transaction::commit`] waits for that Barrier — an answer of the `BeginLocal`'s
 //! epoch means the intent is durable, so a restarted coordinator asks the branch instead
 //! of presuming abort — and commits the branch right here
 //! ([`Resource::commit_one_phase`]): no coordinator call on the commit path. A background
-//! reporter tells the coordinator (`CommitRequest.committed_locally`): everything queued
-//! while its previous call ran goes in one call (`more_tx_ids`, up to 1,025 commits; a
+//! reporter tells the coordinator (`ReportLocalCommits`): everything queued while its
+//! previous call ran goes in one call (up to 1,024 commits; a
 //! batch that fails is reported one commit at a time, up to 20 attempts each), and the
 //! forgetter drops the marker after a Barrier of the report's epoch, as above. Until
 //! the report arrives, an Abort or the transaction timeout makes the coordinator ask the
@@ -223,8 +222,6 @@ impl TwoPc {
             .begin(pb::BeginRequest {
                 timeout_ms: 0,
                 branches,
-                commit_locally: false,
-                count: 0,
             })
             .await?;
         let tx = self.transaction(resp.tx_id, true);
@@ -237,7 +234,7 @@ impl TwoPc {
     /// Begins a transaction whose only branch is `resource`'s, committed by this process
     /// itself: [`Transaction::commit`] commits the branch in one phase right here (no
     /// coordinator round trip on the caller's path) and reports it to the coordinator in
-    /// the background. The coordinator answers the Begin at once, having written its
+    /// the background. The coordinator answers the BeginLocal at once, having written its
     /// record that this branch decides (the one-phase intent); the commit waits for a
     /// `Barrier` that shows that record durable (asked for here, so it runs while the
     /// application works), so a restarted coordinator asks the branch what became of it
@@ -245,10 +242,10 @@ impl TwoPc {
     /// refused); use [`TwoPc::begin_with`] for that.
     ///
     /// The resource must remember a one-phase commit until told the outcome is known (the
-    /// PostgreSQL adapter does with its outbox marker), as for any one-phase commit. A
-    /// coordinator that predates local commits, or runs with one-phase commits off, begins
-    /// an ordinary transaction with the resource enlisted, and the commit then goes
-    /// through it.
+    /// PostgreSQL adapter does with its outbox marker), as for any one-phase commit. Against
+    /// a coordinator that runs with one-phase commits off (it refuses BeginLocal), this
+    /// begins an ordinary transaction with the resource enlisted ([`TwoPc::begin_with`]),
+    /// and the commit then goes through the coordinator.
     pub async fn begin_local(&self, resource: &dyn Resource) -> Result<Transaction> {
         let branch = self.branch_of(resource)?;
         let name = resource.name();
@@ -271,15 +268,11 @@ impl TwoPc {
                 }
                 match begun? {
                     Begun::Local(mine, _) => mine,
-                    Begun::Plain(tx_id) => {
+                    Begun::Off => {
                         self.inner.ahead.turn_off(name);
                         // An ordinary transaction with the resource enlisted: its commit
                         // goes through the coordinator.
-                        let tx = self.transaction(tx_id, true);
-                        if let Ok(mut s) = tx.enlisted.lock() {
-                            s.insert(branch.branch_id);
-                        }
-                        return Ok(tx);
+                        return self.begin_with(&[resource]).await;
                     }
                 }
             }

@@ -32,9 +32,9 @@ pub struct Transaction {
 pub(super) struct Local {
     /// The resource whose branch it is.
     pub(super) resource: String,
-    /// The coordinator epoch of the Begin answer.
+    /// The coordinator epoch of the BeginLocal answer.
     pub(super) epoch: u64,
-    /// The epoch of a `Barrier` called after the Begin answer (or why it failed): the
+    /// The epoch of a `Barrier` called after the BeginLocal answer (or why it failed): the
     /// intent is durable when it is `epoch`.
     pub(super) durable: Durable,
 }
@@ -139,7 +139,7 @@ impl Transaction {
     /// once when the coordinator reports no epoch (it answered once durable).
     ///
     /// A transaction begun with [`TwoPc::begin_local`] is committed here, by its resource
-    /// ([`Resource::commit_one_phase`]), once a `Barrier` of the Begin's epoch showed the
+    /// ([`Resource::commit_one_phase`]), once a `Barrier` of the BeginLocal's epoch showed the
     /// coordinator's intent durable, and reported to the coordinator in the background
     /// (see [`TwoPc::begin_local`]). Without that Barrier (the coordinator restarted or is
     /// unreachable), or when the resource cannot tell whether it committed (its connection
@@ -214,26 +214,13 @@ impl Transaction {
     pub(super) async fn commit_via_coordinator(self) -> Result<Committed> {
         let req = pb::CommitRequest {
             tx_id: self.id.clone(),
-            phase_two_wait_ms: self
-                .sdk
-                .inner
-                .commit_wait
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            no_wait: false,
+            phase_two_wait_ms: self.sdk.inner.commit_wait.map(|d| d.as_millis() as u64),
             branches: Vec::new(),
             answer_before_durable: true,
-            committed_locally: false,
-            more_tx_ids: Vec::new(),
         };
         match self.sdk.inner.commit(req).await {
             Ok(resp) => {
-                if resp.epoch == 0 {
-                    // A coordinator that predates the epoch answers once durable.
-                    self.outcome_known();
-                } else {
-                    self.forget_after_barrier(resp.epoch);
-                }
+                self.forget_after_barrier(resp.epoch);
                 Ok(Committed {
                     pending_branches: resp.pending_branches,
                 })
@@ -251,16 +238,6 @@ impl Transaction {
             .lock()
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// Tells this process's resources that the coordinator holds the outcome of their
-    /// branches of this transaction.
-    pub(super) fn outcome_known(&self) {
-        tell_outcome_known(
-            &self.sdk.inner.registry,
-            &self.id,
-            &self.enlisted_branches(),
-        );
     }
 
     /// Queues this transaction's branches for the forgetter: they are forgotten once a
@@ -288,7 +265,6 @@ impl Transaction {
         let req = pb::AbortRequest {
             tx_id: self.id.clone(),
             reason: reason.into(),
-            unused: false,
         };
         self.sdk.inner.abort(req).await?;
         Ok(())

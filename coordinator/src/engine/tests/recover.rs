@@ -12,9 +12,9 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
         seq: 7,
     };
     recover_intent(&mut e, 0, old, &a);
-    // An answer that does not say, or none: asked again (with an abort, never a commit).
+    // An answer without a result, or none: asked again (with an abort, never a commit).
     for (now, ack) in [
-        (1, Ok(AbortAck::Unreported)),
+        (1, Err("answered without a result".to_string())),
         (30, Err("connection refused".to_string())),
     ] {
         assert_eq!(
