@@ -52,13 +52,13 @@ impl Engine {
         }
         if count > MAX_LOCAL_BEGIN {
             return Err(TxError::InvalidArgument(format!(
-                "count is {count}; at most {MAX_LOCAL_BEGIN} local transactions per Begin"
+                "count is {count}; at most {MAX_LOCAL_BEGIN} local transactions per BeginLocal"
             )));
         }
         self.check_new_branches(&[], branches)?;
         if local && !self.cfg.one_phase {
             return Err(TxError::FailedPrecondition(
-                "commit_locally needs one-phase commits, which this coordinator has turned off \
+                "local commits need one-phase commits, which this coordinator has turned off \
                  (one_phase = false)"
                     .into(),
             ));
@@ -167,7 +167,7 @@ impl Engine {
             }
             if entry.is_local() {
                 return Err(TxError::FailedPrecondition(format!(
-                    "transaction {tx} was begun with commit_locally: its single branch commits \
+                    "transaction {tx} was begun with BeginLocal: its single branch commits \
                      in one phase and no other branch can join it"
                 )));
             }

@@ -1,4 +1,4 @@
-//! Local transactions (`commit_locally`): the participant commits its single branch in
+//! Local transactions (BeginLocal): the participant commits its single branch in
 //! one phase by itself and reports it; an id may come back unused; an abort or a timeout
 //! settles the branch by asking it with an abort.
 
@@ -10,8 +10,8 @@ impl Engine {
     pub(super) fn on_release(&mut self, req: ReqId, tx: TxId, out: &mut Out) {
         if let Some(entry) = self.txs.get(&tx).filter(|e| !e.is_local()) {
             let reply = Err(TxError::FailedPrecondition(format!(
-                "transaction {tx} was not begun with commit_locally (it is {}): only a local \
-                 transaction's id can be returned unused; abort it instead",
+                "transaction {tx} was not begun with BeginLocal (it is {}): only a local \
+                 transaction's id can be given back with ReleaseUnused; abort it instead",
                 entry.state.name()
             )));
             out.reply(req, reply);
@@ -58,8 +58,8 @@ impl Engine {
         };
         if !matches!(entry.protocol, Protocol::Local { .. } | Protocol::Recovered) {
             let reply = Err(TxError::FailedPrecondition(format!(
-                "transaction {tx} was not begun with commit_locally: the coordinator commits \
-                 it (call Commit without committed_locally)"
+                "transaction {tx} was not begun with BeginLocal: the coordinator commits it \
+                 (call Commit, not ReportLocalCommits)"
             )));
             out.reply(req, reply);
             return;

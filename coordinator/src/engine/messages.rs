@@ -92,7 +92,7 @@ pub enum Event {
         /// Branches to enlist right away.
         branches: Vec<BranchSpec>,
     },
-    /// Begin RPC with `commit_locally`: a transaction with this single branch whose
+    /// BeginLocal RPC: a transaction with this single branch whose
     /// participant (the caller's own process) commits it in one phase by itself and then
     /// reports it ([`Event::CommittedLocally`]). Answered at once; the one-phase intent is
     /// synced in the background, and the participant commits only after a Barrier (which
@@ -128,7 +128,7 @@ pub enum Event {
         /// participant forgets the branch).
         answer_before_durable: bool,
     },
-    /// Commit RPC with `committed_locally`: the participant of a [`Event::BeginLocal`]
+    /// ReportLocalCommits RPC (one of its ids): the participant of a [`Event::BeginLocal`]
     /// transaction reports that it committed the branch. Answered once the outcome is
     /// written (the runtime syncs before answering a caller that needs it durable).
     CommittedLocally {
@@ -137,7 +137,7 @@ pub enum Event {
         /// The transaction.
         tx: TxId,
     },
-    /// Abort RPC with `unused`: the participant of a local transaction returns its id
+    /// ReleaseUnused RPC: the participant of a local transaction returns its id
     /// without having used it (ids begun ahead with [`Event::BeginLocal::count`]). Settled
     /// like an Abort (the branch is still asked: its answer decides), counted apart.
     Release {

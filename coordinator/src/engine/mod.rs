@@ -13,14 +13,14 @@
 //! its [`Protocol`] says which path commits it) are the data; `begin` (Begin, BeginLocal,
 //! Enlist, the one-phase intent), `two_phase` (Commit, Abort, votes, the decision, phase
 //! two, timers), `one_phase` (the intent's sync, the one-phase commit and its outcome),
-//! `local` (`commit_locally` transactions), `recover` (start-up) and `resolve` (operator
+//! `local` (transactions begun with BeginLocal), `recover` (start-up) and `resolve` (operator
 //! resolutions) are the handlers. [`Engine::handle`] dispatches.
 //!
 //! # Ordering is data
 //! A commit may only be sent once the record behind it is durable: the COMMIT decision
 //! for a phase-two commit, the one-phase intent for a one-phase commit. A caller may only
-//! hear COMMITTED once the decision (or the one-phase outcome) is, unless it asked for an
-//! early answer; an operator only hears of a resolution once its audit record is. The
+//! hear COMMITTED once the decision (or the one-phase outcome) is, unless it asked to be
+//! answered before that (`answer_before_durable`); an operator only hears of a resolution once its audit record is. The
 //! engine emits such commands only after the log said so ([`Event::LogDurable`],
 //! [`Event::Synced`], [`Event::AuditDurable`], each with the LSN it reached) and stamps each
 //! with that LSN ([`Command::Send::requires_durable`], [`Command::Reply::requires_durable`]);
@@ -46,7 +46,7 @@
 //! that finds an intent without an outcome cannot tell whether the client ever asked to
 //! commit, so it sends the branch an abort, whose answer ([`AbortAck`]) says whether the
 //! branch had already committed. The [`LazyRecord::OnePhaseCommitted`] outcome is synced
-//! before a caller hears "committed", unless every caller asked for an early answer
+//! before a caller hears "committed", unless every caller asked to be answered before
 //! ([`Event::Commit::answer_before_durable`]): such a caller promises that its participant keeps what
 //! answers for the commit until a Barrier made the outcome durable. All syncs are shared
 //! with every other write of the moment (group commit).

@@ -129,7 +129,7 @@ pub enum Protocol {
     /// Its single branch commits in one phase, sent by the coordinator once the intent is
     /// durable; the participant's answer is the outcome.
     OnePhase,
-    /// Begun with `commit_locally` ([`Event::BeginLocal`](super::Event::BeginLocal)): its participant commits the
+    /// Begun with BeginLocal ([`Event::BeginLocal`](super::Event::BeginLocal)): its participant commits the
     /// single branch by itself and reports it; the coordinator sends no commit unless a
     /// plain Commit asks for one.
     Local {
@@ -194,7 +194,7 @@ pub(super) enum SyncState {
 /// When the callers of a one-phase commit may hear COMMITTED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum AnswerWhen {
-    /// As soon as the outcome is written: every Commit asked for an early answer
+    /// As soon as the outcome is written: every Commit asked for it (`answer_before_durable`)
     /// (`answer_before_durable`: its participant keeps the commit's memory until a Barrier).
     Written,
     /// Once the outcome is durable: a Commit without `answer_before_durable` (or an Abort) waits.
@@ -207,7 +207,7 @@ impl TxEntry {
         self.protocol
     }
 
-    /// Begun with `commit_locally`: its participant commits the branch by itself.
+    /// Begun with BeginLocal: its participant commits the branch by itself.
     pub fn is_local(&self) -> bool {
         matches!(self.protocol, Protocol::Local { .. })
     }

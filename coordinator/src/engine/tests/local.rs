@@ -1,4 +1,4 @@
-//! Local transactions (`commit_locally`): reported commits, aborts and timeouts that ask the participant, unused ids.
+//! Local transactions (BeginLocal): reported commits, aborts and timeouts that ask the participant, unused ids.
 
 use super::*;
 
@@ -19,7 +19,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
     );
     assert!(
         matches!(&refused[..], [Command::Reply { reply: Err(TxError::FailedPrecondition(m)), .. }]
-            if m.contains("commit_locally")),
+            if m.contains("local commits need one-phase commits")),
         "{refused:?}"
     );
     assert_eq!(e.handle(2, synced(t)), vec![]);
@@ -49,7 +49,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
     let refused = e.handle(8, Event::CommittedLocally { req: 7, tx: t3 });
     assert!(
         matches!(&refused[..], [Command::Reply { req: 7, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
-            if m.contains("not begun with commit_locally")),
+            if m.contains("not begun with BeginLocal")),
         "{refused:?}"
     );
     assert_eq!(e.tx(&t3).map(|x| x.state), Some(TxState::Active));
@@ -359,7 +359,7 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
     let refused = e.handle(4, Event::Release { req: 3, tx: t2 });
     assert!(
         matches!(&refused[..], [Command::Reply { req: 3, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
-            if m.contains("not begun with commit_locally")),
+            if m.contains("not begun with BeginLocal")),
         "{refused:?}"
     );
     assert_eq!(e.tx(&t2).map(|x| x.state), Some(TxState::Active));

@@ -356,7 +356,7 @@ fn committing_with_stuck_branch(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) 
     t
 }
 
-/// Begins a local transaction (`commit_locally`) of branch `a` as request `req`: answered
+/// Begins a local transaction (BeginLocal) of branch `a` as request `req`: answered
 /// at once, its intent written and synced in the background.
 fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
     let cmds = e.handle(

@@ -1,4 +1,4 @@
-//! One-phase commit of a single branch: its intent and outcome syncs, early answers, failed syncs, the switch.
+//! One-phase commit of a single branch: its intent and outcome syncs, answers before durable, failed syncs, the switch.
 
 use super::*;
 
@@ -182,7 +182,7 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
 }
 
 #[test]
-fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable() {
+fn answered_before_durable_unless_someone_needs_the_outcome_durable() {
     let mut e = engine();
     let a = spec("a", 0);
     let t = begin(&mut e, std::slice::from_ref(&a));
@@ -216,7 +216,7 @@ fn an_early_answer_comes_before_the_outcome_sync_unless_someone_needs_it_durable
     let cmds = e.handle(4, commit_acked(t2, 0, Ok(CommitAck::Committed)));
     assert_eq!(cmds.last(), Some(&Command::Sync { tx: t2 }), "{cmds:?}");
     assert_eq!(cmds.len(), 2, "{cmds:?}");
-    // So is a second Commit that did not ask for an early answer.
+    // So is a second Commit without answer_before_durable.
     let t3 = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent_as(&mut e, 5, 13, t3, &a, true);
     assert_eq!(e.handle(5, commit_ev(14, t3)), vec![]);
