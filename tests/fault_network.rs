@@ -26,24 +26,21 @@ mod support;
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    begin, commit, eventually, expect_status, get_tx, wait_until, with_deadline, Coordinator,
-    MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, eventually, expect_status, get_tx, outcome, tx_state, wait_until, with_deadline,
+    Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
 };
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Response, Status};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_proto::v1::participant_client::ParticipantClient;
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{Answer, Behaviour, Services, TestParticipant as KitParticipant};
 use twopc_testkit::{Direction, Fault, FaultProxy};
 
 /// Overall budget of one test.
@@ -74,14 +71,6 @@ const PHASE_TWO_FLAGS: &[(&str, &str)] = &[
 
 /// How long Commit waits for phase two in the tests where `b` cannot be reached.
 const SHORT_PHASE_TWO_WAIT_MS: u64 = 300;
-
-fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
-    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
-}
-
-fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
-    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
-}
 
 fn branch_state(b: &pb::BranchStatus) -> pb::BranchState {
     pb::BranchState::try_from(b.state).unwrap_or(pb::BranchState::Unspecified)
@@ -747,11 +736,11 @@ enum DupMode {
 /// twice and answers with the first copy's answer, noting when the two answers differ
 /// (every Participant RPC must give the same answer when repeated).
 struct DuplicatingHop {
-    addr: SocketAddr,
     shared: Arc<HopShared>,
-    server: JoinHandle<()>,
+    server: KitParticipant,
 }
 
+/// The hop's behaviour: forwards every call twice to `target`.
 struct HopShared {
     target: ParticipantClient<Channel>,
     mode: Mutex<DupMode>,
@@ -774,28 +763,14 @@ impl DuplicatingHop {
             forwarded: AtomicUsize::new(0),
             mismatches: Mutex::new(Vec::new()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let server = KitParticipant::start(shared.clone(), Services::UnaryOnly)
             .await
-            .expect("bind duplicating hop");
-        let addr = listener.local_addr().expect("hop address");
-        let svc = HopSvc {
-            shared: shared.clone(),
-        };
-        let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(ParticipantServer::new(svc))
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        });
-        DuplicatingHop {
-            addr,
-            shared,
-            server,
-        }
+            .expect("start the duplicating hop");
+        DuplicatingHop { shared, server }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.endpoint.clone()
     }
 
     fn set_mode(&self, mode: DupMode) {
@@ -811,26 +786,15 @@ impl DuplicatingHop {
     }
 }
 
-impl Drop for DuplicatingHop {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-#[derive(Clone)]
-struct HopSvc {
-    shared: Arc<HopShared>,
-}
-
-impl HopSvc {
+impl HopShared {
     /// Runs both copies as the mode says; returns the first one's answer.
     async fn twice<T: PartialEq + Debug>(
         &self,
         what: String,
         first: impl Future<Output = Result<Response<T>, Status>>,
         second: impl Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let mode = *self.shared.mode.lock().expect("lock");
+    ) -> Result<T, Status> {
+        let mode = *self.mode.lock().expect("lock");
         let (a, b) = match mode {
             DupMode::Concurrent => tokio::join!(first, second),
             DupMode::BackToBack => {
@@ -838,53 +802,49 @@ impl HopSvc {
                 (a, second.await)
             }
         };
-        self.shared.forwarded.fetch_add(2, Ordering::Relaxed);
+        self.forwarded.fetch_add(2, Ordering::Relaxed);
         let same = match (&a, &b) {
             (Ok(x), Ok(y)) => x.get_ref() == y.get_ref(),
             (Err(x), Err(y)) => x.code() == y.code(),
             _ => false,
         };
         if !same {
-            self.shared.mismatches.lock().expect("lock").push(format!(
+            self.mismatches.lock().expect("lock").push(format!(
                 "{what} ({mode:?}): first {:?}, second {:?}",
                 a.as_ref().map(|r| r.get_ref()),
                 b.as_ref().map(|r| r.get_ref())
             ));
         }
-        a
+        a.map(Response::into_inner)
     }
 }
 
-#[tonic::async_trait]
-impl Participant for HopSvc {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("prepare {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.prepare(r.clone()), c2.prepare(r)).await
+impl Behaviour for HopShared {
+    fn answer_prepare(self: Arc<Self>, r: pb::PrepareRequest) -> Answer<pb::PrepareResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("prepare {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.prepare(r.clone()), c2.prepare(r)).await
+        })
     }
 
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("commit {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.commit(r.clone()), c2.commit(r)).await
+    fn answer_commit(
+        self: Arc<Self>,
+        r: pb::CommitBranchRequest,
+    ) -> Answer<pb::CommitBranchResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("commit {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.commit(r.clone()), c2.commit(r)).await
+        })
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("abort {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.abort(r.clone()), c2.abort(r)).await
+    fn answer_abort(self: Arc<Self>, r: pb::AbortBranchRequest) -> Answer<pb::AbortBranchResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("abort {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.abort(r.clone()), c2.abort(r)).await
+        })
     }
 }
 
