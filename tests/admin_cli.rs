@@ -8,13 +8,12 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::{
-    begin, commit, get_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
-    TestParticipant,
+    begin, commit, commit_in_background, get_tx, twopc_tx, with_deadline, CliRun as Run,
+    Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
 };
 use tonic::Code;
 use twopc_proto::v1 as pb;
@@ -23,14 +22,6 @@ use twopc_proto::v1 as pb;
 const TEST_DEADLINE: Duration = Duration::from_secs(60);
 /// Budget of one wait for something asynchronous to happen.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// What one run of the CLI did.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
 
 impl Run {
     #[track_caller]
@@ -70,30 +61,7 @@ async fn tx(url: Option<&str>, args: &[&str]) -> Run {
 }
 
 async fn tx_env(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1").arg("tx");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.args(args);
-    if let Some(url) = url {
-        cmd.arg("--coordinator").arg(url);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("twopc tx {args:?} did not finish within 30 s"))
-        .expect("run twopc tx");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    twopc_tx(url, args, env).await
 }
 
 /// Runs `twopc tx <args>` (a `--json` one) until `cond` holds for its output.
@@ -429,11 +397,7 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         // ABORT aborts it and the waiting Commit call is told ABORTED.
         p.script("h", PrepareScript::Hang);
         let id2 = begin(&mut client, vec![p.branch("a2"), p.branch("h")]).await;
-        let waiting = {
-            let mut client = coord.client().await;
-            let id2 = id2.clone();
-            tokio::spawn(async move { commit(&mut client, &id2, 0).await })
-        };
+        let waiting = commit_in_background(&coord.client().await, &id2, 0);
         poll_json(
             url,
             &["list", "--state", "preparing", "--json"],

@@ -31,8 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    begin, commit, eventually, expect_status, get_tx, outcome, tx_state, wait_until, with_deadline,
-    Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, commit_in_background, expect_status, get_tx, outcome, tx_state, wait_tx_state,
+    wait_until, wait_view, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
+    TestParticipant,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -76,45 +77,6 @@ fn branch_state(b: &pb::BranchStatus) -> pb::BranchState {
     pb::BranchState::try_from(b.state).unwrap_or(pb::BranchState::Unspecified)
 }
 
-/// Waits until the coordinator's view of `tx` satisfies `cond`; returns that view.
-async fn wait_view(
-    c: &CoordinatorClient<Channel>,
-    tx: &str,
-    what: &str,
-    cond: impl Fn(&pb::GetTransactionResponse) -> bool,
-) -> pb::GetTransactionResponse {
-    let last = Arc::new(Mutex::new(None));
-    let cond = &cond;
-    eventually(WAIT, &format!("{what} (tx {tx})"), || {
-        let mut c = c.clone();
-        let last = last.clone();
-        async move {
-            let Ok(v) = get_tx(&mut c, tx).await else {
-                return false;
-            };
-            let ok = cond(&v);
-            *last.lock().expect("lock") = Some(v);
-            ok
-        }
-    })
-    .await;
-    let v = last.lock().expect("lock").take().expect("a view");
-    v
-}
-
-/// Waits until the coordinator reports `tx` in `state` (COMMITTED or ABORTED: phase two
-/// is over and the transaction forgotten).
-async fn wait_tx_state(
-    c: &CoordinatorClient<Channel>,
-    tx: &str,
-    state: pb::TxState,
-) -> pb::GetTransactionResponse {
-    wait_view(c, tx, &format!("the transaction is {state:?}"), |v| {
-        tx_state(v) == state
-    })
-    .await
-}
-
 /// The coordinator, one participant, and a fault proxy in front of that participant.
 struct Rig {
     /// Kept alive for the test (killed on drop, printing its log if the test failed).
@@ -150,6 +112,21 @@ impl Rig {
         rig
     }
 
+    /// A phase-two rig and a transaction whose Commit (waiting up to `wait_ms` for phase
+    /// two) runs in the background, with `a`'s prepare held and `b`'s yes vote in (the
+    /// coordinator has it).
+    async fn with_a_held(
+        wait_ms: u64,
+    ) -> (Rig, String, JoinHandle<Result<pb::CommitResponse, Status>>) {
+        let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
+        rig.p.script("a", PrepareScript::Hang);
+        let tx = rig.begin_ab().await;
+        let pending = rig.commit_in_background(&tx, wait_ms);
+        rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
+            .await;
+        (rig, tx, pending)
+    }
+
     /// A branch the coordinator reaches directly.
     fn direct(&self, id: &str) -> pb::Branch {
         self.p.branch(id)
@@ -175,9 +152,7 @@ impl Rig {
         tx: &str,
         wait_ms: u64,
     ) -> JoinHandle<Result<pb::CommitResponse, Status>> {
-        let mut c = self.c.clone();
-        let tx = tx.to_string();
-        tokio::spawn(async move { commit(&mut c, &tx, wait_ms).await })
+        commit_in_background(&self.c, tx, wait_ms)
     }
 
     /// GetTransaction.
@@ -189,7 +164,7 @@ impl Rig {
 
     /// Waits until the coordinator reports `tx` in `state`.
     async fn wait_tx_state(&self, tx: &str, state: pb::TxState) -> pb::GetTransactionResponse {
-        wait_tx_state(&self.c, tx, state).await
+        wait_tx_state(&self.c, WAIT, tx, state).await
     }
 
     /// Waits until the coordinator sees `branch` of `tx` in `state` with at least
@@ -202,7 +177,7 @@ impl Rig {
         min_attempts: u32,
     ) -> pb::GetTransactionResponse {
         let what = format!("branch {branch} is {state:?} after >= {min_attempts} attempts");
-        wait_view(&self.c, tx, &what, |v| {
+        wait_view(&self.c, WAIT, tx, &what, |v| {
             v.branches.iter().any(|b| {
                 b.branch.as_ref().map(|s| s.branch_id.as_str()) == Some(branch)
                     && branch_state(b) == state
@@ -485,13 +460,7 @@ enum PhaseTwoFault {
 /// answers OK with `b` pending, the coordinator keeps retrying, and once the network heals
 /// `b` ends committed exactly once, whatever duplicates it saw.
 async fn commit_survives(fault: PhaseTwoFault) {
-    let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
-    rig.p.script("a", PrepareScript::Hang);
-    let tx = rig.begin_ab().await;
-    let pending = rig.commit_in_background(&tx, SHORT_PHASE_TWO_WAIT_MS);
-    // b's yes vote is in (the coordinator has it), a's prepare is held.
-    rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
-        .await;
+    let (mut rig, tx, pending) = Rig::with_a_held(SHORT_PHASE_TWO_WAIT_MS).await;
     wait_until(WAIT, "a received its prepare", || {
         rig.p.count(&tx, "a", MsgKind::Prepare) == 1
     })
@@ -597,12 +566,7 @@ async fn connection_reset_during_phase_two_is_retried_until_committed() {
 /// `b` prepared, then the application aborts while the network to `b` drops one
 /// direction: the abort is retried until acknowledged after the network heals.
 async fn abort_survives(dir: Direction) {
-    let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
-    rig.p.script("a", PrepareScript::Hang);
-    let tx = rig.begin_ab().await;
-    let pending = rig.commit_in_background(&tx, 2_000);
-    rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
-        .await;
+    let (mut rig, tx, pending) = Rig::with_a_held(2_000).await;
     rig.proxy.set(dir, Fault::Drop);
     rig.c
         .abort(pb::AbortRequest {
@@ -886,7 +850,7 @@ async fn duplicated_messages_change_nothing() {
             );
             assert_eq!(p.kinds(&tx, "a"), vec![MsgKind::Prepare, MsgKind::Commit]);
             assert_eq!(hop.forwarded() - before, 4, "{mode:?}");
-            let v = wait_tx_state(&c, &tx, pb::TxState::Committed).await;
+            let v = wait_tx_state(&c, WAIT, &tx, pb::TxState::Committed).await;
             assert_eq!(outcome(&v), pb::Outcome::Committed, "{mode:?}: {v:?}");
 
             // Abort path: a votes no; b prepared (twice) and is aborted (twice).
@@ -897,7 +861,7 @@ async fn duplicated_messages_change_nothing() {
                 Code::Aborted,
                 &[tx.as_str(), "no stock"],
             );
-            wait_tx_state(&c, &tx, pb::TxState::Aborted).await;
+            wait_tx_state(&c, WAIT, &tx, pb::TxState::Aborted).await;
             assert_eq!(p.state(&tx, "na"), Some(ResState::Aborted));
             assert_eq!(p.state(&tx, "b"), Some(ResState::Aborted), "{mode:?}");
             // Both prepares go out together; b's abort follows its (duplicated) vote.

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{
-    begin, commit, get_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
-    TestParticipant,
+    begin, commit, commit_in_background, get_tx, twopc_tx, with_deadline, Coordinator, MsgKind,
+    PrepareScript, ResState, TestParticipant,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -296,29 +296,9 @@ async fn scrape_until(coord: &Coordinator, what: &str, cond: impl Fn(&Scrape) ->
 /// Runs `twopc tx resolve <tx_id> <args>` against `coord` and returns its exit status and
 /// output (the real binary, as an operator would run it).
 async fn resolve_cli(coord: &Coordinator, tx_id: &str, args: &[&str]) -> (Option<i32>, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .args(["tx", "resolve", tx_id])
-        .args(args)
-        .arg("--coordinator")
-        .arg(coord.url())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("twopc tx resolve {args:?} did not finish within 30 s"))
-        .expect("run twopc tx resolve");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    let args: Vec<&str> = ["resolve", tx_id].iter().chain(args).copied().collect();
+    let run = twopc_tx(Some(&coord.url()), &args, &[]).await;
+    (run.code, format!("{}{}", run.stdout, run.stderr))
 }
 
 /// `twopc_heuristic_resolutions_total{decision, result}`.
@@ -591,11 +571,7 @@ async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
         // with the CLI: exactly one more abort, by the operator, and one resolution.
         p.script("h", PrepareScript::Hang);
         let tx = begin(&mut c, vec![p.branch("a"), p.branch("h")]).await;
-        let waiting = {
-            let mut c = coord.client().await;
-            let tx = tx.clone();
-            tokio::spawn(async move { commit(&mut c, &tx, 0).await })
-        };
+        let waiting = commit_in_background(&coord.client().await, &tx, 0);
         scrape_until(&coord, "the transaction is in doubt", |s| {
             s.value("twopc_transactions_in_doubt") == 1.0
         })

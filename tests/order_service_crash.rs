@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::orders::{tx_of_gid, OrderWorld, Postgres, Run, Settings, DB_BRANCH, EVENTS_BRANCH};
-use support::{outcome, with_deadline};
+use support::{outcome, tx_state, with_deadline};
 use twopc_proto::v1 as pb;
 use twopc_testkit::PgCluster;
 
@@ -410,18 +410,8 @@ async fn killed_after_commit_before_ack_the_restarted_service_publishes_once() {
 
         let run = w.run(&["--recover"], "").await;
         run.assert_success("--recover");
-        let in_doubt: Vec<&String> = run
-            .stdout
-            .iter()
-            .filter(|l| l.starts_with("in doubt "))
-            .collect();
-        assert_eq!(in_doubt.len(), 1, "only the staged event: {:?}", run.stdout);
-        let tx_id = in_doubt[0]
-            .strip_prefix("in doubt ")
-            .and_then(|rest| rest.strip_suffix(&format!(" {EVENTS_BRANCH}")))
-            .unwrap_or_else(|| panic!("unexpected line {:?}", in_doubt[0]))
-            .to_string();
-        assert_eq!(run.stdout.last().map(String::as_str), Some("recovered 1"));
+        // Only the staged event is in doubt.
+        let tx_id = run.recovered_one("in doubt ", EVENTS_BRANCH);
 
         let events = w.drain().await;
         assert_eq!(events.len(), 1, "exactly one OrderCreated: {events:?}");
@@ -589,7 +579,11 @@ async fn one_phase_killed_after_commit(failpoint: &str) {
     assert_published_once(&w, &tx_id).await;
     assert_eq!(w.prepared_gids().await, Vec::<String>::new());
     // The row and its event are committed: so must the transaction be.
-    let r = w.wait_until_finished(&tx_id).await;
+    let r = w
+        .wait_for(&tx_id, "is finished", |r| {
+            matches!(tx_state(r), pb::TxState::Committed | pb::TxState::Aborted)
+        })
+        .await;
     assert_eq!(
         (pb::TxState::try_from(r.state), outcome(&r)),
         (Ok(pb::TxState::Committed), pb::Outcome::Committed),

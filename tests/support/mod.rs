@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 use tonic_health::pb::health_client::HealthClient;
@@ -637,6 +638,43 @@ impl Coordinator {
     }
 }
 
+/// What one run of the `twopc tx` CLI did.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `twopc tx ARGS` (then `--coordinator URL` when given) as an operator would, with
+/// `env` as its only `TWOPC_*` variables and no `RUST_LOG`; panics if it takes over 30 s.
+pub async fn twopc_tx(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TWOPC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .arg("tx")
+        .args(args);
+    if let Some(url) = url {
+        cmd.arg("--coordinator").arg(url);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("twopc tx {args:?} did not finish within 30 s"))
+        .expect("run twopc tx");
+    CliRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A log file's text (or why it cannot be read).
 pub fn read_log(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>\n"))
@@ -1175,6 +1213,65 @@ pub async fn commit(
         })
         .await
         .map(Response::into_inner)
+}
+
+/// Starts Commit of `tx_id` (waiting up to `wait_ms` for phase two) in the background:
+/// the test goes on while it runs, and looks at its answer later, if at all (the
+/// coordinator may die meanwhile).
+pub fn commit_in_background(
+    client: &CoordinatorClient<Channel>,
+    tx_id: &str,
+    wait_ms: u64,
+) -> JoinHandle<Result<pb::CommitResponse, Status>> {
+    let mut c = client.clone();
+    let tx_id = tx_id.to_string();
+    tokio::spawn(async move { commit(&mut c, &tx_id, wait_ms).await })
+}
+
+/// Waits (up to `deadline`) until the coordinator's view of `tx_id` satisfies `cond`
+/// (described by `what`); returns that view.
+pub async fn wait_view(
+    client: &CoordinatorClient<Channel>,
+    deadline: Duration,
+    tx_id: &str,
+    what: &str,
+    cond: impl Fn(&pb::GetTransactionResponse) -> bool,
+) -> pb::GetTransactionResponse {
+    let last = Arc::new(Mutex::new(None));
+    let cond = &cond;
+    eventually(deadline, &format!("{what} (tx {tx_id})"), || {
+        let mut c = client.clone();
+        let last = last.clone();
+        async move {
+            let Ok(v) = get_tx(&mut c, tx_id).await else {
+                return false;
+            };
+            let ok = cond(&v);
+            *lock(&last) = Some(v);
+            ok
+        }
+    })
+    .await;
+    let view = lock(&last).take().expect("a view");
+    view
+}
+
+/// Waits (up to `deadline`) until the coordinator reports `tx_id` in `state` (e.g.
+/// COMMITTED once phase two is over); returns that view.
+pub async fn wait_tx_state(
+    client: &CoordinatorClient<Channel>,
+    deadline: Duration,
+    tx_id: &str,
+    state: pb::TxState,
+) -> pb::GetTransactionResponse {
+    wait_view(
+        client,
+        deadline,
+        tx_id,
+        &format!("the transaction is {state:?}"),
+        |v| tx_state(v) == state,
+    )
+    .await
 }
 
 /// GetTransaction.

@@ -23,8 +23,8 @@ use twopc_testkit::amqp::take_all;
 use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
 
 use super::{
-    clean_command, declare_durable, eventually, outcome, rabbitmq, read_log, show_logs,
-    wait_for_exit, Coordinator, AMQP_URL,
+    clean_command, declare_durable, rabbitmq, read_log, show_logs, wait_for_exit, wait_tx_state,
+    wait_view, Coordinator, AMQP_URL,
 };
 
 /// The order service's tables, exactly as `twopc-lab order-service` expects them.
@@ -89,6 +89,25 @@ impl Run {
             self.stdout,
             self.stderr
         );
+    }
+
+    /// The run (a `--recover`) listed exactly one branch, as `{prefix}{tx_id} {branch}`,
+    /// and ended with `recovered 1`; returns that `tx_id`.
+    #[track_caller]
+    pub fn recovered_one(&self, prefix: &str, branch: &str) -> String {
+        let listed: Vec<&String> = self
+            .stdout
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .collect();
+        assert_eq!(listed.len(), 1, "one {prefix:?} line: {:?}", self.stdout);
+        let tx_id = listed[0]
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(&format!(" {branch}")))
+            .unwrap_or_else(|| panic!("unexpected line {:?}", listed[0]))
+            .to_string();
+        assert_eq!(self.stdout.last().map(String::as_str), Some("recovered 1"));
+        tx_id
     }
 
     /// The run died of SIGABRT at `failpoint` (its stderr says so); no outcome line
@@ -302,16 +321,7 @@ impl OrderWorld {
 
     /// Gids prepared in the world's database.
     pub async fn prepared_gids(&self) -> Vec<String> {
-        self.db
-            .query(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
-                &[],
-            )
-            .await
-            .expect("pg_prepared_xacts")
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        prepared_gids(&self.db).await
     }
 
     /// The transaction id of the order's one prepared database branch.
@@ -406,29 +416,15 @@ impl OrderWorld {
     }
 
     /// Waits until the coordinator's view of `tx_id` satisfies `cond` (described by
-    /// `what`); returns a view read after that.
-    async fn wait_for(
+    /// `what`); returns that view.
+    pub async fn wait_for(
         &self,
         tx_id: &str,
         what: &str,
         cond: impl Fn(&pb::GetTransactionResponse) -> bool,
     ) -> pb::GetTransactionResponse {
         let client = self.coord.client().await;
-        let what = format!("transaction {tx_id} {what}");
-        let cond = &cond;
-        eventually(self.wait, &what, || {
-            let mut client = client.clone();
-            let tx_id = tx_id.to_string();
-            async move {
-                client
-                    .get_transaction(pb::GetTransactionRequest { tx_id })
-                    .await
-                    .map(|r| cond(r.get_ref()))
-                    .unwrap_or(false)
-            }
-        })
-        .await;
-        self.tx(tx_id).await
+        wait_view(&client, self.wait, tx_id, what, cond).await
     }
 
     /// Waits until the coordinator reports `state` for `tx_id`.
@@ -437,31 +433,8 @@ impl OrderWorld {
         tx_id: &str,
         state: pb::TxState,
     ) -> pb::GetTransactionResponse {
-        self.wait_for(tx_id, &format!("is {state:?}"), |r| {
-            pb::TxState::try_from(r.state) == Ok(state)
-        })
-        .await
-    }
-
-    /// Waits until the coordinator has finished `tx_id` (Committed or Aborted), so that a
-    /// wrong outcome fails at once, with the coordinator's whole answer.
-    pub async fn wait_until_finished(&self, tx_id: &str) -> pb::GetTransactionResponse {
-        self.wait_for(tx_id, "is finished", |r| {
-            matches!(
-                pb::TxState::try_from(r.state),
-                Ok(pb::TxState::Committed | pb::TxState::Aborted)
-            )
-        })
-        .await
-    }
-
-    /// Waits until the coordinator has decided `tx_id` (its outcome is known, phase two
-    /// may still run).
-    pub async fn wait_until_decided(&self, tx_id: &str) -> pb::GetTransactionResponse {
-        self.wait_for(tx_id, "is decided", |r| {
-            outcome(r) != pb::Outcome::Unspecified
-        })
-        .await
+        let client = self.coord.client().await;
+        wait_tx_state(&client, self.wait, tx_id, state).await
     }
 
     /// Nothing of order `id` is left: no prepared gid (other than `kept`), no row, no
@@ -499,6 +472,19 @@ impl Drop for OrderWorld {
             }
         }
     }
+}
+
+/// Gids prepared in `db`'s database, sorted.
+pub async fn prepared_gids(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+        &[],
+    )
+    .await
+    .expect("pg_prepared_xacts")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// The transaction id in the gid `twopc:<tx_id>:<DB_BRANCH>` of the database branch.
