@@ -12,8 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::{
-    begin, commit, commit_in_background, get_tx, twopc_tx, with_deadline, CliRun as Run,
-    Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, commit_in_background, coordinator_with_participant, get_tx, reflected_services,
+    twopc_tx, with_deadline, CliRun as Run, Coordinator, MsgKind, PrepareScript, ResState,
+    TestParticipant,
 };
 use tonic::Code;
 use twopc_proto::v1 as pb;
@@ -123,10 +124,9 @@ async fn stuck_in_phase_two(coord: &Coordinator, p: &TestParticipant) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
         let id = stuck_in_phase_two(&coord, &p).await;
 
         // Listed, with its age growing between two lists.
@@ -268,7 +268,6 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
 
         let gone = tx(url, &["list", "--json"]).await.json();
         assert!(listed(&gone, &id).is_none(), "finished: {gone}");
-        let mut client = coord.client().await;
         let got = get_tx(&mut client, &id).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Committed as i32);
         let commits_then = p.count(&id, "b", MsgKind::Commit);
@@ -356,10 +355,9 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
 
         // A live COMMITTING transaction, forced to ABORT: the stuck branch gets no more
         // commits, the decision log still says COMMITTED.
@@ -388,7 +386,6 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         assert!(text.contains("CONTRADICTS"), "{text}");
         let doc = tx(url, &["list", "--json"]).await.json();
         assert!(listed(&doc, &id).is_none());
-        let mut client = coord.client().await;
         let got = get_tx(&mut client, &id).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Committed as i32);
         assert_eq!(p.state(&id, "b"), Some(ResState::Prepared));
@@ -459,11 +456,9 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_flags_and_ids_give_clear_errors() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
-        let mut client = coord.client().await;
         let id = begin(&mut client, vec![p.branch("a")]).await;
 
         // Refused before any call (exit status 2), naming the flag or argument.
@@ -549,30 +544,7 @@ async fn malformed_flags_and_ids_give_clear_errors() {
         assert_eq!(resolved["outcome"], "ABORTED");
 
         // gRPC reflection lists the Admin service next to the Coordinator.
-        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
-        let mut reflection = ServerReflectionClient::new(coord.channel().await);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let msg = reflection
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection call")
-            .into_inner()
-            .message()
-            .await
-            .expect("reflection answer")
-            .expect("one message");
-        let services: Vec<String> = match msg.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer {other:?}"),
-        };
+        let services = reflected_services(coord.channel().await).await;
         for want in ["twopc.v1.Admin", "twopc.v1.Coordinator"] {
             assert!(
                 services.iter().any(|s| s == want),

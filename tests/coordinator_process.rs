@@ -10,9 +10,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    begin, commit, commit_in_background, eventually, expect_status, get_tx, outcome, parse_tx_id,
+    begin, commit, eventually, expect_status, get_tx, outcome, parse_tx_id, reflected_services,
     tx_state, wait_tx_state, wait_until, with_deadline, Coordinator, MsgKind, PrepareScript,
-    ResState, TestParticipant,
+    ResState, TestParticipant, TwoBranchCommit,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -47,13 +47,12 @@ struct MidPrepare {
 
 impl MidPrepare {
     async fn start(coord: &Coordinator) -> MidPrepare {
-        let pa = TestParticipant::start("pa").await;
-        let pb_ = TestParticipant::start("pb").await;
-        pa.script("a", PrepareScript::Hang);
-        let mut c = coord.client().await;
-
-        let tx = begin(&mut c, vec![pa.branch("a"), pb_.branch("b")]).await;
-        let pending_commit = commit_in_background(&c, &tx, 5_000);
+        let TwoBranchCommit {
+            p1: pa,
+            p2: pb_,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(coord, Some("a")).await;
         wait_until(WAIT, "branch a received its prepare", || {
             pa.count(&tx, "a", MsgKind::Prepare) == 1
         })
@@ -66,7 +65,7 @@ impl MidPrepare {
             pa,
             pb_,
             tx,
-            pending_commit,
+            pending_commit: pending,
         }
     }
 }
@@ -957,10 +956,6 @@ async fn health_and_reflection() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     with_deadline(TEST_DEADLINE, async {
         let coord = Coordinator::start(&[]).await;
@@ -991,27 +986,7 @@ async fn health_and_reflection() {
             &[],
         );
 
-        let mut reflection = ServerReflectionClient::new(channel);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut stream = reflection
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection call")
-            .into_inner();
-        let msg = stream
-            .message()
-            .await
-            .expect("reflection answer")
-            .expect("one reflection message");
-        let services: Vec<String> = match msg.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer {other:?}"),
-        };
+        let services = reflected_services(channel).await;
         assert!(
             services.iter().any(|s| s == "twopc.v1.Coordinator"),
             "services: {services:?}"

@@ -28,7 +28,7 @@ use support::orders::{prepared_gids, OrderWorld, Postgres, Settings, DB_BRANCH, 
 use support::{
     begin, commit, commit_in_background, declare_durable, expect_status, get_tx, outcome, rabbitmq,
     show_logs, tx_state, wait_until, wait_until_or_tell, with_deadline, Coordinator, MsgKind,
-    PrepareScript, ResState, TestParticipant, AMQP_URL,
+    PrepareScript, ResState, TestParticipant, TwoBranchCommit, AMQP_URL,
 };
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -177,14 +177,12 @@ impl KilledCommit {
     /// prepare hangs until [`TestParticipant::release`].
     async fn at(name: &str, point: &str, needle: &str, hold_b: bool) -> KilledCommit {
         let mut coord = serve(name, &format!("{point}=return(abort)"), &[]).await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        if hold_b {
-            p2.script("b", PrepareScript::Hang);
-        }
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let pending = commit_in_background(&c, &tx, 5_000);
+        let TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(&coord, hold_b.then_some("b")).await;
         coord.wait_for_crash(needle).await;
         let res = pending.await.expect("commit task");
         assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
@@ -734,12 +732,12 @@ async fn coordinator_paused_past_every_timeout_settles_consistently() {
             ],
         )
         .await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        p2.script("b", PrepareScript::Hang);
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let pending = commit_in_background(&c, &tx, 5_000);
+        let TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(&coord, Some("b")).await;
         wait_until(WAIT, "a is prepared and b received its prepare", || {
             p1.state(&tx, "a") == Some(ResState::Prepared)
                 && p2.count(&tx, "b", MsgKind::Prepare) == 1
@@ -858,6 +856,36 @@ impl Drop for PgLogOnFailure {
     }
 }
 
+/// The participant SDK of service `service`, talking to `coord` (recovery every 200 ms).
+async fn sdk(coord: &Coordinator, service: &str) -> TwoPc {
+    TwoPc::builder(coord.url())
+        .service(service)
+        .recovery_interval(Duration::from_millis(200))
+        .start()
+        .await
+        .expect("SDK start")
+}
+
+/// [`sdk`] with the PostgreSQL resource "db" on `url` (a pool of 4 connections).
+async fn sdk_with_postgres(
+    coord: &Coordinator,
+    service: &str,
+    url: &str,
+) -> (TwoPc, Arc<PgResource>) {
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        url.parse().expect("pg config"),
+        tokio_postgres::NoTls,
+    ))
+    .max_size(4)
+    .build()
+    .expect("pool");
+    let sdk = sdk(coord, service).await;
+    let db = sdk
+        .register(PgResource::new("db", pool).await.expect("PgResource"))
+        .expect("register");
+    (sdk, db)
+}
+
 /// A private cluster, the guard that prints its log when the scenario fails, and a new
 /// database (`prefix` made unique) with `schema`: its name and a connection.
 async fn private_database(
@@ -901,12 +929,7 @@ impl OnePhaseWorld {
         let coord = serve(name, failpoints, &[("--one-phase", "true")]).await;
         let staging_dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(StagingStore::open(staging_dir.path()).expect("staging store"));
-        let sdk = TwoPc::builder(coord.url())
-            .service("f1p")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
+        let sdk = sdk(&coord, "f1p").await;
         let rabbit = sdk
             .register(Arc::new(
                 RabbitResource::connect("mq", AMQP_URL, store)
@@ -1101,22 +1124,7 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
         let gate = TestParticipant::start("gate").await;
         gate.script("g1", PrepareScript::Hang);
         gate.script("g2", PrepareScript::Hang);
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-            cluster.url(&db_name).parse().expect("pg config"),
-            tokio_postgres::NoTls,
-        ))
-        .max_size(4)
-        .build()
-        .expect("pool");
-        let sdk = TwoPc::builder(coord.url())
-            .service("pgk")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
-        let db = sdk
-            .register(PgResource::new("db", pool).await.expect("PgResource"))
-            .expect("register");
+        let (sdk, db) = sdk_with_postgres(&coord, "pgk", &cluster.url(&db_name)).await;
         let mut c = coord.client().await;
 
         // Two transactions: a row each, plus a gate branch that holds its vote.
@@ -1251,22 +1259,7 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
 
         let coord = serve("pg-kill-prepare", "", &[("--prepare-timeout-ms", "20000")]).await;
         let other = TestParticipant::start("other").await;
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-            cluster.url(&db_name).parse().expect("pg config"),
-            tokio_postgres::NoTls,
-        ))
-        .max_size(4)
-        .build()
-        .expect("pool");
-        let sdk = TwoPc::builder(coord.url())
-            .service("pgp")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
-        let db = sdk
-            .register(PgResource::new("db", pool).await.expect("PgResource"))
-            .expect("register");
+        let (sdk, db) = sdk_with_postgres(&coord, "pgp", &cluster.url(&db_name)).await;
         let mut c = coord.client().await;
 
         let tx = sdk.begin().await.expect("begin");

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{
-    begin, commit, commit_in_background, get_tx, twopc_tx, with_deadline, Coordinator, MsgKind,
-    PrepareScript, ResState, TestParticipant,
+    begin, commit, commit_in_background, coordinator_with_participant, get_tx, twopc_tx,
+    with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -317,9 +317,7 @@ fn resolutions(s: &Scrape, decision: &str, result: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_phases_and_in_doubt_transactions() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         // Fresh process: every series exists (label children included) and is zero.
         let s0 = scrape(&coord).await;
@@ -480,9 +478,7 @@ async fn metrics_count_outcomes_phases_and_in_doubt_transactions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_recovery_progress_after_a_restart() {
     with_deadline(TEST_DEADLINE, async {
-        let mut coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (mut coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         // A decided transaction whose phase two cannot finish, then a crash.
         p.refuse_commits("x", true);
@@ -548,9 +544,7 @@ async fn metrics_report_recovery_progress_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         let s0 = scrape(&coord).await;
         assert_eq!(s0.types["twopc_heuristic_resolutions_total"], "counter");

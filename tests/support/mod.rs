@@ -675,6 +675,34 @@ pub async fn twopc_tx(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) ->
     }
 }
 
+/// The services a server lists through gRPC reflection.
+pub async fn reflected_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let msg = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection call")
+        .into_inner()
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one reflection message");
+    match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
 /// A log file's text (or why it cannot be read).
 pub fn read_log(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>\n"))
@@ -1226,6 +1254,50 @@ pub fn commit_in_background(
     let mut c = client.clone();
     let tx_id = tx_id.to_string();
     tokio::spawn(async move { commit(&mut c, &tx_id, wait_ms).await })
+}
+
+/// A coordinator started with `flags`, a test participant "p" and a client of the
+/// coordinator: the start of most single-participant tests.
+pub async fn coordinator_with_participant(
+    flags: &[(&str, &str)],
+) -> (Coordinator, TestParticipant, CoordinatorClient<Channel>) {
+    let coord = Coordinator::start(flags).await;
+    let p = TestParticipant::start("p").await;
+    let client = coord.client().await;
+    (coord, p, client)
+}
+
+/// Two participants, `p1` holding branch `a` and `p2` branch `b`, and a transaction of
+/// both whose Commit (waiting up to 5 s for phase two) runs in the background.
+pub struct TwoBranchCommit {
+    pub p1: TestParticipant,
+    pub p2: TestParticipant,
+    pub tx: String,
+    pub pending: JoinHandle<Result<pb::CommitResponse, Status>>,
+}
+
+impl TwoBranchCommit {
+    /// Starts the participants, begins the transaction on `coord` and starts its Commit;
+    /// `held` names the branch (`"a"` or `"b"`) whose prepare hangs until released.
+    pub async fn start(coord: &Coordinator, held: Option<&str>) -> TwoBranchCommit {
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        match held {
+            Some("a") => p1.script("a", PrepareScript::Hang),
+            Some("b") => p2.script("b", PrepareScript::Hang),
+            Some(other) => panic!("no branch {other:?} (a or b)"),
+            None => {}
+        }
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let pending = commit_in_background(&c, &tx, 5_000);
+        TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        }
+    }
 }
 
 /// Waits (up to `deadline`) until the coordinator's view of `tx_id` satisfies `cond`
