@@ -12,9 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::{
-    begin, commit, commit_in_background, coordinator_with_participant, get_tx, reflected_services,
-    twopc_tx, with_deadline, CliRun as Run, Coordinator, MsgKind, PrepareScript, ResState,
-    TestParticipant,
+    begin, commit, commit_in_background, coordinator_with_participant, expect_status, get_tx,
+    reflected_services, twopc_tx, with_deadline, CliRun as Run, Coordinator, MsgKind,
+    PrepareScript, ResState, TestParticipant,
 };
 use tonic::Code;
 use twopc_proto::v1 as pb;
@@ -434,11 +434,7 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         .stdout;
         assert!(aborted.contains("ABORT accepted"), "{aborted}");
         assert!(aborted.contains("outcome ABORTED"), "{aborted}");
-        let status = waiting
-            .await
-            .expect("commit task")
-            .expect_err("the commit is aborted");
-        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        let status = expect_status(waiting.await.expect("commit task"), Code::Aborted, &[]);
         assert!(
             status
                 .message()

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{
-    begin, commit, commit_in_background, coordinator_with_participant, get_tx, twopc_tx,
-    with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
+    begin, commit, commit_in_background, coordinator_with_participant, expect_status, get_tx,
+    twopc_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -580,11 +580,7 @@ async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
         .await;
         assert_eq!(code, Some(0), "{out}");
         assert!(out.contains("ABORT accepted"), "{out}");
-        let status = waiting
-            .await
-            .expect("commit task")
-            .expect_err("the commit is aborted");
-        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        expect_status(waiting.await.expect("commit task"), Code::Aborted, &[]);
         let got = get_tx(&mut c, &tx).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Aborted as i32);
 

@@ -345,11 +345,8 @@ impl OrderWorld {
 
     /// Whether the order service created the outbox table in the world's database.
     pub async fn outbox_table_exists(&self) -> bool {
-        self.db
-            .query_one("SELECT to_regclass('twopc_outbox') IS NOT NULL", &[])
+        self.value("SELECT to_regclass('twopc_outbox') IS NOT NULL")
             .await
-            .expect("to_regclass")
-            .get(0)
     }
 
     /// The committed rows of the outbox table, as `(gid, message id)`, oldest first.
@@ -365,11 +362,15 @@ impl OrderWorld {
 
     /// How many committed rows the outbox table holds.
     pub async fn outbox_rows(&self) -> i64 {
-        self.db
-            .query_one("SELECT count(*) FROM twopc_outbox", &[])
-            .await
-            .expect("count twopc_outbox")
-            .get(0)
+        self.value("SELECT count(*) FROM twopc_outbox").await
+    }
+
+    /// The one value `sql` selects in the world's database.
+    async fn value<T>(&self, sql: &str) -> T
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        self.db.query_one(sql, &[]).await.expect(sql).get(0)
     }
 
     /// Declares the queue (durable, as the SDK does) and returns how many messages it
