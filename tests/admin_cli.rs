@@ -8,13 +8,13 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::{
-    begin, commit, get_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
-    TestParticipant,
+    begin, commit, commit_in_background, coordinator_with_participant, expect_status, get_tx,
+    reflected_services, twopc_tx, with_deadline, CliRun as Run, Coordinator, MsgKind,
+    PrepareScript, ResState, TestParticipant,
 };
 use tonic::Code;
 use twopc_proto::v1 as pb;
@@ -23,14 +23,6 @@ use twopc_proto::v1 as pb;
 const TEST_DEADLINE: Duration = Duration::from_secs(60);
 /// Budget of one wait for something asynchronous to happen.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// What one run of the CLI did.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
 
 impl Run {
     #[track_caller]
@@ -70,30 +62,7 @@ async fn tx(url: Option<&str>, args: &[&str]) -> Run {
 }
 
 async fn tx_env(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1").arg("tx");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.args(args);
-    if let Some(url) = url {
-        cmd.arg("--coordinator").arg(url);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("twopc tx {args:?} did not finish within 30 s"))
-        .expect("run twopc tx");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    twopc_tx(url, args, env).await
 }
 
 /// Runs `twopc tx <args>` (a `--json` one) until `cond` holds for its output.
@@ -155,10 +124,9 @@ async fn stuck_in_phase_two(coord: &Coordinator, p: &TestParticipant) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
         let id = stuck_in_phase_two(&coord, &p).await;
 
         // Listed, with its age growing between two lists.
@@ -300,7 +268,6 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
 
         let gone = tx(url, &["list", "--json"]).await.json();
         assert!(listed(&gone, &id).is_none(), "finished: {gone}");
-        let mut client = coord.client().await;
         let got = get_tx(&mut client, &id).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Committed as i32);
         let commits_then = p.count(&id, "b", MsgKind::Commit);
@@ -388,10 +355,9 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
 
         // A live COMMITTING transaction, forced to ABORT: the stuck branch gets no more
         // commits, the decision log still says COMMITTED.
@@ -420,7 +386,6 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         assert!(text.contains("CONTRADICTS"), "{text}");
         let doc = tx(url, &["list", "--json"]).await.json();
         assert!(listed(&doc, &id).is_none());
-        let mut client = coord.client().await;
         let got = get_tx(&mut client, &id).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Committed as i32);
         assert_eq!(p.state(&id, "b"), Some(ResState::Prepared));
@@ -429,11 +394,7 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         // ABORT aborts it and the waiting Commit call is told ABORTED.
         p.script("h", PrepareScript::Hang);
         let id2 = begin(&mut client, vec![p.branch("a2"), p.branch("h")]).await;
-        let waiting = {
-            let mut client = coord.client().await;
-            let id2 = id2.clone();
-            tokio::spawn(async move { commit(&mut client, &id2, 0).await })
-        };
+        let waiting = commit_in_background(&coord.client().await, &id2, 0);
         poll_json(
             url,
             &["list", "--state", "preparing", "--json"],
@@ -473,11 +434,7 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         .stdout;
         assert!(aborted.contains("ABORT accepted"), "{aborted}");
         assert!(aborted.contains("outcome ABORTED"), "{aborted}");
-        let status = waiting
-            .await
-            .expect("commit task")
-            .expect_err("the commit is aborted");
-        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        let status = expect_status(waiting.await.expect("commit task"), Code::Aborted, &[]);
         assert!(
             status
                 .message()
@@ -495,11 +452,9 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_flags_and_ids_give_clear_errors() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(&[]).await;
+        let (coord, p, mut client) = coordinator_with_participant(&[]).await;
         let url = coord.url();
         let url = Some(url.as_str());
-        let p = TestParticipant::start("p").await;
-        let mut client = coord.client().await;
         let id = begin(&mut client, vec![p.branch("a")]).await;
 
         // Refused before any call (exit status 2), naming the flag or argument.
@@ -585,30 +540,7 @@ async fn malformed_flags_and_ids_give_clear_errors() {
         assert_eq!(resolved["outcome"], "ABORTED");
 
         // gRPC reflection lists the Admin service next to the Coordinator.
-        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
-        let mut reflection = ServerReflectionClient::new(coord.channel().await);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let msg = reflection
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection call")
-            .into_inner()
-            .message()
-            .await
-            .expect("reflection answer")
-            .expect("one message");
-        let services: Vec<String> = match msg.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer {other:?}"),
-        };
+        let services = reflected_services(coord.channel().await).await;
         for want in ["twopc.v1.Admin", "twopc.v1.Coordinator"] {
             assert!(
                 services.iter().any(|s| s == want),

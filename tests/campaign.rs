@@ -38,6 +38,12 @@ fn campaign(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `count` (a number in the summary) is above 0; `what` says what it would mean if not.
+#[track_caller]
+fn assert_some(count: &serde_json::Value, what: &str, stdout: &str) {
+    assert!(count.as_u64().unwrap_or(0) > 0, "{what}: {stdout}");
+}
+
 #[test]
 fn randomized_fault_campaign_finds_no_violation() {
     let cycles = std::env::var("TWOPC_CAMPAIGN_CYCLES").unwrap_or_else(|_| "100".into());
@@ -48,14 +54,8 @@ fn randomized_fault_campaign_finds_no_violation() {
     assert!(ok, "campaign failed:\n{stdout}\n{stderr}");
     assert_eq!(s["violations"], 0, "{stdout}");
     assert_eq!(s["cycles"].as_u64(), cycles.parse().ok(), "{stdout}");
-    assert!(
-        s["faults"].as_u64().unwrap_or(0) > 0,
-        "no fault was injected: {stdout}"
-    );
-    assert!(
-        s["ok"].as_u64().unwrap_or(0) > 0,
-        "nothing committed: {stdout}"
-    );
+    assert_some(&s["faults"], "no fault was injected", &stdout);
+    assert_some(&s["ok"], "nothing committed", &stdout);
     // Both ways of staging the event ran, and database-staged orders committed both in one
     // phase and in two.
     let staged = |how: &str, key: &str| s["staging"][how][key].as_u64().unwrap_or(0);
@@ -97,24 +97,20 @@ fn campaign_kills_the_coordinator_and_the_order_service_while_they_start() {
     assert_eq!(s["violations"], 0, "{stdout}");
     let counts = &s["fault_counts"];
     for fault in ["KillCoordinatorAtStart", "KillOrderServiceAtStart"] {
-        assert!(
-            counts[fault].as_u64().unwrap_or(0) > 0,
-            "no {fault}: {stdout}"
-        );
+        assert_some(&counts[fault], &format!("no {fault}"), &stdout);
     }
     let kills = &s["kills_while_starting"];
-    assert!(
-        kills["coordinator"].as_u64().unwrap_or(0) > 0,
-        "no kill struck a starting coordinator: {stdout}"
+    assert_some(
+        &kills["coordinator"],
+        "no kill struck a starting coordinator",
+        &stdout,
     );
-    assert!(
-        kills["order_service"].as_u64().unwrap_or(0) > 0,
-        "no kill struck a starting order service: {stdout}"
+    assert_some(
+        &kills["order_service"],
+        "no kill struck a starting order service",
+        &stdout,
     );
-    assert!(
-        s["ok"].as_u64().unwrap_or(0) > 0,
-        "nothing committed: {stdout}"
-    );
+    assert_some(&s["ok"], "nothing committed", &stdout);
 }
 
 /// The checker is not blind: a coordinator that sends commits before its decision is

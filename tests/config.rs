@@ -78,10 +78,16 @@ fn print_config(
     (text, map)
 }
 
-#[test]
-fn flag_beats_env_beats_file_beats_default() {
+/// A temp dir and a data directory in it that a refused start must not create.
+fn never_created() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data_dir = dir.path().join("never-created");
+    (dir, data_dir)
+}
+
+#[test]
+fn flag_beats_env_beats_file_beats_default() {
+    let (dir, data_dir) = never_created();
     let file = write(
         dir.path(),
         "twopc.toml",
@@ -156,8 +162,7 @@ fn unknown_key_is_an_error_listing_the_known_ones() {
 
 #[test]
 fn out_of_range_and_wrong_type_name_the_key_file_and_range() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().join("never-created");
+    let (dir, data_dir) = never_created();
     let data_dir = data_dir.to_string_lossy();
     for (text, needles) in [
         (
@@ -253,8 +258,7 @@ fn printed_config_loads_back_to_the_same_config() {
 
 #[test]
 fn bad_otlp_endpoint_is_refused_naming_the_flag() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().join("never-created");
+    let (_dir, data_dir) = never_created();
     let data_dir = data_dir.to_string_lossy();
     for (flags, env) in [
         (&["--otlp-endpoint", "localhost:4317"][..], &[][..]),

@@ -10,24 +10,20 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    begin, commit, eventually, expect_status, get_tx, parse_tx_id, wait_until, with_deadline,
-    Coordinator, MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, eventually, expect_status, get_tx, outcome, parse_tx_id, reflected_services,
+    tx_state, wait_tx_state, wait_until, with_deadline, Coordinator, MsgKind, PrepareScript,
+    ResState, TestParticipant, TwoBranchCommit,
 };
-use tonic::Code;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 use twopc_proto::v1 as pb;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
 /// Overall budget of one test.
 const TEST_DEADLINE: Duration = Duration::from_secs(25);
 /// Budget of one wait for something asynchronous to happen.
 const WAIT: Duration = Duration::from_secs(10);
-
-fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
-    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
-}
-
-fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
-    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
-}
 
 fn assert_no_violations(ps: &[&TestParticipant]) {
     for p in ps {
@@ -39,29 +35,57 @@ fn assert_no_violations(ps: &[&TestParticipant]) {
     }
 }
 
-/// Waits until GetTransaction reports `state` (e.g. COMMITTED once phase two finished).
-async fn wait_for_tx_state(
-    coord: &Coordinator,
-    tx_id: &str,
-    state: pb::TxState,
-) -> pb::GetTransactionResponse {
-    let client = coord.client().await;
-    let last = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let what = format!("transaction {tx_id} is {state:?}");
-    eventually(WAIT, &what, || {
-        let mut client = client.clone();
-        let last = last.clone();
-        let tx_id = tx_id.to_string();
-        async move {
-            let r = get_tx(&mut client, &tx_id).await.expect("GetTransaction");
-            let done = tx_state(&r) == state;
-            *last.lock().expect("lock") = Some(r);
-            done
+/// Two participants and a transaction with pa's branch `a` and pb's branch `b`, whose
+/// Commit runs in the background while `a`'s prepare hangs (until released) and `b` is
+/// prepared: the coordinator is in the middle of phase one, undecided.
+struct MidPrepare {
+    pa: TestParticipant,
+    pb_: TestParticipant,
+    tx: String,
+    pending_commit: JoinHandle<Result<pb::CommitResponse, Status>>,
+}
+
+impl MidPrepare {
+    async fn start(coord: &Coordinator) -> MidPrepare {
+        let TwoBranchCommit {
+            p1: pa,
+            p2: pb_,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(coord, Some("a")).await;
+        wait_until(WAIT, "branch a received its prepare", || {
+            pa.count(&tx, "a", MsgKind::Prepare) == 1
+        })
+        .await;
+        wait_until(WAIT, "branch b prepared", || {
+            pb_.state(&tx, "b") == Some(ResState::Prepared)
+        })
+        .await;
+        MidPrepare {
+            pa,
+            pb_,
+            tx,
+            pending_commit: pending,
         }
-    })
-    .await;
-    let r = last.lock().expect("lock").take().expect("a response");
-    r
+    }
+}
+
+/// `tx` is aborted: Commit answers ABORTED, GetTransaction says so, no branch got a
+/// commit and no participant saw a protocol violation.
+async fn assert_aborted_without_a_commit(
+    c: &mut CoordinatorClient<Channel>,
+    tx: &str,
+    pa: &TestParticipant,
+    pb_: &TestParticipant,
+) {
+    expect_status(commit(c, tx, 1_000).await, Code::Aborted, &[tx]);
+    let view = get_tx(c, tx).await.expect("GetTransaction");
+    assert_eq!(outcome(&view), pb::Outcome::Aborted, "{view:?}");
+    assert!(
+        !pa.saw(tx, MsgKind::Commit) && !pb_.saw(tx, MsgKind::Commit),
+        "a commit was sent"
+    );
+    assert_no_violations(&[pa, pb_]);
 }
 
 // 1 ---------------------------------------------------------------------------------------
@@ -136,7 +160,7 @@ async fn two_branches_voting_yes_commit() {
             "tier 10 was committed before tier 0"
         );
 
-        let view = wait_for_tx_state(&coord, &tx, pb::TxState::Committed).await;
+        let view = wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Committed).await;
         assert_eq!(outcome(&view), pb::Outcome::Committed);
         assert_eq!(view.tx_id, tx);
 
@@ -192,7 +216,7 @@ async fn a_no_vote_aborts_every_branch() {
 
         let view = get_tx(&mut c, &tx).await.expect("GetTransaction");
         assert_eq!(outcome(&view), pb::Outcome::Aborted, "{view:?}");
-        wait_for_tx_state(&coord, &tx, pb::TxState::Aborted).await;
+        wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Aborted).await;
         // Commit stays ABORTED.
         expect_status(
             commit(&mut c, &tx, 1_000).await,
@@ -277,7 +301,7 @@ async fn a_single_branch_commits_in_one_phase() {
         assert_eq!(msgs[0].kind, MsgKind::Commit);
         assert!(msgs[0].one_phase, "the commit must say one_phase");
         assert_eq!(p.state(&tx, "only"), Some(ResState::Committed));
-        let view = wait_for_tx_state(&coord, &tx, pb::TxState::Committed).await;
+        let view = wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Committed).await;
         assert_eq!(outcome(&view), pb::Outcome::Committed);
 
         // The participant decides a one-phase commit: a refusal aborts the transaction.
@@ -332,7 +356,7 @@ async fn read_only_branches_get_no_phase_two() {
             vec![MsgKind::Prepare, MsgKind::Commit]
         );
         assert_eq!(p1.state(&tx, "write"), Some(ResState::Committed));
-        wait_for_tx_state(&coord, &tx, pb::TxState::Committed).await;
+        wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Committed).await;
 
         // Every branch read-only: committed with nothing to deliver.
         let tx2 = begin(&mut c, vec![p1.branch("audit"), p2.branch("lookup2")]).await;
@@ -401,7 +425,7 @@ async fn a_participant_that_dies_after_preparing_gets_its_commit_after_restart()
             "{:?}",
             p2.kinds(&tx, "ledger")
         );
-        let view = wait_for_tx_state(&coord, &tx, pb::TxState::Committed).await;
+        let view = wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Committed).await;
         assert_eq!(outcome(&view), pb::Outcome::Committed);
         assert!(!p1.saw(&tx, MsgKind::Abort) && !p2.saw(&tx, MsgKind::Abort));
         assert_no_violations(&[&p1, &p2]);
@@ -415,26 +439,13 @@ async fn a_participant_that_dies_after_preparing_gets_its_commit_after_restart()
 async fn sigkill_before_the_decision_is_durable_aborts() {
     with_deadline(TEST_DEADLINE, async {
         let mut coord = Coordinator::start(&[("--prepare-timeout-ms", "20000")]).await;
-        let pa = TestParticipant::start("pa").await;
-        let pb_ = TestParticipant::start("pb").await;
-        pa.script("a", PrepareScript::Hang);
-        let mut c = coord.client().await;
-
-        let tx = begin(&mut c, vec![pa.branch("a"), pb_.branch("b")]).await;
+        let MidPrepare {
+            pa,
+            pb_,
+            tx,
+            pending_commit,
+        } = MidPrepare::start(&coord).await;
         let (node, epoch, _) = parse_tx_id(&tx);
-        let pending_commit = {
-            let mut c = c.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move { commit(&mut c, &tx, 5_000).await })
-        };
-        wait_until(WAIT, "branch a received its prepare", || {
-            pa.count(&tx, "a", MsgKind::Prepare) == 1
-        })
-        .await;
-        wait_until(WAIT, "branch b prepared", || {
-            pb_.state(&tx, "b") == Some(ResState::Prepared)
-        })
-        .await;
 
         coord.kill9();
         let res = pending_commit.await.expect("commit task");
@@ -463,23 +474,13 @@ async fn sigkill_before_the_decision_is_durable_aborts() {
         })
         .await;
 
-        expect_status(
-            commit(&mut c, &tx, 1_000).await,
-            Code::Aborted,
-            &[tx.as_str()],
-        );
-        let view = get_tx(&mut c, &tx).await.expect("GetTransaction");
-        assert_eq!(outcome(&view), pb::Outcome::Aborted, "{view:?}");
+        assert_aborted_without_a_commit(&mut c, &tx, &pa, &pb_).await;
         c.abort(pb::AbortRequest {
             tx_id: tx.clone(),
             reason: String::new(),
         })
         .await
         .expect("Abort of an aborted transaction is an idempotent success");
-        assert!(
-            !pa.saw(&tx, MsgKind::Commit) && !pb_.saw(&tx, MsgKind::Commit),
-            "a commit was sent"
-        );
 
         // The new start has a new epoch on the same node.
         let tx2 = begin(&mut c, vec![]).await;
@@ -529,7 +530,7 @@ async fn sigkill_after_the_decision_is_durable_commits_after_restart() {
         assert!(
             p1.count(&tx, "x", MsgKind::Commit) + p2.count(&tx, "y", MsgKind::Commit) > seen_before
         );
-        let view = wait_for_tx_state(&coord, &tx, pb::TxState::Committed).await;
+        let view = wait_tx_state(&coord.client().await, WAIT, &tx, pb::TxState::Committed).await;
         assert_eq!(outcome(&view), pb::Outcome::Committed);
         let mut c = coord.client().await;
         let again = commit(&mut c, &tx, 1_000)
@@ -616,7 +617,7 @@ async fn bad_input_is_refused_with_the_right_codes() {
         // A committed transaction and an active one, to check nothing changes them.
         let done = begin(&mut c, vec![p.branch("d1"), p.branch("d2")]).await;
         commit(&mut c, &done, 5_000).await.expect("Commit");
-        wait_for_tx_state(&coord, &done, pb::TxState::Committed).await;
+        wait_tx_state(&coord.client().await, WAIT, &done, pb::TxState::Committed).await;
         let active = begin(&mut c, vec![p.branch("a1"), p.branch("a2")]).await;
         let done_before = stable_view(get_tx(&mut c, &done).await.expect("get"));
         let active_before = stable_view(get_tx(&mut c, &active).await.expect("get"));
@@ -938,10 +939,6 @@ async fn health_and_reflection() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     with_deadline(TEST_DEADLINE, async {
         let coord = Coordinator::start(&[]).await;
@@ -972,27 +969,7 @@ async fn health_and_reflection() {
             &[],
         );
 
-        let mut reflection = ServerReflectionClient::new(channel);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut stream = reflection
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection call")
-            .into_inner();
-        let msg = stream
-            .message()
-            .await
-            .expect("reflection answer")
-            .expect("one reflection message");
-        let services: Vec<String> = match msg.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                list.service.into_iter().map(|s| s.name).collect()
-            }
-            other => panic!("unexpected reflection answer {other:?}"),
-        };
+        let services = reflected_services(channel).await;
         assert!(
             services.iter().any(|s| s == "twopc.v1.Coordinator"),
             "services: {services:?}"
@@ -1051,29 +1028,15 @@ async fn sigterm_mid_prepare_then_restart_the_coordinator_aborts_the_undecided_t
             ("--rpc-timeout-ms", "20000"),
         ])
         .await;
-        let pa = TestParticipant::start("pa").await;
-        let pb_ = TestParticipant::start("pb").await;
-        pa.script("a", PrepareScript::Hang);
-        let mut c = coord.client().await;
-
-        let tx = begin(&mut c, vec![pa.branch("a"), pb_.branch("b")]).await;
-        let pending_commit = {
-            let mut c = c.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move { commit(&mut c, &tx, 5_000).await })
-        };
-        wait_until(WAIT, "branch a received its prepare", || {
-            pa.count(&tx, "a", MsgKind::Prepare) == 1
-        })
-        .await;
-        wait_until(WAIT, "branch b prepared", || {
-            pb_.state(&tx, "b") == Some(ResState::Prepared)
-        })
-        .await;
+        let MidPrepare {
+            pa,
+            pb_,
+            tx,
+            pending_commit,
+        } = MidPrepare::start(&coord).await;
         // The application gives up on its Commit call, then the coordinator is stopped.
         pending_commit.abort();
         let _ = pending_commit.await;
-        drop(c);
         let status = coord.sigterm(Duration::from_secs(10)).await;
         assert!(status.success(), "exit status after SIGTERM: {status:?}");
 
@@ -1094,18 +1057,7 @@ async fn sigterm_mid_prepare_then_restart_the_coordinator_aborts_the_undecided_t
         );
         pa.release("a");
         let mut c = coord.client().await;
-        expect_status(
-            commit(&mut c, &tx, 1_000).await,
-            Code::Aborted,
-            &[tx.as_str()],
-        );
-        let view = get_tx(&mut c, &tx).await.expect("GetTransaction");
-        assert_eq!(outcome(&view), pb::Outcome::Aborted, "{view:?}");
-        assert!(
-            !pa.saw(&tx, MsgKind::Commit) && !pb_.saw(&tx, MsgKind::Commit),
-            "a commit was sent"
-        );
-        assert_no_violations(&[&pa, &pb_]);
+        assert_aborted_without_a_commit(&mut c, &tx, &pa, &pb_).await;
     })
     .await;
 }

@@ -40,32 +40,21 @@ fn check(stdout: &str, stage_events: &str) {
     assert!(stdout.contains("all invariants hold"), "{stdout}");
     // 12 orders: orders 3, 6 and 8 are designed to fail (duplicate id, refused at
     // PREPARE, aborted by the service after writing).
-    assert!(row(stdout, "orders placed").contains("12"), "{stdout}");
-    assert!(
-        row(stdout, "orders committed").contains("9 (rows in orders: 9)"),
-        "{stdout}"
-    );
-    assert!(
-        row(stdout, "events delivered").contains("9 applied"),
-        "{stdout}"
-    );
-    assert!(
-        row(stdout, "duplicates removed").contains(" 1 "),
-        "{stdout}"
-    );
-    assert!(
-        row(stdout, "aborted orders").contains("3 (3 with neither row nor event)"),
-        "{stdout}"
-    );
-    assert!(
-        row(stdout, "prepared transactions left").contains(" 0 "),
-        "{stdout}"
-    );
-    assert!(
-        row(stdout, "staged messages left").contains(" 0 "),
-        "{stdout}"
-    );
-    assert!(row(stdout, "outbox rows left").contains(" 0 "), "{stdout}");
+    for (label, want) in [
+        ("orders placed", "12"),
+        ("orders committed", "9 (rows in orders: 9)"),
+        ("events delivered", "9 applied"),
+        ("duplicates removed", " 1 "),
+        ("aborted orders", "3 (3 with neither row nor event)"),
+        ("prepared transactions left", " 0 "),
+        ("staged messages left", " 0 "),
+        ("outbox rows left", " 0 "),
+    ] {
+        assert!(
+            row(stdout, label).contains(want),
+            "{label}: want {want:?} in {stdout}"
+        );
+    }
     // The deferred FK check fails where the branch's transaction ends: at PREPARE with a
     // broker branch beside it, at the one-phase COMMIT when the event is staged in it.
     let refusal = match stage_events {

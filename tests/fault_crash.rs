@@ -18,33 +18,26 @@
 
 mod support;
 
-use std::fs::File;
-use std::io::{self, BufRead, BufReader};
-use std::net::SocketAddr;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeleteOptions;
 use lapin::Connection;
+use support::orders::{prepared_gids, OrderWorld, Postgres, Settings, DB_BRANCH, EVENTS_BRANCH};
 use support::{
-    begin, commit, declare_durable, expect_status, get_tx, rabbitmq, wait_until,
-    wait_until_or_tell, with_deadline, MsgKind, PrepareScript, ResState, TestParticipant, AMQP_URL,
+    begin, commit, commit_in_background, declare_durable, expect_status, get_tx, outcome, rabbitmq,
+    show_logs, tx_state, wait_until, wait_until_or_tell, with_deadline, Coordinator, MsgKind,
+    PrepareScript, ResState, TestParticipant, TwoBranchCommit, AMQP_URL,
 };
-use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use twopc_participant::postgres::PgResource;
 use twopc_participant::staging::StagingStore;
 use twopc_participant::{OutboxOptions, RabbitResource, Transaction, TwoPc};
 use twopc_proto::v1 as pb;
-use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::amqp::take_all;
-use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
+use twopc_testkit::{unique_name, PgCluster};
 
 /// Overall budget of one scenario.
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -53,327 +46,28 @@ const WAIT: Duration = Duration::from_secs(15);
 /// Counts the one-phase markers left in the database (fences, which settle a lost answer
 /// as "not committed", are not markers).
 const MARKERS_SQL: &str = "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced";
-/// How long a coordinator may take to print its listening line.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Flags every coordinator here gets unless the scenario gives the same flag: quick
-/// phase-two retries and short transport timeouts, so recovery runs in well under a
-/// second; two-phase even for one branch.
-const DEFAULT_FLAGS: &[(&str, &str)] = &[
-    ("--retry-initial-ms", "20"),
-    ("--retry-max-ms", "200"),
-    ("--rpc-timeout-ms", "2000"),
-    ("--connect-timeout-ms", "500"),
-    ("--one-phase", "false"),
-];
 
 // ---------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------
 
-/// No core file from a child the test aborts on purpose.
-fn no_core_dumps(cmd: &mut Command) {
-    // SAFETY: setrlimit(2) is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let none = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::setrlimit(libc::RLIMIT_CORE, &none);
-            Ok(())
-        });
-    }
-}
-
-/// A command for the `twopc` binary with a clean environment: no `TWOPC_*` variable of
-/// the test run, and `FAILPOINTS` exactly as given (none if empty).
-fn twopc_command(failpoints: &str) -> Command {
-    clean_command(env!("CARGO_BIN_EXE_twopc"), failpoints)
-}
-
-/// [`twopc_command`] for the lab's binary (`twopc-lab order-service`).
-fn lab_command(failpoints: &str) -> Command {
-    clean_command(env!("CARGO_BIN_EXE_twopc-lab"), failpoints)
-}
-
-fn clean_command(exe: &str, failpoints: &str) -> Command {
-    let mut cmd = Command::new(exe);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("FAILPOINTS");
-    if !failpoints.is_empty() {
-        cmd.env("FAILPOINTS", failpoints);
-    }
-    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-    no_core_dumps(&mut cmd);
-    cmd
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>"))
-}
-
-fn show_logs() -> bool {
-    std::thread::panicking() || std::env::var_os("TWOPC_TEST_SHOW_LOGS").is_some()
-}
-
-/// A `twopc serve` process whose every start may arm its own fail points; restarts keep
-/// the data directory and flags.
-struct Serve {
-    name: String,
-    root: tempfile::TempDir,
-    data_dir: PathBuf,
-    flags: Vec<(String, String)>,
-    child: Option<Child>,
-    addr: SocketAddr,
-    /// stderr of every start, in order.
-    logs: Vec<PathBuf>,
-}
-
-impl Serve {
-    /// Starts a coordinator on a fresh data directory with `FAILPOINTS=failpoints`.
-    async fn start(name: &str, failpoints: &str, flags: &[(&str, &str)]) -> Serve {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("twopc-fault-{name}-"))
-            .tempdir()
-            .expect("create temp dir");
-        let mut all: Vec<(String, String)> = DEFAULT_FLAGS
-            .iter()
-            .filter(|(k, _)| !flags.iter().any(|(f, _)| f == k))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        all.extend(flags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut s = Serve {
-            name: name.to_string(),
-            data_dir: root.path().join("data"),
-            root,
-            flags: all,
-            child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            logs: Vec::new(),
-        };
-        s.spawn(failpoints).await;
-        s
-    }
-
-    async fn spawn(&mut self, failpoints: &str) {
-        self.spawn_on("127.0.0.1:0", failpoints).await;
-    }
-
-    async fn spawn_on(&mut self, listen: &str, failpoints: &str) {
-        assert!(self.child.is_none(), "coordinator {} still runs", self.name);
-        let log_path = self
-            .root
-            .path()
-            .join(format!("coordinator-{}.stderr.log", self.logs.len() + 1));
-        let log = File::create(&log_path).expect("create coordinator log file");
-        self.logs.push(log_path);
-        let mut cmd = twopc_command(failpoints);
-        cmd.env("RUST_LOG", "info,twopc_coordinator=debug")
-            .arg("serve")
-            .args(["--listen", listen])
-            .arg("--data-dir")
-            .arg(&self.data_dir);
-        for (k, v) in &self.flags {
-            cmd.arg(k).arg(v);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn twopc serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (line_tx, line_rx) = tokio::sync::oneshot::channel::<io::Result<String>>();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let res = reader.read_line(&mut line).map(|_| line);
-            let _ = line_tx.send(res);
-            // Keep draining so a later write to stdout never fails with EPIPE.
-            let _ = io::copy(&mut reader, &mut io::sink());
-        });
-        self.child = Some(child);
-        let line = match tokio::time::timeout(STARTUP_DEADLINE, line_rx).await {
-            Ok(Ok(Ok(line))) if !line.is_empty() => line,
-            other => {
-                self.kill9();
-                panic!(
-                    "coordinator {} did not print its listening line within {STARTUP_DEADLINE:?} (got {other:?}); \
-                     stderr:\n{}",
-                    self.name,
-                    self.stderr_log()
-                );
-            }
-        };
-        self.addr = line
-            .trim_end()
-            .strip_prefix("twopc listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-    }
-
-    /// Starts again on the same data directory and flags with `FAILPOINTS=failpoints`
-    /// (SIGKILLing the current process first if it still runs). The address changes.
-    async fn restart(&mut self, failpoints: &str) {
-        self.kill9();
-        self.spawn(failpoints).await;
-    }
-
-    /// As [`Serve::restart`], on the same address (for clients that keep their URL).
-    async fn restart_on_same_address(&mut self, failpoints: &str) {
-        self.kill9();
-        let listen = self.addr.to_string();
-        self.spawn_on(&listen, failpoints).await;
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        let child = self.child.as_ref().expect("coordinator is not running");
-        libc::pid_t::try_from(child.id()).expect("pid fits pid_t")
-    }
-
-    /// A connected client (RPCs bounded by 15 s).
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.channel().await)
-    }
-
-    /// A connected channel (RPCs bounded by 15 s).
-    async fn channel(&self) -> Channel {
-        let ep = Endpoint::from_shared(self.url())
-            .expect("coordinator url")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(15));
-        match tokio::time::timeout(Duration::from_secs(5), ep.connect()).await {
-            Ok(Ok(ch)) => ch,
-            other => panic!(
-                "cannot connect to the coordinator at {}: {other:?}",
-                self.url()
-            ),
-        }
-    }
-
-    /// A client that gives up on every RPC after `patience` (connects lazily, so it can be
-    /// made while the coordinator does not answer).
-    fn impatient_client(&self, patience: Duration) -> CoordinatorClient<Channel> {
-        let ep = Endpoint::from_shared(self.url())
-            .expect("coordinator url")
-            .connect_timeout(patience)
-            .timeout(patience);
-        CoordinatorClient::new(ep.connect_lazy())
-    }
-
-    async fn health(&self, service: &str) -> i32 {
-        HealthClient::new(self.channel().await)
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("health check of {service:?}: {s:?}"))
-            .into_inner()
-            .status
-    }
-
-    /// Waits (bounded) until the process exits on its own and checks that it died of
-    /// SIGABRT with `needle` (the fail point's message) in its stderr.
-    async fn wait_for_crash(&mut self, needle: &str) {
-        let mut child = self.child.take().expect("coordinator is not running");
-        let end = Instant::now() + WAIT;
-        let status: ExitStatus = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "coordinator {} did not die at {needle:?} within {WAIT:?} (was target/debug/twopc \
-                     relinked without --features failpoints by a concurrent cargo run?); stderr:\n{}",
-                    self.name,
-                    self.stderr_log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let stderr = self.stderr_log();
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGABRT),
-            "coordinator {} should die of SIGABRT at {needle:?}, got {status:?}; stderr:\n{stderr}",
-            self.name
-        );
-        let last = self.logs.last().map(|p| read(p)).unwrap_or_default();
-        assert!(
-            last.contains(needle),
-            "the last coordinator run does not show {needle:?}; stderr:\n{stderr}"
-        );
-    }
-
-    /// Sends `signal` to the running process.
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({signal}): {}", io::Error::last_os_error());
-    }
-
-    /// SIGKILL, then reap.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn stderr_log(&self) -> String {
-        let mut all = String::new();
-        for (i, p) in self.logs.iter().enumerate() {
-            all.push_str(&format!(
-                "----- coordinator {} start #{} ({}) -----\n{}",
-                self.name,
-                i + 1,
-                p.display(),
-                read(p)
-            ));
-        }
-        all
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill9();
-        if show_logs() {
-            eprintln!(
-                "coordinator {} data dir {}\n{}",
-                self.name,
-                self.data_dir.display(),
-                self.stderr_log()
-            );
-        }
-    }
+/// A coordinator called `name` whose first start is armed with `failpoints` (none if
+/// empty): quick phase-two retries, short transport timeouts and, unless `flags` say
+/// otherwise, two-phase even for one branch.
+async fn serve(name: &str, failpoints: &str, flags: &[(&str, &str)]) -> Coordinator {
+    let mut all = vec![("--one-phase", "false")];
+    all.retain(|(k, _)| !flags.iter().any(|(f, _)| f == k));
+    all.extend_from_slice(flags);
+    Coordinator::start_named(name, failpoints, &all).await
 }
 
 // ---------------------------------------------------------------------------------------
 // Outside views
 // ---------------------------------------------------------------------------------------
 
-fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
-    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
-}
-
-fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
-    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
-}
-
 /// Waits until the coordinator has finished `tx_id` (COMMITTED or ABORTED) and returns
 /// its outcome.
-async fn finished_outcome(coord: &Serve, tx_id: &str) -> pb::Outcome {
+async fn finished_outcome(coord: &Coordinator, tx_id: &str) -> pb::Outcome {
     let mut c = coord.client().await;
     let end = Instant::now() + WAIT;
     loop {
@@ -395,7 +89,7 @@ type Br<'a> = (&'a TestParticipant, &'a str);
 
 /// The participants' recovery (each asks the coordinator about every branch it holds
 /// prepared), repeated until no branch of `tx_id` in `branches` is prepared any more.
-async fn recover_until_settled(coord: &Serve, tx_id: &str, branches: &[Br<'_>]) {
+async fn recover_until_settled(coord: &Coordinator, tx_id: &str, branches: &[Br<'_>]) {
     let mut c = coord.client().await;
     let end = Instant::now() + WAIT;
     loop {
@@ -464,60 +158,201 @@ fn assert_committed_everywhere(tx_id: &str, branches: &[Br<'_>]) {
     assert_no_violations(branches);
 }
 
-/// Starts the Commit of `tx_id` in the background (its answer is looked at later, if at
-/// all: the coordinator may die while it runs).
-fn commit_in_background(
-    c: &CoordinatorClient<Channel>,
-    tx_id: &str,
-) -> tokio::task::JoinHandle<Result<pb::CommitResponse, tonic::Status>> {
-    let mut c = c.clone();
-    let tx_id = tx_id.to_string();
-    tokio::spawn(async move { commit(&mut c, &tx_id, 5_000).await })
-}
-
 // ---------------------------------------------------------------------------------------
 // Coordinator crash points, in-test participants
 // ---------------------------------------------------------------------------------------
+
+/// A coordinator armed to die at a crash point, two participants, and a transaction with
+/// p1's branch `a` and p2's branch `b` whose Commit killed the coordinator there.
+struct KilledCommit {
+    coord: Coordinator,
+    p1: TestParticipant,
+    p2: TestParticipant,
+    tx: String,
+}
+
+impl KilledCommit {
+    /// Arms `point`, begins the transaction, commits it and waits until the coordinator
+    /// died showing `needle` (the Commit cannot have succeeded). With `hold_b`, b's
+    /// prepare hangs until [`TestParticipant::release`].
+    async fn at(name: &str, point: &str, needle: &str, hold_b: bool) -> KilledCommit {
+        let mut coord = serve(name, &format!("{point}=return(abort)"), &[]).await;
+        let TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(&coord, hold_b.then_some("b")).await;
+        coord.wait_for_crash(needle).await;
+        let res = pending.await.expect("commit task");
+        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
+        KilledCommit { coord, p1, p2, tx }
+    }
+
+    fn branches(&self) -> [Br<'_>; 2] {
+        [(&self.p1, "a"), (&self.p2, "b")]
+    }
+
+    /// Both branches are prepared and neither got a commit.
+    #[track_caller]
+    fn assert_prepared_without_commit(&self) {
+        for (p, b) in self.branches() {
+            assert_eq!(p.state(&self.tx, b), Some(ResState::Prepared), "branch {b}");
+            assert_eq!(
+                p.count(&self.tx, b, MsgKind::Commit),
+                0,
+                "branch {b} got a commit"
+            );
+        }
+    }
+
+    /// Restarts the coordinator without the fail point; the participants recover until
+    /// nothing is prepared; the transaction is ABORTED, a Commit again answers ABORTED,
+    /// and no branch committed.
+    async fn restart_expecting_abort(&mut self) {
+        self.coord.restart().await;
+        let tx = self.tx.as_str();
+        recover_until_settled(&self.coord, tx, &self.branches()).await;
+        assert_eq!(
+            finished_outcome(&self.coord, tx).await,
+            pb::Outcome::Aborted
+        );
+        let mut c = self.coord.client().await;
+        expect_status(commit(&mut c, tx, 1_000).await, Code::Aborted, &[tx]);
+        assert_aborted_everywhere(tx, &self.branches());
+    }
+
+    /// Restarts the coordinator without the fail point; its own recovery (no
+    /// participant's) commits both branches (`why` says why it must); the transaction is
+    /// COMMITTED and a Commit again answers COMMITTED.
+    async fn restart_expecting_commit(&mut self, why: &str) {
+        self.coord.restart().await;
+        let tx = self.tx.as_str();
+        wait_until_or_tell(
+            WAIT,
+            &format!("the restarted coordinator commits both branches: {why}"),
+            || {
+                self.branches()
+                    .iter()
+                    .all(|(p, b)| p.state(tx, b) == Some(ResState::Committed))
+            },
+            || {
+                let states: Vec<_> = self
+                    .branches()
+                    .iter()
+                    .map(|(p, b)| (*b, p.state(tx, b)))
+                    .collect();
+                format!("; branches {states:?}")
+            },
+        )
+        .await;
+        assert_eq!(
+            finished_outcome(&self.coord, tx).await,
+            pb::Outcome::Committed
+        );
+        let mut c = self.coord.client().await;
+        let again = commit(&mut c, tx, 1_000)
+            .await
+            .expect("Commit after restart");
+        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
+        assert_committed_everywhere(tx, &self.branches());
+    }
+}
+
+/// What a crash point leaves before the restart.
+#[derive(Clone, Copy, Debug)]
+enum Left {
+    /// No message reached a participant.
+    Nothing,
+    /// `a` is prepared; `b`'s prepare was held (it is released after the crash).
+    APrepared,
+    /// Both branches are prepared and neither got a commit.
+    BothPrepared,
+}
+
+/// How the restarted coordinator settles the transaction.
+#[derive(Clone, Copy, Debug)]
+enum Settles {
+    /// Aborted everywhere, with the participants' recovery; every branch prepared before
+    /// the crash ends aborted.
+    Aborted,
+    /// Committed everywhere by the coordinator's own recovery, for the reason given.
+    Committed(&'static str),
+}
+
+/// One two-branch coordinator crash point: where the coordinator (called `name`) dies,
+/// the stderr line that shows it, what is left, and how the restart settles it.
+struct CrashPoint {
+    name: &'static str,
+    point: &'static str,
+    needle: &'static str,
+    left: Left,
+    settles: Settles,
+}
+
+/// Runs one [`CrashPoint`] under the scenario deadline.
+async fn crash_point(case: CrashPoint) {
+    with_deadline(TEST_DEADLINE, async {
+        let hold_b = matches!(case.left, Left::APrepared);
+        let mut k = KilledCommit::at(case.name, case.point, case.needle, hold_b).await;
+        let prepared: Vec<&str> = match case.left {
+            Left::Nothing => {
+                let (p1, p2) = (&k.p1, &k.p2);
+                assert!(
+                    p1.received().is_empty() && p2.received().is_empty(),
+                    "a message left before the crash: {:?} {:?}",
+                    p1.received(),
+                    p2.received()
+                );
+                vec![]
+            }
+            Left::APrepared => {
+                assert_eq!(
+                    k.p1.state(&k.tx, "a"),
+                    Some(ResState::Prepared),
+                    "a prepared"
+                );
+                // The slow branch finishes its prepare after all (it received it or not).
+                k.p2.release("b");
+                vec!["a"]
+            }
+            Left::BothPrepared => {
+                k.assert_prepared_without_commit();
+                vec!["a", "b"]
+            }
+        };
+        match case.settles {
+            Settles::Aborted => {
+                k.restart_expecting_abort().await;
+                for (p, b) in k.branches() {
+                    if prepared.contains(&b) {
+                        assert_eq!(p.state(&k.tx, b), Some(ResState::Aborted), "branch {b}");
+                    }
+                }
+            }
+            // No participant recovery: the coordinator's own recovery must do it.
+            Settles::Committed(why) => k.restart_expecting_commit(why).await,
+        }
+        if let Left::Nothing = case.left {
+            assert!(
+                !k.p1.saw(&k.tx, MsgKind::Prepare) && !k.p2.saw(&k.tx, MsgKind::Prepare),
+                "a prepare was sent"
+            );
+        }
+    })
+    .await;
+}
 
 /// Killed after Commit was accepted, before any prepare left: nothing is prepared
 /// anywhere, and the transaction is aborted (presumed abort) after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_before_prepare_aborts_every_branch() {
-    with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::before_prepare";
-        let mut coord =
-            Serve::start("before-prepare", &format!("{point}=return(abort)"), &[]).await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
-        coord
-            .wait_for_crash(&format!("failpoint {point} hit"))
-            .await;
-        assert!(
-            p1.received().is_empty() && p2.received().is_empty(),
-            "a message left before the crash: {:?} {:?}",
-            p1.received(),
-            p2.received()
-        );
-
-        coord.restart("").await;
-        let branches = [(&p1, "a"), (&p2, "b")];
-        recover_until_settled(&coord, &tx, &branches).await;
-        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
-        let mut c = coord.client().await;
-        expect_status(
-            commit(&mut c, &tx, 1_000).await,
-            Code::Aborted,
-            &[tx.as_str()],
-        );
-        assert!(
-            !p1.saw(&tx, MsgKind::Prepare) && !p2.saw(&tx, MsgKind::Prepare),
-            "a prepare was sent"
-        );
-        assert_aborted_everywhere(&tx, &branches);
+    crash_point(CrashPoint {
+        name: "before-prepare",
+        point: "coordinator::before_prepare",
+        needle: "failpoint coordinator::before_prepare hit",
+        left: Left::Nothing,
+        settles: Settles::Aborted,
     })
     .await;
 }
@@ -527,40 +362,12 @@ async fn coordinator_killed_before_prepare_aborts_every_branch() {
 /// aborts the prepared branch, and the late one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_after_the_first_prepare_aborts_every_branch() {
-    with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::after_first_prepare";
-        let mut coord = Serve::start(
-            "after-first-prepare",
-            &format!("{point}=return(abort)"),
-            &[],
-        )
-        .await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        p2.script("b", PrepareScript::Hang);
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let pending = commit_in_background(&c, &tx);
-        coord
-            .wait_for_crash(&format!("failpoint {point} hit"))
-            .await;
-        assert!(pending.await.expect("commit task").is_err());
-        assert_eq!(p1.state(&tx, "a"), Some(ResState::Prepared), "a prepared");
-        // The slow branch finishes its prepare after all (it received it or not).
-        p2.release("b");
-
-        coord.restart("").await;
-        let branches = [(&p1, "a"), (&p2, "b")];
-        recover_until_settled(&coord, &tx, &branches).await;
-        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
-        assert_eq!(p1.state(&tx, "a"), Some(ResState::Aborted));
-        let mut c = coord.client().await;
-        expect_status(
-            commit(&mut c, &tx, 1_000).await,
-            Code::Aborted,
-            &[tx.as_str()],
-        );
-        assert_aborted_everywhere(&tx, &branches);
+    crash_point(CrashPoint {
+        name: "after-first-prepare",
+        point: "coordinator::after_first_prepare",
+        needle: "failpoint coordinator::after_first_prepare hit",
+        left: Left::APrepared,
+        settles: Settles::Aborted,
     })
     .await;
 }
@@ -568,33 +375,12 @@ async fn coordinator_killed_after_the_first_prepare_aborts_every_branch() {
 /// Killed with every vote yes, before the COMMIT record was written: aborted everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_after_all_yes_votes_before_the_decision_aborts_every_branch() {
-    with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::before_log_decision";
-        let mut coord = Serve::start(
-            "before-log-decision",
-            &format!("{point}=return(abort)"),
-            &[],
-        )
-        .await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
-        coord.wait_for_crash("failpoint hit: aborting").await;
-        let branches = [(&p1, "a"), (&p2, "b")];
-        for (p, b) in &branches {
-            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
-        }
-
-        coord.restart("").await;
-        recover_until_settled(&coord, &tx, &branches).await;
-        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
-        for (p, b) in &branches {
-            assert_eq!(p.state(&tx, b), Some(ResState::Aborted), "branch {b}");
-        }
-        assert_aborted_everywhere(&tx, &branches);
+    crash_point(CrashPoint {
+        name: "before-log-decision",
+        point: "coordinator::before_log_decision",
+        needle: "failpoint hit: aborting",
+        left: Left::BothPrepared,
+        settles: Settles::Aborted,
     })
     .await;
 }
@@ -612,47 +398,15 @@ async fn coordinator_killed_after_all_yes_votes_before_the_decision_aborts_every
 /// `coordinator_killed_after_all_yes_votes_before_the_decision_aborts_every_branch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_between_decision_write_and_sync_settles_one_way_everywhere() {
-    with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::log::before_sync";
-        let mut coord =
-            Serve::start("log-before-sync", &format!("{point}=return(abort)"), &[]).await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "Commit cannot succeed at a crash: {res:?}");
-        coord
-            .wait_for_crash("aborting the process at fail point")
-            .await;
-        let branches = [(&p1, "a"), (&p2, "b")];
-        for (p, b) in &branches {
-            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
-            assert_eq!(
-                p.count(&tx, b, MsgKind::Commit),
-                0,
-                "branch {b} got a commit"
-            );
-        }
-
-        // No participant recovery: the coordinator's own recovery settles it.
-        coord.restart("").await;
-        let decided = finished_outcome(&coord, &tx).await;
-        for (p, b) in &branches {
-            assert_eq!(
-                p.state(&tx, b),
-                Some(ResState::Committed),
-                "branch {b}: the written (unsynced) COMMIT record survives a process crash, so the \
-                 restart commits (coordinator says {decided:?})"
-            );
-        }
-        assert_eq!(decided, pb::Outcome::Committed);
-        let mut c = coord.client().await;
-        let again = commit(&mut c, &tx, 1_000)
-            .await
-            .expect("Commit after restart");
-        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
-        assert_committed_everywhere(&tx, &branches);
+    crash_point(CrashPoint {
+        name: "log-before-sync",
+        point: "coordinator::log::before_sync",
+        needle: "aborting the process at fail point",
+        left: Left::BothPrepared,
+        settles: Settles::Committed(
+            "the written (unsynced) COMMIT record survives a process crash, so the restart \
+             commits",
+        ),
     })
     .await;
 }
@@ -661,45 +415,12 @@ async fn coordinator_killed_between_decision_write_and_sync_settles_one_way_ever
 /// coordinator re-drives phase two and every branch commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch() {
-    with_deadline(TEST_DEADLINE, async {
-        let point = "coordinator::after_decision_durable";
-        let mut coord = Serve::start("after-durable", &format!("{point}=return(abort)"), &[]).await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let res = commit(&mut c, &tx, 5_000).await;
-        assert!(res.is_err(), "the crash comes before the answer: {res:?}");
-        coord.wait_for_crash("failpoint hit: aborting").await;
-        let branches = [(&p1, "a"), (&p2, "b")];
-        for (p, b) in &branches {
-            assert_eq!(p.state(&tx, b), Some(ResState::Prepared), "branch {b}");
-            assert_eq!(
-                p.count(&tx, b, MsgKind::Commit),
-                0,
-                "branch {b} got a commit"
-            );
-        }
-
-        // No participant recovery here: the coordinator's own recovery must do it.
-        coord.restart("").await;
-        wait_until(
-            WAIT,
-            "the restarted coordinator commits both branches",
-            || {
-                branches
-                    .iter()
-                    .all(|(p, b)| p.state(&tx, b) == Some(ResState::Committed))
-            },
-        )
-        .await;
-        assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Committed);
-        let mut c = coord.client().await;
-        let again = commit(&mut c, &tx, 1_000)
-            .await
-            .expect("Commit after restart");
-        assert_eq!(again.outcome, pb::Outcome::Committed as i32);
-        assert_committed_everywhere(&tx, &branches);
+    crash_point(CrashPoint {
+        name: "after-durable",
+        point: "coordinator::after_decision_durable",
+        needle: "failpoint hit: aborting",
+        left: Left::BothPrepared,
+        settles: Settles::Committed("the COMMIT record is durable"),
     })
     .await;
 }
@@ -709,9 +430,12 @@ async fn coordinator_killed_after_the_decision_is_durable_commits_every_branch()
 /// (which syncs its intent in the background), commits it (asking for an answer once the
 /// outcome is durable, which syncs the outcome) and waits for the crash (the Commit cannot
 /// have been answered).
-async fn one_phase_commit_crashing(name: &str, action: &str) -> (Serve, TestParticipant, String) {
+async fn one_phase_commit_crashing(
+    name: &str,
+    action: &str,
+) -> (Coordinator, TestParticipant, String) {
     let point = "coordinator::before_one_phase_sync";
-    let mut coord = Serve::start(
+    let mut coord = serve(
         name,
         &format!("{point}={action}"),
         &[("--one-phase", "true")],
@@ -747,7 +471,7 @@ async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committe
         );
         assert_eq!(p1.count(&tx, "a", MsgKind::Commit), 1);
 
-        coord.restart("").await;
+        coord.restart().await;
         assert_eq!(
             finished_outcome(&coord, &tx).await,
             pb::Outcome::Committed,
@@ -781,7 +505,7 @@ async fn one_phase_commit_killed_before_its_outcome_is_durable_is_still_committe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() {
     with_deadline(TEST_DEADLINE, async {
-        let mut coord = Serve::start(
+        let mut coord = serve(
             "one-phase-intent",
             "coordinator::before_one_phase_sync=return(abort)",
             &[("--one-phase", "true")],
@@ -807,7 +531,7 @@ async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() 
             "no commit goes out before the intent is durable"
         );
 
-        coord.restart("").await;
+        coord.restart().await;
         assert_eq!(finished_outcome(&coord, &tx).await, pb::Outcome::Aborted);
         assert_aborted_everywhere(&tx, &[(&p1, "a")]);
     })
@@ -821,7 +545,7 @@ async fn one_phase_commit_killed_before_its_intent_is_durable_settles_one_way() 
 async fn coordinator_killed_between_commit_tiers_finishes_in_tier_order() {
     with_deadline(TEST_DEADLINE, async {
         let point = "coordinator::between_tiers";
-        let mut coord = Serve::start("between-tiers", &format!("{point}=return(abort)"), &[]).await;
+        let mut coord = serve("between-tiers", &format!("{point}=return(abort)"), &[]).await;
         let db = TestParticipant::start("db").await;
         let mq = TestParticipant::start("mq").await;
         let mut c = coord.client().await;
@@ -833,7 +557,7 @@ async fn coordinator_killed_between_commit_tiers_finishes_in_tier_order() {
             ],
         )
         .await;
-        let pending = commit_in_background(&c, &tx);
+        let pending = commit_in_background(&c, &tx, 5_000);
         coord
             .wait_for_crash(&format!("failpoint {point} hit"))
             .await;
@@ -854,7 +578,7 @@ async fn coordinator_killed_between_commit_tiers_finishes_in_tier_order() {
             "tier 10 got a commit"
         );
 
-        coord.restart("").await;
+        coord.restart().await;
         wait_until(
             WAIT,
             "the restarted coordinator commits the broker tier",
@@ -904,7 +628,7 @@ async fn coordinator_killed_between_commit_tiers_finishes_in_tier_order() {
 async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction() {
     with_deadline(TEST_DEADLINE, async {
         let point = "coordinator::log::before_sync";
-        let mut coord = Serve::start("sync-fails", &format!("{point}=return(error)"), &[]).await;
+        let mut coord = serve("sync-fails", &format!("{point}=return(error)"), &[]).await;
         let p1 = TestParticipant::start("p1").await;
         let p2 = TestParticipant::start("p2").await;
         let mut c = coord.client().await;
@@ -953,12 +677,9 @@ async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction
                 "branch {b} got an abort"
             );
         }
-        assert!(coord
-            .child
-            .as_mut()
-            .is_some_and(|ch| matches!(ch.try_wait(), Ok(None))));
+        assert!(coord.is_running());
 
-        coord.restart("").await;
+        coord.restart().await;
         let end = Instant::now() + WAIT;
         while coord.health("").await != ServingStatus::Serving as i32 {
             assert!(Instant::now() < end, "SERVING again after the restart");
@@ -999,7 +720,7 @@ async fn decision_log_sync_failure_halts_and_the_restart_settles_the_transaction
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_paused_past_every_timeout_settles_consistently() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Serve::start(
+        let coord = serve(
             "sigstop",
             "",
             &[
@@ -1009,12 +730,12 @@ async fn coordinator_paused_past_every_timeout_settles_consistently() {
             ],
         )
         .await;
-        let p1 = TestParticipant::start("p1").await;
-        let p2 = TestParticipant::start("p2").await;
-        p2.script("b", PrepareScript::Hang);
-        let mut c = coord.client().await;
-        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
-        let pending = commit_in_background(&c, &tx);
+        let TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        } = TwoBranchCommit::start(&coord, Some("b")).await;
         wait_until(WAIT, "a is prepared and b received its prepare", || {
             p1.state(&tx, "a") == Some(ResState::Prepared)
                 && p2.count(&tx, "b", MsgKind::Prepare) == 1
@@ -1100,19 +821,6 @@ async fn coordinator_paused_past_every_timeout_settles_consistently() {
 // PostgreSQL faults, in-process SDK
 // ---------------------------------------------------------------------------------------
 
-async fn private_cluster(settings: &[(&str, &str)]) -> PgCluster {
-    PgCluster::start_with(PgClusterOptions {
-        settings: settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        start_timeout: Duration::from_secs(20),
-        ..PgClusterOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("private PostgreSQL: {e}"))
-}
-
 /// Creates a database named after `prefix` in `cluster`, runs `schema` in it and returns
 /// its name with a connection to it.
 async fn database(
@@ -1146,28 +854,46 @@ impl Drop for PgLogOnFailure {
     }
 }
 
+/// The participant SDK of service `service`, talking to `coord` (recovery every 200 ms).
+async fn sdk(coord: &Coordinator, service: &str) -> TwoPc {
+    TwoPc::builder(coord.url())
+        .service(service)
+        .recovery_interval(Duration::from_millis(200))
+        .start()
+        .await
+        .expect("SDK start")
+}
+
+/// [`sdk`] with the PostgreSQL resource "db" on `url` (a pool of 4 connections).
+async fn sdk_with_postgres(
+    coord: &Coordinator,
+    service: &str,
+    url: &str,
+) -> (TwoPc, Arc<PgResource>) {
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        url.parse().expect("pg config"),
+        tokio_postgres::NoTls,
+    ))
+    .max_size(4)
+    .build()
+    .expect("pool");
+    let sdk = sdk(coord, service).await;
+    let db = sdk
+        .register(PgResource::new("db", pool).await.expect("PgResource"))
+        .expect("register");
+    (sdk, db)
+}
+
 /// A private cluster, the guard that prints its log when the scenario fails, and a new
 /// database (`prefix` made unique) with `schema`: its name and a connection.
 async fn private_database(
     prefix: &str,
     schema: &str,
 ) -> (PgCluster, PgLogOnFailure, String, tokio_postgres::Client) {
-    let cluster = private_cluster(&[]).await;
+    let cluster = support::orders::private_cluster(&[]).await;
     let log = PgLogOnFailure(cluster.log_path().to_path_buf());
     let (db_name, db) = database(&cluster, prefix, schema).await;
     (cluster, log, db_name, db)
-}
-
-async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
-    db.query(
-        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
-        &[],
-    )
-    .await
-    .expect("pg_prepared_xacts")
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// The world of the one-phase order scenarios: a private PostgreSQL with an `orders`
@@ -1175,7 +901,7 @@ async fn gids(db: &tokio_postgres::Client) -> Vec<String> {
 /// (service "f1p") whose PostgreSQL resource "db" stages its events in the database for
 /// the RabbitMQ resource "mq".
 struct OnePhaseWorld {
-    coord: Serve,
+    coord: Coordinator,
     sdk: TwoPc,
     pg: Arc<PgResource>,
     rabbit: Arc<RabbitResource>,
@@ -1198,15 +924,10 @@ impl OnePhaseWorld {
         let queue = unique_name("fault_1p_events");
         let (amqp, channel) = rabbitmq().await;
         declare_durable(&channel, &queue).await;
-        let coord = Serve::start(name, failpoints, &[("--one-phase", "true")]).await;
+        let coord = serve(name, failpoints, &[("--one-phase", "true")]).await;
         let staging_dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(StagingStore::open(staging_dir.path()).expect("staging store"));
-        let sdk = TwoPc::builder(coord.url())
-            .service("f1p")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
+        let sdk = sdk(&coord, "f1p").await;
         let rabbit = sdk
             .register(Arc::new(
                 RabbitResource::connect("mq", AMQP_URL, store)
@@ -1320,7 +1041,7 @@ async fn one_phase_order_killed_before_its_outcome_is_durable_is_reported_commit
             "the branch committed in one phase before the crash"
         );
 
-        w.coord.restart("").await;
+        w.coord.restart().await;
         assert_eq!(
             finished_outcome(&w.coord, &tx_id).await,
             pb::Outcome::Committed,
@@ -1362,7 +1083,7 @@ async fn local_order_whose_report_kills_the_coordinator_is_reported_committed() 
             "the marker stays until the coordinator has the outcome durably"
         );
 
-        w.coord.restart_on_same_address("").await;
+        w.coord.restart_on_same_address().await;
         assert_eq!(
             finished_outcome(&w.coord, &tx_id).await,
             pb::Outcome::Committed,
@@ -1397,26 +1118,11 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
             private_database("fault_pgkill", "CREATE TABLE t (id text PRIMARY KEY)").await;
         drop(setup);
 
-        let coord = Serve::start("pg-kill", "", &[("--prepare-timeout-ms", "20000")]).await;
+        let coord = serve("pg-kill", "", &[("--prepare-timeout-ms", "20000")]).await;
         let gate = TestParticipant::start("gate").await;
         gate.script("g1", PrepareScript::Hang);
         gate.script("g2", PrepareScript::Hang);
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-            cluster.url(&db_name).parse().expect("pg config"),
-            tokio_postgres::NoTls,
-        ))
-        .max_size(4)
-        .build()
-        .expect("pool");
-        let sdk = TwoPc::builder(coord.url())
-            .service("pgk")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
-        let db = sdk
-            .register(PgResource::new("db", pool).await.expect("PgResource"))
-            .expect("register");
+        let (sdk, db) = sdk_with_postgres(&coord, "pgk", &cluster.url(&db_name)).await;
         let mut c = coord.client().await;
 
         // Two transactions: a row each, plus a gate branch that holds its vote.
@@ -1447,11 +1153,11 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
             v
         };
         let end = Instant::now() + WAIT;
-        while gids(&watcher).await != want {
+        while prepared_gids(&watcher).await != want {
             assert!(
                 Instant::now() < end,
                 "both branches prepared: {:?}",
-                gids(&watcher).await
+                prepared_gids(&watcher).await
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1466,7 +1172,11 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
             .connect(&db_name)
             .await
             .expect("connect after restart");
-        assert_eq!(gids(&check).await, want, "prepared gids survive the kill");
+        assert_eq!(
+            prepared_gids(&check).await,
+            want,
+            "prepared gids survive the kill"
+        );
         let rows: i64 = check
             .query_one("SELECT count(*) FROM t", &[])
             .await
@@ -1501,8 +1211,12 @@ async fn postgres_killed_after_prepare_keeps_the_gid_and_follows_the_decision() 
         assert_eq!(finished_outcome(&coord, &tx1).await, pb::Outcome::Committed);
         assert_eq!(finished_outcome(&coord, &tx2).await, pb::Outcome::Aborted);
         let end = Instant::now() + WAIT;
-        while !gids(&check).await.is_empty() {
-            assert!(Instant::now() < end, "gids left: {:?}", gids(&check).await);
+        while !prepared_gids(&check).await.is_empty() {
+            assert!(
+                Instant::now() < end,
+                "gids left: {:?}",
+                prepared_gids(&check).await
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rows: Vec<String> = check
@@ -1540,24 +1254,9 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
         .await;
         drop(setup);
 
-        let coord = Serve::start("pg-kill-prepare", "", &[("--prepare-timeout-ms", "20000")]).await;
+        let coord = serve("pg-kill-prepare", "", &[("--prepare-timeout-ms", "20000")]).await;
         let other = TestParticipant::start("other").await;
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-            cluster.url(&db_name).parse().expect("pg config"),
-            tokio_postgres::NoTls,
-        ))
-        .max_size(4)
-        .build()
-        .expect("pool");
-        let sdk = TwoPc::builder(coord.url())
-            .service("pgp")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("SDK start");
-        let db = sdk
-            .register(PgResource::new("db", pool).await.expect("PgResource"))
-            .expect("register");
+        let (sdk, db) = sdk_with_postgres(&coord, "pgp", &cluster.url(&db_name)).await;
         let mut c = coord.client().await;
 
         let tx = sdk.begin().await.expect("begin");
@@ -1620,7 +1319,7 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
         let end = Instant::now() + WAIT;
         loop {
             sdk.recover_now().await;
-            let left = gids(&check).await;
+            let left = prepared_gids(&check).await;
             if left.is_empty() {
                 break;
             }
@@ -1649,227 +1348,26 @@ async fn postgres_killed_during_prepare_aborts_and_leaves_nothing() {
 // The order-service process
 // ---------------------------------------------------------------------------------------
 
-/// The order service's tables, exactly as `twopc-lab order-service` expects them.
-const ORDER_SCHEMA: &str = include_str!("../lab/src/order_schema.sql");
-const DB_BRANCH: &str = "orders:orders-db";
-const EVENTS_BRANCH: &str = "orders:events";
-
-/// One finished run of `twopc-lab order-service`.
-struct Run {
-    status: ExitStatus,
-    stdout: Vec<String>,
-    stderr: String,
-}
-
-/// A scenario's world: a private PostgreSQL cluster with the order schema, a coordinator,
-/// a queue, and the order service's fixed port and data directory.
-struct OrderWorld {
-    coord: Serve,
-    cluster: PgCluster,
-    db: tokio_postgres::Client,
-    db_url: String,
-    amqp: Connection,
-    channel: lapin::Channel,
-    queue: String,
-    root: tempfile::TempDir,
-    port: u16,
-    logs: Vec<PathBuf>,
-}
-
-impl OrderWorld {
-    async fn start(name: &str, pg_settings: &[(&str, &str)]) -> OrderWorld {
-        OrderWorld::start_with(name, pg_settings, &[]).await
-    }
-
-    /// As [`OrderWorld::start`], with more coordinator flags.
-    async fn start_with(
-        name: &str,
-        pg_settings: &[(&str, &str)],
-        coordinator_flags: &[(&str, &str)],
-    ) -> OrderWorld {
-        let cluster = private_cluster(pg_settings).await;
-        let db_name = unique_name("fault_orders");
-        cluster
-            .create_database(&db_name)
-            .await
-            .expect("create database");
-        let db = cluster.connect(&db_name).await.expect("connect");
-        db.batch_execute(ORDER_SCHEMA).await.expect("order schema");
-        db.batch_execute("INSERT INTO customers (id) VALUES ('alice')")
-            .await
-            .expect("customer");
-        let mut flags = vec![
-            ("--prepare-timeout-ms", "5000"),
-            ("--commit-wait-ms", "1000"),
-        ];
-        flags.extend_from_slice(coordinator_flags);
-        let coord = Serve::start(name, "", &flags).await;
-        let (amqp, channel) = rabbitmq().await;
-        OrderWorld {
-            coord,
-            db_url: cluster.url(&db_name),
-            cluster,
-            db,
-            amqp,
-            channel,
-            queue: unique_name("twopc_fault_orders"),
-            root: tempfile::Builder::new()
-                .prefix("twopc-fault-orders-")
-                .tempdir()
-                .expect("temp dir"),
-            port: free_port(),
-            logs: Vec::new(),
-        }
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.root.path().join("data")
-    }
-
-    /// `twopc-lab order-service ARGS` with `FAILPOINTS=failpoints`, on the world's fixed port
-    /// and data directory, its stderr going to a new log file (returned).
-    fn command(&mut self, args: &[&str], failpoints: &str) -> (Command, PathBuf) {
-        let log_path = self
-            .root
-            .path()
-            .join(format!("order-service-{}.stderr.log", self.logs.len() + 1));
-        let log = File::create(&log_path).expect("create log file");
-        self.logs.push(log_path.clone());
-        let listen = format!("127.0.0.1:{}", self.port);
-        let mut cmd = lab_command(failpoints);
-        cmd.env("RUST_LOG", "info,twopc_participant=debug")
-            .arg("order-service")
-            .args(["--coordinator", &self.coord.url()])
-            .args(["--listen", &listen])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(["--postgres-url", &self.db_url])
-            .args(["--amqp-url", AMQP_URL])
-            .args(["--queue", &self.queue])
-            .args(["--service", "orders"])
-            .args(["--timeout-ms", "10000"])
-            .args(["--recovery-interval-ms", "200"])
-            .args(args)
-            .stderr(Stdio::from(log));
-        (cmd, log_path)
-    }
-
-    /// Starts `twopc-lab order-service ARGS` serving (no `--place`, no `--recover`) until the
-    /// returned process is stopped.
-    fn serve(&mut self, args: &[&str]) -> Child {
-        let (mut cmd, _) = self.command(args, "");
-        cmd.stdout(Stdio::null())
-            .spawn()
-            .expect("spawn twopc-lab order-service")
-    }
-
-    /// Runs `twopc-lab order-service ARGS` with `FAILPOINTS=failpoints` until it exits on its
-    /// own (bounded), and checks that it announced itself on its fixed port.
-    async fn run(&mut self, args: &[&str], failpoints: &str) -> Run {
-        let listen = format!("127.0.0.1:{}", self.port);
-        let (mut cmd, log_path) = self.command(args, failpoints);
-        cmd.stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn twopc-lab order-service");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
-        });
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if started.elapsed() > WAIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "twopc-lab order-service {args:?} did not exit within {WAIT:?}; stderr:\n{}",
-                    read(&log_path)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let run = Run {
-            status,
-            stdout: reader.join().unwrap_or_default(),
-            stderr: read(&log_path),
-        };
-        assert_eq!(
-            run.stdout.first().map(String::as_str),
-            Some(format!("order-service ready on {listen}").as_str()),
-            "first stdout line of twopc-lab order-service {args:?} ({:?}); stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
-        run
-    }
-
-    async fn prepared_gids(&self) -> Vec<String> {
-        gids(&self.db).await
-    }
-
-    async fn order_row(&self, id: &str) -> Option<(String, String, i32)> {
-        self.db
-            .query_opt(
-                "SELECT customer, item, quantity FROM orders WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .expect("select order")
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-    }
-
-    /// Takes every message in the queue (declared durable, as the SDK does).
-    async fn drain(&self) -> Vec<(String, Vec<u8>)> {
-        declare_durable(&self.channel, &self.queue).await;
-        take_all(&self.channel, &self.queue)
-            .await
-            .expect("basic.get")
-            .into_iter()
-            .map(|m| (m.message_id, m.payload))
-            .collect()
-    }
-
-    /// Staged batches in the order service's data directory (only while no order-service
-    /// process runs: the store is exclusively locked).
-    async fn staged(&self) -> Vec<(String, String)> {
-        let dir = self.data_dir();
-        tokio::task::spawn_blocking(move || {
-            StagingStore::open(&dir)
-                .and_then(|s| s.list())
-                .unwrap_or_else(|e| panic!("the staging store in {}: {e}", dir.display()))
-        })
-        .await
-        .expect("staging task")
-    }
-
-    async fn cleanup(self) {
-        let _ = self
-            .channel
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = self.amqp.close(200, "test done".into()).await;
-    }
-}
-
-impl Drop for OrderWorld {
-    fn drop(&mut self) {
-        if show_logs() {
-            for (i, p) in self.logs.iter().enumerate() {
-                eprintln!(
-                    "----- order-service run #{} ({}) -----\n{}",
-                    i + 1,
-                    p.display(),
-                    read(p)
-                );
-            }
-            eprintln!("----- postgres log -----\n{}", self.cluster.log_tail(8_000));
-        }
-    }
+/// An order-service world (see [`OrderWorld`]) on a private PostgreSQL cluster with
+/// `pg_settings`; its coordinator is two-phase even for one branch unless
+/// `coordinator_flags` say otherwise.
+async fn order_world(
+    name: &str,
+    pg_settings: &[(&str, &str)],
+    coordinator_flags: &[(&str, &str)],
+) -> OrderWorld {
+    let mut flags = vec![("--one-phase", "false")];
+    flags.retain(|(k, _)| !coordinator_flags.iter().any(|(f, _)| f == k));
+    flags.extend_from_slice(coordinator_flags);
+    OrderWorld::start(Settings {
+        name,
+        postgres: Postgres::Private(pg_settings),
+        coordinator_flags: &flags,
+        service_timeout_ms: 10_000,
+        recovery_interval_ms: 200,
+        wait: WAIT,
+    })
+    .await
 }
 
 /// The order service dies while staging its OrderCreated (the batch is written to the
@@ -1880,60 +1378,31 @@ impl Drop for OrderWorld {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_service_killed_while_staging_aborts_the_order_and_leaves_nothing() {
     with_deadline(TEST_DEADLINE, async {
-        let mut w = OrderWorld::start("staging-crash", &[]).await;
+        let mut w = order_world("staging-crash", &[], &[]).await;
         let point = "participant::staging::before_sync";
         let run = w
             .run(&["--place", "o1"], &format!("{point}=return(abort)"))
             .await;
-        assert_eq!(
-            run.status.signal(),
-            Some(libc::SIGABRT),
-            "the order service should die at {point}: {:?}; stdout {:?} (if it exited normally: was \
-             target/debug/twopc relinked without --features failpoints by a concurrent cargo run?); \
-             stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
-        assert!(
-            run.stderr
-                .contains(&format!("failpoint {point} hit: aborting the process")),
-            "stderr does not show {point}:\n{}",
-            run.stderr
-        );
-        assert!(
-            !run.stdout.iter().any(|l| l.starts_with("placed ")),
-            "{:?}",
-            run.stdout
-        );
+        run.assert_aborted_by_failpoint(point);
 
         // The batch was written before the crash (the fail point is after sled's write).
         let staged = w.staged().await;
         assert_eq!(staged.len(), 1, "one staged batch: {staged:?}");
         let (tx_id, branch) = staged[0].clone();
         assert_eq!(branch, EVENTS_BRANCH);
-        let mut c = w.coord.client().await;
-        let end = Instant::now() + WAIT;
-        loop {
-            let r = get_tx(&mut c, &tx_id).await.expect("GetTransaction");
-            if outcome(&r) == pb::Outcome::Aborted {
-                break;
-            }
-            assert!(
-                Instant::now() < end,
-                "the coordinator aborts the order: {r:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let r = w
+            .wait_for(&tx_id, "is decided", |r| {
+                outcome(r) != pb::Outcome::Unspecified
+            })
+            .await;
+        assert_eq!(
+            outcome(&r),
+            pb::Outcome::Aborted,
+            "the coordinator aborts the order: {r:?}"
+        );
 
         let run = w.run(&["--recover"], "").await;
-        assert!(
-            run.status.success(),
-            "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
+        run.assert_success("--recover");
         assert!(
             run.stdout
                 .contains(&format!("in doubt {tx_id} {EVENTS_BRANCH}")),
@@ -1944,14 +1413,7 @@ async fn order_service_killed_while_staging_aborts_the_order_and_leaves_nothing(
             finished_outcome(&w.coord, &tx_id).await,
             pb::Outcome::Aborted
         );
-        assert_eq!(
-            w.prepared_gids().await,
-            Vec::<String>::new(),
-            "no prepared gid"
-        );
-        assert_eq!(w.order_row("o1").await, None, "no row");
-        assert_eq!(w.drain().await, vec![], "no event");
-        assert_eq!(w.staged().await, vec![], "nothing staged");
+        w.assert_nothing_left("o1", &[]).await;
         w.cleanup().await;
     })
     .await;
@@ -1963,7 +1425,7 @@ async fn order_service_killed_while_staging_aborts_the_order_and_leaves_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
     with_deadline(TEST_DEADLINE, async {
-        let mut w = OrderWorld::start("max-prepared", &[("max_prepared_transactions", "2")]).await;
+        let mut w = order_world("max-prepared", &[("max_prepared_transactions", "2")], &[]).await;
         w.db.batch_execute("CREATE TABLE filler (n int)")
             .await
             .expect("filler table");
@@ -1978,13 +1440,7 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
         assert_eq!(w.prepared_gids().await, fillers);
 
         let run = w.run(&["--place", "o1"], "").await;
-        assert!(
-            run.status.success(),
-            "--place failed ({:?}); stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
+        run.assert_success("--place");
         let placed = run
             .stdout
             .iter()
@@ -2012,25 +1468,13 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
         // Whatever the first run had no time to finish (the broker branch's abort), a
         // restart does.
         let run = w.run(&["--recover"], "").await;
-        assert!(
-            run.status.success(),
-            "--recover failed ({:?}); stdout {:?}; stderr:\n{}",
-            run.status,
-            run.stdout,
-            run.stderr
-        );
+        run.assert_success("--recover");
         assert_eq!(
             finished_outcome(&w.coord, &tx_id).await,
             pb::Outcome::Aborted
         );
-        assert_eq!(
-            w.prepared_gids().await,
-            fillers,
-            "only the fillers are prepared"
-        );
-        assert_eq!(w.order_row("o1").await, None, "no row");
-        assert_eq!(w.drain().await, vec![], "no event");
-        assert_eq!(w.staged().await, vec![], "nothing staged");
+        // Only the fillers are prepared.
+        w.assert_nothing_left("o1", &fillers).await;
         w.cleanup().await;
     })
     .await;
@@ -2040,7 +1484,7 @@ async fn max_prepared_transactions_exhausted_votes_no_and_aborts_the_order() {
 /// service placed order o1 with its event staged in the database and died right after
 /// its local commit, before reporting it (a fail point aborts it there).
 async fn killed_after_its_local_commit(name: &str, tx_timeout_ms: &str) -> OrderWorld {
-    let mut w = OrderWorld::start_with(
+    let mut w = order_world(
         name,
         &[],
         &[("--one-phase", "true"), ("--tx-timeout-ms", tx_timeout_ms)],
@@ -2053,14 +1497,8 @@ async fn killed_after_its_local_commit(name: &str, tx_timeout_ms: &str) -> Order
             &format!("{point}=return(abort)"),
         )
         .await;
-    assert_eq!(
-        run.status.signal(),
-        Some(libc::SIGABRT),
-        "the order service should die at {point}: {:?}; stdout {:?}; stderr:\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
+    // The local commit may have printed `placed o1 committed` before the fail point.
+    run.assert_died_at(point);
     w
 }
 
@@ -2075,19 +1513,8 @@ async fn order_service_recover_reports_and_counts_an_unreported_local_commit() {
         let run = w
             .run(&["--recover", "--stage-events", "database"], "")
             .await;
-        assert!(run.status.success(), "stderr:\n{}", run.stderr);
-        let reported: Vec<&String> = run
-            .stdout
-            .iter()
-            .filter(|l| l.starts_with("committed in one phase, not reported "))
-            .collect();
-        assert_eq!(reported.len(), 1, "{:?}", run.stdout);
-        let tx_id = reported[0]
-            .strip_prefix("committed in one phase, not reported ")
-            .and_then(|rest| rest.strip_suffix(&format!(" {DB_BRANCH}")))
-            .unwrap_or_else(|| panic!("unexpected line {:?}", reported[0]))
-            .to_string();
-        assert_eq!(run.stdout.last().map(String::as_str), Some("recovered 1"));
+        run.assert_success("--recover");
+        let tx_id = run.recovered_one("committed in one phase, not reported ", DB_BRANCH);
         let mut c = w.coord.client().await;
         let r = get_tx(&mut c, &tx_id).await.expect("GetTransaction");
         assert_eq!(outcome(&r), pb::Outcome::Committed, "{r:?}");

@@ -26,24 +26,22 @@ mod support;
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    begin, commit, eventually, expect_status, get_tx, wait_until, with_deadline, Coordinator,
-    MsgKind, PrepareScript, ResState, TestParticipant,
+    begin, commit, commit_in_background, expect_status, get_tx, outcome, tx_state, wait_tx_state,
+    wait_until, wait_view, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
+    TestParticipant,
 };
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Response, Status};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_proto::v1::participant_client::ParticipantClient;
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+use twopc_testkit::participant::{Answer, Behaviour, Services, TestParticipant as KitParticipant};
 use twopc_testkit::{Direction, Fault, FaultProxy};
 
 /// Overall budget of one test.
@@ -75,55 +73,8 @@ const PHASE_TWO_FLAGS: &[(&str, &str)] = &[
 /// How long Commit waits for phase two in the tests where `b` cannot be reached.
 const SHORT_PHASE_TWO_WAIT_MS: u64 = 300;
 
-fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
-    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
-}
-
-fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
-    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
-}
-
 fn branch_state(b: &pb::BranchStatus) -> pb::BranchState {
     pb::BranchState::try_from(b.state).unwrap_or(pb::BranchState::Unspecified)
-}
-
-/// Waits until the coordinator's view of `tx` satisfies `cond`; returns that view.
-async fn wait_view(
-    c: &CoordinatorClient<Channel>,
-    tx: &str,
-    what: &str,
-    cond: impl Fn(&pb::GetTransactionResponse) -> bool,
-) -> pb::GetTransactionResponse {
-    let last = Arc::new(Mutex::new(None));
-    let cond = &cond;
-    eventually(WAIT, &format!("{what} (tx {tx})"), || {
-        let mut c = c.clone();
-        let last = last.clone();
-        async move {
-            let Ok(v) = get_tx(&mut c, tx).await else {
-                return false;
-            };
-            let ok = cond(&v);
-            *last.lock().expect("lock") = Some(v);
-            ok
-        }
-    })
-    .await;
-    let v = last.lock().expect("lock").take().expect("a view");
-    v
-}
-
-/// Waits until the coordinator reports `tx` in `state` (COMMITTED or ABORTED: phase two
-/// is over and the transaction forgotten).
-async fn wait_tx_state(
-    c: &CoordinatorClient<Channel>,
-    tx: &str,
-    state: pb::TxState,
-) -> pb::GetTransactionResponse {
-    wait_view(c, tx, &format!("the transaction is {state:?}"), |v| {
-        tx_state(v) == state
-    })
-    .await
 }
 
 /// The coordinator, one participant, and a fault proxy in front of that participant.
@@ -161,6 +112,21 @@ impl Rig {
         rig
     }
 
+    /// A phase-two rig and a transaction whose Commit (waiting up to `wait_ms` for phase
+    /// two) runs in the background, with `a`'s prepare held and `b`'s yes vote in (the
+    /// coordinator has it).
+    async fn with_a_held(
+        wait_ms: u64,
+    ) -> (Rig, String, JoinHandle<Result<pb::CommitResponse, Status>>) {
+        let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
+        rig.p.script("a", PrepareScript::Hang);
+        let tx = rig.begin_ab().await;
+        let pending = rig.commit_in_background(&tx, wait_ms);
+        rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
+            .await;
+        (rig, tx, pending)
+    }
+
     /// A branch the coordinator reaches directly.
     fn direct(&self, id: &str) -> pb::Branch {
         self.p.branch(id)
@@ -186,9 +152,7 @@ impl Rig {
         tx: &str,
         wait_ms: u64,
     ) -> JoinHandle<Result<pb::CommitResponse, Status>> {
-        let mut c = self.c.clone();
-        let tx = tx.to_string();
-        tokio::spawn(async move { commit(&mut c, &tx, wait_ms).await })
+        commit_in_background(&self.c, tx, wait_ms)
     }
 
     /// GetTransaction.
@@ -200,7 +164,7 @@ impl Rig {
 
     /// Waits until the coordinator reports `tx` in `state`.
     async fn wait_tx_state(&self, tx: &str, state: pb::TxState) -> pb::GetTransactionResponse {
-        wait_tx_state(&self.c, tx, state).await
+        wait_tx_state(&self.c, WAIT, tx, state).await
     }
 
     /// Waits until the coordinator sees `branch` of `tx` in `state` with at least
@@ -213,7 +177,7 @@ impl Rig {
         min_attempts: u32,
     ) -> pb::GetTransactionResponse {
         let what = format!("branch {branch} is {state:?} after >= {min_attempts} attempts");
-        wait_view(&self.c, tx, &what, |v| {
+        wait_view(&self.c, WAIT, tx, &what, |v| {
             v.branches.iter().any(|b| {
                 b.branch.as_ref().map(|s| s.branch_id.as_str()) == Some(branch)
                     && branch_state(b) == state
@@ -496,13 +460,7 @@ enum PhaseTwoFault {
 /// answers OK with `b` pending, the coordinator keeps retrying, and once the network heals
 /// `b` ends committed exactly once, whatever duplicates it saw.
 async fn commit_survives(fault: PhaseTwoFault) {
-    let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
-    rig.p.script("a", PrepareScript::Hang);
-    let tx = rig.begin_ab().await;
-    let pending = rig.commit_in_background(&tx, SHORT_PHASE_TWO_WAIT_MS);
-    // b's yes vote is in (the coordinator has it), a's prepare is held.
-    rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
-        .await;
+    let (mut rig, tx, pending) = Rig::with_a_held(SHORT_PHASE_TWO_WAIT_MS).await;
     wait_until(WAIT, "a received its prepare", || {
         rig.p.count(&tx, "a", MsgKind::Prepare) == 1
     })
@@ -608,12 +566,7 @@ async fn connection_reset_during_phase_two_is_retried_until_committed() {
 /// `b` prepared, then the application aborts while the network to `b` drops one
 /// direction: the abort is retried until acknowledged after the network heals.
 async fn abort_survives(dir: Direction) {
-    let mut rig = Rig::start(PHASE_TWO_FLAGS).await;
-    rig.p.script("a", PrepareScript::Hang);
-    let tx = rig.begin_ab().await;
-    let pending = rig.commit_in_background(&tx, 2_000);
-    rig.wait_branch(&tx, "b", pb::BranchState::Prepared, 1)
-        .await;
+    let (mut rig, tx, pending) = Rig::with_a_held(2_000).await;
     rig.proxy.set(dir, Fault::Drop);
     rig.c
         .abort(pb::AbortRequest {
@@ -746,11 +699,11 @@ enum DupMode {
 /// twice and answers with the first copy's answer, noting when the two answers differ
 /// (every Participant RPC must give the same answer when repeated).
 struct DuplicatingHop {
-    addr: SocketAddr,
     shared: Arc<HopShared>,
-    server: JoinHandle<()>,
+    server: KitParticipant,
 }
 
+/// The hop's behaviour: forwards every call twice to `target`.
 struct HopShared {
     target: ParticipantClient<Channel>,
     mode: Mutex<DupMode>,
@@ -773,28 +726,14 @@ impl DuplicatingHop {
             forwarded: AtomicUsize::new(0),
             mismatches: Mutex::new(Vec::new()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let server = KitParticipant::start(shared.clone(), Services::UnaryOnly)
             .await
-            .expect("bind duplicating hop");
-        let addr = listener.local_addr().expect("hop address");
-        let svc = HopSvc {
-            shared: shared.clone(),
-        };
-        let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(ParticipantServer::new(svc))
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        });
-        DuplicatingHop {
-            addr,
-            shared,
-            server,
-        }
+            .expect("start the duplicating hop");
+        DuplicatingHop { shared, server }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.endpoint.clone()
     }
 
     fn set_mode(&self, mode: DupMode) {
@@ -810,26 +749,15 @@ impl DuplicatingHop {
     }
 }
 
-impl Drop for DuplicatingHop {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-#[derive(Clone)]
-struct HopSvc {
-    shared: Arc<HopShared>,
-}
-
-impl HopSvc {
+impl HopShared {
     /// Runs both copies as the mode says; returns the first one's answer.
     async fn twice<T: PartialEq + Debug>(
         &self,
         what: String,
         first: impl Future<Output = Result<Response<T>, Status>>,
         second: impl Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let mode = *self.shared.mode.lock().expect("lock");
+    ) -> Result<T, Status> {
+        let mode = *self.mode.lock().expect("lock");
         let (a, b) = match mode {
             DupMode::Concurrent => tokio::join!(first, second),
             DupMode::BackToBack => {
@@ -837,53 +765,49 @@ impl HopSvc {
                 (a, second.await)
             }
         };
-        self.shared.forwarded.fetch_add(2, Ordering::Relaxed);
+        self.forwarded.fetch_add(2, Ordering::Relaxed);
         let same = match (&a, &b) {
             (Ok(x), Ok(y)) => x.get_ref() == y.get_ref(),
             (Err(x), Err(y)) => x.code() == y.code(),
             _ => false,
         };
         if !same {
-            self.shared.mismatches.lock().expect("lock").push(format!(
+            self.mismatches.lock().expect("lock").push(format!(
                 "{what} ({mode:?}): first {:?}, second {:?}",
                 a.as_ref().map(|r| r.get_ref()),
                 b.as_ref().map(|r| r.get_ref())
             ));
         }
-        a
+        a.map(Response::into_inner)
     }
 }
 
-#[tonic::async_trait]
-impl Participant for HopSvc {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("prepare {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.prepare(r.clone()), c2.prepare(r)).await
+impl Behaviour for HopShared {
+    fn answer_prepare(self: Arc<Self>, r: pb::PrepareRequest) -> Answer<pb::PrepareResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("prepare {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.prepare(r.clone()), c2.prepare(r)).await
+        })
     }
 
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("commit {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.commit(r.clone()), c2.commit(r)).await
+    fn answer_commit(
+        self: Arc<Self>,
+        r: pb::CommitBranchRequest,
+    ) -> Answer<pb::CommitBranchResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("commit {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.commit(r.clone()), c2.commit(r)).await
+        })
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let r = request.into_inner();
-        let (mut c1, mut c2) = (self.shared.target.clone(), self.shared.target.clone());
-        let what = format!("abort {}/{}", r.tx_id, r.branch_id);
-        self.twice(what, c1.abort(r.clone()), c2.abort(r)).await
+    fn answer_abort(self: Arc<Self>, r: pb::AbortBranchRequest) -> Answer<pb::AbortBranchResponse> {
+        Box::pin(async move {
+            let (mut c1, mut c2) = (self.target.clone(), self.target.clone());
+            let what = format!("abort {}/{}", r.tx_id, r.branch_id);
+            self.twice(what, c1.abort(r.clone()), c2.abort(r)).await
+        })
     }
 }
 
@@ -925,7 +849,7 @@ async fn duplicated_messages_change_nothing() {
             );
             assert_eq!(p.kinds(&tx, "a"), vec![MsgKind::Prepare, MsgKind::Commit]);
             assert_eq!(hop.forwarded() - before, 4, "{mode:?}");
-            let v = wait_tx_state(&c, &tx, pb::TxState::Committed).await;
+            let v = wait_tx_state(&c, WAIT, &tx, pb::TxState::Committed).await;
             assert_eq!(outcome(&v), pb::Outcome::Committed, "{mode:?}: {v:?}");
 
             // Abort path: a votes no; b prepared (twice) and is aborted (twice).
@@ -936,7 +860,7 @@ async fn duplicated_messages_change_nothing() {
                 Code::Aborted,
                 &[tx.as_str(), "no stock"],
             );
-            wait_tx_state(&c, &tx, pb::TxState::Aborted).await;
+            wait_tx_state(&c, WAIT, &tx, pb::TxState::Aborted).await;
             assert_eq!(p.state(&tx, "na"), Some(ResState::Aborted));
             assert_eq!(p.state(&tx, "b"), Some(ResState::Aborted), "{mode:?}");
             // Both prepares go out together; b's abort follows its (duplicated) vote.

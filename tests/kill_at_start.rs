@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::Coordinator;
+use support::{bare_serve_command, Coordinator};
 use twopc_coordinator::log::conformance::{branches, commit, tx_of};
 use twopc_coordinator::log::{DecisionLog, LazyRecord, SledLog, SledLogOptions};
 use twopc_coordinator::types::TxId;
@@ -318,10 +318,11 @@ fn run_child(store: &str, dir: &Path, run: usize, kill: Kill) -> ChildRun {
     }
 }
 
-/// Kills children writing `store` in `dir` again and again; `check` opens the store and
-/// asserts every acknowledged id. Returns how many kills landed and how many ids were
-/// acknowledged.
-fn kill_campaign(test: &str, store: &str, dir: &Path, check: impl Fn(&[String])) {
+/// Kills children writing `store` in a fresh data directory again and again; `check`
+/// opens the store in that directory and asserts every acknowledged id.
+fn kill_campaign(test: &str, store: &str, check: impl Fn(&Path, &[String])) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = &tmp.path().join("data");
     let mut rng = seeded_rng(test);
     let kills = kills();
     let mut acked: Vec<String> = Vec::new();
@@ -350,7 +351,7 @@ fn kill_campaign(test: &str, store: &str, dir: &Path, check: impl Fn(&[String]))
         landed += usize::from(child.killed);
         acked.extend(child.acked);
         if (run + 1) % CHECK_EVERY == 0 || run + 1 == kills {
-            check(&acked);
+            check(dir, &acked);
             opens_checked += 1;
         }
     }
@@ -373,14 +374,11 @@ fn kill_campaign(test: &str, store: &str, dir: &Path, check: impl Fn(&[String]))
 
 #[test]
 fn decision_log_keeps_every_decision_across_kills_at_start_and_under_load() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("data");
     kill_campaign(
         "decision_log_keeps_every_decision_across_kills_at_start_and_under_load",
         "decision-log",
-        &dir,
-        |acked| {
-            let log = SledLog::open(&dir, SledLogOptions::default())
+        |dir, acked| {
+            let log = SledLog::open(dir, SledLogOptions::default())
                 .unwrap_or_else(|e| panic!("the parent cannot open the decision log: {e}"));
             for id in acked {
                 let tx: TxId = id.parse().expect("tx id");
@@ -405,14 +403,11 @@ fn decision_log_keeps_every_decision_across_kills_at_start_and_under_load() {
 
 #[test]
 fn staging_store_keeps_every_yes_vote_across_kills_at_start_and_under_load() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("data");
     kill_campaign(
         "staging_store_keeps_every_yes_vote_across_kills_at_start_and_under_load",
         "staging",
-        &dir,
-        |acked| {
-            let store = StagingStore::open(&dir)
+        |dir, acked| {
+            let store = StagingStore::open(dir)
                 .unwrap_or_else(|e| panic!("the parent cannot open the staging store: {e}"));
             for id in acked {
                 assert_eq!(
@@ -460,11 +455,8 @@ async fn twopc_serve_killed_while_it_starts_always_starts_again() {
     };
     for run in 0..kills {
         let delay = Duration::from_micros(rng.random_range(0..start_us * 6 / 5));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_twopc"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
+        let mut child = bare_serve_command(&dir)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

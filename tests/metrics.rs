@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{
-    begin, commit, get_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
-    TestParticipant,
+    begin, commit, commit_in_background, coordinator_with_participant, expect_status, get_tx,
+    twopc_tx, with_deadline, Coordinator, MsgKind, PrepareScript, ResState,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -296,29 +296,9 @@ async fn scrape_until(coord: &Coordinator, what: &str, cond: impl Fn(&Scrape) ->
 /// Runs `twopc tx resolve <tx_id> <args>` against `coord` and returns its exit status and
 /// output (the real binary, as an operator would run it).
 async fn resolve_cli(coord: &Coordinator, tx_id: &str, args: &[&str]) -> (Option<i32>, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .args(["tx", "resolve", tx_id])
-        .args(args)
-        .arg("--coordinator")
-        .arg(coord.url())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("twopc tx resolve {args:?} did not finish within 30 s"))
-        .expect("run twopc tx resolve");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    let args: Vec<&str> = ["resolve", tx_id].iter().chain(args).copied().collect();
+    let run = twopc_tx(Some(&coord.url()), &args, &[]).await;
+    (run.code, format!("{}{}", run.stdout, run.stderr))
 }
 
 /// `twopc_heuristic_resolutions_total{decision, result}`.
@@ -337,9 +317,7 @@ fn resolutions(s: &Scrape, decision: &str, result: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_phases_and_in_doubt_transactions() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         // Fresh process: every series exists (label children included) and is zero.
         let s0 = scrape(&coord).await;
@@ -499,9 +477,7 @@ async fn metrics_count_outcomes_phases_and_in_doubt_transactions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_recovery_progress_after_a_restart() {
     with_deadline(TEST_DEADLINE, async {
-        let mut coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (mut coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         // A decided transaction whose phase two cannot finish, then a crash.
         p.refuse_commits("x", true);
@@ -567,9 +543,7 @@ async fn metrics_report_recovery_progress_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
     with_deadline(TEST_DEADLINE, async {
-        let coord = Coordinator::start(METRICS_FLAGS).await;
-        let p = TestParticipant::start("p").await;
-        let mut c = coord.client().await;
+        let (coord, p, mut c) = coordinator_with_participant(METRICS_FLAGS).await;
 
         let s0 = scrape(&coord).await;
         assert_eq!(s0.types["twopc_heuristic_resolutions_total"], "counter");
@@ -590,11 +564,7 @@ async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
         // with the CLI: exactly one more abort, by the operator, and one resolution.
         p.script("h", PrepareScript::Hang);
         let tx = begin(&mut c, vec![p.branch("a"), p.branch("h")]).await;
-        let waiting = {
-            let mut c = coord.client().await;
-            let tx = tx.clone();
-            tokio::spawn(async move { commit(&mut c, &tx, 0).await })
-        };
+        let waiting = commit_in_background(&coord.client().await, &tx, 0);
         scrape_until(&coord, "the transaction is in doubt", |s| {
             s.value("twopc_transactions_in_doubt") == 1.0
         })
@@ -609,11 +579,7 @@ async fn heuristic_resolutions_count_as_outcomes_once_and_as_resolutions() {
         .await;
         assert_eq!(code, Some(0), "{out}");
         assert!(out.contains("ABORT accepted"), "{out}");
-        let status = waiting
-            .await
-            .expect("commit task")
-            .expect_err("the commit is aborted");
-        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        expect_status(waiting.await.expect("commit task"), Code::Aborted, &[]);
         let got = get_tx(&mut c, &tx).await.expect("GetTransaction");
         assert_eq!(got.outcome, pb::Outcome::Aborted as i32);
 

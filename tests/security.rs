@@ -13,7 +13,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::{expect_status, with_deadline, Coordinator, MsgKind, TestParticipant};
+use support::{expect_status, twopc_tx, with_deadline, Coordinator, MsgKind, TestParticipant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
@@ -247,26 +246,8 @@ async fn state_of(client: &mut CoordinatorClient<Authed>, tx_id: &str) -> pb::Tx
 
 /// Runs `twopc tx <args> --coordinator url` with `env` as the only `TWOPC_*` variables.
 async fn tx_cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TWOPC_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .envs(env.iter().copied());
-    cmd.arg("tx").args(args).arg("--coordinator").arg(url);
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("twopc tx {args:?} did not finish within 30 s"))
-        .expect("run twopc tx");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = twopc_tx(Some(url), args, env).await;
+    (run.code, run.stdout, run.stderr)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2,18 +2,25 @@
 //!
 //! * [`Coordinator`]: a real `twopc serve` process on `127.0.0.1:0` with its own data
 //!   directory (a temp dir unless one is given), stderr captured in a log file that is
-//!   printed when a test fails; it can be SIGKILLed, SIGTERMed and restarted on the same
-//!   data directory.
-//! * [`TestParticipant`]: an in-test gRPC `twopc.v1.Participant` (unary calls and the
-//!   batched `ParticipantExchange` stream, which the coordinator prefers) with scriptable votes and
-//!   phase-two behaviour per branch id, a record of every message received, and a model of
-//!   the resource it guards (per `(tx, branch)`: prepared / committed / aborted). It can be
-//!   "crashed" (listener and every connection dropped at once) and restarted on the same
-//!   port, keeping its resource state like a durable participant would.
-//!
-//! Set `TWOPC_TEST_SHOW_LOGS=1` to print every coordinator's stderr log even when the test
-//! passes (with `--nocapture`); a failing test prints them anyway.
+//!   printed when a test fails; it can be SIGKILLed, SIGTERMed, paused with a signal,
+//!   killed by a fail point armed for its first start (`FAILPOINTS`, with the
+//!   `failpoints` feature) and restarted on the same data directory (and, if asked, the
+//!   same address). [`clean_command`] is how every child process of a test starts: none
+//!   of the test run's `TWOPC_*` variables, `FAILPOINTS` exactly as given, no core file.
+//! * `orders` (with the `lab` feature): the order service's world, a PostgreSQL orders
+//!   database, a RabbitMQ queue, a coordinator and runs of the `twopc-lab order-service`
+//!   process.
+//! * [`TestParticipant`]: the testkit's participant server (unary calls and the batched
+//!   `ParticipantExchange` stream, which the coordinator prefers) answering with a model of
+//!   the resource it guards (per `(tx, branch)`: prepared / committed / aborted), with
+//!   scriptable votes and phase-two behaviour per branch id and a record of every message
+//!   received. It can be "crashed" (listener and every connection dropped at once) and
+//!   restarted on the same port, keeping its resource state like a durable participant
+//!   would.
 //! * [`wait_until`] / [`eventually`]: polling with short intervals instead of fixed sleeps.
+//!
+//! Set `TWOPC_TEST_SHOW_LOGS=1` to print the stderr log of every process a test started
+//! even when the test passes (with `--nocapture`); a failing test prints them anyway.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -21,32 +28,32 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::Stream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
-use twopc_proto::mux;
+use tonic::{Code, Response, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
-use twopc_proto::v1::participant_exchange_server::{
-    ParticipantExchange, ParticipantExchangeServer,
+use twopc_testkit::participant::{
+    Answer, Behaviour, CrashHandle, Services, TestParticipant as KitParticipant,
 };
-use twopc_proto::v1::participant_server::{Participant, ParticipantServer};
+
+#[cfg(feature = "lab")]
+pub mod orders;
 
 /// How long a coordinator may take to print its listening line.
 pub const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long a coordinator armed with a fail point may take to die of it.
+pub const CRASH_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Flags every test coordinator gets unless the test gives the same flag itself: quick
 /// phase-two retries and short transport timeouts, so recovery paths run in well under a
@@ -140,6 +147,8 @@ pub fn expect_status<T: std::fmt::Debug>(
 
 /// A running `twopc serve` process.
 pub struct Coordinator {
+    /// Names the process in its logs (empty: unnamed).
+    name: String,
     /// Holds the stderr logs (and the data directory unless one was given).
     root: tempfile::TempDir,
     data_dir: PathBuf,
@@ -173,66 +182,139 @@ fn merge_flags(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     flags
 }
 
-fn serve_command(data_dir: &Path, flags: &[(String, String)], env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
-    // Flags given here must win over whatever the environment of the test run says.
+/// A command for the program `exe` with a clean environment: no `TWOPC_*` variable of the
+/// test run (flags given by a test must win over it), `FAILPOINTS` exactly as given (none
+/// if empty), `NO_COLOR`, stdin closed, and no core file if the test aborts it on purpose.
+pub fn clean_command(exe: &str, failpoints: &str) -> Command {
+    let mut cmd = Command::new(exe);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("TWOPC_") {
             cmd.env_remove(k);
         }
     }
+    cmd.env_remove("FAILPOINTS");
+    if !failpoints.is_empty() {
+        cmd.env("FAILPOINTS", failpoints);
+    }
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    // SAFETY: setrlimit(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// `twopc serve --listen 127.0.0.1:0 --data-dir DATA_DIR` and nothing else (no flags,
+/// stdout and stderr inherited), for a test that drives the process itself.
+pub fn bare_serve_command(data_dir: &Path) -> Command {
+    let mut cmd = clean_command(env!("CARGO_BIN_EXE_twopc"), "");
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir);
+    cmd
+}
+
+fn serve_command(
+    data_dir: &Path,
+    listen: &str,
+    flags: &[(String, String)],
+    env: &[(String, String)],
+    failpoints: &str,
+) -> Command {
+    let mut cmd = clean_command(env!("CARGO_BIN_EXE_twopc"), failpoints);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.env("RUST_LOG", "info,twopc_coordinator=debug")
-        .env("NO_COLOR", "1")
         .arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data_dir);
     for (k, v) in flags {
         cmd.arg(k).arg(v);
     }
-    cmd.stdin(Stdio::null());
     cmd
+}
+
+/// A fresh temp dir named after `name`.
+fn temp_root(name: &str) -> tempfile::TempDir {
+    let prefix = if name.is_empty() {
+        "twopc-test-".to_string()
+    } else {
+        format!("twopc-test-{name}-")
+    };
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// Waits (polling every 10 ms) until `child` exits; kills it and panics with `what` and
+/// `tell()` once `deadline` has passed.
+pub async fn wait_for_exit(
+    child: &mut Child,
+    deadline: Duration,
+    what: &str,
+    tell: impl FnOnce() -> String,
+) -> ExitStatus {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {deadline:?}; {}", tell());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl Coordinator {
     /// Starts a coordinator on a fresh temp data directory; `flags` override the defaults.
     pub async fn start(flags: &[(&str, &str)]) -> Coordinator {
-        let root = tempfile::Builder::new()
-            .prefix("twopc-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let root = temp_root("");
         let data_dir = root.path().join("data");
-        Self::launch(root, data_dir, flags, &[]).await
+        Self::launch("", root, data_dir, flags, &[], "").await
     }
 
     /// [`start`](Self::start) with extra environment variables (e.g. `TWOPC_CLIENT_TOKEN`).
     pub async fn start_with_env(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Coordinator {
-        let root = tempfile::Builder::new()
-            .prefix("twopc-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let root = temp_root("");
         let data_dir = root.path().join("data");
-        Self::launch(root, data_dir, flags, env).await
+        Self::launch("", root, data_dir, flags, env, "").await
     }
 
     /// Starts a coordinator on `data_dir` (logs still go to a fresh temp dir).
     pub async fn start_in(data_dir: &Path, flags: &[(&str, &str)]) -> Coordinator {
-        let root = tempfile::Builder::new()
-            .prefix("twopc-test-")
-            .tempdir()
-            .expect("create temp dir");
-        Self::launch(root, data_dir.to_path_buf(), flags, &[]).await
+        let root = temp_root("");
+        Self::launch("", root, data_dir.to_path_buf(), flags, &[], "").await
+    }
+
+    /// [`start`](Self::start) of a coordinator called `name` (in its logs) whose first
+    /// start runs with `FAILPOINTS=failpoints` (none if empty); restarts run without.
+    pub async fn start_named(name: &str, failpoints: &str, flags: &[(&str, &str)]) -> Coordinator {
+        let root = temp_root(name);
+        let data_dir = root.path().join("data");
+        Self::launch(name, root, data_dir, flags, &[], failpoints).await
     }
 
     async fn launch(
+        name: &str,
         root: tempfile::TempDir,
         data_dir: PathBuf,
         flags: &[(&str, &str)],
         env: &[(&str, &str)],
+        failpoints: &str,
     ) -> Coordinator {
         let mut c = Coordinator {
+            name: name.to_string(),
             root,
             data_dir,
             flags: merge_flags(flags),
@@ -245,19 +327,23 @@ impl Coordinator {
             metrics_addr: None,
             logs: Vec::new(),
         };
-        c.spawn().await;
+        c.spawn("127.0.0.1:0", failpoints).await;
         c
     }
 
-    async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "coordinator is still running");
+    async fn spawn(&mut self, listen: &str, failpoints: &str) {
+        assert!(
+            self.child.is_none(),
+            "coordinator {} is still running",
+            self.name
+        );
         let log_path = self
             .root
             .path()
             .join(format!("coordinator-{}.stderr.log", self.logs.len() + 1));
         let log = File::create(&log_path).expect("create coordinator log file");
         self.logs.push(log_path);
-        let mut child = serve_command(&self.data_dir, &self.flags, &self.env)
+        let mut child = serve_command(&self.data_dir, listen, &self.flags, &self.env, failpoints)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -290,8 +376,9 @@ impl Coordinator {
                     .and_then(|c| c.try_wait().ok().flatten());
                 self.kill9();
                 panic!(
-                    "twopc serve did not print its listening line within {STARTUP_DEADLINE:?} \
+                    "twopc serve {} did not print its listening line within {STARTUP_DEADLINE:?} \
                      (got {other:?}, exit status {status:?}); stderr:\n{}",
+                    self.name,
                     self.stderr_log()
                 );
             }
@@ -344,41 +431,39 @@ impl Coordinator {
         deadline: Duration,
     ) -> Exited {
         let started = Instant::now();
-        let mut child = serve_command(data_dir, &merge_flags(flags), &[])
+        let mut child = serve_command(data_dir, "127.0.0.1:0", &merge_flags(flags), &[], "")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn twopc serve");
         let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
+            let reader = std::thread::spawn(move || {
                 let mut s = String::new();
                 let _ = r.read_to_string(&mut s);
                 s
-            })
+            });
+            // Read once the process has exited (or was killed).
+            move || reader.join().unwrap_or_default()
         };
         let out = drain(Box::new(child.stdout.take().expect("stdout")));
         let err = drain(Box::new(child.stderr.take().expect("stderr")));
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if started.elapsed() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "twopc serve on {} did not exit within {deadline:?}; stdout {:?}, stderr {:?}",
-                    data_dir.display(),
-                    out.join().unwrap_or_default(),
-                    err.join().unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let what = format!("twopc serve on {}", data_dir.display());
+        let outputs = std::cell::Cell::new(Some((out, err)));
+        let read_outputs = || {
+            let (out, err) = outputs.take().expect("outputs are read once");
+            (out(), err())
         };
+        let status = wait_for_exit(&mut child, deadline, &what, || {
+            let (out, err) = read_outputs();
+            format!("stdout {out:?}, stderr {err:?}")
+        })
+        .await;
         let elapsed = started.elapsed();
+        let (stdout, stderr) = read_outputs();
         Exited {
             status,
-            stdout: out.join().unwrap_or_default(),
-            stderr: err.join().unwrap_or_default(),
+            stdout,
+            stderr,
             elapsed,
         }
     }
@@ -441,6 +526,28 @@ impl Coordinator {
         CoordinatorClient::new(self.channel().await)
     }
 
+    /// A client that gives up on every RPC after `patience` (connects lazily, so it can be
+    /// made while the coordinator does not answer).
+    pub fn impatient_client(&self, patience: Duration) -> CoordinatorClient<Channel> {
+        let ep = Endpoint::from_shared(self.url())
+            .expect("coordinator url")
+            .connect_timeout(patience)
+            .timeout(patience);
+        CoordinatorClient::new(ep.connect_lazy())
+    }
+
+    /// The gRPC health status of `service` ("" for the whole server).
+    pub async fn health(&self, service: &str) -> i32 {
+        HealthClient::new(self.channel().await)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("health check of {service:?}: {s:?}"))
+            .into_inner()
+            .status
+    }
+
     /// SIGKILL (no cleanup at all), then reap the process.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -449,40 +556,66 @@ impl Coordinator {
         }
     }
 
-    /// SIGTERM, then wait up to `deadline` for the exit status (panics if it does not exit).
-    pub async fn sigterm(&mut self, deadline: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("coordinator is not running");
-        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(
-            rc,
-            0,
-            "kill(SIGTERM) failed: {}",
-            io::Error::last_os_error()
-        );
-        let end = Instant::now() + deadline;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() >= end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "coordinator did not exit within {deadline:?} of SIGTERM; stderr:\n{}",
-                    self.stderr_log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    /// Sends `signal` to the running process (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}): {}", io::Error::last_os_error());
     }
 
-    /// Starts a new process on the same data directory with the same flags (SIGKILLing
-    /// the current one first if it still runs). The address changes.
+    /// SIGTERM, then wait up to `deadline` for the exit status (panics if it does not exit).
+    pub async fn sigterm(&mut self, deadline: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("coordinator is not running");
+        let what = format!("coordinator {} (after SIGTERM)", self.name);
+        wait_for_exit(&mut child, deadline, &what, || {
+            format!("stderr:\n{}", self.stderr_log())
+        })
+        .await
+    }
+
+    /// Waits (bounded by [`CRASH_DEADLINE`]) until the process exits on its own and checks
+    /// that it died of SIGABRT with `needle` (the fail point's message) in the stderr of
+    /// its last start.
+    pub async fn wait_for_crash(&mut self, needle: &str) {
+        let mut child = self.child.take().expect("coordinator is not running");
+        let what = format!(
+            "coordinator {} (expected to die at {needle:?}; was target/debug/twopc relinked \
+             without --features failpoints by a concurrent cargo run?)",
+            self.name
+        );
+        let status = wait_for_exit(&mut child, CRASH_DEADLINE, &what, || {
+            format!("stderr:\n{}", self.stderr_log())
+        })
+        .await;
+        let stderr = self.stderr_log();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "coordinator {} should die of SIGABRT at {needle:?}, got {status:?}; stderr:\n{stderr}",
+            self.name
+        );
+        let last = self.logs.last().map(|p| read_log(p)).unwrap_or_default();
+        assert!(
+            last.contains(needle),
+            "the last coordinator run does not show {needle:?}; stderr:\n{stderr}"
+        );
+    }
+
+    /// Starts a new process on the same data directory with the same flags and no fail
+    /// point (SIGKILLing the current one first if it still runs). The address changes.
     pub async fn restart(&mut self) {
         self.kill9();
-        self.spawn().await;
+        self.spawn("127.0.0.1:0", "").await;
+    }
+
+    /// As [`restart`](Self::restart), on the same address (for clients that keep their
+    /// URL).
+    pub async fn restart_on_same_address(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        self.spawn(&listen, "").await;
     }
 
     /// stderr of every start so far.
@@ -490,24 +623,104 @@ impl Coordinator {
         let mut all = String::new();
         for (i, p) in self.logs.iter().enumerate() {
             all.push_str(&format!(
-                "----- coordinator start #{} ({}) -----\n",
+                "----- coordinator {}start #{} ({}) -----\n",
+                if self.name.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} ", self.name)
+                },
                 i + 1,
                 p.display()
             ));
-            all.push_str(
-                &std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>\n")),
-            );
+            all.push_str(&read_log(p));
         }
         all
     }
 }
 
+/// What one run of the `twopc tx` CLI did.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `twopc tx ARGS` (then `--coordinator URL` when given) as an operator would, with
+/// `env` as its only `TWOPC_*` variables and no `RUST_LOG`; panics if it takes over 30 s.
+pub async fn twopc_tx(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_twopc"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TWOPC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .arg("tx")
+        .args(args);
+    if let Some(url) = url {
+        cmd.arg("--coordinator").arg(url);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("twopc tx {args:?} did not finish within 30 s"))
+        .expect("run twopc tx");
+    CliRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The services a server lists through gRPC reflection.
+pub async fn reflected_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let msg = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection call")
+        .into_inner()
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one reflection message");
+    match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// A log file's text (or why it cannot be read).
+pub fn read_log(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>\n"))
+}
+
+/// Whether logs of the processes a test started are printed: when the test fails, or
+/// always with `TWOPC_TEST_SHOW_LOGS` set.
+pub fn show_logs() -> bool {
+    std::thread::panicking() || std::env::var_os("TWOPC_TEST_SHOW_LOGS").is_some()
+}
+
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
-        if std::thread::panicking() || std::env::var_os("TWOPC_TEST_SHOW_LOGS").is_some() {
+        if show_logs() {
             eprintln!(
-                "coordinator data dir {}\n{}",
+                "coordinator {} data dir {}\n{}",
+                self.name,
                 self.data_dir.display(),
                 self.stderr_log()
             );
@@ -602,13 +815,15 @@ struct Shared {
     model: Mutex<Model>,
     /// Bumped on every release, waking hanging prepares.
     releases: watch::Sender<u64>,
-    /// Cancelled when the current server incarnation "crashes".
-    token: Mutex<CancellationToken>,
+    /// Crashes the server (set once it runs).
+    crash: OnceLock<CrashHandle>,
 }
 
 impl Shared {
     fn crash(&self) {
-        lock(&self.token).cancel();
+        if let Some(c) = self.crash.get() {
+            c.crash();
+        }
     }
 
     async fn wait_released(&self, branch_id: &str) {
@@ -659,77 +874,45 @@ impl Shared {
     }
 }
 
-#[derive(Clone)]
-struct Svc {
-    shared: Arc<Shared>,
-    /// Cancelled when this incarnation "crashes": its Exchange streams stop at once.
-    stop: CancellationToken,
-}
-
-/// The batched stream: every call goes through the unary handler above, so scripts,
-/// records and the resource model behave the same whichever way the coordinator calls.
-#[tonic::async_trait]
-impl ParticipantExchange for Svc {
-    type ExchangeStream = mux::OutboundStream<Result<pb::ExchangeResponse, Status>>;
-
-    async fn exchange(
-        &self,
-        request: Request<tonic::Streaming<pb::ExchangeRequest>>,
-    ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let stop = self.stop.clone().cancelled_owned();
-        Ok(Response::new(mux::serve_exchange(
-            self.clone(),
-            request.into_inner(),
-            stop,
-        )))
-    }
-}
-
-#[tonic::async_trait]
-impl Participant for Svc {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let r = request.into_inner();
-        let script = {
-            let mut m = lock(&self.shared.model);
-            m.record(&r.tx_id, &r.branch_id, MsgKind::Prepare, false);
-            m.scripts
-                .get(&r.branch_id)
-                .cloned()
-                .unwrap_or(PrepareScript::Yes)
-        };
-        // The prepare runs in its own task: like a real resource, it completes even if
-        // the coordinator hangs up (or dies) while it is in progress.
-        let shared = self.shared.clone();
-        let work = tokio::spawn(async move {
-            match &script {
-                PrepareScript::Late(d) => tokio::time::sleep(*d).await,
-                PrepareScript::Hang => shared.wait_released(&r.branch_id).await,
-                _ => {}
-            }
-            shared.finish_prepare(&r.tx_id, &r.branch_id, &script)
-        });
-        match work.await {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(e) => Err(Status::internal(format!("prepare task failed: {e}"))),
-        }
+/// The resource model answers every call, unary or in the batched stream alike, so
+/// scripts, records and the resource state behave the same whichever way the coordinator
+/// calls.
+impl Behaviour for Shared {
+    fn answer_prepare(self: Arc<Self>, r: pb::PrepareRequest) -> Answer<pb::PrepareResponse> {
+        Box::pin(async move {
+            let script = {
+                let mut m = lock(&self.model);
+                m.record(&r.tx_id, &r.branch_id, MsgKind::Prepare, false);
+                m.scripts
+                    .get(&r.branch_id)
+                    .cloned()
+                    .unwrap_or(PrepareScript::Yes)
+            };
+            // The prepare runs in its own task: like a real resource, it completes even if
+            // the coordinator hangs up (or dies) while it is in progress.
+            let shared = self.clone();
+            let work = tokio::spawn(async move {
+                match &script {
+                    PrepareScript::Late(d) => tokio::time::sleep(*d).await,
+                    PrepareScript::Hang => shared.wait_released(&r.branch_id).await,
+                    _ => {}
+                }
+                shared.finish_prepare(&r.tx_id, &r.branch_id, &script)
+            });
+            work.await
+                .map_err(|e| Status::internal(format!("prepare task failed: {e}")))
+        })
     }
 
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let r = request.into_inner();
-        let mut m = lock(&self.shared.model);
+    fn commit(&self, r: &pb::CommitBranchRequest) -> Result<pb::CommitBranchResponse, Status> {
+        let mut m = lock(&self.model);
         m.record(&r.tx_id, &r.branch_id, MsgKind::Commit, r.one_phase);
         if m.crash_on_commit.remove(&r.branch_id) {
             drop(m);
-            self.shared.crash();
+            self.crash();
             return Err(Status::unavailable(format!(
                 "participant {} crashed",
-                self.shared.name
+                self.name
             )));
         }
         if m.refuse_commits.contains(&r.branch_id) {
@@ -740,7 +923,7 @@ impl Participant for Svc {
         }
         let key = (r.tx_id.clone(), r.branch_id.clone());
         let current = m.resources.get(&key).copied();
-        let name = &self.shared.name;
+        let name = &self.name;
         let violation = match (current, r.one_phase) {
             (Some(ResState::Committed), _) => None,
             (Some(ResState::Prepared), _) => {
@@ -750,20 +933,20 @@ impl Participant for Svc {
             (None, true) => {
                 if let Some(PrepareScript::No(reason)) = m.scripts.get(&r.branch_id).cloned() {
                     m.resources.insert(key, ResState::Aborted);
-                    return Ok(Response::new(pb::CommitBranchResponse {
+                    return Ok(pb::CommitBranchResponse {
                         committed: false,
                         reason,
-                    }));
+                    });
                 }
                 m.one_phase.insert(key.clone());
                 m.resources.insert(key, ResState::Committed);
                 None
             }
             (Some(ResState::Aborted), true) => {
-                return Ok(Response::new(pb::CommitBranchResponse {
+                return Ok(pb::CommitBranchResponse {
                     committed: false,
                     reason: "branch was already rolled back".into(),
-                }));
+                });
             }
             (None, false) => Some(format!(
                 "{name}: commit of never-prepared branch {}/{}",
@@ -782,209 +965,68 @@ impl Participant for Svc {
             m.violations.push(v.clone());
             return Err(Status::failed_precondition(v));
         }
-        Ok(Response::new(pb::CommitBranchResponse {
+        Ok(pb::CommitBranchResponse {
             committed: true,
             reason: String::new(),
-        }))
+        })
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let r = request.into_inner();
-        let mut m = lock(&self.shared.model);
+    fn abort(&self, r: &pb::AbortBranchRequest) -> Result<pb::AbortBranchResponse, Status> {
+        let mut m = lock(&self.model);
         m.record(&r.tx_id, &r.branch_id, MsgKind::Abort, false);
         let key = (r.tx_id.clone(), r.branch_id.clone());
         if m.resources.get(&key) == Some(&ResState::Committed) && m.one_phase.contains(&key) {
-            return Ok(Response::new(pb::AbortBranchResponse {
+            return Ok(pb::AbortBranchResponse {
                 result: pb::AbortResult::AlreadyCommitted as i32,
-            }));
+            });
         }
         if m.resources.get(&key) == Some(&ResState::Committed) {
             let v = format!(
                 "{}: abort of committed branch {}/{}",
-                self.shared.name, r.tx_id, r.branch_id
+                self.name, r.tx_id, r.branch_id
             );
             m.violations.push(v.clone());
             return Err(Status::failed_precondition(v));
         }
         // Aborting an unknown branch is a success; remembering it makes a late prepare vote no.
         m.resources.insert(key, ResState::Aborted);
-        Ok(Response::new(pb::AbortBranchResponse {
+        Ok(pb::AbortBranchResponse {
             result: pb::AbortResult::Aborted as i32,
-        }))
+        })
     }
-}
-
-/// A connection that can be cut from outside: once the token is cancelled every read and
-/// write fails (and pending ones wake up), so the server drops it like a crashed process.
-struct KillableStream {
-    inner: TcpStream,
-    killed: Pin<Box<WaitForCancellationFutureOwned>>,
-}
-
-fn killed_error() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionReset, "test participant crashed")
-}
-
-impl KillableStream {
-    fn dead(&mut self, cx: &mut Context<'_>) -> bool {
-        self.killed.as_mut().poll(cx).is_ready()
-    }
-}
-
-impl AsyncRead for KillableStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.dead(cx) {
-            return Poll::Ready(Err(killed_error()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for KillableStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.dead(cx) {
-            return Poll::Ready(Err(killed_error()));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.dead(cx) {
-            return Poll::Ready(Err(killed_error()));
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.dead(cx) {
-            return Poll::Ready(Err(killed_error()));
-        }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
-impl Connected for KillableStream {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-/// Accepts connections until the token is cancelled; then drops the listener at once.
-struct Incoming {
-    listener: Option<TcpListener>,
-    token: CancellationToken,
-    killed: Pin<Box<WaitForCancellationFutureOwned>>,
-}
-
-impl Stream for Incoming {
-    type Item = io::Result<KillableStream>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.killed.as_mut().poll(cx).is_ready() {
-            this.listener = None;
-            return Poll::Ready(None);
-        }
-        let Some(listener) = this.listener.as_ref() else {
-            return Poll::Ready(None);
-        };
-        match listener.poll_accept(cx) {
-            Poll::Ready(Ok((stream, _))) => {
-                let _ = stream.set_nodelay(true);
-                Poll::Ready(Some(Ok(KillableStream {
-                    inner: stream,
-                    killed: Box::pin(this.token.clone().cancelled_owned()),
-                })))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-fn bind_reuse(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
 }
 
 /// An in-test participant server. See the module docs.
 pub struct TestParticipant {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    server: Option<JoinHandle<()>>,
+    server: KitParticipant,
 }
 
 impl TestParticipant {
     /// Starts a participant on `127.0.0.1:<free port>`; `name` appears in its messages.
     pub async fn start(name: &str) -> TestParticipant {
-        let listener =
-            bind_reuse(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind test participant");
-        let addr = listener.local_addr().expect("participant address");
         let (releases, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             name: name.to_string(),
             model: Mutex::new(Model::default()),
             releases,
-            token: Mutex::new(CancellationToken::new()),
+            crash: OnceLock::new(),
         });
-        let mut p = TestParticipant {
-            shared,
-            addr,
-            server: None,
-        };
-        p.serve(listener);
-        p
-    }
-
-    fn serve(&mut self, listener: TcpListener) {
-        let token = CancellationToken::new();
-        *lock(&self.shared.token) = token.clone();
-        let stream_stop = token.clone();
-        let incoming = Incoming {
-            listener: Some(listener),
-            killed: Box::pin(token.clone().cancelled_owned()),
-            token,
-        };
-        let svc = Svc {
-            shared: self.shared.clone(),
-            stop: stream_stop,
-        };
-        self.server = Some(tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(ParticipantServer::new(svc.clone()))
-                .add_service(ParticipantExchangeServer::new(svc))
-                .serve_with_incoming(incoming)
-                .await;
-        }));
+        let server = KitParticipant::start(shared.clone(), Services::UnaryAndStream)
+            .await
+            .unwrap_or_else(|e| panic!("start test participant {name}: {e}"));
+        let _ = shared.crash.set(server.crash_handle());
+        TestParticipant { shared, server }
     }
 
     /// `http://127.0.0.1:PORT`: what branches enlist as their participant_endpoint.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.endpoint.clone()
     }
 
     /// The bound address (the same across restarts).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr
     }
 
     /// A branch of this participant (commit_order 0, kind DATABASE).
@@ -1037,46 +1079,18 @@ impl TestParticipant {
 
     /// Whether the server is down (crashed or stopped).
     pub fn is_down(&self) -> bool {
-        lock(&self.shared.token).is_cancelled()
-    }
-
-    async fn reap_server(&mut self) {
-        if let Some(handle) = self.server.take() {
-            let abort = handle.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(3), handle)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
+        self.server.is_down()
     }
 
     /// Crashes the server: the listener and every open connection are dropped at once.
     /// The resource state survives (as it would on disk).
     pub async fn stop(&mut self) {
-        self.shared.crash();
-        self.reap_server().await;
+        self.server.crash().await;
     }
 
     /// Serves again on the same port (after [`stop`](Self::stop) or a scripted crash).
     pub async fn restart(&mut self) {
-        self.shared.crash();
-        self.reap_server().await;
-        let end = Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match bind_reuse(self.addr) {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < end => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!(
-                    "cannot re-bind test participant {} on {}: {e}",
-                    self.shared.name, self.addr
-                ),
-            }
-        };
-        self.serve(listener);
+        self.server.restart().await;
     }
 
     /// Every message received so far.
@@ -1186,13 +1200,11 @@ impl TestParticipant {
 impl Drop for TestParticipant {
     fn drop(&mut self) {
         self.shared.crash();
-        if let Some(h) = self.server.take() {
-            h.abort();
-        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
+
 // Small RPC helpers
 // ---------------------------------------------------------------------------------------
 
@@ -1226,6 +1238,109 @@ pub async fn commit(
         .map(Response::into_inner)
 }
 
+/// Starts Commit of `tx_id` (waiting up to `wait_ms` for phase two) in the background:
+/// the test goes on while it runs, and looks at its answer later, if at all (the
+/// coordinator may die meanwhile).
+pub fn commit_in_background(
+    client: &CoordinatorClient<Channel>,
+    tx_id: &str,
+    wait_ms: u64,
+) -> JoinHandle<Result<pb::CommitResponse, Status>> {
+    let mut c = client.clone();
+    let tx_id = tx_id.to_string();
+    tokio::spawn(async move { commit(&mut c, &tx_id, wait_ms).await })
+}
+
+/// A coordinator started with `flags`, a test participant "p" and a client of the
+/// coordinator: the start of most single-participant tests.
+pub async fn coordinator_with_participant(
+    flags: &[(&str, &str)],
+) -> (Coordinator, TestParticipant, CoordinatorClient<Channel>) {
+    let coord = Coordinator::start(flags).await;
+    let p = TestParticipant::start("p").await;
+    let client = coord.client().await;
+    (coord, p, client)
+}
+
+/// Two participants, `p1` holding branch `a` and `p2` branch `b`, and a transaction of
+/// both whose Commit (waiting up to 5 s for phase two) runs in the background.
+pub struct TwoBranchCommit {
+    pub p1: TestParticipant,
+    pub p2: TestParticipant,
+    pub tx: String,
+    pub pending: JoinHandle<Result<pb::CommitResponse, Status>>,
+}
+
+impl TwoBranchCommit {
+    /// Starts the participants, begins the transaction on `coord` and starts its Commit;
+    /// `held` names the branch (`"a"` or `"b"`) whose prepare hangs until released.
+    pub async fn start(coord: &Coordinator, held: Option<&str>) -> TwoBranchCommit {
+        let p1 = TestParticipant::start("p1").await;
+        let p2 = TestParticipant::start("p2").await;
+        match held {
+            Some("a") => p1.script("a", PrepareScript::Hang),
+            Some("b") => p2.script("b", PrepareScript::Hang),
+            Some(other) => panic!("no branch {other:?} (a or b)"),
+            None => {}
+        }
+        let mut c = coord.client().await;
+        let tx = begin(&mut c, vec![p1.branch("a"), p2.branch("b")]).await;
+        let pending = commit_in_background(&c, &tx, 5_000);
+        TwoBranchCommit {
+            p1,
+            p2,
+            tx,
+            pending,
+        }
+    }
+}
+
+/// Waits (up to `deadline`) until the coordinator's view of `tx_id` satisfies `cond`
+/// (described by `what`); returns that view.
+pub async fn wait_view(
+    client: &CoordinatorClient<Channel>,
+    deadline: Duration,
+    tx_id: &str,
+    what: &str,
+    cond: impl Fn(&pb::GetTransactionResponse) -> bool,
+) -> pb::GetTransactionResponse {
+    let last = Arc::new(Mutex::new(None));
+    let cond = &cond;
+    eventually(deadline, &format!("{what} (tx {tx_id})"), || {
+        let mut c = client.clone();
+        let last = last.clone();
+        async move {
+            let Ok(v) = get_tx(&mut c, tx_id).await else {
+                return false;
+            };
+            let ok = cond(&v);
+            *lock(&last) = Some(v);
+            ok
+        }
+    })
+    .await;
+    let view = lock(&last).take().expect("a view");
+    view
+}
+
+/// Waits (up to `deadline`) until the coordinator reports `tx_id` in `state` (e.g.
+/// COMMITTED once phase two is over); returns that view.
+pub async fn wait_tx_state(
+    client: &CoordinatorClient<Channel>,
+    deadline: Duration,
+    tx_id: &str,
+    state: pb::TxState,
+) -> pb::GetTransactionResponse {
+    wait_view(
+        client,
+        deadline,
+        tx_id,
+        &format!("the transaction is {state:?}"),
+        |v| tx_state(v) == state,
+    )
+    .await
+}
+
 /// GetTransaction.
 pub async fn get_tx(
     client: &mut CoordinatorClient<Channel>,
@@ -1237,6 +1352,16 @@ pub async fn get_tx(
         })
         .await
         .map(Response::into_inner)
+}
+
+/// The outcome in a GetTransaction answer.
+pub fn outcome(r: &pb::GetTransactionResponse) -> pb::Outcome {
+    pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified)
+}
+
+/// The state in a GetTransaction answer.
+pub fn tx_state(r: &pb::GetTransactionResponse) -> pb::TxState {
+    pb::TxState::try_from(r.state).unwrap_or(pb::TxState::Unspecified)
 }
 
 /// Splits a tx id into (node, epoch, seq), asserting the documented format.
