@@ -19,7 +19,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
     );
     assert!(
         matches!(&refused[..], [Command::Reply { reply: Err(TxError::FailedPrecondition(m)), .. }]
-            if m.contains("local commits need one-phase commits")),
+            if m.contains("was begun with BeginLocal")),
         "{refused:?}"
     );
     assert_eq!(e.handle(2, synced(t)), vec![]);
