@@ -11,6 +11,17 @@ fn recovers<L: DecisionLog>(log: &L, want: Recovered, why: &str) {
     assert_eq!(log.recover().expect("recover()"), want, "{why}");
 }
 
+/// Checks that `log` holds the decision `record` for `tx`, finished if `done` (`why`
+/// says which rule that is).
+#[track_caller]
+fn holds_decision<L: DecisionLog>(log: &L, tx: &TxId, record: CommitRecord, done: bool, why: &str) {
+    assert_eq!(
+        log.decision(tx).expect("decision()"),
+        Some(StoredDecision { record, done }),
+        "{why}"
+    );
+}
+
 /// Durable means synced; reads come from the log; LSNs grow; stats count it.
 pub async fn check_force_and_read<L: DecisionLog>(log: &L) {
     let e = log.epoch();
@@ -38,13 +49,12 @@ pub async fn check_force_and_read<L: DecisionLog>(log: &L) {
         records.push(rec);
     }
     for rec in &records {
-        assert_eq!(
-            log.decision(&rec.tx).expect("decision()"),
-            Some(StoredDecision {
-                record: rec.clone(),
-                done: false
-            }),
-            "decision() must return what was forced"
+        holds_decision(
+            log,
+            &rec.tx,
+            rec.clone(),
+            false,
+            "decision() must return what was forced",
         );
     }
     assert_eq!(log.decision(&tx_of(log, 999)).expect("decision()"), None);
@@ -149,13 +159,12 @@ pub async fn check_write_once<L: DecisionLog>(log: &L) {
         ),
         "conflict after Done"
     );
-    assert_eq!(
-        log.decision(&t).expect("decision()"),
-        Some(StoredDecision {
-            record: first,
-            done: true
-        }),
-        "repeats keep the first record and its done flag"
+    holds_decision(
+        log,
+        &t,
+        first,
+        true,
+        "repeats keep the first record and its done flag",
     );
 }
 
@@ -286,13 +295,12 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         },
     )
     .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2.clone(),
-            done: false
-        }),
-        "lazy records must not change a COMMIT record"
+    holds_decision(
+        log,
+        &t2,
+        rec2.clone(),
+        false,
+        "lazy records must not change a COMMIT record",
     );
     recovers(
         log,
@@ -305,13 +313,12 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
 
     log.record_lazy(e, LazyRecord::Done { tx: t2 })
         .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2.clone(),
-            done: true
-        }),
-        "Done marks the decision finished and keeps it"
+    holds_decision(
+        log,
+        &t2,
+        rec2.clone(),
+        true,
+        "Done marks the decision finished and keeps it",
     );
     recovers(log, Recovered::default(), "done commits are finished");
     log.record_lazy(e, LazyRecord::Done { tx: t2 })
@@ -382,12 +389,12 @@ pub async fn check_one_phase<L: DecisionLog>(log: &L) {
         },
     )
     .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2,
-            done: false
-        })
+    holds_decision(
+        log,
+        &t2,
+        rec2,
+        false,
+        "a one-phase outcome does not overwrite a forced decision",
     );
 
     // Forcing the same decision later is idempotent (and makes it durable); a different
