@@ -70,6 +70,18 @@ fn send(
     }
 }
 
+/// The phase-two commit sent to branch `i` (`b`) of `t` once the log is durable at
+/// `requires_durable`.
+fn commit_sent(t: TxId, i: usize, b: &BranchSpec, requires_durable: Option<Lsn>) -> Command {
+    send(
+        t,
+        i,
+        b,
+        Message::Commit { one_phase: false },
+        requires_durable,
+    )
+}
+
 /// A vote of branch `i` of `t`.
 fn voted(t: TxId, i: usize, vote: RpcResult<Vote>) -> Event {
     Event::Voted {

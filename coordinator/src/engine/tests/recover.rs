@@ -123,13 +123,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     assert_eq!(
         cmds,
         vec![
-            send(
-                old_commit,
-                0,
-                &db,
-                Message::Commit { one_phase: false },
-                None
-            ),
+            commit_sent(old_commit, 0, &db, None),
             send(old_undecided, 0, &db, Message::Abort, None),
         ]
     );
@@ -155,13 +149,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     ));
     assert_eq!(
         e.handle(2, commit_acked(old_commit, 0, Ok(CommitAck::Committed))),
-        vec![send(
-            old_commit,
-            1,
-            &mq,
-            Message::Commit { one_phase: false },
-            None
-        )]
+        vec![commit_sent(old_commit, 1, &mq, None)]
     );
     assert_eq!(
         e.handle(3, commit_acked(old_commit, 1, Ok(CommitAck::Committed))),

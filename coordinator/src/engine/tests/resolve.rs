@@ -36,13 +36,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
     // Nothing changed yet: the retry still goes out while the record is being forced.
     assert_eq!(
         e.handle(21, timer(t, Timer::Retry { branch: 1 })),
-        vec![send(
-            t,
-            1,
-            &b,
-            Message::Commit { one_phase: false },
-            Some(3)
-        )]
+        vec![commit_sent(t, 1, &b, Some(3))]
     );
     // Durable: the branch is heuristically committed and the transaction finishes.
     let cmds = e.handle(22, audit_durable(50, 4, 1_700_000_000_123));
@@ -144,7 +138,7 @@ fn resolve_commit_gives_a_never_reached_tier_one_best_effort_commit() {
     assert_eq!(
         cmds[..3],
         [
-            send(t, 1, &mq, Message::Commit { one_phase: false }, Some(2)),
+            commit_sent(t, 1, &mq, Some(2)),
             Command::LogLazy(LazyRecord::Done { tx: t }),
             finished(t, Outcome::Committed),
         ]

@@ -66,8 +66,8 @@ fn two_phase_commit_exact_commands() {
         e.handle(5, Event::LogDurable { tx: t, lsn: 7 }),
         vec![
             reply_once_durable(4, Ok(ReplyOk::Committed), Some(7)),
-            send(t, 0, &a, Message::Commit { one_phase: false }, Some(7)),
-            send(t, 1, &b, Message::Commit { one_phase: false }, Some(7)),
+            commit_sent(t, 0, &a, Some(7)),
+            commit_sent(t, 1, &b, Some(7)),
         ]
     );
     assert_eq!(
@@ -98,7 +98,7 @@ fn phase_two_goes_tier_by_tier() {
         e.handle(5, Event::LogDurable { tx: t, lsn: 1 }),
         vec![
             reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
-            send(t, 0, &db, Message::Commit { one_phase: false }, Some(1))
+            commit_sent(t, 0, &db, Some(1))
         ]
     );
     // A failed database commit is retried, and the broker still waits.
@@ -108,23 +108,11 @@ fn phase_two_goes_tier_by_tier() {
     );
     assert_eq!(
         e.handle(16, timer(t, Timer::Retry { branch: 0 })),
-        vec![send(
-            t,
-            0,
-            &db,
-            Message::Commit { one_phase: false },
-            Some(1)
-        )]
+        vec![commit_sent(t, 0, &db, Some(1))]
     );
     assert_eq!(
         e.handle(17, commit_acked(t, 0, Ok(CommitAck::Committed))),
-        vec![send(
-            t,
-            1,
-            &mq,
-            Message::Commit { one_phase: false },
-            Some(1)
-        )]
+        vec![commit_sent(t, 1, &mq, Some(1))]
     );
     assert_eq!(
         e.handle(18, commit_acked(t, 1, Ok(CommitAck::Committed))),
@@ -151,16 +139,7 @@ fn retries_back_off_exponentially_up_to_the_cap_and_never_stop() {
             other => panic!("{other:?}"),
         }
         let resend = e.handle(10 + i, timer(t, Timer::Retry { branch: 0 }));
-        assert_eq!(
-            resend,
-            vec![send(
-                t,
-                0,
-                &a,
-                Message::Commit { one_phase: false },
-                Some(1)
-            )]
-        );
+        assert_eq!(resend, vec![commit_sent(t, 0, &a, Some(1))]);
     }
     assert_eq!(&delays[..5], &[10, 20, 40, 80, 80]);
     assert!(delays.iter().all(|d| *d <= 80));
@@ -271,7 +250,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
         e.handle(4, Event::LogDurable { tx: t, lsn: 2 }),
         vec![
             reply_once_durable(10, Ok(ReplyOk::Committed), Some(2)),
-            send(t, 1, &b, Message::Commit { one_phase: false }, Some(2))
+            commit_sent(t, 1, &b, Some(2))
         ]
     );
 
