@@ -48,7 +48,6 @@ use proptest::sample::{select, Index};
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
 use prost::bytes::{Buf, BufMut};
 use prost::Message as _;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::Body as HttpBody;
@@ -57,10 +56,12 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
-use twopc_coordinator::server;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{AlwaysYes, Behaviour, Services, TestParticipant};
+
+mod support;
+use support::{quick_retries, serve};
 
 type Client = CoordinatorClient<Channel>;
 type Fallible<T> = Result<T, TestCaseError>;
@@ -499,26 +500,13 @@ impl Harness {
                 .await
                 .expect("start the participant");
 
-            let c_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = format!("http://{}", c_listener.local_addr().expect("addr"));
-            let (c_stop, c_stopped) = oneshot::channel::<()>();
             let cfg = ServeConfig {
-                retry_initial_ms: 10,
-                retry_max_ms: 50,
                 one_phase,
-                ..ServeConfig::default()
+                ..quick_retries()
             };
-            let server_log = log.clone();
-            tokio::spawn(async move {
-                let res = server::run_with_log(cfg, server_log, c_listener, async {
-                    let _ = c_stopped.await;
-                })
-                .await;
-                if let Err(e) = res {
-                    eprintln!("coordinator stopped with error: {e}");
-                }
-            });
-            stop.push(c_stop);
+            let served = serve(cfg, log.clone()).await;
+            let addr = served.url;
+            stop.push(served.stop);
             let channel = connect(&addr).await;
             (log, addr, channel, yes)
         });
@@ -2969,21 +2957,9 @@ fn an_abort_answered_without_a_result_is_asked_again() {
             .await
             .expect("start the participant");
         let log = Arc::new(SledLog::open(dir.path(), SledLogOptions::default()).expect("open"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let cfg = ServeConfig {
-            retry_initial_ms: 10,
-            retry_max_ms: 50,
-            ..ServeConfig::default()
-        };
-        let server = tokio::spawn(async move {
-            let _ = server::run_with_log(cfg, log, listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        let mut c = CoordinatorClient::new(connect(&addr).await);
+        let served = serve(quick_retries(), log).await;
+        let (stop, server) = (served.stop, served.task);
+        let mut c = CoordinatorClient::new(connect(&served.url).await);
         let endpoint = participant.endpoint.clone();
         let tx_id = c
             .begin(pb::BeginRequest {

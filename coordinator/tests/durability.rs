@@ -12,16 +12,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::Status;
-use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
-use twopc_coordinator::server;
 use twopc_coordinator::types::TxId;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{Behaviour, Services, TestParticipant};
+
+mod support;
+use support::{quick_retries, serve};
 
 /// What the participant saw when a commit arrived.
 #[derive(Debug, Clone)]
@@ -86,26 +86,9 @@ async fn setup(fail_syncs: Option<Arc<AtomicBool>>) -> (Setup, Arc<SledLog>) {
         .expect("start the participant");
     let endpoint = participant.endpoint.clone();
 
-    let c_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind coordinator");
-    let coordinator_addr = format!("http://{}", c_listener.local_addr().expect("addr"));
-    let (c_stop, c_stopped) = oneshot::channel::<()>();
-    let cfg = ServeConfig {
-        retry_initial_ms: 10,
-        retry_max_ms: 50,
-        ..ServeConfig::default()
-    };
-    let server_log = log.clone();
-    tokio::spawn(async move {
-        let res = server::run_with_log(cfg, server_log, c_listener, async {
-            let _ = c_stopped.await;
-        })
-        .await;
-        if let Err(e) = res {
-            eprintln!("coordinator stopped with error: {e}");
-        }
-    });
+    let served = serve(quick_retries(), log.clone()).await;
+    let coordinator_addr = served.url;
+    let c_stop = served.stop;
     let client = connect(&coordinator_addr).await;
     let s = Setup {
         client,

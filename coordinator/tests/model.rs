@@ -629,6 +629,43 @@ struct Bounds {
     client_commits: u8,
 }
 
+impl Bounds {
+    /// No fault at all, and `client_commits` Commit requests.
+    fn quiet(client_commits: u8) -> Bounds {
+        Bounds {
+            coordinator_crashes: 0,
+            participant_crashes: 0,
+            timeouts: 0,
+            duplicates: 0,
+            losses: 0,
+            client_commits,
+        }
+    }
+
+    /// One coordinator crash and no other fault, and `client_commits` Commit requests:
+    /// what a checker run needs to catch a runtime that loses what it had to keep.
+    fn one_crash(client_commits: u8) -> Bounds {
+        Bounds {
+            coordinator_crashes: 1,
+            ..Bounds::quiet(client_commits)
+        }
+    }
+
+    /// Every fault, and more of them (for a one-branch space, which stays small): two
+    /// coordinator crashes, a participant crash, two timeouts, a duplicated and a lost
+    /// request, three Commit requests.
+    fn every_fault() -> Bounds {
+        Bounds {
+            coordinator_crashes: 2,
+            participant_crashes: 1,
+            timeouts: 2,
+            duplicates: 1,
+            losses: 1,
+            client_commits: 3,
+        }
+    }
+}
+
 impl Default for Bounds {
     fn default() -> Self {
         Bounds {
@@ -1738,42 +1775,32 @@ fn real_engine_keeps_two_phase_commit_safe_and_live() {
 /// carried it timed out).
 #[test]
 fn real_engine_survives_late_and_duplicate_deliveries() {
-    let model = TwoPcModel {
-        bounds: Bounds {
-            coordinator_crashes: 0,
-            participant_crashes: 0,
-            timeouts: 1,
-            duplicates: 1,
-            losses: 0,
-            client_commits: 1,
-        },
-        ..Default::default()
+    let bounds = Bounds {
+        timeouts: 1,
+        duplicates: 1,
+        ..Bounds::quiet(1)
     };
-    let checker = check(model, HasDiscoveries::All);
-    assert_holds(
-        &checker,
-        &[
-            "all committed",
-            "all aborted after a yes vote",
-            "a participant's recovery finishes its branch",
-        ],
-    );
-    assert_eq!(checker.unique_state_count(), 619_222);
+    check_network_faults(bounds, 619_222);
 }
 
 /// Lost requests: a participant never sees a prepare, a commit or an abort, and the RPC that
 /// carried it times out.
 #[test]
 fn real_engine_survives_lost_requests() {
+    let bounds = Bounds {
+        timeouts: 1,
+        losses: 1,
+        ..Bounds::quiet(1)
+    };
+    check_network_faults(bounds, 255_745);
+}
+
+/// Checks the default transaction under the network faults of `bounds` (no crash): every
+/// property holds, a commit, an abort after a yes vote and a participant's recovery are
+/// reached, and the space has `states` states.
+fn check_network_faults(bounds: Bounds, states: usize) {
     let model = TwoPcModel {
-        bounds: Bounds {
-            coordinator_crashes: 0,
-            participant_crashes: 0,
-            timeouts: 1,
-            duplicates: 0,
-            losses: 1,
-            client_commits: 1,
-        },
+        bounds,
         ..Default::default()
     };
     let checker = check(model, HasDiscoveries::All);
@@ -1785,7 +1812,7 @@ fn real_engine_survives_lost_requests() {
             "a participant's recovery finishes its branch",
         ],
     );
-    assert_eq!(checker.unique_state_count(), 255_745);
+    assert_eq!(checker.unique_state_count(), states);
 }
 
 /// The checker is not vacuous: a runtime that reports a COMMIT durable before its sync and
@@ -1793,14 +1820,7 @@ fn real_engine_survives_lost_requests() {
 #[test]
 fn checker_catches_a_runtime_that_sends_commits_before_the_decision_is_durable() {
     let model = TwoPcModel {
-        bounds: Bounds {
-            coordinator_crashes: 1,
-            participant_crashes: 0,
-            timeouts: 0,
-            duplicates: 0,
-            losses: 0,
-            client_commits: 1,
-        },
+        bounds: Bounds::one_crash(1),
         broken_ack_before_sync: true,
         ..Default::default()
     };
@@ -1860,22 +1880,7 @@ fn real_engine_keeps_one_phase_commit_safe_and_live() {
 /// requests and an Abort (parked while the participant decides).
 #[test]
 fn one_phase_commit_survives_repeated_crashes_and_network_faults() {
-    let model = TwoPcModel {
-        branches: 1,
-        bounds: Bounds {
-            coordinator_crashes: 2,
-            participant_crashes: 1,
-            timeouts: 2,
-            duplicates: 1,
-            losses: 1,
-            client_commits: 3,
-        },
-        client_abort: true,
-        ..Default::default()
-    };
-    let checker = check(model, HasDiscoveries::All);
-    assert_holds(&checker, &ONE_PHASE_EXAMPLES);
-    assert_eq!(checker.unique_state_count(), 33_953);
+    check_one_phase_under_every_fault(false, 33_953);
 }
 
 /// One branch, the client asking for early answers (as the SDK does): it is told
@@ -1883,23 +1888,23 @@ fn one_phase_commit_survives_repeated_crashes_and_network_faults() {
 /// after a Barrier from the same epoch. Every fault of the repeated-crash run.
 #[test]
 fn one_phase_commit_answered_before_durable_with_barriers_is_safe_and_live() {
+    check_one_phase_under_every_fault(true, 40_628);
+}
+
+/// Checks one branch under [`Bounds::every_fault`] and a client Abort, the client asking
+/// to be answered before the outcome is durable if `answer_before_durable`: every
+/// property holds, every one-phase example is reached, and the space has `states` states.
+fn check_one_phase_under_every_fault(answer_before_durable: bool, states: usize) {
     let model = TwoPcModel {
         branches: 1,
-        bounds: Bounds {
-            coordinator_crashes: 2,
-            participant_crashes: 1,
-            timeouts: 2,
-            duplicates: 1,
-            losses: 1,
-            client_commits: 3,
-        },
+        bounds: Bounds::every_fault(),
         client_abort: true,
-        answer_before_durable: true,
+        answer_before_durable,
         ..Default::default()
     };
     let checker = check(model, HasDiscoveries::All);
     assert_holds(&checker, &ONE_PHASE_EXAMPLES);
-    assert_eq!(checker.unique_state_count(), 40_628);
+    assert_eq!(checker.unique_state_count(), states);
 }
 
 /// The checker is not vacuous for early answers: a participant that forgets the branch
@@ -1912,14 +1917,7 @@ fn checker_catches_forgetting_a_commit_answered_before_durable_before_its_barrie
     for (without_barrier, any_epoch) in [(true, false), (false, true)] {
         let model = TwoPcModel {
             branches: 1,
-            bounds: Bounds {
-                coordinator_crashes: 1,
-                participant_crashes: 0,
-                timeouts: 0,
-                duplicates: 0,
-                losses: 0,
-                client_commits: 2,
-            },
+            bounds: Bounds::one_crash(2),
             answer_before_durable: true,
             broken_forget_without_barrier: without_barrier,
             broken_barrier_any_epoch: any_epoch,
@@ -1966,14 +1964,7 @@ fn checker_catches_a_one_phase_outcome_answered_before_it_is_durable() {
 fn expect_caught(early: EarlySync, expected: &[&'static str]) {
     let model = TwoPcModel {
         branches: 1,
-        bounds: Bounds {
-            coordinator_crashes: 1,
-            participant_crashes: 0,
-            timeouts: 0,
-            duplicates: 0,
-            losses: 0,
-            client_commits: 2,
-        },
+        bounds: Bounds::one_crash(2),
         broken_early_sync: early,
         ..Default::default()
     };
@@ -2001,12 +1992,9 @@ fn local_one_phase_commit_is_safe_and_live() {
     let model = TwoPcModel {
         branches: 1,
         bounds: Bounds {
-            coordinator_crashes: 2,
-            participant_crashes: 1,
             timeouts: 1,
-            duplicates: 1,
-            losses: 1,
             client_commits: 1,
+            ..Bounds::every_fault()
         },
         client_abort: true,
         answer_before_durable: true,
@@ -2025,14 +2013,7 @@ fn local_one_phase_commit_is_safe_and_live() {
 fn checker_catches_a_local_commit_before_its_barrier() {
     let model = TwoPcModel {
         branches: 1,
-        bounds: Bounds {
-            coordinator_crashes: 1,
-            participant_crashes: 0,
-            timeouts: 0,
-            duplicates: 0,
-            losses: 0,
-            client_commits: 1,
-        },
+        bounds: Bounds::one_crash(1),
         answer_before_durable: true,
         local_commit: true,
         broken_local_commit_without_barrier: true,

@@ -13,18 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
-use twopc_coordinator::server;
 use twopc_coordinator::types::TxId;
 use twopc_proto::mux::{self, Pipeline};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{Behaviour, Services, TestParticipant, Via};
+
+mod support;
+use support::{quick_retries, serve};
 
 /// Bound on anything a test waits for.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -92,32 +92,16 @@ async fn setup(serve_stream: bool) -> Setup {
         .expect("start the participant");
     let endpoint = participant_server.endpoint.clone();
 
-    let c_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", c_listener.local_addr().expect("addr"));
-    let (coordinator_stop, c_stopped) = oneshot::channel::<()>();
-    let cfg = ServeConfig {
-        retry_initial_ms: 10,
-        retry_max_ms: 50,
-        ..ServeConfig::default()
-    };
-    let coordinator = tokio::spawn(async move {
-        if let Err(e) = server::run_with_log(cfg, log, c_listener, async {
-            let _ = c_stopped.await;
-        })
-        .await
-        {
-            eprintln!("coordinator stopped with an error: {e}");
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_shared(url)
+    let served = serve(quick_retries(), log).await;
+    let channel = tonic::transport::Endpoint::from_shared(served.url)
         .expect("url")
         .connect_lazy();
     Setup {
         participant,
         endpoint,
         channel,
-        coordinator_stop: Some(coordinator_stop),
-        coordinator,
+        coordinator_stop: Some(served.stop),
+        coordinator: served.task,
         participant_server: Some(participant_server),
         _dir: dir,
     }
@@ -181,22 +165,27 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participants_that_serve_the_stream_get_every_message_over_it() {
-    let s = setup(true).await;
-    let p = Arc::new(pipeline(&s.channel));
-    commit_many(&p, &s.endpoint, 64).await;
     // 64 transactions × 2 branches × (prepare + commit).
-    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 256);
-    assert_eq!(s.participant.unary.load(Ordering::SeqCst), 0);
-    assert_eq!(s.participant.early_commits.load(Ordering::SeqCst), 0);
+    calls_reach_the_participant(true, 64, (256, 0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participants_without_the_stream_get_unary_calls() {
-    let s = setup(false).await;
+    calls_reach_the_participant(false, 16, (0, 64)).await;
+}
+
+/// Commits `n` two-branch transactions over one pipeline with a participant that serves
+/// the stream if `serves_stream`; checks the calls it got as `(streamed, unary)`, none of
+/// them an early commit.
+async fn calls_reach_the_participant(serves_stream: bool, n: usize, calls: (u64, u64)) {
+    let s = setup(serves_stream).await;
     let p = Arc::new(pipeline(&s.channel));
-    commit_many(&p, &s.endpoint, 16).await;
-    assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 0);
-    assert_eq!(s.participant.unary.load(Ordering::SeqCst), 64);
+    commit_many(&p, &s.endpoint, n).await;
+    let got = (
+        s.participant.streamed.load(Ordering::SeqCst),
+        s.participant.unary.load(Ordering::SeqCst),
+    );
+    assert_eq!(got, calls, "(streamed, unary) calls");
     assert_eq!(s.participant.early_commits.load(Ordering::SeqCst), 0);
 }
 

@@ -14,23 +14,23 @@
 //! bounded polls ([`eventually`]); every test runs under an overall timeout.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use twopc_coordinator::config::ServeConfig;
 use twopc_participant::resource::BranchKind;
 use twopc_participant::{
     AbortOutcome, Broker, BrokerCore, BrokerOptions, Error, NatsResource, OnePhase, PublishOptions,
-    RabbitResource, Resource, Retry, StagingOptions, StagingStore, Vote,
+    RabbitResource, Resource, Retry, StagingOptions, StagingStore, Transaction, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{free_port, unique_name, FaultProxy, NatsServer};
 
 mod support;
 use support::{
-    bounded, delete_stream, eventually, get_tx, nats_on, reopen_staging, sdk, staging, Coordinator,
-    RabbitProbe, Wait, NATS_URL, RABBIT_URL,
+    bounded, delete_stream, eventually, get_tx, ids_and_payloads, nats_on, quick_retries,
+    reopen_staging, sdk, staging, Coordinator, RabbitProbe, Rig, Wait, NATS_URL, RABBIT_URL,
 };
 
 const RABBIT_ADDR: &str = "127.0.0.1:5672";
@@ -46,15 +46,18 @@ const WAIT: Wait = Wait {
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// An in-process coordinator with quick phase-two retries.
-async fn coordinator() -> Coordinator {
-    Coordinator::start(ServeConfig {
-        retry_initial_ms: 20,
-        retry_max_ms: 300,
-        connect_timeout_ms: 500,
-        ..Default::default()
-    })
-    .await
+/// A [`Rig`]: an in-process coordinator with quick phase-two retries, a staging store and
+/// an SDK handle with `commit_wait`.
+async fn rig(commit_wait: Duration) -> Rig {
+    Rig::start(Coordinator::start(quick_retries()).await, commit_wait).await
+}
+
+/// Commits `tx`, which must abort; returns the abort's message.
+async fn commit_aborts(tx: Transaction) -> String {
+    match tx.commit().await {
+        Err(Error::Aborted(msg)) => msg,
+        other => panic!("expected Aborted, got {other:?}"),
+    }
 }
 
 /// A trivial resource: votes as told, commits and aborts always succeed (an abort of a
@@ -140,6 +143,53 @@ impl Resource for TestResource {
     }
 }
 
+impl Rig {
+    /// A [`TestResource`] "db" voting `vote`, registered with the rig's SDK.
+    fn register_db(&self, vote: Vote) -> Arc<TestResource> {
+        self.sdk
+            .register(TestResource::new("db", vote))
+            .expect("register db")
+    }
+
+    /// A RabbitMQ resource named `name` at `url` that connects only when first used,
+    /// registered with the rig's SDK.
+    fn register_lazy_rabbit(&self, name: &str, url: String) -> Arc<RabbitResource> {
+        let rabbit = RabbitResource::connect_lazy(name, url, self.store.clone()).expect("lazy");
+        self.sdk.register(Arc::new(rabbit)).expect("register")
+    }
+
+    /// Waits until the staged batch of the late broker branch of `tx_id` is published and
+    /// removed, and the coordinator sees the transaction's branches done.
+    async fn late_commit_finishes(&self, tx_id: &str) {
+        eventually(
+            WAIT,
+            "the staged batch is published and removed",
+            || async { self.store.is_empty() },
+        )
+        .await;
+        eventually(WAIT, "the coordinator sees the branch done", || async {
+            get_tx(&self.sdk, tx_id).await.state == pb::TxState::Committed as i32
+        })
+        .await;
+    }
+
+    /// Begins a transaction, enlists `db`, publishes "never" to `destination` of
+    /// `broker` and commits, which must abort: returns the abort's message.
+    async fn publish_after<B: Broker>(
+        &self,
+        db: &TestResource,
+        broker: &B,
+        destination: &str,
+    ) -> String {
+        let tx = self.sdk.begin().await.expect("begin");
+        tx.enlist(db).await.expect("enlist");
+        tx.publish(broker, destination, b"never".to_vec())
+            .await
+            .expect("publish");
+        commit_aborts(tx).await
+    }
+}
+
 // --- NATS consumer side -----------------------------------------------------------------
 
 /// Every message in `stream`, as `(subject, Nats-Msg-Id, payload)`.
@@ -158,6 +208,36 @@ async fn nats_server() -> Arc<NatsServer> {
             .await
             .expect("start a private nats-server"),
     )
+}
+
+/// A NATS resource named "nats" on the private `server`, stream `EVENTS` (subjects
+/// `events.>`), staging in `store`.
+async fn events_on(server: &NatsServer, store: &Arc<StagingStore>) -> NatsResource {
+    NatsResource::connect(
+        "nats",
+        server.url(),
+        "EVENTS",
+        vec!["events.>".into()],
+        store.clone(),
+    )
+    .await
+    .expect("connect to NATS")
+}
+
+/// "rabbit" through `proxy` and "nats" on `server` ([`events_on`]), both staging in
+/// `store` and registered with `sdk`.
+async fn both_brokers(
+    sdk: &TwoPc,
+    proxy: &FaultProxy,
+    server: &NatsServer,
+    store: &Arc<StagingStore>,
+) -> (Arc<RabbitResource>, Arc<NatsResource>) {
+    let rabbit = RabbitResource::connect("rabbit", via(proxy), store.clone())
+        .await
+        .expect("connect");
+    let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
+    let nats = sdk.register(Arc::new(events_on(server, store).await));
+    (rabbit, nats.expect("register"))
 }
 
 /// SIGKILL (if it still runs) and start again on the same port and store.
@@ -195,25 +275,14 @@ fn ids(tx_id: &str, branch: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let db = sdk
-            .register(TestResource::new("db", Vote::Yes))
-            .expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let db = r.register_db(Vote::Yes);
 
-        let tx = sdk.begin().await.expect("begin");
+        let tx = r.sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
         tx.enlist(&*db).await.expect("enlist db");
         let mut sent = Vec::new();
@@ -256,19 +325,18 @@ async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
             vec![("kind".to_string(), "OrderCreated".to_string())]
         );
         assert!(
-            store.is_empty(),
+            r.store.is_empty(),
             "staged copies must be removed: {:?}",
-            store.list()
+            r.store.list()
         );
         assert_eq!(rabbit.core().open_branches(), 0);
         assert_eq!(
-            get_tx(&sdk, &tx_id).await.outcome,
+            get_tx(&r.sdk, &tx_id).await.outcome,
             pb::Outcome::Committed as i32
         );
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -276,26 +344,16 @@ async fn a_committed_transaction_delivers_each_message_once_with_its_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_and_nats_branches_commit_together() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
         let queue = unique_name("orders");
         let stream = unique_name("events");
         let subject = format!("{stream}.order.created");
         let probe = RabbitProbe::new().await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let nats = nats_on(&stream, &store).await;
-        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let nats = r.register_nats(&stream).await;
 
-        let tx = sdk.begin().await.expect("begin");
+        let tx = r.sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
         let r0 = tx
             .publish(&*rabbit, &queue, b"to rabbit".to_vec())
@@ -332,12 +390,11 @@ async fn rabbitmq_and_nats_branches_commit_together() {
                 (subject.clone(), n1, b"to nats 1".to_vec())
             ]
         );
-        assert!(store.is_empty());
+        assert!(r.store.is_empty());
 
         probe.delete(&queue).await;
         delete_stream(NATS_URL, &stream).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -345,26 +402,16 @@ async fn rabbitmq_and_nats_branches_commit_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_transaction_delivers_and_stages_nothing() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
         let queue = unique_name("orders");
         let stream = unique_name("events");
         let probe = RabbitProbe::new().await;
         probe.declare(&queue).await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let nats = nats_on(&stream, &store).await;
-        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let nats = r.register_nats(&stream).await;
 
-        let tx = sdk.begin().await.expect("begin");
+        let tx = r.sdk.begin().await.expect("begin");
         tx.publish(&*rabbit, &queue, b"never".to_vec())
             .await
             .expect("publish");
@@ -379,14 +426,13 @@ async fn an_aborted_transaction_delivers_and_stages_nothing() {
             rabbit.core().open_branches() == 0 && nats.core().open_branches() == 0
         })
         .await;
-        assert!(store.is_empty());
+        assert!(r.store.is_empty());
         assert!(probe.drain(&queue).await.is_empty());
         assert!(stream_messages(NATS_URL, &stream).await.is_empty());
 
         probe.delete(&queue).await;
         delete_stream(NATS_URL, &stream).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -394,48 +440,26 @@ async fn an_aborted_transaction_delivers_and_stages_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_vote_aborts_and_drops_the_staged_batch() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
         probe.declare(&queue).await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let db = sdk
-            .register(TestResource::new(
-                "db",
-                Vote::No("constraint violated".into()),
-            ))
-            .expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let db = r.register_db(Vote::No("constraint violated".into()));
 
-        let tx = sdk.begin().await.expect("begin");
-        tx.enlist(&*db).await.expect("enlist");
-        tx.publish(&*rabbit, &queue, b"never".to_vec())
-            .await
-            .expect("publish");
-        match tx.commit().await {
-            Err(Error::Aborted(msg)) => assert!(msg.contains("constraint violated"), "{msg}"),
-            other => panic!("expected Aborted, got {other:?}"),
-        }
+        let msg = r.publish_after(&db, &*rabbit, &queue).await;
+        assert!(msg.contains("constraint violated"), "{msg}");
         // The rabbit branch may have staged (voted yes) before the no arrived: the abort
         // that follows removes it.
         eventually(WAIT, "staged batch removed and buffer dropped", || async {
-            store.is_empty() && rabbit.core().open_branches() == 0
+            r.store.is_empty() && rabbit.core().open_branches() == 0
         })
         .await;
         assert!(probe.drain(&queue).await.is_empty());
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -443,42 +467,26 @@ async fn a_no_vote_aborts_and_drops_the_staged_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
         let queue = unique_name("orders");
 
         let url = closed_rabbit_url();
-        assert!(RabbitResource::connect("eager", url.clone(), store.clone())
-            .await
-            .is_err());
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect_lazy("rabbit", url, store.clone()).expect("lazy"),
-            ))
-            .expect("register");
-        let db = sdk
-            .register(TestResource::new("db", Vote::Yes))
-            .expect("register");
+        assert!(
+            RabbitResource::connect("eager", url.clone(), r.store.clone())
+                .await
+                .is_err()
+        );
+        let rabbit = r.register_lazy_rabbit("rabbit", url);
+        let db = r.register_db(Vote::Yes);
 
-        let tx = sdk.begin().await.expect("begin");
-        tx.enlist(&*db).await.expect("enlist");
-        tx.publish(&*rabbit, &queue, b"never".to_vec())
-            .await
-            .expect("publish");
-        match tx.commit().await {
-            Err(Error::Aborted(msg)) => {
-                assert!(
-                    msg.contains("svc:rabbit"),
-                    "the message names the branch: {msg}"
-                );
-                assert!(msg.contains("broker unreachable"), "{msg}");
-                assert!(!msg.contains("guest:guest"), "credentials leak: {msg}");
-            }
-            other => panic!("expected Aborted, got {other:?}"),
-        }
-        assert!(store.is_empty());
+        let msg = r.publish_after(&db, &*rabbit, &queue).await;
+        assert!(
+            msg.contains("svc:rabbit"),
+            "the message names the branch: {msg}"
+        );
+        assert!(msg.contains("broker unreachable"), "{msg}");
+        assert!(!msg.contains("guest:guest"), "credentials leak: {msg}");
+        assert!(r.store.is_empty());
         eventually(WAIT, "db branch aborted", || async {
             db.aborts.load(Ordering::SeqCst) == 1
         })
@@ -488,8 +496,7 @@ async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
         })
         .await;
 
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -498,24 +505,11 @@ async fn rabbitmq_unreachable_at_prepare_aborts_naming_the_broker() {
 async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
     bounded(TEST_TIMEOUT, async {
         let server = nats_server().await;
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
 
-        let nats = NatsResource::connect(
-            "nats",
-            server.url(),
-            "EVENTS",
-            vec!["events.>".into()],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
-        let nats = sdk.register(Arc::new(nats)).expect("register");
-        let db = sdk
-            .register(TestResource::new("db", Vote::Yes))
-            .expect("register");
+        let nats = r.sdk.register(Arc::new(events_on(&server, &r.store).await));
+        let nats = nats.expect("register");
+        let db = r.register_db(Vote::Yes);
 
         server.kill9().expect("kill nats-server");
         eventually(WAIT, "the client notices", || async {
@@ -523,22 +517,13 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
         })
         .await;
 
-        let tx = sdk.begin().await.expect("begin");
-        tx.enlist(&*db).await.expect("enlist");
-        tx.publish(&*nats, "events.order", b"never".to_vec())
-            .await
-            .expect("publish");
-        match tx.commit().await {
-            Err(Error::Aborted(msg)) => {
-                assert!(
-                    msg.contains("svc:nats"),
-                    "the message names the branch: {msg}"
-                );
-                assert!(msg.contains("broker unreachable"), "{msg}");
-            }
-            other => panic!("expected Aborted, got {other:?}"),
-        }
-        assert!(store.is_empty());
+        let msg = r.publish_after(&db, &*nats, "events.order").await;
+        assert!(
+            msg.contains("svc:nats"),
+            "the message names the branch: {msg}"
+        );
+        assert!(msg.contains("broker unreachable"), "{msg}");
+        assert!(r.store.is_empty());
         eventually(WAIT, "buffer dropped", || async {
             nats.core().open_branches() == 0
         })
@@ -550,7 +535,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
             nats.client().connection_state() == async_nats::connection::State::Connected
         })
         .await;
-        let tx = sdk.begin().await.expect("begin");
+        let tx = r.sdk.begin().await.expect("begin");
         tx.enlist(&*db).await.expect("enlist");
         let id = tx
             .publish(&*nats, "events.order", b"later".to_vec())
@@ -562,8 +547,7 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
             vec![("events.order".into(), id, b"later".to_vec())]
         );
 
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -572,21 +556,11 @@ async fn nats_unreachable_at_prepare_aborts_naming_the_broker() {
 async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
     bounded(TEST_TIMEOUT, async {
         let server = nats_server().await;
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_millis(1500)).await;
+        let r = rig(Duration::from_millis(1500)).await;
+        let (sdk, store) = (&r.sdk, &r.store);
 
-        let nats = NatsResource::connect(
-            "nats",
-            server.url(),
-            "EVENTS",
-            vec!["events.>".into()],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
-        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let nats = sdk.register(Arc::new(events_on(&server, store).await));
+        let nats = nats.expect("register");
         // The database tier commits first: its hook kills NATS after every prepare.
         let killer = server.clone();
         let db = sdk
@@ -614,16 +588,7 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
         );
 
         restart(&server);
-        eventually(
-            WAIT,
-            "the staged batch is published and removed",
-            || async { store.is_empty() },
-        )
-        .await;
-        eventually(WAIT, "the coordinator sees the branch done", || async {
-            get_tx(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
-        })
-        .await;
+        r.late_commit_finishes(&tx_id).await;
         assert_eq!(
             stream_messages(&server.url(), "EVENTS").await,
             vec![
@@ -633,8 +598,7 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
         );
         assert_eq!(nats.core().open_branches(), 0);
 
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -643,20 +607,12 @@ async fn nats_down_at_commit_makes_the_commit_late_not_lost() {
 async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
     bounded(TEST_TIMEOUT, async {
         let proxy = rabbit_proxy().await;
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_millis(1500)).await;
+        let r = rig(Duration::from_millis(1500)).await;
+        let (sdk, store) = (&r.sdk, &r.store);
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", via(&proxy), store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
+        let rabbit = r.register_rabbit("rabbit", &via(&proxy)).await;
         let cutter = proxy.clone();
         let db = sdk
             .register(TestResource::with_hook("db", move || cutter.cut()))
@@ -682,27 +638,15 @@ async fn rabbitmq_down_at_commit_makes_the_commit_late_not_lost() {
         );
 
         proxy.restore();
-        eventually(
-            WAIT,
-            "the staged batch is published and removed",
-            || async { store.is_empty() },
-        )
-        .await;
-        eventually(WAIT, "the coordinator sees the branch done", || async {
-            get_tx(&sdk, &tx_id).await.state == pb::TxState::Committed as i32
-        })
-        .await;
-        let got = probe.drain(&queue).await;
-        let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
+        r.late_commit_finishes(&tx_id).await;
         assert_eq!(
-            got,
+            ids_and_payloads(probe.drain(&queue).await),
             vec![(a, b"a".to_vec()), (b, b"b".to_vec())],
             "exactly once each"
         );
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -712,7 +656,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
     bounded(TEST_TIMEOUT, async {
         let server = nats_server().await;
         let proxy = rabbit_proxy().await;
-        let coord = coordinator().await;
+        let coord = Coordinator::start(quick_retries()).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
@@ -721,20 +665,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         let (tx_id, rabbit_id, nats_id) = {
             let store = staging(dir.path());
             let sdk = sdk(&coord, Duration::from_millis(1000)).await;
-            let rabbit = RabbitResource::connect("rabbit", via(&proxy), store.clone())
-                .await
-                .expect("connect");
-            let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
-            let nats = NatsResource::connect(
-                "nats",
-                server.url(),
-                "EVENTS",
-                vec!["events.>".into()],
-                store.clone(),
-            )
-            .await
-            .expect("connect to NATS");
-            let nats = sdk.register(Arc::new(nats)).expect("register");
+            let (rabbit, nats) = both_brokers(&sdk, &proxy, &server, &store).await;
             let (s, p) = (server.clone(), proxy.clone());
             let db = sdk
                 .register(TestResource::with_hook("db", move || {
@@ -776,20 +707,7 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         let store = reopen_staging(dir.path(), WAIT.limit).await;
         assert_eq!(store.len(), 2, "staged batches survive the restart");
         let sdk = sdk(&coord, Duration::from_millis(1000)).await;
-        let rabbit = RabbitResource::connect("rabbit", via(&proxy), store.clone())
-            .await
-            .expect("connect");
-        let rabbit = sdk.register(Arc::new(rabbit)).expect("register");
-        let nats = NatsResource::connect(
-            "nats",
-            server.url(),
-            "EVENTS",
-            vec!["events.>".into()],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS");
-        let nats = sdk.register(Arc::new(nats)).expect("register");
+        let (rabbit, nats) = both_brokers(&sdk, &proxy, &server, &store).await;
         let mut in_doubt = rabbit.in_doubt().await.expect("in doubt");
         in_doubt.extend(nats.in_doubt().await.expect("in doubt"));
         assert_eq!(
@@ -808,13 +726,10 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
         assert!(store.is_empty());
         assert_eq!(sdk.recover_now().await, 0, "nothing left in doubt");
 
-        let got: Vec<_> = probe
-            .drain(&queue)
-            .await
-            .into_iter()
-            .map(|g| (g.message_id, g.payload))
-            .collect();
-        assert_eq!(got, vec![(rabbit_id, b"row 1 created".to_vec())]);
+        assert_eq!(
+            ids_and_payloads(probe.drain(&queue).await),
+            vec![(rabbit_id, b"row 1 created".to_vec())]
+        );
         assert_eq!(
             stream_messages(&server.url(), "EVENTS").await,
             vec![("events.row".into(), nats_id, b"row 1 created".to_vec())]
@@ -830,27 +745,14 @@ async fn staged_messages_survive_a_participant_restart_and_recovery_publishes_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig(Duration::from_secs(5)).await;
+        let (sdk, store) = (&r.sdk, &r.store);
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
         probe.declare(&queue).await;
 
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let down = sdk
-            .register(Arc::new(
-                RabbitResource::connect_lazy("down", closed_rabbit_url(), store.clone())
-                    .expect("lazy"),
-            ))
-            .expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let down = r.register_lazy_rabbit("down", closed_rabbit_url());
 
         let tx = sdk.begin().await.expect("begin");
         let syncs = store.syncs();
@@ -860,29 +762,23 @@ async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
             .expect("publish");
         tx.commit().await.expect("commit");
         assert_eq!(store.syncs(), syncs, "a one-phase commit stages nothing");
-        let got: Vec<_> = probe
-            .drain(&queue)
-            .await
-            .into_iter()
-            .map(|g| (g.message_id, g.payload))
-            .collect();
-        assert_eq!(got, vec![(id, b"one phase".to_vec())]);
+        assert_eq!(
+            ids_and_payloads(probe.drain(&queue).await),
+            vec![(id, b"one phase".to_vec())]
+        );
         assert_eq!(rabbit.core().open_branches(), 0);
 
         let tx = sdk.begin().await.expect("begin");
         tx.publish(&*down, &queue, b"never".to_vec())
             .await
             .expect("publish");
-        match tx.commit().await {
-            Err(Error::Aborted(msg)) => assert!(msg.contains("broker unreachable"), "{msg}"),
-            other => panic!("expected Aborted, got {other:?}"),
-        }
+        let msg = commit_aborts(tx).await;
+        assert!(msg.contains("broker unreachable"), "{msg}");
         assert!(probe.drain(&queue).await.is_empty());
         assert!(store.is_empty());
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -890,10 +786,7 @@ async fn a_single_broker_branch_commits_in_one_phase_or_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent() {
     bounded(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let stream = unique_name("events");
-        let nats = nats_on(&stream, &store).await;
+        let (_dir, store, stream, nats) = lone_nats("events").await;
         let core = nats.core();
         let subject = format!("{stream}.x");
         core.buffer(
@@ -961,49 +854,29 @@ async fn publishing_after_commit_started_is_refused_and_reprepare_is_idempotent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_staging_sync_votes_no() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
         let fail = Arc::new(AtomicBool::new(false));
-        let store = Arc::new(
-            StagingStore::open_with(
-                dir.path(),
-                StagingOptions {
-                    fail_syncs: Some(fail.clone()),
-                },
-            )
-            .expect("open the staging store"),
-        );
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let open = |dir: &Path| {
+            let options = StagingOptions {
+                fail_syncs: Some(fail.clone()),
+            };
+            let store = StagingStore::open_with(dir, options);
+            Arc::new(store.expect("open the staging store"))
+        };
+        let coord = Coordinator::start(quick_retries()).await;
+        let r = Rig::start_with(coord, Duration::from_secs(5), open).await;
         let queue = unique_name("orders");
         let probe = RabbitProbe::new().await;
         probe.declare(&queue).await;
-        let rabbit = sdk
-            .register(Arc::new(
-                RabbitResource::connect("rabbit", RABBIT_URL, store.clone())
-                    .await
-                    .expect("connect"),
-            ))
-            .expect("register");
-        let db = sdk
-            .register(TestResource::new("db", Vote::Yes))
-            .expect("register");
+        let rabbit = r.register_rabbit("rabbit", RABBIT_URL).await;
+        let db = r.register_db(Vote::Yes);
 
         fail.store(true, Ordering::SeqCst);
-        let tx = sdk.begin().await.expect("begin");
-        tx.enlist(&*db).await.expect("enlist");
-        tx.publish(&*rabbit, &queue, b"never".to_vec())
-            .await
-            .expect("publish");
-        match tx.commit().await {
-            Err(Error::Aborted(msg)) => {
-                assert!(
-                    msg.contains("svc:rabbit") && msg.contains("cannot stage"),
-                    "{msg}"
-                )
-            }
-            other => panic!("expected Aborted, got {other:?}"),
-        }
-        assert!(store.is_failed(), "a failed sync poisons the store");
+        let msg = r.publish_after(&db, &*rabbit, &queue).await;
+        assert!(
+            msg.contains("svc:rabbit") && msg.contains("cannot stage"),
+            "{msg}"
+        );
+        assert!(r.store.is_failed(), "a failed sync poisons the store");
         eventually(WAIT, "buffer dropped", || async {
             rabbit.core().open_branches() == 0
         })
@@ -1011,8 +884,7 @@ async fn a_failing_staging_sync_votes_no() {
         assert!(probe.drain(&queue).await.is_empty());
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -1024,10 +896,7 @@ async fn a_failing_staging_sync_votes_no() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
     bounded(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let stream = unique_name("abortres");
-        let nats = nats_on(&stream, &store).await;
+        let (_dir, store, stream, nats) = lone_nats("abortres").await;
         let core = nats.core();
         let subject = format!("{stream}.x");
         let buffer = |tx: &str| buffer_in(core, &subject, tx);
@@ -1082,6 +951,16 @@ async fn an_abort_says_whether_the_broker_branch_had_committed_in_one_phase() {
     .await;
 }
 
+/// A NATS resource [`nats_on`] a stream of its own (named after `prefix`), with no SDK:
+/// the staging directory, its store, the stream's name and the resource.
+async fn lone_nats(prefix: &str) -> (tempfile::TempDir, Arc<StagingStore>, String, NatsResource) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = staging(dir.path());
+    let stream = unique_name(prefix);
+    let nats = nats_on(&stream, &store).await;
+    (dir, store, stream, nats)
+}
+
 /// Buffers one message (its payload the transaction id) in branch `svc:nats` of `tx`.
 fn buffer_in(core: &BrokerCore, subject: &str, tx: &str) {
     core.buffer(
@@ -1100,10 +979,8 @@ fn buffer_in(core: &BrokerCore, subject: &str, tx: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_phase_commits_are_remembered_without_pushing_out_one_phase_outcomes() {
     bounded(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let stream = unique_name("remember");
-        let nats = nats_on(&stream, &store).await.with_options(BrokerOptions {
+        let (_dir, store, stream, nats) = lone_nats("remember").await;
+        let nats = nats.with_options(BrokerOptions {
             remembered_outcomes: 1,
             ..BrokerOptions::default()
         });

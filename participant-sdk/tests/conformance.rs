@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use twopc_participant::{
-    NatsResource, OutboxOptions, PgResource, RabbitResource, Resource, Transaction, TwoPc,
+    Broker, NatsResource, OutboxOptions, PgResource, RabbitResource, Resource, Transaction, TwoPc,
 };
 use twopc_testkit::unique_name;
 
@@ -158,26 +158,50 @@ impl<const OUTBOX: bool> Fixture for Postgres<OUTBOX> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Brokers (both fixtures)
+// ---------------------------------------------------------------------------------------
+
+/// A broker resource under test; empty only while restarting.
+struct Open<B>(Option<Arc<B>>);
+
+impl<B: Broker + 'static> Open<B> {
+    fn get(&self) -> &B {
+        self.0.as_deref().expect("the resource is open")
+    }
+
+    fn resource(&self) -> Arc<dyn Resource> {
+        self.0.clone().expect("the resource is open")
+    }
+
+    /// A branch's write: one message to `destination` holding the transaction id.
+    async fn write(&self, tx: &Transaction, destination: &str) -> Branch {
+        tx.publish(self.get(), destination, tx.id().as_bytes().to_vec())
+            .await
+            .expect("publish");
+        Branch::of(tx, self.get())
+    }
+
+    /// The branch of `tx`, enlisted without a message.
+    async fn open_without_work(&self, tx: &Transaction) -> Branch {
+        tx.enlist(self.get()).await.expect("enlist");
+        Branch::of(tx, self.get())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // RabbitMQ
 // ---------------------------------------------------------------------------------------
 
 /// A unique durable queue; a branch's write is one message to it. Messages are drained
 /// as they are looked at and kept in `seen`.
 struct Rabbit {
-    /// The resource under test; `None` only while restarting.
-    broker: Option<Arc<RabbitResource>>,
+    broker: Open<RabbitResource>,
     queue: String,
     probe: RabbitProbe,
     /// Every message drained from the queue so far.
     seen: Mutex<Vec<Got>>,
     /// The staging directory (declared last: removed after the store is closed).
     dir: TempDir,
-}
-
-impl Rabbit {
-    fn broker(&self) -> &Arc<RabbitResource> {
-        self.broker.as_ref().expect("the resource is open")
-    }
 }
 
 #[tonic::async_trait]
@@ -199,7 +223,7 @@ impl Fixture for Rabbit {
         let probe = RabbitProbe::bounded(REOPEN).await;
         probe.declare(&queue).await;
         Rabbit {
-            broker: Some(broker),
+            broker: Open(Some(broker)),
             queue,
             probe,
             seen: Mutex::new(Vec::new()),
@@ -208,19 +232,15 @@ impl Fixture for Rabbit {
     }
 
     fn resource(&self) -> Arc<dyn Resource> {
-        self.broker().clone()
+        self.broker.resource()
     }
 
     async fn write(&self, tx: &Transaction) -> Branch {
-        tx.publish(&**self.broker(), &self.queue, tx.id().as_bytes().to_vec())
-            .await
-            .expect("publish");
-        Branch::of(tx, &**self.broker())
+        self.broker.write(tx, &self.queue).await
     }
 
     async fn open_without_work(&self, tx: &Transaction) -> Branch {
-        tx.enlist(&**self.broker()).await.expect("enlist");
-        Branch::of(tx, &**self.broker())
+        self.broker.open_without_work(tx).await
     }
 
     async fn effects(&self, branch: &Branch) -> usize {
@@ -231,12 +251,12 @@ impl Fixture for Rabbit {
     }
 
     async fn restart(&mut self) {
-        self.broker = None;
+        self.broker = Open(None);
         let store = reopen_staging(self.dir.path(), REOPEN).await;
         let broker = RabbitResource::connect("rabbit", RABBIT_URL, store)
             .await
             .expect("connect to RabbitMQ");
-        self.broker = Some(Arc::new(broker));
+        self.broker = Open(Some(Arc::new(broker)));
     }
 
     async fn clean_up(&self) {
@@ -251,17 +271,10 @@ impl Fixture for Rabbit {
 /// A unique stream (subjects `<stream>.>`); a branch's write is one message to
 /// `<stream>.effects`.
 struct Nats {
-    /// The resource under test; `None` only while restarting.
-    broker: Option<Arc<NatsResource>>,
+    broker: Open<NatsResource>,
     stream: String,
     /// The staging directory (declared last: removed after the store is closed).
     dir: TempDir,
-}
-
-impl Nats {
-    fn broker(&self) -> &Arc<NatsResource> {
-        self.broker.as_ref().expect("the resource is open")
-    }
 }
 
 #[tonic::async_trait]
@@ -275,27 +288,23 @@ impl Fixture for Nats {
         let broker = nats_on(&stream, &staging(dir.path())).await;
         let broker = sdk.register(Arc::new(broker)).expect("register");
         Nats {
-            broker: Some(broker),
+            broker: Open(Some(broker)),
             stream,
             dir,
         }
     }
 
     fn resource(&self) -> Arc<dyn Resource> {
-        self.broker().clone()
+        self.broker.resource()
     }
 
     async fn write(&self, tx: &Transaction) -> Branch {
         let subject = format!("{}.effects", self.stream);
-        tx.publish(&**self.broker(), &subject, tx.id().as_bytes().to_vec())
-            .await
-            .expect("publish");
-        Branch::of(tx, &**self.broker())
+        self.broker.write(tx, &subject).await
     }
 
     async fn open_without_work(&self, tx: &Transaction) -> Branch {
-        tx.enlist(&**self.broker()).await.expect("enlist");
-        Branch::of(tx, &**self.broker())
+        self.broker.open_without_work(tx).await
     }
 
     async fn effects(&self, branch: &Branch) -> usize {
@@ -304,9 +313,9 @@ impl Fixture for Nats {
     }
 
     async fn restart(&mut self) {
-        self.broker = None;
+        self.broker = Open(None);
         let store = reopen_staging(self.dir.path(), REOPEN).await;
-        self.broker = Some(Arc::new(nats_on(&self.stream, &store).await));
+        self.broker = Open(Some(Arc::new(nats_on(&self.stream, &store).await)));
     }
 
     async fn clean_up(&self) {

@@ -59,9 +59,10 @@ use twopc_testkit::unique_name;
 
 mod support;
 use support::{
-    bounded, connect, count, database, delete_stream, eventually, get_tx, jetstream, prepared_gids,
-    resource, sdk, staging, stream_messages, Coordinator, CrashesAfterPrepare, Got, RabbitProbe,
-    Stored, Wait, NATS_URL, ORDERS, RABBIT_URL,
+    bounded, connect, count, crashing_a_beside_b, database, delete_stream, eventually, execute_in,
+    get_tx, ids_and_payloads, jetstream, prepared_gids, quick_retries, resource, sdk, staging,
+    stream_messages, Coordinator, Got, RabbitProbe, Rig, Stored, Wait, NATS_URL, ORDERS,
+    RABBIT_URL,
 };
 
 /// Overall bound of one test.
@@ -107,6 +108,11 @@ where
     }
 }
 
+/// The one-phase markers (not fences) in the database at `url`.
+async fn unfenced_markers(url: &str) -> i64 {
+    count(url, "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced").await
+}
+
 async fn outbox_rows(url: &str) -> i64 {
     count(url, "SELECT count(*) FROM twopc_outbox").await
 }
@@ -143,16 +149,47 @@ async fn insert_row(
         .expect("insert an outbox row by hand");
 }
 
+/// Coordinator settings with quick phase-two retries and one-phase commit on.
+fn one_phase_on() -> ServeConfig {
+    ServeConfig {
+        one_phase: true,
+        ..quick_retries()
+    }
+}
+
 /// An in-process coordinator with quick phase-two retries and one-phase commit on.
 async fn coordinator() -> Coordinator {
-    Coordinator::start(ServeConfig {
-        retry_initial_ms: 20,
-        retry_max_ms: 300,
-        connect_timeout_ms: 500,
-        one_phase: true,
-        ..Default::default()
-    })
-    .await
+    Coordinator::start(one_phase_on()).await
+}
+
+/// A [`Rig`] on a [`coordinator`], its SDK handle waiting 5 s for commits.
+async fn rig() -> Rig {
+    Rig::start(coordinator().await, Duration::from_secs(5)).await
+}
+
+/// An SDK handle on `coord` and a fresh database (named after `prefix`, with the
+/// `orders` table) registered with it as "db": the handle, the URL and the resource.
+async fn handle_and_db(coord: &Coordinator, prefix: &str) -> (TwoPc, String, Arc<PgResource>) {
+    let sdk = sdk(coord, Duration::from_secs(5)).await;
+    let url = database(prefix, ORDERS).await;
+    let db = sdk.register(resource("db", &url).await).expect("register");
+    (sdk, url, db)
+}
+
+/// Two fresh databases with the `orders` table, named after `prefix`: their URLs.
+async fn two_order_databases(prefix: &str) -> (String, String) {
+    (
+        database(&format!("{prefix}a"), ORDERS).await,
+        database(&format!("{prefix}b"), ORDERS).await,
+    )
+}
+
+/// A probe and a queue (named after `prefix`) declared through it.
+async fn probe_and_queue(prefix: &str) -> (RabbitProbe, String) {
+    let queue = unique_name(prefix);
+    let probe = RabbitProbe::new().await;
+    probe.declare(&queue).await;
+    (probe, queue)
 }
 
 /// `(branch_id, kind)` of every branch the coordinator holds for `tx_id`.
@@ -177,6 +214,7 @@ fn broker_options() -> BrokerOptions {
     }
 }
 
+/// A RabbitMQ resource named `name` (with [`broker_options`]), staging in `store`.
 async fn rabbit(name: &str, store: Arc<StagingStore>) -> Arc<RabbitResource> {
     Arc::new(
         RabbitResource::connect(name, RABBIT_URL, store)
@@ -184,6 +222,37 @@ async fn rabbit(name: &str, store: Arc<StagingStore>) -> Arc<RabbitResource> {
             .expect("connect to RabbitMQ")
             .with_options(broker_options()),
     )
+}
+
+/// A NATS resource named "nats" (with [`broker_options`]) on `stream` of the system
+/// server, configured for the subjects `<stream>.>`, staging in `store`.
+async fn nats(stream: &str, store: Arc<StagingStore>) -> Arc<NatsResource> {
+    let nats = NatsResource::connect(
+        "nats",
+        NATS_URL,
+        stream.to_string(),
+        vec![format!("{stream}.>")],
+        store,
+    )
+    .await
+    .expect("connect to NATS");
+    Arc::new(nats.with_options(broker_options()))
+}
+
+/// A fresh database (named after `prefix`) and a RabbitMQ resource "rabbit" staging in
+/// `dir`, as an earlier process left them: its resource "db" created the outbox table
+/// (its sweep takes rows an hour old). Returns the URL and both resources.
+async fn table_of_an_earlier_process(
+    dir: &tempfile::TempDir,
+    prefix: &str,
+) -> (String, Arc<RabbitResource>, Arc<PgResource>) {
+    let url = database(prefix, "").await;
+    let rabbit = rabbit("rabbit", staging(dir.path())).await;
+    let old = resource("db", &url).await;
+    old.enable_outbox(rabbit.clone(), slow_sweep())
+        .await
+        .expect("enable_outbox");
+    (url, rabbit, old)
 }
 
 /// The set-up most tests share: a coordinator, a staging directory, an SDK handle, a
@@ -221,9 +290,7 @@ impl World {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = staging(dir.path());
         let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name(queue_prefix);
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
+        let (probe, queue) = probe_and_queue(queue_prefix).await;
         let url = database(db_prefix, setup).await;
         let rabbit = rabbit("rabbit", store.clone()).await;
         let rabbit = if register_broker {
@@ -257,18 +324,109 @@ impl World {
         self.coord.stop().await;
     }
 
+    /// Opens the branch of `tx` on the database, runs `insert` in it and publishes
+    /// `payload` to `destination`; returns the branch.
+    async fn branch_with(
+        &self,
+        tx: &Transaction,
+        insert: &str,
+        destination: &str,
+        payload: &[u8],
+    ) -> PgBranch {
+        let pg = tx.postgres(&self.db).await.expect("branch");
+        pg.execute(insert, &[]).await.expect("insert");
+        pg.publish(&*self.rabbit, destination, payload.to_vec())
+            .await
+            .expect("publish");
+        pg
+    }
+
+    /// A second process's SDK handle on the same coordinator, its periodic recovery pass
+    /// every `recovery_interval`.
+    async fn next_process(&self, recovery_interval: Duration) -> TwoPc {
+        TwoPc::builder(self.coord.url.clone())
+            .service("svc")
+            .recovery_interval(recovery_interval)
+            .start()
+            .await
+            .expect("start the second SDK")
+    }
+
+    /// A resource `name` over `url` registered with `sdk`, its outbox on the world's
+    /// broker (as [`World::restarted`]).
+    async fn register_with_outbox(&self, sdk: &TwoPc, name: &str, url: &str) -> Arc<PgResource> {
+        let db = sdk
+            .register(resource(name, url).await)
+            .expect("register with the next process");
+        db.enable_outbox(self.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox in the next process");
+        db
+    }
+
+    /// The one-phase markers (not fences) in the world's database.
+    async fn markers(&self) -> i64 {
+        unfenced_markers(&self.url).await
+    }
+
+    /// The rows of `orders`.
+    async fn orders(&self) -> i64 {
+        count(&self.url, "SELECT count(*) FROM orders").await
+    }
+
+    /// A "restarted" resource "db" on the same database (it knows none of the branches
+    /// of `self.db`), its outbox on the same broker.
+    async fn restarted(&self) -> Arc<PgResource> {
+        let again = resource("db", &self.url).await;
+        again
+            .enable_outbox(self.rabbit.clone(), slow_sweep())
+            .await
+            .expect("enable_outbox");
+        again
+    }
+
+    /// Proves that a sweep ran after what the test rolled back and published nothing of
+    /// it (`what`): a control row committed now (to the declared queue `control`) is
+    /// published, the test's queue stays empty meanwhile and for 500 ms more, and the
+    /// control row is deleted.
+    async fn sweep_publishes_only_a_control_row(&self, control: &str, what: &str) {
+        insert_row(
+            &self.url,
+            "rabbit",
+            "control",
+            "control-0",
+            control,
+            b"c",
+            None,
+            None,
+        )
+        .await;
+        let got = self.probe.take(control, 1).await;
+        assert_eq!(got[0].message_id, "control-0");
+        stays(what, Duration::from_millis(500), || async {
+            self.probe.drain(&self.queue).await.is_empty()
+        })
+        .await;
+        eventually(WAIT, "the control row is deleted", || async {
+            outbox_rows(&self.url).await == 0
+                && self.db.outbox_backlog().await.expect("backlog") == 0
+        })
+        .await;
+    }
+
     /// Order 1 with one staged event, committed in one phase the way the participant
     /// server runs the coordinator's call; returns the transaction (still open at the
     /// coordinator), its id and the branch id.
     async fn order_committed_in_one_phase(&self) -> (Transaction, String, String) {
         let tx = self.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&self.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*self.rabbit, &self.queue, b"one".to_vec())
-            .await
-            .expect("publish");
+        let pg = self
+            .branch_with(
+                &tx,
+                "INSERT INTO orders VALUES (1, 'one')",
+                &self.queue,
+                b"one",
+            )
+            .await;
         let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
         assert_eq!(
             self.db.commit_one_phase(&tx_id, &branch_id).await,
@@ -431,7 +589,7 @@ async fn rabbitmq_one_phase_commit_publishes_staged_messages_once_in_order() {
                 .all(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "svc:db")),
             "{after:?}"
         );
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
         assert_eq!(prepared_gids(&w.url).await, 0);
 
         let got = w.probe.take(&w.queue, 2).await;
@@ -488,44 +646,29 @@ async fn an_aborted_transaction_publishes_nothing() {
         w.probe.declare(&control).await;
 
         let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'book')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"never 0".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (1, 'book')";
+        let pg = w.branch_with(&tx, insert, &w.queue, b"never 0").await;
         pg.publish(&*w.rabbit, &w.queue, b"never 1".to_vec())
             .await
             .expect("publish");
         tx.abort("changed my mind").await.expect("abort");
         eventually(WAIT, "the branch is rolled back", || async {
-            matches!(pg.execute("SELECT 1", &[]).await, Err(Error::Usage(ref m)) if m.contains("aborted"))
+            let answer = pg.execute("SELECT 1", &[]).await;
+            matches!(answer, Err(Error::Usage(ref m)) if m.contains("aborted"))
         })
         .await;
 
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(w.orders().await, 0);
         assert_eq!(outbox_rows(&w.url).await, 0);
         assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
         // A row committed after the abort is swept: a sweep ran after the abort, and it
         // would have taken the aborted rows (older, lower ids) had they been committed.
-        insert_row(&w.url, "rabbit", "control", "control-0", &control, b"c", None, None).await;
-        let got = w.probe.take(&control, 1).await;
-        assert_eq!(got[0].message_id, "control-0");
-        stays("the aborted messages never arrive", Duration::from_millis(500), || async {
-            w.probe.drain(&w.queue).await.is_empty()
-        })
-        .await;
-        eventually(WAIT, "the control row is deleted", || async {
-            outbox_rows(&w.url).await == 0
-        })
-        .await;
+        w.sweep_publishes_only_a_control_row(&control, "the aborted messages never arrive")
+            .await;
         assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
 
-        w.probe.delete(&w.queue).await;
         w.probe.delete(&control).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -541,13 +684,8 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
         w.probe.declare(&control).await;
 
         let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"never".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (2, 'new')";
+        let pg = w.branch_with(&tx, insert, &w.queue, b"never").await;
         let err = pg
             .execute("INSERT INTO orders VALUES (1, 'duplicate')", &[])
             .await
@@ -559,37 +697,14 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
         assert!(matches!(err, Error::Aborted(_)), "{msg}");
         assert!(msg.contains("23505"), "{msg}");
 
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
         assert_eq!(outbox_rows(&w.url).await, 0);
         assert_eq!(w.db.outbox_backlog().await.expect("backlog"), 0);
-        insert_row(
-            &w.url,
-            "rabbit",
-            "control",
-            "control-0",
-            &control,
-            b"c",
-            None,
-            None,
-        )
-        .await;
-        let got = w.probe.take(&control, 1).await;
-        assert_eq!(got[0].message_id, "control-0");
-        stays(
-            "the rolled-back message never arrives",
-            Duration::from_millis(500),
-            || async { w.probe.drain(&w.queue).await.is_empty() },
-        )
-        .await;
-        eventually(WAIT, "the control row is deleted", || async {
-            w.db.outbox_backlog().await.expect("backlog") == 0
-        })
-        .await;
+        w.sweep_publishes_only_a_control_row(&control, "the rolled-back message never arrives")
+            .await;
 
-        w.probe.delete(&w.queue).await;
         w.probe.delete(&control).await;
-        w.sdk.shutdown().await;
-        w.coord.stop().await;
+        w.stop().await;
     })
     .await;
 }
@@ -600,17 +715,11 @@ async fn a_failed_statement_after_publish_aborts_and_publishes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_2pc");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let (url_a, url_b) = (
-            database("ob2a", ORDERS).await,
-            database("ob2b", ORDERS).await,
-        );
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
+        let r = rig().await;
+        let sdk = &r.sdk;
+        let (probe, queue) = probe_and_queue("outbox_2pc").await;
+        let (url_a, url_b) = two_order_databases("ob2").await;
+        let rabbit = rabbit("rabbit", r.store.clone()).await;
         let a = sdk
             .register(resource("db-a", &url_a).await)
             .expect("register a");
@@ -656,7 +765,7 @@ async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
                 format!("{tx_id}:svc:db-b:0")
             ]
         );
-        let mut branches = coordinator_branches(&sdk, &tx_id).await;
+        let mut branches = coordinator_branches(sdk, &tx_id).await;
         branches.sort();
         let db_kind = pb::BranchKind::Database as i32;
         assert_eq!(
@@ -702,8 +811,7 @@ async fn two_databases_commit_in_two_phases_and_each_relay_publishes_once() {
         .await;
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -743,16 +851,10 @@ async fn beside_a_broker_branch_the_outbox_rides_in_the_prepared_transaction() {
 
         let committed = tx.commit().await.expect("commit");
         assert!(committed.pending_branches.is_empty(), "{committed:?}");
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
         assert_eq!(prepared_gids(&w.url).await, 0);
 
-        let mut got: Vec<_> = w
-            .probe
-            .take(&w.queue, 2)
-            .await
-            .into_iter()
-            .map(|g| (g.message_id, g.payload))
-            .collect();
+        let mut got = ids_and_payloads(w.probe.take(&w.queue, 2).await);
         got.sort();
         let mut want = vec![
             (from_db, b"from the database".to_vec()),
@@ -784,13 +886,8 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let queue = unique_name("outbox_rec");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let (url_a, url_b) = (
-            database("obra", ORDERS).await,
-            database("obrb", ORDERS).await,
-        );
+        let (probe, queue) = probe_and_queue("outbox_rec").await;
+        let (url_a, url_b) = two_order_databases("obr").await;
         let rabbit = rabbit("rabbit", staging(dir.path())).await;
 
         let sdk1 = sdk(&coord, Duration::from_millis(300)).await;
@@ -798,11 +895,7 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
         a.enable_outbox(rabbit.clone(), slow_sweep())
             .await
             .expect("enable_outbox");
-        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
-            .expect("register crashing a");
-        let b = sdk1
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let b = crashing_a_beside_b(&sdk1, &a, &url_b).await;
 
         let tx = sdk1.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
@@ -815,12 +908,7 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
             .publish(&*rabbit, &queue, b"after recovery".to_vec())
             .await
             .expect("publish");
-        tx.postgres(&b)
-            .await
-            .expect("branch b")
-            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
-            .await
-            .expect("insert b");
+        execute_in(&tx, &b, "INSERT INTO orders VALUES (1, 'x')").await;
         let committed = tx.commit().await.expect("decided to commit");
         assert_eq!(committed.pending_branches, vec!["svc:db-a".to_string()]);
         assert_eq!(prepared_gids(&url_a).await, 1);
@@ -876,75 +964,74 @@ async fn recovery_commit_of_a_prepared_branch_sweeps_its_rows_at_once() {
 async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers() {
     bounded(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (q1, q2) = (unique_name("outbox_left"), unique_name("outbox_left"));
-        let probe = RabbitProbe::new().await;
-        probe.declare(&q1).await;
+        let (probe, q1) = probe_and_queue("outbox_left").await;
+        let q2 = unique_name("outbox_left");
         probe.declare(&q2).await;
-        let url = database("obleft", "").await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-
-        // An earlier process created the table (its sweep takes rows an hour old)...
-        let old = resource("db", &url).await;
-        old.enable_outbox(rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
-        // ... and committed these rows before it died.
-        insert_row(
-            &url,
-            "rabbit",
-            "twopc:t1:svc:db",
-            "t1:svc:db:0",
-            &q1,
-            b"left 0",
-            None,
-            None,
-        )
-        .await;
-        insert_row(
-            &url,
-            "rabbit",
-            "twopc:t1:svc:db",
-            "t1:svc:db:1",
-            &q1,
-            b"left 1",
-            Some(r#"[["kind","OrderCreated"]]"#),
-            Some("application/json"),
-        )
-        .await;
-        insert_row(
-            &url,
-            "rabbit",
-            "twopc:t2:svc:db",
-            "t2:svc:db:0",
-            &q2,
-            b"left 2",
-            None,
-            None,
-        )
-        .await;
-        insert_row(
-            &url,
-            "elsewhere",
-            "twopc:t3:svc:db",
-            "t3:svc:db:0",
-            &q1,
-            b"not mine",
-            None,
-            None,
-        )
-        .await;
-        // One more, two hours old.
-        insert_row(
-            &url,
-            "rabbit",
-            "twopc:t0:svc:db",
-            "t0:svc:db:0",
-            &q1,
-            b"ancient",
-            None,
-            None,
-        )
-        .await;
+        // An earlier process created the table...
+        let (url, rabbit, old) = table_of_an_earlier_process(&dir, "obleft").await;
+        // ... and committed these rows before it died (the last one two hours ago).
+        let kind = Some(r#"[["kind","OrderCreated"]]"#);
+        let json = Some("application/json");
+        for (broker, gid, message_id, queue, payload, headers, content_type) in [
+            (
+                "rabbit",
+                "twopc:t1:svc:db",
+                "t1:svc:db:0",
+                &q1,
+                "left 0",
+                None,
+                None,
+            ),
+            (
+                "rabbit",
+                "twopc:t1:svc:db",
+                "t1:svc:db:1",
+                &q1,
+                "left 1",
+                kind,
+                json,
+            ),
+            (
+                "rabbit",
+                "twopc:t2:svc:db",
+                "t2:svc:db:0",
+                &q2,
+                "left 2",
+                None,
+                None,
+            ),
+            (
+                "elsewhere",
+                "twopc:t3:svc:db",
+                "t3:svc:db:0",
+                &q1,
+                "not mine",
+                None,
+                None,
+            ),
+            (
+                "rabbit",
+                "twopc:t0:svc:db",
+                "t0:svc:db:0",
+                &q1,
+                "ancient",
+                None,
+                None,
+            ),
+        ] {
+            let payload = payload.as_bytes();
+            insert_row(
+                &url,
+                broker,
+                gid,
+                message_id,
+                queue,
+                payload,
+                headers,
+                content_type,
+            )
+            .await;
+        }
         connect(&url)
             .await
             .execute(
@@ -1044,9 +1131,8 @@ async fn the_sweep_publishes_rows_a_crash_left_behind_and_skips_foreign_brokers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig().await;
+        let sdk = &r.sdk;
         let stream = unique_name("OBREF");
         let url = database("obref", ORDERS).await;
 
@@ -1061,17 +1147,7 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
         js.create_stream(config.clone())
             .await
             .expect("create the stream");
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            staging(dir.path()),
-        )
-        .await
-        .expect("connect to NATS")
-        .with_options(broker_options());
-        let nats = Arc::new(nats);
+        let nats = nats(&stream, r.store.clone()).await;
         let db = sdk
             .register(resource("db", &url).await)
             .expect("register db");
@@ -1125,8 +1201,7 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
         );
 
         delete_stream(NATS_URL, &stream).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -1135,24 +1210,14 @@ async fn a_refused_message_stays_in_the_table_until_a_sweep_can_publish_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
+        let r = rig().await;
+        let (sdk, store) = (&r.sdk, &r.store);
         let stream = unique_name("OBNATS");
         let subject = format!("{stream}.order.created");
         let url = database("obnats", ORDERS).await;
-        let nats = NatsResource::connect(
-            "nats",
-            NATS_URL,
-            stream.clone(),
-            vec![format!("{stream}.>")],
-            store.clone(),
-        )
-        .await
-        .expect("connect to NATS")
-        .with_options(broker_options());
-        let nats = sdk.register(Arc::new(nats)).expect("register nats");
+        let nats = sdk
+            .register(nats(&stream, store.clone()).await)
+            .expect("register nats");
         let db = sdk
             .register(resource("db", &url).await)
             .expect("register db");
@@ -1197,14 +1262,14 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
             "{err}"
         );
         assert_eq!(
-            coordinator_branches(&sdk, &tx_id).await,
+            coordinator_branches(sdk, &tx_id).await,
             vec![("svc:db".to_string(), pb::BranchKind::Database as i32)]
         );
         assert_eq!(nats.core().open_branches(), 0);
 
         tx.commit().await.expect("one-phase commit");
         assert_eq!(
-            get_tx(&sdk, &tx_id).await.outcome,
+            get_tx(sdk, &tx_id).await.outcome,
             pb::Outcome::Committed as i32
         );
         assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
@@ -1240,8 +1305,7 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
         assert!(store.is_empty(), "{:?}", store.list());
 
         delete_stream(NATS_URL, &stream).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -1250,13 +1314,9 @@ async fn nats_one_phase_commit_publishes_staged_messages_with_their_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_are_refused_without_leaving_rows() {
     bounded(TEST_TIMEOUT, async {
-        let coord = coordinator().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = staging(dir.path());
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let queue = unique_name("outbox_usage");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
+        let r = rig().await;
+        let (sdk, store) = (&r.sdk, &r.store);
+        let (probe, queue) = probe_and_queue("outbox_usage").await;
         let url = database("obuse", ORDERS).await;
         let attached = rabbit("rabbit", store.clone()).await;
         let stranger = rabbit("rabbit-b", store.clone()).await;
@@ -1376,8 +1436,7 @@ async fn usage_errors_are_refused_without_leaving_rows() {
         assert!(probe.drain(&queue).await.is_empty());
 
         probe.delete(&queue).await;
-        sdk.shutdown().await;
-        coord.stop().await;
+        r.stop().await;
     })
     .await;
 }
@@ -1421,8 +1480,7 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
         })
         .await;
         got.extend(w.probe.drain(&w.queue).await);
-        let got: Vec<_> = got.into_iter().map(|g| (g.message_id, g.payload)).collect();
-        assert_eq!(got, vec![(kept, b"kept".to_vec())]);
+        assert_eq!(ids_and_payloads(got), vec![(kept, b"kept".to_vec())]);
 
         w.stop().await;
     })
@@ -1435,29 +1493,18 @@ async fn a_message_rolled_back_to_a_savepoint_is_not_published() {
 async fn a_row_with_unreadable_headers_does_not_block_the_others() {
     bounded(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let queue = unique_name("outbox_poison");
-        let probe = RabbitProbe::new().await;
-        probe.declare(&queue).await;
-        let url = database("obpoison", "").await;
-        let rabbit = rabbit("rabbit", staging(dir.path())).await;
-        {
-            let old = resource("db", &url).await;
-            old.enable_outbox(rabbit.clone(), slow_sweep())
-                .await
-                .expect("enable_outbox");
+        let (probe, queue) = probe_and_queue("outbox_poison").await;
+        let (url, rabbit, old) = table_of_an_earlier_process(&dir, "obpoison").await;
+        drop(old);
+        for (message_id, payload, headers) in [
+            ("bad-0", b"bad".as_slice(), Some("not json")),
+            ("good-0", b"good", None),
+        ] {
+            insert_row(
+                &url, "rabbit", "g", message_id, &queue, payload, headers, None,
+            )
+            .await;
         }
-        insert_row(
-            &url,
-            "rabbit",
-            "g",
-            "bad-0",
-            &queue,
-            b"bad",
-            Some("not json"),
-            None,
-        )
-        .await;
-        insert_row(&url, "rabbit", "g", "good-0", &queue, b"good", None, None).await;
 
         let db = resource("db", &url).await;
         db.enable_outbox(rabbit.clone(), fast_sweep())
@@ -1483,13 +1530,10 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
         let w = World::start("outbox_cancel", "obcancel", &setup, slow_sweep(), false).await;
 
         let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (2, 'new')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (2, 'new')";
+        let pg = w
+            .branch_with(&tx, insert, &w.queue, b"must not be published")
+            .await;
         // Sleeps 0.5 s, then violates the primary key; the caller gives up after 0.1 s.
         let cancelled = tokio::time::timeout(
             Duration::from_millis(100),
@@ -1499,7 +1543,7 @@ async fn a_block_aborted_by_a_cancelled_statement_is_not_committed_after_publish
         assert!(cancelled.is_err(), "the statement is still running");
 
         let outcome = tx.commit().await;
-        let rows = count(&w.url, "SELECT count(*) FROM orders").await;
+        let rows = w.orders().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let got = w.probe.drain(&w.queue).await;
         w.probe.delete(&w.queue).await;
@@ -1536,13 +1580,9 @@ async fn a_message_whose_row_cannot_be_written_fails_the_next_statement_or_the_c
 
         // Written with the commit (a local transaction: one-phase, xid learned at BEGIN).
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &poison, b"never".to_vec())
-            .await
-            .expect("publish stages without a round trip");
+        // Publishing stages without a round trip.
+        w.branch_with(&tx, "INSERT INTO orders VALUES (1, 'one')", &poison, b"never")
+            .await;
         let err = tx.commit().await.expect_err("the row cannot be written");
         assert!(matches!(err, Error::Aborted(_)), "{err}");
         assert!(err.to_string().contains("23514"), "{err}");
@@ -1563,13 +1603,8 @@ async fn a_message_whose_row_cannot_be_written_fails_the_next_statement_or_the_c
 
         // Written with the prepare, which votes no.
         let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (3, 'three')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &poison, b"never".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (3, 'three')";
+        let pg = w.branch_with(&tx, insert, &poison, b"never").await;
         match w.db.prepare(tx.id(), pg.branch_id()).await {
             Vote::No(why) => assert!(why.contains("23514"), "{why}"),
             other => panic!("the prepare must vote no, got {other:?}"),
@@ -1578,21 +1613,12 @@ async fn a_message_whose_row_cannot_be_written_fails_the_next_statement_or_the_c
 
         // A good message still goes, published with the commit's round trip.
         let tx = w.sdk.begin_local(&*w.db).await.expect("begin_local");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (4, 'four')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"good".to_vec())
-            .await
-            .expect("publish");
+        w.branch_with(&tx, "INSERT INTO orders VALUES (4, 'four')", &w.queue, b"good")
+            .await;
         tx.commit().await.expect("commit");
         let got = w.probe.take(&w.queue, 1).await;
         assert_eq!(got[0].payload, b"good".to_vec());
-        assert_eq!(
-            count(&w.url, "SELECT count(*) FROM orders").await,
-            1,
-            "only the good order"
-        );
+        assert_eq!(w.orders().await, 1, "only the good order");
         eventually(WAIT, "the good message's row is deleted", || async {
             outbox_rows(&w.url).await == 0
         })
@@ -1615,13 +1641,10 @@ async fn a_one_phase_commit_whose_marker_fails_is_refused_and_rolled_back() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start("outbox_markfail", "obmarkfail", ORDERS, slow_sweep(), false).await;
         let tx = w.sdk.begin().await.expect("begin");
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'one')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"must not be published".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (1, 'one')";
+        let pg = w
+            .branch_with(&tx, insert, &w.queue, b"must not be published")
+            .await;
         let (tx_id, branch_id) = (tx.id().to_string(), pg.branch_id().to_string());
         // A marker under this branch's gid already exists: the commit's INSERT conflicts.
         connect(&w.url)
@@ -1637,7 +1660,7 @@ async fn a_one_phase_commit_whose_marker_fails_is_refused_and_rolled_back() {
             Ok(OnePhase::Refused(why)) => assert!(why.contains("23505"), "{why}"),
             other => panic!("the commit must be refused, got {other:?}"),
         }
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(w.orders().await, 0);
         assert_eq!(outbox_rows(&w.url).await, 0);
         // The branch remembers its answer; no event was published.
         assert!(matches!(
@@ -1687,7 +1710,7 @@ async fn deferred_writes_go_out_with_the_commit_and_commit() {
             "nothing may be sent before the commit"
         );
         tx.commit().await.expect("commit");
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 2);
+        assert_eq!(w.orders().await, 2);
         let got = w.probe.take(&w.queue, 1).await;
         assert_eq!(got[0].payload, b"deferred".to_vec());
 
@@ -1705,7 +1728,7 @@ async fn deferred_writes_go_out_with_the_commit_and_commit() {
             "the deferred INSERT runs in front of the next statement"
         );
         tx.commit().await.expect("commit");
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 3);
+        assert_eq!(w.orders().await, 3);
         w.stop().await;
     })
     .await;
@@ -1765,7 +1788,7 @@ async fn a_deferred_statement_that_fails_refuses_the_commit_or_the_prepare() {
         }
         let _ = tx.abort("test").await;
 
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(w.orders().await, 0);
         assert_eq!(outbox_rows(&w.url).await, 0);
         assert_eq!(prepared_gids(&w.url).await, 0);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1791,7 +1814,7 @@ async fn deferred_writes_go_out_before_prepare_and_commit_in_phase_two() {
         w.db.commit(&tx_id, &branch_id)
             .await
             .expect("commit prepared");
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
         let _ = tx.abort("test").await;
         w.stop().await;
     })
@@ -1807,11 +1830,7 @@ async fn the_fence_waits_for_a_commit_in_flight_and_stops_a_late_one() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start("outbox_fence", "obfence", ORDERS, slow_sweep(), false).await;
         // "Restarted": a resource that knows none of the branches below.
-        let again = resource("db", &w.url).await;
-        again
-            .enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let again = w.restarted().await;
         let fence_of = |gid: String| {
             let url = w.url.clone();
             async move {
@@ -1873,7 +1892,7 @@ async fn the_fence_waits_for_a_commit_in_flight_and_stops_a_late_one() {
         ));
         assert_eq!(fence_of(pg.gid().to_string()).await, 1);
         assert!(matches!(tx.commit().await, Err(Error::Aborted(_))));
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 0);
+        assert_eq!(w.orders().await, 0);
         w.stop().await;
     })
     .await;
@@ -1897,11 +1916,7 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
         assert_eq!(marked().await, 1, "the commit left its marker");
 
         // "Restarted": a new resource on the same database knows nothing of the branch.
-        let again = resource("db", &w.url).await;
-        again
-            .enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let again = w.restarted().await;
         assert_eq!(
             again.commit_one_phase(&tx_id, &branch_id).await,
             Ok(OnePhase::Committed),
@@ -1923,7 +1938,7 @@ async fn a_repeated_one_phase_commit_after_a_restart_finds_its_marker() {
             Ok(OnePhase::Refused(_))
         ));
         assert_eq!(
-            count(&w.url, "SELECT count(*) FROM orders").await,
+            w.orders().await,
             1,
             "the row is committed once"
         );
@@ -1953,25 +1968,15 @@ async fn a_transaction_committed_by_its_owner_leaves_no_marker() {
         assert_ne!(epoch, 0, "the coordinator reports its epoch");
         for i in 0..5 {
             let tx = w.sdk.begin().await.expect("begin");
-            let pg = tx.postgres(&w.db).await.expect("branch");
-            pg.execute(&format!("INSERT INTO orders VALUES ({i}, 'x')"), &[])
-                .await
-                .expect("insert");
-            pg.publish(&*w.rabbit, &w.queue, b"x".to_vec())
-                .await
-                .expect("publish");
+            let insert = format!("INSERT INTO orders VALUES ({i}, 'x')");
+            w.branch_with(&tx, &insert, &w.queue, b"x").await;
             tx.commit().await.expect("commit");
         }
         eventually(WAIT, "every marker is deleted", || async {
-            count(
-                &w.url,
-                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced",
-            )
-            .await
-                == 0
+            w.markers().await == 0
         })
         .await;
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 5);
+        assert_eq!(w.orders().await, 5);
         w.coord.stop().await;
     })
     .await;
@@ -2045,7 +2050,6 @@ async fn abort_via_server(
 async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start("outbox_abres", "obabres", ORDERS, slow_sweep(), false).await;
-        let orders = || count(&w.url, "SELECT count(*) FROM orders");
 
         // Committed in one phase, as the participant server runs the coordinator's call.
         let (tx, tx_id, branch_id) = w.order_committed_in_one_phase().await;
@@ -2080,11 +2084,7 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
         );
 
         // "Restarted": a new resource on the same database knows nothing of the branches.
-        let again = resource("db", &w.url).await;
-        again
-            .enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox");
+        let again = w.restarted().await;
         for _ in 0..2 {
             assert_eq!(
                 again.abort(&tx_id, &branch_id).await,
@@ -2111,13 +2111,8 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
 
         // An open branch: rolled back with its staged message.
         let tx3 = w.sdk.begin().await.expect("begin");
-        let open = tx3.postgres(&w.db).await.expect("branch");
-        open.execute("INSERT INTO orders VALUES (3, 'three')", &[])
-            .await
-            .expect("insert");
-        open.publish(&*w.rabbit, &w.queue, b"three".to_vec())
-            .await
-            .expect("publish");
+        let insert = "INSERT INTO orders VALUES (3, 'three')";
+        let open = w.branch_with(&tx3, insert, &w.queue, b"three").await;
         assert_eq!(
             w.db.abort(tx3.id(), open.branch_id()).await,
             Ok(AbortOutcome::Aborted)
@@ -2145,7 +2140,7 @@ async fn an_abort_reports_a_one_phase_commit_committed_also_after_a_restart() {
         }
 
         assert_eq!(
-            orders().await,
+            w.orders().await,
             1,
             "only the one-phase commit's row is there"
         );
@@ -2192,18 +2187,18 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
             pb::TxState::Preparing as i32,
             "in its participant's hands from the start"
         );
-        let pg = tx.postgres(&w.db).await.expect("branch");
-        pg.execute("INSERT INTO orders VALUES (1, 'local')", &[])
-            .await
-            .expect("insert");
-        pg.publish(&*w.rabbit, &w.queue, b"local".to_vec())
-            .await
-            .expect("publish");
+        w.branch_with(
+            &tx,
+            "INSERT INTO orders VALUES (1, 'local')",
+            &w.queue,
+            b"local",
+        )
+        .await;
         // No second branch can join.
         let err = tx.enlist(&*w.rabbit).await.expect_err("a second branch");
         assert!(usage(err).contains("begin_local"));
         tx.commit().await.expect("local commit");
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
         let got = w.probe.take(&w.queue, 1).await;
         assert_eq!(got[0].payload, b"local".to_vec());
         eventually(WAIT, "the coordinator records COMMITTED", || async {
@@ -2211,12 +2206,7 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
         })
         .await;
         eventually(WAIT, "the marker is forgotten after a Barrier", || async {
-            count(
-                &w.url,
-                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced",
-            )
-            .await
-                == 0
+            w.markers().await == 0
         })
         .await;
 
@@ -2229,7 +2219,7 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
             .expect("insert");
         tx.abort("changed my mind").await.expect("abort");
         assert_eq!(outcome(&w.sdk, &tx_id).await, pb::Outcome::Aborted as i32);
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
 
         // A commit the database refuses: ABORTED here and, from the background abort, at
         // the coordinator.
@@ -2247,7 +2237,7 @@ async fn a_local_transaction_commits_here_and_the_coordinator_learns_it() {
                 && get_tx(&w.sdk, &tx_id).await.state != pb::TxState::Preparing as i32
         })
         .await;
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
 
         w.stop().await;
     })
@@ -2273,23 +2263,13 @@ async fn a_local_commit_its_process_never_reported_is_reported_by_the_next_proce
             "the coordinator has not heard of the commit"
         );
 
-        let sdk2 = TwoPc::builder(w.coord.url.clone())
-            .service("svc")
-            .recovery_interval(Duration::from_millis(200))
-            .start()
-            .await
-            .expect("start the second SDK");
-        let db2 = sdk2
-            .register(resource("db", &w.url).await)
-            .expect("register db again");
-        db2.enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox again");
+        let sdk2 = w.next_process(Duration::from_millis(200)).await;
+        let _db2 = w.register_with_outbox(&sdk2, "db", &w.url).await;
         eventually(WAIT, "the coordinator records COMMITTED", || async {
             outcome(&sdk2, &tx_id).await == pb::Outcome::Committed as i32
         })
         .await;
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 1);
+        assert_eq!(w.orders().await, 1);
 
         w.probe.delete(&w.queue).await;
         sdk2.shutdown().await;
@@ -2315,25 +2295,10 @@ async fn the_first_periodic_pass_reports_only_an_earlier_processs_local_commits(
 
         // This process: a first periodic pass 2 s after start (the pass at start runs
         // before anything is registered).
-        let sdk2 = TwoPc::builder(w.coord.url.clone())
-            .service("svc")
-            .recovery_interval(Duration::from_secs(2))
-            .start()
-            .await
-            .expect("start the second SDK");
+        let sdk2 = w.next_process(Duration::from_secs(2)).await;
         let url_a = database("obownfirst_a", ORDERS).await;
-        let a = sdk2
-            .register(resource("a", &url_a).await)
-            .expect("register a");
-        a.enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox on a");
-        let db2 = sdk2
-            .register(resource("db", &w.url).await)
-            .expect("register db again");
-        db2.enable_outbox(w.rabbit.clone(), slow_sweep())
-            .await
-            .expect("enable_outbox again");
+        let a = w.register_with_outbox(&sdk2, "a", &url_a).await;
+        let _db2 = w.register_with_outbox(&sdk2, "db", &w.url).await;
         let (own, _keep) = unreported_local_commit(&sdk2, &a, 2).await;
 
         eventually(WAIT, "the earlier process's commit is reported", || async {
@@ -2346,11 +2311,7 @@ async fn the_first_periodic_pass_reports_only_an_earlier_processs_local_commits(
             "the pass reported a commit of this process"
         );
         assert_eq!(
-            count(
-                &url_a,
-                "SELECT count(*) FROM twopc_one_phase WHERE NOT fenced"
-            )
-            .await,
+            unfenced_markers(&url_a).await,
             1,
             "this process's marker stays for its reporter"
         );
@@ -2421,17 +2382,11 @@ async fn remembered_commits_are_listed_before_the_outbox_is_enabled() {
 async fn a_local_transaction_left_open_is_aborted_at_its_timeout() {
     bounded(TEST_TIMEOUT, async {
         let coord = Coordinator::start(ServeConfig {
-            retry_initial_ms: 20,
-            retry_max_ms: 300,
-            connect_timeout_ms: 500,
-            one_phase: true,
             tx_timeout_ms: 1_000,
-            ..Default::default()
+            ..one_phase_on()
         })
         .await;
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let url = database("obto", ORDERS).await;
-        let db = sdk.register(resource("db", &url).await).expect("register");
+        let (sdk, url, db) = handle_and_db(&coord, "obto").await;
         let tx = sdk.begin_local(&*db).await.expect("begin_local");
         let tx_id = tx.id().to_string();
         let pg = tx.postgres(&db).await.expect("branch");
@@ -2457,16 +2412,11 @@ async fn a_local_transaction_left_open_is_aborted_at_its_timeout() {
 async fn begin_local_falls_back_to_the_coordinator_without_one_phase_commits() {
     bounded(TEST_TIMEOUT, async {
         let coord = Coordinator::start(ServeConfig {
-            retry_initial_ms: 20,
-            retry_max_ms: 300,
-            connect_timeout_ms: 500,
             one_phase: false,
-            ..Default::default()
+            ..quick_retries()
         })
         .await;
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let url = database("obfb", ORDERS).await;
-        let db = sdk.register(resource("db", &url).await).expect("register");
+        let (sdk, url, db) = handle_and_db(&coord, "obfb").await;
         let tx = sdk.begin_local(&*db).await.expect("begin_local");
         let tx_id = tx.id().to_string();
         assert_eq!(
@@ -2494,9 +2444,7 @@ async fn begin_local_falls_back_to_the_coordinator_without_one_phase_commits() {
 async fn local_transactions_under_load_are_begun_ahead_and_leftovers_go_back() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
-        let sdk = sdk(&coord, Duration::from_secs(5)).await;
-        let url = database("obahead", ORDERS).await;
-        let db = sdk.register(resource("db", &url).await).expect("register");
+        let (sdk, url, db) = handle_and_db(&coord, "obahead").await;
         let next = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let saw_ahead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workers = (0..8).map(|_| {
@@ -2655,7 +2603,7 @@ async fn a_commit_beyond_the_window_waits_at_most_publish_wait() {
         );
         let got = w.probe.take(&w.queue, 2).await;
         assert_eq!(bodies(&got), [b"order 1".as_slice(), b"order 2"]);
-        assert_eq!(count(&w.url, "SELECT count(*) FROM orders").await, 2);
+        assert_eq!(w.orders().await, 2);
         w.stop().await;
     })
     .await;

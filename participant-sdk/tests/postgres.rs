@@ -14,8 +14,8 @@ use twopc_testkit::PgCluster;
 
 mod support;
 use support::{
-    bounded, connect, count, database, database_on, eventually, get_tx, prepared_gids, resource,
-    sdk_of, Coordinator, CrashesAfterPrepare, Wait, ORDERS,
+    bounded, connect, count, crashing_a_beside_b, database, database_on, eventually, execute_in,
+    get_tx, prepared_gids, quick_retries, resource, sdk_of, Coordinator, Wait, ORDERS,
 };
 
 /// Bound on every test.
@@ -33,14 +33,20 @@ const WAIT: Wait = Wait {
 /// An in-process coordinator (quick phase-two retries); stopped on drop.
 async fn coordinator() -> Coordinator {
     Coordinator::start(ServeConfig {
-        retry_initial_ms: 20,
         retry_max_ms: 200,
         rpc_timeout_ms: 5_000,
-        connect_timeout_ms: 500,
         commit_wait_ms: 10_000,
-        ..ServeConfig::default()
+        ..quick_retries()
     })
     .await
+}
+
+/// A fresh database (named after `prefix`, with the `orders` table) registered as
+/// resource "db" of `sdk`: its URL and the resource.
+async fn one_database(sdk: &TwoPc, prefix: &str) -> (String, Arc<PgResource>) {
+    let url = database(prefix, ORDERS).await;
+    let db = sdk.register(resource("db", &url).await).expect("register");
+    (url, db)
 }
 
 /// A participant SDK handle of service "orders" (recovery only when asked).
@@ -257,12 +263,7 @@ async fn a_temp_table_cannot_be_prepared_and_the_vote_says_so() {
             .execute("INSERT INTO orders VALUES (1, 'x')", &[])
             .await
             .expect("insert a");
-        tx.postgres(&b)
-            .await
-            .expect("branch b")
-            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
-            .await
-            .expect("b");
+        execute_in(&tx, &b, "INSERT INTO orders VALUES (1, 'x')").await;
 
         let err = tx.commit().await.expect_err("PREPARE refused");
         aborted_and_rolled_back(err, &["temporary objects", "0A000"], &url_b).await;
@@ -278,8 +279,7 @@ async fn a_single_branch_commits_in_one_phase() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let url = database("pg1", ORDERS).await;
-        let a = sdk.register(resource("db", &url).await).expect("register");
+        let (url, a) = one_database(&sdk, "pg1").await;
 
         let tx = sdk.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
@@ -337,8 +337,7 @@ async fn begin_with_enlists_the_branch_in_the_begin_call() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let url = database("pgbw", ORDERS).await;
-        let a = sdk.register(resource("db", &url).await).expect("register");
+        let (url, a) = one_database(&sdk, "pgbw").await;
 
         let tx = sdk.begin_with(&[&*a]).await.expect("begin_with");
         let tx_id = tx.id().to_string();
@@ -382,12 +381,7 @@ async fn a_branch_opens_its_block_with_its_first_statement() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let (url_a, url_b) = (
-            database("pgla", ORDERS).await,
-            database("pglb", ORDERS).await,
-        );
-        let a = sdk.register(resource("db-a", &url_a).await).expect("a");
-        let b = sdk.register(resource("db-b", &url_b).await).expect("b");
+        let (url_a, url_b, a, b) = two_databases(&sdk, ORDERS, ORDERS).await;
 
         // Opening the branch sends nothing: no block is open yet.
         let tx = sdk.begin().await.expect("begin");
@@ -555,26 +549,13 @@ async fn recovery_commits_a_prepared_branch_its_participant_forgot() {
         let (url_a, url_b) = (database("pga", ORDERS).await, database("pgb", ORDERS).await);
         let sdk1 = sdk_of(&coord, "orders", Some(Duration::from_millis(300))).await;
         let a = resource("db-a", &url_a).await;
-        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
-            .expect("register crashing a");
-        let b = sdk1
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let b = crashing_a_beside_b(&sdk1, &a, &url_b).await;
 
         let tx = sdk1.begin().await.expect("begin");
         let tx_id = tx.id().to_string();
-        tx.postgres(&a)
-            .await
-            .expect("a")
-            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
-            .await
-            .expect("a");
-        tx.postgres(&b)
-            .await
-            .expect("b")
-            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
-            .await
-            .expect("b");
+        for db in [&a, &b] {
+            execute_in(&tx, db, "INSERT INTO orders VALUES (1, 'x')").await;
+        }
         let committed = tx.commit().await.expect("decided to commit");
         assert_eq!(committed.pending_branches, vec!["orders:db-a".to_string()]);
         assert_eq!(count(&url_b, "SELECT count(*) FROM orders").await, 1);
@@ -618,25 +599,11 @@ async fn recovery_rolls_back_a_prepared_branch_of_an_aborted_transaction() {
         );
         let sdk1 = sdk(&coord).await;
         let a = resource("db-a", &url_a).await;
-        sdk1.register(Arc::new(CrashesAfterPrepare(a.clone())))
-            .expect("register crashing a");
-        let b = sdk1
-            .register(resource("db-b", &url_b).await)
-            .expect("register b");
+        let b = crashing_a_beside_b(&sdk1, &a, &url_b).await;
 
         let tx = sdk1.begin().await.expect("begin");
-        tx.postgres(&a)
-            .await
-            .expect("a")
-            .execute("INSERT INTO orders VALUES (1, 'x')", &[])
-            .await
-            .expect("a");
-        tx.postgres(&b)
-            .await
-            .expect("b")
-            .execute("INSERT INTO codes VALUES ('x'), ('x')", &[])
-            .await
-            .expect("b");
+        execute_in(&tx, &a, "INSERT INTO orders VALUES (1, 'x')").await;
+        execute_in(&tx, &b, "INSERT INTO codes VALUES ('x'), ('x')").await;
         // b votes no at prepare; a prepares (votes run in parallel) and then never
         // hears the abort.
         assert!(matches!(tx.commit().await, Err(Error::Aborted(_))));
@@ -788,8 +755,7 @@ async fn an_abort_says_whether_the_branch_had_committed_without_the_outbox() {
     bounded(TEST_TIMEOUT, async {
         let coord = coordinator().await;
         let sdk = sdk(&coord).await;
-        let url = database("pgab", ORDERS).await;
-        let a = sdk.register(resource("db", &url).await).expect("register");
+        let (url, a) = one_database(&sdk, "pgab").await;
         let orders = || count(&url, "SELECT count(*) FROM orders");
 
         // Committed in one phase (as the participant server would on the coordinator's

@@ -503,6 +503,35 @@ impl World {
         .await;
     }
 
+    /// Begins a transaction at A, places order `order_id` (`quantity` of `item`) in it
+    /// and has B reserve it through a client that propagates the transaction id (`what`
+    /// names the call should it fail); checks that B answered with its two branches.
+    /// Returns the transaction, its id and the client.
+    async fn order_reserved(
+        &self,
+        order_id: &str,
+        item: &str,
+        quantity: u32,
+        what: &str,
+    ) -> (
+        Transaction,
+        String,
+        InventoryClient<InterceptedService<Channel, TxInterceptor>>,
+    ) {
+        let a = &self.orders;
+        let tx = timed("Begin", a.sdk.begin()).await.expect("begin");
+        let tx_id = tx.id().to_string();
+        place_order(a, &tx, order_id, item, quantity).await;
+        let mut client = self.host.client_in(&tx).await;
+        let request = reserve(order_id, item, quantity);
+        let resp = timed("Reserve", client.reserve(request))
+            .await
+            .expect(what)
+            .into_inner();
+        assert_eq!(resp.branch_ids, vec!["inventory:db", "inventory:rabbit"]);
+        (tx, tx_id, client)
+    }
+
     /// Nothing of the order is committed or delivered anywhere.
     async fn assert_nothing_committed(&self) {
         assert_eq!(
@@ -556,15 +585,7 @@ async fn both_services_rows_and_events_commit_together() {
         let w = World::start().await;
         let (a, b) = (&w.orders, &w.inventory);
 
-        let tx = timed("Begin", a.sdk.begin()).await.expect("begin");
-        let tx_id = tx.id().to_string();
-        place_order(a, &tx, "o-1", "book", 2).await;
-        let mut client = w.host.client_in(&tx).await;
-        let resp = timed("Reserve", client.reserve(reserve("o-1", "book", 2)))
-            .await
-            .expect("Reserve")
-            .into_inner();
-        assert_eq!(resp.branch_ids, vec!["inventory:db", "inventory:rabbit"]);
+        let (tx, tx_id, _client) = w.order_reserved("o-1", "book", 2, "Reserve").await;
         assert_eq!(
             w.host.ids_from_layer.load(Ordering::SeqCst),
             1,
@@ -676,17 +697,9 @@ async fn both_services_rows_and_events_commit_together() {
 async fn an_abort_by_the_caller_undoes_the_callees_branches_too() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
-        let (a, b) = (&w.orders, &w.inventory);
+        let b = &w.inventory;
 
-        let tx = timed("Begin", a.sdk.begin()).await.expect("begin");
-        let tx_id = tx.id().to_string();
-        place_order(a, &tx, "o-2", "book", 3).await;
-        let mut client = w.host.client_in(&tx).await;
-        let resp = timed("Reserve", client.reserve(reserve("o-2", "book", 3)))
-            .await
-            .expect("Reserve")
-            .into_inner();
-        assert_eq!(resp.branch_ids, vec!["inventory:db", "inventory:rabbit"]);
+        let (tx, tx_id, mut client) = w.order_reserved("o-2", "book", 3, "Reserve").await;
         assert_eq!(w.branches(&tx_id).await.len(), 4);
         // B's branches are open: its database session holds the reservation, its broker
         // buffers the event.
@@ -721,19 +734,12 @@ async fn an_abort_by_the_caller_undoes_the_callees_branches_too() {
 async fn a_callee_branch_refusing_prepare_aborts_everything() {
     bounded(TEST_TIMEOUT, async {
         let w = World::start().await;
-        let a = &w.orders;
 
-        let tx = timed("Begin", a.sdk.begin()).await.expect("begin");
-        let tx_id = tx.id().to_string();
-        place_order(a, &tx, "o-3", "unicorn", 1).await;
-        let mut client = w.host.client_in(&tx).await;
         // No such stock item: the deferred foreign key lets the INSERT through, so B
         // answers OK; PREPARE TRANSACTION will check it.
-        let resp = timed("Reserve", client.reserve(reserve("o-3", "unicorn", 1)))
-            .await
-            .expect("Reserve (the check is deferred)")
-            .into_inner();
-        assert_eq!(resp.branch_ids, vec!["inventory:db", "inventory:rabbit"]);
+        let (tx, tx_id, _client) = w
+            .order_reserved("o-3", "unicorn", 1, "Reserve (the check is deferred)")
+            .await;
         assert_eq!(w.branches(&tx_id).await.len(), 4);
 
         let err = timed("Commit", tx.commit())

@@ -184,6 +184,33 @@ impl<F: Fixture> World<F> {
         }
     }
 
+    /// Starts a world and writes one branch in a new transaction: the world, the resource
+    /// under test, the transaction and its branch.
+    pub async fn with_a_write() -> (World<F>, Arc<dyn Resource>, Transaction, Branch) {
+        let w = World::<F>::start().await;
+        let r = w.resource();
+        let tx = w.begin().await;
+        let b = w.fixture.write(&tx).await;
+        (w, r, tx, b)
+    }
+
+    /// Writes one branch in a new transaction and has `first` answer what it must for
+    /// it (e.g. prepare), before a restart: the branch (its transaction and resource
+    /// handle are dropped, as a restart needs).
+    pub async fn written_then<T, Fut>(
+        &self,
+        first: impl FnOnce(Arc<dyn Resource>, Branch) -> Fut,
+    ) -> Branch
+    where
+        Fut: std::future::Future<Output = T>,
+    {
+        let r = self.resource();
+        let tx = self.begin().await;
+        let b = self.fixture.write(&tx).await;
+        first(r, b.clone()).await;
+        b
+    }
+
     /// Begins a transaction (before a restart only).
     pub async fn begin(&self) -> Transaction {
         self.sdk
@@ -252,6 +279,19 @@ impl<F: Fixture> World<F> {
     }
 }
 
+/// Aborts `b` once per entry of `calls` (naming the call), each answering `want`.
+async fn aborts_as(r: &dyn Resource, b: &Branch, want: AbortOutcome, calls: &[&str]) {
+    for call in calls {
+        assert_eq!(abort(r, b).await, Ok(want), "{call}");
+    }
+}
+
+/// Checks that `r` holds nothing in doubt; else fails naming `what` was found in doubt.
+async fn nothing_in_doubt(r: &dyn Resource, what: &str) {
+    let held = in_doubt(r).await;
+    assert!(held.is_empty(), "{what} is in doubt: {held:?}");
+}
+
 /// The branches `r` reports in doubt, sorted.
 async fn in_doubt(r: &dyn Resource) -> Vec<(String, String)> {
     let mut list = r.in_doubt().await.expect("in_doubt");
@@ -280,10 +320,7 @@ async fn one_phase(r: &dyn Resource, b: &Branch) -> Result<OnePhase, twopc_parti
 /// nothing (and answers as before where the adapter remembers the commit).
 pub async fn commit_after_a_yes_vote_is_visible_exactly_once<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
-        let w = World::<F>::start().await;
-        let r = w.resource();
-        let tx = w.begin().await;
-        let b = w.fixture.write(&tx).await;
+        let (w, r, tx, b) = World::<F>::with_a_write().await;
         assert_eq!(w.effects(&b).await, 0, "an open branch's write is visible");
         assert_eq!(prepare(&*r, &b).await, Vote::Yes, "prepare of a write");
         assert_eq!(
@@ -339,21 +376,11 @@ pub async fn commit_after_a_yes_vote_is_visible_exactly_once<F: Fixture>() {
 /// A late commit does not make the write appear; a late prepare does not vote yes.
 pub async fn abort_after_a_yes_vote_leaves_no_effect<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
-        let w = World::<F>::start().await;
-        let r = w.resource();
-        let tx = w.begin().await;
-        let b = w.fixture.write(&tx).await;
+        let (w, r, tx, b) = World::<F>::with_a_write().await;
         assert_eq!(prepare(&*r, &b).await, Vote::Yes, "prepare of a write");
-        assert_eq!(abort(&*r, &b).await, Ok(AbortOutcome::Aborted), "abort");
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "a repeated abort"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "an aborted branch is in doubt"
-        );
+        let calls = ["abort", "a repeated abort"];
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &calls).await;
+        nothing_in_doubt(&*r, "an aborted branch").await;
         assert_eq!(
             w.effects(&b).await,
             0,
@@ -367,11 +394,8 @@ pub async fn abort_after_a_yes_vote_leaves_no_effect<F: Fixture>() {
             matches!(late, Vote::No(_)),
             "a prepare after the abort must vote no (nothing is held any more), got {late:?}"
         );
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "an abort after the late calls"
-        );
+        let calls = ["an abort after the late calls"];
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &calls).await;
         w.settled(
             &*r,
             &b,
@@ -390,16 +414,9 @@ pub async fn abort_after_a_yes_vote_leaves_no_effect<F: Fixture>() {
 /// no, a late one-phase commit does not commit; nothing visible, nothing in doubt.
 pub async fn abort_of_an_open_branch_leaves_no_effect<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
-        let w = World::<F>::start().await;
-        let r = w.resource();
-        let tx = w.begin().await;
-        let b = w.fixture.write(&tx).await;
-        assert_eq!(abort(&*r, &b).await, Ok(AbortOutcome::Aborted), "abort");
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "a repeated abort"
-        );
+        let (w, r, tx, b) = World::<F>::with_a_write().await;
+        let calls = ["abort", "a repeated abort"];
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &calls).await;
         let late = prepare(&*r, &b).await;
         assert!(
             matches!(late, Vote::No(_)),
@@ -428,10 +445,7 @@ pub async fn abort_of_an_open_branch_leaves_no_effect<F: Fixture>() {
 /// doubt once. A branch this resource never opened votes no, and no again.
 pub async fn prepare_repeated_gives_the_same_vote<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
-        let w = World::<F>::start().await;
-        let r = w.resource();
-        let tx = w.begin().await;
-        let b = w.fixture.write(&tx).await;
+        let (w, r, tx, b) = World::<F>::with_a_write().await;
         let (first, racing) = tokio::join!(prepare(&*r, &b), prepare(&*r, &b));
         assert_eq!(first, Vote::Yes, "prepare of a write");
         assert_eq!(racing, Vote::Yes, "a prepare racing the first one");
@@ -455,7 +469,7 @@ pub async fn prepare_repeated_gives_the_same_vote<F: Fixture>() {
             "a repeated prepare of an unknown branch"
         );
 
-        assert_eq!(abort(&*r, &b).await, Ok(AbortOutcome::Aborted), "abort");
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &["abort"]).await;
         assert_eq!(
             w.effects(&b).await,
             0,
@@ -476,16 +490,11 @@ pub async fn an_unknown_branch_is_presumed_aborted<F: Fixture>() {
         let r = w.resource();
         let (tx1, tx2) = (w.begin().await, w.begin().await);
         let aborted = Branch::of(&tx1, &*r);
-        assert_eq!(
-            abort(&*r, &aborted).await,
-            Ok(AbortOutcome::Aborted),
-            "abort of an unknown branch"
-        );
-        assert_eq!(
-            abort(&*r, &aborted).await,
-            Ok(AbortOutcome::Aborted),
-            "a repeated abort of an unknown branch"
-        );
+        let calls = [
+            "abort of an unknown branch",
+            "a repeated abort of an unknown branch",
+        ];
+        aborts_as(&*r, &aborted, AbortOutcome::Aborted, &calls).await;
         let committed = Branch::of(&tx2, &*r);
         commit(&*r, &committed)
             .await
@@ -495,10 +504,7 @@ pub async fn an_unknown_branch_is_presumed_aborted<F: Fixture>() {
             .expect("and so does a repeated one");
         assert_eq!(w.effects(&aborted).await, 0);
         assert_eq!(w.effects(&committed).await, 0);
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "an unknown branch is in doubt"
-        );
+        nothing_in_doubt(&*r, "an unknown branch").await;
         drop((r, tx1, tx2));
         w.finish().await;
     })
@@ -510,10 +516,7 @@ pub async fn an_unknown_branch_is_presumed_aborted<F: Fixture>() {
 /// nothing (the contract: remembered until `outcome_known`).
 pub async fn one_phase_commit_is_visible_once_and_remembered<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
-        let w = World::<F>::start().await;
-        let r = w.resource();
-        let tx = w.begin().await;
-        let b = w.fixture.write(&tx).await;
+        let (w, r, tx, b) = World::<F>::with_a_write().await;
         let (first, racing) = tokio::join!(one_phase(&*r, &b), one_phase(&*r, &b));
         assert_eq!(first, Ok(OnePhase::Committed), "one-phase commit");
         assert_eq!(
@@ -527,13 +530,8 @@ pub async fn one_phase_commit_is_visible_once_and_remembered<F: Fixture>() {
             Ok(OnePhase::Committed),
             "a repeated one-phase commit"
         );
-        for _ in 0..2 {
-            assert_eq!(
-                abort(&*r, &b).await,
-                Ok(AbortOutcome::AlreadyCommitted),
-                "an abort after a one-phase commit (a restarted coordinator settles it so)"
-            );
-        }
+        let after = "an abort after a one-phase commit (a restarted coordinator settles it so)";
+        aborts_as(&*r, &b, AbortOutcome::AlreadyCommitted, &[after, after]).await;
         assert_eq!(
             one_phase(&*r, &b).await,
             Ok(OnePhase::Committed),
@@ -559,17 +557,12 @@ pub async fn one_phase_commit_is_visible_once_and_remembered<F: Fixture>() {
 pub async fn one_phase_commit_is_not_undone_after_a_restart<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
         let mut w = World::<F>::start().await;
-        let b = {
-            let r = w.resource();
-            let tx = w.begin().await;
-            let b = w.fixture.write(&tx).await;
-            assert_eq!(
-                one_phase(&*r, &b).await,
-                Ok(OnePhase::Committed),
-                "one-phase commit"
-            );
-            b
-        };
+        let b = w
+            .written_then(|r, b| async move {
+                let answer = one_phase(&*r, &b).await;
+                assert_eq!(answer, Ok(OnePhase::Committed), "one-phase commit");
+            })
+            .await;
         w.visible_once(&b, "after the one-phase commit").await;
         w.restart().await;
         let r = w.resource();
@@ -580,11 +573,8 @@ pub async fn one_phase_commit_is_not_undone_after_a_restart<F: Fixture>() {
                 AbortOutcome::AlreadyCommitted,
                 "an abort after the restart"
             );
-            assert_eq!(
-                abort(&*r, &b).await,
-                Ok(AbortOutcome::AlreadyCommitted),
-                "a repeated abort after the restart"
-            );
+            let calls = ["a repeated abort after the restart"];
+            aborts_as(&*r, &b, AbortOutcome::AlreadyCommitted, &calls).await;
             assert_eq!(
                 one_phase(&*r, &b).await,
                 Ok(OnePhase::Committed),
@@ -626,15 +616,9 @@ pub async fn a_branch_without_work_votes_as_promised<F: Fixture>() {
             vote,
             "a repeated prepare of no work"
         );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a branch without work is in doubt"
-        );
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "abort of a branch without work"
-        );
+        nothing_in_doubt(&*r, "a branch without work").await;
+        let calls = ["abort of a branch without work"];
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &calls).await;
         assert_eq!(w.effects(&b).await, 0);
         drop((r, tx));
         w.finish().await;
@@ -686,10 +670,7 @@ pub async fn a_prepared_branch_commits_once_after_a_restart<F: Fixture>() {
             1,
             "a repeated commit applied the write again"
         );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "a committed branch is in doubt"
-        );
+        nothing_in_doubt(&*r, "a committed branch").await;
 
         let lost = prepare(&*r, &unprepared).await;
         assert!(
@@ -708,13 +689,11 @@ pub async fn a_prepared_branch_commits_once_after_a_restart<F: Fixture>() {
 pub async fn a_prepared_branch_aborts_after_a_restart<F: Fixture>() {
     bounded(CHECK_TIMEOUT, async {
         let mut w = World::<F>::start().await;
-        let b = {
-            let r = w.resource();
-            let tx = w.begin().await;
-            let b = w.fixture.write(&tx).await;
-            assert_eq!(prepare(&*r, &b).await, Vote::Yes, "prepare");
-            b
-        };
+        let b = w
+            .written_then(|r, b| async move {
+                assert_eq!(prepare(&*r, &b).await, Vote::Yes, "prepare");
+            })
+            .await;
         w.restart().await;
         let r = w.resource();
         assert_eq!(
@@ -722,20 +701,12 @@ pub async fn a_prepared_branch_aborts_after_a_restart<F: Fixture>() {
             vec![b.key()],
             "a fresh resource lists the prepared branch in doubt"
         );
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "abort after the restart"
-        );
-        assert_eq!(
-            abort(&*r, &b).await,
-            Ok(AbortOutcome::Aborted),
-            "a repeated abort after the restart"
-        );
-        assert!(
-            in_doubt(&*r).await.is_empty(),
-            "an aborted branch is in doubt"
-        );
+        let calls = [
+            "abort after the restart",
+            "a repeated abort after the restart",
+        ];
+        aborts_as(&*r, &b, AbortOutcome::Aborted, &calls).await;
+        nothing_in_doubt(&*r, "an aborted branch").await;
         let _ = commit(&*r, &b).await;
         assert_eq!(
             w.effects(&b).await,

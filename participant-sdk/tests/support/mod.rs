@@ -3,14 +3,17 @@
 //!
 //! * bounds and polling: [`bounded`], [`timed`], [`eventually`] (each test binary passes
 //!   its own limits, so their values stay with the tests);
-//! * an in-process [`Coordinator`] and participant SDK handles ([`sdk`], [`sdk_of`]);
+//! * an in-process [`Coordinator`] (with [`quick_retries`]), participant SDK handles
+//!   ([`sdk`], [`sdk_of`]) and a [`Rig`] of the three with a staging store;
 //! * PostgreSQL: the binary's private cluster ([`cluster`]), fresh databases
 //!   ([`database`]), test-side queries ([`connect`], [`count`], [`prepared_gids`]), the
-//!   [`resource`] over a database and a participant that crashes after prepare
-//!   ([`CrashesAfterPrepare`]);
+//!   [`resource`] over a database, a statement in a transaction's branch ([`execute_in`])
+//!   and a participant that crashes after prepare ([`CrashesAfterPrepare`],
+//!   [`crashing_a_beside_b`]);
 //! * brokers: staging stores ([`staging`], [`reopen_staging`]), the RabbitMQ consumer side
-//!   ([`RabbitProbe`]), a NATS resource on its own stream ([`nats_on`]) and the NATS
-//!   JetStream consumer side ([`stream_messages`], [`delete_stream`]);
+//!   ([`RabbitProbe`], [`ids_and_payloads`]), a NATS resource on its own stream
+//!   ([`nats_on`]) and the NATS JetStream consumer side ([`stream_messages`],
+//!   [`delete_stream`]);
 //! * [`conformance`]: the suite every [`Resource`] adapter runs (the `conformance` test
 //!   binary stamps its checks for each adapter).
 //!
@@ -39,8 +42,8 @@ use tokio::task::JoinHandle;
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::server::run;
 use twopc_participant::{
-    AbortOutcome, NatsResource, OnePhase, PgResource, Resource, Retry, StagingError, StagingStore,
-    TwoPc, Vote,
+    AbortOutcome, NatsResource, OnePhase, PgBranch, PgResource, RabbitResource, Resource, Retry,
+    StagingError, StagingStore, Transaction, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
 use twopc_testkit::{unique_name, PgCluster};
@@ -136,6 +139,17 @@ impl Drop for Coordinator {
     }
 }
 
+/// Coordinator settings with quick phase-two retries (20 ms doubling to 300 ms) and a
+/// 500 ms connect timeout; each test binary adds what it needs.
+pub fn quick_retries() -> ServeConfig {
+    ServeConfig {
+        retry_initial_ms: 20,
+        retry_max_ms: 300,
+        connect_timeout_ms: 500,
+        ..Default::default()
+    }
+}
+
 /// A participant SDK handle of service `service` on `coord`, with no data directory and
 /// recovery only when asked (every hour); `commit_wait` if given.
 pub async fn sdk_of(coord: &Coordinator, service: &str, commit_wait: Option<Duration>) -> TwoPc {
@@ -151,6 +165,65 @@ pub async fn sdk_of(coord: &Coordinator, service: &str, commit_wait: Option<Dura
 /// A participant SDK handle of service "svc" (recovery only when asked).
 pub async fn sdk(coord: &Coordinator, commit_wait: Duration) -> TwoPc {
     sdk_of(coord, "svc", Some(commit_wait)).await
+}
+
+/// The set-up most broker tests share: a coordinator, a staging store in a temporary
+/// directory and an SDK handle of service "svc" on the coordinator.
+///
+/// The fields are declared in the reverse order of their creation, so that they are
+/// dropped as the locals of a test would be.
+pub struct Rig {
+    pub sdk: TwoPc,
+    pub store: Arc<StagingStore>,
+    pub dir: tempfile::TempDir,
+    pub coord: Coordinator,
+}
+
+impl Rig {
+    /// Starts an SDK handle (with `commit_wait`) on `coord`, staging in a fresh directory.
+    pub async fn start(coord: Coordinator, commit_wait: Duration) -> Rig {
+        Rig::start_with(coord, commit_wait, staging).await
+    }
+
+    /// [`Rig::start`] with the staging store that `open` opens in the fresh directory.
+    pub async fn start_with(
+        coord: Coordinator,
+        commit_wait: Duration,
+        open: impl FnOnce(&Path) -> Arc<StagingStore>,
+    ) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path());
+        let sdk = sdk(&coord, commit_wait).await;
+        Rig {
+            sdk,
+            store,
+            dir,
+            coord,
+        }
+    }
+
+    /// A RabbitMQ resource named `name` at `url`, staging in the rig's store and
+    /// registered with its SDK.
+    pub async fn register_rabbit(&self, name: &str, url: &str) -> Arc<RabbitResource> {
+        let rabbit = RabbitResource::connect(name, url, self.store.clone())
+            .await
+            .expect("connect to RabbitMQ");
+        self.sdk
+            .register(Arc::new(rabbit))
+            .expect("register rabbit")
+    }
+
+    /// [`nats_on`] `stream`, staging in the rig's store and registered with its SDK.
+    pub async fn register_nats(&self, stream: &str) -> Arc<NatsResource> {
+        let nats = nats_on(stream, &self.store).await;
+        self.sdk.register(Arc::new(nats)).expect("register nats")
+    }
+
+    /// Shuts the SDK down and stops the coordinator.
+    pub async fn stop(self) {
+        self.sdk.shutdown().await;
+        self.coord.stop().await;
+    }
 }
 
 /// The coordinator's view of `tx_id` (`GetTransaction`).
@@ -265,6 +338,23 @@ pub async fn resource(name: &str, url: &str) -> Arc<PgResource> {
         .expect("PgResource")
 }
 
+/// Opens the branch of `tx` on `pg` and runs `sql` in it; returns the branch.
+pub async fn execute_in(tx: &Transaction, pg: &PgResource, sql: &str) -> PgBranch {
+    let branch = tx.postgres(pg).await.expect("branch");
+    branch.execute(sql, &[]).await.expect("statement in branch");
+    branch
+}
+
+/// Registers with `sdk` the resource `a` wrapped as a participant that crashes after
+/// prepare ([`CrashesAfterPrepare`]) and a resource "db-b" over `url_b`; returns the
+/// latter.
+pub async fn crashing_a_beside_b(sdk: &TwoPc, a: &Arc<PgResource>, url_b: &str) -> Arc<PgResource> {
+    sdk.register(Arc::new(CrashesAfterPrepare(a.clone())))
+        .expect("register crashing a");
+    sdk.register(resource("db-b", url_b).await)
+        .expect("register b")
+}
+
 /// A stand-in for a participant that prepares and then "crashes": it votes through the
 /// real resource, but never finishes phase two and reports nothing in doubt.
 pub struct CrashesAfterPrepare(pub Arc<PgResource>);
@@ -331,6 +421,11 @@ pub struct Got {
     pub content_type: Option<String>,
     /// The headers; string values as such, others in their `Debug` form.
     pub headers: Vec<(String, String)>,
+}
+
+/// `(message_id, payload)` of each message of `got`, in order.
+pub fn ids_and_payloads(got: Vec<Got>) -> Vec<(String, Vec<u8>)> {
+    got.into_iter().map(|g| (g.message_id, g.payload)).collect()
 }
 
 /// A test-side RabbitMQ connection that declares, drains and deletes queues directly.

@@ -52,54 +52,42 @@ fn enlist_validates_and_is_idempotent() {
     };
     assert_eq!(
         enlist(&mut e, a.clone()),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhase {
-                tx: t,
-                branch: a.clone()
-            }),
-            Command::Sync { tx: t },
-            reply(7, Ok(ReplyOk::Enlisted))
-        ]
+        [intent_written(t, &a), vec![reply(7, Ok(ReplyOk::Enlisted))]].concat()
     );
     assert_eq!(
         enlist(&mut e, a.clone()),
         vec![reply(7, Ok(ReplyOk::Enlisted))],
         "a repeated enlist writes no second intent"
     );
+    // Refused, one row per case: (the branch, whether it is a conflict rather than an
+    // invalid argument).
     let other = BranchSpec {
         commit_order: 3,
         ..a.clone()
     };
-    assert!(matches!(
-        enlist(&mut e, other)[0],
-        Command::Reply {
-            reply: Err(TxError::AlreadyExists(_)),
-            ..
-        }
-    ));
     let bad_id = BranchSpec {
         branch_id: "no spaces".into(),
         ..a.clone()
     };
-    assert!(matches!(
-        enlist(&mut e, bad_id)[0],
-        Command::Reply {
-            reply: Err(TxError::InvalidArgument(_)),
-            ..
-        }
-    ));
     let bad_ep = BranchSpec {
         branch_id: "x".into(),
         endpoint: "localhost".into(),
         ..a.clone()
     };
-    assert!(matches!(
-        enlist(&mut e, bad_ep)[0],
-        Command::Reply {
-            reply: Err(TxError::InvalidArgument(_)),
-            ..
+    for (branch, conflict) in [(other, true), (bad_id, false), (bad_ep, false)] {
+        let cmds = enlist(&mut e, branch);
+        match &cmds[0] {
+            Command::Reply {
+                reply: Err(TxError::AlreadyExists(_)),
+                ..
+            } if conflict => {}
+            Command::Reply {
+                reply: Err(TxError::InvalidArgument(_)),
+                ..
+            } if !conflict => {}
+            other => panic!("expected a refusal (conflict: {conflict}), got {other:?}"),
         }
-    ));
+    }
     for i in 0..3 {
         assert_eq!(
             enlist(&mut e, spec(&format!("b{i}"), 0)),
@@ -197,10 +185,7 @@ fn empty_transaction_commits_trivially() {
         e.handle(1, commit_ev(2, t)),
         vec![
             reply(2, Ok(ReplyOk::Committed)),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            }
+            finished(t, Outcome::Committed)
         ]
     );
 }

@@ -117,10 +117,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
                 tx: t2,
                 branches: vec![a.clone()],
             }),
-            Command::Finished {
-                tx: t2,
-                outcome: Outcome::Committed,
-            },
+            finished(t2, Outcome::Committed),
         ]
     );
 
@@ -152,10 +149,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         vec![
             reply_once_durable(6, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
             reply_once_durable(5, Err(committed_error(&t3)), Some(SYNCED_LSN)),
-            Command::Finished {
-                tx: t3,
-                outcome: Outcome::Committed,
-            },
+            finished(t3, Outcome::Committed),
         ]
     );
     assert_eq!(
@@ -190,10 +184,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
         vec![
             reply_once_durable(9, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
             reply_once_durable(8, Err(committed_error(&t4)), Some(SYNCED_LSN)),
-            Command::Finished {
-                tx: t4,
-                outcome: Outcome::Committed,
-            },
+            finished(t4, Outcome::Committed),
         ]
     );
 }
@@ -235,11 +226,7 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
 fn a_recovered_intent_takes_its_participants_report() {
     let mut e = engine();
     let a = spec("a", 0);
-    let old = TxId {
-        node: NODE,
-        epoch: EPOCH - 1,
-        seq: 9,
-    };
+    let old = earlier_epoch(9);
     recover_intent(&mut e, 0, old, &a);
     assert_eq!(
         e.handle(1, Event::CommittedLocally { req: 1, tx: old }),

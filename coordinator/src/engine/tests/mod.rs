@@ -44,6 +44,15 @@ fn tx(seq: u64) -> TxId {
     }
 }
 
+/// Transaction `seq` of the epoch before this engine's (begun before a restart).
+fn earlier_epoch(seq: u64) -> TxId {
+    TxId {
+        node: NODE,
+        epoch: EPOCH - 1,
+        seq,
+    }
+}
+
 fn send(
     t: TxId,
     i: usize,
@@ -59,6 +68,18 @@ fn send(
         message,
         requires_durable,
     }
+}
+
+/// The phase-two commit sent to branch `i` (`b`) of `t` once the log is durable at
+/// `requires_durable`.
+fn commit_sent(t: TxId, i: usize, b: &BranchSpec, requires_durable: Option<Lsn>) -> Command {
+    send(
+        t,
+        i,
+        b,
+        Message::Commit { one_phase: false },
+        requires_durable,
+    )
 }
 
 /// A vote of branch `i` of `t`.
@@ -97,6 +118,20 @@ fn abort_acked(t: TxId, i: usize, ack: RpcResult<AbortAck>) -> Event {
     }
 }
 
+/// The engine is done with `t`, whose outcome is `outcome`.
+fn finished(t: TxId, outcome: Outcome) -> Command {
+    Command::Finished { tx: t, outcome }
+}
+
+/// A retry of branch `branch` of `t` armed to fire after `after_ms`.
+fn retry_armed(t: TxId, branch: usize, after_ms: u64) -> Command {
+    Command::ArmTimer {
+        tx: t,
+        timer: Timer::Retry { branch },
+        after_ms,
+    }
+}
+
 /// The timer `timer` of `t` fired.
 fn timer(t: TxId, timer: Timer) -> Event {
     Event::Timer { tx: t, timer }
@@ -107,10 +142,7 @@ fn timer(t: TxId, timer: Timer) -> Event {
 fn aborted_and_finished(t: TxId) -> Vec<Command> {
     vec![
         Command::LogLazy(LazyRecord::Aborted { tx: t }),
-        Command::Finished {
-            tx: t,
-            outcome: Outcome::Aborted,
-        },
+        finished(t, Outcome::Aborted),
     ]
 }
 
@@ -119,10 +151,7 @@ fn aborted_and_finished(t: TxId) -> Vec<Command> {
 fn done_and_finished(t: TxId) -> Vec<Command> {
     vec![
         Command::LogLazy(LazyRecord::Done { tx: t }),
-        Command::Finished {
-            tx: t,
-            outcome: Outcome::Committed,
-        },
+        finished(t, Outcome::Committed),
     ]
 }
 
@@ -170,6 +199,38 @@ fn begun(cmds: &[Command]) -> TxId {
     }
 }
 
+/// What enlisting the first branch `a` of `t` emits: its one-phase intent, written and
+/// synced in the background.
+fn intent_written(t: TxId, a: &BranchSpec) -> Vec<Command> {
+    vec![
+        Command::LogLazy(LazyRecord::OnePhase {
+            tx: t,
+            branch: a.clone(),
+        }),
+        Command::Sync { tx: t },
+    ]
+}
+
+/// What a one-phase commit of `t` by its branch `a` emits before the client hears of it:
+/// the outcome record, synced.
+fn outcome_written(t: TxId, a: &BranchSpec) -> Vec<Command> {
+    vec![
+        Command::LogLazy(LazyRecord::OnePhaseCommitted {
+            tx: t,
+            branches: vec![a.clone()],
+        }),
+        Command::Sync { tx: t },
+    ]
+}
+
+/// Begins a transaction with the one branch "a" enlisted through Begin: the branch and
+/// the transaction.
+fn begin_one(e: &mut Engine) -> (BranchSpec, TxId) {
+    let a = spec("a", 0);
+    let t = begin(e, std::slice::from_ref(&a));
+    (a, t)
+}
+
 /// Begins a transaction with `branches` enlisted through Begin.
 fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
     let cmds = e.handle(
@@ -193,13 +254,7 @@ fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
     if e.config().one_phase && branches.len() == 1 {
         assert_eq!(
             rest,
-            &[
-                Command::LogLazy(LazyRecord::OnePhase {
-                    tx: t,
-                    branch: branches[0].clone()
-                }),
-                Command::Sync { tx: t }
-            ],
+            intent_written(t, &branches[0]),
             "the first branch's one-phase intent is written and synced in the background"
         );
     } else {
@@ -208,10 +263,27 @@ fn begin(e: &mut Engine, branches: &[BranchSpec]) -> TxId {
     t
 }
 
-/// Commits a two-branch transaction up to the force of its decision.
-fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
+/// Begins a two-branch transaction and asks (request 10) to commit it: its prepares are
+/// out.
+fn preparing(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
     let t = begin(e, &[a.clone(), b.clone()]);
     e.handle(1, commit_ev(10, t));
+    t
+}
+
+/// Checks that a Commit (request `req`) of `t`, which the engine no longer holds, is
+/// answered `NotLive` (the runtime then answers from the log).
+#[track_caller]
+fn commit_is_not_live(e: &mut Engine, now: u64, req: ReqId, t: TxId) {
+    assert_eq!(
+        e.handle(now, commit_ev(req, t)),
+        vec![reply(req, Ok(ReplyOk::NotLive))]
+    );
+}
+
+/// Commits a two-branch transaction up to the force of its decision.
+fn prepared_pair(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) -> TxId {
+    let t = preparing(e, a, b);
     assert!(e.handle(2, voted(t, 0, Ok(Vote::Yes))).is_empty());
     let cmds = e.handle(3, voted(t, 1, Ok(Vote::Yes)));
     assert!(
@@ -326,6 +398,11 @@ fn record(
     }
 }
 
+/// The audit record of resolution `req` is durable at `lsn`, stamped `at_ms`.
+fn audit_durable(req: ReqId, lsn: Lsn, at_ms: u64) -> Event {
+    Event::AuditDurable { req, lsn, at_ms }
+}
+
 /// The single ForceAudit of `cmds` (which must hold nothing else unless `others`).
 #[track_caller]
 fn forced_audit(cmds: &[Command], req: ReqId) -> AuditRecord {
@@ -347,11 +424,7 @@ fn committing_with_stuck_branch(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) 
     e.handle(6, commit_acked(t, 0, Ok(CommitAck::Committed)));
     assert_eq!(
         e.handle(7, commit_acked(t, 1, Err("connection refused".into())),),
-        vec![Command::ArmTimer {
-            tx: t,
-            timer: Timer::Retry { branch: 1 },
-            after_ms: 10
-        }]
+        vec![retry_armed(t, 1, 10)]
     );
     t
 }
@@ -371,19 +444,16 @@ fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
     let t = begun(&cmds);
     assert_eq!(
         cmds,
-        vec![
-            Command::ArmTimer {
+        [
+            vec![Command::ArmTimer {
                 tx: t,
                 timer: Timer::TxTimeout,
                 after_ms: 5_000
-            },
-            Command::LogLazy(LazyRecord::OnePhase {
-                tx: t,
-                branch: a.clone()
-            }),
-            Command::Sync { tx: t },
-            reply(req, Ok(ReplyOk::BegunLocal(vec![t]))),
-        ],
+            }],
+            intent_written(t, a),
+            vec![reply(req, Ok(ReplyOk::BegunLocal(vec![t])))],
+        ]
+        .concat(),
         "answered before the intent is durable (the participant waits for a Barrier)"
     );
     let entry = e.tx(&t).expect("held");
@@ -409,10 +479,7 @@ fn aborted_by_its_branch(t: TxId, req: ReqId) -> Vec<Command> {
     vec![
         reply(req, Ok(ReplyOk::Aborted)),
         Command::LogLazy(LazyRecord::Aborted { tx: t }),
-        Command::Finished {
-            tx: t,
-            outcome: Outcome::Aborted,
-        },
+        finished(t, Outcome::Aborted),
     ]
 }
 
@@ -424,10 +491,7 @@ fn committed_at_once(t: TxId, a: &BranchSpec, req: ReqId) -> Vec<Command> {
             branches: vec![a.clone()],
         }),
         reply(req, Ok(ReplyOk::Committed)),
-        Command::Finished {
-            tx: t,
-            outcome: Outcome::Committed,
-        },
+        finished(t, Outcome::Committed),
     ]
 }
 

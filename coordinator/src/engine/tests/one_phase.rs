@@ -5,18 +5,11 @@ use super::*;
 #[test]
 fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin(&mut e, std::slice::from_ref(&a));
+    let (a, t) = begin_one(&mut e);
     one_phase_commit_sent(&mut e, 1, 10, t, &a);
     assert_eq!(
         e.handle(2, commit_acked(t, 0, Ok(CommitAck::Committed))),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: t,
-                branches: vec![a.clone()]
-            }),
-            Command::Sync { tx: t },
-        ],
+        outcome_written(t, &a),
         "the client hears nothing before the outcome is durable"
     );
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
@@ -45,10 +38,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
                 ))),
                 Some(SYNCED_LSN)
             ),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            },
+            finished(t, Outcome::Committed),
         ]
     );
     // Refused one-phase commit: aborted, the intent dropped, nothing left to send.
@@ -67,10 +57,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
                 )))
             ),
             Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
-            Command::Finished {
-                tx: t2,
-                outcome: Outcome::Aborted
-            },
+            finished(t2, Outcome::Aborted),
         ]
     );
     // Lost answer: the one-phase commit is asked again until the participant answers.
@@ -78,11 +65,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     one_phase_commit_sent(&mut e, 5, 12, t3, &a);
     assert_eq!(
         e.handle(6, commit_acked(t3, 0, Err("timeout".into()))),
-        vec![Command::ArmTimer {
-            tx: t3,
-            timer: Timer::Retry { branch: 0 },
-            after_ms: 10
-        }]
+        vec![retry_armed(t3, 0, 10)]
     );
     assert_eq!(
         e.handle(16, timer(t3, Timer::Retry { branch: 0 })),
@@ -127,8 +110,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
 #[test]
 fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
     let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin(&mut e, std::slice::from_ref(&a));
+    let (a, t) = begin_one(&mut e);
     assert_eq!(
         e.handle(1, commit_ev(10, t)),
         vec![],
@@ -184,22 +166,11 @@ fn a_failed_one_phase_sync_leaves_the_transaction_in_doubt_and_halts() {
 #[test]
 fn answered_before_durable_unless_someone_needs_the_outcome_durable() {
     let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin(&mut e, std::slice::from_ref(&a));
+    let (a, t) = begin_one(&mut e);
     one_phase_commit_sent_as(&mut e, 1, 10, t, &a, true);
     assert_eq!(
         e.handle(2, commit_acked(t, 0, Ok(CommitAck::Committed))),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: t,
-                branches: vec![a.clone()]
-            }),
-            reply(10, Ok(ReplyOk::Committed)),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            },
-        ],
+        committed_at_once(t, &a, 10),
         "answered with the outcome written but not synced (the caller's Barrier syncs it)"
     );
     // An Abort waiting as well is told COMMITTED only once that is durable.
@@ -227,10 +198,7 @@ fn answered_before_durable_unless_someone_needs_the_outcome_durable() {
         vec![
             reply_once_durable(13, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
             reply_once_durable(14, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
-            Command::Finished {
-                tx: t3,
-                outcome: Outcome::Committed
-            },
+            finished(t3, Outcome::Committed),
         ]
     );
 }
@@ -299,8 +267,7 @@ fn one_phase_can_be_switched_off() {
         NODE,
         EPOCH,
     );
-    let a = spec("a", 0);
-    let t = begin(&mut e, std::slice::from_ref(&a));
+    let (a, t) = begin_one(&mut e);
     let cmds = e.handle(1, commit_ev(10, t));
     assert_eq!(cmds[1], send(t, 0, &a, Message::Prepare, None));
 }

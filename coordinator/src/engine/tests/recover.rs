@@ -6,11 +6,7 @@ use super::*;
 fn recovered_one_phase_intents_ask_their_branch_again() {
     let mut e = engine();
     let a = spec("a", 0);
-    let old = TxId {
-        node: NODE,
-        epoch: EPOCH - 1,
-        seq: 7,
-    };
+    let old = earlier_epoch(7);
     recover_intent(&mut e, 0, old, &a);
     // An answer without a result, or none: asked again (with an abort, never a commit).
     for (now, ack) in [
@@ -43,13 +39,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     assert_eq!(e.handle(55, commit_ev(9, old)), vec![]);
     assert_eq!(
         e.handle(60, abort_acked(old, 0, Ok(AbortAck::AlreadyCommitted)),),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: old,
-                branches: vec![a.clone()]
-            }),
-            Command::Sync { tx: old },
-        ],
+        outcome_written(old, &a),
         "committed in one phase: the outcome is written, and synced for the waiting client"
     );
     assert_eq!(e.outcome_of(&old, false), Ok(Some(Outcome::Committed)));
@@ -57,10 +47,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
         e.handle(61, synced(old)),
         vec![
             reply_once_durable(9, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
-            Command::Finished {
-                tx: old,
-                outcome: Outcome::Committed
-            }
+            finished(old, Outcome::Committed)
         ]
     );
     // Nobody waiting: the outcome is written and the transaction finished at once.
@@ -73,10 +60,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
                 tx: old1,
                 branches: vec![a.clone()]
             }),
-            Command::Finished {
-                tx: old1,
-                outcome: Outcome::Committed
-            }
+            finished(old1, Outcome::Committed)
         ]
     );
     // A branch that reports it aborted (or never had it): aborted, the intent dropped.
@@ -105,10 +89,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
                 )))
             ),
             Command::LogLazy(LazyRecord::Aborted { tx: old2 }),
-            Command::Finished {
-                tx: old2,
-                outcome: Outcome::Aborted
-            }
+            finished(old2, Outcome::Aborted)
         ]
     );
 }
@@ -142,13 +123,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     assert_eq!(
         cmds,
         vec![
-            send(
-                old_commit,
-                0,
-                &db,
-                Message::Commit { one_phase: false },
-                None
-            ),
+            commit_sent(old_commit, 0, &db, None),
             send(old_undecided, 0, &db, Message::Abort, None),
         ]
     );
@@ -174,13 +149,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     ));
     assert_eq!(
         e.handle(2, commit_acked(old_commit, 0, Ok(CommitAck::Committed))),
-        vec![send(
-            old_commit,
-            1,
-            &mq,
-            Message::Commit { one_phase: false },
-            None
-        )]
+        vec![commit_sent(old_commit, 1, &mq, None)]
     );
     assert_eq!(
         e.handle(3, commit_acked(old_commit, 1, Ok(CommitAck::Committed))),

@@ -36,23 +36,10 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
     // Nothing changed yet: the retry still goes out while the record is being forced.
     assert_eq!(
         e.handle(21, timer(t, Timer::Retry { branch: 1 })),
-        vec![send(
-            t,
-            1,
-            &b,
-            Message::Commit { one_phase: false },
-            Some(3)
-        )]
+        vec![commit_sent(t, 1, &b, Some(3))]
     );
     // Durable: the branch is heuristically committed and the transaction finishes.
-    let cmds = e.handle(
-        22,
-        Event::AuditDurable {
-            req: 50,
-            lsn: 4,
-            at_ms: 1_700_000_000_123,
-        },
-    );
+    let cmds = e.handle(22, audit_durable(50, 4, 1_700_000_000_123));
     let report = ResolveReport {
         record: AuditRecord {
             at_ms: 1_700_000_000_123,
@@ -66,10 +53,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
         cmds,
         vec![
             Command::LogLazy(LazyRecord::Done { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            },
+            finished(t, Outcome::Committed),
             reply_once_durable(50, Ok(ReplyOk::Resolved(report)), Some(4)),
         ]
     );
@@ -84,16 +68,7 @@ fn resolve_commit_marks_the_stuck_branch_only_after_the_record_is_durable() {
     // The outcome participants are told is the logged one.
     assert_eq!(e.outcome_of(&t, true), Ok(Some(Outcome::Committed)));
     // A duplicate durability event is ignored.
-    assert!(e
-        .handle(
-            25,
-            Event::AuditDurable {
-                req: 50,
-                lsn: 4,
-                at_ms: 1
-            }
-        )
-        .is_empty());
+    assert!(e.handle(25, audit_durable(50, 4, 1)).is_empty());
 }
 
 #[test]
@@ -108,14 +83,7 @@ fn resolve_abort_of_a_committing_transaction_is_refused_unless_forced_and_record
     assert!(!rec.accepted && !rec.contradicts && rec.branches.is_empty());
     assert_eq!(rec.prior_state, "COMMITTING");
     assert!(rec.detail.contains("COMMITTED"), "{}", rec.detail);
-    let cmds = e.handle(
-        21,
-        Event::AuditDurable {
-            req: 51,
-            lsn: 4,
-            at_ms: 9,
-        },
-    );
+    let cmds = e.handle(21, audit_durable(51, 4, 9));
     match cmds.as_slice() {
         [Command::Reply {
             req: 51,
@@ -136,28 +104,12 @@ fn resolve_abort_of_a_committing_transaction_is_refused_unless_forced_and_record
     assert!(rec.accepted && rec.contradicts && rec.force);
     assert_eq!(rec.branches, vec!["mq".to_string()]);
     assert!(rec.detail.contains("FORCED"), "{}", rec.detail);
-    let cmds = e.handle(
-        23,
-        Event::AuditDurable {
-            req: 52,
-            lsn: 5,
-            at_ms: 10,
-        },
-    );
+    let cmds = e.handle(23, audit_durable(52, 5, 10));
     assert!(
         !cmds.iter().any(|c| matches!(c, Command::Send { .. })),
         "no message to any branch: {cmds:?}"
     );
-    assert_eq!(
-        cmds[..2],
-        [
-            Command::LogLazy(LazyRecord::Done { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            }
-        ]
-    );
+    assert_eq!(cmds[..2], done_and_finished(t)[..]);
     match &cmds[2] {
         Command::Reply {
             req: 52,
@@ -182,23 +134,13 @@ fn resolve_commit_gives_a_never_reached_tier_one_best_effort_commit() {
     let cmds = e.handle(7, resolve_ev(60, t, HeuristicDecision::Commit, false));
     let rec = forced_audit(&cmds, 60);
     assert_eq!(rec.branches, vec!["db".to_string(), "mq".to_string()]);
-    let cmds = e.handle(
-        8,
-        Event::AuditDurable {
-            req: 60,
-            lsn: 3,
-            at_ms: 1,
-        },
-    );
+    let cmds = e.handle(8, audit_durable(60, 3, 1));
     assert_eq!(
         cmds[..3],
         [
-            send(t, 1, &mq, Message::Commit { one_phase: false }, Some(2)),
+            commit_sent(t, 1, &mq, Some(2)),
             Command::LogLazy(LazyRecord::Done { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Committed
-            },
+            finished(t, Outcome::Committed),
         ]
     );
     // Its answer comes after the transaction is finished: ignored.
@@ -211,8 +153,7 @@ fn resolve_commit_gives_a_never_reached_tier_one_best_effort_commit() {
 fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_durable() {
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
-    let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, commit_ev(10, t));
+    let t = preparing(&mut e, &a, &b);
     e.handle(2, voted(t, 0, Ok(Vote::Yes)));
     // b's prepare hangs. The abort is decided now: the Commit caller is told ABORTED and
     // a (idle) gets its abort; b gets one when its prepare returns.
@@ -241,24 +182,8 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
         .handle(5, abort_acked(t, 0, Ok(AbortAck::Aborted)))
         .is_empty());
     // Durable: b never acknowledged, so it is heuristically aborted and the tx finishes.
-    let cmds = e.handle(
-        6,
-        Event::AuditDurable {
-            req: 70,
-            lsn: 1,
-            at_ms: 2,
-        },
-    );
-    assert_eq!(
-        cmds[..2],
-        [
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            }
-        ]
-    );
+    let cmds = e.handle(6, audit_durable(70, 1, 2));
+    assert_eq!(cmds[..2], aborted_and_finished(t)[..]);
     match &cmds[2] {
         Command::Reply {
             req: 70,
@@ -283,14 +208,7 @@ fn resolve_commit_of_an_undecided_or_deciding_transaction_is_refused() {
         let rec = forced_audit(&cmds, 80);
         assert!(!rec.accepted, "{rec:?}");
         assert!(rec.detail.contains("undecided"), "{}", rec.detail);
-        let cmds = e.handle(
-            2,
-            Event::AuditDurable {
-                req: 80,
-                lsn: 1,
-                at_ms: 1,
-            },
-        );
+        let cmds = e.handle(2, audit_durable(80, 1, 1));
         assert!(
             matches!(
                 cmds.as_slice(),
@@ -310,14 +228,7 @@ fn resolve_commit_of_an_undecided_or_deciding_transaction_is_refused() {
         let cmds = e.handle(3, resolve_ev(81, deciding, d, true));
         let rec = forced_audit(&cmds, 81);
         assert!(!rec.accepted && rec.prior_state == "DECIDING", "{rec:?}");
-        let cmds = e.handle(
-            4,
-            Event::AuditDurable {
-                req: 81,
-                lsn: 2,
-                at_ms: 1,
-            },
-        );
+        let cmds = e.handle(4, audit_durable(81, 2, 1));
         assert!(
             matches!(
                 cmds.as_slice(),
@@ -336,8 +247,7 @@ fn resolve_commit_of_an_undecided_or_deciding_transaction_is_refused() {
 fn resolve_an_aborting_transaction() {
     let mut e = engine();
     let (a, b) = (spec("db", 0), spec("mq", 0));
-    let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, commit_ev(10, t));
+    let t = preparing(&mut e, &a, &b);
     e.handle(2, voted(t, 0, Ok(Vote::No("constraint".into()))));
     // b voted yes late: it owes an abort acknowledgement and its participant is down.
     e.handle(3, voted(t, 1, Ok(Vote::Yes)));
@@ -348,37 +258,14 @@ fn resolve_an_aborting_transaction() {
     let cmds = e.handle(5, resolve_ev(90, t, HeuristicDecision::Commit, false));
     let rec = forced_audit(&cmds, 90);
     assert!(!rec.accepted && rec.detail.contains("ABORTED"), "{rec:?}");
-    e.handle(
-        6,
-        Event::AuditDurable {
-            req: 90,
-            lsn: 1,
-            at_ms: 1,
-        },
-    );
+    e.handle(6, audit_durable(90, 1, 1));
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
 
     // ABORT agrees: b is heuristically aborted and the transaction finishes.
     let cmds = e.handle(7, resolve_ev(91, t, HeuristicDecision::Abort, false));
     assert_eq!(forced_audit(&cmds, 91).branches, vec!["mq".to_string()]);
-    let cmds = e.handle(
-        8,
-        Event::AuditDurable {
-            req: 91,
-            lsn: 2,
-            at_ms: 2,
-        },
-    );
-    assert_eq!(
-        cmds[..2],
-        [
-            Command::LogLazy(LazyRecord::Aborted { tx: t }),
-            Command::Finished {
-                tx: t,
-                outcome: Outcome::Aborted
-            }
-        ]
-    );
+    let cmds = e.handle(8, audit_durable(91, 2, 2));
+    assert_eq!(cmds[..2], aborted_and_finished(t)[..]);
     assert!(matches!(
         &cmds[2],
         Command::Reply {
@@ -402,14 +289,7 @@ fn resolve_an_aborting_transaction() {
     let cmds = e.handle(12, resolve_ev(92, t2, HeuristicDecision::Commit, true));
     let rec = forced_audit(&cmds, 92);
     assert!(rec.accepted && rec.contradicts && rec.prior_state == "ABORTING");
-    let cmds = e.handle(
-        13,
-        Event::AuditDurable {
-            req: 92,
-            lsn: 3,
-            at_ms: 3,
-        },
-    );
+    let cmds = e.handle(13, audit_durable(92, 3, 3));
     assert!(
         matches!(
             cmds.last(),
@@ -433,14 +313,7 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
         let rec = forced_audit(&cmds, 95);
         assert!(rec.accepted && !rec.contradicts, "{rec:?}");
         assert!(rec.detail.contains("one-phase"), "{rec:?}");
-        let cmds = e.handle(
-            4,
-            Event::AuditDurable {
-                req: 95,
-                lsn: 1,
-                at_ms: 1,
-            },
-        );
+        let cmds = e.handle(4, audit_durable(95, 1, 1));
         // A caller told COMMITTED waits for the audit record (LSN 1); an abort needs none.
         let (caller, lazy, outcome) = match decision {
             HeuristicDecision::Commit => (
@@ -547,14 +420,7 @@ fn resolve_a_finished_transaction_asks_the_log_then_only_records() {
             Outcome::Aborted => "ABORTED",
         };
         assert_eq!(rec.prior_state, name);
-        let cmds = e.handle(
-            4,
-            Event::AuditDurable {
-                req,
-                lsn: req,
-                at_ms: 5,
-            },
-        );
+        let cmds = e.handle(4, audit_durable(req, req, 5));
         match (accepted, cmds.as_slice()) {
             (
                 true,

@@ -16,14 +16,7 @@ fn two_phase_commit_exact_commands() {
                 branch: a.clone()
             }
         ),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhase {
-                tx: t,
-                branch: a.clone()
-            }),
-            Command::Sync { tx: t },
-            reply(2, Ok(ReplyOk::Enlisted))
-        ],
+        [intent_written(t, &a), vec![reply(2, Ok(ReplyOk::Enlisted))]].concat(),
         "the first branch's one-phase intent, in case it stays the only one"
     );
     assert_eq!(
@@ -73,8 +66,8 @@ fn two_phase_commit_exact_commands() {
         e.handle(5, Event::LogDurable { tx: t, lsn: 7 }),
         vec![
             reply_once_durable(4, Ok(ReplyOk::Committed), Some(7)),
-            send(t, 0, &a, Message::Commit { one_phase: false }, Some(7)),
-            send(t, 1, &b, Message::Commit { one_phase: false }, Some(7)),
+            commit_sent(t, 0, &a, Some(7)),
+            commit_sent(t, 1, &b, Some(7)),
         ]
     );
     assert_eq!(
@@ -92,10 +85,7 @@ fn two_phase_commit_exact_commands() {
         e.handle(8, commit_acked(t, 0, Ok(CommitAck::Committed))),
         vec![]
     );
-    assert_eq!(
-        e.handle(8, commit_ev(9, t)),
-        vec![reply(9, Ok(ReplyOk::NotLive))]
-    );
+    commit_is_not_live(&mut e, 8, 9, t);
 }
 
 #[test]
@@ -108,37 +98,21 @@ fn phase_two_goes_tier_by_tier() {
         e.handle(5, Event::LogDurable { tx: t, lsn: 1 }),
         vec![
             reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
-            send(t, 0, &db, Message::Commit { one_phase: false }, Some(1))
+            commit_sent(t, 0, &db, Some(1))
         ]
     );
     // A failed database commit is retried, and the broker still waits.
     assert_eq!(
         e.handle(6, commit_acked(t, 0, Err("down".into()))),
-        vec![Command::ArmTimer {
-            tx: t,
-            timer: Timer::Retry { branch: 0 },
-            after_ms: 10
-        }]
+        vec![retry_armed(t, 0, 10)]
     );
     assert_eq!(
         e.handle(16, timer(t, Timer::Retry { branch: 0 })),
-        vec![send(
-            t,
-            0,
-            &db,
-            Message::Commit { one_phase: false },
-            Some(1)
-        )]
+        vec![commit_sent(t, 0, &db, Some(1))]
     );
     assert_eq!(
         e.handle(17, commit_acked(t, 0, Ok(CommitAck::Committed))),
-        vec![send(
-            t,
-            1,
-            &mq,
-            Message::Commit { one_phase: false },
-            Some(1)
-        )]
+        vec![commit_sent(t, 1, &mq, Some(1))]
     );
     assert_eq!(
         e.handle(18, commit_acked(t, 1, Ok(CommitAck::Committed))),
@@ -165,16 +139,7 @@ fn retries_back_off_exponentially_up_to_the_cap_and_never_stop() {
             other => panic!("{other:?}"),
         }
         let resend = e.handle(10 + i, timer(t, Timer::Retry { branch: 0 }));
-        assert_eq!(
-            resend,
-            vec![send(
-                t,
-                0,
-                &a,
-                Message::Commit { one_phase: false },
-                Some(1)
-            )]
-        );
+        assert_eq!(resend, vec![commit_sent(t, 0, &a, Some(1))]);
     }
     assert_eq!(&delays[..5], &[10, 20, 40, 80, 80]);
     assert!(delays.iter().all(|d| *d <= 80));
@@ -214,11 +179,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     // A failed abort to a prepared branch is retried; a failed courtesy abort is not.
     assert_eq!(
         e.handle(5, abort_acked(t, 0, Err("down".into()))),
-        vec![Command::ArmTimer {
-            tx: t,
-            timer: Timer::Retry { branch: 0 },
-            after_ms: 10
-        }]
+        vec![retry_armed(t, 0, 10)]
     );
     assert_eq!(e.handle(5, abort_acked(t, 1, Err("down".into()))), vec![]);
     assert_eq!(
@@ -234,18 +195,14 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
         aborted_and_finished(t)
     );
     // Commit after the abort: the engine no longer holds it; presumed abort answers.
-    assert_eq!(
-        e.handle(27, commit_ev(11, t)),
-        vec![reply(11, Ok(ReplyOk::NotLive))]
-    );
+    commit_is_not_live(&mut e, 27, 11, t);
 }
 
 #[test]
 fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
-    let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, commit_ev(10, t));
+    let t = preparing(&mut e, &a, &b);
     e.handle(2, voted(t, 0, Ok(Vote::Yes)));
     let cmds = e.handle(1001, timer(t, Timer::PrepareTimeout));
     assert_eq!(
@@ -279,8 +236,7 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
 fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
-    let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, commit_ev(10, t));
+    let t = preparing(&mut e, &a, &b);
     e.handle(2, voted(t, 0, Ok(Vote::ReadOnly)));
     assert_eq!(
         e.handle(3, voted(t, 1, Ok(Vote::Yes))),
@@ -294,7 +250,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
         e.handle(4, Event::LogDurable { tx: t, lsn: 2 }),
         vec![
             reply_once_durable(10, Ok(ReplyOk::Committed), Some(2)),
-            send(t, 1, &b, Message::Commit { one_phase: false }, Some(2))
+            commit_sent(t, 1, &b, Some(2))
         ]
     );
 
@@ -306,10 +262,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
         vec![
             reply(11, Ok(ReplyOk::Committed)),
             Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
-            Command::Finished {
-                tx: t2,
-                outcome: Outcome::Committed
-            },
+            finished(t2, Outcome::Committed),
         ]
     );
 }
@@ -318,8 +271,7 @@ fn read_only_branches_skip_phase_two_and_all_read_only_needs_no_log() {
 fn duplicate_and_late_messages_change_nothing() {
     let mut e = engine();
     let (a, b) = (spec("a", 0), spec("b", 0));
-    let t = begin(&mut e, &[a.clone(), b.clone()]);
-    e.handle(1, commit_ev(10, t));
+    let t = preparing(&mut e, &a, &b);
     // A second Commit while preparing joins the first: no new prepares.
     assert_eq!(e.handle(1, commit_ev(11, t)), vec![]);
     assert_eq!(e.handle(2, voted(t, 0, Ok(Vote::Yes))), vec![]);
@@ -418,10 +370,7 @@ fn abort_requests() {
     e.handle(2, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert_eq!(
         e.handle(2, abort_acked(t, 1, Err("gone".into()))),
-        vec![Command::Finished {
-            tx: t,
-            outcome: Outcome::Aborted
-        }]
+        vec![finished(t, Outcome::Aborted)]
     );
 
     // Decided commit: an Abort while the COMMIT is being forced waits for the log (a crash
@@ -536,8 +485,7 @@ fn abort_requests() {
 #[test]
 fn transaction_timeout_aborts_only_active_transactions() {
     let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin(&mut e, std::slice::from_ref(&a));
+    let (a, t) = begin_one(&mut e);
     assert_eq!(
         e.handle(5_000, timer(t, Timer::TxTimeout)),
         vec![send(t, 0, &a, Message::Abort, None)]

@@ -5,6 +5,23 @@ use super::{assert_stats_sane, branches, commit, join_all, stats_delta, tx_of, S
 use crate::log::{CommitRecord, DecisionLog, LazyRecord, LogError, Recovered, StoredDecision};
 use crate::types::TxId;
 
+/// Checks that `log` recovers exactly `want` (`why` says which rule that is).
+#[track_caller]
+fn recovers<L: DecisionLog>(log: &L, want: Recovered, why: &str) {
+    assert_eq!(log.recover().expect("recover()"), want, "{why}");
+}
+
+/// Checks that `log` holds the decision `record` for `tx`, finished if `done` (`why`
+/// says which rule that is).
+#[track_caller]
+fn holds_decision<L: DecisionLog>(log: &L, tx: &TxId, record: CommitRecord, done: bool, why: &str) {
+    assert_eq!(
+        log.decision(tx).expect("decision()"),
+        Some(StoredDecision { record, done }),
+        "{why}"
+    );
+}
+
 /// Durable means synced; reads come from the log; LSNs grow; stats count it.
 pub async fn check_force_and_read<L: DecisionLog>(log: &L) {
     let e = log.epoch();
@@ -32,13 +49,12 @@ pub async fn check_force_and_read<L: DecisionLog>(log: &L) {
         records.push(rec);
     }
     for rec in &records {
-        assert_eq!(
-            log.decision(&rec.tx).expect("decision()"),
-            Some(StoredDecision {
-                record: rec.clone(),
-                done: false
-            }),
-            "decision() must return what was forced"
+        holds_decision(
+            log,
+            &rec.tx,
+            rec.clone(),
+            false,
+            "decision() must return what was forced",
         );
     }
     assert_eq!(log.decision(&tx_of(log, 999)).expect("decision()"), None);
@@ -143,13 +159,12 @@ pub async fn check_write_once<L: DecisionLog>(log: &L) {
         ),
         "conflict after Done"
     );
-    assert_eq!(
-        log.decision(&t).expect("decision()"),
-        Some(StoredDecision {
-            record: first,
-            done: true
-        }),
-        "repeats keep the first record and its done flag"
+    holds_decision(
+        log,
+        &t,
+        first,
+        true,
+        "repeats keep the first record and its done flag",
     );
 }
 
@@ -199,7 +214,11 @@ pub async fn check_fencing<L: DecisionLog>(log: &L) {
         None,
         "a fenced write stores nothing"
     );
-    assert_eq!(log.recover().expect("recover()"), Recovered::default());
+    recovers(
+        log,
+        Recovered::default(),
+        "a fenced write leaves nothing to recover",
+    );
     assert_eq!(log.stats().decisions, before.decisions);
     assert!(!log.is_failed(), "fencing does not poison the log");
     log.force_commit(e, commit(t, branches(1, "f"), 0))
@@ -220,14 +239,13 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         },
     )
     .expect("lazy");
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered {
-            commits: vec![],
             undecided: vec![(t1, branches(2, "p1"))],
-            one_phase: vec![],
+            ..Recovered::default()
         },
-        "a Preparing record without a decision is undecided"
+        "a Preparing record without a decision is undecided",
     );
     assert_eq!(
         log.decision(&t1).expect("decision()"),
@@ -236,11 +254,7 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
     );
     log.record_lazy(e, LazyRecord::Aborted { tx: t1 })
         .expect("lazy");
-    assert_eq!(
-        log.recover().expect("recover()"),
-        Recovered::default(),
-        "Aborted drops Preparing"
-    );
+    recovers(log, Recovered::default(), "Aborted drops Preparing");
     log.record_lazy(e, LazyRecord::Aborted { tx: t1 })
         .expect("Aborted twice is harmless");
 
@@ -254,14 +268,13 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
     .expect("lazy");
     let rec2 = commit(t2, branches(2, "p2"), 42);
     log.force_commit(e, rec2.clone()).await.expect("force");
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered {
             commits: vec![rec2.clone()],
-            undecided: vec![],
-            one_phase: vec![],
+            ..Recovered::default()
         },
-        "a decided transaction is a commit to finish, not undecided"
+        "a decided transaction is a commit to finish, not undecided",
     );
     // Lazy records never delete or overwrite the decision.
     log.record_lazy(e, LazyRecord::Aborted { tx: t2 })
@@ -282,38 +295,32 @@ pub async fn check_lazy_records<L: DecisionLog>(log: &L) {
         },
     )
     .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2.clone(),
-            done: false
-        }),
-        "lazy records must not change a COMMIT record"
+    holds_decision(
+        log,
+        &t2,
+        rec2.clone(),
+        false,
+        "lazy records must not change a COMMIT record",
     );
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered {
             commits: vec![rec2.clone()],
-            undecided: vec![],
-            one_phase: vec![],
-        }
+            ..Recovered::default()
+        },
+        "lazy records must not change the commit to finish",
     );
 
     log.record_lazy(e, LazyRecord::Done { tx: t2 })
         .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2.clone(),
-            done: true
-        }),
-        "Done marks the decision finished and keeps it"
+    holds_decision(
+        log,
+        &t2,
+        rec2.clone(),
+        true,
+        "Done marks the decision finished and keeps it",
     );
-    assert_eq!(
-        log.recover().expect("recover()"),
-        Recovered::default(),
-        "done commits are finished"
-    );
+    recovers(log, Recovered::default(), "done commits are finished");
     log.record_lazy(e, LazyRecord::Done { tx: t2 })
         .expect("Done twice is harmless");
     assert_eq!(
@@ -360,10 +367,10 @@ pub async fn check_one_phase<L: DecisionLog>(log: &L) {
     assert!(d.done, "a one-phase commit is already done");
     assert_eq!(d.record.tx, t1);
     assert_eq!(d.record.branches, branches(1, "op"));
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered::default(),
-        "a one-phase commit is neither unfinished nor undecided"
+        "a one-phase commit is neither unfinished nor undecided",
     );
     assert_eq!(
         log.stats().decisions,
@@ -382,12 +389,12 @@ pub async fn check_one_phase<L: DecisionLog>(log: &L) {
         },
     )
     .expect("lazy");
-    assert_eq!(
-        log.decision(&t2).expect("decision()"),
-        Some(StoredDecision {
-            record: rec2,
-            done: false
-        })
+    holds_decision(
+        log,
+        &t2,
+        rec2,
+        false,
+        "a one-phase outcome does not overwrite a forced decision",
     );
 
     // Forcing the same decision later is idempotent (and makes it durable); a different
@@ -444,14 +451,13 @@ pub async fn check_one_phase_intent<L: DecisionLog>(log: &L) {
         (before.decisions, before.batches),
         "sync() is not a decision"
     );
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered {
-            commits: vec![],
-            undecided: vec![],
             one_phase: vec![(t1, b1.clone()), (t2, b2.clone()), (t3, b3.clone())],
+            ..Recovered::default()
         },
-        "one-phase intents without an outcome are in doubt, in TxId order"
+        "one-phase intents without an outcome are in doubt, in TxId order",
     );
     assert_eq!(
         log.decision(&t1).expect("decision()"),
@@ -469,14 +475,13 @@ pub async fn check_one_phase_intent<L: DecisionLog>(log: &L) {
     log.record_lazy(e, LazyRecord::Aborted { tx: t2 })
         .expect("lazy");
     log.sync(e).await.expect("sync");
-    assert_eq!(
-        log.recover().expect("recover()"),
+    recovers(
+        log,
         Recovered {
-            commits: vec![],
-            undecided: vec![],
             one_phase: vec![(t3, b3.clone())],
+            ..Recovered::default()
         },
-        "the outcome or an abort ends the intent"
+        "the outcome or an abort ends the intent",
     );
     assert_eq!(
         log.decision(&t1).expect("decision()").map(|d| d.done),

@@ -96,45 +96,29 @@ impl Default for SuiteOptions {
 
 /// Runs every check, each on a fresh subject from `make`.
 pub async fn run_all<L: DecisionLog>(mut make: impl FnMut() -> Subject<L>, opts: SuiteOptions) {
-    let s = make();
-    check_force_and_read(&s.log).await;
-    drop(s);
-    let s = make();
-    check_write_once(&s.log).await;
-    drop(s);
-    let s = make();
-    check_fencing(&s.log).await;
-    drop(s);
-    let s = make();
-    check_lazy_records(&s.log).await;
-    drop(s);
-    let s = make();
-    check_one_phase(&s.log).await;
-    drop(s);
-    let s = make();
-    check_one_phase_intent(&s.log).await;
-    drop(s);
-    let s = make();
-    check_sync_poisoning(&s.log, &|| s.break_syncs()).await;
-    drop(s);
-    let s = make();
-    check_recover_order(&s.log).await;
-    drop(s);
-    let s = make();
-    check_group_commit(&s.log, opts).await;
-    drop(s);
-    let s = make();
-    check_poisoning(&s.log, &|| s.break_syncs()).await;
-    drop(s);
-    let s = make();
-    check_audits(&s.log).await;
-    drop(s);
-    let s = make();
-    check_audit_poisoning(&s.log, &|| s.break_syncs()).await;
-    drop(s);
-    let s = make();
-    check_collection(&s.log).await;
-    drop(s);
+    // One row a check: a fresh subject `s` from `make`, the check on it, then `s` dropped.
+    macro_rules! on_fresh {
+        ($($s:ident => $check:expr;)*) => {$({
+            let $s = make();
+            $check.await;
+            drop($s);
+        })*};
+    }
+    on_fresh! {
+        s => check_force_and_read(&s.log);
+        s => check_write_once(&s.log);
+        s => check_fencing(&s.log);
+        s => check_lazy_records(&s.log);
+        s => check_one_phase(&s.log);
+        s => check_one_phase_intent(&s.log);
+        s => check_sync_poisoning(&s.log, &|| s.break_syncs());
+        s => check_recover_order(&s.log);
+        s => check_group_commit(&s.log, opts);
+        s => check_poisoning(&s.log, &|| s.break_syncs());
+        s => check_audits(&s.log);
+        s => check_audit_poisoning(&s.log, &|| s.break_syncs());
+        s => check_collection(&s.log);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+//! Set-up shared by the coordinator's integration tests that run the real gRPC server
+//! in-process over a sled log the test holds (`bad_input`, `durability`, `streams`; each
+//! includes it with `mod support;`): [`serve`] starts that server, usually with
+//! [`quick_retries`].
+
+// Every test binary compiles its own copy of this module and uses only part of it; what
+// one binary leaves unused would be a dead-code warning there (an error under
+// `clippy -D warnings`).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use twopc_coordinator::config::ServeConfig;
+use twopc_coordinator::log::SledLog;
+use twopc_coordinator::server;
+
+/// A coordinator served in-process by [`serve`].
+pub struct Served {
+    /// Its gRPC URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Stops it when sent to (or dropped).
+    pub stop: oneshot::Sender<()>,
+    /// The server's task; it ends once the coordinator stopped.
+    pub task: JoinHandle<()>,
+}
+
+/// Coordinator settings with quick phase-two retries (10 ms, doubling up to 50 ms).
+pub fn quick_retries() -> ServeConfig {
+    ServeConfig {
+        retry_initial_ms: 10,
+        retry_max_ms: 50,
+        ..ServeConfig::default()
+    }
+}
+
+/// Serves the coordinator with the settings `cfg` over `log` on a fresh port of
+/// 127.0.0.1 (its `listen` address is the port bound); an error it stops with is printed.
+pub async fn serve(cfg: ServeConfig, log: Arc<SledLog>) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind coordinator");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let res = server::run_with_log(cfg, log, listener, async {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(e) = res {
+            eprintln!("coordinator stopped with an error: {e}");
+        }
+    });
+    Served { url, stop, task }
+}
