@@ -415,6 +415,7 @@ fn state_name(code: i32) -> &'static str {
         Ok(pb::TxState::Committed) => "COMMITTED",
         Ok(pb::TxState::Aborting) => "ABORTING",
         Ok(pb::TxState::Aborted) => "ABORTED",
+        Ok(pb::TxState::Forgotten) => "FORGOTTEN",
         _ => "-",
     }
 }
@@ -423,6 +424,7 @@ fn outcome_name(code: i32) -> &'static str {
     match pb::Outcome::try_from(code) {
         Ok(pb::Outcome::Committed) => "COMMITTED",
         Ok(pb::Outcome::Aborted) => "ABORTED",
+        Ok(pb::Outcome::Forgotten) => "FORGOTTEN",
         _ => "-",
     }
 }
@@ -666,7 +668,13 @@ fn show_text(r: &pb::AdminShowTransactionResponse) -> String {
         field("reason", &r.reason);
     }
     out.push('\n');
-    if r.branches.is_empty() {
+    if r.state == pb::TxState::Forgotten as i32 {
+        out.push_str(
+            "finished; its decision record was collected after the coordinator's retention \
+             (--decision-retention-ms), so its outcome is no longer kept: learn it from the \
+             branches\n",
+        );
+    } else if r.branches.is_empty() {
         out.push_str("no branch details (the coordinator no longer holds this transaction)\n");
     } else {
         let rows: Vec<Vec<String>> = r

@@ -175,8 +175,8 @@ async fn write_decisions(dir: &Path) {
             log.record_lazy(epoch, LazyRecord::Done { tx: r.tx })
                 .expect("Done");
         }
-        let cutoff = decision(tx_of(&log, start as u64)).decided_at_ms;
-        log.collect(cutoff, CONCURRENT).expect("collect");
+        log.collect(&tx_of(&log, start as u64), CONCURRENT)
+            .expect("collect");
     }
 }
 

@@ -22,9 +22,10 @@ use twopc_proto::v1 as pb;
 
 use crate::engine::{Outcome, ResolveRequest};
 use crate::log::{AuditRecord, DecisionLog};
-use crate::runtime::{Runtime, TxView};
+use crate::runtime::{Known, Runtime, TxView};
 use crate::service::{
-    branch_state_pb, branch_to_pb, list_transactions, outcome_pb, parse_tx, status_of, view_state,
+    branch_state_pb, branch_to_pb, known_pb, list_transactions, outcome_pb, parse_tx, status_of,
+    view_state,
 };
 use crate::transport::Transport;
 use crate::types::{HeuristicDecision, TxId};
@@ -111,7 +112,7 @@ impl<L: DecisionLog, T: Transport> AdminService<L, T> {
                 .collect());
         }
         let mut out = Vec::new();
-        let committed = view.outcome == Some(Outcome::Committed);
+        let committed = view.known == Known::Decided(Outcome::Committed);
         if committed {
             if let Some(d) = self.rt.logged_decision(tx).map_err(status_of)? {
                 for spec in &d.record.branches {
@@ -171,7 +172,7 @@ impl<L: DecisionLog, T: Transport> pb::admin_server::Admin for AdminService<L, T
                 heuristic: self.rt.is_heuristic(&l.view.tx).map_err(status_of)?,
                 tx_id: l.view.tx.to_string(),
                 state: view_state(&l.view) as i32,
-                outcome: outcome_pb(l.view.outcome) as i32,
+                outcome: known_pb(l.view.known) as i32,
                 age_ms: l.view.age_ms,
                 branch_count: l.branches,
                 pending_branch_count: l.pending,
@@ -193,7 +194,7 @@ impl<L: DecisionLog, T: Transport> pb::admin_server::Admin for AdminService<L, T
         Ok(Response::new(pb::AdminShowTransactionResponse {
             tx_id: tx.to_string(),
             state: view_state(&view) as i32,
-            outcome: outcome_pb(view.outcome) as i32,
+            outcome: known_pb(view.known) as i32,
             age_ms: view.age_ms,
             reason: view
                 .live

@@ -36,6 +36,10 @@
 //! | `twopc_recovery_transactions{kind}` | gauge | found by recovery at start: `commit` (to re-drive), `abort` (undecided, to abort), `one_phase` (one-phase commits whose outcome was not recorded: their branch is asked again) |
 //! | `twopc_recovery_remaining{kind}` | gauge | of those, still unfinished |
 //! | `twopc_halted` | gauge | 1 once the decision log failed and no new work is taken |
+//! | `twopc_log_records_collected_total` | counter | finished decision records deleted after the retention (`--decision-retention-ms`) |
+//! | `twopc_log_records_kept` | gauge | decision records the log keeps, open and finished (counted by the collector about once a minute) |
+//! | `twopc_log_record_oldest_kept_age_seconds` | gauge | age of the oldest of them at that count; 0 if none |
+//! | `twopc_forgotten_answers_total` | counter | requests about a transaction whose record was collected, answered FORGOTTEN |
 //! | `twopc_heuristic_resolutions_total{decision,result}` | counter | operator resolutions (Admin `Resolve`) whose audit record is durable: `decision` `commit`/`abort`; `result` `accepted`, `contradicting` (accepted with force against the known outcome) or `refused` |
 //!
 //! Outcomes are counted when they are decided, not when phase two finishes; COMMIT
@@ -146,8 +150,65 @@ struct RecoveryLeft {
     one_phase: Vec<TxId>,
 }
 
+/// The metrics of the collection of finished decision records (fed by the runtime's
+/// collector and by answers about forgotten transactions).
+pub struct CollectionMetrics {
+    collected: IntCounter,
+    kept: IntGauge,
+    oldest_kept: Gauge,
+    forgotten: IntCounter,
+}
+
+impl CollectionMetrics {
+    fn new(r: &Registry) -> Self {
+        CollectionMetrics {
+            collected: counter(
+                r,
+                "twopc_log_records_collected_total",
+                "Finished decision records deleted after the retention",
+            ),
+            kept: gauge(
+                r,
+                "twopc_log_records_kept",
+                "Decision records the log keeps (open and finished), as last counted",
+            ),
+            oldest_kept: register(
+                r,
+                Gauge::with_opts(Opts::new(
+                    "twopc_log_record_oldest_kept_age_seconds",
+                    "Age of the oldest decision record kept, as last counted (0 if none)",
+                ))
+                .expect("valid gauge"),
+            ),
+            forgotten: counter(
+                r,
+                "twopc_forgotten_answers_total",
+                "Requests about a transaction whose record was collected (answered FORGOTTEN)",
+            ),
+        }
+    }
+
+    /// `records` finished records were collected.
+    pub fn collected(&self, records: u64) {
+        self.collected.inc_by(records);
+    }
+
+    /// What the log keeps, counted now: `records`, the oldest decided `oldest_age_ms` ago.
+    pub fn kept(&self, records: u64, oldest_age_ms: u64) {
+        self.kept.set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.oldest_kept.set(oldest_age_ms as f64 / 1000.0);
+    }
+
+    /// A request about a forgotten transaction was answered so.
+    pub fn forgotten_answered(&self) {
+        self.forgotten.inc();
+    }
+}
+
 /// The coordinator's metrics registry. See the module docs for the list.
 pub struct Metrics {
+    /// Collection of finished decision records.
+    pub collection: CollectionMetrics,
     registry: Registry,
     begun: IntCounter,
     committed: IntCounter,
@@ -386,6 +447,7 @@ impl Metrics {
             ),
             resolutions: [resolutions_of("commit"), resolutions_of("abort")],
             pending_audits: Mutex::new(HashMap::new()),
+            collection: CollectionMetrics::new(&r),
             registry: r,
             phases: Mutex::new(HashMap::new()),
             last_durable: AtomicU64::new(durable_lsn),

@@ -57,14 +57,11 @@ use tokio_stream::StreamExt;
 use tokio_util::time::DelayQueue;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{
-    Command, Engine, EngineConfig, Event, Message, Outcome, Provenance, ReplyOk, Timer, TxEntry,
-    TxError, TxState,
-};
+use crate::engine::{Command, Engine, EngineConfig, Event, Message, ReplyOk, Timer, TxError};
 use crate::log::{DecisionLog, LogError, Lsn};
 use crate::metrics::Metrics;
 use crate::transport::Transport;
-use crate::types::{BranchSpec, HeuristicDecision, TxId};
+use crate::types::{BranchSpec, TxId};
 
 /// Called once when the coordinator halts, with the reason.
 type HaltHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -76,6 +73,9 @@ pub struct RuntimeOptions {
     pub engine: EngineConfig,
     /// Default wait for phase two in Commit.
     pub commit_wait: Duration,
+    /// How long finished decision records are kept before the collector deletes them
+    /// ([`collector`]); `None`: kept forever.
+    pub retention: Option<Duration>,
 }
 
 /// What a Commit RPC learned.
@@ -85,24 +85,6 @@ pub struct CommitResult {
     pub pending: Vec<String>,
     /// The epoch of this start of the coordinator (see [`Runtime::barrier`]).
     pub epoch: u64,
-}
-
-/// A snapshot of one transaction for GetTransaction / ListTransactions.
-#[derive(Clone, Debug)]
-pub struct TxView {
-    /// The transaction.
-    pub tx: TxId,
-    /// In memory: the engine's entry. `None` when answered from the log.
-    pub live: Option<TxEntry>,
-    /// Final outcome, when decided.
-    pub outcome: Option<Outcome>,
-    /// Age in ms (live transactions only).
-    pub age_ms: u64,
-}
-
-/// The outcome of a transaction the engine no longer holds.
-struct Resolved {
-    outcome: Outcome,
 }
 
 /// The coordinator runtime. Cheap to clone (an `Arc`).
@@ -209,8 +191,9 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         self.inner.metrics.encode()
     }
 
-    /// Reads the log and schedules every unfinished transaction. Returns how many
-    /// (commits to re-drive, undecided to abort).
+    /// Reads the log and schedules every unfinished transaction, then starts the
+    /// collector (with a retention set). Call once. Returns how many (commits to
+    /// re-drive, undecided to abort).
     pub fn recover(&self) -> Result<(usize, usize), LogError> {
         let rec = self.without_resolved(self.inner.log.recover()?)?;
         let counts = (rec.commits.len(), rec.undecided.len());
@@ -221,6 +204,10 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             "recovery: re-driving unfinished transactions"
         );
         self.inner.dispatch(Event::Recovered(rec));
+        // Sampling starts once the recovered transactions are held (see `collector`).
+        if let Some(retention) = self.inner.opts.retention {
+            tokio::spawn(collector::run(Arc::downgrade(&self.inner), retention));
+        }
         Ok(counts)
     }
 
@@ -300,7 +287,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                     epoch,
                 })
             }
-            ReplyOk::NotLive => self.answer_finished(tx, answer_before_durable, epoch).await,
+            ReplyOk::NotLive => self.answer_reported(tx, answer_before_durable, epoch).await,
             other => Err(unexpected(other)),
         }
     }
@@ -352,31 +339,6 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         Ok(CommitResult { pending, epoch })
     }
 
-    /// The answer to a Commit of a transaction the engine no longer holds, from the log.
-    async fn answer_finished(
-        &self,
-        tx: TxId,
-        answer_before_durable: bool,
-        epoch: u64,
-    ) -> Result<CommitResult, TxError> {
-        match self.resolve(&tx)?.outcome {
-            Outcome::Committed => {
-                // The record may be a one-phase outcome answered early to an earlier call
-                // and not synced yet.
-                if !answer_before_durable {
-                    self.sync_log().await?;
-                }
-                Ok(CommitResult {
-                    pending: Vec::new(),
-                    epoch,
-                })
-            }
-            Outcome::Aborted => Err(TxError::Aborted(format!(
-                "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
-            ))),
-        }
-    }
-
     /// Barrier RPC: returns once every record written before the call is durable (one log
     /// sync, shared with the other writes of the moment), with this start's epoch.
     pub async fn barrier(&self) -> Result<u64, TxError> {
@@ -411,94 +373,6 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
     /// use; settled like an abort, counted apart.
     pub async fn release(&self, tx: TxId) -> Result<(), TxError> {
         self.aborted(tx, |req| Event::Release { req, tx }).await
-    }
-
-    /// Runs an abort of `tx` (`event`) and answers like the Abort RPC.
-    async fn aborted(&self, tx: TxId, event: impl FnOnce(u64) -> Event) -> Result<(), TxError> {
-        match self.request(event).await? {
-            ReplyOk::Aborted => Ok(()),
-            ReplyOk::NotLive => match self.resolve(&tx)?.outcome {
-                Outcome::Aborted => Ok(()),
-                Outcome::Committed => {
-                    self.sync_log().await?;
-                    Err(TxError::FailedPrecondition(format!(
-                        "transaction {tx} cannot be aborted: its outcome is COMMITTED"
-                    )))
-                }
-            },
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// GetTransaction RPC.
-    pub fn get(&self, tx: TxId) -> Result<TxView, TxError> {
-        {
-            let engine = lock(&self.inner.engine);
-            if let Some(e) = engine.tx(&tx) {
-                return Ok(self.view(tx, e));
-            }
-        }
-        let resolved = self.resolve(&tx)?;
-        Ok(TxView {
-            tx,
-            live: None,
-            outcome: Some(resolved.outcome),
-            age_ms: 0,
-        })
-    }
-
-    /// ListTransactions RPC: live transactions, oldest first.
-    pub fn list(&self, filter: impl Fn(&TxView) -> bool, limit: usize) -> Vec<TxView> {
-        let engine = lock(&self.inner.engine);
-        let mut views: Vec<TxView> = engine
-            .txs()
-            .map(|(tx, e)| self.view(*tx, e))
-            .filter(|v| filter(v))
-            .collect();
-        views.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.tx.cmp(&b.tx)));
-        views.truncate(limit);
-        views
-    }
-
-    fn view(&self, tx: TxId, e: &TxEntry) -> TxView {
-        let now = self.inner.now_ms();
-        TxView {
-            tx,
-            live: Some(e.clone()),
-            outcome: e.outcome(),
-            age_ms: now.saturating_sub(e.began_at_ms),
-        }
-    }
-
-    /// The outcome of a transaction the engine no longer holds: the log's COMMIT record
-    /// (or an operator's accepted COMMIT of a one-phase commit), else presumed abort.
-    /// Unknown ids are NOT_FOUND.
-    fn resolve(&self, tx: &TxId) -> Result<Resolved, TxError> {
-        // Read the log first: if the engine forgets the transaction meanwhile, the record
-        // it answered from (a COMMIT written before the forget) is already visible.
-        let unreadable =
-            |e: LogError| TxError::Unavailable(format!("cannot read the decision log: {e}"));
-        let log_has_commit = match lock(&self.inner.engine).provenance(tx) {
-            Provenance::Unknown => false,
-            _ => {
-                self.inner.log.decision(tx).map_err(unreadable)?.is_some()
-                    // An operator's accepted COMMIT of a one-phase commit (judged while
-                    // PREPARING: only a one-phase commit can be resolved to COMMIT there)
-                    // is its outcome, even if the record written after the audit was lost.
-                    || self.inner.log.audits(tx).map_err(unreadable)?.iter().any(|a| {
-                        a.accepted
-                            && a.decision == HeuristicDecision::Commit
-                            && a.prior_state == TxState::Preparing.name()
-                    })
-            }
-        };
-        let outcome = lock(&self.inner.engine).outcome_of(tx, log_has_commit)?;
-        // A live transaction has no final outcome until it is decided: only callers that
-        // found it not live come here, so an undecided answer means it became live again
-        // (impossible) or is still deciding; report it as not decided.
-        outcome
-            .map(|outcome| Resolved { outcome })
-            .ok_or_else(|| TxError::Unavailable(format!("transaction {tx} is not decided yet")))
     }
 
     async fn request(&self, make: impl FnOnce(u64) -> Event) -> Result<ReplyOk, TxError> {
@@ -898,3 +772,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// the runtime's private state.
 #[path = "runtime_admin.rs"]
 mod admin;
+#[path = "runtime_collector.rs"]
+pub mod collector;
+#[path = "runtime_finished.rs"]
+mod finished;
+
+pub use finished::{Known, TxView};

@@ -49,8 +49,9 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         };
         let reply = match first {
             ReplyOk::NotLive => {
-                // Not live is final: what the log says now is what it will say.
-                let outcome = self.resolve(&tx)?.outcome;
+                // Not live is final: what the log says now is what it will say. A forgotten
+                // transaction has no outcome left to judge a resolution against.
+                let outcome = self.finished(&tx)?;
                 self.request(|req| Event::Resolve {
                     req,
                     tx,
@@ -64,7 +65,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         match reply {
             ReplyOk::Resolved(mut report) => {
                 if report.state.is_none() && report.outcome.is_none() {
-                    report.outcome = Some(self.resolve(&tx)?.outcome);
+                    report.outcome = Some(self.finished(&tx)?);
                 }
                 info!(
                     %tx,
@@ -233,6 +234,7 @@ mod tests {
                 ..EngineConfig::default()
             },
             commit_wait: Duration::ZERO,
+            retention: None,
         };
         Runtime::new(opts, Arc::new(log), OneDeadBranch)
     }
@@ -298,7 +300,7 @@ mod tests {
         assert!(rt.is_heuristic(&t).expect("read"));
         let view = rt.get(t).expect("get");
         assert!(view.live.is_none());
-        assert_eq!(view.outcome, Some(Outcome::Committed));
+        assert_eq!(view.known.outcome(), Some(Outcome::Committed));
 
         // A finished transaction: COMMIT is only recorded; a forced ABORT is recorded as
         // contradicting and changes nothing.
@@ -365,12 +367,12 @@ mod tests {
         let rt = runtime(log.reopen());
         rt.recover().expect("recover");
         assert_eq!(
-            rt.get(one_phase).expect("get").outcome,
+            rt.get(one_phase).expect("get").known.outcome(),
             Some(Outcome::Committed),
             "the operator's COMMIT of a one-phase commit is its outcome"
         );
         assert_eq!(
-            rt.get(contradicted).expect("get").outcome,
+            rt.get(contradicted).expect("get").known.outcome(),
             Some(Outcome::Aborted),
             "a forced COMMIT against an ABORTED outcome is recorded, never the outcome"
         );
@@ -451,7 +453,7 @@ mod tests {
             "marked done"
         );
         assert_eq!(
-            rt.get(undecided).expect("get").outcome,
+            rt.get(undecided).expect("get").known.outcome(),
             Some(Outcome::Aborted)
         );
         assert_eq!(
@@ -460,7 +462,7 @@ mod tests {
             "a resolved one-phase commit: its branch is not asked again"
         );
         assert_eq!(
-            rt.get(one_phase).expect("get").outcome,
+            rt.get(one_phase).expect("get").known.outcome(),
             Some(Outcome::Committed),
             "the operator's COMMIT is the outcome, though the record after the audit was lost"
         );

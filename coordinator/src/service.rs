@@ -16,7 +16,7 @@ use twopc_proto::v1 as pb;
 
 use crate::engine::{BranchState, Outcome, TxError, TxState};
 use crate::log::DecisionLog;
-use crate::runtime::{Runtime, TxView};
+use crate::runtime::{Known, Runtime, TxView};
 use crate::transport::Transport;
 use crate::types::{BranchKind, BranchSpec, TxId};
 
@@ -158,6 +158,14 @@ pub(crate) fn outcome_pb(o: Option<Outcome>) -> pb::Outcome {
     }
 }
 
+/// Wire form of what is known of a transaction's outcome.
+pub(crate) fn known_pb(k: Known) -> pb::Outcome {
+    match k {
+        Known::Forgotten => pb::Outcome::Forgotten,
+        other => outcome_pb(other.outcome()),
+    }
+}
+
 /// Wire form of a live transaction state.
 pub(crate) fn state_pb(s: TxState) -> pb::TxState {
     match s {
@@ -182,12 +190,13 @@ pub(crate) fn branch_state_pb(s: BranchState) -> pb::BranchState {
     }
 }
 
-/// The wire state of a view: live transactions by their engine state, forgotten ones by
-/// their outcome.
+/// The wire state of a view: live transactions by their engine state, finished ones by
+/// what is known of their outcome.
 pub(crate) fn view_state(v: &TxView) -> pb::TxState {
-    match (&v.live, v.outcome) {
+    match (&v.live, v.known) {
         (Some(e), _) => state_pb(e.state),
-        (None, Some(Outcome::Committed)) => pb::TxState::Committed,
+        (None, Known::Decided(Outcome::Committed)) => pb::TxState::Committed,
+        (None, Known::Forgotten) => pb::TxState::Forgotten,
         (None, _) => pb::TxState::Aborted,
     }
 }
@@ -212,7 +221,7 @@ fn view_to_pb(v: TxView) -> pb::GetTransactionResponse {
     pb::GetTransactionResponse {
         tx_id: v.tx.to_string(),
         state: state as i32,
-        outcome: outcome_pb(v.outcome) as i32,
+        outcome: known_pb(v.known) as i32,
         branches,
         age_ms: v.age_ms,
         reason,
@@ -584,7 +593,7 @@ impl<L: DecisionLog, T: Transport> pb::coordinator_server::Coordinator
             .map(|l| pb::TransactionSummary {
                 tx_id: l.view.tx.to_string(),
                 state: view_state(&l.view) as i32,
-                outcome: outcome_pb(l.view.outcome) as i32,
+                outcome: known_pb(l.view.known) as i32,
                 age_ms: l.view.age_ms,
                 branch_count: l.branches,
                 pending_branch_count: l.pending,

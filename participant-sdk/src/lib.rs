@@ -44,6 +44,7 @@ pub use nats::NatsResource;
 pub use outbox::OutboxOptions;
 pub use postgres::{DeferredParams, PgBranch, PgResource, PreparedBranch};
 pub use rabbitmq::RabbitResource;
+pub use recovery::forgotten_answers;
 pub use resource::{AbortOutcome, OnePhase, Resource, Retry, Vote};
 pub use staging::{StagedMessage, StagingError, StagingOptions, StagingStore};
 

@@ -12,10 +12,18 @@
 //! loop started (an earlier process's); later periodic passes only those older than
 //! [`REMEMBERED_AFTER`]. So periodic passes never race this process's reporter and
 //! forgetter for the commits of the moment.
+//!
+//! A coordinator deletes a finished transaction's record after its retention and then
+//! answers FORGOTTEN for it (finished, outcome no longer kept). A prepared branch of such
+//! a transaction is never guessed at: recovery logs an error naming it, counts it
+//! ([`forgotten_answers`]) and leaves it prepared for an operator, who learns the outcome
+//! from the other branches. An open branch (it never voted, so no commit depended on it)
+//! of a forgotten transaction is rolled back like one of an aborted transaction.
 
 use crate::Resource;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -26,6 +34,17 @@ use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use crate::channel::CoordinatorChannel;
 use crate::resource::AbortOutcome;
 use crate::resource::Registry;
+
+/// In-doubt branches this process found answered FORGOTTEN, counted once per pass that
+/// finds one (see the module docs).
+static FORGOTTEN_ANSWERS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times recovery in this process found a prepared branch whose transaction the
+/// coordinator no longer keeps (answered FORGOTTEN), and left it for an operator: a
+/// number to export as a metric and alert on when it grows.
+pub fn forgotten_answers() -> u64 {
+    FORGOTTEN_ANSWERS.load(Ordering::Relaxed)
+}
 
 /// Runs a pass now and then every `every` until `stop` turns true.
 pub(crate) async fn run_loop(
@@ -154,6 +173,19 @@ pub(crate) async fn pass(
                     debug!(tx_id, branch_id, "recovery: not decided yet");
                     continue;
                 }
+                pb::Outcome::Forgotten => {
+                    FORGOTTEN_ANSWERS.fetch_add(1, Ordering::Relaxed);
+                    error!(
+                        tx_id,
+                        branch_id,
+                        resource = resource.name(),
+                        "recovery: the coordinator no longer keeps this transaction's outcome \
+                         (it finished longer ago than its decision retention); the branch \
+                         stays prepared: an operator must learn the outcome from the other \
+                         branches and commit or roll it back by hand"
+                    );
+                    continue;
+                }
             };
             match res {
                 Ok(()) => {
@@ -228,7 +260,10 @@ async fn abandoned(
                 tx_id: tx_id.clone(),
             };
             let over = match coordinator.clone().get_transaction(req).await {
-                Ok(resp) => resp.into_inner().outcome == pb::Outcome::Aborted as i32,
+                Ok(resp) => matches!(
+                    pb::Outcome::try_from(resp.into_inner().outcome),
+                    Ok(pb::Outcome::Aborted | pb::Outcome::Forgotten)
+                ),
                 Err(s) => s.code() == tonic::Code::NotFound,
             };
             if !over {

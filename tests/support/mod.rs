@@ -1182,6 +1182,12 @@ impl TestParticipant {
                         .push((tx_id, branch_id, "outcome not decided yet".into()));
                     continue;
                 }
+                pb::Outcome::Forgotten => {
+                    report
+                        .in_doubt
+                        .push((tx_id, branch_id, "outcome no longer kept".into()));
+                    continue;
+                }
             };
             let mut m = lock(&self.shared.model);
             let key = (tx_id.clone(), branch_id.clone());

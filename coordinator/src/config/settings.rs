@@ -166,8 +166,21 @@ settings! {
             default_value_t = DEFAULT_GROUP_COMMIT_DELAY_US
         )]
         pub group_commit_delay_us: u64 => Spec::range(0, 100_000),
+        /// How long a finished transaction's decision record is kept (ms) before it is
+        /// collected; after that its id answers FORGOTTEN (finished, outcome no longer
+        /// kept) rather than its outcome. Longer than the longest a participant may be down
+        /// and still expect its in-doubt branches settled by themselves. 0: keep forever.
+        #[arg(
+            long,
+            env = "TWOPC_DECISION_RETENTION_MS",
+            default_value_t = DEFAULT_DECISION_RETENTION_MS
+        )]
+        pub decision_retention_ms: u64 => Spec::range(0, 30 * 24 * 3_600_000),
     }
 }
+
+/// Default of `--decision-retention-ms`: ten minutes.
+pub const DEFAULT_DECISION_RETENTION_MS: u64 = 600_000;
 
 /// The built-in defaults, parsed once ([`built_in_defaults`]).
 static DEFAULTS: LazyLock<ServeConfig> = LazyLock::new(built_in_defaults);
@@ -209,11 +222,16 @@ impl ServeConfig {
         }
     }
 
-    /// The runtime's part: the engine's, and how long Commit waits for phase two.
+    /// The runtime's part: the engine's, how long Commit waits for phase two and how
+    /// long finished records are kept.
     pub fn runtime_options(&self) -> RuntimeOptions {
         RuntimeOptions {
             engine: self.engine_config(),
             commit_wait: Duration::from_millis(self.commit_wait_ms),
+            retention: match self.decision_retention_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         }
     }
 

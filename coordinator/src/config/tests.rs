@@ -451,6 +451,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("otlp_endpoint", "http://127.0.0.1:4317"),
     ("otlp_service_name", "svc"),
     ("group_commit_delay_us", "19"),
+    ("decision_retention_ms", "20"),
 ];
 
 #[test]
@@ -602,7 +603,7 @@ fn settings_ranges_hold_on_flags_and_in_the_file_and_contain_the_defaults() {
             .to_string();
         assert!(wrong_type.contains("an integer between"), "{wrong_type}");
     }
-    assert_eq!(ranges, 9, "the numeric settings");
+    assert_eq!(ranges, 10, "the numeric settings");
 }
 
 #[test]

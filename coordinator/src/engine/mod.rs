@@ -235,6 +235,17 @@ impl Engine {
         self.txs.iter()
     }
 
+    /// The lowest id this engine may still change: its oldest transaction held in memory,
+    /// else the next id it will issue. Every id of this node below it is finished for
+    /// good (the collector's horizon, sampled over time).
+    pub fn lowest_open(&self) -> TxId {
+        self.txs.keys().next().copied().unwrap_or(TxId {
+            node: self.node,
+            epoch: self.epoch,
+            seq: self.next_seq,
+        })
+    }
+
     /// Where an id comes from (see [`Provenance`]).
     pub fn provenance(&self, tx: &TxId) -> Provenance {
         if self.txs.contains_key(tx) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    AuditRecord, Collected, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn,
+    AuditRecord, Collected, CommitRecord, DecisionLog, Kept, LazyRecord, LogError, LogStats, Lsn,
     Recovered, StoredDecision,
 };
 use crate::types::{BranchSpec, TxId};
@@ -410,14 +410,14 @@ impl DecisionLog for MemoryLog {
             .unwrap_or_default())
     }
 
-    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError> {
+    fn collect(&self, below: &TxId, limit: usize) -> Result<Collected, LogError> {
         self.check_read()?;
         let mut storage = lock(&self.storage);
         let image = &mut storage.current;
         let old: Vec<TxId> = image
             .commits
-            .iter()
-            .filter(|(_, e)| e.done && e.record.decided_at_ms < decided_before_ms)
+            .range(..*below)
+            .filter(|(_, e)| e.done)
             .map(|(tx, _)| *tx)
             .take(limit.saturating_add(1))
             .collect();
@@ -430,6 +430,16 @@ impl DecisionLog for MemoryLog {
             *mark = (*mark).max(tx.seq);
         }
         Ok(collected)
+    }
+
+    fn kept(&self) -> Result<Kept, LogError> {
+        self.check_read()?;
+        let storage = lock(&self.storage);
+        let commits = &storage.current.commits;
+        Ok(Kept {
+            records: commits.len() as u64,
+            oldest_decided_at_ms: commits.values().map(|e| e.record.decided_at_ms).min(),
+        })
     }
 
     fn collected(&self, tx: &TxId) -> Result<bool, LogError> {
@@ -500,12 +510,23 @@ mod tests {
         log.force_commit(e, record).await.expect("force");
         log.record_lazy(e, LazyRecord::Done { tx }).expect("done");
         log.sync(e).await.expect("sync");
-        assert_eq!(log.collect(20, 10).expect("collect").records, 1);
+        assert_eq!(
+            log.collect(&TxId { seq: 2, ..tx }, 10)
+                .expect("collect")
+                .records,
+            1
+        );
         let crashed = log.reopen();
         assert!(crashed.decision(&tx).expect("decision").is_some());
         assert!(!crashed.collected(&tx).expect("collected"));
         let e = crashed.epoch();
-        assert_eq!(crashed.collect(20, 10).expect("collect").records, 1);
+        assert_eq!(
+            crashed
+                .collect(&TxId { seq: 2, ..tx }, 10)
+                .expect("collect")
+                .records,
+            1
+        );
         crashed.sync(e).await.expect("sync");
         let restarted = crashed.reopen();
         assert_eq!(restarted.decision(&tx).expect("decision"), None);

@@ -40,7 +40,7 @@
 //!   `Preparing` record without a decision, and every [`LazyRecord::OnePhase`] intent
 //!   without an outcome, oldest first.
 //! * **Collection.** [`DecisionLog::collect`] deletes finished records (COMMIT records
-//!   marked done, one-phase outcomes) decided before a given time, and raises the
+//!   marked done, one-phase outcomes) of ids below a given one, and raises the
 //!   low-water mark of each epoch it collected from over them, atomically with the
 //!   deletion: a crash keeps both or neither. It never deletes an unfinished record, an
 //!   audit record or anything [`DecisionLog::recover`] returns. An id at or below its
@@ -171,6 +171,17 @@ pub struct Collected {
     pub more: bool,
 }
 
+/// How much the log keeps: decision records (open and finished; audit records not
+/// counted) and when the oldest of them was decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Decision records stored (COMMIT records, open or finished, and one-phase
+    /// outcomes).
+    pub records: u64,
+    /// Decision time of the oldest of them (wall clock, ms since the Unix epoch).
+    pub oldest_decided_at_ms: Option<u64>,
+}
+
 /// What the log knows about one transaction's decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredDecision {
@@ -293,14 +304,20 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// The durable audit records of `tx`, oldest first (empty if none).
     fn audits(&self, tx: &TxId) -> Result<Vec<AuditRecord>, LogError>;
 
-    /// Deletes at most `limit` finished records decided before `decided_before_ms`
-    /// (wall clock, ms since the Unix epoch), oldest ids first, and raises the low-water
-    /// marks over them in the same atomic write (see the module docs). Not forced: a
-    /// crash may undo a collection, never half of one. Refused on a poisoned log.
-    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError>;
+    /// Deletes at most `limit` finished records of ids below `below`, lowest ids first,
+    /// and raises the low-water marks over them in the same atomic write (see the module
+    /// docs). The caller picks `below` so that every id under it finished long enough
+    /// ago to be forgotten (the runtime's collector: the lowest id it held in memory a
+    /// retention ago). Not forced: a crash may undo a collection, never half of one.
+    /// Refused on a poisoned log.
+    fn collect(&self, below: &TxId, limit: usize) -> Result<Collected, LogError>;
 
     /// Whether `tx` is at or below the low-water mark of its epoch: if
     /// [`DecisionLog::decision`] finds no record for it, its record (if it had one) was
     /// collected, and its outcome is no longer known. Ask `decision` first.
     fn collected(&self, tx: &TxId) -> Result<bool, LogError>;
+
+    /// What the log keeps now (see [`Kept`]). Reads every decision record: for gauges,
+    /// called now and then off every decision's path, never per transaction.
+    fn kept(&self) -> Result<Kept, LogError>;
 }

@@ -1,14 +1,15 @@
-//! The checks of collection: finished records decided before the cut-off go, with the
-//! low-water mark raised over them; nothing unfinished, young or audited goes with them.
+//! The checks of collection: finished records of ids below the cut-off go, with the
+//! low-water mark raised over them; nothing unfinished, above it or audited goes with
+//! them.
 
 use super::{audit, branches, commit, tx_of};
 use crate::log::{Collected, DecisionLog, LazyRecord, Recovered};
 use crate::types::{HeuristicDecision, TxId};
 
-/// Collection deletes only finished records decided before the cut-off, raises the
+/// Collection deletes only finished records of ids below the cut-off, raises the
 /// low-water mark over them (so their ids are forgotten, not unknown), keeps open COMMIT
-/// records, preparing records, one-phase intents, young records and audit records, and
-/// stops at its limit.
+/// records, preparing records, one-phase intents, records at or above the cut-off and
+/// audit records, and stops at its limit.
 pub async fn check_collection<L: DecisionLog>(log: &L) {
     let e = log.epoch();
     let old_done = [tx_of(log, 1), tx_of(log, 2), tx_of(log, 3)];
@@ -60,6 +61,13 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
         .expect("force_audit");
     log.sync(e).await.expect("sync");
     let recovered_before = log.recover().expect("recover");
+    let kept = log.kept().expect("kept()");
+    assert_eq!(
+        (kept.records, kept.oldest_decided_at_ms),
+        (6, Some(1_000)),
+        "kept: three old finished, the open one, the young one and the one-phase outcome \
+         (intents, preparing and audit records are not decision records)"
+    );
     for tx in old_done {
         assert!(
             !log.collected(&tx).expect("collected()"),
@@ -67,11 +75,10 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
         );
     }
 
-    // The cut-off falls between the old records and the young one (a one-phase outcome
-    // is stamped with the wall clock when written: far above it). The limit stops the
-    // first call after two records.
+    // The cut-off falls between the old records (and the open one) and the young one.
+    // The limit stops the first call after two records.
     assert_eq!(
-        log.collect(5_000, 2).expect("collect"),
+        log.collect(&young_done, 2).expect("collect"),
         Collected {
             records: 2,
             more: true
@@ -79,7 +86,7 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
         "a collection stops at its limit and says there is more"
     );
     assert_eq!(
-        log.collect(5_000, 100).expect("collect"),
+        log.collect(&young_done, 100).expect("collect"),
         Collected {
             records: 1,
             more: false
@@ -87,7 +94,7 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
         "the rest of the old finished records"
     );
     assert_eq!(
-        log.collect(5_000, 100).expect("collect"),
+        log.collect(&young_done, 100).expect("collect"),
         Collected::default(),
         "a second collection finds nothing more"
     );
@@ -102,10 +109,15 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
             "a collected id is forgotten, not unknown"
         );
     }
+    assert_eq!(
+        log.kept().expect("kept()").records,
+        3,
+        "collected records are no longer kept"
+    );
     for tx in [open, young_done, one_phase] {
         assert!(
             log.decision(&tx).expect("decision()").is_some(),
-            "{tx}: an open, young or one-phase record is kept by an older cut-off"
+            "{tx}: an open record, or one at or above the cut-off, is kept"
         );
     }
     assert_eq!(
@@ -138,7 +150,7 @@ pub async fn check_collection<L: DecisionLog>(log: &L) {
     }
 
     // A later cut-off takes the rest of the finished ones, never the open one.
-    let rest = log.collect(u64::MAX, 100).expect("collect");
+    let rest = log.collect(&tx_of(log, u64::MAX), 100).expect("collect");
     assert_eq!(
         rest.records, 2,
         "the young record and the one-phase outcome"

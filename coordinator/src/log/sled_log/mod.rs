@@ -108,7 +108,7 @@ use tokio::sync::oneshot;
 use twopc_durable::{open_sled, sync_dir, LockError, Syncer};
 
 use super::{
-    AuditRecord, Collected, CommitRecord, DecisionLog, LazyRecord, LogError, LogStats, Lsn,
+    AuditRecord, Collected, CommitRecord, DecisionLog, Kept, LazyRecord, LogError, LogStats, Lsn,
     Recovered, StoredDecision,
 };
 use crate::types::TxId;
@@ -131,7 +131,6 @@ const LOCK_FILE: &str = "LOCK";
 
 /// [`DecisionLog::collect`] stops scanning after this many finished records too young to
 /// collect: ids are issued in order, so past the old ones the rest are young too.
-const YOUNG_RECORDS_END_A_SCAN: usize = 1024;
 const SLED_DIR: &str = "sled";
 
 /// Settings of a [`SledLog`].
@@ -617,15 +616,13 @@ impl DecisionLog for SledLog {
         self.shared.durable_lsn.load(Ordering::Acquire)
     }
 
-    fn collect(&self, decided_before_ms: u64, limit: usize) -> Result<Collected, LogError> {
+    fn collect(&self, below: &TxId, limit: usize) -> Result<Collected, LogError> {
         self.check_read()?;
         let mut batch = sled::Batch::default();
         let mut marks: BTreeMap<u64, u64> = BTreeMap::new();
         let mut collected = Collected::default();
-        let mut young = 0usize;
-        // Ids are issued in order, so decisions are roughly too: past the old records,
-        // a run of young ones ends the scan (it must not read the whole tree each time).
-        for item in self.trees.done.iter() {
+        // Keys are ids in order: the scan reads only what lies below the horizon.
+        for item in self.trees.done.range(..tx_key(below)) {
             let (key, value) =
                 item.map_err(|e| self.sled_error("sled scan of finished records", e))?;
             if key.len() != TX_KEY_LEN {
@@ -637,13 +634,6 @@ impl DecisionLog for SledLog {
                 "an unfinished record in the finished ones: {:?}",
                 stored.record.tx
             );
-            if stored.record.decided_at_ms >= decided_before_ms {
-                young += 1;
-                if young >= YOUNG_RECORDS_END_A_SCAN {
-                    break;
-                }
-                continue;
-            }
             if collected.records as usize >= limit {
                 collected.more = true;
                 break;
@@ -664,6 +654,27 @@ impl DecisionLog for SledLog {
             .apply_batch(batch)
             .map_err(|e| self.sled_error("sled removal of finished records", e))?;
         Ok(collected)
+    }
+
+    fn kept(&self) -> Result<Kept, LogError> {
+        self.check_read()?;
+        let mut kept = Kept::default();
+        for (tree, what) in [
+            (&self.trees.commits, "sled scan of open records"),
+            (&self.trees.done, "sled scan of finished records"),
+        ] {
+            for item in tree.iter() {
+                let (key, value) = item.map_err(|e| self.sled_error(what, e))?;
+                if key.len() != TX_KEY_LEN {
+                    continue; // the LSN counter, an audit record or a low-water mark
+                }
+                let at = self.decode_or_poison(&value)?.record.decided_at_ms;
+                kept.records += 1;
+                kept.oldest_decided_at_ms =
+                    Some(kept.oldest_decided_at_ms.map_or(at, |o| o.min(at)));
+            }
+        }
+        Ok(kept)
     }
 
     fn collected(&self, tx: &TxId) -> Result<bool, LogError> {

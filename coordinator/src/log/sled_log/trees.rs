@@ -237,7 +237,7 @@ mod tests {
             .expect("get")
             .is_some());
         assert_eq!(
-            log.collect(20, 10).expect("collect"),
+            log.collect(&tx_of(&log, 3), 10).expect("collect"),
             Collected {
                 records: 1,
                 more: false
@@ -288,7 +288,12 @@ mod tests {
             })
         );
         assert!(log.recover().expect("recover").commits.is_empty());
-        assert_eq!(log.collect(u64::MAX, 10).expect("collect").records, 1);
+        assert_eq!(
+            log.collect(&tx_of(&log, u64::MAX), 10)
+                .expect("collect")
+                .records,
+            1
+        );
     }
 
     #[test]
