@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use twopc_coordinator::config::ServeConfig;
 use twopc_participant::{dedup, AbortOutcome, Error, OnePhase, PgResource, Resource, TwoPc, Vote};
+use twopc_proto::v1 as pb;
 use twopc_testkit::PgCluster;
 
 mod support;
@@ -836,6 +837,59 @@ async fn an_abort_says_whether_the_branch_had_committed_without_the_outbox() {
         for t in [tx, tx2, tx3] {
             t.abort("the test finished the branches itself").await.ok();
         }
+        sdk.shutdown().await;
+        coord.stop().await;
+    })
+    .await;
+}
+
+/// A prepared branch of a transaction the coordinator no longer keeps (its record was
+/// collected after the retention) is never guessed at: recovery leaves it prepared,
+/// counts it, and an operator settles it.
+#[tokio::test]
+async fn recovery_leaves_a_prepared_branch_of_a_forgotten_transaction_to_an_operator() {
+    bounded(TEST_TIMEOUT, async {
+        let coord = Coordinator::start(ServeConfig {
+            decision_retention_ms: 200,
+            ..quick_retries()
+        })
+        .await;
+        let url = database("pgf", ORDERS).await;
+        let sdk = sdk_of(&coord, "orders", None).await;
+        let pg = sdk.register(resource("db", &url).await).expect("register");
+        let tx = sdk.begin().await.expect("begin");
+        let tx_id = tx.id().to_string();
+        execute_in(&tx, &pg, "INSERT INTO orders VALUES (1, 'x')").await;
+        tx.commit().await.expect("commit");
+        eventually(WAIT, "the coordinator forgets the finished transaction", || async {
+            get_tx(&sdk, &tx_id).await.outcome == pb::Outcome::Forgotten as i32
+        })
+        .await;
+
+        // A branch of it left prepared by hand, as a process that never heard the
+        // outcome would leave it.
+        let gid = format!("twopc:{tx_id}:orders:db");
+        connect(&url)
+            .await
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO orders VALUES (2, 'y'); PREPARE TRANSACTION '{gid}'"
+            ))
+            .await
+            .expect("prepare by hand");
+        let seen = twopc_participant::forgotten_answers();
+        assert_eq!(sdk.recover_now().await, 0, "nothing is finished by a guess");
+        assert_eq!(prepared_gids(&url).await, 1, "the branch stays prepared");
+        assert!(
+            twopc_participant::forgotten_answers() > seen,
+            "the forgotten answer is counted"
+        );
+        // The operator's hand, as the recovery log asks.
+        connect(&url)
+            .await
+            .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+            .await
+            .expect("rollback by hand");
+        assert_eq!(count(&url, "SELECT count(*) FROM orders").await, 1);
         sdk.shutdown().await;
         coord.stop().await;
     })
