@@ -113,6 +113,32 @@ fn campaign_kills_the_coordinator_and_the_order_service_while_they_start() {
     assert_some(&s["ok"], "nothing committed", &stdout);
 }
 
+/// The coordinator aborts itself right after deleting a batch of finished decision
+/// records (a short retention keeps collection running through the load); the restarted
+/// one must find every decision it still owes, and every invariant hold. Transactions
+/// collected by then answer FORGOTTEN at the check and are judged on their branches.
+#[test]
+fn campaign_kills_the_coordinator_while_it_collects_finished_records() {
+    let (ok, stdout, stderr) = campaign(&[
+        "--faults",
+        "kill-coordinator-in-collection,none",
+        "--cycles",
+        "10",
+        "--decision-retention-ms",
+        "500",
+    ]);
+    println!("{stdout}");
+    let s = summary(&stdout);
+    assert!(ok, "campaign failed:\n{stdout}\n{stderr}");
+    assert_eq!(s["violations"], 0, "{stdout}");
+    assert_some(
+        &s["kills_in_collection"]["landed"],
+        "no kill struck a collection",
+        &stdout,
+    );
+    assert_some(&s["ok"], "nothing committed", &stdout);
+}
+
 /// The checker is not blind: a coordinator that sends commits before its decision is
 /// durable (a test-only switch of failpoints builds), killed mid-load, is caught. One-phase
 /// off: every transaction, database-staged ones too, goes through the decision log.

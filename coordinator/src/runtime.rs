@@ -45,6 +45,8 @@
 //!   second.
 //! * `coordinator::before_barrier_sync`: a Barrier call arrived, before the log sync that
 //!   answers it (one-phase outcomes answered early may not be durable yet).
+//! * `coordinator::during_collection`: the collector deleted a batch of finished records
+//!   (written, not synced), before the next batch ([`collector`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -718,7 +720,7 @@ fn crash_point(arg: Option<String>) {
 /// `<name>=return(abort)` aborts the process on the spot; any other action is ignored
 /// (nothing is skipped). Without the feature it compiles to nothing.
 #[cfg(feature = "failpoints")]
-fn named_crash_point(name: &str) {
+pub(crate) fn named_crash_point(name: &str) {
     if let Some(arg) = fail::eval(name, |arg| arg) {
         crash_point_at(name, arg);
     }
@@ -726,7 +728,7 @@ fn named_crash_point(name: &str) {
 
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-fn named_crash_point(_name: &str) {}
+pub(crate) fn named_crash_point(_name: &str) {}
 
 /// What a named crash point does when it fires: `abort` kills the process (like SIGKILL,
 /// no cleanup), saying which point it was; anything else is ignored.

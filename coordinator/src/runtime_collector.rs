@@ -139,6 +139,7 @@ async fn collect_below<L: DecisionLog, T: Transport>(inner: &Arc<Inner<L, T>>, b
                 inner.metrics.collection.collected(done.records);
                 if done.records > 0 {
                     debug!(records = done.records, %below, "collected finished decision records");
+                    super::named_crash_point("coordinator::during_collection");
                 }
                 if !done.more {
                     return;

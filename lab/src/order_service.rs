@@ -766,7 +766,7 @@ async fn recover(
             let finished = match coordinator.get_transaction(req).await {
                 Ok(resp) => matches!(
                     pb::TxState::try_from(resp.into_inner().state),
-                    Ok(pb::TxState::Committed | pb::TxState::Aborted)
+                    Ok(pb::TxState::Committed | pb::TxState::Aborted | pb::TxState::Forgotten)
                 ),
                 // Not the coordinator's transaction (anymore): nothing to wait for.
                 Err(s) if s.code() == tonic::Code::NotFound => true,

@@ -861,9 +861,11 @@ async fn recovery_leaves_a_prepared_branch_of_a_forgotten_transaction_to_an_oper
         let tx_id = tx.id().to_string();
         execute_in(&tx, &pg, "INSERT INTO orders VALUES (1, 'x')").await;
         tx.commit().await.expect("commit");
-        eventually(WAIT, "the coordinator forgets the finished transaction", || async {
-            get_tx(&sdk, &tx_id).await.outcome == pb::Outcome::Forgotten as i32
-        })
+        eventually(
+            WAIT,
+            "the coordinator forgets the finished transaction",
+            || async { get_tx(&sdk, &tx_id).await.outcome == pb::Outcome::Forgotten as i32 },
+        )
         .await;
 
         // A branch of it left prepared by hand, as a process that never heard the

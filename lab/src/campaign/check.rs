@@ -15,6 +15,9 @@ pub(super) struct CheckResult {
     /// One-phase markers of answered commits whose deletion failed while PostgreSQL was
     /// down and was not retried before the end (tolerated in kill-postgres cycles only).
     pub(super) markers_leaked: usize,
+    /// Transactions the coordinator answered FORGOTTEN at the check (their records were
+    /// collected): their outcome is checked on the branches only.
+    pub(super) forgotten: usize,
 }
 
 /// How long the checker lets the outbox sweep publish what is left (every cycle already
@@ -33,6 +36,7 @@ pub(super) async fn check(
     amqp_url: &str,
 ) -> anyhow::Result<CheckResult> {
     let mut violations = Vec::new();
+    let mut forgotten = 0;
     let c = env.pool.get().await?;
     // The outbox first: what is left in it is published by the sweep (every 200 ms, rows
     // older than 500 ms); only then is the queue complete.
@@ -154,6 +158,9 @@ pub(super) async fn check(
                 .await
             {
                 let outcome = resp.into_inner().outcome;
+                if outcome == pb::Outcome::Forgotten as i32 {
+                    forgotten += 1;
+                }
                 let committed = row.is_some() && event.is_some();
                 if outcome == pb::Outcome::Committed as i32 && !committed {
                     violations.push(format!(
@@ -244,6 +251,7 @@ pub(super) async fn check(
                     op.fault,
                     FaultKind::KillCoordinator
                         | FaultKind::KillCoordinatorAtStart
+                        | FaultKind::KillCoordinatorInCollection
                         | FaultKind::RestartParticipantMidLoad
                 ) =>
             {
@@ -283,6 +291,7 @@ pub(super) async fn check(
         duplicates,
         markers_left,
         markers_leaked,
+        forgotten,
     })
 }
 

@@ -124,6 +124,10 @@ pub struct CampaignArgs {
     /// the `twopc` next to this binary (both are built into the same target directory).
     #[arg(long, env = "TWOPC_BIN", value_name = "PATH")]
     pub twopc_bin: Option<PathBuf>,
+    /// `--decision-retention-ms` of the coordinator: short, so that finished records are
+    /// collected (and the coordinator killed while it collects) within the run.
+    #[arg(long, default_value_t = 1_500)]
+    pub decision_retention_ms: u64,
 }
 
 /// How the coordinator's one-phase optimisation is set during the campaign.
@@ -175,6 +179,10 @@ pub enum FaultKind {
     CutBroker,
     /// Restart the participant (new SDK handle, same port and data directory).
     RestartParticipant,
+    /// Restart the coordinator armed to abort itself (SIGABRT, nothing cleaned up) right
+    /// after it deleted its first batch of finished decision records, while the load
+    /// runs; restart it afterwards.
+    KillCoordinatorInCollection,
     /// Blackhole the participant's replies during the load and restart it while they are
     /// lost: the coordinator asks the restarted participant again (for a one-phase commit
     /// that happened, the `twopc_one_phase` marker must answer "committed").
@@ -186,10 +194,11 @@ pub enum FaultKind {
     KillOrderServiceAtStart,
 }
 
-const ALL_FAULTS: [FaultKind; 13] = [
+const ALL_FAULTS: [FaultKind; 14] = [
     FaultKind::None,
     FaultKind::KillCoordinator,
     FaultKind::KillCoordinatorAtStart,
+    FaultKind::KillCoordinatorInCollection,
     FaultKind::PauseCoordinator,
     FaultKind::DropRequests,
     FaultKind::DropReplies,
@@ -529,6 +538,8 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         log: work.join("coordinator.log"),
         broken: args.broken,
         one_phase: args.one_phase.on_in(0),
+        retention_ms: args.decision_retention_ms,
+        arm: None,
         child: None,
         start_took: Duration::ZERO,
     };
@@ -562,6 +573,8 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
     let mut markers_at_restart = 0usize;
     // Kills of a process while it started that struck before it was ready.
     let (mut coordinator_start_kills, mut order_service_start_kills) = (0usize, 0usize);
+    // Restarts armed to die in a collection, and those that died there.
+    let (mut collection_kills_armed, mut collection_kills) = (0usize, 0usize);
     let mut order_service_start: Option<Duration> = None;
     let started = Instant::now();
     for cycle in 0..args.cycles {
@@ -624,6 +637,13 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
                     coordinator.kill9();
                     coordinator_start_kills +=
                         coordinator.kill_while_starting(&start_kill_at).await?;
+                }
+                FaultKind::KillCoordinatorInCollection => {
+                    collection_kills_armed += 1;
+                    let within = Duration::from_millis(args.decision_retention_ms * 3 + 5_000);
+                    if coordinator.kill_in_collection(within).await? {
+                        collection_kills += 1;
+                    }
                 }
                 FaultKind::PauseCoordinator => {
                     coordinator.signal(libc::SIGSTOP);
@@ -745,7 +765,9 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         coordinator.signal(libc::SIGCONT);
         let killed_it = matches!(
             fault,
-            FaultKind::KillCoordinator | FaultKind::KillCoordinatorAtStart
+            FaultKind::KillCoordinator
+                | FaultKind::KillCoordinatorAtStart
+                | FaultKind::KillCoordinatorInCollection
         );
         if coordinator.ensure_running()? && !killed_it {
             eprintln!("campaign: cycle {cycle} ({fault:?}): the coordinator had exited by itself; restarted");
@@ -841,9 +863,14 @@ pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
         "one_phase_markers_at_restart": markers_at_restart,
         "one_phase_markers_left": check.markers_left,
         "one_phase_markers_leaked": check.markers_leaked,
+        "forgotten_at_check": check.forgotten,
         "kills_while_starting": {
             "coordinator": coordinator_start_kills,
             "order_service": order_service_start_kills,
+        },
+        "kills_in_collection": {
+            "armed": collection_kills_armed,
+            "landed": collection_kills,
         },
         "seed": seed,
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,

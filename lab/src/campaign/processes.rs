@@ -21,6 +21,10 @@ pub(super) struct CoordinatorProc {
     pub(super) broken: bool,
     /// `--one-phase` of the next start.
     pub(super) one_phase: bool,
+    /// `--decision-retention-ms` of every start.
+    pub(super) retention_ms: u64,
+    /// `FAILPOINTS` of the next start only (taken by it).
+    pub(super) arm: Option<String>,
     pub(super) child: Option<Child>,
     /// How long the last full start took to listen (kills while it starts spread over it).
     pub(super) start_took: Duration,
@@ -92,6 +96,7 @@ impl CoordinatorProc {
             ])
             .args(["--commit-wait-ms", "1000"])
             .args(["--one-phase", if self.one_phase { "true" } else { "false" }])
+            .args(["--decision-retention-ms", &self.retention_ms.to_string()])
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -99,6 +104,9 @@ impl CoordinatorProc {
             .stderr(log);
         if self.broken {
             cmd.env("TWOPC_UNSAFE_COMMIT_BEFORE_DURABLE", "1");
+        }
+        if let Some(failpoints) = self.arm.take() {
+            cmd.env("FAILPOINTS", failpoints);
         }
         self.child = Some(cmd.spawn().context("spawn twopc serve")?);
         Ok(())
@@ -129,6 +137,29 @@ impl CoordinatorProc {
             self.start()?;
         }
         Ok(!alive)
+    }
+
+    /// Restarts it armed to abort itself in the middle of its first collection of finished
+    /// decision records (a retention after the start), and waits up to `within` for that.
+    /// Returns whether it died there; if not, it is SIGKILLed at the end of the wait.
+    pub(super) async fn kill_in_collection(&mut self, within: Duration) -> anyhow::Result<bool> {
+        self.kill9();
+        self.arm = Some("coordinator::during_collection=return(abort)".into());
+        self.start()?;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.kill9();
+        Ok(false)
     }
 
     /// A clean stop (SIGTERM: the decision log is flushed and synced, lazy records
