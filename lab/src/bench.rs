@@ -150,13 +150,20 @@ impl LocalCoordinator {
         dir: &std::path::Path,
         group_commit_delay_us: u64,
     ) -> anyhow::Result<LocalCoordinator> {
-        let cfg = ServeConfig {
+        LocalCoordinator::start_with(ServeConfig {
             data_dir: dir.to_path_buf(),
             group_commit_delay_us,
             ..ServeConfig::default()
-        };
+        })
+        .await
+    }
+
+    /// Opens the log in `cfg.data_dir` and starts serving with `cfg` (its `listen` is
+    /// not used: the port is a free one of 127.0.0.1).
+    pub async fn start_with(cfg: ServeConfig) -> anyhow::Result<LocalCoordinator> {
         cfg.validate()?;
-        let log = Arc::new(SledLog::open(dir, cfg.log_options())?);
+        let dir = cfg.data_dir.clone();
+        let log = Arc::new(SledLog::open(&dir, cfg.log_options())?);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -288,13 +295,13 @@ fn progress(enabled: bool, label: &str, duration: Duration) -> ProgressBar {
 /// The client API as the bench calls it: over one `Pipeline` stream shared by every
 /// client task (what the participant SDK does), or unary RPCs with `--unary`.
 #[derive(Clone)]
-struct Client {
+pub(crate) struct Client {
     unary: CoordinatorClient<Channel>,
     pipeline: Option<Arc<mux::Pipeline>>,
 }
 
 impl Client {
-    fn new(channel: Channel, batched: bool) -> Self {
+    pub(crate) fn new(channel: Channel, batched: bool) -> Self {
         let pipeline = batched.then(|| {
             let ch = channel.clone();
             let open: mux::Opener<pb::PipelineRequest, pb::PipelineResponse> =
@@ -328,7 +335,7 @@ impl Client {
 /// C clients run Begin (with the branches) + Commit in a loop for `duration`. With one
 /// branch the Commit asks for an early answer and a Barrier task runs alongside (what the
 /// participant SDK does).
-async fn drive(
+pub(crate) async fn drive(
     client: &Client,
     endpoints: &[String],
     clients: usize,

@@ -19,6 +19,7 @@
 //! (e.g. `FAILPOINTS="participant::before_commit=return(abort)"`).
 
 pub mod bench;
+pub mod bench_collection;
 pub mod bench_dual;
 pub mod campaign;
 pub mod demo;
@@ -63,6 +64,9 @@ enum BenchCommand {
     Coordinator(bench::CoordinatorBench),
     /// The order-service workload: naive dual write vs transactional outbox vs twopc.
     DualWrite(bench_dual::DualWriteBench),
+    /// Collection of finished decision records: throughput with it on and off, the data
+    /// directory after a long history, restart time and memory, recovery of many in doubt.
+    Collection(bench_collection::CollectionBench),
 }
 
 /// The `twopc-lab` binary: parses the command line, sets up logging and runs the command.
@@ -101,6 +105,7 @@ pub fn main() -> ExitCode {
             Command::Campaign(args) => campaign::run(args).await,
             Command::Bench(BenchCommand::Coordinator(args)) => bench::run(args).await,
             Command::Bench(BenchCommand::DualWrite(args)) => bench_dual::run(args).await,
+            Command::Bench(BenchCommand::Collection(args)) => bench_collection::run(args).await,
             Command::OrderService(args) => order_service::run_process(args).await,
         }
     });

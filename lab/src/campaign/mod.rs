@@ -62,7 +62,8 @@ mod check;
 mod processes;
 
 use check::{check, coordinator_answers, marker_gids, settle};
-use processes::{kill_order_service_while_starting, twopc_binary, CoordinatorProc};
+pub(crate) use processes::twopc_binary;
+use processes::{kill_order_service_while_starting, CoordinatorProc};
 
 use crate::order_service::{
     EventStaging, Order, OrderCreated, BROKER_RESOURCE, DB_RESOURCE, ORDER_SCHEMA,

@@ -303,7 +303,7 @@ pub(super) async fn kill_order_service_while_starting(
 }
 
 /// The `twopc` server binary: `--twopc-bin`, or the one next to this binary.
-pub(super) fn twopc_binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn twopc_binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(p) => p.clone(),
         None => std::env::current_exe()
