@@ -1231,8 +1231,16 @@ mod tests {
         m.durable_advanced(3);
         m.durable_advanced(3);
         m.durable_advanced(4);
+        m.collection.collected(1024);
+        m.collection.collected(6);
+        m.collection.kept(42, 2_500);
+        m.collection.forgotten_answered();
         let text = m.encode().expect("encode");
         for name in [
+            "twopc_log_records_collected_total 1030",
+            "twopc_log_records_kept 42",
+            "twopc_log_record_oldest_kept_age_seconds 2.5",
+            "twopc_forgotten_answers_total 1",
             "twopc_transactions_begun_total 0",
             "twopc_transactions_committed_total 0",
             "twopc_transactions_aborted_total{reason=\"vote_no\"} 0",
