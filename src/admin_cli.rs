@@ -818,6 +818,25 @@ mod tests {
         assert_eq!(human_duration(273_600_000), "3d04h");
     }
 
+    /// A collected transaction shows as FORGOTTEN, with what that means, not as an abort.
+    #[test]
+    fn a_forgotten_transaction_shows_what_it_means() {
+        let r = pb::AdminShowTransactionResponse {
+            tx_id: "6fbf49ed-3-1042".into(),
+            state: pb::TxState::Forgotten as i32,
+            outcome: pb::Outcome::Forgotten as i32,
+            ..Default::default()
+        };
+        let text = show_text(&r);
+        assert!(text.contains("state        FORGOTTEN"), "{text}");
+        assert!(text.contains("outcome      FORGOTTEN"), "{text}");
+        assert!(text.contains("outcome is no longer kept"), "{text}");
+        assert!(!text.contains("ABORTED"), "{text}");
+        let json = show_json(&r);
+        assert_eq!(json["state"], "FORGOTTEN");
+        assert_eq!(json["outcome"], "FORGOTTEN");
+    }
+
     #[test]
     fn tables_align() {
         let t = table(
