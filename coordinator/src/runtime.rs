@@ -365,16 +365,19 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
             .map_err(|e| TxError::Unavailable(format!("could not sync the decision log: {e}")))
     }
 
-    /// Abort RPC.
+    /// Abort RPC. Refused for a forgotten transaction (its outcome is not known).
     pub async fn abort(&self, tx: TxId, reason: String) -> Result<(), TxError> {
-        self.aborted(tx, |req| Event::Abort { req, tx, reason })
+        let forgotten = Err(finished::forgotten(&tx, "aborted"));
+        self.aborted(tx, |req| Event::Abort { req, tx, reason }, forgotten)
             .await
     }
 
     /// ReleaseUnused RPC: the participant returns a local transaction's id it did not
-    /// use; settled like an abort, counted apart.
+    /// use; settled like an abort, counted apart. A forgotten one is long finished and
+    /// was never used: nothing is left to give back.
     pub async fn release(&self, tx: TxId) -> Result<(), TxError> {
-        self.aborted(tx, |req| Event::Release { req, tx }).await
+        self.aborted(tx, |req| Event::Release { req, tx }, Ok(()))
+            .await
     }
 
     async fn request(&self, make: impl FnOnce(u64) -> Event) -> Result<ReplyOk, TxError> {

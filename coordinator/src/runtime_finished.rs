@@ -12,9 +12,10 @@
 //! 4. presumed abort: ABORTED.
 //!
 //! An id this coordinator never issued is NOT_FOUND. A Commit or an Abort of a forgotten
-//! transaction is refused (FAILED_PRECONDITION, saying so); a participant's report of a
+//! transaction is refused (FAILED_PRECONDITION, saying so). A participant's report of a
 //! local commit of one is accepted: only that report or the branch's own answer can have
-//! finished a local transaction, and either said COMMITTED.
+//! finished a local transaction, and either said COMMITTED. So is its release of an id it
+//! never used: nothing is left to give back.
 
 use super::{lock, unexpected, CommitResult, Runtime};
 use crate::engine::{Event, Outcome, Provenance, ReplyOk, TxEntry, TxError, TxState};
@@ -58,7 +59,7 @@ pub struct TxView {
 }
 
 /// Why a request about a forgotten transaction cannot be carried out.
-fn forgotten(tx: &TxId, action: &str) -> TxError {
+pub(super) fn forgotten(tx: &TxId, action: &str) -> TxError {
     TxError::FailedPrecondition(format!(
         "transaction {tx} cannot be {action}: it finished and its record was collected \
          after the decision retention (--decision-retention-ms), so its outcome is no \
@@ -109,16 +110,18 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         }
     }
 
-    /// Runs an abort of `tx` (`event`) and answers like the Abort RPC.
+    /// Runs an abort of `tx` (`event`) and answers like the Abort RPC; `if_forgotten` is
+    /// the answer for a transaction whose record was collected.
     pub(super) async fn aborted(
         &self,
         tx: TxId,
         event: impl FnOnce(u64) -> Event,
+        if_forgotten: Result<(), TxError>,
     ) -> Result<(), TxError> {
         match self.request(event).await? {
             ReplyOk::Aborted => Ok(()),
             ReplyOk::NotLive => match self.known(&tx)? {
-                Known::Forgotten => Err(forgotten(&tx, "aborted")),
+                Known::Forgotten => if_forgotten,
                 Known::Decided(Outcome::Committed) => {
                     self.sync_log().await?;
                     Err(TxError::FailedPrecondition(format!(

@@ -190,6 +190,13 @@ async fn a_finished_transaction_is_forgotten_after_the_retention_never_presumed_
             status.message()
         );
     }
+    // Giving back an id as unused is no request about its outcome: accepted.
+    w.client
+        .release_unused(pb::ReleaseUnusedRequest {
+            tx_id: committed.clone(),
+        })
+        .await
+        .expect("a forgotten id given back");
     // An id this coordinator never issued is still unknown, not forgotten.
     let mut never: TxId = committed.parse().expect("an id");
     never.seq = 1_000_000;
