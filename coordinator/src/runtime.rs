@@ -89,6 +89,16 @@ pub struct CommitResult {
     pub epoch: u64,
 }
 
+impl CommitResult {
+    /// Committed with nothing pending, answered in `epoch`.
+    fn finished(epoch: u64) -> Self {
+        CommitResult {
+            pending: Vec::new(),
+            epoch,
+        }
+    }
+}
+
 /// The coordinator runtime. Cheap to clone (an `Arc`).
 pub struct Runtime<L: DecisionLog, T: Transport> {
     inner: Arc<Inner<L, T>>,
@@ -284,10 +294,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                 if !answer_before_durable {
                     self.sync_log().await?;
                 }
-                Ok(CommitResult {
-                    pending: Vec::new(),
-                    epoch,
-                })
+                Ok(CommitResult::finished(epoch))
             }
             ReplyOk::NotLive => self.answer_reported(tx, answer_before_durable, epoch).await,
             other => Err(unexpected(other)),

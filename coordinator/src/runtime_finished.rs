@@ -82,10 +82,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
                 if !answer_before_durable {
                     self.sync_log().await?;
                 }
-                Ok(CommitResult {
-                    pending: Vec::new(),
-                    epoch,
-                })
+                Ok(CommitResult::finished(epoch))
             }
             Outcome::Aborted => Err(TxError::Aborted(format!(
                 "transaction {tx} aborted: no COMMIT decision is recorded for it (presumed abort)"
@@ -102,10 +99,7 @@ impl<L: DecisionLog, T: Transport> Runtime<L, T> {
         epoch: u64,
     ) -> Result<CommitResult, TxError> {
         match self.known(&tx)? {
-            Known::Forgotten => Ok(CommitResult {
-                pending: Vec::new(),
-                epoch,
-            }),
+            Known::Forgotten => Ok(CommitResult::finished(epoch)),
             _ => self.answer_finished(tx, answer_before_durable, epoch).await,
         }
     }
