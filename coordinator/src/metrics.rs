@@ -37,7 +37,7 @@
 //! | `twopc_recovery_remaining{kind}` | gauge | of those, still unfinished |
 //! | `twopc_halted` | gauge | 1 once the decision log failed and no new work is taken |
 //! | `twopc_log_records_collected_total` | counter | finished decision records deleted after the retention (`--decision-retention-ms`) |
-//! | `twopc_log_records_kept` | gauge | decision records the log keeps, open and finished (counted by the collector about once a minute) |
+//! | `twopc_log_records_kept` | gauge | decision records the log keeps, open and finished (counted by the collector about once a minute, less often when counting takes long) |
 //! | `twopc_log_record_oldest_kept_age_seconds` | gauge | age of the oldest of them at that count; 0 if none |
 //! | `twopc_forgotten_answers_total` | counter | requests about a transaction whose record was collected, answered FORGOTTEN |
 //! | `twopc_heuristic_resolutions_total{decision,result}` | counter | operator resolutions (Admin `Resolve`) whose audit record is durable: `decision` `commit`/`abort`; `result` `accepted`, `contradicting` (accepted with force against the known outcome) or `refused` |

@@ -22,8 +22,9 @@
 //!
 //! A pass runs on a blocking thread in batches of [`BATCH`] records (one unforced sled
 //! write each, carried to disk by the next group-commit sync), yielding between batches,
-//! so it never holds up a decision's sync for long. Every [`COUNT_EVERY`] it counts what
-//! the log keeps ([`DecisionLog::kept`]) for the gauges.
+//! so it never holds up a decision's sync for long. Every [`COUNT_EVERY`] (or less often,
+//! when counting takes long: never more than a twentieth of a core) it counts what the log
+//! keeps ([`DecisionLog::kept`]) for the gauges.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -110,7 +111,9 @@ pub(super) async fn run<L: DecisionLog, T: Transport>(
     let mut horizon = Horizon::new(retention);
     let mut ticker = tokio::time::interval(tick(retention));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut counted: Option<tokio::time::Instant> = None;
+    // When the next count is due: a minute after the last, or longer when counting took
+    // long (a big log), so it never takes more than a twentieth of a core.
+    let mut count_due = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
@@ -122,9 +125,10 @@ pub(super) async fn run<L: DecisionLog, T: Transport>(
         if let Some(below) = horizon.at(now) {
             collect_below(&inner, below).await;
         }
-        if counted.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
-            counted = Some(tokio::time::Instant::now());
+        if tokio::time::Instant::now() >= count_due {
+            let started = tokio::time::Instant::now();
             count(&inner).await;
+            count_due = started + COUNT_EVERY.max(started.elapsed() * 20);
         }
     }
 }
