@@ -13,8 +13,9 @@
 //! [`TxId`] key (node, epoch, seq as big-endian bytes, so iteration is in transaction
 //! order) to an open COMMIT record (phase two not done), plus one counter record under
 //! [`LAST_LSN_KEY`] written in the same atomic batch as the commits it numbers; `done`
-//! maps the same keys to finished records (a COMMIT record moves there, in one sled
-//! transaction, when its phase two is done; a one-phase outcome is written there) and
+//! maps the same keys to finished records (a COMMIT record moves there when its phase two
+//! is done, copied first and then removed, so a crash may leave it in both but never in
+//! neither; a one-phase outcome is written there) and
 //! holds the low-water mark of each epoch collection deleted records of, so recovery
 //! reads only `commits` and `preparing`; `preparing` maps a [`TxId`] key to
 //! the branches of a transaction being prepared (or, flagged `one_phase`, the one branch a

@@ -1,13 +1,10 @@
 //! The sled trees of the decision log and the lazy records written to them: the queue
 //! the writer thread (or a reader) writes in order, leaving out inserts that a COMMIT of
 //! the same batch or a later record of the same queue makes unneeded. A COMMIT record
-//! whose phase two is done moves from `commits` to `done` (in one sled transaction), so
+//! whose phase two is done moves from `commits` to `done` (copied, then removed), so
 //! `commits` holds only what recovery must finish.
 
 use std::collections::{HashMap, HashSet};
-
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use super::codec::{decode_commit, encode_commit, encode_preparing, tx_key};
 use super::{lock, Shared};
@@ -66,15 +63,16 @@ impl Trees {
         }
     }
 
-    /// Moves the COMMIT record under `key` (decoded as `stored`) to the `done` tree,
-    /// marked done, in one sled transaction: a crash leaves it in one tree or the other,
-    /// never in neither.
-    fn move_to_done(&self, key: &[u8], value: Vec<u8>) -> Result<(), TransactionError> {
-        (&self.commits, &self.done).transaction(|(commits, done)| {
-            done.insert(key, value.clone())?;
-            commits.remove(key)?;
-            Ok::<(), ConflictableTransactionError>(())
-        })
+    /// Moves the COMMIT record under `key` to the `done` tree as `value` (marked done):
+    /// first the copy, then the removal, so a crash never leaves it in neither tree. A
+    /// crash between the two leaves it in both: the open copy is what reads and recovery
+    /// find first (phase two runs once more, which only costs work), and the next `Done`
+    /// moves it again. Not one sled transaction: those cost more than the whole rest of a
+    /// two-phase decision.
+    fn move_to_done(&self, key: &[u8], value: Vec<u8>) -> sled::Result<()> {
+        self.done.insert(key, value)?;
+        self.commits.remove(key)?;
+        Ok(())
     }
 
     /// Moves every record of `commits` already marked done (written by a build that
@@ -89,9 +87,8 @@ impl Trees {
             }
             let stored = decode_commit(&value).map_err(|m| shared.poison(m))?;
             if stored.done {
-                self.move_to_done(&key, value.to_vec()).map_err(|e| {
-                    shared.poison(format!("sled move of a finished record failed: {e}"))
-                })?;
+                self.move_to_done(&key, value.to_vec())
+                    .map_err(|e| sled_error(shared, "sled move of a finished record", e))?;
                 moved += 1;
             }
         }
@@ -150,7 +147,7 @@ impl Trees {
                         .map_err(|m| shared.poison(format!("commit {tx}: {m}")))?;
                     let value = encode_commit(&stored.record, stored.lsn, true, stored.one_phase);
                     self.move_to_done(&key, value).map_err(|e| {
-                        shared.poison(format!("sled move of finished commit {tx} failed: {e}"))
+                        sled_error(shared, &format!("sled move of finished commit {tx}"), e)
                     })?;
                 }
                 self.preparing
