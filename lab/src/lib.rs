@@ -25,6 +25,7 @@ pub mod demo;
 pub mod order_service;
 
 use std::io::IsTerminal;
+use std::ops::RangeInclusive;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,21 @@ enum BenchCommand {
     Coordinator(bench::CoordinatorBench),
     /// The order-service workload: naive dual write vs transactional outbox vs twopc.
     DualWrite(bench_dual::DualWriteBench),
+}
+
+/// The command-line option `option` must lie in `range`; the error names the option and
+/// the range.
+pub(crate) fn check_range<T>(option: &str, value: T, range: RangeInclusive<T>) -> anyhow::Result<()>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    anyhow::ensure!(
+        range.contains(&value),
+        "{option} must be between {} and {}",
+        range.start(),
+        range.end()
+    );
+    Ok(())
 }
 
 /// The `twopc-lab` binary: parses the command line, sets up logging and runs the command.
