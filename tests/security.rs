@@ -29,6 +29,7 @@ use twopc_participant::{BearerToken, Error as SdkError, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::admin_client::AdminClient;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_testkit::requests;
 
 /// Overall budget of one test.
 const TEST_DEADLINE: Duration = Duration::from_secs(90);
@@ -204,12 +205,7 @@ fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
 }
 
 fn commit_req(tx_id: &str) -> pb::CommitRequest {
-    pb::CommitRequest {
-        tx_id: tx_id.to_string(),
-        phase_two_wait_ms: Some(5_000),
-        branches: Vec::new(),
-        answer_before_durable: false,
-    }
+    requests::commit_waiting(tx_id, Some(5_000))
 }
 
 fn list_req() -> pb::AdminListTransactionsRequest {
@@ -235,9 +231,7 @@ async fn listed(admin: &mut AdminClient<Authed>) -> Vec<String> {
 
 async fn state_of(client: &mut CoordinatorClient<Authed>, tx_id: &str) -> pb::TxState {
     let resp = client
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
+        .get_transaction(requests::get(tx_id))
         .await
         .expect("GetTransaction with a valid token")
         .into_inner();
@@ -764,7 +758,7 @@ async fn mutual_tls_to_participants_commits_and_a_coordinator_without_the_certif
         // Recovery's GetTransaction carries the token too.
         let got = sdk
             .coordinator()
-            .get_transaction(pb::GetTransactionRequest { tx_id: id.clone() })
+            .get_transaction(requests::get(&id))
             .await
             .expect("GetTransaction through the SDK's client");
         assert_eq!(got.into_inner().outcome, pb::Outcome::Committed as i32);
