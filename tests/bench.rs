@@ -26,6 +26,22 @@ fn bench_of(which: &str, args: &[&str], dir: Option<&std::path::Path>) -> Output
         .unwrap_or_else(|e| panic!("run twopc-lab bench {which}: {e}"))
 }
 
+/// `twopc-lab bench dual-write` in `dir`, briefly: `clients` clients, `seconds` per
+/// slice, one round, a JSON report; `more` flags after those.
+fn dual_write(dir: &std::path::Path, clients: &str, seconds: &str, more: &[&str]) -> Output {
+    let brief = [
+        "--clients",
+        clients,
+        "--seconds",
+        seconds,
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    let args: Vec<&str> = brief.iter().chain(more).copied().collect();
+    bench_of("dual-write", &args, Some(dir))
+}
+
 /// The lines of a successful run's stdout, each a JSON object (notes go to stderr).
 #[track_caller]
 fn json_rows(out: &Output) -> Vec<serde_json::Value> {
@@ -132,19 +148,7 @@ fn bad_flags_are_refused_by_name() {
 #[test]
 fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bench_of(
-        "dual-write",
-        &[
-            "--clients",
-            "2",
-            "--seconds",
-            "2",
-            "--rounds",
-            "1",
-            "--json",
-        ],
-        Some(dir.path()),
-    );
+    let out = dual_write(dir.path(), "2", "2", &[]);
     let modes = ["naive", "outbox", "twopc", "twopc-2pc"];
     for (mode, row) in report_of(&out, &modes) {
         let mode = mode.as_str();
@@ -209,20 +213,11 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
 #[test]
 fn the_dual_write_modes_flag_runs_only_the_named_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bench_of(
-        "dual-write",
-        &[
-            "--clients",
-            "1",
-            "--seconds",
-            "1",
-            "--rounds",
-            "1",
-            "--modes",
-            "twopc-2pc,naive,twopc-2pc",
-            "--json",
-        ],
-        Some(dir.path()),
+    let out = dual_write(
+        dir.path(),
+        "1",
+        "1",
+        &["--modes", "twopc-2pc,naive,twopc-2pc"],
     );
     for (_, row) in report_of(&out, &["naive", "twopc-2pc"]) {
         assert!(row["tx_per_s"].as_f64().is_some_and(|v| v > 0.0), "{row}");

@@ -160,22 +160,18 @@ async fn tls_channel(
     let ep = Endpoint::from_shared(format!("https://{}", coord.addr()))
         .expect("https url")
         .tls_config(tls)
-        .map_err(|e| format!("tls config: {e:?}"))?
-        .connect_timeout(CONNECT)
-        .timeout(Duration::from_secs(15));
-    match tokio::time::timeout(CONNECT * 2, ep.connect()).await {
-        Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(format!("{e:?}")),
-        Err(_) => Err("connect timed out".into()),
-    }
+        .map_err(|e| format!("tls config: {e:?}"))?;
+    connect(ep).await
 }
 
 /// A plaintext channel to `coord`.
 async fn plain_channel(coord: &Coordinator) -> Result<Channel, String> {
-    let ep = Endpoint::from_shared(coord.url())
-        .expect("http url")
-        .connect_timeout(CONNECT)
-        .timeout(Duration::from_secs(15));
+    connect(Endpoint::from_shared(coord.url()).expect("http url")).await
+}
+
+/// A channel through `ep`, the connection bounded by [`CONNECT`] and each call by 15 s.
+async fn connect(ep: Endpoint) -> Result<Channel, String> {
+    let ep = ep.connect_timeout(CONNECT).timeout(Duration::from_secs(15));
     match tokio::time::timeout(CONNECT * 2, ep.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(format!("{e:?}")),
