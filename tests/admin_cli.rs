@@ -121,6 +121,15 @@ async fn stuck_in_phase_two(coord: &Coordinator, p: &TestParticipant) -> String 
     id
 }
 
+/// The arguments of `twopc tx resolve <id> <how> --reason <reason> --operator <operator>`,
+/// where `how` is the decision with its other flags (`--abort --force`, `--commit --json`).
+fn resolve<'a>(id: &'a str, how: &[&'a str], reason: &'a str, operator: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["resolve", id];
+    args.extend(how);
+    args.extend(["--reason", reason, "--operator", operator]);
+    args
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
     with_deadline(TEST_DEADLINE, async {
@@ -217,41 +226,18 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
         assert!(text.contains("no resolutions recorded"), "{text}");
 
         // ABORT contradicts the durable COMMIT: refused without --force (and recorded).
-        tx(
-            url,
-            &[
-                "resolve",
-                &id,
-                "--abort",
-                "--reason",
-                "try abort",
-                "--operator",
-                "bob",
-            ],
-        )
-        .await
-        .fails(1, &["FAILED_PRECONDITION", "COMMITTED", "force"]);
+        tx(url, &resolve(&id, &["--abort"], "try abort", "bob"))
+            .await
+            .fails(1, &["FAILED_PRECONDITION", "COMMITTED", "force"]);
         let still = tx(url, &["list", "--json"]).await.json();
         assert!(listed(&still, &id).is_some(), "a refusal changes nothing");
 
         // COMMIT: the stuck branch is heuristically committed and the transaction finishes.
         let before = now_ms();
         let reason = "participant host p decommissioned; rows verified by hand";
-        let resolved = tx(
-            url,
-            &[
-                "resolve",
-                &id,
-                "--commit",
-                "--reason",
-                reason,
-                "--operator",
-                "alice",
-                "--json",
-            ],
-        )
-        .await
-        .json();
+        let resolved = tx(url, &resolve(&id, &["--commit", "--json"], reason, "alice"))
+            .await
+            .json();
         let after = now_ms();
         assert_eq!(resolved["state"], "COMMITTED");
         assert_eq!(resolved["outcome"], "COMMITTED");
@@ -319,17 +305,12 @@ async fn list_show_and_resolve_a_transaction_stuck_in_phase_two() {
         // as contradicting; participants are still told COMMITTED.
         let forced = tx(
             url,
-            &[
-                "resolve",
+            &resolve(
                 &id,
-                "--abort",
-                "--force",
-                "--reason",
+                &["--abort", "--force", "--json"],
                 "rolled back by hand",
-                "--operator",
                 "carol",
-                "--json",
-            ],
+            ),
         )
         .await
         .json();
@@ -364,17 +345,12 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         let id = stuck_in_phase_two(&coord, &p).await;
         let forced = tx(
             url,
-            &[
-                "resolve",
+            &resolve(
                 &id,
-                "--abort",
-                "--force",
-                "--reason",
+                &["--abort", "--force", "--json"],
                 "rolled b back by hand",
-                "--operator",
                 "dave",
-                "--json",
-            ],
+            ),
         )
         .await
         .json();
@@ -404,34 +380,14 @@ async fn forced_abort_of_a_live_commit_and_abort_of_an_undecided_one() {
         .await;
         tx(
             url,
-            &[
-                "resolve",
-                &id2,
-                "--commit",
-                "--force",
-                "--reason",
-                "please",
-                "--operator",
-                "eve",
-            ],
+            &resolve(&id2, &["--commit", "--force"], "please", "eve"),
         )
         .await
         .fails(1, &["FAILED_PRECONDITION", "undecided"]);
-        let aborted = tx(
-            url,
-            &[
-                "resolve",
-                &id2,
-                "--abort",
-                "--reason",
-                "stuck prepare",
-                "--operator",
-                "eve",
-            ],
-        )
-        .await
-        .ok()
-        .stdout;
+        let aborted = tx(url, &resolve(&id2, &["--abort"], "stuck prepare", "eve"))
+            .await
+            .ok()
+            .stdout;
         assert!(aborted.contains("ABORT accepted"), "{aborted}");
         assert!(aborted.contains("outcome ABORTED"), "{aborted}");
         let status = expect_status(waiting.await.expect("commit task"), Code::Aborted, &[]);

@@ -26,6 +26,22 @@ fn bench_of(which: &str, args: &[&str], dir: Option<&std::path::Path>) -> Output
         .unwrap_or_else(|e| panic!("run twopc-lab bench {which}: {e}"))
 }
 
+/// `twopc-lab bench dual-write` in `dir`, briefly: `clients` clients, `seconds` per
+/// slice, one round, a JSON report; `more` flags after those.
+fn dual_write(dir: &std::path::Path, clients: &str, seconds: &str, more: &[&str]) -> Output {
+    let brief = [
+        "--clients",
+        clients,
+        "--seconds",
+        seconds,
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    let args: Vec<&str> = brief.iter().chain(more).copied().collect();
+    bench_of("dual-write", &args, Some(dir))
+}
+
 /// The lines of a successful run's stdout, each a JSON object (notes go to stderr).
 #[track_caller]
 fn json_rows(out: &Output) -> Vec<serde_json::Value> {
@@ -41,10 +57,19 @@ fn json_rows(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The `mode` of each row.
-fn mode_names(rows: &[serde_json::Value]) -> Vec<&str> {
-    rows.iter().filter_map(|r| r["mode"].as_str()).collect()
+/// The rows of a successful run's report, which must be those of `modes` in that order,
+/// each with its mode.
+#[track_caller]
+fn report_of(out: &Output, modes: &[&str]) -> Vec<(String, serde_json::Value)> {
+    let rows = json_rows(out);
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(names, modes, "{rows:?}");
+    let names: Vec<String> = names.into_iter().map(String::from).collect();
+    names.into_iter().zip(rows).collect()
 }
+
+/// What every mode of either benchmark reports.
+const EVERY_MODE_REPORTS: [&str; 4] = ["clients", "tx_per_s", "p50_ms", "p99_ms"];
 
 /// The benchmark left nothing in `dir` (its directory, or its working directory).
 #[track_caller]
@@ -68,22 +93,9 @@ fn the_json_report_has_every_mode_and_its_cpu_per_transaction() {
         "--dir",
         dir_arg,
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows = json_rows(&out);
-    assert_eq!(
-        mode_names(&rows),
-        ["disk-ceiling", "coordinator-2pc", "coordinator-1pc"],
-        "{stdout}"
-    );
-    for row in &rows {
-        let mode = row["mode"].as_str().unwrap_or("?");
-        for key in [
-            "clients",
-            "tx_per_s",
-            "p50_ms",
-            "p99_ms",
-            "syncs_per_decision",
-        ] {
+    let modes = ["disk-ceiling", "coordinator-2pc", "coordinator-1pc"];
+    for (mode, row) in report_of(&out, &modes) {
+        for key in EVERY_MODE_REPORTS.iter().chain(&["syncs_per_decision"]) {
             assert!(row[key].is_number(), "{mode}: {key} missing in {row}");
         }
         assert!(
@@ -136,38 +148,17 @@ fn bad_flags_are_refused_by_name() {
 #[test]
 fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bench_of(
-        "dual-write",
-        &[
-            "--clients",
-            "2",
-            "--seconds",
-            "2",
-            "--rounds",
-            "1",
-            "--json",
-        ],
-        Some(dir.path()),
-    );
-    let rows = json_rows(&out);
-    assert_eq!(
-        mode_names(&rows),
-        ["naive", "outbox", "twopc", "twopc-2pc"],
-        "{rows:?}"
-    );
-    for row in &rows {
-        let mode = row["mode"].as_str().unwrap_or("?");
-        for key in [
-            "clients",
-            "tx_per_s",
-            "p50_ms",
-            "p99_ms",
+    let out = dual_write(dir.path(), "2", "2", &[]);
+    let modes = ["naive", "outbox", "twopc", "twopc-2pc"];
+    for (mode, row) in report_of(&out, &modes) {
+        let mode = mode.as_str();
+        for key in EVERY_MODE_REPORTS.iter().chain(&[
             "delivery_p50_ms",
             "delivery_p99_ms",
             "cpu_us_per_tx",
             "machine_cpu_us_per_tx",
-        ] {
-            let v = row[key].as_f64();
+        ]) {
+            let v = row[*key].as_f64();
             assert!(
                 v.is_some_and(|v| v > 0.0 && v.is_finite()),
                 "{mode}: {key} in {row}"
@@ -222,24 +213,13 @@ fn the_dual_write_json_report_has_every_mode_delivered_and_its_cpu() {
 #[test]
 fn the_dual_write_modes_flag_runs_only_the_named_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bench_of(
-        "dual-write",
-        &[
-            "--clients",
-            "1",
-            "--seconds",
-            "1",
-            "--rounds",
-            "1",
-            "--modes",
-            "twopc-2pc,naive,twopc-2pc",
-            "--json",
-        ],
-        Some(dir.path()),
+    let out = dual_write(
+        dir.path(),
+        "1",
+        "1",
+        &["--modes", "twopc-2pc,naive,twopc-2pc"],
     );
-    let rows = json_rows(&out);
-    assert_eq!(mode_names(&rows), ["naive", "twopc-2pc"], "{rows:?}");
-    for row in &rows {
+    for (_, row) in report_of(&out, &["naive", "twopc-2pc"]) {
         assert!(row["tx_per_s"].as_f64().is_some_and(|v| v > 0.0), "{row}");
         assert!(row["twopc_throughput_ratio"].is_null(), "{row}");
         assert_eq!(row["undelivered"].as_u64(), Some(0), "{row}");

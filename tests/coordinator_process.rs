@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_testkit::requests;
 
 /// Overall budget of one test.
 const TEST_DEADLINE: Duration = Duration::from_secs(25);
@@ -401,11 +402,7 @@ async fn a_participant_that_dies_after_preparing_gets_its_commit_after_restart()
         let view = get_tx(&mut c, &tx).await.expect("GetTransaction");
         assert_eq!(tx_state(&view), pb::TxState::Committing, "{view:?}");
         assert_eq!(outcome(&view), pb::Outcome::Committed);
-        let ledger = view
-            .branches
-            .iter()
-            .find(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "ledger"))
-            .expect("ledger branch in the view");
+        let ledger = requests::branch_of(&view, "ledger").expect("ledger branch in the view");
         assert_eq!(ledger.state, pb::BranchState::Prepared as i32, "{ledger:?}");
         assert!(
             ledger.attempts >= 1 && !ledger.last_error.is_empty(),
@@ -851,13 +848,8 @@ async fn bad_input_is_refused_with_the_right_codes() {
 
         // Out-of-range request fields.
         expect_status(
-            c.commit(pb::CommitRequest {
-                tx_id: active.clone(),
-                phase_two_wait_ms: Some(600_001),
-                branches: Vec::new(),
-                answer_before_durable: false,
-            })
-            .await,
+            c.commit(requests::commit_waiting(&active, Some(600_001)))
+                .await,
             Code::InvalidArgument,
             &["phase_two_wait_ms", "600001"],
         );

@@ -34,6 +34,7 @@ use twopc_coordinator::log::{DecisionLog, LazyRecord, SledLog, SledLogOptions};
 use twopc_coordinator::types::TxId;
 use twopc_participant::staging::{StagedMessage, StagingStore};
 use twopc_proto::v1 as pb;
+use twopc_testkit::requests;
 
 /// Tells the child which store to write (`decision-log` or `staging`).
 const CHILD_ENV: &str = "TWOPC_KILL_TEST_CHILD";
@@ -480,9 +481,7 @@ async fn twopc_serve_killed_while_it_starts_always_starts_again() {
             let mut client = c.client().await;
             for tx in &decided {
                 let got = client
-                    .get_transaction(pb::GetTransactionRequest {
-                        tx_id: tx.to_string(),
-                    })
+                    .get_transaction(requests::get(tx.to_string()))
                     .await
                     .unwrap_or_else(|e| panic!("GetTransaction {tx}: {e}; {}", c.stderr_log()))
                     .into_inner();

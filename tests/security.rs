@@ -29,6 +29,7 @@ use twopc_participant::{BearerToken, Error as SdkError, TwoPc};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::admin_client::AdminClient;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
+use twopc_testkit::requests;
 
 /// Overall budget of one test.
 const TEST_DEADLINE: Duration = Duration::from_secs(90);
@@ -159,22 +160,18 @@ async fn tls_channel(
     let ep = Endpoint::from_shared(format!("https://{}", coord.addr()))
         .expect("https url")
         .tls_config(tls)
-        .map_err(|e| format!("tls config: {e:?}"))?
-        .connect_timeout(CONNECT)
-        .timeout(Duration::from_secs(15));
-    match tokio::time::timeout(CONNECT * 2, ep.connect()).await {
-        Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(format!("{e:?}")),
-        Err(_) => Err("connect timed out".into()),
-    }
+        .map_err(|e| format!("tls config: {e:?}"))?;
+    connect(ep).await
 }
 
 /// A plaintext channel to `coord`.
 async fn plain_channel(coord: &Coordinator) -> Result<Channel, String> {
-    let ep = Endpoint::from_shared(coord.url())
-        .expect("http url")
-        .connect_timeout(CONNECT)
-        .timeout(Duration::from_secs(15));
+    connect(Endpoint::from_shared(coord.url()).expect("http url")).await
+}
+
+/// A channel through `ep`, the connection bounded by [`CONNECT`] and each call by 15 s.
+async fn connect(ep: Endpoint) -> Result<Channel, String> {
+    let ep = ep.connect_timeout(CONNECT).timeout(Duration::from_secs(15));
     match tokio::time::timeout(CONNECT * 2, ep.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(format!("{e:?}")),
@@ -204,12 +201,7 @@ fn begin_req(branches: Vec<pb::Branch>) -> pb::BeginRequest {
 }
 
 fn commit_req(tx_id: &str) -> pb::CommitRequest {
-    pb::CommitRequest {
-        tx_id: tx_id.to_string(),
-        phase_two_wait_ms: Some(5_000),
-        branches: Vec::new(),
-        answer_before_durable: false,
-    }
+    requests::commit_waiting(tx_id, Some(5_000))
 }
 
 fn list_req() -> pb::AdminListTransactionsRequest {
@@ -235,9 +227,7 @@ async fn listed(admin: &mut AdminClient<Authed>) -> Vec<String> {
 
 async fn state_of(client: &mut CoordinatorClient<Authed>, tx_id: &str) -> pb::TxState {
     let resp = client
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
+        .get_transaction(requests::get(tx_id))
         .await
         .expect("GetTransaction with a valid token")
         .into_inner();
@@ -764,7 +754,7 @@ async fn mutual_tls_to_participants_commits_and_a_coordinator_without_the_certif
         // Recovery's GetTransaction carries the token too.
         let got = sdk
             .coordinator()
-            .get_transaction(pb::GetTransactionRequest { tx_id: id.clone() })
+            .get_transaction(requests::get(&id))
             .await
             .expect("GetTransaction through the SDK's client");
         assert_eq!(got.into_inner().outcome, pb::Outcome::Committed as i32);

@@ -180,34 +180,17 @@ pub async fn run_with_listeners<L: DecisionLog>(
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    set_health(&reporter, ServingStatus::NotServing).await;
     {
         let reporter = reporter.clone();
         rt.on_halt(move |_| {
             let reporter = reporter.clone();
-            tokio::spawn(async move {
-                reporter
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                reporter
-                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
-            });
+            tokio::spawn(async move { set_health(&reporter, ServingStatus::NotServing).await });
         });
     }
     let (commits, undecided) = rt.recover()?;
     info!(commits, undecided, "recovery scheduled");
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    set_health(&reporter, ServingStatus::Serving).await;
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(twopc_proto::FILE_DESCRIPTOR_SET)
@@ -262,4 +245,11 @@ pub async fn run_with_listeners<L: DecisionLog>(
         .await?;
     info!("server stopped");
     Ok(())
+}
+
+/// Reports `status` for the server as a whole (`""`, what load balancers probe) and for
+/// the coordinator service by name.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
 }

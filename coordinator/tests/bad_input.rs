@@ -59,6 +59,7 @@ use twopc_coordinator::log::{DecisionLog, SledLog, SledLogOptions};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{AlwaysYes, Behaviour, Services, TestParticipant};
+use twopc_testkit::requests;
 
 mod support;
 use support::{quick_retries, serve};
@@ -182,6 +183,21 @@ fn seen(what: &str, code: Code) {
             .entry(format!("{what} {code:?}"))
             .or_default() += 1
     });
+}
+
+/// An Abort or a ReleaseUnused that was answered (`answered`: its outcome and the whole
+/// answer) must have answered ABORTED; then whatever `checked` (its [`check`]) found.
+fn ended_as_aborted(
+    rpc: &str,
+    answered: Option<(i32, String)>,
+    checked: Fallible<()>,
+) -> Fallible<()> {
+    if let Some((outcome, r)) = answered {
+        if outcome != pb::Outcome::Aborted as i32 {
+            return Err(fail(format!("{rpc} answered {r}")));
+        }
+    }
+    checked
 }
 
 fn check<T: Debug>(what: &str, got: &Result<T, Status>, want: &Want) -> Fallible<()> {
@@ -388,6 +404,23 @@ fn stable(mut v: pb::GetTransactionResponse) -> pb::GetTransactionResponse {
     v
 }
 
+/// The reference transactions of a [`Harness`], begun (and two of them finished) before
+/// any case runs.
+struct Known {
+    /// Active until the case is over (a day's timeout), with two branches.
+    canary: String,
+    canary_branches: Vec<pb::Branch>,
+    canary_view: pb::GetTransactionResponse,
+    /// Right after the canary's Begin answered: its age is at least the time since.
+    canary_begun: Instant,
+    /// Finished COMMITTED.
+    committed: String,
+    committed_view: pb::GetTransactionResponse,
+    /// Finished ABORTED.
+    aborted: String,
+    aborted_view: pb::GetTransactionResponse,
+}
+
 /// One coordinator with its reference transactions, shared by all cases of a property.
 struct Harness {
     stop: Vec<oneshot::Sender<()>>,
@@ -403,15 +436,8 @@ struct Harness {
     next_seq: std::cell::Cell<u64>,
     participant_port: u16,
     participant: String,
-    canary: String,
-    canary_branches: Vec<pb::Branch>,
-    canary_view: pb::GetTransactionResponse,
-    /// Right after the canary's Begin answered: its age is at least the time since.
-    canary_begun: Instant,
-    committed: String,
-    committed_view: pb::GetTransactionResponse,
-    aborted: String,
-    aborted_view: pb::GetTransactionResponse,
+    /// The transactions begun before any case, whose states every case must leave alone.
+    known: Known,
     decisions: u64,
     /// Server panics already reported (each is reported by the case that caused it).
     panics_reported: std::cell::Cell<usize>,
@@ -442,16 +468,18 @@ async fn connect(addr: &str) -> Channel {
     }
 }
 
+/// The coordinator's view of `tx`.
+async fn view(c: &mut Client, tx: &str) -> pb::GetTransactionResponse {
+    c.get_transaction(requests::get(tx))
+        .await
+        .expect("GetTransaction")
+        .into_inner()
+}
+
 async fn get_until(c: &mut Client, tx: &str, state: pb::TxState) -> pb::GetTransactionResponse {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = c
-            .get_transaction(pb::GetTransactionRequest {
-                tx_id: tx.to_string(),
-            })
-            .await
-            .expect("GetTransaction")
-            .into_inner();
+        let v = view(c, tx).await;
         if v.state == state as i32 && v.branches.is_empty() {
             return stable(v);
         }
@@ -514,16 +542,7 @@ impl Harness {
         let participant = yes.endpoint.clone();
         let mut c = CoordinatorClient::new(channel.clone());
         let p = participant.clone();
-        let (
-            committed,
-            committed_view,
-            aborted,
-            aborted_view,
-            canary,
-            canary_branches,
-            canary_view,
-            canary_begun,
-        ) = rt.block_on(async move {
+        let known = rt.block_on(async move {
             let begin = |c: &mut Client, timeout_ms: u64, branches: Vec<pb::Branch>| {
                 let mut c = c.clone();
                 async move {
@@ -547,12 +566,7 @@ impl Harness {
             )
             .await;
             let r = c
-                .commit(pb::CommitRequest {
-                    tx_id: committed.clone(),
-                    phase_two_wait_ms: Some(5_000),
-                    branches: Vec::new(),
-                    answer_before_durable: false,
-                })
+                .commit(requests::commit_waiting(&committed, Some(5_000)))
                 .await
                 .expect("Commit")
                 .into_inner();
@@ -579,29 +593,23 @@ impl Harness {
             ];
             let canary = begin(&mut c, DAY_MS, canary_branches.clone()).await;
             let canary_begun = Instant::now();
-            let canary_view = stable(
-                c.get_transaction(pb::GetTransactionRequest {
-                    tx_id: canary.clone(),
-                })
-                .await
-                .expect("GetTransaction")
-                .into_inner(),
-            );
-            (
-                committed,
-                committed_view,
-                aborted,
-                aborted_view,
+            let canary_view = stable(view(&mut c, &canary).await);
+            Known {
                 canary,
                 canary_branches,
                 canary_view,
                 canary_begun,
-            )
+                committed,
+                committed_view,
+                aborted,
+                aborted_view,
+            }
         });
-        let (node, epoch, seq) = parse_canonical(&canary).expect("canary id");
+        let (node, epoch, seq) = parse_canonical(&known.canary).expect("canary id");
         assert_eq!(node, log.node_id());
         assert_eq!(epoch, log.epoch());
         assert!(epoch >= 2, "epoch {epoch}: the first start did not count");
+        let canary_view = &known.canary_view;
         assert_eq!(
             canary_view.state,
             pb::TxState::Active as i32,
@@ -626,14 +634,7 @@ impl Harness {
             next_seq: std::cell::Cell::new(seq + 1),
             participant_port,
             participant,
-            canary,
-            canary_branches,
-            canary_view,
-            canary_begun,
-            committed,
-            committed_view,
-            aborted,
-            aborted_view,
+            known,
             decisions,
             panics_reported: std::cell::Cell::new(0),
             rt,
@@ -657,9 +658,7 @@ impl Harness {
     }
 
     fn get(&self, tx_id: &str) -> Fallible<Result<pb::GetTransactionResponse, Status>> {
-        let req = pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        };
+        let req = requests::get(tx_id);
         self.call("GetTransaction", |mut c| async move {
             c.get_transaction(req).await
         })
@@ -722,9 +721,9 @@ impl Harness {
         if seq >= self.next_seq.get() {
             return TxClass::Unknown;
         }
-        if s == self.canary {
+        if s == self.known.canary {
             TxClass::Canary
-        } else if s == self.committed {
+        } else if s == self.known.committed {
             TxClass::Committed
         } else if Some(s) == scratch {
             TxClass::Scratch
@@ -735,9 +734,9 @@ impl Harness {
 
     fn target_id(&self, t: &Target, scratch: Option<&str>) -> String {
         match t {
-            Target::Canary => self.canary.clone(),
-            Target::Committed => self.committed.clone(),
-            Target::Aborted => self.aborted.clone(),
+            Target::Canary => self.known.canary.clone(),
+            Target::Committed => self.known.committed.clone(),
+            Target::Aborted => self.known.aborted.clone(),
             Target::Scratch(_) => scratch.unwrap_or_default().to_string(),
             Target::Id(s) => s.clone(),
         }
@@ -751,16 +750,20 @@ impl Harness {
                 .await
         })?;
         let list = list.map_err(|s| fail(format!("probe: ListTransactions refused: {s:?}")))?;
-        if !list.transactions.iter().any(|t| t.tx_id == self.canary) {
+        if !list
+            .transactions
+            .iter()
+            .any(|t| t.tx_id == self.known.canary)
+        {
             return Err(fail(format!(
                 "probe: the canary {} is missing from ListTransactions: {list:?}",
-                self.canary
+                self.known.canary
             )));
         }
         for (id, before) in [
-            (&self.canary, &self.canary_view),
-            (&self.committed, &self.committed_view),
-            (&self.aborted, &self.aborted_view),
+            (&self.known.canary, &self.known.canary_view),
+            (&self.known.committed, &self.known.committed_view),
+            (&self.known.aborted, &self.known.aborted_view),
         ] {
             let now = self
                 .get(id)?
@@ -1330,13 +1333,7 @@ fn sample_requests(port: u16) -> Vec<Vec<u8>> {
             branch: Some(b),
         }
         .encode_to_vec(),
-        pb::CommitRequest {
-            tx_id: "0badc0de-1-2".into(),
-            phase_two_wait_ms: Some(10),
-            branches: Vec::new(),
-            answer_before_durable: false,
-        }
-        .encode_to_vec(),
+        requests::commit_waiting("0badc0de-1-2", Some(10)).encode_to_vec(),
         pb::BeginLocalRequest {
             branch: Some(local_branch(
                 "g2",
@@ -1412,8 +1409,7 @@ fn ascii_payload(port: u16) -> BoxedStrategy<String> {
         .map(|m| String::from_utf8(m).expect("ASCII"))
         .chain([
             String::new(),
-            String::from_utf8(pb::GetTransactionRequest { tx_id: "x".into() }.encode_to_vec())
-                .expect("ASCII"),
+            String::from_utf8(requests::get("x").encode_to_vec()).expect("ASCII"),
         ])
         .collect();
     prop_oneof![select(samples), "[\\x00-\\x7f]{0,100}"].boxed()
@@ -1640,7 +1636,7 @@ impl Harness {
         let tx = self.target_id(&target, scratch_id);
         let class = self.classify(&tx, scratch_id);
         let existing = match (&class, &scratch) {
-            (TxClass::Canary, _) => self.canary_branches.clone(),
+            (TxClass::Canary, _) => self.known.canary_branches.clone(),
             (TxClass::Scratch, Some((_, b))) => b.clone(),
             _ => Vec::new(),
         };
@@ -1708,12 +1704,7 @@ impl Harness {
                 TxClass::Invalid(_) => unreachable!("handled above"),
             },
         };
-        let req = pb::CommitRequest {
-            tx_id: tx,
-            phase_two_wait_ms: wait,
-            branches: Vec::new(),
-            answer_before_durable: false,
-        };
+        let req = requests::commit_waiting(tx, wait);
         let got = self.call("Commit", |mut c| async move { c.commit(req).await })?;
         check("Commit", &got, &expected)?;
         if let Ok(r) = &got {
@@ -1749,37 +1740,16 @@ impl Harness {
         let got = self.call("Abort", |mut c| async move { c.abort(req).await })?;
         let checked = check("Abort", &got, &expected);
         if let Some(id) = &scratch {
-            let v = self
-                .get(id)?
-                .map_err(|s| fail(format!("GetTransaction of the scratch tx: {s:?}")))?;
-            if got.is_ok() {
-                let why = if reason.is_empty() {
-                    "aborted by the client".to_string()
-                } else {
-                    format!("aborted by the client: {reason}")
-                };
-                if v.outcome != pb::Outcome::Aborted as i32
-                    || (!v.branches.is_empty() && v.reason != why)
-                {
-                    return Err(fail(format!(
-                        "after Abort the scratch tx reads {v:?}; expected ABORTED because {why:?}"
-                    )));
-                }
+            let why = if reason.is_empty() {
+                "aborted by the client".to_string()
             } else {
-                if v.state != pb::TxState::Active as i32 {
-                    return Err(fail(format!(
-                        "a refused Abort changed the scratch tx: {v:?}"
-                    )));
-                }
-                self.clean_up(id)?;
-            }
+                format!("aborted by the client: {reason}")
+            };
+            let ended = got.is_ok().then_some(why.as_str());
+            self.check_scratch_after("Abort", id, ended)?;
         }
-        if let Ok(r) = &got {
-            if r.outcome != pb::Outcome::Aborted as i32 {
-                return Err(fail(format!("Abort answered {r:?}")));
-            }
-        }
-        checked?;
+        let outcome = got.as_ref().ok().map(|r| (r.outcome, format!("{r:?}")));
+        ended_as_aborted("Abort", outcome, checked)?;
         self.probe()
     }
 
@@ -1803,21 +1773,11 @@ impl Harness {
                 None => Want::Ok,
             },
         };
-        let req = pb::BeginLocalRequest {
-            branch: branch.map(|g| g.branch),
-            timeout_ms,
-            count,
-        };
-        let got = self.call(
-            "BeginLocal",
-            |mut c| async move { c.begin_local(req).await },
-        )?;
+        // What it begins is left to its timeout: the branch may name a participant that
+        // is not there.
+        let got = self.begin_local_req(branch.map(|g| g.branch), timeout_ms, count, false)?;
         check("BeginLocal", &got, &expected)?;
         if let Ok(r) = &got {
-            // Left to their timeout: the branch may name a participant that is not there.
-            for tx in &r.tx_ids {
-                self.note_begun(tx);
-            }
             let timeout = match timeout_ms {
                 0 => ServeConfig::default().tx_timeout_ms,
                 t => t,
@@ -1906,23 +1866,11 @@ impl Harness {
     fn release_case(&self, target: Target, local: bool) -> Fallible<()> {
         let scratch = match &target {
             _ if local => {
-                let req = pb::BeginLocalRequest {
-                    branch: Some(local_branch(
-                        "l1",
-                        &self.participant,
-                        0,
-                        pb::BranchKind::Database,
-                    )),
-                    timeout_ms: DAY_MS,
-                    count: 1,
-                };
-                let r = self.call("BeginLocal (scratch)", |mut c| async move {
-                    c.begin_local(req).await
-                })?;
-                let r = r.map_err(|s| fail(format!("BeginLocal of a scratch tx failed: {s:?}")))?;
-                let tx = r.tx_ids.first().cloned().unwrap_or_default();
-                self.note_begun(&tx);
-                Some(tx)
+                let branch = local_branch("l1", &self.participant, 0, pb::BranchKind::Database);
+                let r = self
+                    .begin_local_req(Some(branch), DAY_MS, 1, false)?
+                    .map_err(|s| fail(format!("BeginLocal of a scratch tx failed: {s:?}")))?;
+                Some(r.tx_ids.first().cloned().unwrap_or_default())
             }
             Target::Scratch(b) => Some(self.begin_scratch(b)?),
             _ => None,
@@ -1947,31 +1895,41 @@ impl Harness {
         })?;
         let checked = check("ReleaseUnused", &got, &expected);
         if let Some(id) = &scratch {
-            let v = self
-                .get(id)?
-                .map_err(|s| fail(format!("GetTransaction of the scratch tx: {s:?}")))?;
-            if local {
-                if v.outcome != pb::Outcome::Aborted as i32 {
+            // A local scratch tx is released whatever its reason reads.
+            self.check_scratch_after("ReleaseUnused", id, local.then_some(""))?;
+        }
+        let outcome = got.as_ref().ok().map(|r| (r.outcome, format!("{r:?}")));
+        ended_as_aborted("ReleaseUnused", outcome, checked)?;
+        self.probe()
+    }
+
+    /// After `rpc` (an Abort or a ReleaseUnused) of the scratch transaction `id`: where
+    /// it `ended` the transaction, `id` must read ABORTED (and, for a reason that is not
+    /// empty, because of it); where it was refused, `id` must be untouched (and is cleaned
+    /// up).
+    fn check_scratch_after(&self, rpc: &str, id: &str, ended: Option<&str>) -> Fallible<()> {
+        let v = self
+            .get(id)?
+            .map_err(|s| fail(format!("GetTransaction of the scratch tx: {s:?}")))?;
+        match ended {
+            Some(why) => {
+                let wrong_reason = !why.is_empty() && !v.branches.is_empty() && v.reason != why;
+                if v.outcome != pb::Outcome::Aborted as i32 || wrong_reason {
                     return Err(fail(format!(
-                        "after ReleaseUnused the local scratch tx reads {v:?}; expected ABORTED"
+                        "after {rpc} the scratch tx reads {v:?}; expected ABORTED because {why:?}"
                     )));
                 }
-            } else {
+            }
+            None => {
                 if v.state != pb::TxState::Active as i32 {
                     return Err(fail(format!(
-                        "a refused ReleaseUnused changed the scratch tx: {v:?}"
+                        "a refused {rpc} changed the scratch tx: {v:?}"
                     )));
                 }
                 self.clean_up(id)?;
             }
         }
-        if let Ok(r) = &got {
-            if r.outcome != pb::Outcome::Aborted as i32 {
-                return Err(fail(format!("ReleaseUnused answered {r:?}")));
-            }
-        }
-        checked?;
-        self.probe()
+        Ok(())
     }
 
     fn get_case(&self, target: Target) -> Fallible<()> {
@@ -1987,8 +1945,8 @@ impl Harness {
         if let Ok(v) = got {
             let v = stable(v);
             let ok = match class {
-                TxClass::Canary => v == self.canary_view,
-                TxClass::Committed => v == self.committed_view,
+                TxClass::Canary => v == self.known.canary_view,
+                TxClass::Committed => v == self.known.committed_view,
                 TxClass::Earlier | TxClass::Aborted => {
                     v.tx_id == tx
                         && v.outcome == pb::Outcome::Aborted as i32
@@ -2014,7 +1972,7 @@ impl Harness {
         } else {
             Want::Ok
         };
-        let at_least = self.canary_begun.elapsed().as_millis() as u64;
+        let at_least = self.known.canary_begun.elapsed().as_millis() as u64;
         let req = pb::ListTransactionsRequest {
             state,
             min_age_ms,
@@ -2023,13 +1981,13 @@ impl Harness {
         let got = self.call("ListTransactions", |mut c| async move {
             c.list_transactions(req).await
         })?;
-        let at_most = self.canary_begun.elapsed().as_millis() as u64 + 1_000;
+        let at_most = self.known.canary_begun.elapsed().as_millis() as u64 + 1_000;
         check("ListTransactions", &got, &expected)?;
         if let Ok(r) = &got {
             // The only live transaction is the canary (ACTIVE).
-            let shown = r.transactions.iter().any(|t| t.tx_id == self.canary);
+            let shown = r.transactions.iter().any(|t| t.tx_id == self.known.canary);
             let state_fits = state == 0 || state == pb::TxState::Active as i32;
-            let stray = r.transactions.iter().any(|t| t.tx_id != self.canary);
+            let stray = r.transactions.iter().any(|t| t.tx_id != self.known.canary);
             let must = state_fits && min_age_ms <= at_least;
             let must_not = !state_fits || min_age_ms > at_most;
             if stray || (must && !shown) || (must_not && shown) {
@@ -2050,7 +2008,7 @@ impl Harness {
     fn garbage_case(&self, m: Method, bytes: Vec<u8>) -> Fallible<()> {
         let decoded = m.decode(&bytes);
         if let Some(txs) = &decoded {
-            if txs.contains(&self.canary) && m != Method::GetTransaction {
+            if txs.contains(&self.known.canary) && m != Method::GetTransaction {
                 return Err(TestCaseError::reject("names the canary"));
             }
         }
@@ -2157,7 +2115,7 @@ fn begin_with_random_branches_is_answered_cleanly() {
 fn enlist_with_random_input_is_answered_cleanly() {
     let h = Harness::start("enlist");
     let port = h.participant_port;
-    let canary = h.canary_branches.clone();
+    let canary = h.known.canary_branches.clone();
     let any_branch = || {
         prop_oneof![
             4 => gen_branch(port, prop_oneof![branch_id(), "s[0-4]".boxed()].boxed()).prop_map(Some),
@@ -2166,7 +2124,7 @@ fn enlist_with_random_input_is_answered_cleanly() {
     };
     let on_canary = prop_oneof![
         3 => (select(canary), 1u8..5).prop_map(move |(b, how)| Some(wrap(variant_of(&b, how, port)))),
-        1 => select(h.canary_branches.clone()).prop_map(|b| Some(wrap(b))),
+        1 => select(h.known.canary_branches.clone()).prop_map(|b| Some(wrap(b))),
         2 => invalid_branch(port).prop_map(Some),
         1 => Just(None),
     ];
@@ -2333,6 +2291,18 @@ impl Table {
             self.failures.push(e.to_string());
         }
     }
+
+    /// Probes the coordinator one last time, then fails the test with every failure
+    /// the table collected.
+    fn finish(mut self, h: &Harness) {
+        self.note(h.probe());
+        assert!(
+            self.failures.is_empty(),
+            "{} failures:\n{}",
+            self.failures.len(),
+            self.failures.join("\n")
+        );
+    }
 }
 
 impl Harness {
@@ -2366,20 +2336,18 @@ impl Harness {
     }
 
     fn commit_req(&self, tx: &str, wait: u64) -> Fallible<Result<pb::CommitResponse, Status>> {
-        let req = pb::CommitRequest {
-            tx_id: tx.to_string(),
-            phase_two_wait_ms: Some(wait),
-            branches: Vec::new(),
-            answer_before_durable: false,
-        };
+        let req = requests::commit_waiting(tx, Some(wait));
         self.call("Commit", |mut c| async move { c.commit(req).await })
     }
 
+    /// A BeginLocal; whatever it begins is noted as begun and, where `release`, released
+    /// again at once (a case that leaves it instead lets it time out).
     fn begin_local_req(
         &self,
         branch: Option<pb::Branch>,
         timeout_ms: u64,
         count: u32,
+        release: bool,
     ) -> Fallible<Result<pb::BeginLocalResponse, Status>> {
         let req = pb::BeginLocalRequest {
             branch,
@@ -2393,8 +2361,10 @@ impl Harness {
         if let Ok(b) = &r {
             for tx in &b.tx_ids {
                 self.note_begun(tx);
-                self.release_req(tx)?
-                    .map_err(|s| fail(format!("ReleaseUnused of {tx} (clean-up): {s:?}")))?;
+                if release {
+                    self.release_req(tx)?
+                        .map_err(|s| fail(format!("ReleaseUnused of {tx} (clean-up): {s:?}")))?;
+                }
             }
         }
         Ok(r)
@@ -2457,8 +2427,8 @@ fn malformed_requests_get_the_documented_code() {
         h.get(&upper),
         inv(&["tx_id", &format!("{upper:?}")]),
     );
-    if h.canary.chars().any(|c| c.is_ascii_lowercase()) {
-        let u = h.canary.to_uppercase();
+    if h.known.canary.chars().any(|c| c.is_ascii_lowercase()) {
+        let u = h.known.canary.to_uppercase();
         t.expect(
             "uppercase canary id",
             h.abort(&u, ""),
@@ -2475,7 +2445,7 @@ fn malformed_requests_get_the_documented_code() {
         h.enlist_req("../../x", Some(ok_branch("e"))),
         inv(&["tx_id", "\"../../x\""]),
     );
-    let padded = format!("{}\n", h.committed);
+    let padded = format!("{}\n", h.known.committed);
     t.expect(
         "tx id with a newline",
         h.abort(&padded, ""),
@@ -2495,17 +2465,9 @@ fn malformed_requests_get_the_documented_code() {
     );
 
     // Endpoints and branches.
-    t.expect(
-        "endpoint without port",
-        h.begin_req(0, vec![with_endpoint("http://127.0.0.1")]),
-        inv_ep("port"),
-    );
-    t.expect(
-        "ftp scheme",
-        h.begin_req(0, vec![with_endpoint("ftp://127.0.0.1:21")]),
-        inv_ep("scheme"),
-    );
     for (what, ep, why) in [
+        ("endpoint without port", "http://127.0.0.1", "port"),
+        ("ftp scheme", "ftp://127.0.0.1:21", "scheme"),
         ("port out of range", "http://127.0.0.1:65536", "1 to 65535"),
         ("port zero", "http://127.0.0.1:0", "1 to 65535"),
         ("port with a sign", "http://127.0.0.1:+1", "1 to 65535"),
@@ -2519,24 +2481,23 @@ fn malformed_requests_get_the_documented_code() {
             "http://127.0.0.1:1#frag",
             "fragment",
         ),
+        ("path in endpoint", "http://127.0.0.1:7001/x", "no path"),
+        (
+            "query in endpoint",
+            "http://127.0.0.1:7001?a=1",
+            "no path, query or fragment",
+        ),
+        ("no scheme", "127.0.0.1:7001", "scheme"),
+        // The message names the field and the value; its reason ("a port is required")
+        // is misleading for a port that is present but out of range.
+        (
+            "port out of range",
+            "http://127.0.0.1:65536",
+            "\"http://127.0.0.1:65536\"",
+        ),
     ] {
         t.expect(what, h.begin_req(0, vec![with_endpoint(ep)]), inv_ep(why));
     }
-    t.expect(
-        "path in endpoint",
-        h.begin_req(0, vec![with_endpoint("http://127.0.0.1:7001/x")]),
-        inv_ep("no path"),
-    );
-    t.expect(
-        "query in endpoint",
-        h.begin_req(0, vec![with_endpoint("http://127.0.0.1:7001?a=1")]),
-        inv_ep("no path, query or fragment"),
-    );
-    t.expect(
-        "no scheme",
-        h.begin_req(0, vec![with_endpoint("127.0.0.1:7001")]),
-        inv_ep("scheme"),
-    );
     t.expect(
         "empty endpoint",
         h.begin_req(0, vec![with_endpoint("")]),
@@ -2547,13 +2508,6 @@ fn malformed_requests_get_the_documented_code() {
         "endpoint over 256 bytes",
         h.begin_req(0, vec![with_endpoint(&long_ep)]),
         inv_ep(&format!("{} bytes", long_ep.len())),
-    );
-    // The message names the field and the value; its reason ("a port is required") is
-    // misleading for a port that is present but out of range.
-    t.expect(
-        "port out of range",
-        h.begin_req(0, vec![with_endpoint("http://127.0.0.1:65536")]),
-        inv_ep("\"http://127.0.0.1:65536\""),
     );
     t.expect(
         "branch id with space",
@@ -2624,34 +2578,34 @@ fn malformed_requests_get_the_documented_code() {
     // Commit, Abort, Enlist against real transactions.
     t.expect(
         "phase_two_wait_ms over the max",
-        h.commit_req(&h.canary, MAX_WAIT_MS + 1),
+        h.commit_req(&h.known.canary, MAX_WAIT_MS + 1),
         inv(&["phase_two_wait_ms", &(MAX_WAIT_MS + 1).to_string()]),
     );
     t.expect(
         "reason over 1024 bytes",
-        h.abort(&h.canary, &"x".repeat(MAX_REASON + 1)),
+        h.abort(&h.known.canary, &"x".repeat(MAX_REASON + 1)),
         inv(&["reason", "1025 bytes"]),
     );
     t.expect(
         "reason of 513 two-byte characters",
-        h.abort(&h.canary, &"é".repeat(MAX_REASON / 2 + 1)),
+        h.abort(&h.known.canary, &"é".repeat(MAX_REASON / 2 + 1)),
         inv(&["reason", "1026 bytes"]),
     );
     t.expect(
         "Enlist with missing branch",
-        h.enlist_req(&h.canary, None),
+        h.enlist_req(&h.known.canary, None),
         inv(&["branch is missing"]),
     );
-    let mut moved = h.canary_branches[0].clone();
+    let mut moved = h.known.canary_branches[0].clone();
     moved.participant_endpoint = "http://127.0.0.1:9".into();
     t.expect(
         "Enlist of a canary branch with another endpoint",
-        h.enlist_req(&h.canary, Some(moved)),
+        h.enlist_req(&h.known.canary, Some(moved)),
         want(AlreadyExists, &["\"c1\"", "already enlisted"]),
     );
     t.expect(
         "Enlist of a canary branch, identical",
-        h.enlist_req(&h.canary, Some(h.canary_branches[1].clone())),
+        h.enlist_req(&h.known.canary, Some(h.known.canary_branches[1].clone())),
         Want::Ok,
     );
     let unknown = format!("{node:08x}-{epoch}-1000000");
@@ -2696,32 +2650,32 @@ fn malformed_requests_get_the_documented_code() {
     );
     t.expect(
         "Abort of a committed tx",
-        h.abort(&h.committed, "changed my mind"),
-        want(FailedPrecondition, &[&h.committed, "COMMITTED"]),
+        h.abort(&h.known.committed, "changed my mind"),
+        want(FailedPrecondition, &[&h.known.committed, "COMMITTED"]),
     );
     t.expect(
         "Abort of a committed tx, reason of exactly 1024 bytes",
-        h.abort(&h.committed, &"y".repeat(MAX_REASON)),
-        want(FailedPrecondition, &[&h.committed, "COMMITTED"]),
+        h.abort(&h.known.committed, &"y".repeat(MAX_REASON)),
+        want(FailedPrecondition, &[&h.known.committed, "COMMITTED"]),
     );
     t.expect(
         "Enlist into a committed tx",
-        h.enlist_req(&h.committed, Some(ok_branch("late"))),
-        want(FailedPrecondition, &[&h.committed]),
+        h.enlist_req(&h.known.committed, Some(ok_branch("late"))),
+        want(FailedPrecondition, &[&h.known.committed]),
     );
     t.expect(
         "Commit of a committed tx again",
-        h.commit_req(&h.committed, MAX_WAIT_MS),
+        h.commit_req(&h.known.committed, MAX_WAIT_MS),
         Want::Ok,
     );
     t.expect(
         "Commit of an aborted tx",
-        h.commit_req(&h.aborted, 0),
-        want(Aborted, &[&h.aborted]),
+        h.commit_req(&h.known.aborted, 0),
+        want(Aborted, &[&h.known.aborted]),
     );
     t.expect(
         "Abort of an aborted tx again",
-        h.abort(&h.aborted, ""),
+        h.abort(&h.known.aborted, ""),
         Want::Ok,
     );
 
@@ -2753,32 +2707,32 @@ fn malformed_requests_get_the_documented_code() {
     // BeginLocal.
     t.expect(
         "BeginLocal without a branch",
-        h.begin_local_req(None, 0, 1),
+        h.begin_local_req(None, 0, 1, true),
         inv(&["branch is missing"]),
     );
     t.expect(
         "BeginLocal with a bad branch id",
-        h.begin_local_req(Some(ok_branch("a b")), 0, 1),
+        h.begin_local_req(Some(ok_branch("a b")), 0, 1, true),
         inv(&["branch_id", "\"a b\""]),
     );
     t.expect(
         "BeginLocal with a bad endpoint",
-        h.begin_local_req(Some(with_endpoint("ftp://127.0.0.1:21")), 0, 1),
+        h.begin_local_req(Some(with_endpoint("ftp://127.0.0.1:21")), 0, 1, true),
         inv_ep("scheme"),
     );
     t.expect(
         "BeginLocal with timeout_ms over 24 h",
-        h.begin_local_req(Some(ok_branch("l")), DAY_MS + 1, 1),
+        h.begin_local_req(Some(ok_branch("l")), DAY_MS + 1, 1, true),
         inv(&["timeout_ms", &(DAY_MS + 1).to_string()]),
     );
     t.expect(
         "BeginLocal of 257",
-        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN + 1),
+        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN + 1, true),
         inv(&["count is 257", "at most 256"]),
     );
     t.expect(
         "BeginLocal of 256",
-        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN),
+        h.begin_local_req(Some(ok_branch("l")), 0, MAX_LOCAL_BEGIN, true),
         Want::Ok,
     );
 
@@ -2788,7 +2742,7 @@ fn malformed_requests_get_the_documented_code() {
         h.report_req(&[]),
         inv(&["tx_ids is empty"]),
     );
-    let many_ids = vec![h.committed.as_str(); MAX_LOCAL_REPORTS + 1];
+    let many_ids = vec![h.known.committed.as_str(); MAX_LOCAL_REPORTS + 1];
     t.expect(
         "ReportLocalCommits of 1025 ids",
         h.report_req(&many_ids),
@@ -2801,20 +2755,20 @@ fn malformed_requests_get_the_documented_code() {
     );
     t.expect(
         "ReportLocalCommits with an invalid second id (nothing recorded)",
-        h.report_req(&[h.committed.as_str(), ".."]),
+        h.report_req(&[h.known.committed.as_str(), ".."]),
         inv(&["tx_ids[1]", "\"..\""]),
     );
     t.expect(
         "ReportLocalCommits of an ordinary transaction",
-        h.report_req(&[h.canary.as_str()]),
-        want(FailedPrecondition, &[&h.canary, "not begun"]),
+        h.report_req(&[h.known.canary.as_str()]),
+        want(FailedPrecondition, &[&h.known.canary, "not begun"]),
     );
     t.expect(
         "ReportLocalCommits naming an ordinary transaction second",
-        h.report_req(&[h.committed.as_str(), h.canary.as_str()]),
+        h.report_req(&[h.known.committed.as_str(), h.known.canary.as_str()]),
         want(
             FailedPrecondition,
-            &[&format!("transaction {}: ", h.canary)],
+            &[&format!("transaction {}: ", h.known.canary)],
         ),
     );
     t.expect(
@@ -2824,8 +2778,8 @@ fn malformed_requests_get_the_documented_code() {
     );
     t.expect(
         "ReportLocalCommits of an aborted tx",
-        h.report_req(&[h.aborted.as_str()]),
-        want(Aborted, &[&h.aborted]),
+        h.report_req(&[h.known.aborted.as_str()]),
+        want(Aborted, &[&h.known.aborted]),
     );
 
     // ReleaseUnused.
@@ -2836,13 +2790,13 @@ fn malformed_requests_get_the_documented_code() {
     );
     t.expect(
         "ReleaseUnused of an ordinary transaction",
-        h.release_req(&h.canary),
-        want(FailedPrecondition, &[&h.canary, "not begun"]),
+        h.release_req(&h.known.canary),
+        want(FailedPrecondition, &[&h.known.canary, "not begun"]),
     );
     t.expect(
         "ReleaseUnused of a committed tx",
-        h.release_req(&h.committed),
-        want(FailedPrecondition, &[&h.committed, "COMMITTED"]),
+        h.release_req(&h.known.committed),
+        want(FailedPrecondition, &[&h.known.committed, "COMMITTED"]),
     );
     t.expect(
         "ReleaseUnused of an unknown id",
@@ -2850,13 +2804,7 @@ fn malformed_requests_get_the_documented_code() {
         want(NotFound, &[&unknown]),
     );
 
-    t.note(h.probe());
-    assert!(
-        t.failures.is_empty(),
-        "{} failures:\n{}",
-        t.failures.len(),
-        t.failures.join("\n")
-    );
+    t.finish(&h);
 }
 
 /// A coordinator running with one-phase commits off refuses BeginLocal, naming the
@@ -2869,7 +2817,7 @@ fn local_begins_name_the_setting_when_one_phase_commits_are_off() {
     for count in [0, 1, 5] {
         t.expect(
             &format!("BeginLocal of {count} with one-phase commits off"),
-            h.begin_local_req(Some(branch.clone()), 0, count),
+            h.begin_local_req(Some(branch.clone()), 0, count, true),
             want(
                 Code::FailedPrecondition,
                 &["local commits need one-phase commits", "--one-phase"],
@@ -2879,7 +2827,7 @@ fn local_begins_name_the_setting_when_one_phase_commits_are_off() {
     // Input is still checked first.
     t.expect(
         "BeginLocal without a branch, one-phase commits off",
-        h.begin_local_req(None, 0, 1),
+        h.begin_local_req(None, 0, 1, true),
         want(Code::InvalidArgument, &["branch is missing"]),
     );
     t.expect(
@@ -2889,16 +2837,10 @@ fn local_begins_name_the_setting_when_one_phase_commits_are_off() {
     );
     t.expect(
         "ReportLocalCommits of an ordinary transaction, one-phase commits off",
-        h.report_req(&[h.canary.as_str()]),
-        want(Code::FailedPrecondition, &[&h.canary, "not begun"]),
+        h.report_req(&[h.known.canary.as_str()]),
+        want(Code::FailedPrecondition, &[&h.known.canary, "not begun"]),
     );
-    t.note(h.probe());
-    assert!(
-        t.failures.is_empty(),
-        "{} failures:\n{}",
-        t.failures.len(),
-        t.failures.join("\n")
-    );
+    t.finish(&h);
 }
 
 /// Votes yes on branch "a" and no on branch "b"; answers aborts without a result while
@@ -2974,31 +2916,16 @@ fn an_abort_answered_without_a_result_is_asked_again() {
             .into_inner()
             .tx_id;
         let e = c
-            .commit(pb::CommitRequest {
-                tx_id: tx_id.clone(),
-                phase_two_wait_ms: None,
-                branches: Vec::new(),
-                answer_before_durable: false,
-            })
+            .commit(requests::commit(&tx_id))
             .await
             .expect_err("branch b votes no");
         assert_eq!(e.code(), Code::Aborted, "{e:?}");
         // Answered without a result, again and again: the prepared branch is not aborted.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v = c
-                .get_transaction(pb::GetTransactionRequest {
-                    tx_id: tx_id.clone(),
-                })
-                .await
-                .expect("GetTransaction")
-                .into_inner();
+            let v = view(&mut c, &tx_id).await;
             assert_eq!(v.state, pb::TxState::Aborting as i32, "{v:?}");
-            let a = v
-                .branches
-                .iter()
-                .find(|b| b.branch.as_ref().is_some_and(|b| b.branch_id == "a"))
-                .expect("branch a is still held");
+            let a = requests::branch_of(&v, "a").expect("branch a is still held");
             assert_ne!(a.state, pb::BranchState::Aborted as i32, "{v:?}");
             if a.attempts >= 3 && behaviour.aborts.load(Ordering::SeqCst) >= 3 {
                 for needle in [

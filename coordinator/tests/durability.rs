@@ -19,6 +19,7 @@ use twopc_coordinator::types::TxId;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{Behaviour, Services, TestParticipant};
+use twopc_testkit::requests;
 
 mod support;
 use support::{quick_retries, serve};
@@ -140,12 +141,7 @@ async fn no_commit_reaches_a_branch_before_its_decision_is_synced() {
         let tx_id = begin.expect("begin").into_inner().tx_id;
         let resp = s
             .client
-            .commit(pb::CommitRequest {
-                tx_id: tx_id.clone(),
-                phase_two_wait_ms: None,
-                branches: Vec::new(),
-                answer_before_durable: false,
-            })
+            .commit(requests::commit(&tx_id))
             .await
             .expect("commit")
             .into_inner();
@@ -207,12 +203,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     switch.store(true, Ordering::SeqCst);
     let err = s
         .client
-        .commit(pb::CommitRequest {
-            tx_id: tx_id.clone(),
-            phase_two_wait_ms: None,
-            branches: Vec::new(),
-            answer_before_durable: false,
-        })
+        .commit(requests::commit(&tx_id))
         .await
         .expect_err("commit must fail when the decision cannot be synced");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -266,12 +257,7 @@ async fn a_failed_sync_halts_the_coordinator_and_sends_no_commit() {
     // Asking again about the in-doubt transaction does not guess an outcome.
     let err = s
         .client
-        .commit(pb::CommitRequest {
-            tx_id,
-            phase_two_wait_ms: None,
-            branches: Vec::new(),
-            answer_before_durable: false,
-        })
+        .commit(requests::commit(tx_id))
         .await
         .expect_err("in doubt");
     assert_eq!(err.code(), tonic::Code::Unavailable);

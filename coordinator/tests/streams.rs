@@ -22,6 +22,7 @@ use twopc_proto::mux::{self, Pipeline};
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{Behaviour, Services, TestParticipant, Via};
+use twopc_testkit::requests;
 
 mod support;
 use support::{quick_retries, serve};
@@ -116,6 +117,15 @@ fn pipeline(channel: &Channel) -> Pipeline {
     Pipeline::new(open, LIMIT)
 }
 
+/// A coordinator that serves streams, with a pipeline and a unary client over the same
+/// channel.
+async fn both_paths() -> (Setup, Pipeline, CoordinatorClient<Channel>) {
+    let s = setup(true).await;
+    let p = pipeline(&s.channel);
+    let unary = CoordinatorClient::new(s.channel.clone());
+    (s, p, unary)
+}
+
 fn branches(endpoint: &str) -> Vec<pb::Branch> {
     ["svc:a", "svc:b"]
         .iter()
@@ -142,14 +152,9 @@ async fn commit_many(p: &Arc<Pipeline>, endpoint: &str, n: usize) {
                 })
                 .await
                 .map_err(Status::from)?;
-            p.commit(pb::CommitRequest {
-                tx_id: begun.tx_id,
-                phase_two_wait_ms: None,
-                branches: Vec::new(),
-                answer_before_durable: false,
-            })
-            .await
-            .map_err(Status::from)
+            p.commit(requests::commit(begun.tx_id))
+                .await
+                .map_err(Status::from)
         }));
     }
     for t in tasks {
@@ -191,9 +196,7 @@ async fn calls_reach_the_participant(serves_stream: bool, n: usize, calls: (u64,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_calls_answer_like_their_unary_twins() {
-    let s = setup(true).await;
-    let p = pipeline(&s.channel);
-    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let (s, p, mut unary) = both_paths().await;
     let cases = [
         "not-a-tx-id".to_string(),
         // Another coordinator's id, and an earlier epoch of this one's shape.
@@ -201,12 +204,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         String::new(),
     ];
     for tx_id in cases {
-        let req = pb::CommitRequest {
-            tx_id: tx_id.clone(),
-            phase_two_wait_ms: None,
-            branches: Vec::new(),
-            answer_before_durable: false,
-        };
+        let req = requests::commit(&tx_id);
         let piped = p.commit(req.clone()).await.map_err(Status::from);
         let direct = unary.commit(req).await.map(|r| r.into_inner());
         match (piped, direct) {
@@ -222,12 +220,7 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         tx_id: "x".into(),
         reason: "r".repeat(5000),
     };
-    let e = p
-        .abort(too_long_reason)
-        .await
-        .map_err(Status::from)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    refused(p.abort(too_long_reason).await, Code::InvalidArgument, &[]);
     // A transaction begun over the pipeline is the same transaction for unary calls.
     let begun = p
         .begin(pb::BeginRequest {
@@ -244,17 +237,11 @@ async fn pipeline_calls_answer_like_their_unary_twins() {
         })
         .await
         .expect("abort");
-    let e = p
-        .commit(pb::CommitRequest {
-            tx_id: begun.tx_id,
-            phase_two_wait_ms: None,
-            branches: Vec::new(),
-            answer_before_durable: false,
-        })
-        .await
-        .map_err(Status::from)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    refused(
+        p.commit(requests::commit(begun.tx_id)).await,
+        Code::Aborted,
+        &[],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,20 +264,17 @@ async fn shutdowns_are_not_held_up_by_open_streams() {
         .expect("the coordinator waited for the client's pipeline")
         .expect("coordinator task");
     // The pipeline's stream has ended: the next call fails as after a broken connection.
-    let e = p
-        .begin(pb::BeginRequest::default())
-        .await
-        .map_err(Status::from)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    refused(
+        p.begin(pb::BeginRequest::default()).await,
+        Code::Unavailable,
+        &[],
+    );
     drop(p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_enlists_the_branches_it_carries() {
-    let s = setup(true).await;
-    let p = pipeline(&s.channel);
-    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let (s, p, mut unary) = both_paths().await;
     // Begun without branches, committed with both: two prepares and two commits.
     let begun = p
         .begin(pb::BeginRequest::default())
@@ -298,10 +282,8 @@ async fn commit_enlists_the_branches_it_carries() {
         .map_err(Status::from)
         .expect("begin");
     let commit = pb::CommitRequest {
-        tx_id: begun.tx_id.clone(),
-        phase_two_wait_ms: None,
         branches: branches(&s.endpoint),
-        answer_before_durable: false,
+        ..requests::commit(&begun.tx_id)
     };
     let resp = p
         .commit(commit.clone())
@@ -322,9 +304,11 @@ async fn commit_enlists_the_branches_it_carries() {
     // A branch the committed transaction did not have cannot join it afterwards.
     let mut other = commit.clone();
     other.branches[0].branch_id = "svc:late".into();
-    let e = unary.commit(other).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("svc:late"), "{e:?}");
+    refused(
+        unary.commit(other).await,
+        Code::FailedPrecondition,
+        &["svc:late"],
+    );
     // A bad branch is refused before anything is enlisted: the transaction stays empty
     // and aborts cleanly.
     let begun = p
@@ -334,18 +318,18 @@ async fn commit_enlists_the_branches_it_carries() {
         .expect("begin");
     let mut bad = branches(&s.endpoint);
     bad[1].participant_endpoint = "not a url".into();
-    let e = unary
-        .commit(pb::CommitRequest {
-            tx_id: begun.tx_id.clone(),
-            phase_two_wait_ms: None,
-            branches: bad,
-            answer_before_durable: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    refused(
+        unary
+            .commit(pb::CommitRequest {
+                branches: bad,
+                ..requests::commit(&begun.tx_id)
+            })
+            .await,
+        Code::InvalidArgument,
+        &[],
+    );
     let view = unary
-        .get_transaction(pb::GetTransactionRequest { tx_id: begun.tx_id })
+        .get_transaction(requests::get(begun.tx_id))
         .await
         .expect("get")
         .into_inner();
@@ -354,13 +338,24 @@ async fn commit_enlists_the_branches_it_carries() {
     assert_eq!(s.participant.streamed.load(Ordering::SeqCst), 4);
 }
 
-/// `e` refuses a call that only a local transaction (begun with BeginLocal) takes.
-fn assert_refused_as_not_local(e: &Status) {
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("not begun"), "{e:?}");
+/// A report of the local commits of `tx_ids`, answered before the outcomes are durable.
+/// The error `r` must be: `code`, with a message that contains each of `needles`.
+#[track_caller]
+fn refused<T: std::fmt::Debug, E>(r: Result<T, E>, code: Code, needles: &[&str]) -> Status
+where
+    Status: From<E>,
+{
+    let e = Status::from(r.expect_err("the call must be refused"));
+    assert_eq!(e.code(), code, "{e:?}");
+    for needle in needles {
+        assert!(
+            e.message().contains(needle),
+            "{e:?} does not name {needle:?}"
+        );
+    }
+    e
 }
 
-/// A report of the local commits of `tx_ids`, answered before the outcomes are durable.
 fn report(tx_ids: &[String]) -> pb::ReportLocalCommitsRequest {
     pb::ReportLocalCommitsRequest {
         tx_ids: tx_ids.to_vec(),
@@ -370,18 +365,14 @@ fn report(tx_ids: &[String]) -> pb::ReportLocalCommitsRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_commits_are_checked_and_send_the_participant_nothing() {
-    let s = setup(true).await;
-    let p = pipeline(&s.channel);
-    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let (s, p, mut unary) = both_paths().await;
     let two = branches(&s.endpoint);
     // BeginLocal needs its branch.
-    let e = p
-        .begin_local(pb::BeginLocalRequest::default())
-        .await
-        .map_err(Status::from)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("branch is missing"), "{e:?}");
+    refused(
+        p.begin_local(pb::BeginLocalRequest::default()).await,
+        Code::InvalidArgument,
+        &["branch is missing"],
+    );
     let local = p
         .begin_local(pb::BeginLocalRequest {
             branch: Some(two[0].clone()),
@@ -394,22 +385,22 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
     assert!(local.tx_ids.len() == 1 && local.epoch > 0, "{local:?}");
     let tx_id = local.tx_ids[0].clone();
     // No other branch can join it.
-    let e = unary
-        .enlist(pb::EnlistRequest {
-            tx_id: tx_id.clone(),
-            branch: Some(two[1].clone()),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    refused(
+        unary
+            .enlist(pb::EnlistRequest {
+                tx_id: tx_id.clone(),
+                branch: Some(two[1].clone()),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[],
+    );
     // A report names at least one transaction, and only a local transaction takes one.
-    let e = p
-        .report_local_commits(report(&[]))
-        .await
-        .map_err(Status::from)
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("tx_ids is empty"), "{e:?}");
+    refused(
+        p.report_local_commits(report(&[])).await,
+        Code::InvalidArgument,
+        &["tx_ids is empty"],
+    );
     let plain = p
         .begin(pb::BeginRequest {
             timeout_ms: 0,
@@ -418,11 +409,13 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
         .await
         .map_err(Status::from)
         .expect("begin");
-    let e = unary
-        .report_local_commits(report(std::slice::from_ref(&plain.tx_id)))
-        .await
-        .unwrap_err();
-    assert_refused_as_not_local(&e);
+    refused(
+        unary
+            .report_local_commits(report(std::slice::from_ref(&plain.tx_id)))
+            .await,
+        Code::FailedPrecondition,
+        &["not begun"],
+    );
     // The report records the outcome; the participant heard nothing of the transaction.
     let r = p
         .report_local_commits(report(std::slice::from_ref(&tx_id)))
@@ -432,9 +425,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
     assert_eq!(r.recorded, 1, "{r:?}");
     assert_eq!(r.epoch, local.epoch);
     let got = unary
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.clone(),
-        })
+        .get_transaction(requests::get(&tx_id))
         .await
         .expect("get")
         .into_inner();
@@ -455,9 +446,7 @@ async fn local_commits_are_checked_and_send_the_participant_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
-    let s = setup(true).await;
-    let p = pipeline(&s.channel);
-    let mut unary = CoordinatorClient::new(s.channel.clone());
+    let (s, p, mut unary) = both_paths().await;
     let two = branches(&s.endpoint);
     let begin_local = |count: u32| pb::BeginLocalRequest {
         branch: Some(two[0].clone()),
@@ -465,10 +454,11 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         count,
     };
     // At most 256 at once.
-    let e = unary.begin_local(begin_local(257)).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("count is 257"), "{e:?}");
-    assert!(e.message().contains("at most 256"), "{e:?}");
+    refused(
+        unary.begin_local(begin_local(257)).await,
+        Code::InvalidArgument,
+        &["count is 257", "at most 256"],
+    );
     let ahead = p
         .begin_local(begin_local(5))
         .await
@@ -483,7 +473,7 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
     assert_eq!(ids.len(), 5, "distinct ids");
     for id in &ids {
         let got = unary
-            .get_transaction(pb::GetTransactionRequest { tx_id: id.clone() })
+            .get_transaction(requests::get(id))
             .await
             .expect("get")
             .into_inner();
@@ -495,19 +485,20 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
     let outcome = |id: String| {
         let mut c = reader.clone();
         async move {
-            c.get_transaction(pb::GetTransactionRequest { tx_id: id })
+            c.get_transaction(requests::get(id))
                 .await
                 .expect("get")
                 .into_inner()
                 .outcome
         }
     };
-    let e = unary
-        .report_local_commits(report(&[ids[3].clone(), "not-an-id".to_string()]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("tx_ids[1]"), "{e:?}");
+    refused(
+        unary
+            .report_local_commits(report(&[ids[3].clone(), "not-an-id".to_string()]))
+            .await,
+        Code::InvalidArgument,
+        &["tx_ids[1]"],
+    );
     assert_eq!(
         outcome(ids[3].clone()).await,
         pb::Outcome::Unspecified as i32,
@@ -545,9 +536,7 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         .expect("given back");
     assert_eq!(released.outcome, pb::Outcome::Aborted as i32);
     let got = unary
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: ids[0].clone(),
-        })
+        .get_transaction(requests::get(ids[0].clone()))
         .await
         .expect("get")
         .into_inner();
@@ -566,27 +555,32 @@ async fn local_transactions_begun_ahead_are_checked_and_unused_ones_go_back() {
         .await
         .map_err(Status::from)
         .expect("begin");
-    let e = unary
-        .release_unused(pb::ReleaseUnusedRequest {
-            tx_id: plain.tx_id.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_refused_as_not_local(&e);
-    let e = unary
-        .release_unused(pb::ReleaseUnusedRequest {
-            tx_id: "not-an-id".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("tx_id"), "{e:?}");
+    refused(
+        unary
+            .release_unused(pb::ReleaseUnusedRequest {
+                tx_id: plain.tx_id.clone(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["not begun"],
+    );
+    refused(
+        unary
+            .release_unused(pb::ReleaseUnusedRequest {
+                tx_id: "not-an-id".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        &["tx_id"],
+    );
     // A report naming a transaction the coordinator commits itself fails, naming it.
-    let e = unary
-        .report_local_commits(report(&[ids[1].clone(), plain.tx_id.clone()]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = refused(
+        unary
+            .report_local_commits(report(&[ids[1].clone(), plain.tx_id.clone()]))
+            .await,
+        Code::FailedPrecondition,
+        &[],
+    );
     assert!(
         e.message()
             .starts_with(&format!("transaction {}:", plain.tx_id)),

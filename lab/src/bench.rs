@@ -33,6 +33,8 @@ use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{AlwaysYes, Services, TestParticipant};
 
+use crate::check_range;
+
 /// Flags of `twopc-lab bench coordinator`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CoordinatorBench {
@@ -188,14 +190,8 @@ impl LocalCoordinator {
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: CoordinatorBench) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.clients >= 1 && args.clients <= 4096,
-        "--clients must be between 1 and 4096"
-    );
-    anyhow::ensure!(
-        args.seconds >= 1 && args.seconds <= 3600,
-        "--seconds must be between 1 and 3600"
-    );
+    check_range("--clients", args.clients, 1..=4096)?;
+    check_range("--seconds", args.seconds, 1..=3600)?;
     let base = match &args.dir {
         Some(d) => tempfile::tempdir_in(d),
         None => tempfile::tempdir_in("."),

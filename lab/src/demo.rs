@@ -31,6 +31,7 @@ use twopc_participant::staging::StagingStore;
 use twopc_participant::{OutboxOptions, TwoPc};
 use twopc_testkit::{PgCluster, PgClusterOptions};
 
+use crate::check_range;
 use crate::order_service::{
     apply_event, ConsumerStats, EventStaging, Order, OrderService, Placed, INVENTORY_SCHEMA,
     ORDER_SCHEMA,
@@ -130,10 +131,7 @@ pub struct Report {
 
 /// Runs the demo and prints its table.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=100_000).contains(&args.orders),
-        "--orders must be between 1 and 100000"
-    );
+    check_range("--orders", args.orders, 1..=100_000)?;
     let tmp = tempfile::tempdir().context("cannot create a temp dir")?;
     let data_dir = args
         .data_dir
@@ -366,18 +364,18 @@ async fn drive<B: Broker>(
 
     // Every committed order: its row and exactly one applied event, equal to the row.
     for o in &committed {
-        let row = client
-            .query_opt(
-                "SELECT customer, item, quantity FROM orders WHERE id = $1",
-                &[&o.id],
-            )
-            .await?;
-        let event = client
-            .query_opt(
-                "SELECT payload::text FROM inventory_events WHERE order_id = $1",
-                &[&o.id],
-            )
-            .await?;
+        let row = order_row(
+            &client,
+            "SELECT customer, item, quantity FROM orders WHERE id = $1",
+            &o.id,
+        )
+        .await?;
+        let event = order_row(
+            &client,
+            "SELECT payload::text FROM inventory_events WHERE order_id = $1",
+            &o.id,
+        )
+        .await?;
         match (row, event) {
             (Some(r), Some(e)) => {
                 let stored = Order {
@@ -406,15 +404,13 @@ async fn drive<B: Broker>(
     // Every aborted order: neither row nor event of its own.
     for (i, o) in &aborted {
         let own_row = committed.iter().all(|c| c.id != o.id);
-        let row = client
-            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&o.id])
-            .await?;
-        let event = client
-            .query_opt(
-                "SELECT 1 FROM inventory_events WHERE order_id = $1",
-                &[&o.id],
-            )
-            .await?;
+        let row = order_row(&client, "SELECT 1 FROM orders WHERE id = $1", &o.id).await?;
+        let event = order_row(
+            &client,
+            "SELECT 1 FROM inventory_events WHERE order_id = $1",
+            &o.id,
+        )
+        .await?;
         // A duplicate-id order's id belongs to a committed order: that row is not its own.
         let clean = if own_row {
             row.is_none() && event.is_none()
@@ -630,24 +626,13 @@ async fn spawn_rabbit_consumer(
     queue: &str,
     db_url: &str,
 ) -> anyhow::Result<Consumer> {
-    use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, QueueDeclareOptions,
-    };
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
     use lapin::types::FieldTable;
     let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
         .await
         .with_context(|| rabbit_hint(amqp_url))?;
     let channel = conn.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    twopc_testkit::amqp::declare_durable(&channel, queue).await?;
     let mut deliveries = channel
         .basic_consume(
             queue.into(),
@@ -738,4 +723,13 @@ async fn spawn_nats_consumer(
         Ok(())
     });
     Ok(Consumer { stats, task })
+}
+
+/// The row `sql` finds for the order `id` (its `$1`), if any.
+async fn order_row(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    id: &str,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    client.query_opt(sql, &[&id]).await
 }

@@ -26,6 +26,7 @@ pub mod demo;
 pub mod order_service;
 
 use std::io::IsTerminal;
+use std::ops::RangeInclusive;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -67,6 +68,21 @@ enum BenchCommand {
     /// Collection of finished decision records: throughput with it on and off, the data
     /// directory after a long history, restart time and memory, recovery of many in doubt.
     Collection(bench_collection::CollectionBench),
+}
+
+/// The command-line option `option` must lie in `range`; the error names the option and
+/// the range.
+pub(crate) fn check_range<T>(option: &str, value: T, range: RangeInclusive<T>) -> anyhow::Result<()>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    anyhow::ensure!(
+        range.contains(&value),
+        "{option} must be between {} and {}",
+        range.start(),
+        range.end()
+    );
+    Ok(())
 }
 
 /// The `twopc-lab` binary: parses the command line, sets up logging and runs the command.

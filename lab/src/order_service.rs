@@ -35,6 +35,8 @@ use twopc_participant::staging::StagingStore;
 use twopc_participant::{Error, OutboxOptions, Resource, TwoPc, TwoPcBuilder};
 use twopc_proto::v1 as pb;
 
+use crate::check_range;
+
 /// Tables of the order service's database (kept in `order_schema.sql`, so the process
 /// tests can create them too).
 pub const ORDER_SCHEMA: &str = include_str!("order_schema.sql");
@@ -644,26 +646,23 @@ fn validate(args: &OrderServiceArgs) -> anyhow::Result<()> {
         "--service {:?} must be 1-32 characters of A-Z a-z 0-9 . _ -",
         args.service
     );
-    anyhow::ensure!(
-        (1..=3_600_000).contains(&args.timeout_ms),
-        "--timeout-ms must be between 1 and 3600000"
-    );
-    anyhow::ensure!(
-        (10..=3_600_000).contains(&args.recovery_interval_ms),
-        "--recovery-interval-ms must be between 10 and 3600000"
-    );
-    anyhow::ensure!(
-        (1..=3_600_000).contains(&args.call_timeout_ms),
-        "--call-timeout-ms must be between 1 and 3600000"
-    );
-    anyhow::ensure!(
-        (10..=3_600_000).contains(&args.outbox_sweep_interval_ms),
-        "--outbox-sweep-interval-ms must be between 10 and 3600000"
-    );
-    anyhow::ensure!(
-        (1..=3_600_000).contains(&args.outbox_sweep_after_ms),
-        "--outbox-sweep-after-ms must be between 1 and 3600000"
-    );
+    check_range("--timeout-ms", args.timeout_ms, 1..=3_600_000)?;
+    check_range(
+        "--recovery-interval-ms",
+        args.recovery_interval_ms,
+        10..=3_600_000,
+    )?;
+    check_range("--call-timeout-ms", args.call_timeout_ms, 1..=3_600_000)?;
+    check_range(
+        "--outbox-sweep-interval-ms",
+        args.outbox_sweep_interval_ms,
+        10..=3_600_000,
+    )?;
+    check_range(
+        "--outbox-sweep-after-ms",
+        args.outbox_sweep_after_ms,
+        1..=3_600_000,
+    )?;
     if let Some(id) = &args.place {
         anyhow::ensure!(!id.is_empty(), "--place needs an order id");
         anyhow::ensure!(args.quantity > 0, "--quantity must be greater than 0");

@@ -173,6 +173,26 @@ pub enum PublishOutcome {
     Unconfirmed(String),
 }
 
+impl PublishOutcome {
+    /// What handing one message to the broker at `url` (bounded by a deadline) came to:
+    /// the handle to await its confirmation with, or, where the send failed or the
+    /// deadline passed first, an outcome that may or may not have reached the broker.
+    pub(crate) fn handed_over<H, E: std::fmt::Display>(
+        url: &str,
+        sent: std::result::Result<std::result::Result<H, E>, tokio::time::error::Elapsed>,
+    ) -> std::result::Result<H, PublishOutcome> {
+        match sent {
+            Ok(Ok(handle)) => Ok(handle),
+            Ok(Err(e)) => Err(PublishOutcome::Unconfirmed(format!(
+                "publish to {url}: {e}"
+            ))),
+            Err(_) => Err(PublishOutcome::Unconfirmed(format!(
+                "publish to {url}: timed out"
+            ))),
+        }
+    }
+}
+
 /// A message broker resource: a [`Resource`] whose branches are message batches. Adapters
 /// implement the three broker-specific operations and forward their [`Resource`] methods
 /// to the [`BrokerCore`] they own, which holds all the transaction logic.

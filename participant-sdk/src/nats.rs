@@ -291,25 +291,14 @@ impl Broker for NatsResource {
             if let Some(ct) = &m.content_type {
                 publish = publish.header("Content-Type", ct.as_str());
             }
-            match tokio::time::timeout_at(
+            let sent = tokio::time::timeout_at(
                 deadline,
                 self.js.send_publish(m.destination.clone(), publish),
             )
-            .await
-            {
-                Ok(Ok(ack)) => pending.push((i, ack)),
-                Ok(Err(e)) => {
-                    outcomes[i] = Some(PublishOutcome::Unconfirmed(format!(
-                        "publish to {}: {e}",
-                        self.shown_url
-                    )))
-                }
-                Err(_) => {
-                    outcomes[i] = Some(PublishOutcome::Unconfirmed(format!(
-                        "publish to {}: timed out",
-                        self.shown_url
-                    )))
-                }
+            .await;
+            match PublishOutcome::handed_over(&self.shown_url, sent) {
+                Ok(ack) => pending.push((i, ack)),
+                Err(outcome) => outcomes[i] = Some(outcome),
             }
         }
         for (i, ack) in pending {

@@ -202,33 +202,30 @@ impl ParticipantService {
     }
 }
 
+/// The answer of a unary call.
+type Reply<T> = Result<Response<T>, Status>;
+
 #[tonic::async_trait]
 impl Participant for ParticipantService {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
-        ParticipantService::prepare(self, request.into_inner())
-            .await
-            .map(Response::new)
+    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Reply<pb::PrepareResponse> {
+        Ok(Response::new(
+            ParticipantService::prepare(self, req.into_inner()).await?,
+        ))
     }
 
     async fn commit(
         &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        ParticipantService::commit(self, request.into_inner())
-            .await
-            .map(Response::new)
+        req: Request<pb::CommitBranchRequest>,
+    ) -> Reply<pb::CommitBranchResponse> {
+        Ok(Response::new(
+            ParticipantService::commit(self, req.into_inner()).await?,
+        ))
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        ParticipantService::abort(self, request.into_inner())
-            .await
-            .map(Response::new)
+    async fn abort(&self, req: Request<pb::AbortBranchRequest>) -> Reply<pb::AbortBranchResponse> {
+        Ok(Response::new(
+            ParticipantService::abort(self, req.into_inner()).await?,
+        ))
     }
 }
 

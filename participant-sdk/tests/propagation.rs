@@ -44,6 +44,7 @@ use twopc_proto::example::v1::inventory_client::InventoryClient;
 use twopc_proto::example::v1::inventory_server::{Inventory, InventoryServer};
 use twopc_proto::example::v1::{ReserveRequest, ReserveResponse};
 use twopc_proto::v1 as pb;
+use twopc_testkit::requests;
 use twopc_testkit::unique_name;
 
 mod support;
@@ -469,9 +470,7 @@ impl World {
             self.orders
                 .sdk
                 .coordinator()
-                .get_transaction(pb::GetTransactionRequest {
-                    tx_id: tx_id.to_string(),
-                }),
+                .get_transaction(requests::get(tx_id)),
         )
         .await
         .expect("GetTransaction")

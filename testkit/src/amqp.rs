@@ -1,9 +1,26 @@
-//! RabbitMQ helpers for tests and the lab's checkers: take what a queue holds, as it is,
-//! with each message's id (the SDK publishes every message under its own id, which is
-//! what a consumer deduplicates by).
+//! RabbitMQ helpers for tests and the lab's checkers: declare a queue as the SDK does,
+//! and take what a queue holds, as it is, with each message's id (the SDK publishes every
+//! message under its own id, which is what a consumer deduplicates by).
 
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::Channel;
+
+/// Declares `queue` durable, as the SDK does (a queue that exists already is left as it
+/// is); returns how many messages it holds.
+pub async fn declare_durable(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
 
 /// One message taken from a queue.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,6 +13,8 @@
 //!   the coordinator alone.
 //! * [`amqp::take_all`]: every message a RabbitMQ queue holds, with its message id.
 //! * [`wait::eventually`]: a condition awaited, bounded, failing with what it waited for.
+//! * [`requests`]: the coordinator requests tests send most (a Commit, a
+//!   GetTransaction), with the fields a test does not vary filled in once.
 //! * [`free_port`]: a TCP port below 32768 that nothing listens on.
 //! * [`unique_name`]: a name no other test (in this or another process) uses, for
 //!   per-test databases, queues and streams.
@@ -23,10 +25,12 @@
 //! missing and how to get it ("initdb not found at ...; install postgresql").
 
 pub mod amqp;
+mod launch;
 pub mod nats;
 pub mod participant;
 mod pg;
 pub mod proxy;
+pub mod requests;
 pub mod wait;
 mod watchdog;
 

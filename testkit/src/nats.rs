@@ -14,21 +14,19 @@
 //! closes and the watchdog kills the server (pid from its pid file) and removes the
 //! directory.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::launch::{read_from, Launch, Program};
 use crate::watchdog::{lock, Watchdog};
-use crate::{try_free_port, Result, TestkitError};
-
-/// How many ports [`NatsServer::start`] tries when the chosen one turns out to be taken.
-const PORT_ATTEMPTS: usize = 5;
+use crate::{Result, TestkitError};
 
 /// Environment variable naming the `nats-server` binary (else it is looked up on `PATH`).
 pub const NATS_SERVER_ENV: &str = "TWOPC_NATS_SERVER";
@@ -125,21 +123,11 @@ impl NatsServer {
             dir: Some(dir),
         };
         server.spawn_watchdog(&root)?;
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            server.port = try_free_port()?;
-            match server.launch() {
-                Ok(()) => return Ok(server),
-                Err(Launch::PortTaken(detail)) => {
-                    last_err = Some(TestkitError::Command {
-                        what: format!("starting nats-server on port {}", server.port),
-                        detail,
-                    })
-                }
-                Err(Launch::Failed(e)) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| TestkitError::Usage("no port attempt was made".into())))
+        NATS.on_a_free_port(|port| {
+            server.port = port;
+            server.launch()
+        })?;
+        Ok(server)
     }
 
     /// The TCP port clients connect to (127.0.0.1).
@@ -203,35 +191,13 @@ impl NatsServer {
                 "start_again: nats-server is already running".into(),
             ));
         }
-        match self.launch() {
-            Ok(()) => Ok(()),
-            Err(Launch::PortTaken(detail)) => Err(TestkitError::Command {
-                what: format!("restarting nats-server on port {}", self.port),
-                detail,
-            }),
-            Err(Launch::Failed(e)) => Err(e),
-        }
+        NATS.restarted(self.port, self.launch())
     }
 
     /// Starts the server on `self.port` and waits until it greets a client.
     fn launch(&self) -> Result<(), Launch> {
-        let log_start = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| {
-                Launch::Failed(TestkitError::io(
-                    format!("opening {}", self.log.display()),
-                    e,
-                ))
-            })?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Launch::Failed(TestkitError::io("duplicating the log file handle", e)))?;
-        let mut server = lock(&self.server);
-        let child = Command::new(&self.binary)
-            .arg("-a")
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-a")
             .arg("127.0.0.1")
             .arg("-p")
             .arg(self.port.to_string())
@@ -239,54 +205,11 @@ impl NatsServer {
             .arg("-sd")
             .arg(&self.store)
             .arg("-P")
-            .arg(&self.pid_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .spawn()
-            .map_err(|e| {
-                Launch::Failed(TestkitError::io(
-                    format!("starting {}", self.binary.display()),
-                    e,
-                ))
-            })?;
-        *server = Some(child);
-        let deadline = Instant::now() + self.start_timeout;
-        loop {
-            let exited = match server.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(status))) => Some(status.to_string()),
-                Some(Err(e)) => Some(e.to_string()),
-                _ => None,
-            };
-            if let Some(status) = exited {
-                *server = None;
-                let new_log = read_from(&self.log, log_start);
-                let detail = format!("nats-server exited ({status}); log: {new_log}");
-                return Err(if new_log.contains("address already in use") {
-                    Launch::PortTaken(detail)
-                } else {
-                    Launch::Failed(TestkitError::Command {
-                        what: format!("starting nats-server on port {}", self.port),
-                        detail,
-                    })
-                });
-            }
-            if greets_with_jetstream(self.port) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                if let Some(mut child) = server.take() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                return Err(Launch::Failed(TestkitError::Timeout {
-                    what: format!("nats-server on port {} to accept clients", self.port),
-                    after: self.start_timeout,
-                    detail: format!("log: {}", read_from(&self.log, log_start)),
-                }));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            .arg(&self.pid_file);
+        NATS.server(&self.log, self.start_timeout)
+            .launch(&self.server, &mut cmd, self.port, |_| {
+                greets_with_jetstream(self.port)
+            })
     }
 
     /// Starts the clean-up watchdog (see the module docs).
@@ -323,13 +246,12 @@ impl Drop for NatsServer {
     }
 }
 
-/// Why a start attempt failed.
-enum Launch {
-    /// The port is in use: try another one.
-    PortTaken(String),
-    /// Anything else.
-    Failed(TestkitError),
-}
+/// How nats-server's starts are reported.
+const NATS: Program = Program {
+    name: "nats-server",
+    port_taken: &["address already in use"],
+    serves: "accept clients",
+};
 
 /// Whether a client connecting to `port` now is greeted with an `INFO` line that says
 /// JetStream is on (each step bounded by 500 ms).
@@ -385,16 +307,6 @@ fn find_binary(given: Option<&Path>) -> Result<PathBuf> {
                 &format!(" (searched PATH: {})", search.to_string_lossy()),
             )
         })
-}
-
-fn read_from(path: &Path, offset: u64) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = File::open(path) {
-        if f.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = f.read_to_string(&mut s);
-        }
-    }
-    s
 }
 
 #[cfg(test)]

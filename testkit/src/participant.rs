@@ -127,36 +127,38 @@ impl<B> Clone for Served<B> {
     }
 }
 
-#[tonic::async_trait]
-impl<B: Behaviour> Participant for Served<B> {
-    async fn prepare(
+/// The answer of a unary call.
+type Reply<T> = Result<Response<T>, Status>;
+
+impl<B: Behaviour> Served<B> {
+    /// Answers a unary call with the behaviour's `answer`, once its arrival is noted.
+    async fn unary<Req, Resp>(
         &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        req: Request<Req>,
+        answer: fn(Arc<B>, Req) -> Answer<Resp>,
+    ) -> Reply<Resp> {
         self.behaviour.arrived(self.via);
-        B::answer_prepare(self.behaviour.clone(), request.into_inner())
+        answer(self.behaviour.clone(), req.into_inner())
             .await
             .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Behaviour> Participant for Served<B> {
+    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Reply<pb::PrepareResponse> {
+        self.unary(req, B::answer_prepare).await
     }
 
     async fn commit(
         &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        self.behaviour.arrived(self.via);
-        B::answer_commit(self.behaviour.clone(), request.into_inner())
-            .await
-            .map(Response::new)
+        req: Request<pb::CommitBranchRequest>,
+    ) -> Reply<pb::CommitBranchResponse> {
+        self.unary(req, B::answer_commit).await
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        self.behaviour.arrived(self.via);
-        B::answer_abort(self.behaviour.clone(), request.into_inner())
-            .await
-            .map(Response::new)
+    async fn abort(&self, req: Request<pb::AbortBranchRequest>) -> Reply<pb::AbortBranchResponse> {
+        self.unary(req, B::answer_abort).await
     }
 }
 

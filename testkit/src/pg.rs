@@ -19,8 +19,7 @@
 //! watchdog stops the server and removes the directory.
 
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::fs;
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,15 +30,13 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio_postgres::NoTls;
 
+use crate::launch::{read_from, Launch, Program};
 use crate::watchdog::{lock, Watchdog};
-use crate::{try_free_port, Result, TestkitError};
+use crate::{Result, TestkitError};
 
 /// Where Debian/Ubuntu install PostgreSQL's server programs (one directory per major
 /// version).
 const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
-
-/// How many ports [`PgCluster::start`] tries when the chosen one turns out to be taken.
-const PORT_ATTEMPTS: usize = 5;
 
 /// How a [`PgCluster`] is set up. `Default` gives what the tests need.
 #[derive(Clone, Debug)]
@@ -172,21 +169,11 @@ impl PgCluster {
         };
         cluster.spawn_watchdog(&root)?;
         cluster.initdb()?;
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            cluster.port = try_free_port()?;
-            match cluster.launch() {
-                Ok(()) => return Ok(cluster),
-                Err(Launch::PortTaken(detail)) => {
-                    last_err = Some(TestkitError::Command {
-                        what: format!("starting postgres on port {}", cluster.port),
-                        detail,
-                    })
-                }
-                Err(Launch::Failed(e)) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| TestkitError::Usage("no port attempt was made".into())))
+        POSTGRES.on_a_free_port(|port| {
+            cluster.port = port;
+            cluster.launch()
+        })?;
+        Ok(cluster)
     }
 
     /// The TCP port the server listens on (127.0.0.1).
@@ -304,14 +291,7 @@ impl PgCluster {
                 "start_again: the server is already running".into(),
             ));
         }
-        match self.launch() {
-            Ok(()) => Ok(()),
-            Err(Launch::PortTaken(detail)) => Err(TestkitError::Command {
-                what: format!("restarting postgres on port {}", self.port),
-                detail,
-            }),
-            Err(Launch::Failed(e)) => Err(e),
-        }
+        POSTGRES.restarted(self.port, self.launch())
     }
 
     /// Stops the server cleanly (fast shutdown: SIGINT, bounded wait, SIGKILL after
@@ -407,20 +387,6 @@ impl PgCluster {
 
     /// Starts the postmaster on `self.port` and waits until it reports ready.
     fn launch(&self) -> Result<(), Launch> {
-        let log_start = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| {
-                Launch::Failed(TestkitError::io(
-                    format!("opening {}", self.log.display()),
-                    e,
-                ))
-            })?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Launch::Failed(TestkitError::io("duplicating the log file handle", e)))?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
             .arg(&self.data)
@@ -442,61 +408,12 @@ impl PgCluster {
         for (k, v) in &settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        let mut server = lock(&self.server);
-        let child = cmd.spawn().map_err(|e| {
-            Launch::Failed(TestkitError::io(
-                format!("starting {}", self.bin.join("postgres").display()),
-                e,
-            ))
-        })?;
-        let pid = child.id() as i32;
-        *server = Some(child);
-        let deadline = Instant::now() + self.start_timeout;
-        loop {
-            let exited = match server.as_mut().map(|c| c.try_wait()) {
-                Some(Ok(Some(status))) => Some(status.to_string()),
-                Some(Err(e)) => Some(e.to_string()),
-                _ => None,
-            };
-            if let Some(status) = exited {
-                *server = None;
-                let new_log = read_from(&self.log, log_start);
-                let detail = format!("postgres exited ({status}); log: {new_log}");
-                let taken = [
-                    "could not bind",
-                    "Address already in use",
-                    "could not create any TCP/IP sockets",
-                ]
-                .iter()
-                .any(|s| new_log.contains(s));
-                return Err(if taken {
-                    Launch::PortTaken(detail)
-                } else {
-                    Launch::Failed(TestkitError::Command {
-                        what: format!("starting postgres on port {}", self.port),
-                        detail,
-                    })
-                });
-            }
-            if postmaster_ready(&self.data, pid) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                if let Some(mut child) = server.take() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                return Err(Launch::Failed(TestkitError::Timeout {
-                    what: format!("postgres on port {} to accept connections", self.port),
-                    after: self.start_timeout,
-                    detail: format!("log: {}", read_from(&self.log, log_start)),
-                }));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        POSTGRES.server(&self.log, self.start_timeout).launch(
+            &self.server,
+            &mut cmd,
+            self.port,
+            |pid| postmaster_ready(&self.data, pid),
+        )
     }
 
     /// Starts the clean-up watchdog (see the module docs).
@@ -535,13 +452,16 @@ impl Drop for PgCluster {
     }
 }
 
-/// Why a start attempt failed.
-enum Launch {
-    /// The port is in use: try another one.
-    PortTaken(String),
-    /// Anything else.
-    Failed(TestkitError),
-}
+/// How postgres's starts are reported.
+const POSTGRES: Program = Program {
+    name: "postgres",
+    port_taken: &[
+        "could not bind",
+        "Address already in use",
+        "could not create any TCP/IP sockets",
+    ],
+    serves: "accept connections",
+};
 
 /// Connects to `url` with a bounded wait; the connection task runs on the current
 /// runtime.
@@ -698,16 +618,6 @@ fn is_gone(pid: i32) -> bool {
         None => true,
         Some((state, _)) => matches!(state, 'Z' | 'X' | 'x'),
     }
-}
-
-fn read_from(path: &Path, offset: u64) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = File::open(path) {
-        if f.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = f.read_to_string(&mut s);
-        }
-    }
-    s
 }
 
 fn read_tail(path: &Path, max_bytes: u64) -> String {

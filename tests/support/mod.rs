@@ -45,6 +45,7 @@ use twopc_proto::v1::coordinator_client::CoordinatorClient;
 use twopc_testkit::participant::{
     Answer, Behaviour, CrashHandle, Services, TestParticipant as KitParticipant,
 };
+use twopc_testkit::requests;
 
 #[cfg(feature = "lab")]
 pub mod orders;
@@ -1156,11 +1157,7 @@ impl TestParticipant {
         prepared.sort();
         let mut report = RecoverReport::default();
         for (tx_id, branch_id) in prepared {
-            let resp = client
-                .get_transaction(pb::GetTransactionRequest {
-                    tx_id: tx_id.clone(),
-                })
-                .await;
+            let resp = client.get_transaction(requests::get(&tx_id)).await;
             let outcome = match resp {
                 Ok(r) => pb::Outcome::try_from(r.into_inner().outcome)
                     .unwrap_or(pb::Outcome::Unspecified),
@@ -1234,12 +1231,10 @@ pub async fn commit(
     wait_ms: u64,
 ) -> Result<pb::CommitResponse, Status> {
     client
-        .commit(pb::CommitRequest {
-            tx_id: tx_id.to_string(),
-            phase_two_wait_ms: (wait_ms > 0).then_some(wait_ms),
-            branches: Vec::new(),
-            answer_before_durable: false,
-        })
+        .commit(requests::commit_waiting(
+            tx_id,
+            (wait_ms > 0).then_some(wait_ms),
+        ))
         .await
         .map(Response::into_inner)
 }
@@ -1353,9 +1348,7 @@ pub async fn get_tx(
     tx_id: &str,
 ) -> Result<pb::GetTransactionResponse, Status> {
     client
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
+        .get_transaction(requests::get(tx_id))
         .await
         .map(Response::into_inner)
 }
@@ -1410,16 +1403,7 @@ pub async fn rabbitmq() -> (lapin::Connection, lapin::Channel) {
 
 /// Declares `queue` durable, as the SDK does; returns how many messages it holds.
 pub async fn declare_durable(channel: &lapin::Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
+    twopc_testkit::amqp::declare_durable(channel, queue)
         .await
         .expect("queue.declare")
-        .message_count()
 }

@@ -20,6 +20,7 @@ use lapin::Connection;
 use twopc_participant::staging::StagingStore;
 use twopc_proto::v1 as pb;
 use twopc_testkit::amqp::take_all;
+use twopc_testkit::requests;
 use twopc_testkit::{free_port, unique_name, PgCluster, PgClusterOptions};
 
 use super::{
@@ -408,9 +409,7 @@ impl OrderWorld {
         self.coord
             .client()
             .await
-            .get_transaction(pb::GetTransactionRequest {
-                tx_id: tx_id.to_string(),
-            })
+            .get_transaction(requests::get(tx_id))
             .await
             .unwrap_or_else(|s| panic!("GetTransaction {tx_id}: {s:?}"))
             .into_inner()

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bench::{self, LocalCoordinator};
+use crate::check_range;
 use anyhow::Context;
 use twopc_coordinator::log::{DecisionLog, SledLog, DEFAULT_GROUP_COMMIT_DELAY_US};
 use twopc_participant::broker::Broker;
@@ -260,22 +261,10 @@ impl Publisher {
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=1024).contains(&args.clients),
-        "--clients must be between 1 and 1024"
-    );
-    anyhow::ensure!(
-        (1..=3600).contains(&args.seconds),
-        "--seconds must be between 1 and 3600"
-    );
-    anyhow::ensure!(
-        (1..=100).contains(&args.rounds),
-        "--rounds must be between 1 and 100"
-    );
-    anyhow::ensure!(
-        (1..=60_000).contains(&args.relay_interval_ms),
-        "--relay-interval-ms must be between 1 and 60000"
-    );
+    check_range("--clients", args.clients, 1..=1024)?;
+    check_range("--seconds", args.seconds, 1..=3600)?;
+    check_range("--rounds", args.rounds, 1..=100)?;
+    check_range("--relay-interval-ms", args.relay_interval_ms, 1..=60_000)?;
     anyhow::ensure!(
         args.publish_wait_ms <= 60_000,
         "--publish-wait-ms must be at most 60000"
@@ -353,15 +342,7 @@ pub async fn run(args: DualWriteBench) -> anyhow::Result<()> {
             .await?;
             for mode in samples.keys() {
                 let ch = conn.create_channel().await?;
-                ch.queue_declare(
-                    dest(*mode).as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await?;
+                twopc_testkit::amqp::declare_durable(&ch, &dest(*mode)).await?;
                 spawn_rabbit_consumer(ch, dest(*mode), samples[mode].clone()).await?;
             }
             let make = || async {

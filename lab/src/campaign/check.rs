@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use twopc_testkit::requests;
+
 use super::*;
 
 pub(super) struct CheckResult {
@@ -151,12 +153,7 @@ pub(super) async fn check(
         }
         // The coordinator's decision matches the branches.
         if let Some(tx_id) = &op.tx_id {
-            if let Ok(resp) = coordinator
-                .get_transaction(pb::GetTransactionRequest {
-                    tx_id: tx_id.clone(),
-                })
-                .await
-            {
+            if let Ok(resp) = coordinator.get_transaction(requests::get(tx_id)).await {
                 let outcome = resp.into_inner().outcome;
                 if outcome == pb::Outcome::Forgotten as i32 {
                     forgotten += 1;
@@ -376,12 +373,7 @@ pub(super) async fn settle(p: &Participant, env: &Env, within: Duration) -> anyh
             // their last errors.
             let mut stuck = Vec::new();
             for t in live_txs.unwrap_or_default().iter().take(5) {
-                let detail = match coordinator
-                    .get_transaction(pb::GetTransactionRequest {
-                        tx_id: t.tx_id.clone(),
-                    })
-                    .await
-                {
+                let detail = match coordinator.get_transaction(requests::get(&t.tx_id)).await {
                     Ok(r) => r
                         .into_inner()
                         .branches

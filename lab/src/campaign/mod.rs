@@ -65,6 +65,7 @@ use check::{check, coordinator_answers, marker_gids, settle};
 pub(crate) use processes::twopc_binary;
 use processes::{kill_order_service_while_starting, CoordinatorProc};
 
+use crate::check_range;
 use crate::order_service::{
     EventStaging, Order, OrderCreated, BROKER_RESOURCE, DB_RESOURCE, ORDER_SCHEMA,
 };
@@ -442,14 +443,8 @@ fn flag_values<T: clap::ValueEnum>(values: &[T]) -> String {
 
 /// Runs the campaign; prints the summary; errors if any invariant broke.
 pub async fn run(args: CampaignArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=1_000_000).contains(&args.cycles),
-        "--cycles must be between 1 and 1000000"
-    );
-    anyhow::ensure!(
-        (1..=64).contains(&args.orders_per_cycle),
-        "--orders-per-cycle must be between 1 and 64"
-    );
+    check_range("--cycles", args.cycles, 1..=1_000_000)?;
+    check_range("--orders-per-cycle", args.orders_per_cycle, 1..=64)?;
     anyhow::ensure!(
         !args.stage_events.is_empty(),
         "--stage-events needs broker, database or both"
@@ -903,15 +898,7 @@ async fn declare_queue(amqp_url: &str, queue: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| crate::demo::rabbit_hint(amqp_url))?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        lapin::types::FieldTable::default(),
-    )
-    .await?;
+    twopc_testkit::amqp::declare_durable(&ch, queue).await?;
     let _ = conn.close(200, "ok".into()).await;
     Ok(())
 }

@@ -94,6 +94,7 @@ mod sql;
 mod two_phase;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 use std::time::Duration;
@@ -469,6 +470,20 @@ impl PgResource {
     pub async fn oldest_prepared_age(&self) -> Result<Option<Duration>> {
         Ok(self.prepared().await?.first().map(|p| p.age))
     }
+
+    /// Runs a commit (two-phase or one-phase) of the branch off the caller's task, then
+    /// waits for its messages to be published before answering (see
+    /// `wait_published`); a commit that failed answers at once.
+    async fn then_published<T: Send + 'static>(
+        &self,
+        tx_id: &str,
+        branch_id: &str,
+        commit: impl Future<Output = std::result::Result<T, Retry>> + Send + 'static,
+    ) -> std::result::Result<T, Retry> {
+        let res = detached(commit).await.map_err(Retry)?;
+        self.inner.wait_published(tx_id, branch_id).await;
+        res
+    }
 }
 
 impl Transaction {
@@ -497,20 +512,14 @@ impl Resource for PgResource {
 
     async fn commit(&self, tx_id: &str, branch_id: &str) -> Result<(), Retry> {
         let inner = self.inner.clone();
-        let res = detached(inner.commit(tx_id.to_string(), branch_id.to_string()))
-            .await
-            .map_err(Retry)?;
-        self.inner.wait_published(tx_id, branch_id).await;
-        res
+        let commit = inner.commit(tx_id.to_string(), branch_id.to_string());
+        self.then_published(tx_id, branch_id, commit).await
     }
 
     async fn commit_one_phase(&self, tx_id: &str, branch_id: &str) -> Result<OnePhase, Retry> {
         let inner = self.inner.clone();
-        let res = detached(inner.commit_one_phase(tx_id.to_string(), branch_id.to_string()))
-            .await
-            .map_err(Retry)?;
-        self.inner.wait_published(tx_id, branch_id).await;
-        res
+        let commit = inner.commit_one_phase(tx_id.to_string(), branch_id.to_string());
+        self.then_published(tx_id, branch_id, commit).await
     }
 
     async fn abort(&self, tx_id: &str, branch_id: &str) -> Result<AbortOutcome, Retry> {

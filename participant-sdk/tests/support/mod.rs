@@ -33,8 +33,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -46,6 +46,7 @@ use twopc_participant::{
     StagingError, StagingStore, Transaction, TwoPc, Vote,
 };
 use twopc_proto::v1 as pb;
+use twopc_testkit::requests;
 use twopc_testkit::{unique_name, PgCluster};
 
 /// The system RabbitMQ (guest/guest, default vhost).
@@ -229,9 +230,7 @@ impl Rig {
 /// The coordinator's view of `tx_id` (`GetTransaction`).
 pub async fn get_tx(sdk: &TwoPc, tx_id: &str) -> pb::GetTransactionResponse {
     sdk.coordinator()
-        .get_transaction(pb::GetTransactionRequest {
-            tx_id: tx_id.to_string(),
-        })
+        .get_transaction(requests::get(tx_id))
         .await
         .expect("GetTransaction")
         .into_inner()
@@ -466,15 +465,7 @@ impl RabbitProbe {
     /// Declares `queue` durable (as the resource does), so it can be drained (or
     /// counted) even when nothing was ever published to it.
     pub async fn declare(&self, queue: &str) {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        twopc_testkit::amqp::declare_durable(&self.ch, queue)
             .await
             .expect("declare queue");
     }

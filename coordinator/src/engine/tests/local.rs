@@ -4,9 +4,7 @@ use super::*;
 
 #[test]
 fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothing() {
-    let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin_local(&mut e, 0, 1, &a);
+    let (mut e, a, t) = one_local();
     // No other branch can join it.
     let b = spec("b", 10);
     let refused = e.handle(
@@ -17,11 +15,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
             branch: b.clone(),
         },
     );
-    assert!(
-        matches!(&refused[..], [Command::Reply { reply: Err(TxError::FailedPrecondition(m)), .. }]
-            if m.contains("was begun with BeginLocal")),
-        "{refused:?}"
-    );
+    assert_refused(&refused, 2, "was begun with BeginLocal");
     assert_eq!(e.handle(2, synced(t)), vec![]);
     // The report is answered once its record is written; nothing goes to the branch.
     assert_eq!(
@@ -47,11 +41,7 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
     // A report for a transaction the coordinator commits itself is refused.
     let t3 = begin(&mut e, std::slice::from_ref(&a));
     let refused = e.handle(8, Event::CommittedLocally { req: 7, tx: t3 });
-    assert!(
-        matches!(&refused[..], [Command::Reply { req: 7, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
-            if m.contains("not begun with BeginLocal")),
-        "{refused:?}"
-    );
+    assert_refused(&refused, 7, "not begun with BeginLocal");
     assert_eq!(e.tx(&t3).map(|x| x.state), Some(TxState::Active));
 
     // Without one-phase commits there is no local commit either.
@@ -72,29 +62,16 @@ fn a_local_transaction_is_recorded_when_its_participant_reports_and_sends_nothin
             count: 1,
         },
     );
-    assert!(
-        matches!(&refused[..], [Command::Reply { req: 1, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
-            if m.contains("one_phase = false")),
-        "{refused:?}"
-    );
+    assert_refused(&refused, 1, "one_phase = false");
 }
 
 #[test]
 fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did() {
-    let mut e = engine();
-    let a = spec("a", 0);
     // Aborted by its owner: the participant rolls back and says so.
-    let t = begin_local(&mut e, 0, 1, &a);
+    let (mut e, a, t) = one_local();
     e.handle(1, synced(t));
     assert_eq!(
-        e.handle(
-            2,
-            Event::Abort {
-                req: 2,
-                tx: t,
-                reason: "out of stock".into()
-            }
-        ),
+        e.handle(2, abort_ev(2, t, "out of stock")),
         vec![send(t, 0, &a, Message::Abort, None)]
     );
     assert_eq!(
@@ -113,10 +90,7 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     assert_eq!(
         cmds,
         vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: t2,
-                branches: vec![a.clone()],
-            }),
+            one_phase_committed(t2, &a),
             finished(t2, Outcome::Committed),
         ]
     );
@@ -126,32 +100,12 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     // changes nothing.
     let t3 = begin_local(&mut e, 20, 4, &a);
     e.handle(21, synced(t3));
-    e.handle(
-        22,
-        Event::Abort {
-            req: 5,
-            tx: t3,
-            reason: String::new(),
-        },
-    );
+    e.handle(22, abort_ev(5, t3, ""));
     assert_eq!(
         e.handle(23, Event::CommittedLocally { req: 6, tx: t3 }),
-        vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: t3,
-                branches: vec![a.clone()],
-            }),
-            Command::Sync { tx: t3 },
-        ]
+        vec![one_phase_committed(t3, &a), Command::Sync { tx: t3 },]
     );
-    assert_eq!(
-        e.handle(24, synced(t3)),
-        vec![
-            reply_once_durable(6, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
-            reply_once_durable(5, Err(committed_error(&t3)), Some(SYNCED_LSN)),
-            finished(t3, Outcome::Committed),
-        ]
-    );
+    assert_eq!(e.handle(24, synced(t3)), report_beat_abort(t3, 6, 5));
     assert_eq!(
         e.handle(25, abort_acked(t3, 0, Ok(AbortAck::AlreadyCommitted))),
         vec![]
@@ -161,39 +115,20 @@ fn an_abort_or_timeout_of_a_local_transaction_asks_its_participant_what_it_did()
     // so a second one follows it before the Abort caller is answered.
     let t4 = begin_local(&mut e, 30, 7, &a);
     assert_eq!(
-        e.handle(
-            31,
-            Event::Abort {
-                req: 8,
-                tx: t4,
-                reason: String::new(),
-            }
-        ),
+        e.handle(31, abort_ev(8, t4, "")),
         vec![send(t4, 0, &a, Message::Abort, None)]
     );
     assert_eq!(
         e.handle(32, Event::CommittedLocally { req: 9, tx: t4 }),
-        vec![Command::LogLazy(LazyRecord::OnePhaseCommitted {
-            tx: t4,
-            branches: vec![a.clone()],
-        })]
+        vec![one_phase_committed(t4, &a)]
     );
     assert_eq!(e.handle(33, synced(t4)), vec![Command::Sync { tx: t4 }]);
-    assert_eq!(
-        e.handle(34, synced(t4)),
-        vec![
-            reply_once_durable(9, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
-            reply_once_durable(8, Err(committed_error(&t4)), Some(SYNCED_LSN)),
-            finished(t4, Outcome::Committed),
-        ]
-    );
+    assert_eq!(e.handle(34, synced(t4)), report_beat_abort(t4, 9, 8));
 }
 
 #[test]
 fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
-    let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin_local(&mut e, 0, 1, &a);
+    let (mut e, a, t) = one_local();
     assert_eq!(
         e.handle(
             1,
@@ -208,13 +143,7 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
     );
     assert_eq!(
         e.handle(2, synced(t)),
-        vec![send(
-            t,
-            0,
-            &a,
-            Message::Commit { one_phase: true },
-            Some(SYNCED_LSN)
-        )]
+        vec![commit_one_phase_sent(t, 0, &a)]
     );
     assert_eq!(
         e.handle(3, commit_acked(t, 0, Ok(CommitAck::Committed))),
@@ -224,10 +153,7 @@ fn a_plain_commit_of_a_local_transaction_is_sent_once_its_intent_is_durable() {
 
 #[test]
 fn a_recovered_intent_takes_its_participants_report() {
-    let mut e = engine();
-    let a = spec("a", 0);
-    let old = earlier_epoch(9);
-    recover_intent(&mut e, 0, old, &a);
+    let (mut e, a, old) = one_recovered_intent(9);
     assert_eq!(
         e.handle(1, Event::CommittedLocally { req: 1, tx: old }),
         committed_at_once(old, &a, 1)
@@ -326,9 +252,7 @@ fn local_transactions_are_begun_many_at_once_each_with_its_own_intent() {
 
 #[test]
 fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
-    let mut e = engine();
-    let a = spec("a", 0);
-    let t = begin_local(&mut e, 0, 1, &a);
+    let (mut e, a, t) = one_local();
     e.handle(1, synced(t));
     // The branch is still asked: its answer decides.
     assert_eq!(
@@ -344,10 +268,17 @@ fn an_unused_local_id_goes_back_like_an_abort_and_only_a_local_one() {
     // An ordinary transaction's id cannot come back unused.
     let t2 = begin(&mut e, std::slice::from_ref(&a));
     let refused = e.handle(4, Event::Release { req: 3, tx: t2 });
-    assert!(
-        matches!(&refused[..], [Command::Reply { req: 3, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
-            if m.contains("not begun with BeginLocal")),
-        "{refused:?}"
-    );
+    assert_refused(&refused, 3, "not begun with BeginLocal");
     assert_eq!(e.tx(&t2).map(|x| x.state), Some(TxState::Active));
+}
+
+/// What the sync that makes the local commit of `t` durable emits when its report
+/// (request `report_req`) overtook an Abort (request `abort_req`): the report is answered
+/// COMMITTED, the Abort that `t` committed, and `t` is finished.
+fn report_beat_abort(t: TxId, report_req: ReqId, abort_req: ReqId) -> Vec<Command> {
+    vec![
+        reply_once_durable(report_req, Ok(ReplyOk::Committed), Some(SYNCED_LSN)),
+        reply_once_durable(abort_req, Err(committed_error(&t)), Some(SYNCED_LSN)),
+        finished(t, Outcome::Committed),
+    ]
 }

@@ -82,13 +82,21 @@ fn commit_sent(t: TxId, i: usize, b: &BranchSpec, requires_durable: Option<Lsn>)
     )
 }
 
-/// A vote of branch `i` of `t`.
-fn voted(t: TxId, i: usize, vote: RpcResult<Vote>) -> Event {
-    Event::Voted {
-        tx: t,
-        branch: i,
-        vote,
-    }
+/// The one-phase commit sent to branch `i` (`b`) of `t` once its intent is durable (at
+/// [`SYNCED_LSN`]).
+fn commit_one_phase_sent(t: TxId, i: usize, b: &BranchSpec) -> Command {
+    send(
+        t,
+        i,
+        b,
+        Message::Commit { one_phase: true },
+        Some(SYNCED_LSN),
+    )
+}
+
+/// A vote of branch `branch` of `tx`.
+fn voted(tx: TxId, branch: usize, vote: RpcResult<Vote>) -> Event {
+    Event::Voted { tx, branch, vote }
 }
 
 /// A client's Commit of `t` (answered once its outcome is durable).
@@ -100,22 +108,23 @@ fn commit_ev(req: ReqId, t: TxId) -> Event {
     }
 }
 
-/// Branch `i`'s answer to a commit of `t`.
-fn commit_acked(t: TxId, i: usize, ack: RpcResult<CommitAck>) -> Event {
-    Event::CommitAcked {
-        tx: t,
-        branch: i,
-        ack,
+/// A client's Abort of `tx`, for `reason`.
+fn abort_ev(req: ReqId, tx: TxId, reason: &str) -> Event {
+    Event::Abort {
+        req,
+        tx,
+        reason: reason.into(),
     }
 }
 
-/// Branch `i`'s answer to an abort of `t`.
-fn abort_acked(t: TxId, i: usize, ack: RpcResult<AbortAck>) -> Event {
-    Event::AbortAcked {
-        tx: t,
-        branch: i,
-        ack,
-    }
+/// Branch `branch`'s answer to a commit of `tx`.
+fn commit_acked(tx: TxId, branch: usize, ack: RpcResult<CommitAck>) -> Event {
+    Event::CommitAcked { tx, branch, ack }
+}
+
+/// Branch `branch`'s answer to an abort of `tx`.
+fn abort_acked(tx: TxId, branch: usize, ack: RpcResult<AbortAck>) -> Event {
+    Event::AbortAcked { tx, branch, ack }
 }
 
 /// The engine is done with `t`, whose outcome is `outcome`.
@@ -135,6 +144,14 @@ fn retry_armed(t: TxId, branch: usize, after_ms: u64) -> Command {
 /// The timer `timer` of `t` fired.
 fn timer(t: TxId, timer: Timer) -> Event {
     Event::Timer { tx: t, timer }
+}
+
+/// The lazy record that `t` committed in one phase on its branch `a`.
+fn one_phase_committed(t: TxId, a: &BranchSpec) -> Command {
+    Command::LogLazy(LazyRecord::OnePhaseCommitted {
+        tx: t,
+        branches: vec![a.clone()],
+    })
 }
 
 /// What the last abort acknowledgement of `t` emits: its lazy ABORTED record, then
@@ -169,6 +186,39 @@ fn synced(t: TxId) -> Event {
 /// An answer that needs nothing durable.
 fn reply(req: ReqId, r: Result<ReplyOk, TxError>) -> Command {
     reply_once_durable(req, r, None)
+}
+
+/// The answer that `t` was aborted because of `why`.
+fn aborted_reply(req: ReqId, t: TxId, why: &str) -> Command {
+    reply(
+        req,
+        Err(TxError::Aborted(format!("transaction {t} aborted: {why}"))),
+    )
+}
+
+/// Asserts that `cmds` is only the answer to `req` refusing it as a failed precondition,
+/// at once, with a message that contains `why`.
+#[track_caller]
+fn assert_refused(cmds: &[Command], req: ReqId, why: &str) {
+    assert!(
+        matches!(cmds, [Command::Reply { req: r, reply: Err(TxError::FailedPrecondition(m)), requires_durable: None }]
+            if *r == req && m.contains(why)),
+        "{cmds:?}"
+    );
+}
+
+/// The report a resolve answers `req` with once the log is durable at `lsn`; panics on
+/// any other command.
+#[track_caller]
+fn resolved(cmd: &Command, req: ReqId, lsn: Lsn) -> &ResolveReport {
+    match cmd {
+        Command::Reply {
+            req: r,
+            reply: Ok(ReplyOk::Resolved(report)),
+            requires_durable: Some(l),
+        } if *r == req && *l == lsn => report,
+        other => panic!("not the resolve answer to {req} durable at {lsn}: {other:?}"),
+    }
 }
 
 /// An answer that must wait for the log to be durable at `requires_durable`.
@@ -214,13 +264,7 @@ fn intent_written(t: TxId, a: &BranchSpec) -> Vec<Command> {
 /// What a one-phase commit of `t` by its branch `a` emits before the client hears of it:
 /// the outcome record, synced.
 fn outcome_written(t: TxId, a: &BranchSpec) -> Vec<Command> {
-    vec![
-        Command::LogLazy(LazyRecord::OnePhaseCommitted {
-            tx: t,
-            branches: vec![a.clone()],
-        }),
-        Command::Sync { tx: t },
-    ]
+    vec![one_phase_committed(t, a), Command::Sync { tx: t }]
 }
 
 /// Begins a transaction with the one branch "a" enlisted through Begin: the branch and
@@ -323,13 +367,7 @@ fn one_phase_commit_sent_as(
                 answer_before_durable
             }
         ),
-        vec![send(
-            t,
-            0,
-            a,
-            Message::Commit { one_phase: true },
-            Some(SYNCED_LSN)
-        )],
+        vec![commit_one_phase_sent(t, 0, a)],
         "the intent is durable: the one-phase commit goes out at once"
     );
 }
@@ -429,6 +467,25 @@ fn committing_with_stuck_branch(e: &mut Engine, a: &BranchSpec, b: &BranchSpec) 
     t
 }
 
+/// A fresh engine with a database branch `a` and a local transaction of it, begun at 0
+/// as request 1 (its intent not synced yet).
+fn one_local() -> (Engine, BranchSpec, TxId) {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let t = begin_local(&mut e, 0, 1, &a);
+    (e, a, t)
+}
+
+/// A fresh engine that recovered, at 0, the one-phase intent of transaction `seq` of the
+/// epoch before (on a database branch `a`).
+fn one_recovered_intent(seq: u64) -> (Engine, BranchSpec, TxId) {
+    let mut e = engine();
+    let a = spec("a", 0);
+    let old = earlier_epoch(seq);
+    recover_intent(&mut e, 0, old, &a);
+    (e, a, old)
+}
+
 /// Begins a local transaction (BeginLocal) of branch `a` as request `req`: answered
 /// at once, its intent written and synced in the background.
 fn begin_local(e: &mut Engine, now: u64, req: ReqId, a: &BranchSpec) -> TxId {
@@ -486,10 +543,7 @@ fn aborted_by_its_branch(t: TxId, req: ReqId) -> Vec<Command> {
 /// The outcome record and answers of a one-phase commit finished without a sync.
 fn committed_at_once(t: TxId, a: &BranchSpec, req: ReqId) -> Vec<Command> {
     vec![
-        Command::LogLazy(LazyRecord::OnePhaseCommitted {
-            tx: t,
-            branches: vec![a.clone()],
-        }),
+        one_phase_committed(t, a),
         reply(req, Ok(ReplyOk::Committed)),
         finished(t, Outcome::Committed),
     ]

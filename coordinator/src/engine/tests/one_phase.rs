@@ -15,17 +15,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Committing));
     // A repeated Commit (and an Abort) waits for the same sync.
     assert_eq!(e.handle(2, commit_ev(14, t)), vec![]);
-    assert_eq!(
-        e.handle(
-            2,
-            Event::Abort {
-                req: 15,
-                tx: t,
-                reason: String::new()
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(2, abort_ev(15, t, "")), vec![]);
     assert_eq!(
         e.handle(3, synced(t)),
         vec![
@@ -50,12 +40,7 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
             commit_acked(t2, 0, Ok(CommitAck::Refused("check violation".into())))
         ),
         vec![
-            reply(
-                11,
-                Err(TxError::Aborted(format!(
-                    "transaction {t2} aborted: branch a refused to commit: check violation"
-                )))
-            ),
+            aborted_reply(11, t2, "branch a refused to commit: check violation"),
             Command::LogLazy(LazyRecord::Aborted { tx: t2 }),
             finished(t2, Outcome::Aborted),
         ]
@@ -69,26 +54,10 @@ fn single_branch_commits_in_one_phase_with_its_intent_and_outcome_synced() {
     );
     assert_eq!(
         e.handle(16, timer(t3, Timer::Retry { branch: 0 })),
-        vec![send(
-            t3,
-            0,
-            &a,
-            Message::Commit { one_phase: true },
-            Some(SYNCED_LSN)
-        )]
+        vec![commit_one_phase_sent(t3, 0, &a)]
     );
     // An Abort during a one-phase commit waits for the participant's answer.
-    assert_eq!(
-        e.handle(
-            17,
-            Event::Abort {
-                req: 13,
-                tx: t3,
-                reason: String::new()
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(17, abort_ev(13, t3, "")), vec![]);
     e.handle(18, commit_acked(t3, 0, Ok(CommitAck::Committed)));
     let cmds = e.handle(19, synced(t3));
     assert_eq!(
@@ -123,13 +92,7 @@ fn a_one_phase_commit_waits_for_its_intent_even_when_a_retry_timer_fires() {
     );
     assert_eq!(
         e.handle(3, synced(t)),
-        vec![send(
-            t,
-            0,
-            &a,
-            Message::Commit { one_phase: true },
-            Some(SYNCED_LSN)
-        )]
+        vec![commit_one_phase_sent(t, 0, &a)]
     );
     // A stale Synced for a finished or unknown transaction does nothing.
     let other = TxId {
@@ -176,14 +139,7 @@ fn answered_before_durable_unless_someone_needs_the_outcome_durable() {
     // An Abort waiting as well is told COMMITTED only once that is durable.
     let t2 = begin(&mut e, std::slice::from_ref(&a));
     one_phase_commit_sent_as(&mut e, 3, 11, t2, &a, true);
-    e.handle(
-        3,
-        Event::Abort {
-            req: 12,
-            tx: t2,
-            reason: String::new(),
-        },
-    );
+    e.handle(3, abort_ev(12, t2, ""));
     let cmds = e.handle(4, commit_acked(t2, 0, Ok(CommitAck::Committed)));
     assert_eq!(cmds.last(), Some(&Command::Sync { tx: t2 }), "{cmds:?}");
     assert_eq!(cmds.len(), 2, "{cmds:?}");
@@ -209,14 +165,7 @@ fn the_intent_of_an_active_transaction_is_dropped_with_it_and_rewritten_after_a_
     let a = spec("a", 0);
     // Aborted while its intent syncs: the intent is removed; the late Synced does nothing.
     let t = begin(&mut e, std::slice::from_ref(&a));
-    e.handle(
-        1,
-        Event::Abort {
-            req: 10,
-            tx: t,
-            reason: String::new(),
-        },
-    );
+    e.handle(1, abort_ev(10, t, ""));
     let cmds = e.handle(1, abort_acked(t, 0, Ok(AbortAck::Aborted)));
     assert!(
         cmds.contains(&Command::LogLazy(LazyRecord::Aborted { tx: t })),

@@ -4,10 +4,7 @@ use super::*;
 
 #[test]
 fn recovered_one_phase_intents_ask_their_branch_again() {
-    let mut e = engine();
-    let a = spec("a", 0);
-    let old = earlier_epoch(7);
-    recover_intent(&mut e, 0, old, &a);
+    let (mut e, a, old) = one_recovered_intent(7);
     // An answer without a result, or none: asked again (with an abort, never a commit).
     for (now, ack) in [
         (1, Err("answered without a result".to_string())),
@@ -56,10 +53,7 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     assert_eq!(
         e.handle(63, abort_acked(old1, 0, Ok(AbortAck::AlreadyCommitted)),),
         vec![
-            Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                tx: old1,
-                branches: vec![a.clone()]
-            }),
+            one_phase_committed(old1, &a),
             finished(old1, Outcome::Committed)
         ]
     );
@@ -81,12 +75,11 @@ fn recovered_one_phase_intents_ask_their_branch_again() {
     assert_eq!(
         cmds,
         vec![
-            reply(
+            aborted_reply(
                 10,
-                Err(TxError::Aborted(format!(
-                    "transaction {old2} aborted: the coordinator restarted before the one-phase \
+                old2,
+                "the coordinator restarted before the one-phase \
                      commit was confirmed, and branch a reports it rolled back"
-                )))
             ),
             Command::LogLazy(LazyRecord::Aborted { tx: old2 }),
             finished(old2, Outcome::Aborted)
@@ -133,15 +126,7 @@ fn recovery_redrives_commits_and_aborts_undecided_transactions() {
     );
     // A participant asking meanwhile hears COMMITTED; Abort is refused.
     assert!(matches!(
-        e.handle(
-            1,
-            Event::Abort {
-                req: 1,
-                tx: old_commit,
-                reason: String::new()
-            }
-        )
-        .as_slice(),
+        e.handle(1, abort_ev(1, old_commit, "")).as_slice(),
         [Command::Reply {
             reply: Err(TxError::FailedPrecondition(_)),
             ..

@@ -110,18 +110,10 @@ fn resolve_abort_of_a_committing_transaction_is_refused_unless_forced_and_record
         "no message to any branch: {cmds:?}"
     );
     assert_eq!(cmds[..2], done_and_finished(t)[..]);
-    match &cmds[2] {
-        Command::Reply {
-            req: 52,
-            reply: Ok(ReplyOk::Resolved(r)),
-            requires_durable: Some(5),
-        } => {
-            assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
-            assert_eq!(r.outcome, Some(Outcome::Committed));
-            assert_eq!(r.record.at_ms, 10);
-        }
-        other => panic!("{other:?}"),
-    }
+    let r = resolved(&cmds[2], 52, 5);
+    assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
+    assert_eq!(r.outcome, Some(Outcome::Committed));
+    assert_eq!(r.record.at_ms, 10);
 }
 
 #[test]
@@ -184,17 +176,10 @@ fn resolve_abort_of_an_undecided_transaction_aborts_at_once_and_finishes_when_du
     // Durable: b never acknowledged, so it is heuristically aborted and the tx finishes.
     let cmds = e.handle(6, audit_durable(70, 1, 2));
     assert_eq!(cmds[..2], aborted_and_finished(t)[..]);
-    match &cmds[2] {
-        Command::Reply {
-            req: 70,
-            reply: Ok(ReplyOk::Resolved(r)),
-            requires_durable: Some(1),
-        } => {
-            assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
-            assert_eq!((r.state, r.outcome), (None, Some(Outcome::Aborted)));
-        }
-        other => panic!("{other:?}"),
-    }
+    let r = resolved(&cmds[2], 70, 1);
+    assert_eq!(r.heuristic_branches, vec!["mq".to_string()]);
+    assert_eq!((r.state, r.outcome), (None, Some(Outcome::Aborted)));
+
     assert_eq!(e.outcome_of(&t, false), Ok(Some(Outcome::Aborted)));
 }
 
@@ -278,14 +263,7 @@ fn resolve_an_aborting_transaction() {
     // Forced COMMIT of another aborting one: contradicting, recorded, outcome stays ABORTED.
     let t2 = begin(&mut e, &[a.clone(), b.clone()]);
     e.handle(10, commit_ev(11, t2));
-    e.handle(
-        11,
-        Event::Abort {
-            req: 12,
-            tx: t2,
-            reason: "client gave up".into(),
-        },
-    );
+    e.handle(11, abort_ev(12, t2, "client gave up"));
     let cmds = e.handle(12, resolve_ev(92, t2, HeuristicDecision::Commit, true));
     let rec = forced_audit(&cmds, 92);
     assert!(rec.accepted && rec.contradicts && rec.prior_state == "ABORTING");
@@ -318,19 +296,11 @@ fn resolve_a_stuck_one_phase_commit_either_way() {
         let (caller, lazy, outcome) = match decision {
             HeuristicDecision::Commit => (
                 reply_once_durable(10, Ok(ReplyOk::Committed), Some(1)),
-                vec![Command::LogLazy(LazyRecord::OnePhaseCommitted {
-                    tx: t,
-                    branches: vec![a.clone()],
-                })],
+                vec![one_phase_committed(t, &a)],
                 Outcome::Committed,
             ),
             HeuristicDecision::Abort => (
-                reply(
-                    10,
-                    Err(TxError::Aborted(format!(
-                        "transaction {t} aborted: one-phase commit resolved to ABORT by an operator"
-                    ))),
-                ),
+                aborted_reply(10, t, "one-phase commit resolved to ABORT by an operator"),
                 vec![Command::LogLazy(LazyRecord::Aborted { tx: t })],
                 Outcome::Aborted,
             ),

@@ -159,12 +159,7 @@ fn a_no_vote_aborts_and_aborts_reach_every_branch_that_may_have_prepared() {
     assert_eq!(
         cmds,
         vec![
-            reply(
-                10,
-                Err(TxError::Aborted(format!(
-                    "transaction {t} aborted: branch b voted no: duplicate key"
-                )))
-            ),
+            aborted_reply(10, t, "branch b voted no: duplicate key"),
             send(t, 0, &a, Message::Abort, None),
             // b voted no: one courtesy abort. c's prepare is still out: its abort waits for
             // the vote so the two messages cannot cross.
@@ -208,11 +203,10 @@ fn prepare_timeout_aborts_and_a_late_vote_is_answered_with_abort() {
     assert_eq!(
         cmds,
         vec![
-            reply(
+            aborted_reply(
                 10,
-                Err(TxError::Aborted(format!(
-                "transaction {t} aborted: prepare timed out after 1000 ms waiting for branch(es) b"
-            )))
+                t,
+                "prepare timed out after 1000 ms waiting for branch(es) b"
             ),
             send(t, 0, &a, Message::Abort, None),
         ]
@@ -331,14 +325,7 @@ fn abort_requests() {
     let (a, b) = (spec("a", 0), spec("b", 0));
     // Active: courtesy aborts, then forgotten.
     let t = begin(&mut e, &[a.clone(), b.clone()]);
-    let cmds = e.handle(
-        1,
-        Event::Abort {
-            req: 20,
-            tx: t,
-            reason: "user cancelled".into(),
-        },
-    );
+    let cmds = e.handle(1, abort_ev(20, t, "user cancelled"));
     assert_eq!(
         cmds,
         vec![
@@ -348,23 +335,15 @@ fn abort_requests() {
         ]
     );
     assert_eq!(
-        e.handle(
-            1,
-            Event::Abort {
-                req: 21,
-                tx: t,
-                reason: String::new()
-            }
-        ),
+        e.handle(1, abort_ev(21, t, "")),
         vec![reply(21, Ok(ReplyOk::Aborted))]
     );
     assert_eq!(
         e.handle(1, commit_ev(22, t)),
-        vec![reply(
+        vec![aborted_reply(
             22,
-            Err(TxError::Aborted(format!(
-                "transaction {t} aborted: aborted by the client: user cancelled"
-            )))
+            t,
+            "aborted by the client: user cancelled"
         )]
     );
     e.handle(2, abort_acked(t, 0, Ok(AbortAck::Aborted)));
@@ -380,17 +359,7 @@ fn abort_requests() {
     let refused = Err(TxError::FailedPrecondition(format!(
         "transaction {t2} cannot be aborted: its outcome is COMMITTED"
     )));
-    assert_eq!(
-        e.handle(
-            4,
-            Event::Abort {
-                req: 23,
-                tx: t2,
-                reason: String::new()
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(4, abort_ev(23, t2, "")), vec![]);
     let cmds = e.handle(5, Event::LogDurable { tx: t2, lsn: 1 });
     assert_eq!(
         &cmds[..2],
@@ -400,29 +369,12 @@ fn abort_requests() {
         ]
     );
     assert_eq!(
-        e.handle(
-            6,
-            Event::Abort {
-                req: 24,
-                tx: t2,
-                reason: String::new()
-            }
-        ),
+        e.handle(6, abort_ev(24, t2, "")),
         vec![reply_once_durable(24, refused, Some(1))]
     );
     // If the force fails instead, the waiting Abort hears that the outcome is in doubt.
     let t3 = prepared_pair(&mut e, &a, &b);
-    assert_eq!(
-        e.handle(
-            7,
-            Event::Abort {
-                req: 25,
-                tx: t3,
-                reason: String::new()
-            }
-        ),
-        vec![]
-    );
+    assert_eq!(e.handle(7, abort_ev(25, t3, "")), vec![]);
     let cmds = e.handle(
         8,
         Event::LogFailed {
@@ -449,14 +401,7 @@ fn abort_requests() {
         seq: 99,
     };
     assert_eq!(
-        e.handle(
-            7,
-            Event::Abort {
-                req: 25,
-                tx: unknown,
-                reason: String::new()
-            }
-        ),
+        e.handle(7, abort_ev(25, unknown, "")),
         vec![reply(
             25,
             Err(TxError::NotFound(format!(
@@ -470,14 +415,7 @@ fn abort_requests() {
         seq: 5,
     };
     assert_eq!(
-        e.handle(
-            7,
-            Event::Abort {
-                req: 26,
-                tx: old,
-                reason: String::new()
-            }
-        ),
+        e.handle(7, abort_ev(26, old, "")),
         vec![reply(26, Ok(ReplyOk::NotLive))]
     );
 }
@@ -493,12 +431,7 @@ fn transaction_timeout_aborts_only_active_transactions() {
     assert_eq!(e.tx(&t).map(|x| x.state), Some(TxState::Aborting));
     assert_eq!(
         e.handle(5_001, commit_ev(3, t)),
-        vec![reply(
-            3,
-            Err(TxError::Aborted(format!(
-                "transaction {t} aborted: transaction timed out while active"
-            )))
-        )]
+        vec![aborted_reply(3, t, "transaction timed out while active")]
     );
     // A per-transaction timeout and its upper bound.
     let cmds = e.handle(
