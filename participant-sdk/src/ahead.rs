@@ -122,8 +122,11 @@ struct Pool {
 /// The recent rate of local Begins of one resource.
 #[derive(Default)]
 struct Demand {
+    /// Takes since `since`.
     takes: u32,
+    /// Start of the current window.
     since: Option<Instant>,
+    /// The rate measured over the last full window.
     per_s: f64,
 }
 

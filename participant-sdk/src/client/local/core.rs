@@ -221,7 +221,9 @@ struct TicketState {
 /// queued before it started.
 #[derive(Default)]
 struct DurableLane {
+    /// Answered since the Barrier in flight started: they wait for the next one.
     queued: Vec<Ticket>,
+    /// The Barrier in flight and the answers it covers.
     in_flight: Option<(CallId, Vec<Ticket>)>,
 }
 
@@ -241,6 +243,7 @@ enum Shutdown {
 pub(crate) struct LocalCore<E> {
     /// At most this many ids per BeginLocal (the builder's `begin_ahead`).
     begin_ahead: u32,
+    /// Numbers calls, waiters and tickets (deterministic: tests name them).
     ids: Ids,
     /// Ids begun ahead, per resource.
     pools: Pools,
@@ -248,10 +251,17 @@ pub(crate) struct LocalCore<E> {
     begins: HashMap<CallId, BeginCall>,
     /// BeginLocal answers whose Barrier has not answered yet, or whose ids are pooled.
     tickets: HashMap<Ticket, TicketState>,
+    /// The Barrier local transactions wait for (never retried: a failure sends their
+    /// commits through the coordinator).
     durable: DurableLane,
+    /// Reports of local commits.
     reports: ReportLane,
+    /// Branches waiting for a Barrier to be forgotten (fed by the reports and by
+    /// commits through the coordinator).
     forget: ForgetLane,
+    /// Running, shutting down, or shut down (then nothing is begun ahead).
     shutdown: Shutdown,
+    /// The core only passes a failed BeginLocal's error on to its caller.
     _error: std::marker::PhantomData<fn() -> E>,
 }
 

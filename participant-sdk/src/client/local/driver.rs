@@ -186,10 +186,13 @@ impl LocalHandle {
 
 /// The driver task's state.
 struct Driver<C> {
+    /// Every decision; the driver only performs what it says.
     core: LocalCore<Error>,
+    /// Where the calls go.
     coordinator: Arc<C>,
     /// The resources told what to forget.
     registry: Registry,
+    /// The handle's requests; closed once every handle is gone.
     requests: mpsc::UnboundedReceiver<Request>,
     /// Calls in flight; each ends with the event to feed the core, if any.
     inflight: FuturesUnordered<BoxFuture<'static, Option<Event<Error>>>>,
@@ -201,7 +204,9 @@ struct Driver<C> {
     shutdowns: HashMap<CallerId, oneshot::Sender<()>>,
     /// The branch of each resource, as the latest `begin_local` gave it.
     branches: HashMap<String, pb::Branch>,
+    /// Published after every step for [`LocalHandle::pooled`].
     pooled: Arc<AtomicUsize>,
+    /// Names the next caller (`begin_local`, shutdown).
     next_caller: u64,
 }
 

@@ -76,6 +76,7 @@ pub(crate) struct ForgetLane {
     backoff_until: Option<Instant>,
     /// The wait after the next failure.
     retry: Duration,
+    /// Running, or stopping/stopped at shutdown.
     phase: Phase,
 }
 
