@@ -25,14 +25,12 @@
 //! (`twopc_transactions_aborted_total{reason="unused"}`). An id is released only after it
 //! left the pool, so no transaction ever uses an id that went back.
 //!
-//! This module holds the bookkeeping (pure, tested here); the calls are in `client`.
+//! This module holds the bookkeeping of the pools, pure (no lock, no clock: the time is
+//! passed in); the local-commit core (`client::local::core`) owns the pools and decides
+//! with them, and its driver makes the calls.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use futures::future::Shared;
-use tokio::sync::oneshot;
 
 /// How far ahead a batch reaches, in time at the recent rate.
 pub(crate) const LOOKAHEAD: Duration = Duration::from_millis(40);
@@ -49,19 +47,22 @@ pub const DEFAULT_BEGIN_AHEAD: u32 = 128;
 /// The most a Begin may ask for (the coordinator's limit).
 pub const MAX_BEGIN_AHEAD: u32 = 256;
 
-/// The answer of the `Barrier` asked after a Begin (its epoch, or why it failed), shared by
-/// every id that Begin issued.
-pub(crate) type Durable = Shared<oneshot::Receiver<std::result::Result<u64, String>>>;
+/// One BeginLocal answer, as the ids it issued know it: their intents are durable once
+/// the one `Barrier` asked after that answer reports their epoch. The local-commit core
+/// keeps that Barrier's answer under this number while ids of the answer are pooled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Ticket(pub(crate) u64);
 
 /// One local transaction begun ahead.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Ahead {
     /// Its id.
     pub(crate) tx_id: String,
     /// The coordinator epoch of the BeginLocal answer.
     pub(crate) epoch: u64,
-    /// The Barrier after the BeginLocal: the intent is durable when it returns `epoch`.
-    pub(crate) durable: Durable,
+    /// The BeginLocal answer it came with: its intent is durable when the Barrier asked
+    /// after that answer returns `epoch`.
+    pub(crate) ticket: Ticket,
     /// When the BeginLocal answered.
     pub(crate) begun: Instant,
     /// How long it may wait in the pool: [`MAX_AGE`], or a quarter of its timeout when
@@ -80,6 +81,7 @@ pub(crate) fn max_age(timeout_ms: u64) -> Duration {
 }
 
 /// How a caller gets its id.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Take {
     /// One from the pool.
     Ready(Ahead),
@@ -88,6 +90,7 @@ pub(crate) enum Take {
 }
 
 /// What [`Pools::take`] decided besides the caller's id.
+#[derive(Debug)]
 pub(crate) struct Taken {
     /// The caller's id, or how many to begin.
     pub(crate) take: Take,
@@ -100,24 +103,30 @@ pub(crate) struct Taken {
 /// The pools of every resource of one handle.
 #[derive(Default)]
 pub(crate) struct Pools {
-    by_resource: Mutex<HashMap<String, Pool>>,
+    by_resource: HashMap<String, Pool>,
 }
 
 #[derive(Default)]
 struct Pool {
     ids: VecDeque<Ahead>,
+    /// A BeginLocal of more than one id runs for this pool (a background refill, or a
+    /// caller's batch): no second one starts meanwhile.
     refilling: bool,
     /// The coordinator did not begin a local transaction when asked (it runs with
     /// one-phase commits off): take nothing ahead for this resource.
     off: bool,
+    /// The recent rate of Begins, which sizes a batch.
     demand: Demand,
 }
 
 /// The recent rate of local Begins of one resource.
 #[derive(Default)]
 struct Demand {
+    /// Takes since `since`.
     takes: u32,
+    /// Start of the current window.
     since: Option<Instant>,
+    /// The rate measured over the last full window.
     per_s: f64,
 }
 
@@ -142,9 +151,8 @@ impl Demand {
 
 impl Pools {
     /// Takes an id for a local transaction of `resource` (batches of at most `max`).
-    pub(crate) fn take(&self, resource: &str, max: u32, now: Instant) -> Taken {
-        let mut pools = crate::lock(&self.by_resource);
-        let pool = pools.entry(resource.to_string()).or_default();
+    pub(crate) fn take(&mut self, resource: &str, max: u32, now: Instant) -> Taken {
+        let pool = self.by_resource.entry(resource.to_string()).or_default();
         pool.demand.note(now);
         let mut stale = Vec::new();
         while let Some(a) = pool.ids.front() {
@@ -182,9 +190,8 @@ impl Pools {
     }
 
     /// Adds ids begun ahead for `resource`.
-    pub(crate) fn put(&self, resource: &str, ids: Vec<Ahead>) {
-        let mut pools = crate::lock(&self.by_resource);
-        pools
+    pub(crate) fn put(&mut self, resource: &str, ids: Vec<Ahead>) {
+        self.by_resource
             .entry(resource.to_string())
             .or_default()
             .ids
@@ -192,66 +199,46 @@ impl Pools {
     }
 
     /// The refill of `resource`'s pool that [`Pools::take`] started ([`Taken::refill`], or
-    /// a [`Take::Begin`] of more than one): it ends when the guard is dropped, also when
-    /// its caller is cancelled.
-    pub(crate) fn refill<'a>(&'a self, resource: &'a str) -> Refill<'a> {
-        Refill {
-            pools: self,
-            resource,
+    /// a [`Take::Begin`] of more than one) has been answered, whatever the answer.
+    pub(crate) fn end_refill(&mut self, resource: &str) {
+        if let Some(pool) = self.by_resource.get_mut(resource) {
+            pool.refilling = false;
         }
     }
 
     /// The coordinator begins no local transactions: stop taking ids ahead for
     /// `resource`.
-    pub(crate) fn turn_off(&self, resource: &str) {
-        let mut pools = crate::lock(&self.by_resource);
-        pools.entry(resource.to_string()).or_default().off = true;
+    pub(crate) fn turn_off(&mut self, resource: &str) {
+        self.by_resource
+            .entry(resource.to_string())
+            .or_default()
+            .off = true;
     }
 
     /// How many ids wait in the pools.
     pub(crate) fn len(&self) -> usize {
-        crate::lock(&self.by_resource)
-            .values()
-            .map(|p| p.ids.len())
-            .sum()
+        self.by_resource.values().map(|p| p.ids.len()).sum()
     }
 
     /// Every id still pooled (they leave the pools).
-    pub(crate) fn drain(&self) -> Vec<Ahead> {
-        let mut pools = crate::lock(&self.by_resource);
-        pools.values_mut().flat_map(|p| p.ids.drain(..)).collect()
-    }
-}
-
-/// A refill in progress (see [`Pools::refill`]).
-pub(crate) struct Refill<'a> {
-    pools: &'a Pools,
-    resource: &'a str,
-}
-
-impl Drop for Refill<'_> {
-    fn drop(&mut self) {
-        let mut pools = crate::lock(&self.pools.by_resource);
-        if let Some(pool) = pools.get_mut(self.resource) {
-            pool.refilling = false;
-        }
+    pub(crate) fn drain(&mut self) -> Vec<Ahead> {
+        self.by_resource
+            .values_mut()
+            .flat_map(|p| p.ids.drain(..))
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::FutureExt;
 
     fn ids(n: usize, begun: Instant) -> Vec<Ahead> {
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Ok(1));
-        let durable = rx.shared();
         (0..n)
             .map(|i| Ahead {
                 tx_id: format!("t{i}"),
                 epoch: 1,
-                durable: durable.clone(),
+                ticket: Ticket(1),
                 begun,
                 max_age: MAX_AGE,
             })
@@ -267,7 +254,7 @@ mod tests {
 
     #[test]
     fn light_load_takes_nothing_ahead() {
-        let p = Pools::default();
+        let mut p = Pools::default();
         let t0 = Instant::now();
         for i in 0..20u64 {
             // Ten a second: a batch of one, no refill.
@@ -279,7 +266,7 @@ mod tests {
 
     #[test]
     fn heavy_load_begins_batches_and_refills_one_at_a_time() {
-        let p = Pools::default();
+        let mut p = Pools::default();
         let t0 = Instant::now();
         let max = DEFAULT_BEGIN_AHEAD;
         // 2,000 a second for one window: the rate is known from then on.
@@ -294,8 +281,8 @@ mod tests {
                 _ => 0,
             };
             if pooled > 0 {
-                let _refill = p.refill("db");
                 p.put("db", ids(pooled as usize, now));
+                p.end_refill("db");
             }
             now += Duration::from_micros(500);
         }
@@ -330,38 +317,40 @@ mod tests {
         assert!(emptied, "the pool runs dry without its refill");
         assert_eq!(refills, 1, "one refill in flight per resource");
         // The cap holds.
-        drop(p.refill("db"));
+        p.end_refill("db");
         let t = p.take("db", 8, now);
         assert!(t.refill.unwrap_or(8) <= 8 && begin_count(&t).unwrap_or(8) <= 8);
     }
 
-    fn refilling(p: &Pools, now: Option<bool>) -> bool {
-        let mut pools = crate::lock(&p.by_resource);
-        let pool = pools.entry("db".into()).or_default();
-        if let Some(r) = now {
-            pool.refilling = r;
-        }
-        pool.refilling
-    }
-
     #[test]
-    fn a_refill_whose_caller_is_cancelled_still_ends() {
-        let p = Pools::default();
-        refilling(&p, Some(true));
-        drop(p.refill("db"));
-        assert!(!refilling(&p, None), "dropped: ended");
-        refilling(&p, Some(true));
-        {
-            let _refill = p.refill("db");
-            p.put("db", ids(2, Instant::now()));
+    fn a_refill_ends_when_answered_and_its_ids_are_pooled() {
+        let mut p = Pools::default();
+        let t0 = Instant::now();
+        // Under load: the caller finds the pool empty and begins a batch (refilling).
+        for i in 0..800u64 {
+            let t = p.take("db", 64, t0 + Duration::from_micros(250 * i));
+            if let Take::Begin(n) = t.take {
+                if n > 1 {
+                    assert_eq!(t.refill, None, "the caller's batch is the refill");
+                    let again = p.take("db", 64, t0 + Duration::from_micros(250 * i));
+                    assert_eq!(
+                        (begin_count(&again), again.refill),
+                        (Some(1), None),
+                        "while it runs, no second batch starts"
+                    );
+                    p.put("db", ids(n as usize - 1, t0));
+                    p.end_refill("db");
+                    assert_eq!(p.len(), n as usize - 1, "its ids are pooled");
+                    return;
+                }
+            }
         }
-        assert!(!refilling(&p, None), "finished: ended");
-        assert_eq!(p.len(), 2, "with its ids pooled");
+        panic!("no batch was ever begun");
     }
 
     #[test]
     fn old_ids_go_back_and_are_never_handed_out() {
-        let p = Pools::default();
+        let mut p = Pools::default();
         let t0 = Instant::now();
         p.put("db", ids(3, t0));
         let later = t0 + MAX_AGE;
@@ -380,7 +369,7 @@ mod tests {
         assert_eq!(max_age(0), MAX_AGE, "unknown timeout");
         assert_eq!(max_age(60_000), MAX_AGE);
         assert_eq!(max_age(400), Duration::from_millis(100));
-        let p = Pools::default();
+        let mut p = Pools::default();
         let t0 = Instant::now();
         let mut short = ids(1, t0);
         short[0].max_age = max_age(400);
@@ -391,7 +380,7 @@ mod tests {
 
     #[test]
     fn a_coordinator_without_local_begins_turns_the_pool_off() {
-        let p = Pools::default();
+        let mut p = Pools::default();
         let t0 = Instant::now();
         for i in 0..400u64 {
             p.take("db", 64, t0 + Duration::from_micros(500 * i));

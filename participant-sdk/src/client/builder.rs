@@ -1,7 +1,8 @@
 //! [`TwoPcBuilder`]: how a service configures its handle (coordinator URL, TLS and token,
 //! participant endpoint, timeouts, data directory) and what `start` sets running: the
 //! channel and the call pipeline to the coordinator, the embedded participant server,
-//! the recovery loop and the forgetter. Settings that cannot work are refused here with
+//! the recovery loop and the local-commit driver (ids begun ahead, reports, the
+//! forgetter). Settings that cannot work are refused here with
 //! [`Error::Usage`] naming the setting.
 
 use crate::error::Result;
@@ -18,9 +19,8 @@ use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
-use super::forget::{run_forgetter, ForgetQueue};
-use super::local::{Reports, SharedBarrier};
-use super::{validate_name, Inner, TwoPc};
+use super::calls::Calls;
+use super::{local, validate_name, Inner, TwoPc};
 use crate::ahead;
 use crate::channel::BearerToken;
 use crate::error::Error;
@@ -352,42 +352,33 @@ impl TwoPcBuilder {
                 let mut c = piped.clone();
                 Box::pin(async move { c.pipeline(outbound).await })
             });
-        let forget = Arc::new(ForgetQueue::default());
-        let forgetter = tokio::spawn(run_forgetter(
+        let recovery = tokio::spawn(crate::recovery::run_loop(
             coordinator.clone(),
             registry.clone(),
-            forget.clone(),
-            stop_rx.clone(),
+            self.recovery_interval,
+            stop_rx,
         ));
-        let inner = Arc::new(Inner {
-            // A backstop only: `Inner::call` bounds every call by `call_timeout` first.
+        let calls = Arc::new(Calls {
+            // A backstop only: `Calls::call` bounds every call by `call_timeout` first.
             pipeline: mux::Pipeline::new(open, self.call_timeout + PIPELINE_BACKSTOP),
             coordinator,
             coordinator_url: self.coordinator,
             call_timeout: self.call_timeout,
-            service: self.service,
-            endpoint: advertised,
-            registry,
-            data_dir: self.data_dir,
-            commit_wait: self.commit_wait,
-            forget,
-            barriers: Mutex::new(SharedBarrier::default()),
-            reports: Mutex::new(Reports::default()),
-            ahead: ahead::Pools::default(),
-            begin_ahead: self.begin_ahead,
-            stop: stop_tx,
-            tasks: Mutex::new(vec![server, forgetter]),
         });
-        let recovery = tokio::spawn(crate::recovery::run_loop(
-            inner.coordinator.clone(),
-            inner.registry.clone(),
-            self.recovery_interval,
-            stop_rx,
-        ));
-        if let Ok(mut tasks) = inner.tasks.lock() {
-            tasks.push(recovery);
-        }
-        Ok(TwoPc { inner })
+        let local = local::start(calls.clone(), registry.clone(), self.begin_ahead);
+        Ok(TwoPc {
+            inner: Arc::new(Inner {
+                calls,
+                service: self.service,
+                endpoint: advertised,
+                registry,
+                data_dir: self.data_dir,
+                commit_wait: self.commit_wait,
+                local,
+                stop: stop_tx,
+                tasks: Mutex::new(vec![server, recovery]),
+            }),
+        })
     }
 }
 

@@ -1,20 +1,36 @@
 //! The client API calls (Begin, BeginLocal, Enlist, Commit, ReportLocalCommits, Abort,
-//! ReleaseUnused) of one handle: over the shared
+//! ReleaseUnused, Barrier) of one handle: over the shared
 //! `Pipeline` stream, or unary against a coordinator that does not serve it, each bounded
-//! by the handle's `call_timeout` (plus the phase-two wait a Commit asks for).
+//! by the handle's `call_timeout` (plus the phase-two wait a Commit asks for). [`Calls`]
+//! is also the [`LocalCoordinator`] the local-commit driver calls.
 
 use std::time::Duration;
 
+use tracing::debug;
 use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
-use super::Inner;
+use super::local::{BarrierAnswer, BeginLocalAnswer, LocalCoordinator, ReportAnswer};
 use crate::channel::CoordinatorChannel;
+use crate::error::Error;
+
+/// The coordinator as one handle calls it.
+pub(super) struct Calls {
+    /// Client of the coordinator's API (stamps the bearer token, if any).
+    pub(super) coordinator: CoordinatorClient<CoordinatorChannel>,
+    /// The coordinator's URL as given to the builder, for messages that name it.
+    pub(super) coordinator_url: String,
+    /// The longest a client call waits (the builder's `call_timeout`).
+    pub(super) call_timeout: Duration,
+    /// Begin / Enlist / Commit / Abort of every transaction of this handle over one
+    /// `Pipeline` stream (unary calls against a coordinator that does not serve it).
+    pub(super) pipeline: mux::Pipeline,
+}
 
 /// The client API calls: over the pipeline, or unary when the coordinator does not serve
 /// it.
-impl Inner {
+impl Calls {
     /// One call: over the pipeline, or as the unary call when the coordinator does not
     /// serve it; at most `call_timeout` plus `wait` (the phase-two wait a Commit asks
     /// for), then `DEADLINE_EXCEEDED`.
@@ -68,19 +84,6 @@ impl Inner {
         .await
     }
 
-    pub(super) async fn begin_local(
-        &self,
-        req: pb::BeginLocalRequest,
-    ) -> std::result::Result<pb::BeginLocalResponse, tonic::Status> {
-        self.call(
-            req,
-            Duration::ZERO,
-            |p, r| p.begin_local(r),
-            |mut c, r| async move { c.begin_local(r).await },
-        )
-        .await
-    }
-
     pub(super) async fn enlist(
         &self,
         req: pb::EnlistRequest,
@@ -108,19 +111,6 @@ impl Inner {
         .await
     }
 
-    pub(super) async fn report_local_commits(
-        &self,
-        req: pb::ReportLocalCommitsRequest,
-    ) -> std::result::Result<pb::ReportLocalCommitsResponse, tonic::Status> {
-        self.call(
-            req,
-            Duration::ZERO,
-            |p, r| p.report_local_commits(r),
-            |mut c, r| async move { c.report_local_commits(r).await },
-        )
-        .await
-    }
-
     pub(super) async fn abort(
         &self,
         req: pb::AbortRequest,
@@ -133,11 +123,86 @@ impl Inner {
         )
         .await
     }
+}
 
-    pub(super) async fn release_unused(
-        &self,
-        req: pb::ReleaseUnusedRequest,
-    ) -> std::result::Result<pb::ReleaseUnusedResponse, tonic::Status> {
+impl LocalCoordinator for Calls {
+    async fn begin_local(&self, branch: pb::Branch, count: u32) -> BeginLocalAnswer<Error> {
+        let req = pb::BeginLocalRequest {
+            branch: Some(branch),
+            timeout_ms: 0,
+            count,
+        };
+        let answer = self
+            .call(
+                req,
+                Duration::ZERO,
+                |p, r| p.begin_local(r),
+                |mut c, r| async move { c.begin_local(r).await },
+            )
+            .await;
+        match answer {
+            Ok(resp) => {
+                let mut ids = resp.tx_ids.into_iter();
+                match ids.next() {
+                    Some(first) => BeginLocalAnswer::Begun {
+                        first,
+                        rest: ids.collect(),
+                        epoch: resp.epoch,
+                        timeout_ms: resp.timeout_ms,
+                    },
+                    None => BeginLocalAnswer::Failed(
+                        tonic::Status::internal("BeginLocal answered without a transaction id")
+                            .into(),
+                    ),
+                }
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                debug!(
+                    error = s.message(),
+                    "the coordinator does not begin local transactions"
+                );
+                BeginLocalAnswer::Off
+            }
+            Err(s) => BeginLocalAnswer::Failed(s.into()),
+        }
+    }
+
+    async fn barrier(&self) -> BarrierAnswer {
+        match self
+            .coordinator
+            .clone()
+            .barrier(pb::BarrierRequest {})
+            .await
+        {
+            Ok(resp) => Ok(resp.into_inner().epoch),
+            Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+
+    async fn report(&self, tx_ids: Vec<String>) -> ReportAnswer {
+        let req = pb::ReportLocalCommitsRequest {
+            tx_ids,
+            answer_before_durable: true,
+        };
+        let answer = self
+            .call(
+                req,
+                Duration::ZERO,
+                |p, r| p.report_local_commits(r),
+                |mut c, r| async move { c.report_local_commits(r).await },
+            )
+            .await;
+        match answer {
+            Ok(resp) => ReportAnswer::Recorded(resp.epoch),
+            Err(s) => ReportAnswer::Failed {
+                retryable: retryable(&s),
+                error: format!("{:?}: {}", s.code(), s.message()),
+            },
+        }
+    }
+
+    async fn release(&self, tx_id: String) -> Result<(), String> {
+        let req = pb::ReleaseUnusedRequest { tx_id };
         self.call(
             req,
             Duration::ZERO,
@@ -145,6 +210,15 @@ impl Inner {
             |mut c, r| async move { c.release_unused(r).await },
         )
         .await
+        .map(|_| ())
+        .map_err(|s| s.to_string())
+    }
+
+    async fn abort(&self, tx_id: String, reason: String) -> Result<(), String> {
+        Calls::abort(self, pb::AbortRequest { tx_id, reason })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.to_string())
     }
 }
 

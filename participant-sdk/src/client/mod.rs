@@ -1,10 +1,11 @@
 //! The client API a service embeds: [`TwoPc`] (one per process) and [`Transaction`].
 //!
 //! [`TwoPc::builder`] connects to the coordinator, starts the embedded participant gRPC
-//! server (the endpoint every branch of this service is enlisted with), the recovery
-//! loop and the forgetter (below). Resources are registered once ([`TwoPc::register`]); a
-//! [`Transaction`] enlists a resource the first time it is used in it, under the branch id
-//! `<service>:<resource>`.
+//! server (the endpoint every branch of this service is enlisted with), the recovery loop
+//! and the local-commit driver (the forgetter and the local one-phase commits, below:
+//! module `local`, a state machine without I/O and the one task that performs its calls).
+//! Resources are registered once ([`TwoPc::register`]); a [`Transaction`] enlists a
+//! resource the first time it is used in it, under the branch id `<service>:<resource>`.
 //!
 //! # Forgetting one-phase commits
 //!
@@ -14,19 +15,20 @@
 //! abort answered "already committed"), so the participant must keep what answers for the
 //! commit (the PostgreSQL adapter's marker row). After an OK answer the branches of this
 //! process are therefore not forgotten at once ([`Resource::outcome_known`]) but queued,
-//! with the coordinator epoch of the answer, for the handle's **forgetter** task: it takes
-//! everything queued, calls the coordinator's `Barrier` once for the lot (at most one in
-//! flight, bounded by 5 s) and forgets the branches whose answer came from the epoch the
-//! Barrier reports — their outcome is durable now. Entries of another epoch (the
-//! coordinator restarted in between) are dropped: recovery reports their markers once
-//! they are a minute old (see below). A failed Barrier is tried again (backoff 100 ms to
-//! 2 s). The queue holds at most 100 000 transactions (beyond, the oldest are dropped the
-//! same way). The forgetter
-//! stops with [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued;
-//! the markers a process leaves behind (it died, or the coordinator restarted between the
-//! answer and the Barrier) are reported by the recovery loop — after the next start (its
-//! first pass over the resource once registered), or on a later pass once a minute old —
-//! and dropped then; `marker_retention` is the backstop.
+//! with the coordinator epoch of the answer, for the handle's **forgetter** (the forget
+//! lane of the local-commit driver): it takes everything queued, calls the coordinator's
+//! `Barrier` once for the lot (at most one in flight, bounded by 5 s) and forgets the
+//! branches whose answer came from the epoch the Barrier reports — their outcome is durable
+//! now. Entries of another epoch (the coordinator restarted in between) are dropped:
+//! recovery reports their markers once they are a minute old (see below). A failed Barrier
+//! is tried again (backoff 100 ms to 2 s). The queue holds at most 100 000 transactions
+//! (beyond, the oldest are dropped the same way). The forgetter stops with
+//! [`TwoPc::shutdown`], after one last Barrier (at most 2 s) for what is queued (and the
+//! ids begun ahead and not used have gone back, at most 2 s, both before the participant
+//! server stops); the markers a process leaves behind (it died, or the coordinator
+//! restarted between the answer and the Barrier) are reported by the recovery loop — after
+//! the next start (its first pass over the resource once registered), or on a later pass
+//! once a minute old — and dropped then; `marker_retention` is the backstop.
 //!
 //! # Local one-phase commits
 //!
@@ -34,36 +36,35 @@
 //! (e.g. the order row with its event staged in the same database transaction). The
 //! coordinator answers its `BeginLocal` at once, having written its intent (which branch
 //! decides) and started syncing it; the handle then asks for a `Barrier` (one call in
-//! flight, shared by every transaction waiting) while the application runs its
-//! statements. Under load the ids come from a pool of local transactions begun ahead, many
-//! per `BeginLocal` and one Barrier for them all, so most `begin_local` calls make no coordinator
-//! call at all (module `ahead`; [`TwoPcBuilder::begin_ahead`] caps the batch). [`Transaction::commit`] waits for that Barrier — an answer of the `BeginLocal`'s
-//! epoch means the intent is durable, so a restarted coordinator asks the branch instead
-//! of presuming abort — and commits the branch right here
-//! ([`Resource::commit_one_phase`]): no coordinator call on the commit path. A background
-//! reporter tells the coordinator (`ReportLocalCommits`): everything queued while its
-//! previous call ran goes in one call (up to 1,024 commits; a
-//! batch that fails is reported one commit at a time, up to 20 attempts each), and the
-//! forgetter drops the marker after a Barrier of the report's epoch, as above. Until
-//! the report arrives, an Abort or the transaction timeout makes the coordinator ask the
-//! branch, whose answer (aborted, or already committed) is the outcome. When the Barrier
-//! fails or reports another epoch (the coordinator restarted), or the resource cannot
-//! tell whether its COMMIT went through, the commit is handed to the coordinator as an
-//! ordinary Commit.
+//! flight, shared by every transaction waiting) while the application runs its statements.
+//! Under load the ids come from a pool of local transactions begun ahead, many per
+//! `BeginLocal` and one Barrier for them all, so most `begin_local` calls make no
+//! coordinator call at all (module `ahead`; [`TwoPcBuilder::begin_ahead`] caps the batch).
+//! [`Transaction::commit`] waits for that Barrier — an answer of the `BeginLocal`'s epoch
+//! means the intent is durable, so a restarted coordinator asks the branch instead of
+//! presuming abort — and commits the branch right here ([`Resource::commit_one_phase`]): no
+//! coordinator call on the commit path. The driver reports it to the coordinator in the
+//! background (`ReportLocalCommits`): everything queued while its previous call ran goes in
+//! one call (up to 1,024 commits; a batch that fails is reported one commit at a time, up
+//! to 20 attempts each, backoff 100 ms to 2 s), and the forgetter drops the marker after a
+//! Barrier of the report's epoch, as above. Until the report arrives, an Abort or the
+//! transaction timeout makes the coordinator ask the branch, whose answer (aborted, or
+//! already committed) is the outcome. When the Barrier fails or reports another epoch (the
+//! coordinator restarted), or the resource cannot tell whether its COMMIT went through, the
+//! commit is handed to the coordinator as an ordinary Commit.
 //!
 //! # Security
 //!
 //! Against a coordinator started with TLS and tokens (`docs/security.md`), the builder
-//! takes the coordinator's CA ([`TwoPcBuilder::coordinator_ca`]; the URL is then dialed
-//! as `https://`), an optional client certificate for mutual TLS
+//! takes the coordinator's CA ([`TwoPcBuilder::coordinator_ca`]; the URL is then dialed as
+//! `https://`), an optional client certificate for mutual TLS
 //! ([`TwoPcBuilder::coordinator_identity`]) and the bearer token sent on every call,
-//! recovery's included ([`TwoPcBuilder::token`]). The embedded participant server can
-//! serve TLS ([`TwoPcBuilder::participant_tls`]) and require the coordinator's client
-//! certificate ([`TwoPcBuilder::participant_client_ca`]).
+//! recovery's included ([`TwoPcBuilder::token`]). The embedded participant server can serve
+//! TLS ([`TwoPcBuilder::participant_tls`]) and require the coordinator's client certificate
+//! ([`TwoPcBuilder::participant_client_ca`]).
 
 mod builder;
 mod calls;
-mod forget;
 mod local;
 mod transaction;
 
@@ -74,20 +75,19 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
-use twopc_proto::mux;
 use twopc_proto::v1 as pb;
 use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
-use crate::ahead::{self, Take};
+use crate::ahead;
 use crate::channel::CoordinatorChannel;
 use crate::error::{Error, Result};
 use crate::resource::{commit_order, Registry, Resource};
 
-use forget::ForgetQueue;
-use local::{begin_ahead, refill, release_now, release_unused, Begun, Reports, SharedBarrier};
+use calls::Calls;
+use local::{Began, LocalHandle};
 use transaction::Local;
 
 /// Checks a service or resource name (they become parts of branch ids and PostgreSQL
@@ -110,25 +110,17 @@ pub(crate) fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
 /// Default of [`TwoPcBuilder::call_timeout`].
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long [`TwoPc::shutdown`] waits for the ids begun ahead and not used to go back.
-const SHUTDOWN_RELEASE: Duration = Duration::from_secs(2);
-
 /// The SDK handle of one service process. Cheap to clone.
 #[derive(Clone)]
 pub struct TwoPc {
     inner: Arc<Inner>,
 }
 
+/// What the handle needs; the background tasks (participant server, recovery, the
+/// local-commit driver) each hold only their own parts of it.
 struct Inner {
-    /// Client of the coordinator's API (stamps the bearer token, if any).
-    coordinator: CoordinatorClient<CoordinatorChannel>,
-    /// The coordinator's URL as given to the builder, for messages that name it.
-    coordinator_url: String,
-    /// The longest a client call waits (the builder's `call_timeout`).
-    call_timeout: Duration,
-    /// Begin / Enlist / Commit / Abort of every transaction of this handle over one
-    /// `Pipeline` stream (unary calls against a coordinator that does not serve it).
-    pipeline: mux::Pipeline,
+    /// The coordinator calls of the transactions (shared with the local-commit driver).
+    calls: Arc<Calls>,
     /// Prefix of this service's branch ids.
     service: String,
     /// The participant endpoint branches are enlisted with.
@@ -139,18 +131,10 @@ struct Inner {
     data_dir: Option<PathBuf>,
     /// Phase-two wait passed with Commit.
     commit_wait: Option<Duration>,
-    /// Committed transactions whose branches are forgotten once a `Barrier` confirms
-    /// their outcome durable (see the module docs).
-    forget: Arc<ForgetQueue>,
-    /// Local transactions waiting for a `Barrier` (one call in flight for all of them).
-    barriers: Mutex<SharedBarrier>,
-    /// Local commits waiting to be reported (one call in flight for all of them).
-    reports: Mutex<Reports>,
-    /// Local transactions begun ahead, per resource.
-    ahead: ahead::Pools,
-    /// At most this many per Begin (the builder's `begin_ahead`).
-    begin_ahead: u32,
-    /// Stops the server, the recovery loop and the forgetter.
+    /// The local-commit driver: ids begun ahead, the shared Barrier, reports of local
+    /// commits and the forget queue (see the module docs).
+    local: LocalHandle,
+    /// Stops the server and the recovery loop.
     stop: watch::Sender<bool>,
     /// Background tasks, awaited by `shutdown`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -202,7 +186,7 @@ impl TwoPc {
 
     /// Begins a transaction this service owns (it will commit or abort it).
     pub async fn begin(&self) -> Result<Transaction> {
-        let resp = self.inner.begin(pb::BeginRequest::default()).await?;
+        let resp = self.inner.calls.begin(pb::BeginRequest::default()).await?;
         Ok(self.transaction(resp.tx_id, true))
     }
 
@@ -219,6 +203,7 @@ impl TwoPc {
         let ids: HashSet<String> = branches.iter().map(|b| b.branch_id.clone()).collect();
         let resp = self
             .inner
+            .calls
             .begin(pb::BeginRequest {
                 timeout_ms: 0,
                 branches,
@@ -248,43 +233,21 @@ impl TwoPc {
     /// and the commit then goes through the coordinator.
     pub async fn begin_local(&self, resource: &dyn Resource) -> Result<Transaction> {
         let branch = self.branch_of(resource)?;
+        let branch_id = branch.branch_id.clone();
         let name = resource.name();
-        let taken = self
-            .inner
-            .ahead
-            .take(name, self.inner.begin_ahead, Instant::now());
-        release_unused(&self.inner, taken.stale);
-        if let Some(count) = taken.refill {
-            refill(&self.inner, branch.clone(), name, count);
-        }
-        let ahead = match taken.take {
-            Take::Ready(a) => a,
-            Take::Begin(count) => {
-                // This call is the pool's refill when it begins more than one.
-                let _refill = (count > 1).then(|| self.inner.ahead.refill(name));
-                let mut begun = begin_ahead(&self.inner, branch.clone(), count).await;
-                if let Ok(Begun::Local(_, rest)) = &mut begun {
-                    self.inner.ahead.put(name, std::mem::take(rest));
-                }
-                match begun? {
-                    Begun::Local(mine, _) => mine,
-                    Begun::Off => {
-                        self.inner.ahead.turn_off(name);
-                        // An ordinary transaction with the resource enlisted: its commit
-                        // goes through the coordinator.
-                        return self.begin_with(&[resource]).await;
-                    }
-                }
-            }
+        let (tx_id, durable) = match self.inner.local.begin_local(name, branch).await? {
+            Began::Local { tx_id, durable } => (tx_id, durable),
+            // An ordinary transaction with the resource enlisted: its commit goes through
+            // the coordinator.
+            Began::Off => return self.begin_with(&[resource]).await,
         };
-        let mut tx = self.transaction(ahead.tx_id, true);
+        let mut tx = self.transaction(tx_id, true);
         tx.local = Some(Local {
             resource: name.to_string(),
-            epoch: ahead.epoch,
-            durable: ahead.durable,
+            durable,
         });
         if let Ok(mut s) = tx.enlisted.lock() {
-            s.insert(branch.branch_id);
+            s.insert(branch_id);
         }
         Ok(tx)
     }
@@ -292,7 +255,7 @@ impl TwoPc {
     /// Local transactions begun ahead and waiting in this handle's pools (see
     /// [`TwoPcBuilder::begin_ahead`]): for monitoring and tests.
     pub fn begun_ahead(&self) -> usize {
-        self.inner.ahead.len()
+        self.inner.local.pooled()
     }
 
     /// The branch this service enlists for `resource` (registered here, or a usage error).
@@ -347,7 +310,7 @@ impl TwoPc {
 
     /// The coordinator's URL, as given to [`TwoPc::builder`] (for messages that name it).
     pub fn coordinator_url(&self) -> &str {
-        &self.inner.coordinator_url
+        &self.inner.calls.coordinator_url
     }
 
     /// The participant-side data directory, if configured.
@@ -358,7 +321,7 @@ impl TwoPc {
     /// A client of the coordinator API (for GetTransaction and friends), with the
     /// builder's TLS settings and token.
     pub fn coordinator(&self) -> CoordinatorClient<CoordinatorChannel> {
-        self.inner.coordinator.clone()
+        self.inner.calls.coordinator.clone()
     }
 
     /// Runs one recovery pass now: every in-doubt branch asks the coordinator for its
@@ -366,23 +329,22 @@ impl TwoPc {
     /// remembers is reported. Returns how many branches were finished or reported.
     pub async fn recover_now(&self) -> usize {
         crate::recovery::pass(
-            &self.inner.coordinator,
+            &self.inner.calls.coordinator,
             &self.inner.registry,
             crate::recovery::Markers::All,
         )
         .await
     }
 
-    /// Stops the participant server, the recovery loop and the forgetter, and waits for
-    /// them. Branches still waiting for a `Barrier` are not forgotten (their markers go
-    /// after `OutboxOptions::marker_retention`).
+    /// Gives back the ids begun ahead and not used (at most 2 s), forgets what a last
+    /// `Barrier` (at most 2 s) shows durable, then stops the participant server and the
+    /// recovery loop and waits for them. Branches that `Barrier` does not cover are not
+    /// forgotten (their markers go after `OutboxOptions::marker_retention`).
     pub async fn shutdown(&self) {
         // Ids begun ahead go back while the participant server can still answer the
-        // coordinator's question about them.
-        let unused = self.inner.ahead.drain();
-        if !unused.is_empty() {
-            let _ = tokio::time::timeout(SHUTDOWN_RELEASE, release_now(&self.inner, unused)).await;
-        }
+        // coordinator's question about them; what waits to be forgotten gets its last
+        // Barrier.
+        self.inner.local.shutdown().await;
         let _ = self.inner.stop.send(true);
         let tasks = match self.inner.tasks.lock() {
             Ok(mut t) => std::mem::take(&mut *t),

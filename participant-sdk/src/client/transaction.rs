@@ -9,12 +9,12 @@ use std::sync::Mutex;
 use tracing::warn;
 use twopc_proto::v1 as pb;
 
-use super::forget::Unforgotten;
-use super::local::{report_local_abort, report_local_commit};
+use tokio::sync::oneshot;
+
+use super::local::{Intent, Unforgotten};
 use super::TwoPc;
-use crate::ahead::Durable;
 use crate::error::Error;
-use crate::resource::{OnePhase, Registry, Resource};
+use crate::resource::{OnePhase, Resource};
 
 /// One distributed transaction, seen from this service.
 pub struct Transaction {
@@ -32,11 +32,9 @@ pub struct Transaction {
 pub(super) struct Local {
     /// The resource whose branch it is.
     pub(super) resource: String,
-    /// The coordinator epoch of the BeginLocal answer.
-    pub(super) epoch: u64,
-    /// The epoch of a `Barrier` called after the BeginLocal answer (or why it failed): the
-    /// intent is durable when it is `epoch`.
-    pub(super) durable: Durable,
+    /// What the `Barrier` called after the BeginLocal answer says of the intent: durable
+    /// when it reported the BeginLocal's epoch.
+    pub(super) durable: oneshot::Receiver<Intent>,
 }
 
 /// What enlisting a resource tells it ([`Transaction::enlist`]): its branch id and how
@@ -114,6 +112,7 @@ impl Transaction {
         let branch = self.sdk.branch_of(resource)?;
         self.sdk
             .inner
+            .calls
             .enlist(pb::EnlistRequest {
                 tx_id: self.id.clone(),
                 branch: Some(branch),
@@ -163,13 +162,13 @@ impl Transaction {
     /// The local one-phase commit; `None` when it must go through the coordinator.
     pub(super) async fn commit_locally(&self, local: Local) -> Option<Result<Committed>> {
         match local.durable.await {
-            Ok(Ok(epoch)) if epoch == local.epoch => {}
-            Ok(Ok(epoch)) => {
-                warn!(tx_id = %self.id, begun = local.epoch, now = epoch,
+            Ok(Intent::Durable) => {}
+            Ok(Intent::Restarted { begun, now }) => {
+                warn!(tx_id = %self.id, begun, now,
                     "the coordinator restarted since Begin; committing through it");
                 return None;
             }
-            Ok(Err(e)) => {
+            Ok(Intent::Unknown(e)) => {
                 warn!(tx_id = %self.id, error = %e,
                     "Barrier failed; committing through the coordinator");
                 return None;
@@ -192,14 +191,14 @@ impl Transaction {
         let branch_id = self.branch_id(&*resource);
         match resource.commit_one_phase(&self.id, &branch_id).await {
             Ok(OnePhase::Committed) => {
-                report_local_commit(self.sdk.inner.clone(), self.id.clone(), branch_id);
+                self.sdk.inner.local.committed(self.id.clone(), branch_id);
                 Some(Ok(Committed {
                     pending_branches: Vec::new(),
                 }))
             }
             Ok(OnePhase::Refused(why)) => {
                 let why = format!("branch {branch_id} refused to commit: {why}");
-                report_local_abort(self.sdk.inner.clone(), self.id.clone(), why.clone());
+                self.sdk.inner.local.refused(self.id.clone(), why.clone());
                 Some(Err(Error::Aborted(why)))
             }
             Err(e) => {
@@ -218,7 +217,7 @@ impl Transaction {
             branches: Vec::new(),
             answer_before_durable: true,
         };
-        match self.sdk.inner.commit(req).await {
+        match self.sdk.inner.calls.commit(req).await {
             Ok(resp) => {
                 self.forget_after_barrier(resp.epoch);
                 Ok(Committed {
@@ -247,7 +246,7 @@ impl Transaction {
         if branch_ids.is_empty() {
             return;
         }
-        self.sdk.inner.forget.push(Unforgotten {
+        self.sdk.inner.local.forget(Unforgotten {
             tx_id: self.id.clone(),
             branch_ids,
             epoch,
@@ -266,21 +265,7 @@ impl Transaction {
             tx_id: self.id.clone(),
             reason: reason.into(),
         };
-        self.sdk.inner.abort(req).await?;
+        self.sdk.inner.calls.abort(req).await?;
         Ok(())
-    }
-}
-
-/// Tells the registered resources of `branch_ids` that the coordinator holds the outcome
-/// of transaction `tx_id`.
-pub(super) fn tell_outcome_known(registry: &Registry, tx_id: &str, branch_ids: &[String]) {
-    let Ok(registry) = registry.read() else {
-        return;
-    };
-    for branch_id in branch_ids {
-        let name = branch_id.split_once(':').map_or("", |(_, r)| r);
-        if let Some(resource) = registry.get(name) {
-            resource.outcome_known(tx_id, branch_id);
-        }
     }
 }
