@@ -32,7 +32,7 @@ use support::{bare_serve_command, Coordinator};
 use twopc_coordinator::log::conformance::{branches, commit, tx_of};
 use twopc_coordinator::log::{DecisionLog, LazyRecord, SledLog, SledLogOptions};
 use twopc_coordinator::types::TxId;
-use twopc_participant::staging::{StagedMessage, StagingStore};
+use twopc_participant::staging::{StagedMessage, StagingError, StagingStore};
 use twopc_proto::v1 as pb;
 use twopc_testkit::requests;
 
@@ -145,6 +145,26 @@ fn open_failed(e: impl std::fmt::Display) -> ! {
     std::process::exit(3);
 }
 
+/// Opens a store with `open`, trying again for up to 5 s while `locked` says its directory
+/// is locked: the parent's check may have just closed it while another test of this
+/// process was starting a child, which holds a copy of the parent's descriptor of the
+/// LOCK file (and with it the lock) until it executes its program.
+fn open_unless_held<T, E: std::fmt::Display>(
+    open: impl Fn() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match open() {
+            Ok(store) => return store,
+            Err(e) if locked(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => open_failed(e),
+        }
+    }
+}
+
 /// Prints a line at once (the parent times the open by them).
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
@@ -154,7 +174,10 @@ fn say(line: &str) {
 
 async fn write_decisions(dir: &Path) {
     say("opening");
-    let log = SledLog::open(dir, SledLogOptions::default()).unwrap_or_else(|e| open_failed(e));
+    let log = open_unless_held(
+        || SledLog::open(dir, SledLogOptions::default()),
+        |e| matches!(e, twopc_coordinator::log::LogError::Locked { .. }),
+    );
     say("opened");
     let epoch = log.epoch();
     for start in (1..=RECORDS_PER_CHILD).step_by(CONCURRENT) {
@@ -197,7 +220,10 @@ fn decision(tx: TxId) -> twopc_coordinator::log::CommitRecord {
 
 async fn stage_batches(dir: &Path, run: &str) {
     say("opening");
-    let store = StagingStore::open(dir).unwrap_or_else(|e| open_failed(e));
+    let store = open_unless_held(
+        || StagingStore::open(dir),
+        |e| matches!(e, StagingError::Locked { .. }),
+    );
     say("opened");
     for start in (1..=RECORDS_PER_CHILD).step_by(CONCURRENT) {
         let ids: Vec<String> = (start..start + CONCURRENT)
