@@ -1965,7 +1965,7 @@ impl Harness {
     }
 
     fn list_case(&self, state: i32, min_age_ms: u64, limit: u32) -> Fallible<()> {
-        let expected = if !(0..=7).contains(&state) {
+        let expected = if pb::TxState::try_from(state).is_err() {
             want(Code::InvalidArgument, &[&format!("state {state}")])
         } else if limit > MAX_LIMIT {
             want(Code::InvalidArgument, &["limit", &limit.to_string()])
