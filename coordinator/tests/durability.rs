@@ -22,7 +22,7 @@ use twopc_testkit::participant::{Behaviour, Services, TestParticipant};
 use twopc_testkit::requests;
 
 mod support;
-use support::{quick_retries, serve};
+use support::{connect, quick_retries, serve};
 
 /// What the participant saw when a commit arrived.
 #[derive(Debug, Clone)]
@@ -101,17 +101,6 @@ async fn setup(fail_syncs: Option<Arc<AtomicBool>>) -> (Setup, Arc<SledLog>) {
         _dir: dir,
     };
     (s, log)
-}
-
-async fn connect(addr: &str) -> CoordinatorClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match CoordinatorClient::connect(addr.to_string()).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("cannot connect to {addr}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 fn branches(endpoint: &str, n: usize) -> Vec<pb::Branch> {

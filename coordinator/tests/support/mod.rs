@@ -1,7 +1,7 @@
 //! Set-up shared by the coordinator's integration tests that run the real gRPC server
 //! in-process over a sled log the test holds (`bad_input`, `durability`, `streams`; each
 //! includes it with `mod support;`): [`serve`] starts that server, usually with
-//! [`quick_retries`].
+//! [`quick_retries`], and [`connect`] a client of it.
 
 // Every test binary compiles its own copy of this module and uses only part of it; what
 // one binary leaves unused would be a dead-code warning there (an error under
@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 use twopc_coordinator::config::ServeConfig;
 use twopc_coordinator::log::SledLog;
 use twopc_coordinator::server;
+use twopc_proto::v1::coordinator_client::CoordinatorClient;
 
 /// A coordinator served in-process by [`serve`].
 pub struct Served {
@@ -54,4 +56,16 @@ pub async fn serve(cfg: ServeConfig, log: Arc<SledLog>) -> Served {
         }
     });
     Served { url, stop, task }
+}
+
+/// A client of the coordinator at `url`, connected within 10 s (it may still be starting).
+pub async fn connect(url: &str) -> CoordinatorClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match CoordinatorClient::connect(url.to_string()).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
