@@ -139,7 +139,10 @@ async fn a_finished_transaction_is_forgotten_after_the_retention_never_presumed_
     let aborted = begin(&mut w.client, &w.endpoint).await;
     abort(&mut w.client, &aborted).await.expect("abort");
     assert_eq!(status(&mut w.client, &committed).await, COMMITTED);
-    assert_eq!(status(&mut w.client, &aborted).await.1, pb::Outcome::Aborted);
+    assert_eq!(
+        status(&mut w.client, &aborted).await.1,
+        pb::Outcome::Aborted
+    );
 
     forgotten_in_time(&mut w.client, &committed).await;
     // The aborted one has no record to collect and is above the mark: still ABORTED.

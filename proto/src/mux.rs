@@ -159,7 +159,7 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
         mut call: Req::Item,
         timeout: Duration,
     ) -> Result<Resp::Item, CallError> {
-        if matches!(*lock(&self.unsupported), Some(t) if t.elapsed() < RECHECK_UNSUPPORTED) {
+        if self.known_unsupported() {
             return Err(CallError::Unsupported);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -179,13 +179,13 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
                 // either failed by it or goes to a new stream, never stranded.
                 let mut p = lock(&l.pending);
                 if p.closed {
-                    return Err(CallError::Transport("the stream closed".into()));
+                    return Err(self.closed_under_us());
                 }
                 p.waiting.insert(id, tx);
             }
             if l.queue.send(call).is_err() {
                 lock(&l.pending).waiting.remove(&id);
-                return Err(CallError::Transport("the stream is closed".into()));
+                return Err(self.closed_under_us());
             }
             l.pending.clone()
         };
@@ -196,6 +196,22 @@ impl<Req: Batch, Resp: Batch> Session<Req, Resp> {
                 lock(&pending).waiting.remove(&id);
                 Err(CallError::Timeout)
             }
+        }
+    }
+
+    /// Whether the peer answered UNIMPLEMENTED recently (the caller uses unary calls).
+    fn known_unsupported(&self) -> bool {
+        matches!(*lock(&self.unsupported), Some(t) if t.elapsed() < RECHECK_UNSUPPORTED)
+    }
+
+    /// The error of a call whose stream ended between its checks and its send: the peer's
+    /// UNIMPLEMENTED (set before the stream's task lets go of its queue) when that was
+    /// why, so the caller falls back to a unary call instead of failing the message.
+    fn closed_under_us(&self) -> CallError {
+        if self.known_unsupported() {
+            CallError::Unsupported
+        } else {
+            CallError::Transport("the stream is closed".into())
         }
     }
 
@@ -584,4 +600,38 @@ where
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every call to a peer that does not serve the stream hears `Unsupported` (and falls
+    /// back to a unary call), also the calls that raced the stream's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_racing_an_unimplemented_answer_all_hear_unsupported() {
+        for round in 0..50 {
+            let open: Opener<pb::ExchangeRequest, pb::ExchangeResponse> = Arc::new(|_outbound| {
+                Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    Err(tonic::Status::unimplemented("no ParticipantExchange here"))
+                })
+            });
+            let session = Arc::new(Session::new(open));
+            let calls = (0..64).map(|_| {
+                let session = session.clone();
+                tokio::spawn(async move {
+                    session
+                        .call(pb::ParticipantCall::default(), Duration::from_secs(5))
+                        .await
+                })
+            });
+            for call in calls {
+                match call.await.expect("call task") {
+                    Err(CallError::Unsupported) => {}
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+        }
+    }
 }
