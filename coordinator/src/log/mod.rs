@@ -64,6 +64,7 @@
 //!   [`DecisionLog::recover`], and are not counted in [`LogStats::decisions`] or
 //!   [`LogStats::batches`] (their syncs are counted in [`LogStats::syncs`]).
 
+pub mod configured;
 pub mod conformance;
 pub mod etcd_log;
 pub mod memory;
@@ -73,6 +74,7 @@ use std::future::Future;
 
 use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
+pub use configured::ConfiguredLog;
 pub use etcd_log::{EtcdLog, EtcdLogOptions};
 pub use memory::MemoryLog;
 pub use sled_log::{SledLog, SledLogOptions, DEFAULT_GROUP_COMMIT_DELAY_US};
