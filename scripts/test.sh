@@ -19,8 +19,8 @@ export CARGO_TERM_COLOR=never
 export RUST_BACKTRACE=1
 
 # --- Set-up: what the tests talk to -------------------------------------------------------
-# Private PostgreSQL clusters (initdb/postgres) and NATS servers are started by the tests
-# themselves; RabbitMQ, NATS and PostgreSQL on their standard loopback ports must be up.
+# Private PostgreSQL clusters (initdb/postgres), NATS servers and etcd clusters are started
+# by the tests themselves; RabbitMQ, NATS and PostgreSQL on their standard loopback ports must be up.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() { # port seconds
   local i
@@ -32,6 +32,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
   command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+  # The etcd decision log's tests start private etcd clusters; its client crate (etcd-client)
+  # compiles etcd's protobuf files, which needs protoc and the well-known types.
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  [ -e /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update -qq

@@ -40,7 +40,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 use twopc_coordinator::config::{self, Effective, ServeArgs};
-use twopc_coordinator::log::{DecisionLog, SledLog};
+use twopc_coordinator::log::DecisionLog;
 use twopc_coordinator::server;
 
 /// twopc: a two-phase-commit transaction coordinator for the dual-write problem.
@@ -185,9 +185,9 @@ async fn serve(cfg: config::ServeConfig) -> anyhow::Result<()> {
     server::Security::load(&cfg)?;
     // The log first: a second coordinator on the same directory fails here, before it
     // binds a port or says it is listening.
-    let log = Arc::new(SledLog::open(&cfg.data_dir, cfg.log_options())?);
+    let log = Arc::new(cfg.open_log()?);
     tracing::info!(
-        data_dir = %cfg.data_dir.display(),
+        log = %log.place(),
         epoch = log.epoch(),
         node = format_args!("{:08x}", log.node_id()),
         "decision log open"

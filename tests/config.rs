@@ -244,7 +244,7 @@ fn printed_config_loads_back_to_the_same_config() {
         values(&second),
         "{first_text}\n---\n{second_text}"
     );
-    assert_eq!(first.len(), 15, "{first_text}");
+    assert_eq!(first.len(), 17, "{first_text}");
     assert_eq!(
         first["group_commit_delay_us"],
         ("0".to_string(), "env".to_string())

@@ -31,7 +31,7 @@ use twopc_proto::v1::coordinator_server::CoordinatorServer;
 use crate::admin::AdminService;
 use crate::auth::{read_token_file, Api, AuthInterceptor, TokenFileError, Tokens};
 use crate::config::{ConfigError, Secret, ServeConfig};
-use crate::log::{DecisionLog, LogError, SledLog};
+use crate::log::{DecisionLog, LogError};
 use crate::runtime::Runtime;
 use crate::service::CoordinatorService;
 use crate::tls::{TlsFileError, TlsSettings};
@@ -134,9 +134,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     cfg.validate()?;
-    let log = Arc::new(SledLog::open(&cfg.data_dir, cfg.log_options())?);
+    let log = Arc::new(cfg.open_log()?);
     info!(
-        data_dir = %cfg.data_dir.display(),
+        log = %log.place(),
         epoch = log.epoch(),
         node = format_args!("{:08x}", log.node_id()),
         "decision log open"

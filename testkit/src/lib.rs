@@ -8,6 +8,9 @@
 //!   transactions. Dropping it stops the server and removes the directory; a watchdog
 //!   process does the same if the test process dies without dropping it (a `static`
 //!   cluster shared by a test binary, a panic=abort, a SIGKILL).
+//! * [`EtcdCluster`]: a private etcd cluster of one or three members on loopback (own data
+//!   directories and ports), whose members can be SIGKILLed and restarted; cleaned up
+//!   like the PostgreSQL cluster, by `Drop` or by a watchdog.
 //! * [`participant::TestParticipant`]: a participant without the SDK (unary and batched
 //!   calls) whose answers a [`participant::Behaviour`] gives, for tests and benchmarks of
 //!   the coordinator alone.
@@ -25,6 +28,7 @@
 //! missing and how to get it ("initdb not found at ...; install postgresql").
 
 pub mod amqp;
+pub mod etcd;
 mod launch;
 pub mod nats;
 pub mod participant;
@@ -43,6 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use etcd::EtcdCluster;
 pub use nats::{NatsServer, NatsServerOptions};
 pub use pg::{PgCluster, PgClusterOptions};
 pub use proxy::{Direction, Fault, FaultProxy, FaultProxyOptions, ProxyStats};

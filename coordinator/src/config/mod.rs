@@ -51,7 +51,7 @@ mod tests;
 pub use effective::{merge, resolve, Effective, ServeArgs, Source};
 pub use file::{load_file, parse_file, ConfigFileError, FileConfig};
 pub use secret::{check_token, Secret, TOKEN_MAX_LEN, TOKEN_MIN_LEN};
-pub use settings::{ServeConfig, DEFAULT_OTLP_SERVICE_NAME, SETTINGS};
+pub use settings::{DecisionLogKind, ServeConfig, DEFAULT_OTLP_SERVICE_NAME, SETTINGS};
 pub use table::{Allowed, Setting, Spec, Value};
 
 /// A configuration value out of range, or at odds with another.

@@ -25,7 +25,11 @@ use clap::{Args, FromArgMatches};
 use super::secret::Secret;
 use super::table::{settings, Spec};
 use crate::engine::EngineConfig;
-use crate::log::{SledLogOptions, DEFAULT_GROUP_COMMIT_DELAY_US};
+use crate::log::etcd_log::DEFAULT_ETCD_CLUSTER;
+use crate::log::{
+    ConfiguredLog, EtcdLog, EtcdLogOptions, LogError, SledLog, SledLogOptions,
+    DEFAULT_GROUP_COMMIT_DELAY_US,
+};
 use crate::runtime::RuntimeOptions;
 use crate::transport::GrpcTransportOptions;
 
@@ -176,6 +180,58 @@ settings! {
             default_value_t = DEFAULT_DECISION_RETENTION_MS
         )]
         pub decision_retention_ms: u64 => Spec::range(0, 30 * 24 * 3_600_000),
+        /// Where COMMIT decisions are kept: `sled` (an embedded database in --data-dir) or
+        /// `etcd` (replicated by the etcd cluster of --etcd-endpoints; see "Decision log on
+        /// etcd" in docs/operations.md).
+        #[arg(
+            long,
+            env = "TWOPC_DECISION_LOG",
+            value_name = "KIND",
+            value_enum,
+            default_value_t = DecisionLogKind::Sled
+        )]
+        pub decision_log: DecisionLogKind => Spec::described("\"sled\" or \"etcd\""),
+        /// etcd client URLs, comma-separated (e.g.
+        /// http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379). Required with
+        /// --decision-log etcd, refused without it.
+        #[arg(long, env = "TWOPC_ETCD_ENDPOINTS", value_name = "URL,URL,...")]
+        pub etcd_endpoints: Option<String> => Spec::described(
+            "a string of comma-separated http:// URLs, e.g. \"http://127.0.0.1:2379\""
+        )
+        .unset_means("none (required with --decision-log etcd)"),
+        /// Name of this coordinator cluster in etcd: its keys live under
+        /// /twopc/v1/<name>/, so several clusters can share one etcd. ASCII letters,
+        /// digits, '-', '_' and '.'.
+        #[arg(
+            long,
+            env = "TWOPC_ETCD_CLUSTER",
+            value_name = "NAME",
+            default_value = DEFAULT_ETCD_CLUSTER
+        )]
+        pub etcd_cluster: String => Spec::described(
+            "a string of 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+        ),
+    }
+}
+
+/// Which [`DecisionLog`](crate::log::DecisionLog) `twopc serve` opens (`--decision-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionLogKind {
+    /// [`SledLog`](crate::log::SledLog) in `--data-dir`.
+    #[default]
+    Sled,
+    /// [`EtcdLog`](crate::log::EtcdLog) on `--etcd-endpoints`.
+    Etcd,
+}
+
+impl DecisionLogKind {
+    /// The name, as on the command line and in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionLogKind::Sled => "sled",
+            DecisionLogKind::Etcd => "etcd",
+        }
     }
 }
 
@@ -249,5 +305,37 @@ impl ServeConfig {
             group_commit_delay_us: self.group_commit_delay_us,
             ..SledLogOptions::default()
         }
+    }
+
+    /// The endpoints of `--etcd-endpoints`, split at commas, blanks dropped.
+    pub fn etcd_endpoint_list(&self) -> Vec<String> {
+        self.etcd_endpoints
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The etcd decision log's options this configuration asks for (the owner key
+    /// advertises `--listen`).
+    pub fn etcd_log_options(&self) -> EtcdLogOptions {
+        EtcdLogOptions {
+            advertise: self.listen.to_string(),
+            ..EtcdLogOptions::new(self.etcd_endpoint_list(), self.etcd_cluster.clone())
+        }
+    }
+
+    /// Opens the decision log `--decision-log` names: the one place `twopc serve`
+    /// chooses it.
+    pub fn open_log(&self) -> Result<ConfiguredLog, LogError> {
+        Ok(match self.decision_log {
+            DecisionLogKind::Sled => {
+                ConfiguredLog::Sled(SledLog::open(&self.data_dir, self.log_options())?)
+            }
+            DecisionLogKind::Etcd => ConfiguredLog::Etcd(EtcdLog::open(self.etcd_log_options())?),
+        })
     }
 }

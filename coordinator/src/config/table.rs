@@ -372,6 +372,15 @@ impl Value for Secret {
     }
 }
 
+impl Value for super::DecisionLogKind {
+    fn read(value: toml::Value) -> Result<Self, String> {
+        deserialize(value)
+    }
+    fn show(&self) -> Option<String> {
+        Some(quoted(self.name()))
+    }
+}
+
 /// An optional setting: read as its inner type, unset when `None`.
 impl<T: Value> Value for Option<T> {
     const SECRET: bool = T::SECRET;

@@ -396,6 +396,72 @@ fn config_otlp_endpoint_must_be_an_http_url() {
 }
 
 #[test]
+fn config_decision_log_etcd_needs_endpoints_and_a_usable_cluster_name() {
+    refused(
+        &["--decision-log=etcd"],
+        &[],
+        &["etcd-endpoints", "required with --decision-log etcd"],
+    );
+    refused(
+        &["--etcd-endpoints=http://127.0.0.1:2379"],
+        &[],
+        &["etcd-endpoints", "only used with --decision-log etcd"],
+    );
+    for bad in [
+        "127.0.0.1:2379",
+        "https://etcd:2379",
+        "http://",
+        "http://a:1/x",
+        " , ",
+    ] {
+        refused(
+            &["--decision-log=etcd", &format!("--etcd-endpoints={bad}")],
+            &[],
+            &["etcd-endpoints"],
+        );
+    }
+    refused(
+        &[
+            "--decision-log=etcd",
+            "--etcd-endpoints=http://a:1",
+            "--etcd-cluster=a/b",
+        ],
+        &[],
+        &["etcd-cluster", "'/'"],
+    );
+    let (args, matches) = parse_env(
+        &["--etcd-endpoints=http://10.0.0.1:2379, http://10.0.0.2:2379"],
+        &[("decision_log", "etcd"), ("etcd_cluster", "prod-eu")],
+    );
+    let eff = resolve(&args, &matches).expect("valid");
+    assert_eq!(eff.config.decision_log, DecisionLogKind::Etcd);
+    assert_eq!(eff.source("decision_log"), Some(Source::Env));
+    assert_eq!(
+        eff.config.etcd_endpoint_list(),
+        vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    let opts = eff.config.etcd_log_options();
+    assert_eq!(opts.cluster, "prod-eu");
+    assert_eq!(opts.endpoints.len(), 2);
+    assert_eq!(opts.advertise, eff.config.listen.to_string());
+    // sled by default, under the default cluster name.
+    let (args, matches) = parse(&[]);
+    let eff = resolve(&args, &matches).expect("valid");
+    assert_eq!(eff.config.decision_log, DecisionLogKind::Sled);
+    assert_eq!(eff.config.etcd_cluster, "default");
+    // From the file: a kind that does not exist is named with the key.
+    let err = parse_file(path(), "decision_log = \"zookeeper\"\n").expect_err("unknown kind");
+    assert!(err.to_string().contains("decision_log"), "{err}");
+    let file = parse_file(path(), "decision_log = \"etcd\"\n").expect("a kind");
+    let eff = merge(&ServeConfig::default(), |_| None, Some((path(), &file)));
+    let msg = eff.validate().expect_err("no endpoints").to_string();
+    assert!(
+        msg.contains("etcd") && msg.contains("required with --decision-log etcd"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn config_printed_toml_loads_back_to_the_same_config() {
     for (metrics_listen, otlp_endpoint) in [
         (None, None),
@@ -452,6 +518,9 @@ const SAMPLES: &[(&str, &str)] = &[
     ("otlp_service_name", "svc"),
     ("group_commit_delay_us", "19"),
     ("decision_retention_ms", "20"),
+    ("decision_log", "etcd"),
+    ("etcd_endpoints", "http://127.0.0.1:2379"),
+    ("etcd_cluster", "c1"),
 ];
 
 #[test]
@@ -800,6 +869,27 @@ fn every_written_out_rule_names_a_setting() {
             "client-token",
             ServeConfig {
                 client_token: token("short"),
+                ..base()
+            },
+        ),
+        (
+            "etcd-endpoints",
+            ServeConfig {
+                decision_log: DecisionLogKind::Etcd,
+                ..base()
+            },
+        ),
+        (
+            "etcd-endpoints",
+            ServeConfig {
+                etcd_endpoints: Some("http://127.0.0.1:2379".into()),
+                ..base()
+            },
+        ),
+        (
+            "etcd-cluster",
+            ServeConfig {
+                etcd_cluster: "no/slash".into(),
                 ..base()
             },
         ),

@@ -3,12 +3,13 @@
 //!
 //! The checks run in a fixed order and the first failure is the error: the ranges and
 //! file names of [`SETTINGS`] in the order of the fields, then the rules written out
-//! below (addresses, data directory, OTLP, TLS pairs, tokens).
+//! below (addresses, data directory, OTLP, decision log, TLS pairs, tokens).
 
 use std::path::PathBuf;
 
 use super::secret::check_token;
-use super::{ConfigError, ServeConfig, SETTINGS};
+use super::{ConfigError, DecisionLogKind, ServeConfig, SETTINGS};
+use crate::log::etcd_log::cluster_name_problem;
 
 impl ServeConfig {
     /// Checks every field; the error names the first bad one and its allowed range.
@@ -33,7 +34,70 @@ impl ServeConfig {
             });
         }
         self.validate_otlp()?;
+        self.validate_decision_log()?;
         self.validate_security()
+    }
+
+    /// `--etcd-endpoints` is given exactly when `--decision-log etcd` is, as http://
+    /// URLs with a host; `--etcd-cluster` is a usable key prefix.
+    fn validate_decision_log(&self) -> Result<(), ConfigError> {
+        let shown = || self.etcd_endpoints.clone().unwrap_or_default();
+        match (self.decision_log, &self.etcd_endpoints) {
+            (DecisionLogKind::Etcd, None) => {
+                return Err(ConfigError {
+                    field: "etcd-endpoints",
+                    value: "(not set)".into(),
+                    allowed: "required with --decision-log etcd: the etcd client URLs, \
+                              comma-separated, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379"
+                        .into(),
+                })
+            }
+            (DecisionLogKind::Sled, Some(_)) => {
+                return Err(ConfigError {
+                    field: "etcd-endpoints",
+                    value: shown(),
+                    allowed: "only used with --decision-log etcd (the decision log is \
+                              sled); give both or neither"
+                        .into(),
+                })
+            }
+            _ => {}
+        }
+        if self.etcd_endpoints.is_some() {
+            let list = self.etcd_endpoint_list();
+            if list.is_empty() {
+                return Err(ConfigError {
+                    field: "etcd-endpoints",
+                    value: shown(),
+                    allowed: "must name at least one URL, e.g. http://127.0.0.1:2379".into(),
+                });
+            }
+            for endpoint in &list {
+                let ok = endpoint.parse::<http::Uri>().is_ok_and(|uri| {
+                    uri.scheme_str() == Some("http")
+                        && uri.host().is_some_and(|h| !h.is_empty())
+                        && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+                });
+                if !ok {
+                    return Err(ConfigError {
+                        field: "etcd-endpoints",
+                        value: shown(),
+                        allowed: format!(
+                            "{endpoint:?} is not an http:// URL of a host and port, e.g. \
+                             http://127.0.0.1:2379 (TLS to etcd is not supported yet)"
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some(problem) = cluster_name_problem(&self.etcd_cluster) {
+            return Err(ConfigError {
+                field: "etcd-cluster",
+                value: self.etcd_cluster.clone(),
+                allowed: problem,
+            });
+        }
+        Ok(())
     }
 
     /// `--otlp-endpoint` is an `http://` or `https://` URL with a host;

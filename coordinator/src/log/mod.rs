@@ -17,7 +17,9 @@
 //!   one); any other second decision is [`LogError::Conflict`].
 //! * **Fencing.** Every write carries the epoch the caller believes it owns; a write with
 //!   another epoch is refused with [`LogError::Fenced`]. (For the sled log the epoch is the
-//!   one it assigned at open; a replicated log will check a lease/fencing token here.)
+//!   one it assigned at open. The etcd log also fences every write it sends against the
+//!   shard's owner key: a write that finds the shard owned by another epoch is
+//!   [`LogError::Fenced`] too, and poisons the log.)
 //! * **Fail-stop.** After any failed write or sync, the log is *poisoned*: that call and
 //!   every later write return [`LogError::Failed`]. A failed sync is never retried as if it
 //!   had worked, and a decision whose sync failed is never reported durable.
@@ -48,8 +50,9 @@
 //!   ([`DecisionLog::collected`]): finished, outcome no longer kept, never to be taken
 //!   for a presumed abort.
 //! * **Exclusive.** Opening a file-backed log takes an exclusive lock on its directory; a
-//!   second opener fails at once with [`LogError::Locked`] naming the directory. Every
-//!   open increments the epoch durably before returning.
+//!   second opener fails at once with [`LogError::Locked`] naming the directory (the etcd
+//!   log: the shard's owner key, naming its owner). Every open increments the epoch
+//!   durably before returning.
 //! * **Audit records are forced and write-once.** [`DecisionLog::force_audit`] stores one
 //!   [`AuditRecord`] (an operator's resolution of a stuck transaction) and resolves `Ok`
 //!   only once it is durable, exactly like a COMMIT decision: it takes the next LSN (so
@@ -61,7 +64,9 @@
 //!   [`DecisionLog::recover`], and are not counted in [`LogStats::decisions`] or
 //!   [`LogStats::batches`] (their syncs are counted in [`LogStats::syncs`]).
 
+pub mod configured;
 pub mod conformance;
+pub mod etcd_log;
 pub mod memory;
 pub mod sled_log;
 
@@ -69,6 +74,8 @@ use std::future::Future;
 
 use crate::types::{BranchSpec, HeuristicDecision, TxId};
 
+pub use configured::ConfiguredLog;
+pub use etcd_log::{EtcdLog, EtcdLogOptions};
 pub use memory::MemoryLog;
 pub use sled_log::{SledLog, SledLogOptions, DEFAULT_GROUP_COMMIT_DELAY_US};
 

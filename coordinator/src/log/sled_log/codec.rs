@@ -1,6 +1,10 @@
 //! The on-disk records of the sled decision log: the `prost` message of every value, the
 //! keys of the `commits`, `preparing` and default trees, the encode and decode functions,
 //! and the format-version checks that refuse values written by a newer build.
+//!
+//! The etcd decision log ([`crate::log::etcd_log`]) stores the very same values under its
+//! own keys, so both logs share one encoding and one format version (hence the
+//! `pub(in crate::log)` items).
 
 use prost::Message;
 
@@ -22,21 +26,21 @@ pub const FORMAT_VERSION: u32 = 3;
 const ONE_PHASE_INTENT_FORMAT: u32 = 3;
 
 /// Format of every value other than a one-phase intent.
-pub(super) const BASE_FORMAT: u32 = 1;
+pub(in crate::log) const BASE_FORMAT: u32 = 1;
 
 /// Key of the record in the `commits` tree that holds the highest LSN ever assigned. It
 /// is written in the same atomic sled batch as the commits it numbers, and its length
 /// (not 20 bytes) tells it apart from transaction keys.
 pub const LAST_LSN_KEY: &[u8] = b"~last_lsn";
 
-pub(super) const META_KEY: &[u8] = b"meta";
-pub(super) const COMMITS_TREE: &str = "commits";
-pub(super) const PREPARING_TREE: &str = "preparing";
+pub(in crate::log) const META_KEY: &[u8] = b"meta";
+pub(in crate::log) const COMMITS_TREE: &str = "commits";
+pub(in crate::log) const PREPARING_TREE: &str = "preparing";
 /// Finished records (COMMIT records whose phase two is done, one-phase outcomes), apart
 /// from the open ones in `commits`, so recovery reads only what is unfinished and
 /// collection reads only what is finished.
-pub(super) const DONE_TREE: &str = "done";
-pub(super) const TX_KEY_LEN: usize = 20;
+pub(in crate::log) const DONE_TREE: &str = "done";
+pub(in crate::log) const TX_KEY_LEN: usize = 20;
 
 /// Start of the key, in the `done` tree, of an epoch's low-water mark: the highest
 /// sequence number of that epoch whose record was collected (its length, not 20 bytes,
@@ -49,7 +53,7 @@ const COLLECTED_KEY_LEN: usize = COLLECTED_PREFIX.len() + 8;
 /// Byte after a transaction's key that starts the key of one of its audit records.
 pub const AUDIT_TAG: u8 = b'A';
 /// Length of an audit record's key: transaction key, [`AUDIT_TAG`], `u32` index.
-pub(super) const AUDIT_KEY_LEN: usize = TX_KEY_LEN + 1 + 4;
+pub(in crate::log) const AUDIT_KEY_LEN: usize = TX_KEY_LEN + 1 + 4;
 
 /// A branch as stored.
 #[derive(Clone, PartialEq, Message)]
@@ -149,13 +153,13 @@ struct AuditPb {
 
 /// Value of the `meta` record in the default tree.
 #[derive(Clone, PartialEq, Message)]
-pub(super) struct MetaPb {
+pub(in crate::log) struct MetaPb {
     #[prost(uint32, tag = "1")]
-    pub(super) format: u32,
+    pub(in crate::log) format: u32,
     #[prost(uint32, tag = "2")]
-    pub(super) node_id: u32,
+    pub(in crate::log) node_id: u32,
     #[prost(uint64, tag = "3")]
-    pub(super) epoch: u64,
+    pub(in crate::log) epoch: u64,
 }
 
 /// Value of the [`LAST_LSN_KEY`] record.
@@ -167,7 +171,7 @@ struct LastLsnPb {
     last_lsn: u64,
 }
 
-pub(super) fn tx_key(tx: &TxId) -> [u8; TX_KEY_LEN] {
+pub(in crate::log) fn tx_key(tx: &TxId) -> [u8; TX_KEY_LEN] {
     let mut key = [0u8; TX_KEY_LEN];
     key[..4].copy_from_slice(&tx.node.to_be_bytes());
     key[4..12].copy_from_slice(&tx.epoch.to_be_bytes());
@@ -176,7 +180,7 @@ pub(super) fn tx_key(tx: &TxId) -> [u8; TX_KEY_LEN] {
 }
 
 /// Key of audit record number `index` of `tx`.
-pub(super) fn audit_key(tx: &TxId, index: u32) -> [u8; AUDIT_KEY_LEN] {
+pub(in crate::log) fn audit_key(tx: &TxId, index: u32) -> [u8; AUDIT_KEY_LEN] {
     let mut key = [0u8; AUDIT_KEY_LEN];
     key[..TX_KEY_LEN].copy_from_slice(&tx_key(tx));
     key[TX_KEY_LEN] = AUDIT_TAG;
@@ -185,14 +189,14 @@ pub(super) fn audit_key(tx: &TxId, index: u32) -> [u8; AUDIT_KEY_LEN] {
 }
 
 /// The prefix every audit key of `tx` starts with.
-pub(super) fn audit_prefix(tx: &TxId) -> [u8; TX_KEY_LEN + 1] {
+pub(in crate::log) fn audit_prefix(tx: &TxId) -> [u8; TX_KEY_LEN + 1] {
     let mut key = [0u8; TX_KEY_LEN + 1];
     key[..TX_KEY_LEN].copy_from_slice(&tx_key(tx));
     key[TX_KEY_LEN] = AUDIT_TAG;
     key
 }
 
-pub(super) fn encode_audit(record: &AuditRecord, lsn: Lsn) -> Vec<u8> {
+pub(in crate::log) fn encode_audit(record: &AuditRecord, lsn: Lsn) -> Vec<u8> {
     AuditPb {
         format: BASE_FORMAT,
         tx_node: record.tx.node,
@@ -213,7 +217,7 @@ pub(super) fn encode_audit(record: &AuditRecord, lsn: Lsn) -> Vec<u8> {
     .encode_to_vec()
 }
 
-pub(super) fn decode_audit(bytes: &[u8]) -> Result<(AuditRecord, Lsn), String> {
+pub(in crate::log) fn decode_audit(bytes: &[u8]) -> Result<(AuditRecord, Lsn), String> {
     let pb = AuditPb::decode(bytes).map_err(|e| format!("corrupt audit record: {e}"))?;
     check_format("audit record", pb.format)?;
     let decision = HeuristicDecision::from_code(pb.decision).ok_or_else(|| {
@@ -268,7 +272,7 @@ fn branches_from_pb(branches: Vec<BranchPb>) -> Vec<BranchSpec> {
         .collect()
 }
 
-pub(super) fn check_format(what: &str, format: u32) -> Result<(), String> {
+pub(in crate::log) fn check_format(what: &str, format: u32) -> Result<(), String> {
     if format == 0 || format > FORMAT_VERSION {
         return Err(format!(
             "{what} has format version {format}; this build reads versions 1..={FORMAT_VERSION}"
@@ -277,7 +281,7 @@ pub(super) fn check_format(what: &str, format: u32) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn encode_commit(
+pub(in crate::log) fn encode_commit(
     record: &CommitRecord,
     lsn: Lsn,
     done: bool,
@@ -298,15 +302,15 @@ pub(super) fn encode_commit(
 }
 
 /// A decoded `commits` value.
-pub(super) struct StoredCommit {
-    pub(super) record: CommitRecord,
+pub(in crate::log) struct StoredCommit {
+    pub(in crate::log) record: CommitRecord,
     /// 0 for a one-phase record.
-    pub(super) lsn: Lsn,
-    pub(super) done: bool,
-    pub(super) one_phase: bool,
+    pub(in crate::log) lsn: Lsn,
+    pub(in crate::log) done: bool,
+    pub(in crate::log) one_phase: bool,
 }
 
-pub(super) fn decode_commit(bytes: &[u8]) -> Result<StoredCommit, String> {
+pub(in crate::log) fn decode_commit(bytes: &[u8]) -> Result<StoredCommit, String> {
     let pb = CommitPb::decode(bytes).map_err(|e| format!("corrupt commit record: {e}"))?;
     check_format("commit record", pb.format)?;
     Ok(StoredCommit {
@@ -327,7 +331,9 @@ pub(super) fn decode_commit(bytes: &[u8]) -> Result<StoredCommit, String> {
 
 /// A decoded `preparing` value: the transaction, its branches, and whether it is a
 /// one-phase intent.
-pub(super) fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>, bool), String> {
+pub(in crate::log) fn decode_preparing(
+    bytes: &[u8],
+) -> Result<(TxId, Vec<BranchSpec>, bool), String> {
     let pb = PreparingPb::decode(bytes).map_err(|e| format!("corrupt preparing record: {e}"))?;
     check_format("preparing record", pb.format)?;
     Ok((
@@ -341,7 +347,11 @@ pub(super) fn decode_preparing(bytes: &[u8]) -> Result<(TxId, Vec<BranchSpec>, b
     ))
 }
 
-pub(super) fn encode_preparing(tx: &TxId, branches: &[BranchSpec], one_phase: bool) -> Vec<u8> {
+pub(in crate::log) fn encode_preparing(
+    tx: &TxId,
+    branches: &[BranchSpec],
+    one_phase: bool,
+) -> Vec<u8> {
     PreparingPb {
         format: if one_phase {
             ONE_PHASE_INTENT_FORMAT
@@ -358,7 +368,7 @@ pub(super) fn encode_preparing(tx: &TxId, branches: &[BranchSpec], one_phase: bo
 }
 
 /// Key of the low-water mark of `epoch` (see [`COLLECTED_PREFIX`]).
-pub(super) fn collected_key(epoch: u64) -> [u8; COLLECTED_KEY_LEN] {
+pub(in crate::log) fn collected_key(epoch: u64) -> [u8; COLLECTED_KEY_LEN] {
     let mut key = [0u8; COLLECTED_KEY_LEN];
     key[..COLLECTED_PREFIX.len()].copy_from_slice(COLLECTED_PREFIX);
     key[COLLECTED_PREFIX.len()..].copy_from_slice(&epoch.to_be_bytes());
@@ -366,24 +376,24 @@ pub(super) fn collected_key(epoch: u64) -> [u8; COLLECTED_KEY_LEN] {
 }
 
 /// A low-water mark's value: the sequence number, big-endian.
-pub(super) fn encode_collected(seq: u64) -> [u8; 8] {
+pub(in crate::log) fn encode_collected(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-pub(super) fn decode_collected(bytes: &[u8]) -> Result<u64, String> {
+pub(in crate::log) fn decode_collected(bytes: &[u8]) -> Result<u64, String> {
     let bytes: [u8; 8] = bytes
         .try_into()
         .map_err(|_| format!("corrupt low-water mark: {} bytes, not 8", bytes.len()))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
-pub(super) fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {
+pub(in crate::log) fn decode_last_lsn(bytes: &[u8]) -> Result<Lsn, String> {
     let pb = LastLsnPb::decode(bytes).map_err(|e| format!("corrupt LSN counter: {e}"))?;
     check_format("LSN counter", pb.format)?;
     Ok(pb.last_lsn)
 }
 
-pub(super) fn encode_last_lsn(last_lsn: Lsn) -> Vec<u8> {
+pub(in crate::log) fn encode_last_lsn(last_lsn: Lsn) -> Vec<u8> {
     LastLsnPb {
         format: BASE_FORMAT,
         last_lsn,

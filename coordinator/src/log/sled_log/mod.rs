@@ -114,7 +114,7 @@ use super::{
 };
 use crate::types::TxId;
 
-mod codec;
+pub(in crate::log) mod codec;
 mod trees;
 mod writer;
 
